@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Builds the job sandbox image without a container registry: a Debian rootfs made by
+# debootstrap, plus the in-container runtime, imported with `docker import`.
+#
+#   sandbox/build-offline.sh            # idempotent; prints the image tag on stdout
+#
+# Sites with a registry can use sandbox/Dockerfile instead; both read sandbox/VERSION.
+# The debootstrap rootfs (the slow part: minutes) is cached as a tarball under
+# sandbox/build/ keyed by VERSION and the package list, so changing only the runtime
+# re-imports in seconds. Needs root (debootstrap) and a reachable Debian mirror.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+version=$(tr -d '[:space:]' <"$here/VERSION")
+repo=${STIMNET_SANDBOX_REPO:-stimnet-sandbox}
+tag="$repo:$version"
+mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+suite=bookworm
+packages=python3,python3-numpy,python3-pandas,python3-nibabel,python3-scipy
+build=${STIMNET_SANDBOX_BUILD_DIR:-$here/build}
+# Bump when the rootfs recipe below changes, so cached rootfs tarballs are rebuilt.
+recipe=2
+
+log() { echo "build-offline: $*" >&2; }
+
+# The runtime is part of the image identity: a label records its digest so an edited
+# runtime is never silently served from a stale image of the same VERSION.
+runtime_digest=$(
+  cd "$here/runtime" &&
+    find . -type f -name '*.py' -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16
+)
+
+labels=$(docker image inspect "$tag" \
+  --format '{{ index .Config.Labels "org.stimnet.sandbox.version" }} {{ index .Config.Labels "org.stimnet.sandbox.runtime" }}' \
+  2>/dev/null || true)
+if [[ "$labels" == "$version $runtime_digest" ]]; then
+  echo "$tag"
+  exit 0
+fi
+
+mkdir -p "$build"
+base_key=$(printf '%s|%s|%s|%s' "$version" "$suite" "$packages" "$recipe" | sha256sum | cut -c1-12)
+base_tar="$build/rootfs-$version-$base_key.tar"
+
+if [[ ! -s "$base_tar" ]]; then
+  if ! command -v debootstrap >/dev/null; then
+    log "installing debootstrap"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends debootstrap >&2 \
+      || { apt-get update >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends debootstrap >&2; }
+  fi
+  rootfs=$(mktemp -d "$build/rootfs.XXXXXX")
+  # A failed debootstrap leaves a half-made tree (with bind mounts of /proc on some
+  # versions); always clear it so the next run starts clean.
+  trap 'umount -R "$rootfs/proc" "$rootfs/sys" 2>/dev/null || true; rm -rf --one-file-system "$rootfs"' EXIT
+  log "debootstrap $suite into $rootfs (takes minutes; cached afterwards)"
+  debootstrap --variant=minbase --include="$packages" "$suite" "$rootfs" "$mirror" >&2
+
+  # Jobs never install anything, and every byte here is paid by each CI run: drop the
+  # package caches and docs; drop the test suites shipped inside numpy/pandas/scipy.
+  rm -rf "$rootfs"/var/cache/apt/* "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/log/* \
+    "$rootfs"/usr/share/doc "$rootfs"/usr/share/man "$rootfs"/usr/share/info \
+    "$rootfs"/usr/share/locale "$rootfs"/usr/share/lintian "$rootfs"/var/cache/debconf/*-old
+  find "$rootfs"/usr/lib/python3/dist-packages/{numpy,pandas,scipy} -depth -type d -name tests \
+    -exec rm -rf {} +
+  # python3-scipy depends on pythran, which drags in gcc, binutils and the boost headers
+  # (~400 MB). Nothing in a job compiles, and a toolchain only helps an attacker.
+  rm -rf "$rootfs"/usr/include "$rootfs"/usr/lib/gcc "$rootfs"/usr/libexec/gcc \
+    "$rootfs"/usr/lib/x86_64-linux-gnu/*.a \
+    "$rootfs"/usr/lib/x86_64-linux-gnu/lib{asan,tsan,lsan,ubsan,hwasan,gprofng}.so* \
+    "$rootfs"/usr/bin/x86_64-linux-gnu-* \
+    "$rootfs"/usr/bin/{gcc,g++,cc,c++,cpp,c89-gcc,c99-gcc,as,ld,ld.bfd,ld.gold,gold,lto-dump}* 2>/dev/null || true
+  # no-new-privileges already neutralises setuid binaries; removing the bits means a
+  # misconfigured runner still cannot use them.
+  find "$rootfs" -xdev -type f -perm /6000 -exec chmod ug-s {} +
+  # The device nodes debootstrap made are replaced by Docker's own /dev at run time.
+  rm -rf "${rootfs:?}"/dev/* "${rootfs:?}"/proc/* "${rootfs:?}"/sys/*
+
+  tar --numeric-owner -C "$rootfs" -cf "$base_tar.partial" .
+  mv "$base_tar.partial" "$base_tar"
+  rm -rf --one-file-system "$rootfs"
+  trap - EXIT
+  log "cached rootfs $base_tar ($(du -h "$base_tar" | cut -f1))"
+fi
+
+# Append the runtime to a copy of the cached base so the base stays pristine.
+stage=$(mktemp -d "$build/stage.XXXXXX")
+trap 'rm -rf "$stage"' EXIT
+mkdir -p "$stage/opt/stimnet"
+cp -R "$here/runtime/." "$stage/opt/stimnet/"
+find "$stage" -name '__pycache__' -prune -exec rm -rf {} +
+chmod -R a+rX,go-w "$stage/opt"
+cp "$base_tar" "$stage/image.tar"
+tar --numeric-owner --owner=0 --group=0 -C "$stage" -rf "$stage/image.tar" ./opt/stimnet
+
+log "importing $tag"
+docker import \
+  --change "LABEL org.stimnet.sandbox.version=$version" \
+  --change "LABEL org.stimnet.sandbox.runtime=$runtime_digest" \
+  --change 'USER 65534:65534' \
+  --change 'WORKDIR /job' \
+  --change 'ENV LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1 HOME=/tmp' \
+  --change 'ENTRYPOINT ["python3", "-I", "-B", "/opt/stimnet/entrypoint.py"]' \
+  "$stage/image.tar" "$tag" >&2
+echo "$tag"

@@ -1,0 +1,73 @@
+"""Sandbox entrypoint: runs /job/script.py with `stimnet_runtime` importable.
+
+Started by the daemon as ``python3 -I -B /opt/stimnet/entrypoint.py``: isolated mode, so
+no environment variable, user site or current directory can change what gets imported.
+
+A failing script's traceback can quote data (``KeyError: 'patient 0042'``, a printed
+frame), and stderr is returned to the researcher, so by default only
+``stimnet-runtime: <ExceptionType> at line <N>`` is written; the site can opt in to full
+tracebacks (STIMNET_VERBOSE_ERRORS=1, set by the daemon, never by the job).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+SCRIPT = os.environ.get("STIMNET_SCRIPT", "/job/script.py")
+MARKER = "stimnet-runtime:"
+
+
+def _script_line(exc: BaseException) -> int:
+    if isinstance(exc, SyntaxError) and exc.filename == SCRIPT:
+        return exc.lineno or 0
+    line = 0
+    for frame, lineno in traceback.walk_tb(exc.__traceback__):
+        if frame.f_code.co_filename == SCRIPT:
+            line = lineno
+    return line
+
+
+def _discard_result() -> None:
+    # A script that fails half-way must not release the aggregates it emitted so far.
+    out = os.environ.get("STIMNET_OUT", "/out")
+    try:
+        os.unlink(os.path.join(out, "result.json"))
+    except FileNotFoundError:
+        pass
+
+
+def main() -> int:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    verbose = os.environ.get("STIMNET_VERBOSE_ERRORS") == "1"
+    try:
+        with open(SCRIPT, "rb") as fh:
+            source = fh.read()
+        code = compile(source, SCRIPT, "exec", dont_inherit=True)
+        namespace = {"__name__": "__main__", "__file__": SCRIPT, "__builtins__": __builtins__}
+        exec(code, namespace)  # noqa: S102 - running the job script is the point
+    except SystemExit as stop:
+        status = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        if status != 0:
+            _discard_result()
+        return status & 0xFF
+    except BaseException as exc:  # noqa: BLE001 - every failure is reported the same way
+        _discard_result()
+        if verbose:
+            traceback.print_exception(exc)
+        else:
+            sys.stderr.write(f"{MARKER} {type(exc).__name__} at line {_script_line(exc)}\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    status = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        # Skips atexit hooks and finalizers the script may have registered to run after
+        # the result was judged.
+        os._exit(status)

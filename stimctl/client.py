@@ -1,0 +1,273 @@
+"""The researcher's and operator's client: async core, gRPC errors mapped in one place.
+
+Every call carries a deadline. `AsyncClient` is for asyncio code; `Client` wraps it for
+scripts and notebooks (it runs its own event loop on a background thread, so it also works
+inside Jupyter, whose loop is already running).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import tomllib
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from stimnet.v1 import admin_pb2, admin_pb2_grpc, jobs_pb2, jobs_pb2_grpc, node_pb2, node_pb2_grpc
+
+DEFAULT_CONFIG = Path("~/.config/stimnet/client.toml").expanduser()
+T = TypeVar("T")
+
+
+class ClientError(Exception):
+    """Base of every error the client raises; `str()` is one line for a human."""
+
+    code: grpc.StatusCode | None = None
+
+
+class ConfigProblem(ClientError):
+    pass
+
+
+class ConnectionFailed(ClientError):
+    pass
+
+
+class NotAuthenticated(ClientError):
+    pass
+
+
+class PermissionDenied(ClientError):
+    pass
+
+
+class NotFound(ClientError):
+    pass
+
+
+class InvalidRequest(ClientError):
+    pass
+
+
+class Refused(ClientError):
+    pass
+
+
+class BudgetExhausted(Refused):
+    pass
+
+
+class DeadlineExceeded(ClientError):
+    pass
+
+
+_BY_CODE: dict[grpc.StatusCode, type[ClientError]] = {
+    grpc.StatusCode.UNAVAILABLE: ConnectionFailed,
+    grpc.StatusCode.UNAUTHENTICATED: NotAuthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
+    grpc.StatusCode.FAILED_PRECONDITION: Refused,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: BudgetExhausted,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+}
+
+
+def map_rpc_error(exc: grpc.RpcError, address: str) -> ClientError:
+    code = exc.code() if hasattr(exc, "code") else None
+    details = (exc.details() if hasattr(exc, "details") else "") or ""
+    cls = _BY_CODE.get(code, ClientError) if code is not None else ClientError
+    if cls is ConnectionFailed:
+        if "handshake" in details.lower() or "ssl" in details.lower():
+            msg = (f"TLS handshake with {address} failed: the node refused our certificate or we "
+                   f"refused its certificate (wrong CA, expired, or wrong host)")
+        else:
+            msg = f"cannot reach node at {address}: {details.splitlines()[0] if details else 'unavailable'}"
+    elif cls is DeadlineExceeded:
+        msg = f"node at {address} did not answer in time"
+    else:
+        msg = details or (code.name if code else "unknown error")
+    err = cls(msg)
+    err.code = code
+    return err
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    address: str
+    ca: Path
+    cert: Path
+    key: Path
+    timeout_s: float = 30.0
+
+    @classmethod
+    def load(cls, path: Path | str | None = None) -> ClientConfig:
+        path = Path(path).expanduser() if path else DEFAULT_CONFIG
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigProblem(f"client config {path} does not exist "
+                                "(pass --config FILE, or create it)") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigProblem(f"client config {path} is unreadable: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigProblem(f"client config {path} is not valid TOML: {exc}") from None
+        allowed = {"address", "ca", "cert", "key", "timeout_s"}
+        unknown = sorted(set(raw) - allowed)
+        if unknown:
+            raise ConfigProblem(f"client config {path}: unknown key {unknown[0]!r}")
+        missing = [k for k in ("address", "ca", "cert", "key") if k not in raw]
+        if missing:
+            raise ConfigProblem(f"client config {path}: missing key {missing[0]!r}")
+        base = path.resolve().parent
+
+        def rel(p: str) -> Path:
+            q = Path(p).expanduser()
+            return q if q.is_absolute() else base / q
+
+        return cls(address=str(raw["address"]), ca=rel(raw["ca"]), cert=rel(raw["cert"]),
+                   key=rel(raw["key"]), timeout_s=float(raw.get("timeout_s", 30.0)))
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        try:
+            return grpc.ssl_channel_credentials(
+                root_certificates=self.ca.read_bytes(), private_key=self.key.read_bytes(),
+                certificate_chain=self.cert.read_bytes())
+        except OSError as exc:
+            raise ConfigProblem(f"cannot read {exc.filename}: {exc.strerror}") from None
+
+
+class AsyncClient:
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+        self.address = config.address
+        self._channel = grpc.aio.secure_channel(config.address, config.credentials())
+        self.node = node_pb2_grpc.NodeServiceStub(self._channel)
+        self.jobs = jobs_pb2_grpc.JobServiceStub(self._channel)
+        self.admin = admin_pb2_grpc.AdminServiceStub(self._channel)
+
+    @classmethod
+    def from_file(cls, path: Path | str | None = None) -> AsyncClient:
+        return cls(ClientConfig.load(path))
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _call(self, rpc: Any, request: Any, timeout: float | None = None) -> Any:
+        try:
+            return await rpc(request, timeout=timeout or self.config.timeout_s)
+        except grpc.RpcError as exc:
+            raise map_rpc_error(exc, self.address) from None
+
+    async def _stream(self, rpc: Any, request: Any, timeout: float | None) -> AsyncIterator[Any]:
+        try:
+            async for item in rpc(request, timeout=timeout):
+                yield item
+        except grpc.RpcError as exc:
+            raise map_rpc_error(exc, self.address) from None
+
+    # -- node ------------------------------------------------------------------------
+
+    async def info(self) -> node_pb2.NodeInfo:
+        return await self._call(self.node.GetInfo, node_pb2.GetInfoRequest())
+
+    async def catalogs(self, *, federated: bool = False) -> list[node_pb2.CatalogSummary]:
+        resp = await self._call(self.node.ListCatalogs,
+                                node_pb2.ListCatalogsRequest(federated=federated))
+        return list(resp.catalogs)
+
+    async def describe(self, name: str) -> node_pb2.CatalogDescription:
+        return await self._call(self.node.DescribeCatalog, node_pb2.DescribeCatalogRequest(name=name))
+
+    async def peers(self) -> list[node_pb2.Peer]:
+        return list((await self._call(self.node.ListPeers, node_pb2.ListPeersRequest())).peers)
+
+    async def status(self) -> node_pb2.NodeStatus:
+        return await self._call(self.node.GetStatus, node_pb2.GetStatusRequest())
+
+    # -- admin -----------------------------------------------------------------------
+
+    async def audit_verify(self) -> admin_pb2.VerifyAuditResponse:
+        return await self._call(self.admin.VerifyAudit, admin_pb2.VerifyAuditRequest())
+
+    async def audit_export(self, since: float = 0.0) -> AsyncIterator[admin_pb2.AuditEntry]:
+        async for e in self._stream(self.admin.ExportAudit,
+                                    admin_pb2.ExportAuditRequest(since=since),
+                                    self.config.timeout_s * 10):
+            yield e
+
+    # -- jobs (filled by the jobs layer) -------------------------------------------------
+
+    async def get_job(self, job_id: str) -> jobs_pb2.Job:
+        return await self._call(self.jobs.GetJob, jobs_pb2.GetJobRequest(id=job_id))
+
+    async def list_jobs(self, limit: int = 50) -> list[jobs_pb2.Job]:
+        return list((await self._call(self.jobs.ListJobs, jobs_pb2.ListJobsRequest(limit=limit))).jobs)
+
+    async def cancel(self, job_id: str) -> jobs_pb2.Job:
+        return await self._call(self.jobs.CancelJob, jobs_pb2.CancelJobRequest(id=job_id))
+
+    async def approve(self, job_id: str, remember: bool = False) -> jobs_pb2.Job:
+        return await self._call(self.jobs.ApproveJob,
+                                jobs_pb2.ReviewJobRequest(id=job_id, remember=remember))
+
+    async def deny(self, job_id: str) -> jobs_pb2.Job:
+        return await self._call(self.jobs.DenyJob, jobs_pb2.ReviewJobRequest(id=job_id))
+
+
+class Client:
+    """Blocking facade over `AsyncClient` for scripts and notebooks."""
+
+    def __init__(self, config: ClientConfig | Path | str | None = None) -> None:
+        cfg = config if isinstance(config, ClientConfig) else ClientConfig.load(config)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="stimctl-client")
+        self._thread.start()
+        self._async = self._run(_make_async(cfg))
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._async, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            result = attr(*args, **kwargs)
+            if hasattr(result, "__aiter__"):
+                return self._run(_collect(result))
+            return self._run(result)
+
+        return call
+
+    def close(self) -> None:
+        self._run(self._async.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._loop.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+async def _make_async(cfg: ClientConfig) -> AsyncClient:
+    return AsyncClient(cfg)
+
+
+async def _collect(it: AsyncIterator[T]) -> list[T]:
+    return [x async for x in it]

@@ -1,0 +1,76 @@
+from stimnet.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class SubJobRequest(_message.Message):
+    __slots__ = ("job", "entry_node", "request_id")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_NODE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    job: _common_pb2.SignedJob
+    entry_node: str
+    request_id: str
+    def __init__(self, job: _Optional[_Union[_common_pb2.SignedJob, _Mapping]] = ..., entry_node: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class SubJobEvent(_message.Message):
+    __slots__ = ("site", "partial")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    site: _common_pb2.SiteEvent
+    partial: _common_pb2.ResultFrame
+    def __init__(self, site: _Optional[_Union[_common_pb2.SiteEvent, _Mapping]] = ..., partial: _Optional[_Union[_common_pb2.ResultFrame, _Mapping]] = ...) -> None: ...
+
+class MemberState(_message.Message):
+    __slots__ = ("name", "address", "incarnation", "status", "last_heard", "catalogs")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    LAST_HEARD_FIELD_NUMBER: _ClassVar[int]
+    CATALOGS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    incarnation: int
+    status: str
+    last_heard: float
+    catalogs: _containers.RepeatedCompositeFieldContainer[CatalogRef]
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., incarnation: _Optional[int] = ..., status: _Optional[str] = ..., last_heard: _Optional[float] = ..., catalogs: _Optional[_Iterable[_Union[CatalogRef, _Mapping]]] = ...) -> None: ...
+
+class CatalogRef(_message.Message):
+    __slots__ = ("name", "schema_version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    schema_version: int
+    def __init__(self, name: _Optional[str] = ..., schema_version: _Optional[int] = ...) -> None: ...
+
+class GossipMessage(_message.Message):
+    __slots__ = ("sender", "sender_incarnation", "members")
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    SENDER_INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    sender: str
+    sender_incarnation: int
+    members: _containers.RepeatedCompositeFieldContainer[MemberState]
+    def __init__(self, sender: _Optional[str] = ..., sender_incarnation: _Optional[int] = ..., members: _Optional[_Iterable[_Union[MemberState, _Mapping]]] = ...) -> None: ...
+
+class PingReqRequest(_message.Message):
+    __slots__ = ("message", "target_name", "target_address")
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_NAME_FIELD_NUMBER: _ClassVar[int]
+    TARGET_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    message: GossipMessage
+    target_name: str
+    target_address: str
+    def __init__(self, message: _Optional[_Union[GossipMessage, _Mapping]] = ..., target_name: _Optional[str] = ..., target_address: _Optional[str] = ...) -> None: ...
+
+class PingReqResponse(_message.Message):
+    __slots__ = ("ack",)
+    ACK_FIELD_NUMBER: _ClassVar[int]
+    ack: bool
+    def __init__(self, ack: _Optional[bool] = ...) -> None: ...

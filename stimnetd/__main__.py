@@ -1,0 +1,90 @@
+"""`stimnetd`: run a node, check a config, or back up a node's store.
+
+Fatal problems print one line naming the problem and exit non-zero: 2 for configuration
+(the operator must edit something), 1 for run-time failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from stimnetd import __version__
+
+EXIT_CONFIG = 2
+EXIT_RUNTIME = 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stimnetd", description="StimNet node daemon")
+    p.add_argument("--version", action="version", version=f"stimnetd {__version__}")
+    p.add_argument("--config", "-c", type=Path, help="node config (TOML)")
+    sub = p.add_subparsers(dest="command")
+    check = sub.add_parser("check-config", help="validate everything start-up would, then exit")
+    check.add_argument("file", type=Path)
+    backup = sub.add_parser("backup", help="consistent online copy of the node's store")
+    backup.add_argument("dest", type=Path)
+    backup.add_argument("--config", "-c", dest="backup_config", type=Path, required=True)
+    return p
+
+
+def _fatal(message: str, code: int) -> int:
+    print(f"stimnetd: error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # Imported late so `stimnetd --version` and argument errors stay instant.
+    from stimnetd.catalog import CatalogError
+    from stimnetd.config import ConfigError, load_config
+    from stimnetd.store import StoreCorrupt
+    from stimnetd.tls import TlsError
+
+    cfg_path = args.file if args.command == "check-config" else (
+        args.backup_config if args.command == "backup" else args.config)
+    if cfg_path is None:
+        return _fatal("no config given (use --config FILE)", EXIT_CONFIG)
+    try:
+        config = load_config(cfg_path)
+        if args.command == "backup":
+            return asyncio.run(_backup(config, args.dest))
+        from stimnetd import logs
+        from stimnetd.daemon import Daemon
+
+        logs.configure(config.log_level, node=config.node.name)
+        daemon = Daemon(config)
+        if args.command == "check-config":
+            print(f"{cfg_path}: ok (node {config.node.name}, "
+                  f"{len(config.catalogs)} catalog(s), {sum(c.n_subjects for c in daemon.catalogs)} "
+                  "subjects)")
+            return 0
+        asyncio.run(daemon.run())
+    except (ConfigError, CatalogError, TlsError) as exc:
+        return _fatal(str(exc), EXIT_CONFIG)
+    except StoreCorrupt as exc:
+        return _fatal(str(exc), EXIT_RUNTIME)
+    except OSError as exc:
+        return _fatal(str(exc), EXIT_RUNTIME)
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+async def _backup(config, dest: Path) -> int:  # type: ignore[no-untyped-def]
+    from stimnetd.store import Store
+
+    store = Store(config.node.state_dir / "stimnetd.sqlite3")
+    await store.open()
+    try:
+        await store.backup(dest)
+    finally:
+        await store.close()
+    print(f"backed up {store.path} to {dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Builds the daemon's object graph and runs it: the only module that knows every part.
+
+Outside dependencies (store, clock, TLS, transports, Docker) are constructed here and
+passed into the components, so tests can build the same graph with fakes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from typing import Any
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from stimnet.v1 import admin_pb2, admin_pb2_grpc, node_pb2, node_pb2_grpc
+from stimnetd import __version__
+from stimnetd.catalog import CatalogSet, load_catalogs
+from stimnetd.config import Config
+from stimnetd.rpc.admin_servicer import AdminServicer
+from stimnetd.rpc.guard import Guard, Revocations
+from stimnetd.rpc.node_servicer import NodeServicer
+from stimnetd.store import Store
+from stimnetd.systemd import Notifier
+from stimnetd.tls import ServerTls
+
+log = structlog.get_logger("stimnetd")
+
+SERVICE_NAMES = (
+    node_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+)
+
+
+class NodeState:
+    """What servicers may ask about this node; a facade over the components."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._d = daemon
+
+    name = property(lambda self: self._d.config.node.name)
+    version = property(lambda self: __version__)
+    k_min = property(lambda self: self._d.config.node.k_min)
+    dp_policy = property(lambda self: self._d.config.privacy.dp)
+    script_policy = property(lambda self: self._d.config.scripts.policy)
+    catalogs = property(lambda self: self._d.catalogs)
+    started_at = property(lambda self: self._d.started_at)
+
+    def members(self) -> list[Any]:
+        return self._d.membership.members() if self._d.membership else []
+
+    def remote_members(self) -> list[Any]:
+        return [m for m in self.members() if m.name != self.name and m.status == "alive"]
+
+    async def status(self) -> dict[str, Any]:
+        peers: dict[str, int] = {}
+        for m in self.members():
+            peers[m.status] = peers.get(m.status, 0) + 1
+        jobs = await self._d.store.count_jobs_by_state()
+        return {
+            "name": self.name, "version": __version__,
+            "uptime_s": time.time() - self._d.started_at,
+            "peers_by_status": peers, "jobs_by_state": jobs,
+            "queue_depth": jobs.get("queued", 0) + jobs.get("awaiting_approval", 0),
+            "epsilon_spent": await self._d.store.spent_by_catalog(),
+        }
+
+
+class Daemon:
+    def __init__(self, config: Config, *, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.notifier = notifier or Notifier()
+        self.store = Store(config.node.state_dir / "stimnetd.sqlite3")
+        self.tls = ServerTls(config.tls)
+        self.revocations = Revocations(self.tls.material.revoked)
+        self.catalogs: CatalogSet = load_catalogs(config.catalogs)
+        self.membership: Any = None
+        self.started_at = time.time()
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stopped = False
+
+    # -- construction ------------------------------------------------------------------
+
+    def _build_server(self) -> grpc.aio.Server:
+        node = self.config.node
+        guard = Guard(revocations=self.revocations, audit_refusal=self.store.audit,
+                      audit_allowed=self.store.audit_soon)
+        server = grpc.aio.server(
+            interceptors=[guard],
+            options=[
+                # Bounds how long a connection (and so a revoked or rotated certificate on
+                # it) can live; in-flight calls get the grace period to finish.
+                ("grpc.max_connection_age_ms", int(node.max_connection_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(node.grace_s * 1000)),
+                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                ("grpc.so_reuseport", 0),
+            ])
+        state = NodeState(self)
+        node_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(state), server)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.store), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        return server
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.store.open()
+        self._server = self._build_server()
+        node = self.config.node
+        port = self._server.add_secure_port(f"{node.host}:{node.port}", self.tls.credentials())
+        if port == 0:
+            raise OSError(f"cannot listen on {node.host}:{node.port} (address in use or not local)")
+        self.port = port
+        await self._server.start()
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.store.audit(self.config.node.name, "node", "start", "ok",
+                               {"version": __version__, "port": port})
+        self.started_at = time.time()
+        if self.notifier.watchdog_s:
+            self._tasks.append(asyncio.create_task(self._watchdog(self.notifier.watchdog_s / 2)))
+        log.info("listening", address=f"{node.host}:{port}", catalogs=self.catalogs.names())
+        self.notifier.notify(f"READY=1\nSTATUS=serving on port {port}")
+
+    async def _watchdog(self, interval: float) -> None:
+        # Sent from the event loop itself, so a hung loop stops the pings and systemd
+        # restarts the daemon.
+        while True:
+            self.notifier.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def reload(self) -> None:
+        try:
+            material = self.tls.reload()
+        except Exception as exc:  # noqa: BLE001 - a bad reload must not take the node down
+            log.error("reload failed; keeping current certificates", error=str(exc))
+            return
+        self.revocations.replace(material.revoked)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig, handler in ((signal.SIGTERM, self.request_stop), (signal.SIGINT, self.request_stop),
+                             (signal.SIGHUP, self.reload)):
+            loop.add_signal_handler(sig, handler)
+        await self.start()
+        try:
+            await self._stop.wait()
+        finally:
+            await self.shutdown()
+
+    async def shutdown(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self.notifier.notify("STOPPING=1")
+        log.info("stopping", grace_s=self.config.node.grace_s)
+        await self._health.enter_graceful_shutdown()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._server is not None:
+            # New RPCs are refused at once; in-flight ones get the grace period.
+            await self._server.stop(self.config.node.grace_s)
+        with contextlib.suppress(Exception):
+            await self.store.audit(self.config.node.name, "node", "stop", "ok", {})
+        await self.store.close()
+        log.info("stopped")

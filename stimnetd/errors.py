@@ -1,0 +1,46 @@
+"""The daemon's error vocabulary.
+
+Domain modules raise these; one interceptor maps `code` (a gRPC status name, kept as a
+string so domain code never imports grpc) to the wire. Messages are shown to callers:
+they name the rule and the threshold, never a data value.
+"""
+
+from __future__ import annotations
+
+
+class StimnetError(Exception):
+    code = "INTERNAL"
+
+
+class InvalidRequest(StimnetError):
+    code = "INVALID_ARGUMENT"
+
+
+class NotFound(StimnetError):
+    code = "NOT_FOUND"
+
+
+class PermissionDenied(StimnetError):
+    code = "PERMISSION_DENIED"
+
+
+class Unauthenticated(StimnetError):
+    code = "UNAUTHENTICATED"
+
+
+class Refused(StimnetError):
+    """A privacy or site policy refused the request; the message says which and why."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class BudgetExhausted(StimnetError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class Conflict(StimnetError):
+    code = "FAILED_PRECONDITION"
+
+
+class Unavailable(StimnetError):
+    code = "UNAVAILABLE"

@@ -1,0 +1,320 @@
+"""Differential-privacy release of partials with OpenDP's Laplace samplers.
+
+Neighbouring datasets differ by adding or removing one subject. Every released stats array
+gets Laplace noise with scale = (its L1 sensitivity) / (its share of epsilon), where the
+sensitivity comes from the catalog's *declared* bounds (`FieldMeta.bounds`,
+`FieldMeta.max_voxels`), never from the data: the engine clamps values to those bounds
+before they enter the sums, so one subject's influence is bounded by declaration alone.
+A field without declared bounds is refused, not estimated.
+
+Sensitivity per stats array (B = max(|lo|, |hi|) of the named field):
+
+============  ========  ===============================================================
+kind          array     L1 sensitivity
+============  ========  ===============================================================
+count         n         1
+moments       n         1
+              s1        B                      (meta["field"])
+              s2        B²                     (= max(lo², hi²))
+histogram     counts    1                      (one subject sits in one bin)
+quantiles     counts    1
+contingency   counts    1
+crossprod     m         Σ_{i≤j} B_i·B_j, B_0 = 1 (upper triangle incl. diagonal is noised
+                        and mirrored, so the release stays symmetric)
+voxel_map     count     V                      (V = max_voxels of meta["column"])
+              sum       V·W                    (W = B of meta["weight"])
+              <n>       1                      (the partial's subject count, see below)
+roi_overlap   n         R                      (R ROIs; one subject may touch all)
+              s1        R·V                    (a subject overlaps an ROI in at most V
+              s2        R·V²                    voxels; ROIs may overlap each other, so
+              <n>       1                       no tighter joint bound is assumed)
+============  ========  ===============================================================
+
+Epsilon is split evenly over every released array of every partial of the query
+(sequential composition: the total loss is the sum of the shares). Group-by partials are
+over disjoint subjects and could use parallel composition instead; the even split is the
+conservative choice that does not rely on the engine's grouping being a partition.
+Withheld partials (see suppress.py) release nothing and get no share.
+
+Count arrays are integers and get OpenDP's discrete Laplace (no rounding of a float
+release needed); sums get OpenDP's float Laplace, which samples on a discrete grid and so
+avoids the floating-point side channels of textbook float noise.
+
+The partial's `n` is replaced by a noised count, never the true one: the noised `n` stats
+entry (count, moments), the sum of the noised released cells (histogram, quantiles,
+contingency), the noised m[0, 0] (crossprod), or a separately noised subject count that
+takes its own share of epsilon (voxel_map, roi_overlap, whose stats do not contain it). It
+is rounded and floored at 0, which is post-processing; stats arrays are left unclamped so
+that pooled sums stay unbiased.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import numpy as np
+import opendp.prelude as dp
+
+from stimnetd.catalog_types import FieldMeta
+from stimnetd.privacy.policy import PrivacyRefusal
+from stimnetd.privacy.suppress import is_withheld
+from stimnetd.query.aggregate import GroupKey, Partial
+
+MechanismName = Literal["laplace", "discrete laplace"]
+
+# The partial's own subject count, for kinds whose stats arrays do not contain it.
+COHORT_N = "<n>"
+
+# Arrays holding subject counts: integer-valued, noised with the discrete Laplace.
+_COUNT_ARRAYS = {
+    ("count", "n"),
+    ("moments", "n"),
+    ("histogram", "counts"),
+    ("quantiles", "counts"),
+    ("contingency", "counts"),
+    ("voxel_map", "count"),
+    ("roi_overlap", "n"),
+}
+
+
+class NoiseSource(Protocol):
+    """Adds Laplace noise of a given scale to every element; injected so tests can fake it."""
+
+    def laplace(self, values: np.ndarray, scale: float) -> np.ndarray: ...
+
+    def discrete_laplace(self, values: np.ndarray, scale: float) -> np.ndarray: ...
+
+
+class NoiseMechanism:
+    """OpenDP's vetted samplers: float Laplace for sums, discrete Laplace for counts."""
+
+    def __init__(self) -> None:
+        # OpenDP keeps enabled features in process-wide state; enabling here, not at
+        # import, keeps importing this module side-effect free.
+        dp.enable_features("contrib")
+        # Building OpenDP domains and measurements costs more than sampling a small
+        # array, and a query reuses a handful of scales, so both are built once.
+        self._spaces = {
+            "float": (dp.vector_domain(dp.atom_domain(T=float, nan=False)),
+                      dp.l1_distance(T=float)),
+            # On an integer domain OpenDP's make_laplace is the discrete Laplace (geometric).
+            "int": (dp.vector_domain(dp.atom_domain(T="i64")), dp.l1_distance(T="i64")),
+        }
+        self._release = functools.lru_cache(maxsize=128)(self._build_release)
+
+    def _build_release(self, space: Literal["float", "int"], scale: float) -> dp.Measurement:
+        return dp.m.make_laplace(*self._spaces[space], scale=scale)
+
+    def laplace(self, values: np.ndarray, scale: float) -> np.ndarray:
+        values = np.asarray(values, dtype=np.float64)
+        _check_scale(scale)
+        if values.size == 0:
+            return values.copy()
+        if not np.all(np.isfinite(values)):
+            raise ValueError("cannot noise non-finite values")
+        release = self._release("float", float(scale))
+        return np.asarray(release(values.ravel().tolist()), dtype=np.float64).reshape(values.shape)
+
+    def discrete_laplace(self, values: np.ndarray, scale: float) -> np.ndarray:
+        ints = _as_counts(values)
+        _check_scale(scale)
+        if ints.size == 0:
+            return ints.copy()
+        release = self._release("int", float(scale))
+        return np.asarray(release(ints.ravel().tolist()), dtype=np.int64).reshape(ints.shape)
+
+
+@dataclass(frozen=True)
+class ArrayNoise:
+    """How one released array was noised: enough for the audit log to re-derive the loss."""
+
+    output: str
+    group: GroupKey
+    stat: str
+    mechanism: MechanismName
+    sensitivity: float
+    epsilon: float
+    scale: float
+
+
+@dataclass(frozen=True)
+class NoiseReport:
+    """The epsilon a query spent in total, and per array."""
+
+    epsilon: float
+    arrays: tuple[ArrayNoise, ...]
+
+    def epsilon_for(self, output: str, group: GroupKey) -> float | None:
+        """Epsilon spent on one output in one group, or None if it got no noise."""
+        shares = [a.epsilon for a in self.arrays if (a.output, a.group) == (output, group)]
+        return math.fsum(shares) if shares else None
+
+
+def sensitivities(p: Partial, fields: Mapping[str, FieldMeta]) -> dict[str, float]:
+    """L1 sensitivity of each array `add_noise` releases for `p`, from declared bounds only.
+
+    Keys are stats names plus `COHORT_N` where the partial's `n` is released separately.
+    Raises PrivacyRefusal("dp", ...) when a needed bound is not declared.
+    """
+    meta = p.meta
+    if p.kind in ("count", "histogram", "quantiles", "contingency"):
+        return {name: 1.0 for name in p.stats}
+    if p.kind == "moments":
+        b = _max_abs(fields, _meta_field(p, "field"), p.name)
+        return {"n": 1.0, "s1": b, "s2": b * b}
+    if p.kind == "crossprod":
+        bs = [1.0] + [_max_abs(fields, f, p.name) for f in _meta_fields(p)]
+        return {"m": math.fsum(bs[i] * bs[j] for i in range(len(bs)) for j in range(i, len(bs)))}
+    if p.kind == "voxel_map":
+        v = float(_max_voxels(fields, _meta_field(p, "column"), p.name))
+        out = {"count": v, COHORT_N: 1.0}
+        if "sum" in p.stats:
+            weight = meta.get("weight")
+            if not weight:
+                raise PrivacyRefusal("dp", f"output {p.name!r} has a weighted sum but names no "
+                                     "weight field, so its sensitivity cannot be bounded")
+            out["sum"] = v * _max_abs(fields, str(weight), p.name)
+        return out
+    if p.kind == "roi_overlap":
+        v = float(_max_voxels(fields, _meta_field(p, "column"), p.name))
+        r = float(np.asarray(p.stats["n"]).size)
+        return {"n": r, "s1": r * v, "s2": r * v * v, COHORT_N: 1.0}
+    raise ValueError(f"{p.name}: unknown partial kind {p.kind!r}")
+
+
+def add_noise(
+    partials: list[Partial],
+    fields: Mapping[str, FieldMeta],
+    epsilon: float,
+    mechanism: NoiseSource,
+) -> tuple[list[Partial], NoiseReport]:
+    """Release `partials` with epsilon-DP Laplace noise, spending `epsilon` in total.
+
+    Every sensitivity is computed (and any refusal raised) before the first sample is
+    drawn, so a refused query consumes no randomness and no budget.
+    """
+    if not (math.isfinite(epsilon) and epsilon > 0):
+        raise ValueError(f"epsilon must be a positive finite number, got {epsilon}")
+    plans = [(p, sensitivities(p, fields)) for p in partials if not is_withheld(p)]
+    n_arrays = sum(len(s) for _, s in plans)
+    if n_arrays == 0:
+        return list(partials), NoiseReport(0.0, ())
+    share = epsilon / n_arrays
+    noised: dict[int, Partial] = {}
+    report: list[ArrayNoise] = []
+    for p, sens in plans:
+        stats = {name: np.array(a, dtype=np.float64) for name, a in p.stats.items()}
+        noisy_n = 0.0
+        for stat, s in sens.items():
+            mech: MechanismName = "discrete laplace" if _is_count(p.kind, stat) else "laplace"
+            scale = s / share
+            report.append(ArrayNoise(p.name, p.group, stat, mech, s, share, scale))
+            if stat == COHORT_N:
+                noisy_n = float(mechanism.discrete_laplace(np.asarray([p.n]), scale)[0])
+                continue
+            stats[stat] = _noise_array(p, stat, stats[stat], mech, scale, mechanism)
+        noisy_n = _noisy_n(p, stats, noisy_n)
+        noised[id(p)] = dataclasses.replace(p, n=max(0, round(noisy_n)), stats=stats)
+    out = [noised.get(id(p), p) for p in partials]
+    return out, NoiseReport(math.fsum(a.epsilon for a in report), tuple(report))
+
+
+def _noise_array(
+    p: Partial,
+    stat: str,
+    a: np.ndarray,
+    mech: MechanismName,
+    scale: float,
+    mechanism: NoiseSource,
+) -> np.ndarray:
+    sample = mechanism.discrete_laplace if mech == "discrete laplace" else mechanism.laplace
+    if p.kind == "crossprod":
+        upper = np.triu_indices(a.shape[0])
+        noisy = sample(a[upper], scale).astype(np.float64)
+        out = np.zeros_like(a)
+        out[upper] = noisy
+        # Mirror rather than noise both halves: the lower triangle is the same statistic.
+        return out + np.triu(out, 1).T
+    released = np.ones(a.shape, dtype=bool)
+    if p.cell_mask is not None and p.cell_mask.shape == a.shape:
+        # Withheld cells stay exactly 0; noising them would only make them look released.
+        released = ~p.cell_mask
+    out = a.copy()
+    out[released] = sample(a[released], scale).astype(np.float64)
+    return out
+
+
+def _noisy_n(p: Partial, stats: dict[str, np.ndarray], separate: float) -> float:
+    if p.kind in ("count", "moments"):
+        return float(stats["n"].ravel()[0])
+    if p.kind in ("histogram", "quantiles", "contingency"):
+        return float(stats["counts"].sum())
+    if p.kind == "crossprod":
+        return float(stats["m"][0, 0])
+    return separate
+
+
+def _is_count(kind: str, stat: str) -> bool:
+    return stat == COHORT_N or (kind, stat) in _COUNT_ARRAYS
+
+
+def _meta_field(p: Partial, key: str) -> str:
+    name = p.meta.get(key)
+    if not isinstance(name, str) or not name:
+        raise PrivacyRefusal(
+            "dp", f"output {p.name!r} does not name its {key}, so its sensitivity cannot be "
+            "bounded"
+        )
+    return name
+
+
+def _meta_fields(p: Partial) -> list[str]:
+    names = p.meta.get("fields")
+    if not names or not all(isinstance(f, str) for f in names):
+        raise PrivacyRefusal(
+            "dp", f"output {p.name!r} does not name its fields, so its sensitivity cannot be "
+            "bounded"
+        )
+    return list(names)
+
+
+def _max_abs(fields: Mapping[str, FieldMeta], name: str, output: str) -> float:
+    meta = fields.get(name)
+    bounds = None if meta is None else meta.bounds
+    if bounds is None:
+        raise PrivacyRefusal("dp", f"field {name!r} has no declared clamping bounds, so output "
+                             f"{output!r} cannot be noised")
+    lo, hi = (float(b) for b in bounds)
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+        raise PrivacyRefusal("dp", f"field {name!r} has invalid declared clamping bounds, so "
+                             f"output {output!r} cannot be noised")
+    return max(abs(lo), abs(hi))
+
+
+def _max_voxels(fields: Mapping[str, FieldMeta], name: str, output: str) -> int:
+    meta = fields.get(name)
+    v = None if meta is None else meta.max_voxels
+    if v is None or v < 1:
+        raise PrivacyRefusal("dp", f"image field {name!r} has no declared max_voxels, so output "
+                             f"{output!r} cannot be noised")
+    return int(v)
+
+
+def _check_scale(scale: float) -> None:
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"noise scale must be a positive finite number, got {scale}")
+
+
+def _as_counts(values: np.ndarray) -> np.ndarray:
+    a = np.asarray(values)
+    if not np.all(np.isfinite(a)):
+        raise ValueError("cannot noise non-finite counts")
+    ints = np.rint(a).astype(np.int64)
+    if not np.array_equal(ints, a):
+        raise ValueError("discrete Laplace needs integer-valued counts")
+    return ints

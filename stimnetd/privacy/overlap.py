@@ -1,0 +1,62 @@
+"""The overlap guard against differencing attacks on the k_min threshold.
+
+Two released cohorts that differ by a handful of subjects give those subjects' values away
+by subtraction ("mean age of everyone" minus "mean age of everyone except patient X"),
+even though each cohort on its own is far above k_min. The guard refuses a query whose
+cohort differs from an earlier released cohort (same researcher, same catalog; the caller
+chooses the history) by 1..k_min-1 subjects. An identical cohort is allowed: it can only
+repeat an answer already given.
+
+Limitations, by construction:
+
+* Only pairs are compared. Three or more queries can still difference (A - B - C with
+  each pair far apart); only differential privacy bounds that, which is why DP exists.
+* A refusal is itself a signal: it tells the researcher that the two filters' difference
+  holds 1..k_min-1 subjects. It never says how many; DP noise, where the site enables
+  it, is what bounds what such signals add up to.
+* Group-by cells are cohorts too; the caller must check each released group's cohort,
+  not only the query's WHERE cohort, or groups can be differenced against each other.
+
+The store keeps fingerprints, not subject ids: keyed HMACs under a secret that never
+leaves the site, so a stolen state directory does not list who was in which cohort, and
+fingerprints from different sites cannot be joined.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterable
+
+from stimnetd.privacy.policy import PrivacyRefusal
+
+# 128 bits: collisions between distinct subjects are negligible at any cohort size.
+FINGERPRINT_HEX_CHARS = 32
+
+
+def check_overlap(
+    new_cohort: frozenset[str], earlier: Iterable[frozenset[str]], k_min: int
+) -> None:
+    """Refuse `new_cohort` if it differs from any earlier cohort by 1..k_min-1 subjects."""
+    for cohort in earlier:
+        if 1 <= len(new_cohort ^ cohort) <= k_min - 1:
+            raise PrivacyRefusal(
+                "overlap", f"cohort differs from an earlier released cohort by fewer than "
+                f"{k_min} subjects (k_min = {k_min})"
+            )
+
+
+def cohort_fingerprint(ids: Iterable[str], site_secret: bytes) -> frozenset[str]:
+    """The cohort as HMAC-SHA256 fingerprints of its subject ids, for `check_overlap`."""
+    # A short secret would let anyone holding the store brute-force the id space.
+    if len(site_secret) < 16:
+        raise ValueError("site_secret must be at least 16 bytes")
+    return frozenset(_fingerprint(i, site_secret) for i in ids)
+
+
+def _fingerprint(subject_id: str, secret: bytes) -> str:
+    if not isinstance(subject_id, str):
+        # Mixing 1 and "1" would silently treat them as different subjects.
+        raise TypeError(f"subject ids must be str, got {type(subject_id).__name__}")
+    mac = hmac.new(secret, subject_id.encode("utf-8"), hashlib.sha256)
+    return mac.hexdigest()[:FINGERPRINT_HEX_CHARS]

@@ -1,0 +1,299 @@
+"""Site-side computation: a `QuerySpec` over one catalog → additive `Partial`s.
+
+This module applies no privacy policy (k_min, noise, budgets): it computes exact
+sufficient statistics and the privacy layer decides what leaves the site. It does
+clamp numeric values to the declared bounds, because the privacy layer derives
+sensitivities from those bounds and must be able to rely on them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from stimnetd.catalog_types import CatalogView, FieldMeta
+from stimnetd.query.aggregate import GroupKey, Partial
+from stimnetd.query.errors import QueryError
+from stimnetd.query.spec import (
+    AggSpec,
+    And,
+    Between,
+    Comparison,
+    Expr,
+    InList,
+    IsNull,
+    Not,
+    Or,
+    QuerySpec,
+    validate,
+)
+
+QUANTILE_BINS = 1024
+
+
+@dataclass(frozen=True)
+class SiteComputation:
+    partials: list[Partial]
+    cohort_ids: frozenset[str]
+    n_cohort: int
+
+
+def compute(
+    spec: QuerySpec, catalog: CatalogView, *, quantile_bins: int = QUANTILE_BINS
+) -> SiteComputation:
+    validate(spec, catalog.fields)
+    frame = catalog.frame()
+    if spec.where is not None:
+        true, _false = _eval(spec.where, frame, catalog.fields)
+        frame = frame[true]
+    ids = frozenset(label(v) for v in frame[catalog.subject_key] if not _isnull(v))
+    ctx = _Context(catalog, quantile_bins)
+    partials = [
+        ctx.aggregate(agg, rows, key)
+        for key, rows in _groups(frame, spec.group_by)
+        for agg in spec.aggregates
+    ]
+    return SiteComputation(partials=partials, cohort_ids=ids, n_cohort=len(frame))
+
+
+def label(value: Any) -> str:
+    """The canonical string of a categorical value.
+
+    Integral floats print as integers: a column with a missing value is read as float
+    at one site and as int at another, and both must produce the same group key.
+    """
+    if isinstance(value, bool | np.bool_):
+        return str(bool(value)).lower()
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        return str(int(value))
+    if isinstance(value, int | np.integer):
+        return str(int(value))
+    return str(value)
+
+
+def _isnull(v: Any) -> bool:
+    return v is None or (isinstance(v, float | np.floating) and np.isnan(v)) or v is pd.NA
+
+
+def _labels(col: pd.Series) -> np.ndarray:
+    return np.array([None if _isnull(v) else label(v) for v in col], dtype=object)
+
+
+def _numbers(col: pd.Series) -> np.ndarray:
+    return pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+# --- filter: SQL three-valued logic as (is_true, is_false) masks; unknown is neither ---
+
+_OPS: dict[str, Callable[[Any, Any], Any]] = {
+    "=": np.equal,
+    "!=": np.not_equal,
+    "<": np.less,
+    "<=": np.less_equal,
+    ">": np.greater,
+    ">=": np.greater_equal,
+}
+
+
+def _eval(e: Expr, frame: pd.DataFrame, fields: Mapping[str, FieldMeta]) -> tuple[Any, Any]:
+    if isinstance(e, And | Or):
+        parts = [_eval(a, frame, fields) for a in e.args]
+        ts, fs = [p[0] for p in parts], [p[1] for p in parts]
+        if isinstance(e, And):
+            return np.logical_and.reduce(ts), np.logical_or.reduce(fs)
+        return np.logical_or.reduce(ts), np.logical_and.reduce(fs)
+    if isinstance(e, Not):
+        t, f = _eval(e.arg, frame, fields)
+        return f, t
+    col = frame[e.field]
+    if isinstance(e, IsNull):
+        null = col.isna().to_numpy()
+        return (~null, null) if e.negated else (null, ~null)
+    numeric = fields[e.field].type in ("numeric", "integer")
+    values = _numbers(col) if numeric else _labels(col)
+    known = ~pd.isna(values) if numeric else np.array([v is not None for v in values], bool)
+    hit = np.zeros(len(values), dtype=bool)
+    sel = values[known]
+    if isinstance(e, Comparison):
+        hit[known] = _OPS[e.op](sel, e.value if numeric else label(e.value))
+    elif isinstance(e, InList):
+        wanted = [v for v in e.values] if numeric else [label(v) for v in e.values]
+        hit[known] = np.isin(sel, wanted)
+    elif isinstance(e, Between):
+        hit[known] = (sel >= e.low) & (sel <= e.high)
+    if getattr(e, "negated", False):
+        hit = ~hit
+    return hit & known, ~hit & known
+
+
+def _groups(frame: pd.DataFrame, group_by: tuple[str, ...]) -> list[tuple[GroupKey, pd.DataFrame]]:
+    if not group_by:
+        return [((), frame)]
+    columns = [_labels(frame[g]) for g in group_by]
+    positions: dict[tuple[str, ...], list[int]] = {}
+    for i, values in enumerate(zip(*columns, strict=True)):
+        # A NULL group value cannot be typed as a level name, so such rows belong to no
+        # group: they are left out of grouped outputs (and still counted ungrouped).
+        if None not in values:
+            positions.setdefault(values, []).append(i)
+    return [
+        (tuple(sorted(zip(group_by, values, strict=True))), frame.iloc[rows])
+        for values, rows in sorted(positions.items())
+    ]
+
+
+class _Context:
+    def __init__(self, catalog: CatalogView, quantile_bins: int) -> None:
+        self.catalog = catalog
+        self.fields = catalog.fields
+        self.bins = quantile_bins
+
+    def clamped(self, rows: pd.DataFrame, name: str) -> np.ndarray:
+        x = _numbers(rows[name])
+        bounds = self.fields[name].bounds
+        return x if bounds is None else np.clip(x, bounds[0], bounds[1])
+
+    def aggregate(self, a: AggSpec, rows: pd.DataFrame, group: GroupKey) -> Partial:
+        def make(kind: str, n: int, stats: dict[str, np.ndarray], **meta: Any) -> Partial:
+            meta = {"func": a.func, **meta}
+            return Partial(a.name, kind, group, int(n), stats, meta)
+
+        f = a.fields
+        if a.func == "count":
+            n = len(rows) if not f else int(rows[f[0]].notna().sum())
+            return make("count", n, {"n": _arr([n])}, field=f[0] if f else None)
+        if a.func in ("sum", "mean", "var", "sd"):
+            x = self.clamped(rows, f[0])
+            x = x[~np.isnan(x)]
+            stats = {"n": _arr([x.size]), "s1": _arr([x.sum()]), "s2": _arr([(x * x).sum()])}
+            return make("moments", x.size, stats, field=f[0], bounds=self._bounds(f[0]))
+        if a.func == "histogram":
+            x = _numbers(rows[f[0]])
+            x = x[~np.isnan(x)]
+            return make("histogram", x.size, {"counts": _histogram(x, a.params)},
+                        field=f[0], edges=[float(e) for e in a.params])
+        if a.func == "quantiles":
+            return self.quantiles(a, rows, make)
+        if a.func in ("corr", "regression"):
+            # Stats layout puts y last; the spec puts it first for regression.
+            order = f if a.func == "corr" else f[1:] + f[:1]
+            z = np.column_stack([self.clamped(rows, c) for c in order]) if len(rows) else (
+                np.empty((0, len(order)))
+            )
+            z = z[~np.isnan(z).any(axis=1)]
+            z = np.column_stack([np.ones(len(z)), z])
+            purpose = "corr" if a.func == "corr" else "regression"
+            return make("crossprod", len(z), {"m": z.T @ z}, fields=list(order), purpose=purpose)
+        if a.func == "contingency":
+            return self.contingency(a, rows, make)
+        if a.func in ("count_map", "mean_map"):
+            return self.voxel_map(a, rows, make)
+        return self.roi_overlap(a, rows, make)
+
+    def _bounds(self, name: str) -> list[float] | None:
+        b = self.fields[name].bounds
+        return None if b is None else [float(b[0]), float(b[1])]
+
+    def quantiles(self, a: AggSpec, rows: pd.DataFrame, make: Callable[..., Partial]) -> Partial:
+        lo, hi = self.fields[a.fields[0]].bounds  # type: ignore[misc]  # validate() checked
+        x = self.clamped(rows, a.fields[0])
+        x = x[~np.isnan(x)]
+        counts = np.zeros(self.bins)
+        if hi > lo:
+            idx = np.minimum(((x - lo) / (hi - lo) * self.bins).astype(np.int64), self.bins - 1)
+            counts = np.bincount(idx, minlength=self.bins).astype(np.float64)
+        else:  # a degenerate declared range: every value is lo
+            counts[0] = x.size
+        return make("quantiles", x.size, {"counts": counts}, field=a.fields[0],
+                    lo=float(lo), hi=float(hi), bins=self.bins, probs=[float(p) for p in a.params])
+
+    def contingency(self, a: AggSpec, rows: pd.DataFrame, make: Callable[..., Partial]) -> Partial:
+        cols = [_labels(rows[c]) for c in a.fields]
+        keep = np.array([all(v is not None for v in pair) for pair in zip(*cols, strict=True)],
+                        dtype=bool) if len(rows) else np.zeros(0, bool)
+        cols = [c[keep] for c in cols]
+        levels = [self._levels(name, c) for name, c in zip(a.fields, cols, strict=True)]
+        counts = np.zeros((len(levels[0]), len(levels[1])))
+        index = [{lv: i for i, lv in enumerate(lvs)} for lvs in levels]
+        for va, vb in zip(*cols, strict=True):
+            counts[index[0][va], index[1][vb]] += 1
+        return make("contingency", int(keep.sum()), {"counts": counts},
+                    fields=list(a.fields), levels=levels)
+
+    def _levels(self, name: str, observed: np.ndarray) -> list[str]:
+        declared = [label(v) for v in (self.fields[name].levels or ())]
+        # Undeclared values still count (dropping subjects silently would bias the
+        # table); they are appended in sorted order so every site orders them alike.
+        extra = sorted(set(observed) - set(declared))
+        return declared + extra
+
+    def _images(self, rows: pd.DataFrame, column: str) -> tuple[Any, list[np.ndarray | None]]:
+        geom = self.catalog.geometry(column)
+        imgs: list[np.ndarray | None] = []
+        for path in rows[column]:
+            if _isnull(path):
+                imgs.append(None)
+                continue
+            img = np.asarray(self.catalog.load_image(str(path)))
+            if tuple(img.shape) != tuple(geom.shape):
+                raise QueryError(
+                    f"image in {column!r} has shape {img.shape}, not the catalog grid {geom.shape}"
+                )
+            imgs.append(img > 0)
+        return geom, imgs
+
+    def voxel_map(self, a: AggSpec, rows: pd.DataFrame, make: Callable[..., Partial]) -> Partial:
+        column = a.fields[0]
+        weight = a.fields[1] if len(a.fields) > 1 else None
+        geom, imgs = self._images(rows, column)
+        w = self.clamped(rows, weight) if weight else np.ones(len(rows))
+        count = np.zeros(geom.shape)
+        total = np.zeros(geom.shape)
+        n = 0
+        for img, wi in zip(imgs, w, strict=True):
+            if img is None or np.isnan(wi):
+                continue
+            n += 1
+            count += img
+            total += wi * img
+        stats = {"count": count}
+        if weight:
+            stats["sum"] = total
+        return make("voxel_map", n, stats, column=column, weight=weight,
+                    shape=list(geom.shape), affine=[list(map(float, r)) for r in geom.affine])
+
+    def roi_overlap(self, a: AggSpec, rows: pd.DataFrame, make: Callable[..., Partial]) -> Partial:
+        column = a.fields[0]
+        geom, imgs = self._images(rows, column)
+        rois = self.catalog.roi_masks()
+        names = sorted(rois)
+        n, s1, s2 = (np.zeros(len(names)) for _ in range(3))
+        subjects = 0
+        for img in imgs:
+            if img is None:
+                continue
+            subjects += 1
+            for i, r in enumerate(names):
+                v = float(np.count_nonzero(img & rois[r]))
+                n[i] += v > 0
+                s1[i] += v
+                s2[i] += v * v
+        return make("roi_overlap", subjects, {"n": n, "s1": s1, "s2": s2}, column=column,
+                    rois=names, voxel_volume_mm3=float(np.prod(geom.voxel_size)))
+
+
+def _arr(values: list[float]) -> np.ndarray:
+    return np.asarray(values, dtype=np.float64)
+
+
+def _histogram(x: np.ndarray, edges: tuple[float, ...]) -> np.ndarray:
+    """Counts as [under, bins..., over]; bins are [e_i, e_i+1) except the last, which
+    includes its right edge (numpy.histogram's convention)."""
+    e = np.asarray(edges, dtype=np.float64)
+    idx = np.searchsorted(e, x, side="right")
+    idx[x == e[-1]] = len(e) - 1
+    return np.bincount(idx, minlength=len(e) + 1).astype(np.float64)

@@ -1,0 +1,357 @@
+"""The declarative query: a cohort filter, an optional group-by, and aggregates.
+
+Every site receives the same `QuerySpec` (from SQL via `sql.parse_sql`, or as JSON) and
+re-validates it against its own catalog metadata with `validate`, because a site must
+not trust the entry node to have checked it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Union
+
+from stimnetd.catalog_types import FieldMeta
+from stimnetd.query.errors import QueryError
+
+Literal = Union[int, float, str]
+
+COMPARISON_OPS = ("=", "!=", "<", "<=", ">", ">=")
+NUMERIC_TYPES = ("numeric", "integer")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    op: str
+    field: str
+    value: Literal
+
+
+@dataclass(frozen=True)
+class InList:
+    field: str
+    values: tuple[Literal, ...]
+    negated: bool = False
+
+
+@dataclass(frozen=True)
+class Between:
+    field: str
+    low: int | float
+    high: int | float
+    negated: bool = False
+
+
+@dataclass(frozen=True)
+class IsNull:
+    field: str
+    negated: bool = False
+
+
+@dataclass(frozen=True)
+class And:
+    args: tuple[Expr, ...]
+
+
+@dataclass(frozen=True)
+class Or:
+    args: tuple[Expr, ...]
+
+
+@dataclass(frozen=True)
+class Not:
+    arg: Expr
+
+
+Expr = Union[Comparison, InList, Between, IsNull, And, Or, Not]
+
+
+@dataclass(frozen=True)
+class FuncShape:
+    min_fields: int
+    max_fields: int | None  # None: unbounded
+    params: str | None = None  # "edges" | "probs" | None
+
+
+FUNCS: dict[str, FuncShape] = {
+    "count": FuncShape(0, 1),
+    "sum": FuncShape(1, 1),
+    "mean": FuncShape(1, 1),
+    "var": FuncShape(1, 1),
+    "sd": FuncShape(1, 1),
+    "histogram": FuncShape(1, 1, "edges"),
+    "quantiles": FuncShape(1, 1, "probs"),
+    "corr": FuncShape(2, 2),
+    "contingency": FuncShape(2, 2),
+    "regression": FuncShape(2, None),  # (y, x1, ..., xp)
+    "count_map": FuncShape(1, 1),
+    "mean_map": FuncShape(1, 2),  # (image, [weight])
+    "roi_overlap": FuncShape(1, 1),
+}
+
+
+@dataclass(frozen=True)
+class AggSpec:
+    """One output column. `fields` are positional per `func` (see FUNCS); `params` are
+    histogram edges or quantile probabilities."""
+
+    func: str
+    fields: tuple[str, ...]
+    name: str
+    params: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        shape = FUNCS.get(self.func)
+        if shape is None:
+            raise QueryError(f"unknown aggregate function {self.func!r}; known: {sorted(FUNCS)}")
+        k = len(self.fields)
+        if k < shape.min_fields or (shape.max_fields is not None and k > shape.max_fields):
+            if shape.max_fields == shape.min_fields:
+                want = f"exactly {shape.min_fields}"
+            elif shape.max_fields is None:
+                want = f"at least {shape.min_fields}"
+            else:
+                want = f"{shape.min_fields} to {shape.max_fields}"
+            raise QueryError(f"{self.name}: {self.func} takes {want} fields, got {k}")
+        if shape.params is None and self.params:
+            raise QueryError(f"{self.name}: {self.func} takes no parameters")
+        if shape.params == "edges":
+            e = self.params
+            if len(e) < 2 or any(b <= a for a, b in zip(e, e[1:], strict=False)):
+                raise QueryError(
+                    f"{self.name}: histogram edges must be at least two strictly increasing numbers"
+                )
+        if shape.params == "probs" and (not self.params or any(not 0 <= p <= 1 for p in self.params)):
+            raise QueryError(f"{self.name}: quantile probabilities must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class QuerySpec:
+    catalog: str
+    where: Expr | None
+    group_by: tuple[str, ...]
+    aggregates: tuple[AggSpec, ...]
+
+    def __post_init__(self) -> None:
+        _check_shape(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "catalog": self.catalog,
+            "where": None if self.where is None else expr_to_dict(self.where),
+            "group_by": list(self.group_by),
+            "aggregates": [
+                {"func": a.func, "fields": list(a.fields), "name": a.name, "params": list(a.params)}
+                for a in self.aggregates
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> QuerySpec:
+        _keys(d, "query", required={"catalog", "aggregates"}, optional={"where", "group_by"})
+        catalog = _str(d["catalog"], "catalog")
+        where = d.get("where")
+        group_by = tuple(_str(g, "group_by item") for g in _list(d.get("group_by", []), "group_by"))
+        aggs = []
+        for a in _list(d["aggregates"], "aggregates"):
+            _keys(a, "aggregate", required={"func", "fields", "name"}, optional={"params"})
+            aggs.append(
+                AggSpec(
+                    func=_str(a["func"], "func"),
+                    fields=tuple(_str(f, "aggregate field") for f in _list(a["fields"], "fields")),
+                    name=_str(a["name"], "name"),
+                    params=tuple(_num(p, "param") for p in _list(a.get("params", []), "params")),
+                )
+            )
+        return cls(catalog, None if where is None else expr_from_dict(where), group_by, tuple(aggs))
+
+
+def expr_to_dict(e: Expr) -> dict[str, Any]:
+    if isinstance(e, Comparison):
+        return {"op": e.op, "field": e.field, "value": e.value}
+    if isinstance(e, InList):
+        return {"op": "in", "field": e.field, "values": list(e.values), "negated": e.negated}
+    if isinstance(e, Between):
+        return {"op": "between", "field": e.field, "low": e.low, "high": e.high, "negated": e.negated}
+    if isinstance(e, IsNull):
+        return {"op": "is_null", "field": e.field, "negated": e.negated}
+    if isinstance(e, And | Or):
+        return {"op": "and" if isinstance(e, And) else "or", "args": [expr_to_dict(a) for a in e.args]}
+    return {"op": "not", "arg": expr_to_dict(e.arg)}
+
+
+def expr_from_dict(d: Any) -> Expr:
+    if not isinstance(d, Mapping) or "op" not in d:
+        raise QueryError("filter expression must be an object with an 'op' key")
+    op = d["op"]
+    if op in COMPARISON_OPS:
+        _keys(d, f"'{op}' filter", required={"op", "field", "value"})
+        return Comparison(op, _str(d["field"], "field"), _literal(d["value"]))
+    if op == "in":
+        _keys(d, "'in' filter", required={"op", "field", "values"}, optional={"negated"})
+        values = tuple(_literal(v) for v in _list(d["values"], "values"))
+        if not values:
+            raise QueryError("'in' filter needs at least one value")
+        return InList(_str(d["field"], "field"), values, _bool(d.get("negated", False)))
+    if op == "between":
+        _keys(d, "'between' filter", required={"op", "field", "low", "high"}, optional={"negated"})
+        return Between(
+            _str(d["field"], "field"),
+            _num(d["low"], "low"),
+            _num(d["high"], "high"),
+            _bool(d.get("negated", False)),
+        )
+    if op == "is_null":
+        _keys(d, "'is_null' filter", required={"op", "field"}, optional={"negated"})
+        return IsNull(_str(d["field"], "field"), _bool(d.get("negated", False)))
+    if op in ("and", "or"):
+        _keys(d, f"'{op}' filter", required={"op", "args"})
+        args = tuple(expr_from_dict(a) for a in _list(d["args"], "args"))
+        if len(args) < 2:
+            raise QueryError(f"'{op}' filter needs at least two arguments")
+        return And(args) if op == "and" else Or(args)
+    if op == "not":
+        _keys(d, "'not' filter", required={"op", "arg"})
+        return Not(expr_from_dict(d["arg"]))
+    raise QueryError(f"unknown filter operator {op!r}")
+
+
+def filter_fields(e: Expr | None) -> list[tuple[str, Expr]]:
+    """Every (field, leaf) the filter touches, in order."""
+    if e is None:
+        return []
+    if isinstance(e, And | Or):
+        return [pair for a in e.args for pair in filter_fields(a)]
+    if isinstance(e, Not):
+        return filter_fields(e.arg)
+    return [(e.field, e)]
+
+
+# Which field types each aggregate accepts, per positional field.
+_NUMERIC_FUNCS = {"sum", "mean", "var", "sd", "histogram", "quantiles", "corr", "regression"}
+
+
+def validate(spec: QuerySpec, fields: Mapping[str, FieldMeta]) -> None:
+    """Raise QueryError naming the field and the rule if `spec` is wrong for `fields`."""
+
+    def meta(name: str, where: str) -> FieldMeta:
+        if name not in fields:
+            raise QueryError(f"unknown field {name!r} in {where}")
+        return fields[name]
+
+    for g in spec.group_by:
+        m = meta(g, "GROUP BY")
+        if m.type != "categorical":
+            raise QueryError(
+                f"cannot GROUP BY {g!r}: only categorical fields can be grouped ({g!r} is {m.type})"
+            )
+    for name, leaf in filter_fields(spec.where):
+        _validate_leaf(meta(name, "WHERE"), leaf)
+    for a in spec.aggregates:
+        metas = [meta(f, a.name) for f in a.fields]
+        _validate_agg(a, metas)
+
+
+def _validate_leaf(m: FieldMeta, leaf: Expr) -> None:
+    if isinstance(leaf, IsNull):
+        return
+    if m.type in ("image", "id"):
+        # Filtering on identifiers singles out subjects; image paths are not values.
+        raise QueryError(f"WHERE on {m.name!r}: {m.type} fields only support IS [NOT] NULL")
+    numeric = m.type in NUMERIC_TYPES
+    if isinstance(leaf, Comparison):
+        values: tuple[Literal, ...] = (leaf.value,)
+        if not numeric and leaf.op not in ("=", "!="):
+            raise QueryError(
+                f"WHERE on {m.name!r}: ordering comparison '{leaf.op}' is not defined "
+                "for a categorical field"
+            )
+    elif isinstance(leaf, InList):
+        values = leaf.values
+    elif isinstance(leaf, Between):
+        if not numeric:
+            raise QueryError(f"WHERE on {m.name!r}: BETWEEN needs a numeric field")
+        values = (leaf.low, leaf.high)
+    else:  # pragma: no cover - filter_fields yields only leaves
+        raise QueryError(f"unexpected filter node {leaf!r}")
+    if numeric and any(isinstance(v, str) for v in values):
+        raise QueryError(
+            f"WHERE on {m.name!r}: comparison type mismatch, {m.name!r} is {m.type} "
+            "but is compared with a string"
+        )
+
+
+def _validate_agg(a: AggSpec, metas: list[FieldMeta]) -> None:
+    def need(m: FieldMeta, types: tuple[str, ...], rule: str) -> None:
+        if m.type not in types:
+            raise QueryError(f"{a.name}: {rule}; {m.name!r} is {m.type}")
+
+    if a.func in _NUMERIC_FUNCS:
+        for m in metas:
+            need(m, NUMERIC_TYPES, f"{a.func} needs numeric fields")
+        if a.func == "quantiles" and metas[0].bounds is None:
+            raise QueryError(
+                f"{a.name}: quantiles need declared bounds on {metas[0].name!r} "
+                "(they are estimated from a fine histogram over those bounds)"
+            )
+    elif a.func == "contingency":
+        for m in metas:
+            need(m, ("categorical",), "contingency needs categorical fields")
+    elif a.func in ("count_map", "mean_map", "roi_overlap"):
+        need(metas[0], ("image",), f"{a.func} needs an image field")
+        for m in metas[1:]:
+            need(m, NUMERIC_TYPES, "the mean_map weight must be numeric")
+
+
+def _check_shape(spec: QuerySpec) -> None:
+    if not spec.aggregates:
+        raise QueryError("a query needs at least one aggregate")
+    names = [a.name for a in spec.aggregates]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise QueryError(f"duplicate output names {dup}; give each aggregate its own alias")
+    if len(set(spec.group_by)) != len(spec.group_by):
+        raise QueryError("a field appears twice in GROUP BY")
+
+
+def _keys(d: Any, what: str, required: set[str], optional: frozenset[str] | set[str] = frozenset()) -> None:
+    if not isinstance(d, Mapping):
+        raise QueryError(f"{what} must be an object")
+    unknown = set(d) - required - set(optional)
+    if unknown:
+        raise QueryError(f"unknown keys in {what}: {sorted(unknown)}")
+    missing = required - set(d)
+    if missing:
+        raise QueryError(f"missing keys in {what}: {sorted(missing)}")
+
+
+def _list(v: Any, what: str) -> list[Any]:
+    if not isinstance(v, list | tuple):
+        raise QueryError(f"{what} must be a list")
+    return list(v)
+
+
+def _str(v: Any, what: str) -> str:
+    if not isinstance(v, str) or not v:
+        raise QueryError(f"{what} must be a non-empty string")
+    return v
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise QueryError("'negated' must be true or false")
+    return v
+
+
+def _num(v: Any, what: str) -> int | float:
+    # bool is an int subclass; a JSON true is never a meaningful number here.
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise QueryError(f"{what} must be a finite number")
+    return v
+
+
+def _literal(v: Any) -> Literal:
+    if isinstance(v, str):
+        return v
+    return _num(v, "filter value")

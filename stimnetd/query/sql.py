@@ -1,0 +1,314 @@
+"""Restricted SQL → `QuerySpec`.
+
+Only `SELECT <group fields and aggregates> FROM <catalog> [WHERE ...] [GROUP BY ...]` is
+accepted. sqlglot does the tokenising and parsing (hand-written parsing of researcher SQL
+is an attack surface); this module walks the tree with an allow-list and refuses
+everything else with a message that names the offending part.
+"""
+
+from __future__ import annotations
+
+import re
+
+import sqlglot
+from sqlglot import exp
+from sqlglot.dialects.postgres import Postgres
+from sqlglot.errors import SqlglotError
+
+from stimnetd.query.errors import QueryError
+from stimnetd.query.spec import (
+    AggSpec,
+    And,
+    Between,
+    Comparison,
+    Expr,
+    InList,
+    IsNull,
+    Literal,
+    Not,
+    Or,
+    QuerySpec,
+)
+
+# SQL spelling → AggSpec.func
+SQL_FUNCS: dict[str, str] = {
+    "count": "count",
+    "sum": "sum",
+    "avg": "mean",
+    "mean": "mean",
+    "variance": "var",
+    "var_samp": "var",
+    "var": "var",
+    "stddev": "sd",
+    "stddev_samp": "sd",
+    "sd": "sd",
+    "histogram": "histogram",
+    "quantile": "quantiles",
+    "median": "quantiles",
+    "corr": "corr",
+    "contingency": "contingency",
+    "regress": "regression",
+    "lm": "regression",
+    "count_map": "count_map",
+    "mean_map": "mean_map",
+    "roi_overlap": "roi_overlap",
+}
+
+
+class _Dialect(Postgres):
+    class Parser(Postgres.Parser):
+        # Parse our aggregate names as anonymous functions: sqlglot's typed nodes fix the
+        # arity (quantile takes one probability) and forget the spelling (var_samp ->
+        # VARIANCE), and we need both for validation and default output names.
+        FUNCTIONS = {
+            k: v for k, v in Postgres.Parser.FUNCTIONS.items() if k.lower() not in SQL_FUNCS
+        }
+
+
+_CLAUSES_ALLOWED = {"expressions", "from", "from_", "where", "group"}
+_CLAUSE_REFUSALS = {
+    "with": "WITH (common table expressions) is not supported",
+    "with_": "WITH (common table expressions) is not supported",
+    "joins": "JOIN is not supported: a query reads exactly one catalog",
+    "order": "ORDER BY is not supported (and not needed: the result is a small aggregate table)",
+    "limit": "LIMIT is not supported (and not needed: the result is a small aggregate table)",
+    "offset": "OFFSET is not supported (and not needed: the result is a small aggregate table)",
+    "having": "HAVING is not supported; filter rows with WHERE",
+    "distinct": "SELECT DISTINCT is not supported; use GROUP BY",
+}
+_COMPARISONS: dict[type[exp.Expression], str] = {
+    exp.EQ: "=",
+    exp.NEQ: "!=",
+    exp.LT: "<",
+    exp.LTE: "<=",
+    exp.GT: ">",
+    exp.GTE: ">=",
+}
+_FLIPPED = {"=": "=", "!=": "!=", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def parse_sql(sql: str) -> QuerySpec:
+    try:
+        statements = [s for s in sqlglot.parse(sql, read=_Dialect) if s is not None]
+    except SqlglotError as e:
+        raise QueryError(f"could not parse SQL: {str(e).splitlines()[0]}") from None
+    if len(statements) != 1:
+        raise QueryError(f"expected exactly one SELECT statement, got {len(statements)}")
+    stmt = statements[0]
+    if isinstance(stmt, exp.Union | exp.Intersect | exp.Except):
+        raise QueryError(f"{stmt.key.upper()} is not supported: a query is a single SELECT")
+    if not isinstance(stmt, exp.Select):
+        raise QueryError(f"only SELECT queries are accepted, not {stmt.key.upper()}")
+    for key, value in stmt.args.items():
+        if value and key not in _CLAUSES_ALLOWED:
+            raise QueryError(_CLAUSE_REFUSALS.get(key, f"the {key.upper()} clause is not supported"))
+    for node in stmt.walk():
+        if node is not stmt and isinstance(node, exp.Select | exp.Subquery):
+            raise QueryError(f"subqueries are not supported: {node.sql()!r}")
+        if isinstance(node, exp.Window):
+            raise QueryError(f"window functions (OVER) are not supported: {node.sql()!r}")
+
+    catalog = _catalog(stmt.args.get("from_") or stmt.args.get("from"))
+    group = stmt.args.get("group")
+    group_by = tuple(_group_field(g, catalog) for g in (group.expressions if group else []))
+    aggs = []
+    for item in stmt.expressions:
+        node, alias = (item.this, item.alias) if isinstance(item, exp.Alias) else (item, None)
+        if isinstance(node, exp.Star):
+            raise QueryError("SELECT * is not supported: list group fields and aggregates")
+        if isinstance(node, exp.Column):
+            name = _field(node, catalog)
+            if name not in group_by:
+                raise QueryError(
+                    f"column {name!r} in SELECT must appear in GROUP BY or inside an aggregate"
+                )
+            continue
+        aggs.append(_aggregate(node, alias, catalog))
+    if not aggs:
+        raise QueryError("no aggregate in SELECT: a query must compute at least one, e.g. count(*)")
+    where = stmt.args.get("where")
+    return QuerySpec(
+        catalog=catalog,
+        where=_filter(where.this, catalog) if where else None,
+        group_by=group_by,
+        aggregates=tuple(aggs),
+    )
+
+
+def _catalog(from_: exp.Expression | None) -> str:
+    if from_ is None:
+        raise QueryError("missing FROM <catalog>")
+    table = from_.this
+    if not isinstance(table, exp.Table) or not isinstance(table.this, exp.Identifier):
+        raise QueryError(f"FROM must name one catalog, got {table.sql()!r}")
+    if table.args.get("db") or table.args.get("catalog"):
+        raise QueryError(f"FROM must name a catalog without a schema prefix, got {table.sql()!r}")
+    if table.alias:
+        raise QueryError("table aliases are not supported: there is only one catalog")
+    return str(table.name)
+
+
+def _field(col: exp.Column, catalog: str) -> str:
+    if col.table and col.table != catalog:
+        raise QueryError(f"column {col.sql()!r} refers to a table other than {catalog!r}")
+    if col.args.get("db") or col.args.get("catalog"):
+        raise QueryError(f"column {col.sql()!r}: only field names are accepted")
+    return str(col.name)
+
+
+def _group_field(node: exp.Expression, catalog: str) -> str:
+    if not isinstance(node, exp.Column):
+        raise QueryError(f"GROUP BY accepts only field names, got {node.sql()!r}")
+    return _field(node, catalog)
+
+
+def _aggregate(node: exp.Expression, alias: str | None, catalog: str) -> AggSpec:
+    if isinstance(node, exp.Filter):
+        raise QueryError(f"aggregate FILTER clauses are not supported: {node.sql()!r}")
+    if not isinstance(node, exp.Anonymous):
+        if isinstance(node, exp.Func):
+            fname = node.sql_name().lower()
+            raise QueryError(f"unknown function {fname!r}; supported: {sorted(SQL_FUNCS)}")
+        raise QueryError(f"unsupported expression in SELECT: {node.sql()!r}")
+    written = str(node.this).lower()
+    func = SQL_FUNCS.get(written)
+    if func is None:
+        raise QueryError(f"unknown function {written!r}; supported: {sorted(SQL_FUNCS)}")
+    args = list(node.expressions)
+    name = alias or f"{written}({', '.join(a.sql() for a in args)})"
+    if any(isinstance(a, exp.Distinct) for a in args):
+        raise QueryError(f"{name}: DISTINCT inside aggregates is not supported")
+
+    def fields(items: list[exp.Expression]) -> tuple[str, ...]:
+        out = []
+        for a in items:
+            if not isinstance(a, exp.Column):
+                raise QueryError(f"{name}: arguments must be plain field names, got {a.sql()!r}")
+            out.append(_field(a, catalog))
+        return tuple(out)
+
+    if written == "count" and len(args) == 1 and isinstance(args[0], exp.Star):
+        return AggSpec("count", (), name)
+    if written == "lm":
+        if len(args) != 1 or not (isinstance(args[0], exp.Literal) and args[0].is_string):
+            raise QueryError(f"{name}: lm takes one formula string, e.g. lm('y ~ x1 + x2')")
+        return AggSpec("regression", _formula(str(args[0].this), name), name)
+    if written == "median":
+        return AggSpec("quantiles", fields(args), name, (0.5,))
+    if func in ("histogram", "quantiles"):
+        if not args:
+            raise QueryError(f"{name}: {written} needs a field")
+        params = tuple(_number(a, name) for a in args[1:])
+        return AggSpec(func, fields(args[:1]), name, params)
+    return AggSpec(func, fields(args), name)
+
+
+def _formula(text: str, name: str) -> tuple[str, ...]:
+    lhs, sep, rhs = text.partition("~")
+    terms = [lhs.strip()] + [t.strip() for t in rhs.split("+")]
+    if not sep or not all(_IDENT.match(t) for t in terms):
+        raise QueryError(
+            f"{name}: formula must be 'y ~ x1 + x2 + ...' with plain field names "
+            "(no interactions, transforms or intercept terms)"
+        )
+    return tuple(terms)
+
+
+def _number(node: exp.Expression, where: str) -> int | float:
+    lit = _literal(node)
+    if not isinstance(lit, int | float):
+        raise QueryError(f"{where}: expected a number, got {node.sql()!r}")
+    return lit
+
+
+def _literal(node: exp.Expression) -> Literal | None:
+    """The literal value of `node`, or None if it is not a literal."""
+    if isinstance(node, exp.Paren):
+        return _literal(node.this)
+    if isinstance(node, exp.Neg):
+        inner = _literal(node.this)
+        return -inner if isinstance(inner, int | float) else None
+    if isinstance(node, exp.Literal):
+        text = str(node.this)
+        if node.is_string:
+            return text
+        try:
+            return int(text)
+        except ValueError:
+            return float(text)
+    return None
+
+
+def _filter(node: exp.Expression, catalog: str) -> Expr:
+    if isinstance(node, exp.Paren):
+        return _filter(node.this, catalog)
+    if isinstance(node, exp.And | exp.Or):
+        kind = type(node)
+        parts: list[exp.Expression] = []
+        stack = [node]
+        while stack:  # flatten a AND b AND c, which sqlglot nests to the left
+            cur = stack.pop()
+            while isinstance(cur, exp.Paren):
+                cur = cur.this
+            if type(cur) is kind:
+                stack.extend([cur.expression, cur.this])
+            else:
+                parts.append(cur)
+        args = tuple(_filter(p, catalog) for p in parts)
+        return And(args) if kind is exp.And else Or(args)
+    if isinstance(node, exp.Not):
+        inner = _filter(node.this, catalog)
+        if isinstance(inner, InList | Between | IsNull):
+            return type(inner)(**{**inner.__dict__, "negated": not inner.negated})
+        return Not(inner)
+    if isinstance(node, exp.Is):
+        if not isinstance(node.expression, exp.Null):
+            raise QueryError(f"WHERE: only IS NULL / IS NOT NULL are supported, got {node.sql()!r}")
+        return IsNull(_where_field(node.this, node, catalog), bool(node.args.get("negate")))
+    if isinstance(node, exp.In):
+        values = []
+        for v in node.expressions:
+            lit = _literal(v)
+            if lit is None:
+                raise QueryError(f"WHERE: IN lists accept only literals, got {v.sql()!r}")
+            values.append(lit)
+        return InList(_where_field(node.this, node, catalog), tuple(values))
+    if isinstance(node, exp.Between):
+        field = _where_field(node.this, node, catalog)
+        return Between(
+            field,
+            _number(node.args["low"], f"WHERE {node.sql()!r}"),
+            _number(node.args["high"], f"WHERE {node.sql()!r}"),
+        )
+    op = _COMPARISONS.get(type(node))
+    if op is not None:
+        left, right = node.this, node.expression
+        if isinstance(left, exp.Null) or isinstance(right, exp.Null):
+            raise QueryError(f"WHERE {node.sql()!r}: comparing with NULL is never true; use IS NULL")
+        if not isinstance(left, exp.Column) and isinstance(right, exp.Column):
+            left, right, op = right, left, _FLIPPED[op]
+        field = _where_field(left, node, catalog)
+        value = _literal(right)
+        if value is None:
+            raise QueryError(
+                f"WHERE {node.sql()!r}: a field can only be compared with a number or string literal"
+            )
+        return Comparison(op, field, value)
+    if isinstance(node, exp.Func):
+        raise QueryError(
+            f"functions are not allowed in WHERE ({node.sql()!r}); "
+            "only plain comparisons of a field with literals"
+        )
+    raise QueryError(f"unsupported expression in WHERE: {node.sql()!r}")
+
+
+def _where_field(node: exp.Expression, whole: exp.Expression, catalog: str) -> str:
+    if isinstance(node, exp.Column):
+        return _field(node, catalog)
+    if isinstance(node, exp.Func):
+        raise QueryError(
+            f"functions are not allowed in WHERE ({node.sql()!r} in {whole.sql()!r}); "
+            "only plain comparisons of a field with literals"
+        )
+    raise QueryError(f"WHERE {whole.sql()!r}: the left side must be a field name")

@@ -1,0 +1,246 @@
+"""The one place every RPC passes through: identity, role, revocation, errors, logs, audit.
+
+Identity and role come from the client certificate in the TLS auth context, never from a
+request field. gRPC Python has no CRL option, so revocation is checked here on every call;
+that also covers channels opened before the revocation.
+
+Limitation: gRPC Python exposes no TLS verify callback (grpc/grpc#32635) and can only
+"require and verify" client certificates. A caller with no certificate, one from another
+CA, or one already expired is refused by the TLS handshake before any RPC exists: the
+client sees UNAVAILABLE and the refusal cannot be audited here. Certificates revoked (also
+on already-open channels), expired while a connection is open, without a StimNet identity,
+or of the wrong role reach this guard and are refused (UNAUTHENTICATED / PERMISSION_DENIED)
+and audited.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import structlog
+
+from stimnetd.errors import StimnetError
+from stimnetd.pki import Identity, PkiError, identity_from_cert
+from stimnetd.rpc.roles import allowed_roles
+
+log = structlog.get_logger("stimnetd.rpc")
+
+_CURRENT: contextvars.ContextVar[Caller] = contextvars.ContextVar("stimnet_caller")
+
+REQUEST_ID_KEY = "x-stimnet-request-id"
+
+
+@dataclass(frozen=True)
+class Caller:
+    identity: Identity
+    request_id: str
+
+    @property
+    def name(self) -> str:
+        return self.identity.name
+
+    @property
+    def role(self) -> str:
+        return self.identity.role
+
+
+def current_caller() -> Caller:
+    return _CURRENT.get()
+
+
+class Revocations:
+    """The CRL in force; swapped atomically when the daemon reloads it (SIGHUP)."""
+
+    def __init__(self, serials: frozenset[int] = frozenset()) -> None:
+        self.serials = serials
+
+    def replace(self, serials: frozenset[int]) -> None:
+        self.serials = serials
+
+
+class _RpcRefused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Guard(grpc.aio.ServerInterceptor):
+    """Authenticates, authorises, audits, logs and maps errors for every RPC."""
+
+    def __init__(self, *, revocations: Revocations,
+                 audit_refusal: Callable[[str, str, str, str, dict[str, Any]], Awaitable[Any]],
+                 audit_allowed: Callable[[str, str, str, str, dict[str, Any]], None],
+                 observe: Callable[[str, str, float], None] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._revocations = revocations
+        self._audit_refusal = audit_refusal
+        self._audit_allowed = audit_allowed
+        self._observe = observe
+        self._clock = clock
+        # Parsing a certificate per call would dominate a cheap RPC; a connection presents
+        # the same PEM on every call.
+        self._identity_cache: dict[bytes, Identity | PkiError] = {}
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(method, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary(method, handler.stream_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(
+            self._wrap_stream(method, handler.stream_stream),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+    # -- per-call checks -------------------------------------------------------------
+
+    def _identity(self, context: grpc.aio.ServicerContext) -> Identity:
+        pems = context.auth_context().get("x509_pem_cert")
+        if not pems:
+            raise _RpcRefused(grpc.StatusCode.UNAUTHENTICATED,
+                              "a client certificate issued by the federation CA is required")
+        pem = pems[0]
+        cached = self._identity_cache.get(pem)
+        if cached is None:
+            try:
+                cached = identity_from_cert(pem)
+            except PkiError as exc:
+                cached = exc
+            if len(self._identity_cache) > 4096:
+                self._identity_cache.clear()
+            self._identity_cache[pem] = cached
+        if isinstance(cached, PkiError):
+            raise _RpcRefused(grpc.StatusCode.UNAUTHENTICATED, f"unusable certificate: {cached}")
+        return cached
+
+    def _check(self, method: str, context: grpc.aio.ServicerContext) -> Identity:
+        ident = self._identity(context)
+        if ident.serial in self._revocations.serials:
+            raise _RpcRefused(grpc.StatusCode.UNAUTHENTICATED,
+                              f"certificate {ident.role}/{ident.name} (serial {ident.serial:x}) "
+                              "has been revoked")
+        if ident.not_after.timestamp() < self._clock():
+            raise _RpcRefused(grpc.StatusCode.UNAUTHENTICATED,
+                              f"certificate {ident.role}/{ident.name} expired at "
+                              f"{ident.not_after:%Y-%m-%d %H:%M} UTC")
+        roles = allowed_roles(method)
+        if ident.role not in roles:
+            allowed = ", ".join(sorted(roles)) or "nobody"
+            raise _RpcRefused(grpc.StatusCode.PERMISSION_DENIED,
+                              f"role {ident.role!r} may not call {method} (allowed: {allowed})",
+                              ) from None
+        return ident
+
+    async def _enter(self, method: str, context: grpc.aio.ServicerContext) -> Caller:
+        metadata = dict(context.invocation_metadata() or ())
+        request_id = str(metadata.get(REQUEST_ID_KEY) or uuid.uuid4().hex[:16])[:64]
+        structlog.contextvars.bind_contextvars(method=method, request_id=request_id)
+        try:
+            ident = self._check(method, context)
+        except _RpcRefused as refused:
+            who = _who(context)
+            await self._audit_refusal(who[0], who[1], method, "denied",
+                                      {"reason": str(refused), "request_id": request_id})
+            log.warning("rpc refused", caller=f"{who[1]}/{who[0]}", status=refused.code.name,
+                        reason=str(refused))
+            if self._observe:
+                self._observe(method, refused.code.name, 0.0)
+            await context.abort(refused.code, str(refused))
+            raise AssertionError("unreachable") from None
+        caller = Caller(ident, request_id)
+        _CURRENT.set(caller)
+        structlog.contextvars.bind_contextvars(caller=f"{ident.role}/{ident.name}")
+        self._audit_allowed(ident.name, ident.role, method, "allowed", {"request_id": request_id})
+        return caller
+
+    async def _fail(self, context: grpc.aio.ServicerContext, method: str, exc: BaseException,
+                    started: float) -> None:
+        if isinstance(exc, StimnetError):
+            code = getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
+            self._done(method, code.name, started, reason=str(exc))
+            await context.abort(code, str(exc))
+        log.exception("rpc failed", status="INTERNAL")
+        self._done(method, "INTERNAL", started, logged=True)
+        caller = _CURRENT.get(None)
+        rid = caller.request_id if caller else "?"
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {rid}); "
+                            "the node's operator can find it in the logs")
+
+    def _done(self, method: str, status: str, started: float, *, reason: str | None = None,
+              logged: bool = False) -> None:
+        latency = time.perf_counter() - started
+        if not logged:
+            log.info("rpc", status=status, latency_ms=round(latency * 1000, 3),
+                     **({"reason": reason} if reason else {}))
+        if self._observe:
+            self._observe(method, status, latency)
+        structlog.contextvars.clear_contextvars()
+
+    def _wrap_unary(self, method: str, behavior: Callable[..., Awaitable[Any]]) -> Any:
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            await self._enter(method, context)
+            try:
+                response = await behavior(request, context)
+            except grpc.aio.AbortError:
+                self._done(method, _status_name(context), started)
+                raise
+            except Exception as exc:  # noqa: BLE001 - this is the one place errors are mapped
+                await self._fail(context, method, exc, started)
+            self._done(method, "OK", started)
+            return response
+
+        return wrapper
+
+    def _wrap_stream(self, method: str, behavior: Callable[..., Any]) -> Any:
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            await self._enter(method, context)
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                self._done(method, _status_name(context), started)
+                raise
+            except Exception as exc:  # noqa: BLE001
+                await self._fail(context, method, exc, started)
+            self._done(method, "OK", started)
+
+        return wrapper
+
+
+def _who(context: grpc.aio.ServicerContext) -> tuple[str, str]:
+    """Best-effort name of a refused caller for the audit log (never trusted for access)."""
+    pems = context.auth_context().get("x509_pem_cert")
+    if not pems:
+        return (context.peer() or "unknown", "anonymous")
+    try:
+        ident = identity_from_cert(pems[0])
+    except PkiError:
+        return (context.peer() or "unknown", "unparseable-cert")
+    return (ident.name, ident.role)
+
+
+def _status_name(context: grpc.aio.ServicerContext) -> str:
+    code = context.code()
+    return code.name if isinstance(code, grpc.StatusCode) else "ABORTED"

@@ -1,0 +1,42 @@
+"""Which roles may call which RPC. Deny by default: a method missing here is refused."""
+
+from __future__ import annotations
+
+RESEARCHER = "researcher"
+ADMIN = "admin"
+NODE = "node"
+
+_ANY = frozenset({RESEARCHER, ADMIN, NODE})
+_PEOPLE = frozenset({RESEARCHER, ADMIN})
+
+RPC_ROLES: dict[str, frozenset[str]] = {
+    "/stimnet.v1.NodeService/GetInfo": _ANY,
+    "/stimnet.v1.NodeService/ListCatalogs": _ANY,
+    "/stimnet.v1.NodeService/DescribeCatalog": _ANY,
+    "/stimnet.v1.NodeService/ListPeers": _ANY,
+    "/stimnet.v1.NodeService/GetStatus": frozenset({ADMIN}),
+    # Only researchers submit jobs: a job is signed by the researcher whose budget it spends.
+    "/stimnet.v1.JobService/SubmitJob": frozenset({RESEARCHER}),
+    "/stimnet.v1.JobService/GetJob": _PEOPLE,
+    "/stimnet.v1.JobService/ListJobs": _PEOPLE,
+    "/stimnet.v1.JobService/CancelJob": _PEOPLE,
+    "/stimnet.v1.JobService/WatchJob": _PEOPLE,
+    "/stimnet.v1.JobService/GetResult": frozenset({RESEARCHER}),
+    "/stimnet.v1.JobService/ApproveJob": frozenset({ADMIN}),
+    "/stimnet.v1.JobService/DenyJob": frozenset({ADMIN}),
+    "/stimnet.v1.FederationService/RunSubJob": frozenset({NODE}),
+    "/stimnet.v1.FederationService/Ping": frozenset({NODE}),
+    "/stimnet.v1.FederationService/PingReq": frozenset({NODE}),
+    "/stimnet.v1.FederationService/PushPull": frozenset({NODE}),
+    "/stimnet.v1.AdminService/VerifyAudit": frozenset({ADMIN}),
+    "/stimnet.v1.AdminService/ExportAudit": frozenset({ADMIN}),
+    # Standard services: any federation identity; they reveal no data.
+    "/grpc.health.v1.Health/Check": _ANY,
+    "/grpc.health.v1.Health/Watch": _ANY,
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": _ANY,
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": _ANY,
+}
+
+
+def allowed_roles(method: str) -> frozenset[str]:
+    return RPC_ROLES.get(method, frozenset())

@@ -1,0 +1,411 @@
+"""Turns a script's result file into `Partial`s, trusting nothing the script claims.
+
+Everything in ``result.json`` was written by researcher code, so every number is checked
+against what the daemon knows independently: the catalog's fields and declared bounds,
+and the number of rows the catalog holds. A statistic that could not have come from
+bounded data over at most ``catalog_rows`` subjects is rejected, never repaired: clamping
+a sum after the fact would hide a broken (or hostile) script instead of reporting it.
+
+The privacy layer still applies k_min and DP afterwards using the *catalog's* bounds;
+these checks make sure the sensitivity it assumes is the sensitivity the data has.
+
+Names, histogram edges and group labels are chosen by the script at run time and so can
+carry data bits past the noise. ``parse_result(..., declared=...)`` pins them to what
+the job request declared; sites requiring DP should always pass it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Collection, Mapping
+from typing import Any
+
+import numpy as np
+
+from stimnetd.catalog_types import FieldMeta
+from stimnetd.query.aggregate import GroupKey, Partial
+
+RESULT_VERSION = 1
+# Kinds a script may emit; quantiles and ROI overlaps need geometry/levels the daemon
+# computes itself, so they stay query-only.
+SCRIPT_KINDS = ("count", "moments", "histogram", "crossprod", "contingency", "voxel_map")
+MAX_AGGREGATES = 1000
+MAX_HISTOGRAM_EDGES = 1001
+MAX_CROSSPROD_FIELDS = 50
+MAX_VOXELS = 16_000_000
+MOMENT_STATS = ("sum", "mean", "variance", "sd")
+NAME_RE = re.compile(r"[A-Za-z0-9_.:()\[\] +*/,-]{1,128}\Z")
+NUMERIC_TYPES = ("numeric", "integer")
+# Float sums of clamped values can land a few ulps past n·bound; scale-aware slack.
+REL_TOL = 1e-9
+
+_TOP_KEYS = {"version", "aggregates"}
+_AGG_KEYS = {"kind", "name", "n", "stats", "meta", "group"}
+_STATS_KEYS: dict[str, tuple[set[str], set[str]]] = {
+    # kind: (required, optional)
+    "count": ({"n"}, set()),
+    "moments": ({"n", "s1", "s2"}, set()),
+    "histogram": ({"counts"}, set()),
+    "crossprod": ({"m"}, set()),
+    "contingency": ({"counts"}, set()),
+    "voxel_map": ({"count"}, {"sum"}),
+}
+_META_KEYS: dict[str, tuple[set[str], set[str]]] = {
+    "count": (set(), set()),
+    "moments": ({"field", "stat"}, set()),
+    "histogram": ({"field", "edges"}, set()),
+    "crossprod": ({"fields", "purpose"}, set()),
+    "contingency": ({"fields", "levels"}, set()),
+    "voxel_map": ({"column", "shape"}, {"weight", "affine"}),
+}
+
+
+class ResultRejected(ValueError):
+    """The script's result broke a rule; the message names the aggregate and the rule."""
+
+
+def parse_result(
+    doc: Any,
+    arrays: Mapping[str, np.ndarray],
+    fields: Mapping[str, FieldMeta],
+    catalog_rows: int,
+    *,
+    grids: Mapping[str, tuple[int, ...]] | None = None,
+    declared: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[Partial]:
+    """Validate a result document strictly and return its aggregates as `Partial`s.
+
+    `arrays` holds the ``.npy`` side files by file name (as the runner read them).
+    `grids` maps an image column to the catalog's voxel grid shape; when given, voxel
+    maps must be on it. `declared` maps each allowed aggregate name to the kind and meta
+    the job request declared (e.g. ``{"age_hist": {"kind": "histogram", "meta":
+    {"edges": [...]}}}``); when given, any other name, kind or declared meta is refused.
+    """
+    if not isinstance(doc, dict):
+        raise ResultRejected("result: the document must be a JSON object")
+    _keys("result", doc, _TOP_KEYS, set())
+    if doc["version"] != RESULT_VERSION or isinstance(doc["version"], bool):
+        raise ResultRejected(f"result: unsupported version {doc['version']!r}")
+    aggregates = doc["aggregates"]
+    if not isinstance(aggregates, list):
+        raise ResultRejected("result: 'aggregates' must be a list")
+    if len(aggregates) > MAX_AGGREGATES:
+        raise ResultRejected(f"result: {len(aggregates)} aggregates, at most {MAX_AGGREGATES}")
+    if not isinstance(catalog_rows, int) or catalog_rows < 0:
+        raise ValueError("catalog_rows must be a non-negative int")
+    parser = _Parser(arrays, fields, catalog_rows, grids or {}, declared)
+    partials = [parser.aggregate(i, agg) for i, agg in enumerate(aggregates)]
+    seen: set[tuple[str, GroupKey]] = set()
+    for p in partials:
+        if p.key in seen:
+            raise ResultRejected(f"aggregate {p.name!r}: emitted twice for group {p.group!r}")
+        seen.add(p.key)
+    return partials
+
+
+def _keys(where: str, obj: Mapping[str, Any], required: set[str], optional: set[str]) -> None:
+    missing = required - obj.keys()
+    if missing:
+        raise ResultRejected(f"{where}: missing {sorted(missing)}")
+    unknown = obj.keys() - required - optional
+    if unknown:
+        raise ResultRejected(f"{where}: unknown keys {sorted(map(str, unknown))}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _slack(limit: float) -> float:
+    return abs(limit) * REL_TOL + 1e-9
+
+
+class _Parser:
+    def __init__(
+        self,
+        arrays: Mapping[str, np.ndarray],
+        fields: Mapping[str, FieldMeta],
+        catalog_rows: int,
+        grids: Mapping[str, tuple[int, ...]],
+        declared: Mapping[str, Mapping[str, Any]] | None,
+    ) -> None:
+        self._arrays = arrays
+        self._fields = fields
+        self._rows = catalog_rows
+        self._grids = grids
+        self._declared = declared
+
+    # -- one aggregate -----------------------------------------------------------------
+
+    def aggregate(self, index: int, agg: Any) -> Partial:
+        where = f"aggregate #{index}"
+        if not isinstance(agg, dict):
+            raise ResultRejected(f"{where}: must be an object")
+        name = agg.get("name")
+        if isinstance(name, str) and NAME_RE.match(name):
+            where = f"aggregate {name!r}"
+        else:
+            raise ResultRejected(f"{where}: name must match {NAME_RE.pattern}")
+        _keys(where, agg, {"kind", "name", "n", "stats"}, {"meta", "group"})
+        kind = agg["kind"]
+        if kind not in SCRIPT_KINDS:
+            raise ResultRejected(f"{where}: unknown kind {kind!r} (allowed: {SCRIPT_KINDS})")
+        n = agg["n"]
+        if not _is_int(n):
+            raise ResultRejected(f"{where}: n must be an integer, got {n!r}")
+        if n < 0:
+            raise ResultRejected(f"{where}: negative n {n}")
+        if n > self._rows:
+            raise ResultRejected(f"{where}: n={n} exceeds the catalog's {self._rows} rows")
+        meta = agg.get("meta", {})
+        if not isinstance(meta, dict):
+            raise ResultRejected(f"{where}: meta must be an object")
+        _keys(f"{where} meta", meta, *_META_KEYS[kind])
+        stats_doc = agg["stats"]
+        if not isinstance(stats_doc, dict):
+            raise ResultRejected(f"{where}: stats must be an object")
+        _keys(f"{where} stats", stats_doc, *_STATS_KEYS[kind])
+        stats = {key: self._array(where, key, value) for key, value in stats_doc.items()}
+        group = self._group(where, agg.get("group", []))
+        self._check_declared(where, name, kind, meta)
+        check = getattr(self, f"_check_{kind}")
+        clean_meta = check(where, n, stats, meta)
+        return Partial(name=name, kind=kind, group=group, n=n, stats=stats, meta=clean_meta)
+
+    def _check_declared(self, where: str, name: str, kind: str, meta: dict[str, Any]) -> None:
+        if self._declared is None:
+            return
+        spec = self._declared.get(name)
+        if spec is None:
+            raise ResultRejected(f"{where}: not declared by the job request")
+        if "kind" in spec and spec["kind"] != kind:
+            raise ResultRejected(f"{where}: kind {kind!r}, the job declared {spec['kind']!r}")
+        for key, value in (spec.get("meta") or {}).items():
+            if meta.get(key) != value:
+                raise ResultRejected(f"{where}: meta {key!r} differs from the job's declaration")
+
+    # -- values ------------------------------------------------------------------------
+
+    def _array(self, where: str, key: str, value: Any) -> np.ndarray:
+        if isinstance(value, dict):
+            _keys(f"{where} stats {key!r}", value, {"npy"}, set())
+            ref = value["npy"]
+            if not isinstance(ref, str) or ref not in self._arrays:
+                raise ResultRejected(f"{where}: stats {key!r} refers to a missing array file")
+            raw = np.asarray(self._arrays[ref])
+            if raw.dtype.kind not in "iuf":
+                raise ResultRejected(f"{where}: stats {key!r} has dtype {raw.dtype}, not numeric")
+            arr = raw.astype(np.float64)
+        elif isinstance(value, list):
+            _numbers_only(where, key, value)
+            try:
+                arr = np.asarray(value, dtype=np.float64)
+            except ValueError:
+                raise ResultRejected(f"{where}: stats {key!r} is a ragged array") from None
+        else:
+            raise ResultRejected(f"{where}: stats {key!r} must be a list or an npy reference")
+        if not np.all(np.isfinite(arr)):
+            raise ResultRejected(f"{where}: stats {key!r} contains NaN or infinity")
+        return arr
+
+    def _group(self, where: str, group: Any) -> GroupKey:
+        if not isinstance(group, list):
+            raise ResultRejected(f"{where}: group must be a list of [field, level] pairs")
+        pairs: list[tuple[str, str]] = []
+        for item in group:
+            if not (isinstance(item, list) and len(item) == 2 and all(isinstance(v, str) for v in item)):
+                raise ResultRejected(f"{where}: group entries must be [field, level] strings")
+            field, level = item
+            meta = self._field(where, field)
+            # A free-text group label would be a covert channel for row values.
+            if meta.levels is None or level not in meta.levels:
+                raise ResultRejected(f"{where}: group level for {field!r} is not a declared level")
+            pairs.append((field, level))
+        if len({f for f, _ in pairs}) != len(pairs):
+            raise ResultRejected(f"{where}: a group field appears twice")
+        return tuple(sorted(pairs))
+
+    def _field(self, where: str, name: Any, types: Collection[str] | None = None) -> FieldMeta:
+        if not isinstance(name, str) or name not in self._fields:
+            raise ResultRejected(f"{where}: field {name!r} does not exist in the catalog")
+        meta = self._fields[name]
+        if types is not None and meta.type not in types:
+            raise ResultRejected(f"{where}: field {name!r} is {meta.type}, expected {'/'.join(types)}")
+        return meta
+
+    def _bounded(self, where: str, name: Any) -> tuple[float, float]:
+        meta = self._field(where, name, NUMERIC_TYPES)
+        if meta.bounds is None:
+            raise ResultRejected(f"{where}: field {name!r} has no declared bounds")
+        lo, hi = (float(b) for b in meta.bounds)
+        return lo, hi
+
+    @staticmethod
+    def _shape(where: str, key: str, arr: np.ndarray, shape: tuple[int, ...]) -> None:
+        if arr.shape != shape:
+            raise ResultRejected(f"{where}: stats {key!r} has shape {arr.shape}, expected {shape}")
+
+    @staticmethod
+    def _counts(where: str, key: str, arr: np.ndarray, n: int) -> None:
+        if np.any(arr < 0):
+            raise ResultRejected(f"{where}: stats {key!r} has negative counts")
+        if np.any(arr != np.floor(arr)):
+            raise ResultRejected(f"{where}: stats {key!r} has non-integer counts")
+        if np.any(arr > n):
+            raise ResultRejected(f"{where}: stats {key!r} has a cell count above n={n}")
+
+    # -- per kind ----------------------------------------------------------------------
+
+    def _check_count(self, where, n, stats, meta) -> dict[str, Any]:
+        self._shape(where, "n", stats["n"], (1,))
+        if stats["n"][0] != n:
+            raise ResultRejected(f"{where}: stats n={stats['n'][0]:g} differs from n={n}")
+        return {}
+
+    def _check_moments(self, where, n, stats, meta) -> dict[str, Any]:
+        lo, hi = self._bounded(where, meta["field"])
+        if meta["stat"] not in MOMENT_STATS:
+            raise ResultRejected(f"{where}: stat must be one of {MOMENT_STATS}")
+        for key in ("n", "s1", "s2"):
+            self._shape(where, key, stats[key], (1,))
+        if stats["n"][0] != n:
+            raise ResultRejected(f"{where}: stats n={stats['n'][0]:g} differs from n={n}")
+        s1, s2 = float(stats["s1"][0]), float(stats["s2"][0])
+        s1_lo, s1_hi = n * lo, n * hi
+        if not (s1_lo - _slack(s1_lo) <= s1 <= s1_hi + _slack(s1_hi)):
+            raise ResultRejected(
+                f"{where}: s1 outside [n·lo, n·hi] for {meta['field']!r} bounds [{lo:g}, {hi:g}]"
+            )
+        s2_max = n * max(lo * lo, hi * hi)
+        if not (0.0 <= s2 <= s2_max + _slack(s2_max)):
+            raise ResultRejected(f"{where}: s2 outside [0, n·max(lo², hi²)]")
+        # Cauchy–Schwarz: (Σx)² ≤ n Σx²; fails for numbers no real data could give.
+        if s1 * s1 > n * s2 + _slack(n * s2):
+            raise ResultRejected(f"{where}: s1² > n·s2, inconsistent moments")
+        return {"field": meta["field"], "stat": meta["stat"]}
+
+    def _check_histogram(self, where, n, stats, meta) -> dict[str, Any]:
+        self._field(where, meta["field"], NUMERIC_TYPES)
+        edges = meta["edges"]
+        if not isinstance(edges, list) or not 2 <= len(edges) <= MAX_HISTOGRAM_EDGES:
+            raise ResultRejected(f"{where}: edges must be a list of 2..{MAX_HISTOGRAM_EDGES} numbers")
+        _numbers_only(where, "edges", edges)
+        e = np.asarray(edges, dtype=np.float64)
+        if not np.all(np.isfinite(e)) or np.any(np.diff(e) <= 0):
+            raise ResultRejected(f"{where}: edges must be finite and strictly increasing")
+        counts = stats["counts"]
+        self._shape(where, "counts", counts, (len(edges) + 1,))
+        self._counts(where, "counts", counts, n)
+        if counts.sum() != n:
+            raise ResultRejected(f"{where}: counts sum to {counts.sum():g}, not n={n}")
+        return {"field": meta["field"], "edges": e.tolist()}
+
+    def _check_crossprod(self, where, n, stats, meta) -> dict[str, Any]:
+        names = meta["fields"]
+        if not isinstance(names, list) or not 1 <= len(names) <= MAX_CROSSPROD_FIELDS:
+            raise ResultRejected(f"{where}: fields must list 1..{MAX_CROSSPROD_FIELDS} fields")
+        if len(set(map(str, names))) != len(names):
+            raise ResultRejected(f"{where}: fields repeat")
+        if meta["purpose"] not in ("corr", "regression"):
+            raise ResultRejected(f"{where}: purpose must be 'corr' or 'regression'")
+        if meta["purpose"] == "regression" and len(names) < 2:
+            raise ResultRejected(f"{where}: a regression needs at least one x and a y")
+        bounds = [(1.0, 1.0)] + [self._bounded(where, f) for f in names]
+        m = stats["m"]
+        p1 = len(names) + 1
+        self._shape(where, "m", m, (p1, p1))
+        if m[0, 0] != n:
+            raise ResultRejected(f"{where}: m[0,0]={m[0, 0]:g} differs from n={n}")
+        if not np.allclose(m, m.T, rtol=REL_TOL, atol=1e-9):
+            raise ResultRejected(f"{where}: m is not symmetric")
+        diag = np.diag(m)
+        for j in range(1, p1):
+            lo, hi = bounds[j]
+            s1_lo, s1_hi = n * lo, n * hi
+            if not (s1_lo - _slack(s1_lo) <= m[0, j] <= s1_hi + _slack(s1_hi)):
+                raise ResultRejected(f"{where}: m[0,{j}] outside [n·lo, n·hi] for {names[j - 1]!r}")
+            s2_max = n * max(lo * lo, hi * hi)
+            if not (0.0 <= diag[j] <= s2_max + _slack(s2_max)):
+                raise ResultRejected(f"{where}: m[{j},{j}] outside [0, n·max(lo², hi²)]")
+        limit = np.sqrt(np.outer(diag, diag))
+        if np.any(np.abs(m) > limit + limit * 1e-7 + 1e-9):
+            raise ResultRejected(f"{where}: m violates Cauchy–Schwarz, not a cross-product")
+        return {"fields": [str(f) for f in names], "purpose": meta["purpose"]}
+
+    def _check_contingency(self, where, n, stats, meta) -> dict[str, Any]:
+        names, levels = meta["fields"], meta["levels"]
+        if not (isinstance(names, list) and len(names) == 2 and names[0] != names[1]):
+            raise ResultRejected(f"{where}: fields must name two distinct categorical fields")
+        declared = [self._field(where, f, ("categorical",)).levels for f in names]
+        if levels != [list(d) if d is not None else None for d in declared] or None in declared:
+            raise ResultRejected(f"{where}: levels must equal the catalog's declared levels")
+        counts = stats["counts"]
+        self._shape(where, "counts", counts, (len(levels[0]), len(levels[1])))
+        self._counts(where, "counts", counts, n)
+        if counts.sum() > n:
+            raise ResultRejected(f"{where}: counts sum to {counts.sum():g}, above n={n}")
+        return {"fields": list(names), "levels": [list(lv) for lv in levels]}
+
+    def _check_voxel_map(self, where, n, stats, meta) -> dict[str, Any]:
+        column = self._field(where, meta["column"], ("image",))
+        shape_doc = meta["shape"]
+        if not (
+            isinstance(shape_doc, list)
+            and 1 <= len(shape_doc) <= 4
+            and all(_is_int(s) and s > 0 for s in shape_doc)
+        ):
+            raise ResultRejected(f"{where}: shape must be 1..4 positive integers")
+        shape = tuple(shape_doc)
+        if math.prod(shape) > MAX_VOXELS:
+            raise ResultRejected(f"{where}: grid has more than {MAX_VOXELS} voxels")
+        grid = self._grids.get(column.name)
+        if grid is not None and shape != tuple(grid):
+            raise ResultRejected(f"{where}: grid {shape} is not the catalog's grid {tuple(grid)}")
+        count = stats["count"]
+        self._shape(where, "count", count, shape)
+        self._counts(where, "count", count, n)
+        if column.max_voxels is not None and count.sum() > n * column.max_voxels:
+            raise ResultRejected(
+                f"{where}: total count exceeds n × max_voxels ({column.max_voxels}) for {column.name!r}"
+            )
+        clean: dict[str, Any] = {"column": column.name, "shape": list(shape), "weight": None}
+        if "sum" in stats:
+            weight = meta.get("weight")
+            if weight is not None:
+                lo, hi = self._bounded(where, weight)
+            elif column.bounds is not None:
+                lo, hi = (float(b) for b in column.bounds)
+            else:
+                raise ResultRejected(
+                    f"{where}: a sum map needs a bounded weight field or declared image bounds"
+                )
+            total = stats["sum"]
+            self._shape(where, "sum", total, shape)
+            low, high = count * lo, count * hi
+            if np.any(total < low - np.abs(low) * REL_TOL - 1e-9) or np.any(
+                total > high + np.abs(high) * REL_TOL + 1e-9
+            ):
+                raise ResultRejected(f"{where}: sum map outside [count·lo, count·hi]")
+            clean["weight"] = weight
+        elif "weight" in meta:
+            raise ResultRejected(f"{where}: weight given without a sum map")
+        if "affine" in meta:
+            affine = meta["affine"]
+            _numbers_only(where, "affine", affine if isinstance(affine, list) else [None])
+            a = np.asarray(affine, dtype=np.float64)
+            if a.shape != (4, 4) or not np.all(np.isfinite(a)):
+                raise ResultRejected(f"{where}: affine must be a finite 4×4 matrix")
+            clean["affine"] = a.tolist()
+        return clean
+
+
+def _numbers_only(where: str, key: str, value: list[Any]) -> None:
+    # JSON true/false/null/strings would silently become 1.0/0.0/NaN under np.asarray.
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, bool) or not isinstance(item, int | float):
+            raise ResultRejected(f"{where}: {key!r} must contain only numbers")

@@ -1,0 +1,732 @@
+"""Runs one researcher script per job in a fresh, locked-down Docker container.
+
+The container gets no network, a read-only root and catalog, no capabilities, no new
+privileges, a non-root user, and hard limits on memory, pids, CPU, wall-clock time,
+output size and log size. The daemon decides the image, user, working directory,
+command and environment; the researcher supplies only the script bytes.
+
+Every docker-py call blocks, so each goes through ``asyncio.to_thread``; the runner
+polls container state instead of parking a thread in ``wait()``, so a burst of long jobs
+cannot exhaust the default executor the rest of the daemon shares.
+
+The result is read only after the container has stopped (no process can race the
+checks), through ``O_NOFOLLOW`` opens relative to the output directory's fd, and only
+if it is a regular, singly linked file within the size cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import io
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+import stat
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stimnetd.catalog_types import FieldMeta
+
+KiB = 1024
+MiB = 1024 * KiB
+
+LABEL_MANAGED = "org.stimnet.managed"
+LABEL_NODE = "org.stimnet.node"
+LABEL_JOB = "org.stimnet.job"
+RESULT_NAME = "result.json"
+ENTRYPOINT = ["python3", "-I", "-B", "/opt/stimnet/entrypoint.py"]
+SANDBOX_UID = 65534
+# The only line of container output the runner interprets; see sandbox/runtime/entrypoint.py.
+MARKER_RE = re.compile(r"stimnet-runtime: ([A-Za-z_][A-Za-z0-9_]{0,63}) at line (\d{1,7})\Z")
+NPY_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\.npy\Z")
+MAX_LOG_LINES = 2000
+MAX_LOG_LINE_CHARS = 2000
+POLL_FIRST_S = 0.01
+# Caps how far past result_bytes a fast writer gets before the kill (plus RLIMIT_FSIZE
+# per file, which the kernel enforces exactly).
+POLL_MAX_S = 0.1
+SHUTDOWN_GRACE_S = 10.0
+
+STATUSES = ("succeeded", "failed", "timeout", "cancelled")
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    """Hard limits for one job container."""
+
+    memory_bytes: int = 512 * MiB
+    pids: int = 64
+    cpus: float = 1.0
+    timeout_s: float = 60.0
+    result_bytes: int = 8 * MiB
+    log_bytes: int = 256 * KiB
+    tmpfs_bytes: int = 64 * MiB
+    # Many tiny files cost the monitor a directory walk per poll; nobody needs more.
+    output_files: int = 256
+
+
+@dataclass(frozen=True)
+class SandboxOutcome:
+    """How a job ended. `result`/`arrays` are set only when status is "succeeded".
+
+    `log_lines` is the script's own stdout/stderr: researcher-controlled and possibly
+    containing row-level data, so it is for the site operator unless policy says
+    otherwise. `reason` is written by the runner (at most an exception type and a line
+    number come from inside the container).
+    """
+
+    status: str
+    reason: str
+    result: dict[str, Any] | None
+    arrays: dict[str, np.ndarray]
+    log_lines: list[str]
+    duration_s: float
+    exit_code: int | None = None
+    prewarmed: bool = False
+
+
+class ResultRefused(Exception):
+    """The output directory held something the runner will not read."""
+
+
+def job_manifest(
+    tables: Mapping[str, str],
+    subject_key: str,
+    fields: Mapping[str, FieldMeta],
+) -> dict[str, Any]:
+    """The /job/manifest.json a script sees: table files, image fields, declared metadata.
+
+    Bounds go in so the runtime can clamp like the query engine does; the daemon checks
+    them again in `parse_result` and never relies on the runtime having done so.
+    """
+    return {
+        "tables": dict(tables),
+        "subject_key": subject_key,
+        "image_fields": sorted(f.name for f in fields.values() if f.type == "image"),
+        "fields": {
+            f.name: {
+                "table": f.table,
+                "type": f.type,
+                "bounds": list(f.bounds) if f.bounds is not None else None,
+                "levels": list(f.levels) if f.levels is not None else None,
+            }
+            for f in fields.values()
+        },
+    }
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", MiB), ("KiB", KiB)):
+        if n >= size and n % size == 0:
+            return f"{n // size} {unit}"
+    return f"{n} bytes"
+
+
+def _fmt_seconds(s: float) -> str:
+    return f"{s:g}"
+
+
+@dataclass
+class _Workspace:
+    """A per-container host dir: job/ (script + manifest, mounted ro) and out/ (rw)."""
+
+    root: Path
+
+    @property
+    def job(self) -> Path:
+        return self.root / "job"
+
+    @property
+    def out(self) -> Path:
+        return self.root / "out"
+
+    @classmethod
+    def create(cls, parent: Path) -> _Workspace:
+        root = parent / secrets.token_hex(8)
+        root.mkdir(mode=0o700)
+        # The container sees only the two mounts, never root/ itself, so 0700 on root
+        # keeps other host users out without hiding anything from the sandbox user.
+        (root / "job").mkdir(mode=0o755)
+        out = root / "out"
+        out.mkdir(mode=0o700)
+        try:
+            os.chown(out, SANDBOX_UID, SANDBOX_UID)
+        except PermissionError:
+            # A non-root daemon cannot hand the dir over; world-writable is then the only
+            # way in, and root/ at 0700 still keeps other host users out.
+            out.chmod(0o777)
+        return cls(root)
+
+    def write_job(self, script: bytes, manifest: Mapping[str, Any]) -> None:
+        body = json.dumps(manifest, allow_nan=False).encode()
+        for name, data in (("script.py", script), ("manifest.json", body)):
+            tmp = self.job / f".{name}.tmp"
+            tmp.write_bytes(data)
+            tmp.chmod(0o644)
+            os.replace(tmp, self.job / name)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@dataclass
+class _WarmSlot:
+    container_id: str
+    workspace: _Workspace
+
+
+@dataclass
+class _Job:
+    job_id: str
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    container_id: str | None = None
+
+
+def _out_usage(out: Path, limit_files: int) -> tuple[int, int]:
+    """(bytes, entries) under out/, stopping early once entries pass the limit."""
+    total = 0
+    entries = 0
+    stack = [str(out)]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for entry in it:
+                entries += 1
+                if entries > limit_files:
+                    return total, entries
+                st = entry.stat(follow_symlinks=False)
+                # Allocated blocks, not apparent size: sparse files cost nothing, a
+                # preallocated one costs its blocks.
+                total += max(st.st_size if stat.S_ISREG(st.st_mode) else 0, st.st_blocks * 512)
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+    return total, entries
+
+
+def _cgroup_pids_events(container_id: str) -> Path | None:
+    candidates = (
+        f"/sys/fs/cgroup/pids/docker/{container_id}/pids.events",
+        f"/sys/fs/cgroup/pids/system.slice/docker-{container_id}.scope/pids.events",
+        f"/sys/fs/cgroup/system.slice/docker-{container_id}.scope/pids.events",
+        f"/sys/fs/cgroup/docker/{container_id}/pids.events",
+    )
+    for path in candidates:
+        if os.path.exists(path):
+            return Path(path)
+    return None
+
+
+def _pids_limit_hits(path: Path | None) -> int:
+    if path is None:
+        return 0
+    try:
+        text = path.read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "max" and value.strip().isdigit():
+            return int(value)
+    return 0
+
+
+def _read_capped(dir_fd: int, name: str, what: str, budget: int) -> bytes:
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        raise
+    if stat.S_ISLNK(st.st_mode):
+        raise ResultRefused(f"{what} is a symlink: refused")
+    try:
+        # O_NONBLOCK: a FIFO planted under the expected name must not hang the daemon.
+        fd = os.open(
+            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
+        )
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ResultRefused(f"{what} is a symlink: refused") from None
+        raise ResultRefused(f"{what} cannot be opened ({errno.errorcode.get(exc.errno)})") from None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ResultRefused(f"{what} is not a regular file: refused")
+        if st.st_nlink != 1:
+            raise ResultRefused(f"{what} has {st.st_nlink} hard links: refused")
+        if st.st_size > budget:
+            raise ResultRefused(f"{what} is {st.st_size} bytes, over the result limit")
+        data = fh.read(budget + 1)
+    if len(data) > budget:
+        raise ResultRefused(f"{what} is over the result limit")
+    return data
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-finite number {name}")
+
+
+def _read_outputs(out: Path, cap: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    dir_fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        try:
+            raw = _read_capped(dir_fd, RESULT_NAME, "result file", cap)
+        except FileNotFoundError:
+            raise ResultRefused("script emitted no aggregates (no result file)") from None
+        try:
+            doc = json.loads(raw, parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as exc:
+            raise ResultRefused(f"result file is not valid JSON ({type(exc).__name__})") from None
+        if not isinstance(doc, dict):
+            raise ResultRefused("result file is not a JSON object")
+        budget = cap - len(raw)
+        arrays: dict[str, np.ndarray] = {}
+        for name in _npy_refs(doc):
+            if name in arrays:
+                continue
+            if not NPY_NAME_RE.match(name):
+                raise ResultRefused(f"array file name {name[:80]!r} is not allowed")
+            try:
+                data = _read_capped(dir_fd, name, f"array file {name}", budget)
+            except FileNotFoundError:
+                raise ResultRefused(f"array file {name} is missing") from None
+            budget -= len(data)
+            try:
+                arrays[name] = np.load(io.BytesIO(data), allow_pickle=False)
+            except (ValueError, OSError, EOFError) as exc:
+                raise ResultRefused(f"array file {name} is not a valid .npy ({exc})") from None
+        return doc, arrays
+    finally:
+        os.close(dir_fd)
+
+
+def _npy_refs(doc: dict[str, Any]) -> list[str]:
+    refs: list[str] = []
+    aggregates = doc.get("aggregates")
+    if not isinstance(aggregates, list):
+        return refs
+    for agg in aggregates:
+        stats = agg.get("stats") if isinstance(agg, dict) else None
+        if not isinstance(stats, dict):
+            continue
+        for value in stats.values():
+            if isinstance(value, dict) and isinstance(value.get("npy"), str):
+                refs.append(value["npy"])
+    return refs
+
+
+def _log_lines(raw: bytes, log_bytes: int) -> list[str]:
+    text = raw[-log_bytes:].decode("utf-8", "replace")
+    lines = text.splitlines()[-MAX_LOG_LINES:]
+    return [line[:MAX_LOG_LINE_CHARS] for line in lines]
+
+
+class SandboxRunner:
+    """Runs job scripts in per-job containers and returns a `SandboxOutcome`.
+
+    `docker_client_factory` returns a ``docker.DockerClient`` (called once, off the loop).
+    `node` names this daemon in container labels so `reap_orphans` only touches its own
+    containers when several nodes share an engine.
+    """
+
+    def __init__(
+        self,
+        docker_client_factory: Callable[[], Any],
+        image: str,
+        limits: SandboxLimits,
+        state_dir: Path,
+        *,
+        node: str,
+        verbose_errors: bool = False,
+    ) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", node):
+            raise ValueError(f"node name {node!r} cannot be used in container names")
+        self._factory = docker_client_factory
+        self._image = image
+        self._limits = limits
+        self._work = Path(state_dir) / "work"
+        self._node = node
+        self._verbose_errors = verbose_errors
+        self._client: Any = None
+        self._client_lock = asyncio.Lock()
+        self._jobs: dict[str, _Job] = {}
+        self._warm: dict[Path, _WarmSlot] = {}
+        self._warming: set[Path] = set()
+        self._keep_warm: set[Path] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    # -- public API --------------------------------------------------------------------
+
+    async def run(
+        self, job_id: str, script: bytes, catalog_root: Path, manifest: Mapping[str, Any]
+    ) -> SandboxOutcome:
+        """Run `script` against the catalog at `catalog_root`; never raises for job faults."""
+        if self._closed:
+            raise RuntimeError("sandbox runner is shut down")
+        if job_id in self._jobs:
+            raise ValueError(f"job {job_id!r} is already running")
+        job = _Job(job_id)
+        self._jobs[job_id] = job
+        started = time.monotonic()
+        workspace: _Workspace | None = None
+        root = Path(catalog_root).resolve()
+        prewarmed = False
+        try:
+            api = (await self._docker()).api
+            slot = self._warm.pop(root, None)
+            if slot is not None:
+                prewarmed = True
+                workspace, job.container_id = slot.workspace, slot.container_id
+                if root in self._keep_warm:
+                    self._spawn(self.prewarm(root))
+            else:
+                workspace = await asyncio.to_thread(_Workspace.create, self._workdir())
+                job.container_id = await asyncio.to_thread(
+                    self._create, api, workspace, root, job_id
+                )
+            await asyncio.to_thread(workspace.write_job, script, manifest)
+            if job.cancel.is_set():
+                return self._outcome("cancelled", "cancelled before start", started, prewarmed)
+            await asyncio.to_thread(api.start, job.container_id)
+            return await self._supervise(api, job, workspace, started, prewarmed)
+        finally:
+            self._jobs.pop(job_id, None)
+            job.done.set()
+            await self._dispose_shielded(job.container_id, workspace)
+
+    async def cancel(self, job_id: str) -> bool:
+        """Stop a running job; its `run` returns status "cancelled". False if unknown."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            return False
+        job.cancel.set()
+        if job.container_id is not None and self._client is not None:
+            await asyncio.to_thread(self._kill, self._client.api, job.container_id)
+        return True
+
+    async def prewarm(self, catalog_root: Path) -> None:
+        """Pre-create one container for `catalog_root` so the next job there only starts.
+
+        Bind mounts are fixed at create time, so the container is created over a fresh,
+        empty workspace; the job's script and manifest are written into that workspace
+        when the job arrives, before start. The slot is refilled after each use.
+        """
+        root = Path(catalog_root).resolve()
+        self._keep_warm.add(root)
+        if self._closed or root in self._warm or root in self._warming:
+            return
+        self._warming.add(root)
+        try:
+            api = (await self._docker()).api
+            workspace = await asyncio.to_thread(_Workspace.create, self._workdir())
+            try:
+                cid = await asyncio.to_thread(self._create, api, workspace, root, "")
+            except BaseException:
+                await asyncio.to_thread(workspace.remove)
+                raise
+            if self._closed:
+                await self._dispose_shielded(cid, workspace)
+                return
+            self._warm[root] = _WarmSlot(cid, workspace)
+        finally:
+            self._warming.discard(root)
+
+    async def reap_orphans(self) -> int:
+        """Remove every container this node left behind (crash, kill -9); return how many.
+
+        Call once at startup, before `prewarm`, while no job runs.
+        """
+        client = await self._docker()
+        filters = {"label": [f"{LABEL_MANAGED}=true", f"{LABEL_NODE}={self._node}"]}
+        live = {j.container_id for j in self._jobs.values()} | {
+            s.container_id for s in self._warm.values()
+        }
+        containers = await asyncio.to_thread(client.api.containers, all=True, filters=filters)
+        removed = 0
+        for c in containers:
+            if c["Id"] in live:
+                continue
+            await asyncio.to_thread(self._remove, client.api, c["Id"])
+            removed += 1
+        await asyncio.to_thread(self._sweep_workspaces)
+        return removed
+
+    async def shutdown(self) -> None:
+        """Cancel running jobs, remove pre-created containers. Idempotent."""
+        self._closed = True
+        self._keep_warm.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        for job_id in list(self._jobs):
+            await self.cancel(job_id)
+        waiting = [j.done.wait() for j in self._jobs.values()]
+        if waiting:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*waiting), SHUTDOWN_GRACE_S)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        while self._warm:
+            _, slot = self._warm.popitem()
+            await self._dispose_shielded(slot.container_id, slot.workspace)
+        if self._client is not None:
+            client, self._client = self._client, None
+            await asyncio.to_thread(client.close)
+
+    # -- internals ---------------------------------------------------------------------
+
+    async def _docker(self) -> Any:
+        async with self._client_lock:
+            if self._client is None:
+                self._client = await asyncio.to_thread(self._factory)
+            return self._client
+
+    def _workdir(self) -> Path:
+        self._work.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return self._work
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _create(self, api: Any, ws: _Workspace, catalog_root: Path, job_id: str) -> str:
+        from docker.types import LogConfig, Mount, Ulimit
+
+        lim = self._limits
+        threads = str(max(1, math.ceil(lim.cpus)))
+        env = {
+            "LANG": "C.UTF-8",
+            "HOME": "/tmp",
+            # BLAS sizes its pool from the host's core count, not the CPU quota; more
+            # threads than quota only adds contention (and pids).
+            "OPENBLAS_NUM_THREADS": threads,
+            "OMP_NUM_THREADS": threads,
+            "MPLCONFIGDIR": "/tmp",
+        }
+        if self._verbose_errors:
+            env["STIMNET_VERBOSE_ERRORS"] = "1"
+        host_config = api.create_host_config(
+            network_mode="none",
+            read_only=True,
+            tmpfs={"/tmp": f"rw,noexec,nosuid,nodev,size={lim.tmpfs_bytes}"},
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            pids_limit=lim.pids,
+            mem_limit=lim.memory_bytes,
+            memswap_limit=lim.memory_bytes,
+            nano_cpus=int(lim.cpus * 1e9),
+            shm_size=lim.tmpfs_bytes,
+            ipc_mode="private",
+            init=True,
+            oom_score_adj=1000,
+            ulimits=[
+                Ulimit(name="core", soft=0, hard=0),
+                # Kernel-enforced per-file cap; the monitor's total-size check polls.
+                Ulimit(name="fsize", soft=lim.result_bytes, hard=lim.result_bytes),
+                Ulimit(name="nofile", soft=1024, hard=1024),
+            ],
+            mounts=[
+                Mount("/data", str(catalog_root), type="bind", read_only=True),
+                Mount("/job", str(ws.job), type="bind", read_only=True),
+                Mount("/out", str(ws.out), type="bind", read_only=False),
+            ],
+            log_config=LogConfig(
+                type="json-file",
+                config={"max-size": f"{max(1, lim.log_bytes // KiB)}k", "max-file": "1"},
+            ),
+            auto_remove=False,
+            privileged=False,
+        )
+        container = api.create_container(
+            image=self._image,
+            entrypoint=ENTRYPOINT,
+            command=[],
+            user=f"{SANDBOX_UID}:{SANDBOX_UID}",
+            working_dir="/job",
+            environment=env,
+            hostname="stimnet-job",
+            network_disabled=True,
+            labels={LABEL_MANAGED: "true", LABEL_NODE: self._node, LABEL_JOB: job_id},
+            name=f"stimnet-{self._node}-{ws.root.name}",
+            host_config=host_config,
+        )
+        return str(container["Id"])
+
+    async def _supervise(
+        self, api: Any, job: _Job, ws: _Workspace, started: float, prewarmed: bool
+    ) -> SandboxOutcome:
+        lim = self._limits
+        cid = job.container_id
+        assert cid is not None
+        deadline = time.monotonic() + lim.timeout_s
+        interval = POLL_FIRST_S
+        pids_path = await asyncio.to_thread(_cgroup_pids_events, cid)
+        pids_hits = 0
+        verdict: str | None = None
+        detail = ""
+        while True:
+            info = await asyncio.to_thread(api.inspect_container, cid)
+            state = info["State"]
+            if not state.get("Running") and state.get("Status") != "created":
+                break
+            pids_hits = max(pids_hits, await asyncio.to_thread(_pids_limit_hits, pids_path))
+            if job.cancel.is_set():
+                verdict = "cancelled"
+            elif time.monotonic() >= deadline:
+                verdict = "timeout"
+            else:
+                used, files = await asyncio.to_thread(_out_usage, ws.out, lim.output_files)
+                if files > lim.output_files:
+                    verdict, detail = "output", f"more than {lim.output_files} output files"
+                elif used > lim.result_bytes:
+                    verdict, detail = "output", f"{used} bytes written"
+            if verdict is not None:
+                await asyncio.to_thread(self._kill, api, cid)
+                state = await self._stopped_state(api, cid)
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    job.cancel.wait(), max(0.0, min(interval, deadline - time.monotonic()))
+                )
+            interval = min(interval * 1.5, POLL_MAX_S)
+
+        raw_logs = await asyncio.to_thread(self._logs, api, cid)
+        log_lines = _log_lines(raw_logs, lim.log_bytes)
+        exit_code = state.get("ExitCode")
+        pids_note = f"process limit {lim.pids} reached" if pids_hits else ""
+
+        def done(status: str, reason: str, **kw: Any) -> SandboxOutcome:
+            return self._outcome(
+                status, reason, started, prewarmed, log_lines=log_lines, exit_code=exit_code, **kw
+            )
+
+        if verdict == "cancelled":
+            return done("cancelled", "cancelled")
+        if verdict == "timeout":
+            note = f" ({pids_note})" if pids_note else ""
+            return done("timeout", f"exceeded wall-clock limit {_fmt_seconds(lim.timeout_s)} s{note}")
+        if verdict == "output":
+            return done(
+                "failed",
+                f"output exceeded result limit {_fmt_bytes(lim.result_bytes)} ({detail}); killed",
+            )
+        if state.get("OOMKilled"):
+            return done("failed", f"memory limit {_fmt_bytes(lim.memory_bytes)} exceeded (OOM-killed)")
+        if exit_code != 0:
+            marker = self._marker(await asyncio.to_thread(self._stderr_tail, api, cid))
+            what = f"script raised {marker[0]} at line {marker[1]}" if marker else (
+                f"script exited with status {exit_code}"
+            )
+            if exit_code == 137 and not marker:
+                # cgroup v1 sometimes kills for memory without setting OOMKilled.
+                what = f"script was killed (SIGKILL; memory limit {_fmt_bytes(lim.memory_bytes)}?)"
+            return done("failed", f"{pids_note}; {what}" if pids_note else what)
+        try:
+            doc, arrays = await asyncio.to_thread(_read_outputs, ws.out, lim.result_bytes)
+        except ResultRefused as exc:
+            return done("failed", str(exc))
+        return done("succeeded", "ok", result=doc, arrays=arrays)
+
+    async def _stopped_state(self, api: Any, cid: str) -> dict[str, Any]:
+        # SIGKILL is asynchronous; the state (and OOMKilled) settles a moment later.
+        for _ in range(200):
+            state = (await asyncio.to_thread(api.inspect_container, cid))["State"]
+            if not state.get("Running"):
+                return dict(state)
+            await asyncio.sleep(0.025)
+        return dict(state)
+
+    def _outcome(
+        self,
+        status: str,
+        reason: str,
+        started: float,
+        prewarmed: bool,
+        *,
+        result: dict[str, Any] | None = None,
+        arrays: dict[str, np.ndarray] | None = None,
+        log_lines: list[str] | None = None,
+        exit_code: int | None = None,
+    ) -> SandboxOutcome:
+        return SandboxOutcome(
+            status=status,
+            reason=reason,
+            result=result,
+            arrays=arrays or {},
+            log_lines=log_lines or [],
+            duration_s=time.monotonic() - started,
+            exit_code=exit_code,
+            prewarmed=prewarmed,
+        )
+
+    @staticmethod
+    def _marker(stderr_tail: bytes) -> tuple[str, str] | None:
+        for line in reversed(stderr_tail.decode("utf-8", "replace").splitlines()):
+            m = MARKER_RE.match(line.strip())
+            if m:
+                return m.group(1), m.group(2)
+        return None
+
+    def _logs(self, api: Any, cid: str) -> bytes:
+        import docker.errors
+
+        # json-file's max-size bounds what the engine keeps, so this read is bounded too.
+        try:
+            return bytes(api.logs(cid, stdout=True, stderr=True, stream=False))
+        except docker.errors.APIError:
+            return b""
+
+    def _stderr_tail(self, api: Any, cid: str) -> bytes:
+        import docker.errors
+
+        try:
+            return bytes(api.logs(cid, stdout=False, stderr=True, stream=False, tail=20))
+        except docker.errors.APIError:
+            return b""
+
+    @staticmethod
+    def _kill(api: Any, cid: str) -> None:
+        import docker.errors
+
+        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+            api.kill(cid)
+
+    @staticmethod
+    def _remove(api: Any, cid: str) -> None:
+        import docker.errors
+
+        with contextlib.suppress(docker.errors.NotFound):
+            api.remove_container(cid, force=True, v=True)
+
+    async def _dispose_shielded(self, cid: str | None, ws: _Workspace | None) -> None:
+        async def dispose() -> None:
+            if cid is not None and self._client is not None:
+                await asyncio.to_thread(self._remove, self._client.api, cid)
+            if ws is not None:
+                await asyncio.to_thread(ws.remove)
+
+        # A cancelled job task must still remove its container: finish the removal even
+        # if the awaiting task is cancelled again while it runs.
+        task = asyncio.get_running_loop().create_task(dispose())
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            await asyncio.wait([task])
+            raise
+
+    def _sweep_workspaces(self) -> None:
+        if not self._work.is_dir():
+            return
+        in_use = {s.workspace.root for s in self._warm.values()}
+        for entry in self._work.iterdir():
+            if entry not in in_use and not self._jobs:
+                shutil.rmtree(entry, ignore_errors=True)

@@ -1,0 +1,392 @@
+"""The node's store: aiosqlite over one SQLite file in WAL mode.
+
+Writes are serialised by one asyncio lock and run as `BEGIN IMMEDIATE` transactions, so a
+check and the write that depends on it (budget then charge, nonce then accept) are atomic
+even when many RPCs race. `synchronous=FULL`: a commit that returned is on disk, which the
+privacy ledger and the audit chain need (a crash must never un-spend epsilon).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from stimnetd.errors import BudgetExhausted, StimnetError
+from stimnetd.store.audit import GENESIS, AuditRow, AuditVerification, chain_hash, verify_rows
+from stimnetd.store.records import JobRecord, MemberRecord, Release
+from stimnetd.store.schema import MIGRATIONS
+
+
+class StoreCorrupt(StimnetError):
+    code = "INTERNAL"
+
+
+class Store:
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self._clock = clock
+        self._db: aiosqlite.Connection | None = None
+        self._write_lock = asyncio.Lock()
+        self._last_hash = GENESIS
+        self._pending_audit: list[tuple[str, str, str, str, dict[str, Any]]] = []
+        self._flush_task: asyncio.Task[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def open(self, *, integrity_check: bool = True) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            db = await aiosqlite.connect(self.path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StoreCorrupt(f"store {self.path} cannot be opened: {exc}") from None
+        self._db = db
+        try:
+            await db.execute("PRAGMA busy_timeout = 5000")
+            await db.execute("PRAGMA journal_mode = WAL")
+            await db.execute("PRAGMA synchronous = FULL")
+            await db.execute("PRAGMA foreign_keys = ON")
+            if integrity_check:
+                rows = await (await db.execute("PRAGMA quick_check")).fetchall()
+                if [r[0] for r in rows] != ["ok"]:
+                    raise StoreCorrupt(f"store {self.path} failed its integrity check "
+                                       f"({rows[0][0]}); restore it from a backup "
+                                       "(stimnetd backup) before serving")
+            await self._migrate()
+            row = await (await db.execute(
+                "SELECT hash FROM audit ORDER BY seq DESC LIMIT 1")).fetchone()
+            self._last_hash = row[0] if row else GENESIS
+        except sqlite3.DatabaseError as exc:
+            await db.close()
+            self._db = None
+            raise StoreCorrupt(f"store {self.path} is not a usable SQLite database: {exc}; "
+                               "restore it from a backup before serving") from None
+        except BaseException:
+            await db.close()
+            self._db = None
+            raise
+        os.chmod(self.path, 0o600)
+
+    async def close(self) -> None:
+        if self._db is None:
+            return
+        await self.flush_audit()
+        await self._db.close()
+        self._db = None
+
+    async def _migrate(self) -> None:
+        db = self.db
+        (version,) = await (await db.execute("PRAGMA user_version")).fetchone()  # type: ignore[misc]
+        if version > len(MIGRATIONS):
+            raise StoreCorrupt(f"store {self.path} has schema version {version}, newer than this "
+                               f"stimnetd understands ({len(MIGRATIONS)}); upgrade stimnetd")
+        for i in range(version, len(MIGRATIONS)):
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                await _exec_script(db, MIGRATIONS[i])
+                await db.execute(f"PRAGMA user_version = {i + 1}")
+                await db.execute("COMMIT")
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise RuntimeError("store is not open")
+        return self._db
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._write_lock:
+            db = self.db
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+            await db.execute("COMMIT")
+
+    async def backup(self, dest: Path) -> None:
+        """A consistent online copy via SQLite's backup API."""
+        if dest.exists():
+            raise StimnetError(f"backup destination {dest} already exists; refusing to overwrite")
+        await self.flush_audit()
+        target = await aiosqlite.connect(dest)
+        try:
+            await self.db.backup(target)
+        finally:
+            await target.close()
+        os.chmod(dest, 0o600)
+
+    async def integrity_check(self) -> list[str]:
+        rows = await (await self.db.execute("PRAGMA integrity_check")).fetchall()
+        return [r[0] for r in rows]
+
+    # -- audit chain -----------------------------------------------------------------
+
+    async def _append_audit(self, db: aiosqlite.Connection, actor: str, role: str, action: str,
+                            decision: str, detail: dict[str, Any]) -> int:
+        row = await (await db.execute("SELECT COALESCE(MAX(seq), 0) FROM audit")).fetchone()
+        seq = int(row[0]) + 1  # type: ignore[index]
+        at = self._clock()
+        detail_json = json.dumps(detail, sort_keys=True, separators=(",", ":"), default=str)
+        h = chain_hash(self._last_hash, seq, at, actor, role, action, decision, detail_json)
+        await db.execute(
+            "INSERT INTO audit (seq, at, actor, role, action, decision, detail_json, prev_hash, hash)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (seq, at, actor, role, action, decision, detail_json, self._last_hash, h))
+        self._last_hash = h
+        return seq
+
+    async def audit(self, actor: str, role: str, action: str, decision: str,
+                    detail: dict[str, Any] | None = None) -> int:
+        """Append durably: returns once the entry is committed."""
+        async with self._tx() as db:
+            await self._drain_pending(db)
+            return await self._append_audit(db, actor, role, action, decision, detail or {})
+
+    def audit_soon(self, actor: str, role: str, action: str, decision: str,
+                   detail: dict[str, Any] | None = None) -> None:
+        """Queue an entry for a group commit a few ms later.
+
+        Used for allowed read-only RPCs, where an fsync per call would dominate the cost of
+        the call; refusals and privacy decisions use `audit()` and are durable on return.
+        """
+        self._pending_audit.append((actor, role, action, decision, detail or {}))
+        if self._flush_task is None or self._flush_task.done():
+            self._flush_task = asyncio.get_running_loop().create_task(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(0.02)
+        await self.flush_audit()
+
+    async def flush_audit(self) -> None:
+        if not self._pending_audit or self._db is None:
+            return
+        async with self._tx() as db:
+            await self._drain_pending(db)
+
+    async def _drain_pending(self, db: aiosqlite.Connection) -> None:
+        pending, self._pending_audit = self._pending_audit, []
+        for entry in pending:
+            await self._append_audit(db, *entry)
+
+    async def audit_rows(self, since: float = 0.0) -> list[AuditRow]:
+        await self.flush_audit()
+        cur = await self.db.execute(
+            "SELECT seq, at, actor, role, action, decision, detail_json, prev_hash, hash "
+            "FROM audit WHERE at >= ? ORDER BY rowid", (since,))
+        return [AuditRow(*r) for r in await cur.fetchall()]
+
+    async def verify_audit(self) -> AuditVerification:
+        return verify_rows(await self.audit_rows())
+
+    # -- signed-request nonces -------------------------------------------------------
+
+    async def remember_nonce(self, nonce: str, signer: str, max_age_s: float) -> bool:
+        """True if the nonce is new (and is now remembered); False if it is a replay."""
+        now = self._clock()
+        async with self._tx() as db:
+            # Nonces older than twice the freshness window can never be replayed (the
+            # timestamp check refuses them first), so they need not be kept.
+            await db.execute("DELETE FROM nonces WHERE seen_at < ?", (now - 2 * max_age_s,))
+            try:
+                await db.execute("INSERT INTO nonces (nonce, signer, seen_at) VALUES (?, ?, ?)",
+                                 (nonce, signer, now))
+            except sqlite3.IntegrityError:
+                return False
+        return True
+
+    # -- jobs ------------------------------------------------------------------------
+
+    async def create_job(self, job: JobRecord, *, audit: tuple[str, str, str] | None = None) -> None:
+        async with self._tx() as db:
+            await db.execute(
+                "INSERT INTO jobs (id, kind, scope, catalog, owner, state, detail, created_at,"
+                " updated_at, request_id, origin, payload, signature, signer_cert, script,"
+                " script_sha256, sites_json) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (job.id, job.kind, job.scope, job.catalog, job.owner, job.state, job.detail,
+                 job.created_at, job.updated_at, job.request_id, job.origin, job.payload,
+                 job.signature, job.signer_cert, job.script, job.script_sha256,
+                 json.dumps(job.sites)))
+            if audit is not None:
+                actor, role, action = audit
+                await self._append_audit(db, actor, role, action, "accepted",
+                                         {"job": job.id, "catalog": job.catalog, "kind": job.kind,
+                                          "scope": job.scope, "request_id": job.request_id})
+
+    async def update_job(self, job_id: str, *, state: str | None = None, detail: str | None = None,
+                         sites: list[dict[str, Any]] | None = None, result: bytes | None = None,
+                         bump_attempts: bool = False) -> JobRecord:
+        async with self._tx() as db:
+            sets, args = ["updated_at = ?"], [self._clock()]
+            for col, val in (("state", state), ("detail", detail), ("result", result)):
+                if val is not None:
+                    sets.append(f"{col} = ?")
+                    args.append(val)
+            if sites is not None:
+                sets.append("sites_json = ?")
+                args.append(json.dumps(sites))
+            if bump_attempts:
+                sets.append("attempts = attempts + 1")
+            await db.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?", (*args, job_id))
+        job = await self.get_job(job_id)
+        if job is None:
+            raise StimnetError(f"job {job_id} vanished")
+        return job
+
+    async def get_job(self, job_id: str) -> JobRecord | None:
+        cur = await self.db.execute(f"SELECT {JobRecord.COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+        row = await cur.fetchone()
+        return JobRecord.from_row(row) if row else None
+
+    async def list_jobs(self, *, owner: str | None = None, states: Iterable[str] | None = None,
+                        limit: int = 100) -> list[JobRecord]:
+        where, args = [], []
+        if owner is not None:
+            where.append("owner = ?")
+            args.append(owner)
+        if states is not None:
+            states = list(states)
+            where.append(f"state IN ({','.join('?' * len(states))})")
+            args.extend(states)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        cur = await self.db.execute(
+            f"SELECT {JobRecord.COLUMNS} FROM jobs {clause} ORDER BY created_at DESC LIMIT ?",
+            (*args, limit))
+        return [JobRecord.from_row(r) for r in await cur.fetchall()]
+
+    async def count_jobs_by_state(self) -> dict[str, int]:
+        cur = await self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+        return {s: int(n) for s, n in await cur.fetchall()}
+
+    # -- privacy ledger --------------------------------------------------------------
+
+    async def spent(self, researcher: str, catalog: str) -> float:
+        cur = await self.db.execute(
+            "SELECT COALESCE(SUM(epsilon), 0) FROM ledger WHERE researcher = ? AND catalog = ?",
+            (researcher, catalog))
+        return float((await cur.fetchone())[0])  # type: ignore[index]
+
+    async def spent_by_catalog(self) -> dict[str, float]:
+        cur = await self.db.execute("SELECT catalog, SUM(epsilon) FROM ledger GROUP BY catalog")
+        return {c: float(e) for c, e in await cur.fetchall()}
+
+    async def release(self, release: Release, *, budget: float,
+                      guard: Callable[[list[frozenset[str]]], None] | None = None,
+                      audit_actor: tuple[str, str]) -> Release:
+        """Record a release, charge its epsilon and audit it, in one transaction.
+
+        Idempotent per job: a job released before (e.g. re-run after a crash) returns the
+        stored release without charging again. `guard` sees the researcher's earlier
+        released cohorts inside the transaction, so two racing queries cannot both pass it.
+        """
+        async with self._tx() as db:
+            cur = await db.execute(
+                "SELECT job_id, researcher, catalog, decision, epsilon, cohort_json, partials, at"
+                " FROM releases WHERE job_id = ?", (release.job_id,))
+            existing = await cur.fetchone()
+            if existing is not None:
+                return Release.from_row(existing)
+            if release.epsilon:
+                cur = await db.execute(
+                    "SELECT COALESCE(SUM(epsilon), 0) FROM ledger WHERE researcher = ? AND catalog = ?",
+                    (release.researcher, release.catalog))
+                spent = float((await cur.fetchone())[0])  # type: ignore[index]
+                if spent + release.epsilon > budget + 1e-12:
+                    await self._append_audit(
+                        db, *audit_actor, "release", "refused",
+                        {"job": release.job_id, "catalog": release.catalog, "policy": "budget",
+                         "epsilon": release.epsilon, "budget": budget})
+                    raise BudgetExhausted(
+                        f"privacy budget exhausted on catalog {release.catalog!r}: this query needs "
+                        f"epsilon {release.epsilon:g}, {max(budget - spent, 0):g} of {budget:g} "
+                        "remains for you at this site")
+            if guard is not None and release.cohort:
+                cur = await db.execute(
+                    "SELECT cohort_json FROM releases WHERE researcher = ? AND catalog = ?"
+                    " AND decision != 'suppressed'", (release.researcher, release.catalog))
+                earlier = [frozenset(json.loads(r[0])) for r in await cur.fetchall()]
+                try:
+                    guard(earlier)
+                except StimnetError as refusal:
+                    await self._append_audit(
+                        db, *audit_actor, "release", "refused",
+                        {"job": release.job_id, "catalog": release.catalog, "policy": "overlap",
+                         "reason": str(refusal)})
+                    raise
+            if release.epsilon:
+                await db.execute(
+                    "INSERT INTO ledger (researcher, catalog, job_id, epsilon, at) VALUES (?,?,?,?,?)",
+                    (release.researcher, release.catalog, release.job_id, release.epsilon,
+                     release.at))
+            await db.execute(
+                "INSERT INTO releases (job_id, researcher, catalog, decision, epsilon, cohort_json,"
+                " partials, at) VALUES (?,?,?,?,?,?,?,?)",
+                (release.job_id, release.researcher, release.catalog, release.decision,
+                 release.epsilon, json.dumps(sorted(release.cohort)), release.partials, release.at))
+            await self._append_audit(
+                db, *audit_actor, "release", release.decision,
+                {"job": release.job_id, "catalog": release.catalog, "epsilon": release.epsilon,
+                 "researcher": release.researcher, **release.audit_detail})
+        return release
+
+    async def get_release(self, job_id: str) -> Release | None:
+        cur = await self.db.execute(
+            "SELECT job_id, researcher, catalog, decision, epsilon, cohort_json, partials, at"
+            " FROM releases WHERE job_id = ?", (job_id,))
+        row = await cur.fetchone()
+        return Release.from_row(row) if row else None
+
+    # -- gossip members --------------------------------------------------------------
+
+    async def load_members(self) -> list[MemberRecord]:
+        cur = await self.db.execute(
+            "SELECT name, address, incarnation, status, last_heard, catalogs_json FROM members")
+        return [MemberRecord.from_row(r) for r in await cur.fetchall()]
+
+    async def save_members(self, members: Iterable[MemberRecord]) -> None:
+        async with self._tx() as db:
+            await db.execute("DELETE FROM members")
+            await db.executemany(
+                "INSERT INTO members (name, address, incarnation, status, last_heard, catalogs_json)"
+                " VALUES (?,?,?,?,?,?)", [m.to_row() for m in members])
+
+    # -- script approvals and site secret ------------------------------------------
+
+    async def approve_script(self, sha256: str, by: str) -> None:
+        async with self._tx() as db:
+            await db.execute("INSERT OR REPLACE INTO approvals (script_sha256, approved_by, at)"
+                             " VALUES (?,?,?)", (sha256, by, self._clock()))
+
+    async def is_script_approved(self, sha256: str) -> bool:
+        cur = await self.db.execute("SELECT 1 FROM approvals WHERE script_sha256 = ?", (sha256,))
+        return await cur.fetchone() is not None
+
+    async def site_secret(self) -> bytes:
+        """A per-site random key (e.g. for HMAC'd cohort fingerprints); made on first use."""
+        async with self._tx() as db:
+            row = await (await db.execute("SELECT value FROM meta WHERE key = 'site_secret'")).fetchone()
+            if row:
+                return bytes(row[0])
+            secret = secrets.token_bytes(32)
+            await db.execute("INSERT INTO meta (key, value) VALUES ('site_secret', ?)", (secret,))
+            return secret
+
+
+async def _exec_script(db: aiosqlite.Connection, script: str) -> None:
+    # executescript() would COMMIT our open transaction; run statements one by one instead.
+    for stmt in script.split(";"):
+        if stmt.strip():
+            await db.execute(stmt)

@@ -1,0 +1,87 @@
+"""Rows the store returns, as domain dataclasses."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+JOB_STATES = ("queued", "awaiting_approval", "running", "succeeded", "failed", "cancelled",
+              "interrupted")
+TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled", "interrupted"})
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    kind: str
+    scope: str
+    catalog: str
+    owner: str
+    state: str
+    detail: str
+    created_at: float
+    updated_at: float
+    request_id: str
+    origin: str
+    payload: bytes
+    signature: bytes
+    signer_cert: bytes
+    script: bytes | None = None
+    script_sha256: str = ""
+    sites: list[dict[str, Any]] = field(default_factory=list)
+    result: bytes | None = None
+    attempts: int = 0
+
+    COLUMNS = ("id, kind, scope, catalog, owner, state, detail, created_at, updated_at, "
+               "request_id, origin, payload, signature, signer_cert, script, script_sha256, "
+               "sites_json, result, attempts")
+
+    @classmethod
+    def from_row(cls, row: Any) -> JobRecord:
+        values = list(row)
+        values[16] = json.loads(values[16])
+        return cls(*values)
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+
+@dataclass(frozen=True)
+class Release:
+    job_id: str
+    researcher: str
+    catalog: str
+    decision: str              # released | partially_suppressed | suppressed
+    epsilon: float | None
+    cohort: frozenset[str]
+    partials: bytes | None
+    at: float
+    audit_detail: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_row(cls, row: Any) -> Release:
+        job_id, researcher, catalog, decision, eps, cohort_json, partials, at = row
+        return cls(job_id, researcher, catalog, decision, eps, frozenset(json.loads(cohort_json)),
+                   partials, at)
+
+
+@dataclass(frozen=True)
+class MemberRecord:
+    name: str
+    address: str
+    incarnation: int
+    status: str
+    last_heard: float
+    catalogs: tuple[tuple[str, int], ...]
+
+    @classmethod
+    def from_row(cls, row: Any) -> MemberRecord:
+        name, address, inc, status, heard, cats = row
+        return cls(name, address, int(inc), status, float(heard),
+                   tuple((str(c), int(v)) for c, v in json.loads(cats)))
+
+    def to_row(self) -> tuple[Any, ...]:
+        return (self.name, self.address, self.incarnation, self.status, self.last_heard,
+                json.dumps([list(c) for c in self.catalogs]))

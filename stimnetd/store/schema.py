@@ -1,0 +1,91 @@
+"""Schema migrations, applied in order; PRAGMA user_version records how far a file got.
+
+Never edit a released migration: append a new one. Each runs in its own transaction.
+"""
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: audit chain, jobs, signed-request nonces, privacy ledger, gossip members
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+
+    CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY,
+        at REAL NOT NULL,
+        actor TEXT NOT NULL,
+        role TEXT NOT NULL,
+        action TEXT NOT NULL,
+        decision TEXT NOT NULL,
+        detail_json TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
+    );
+    CREATE INDEX audit_at ON audit (at);
+
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        catalog TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        state TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT '',
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        request_id TEXT NOT NULL,
+        origin TEXT NOT NULL,           -- 'client' (entry node) or the calling node's name
+        payload BLOB NOT NULL,
+        signature BLOB NOT NULL,
+        signer_cert BLOB NOT NULL,
+        script BLOB,
+        script_sha256 TEXT NOT NULL DEFAULT '',
+        sites_json TEXT NOT NULL DEFAULT '[]',
+        result BLOB,
+        attempts INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX jobs_state ON jobs (state);
+
+    CREATE TABLE nonces (
+        nonce TEXT PRIMARY KEY,
+        signer TEXT NOT NULL,
+        seen_at REAL NOT NULL
+    );
+
+    CREATE TABLE ledger (
+        id INTEGER PRIMARY KEY,
+        researcher TEXT NOT NULL,
+        catalog TEXT NOT NULL,
+        job_id TEXT NOT NULL,
+        epsilon REAL NOT NULL,
+        at REAL NOT NULL,
+        UNIQUE (job_id, catalog)
+    );
+    CREATE INDEX ledger_owner ON ledger (researcher, catalog);
+
+    CREATE TABLE releases (
+        job_id TEXT PRIMARY KEY,
+        researcher TEXT NOT NULL,
+        catalog TEXT NOT NULL,
+        decision TEXT NOT NULL,
+        epsilon REAL,
+        cohort_json TEXT NOT NULL,
+        partials BLOB,
+        at REAL NOT NULL
+    );
+    CREATE INDEX releases_owner ON releases (researcher, catalog);
+
+    CREATE TABLE members (
+        name TEXT PRIMARY KEY,
+        address TEXT NOT NULL,
+        incarnation INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        last_heard REAL NOT NULL,
+        catalogs_json TEXT NOT NULL
+    );
+
+    CREATE TABLE approvals (
+        script_sha256 TEXT PRIMARY KEY,
+        approved_by TEXT NOT NULL,
+        at REAL NOT NULL
+    );
+    """,
+)
