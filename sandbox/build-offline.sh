@@ -77,6 +77,7 @@ if [[ ! -s "$base_tar" ]]; then
 
   tar --numeric-owner -C "$rootfs" -cf "$base_tar.partial" .
   mv "$base_tar.partial" "$base_tar"
+  find "$build" -maxdepth 1 -name 'rootfs-*.tar' ! -name "$(basename "$base_tar")" -delete
   rm -rf --one-file-system "$rootfs"
   trap - EXIT
   log "cached rootfs $base_tar ($(du -h "$base_tar" | cut -f1))"
@@ -93,6 +94,7 @@ cp "$base_tar" "$stage/image.tar"
 tar --numeric-owner --owner=0 --group=0 -C "$stage" -rf "$stage/image.tar" ./opt/stimnet
 
 log "importing $tag"
+previous=$(docker image inspect "$tag" --format '{{.Id}}' 2>/dev/null || true)
 docker import \
   --change "LABEL org.stimnet.sandbox.version=$version" \
   --change "LABEL org.stimnet.sandbox.runtime=$runtime_digest" \
@@ -101,4 +103,8 @@ docker import \
   --change 'ENV LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1 HOME=/tmp' \
   --change 'ENTRYPOINT ["python3", "-I", "-B", "/opt/stimnet/entrypoint.py"]' \
   "$stage/image.tar" "$tag" >&2
+# The old image is now untagged; drop it unless a container still uses it.
+if [[ -n "$previous" && "$previous" != "$(docker image inspect "$tag" --format '{{.Id}}')" ]]; then
+  docker rmi "$previous" >/dev/null 2>&1 || true
+fi
 echo "$tag"

@@ -40,7 +40,7 @@ class NodeSettings:
     name: str
     host: str
     port: int
-    advertise: str
+    advertise: str | None
     state_dir: Path
     k_min: int = 5
     grace_s: float = 10.0
@@ -234,8 +234,10 @@ class _Parser:
         except PkiError as exc:
             raise self.fail(f"{w}.name", str(exc)) from None
         host, port = self.address(self.get(raw, w, "listen", str), f"{w}.listen")
-        advertise = self.get(raw, w, "advertise", str, f"{host}:{port}")
-        self.address(advertise, f"{w}.advertise", allow_zero_port=False)
+        # Without `advertise`, peers are told host:bound-port once the server listens.
+        advertise = self.get(raw, w, "advertise", str, None) if "advertise" in raw else None
+        if advertise is not None:
+            self.address(advertise, f"{w}.advertise", allow_zero_port=False)
         k_min = self.get(raw, w, "k_min", int, 5)
         if not 1 <= k_min <= 1000:
             raise self.fail(f"{w}.k_min", f"must be between 1 and 1000, got {k_min}")

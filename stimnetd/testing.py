@@ -91,3 +91,112 @@ def foreign(base_dir: Path) -> CertFactory:
     issuer names only, and not signatures, would wrongly accept its certificates.
     """
     return CertFactory(Path(base_dir) / "foreign")
+
+
+# --------------------------------------------------------------------------- nodes
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_node_config(site_dir: Path, certs: CertPaths, name: str, *, port: int = 0,
+                      catalogs: list[dict] | None = None, crl: Path | None = None,
+                      **sections: dict) -> Path:
+    """Write a node config TOML into `site_dir`; `sections` override/add tables."""
+    import tomli_w
+
+    site_dir.mkdir(parents=True, exist_ok=True)
+    cfg: dict = {
+        "node": {"name": name, "listen": f"127.0.0.1:{port}", "state_dir": str(site_dir / "state"),
+                 "grace_s": 3.0},
+        "tls": {"ca": str(certs.ca), "cert": str(certs.cert), "key": str(certs.key)},
+        "catalogs": catalogs or [],
+    }
+    if crl is not None:
+        cfg["tls"]["crl"] = str(crl)
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value}
+    path = site_dir / "stimnetd.toml"
+    path.write_text(tomli_w.dumps(cfg))
+    return path
+
+
+def demo_catalog(root: Path, site: str = "site-a", *, site_index: int = 0, n_subjects: int = 20,
+                 seed: int = 3) -> dict:
+    """A small synthetic DBS catalog entry (with its `root`) for node configs."""
+    from stimctl import demodata
+
+    entry = demodata.generate_site(root, site=site, site_index=site_index,
+                                   n_subjects=n_subjects, seed=seed)
+    return {**entry, "root": str(root)}
+
+
+def client_config(certs: CertPaths, address: str, timeout_s: float = 10.0):  # type: ignore[no-untyped-def]
+    from stimctl.client import ClientConfig
+
+    return ClientConfig(address=address, ca=certs.ca, cert=certs.cert, key=certs.key,
+                        timeout_s=timeout_s)
+
+
+class DaemonProcess:
+    """A real `stimnetd` process; `stop()` sends SIGTERM and returns the exit code."""
+
+    def __init__(self, config_path: Path, *, env: dict | None = None) -> None:
+        import os
+        import subprocess
+        import sys
+
+        self.config_path = config_path
+        self.log_path = config_path.parent / "stimnetd.log"
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "stimnetd", "--config", str(config_path)],
+            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def wait_healthy(self, certs: CertPaths, address: str, timeout_s: float = 30.0) -> None:
+        import asyncio
+        import time
+
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        creds = client_config(certs, address).credentials()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"stimnetd exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                async with grpc.aio.secure_channel(address, creds) as ch:
+                    r = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
+                                                                   timeout=2)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"stimnetd not healthy after {timeout_s}s:\n{self.log()}")
+            await asyncio.sleep(0.1)
+
+    def stop(self, sig: int | None = None, timeout_s: float = 30.0) -> int:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig if sig is not None else signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self._log.close()

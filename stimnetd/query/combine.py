@@ -42,7 +42,9 @@ def _sum(parts: list[Partial]) -> Partial:
     label = f"{first.name!r} group {first.group}"
     for p in parts[1:]:
         if p.kind != first.kind:
-            raise IncompatiblePartials(f"{label}: sites disagree on the kind ({first.kind} vs {p.kind})")
+            raise IncompatiblePartials(
+                f"{label}: sites disagree on the kind ({first.kind} vs {p.kind})"
+            )
         for k in GRID_KEYS.get(first.kind, ()):
             if _plain(p.meta.get(k)) != _plain(first.meta.get(k)):
                 raise IncompatiblePartials(
@@ -118,8 +120,16 @@ def _align_levels(parts: list[Partial]) -> tuple[list[Partial], list[list[str]]]
             mask = np.zeros(counts.shape, dtype=bool)
             mask[np.ix_(rows, cols)] = p.cell_mask
         aligned.append(
-            Partial(p.name, p.kind, p.group, p.n, {**p.stats, "counts": counts},
-                    {**p.meta, "levels": union}, mask, p.suppressed_reason)
+            Partial(
+                p.name,
+                p.kind,
+                p.group,
+                p.n,
+                {**p.stats, "counts": counts},
+                {**p.meta, "levels": union},
+                mask,
+                p.suppressed_reason,
+            )
         )
     return aligned, union
 

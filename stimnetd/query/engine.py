@@ -174,15 +174,22 @@ class _Context:
         if a.func == "histogram":
             x = _numbers(rows[f[0]])
             x = x[~np.isnan(x)]
-            return make("histogram", x.size, {"counts": _histogram(x, a.params)},
-                        field=f[0], edges=[float(e) for e in a.params])
+            return make(
+                "histogram",
+                x.size,
+                {"counts": _histogram(x, a.params)},
+                field=f[0],
+                edges=[float(e) for e in a.params],
+            )
         if a.func == "quantiles":
             return self.quantiles(a, rows, make)
         if a.func in ("corr", "regression"):
             # Stats layout puts y last; the spec puts it first for regression.
             order = f if a.func == "corr" else f[1:] + f[:1]
-            z = np.column_stack([self.clamped(rows, c) for c in order]) if len(rows) else (
-                np.empty((0, len(order)))
+            z = (
+                np.column_stack([self.clamped(rows, c) for c in order])
+                if len(rows)
+                else (np.empty((0, len(order))))
             )
             z = z[~np.isnan(z).any(axis=1)]
             z = np.column_stack([np.ones(len(z)), z])
@@ -208,21 +215,35 @@ class _Context:
             counts = np.bincount(idx, minlength=self.bins).astype(np.float64)
         else:  # a degenerate declared range: every value is lo
             counts[0] = x.size
-        return make("quantiles", x.size, {"counts": counts}, field=a.fields[0],
-                    lo=float(lo), hi=float(hi), bins=self.bins, probs=[float(p) for p in a.params])
+        return make(
+            "quantiles",
+            x.size,
+            {"counts": counts},
+            field=a.fields[0],
+            lo=float(lo),
+            hi=float(hi),
+            bins=self.bins,
+            probs=[float(p) for p in a.params],
+        )
 
     def contingency(self, a: AggSpec, rows: pd.DataFrame, make: Callable[..., Partial]) -> Partial:
         cols = [_labels(rows[c]) for c in a.fields]
-        keep = np.array([all(v is not None for v in pair) for pair in zip(*cols, strict=True)],
-                        dtype=bool) if len(rows) else np.zeros(0, bool)
+        keep = (
+            np.array(
+                [all(v is not None for v in pair) for pair in zip(*cols, strict=True)], dtype=bool
+            )
+            if len(rows)
+            else np.zeros(0, bool)
+        )
         cols = [c[keep] for c in cols]
         levels = [self._levels(name, c) for name, c in zip(a.fields, cols, strict=True)]
         counts = np.zeros((len(levels[0]), len(levels[1])))
         index = [{lv: i for i, lv in enumerate(lvs)} for lvs in levels]
         for va, vb in zip(*cols, strict=True):
             counts[index[0][va], index[1][vb]] += 1
-        return make("contingency", int(keep.sum()), {"counts": counts},
-                    fields=list(a.fields), levels=levels)
+        return make(
+            "contingency", int(keep.sum()), {"counts": counts}, fields=list(a.fields), levels=levels
+        )
 
     def _levels(self, name: str, observed: np.ndarray) -> list[str]:
         declared = [label(v) for v in (self.fields[name].levels or ())]
@@ -263,8 +284,15 @@ class _Context:
         stats = {"count": count}
         if weight:
             stats["sum"] = total
-        return make("voxel_map", n, stats, column=column, weight=weight,
-                    shape=list(geom.shape), affine=[list(map(float, r)) for r in geom.affine])
+        return make(
+            "voxel_map",
+            n,
+            stats,
+            column=column,
+            weight=weight,
+            shape=list(geom.shape),
+            affine=[list(map(float, r)) for r in geom.affine],
+        )
 
     def roi_overlap(self, a: AggSpec, rows: pd.DataFrame, make: Callable[..., Partial]) -> Partial:
         column = a.fields[0]
@@ -282,8 +310,14 @@ class _Context:
                 n[i] += v > 0
                 s1[i] += v
                 s2[i] += v * v
-        return make("roi_overlap", subjects, {"n": n, "s1": s1, "s2": s2}, column=column,
-                    rois=names, voxel_volume_mm3=float(np.prod(geom.voxel_size)))
+        return make(
+            "roi_overlap",
+            subjects,
+            {"n": n, "s1": s1, "s2": s2},
+            column=column,
+            rois=names,
+            voxel_volume_mm3=float(np.prod(geom.voxel_size)),
+        )
 
 
 def _arr(values: list[float]) -> np.ndarray:

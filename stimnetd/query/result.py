@@ -56,6 +56,7 @@ def finalize(spec: QuerySpec, combined: list[Partial]) -> QueryResult:
                 continue
             _Finaliser(res, a, p).run(row)
         res.rows.append(row)
+    res.notes = list(dict.fromkeys(res.notes))  # one note per fact, not per group
     return res
 
 
@@ -80,8 +81,14 @@ class _Finaliser:
         self.everywhere = p.meta.get("suppressed_everywhere")
         if p.cell_mask is not None and np.any(p.cell_mask):
             scope = "all" if self.everywhere is not None and np.all(self.everywhere) else "partial"
-            res.suppressed.append({"name": a.name, "group": dict(p.group),
-                                   "reason": p.suppressed_reason, "scope": scope})
+            res.suppressed.append(
+                {
+                    "name": a.name,
+                    "group": dict(p.group),
+                    "reason": p.suppressed_reason,
+                    "scope": scope,
+                }
+            )
             if scope == "partial":
                 self.note("some sites withheld cells; values use the sites that released them")
 
@@ -178,25 +185,43 @@ class _Finaliser:
 
     def histogram(self) -> None:
         cells = self._cells(self.p.stats["counts"])
-        self.res.histograms.append({
-            "name": self.a.name, "group": dict(self.p.group), "field": self.a.fields[0],
-            "edges": list(self.p.meta["edges"]), "under": cells[0], "counts": cells[1:-1],
-            "over": cells[-1], "n": self.p.n,
-        })
+        self.res.histograms.append(
+            {
+                "name": self.a.name,
+                "group": dict(self.p.group),
+                "field": self.a.fields[0],
+                "edges": list(self.p.meta["edges"]),
+                "under": cells[0],
+                "counts": cells[1:-1],
+                "over": cells[-1],
+                "n": self.p.n,
+            }
+        )
 
     def contingency(self) -> None:
-        self.res.contingency.append({
-            "name": self.a.name, "group": dict(self.p.group), "fields": list(self.a.fields),
-            "levels": [list(lv) for lv in self.p.meta["levels"]],
-            "counts": self._cells(self.p.stats["counts"]), "n": self.p.n,
-        })
+        self.res.contingency.append(
+            {
+                "name": self.a.name,
+                "group": dict(self.p.group),
+                "fields": list(self.a.fields),
+                "levels": [list(lv) for lv in self.p.meta["levels"]],
+                "counts": self._cells(self.p.stats["counts"]),
+                "n": self.p.n,
+            }
+        )
 
     def regression(self) -> None:
         fields = list(self.p.meta["fields"])
         out: dict[str, Any] = {
-            "name": self.a.name, "group": dict(self.p.group), "y": fields[-1],
-            "terms": ["(intercept)"] + fields[:-1], "coefficients": None, "std_errors": None,
-            "n": None, "rss": None, "df_residual": None,
+            "name": self.a.name,
+            "group": dict(self.p.group),
+            "y": fields[-1],
+            "terms": ["(intercept)"] + fields[:-1],
+            "coefficients": None,
+            "std_errors": None,
+            "n": None,
+            "rss": None,
+            "df_residual": None,
         }
         self.res.regressions.append(out)
         if self.everywhere is not None and np.all(self.everywhere):
@@ -210,9 +235,16 @@ class _Finaliser:
         if self.everywhere is not None:
             count[np.asarray(self.everywhere, bool).reshape(count.shape)] = np.nan
         key = f"{self.a.name}{_glabel(self.p.group)}"
-        entry = {"name": self.a.name, "group": dict(self.p.group), "column": meta["column"],
-                 "weight": meta.get("weight"), "shape": list(meta["shape"]),
-                 "affine": meta["affine"], "n": self.p.n, "count_key": f"{key}:count"}
+        entry = {
+            "name": self.a.name,
+            "group": dict(self.p.group),
+            "column": meta["column"],
+            "weight": meta.get("weight"),
+            "shape": list(meta["shape"]),
+            "affine": meta["affine"],
+            "n": self.p.n,
+            "count_key": f"{key}:count",
+        }
         self.res.arrays[entry["count_key"]] = count
         if self.a.func == "mean_map":
             if "sum" in s:
@@ -231,13 +263,21 @@ class _Finaliser:
 
     def roi(self) -> None:
         s, meta = self.p.stats, self.p.meta
-        hidden = (np.asarray(self.everywhere, bool) if self.everywhere is not None
-                  else np.zeros(len(meta["rois"]), bool))
+        hidden = (
+            np.asarray(self.everywhere, bool)
+            if self.everywhere is not None
+            else np.zeros(len(meta["rois"]), bool)
+        )
         rows = []
         for i, name in enumerate(meta["rois"]):
             n, s1, s2 = float(s["n"][i]), float(s["s1"][i]), float(s["s2"][i])
-            row: dict[str, Any] = {"roi": name, "n": None, "mean_voxels": None,
-                                   "sd_voxels": None, "mean_volume_mm3": None}
+            row: dict[str, Any] = {
+                "roi": name,
+                "n": None,
+                "mean_voxels": None,
+                "sd_voxels": None,
+                "mean_volume_mm3": None,
+            }
             rows.append(row)
             if hidden[i]:
                 continue
@@ -247,10 +287,15 @@ class _Finaliser:
                 row["mean_volume_mm3"] = s1 / n * meta["voxel_volume_mm3"]
             if n > 1:
                 row["sd_voxels"] = math.sqrt(max((s2 - s1 * s1 / n) / (n - 1), 0.0))
-        self.res.roi_overlap.append({
-            "name": self.a.name, "group": dict(self.p.group), "column": meta["column"],
-            "subjects": self.p.n, "rois": rows,
-        })
+        self.res.roi_overlap.append(
+            {
+                "name": self.a.name,
+                "group": dict(self.p.group),
+                "column": meta["column"],
+                "subjects": self.p.n,
+                "rois": rows,
+            }
+        )
         self.note("ROI statistics are over the subjects whose image overlaps each ROI")
 
 
@@ -271,7 +316,7 @@ def quantile_from_histogram(counts: np.ndarray, lo: float, hi: float, prob: floa
         b = min(int(np.searchsorted(cum, rank, side="right")), len(c) - 1)
         before = cum[b] - c[b]
         frac = min(max((rank - before + 0.5) / c[b], 0.0), 1.0) if c[b] > 0 else 0.5
-        return lo + (b + frac) * width
+        return float(lo + (b + frac) * width)
 
     h = (n - 1) * prob
     k = math.floor(h)
@@ -288,8 +333,10 @@ def fit_regression(m: np.ndarray, note: Any) -> dict[str, Any]:
     n, k = float(m[0, 0]), xtx.shape[0]
     out: dict[str, Any] = {"n": _number(n)}
     if n < k or np.linalg.matrix_rank(xtx) < k:
-        note("XᵀX is singular (collinear predictors, a constant predictor, or too few "
-             "complete cases); coefficients not identifiable")
+        note(
+            "XᵀX is singular (collinear predictors, a constant predictor, or too few "
+            "complete cases); coefficients not identifiable"
+        )
         return out
     beta = np.linalg.solve(xtx, xty)
     rss = yty - float(beta @ xty)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from stimnetd.catalog_types import FieldMeta
 from stimnetd.query.errors import QueryError
 
-Literal = Union[int, float, str]
+LiteralValue = int | float | str
 
 COMPARISON_OPS = ("=", "!=", "<", "<=", ">", ">=")
 NUMERIC_TYPES = ("numeric", "integer")
@@ -25,13 +25,13 @@ NUMERIC_TYPES = ("numeric", "integer")
 class Comparison:
     op: str
     field: str
-    value: Literal
+    value: LiteralValue
 
 
 @dataclass(frozen=True)
 class InList:
     field: str
-    values: tuple[Literal, ...]
+    values: tuple[LiteralValue, ...]
     negated: bool = False
 
 
@@ -64,7 +64,7 @@ class Not:
     arg: Expr
 
 
-Expr = Union[Comparison, InList, Between, IsNull, And, Or, Not]
+Expr = Comparison | InList | Between | IsNull | And | Or | Not
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,9 @@ class AggSpec:
                 raise QueryError(
                     f"{self.name}: histogram edges must be at least two strictly increasing numbers"
                 )
-        if shape.params == "probs" and (not self.params or any(not 0 <= p <= 1 for p in self.params)):
+        if shape.params == "probs" and (
+            not self.params or any(not 0 <= p <= 1 for p in self.params)
+        ):
             raise QueryError(f"{self.name}: quantile probabilities must be in [0, 1]")
 
 
@@ -173,11 +175,20 @@ def expr_to_dict(e: Expr) -> dict[str, Any]:
     if isinstance(e, InList):
         return {"op": "in", "field": e.field, "values": list(e.values), "negated": e.negated}
     if isinstance(e, Between):
-        return {"op": "between", "field": e.field, "low": e.low, "high": e.high, "negated": e.negated}
+        return {
+            "op": "between",
+            "field": e.field,
+            "low": e.low,
+            "high": e.high,
+            "negated": e.negated,
+        }
     if isinstance(e, IsNull):
         return {"op": "is_null", "field": e.field, "negated": e.negated}
     if isinstance(e, And | Or):
-        return {"op": "and" if isinstance(e, And) else "or", "args": [expr_to_dict(a) for a in e.args]}
+        return {
+            "op": "and" if isinstance(e, And) else "or",
+            "args": [expr_to_dict(a) for a in e.args],
+        }
     return {"op": "not", "arg": expr_to_dict(e.arg)}
 
 
@@ -261,7 +272,7 @@ def _validate_leaf(m: FieldMeta, leaf: Expr) -> None:
         raise QueryError(f"WHERE on {m.name!r}: {m.type} fields only support IS [NOT] NULL")
     numeric = m.type in NUMERIC_TYPES
     if isinstance(leaf, Comparison):
-        values: tuple[Literal, ...] = (leaf.value,)
+        values: tuple[LiteralValue, ...] = (leaf.value,)
         if not numeric and leaf.op not in ("=", "!="):
             raise QueryError(
                 f"WHERE on {m.name!r}: ordering comparison '{leaf.op}' is not defined "
@@ -315,7 +326,9 @@ def _check_shape(spec: QuerySpec) -> None:
         raise QueryError("a field appears twice in GROUP BY")
 
 
-def _keys(d: Any, what: str, required: set[str], optional: frozenset[str] | set[str] = frozenset()) -> None:
+def _keys(
+    d: Any, what: str, required: set[str], optional: frozenset[str] | set[str] = frozenset()
+) -> None:
     if not isinstance(d, Mapping):
         raise QueryError(f"{what} must be an object")
     unknown = set(d) - required - set(optional)
@@ -351,7 +364,7 @@ def _num(v: Any, what: str) -> int | float:
     return v
 
 
-def _literal(v: Any) -> Literal:
+def _literal(v: Any) -> LiteralValue:
     if isinstance(v, str):
         return v
     return _num(v, "filter value")

@@ -24,7 +24,7 @@ from stimnetd.query.spec import (
     Expr,
     InList,
     IsNull,
-    Literal,
+    LiteralValue,
     Not,
     Or,
     QuerySpec,
@@ -102,7 +102,9 @@ def parse_sql(sql: str) -> QuerySpec:
         raise QueryError(f"only SELECT queries are accepted, not {stmt.key.upper()}")
     for key, value in stmt.args.items():
         if value and key not in _CLAUSES_ALLOWED:
-            raise QueryError(_CLAUSE_REFUSALS.get(key, f"the {key.upper()} clause is not supported"))
+            raise QueryError(
+                _CLAUSE_REFUSALS.get(key, f"the {key.upper()} clause is not supported")
+            )
     for node in stmt.walk():
         if node is not stmt and isinstance(node, exp.Select | exp.Subquery):
             raise QueryError(f"subqueries are not supported: {node.sql()!r}")
@@ -222,7 +224,7 @@ def _number(node: exp.Expression, where: str) -> int | float:
     return lit
 
 
-def _literal(node: exp.Expression) -> Literal | None:
+def _literal(node: exp.Expression) -> LiteralValue | None:
     """The literal value of `node`, or None if it is not a literal."""
     if isinstance(node, exp.Paren):
         return _literal(node.this)
@@ -285,14 +287,16 @@ def _filter(node: exp.Expression, catalog: str) -> Expr:
     if op is not None:
         left, right = node.this, node.expression
         if isinstance(left, exp.Null) or isinstance(right, exp.Null):
-            raise QueryError(f"WHERE {node.sql()!r}: comparing with NULL is never true; use IS NULL")
+            raise QueryError(
+                f"WHERE {node.sql()!r}: comparing with NULL is never true; use IS NULL"
+            )
         if not isinstance(left, exp.Column) and isinstance(right, exp.Column):
             left, right, op = right, left, _FLIPPED[op]
         field = _where_field(left, node, catalog)
         value = _literal(right)
         if value is None:
             raise QueryError(
-                f"WHERE {node.sql()!r}: a field can only be compared with a number or string literal"
+                f"WHERE {node.sql()!r}: a field can only be compared with a number or a string"
             )
         return Comparison(op, field, value)
     if isinstance(node, exp.Func):

@@ -16,6 +16,7 @@ and audited.
 from __future__ import annotations
 
 import contextvars
+import inspect
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -213,6 +214,11 @@ class Guard(grpc.aio.ServerInterceptor):
         return wrapper
 
     def _wrap_stream(self, method: str, behavior: Callable[..., Any]) -> Any:
+        if not inspect.isasyncgenfunction(behavior):
+            # Streaming handlers written with context.write() (e.g. grpc health's Watch)
+            # are plain coroutines; grpc forbids mixing write() with an async generator.
+            return self._wrap_unary(method, behavior)
+
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
             await self._enter(method, context)

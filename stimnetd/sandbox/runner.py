@@ -366,6 +366,10 @@ class SandboxRunner:
 
     # -- public API --------------------------------------------------------------------
 
+    @property
+    def node(self) -> str:
+        return self._node
+
     async def run(
         self, job_id: str, script: bytes, catalog_root: Path, manifest: Mapping[str, Any]
     ) -> SandboxOutcome:
@@ -621,6 +625,15 @@ class SandboxRunner:
             )
         if state.get("OOMKilled"):
             return done("failed", f"memory limit {_fmt_bytes(lim.memory_bytes)} exceeded (OOM-killed)")
+        used, files = await asyncio.to_thread(_out_usage, ws.out, lim.output_files)
+        # ">=": RLIMIT_FSIZE stops a file at exactly result_bytes, so a file at the cap
+        # means a write was refused there.
+        if used >= lim.result_bytes or files > lim.output_files:
+            return done(
+                "failed",
+                f"output reached result limit {_fmt_bytes(lim.result_bytes)} "
+                f"({used} bytes in {files} files)",
+            )
         if exit_code != 0:
             marker = self._marker(await asyncio.to_thread(self._stderr_tail, api, cid))
             what = f"script raised {marker[0]} at line {marker[1]}" if marker else (

@@ -57,8 +57,10 @@ class FakeCatalog:
 
     def geometry(self, image_field: str) -> ImageGeometry:
         affine = tuple(
-            tuple(float(self._voxel_size[i]) if i == j and i < 3 else float(i == j == 3)
-                  for j in range(4))
+            tuple(
+                float(self._voxel_size[i]) if i == j and i < 3 else float(i == j == 3)
+                for j in range(4)
+            )
             for i in range(4)
         )
         return ImageGeometry(self._shape, self._voxel_size, affine, "test")
@@ -71,8 +73,16 @@ class FakeCatalog:
         out = []
         for s in range(sites):
             rows = self._df.iloc[[i for i, a in enumerate(assignment) if a == s]]
-            out.append(FakeCatalog(rows, self.fields, name=self.name,
-                                   subject_key=self.subject_key, images=self._images,
-                                   rois=self._rois, shape=self._shape,
-                                   voxel_size=self._voxel_size))
+            out.append(
+                FakeCatalog(
+                    rows,
+                    self.fields,
+                    name=self.name,
+                    subject_key=self.subject_key,
+                    images=self._images,
+                    rois=self._rois,
+                    shape=self._shape,
+                    voxel_size=self._voxel_size,
+                )
+            )
         return out

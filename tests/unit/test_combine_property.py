@@ -55,20 +55,25 @@ def _maybe(values: st.SearchStrategy) -> st.SearchStrategy:
 def datasets(draw: st.DrawFn) -> tuple[pd.DataFrame, dict[str, np.ndarray], list[int], int]:
     n = draw(st.integers(0, 30))
     col = lambda s: draw(st.lists(s, min_size=n, max_size=n))  # noqa: E731
-    df = pd.DataFrame({
-        # quarter steps keep sums of squares exact enough to compare at 1e-9
-        "x": pd.array([None if v is None else v / 4 for v in col(_maybe(st.integers(-50, 50)))],
-                      dtype="Float64").astype(float),
-        "y": pd.array(col(_maybe(st.integers(-20, 20))), dtype="Float64").astype(float),
-        "z": pd.array(col(_maybe(st.integers(-20, 20))), dtype="Float64").astype(float),
-        "g": col(_maybe(st.sampled_from(["a", "b", "c"]))),
-        "h": col(st.sampled_from(["u", "v"])),
-        "k": col(_maybe(st.sampled_from(["p", "q", "r"]))),
-        "img": col(_maybe(st.sampled_from(["i0", "i1", "i2"]))),
-    })
+    df = pd.DataFrame(
+        {
+            # quarter steps keep sums of squares exact enough to compare at 1e-9
+            "x": pd.array(
+                [None if v is None else v / 4 for v in col(_maybe(st.integers(-50, 50)))],
+                dtype="Float64",
+            ).astype(float),
+            "y": pd.array(col(_maybe(st.integers(-20, 20))), dtype="Float64").astype(float),
+            "z": pd.array(col(_maybe(st.integers(-20, 20))), dtype="Float64").astype(float),
+            "g": col(_maybe(st.sampled_from(["a", "b", "c"]))),
+            "h": col(st.sampled_from(["u", "v"])),
+            "k": col(_maybe(st.sampled_from(["p", "q", "r"]))),
+            "img": col(_maybe(st.sampled_from(["i0", "i1", "i2"]))),
+        }
+    )
     images = {
-        f"i{j}": np.array(draw(st.lists(st.sampled_from([0.0, 0.5, 2.0]), min_size=8,
-                                        max_size=8))).reshape(SHAPE)
+        f"i{j}": np.array(
+            draw(st.lists(st.sampled_from([0.0, 0.5, 2.0]), min_size=8, max_size=8))
+        ).reshape(SHAPE)
         for j in range(3)
     }
     sites = draw(st.integers(1, 5))
@@ -149,8 +154,12 @@ def _check_extras(res: QueryResult, key: tuple, rows: pd.DataFrame, images: dict
 
     ct = _pick(res.contingency, "ct", key)
     pairs = rows[["h", "k"]].dropna()
-    got = {(a, b): ct["counts"][i][j] for i, a in enumerate(ct["levels"][0])
-           for j, b in enumerate(ct["levels"][1]) if ct["counts"][i][j]}
+    got = {
+        (a, b): ct["counts"][i][j]
+        for i, a in enumerate(ct["levels"][0])
+        for j, b in enumerate(ct["levels"][1])
+        if ct["counts"][i][j]
+    }
     assert got == pairs.value_counts().to_dict()
 
     _check_regression(_pick(res.regressions, "fit", key), rows)

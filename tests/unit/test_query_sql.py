@@ -36,7 +36,8 @@ FIELDS: dict[str, FieldMeta] = {
 def test_design_example_parses():
     """The example query from the design brief becomes a grouped count and mean."""
     spec = parse_sql(
-        "SELECT target, count(*), avg(updrs_change) FROM dbs_outcomes WHERE age > 50 GROUP BY target"
+        "SELECT target, count(*), avg(updrs_change) FROM dbs_outcomes "
+        "WHERE age > 50 GROUP BY target"
     )
     assert spec == QuerySpec(
         catalog="dbs_outcomes",
@@ -63,12 +64,19 @@ def test_aliases_become_output_names():
         ("mean(age)", AggSpec("mean", ("age",), "mean(age)")),
         ("variance(age)", AggSpec("var", ("age",), "variance(age)")),
         ("sd(age)", AggSpec("sd", ("age",), "sd(age)")),
-        ("histogram(age, 0, 50, 100)",
-         AggSpec("histogram", ("age",), "histogram(age, 0, 50, 100)", (0, 50, 100))),
-        ("quantile(age, 0.25, 0.75)",
-         AggSpec("quantiles", ("age",), "quantile(age, 0.25, 0.75)", (0.25, 0.75))),
+        (
+            "histogram(age, 0, 50, 100)",
+            AggSpec("histogram", ("age",), "histogram(age, 0, 50, 100)", (0, 50, 100)),
+        ),
+        (
+            "quantile(age, 0.25, 0.75)",
+            AggSpec("quantiles", ("age",), "quantile(age, 0.25, 0.75)", (0.25, 0.75)),
+        ),
         ("median(age)", AggSpec("quantiles", ("age",), "median(age)", (0.5,))),
-        ("corr(age, updrs_change)", AggSpec("corr", ("age", "updrs_change"), "corr(age, updrs_change)")),
+        (
+            "corr(age, updrs_change)",
+            AggSpec("corr", ("age", "updrs_change"), "corr(age, updrs_change)"),
+        ),
         ("contingency(a, b)", AggSpec("contingency", ("a", "b"), "contingency(a, b)")),
         ("regress(y, x1, x2)", AggSpec("regression", ("y", "x1", "x2"), "regress(y, x1, x2)")),
         ("lm('y ~ x1 + x2')", AggSpec("regression", ("y", "x1", "x2"), "lm('y ~ x1 + x2')")),
@@ -90,13 +98,15 @@ def test_where_tree_covers_every_operator():
         "SELECT count(*) FROM t WHERE 50 < age AND x IS NOT NULL AND y IN ('a', 'b') "
         "AND z NOT BETWEEN -1 AND 2.5 AND NOT (q = 'a' OR r <> 3)"
     )
-    assert spec.where == And((
-        Comparison(">", "age", 50),
-        IsNull("x", negated=True),
-        InList("y", ("a", "b")),
-        Between("z", -1, 2.5, negated=True),
-        Not(Or((Comparison("=", "q", "a"), Comparison("!=", "r", 3)))),
-    ))
+    assert spec.where == And(
+        (
+            Comparison(">", "age", 50),
+            IsNull("x", negated=True),
+            InList("y", ("a", "b")),
+            Between("z", -1, 2.5, negated=True),
+            Not(Or((Comparison("=", "q", "a"), Comparison("!=", "r", 3)))),
+        )
+    )
 
 
 def test_columns_qualified_with_the_catalog_are_accepted():
@@ -123,9 +133,12 @@ def test_columns_qualified_with_the_catalog_are_accepted():
         ("INSERT INTO t VALUES (1)", "only SELECT queries are accepted, not INSERT"),
         ("SELECT frobnicate(age) FROM t", "unknown function 'frobnicate'"),
         ("SELECT max(age) FROM t", "unknown function 'max'"),
-        ("SELECT count(*) FROM t WHERE abs(age) > 3", "functions are not allowed in WHERE ('ABS(age)'"),
+        (
+            "SELECT count(*) FROM t WHERE abs(age) > 3",
+            "functions are not allowed in WHERE ('ABS(age)'",
+        ),
         ("SELECT count(*) FROM t WHERE age = NULL", "use IS NULL"),
-        ("SELECT count(*) FROM t WHERE age > weight", "compared with a number or string literal"),
+        ("SELECT count(*) FROM t WHERE age > weight", "compared with a number or a string"),
         ("SELECT count(DISTINCT age) FROM t", "DISTINCT inside aggregates is not supported"),
         ("SELECT DISTINCT count(*) FROM t", "SELECT DISTINCT is not supported"),
         ("SELECT avg(age + 1) FROM t", "arguments must be plain field names, got 'age + 1'"),
@@ -166,12 +179,19 @@ def test_spec_round_trips_through_json():
         ({"extra": 1}, "unknown keys in query: ['extra']"),
         ({"where": {"op": "~", "field": "age", "value": 1}}, "unknown filter operator '~'"),
         ({"where": {"op": "=", "field": "age", "value": 1, "x": 2}}, "unknown keys in '=' filter"),
-        ({"where": {"op": "=", "field": "age", "value": True}}, "filter value must be a finite number"),
+        (
+            {"where": {"op": "=", "field": "age", "value": True}},
+            "filter value must be a finite number",
+        ),
         ({"where": {"op": "and", "args": [{"op": "is_null", "field": "a"}]}}, "at least two"),
-        ({"aggregates": [{"func": "mode", "fields": ["age"], "name": "m"}]},
-         "unknown aggregate function 'mode'"),
-        ({"aggregates": [{"func": "sum", "fields": ["age"], "name": "s", "weights": []}]},
-         "unknown keys in aggregate: ['weights']"),
+        (
+            {"aggregates": [{"func": "mode", "fields": ["age"], "name": "m"}]},
+            "unknown aggregate function 'mode'",
+        ),
+        (
+            {"aggregates": [{"func": "sum", "fields": ["age"], "name": "s", "weights": []}]},
+            "unknown keys in aggregate: ['weights']",
+        ),
         ({"aggregates": []}, "at least one aggregate"),
     ],
 )

@@ -1,0 +1,66 @@
+"""A real stimnetd process: graceful SIGTERM with a stream open, consistent store afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from stimctl.client import AsyncClient
+from stimnetd.testing import CertFactory, DaemonProcess, client_config, free_port, write_node_config
+
+
+async def test_sigterm_during_stream_exits_zero_and_store_is_consistent(
+        tmp_path: Path, pki: CertFactory, small_catalog: dict) -> None:
+    """SIGTERM while a server stream is open: exit 0 within the grace period; restart is clean."""
+    node = pki.issue("node-a", "node")
+    ops = pki.issue("ops", "admin")
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    cfg = write_node_config(tmp_path / "node-a", node, "node-a", port=port,
+                            catalogs=[small_catalog], crl=pki.crl_path,
+                            node={"grace_s": 3.0})
+    proc = DaemonProcess(cfg)
+    try:
+        await proc.wait_healthy(ops, address)
+        creds = client_config(ops, address).credentials()
+        async with grpc.aio.secure_channel(address, creds) as ch:
+            watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=30)
+            first = await watch.read()
+            assert first.status == health_pb2.HealthCheckResponse.SERVING
+            started = time.monotonic()
+            proc.proc.send_signal(signal.SIGTERM)
+            # The stream sees the graceful-shutdown transition or is closed by the server.
+            statuses = []
+            try:
+                while (msg := await watch.read()) is not grpc.aio.EOF:
+                    statuses.append(msg.status)
+            except grpc.aio.AioRpcError:
+                pass
+            code = await asyncio.to_thread(proc.proc.wait, 15)
+            elapsed = time.monotonic() - started
+        assert code == 0, proc.log()
+        assert elapsed < 3.0 + 5.0, f"took {elapsed:.1f}s for a 3s grace period"
+        assert health_pb2.HealthCheckResponse.SERVING not in statuses
+    finally:
+        proc.kill()
+
+    db = tmp_path / "node-a" / "state" / "stimnetd.sqlite3"
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        actions = [r[0] for r in conn.execute("SELECT action FROM audit ORDER BY seq")]
+    assert actions[0] == "start" and actions[-1] == "stop"
+
+    again = DaemonProcess(cfg)
+    try:
+        await again.wait_healthy(ops, address)
+        async with AsyncClient(client_config(ops, address)) as c:
+            verified = await c.audit_verify()
+        assert verified.ok, verified.problem
+    finally:
+        assert again.stop() == 0

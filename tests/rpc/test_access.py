@@ -1,0 +1,162 @@
+"""Who may call what: identity from the certificate, roles, revocation, audit."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from stimctl.client import AsyncClient, ConnectionFailed, NotAuthenticated, NotFound, PermissionDenied
+from stimnetd.testing import CertFactory, client_config, foreign
+
+
+def _addr(daemon) -> str:  # type: ignore[no-untyped-def]
+    return f"127.0.0.1:{daemon.port}"
+
+
+async def _audit(daemon, action: str) -> list:  # type: ignore[no-untyped-def]
+    return [r for r in await daemon.store.audit_rows() if r.action == action]
+
+
+async def test_researcher_lists_and_describes_catalogs(start_node, pki: CertFactory,
+                                                       small_catalog: dict) -> None:
+    """A researcher certificate can list and describe catalogs; no data value is returned."""
+    alice = pki.issue("alice", "researcher")
+    async with start_node(catalogs=[small_catalog]) as d:
+        async with AsyncClient(client_config(alice, _addr(d))) as c:
+            info = await c.info()
+            cats = await c.catalogs()
+            desc = await c.describe("dbs_outcomes")
+    assert (info.caller, info.caller_role) == ("alice", "researcher")
+    assert [x.name for x in cats] == ["dbs_outcomes"] and cats[0].subjects == "20"
+    by_name = {f.name: f for f in desc.fields}
+    assert by_name["age"].has_bounds and by_name["age"].unit == "years"
+    assert list(by_name["sex"].levels) == ["F", "M"]
+    assert desc.images[0].shape == [91, 109, 91] and desc.images[0].voxel_size == [2.0, 2.0, 2.0]
+    # Only schema crosses the wire: no subject id appears anywhere in the description.
+    assert "site-a-0001" not in str(desc)
+
+
+async def test_counts_below_k_min_are_hidden(start_node, pki: CertFactory, small_catalog: dict) -> None:
+    """A catalog smaller than k_min reports its subject and row counts as '< k'."""
+    alice = pki.issue("alice", "researcher")
+    async with start_node(catalogs=[small_catalog], node={"k_min": 25}) as d:
+        async with AsyncClient(client_config(alice, _addr(d))) as c:
+            cats = await c.catalogs()
+            desc = await c.describe("dbs_outcomes")
+    assert cats[0].subjects == "< 25"
+    assert {t.rows for t in desc.tables} == {"< 25"}
+
+
+async def test_unknown_catalog_is_not_found(start_node, pki: CertFactory) -> None:
+    """Describing a catalog the node does not hold is NOT_FOUND with its name."""
+    alice = pki.issue("alice", "researcher")
+    async with start_node() as d:
+        async with AsyncClient(client_config(alice, _addr(d))) as c:
+            with pytest.raises(NotFound, match="no catalog named 'nope'"):
+                await c.describe("nope")
+
+
+@pytest.mark.parametrize("case", ["no-certificate", "other-ca", "expired"])
+async def test_unverifiable_callers_are_refused_at_handshake(start_node, pki: CertFactory,
+                                                             tmp_path, case: str) -> None:
+    """No certificate, another CA's or an expired one never reaches a servicer."""
+    async with start_node() as d:
+        if case == "no-certificate":
+            creds = grpc.ssl_channel_credentials(root_certificates=pki.ca_cert_path.read_bytes())
+        else:
+            other = foreign(tmp_path).issue("alice", "researcher") if case == "other-ca" \
+                else pki.issue("alice", "researcher", expired=True)
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=pki.ca_cert_path.read_bytes(),
+                private_key=other.key.read_bytes(), certificate_chain=other.cert.read_bytes())
+        async with grpc.aio.secure_channel(_addr(d), creds) as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert await _audit(d, "/grpc.health.v1.Health/Check") == []
+
+
+async def test_client_maps_handshake_refusal_to_one_line(start_node, pki: CertFactory) -> None:
+    """stimctl reports a refused certificate as a TLS handshake failure, not a traceback."""
+    async with start_node() as d:
+        expired = pki.issue("alice", "researcher", expired=True)
+        async with AsyncClient(client_config(expired, _addr(d))) as c:
+            with pytest.raises(ConnectionFailed, match="TLS handshake|cannot reach"):
+                await c.info()
+
+
+async def test_revoked_certificate_is_refused_and_audited(start_node, pki: CertFactory) -> None:
+    """A revoked certificate is refused with UNAUTHENTICATED, also on a channel opened earlier."""
+    alice = pki.issue("alice", "researcher")
+    async with start_node() as d:
+        async with AsyncClient(client_config(alice, _addr(d))) as c:
+            assert (await c.info()).caller == "alice"
+            pki.revoke("alice")
+            d.reload()  # what SIGHUP does
+            with pytest.raises(NotAuthenticated, match="revoked"):
+                await c.info()
+        async with AsyncClient(client_config(alice, _addr(d))) as fresh:
+            with pytest.raises(NotAuthenticated, match="revoked"):
+                await fresh.catalogs()
+        denied = [r for r in await d.store.audit_rows() if r.decision == "denied"]
+    assert [(r.actor, r.action) for r in denied] == [
+        ("alice", "/stimnet.v1.NodeService/GetInfo"),
+        ("alice", "/stimnet.v1.NodeService/ListCatalogs")]
+    assert "revoked" in denied[0].detail_json
+
+
+async def test_wrong_role_is_permission_denied_and_audited(start_node, pki: CertFactory) -> None:
+    """A researcher calling an admin RPC gets PERMISSION_DENIED naming the allowed roles."""
+    alice = pki.issue("alice", "researcher")
+    async with start_node() as d:
+        async with AsyncClient(client_config(alice, _addr(d))) as c:
+            with pytest.raises(PermissionDenied, match="role 'researcher' may not call .*admin"):
+                await c.status()
+            with pytest.raises(PermissionDenied):
+                await c.audit_verify()
+        rows = await _audit(d, "/stimnet.v1.NodeService/GetStatus")
+    assert [(r.actor, r.role, r.decision) for r in rows] == [("alice", "researcher", "denied")]
+
+
+async def test_admin_may_call_admin_rpcs(start_node, pki: CertFactory) -> None:
+    """An admin certificate can read node status and verify the audit chain."""
+    ops = pki.issue("ops", "admin")
+    async with start_node() as d:
+        async with AsyncClient(client_config(ops, _addr(d))) as c:
+            status = await c.status()
+            verified = await c.audit_verify()
+    assert status.name == "node-a" and status.uptime_s >= 0
+    assert verified.ok and verified.entries >= 1
+
+
+async def test_allowed_calls_are_audited(start_node, pki: CertFactory) -> None:
+    """Allowed calls are recorded in the audit chain with caller and role."""
+    alice = pki.issue("alice", "researcher")
+    async with start_node() as d:
+        async with AsyncClient(client_config(alice, _addr(d))) as c:
+            await c.info()
+        rows = await _audit(d, "/stimnet.v1.NodeService/GetInfo")
+    assert [(r.actor, r.role, r.decision) for r in rows] == [("alice", "researcher", "allowed")]
+
+
+async def test_health_serving_and_reflection_lists_services(start_node, pki: CertFactory) -> None:
+    """The standard health service answers SERVING and reflection lists StimNet services."""
+    alice = pki.issue("alice", "researcher")
+    async with start_node() as d:
+        creds = client_config(alice, _addr(d)).credentials()
+        async with grpc.aio.secure_channel(_addr(d), creds) as ch:
+            health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
+                                                                timeout=5)
+            stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+
+            async def one() -> reflection_pb2.ServerReflectionRequest:
+                yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+            services = []
+            async for resp in stub.ServerReflectionInfo(one(), timeout=5):
+                services = [s.name for s in resp.list_services_response.service]
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert {"stimnet.v1.NodeService", "stimnet.v1.AdminService",
+            "grpc.health.v1.Health"} <= set(services)
