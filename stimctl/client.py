@@ -65,6 +65,12 @@ class DeadlineExceeded(ClientError):
     pass
 
 
+class JobFailed(ClientError):
+    def __init__(self, message: str, job: Any = None) -> None:
+        super().__init__(message)
+        self.job = job
+
+
 _BY_CODE: dict[grpc.StatusCode, type[ClientError]] = {
     grpc.StatusCode.UNAVAILABLE: ConnectionFailed,
     grpc.StatusCode.UNAUTHENTICATED: NotAuthenticated,
@@ -206,7 +212,101 @@ class AsyncClient:
                                     self.config.timeout_s * 10):
             yield e
 
-    # -- jobs (filled by the jobs layer) -------------------------------------------------
+    # -- jobs ----------------------------------------------------------------------------
+
+    def sign(self, request: Any, script: bytes | None = None) -> Any:
+        from stimnetd.jobs import signing
+
+        try:
+            key, cert = self.config.key.read_bytes(), self.config.cert.read_bytes()
+        except OSError as exc:
+            raise ConfigProblem(f"cannot read {exc.filename}: {exc.strerror}") from None
+        return signing.sign(request, key, cert, script)
+
+    async def submit(self, signed: Any) -> jobs_pb2.Job:
+        from stimnetd.rpc import convert
+
+        return await self._call(self.jobs.SubmitJob,
+                                jobs_pb2.SubmitJobRequest(job=convert.signed_job_pb(signed)))
+
+    async def submit_query(self, query: str | dict[str, Any], *, federated: bool = False,
+                           epsilon: float | None = None, min_sites: int = 1) -> jobs_pb2.Job:
+        """Parse (SQL) or take a spec dict, sign it with our key, submit it."""
+        from stimnetd.jobs import signing
+        from stimnetd.query.errors import QueryError
+        from stimnetd.query.spec import QuerySpec
+        from stimnetd.query.sql import parse_sql
+
+        try:
+            spec = parse_sql(query) if isinstance(query, str) else QuerySpec.from_dict(query)
+        except QueryError as exc:
+            raise InvalidRequest(f"query refused before sending: {exc}") from None
+        req = signing.new_request("query", spec.catalog, scope="federated" if federated else "local",
+                                  spec=spec.to_dict(), epsilon=epsilon, min_sites=min_sites)
+        return await self.submit(self.sign(req))
+
+    async def watch(self, job_id: str, timeout: float | None = None) -> AsyncIterator[Any]:
+        """Yields ("state", Job), ("site", SiteEvent), ("log", str), ("result", QueryAnswer)."""
+        from stimctl.results import QueryAnswer
+        from stimnetd import codec
+        from stimnetd.rpc.frames import feed
+
+        asm: codec.Assembler | None = None
+        async for ev in self._stream(self.jobs.WatchJob, jobs_pb2.WatchJobRequest(id=job_id),
+                                     timeout or self.config.timeout_s * 20):
+            which = ev.WhichOneof("event")
+            if which == "state":
+                yield "state", ev.state
+            elif which == "site":
+                yield "site", ev.site
+            elif which == "log_line":
+                yield "log", ev.log_line
+            elif which == "result":
+                if ev.result.WhichOneof("frame") == "header":
+                    asm = codec.Assembler()
+                if asm is None:
+                    raise ClientError("result stream started without a header")
+                feed(asm, ev.result)
+                if asm.complete:
+                    doc, arrays = asm.result()
+                    yield "result", QueryAnswer(job_id, doc, arrays)
+                    asm = None
+
+    async def result(self, job_id: str) -> Any:
+        from stimctl.results import QueryAnswer
+        from stimnetd import codec
+        from stimnetd.rpc.frames import feed
+
+        asm = codec.Assembler()
+        async for frame in self._stream(self.jobs.GetResult, jobs_pb2.GetResultRequest(id=job_id),
+                                        self.config.timeout_s * 10):
+            feed(asm, frame)
+        try:
+            doc, arrays = asm.result()
+        except codec.CodecError as exc:
+            raise ClientError(f"incomplete result from the node: {exc}") from None
+        return QueryAnswer(job_id, doc, arrays)
+
+    async def run_job(self, job: jobs_pb2.Job, on_event: Any = None) -> Any:
+        """Watch a submitted job to its end; the answer, or a typed error saying why not."""
+        answer = None
+        final = job
+        async for kind, value in self.watch(job.id):
+            if on_event is not None:
+                on_event(kind, value)
+            if kind == "state":
+                final = value
+            elif kind == "result":
+                answer = value
+        if final.state != "succeeded" or answer is None:
+            raise JobFailed(f"job {job.id} {final.state}: {final.detail or 'no result'}", final)
+        return answer
+
+    async def query(self, query: str | dict[str, Any], *, federated: bool = False,
+                    epsilon: float | None = None, min_sites: int = 1, on_event: Any = None) -> Any:
+        job = await self.submit_query(query, federated=federated, epsilon=epsilon,
+                                      min_sites=min_sites)
+        return await self.run_job(job, on_event)
 
     async def get_job(self, job_id: str) -> jobs_pb2.Job:
         return await self._call(self.jobs.GetJob, jobs_pb2.GetJobRequest(id=job_id))

@@ -147,6 +147,7 @@ def reassign_ports(root: Path) -> dict[str, str]:
         cfg["node"]["listen"] = f"127.0.0.1:{port}"
         cfg["node"].pop("advertise", None)
         cfg["federation"]["seeds"] = [] if port == ports[0] else [f"127.0.0.1:{ports[0]}"]
+        cfg["federation"]["peers"] = [f"127.0.0.1:{p}" for p in ports if p != port]
         if "metrics" in cfg:
             cfg["metrics"] = {"listen": f"127.0.0.1:{free_ports(1)[0]}"}
         path.write_text(tomli_w.dumps(cfg))

@@ -17,13 +17,32 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from stimnet.v1 import admin_pb2, admin_pb2_grpc, node_pb2, node_pb2_grpc
+from stimnet.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    federation_pb2,
+    federation_pb2_grpc,
+    jobs_pb2,
+    jobs_pb2_grpc,
+    node_pb2,
+    node_pb2_grpc,
+)
 from stimnetd import __version__
 from stimnetd.catalog import CatalogSet, load_catalogs
 from stimnetd.config import Config
+from stimnetd.federation.fanout import Coordinator, Target
+from stimnetd.federation.subjob import SubJobHandler
+from stimnetd.jobs import signing
+from stimnetd.jobs.service import JobService
+from stimnetd.jobs.site import SiteExecutor
+from stimnetd.privacy.noise import NoiseMechanism
+from stimnetd.privacy.policy import PrivacyPolicy
 from stimnetd.rpc.admin_servicer import AdminServicer
+from stimnetd.rpc.federation_servicer import FederationServicer
 from stimnetd.rpc.guard import Guard, Revocations
+from stimnetd.rpc.jobs_servicer import JobServicer
 from stimnetd.rpc.node_servicer import NodeServicer
+from stimnetd.rpc.peer_client import GrpcSubJobTransport, PeerChannels
 from stimnetd.store import Store
 from stimnetd.systemd import Notifier
 from stimnetd.tls import ServerTls
@@ -32,8 +51,37 @@ log = structlog.get_logger("stimnetd")
 
 SERVICE_NAMES = (
     node_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name,
+    jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
+    federation_pb2.DESCRIPTOR.services_by_name["FederationService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
 )
+
+
+class JobVerifier:
+    """Checks signed jobs against this node's CA and current CRL (both reloadable)."""
+
+    def __init__(self, daemon: Daemon, max_age_s: float) -> None:
+        self._d = daemon
+        self.max_age_s = max_age_s
+
+    def __call__(self, signed: signing.SignedJob) -> signing.VerifiedJob:
+        return signing.verify(signed, ca_cert=self._d.tls.material.ca_cert,
+                              revoked=self._d.revocations.serials, max_age_s=self.max_age_s)
+
+
+class StaticPeers:
+    """Peers from the config, until gossip tells us who holds what."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._d = daemon
+
+    def targets(self, catalog: str) -> list[Target]:
+        d = self._d
+        if d.membership is not None:
+            return [Target(m.address, m.name) for m in d.membership.alive_with_catalog(catalog)
+                    if m.name != d.config.node.name]
+        own = {f"{d.config.node.host}:{d.port}", d.advertise}
+        return [Target(a) for a in d.config.federation.peers if a not in own]
 
 
 class NodeState:
@@ -79,8 +127,29 @@ class Daemon:
         self.revocations = Revocations(self.tls.material.revoked)
         self.catalogs: CatalogSet = load_catalogs(config.catalogs)
         self.membership: Any = None
+        self.policy = PrivacyPolicy(
+            k_min=config.node.k_min, dp=config.privacy.dp,  # type: ignore[arg-type]
+            default_epsilon=config.privacy.default_epsilon,
+            max_epsilon_per_query=config.privacy.max_epsilon_per_query,
+            budget_epsilon=config.privacy.budget_epsilon)
+        self.executor = SiteExecutor(
+            site=config.node.name, catalogs=self.catalogs, store=self.store, policy=self.policy,
+            noise=NoiseMechanism(), overlap_guard=config.privacy.overlap_guard)
+        self.verifier = JobVerifier(self, config.federation.request_max_age_s)
+        self.peer_channels = PeerChannels(self.tls.material)
+        self.coordinator = Coordinator(
+            executor=self.executor, holds_catalog=lambda name: name in self.catalogs.names(),
+            peers=StaticPeers(self),
+            transport=GrpcSubJobTransport(self.peer_channels, config.node.name),
+            timeout_s=config.federation.subjob_timeout_s)
+        self.jobs = JobService(node=config.node.name, store=self.store, executor=self.executor,
+                               coordinator=self.coordinator, verify=self.verifier)
+        self.subjobs = SubJobHandler(executor=self.executor, store=self.store,
+                                     verify=self.verifier,
+                                     max_age_s=config.federation.request_max_age_s)
         self.started_at = time.time()
         self.port: int | None = None
+        self.advertise: str | None = None
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._stop = asyncio.Event()
@@ -106,6 +175,9 @@ class Daemon:
         state = NodeState(self)
         node_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(state), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.store), server)
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.jobs), server)
+        federation_pb2_grpc.add_FederationServiceServicer_to_server(
+            FederationServicer(self.config.node.name, self.subjobs, self.membership), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -121,6 +193,10 @@ class Daemon:
         if port == 0:
             raise OSError(f"cannot listen on {node.host}:{node.port} (address in use or not local)")
         self.port = port
+        self.advertise = node.advertise or f"{node.host}:{port}"
+        interrupted = await self.jobs.recover()
+        if interrupted:
+            log.warning("jobs interrupted by the last stop", count=interrupted)
         await self._server.start()
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -149,6 +225,7 @@ class Daemon:
             log.error("reload failed; keeping current certificates", error=str(exc))
             return
         self.revocations.replace(material.revoked)
+        asyncio.get_running_loop().create_task(self.peer_channels.reset(material))
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -176,6 +253,8 @@ class Daemon:
         if self._server is not None:
             # New RPCs are refused at once; in-flight ones get the grace period.
             await self._server.stop(self.config.node.grace_s)
+        await self.jobs.shutdown()
+        await self.peer_channels.close()
         with contextlib.suppress(Exception):
             await self.store.audit(self.config.node.name, "node", "stop", "ok", {})
         await self.store.close()

@@ -29,16 +29,10 @@ def _script_line(exc: BaseException) -> int:
     return line
 
 
-def _discard_result() -> None:
-    # A script that fails half-way must not release the aggregates it emitted so far.
-    out = os.environ.get("STIMNET_OUT", "/out")
-    try:
-        os.unlink(os.path.join(out, "result.json"))
-    except FileNotFoundError:
-        pass
-
-
 def main() -> int:
+    # A failed script may leave aggregates it emitted before failing in /out; the runner
+    # reads /out only after exit status 0, so they are never released, and leaving them
+    # lets the runner see how much the script wrote.
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     verbose = os.environ.get("STIMNET_VERBOSE_ERRORS") == "1"
     try:
@@ -49,11 +43,8 @@ def main() -> int:
         exec(code, namespace)  # noqa: S102 - running the job script is the point
     except SystemExit as stop:
         status = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-        if status != 0:
-            _discard_result()
         return status & 0xFF
     except BaseException as exc:  # noqa: BLE001 - every failure is reported the same way
-        _discard_result()
         if verbose:
             traceback.print_exception(exc)
         else:

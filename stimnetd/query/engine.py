@@ -17,7 +17,7 @@ import pandas as pd
 
 from stimnetd.catalog_types import CatalogView, FieldMeta
 from stimnetd.query.aggregate import GroupKey, Partial
-from stimnetd.query.errors import QueryError
+from stimnetd.query.errors import DataContractViolation
 from stimnetd.query.spec import (
     AggSpec,
     And,
@@ -252,32 +252,38 @@ class _Context:
         extra = sorted(set(observed) - set(declared))
         return declared + extra
 
-    def _images(self, rows: pd.DataFrame, column: str) -> tuple[Any, list[np.ndarray | None]]:
-        geom = self.catalog.geometry(column)
-        imgs: list[np.ndarray | None] = []
-        for path in rows[column]:
-            if _isnull(path):
-                imgs.append(None)
-                continue
-            img = np.asarray(self.catalog.load_image(str(path)))
-            if tuple(img.shape) != tuple(geom.shape):
-                raise QueryError(
-                    f"image in {column!r} has shape {img.shape}, not the catalog grid {geom.shape}"
-                )
-            imgs.append(img > 0)
-        return geom, imgs
+    def _binarized(self, path: Any, column: str, shape: tuple[int, ...]) -> np.ndarray:
+        # One subject at a time: a cohort's images together need not fit in memory.
+        img = np.asarray(self.catalog.load_image(str(path)))
+        if tuple(img.shape) != tuple(shape):
+            raise DataContractViolation(
+                f"an image in {column!r} is not on the catalog grid {tuple(shape)}"
+            )
+        mask = img > 0
+        limit = self.fields[column].max_voxels
+        if limit is not None and np.count_nonzero(mask) > limit:
+            # DP noise on voxel maps assumes one subject covers at most max_voxels voxels;
+            # the count itself is a data value, so the message leaves it out.
+            raise DataContractViolation(
+                f"an image in {column!r} has more non-zero voxels than its declared "
+                f"max_voxels ({limit})"
+            )
+        return mask
 
     def voxel_map(self, a: AggSpec, rows: pd.DataFrame, make: Callable[..., Partial]) -> Partial:
+        """count = subjects covering each voxel; sum = Σ their clamped weight. An unweighted
+        mean_map ships count only (its mean is the fraction of the cohort covering a voxel)."""
         column = a.fields[0]
         weight = a.fields[1] if len(a.fields) > 1 else None
-        geom, imgs = self._images(rows, column)
+        geom = self.catalog.geometry(column)
         w = self.clamped(rows, weight) if weight else np.ones(len(rows))
         count = np.zeros(geom.shape)
         total = np.zeros(geom.shape)
         n = 0
-        for img, wi in zip(imgs, w, strict=True):
-            if img is None or np.isnan(wi):
+        for path, wi in zip(rows[column], w, strict=True):
+            if _isnull(path) or np.isnan(wi):
                 continue
+            img = self._binarized(path, column, geom.shape)
             n += 1
             count += img
             total += wi * img
@@ -296,14 +302,15 @@ class _Context:
 
     def roi_overlap(self, a: AggSpec, rows: pd.DataFrame, make: Callable[..., Partial]) -> Partial:
         column = a.fields[0]
-        geom, imgs = self._images(rows, column)
+        geom = self.catalog.geometry(column)
         rois = self.catalog.roi_masks()
         names = sorted(rois)
         n, s1, s2 = (np.zeros(len(names)) for _ in range(3))
         subjects = 0
-        for img in imgs:
-            if img is None:
+        for path in rows[column]:
+            if _isnull(path):
                 continue
+            img = self._binarized(path, column, geom.shape)
             subjects += 1
             for i, r in enumerate(names):
                 v = float(np.count_nonzero(img & rois[r]))

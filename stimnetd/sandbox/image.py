@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from stimnetd.errors import Unavailable
+
 VERSION_LABEL = "org.stimnet.sandbox.version"
-BUILD_HINT = "run sandbox/build-offline.sh (or build sandbox/Dockerfile where a registry is reachable)"
+BUILD_HINT = (
+    "run sandbox/build-offline.sh (or build sandbox/Dockerfile where a registry is reachable)"
+)
 
 
-class SandboxImageError(RuntimeError):
+class SandboxImageError(Unavailable):
     """The sandbox image is missing or is not the expected version; scripts cannot run."""
 
 

@@ -9,6 +9,10 @@ a sum after the fact would hide a broken (or hostile) script instead of reportin
 The privacy layer still applies k_min and DP afterwards using the *catalog's* bounds;
 these checks make sure the sensitivity it assumes is the sensitivity the data has.
 
+Rejection messages reach the researcher, and the script controls what it wrote, so a
+message never echoes a value from the result (a claimed n, a shape, an unknown key or
+field name): only the rule, the aggregate's name and catalog metadata.
+
 Names, histogram edges and group labels are chosen by the script at run time and so can
 carry data bits past the noise. ``parse_result(..., declared=...)`` pins them to what
 the job request declared; sites requiring DP should always pass it.
@@ -24,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from stimnetd.catalog_types import FieldMeta
+from stimnetd.errors import Refused
 from stimnetd.query.aggregate import GroupKey, Partial
 
 RESULT_VERSION = 1
@@ -35,7 +40,7 @@ MAX_HISTOGRAM_EDGES = 1001
 MAX_CROSSPROD_FIELDS = 50
 MAX_VOXELS = 16_000_000
 MOMENT_STATS = ("sum", "mean", "variance", "sd")
-NAME_RE = re.compile(r"[A-Za-z0-9_.:()\[\] +*/,-]{1,128}\Z")
+NAME_RE = re.compile(r"[A-Za-z0-9_.:()\[\] +*/,~<>=-]{1,128}\Z")
 NUMERIC_TYPES = ("numeric", "integer")
 # Float sums of clamped values can land a few ulps past n·bound; scale-aware slack.
 REL_TOL = 1e-9
@@ -61,7 +66,7 @@ _META_KEYS: dict[str, tuple[set[str], set[str]]] = {
 }
 
 
-class ResultRejected(ValueError):
+class ResultRejected(Refused):
     """The script's result broke a rule; the message names the aggregate and the rule."""
 
 
@@ -86,12 +91,12 @@ def parse_result(
         raise ResultRejected("result: the document must be a JSON object")
     _keys("result", doc, _TOP_KEYS, set())
     if doc["version"] != RESULT_VERSION or isinstance(doc["version"], bool):
-        raise ResultRejected(f"result: unsupported version {doc['version']!r}")
+        raise ResultRejected(f"result: unsupported version (this daemon reads {RESULT_VERSION})")
     aggregates = doc["aggregates"]
     if not isinstance(aggregates, list):
         raise ResultRejected("result: 'aggregates' must be a list")
     if len(aggregates) > MAX_AGGREGATES:
-        raise ResultRejected(f"result: {len(aggregates)} aggregates, at most {MAX_AGGREGATES}")
+        raise ResultRejected(f"result: more than {MAX_AGGREGATES} aggregates")
     if not isinstance(catalog_rows, int) or catalog_rows < 0:
         raise ValueError("catalog_rows must be a non-negative int")
     parser = _Parser(arrays, fields, catalog_rows, grids or {}, declared)
@@ -99,7 +104,7 @@ def parse_result(
     seen: set[tuple[str, GroupKey]] = set()
     for p in partials:
         if p.key in seen:
-            raise ResultRejected(f"aggregate {p.name!r}: emitted twice for group {p.group!r}")
+            raise ResultRejected(f"aggregate {p.name!r}: emitted twice for the same group")
         seen.add(p.key)
     return partials
 
@@ -108,9 +113,8 @@ def _keys(where: str, obj: Mapping[str, Any], required: set[str], optional: set[
     missing = required - obj.keys()
     if missing:
         raise ResultRejected(f"{where}: missing {sorted(missing)}")
-    unknown = obj.keys() - required - optional
-    if unknown:
-        raise ResultRejected(f"{where}: unknown keys {sorted(map(str, unknown))}")
+    if obj.keys() - required - optional:
+        raise ResultRejected(f"{where}: unknown keys (allowed: {sorted(required | optional)})")
 
 
 def _is_int(value: Any) -> bool:
@@ -143,21 +147,22 @@ class _Parser:
         if not isinstance(agg, dict):
             raise ResultRejected(f"{where}: must be an object")
         name = agg.get("name")
-        if isinstance(name, str) and NAME_RE.match(name):
-            where = f"aggregate {name!r}"
-        else:
+        if not (isinstance(name, str) and NAME_RE.match(name)):
             raise ResultRejected(f"{where}: name must match {NAME_RE.pattern}")
+        if self._declared is not None and name not in self._declared:
+            raise ResultRejected(f"{where}: name not declared by the job request")
+        where = f"aggregate {name!r}"
         _keys(where, agg, {"kind", "name", "n", "stats"}, {"meta", "group"})
         kind = agg["kind"]
         if kind not in SCRIPT_KINDS:
-            raise ResultRejected(f"{where}: unknown kind {kind!r} (allowed: {SCRIPT_KINDS})")
+            raise ResultRejected(f"{where}: unknown kind (allowed: {SCRIPT_KINDS})")
         n = agg["n"]
         if not _is_int(n):
-            raise ResultRejected(f"{where}: n must be an integer, got {n!r}")
+            raise ResultRejected(f"{where}: n must be an integer")
         if n < 0:
-            raise ResultRejected(f"{where}: negative n {n}")
+            raise ResultRejected(f"{where}: n is negative")
         if n > self._rows:
-            raise ResultRejected(f"{where}: n={n} exceeds the catalog's {self._rows} rows")
+            raise ResultRejected(f"{where}: n exceeds the catalog's row count")
         meta = agg.get("meta", {})
         if not isinstance(meta, dict):
             raise ResultRejected(f"{where}: meta must be an object")
@@ -176,9 +181,7 @@ class _Parser:
     def _check_declared(self, where: str, name: str, kind: str, meta: dict[str, Any]) -> None:
         if self._declared is None:
             return
-        spec = self._declared.get(name)
-        if spec is None:
-            raise ResultRejected(f"{where}: not declared by the job request")
+        spec = self._declared[name]
         if "kind" in spec and spec["kind"] != kind:
             raise ResultRejected(f"{where}: kind {kind!r}, the job declared {spec['kind']!r}")
         for key, value in (spec.get("meta") or {}).items():
@@ -195,7 +198,7 @@ class _Parser:
                 raise ResultRejected(f"{where}: stats {key!r} refers to a missing array file")
             raw = np.asarray(self._arrays[ref])
             if raw.dtype.kind not in "iuf":
-                raise ResultRejected(f"{where}: stats {key!r} has dtype {raw.dtype}, not numeric")
+                raise ResultRejected(f"{where}: stats {key!r} has a non-numeric dtype")
             arr = raw.astype(np.float64)
         elif isinstance(value, list):
             _numbers_only(where, key, value)
@@ -214,7 +217,9 @@ class _Parser:
             raise ResultRejected(f"{where}: group must be a list of [field, level] pairs")
         pairs: list[tuple[str, str]] = []
         for item in group:
-            if not (isinstance(item, list) and len(item) == 2 and all(isinstance(v, str) for v in item)):
+            if not (
+                isinstance(item, list) and len(item) == 2 and all(isinstance(v, str) for v in item)
+            ):
                 raise ResultRejected(f"{where}: group entries must be [field, level] strings")
             field, level = item
             meta = self._field(where, field)
@@ -228,10 +233,12 @@ class _Parser:
 
     def _field(self, where: str, name: Any, types: Collection[str] | None = None) -> FieldMeta:
         if not isinstance(name, str) or name not in self._fields:
-            raise ResultRejected(f"{where}: field {name!r} does not exist in the catalog")
+            raise ResultRejected(f"{where}: names a field that does not exist in the catalog")
         meta = self._fields[name]
         if types is not None and meta.type not in types:
-            raise ResultRejected(f"{where}: field {name!r} is {meta.type}, expected {'/'.join(types)}")
+            raise ResultRejected(
+                f"{where}: field {name!r} is {meta.type}, expected {'/'.join(types)}"
+            )
         return meta
 
     def _bounded(self, where: str, name: Any) -> tuple[float, float]:
@@ -244,7 +251,7 @@ class _Parser:
     @staticmethod
     def _shape(where: str, key: str, arr: np.ndarray, shape: tuple[int, ...]) -> None:
         if arr.shape != shape:
-            raise ResultRejected(f"{where}: stats {key!r} has shape {arr.shape}, expected {shape}")
+            raise ResultRejected(f"{where}: stats {key!r} has the wrong shape")
 
     @staticmethod
     def _counts(where: str, key: str, arr: np.ndarray, n: int) -> None:
@@ -253,14 +260,14 @@ class _Parser:
         if np.any(arr != np.floor(arr)):
             raise ResultRejected(f"{where}: stats {key!r} has non-integer counts")
         if np.any(arr > n):
-            raise ResultRejected(f"{where}: stats {key!r} has a cell count above n={n}")
+            raise ResultRejected(f"{where}: stats {key!r} has a cell count above n")
 
     # -- per kind ----------------------------------------------------------------------
 
     def _check_count(self, where, n, stats, meta) -> dict[str, Any]:
         self._shape(where, "n", stats["n"], (1,))
         if stats["n"][0] != n:
-            raise ResultRejected(f"{where}: stats n={stats['n'][0]:g} differs from n={n}")
+            raise ResultRejected(f"{where}: stats n differs from n")
         return {}
 
     def _check_moments(self, where, n, stats, meta) -> dict[str, Any]:
@@ -270,7 +277,7 @@ class _Parser:
         for key in ("n", "s1", "s2"):
             self._shape(where, key, stats[key], (1,))
         if stats["n"][0] != n:
-            raise ResultRejected(f"{where}: stats n={stats['n'][0]:g} differs from n={n}")
+            raise ResultRejected(f"{where}: stats n differs from n")
         s1, s2 = float(stats["s1"][0]), float(stats["s2"][0])
         s1_lo, s1_hi = n * lo, n * hi
         if not (s1_lo - _slack(s1_lo) <= s1 <= s1_hi + _slack(s1_hi)):
@@ -289,7 +296,9 @@ class _Parser:
         self._field(where, meta["field"], NUMERIC_TYPES)
         edges = meta["edges"]
         if not isinstance(edges, list) or not 2 <= len(edges) <= MAX_HISTOGRAM_EDGES:
-            raise ResultRejected(f"{where}: edges must be a list of 2..{MAX_HISTOGRAM_EDGES} numbers")
+            raise ResultRejected(
+                f"{where}: edges must be a list of 2..{MAX_HISTOGRAM_EDGES} numbers"
+            )
         _numbers_only(where, "edges", edges)
         e = np.asarray(edges, dtype=np.float64)
         if not np.all(np.isfinite(e)) or np.any(np.diff(e) <= 0):
@@ -298,7 +307,7 @@ class _Parser:
         self._shape(where, "counts", counts, (len(edges) + 1,))
         self._counts(where, "counts", counts, n)
         if counts.sum() != n:
-            raise ResultRejected(f"{where}: counts sum to {counts.sum():g}, not n={n}")
+            raise ResultRejected(f"{where}: counts do not sum to n")
         return {"field": meta["field"], "edges": e.tolist()}
 
     def _check_crossprod(self, where, n, stats, meta) -> dict[str, Any]:
@@ -316,7 +325,7 @@ class _Parser:
         p1 = len(names) + 1
         self._shape(where, "m", m, (p1, p1))
         if m[0, 0] != n:
-            raise ResultRejected(f"{where}: m[0,0]={m[0, 0]:g} differs from n={n}")
+            raise ResultRejected(f"{where}: m[0,0] differs from n")
         if not np.allclose(m, m.T, rtol=REL_TOL, atol=1e-9):
             raise ResultRejected(f"{where}: m is not symmetric")
         diag = np.diag(m)
@@ -344,7 +353,7 @@ class _Parser:
         self._shape(where, "counts", counts, (len(levels[0]), len(levels[1])))
         self._counts(where, "counts", counts, n)
         if counts.sum() > n:
-            raise ResultRejected(f"{where}: counts sum to {counts.sum():g}, above n={n}")
+            raise ResultRejected(f"{where}: counts sum to more than n")
         return {"fields": list(names), "levels": [list(lv) for lv in levels]}
 
     def _check_voxel_map(self, where, n, stats, meta) -> dict[str, Any]:
@@ -361,7 +370,7 @@ class _Parser:
             raise ResultRejected(f"{where}: grid has more than {MAX_VOXELS} voxels")
         grid = self._grids.get(column.name)
         if grid is not None and shape != tuple(grid):
-            raise ResultRejected(f"{where}: grid {shape} is not the catalog's grid {tuple(grid)}")
+            raise ResultRejected(f"{where}: not on the catalog's grid {tuple(grid)}")
         count = stats["count"]
         self._shape(where, "count", count, shape)
         self._counts(where, "count", count, n)

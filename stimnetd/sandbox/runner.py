@@ -17,6 +17,7 @@ if it is a regular, singly linked file within the size cap.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import errno
 import io
@@ -58,6 +59,11 @@ POLL_MAX_S = 0.1
 SHUTDOWN_GRACE_S = 10.0
 
 STATUSES = ("succeeded", "failed", "timeout", "cancelled")
+_KNOWN_EXCEPTIONS = frozenset(
+    name
+    for name, value in vars(builtins).items()
+    if isinstance(value, type) and issubclass(value, BaseException)
+) | {"gaierror", "herror", "JSONDecodeError", "ParserError", "EmptyDataError", "LinAlgError"}
 
 
 @dataclass(frozen=True)
@@ -241,12 +247,11 @@ def _pids_limit_hits(path: Path | None) -> int:
 
 
 def _read_capped(dir_fd: int, name: str, what: str, budget: int) -> bytes:
-    try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        raise
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     if stat.S_ISLNK(st.st_mode):
         raise ResultRefused(f"{what} is a symlink: refused")
+    if not stat.S_ISREG(st.st_mode):
+        raise ResultRefused(f"{what} is not a regular file: refused")
     try:
         # O_NONBLOCK: a FIFO planted under the expected name must not hang the daemon.
         fd = os.open(
@@ -256,15 +261,19 @@ def _read_capped(dir_fd: int, name: str, what: str, budget: int) -> bytes:
         if exc.errno == errno.ELOOP:
             raise ResultRefused(f"{what} is a symlink: refused") from None
         raise ResultRefused(f"{what} cannot be opened ({errno.errorcode.get(exc.errno)})") from None
-    with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fh.fileno())
+    try:
+        # The checks that count are on the opened file, not on the name looked up above.
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ResultRefused(f"{what} is not a regular file: refused")
         if st.st_nlink != 1:
-            raise ResultRefused(f"{what} has {st.st_nlink} hard links: refused")
+            raise ResultRefused(f"{what} has more than one hard link: refused")
         if st.st_size > budget:
-            raise ResultRefused(f"{what} is {st.st_size} bytes, over the result limit")
-        data = fh.read(budget + 1)
+            raise ResultRefused(f"{what} is over the result limit: refused")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(budget + 1)
+    finally:
+        os.close(fd)
     if len(data) > budget:
         raise ResultRefused(f"{what} is over the result limit")
     return data
@@ -293,16 +302,17 @@ def _read_outputs(out: Path, cap: int) -> tuple[dict[str, Any], dict[str, np.nda
             if name in arrays:
                 continue
             if not NPY_NAME_RE.match(name):
-                raise ResultRefused(f"array file name {name[:80]!r} is not allowed")
+                raise ResultRefused("an array file name is not a plain *.npy name: refused")
             try:
-                data = _read_capped(dir_fd, name, f"array file {name}", budget)
+                # Never the file's name in a reason: the script chose it.
+                data = _read_capped(dir_fd, name, "an array file", budget)
             except FileNotFoundError:
-                raise ResultRefused(f"array file {name} is missing") from None
+                raise ResultRefused("an array file the result refers to is missing") from None
             budget -= len(data)
             try:
                 arrays[name] = np.load(io.BytesIO(data), allow_pickle=False)
-            except (ValueError, OSError, EOFError) as exc:
-                raise ResultRefused(f"array file {name} is not a valid .npy ({exc})") from None
+            except (ValueError, OSError, EOFError):
+                raise ResultRefused("an array file is not a valid .npy file") from None
         return doc, arrays
     finally:
         os.close(dir_fd)
@@ -321,6 +331,21 @@ def _npy_refs(doc: dict[str, Any]) -> list[str]:
             if isinstance(value, dict) and isinstance(value.get("npy"), str):
                 refs.append(value["npy"])
     return refs
+
+
+def _marker(stderr_tail: bytes) -> tuple[str, str] | None:
+    """(exception type, line) from the entrypoint's last marker line, if any.
+
+    The reason goes back to the researcher and the script can print anything to stderr,
+    so only the strict marker form counts, and an exception class the script could have
+    named after a data value (``class Age71(Exception)``) is reported generically.
+    """
+    for line in reversed(stderr_tail.decode("utf-8", "replace").splitlines()):
+        m = MARKER_RE.match(line.strip())
+        if m:
+            kind = m.group(1) if m.group(1) in _KNOWN_EXCEPTIONS else "an exception"
+            return kind, m.group(2)
+    return None
 
 
 def _log_lines(raw: bytes, log_bytes: int) -> list[str]:
@@ -592,7 +617,7 @@ class SandboxRunner:
                 if files > lim.output_files:
                     verdict, detail = "output", f"more than {lim.output_files} output files"
                 elif used > lim.result_bytes:
-                    verdict, detail = "output", f"{used} bytes written"
+                    verdict, detail = "output", "total size"
             if verdict is not None:
                 await asyncio.to_thread(self._kill, api, cid)
                 state = await self._stopped_state(api, cid)
@@ -617,31 +642,40 @@ class SandboxRunner:
             return done("cancelled", "cancelled")
         if verdict == "timeout":
             note = f" ({pids_note})" if pids_note else ""
-            return done("timeout", f"exceeded wall-clock limit {_fmt_seconds(lim.timeout_s)} s{note}")
+            return done(
+                "timeout", f"exceeded wall-clock limit {_fmt_seconds(lim.timeout_s)} s{note}"
+            )
         if verdict == "output":
             return done(
                 "failed",
                 f"output exceeded result limit {_fmt_bytes(lim.result_bytes)} ({detail}); killed",
             )
         if state.get("OOMKilled"):
-            return done("failed", f"memory limit {_fmt_bytes(lim.memory_bytes)} exceeded (OOM-killed)")
+            return done(
+                "failed", f"memory limit {_fmt_bytes(lim.memory_bytes)} exceeded (OOM-killed)"
+            )
         used, files = await asyncio.to_thread(_out_usage, ws.out, lim.output_files)
         # ">=": RLIMIT_FSIZE stops a file at exactly result_bytes, so a file at the cap
         # means a write was refused there.
         if used >= lim.result_bytes or files > lim.output_files:
-            return done(
-                "failed",
-                f"output reached result limit {_fmt_bytes(lim.result_bytes)} "
-                f"({used} bytes in {files} files)",
-            )
+            return done("failed", f"output reached result limit {_fmt_bytes(lim.result_bytes)}")
         if exit_code != 0:
-            marker = self._marker(await asyncio.to_thread(self._stderr_tail, api, cid))
-            what = f"script raised {marker[0]} at line {marker[1]}" if marker else (
-                f"script exited with status {exit_code}"
+            marker = _marker(await asyncio.to_thread(self._stderr_tail, api, cid))
+            what = (
+                f"script raised {marker[0]} at line {marker[1]}"
+                if marker
+                else (f"script exited with status {exit_code}")
             )
             if exit_code == 137 and not marker:
                 # cgroup v1 sometimes kills for memory without setting OOMKilled.
                 what = f"script was killed (SIGKILL; memory limit {_fmt_bytes(lim.memory_bytes)}?)"
+            if not pids_note and marker and marker[0] == "BlockingIOError":
+                # A bomb that dies fast takes its cgroup (and the pids.events counter the
+                # monitor reads) with it; in a container with no network and no
+                # RLIMIT_NPROC, EAGAIN almost always means fork/clone hit pids.max.
+                pids_note = (
+                    f"process limit {lim.pids} likely reached (fork/thread creation refused)"
+                )
             return done("failed", f"{pids_note}; {what}" if pids_note else what)
         try:
             doc, arrays = await asyncio.to_thread(_read_outputs, ws.out, lim.result_bytes)
@@ -680,14 +714,6 @@ class SandboxRunner:
             exit_code=exit_code,
             prewarmed=prewarmed,
         )
-
-    @staticmethod
-    def _marker(stderr_tail: bytes) -> tuple[str, str] | None:
-        for line in reversed(stderr_tail.decode("utf-8", "replace").splitlines()):
-            m = MARKER_RE.match(line.strip())
-            if m:
-                return m.group(1), m.group(2)
-        return None
 
     def _logs(self, api: Any, cid: str) -> bytes:
         import docker.errors

@@ -23,7 +23,7 @@ import aiosqlite
 
 from stimnetd.errors import BudgetExhausted, StimnetError
 from stimnetd.store.audit import GENESIS, AuditRow, AuditVerification, chain_hash, verify_rows
-from stimnetd.store.records import JobRecord, MemberRecord, Release
+from stimnetd.store.records import JobRecord, MemberRecord, Release, cohort_digest
 from stimnetd.store.schema import MIGRATIONS
 
 
@@ -285,16 +285,17 @@ class Store:
 
     async def release(self, release: Release, *, budget: float,
                       guard: Callable[[list[frozenset[str]]], None] | None = None,
-                      audit_actor: tuple[str, str]) -> Release:
+                      guard_window: int = 0, audit_actor: tuple[str, str]) -> Release:
         """Record a release, charge its epsilon and audit it, in one transaction.
 
         Idempotent per job: a job released before (e.g. re-run after a crash) returns the
         stored release without charging again. `guard` sees the researcher's earlier
-        released cohorts inside the transaction, so two racing queries cannot both pass it.
+        released cohorts inside the transaction, so two racing queries cannot both pass it;
+        only cohorts whose size is within `guard_window` of this one are loaded.
         """
         async with self._tx() as db:
             cur = await db.execute(
-                "SELECT job_id, researcher, catalog, decision, epsilon, cohort_json, partials, at"
+                "SELECT job_id, researcher, catalog, decision, epsilon, cohort_digest, partials, at"
                 " FROM releases WHERE job_id = ?", (release.job_id,))
             existing = await cur.fetchone()
             if existing is not None:
@@ -313,10 +314,13 @@ class Store:
                         f"privacy budget exhausted on catalog {release.catalog!r}: this query needs "
                         f"epsilon {release.epsilon:g}, {max(budget - spent, 0):g} of {budget:g} "
                         "remains for you at this site")
-            if guard is not None and release.cohort:
+            digest = cohort_digest(release.cohort)
+            if guard is not None and release.cohort and release.decision != "suppressed":
                 cur = await db.execute(
-                    "SELECT cohort_json FROM releases WHERE researcher = ? AND catalog = ?"
-                    " AND decision != 'suppressed'", (release.researcher, release.catalog))
+                    "SELECT members_json FROM cohorts WHERE researcher = ? AND catalog = ?"
+                    " AND digest != ? AND size BETWEEN ? AND ?",
+                    (release.researcher, release.catalog, digest,
+                     len(release.cohort) - guard_window, len(release.cohort) + guard_window))
                 earlier = [frozenset(json.loads(r[0])) for r in await cur.fetchall()]
                 try:
                     guard(earlier)
@@ -332,10 +336,15 @@ class Store:
                     (release.researcher, release.catalog, release.job_id, release.epsilon,
                      release.at))
             await db.execute(
-                "INSERT INTO releases (job_id, researcher, catalog, decision, epsilon, cohort_json,"
+                "INSERT INTO releases (job_id, researcher, catalog, decision, epsilon, cohort_digest,"
                 " partials, at) VALUES (?,?,?,?,?,?,?,?)",
                 (release.job_id, release.researcher, release.catalog, release.decision,
-                 release.epsilon, json.dumps(sorted(release.cohort)), release.partials, release.at))
+                 release.epsilon, digest, release.partials, release.at))
+            if release.cohort and release.decision != "suppressed":
+                await db.execute(
+                    "INSERT OR IGNORE INTO cohorts (researcher, catalog, digest, size, members_json)"
+                    " VALUES (?,?,?,?,?)", (release.researcher, release.catalog, digest,
+                                            len(release.cohort), json.dumps(sorted(release.cohort))))
             await self._append_audit(
                 db, *audit_actor, "release", release.decision,
                 {"job": release.job_id, "catalog": release.catalog, "epsilon": release.epsilon,
@@ -344,7 +353,7 @@ class Store:
 
     async def get_release(self, job_id: str) -> Release | None:
         cur = await self.db.execute(
-            "SELECT job_id, researcher, catalog, decision, epsilon, cohort_json, partials, at"
+            "SELECT job_id, researcher, catalog, decision, epsilon, cohort_digest, partials, at"
             " FROM releases WHERE job_id = ?", (job_id,))
         row = await cur.fetchone()
         return Release.from_row(row) if row else None

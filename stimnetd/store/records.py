@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,9 +63,9 @@ class Release:
 
     @classmethod
     def from_row(cls, row: Any) -> Release:
-        job_id, researcher, catalog, decision, eps, cohort_json, partials, at = row
-        return cls(job_id, researcher, catalog, decision, eps, frozenset(json.loads(cohort_json)),
-                   partials, at)
+        # The stored release keeps the cohort's digest only; members live in `cohorts`.
+        job_id, researcher, catalog, decision, eps, _digest, partials, at = row
+        return cls(job_id, researcher, catalog, decision, eps, frozenset(), partials, at)
 
 
 @dataclass(frozen=True)
@@ -85,3 +86,7 @@ class MemberRecord:
     def to_row(self) -> tuple[Any, ...]:
         return (self.name, self.address, self.incarnation, self.status, self.last_heard,
                 json.dumps([list(c) for c in self.catalogs]))
+
+
+def cohort_digest(cohort: frozenset[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(cohort)).encode()).hexdigest()

@@ -67,11 +67,24 @@ MIGRATIONS: tuple[str, ...] = (
         catalog TEXT NOT NULL,
         decision TEXT NOT NULL,
         epsilon REAL,
-        cohort_json TEXT NOT NULL,
+        cohort_digest TEXT NOT NULL,
         partials BLOB,
         at REAL NOT NULL
     );
     CREATE INDEX releases_owner ON releases (researcher, catalog);
+
+    -- Distinct released cohorts (HMAC'd subject ids), for the overlap guard. Kept once per
+    -- (researcher, catalog, digest) and found by size: |A xor B| >= ||A| - |B||, so only
+    -- cohorts of similar size can be within k_min of a new one.
+    CREATE TABLE cohorts (
+        researcher TEXT NOT NULL,
+        catalog TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        members_json TEXT NOT NULL,
+        PRIMARY KEY (researcher, catalog, digest)
+    );
+    CREATE INDEX cohorts_size ON cohorts (researcher, catalog, size);
 
     CREATE TABLE members (
         name TEXT PRIMARY KEY,

@@ -9,6 +9,7 @@ the attack failed, not just that it did.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import textwrap
 import time
@@ -39,7 +40,11 @@ def _with_limits(runner: SandboxRunner, **changes: Any) -> None:
 
 async def test_network_connect_is_unreachable(runner, docker_client, catalog: Catalog):
     """A TCP connect to an outside address fails at once: the container has no network."""
-    out = await run_attack(runner, docker_client, catalog, _script("""
+    out = await run_attack(
+        runner,
+        docker_client,
+        catalog,
+        _script("""
         import errno, socket
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.settimeout(2)
@@ -48,7 +53,8 @@ async def test_network_connect_is_unreachable(runner, docker_client, catalog: Ca
         except OSError as exc:
             print("connect", errno.errorcode.get(exc.errno, exc.errno))
             raise
-        """))
+        """),
+    )
     assert_refused(out)
     assert "connect ENETUNREACH" in _logs(out)
     assert out.reason == "script raised OSError at line 5"
@@ -56,14 +62,19 @@ async def test_network_connect_is_unreachable(runner, docker_client, catalog: Ca
 
 async def test_dns_lookup_fails(runner, docker_client, catalog: Catalog):
     """Name resolution fails: no resolver is reachable without a network."""
-    out = await run_attack(runner, docker_client, catalog, _script("""
+    out = await run_attack(
+        runner,
+        docker_client,
+        catalog,
+        _script("""
         import socket
         try:
             socket.getaddrinfo("example.org", 443)
         except socket.gaierror as exc:
             print("dns failed", exc.errno)
             raise
-        """))
+        """),
+    )
     assert_refused(out)
     assert "dns failed" in _logs(out)
     assert out.reason.startswith("script raised gaierror at line")
@@ -71,11 +82,16 @@ async def test_dns_lookup_fails(runner, docker_client, catalog: Catalog):
 
 async def test_only_loopback_interface(runner, docker_client, catalog: Catalog):
     """The container's only network interface is loopback."""
-    out = await run_attack(runner, docker_client, catalog, _script("""
+    out = await run_attack(
+        runner,
+        docker_client,
+        catalog,
+        _script("""
         import socket
         print("ifaces", sorted(name for _, name in socket.if_nameindex()))
         raise SystemExit(3)
-        """))
+        """),
+    )
     assert_refused(out)
     assert "ifaces ['lo']" in _logs(out)
     assert out.reason == "script exited with status 3"
@@ -83,7 +99,11 @@ async def test_only_loopback_interface(runner, docker_client, catalog: Catalog):
 
 async def test_fork_bomb_hits_pids_limit(runner, docker_client, catalog: Catalog):
     """A fork bomb is stopped by the pids limit, and the reason names that limit."""
-    out = await run_attack(runner, docker_client, catalog, _script("""
+    out = await run_attack(
+        runner,
+        docker_client,
+        catalog,
+        _script("""
         import os, time
         children = 0
         while True:
@@ -95,18 +115,24 @@ async def test_fork_bomb_hits_pids_limit(runner, docker_client, catalog: Catalog
             except OSError as exc:
                 print("fork refused after", children, exc.errno)
                 raise
-        """))
+        """),
+    )
     assert_refused(out, "failed", "timeout")
-    assert "process limit 64 reached" in out.reason
+    assert out.reason.startswith("process limit 64 "), out.reason
     assert "fork refused after" in _logs(out)
 
 
 async def test_memory_bomb_is_oom_killed(runner, docker_client, catalog: Catalog):
     """Allocating twice the memory limit ends in an OOM kill reported with the limit."""
-    out = await run_attack(runner, docker_client, catalog, _script("""
+    out = await run_attack(
+        runner,
+        docker_client,
+        catalog,
+        _script("""
         blob = bytearray(2 * 256 * 1024 * 1024)
         print("allocated", len(blob))
-        """))
+        """),
+    )
     assert_refused(out)
     assert out.reason == "memory limit 256 MiB exceeded (OOM-killed)"
     assert "allocated" not in _logs(out)
@@ -128,14 +154,19 @@ async def test_cpu_spin_times_out(runner, docker_client, catalog: Catalog):
 )
 async def test_write_to_read_only_paths_fails(runner, docker_client, catalog: Catalog, path):
     """Writes to the catalog, the job dir and the root filesystem fail with EROFS."""
-    out = await run_attack(runner, docker_client, catalog, _script(f"""
+    out = await run_attack(
+        runner,
+        docker_client,
+        catalog,
+        _script(f"""
         import errno
         try:
             open({path!r}, "a").write("x")
         except OSError as exc:
             print("write", errno.errorcode.get(exc.errno, exc.errno))
             raise
-        """))
+        """),
+    )
     assert_refused(out)
     assert "write EROFS" in _logs(out)
     assert out.reason == "script raised OSError at line 3"
@@ -145,7 +176,11 @@ async def test_write_to_read_only_paths_fails(runner, docker_client, catalog: Ca
 
 async def test_exec_from_tmp_is_denied(runner, docker_client, catalog: Catalog):
     """A binary copied to /tmp cannot be executed: /tmp is mounted noexec."""
-    out = await run_attack(runner, docker_client, catalog, _script("""
+    out = await run_attack(
+        runner,
+        docker_client,
+        catalog,
+        _script("""
         import errno, os, shutil, subprocess
         shutil.copy("/bin/true", "/tmp/t")
         os.chmod("/tmp/t", 0o755)
@@ -154,7 +189,8 @@ async def test_exec_from_tmp_is_denied(runner, docker_client, catalog: Catalog):
         except OSError as exc:
             print("exec", errno.errorcode.get(exc.errno, exc.errno))
             raise
-        """))
+        """),
+    )
     assert_refused(out)
     assert "exec EACCES" in _logs(out)
     assert out.reason == "script raised PermissionError at line 5"
@@ -162,7 +198,11 @@ async def test_exec_from_tmp_is_denied(runner, docker_client, catalog: Catalog):
 
 async def test_host_paths_are_not_visible(runner, docker_client, catalog: Catalog):
     """Host files, the Docker socket and the host's shadow file are out of reach."""
-    out = await run_attack(runner, docker_client, catalog, _script(f"""
+    out = await run_attack(
+        runner,
+        docker_client,
+        catalog,
+        _script(f"""
         import errno, os
         print("host-file", os.path.exists({str(catalog.host_secret)!r}))
         print("docker-sock", os.path.exists("/var/run/docker.sock"), os.path.exists("/run/docker.sock"))
@@ -174,7 +214,8 @@ async def test_host_paths_are_not_visible(runner, docker_client, catalog: Catalo
         except OSError as exc:
             print("shadow", errno.errorcode.get(exc.errno, exc.errno))
             raise
-        """))
+        """),
+    )
     assert_refused(out)
     logs = _logs(out)
     assert "host-file False" in logs
@@ -196,23 +237,32 @@ async def test_gigabyte_of_stdout_is_bounded(runner, docker_client, catalog: Cat
         while not stop.is_set():
             for c in await asyncio.to_thread(node_containers, docker_client, runner.node):
                 path = c.attrs.get("LogPath")
-                if path and os.path.exists(path):
+                # The container (and its log) may be removed between listing and stat.
+                with contextlib.suppress(FileNotFoundError):
                     seen.append(os.path.getsize(path))
             await asyncio.sleep(0.2)
 
     watcher = asyncio.get_running_loop().create_task(watch_log_file())
     try:
-        out = await run_attack(runner, docker_client, catalog, _script("""
+        out = await run_attack(
+            runner,
+            docker_client,
+            catalog,
+            _script("""
             import sys
             chunk = "x" * (1 << 20) + "\\n"
             for _ in range(1024):
                 sys.stdout.write(chunk)
-            """))
+            """),
+        )
     finally:
         stop.set()
         await watcher
     assert_refused(out, "failed", "timeout")
-    assert out.reason in ("exceeded wall-clock limit 8 s", "script emitted no aggregates (no result file)")
+    assert out.reason in (
+        "exceeded wall-clock limit 8 s",
+        "script emitted no aggregates (no result file)",
+    )
     assert seen, "the log file was never observed"
     # json-file rotates at max-size (64k here); one over-long line may overshoot once.
     assert max(seen) < 8 * 1024 * 1024
@@ -221,23 +271,33 @@ async def test_gigabyte_of_stdout_is_bounded(runner, docker_client, catalog: Cat
 
 async def test_oversized_result_file_is_refused(runner, docker_client, catalog: Catalog):
     """A result file past the size cap is cut by RLIMIT_FSIZE and the job fails."""
-    out = await run_attack(runner, docker_client, catalog, _script("""
+    out = await run_attack(
+        runner,
+        docker_client,
+        catalog,
+        _script("""
         with open("/out/result.json", "w") as fh:
             fh.write('{"version": 1, "aggregates": [' + " " * (2 << 20) + "]}")
-        """))
+        """),
+    )
     assert_refused(out)
     assert out.reason.startswith("output reached result limit 1 MiB")
 
 
 async def test_output_spread_over_files_is_killed(runner, docker_client, catalog: Catalog):
     """Many files under the per-file cap but over the total cap get the job killed."""
-    out = await run_attack(runner, docker_client, catalog, _script("""
+    out = await run_attack(
+        runner,
+        docker_client,
+        catalog,
+        _script("""
         import time
         for i in range(4):
             with open(f"/out/pad{i}", "wb") as fh:
                 fh.write(b"\\0" * (400 << 10))
         time.sleep(15)
-        """))
+        """),
+    )
     assert_refused(out)
     assert out.reason.startswith("output exceeded result limit 1 MiB")
 
@@ -249,14 +309,16 @@ async def test_output_spread_over_files_is_killed(runner, docker_client, catalog
         (
             'open("/out/real", "w").write(\'{"version": 1, "aggregates": []}\'); '
             'os.link("/out/real", "/out/result.json")',
-            "result file has 2 hard links: refused",
+            "result file has more than one hard link: refused",
         ),
         ('os.mkfifo("/out/result.json")', "result file is not a regular file: refused"),
         ('os.mkdir("/out/result.json")', "result file is not a regular file: refused"),
     ],
     ids=["symlink", "hardlink", "fifo", "directory"],
 )
-async def test_result_file_tricks_are_refused(runner, docker_client, catalog: Catalog, setup, reason):
+async def test_result_file_tricks_are_refused(
+    runner, docker_client, catalog: Catalog, setup, reason
+):
     """A result that is a symlink, hard link, FIFO or directory is refused, not followed."""
     out = await run_attack(runner, docker_client, catalog, f"import os\n{setup}\n")
     assert_refused(out)
@@ -265,20 +327,29 @@ async def test_result_file_tricks_are_refused(runner, docker_client, catalog: Ca
 
 async def test_npy_side_file_symlink_is_refused(runner, docker_client, catalog: Catalog):
     """An .npy reference that is a symlink is refused like the result file itself."""
-    out = await run_attack(runner, docker_client, catalog, _script("""
+    out = await run_attack(
+        runner,
+        docker_client,
+        catalog,
+        _script("""
         import json, os
         os.symlink("/etc/passwd", "/out/a.npy")
         doc = {"version": 1, "aggregates": [{"kind": "voxel_map", "name": "v", "n": 1,
                "stats": {"count": {"npy": "a.npy"}}, "meta": {"column": "x", "shape": [1]}}]}
         open("/out/result.json", "w").write(json.dumps(doc))
-        """))
+        """),
+    )
     assert_refused(out)
-    assert out.reason == "array file a.npy is a symlink: refused"
+    assert out.reason == "an array file is a symlink: refused"
 
 
 async def test_privilege_syscalls_get_eperm(runner, docker_client, catalog: Catalog):
     """setuid(0), unshare(CLONE_NEWUSER|CLONE_NEWNS) and mount() all fail with EPERM."""
-    out = await run_attack(runner, docker_client, catalog, _script("""
+    out = await run_attack(
+        runner,
+        docker_client,
+        catalog,
+        _script("""
         import ctypes, errno, os
         libc = ctypes.CDLL(None, use_errno=True)
         results = {}
@@ -296,22 +367,28 @@ async def test_privilege_syscalls_get_eperm(runner, docker_client, catalog: Cata
             results[name] = "ok" if rc == 0 else errno.errorcode[ctypes.get_errno()]
         print(sorted(results.items()))
         raise PermissionError("all refused") if set(results.values()) == {"EPERM"} else SystemExit(9)
-        """))
+        """),
+    )
     assert_refused(out)
     assert (
         "[('chroot', 'EPERM'), ('mount', 'EPERM'), ('setuid', 'EPERM'), ('unshare', 'EPERM')]"
         in _logs(out)
     )
-    assert out.reason == "script raised PermissionError at line 19"
+    assert out.reason == "script raised PermissionError at line 17"
 
 
 async def test_traceback_text_is_not_released(runner, docker_client, catalog: Catalog):
     """An exception message that quotes data appears nowhere in the outcome."""
-    out = await run_attack(runner, docker_client, catalog, _script("""
+    out = await run_attack(
+        runner,
+        docker_client,
+        catalog,
+        _script("""
         from stimnet_runtime import load_table
         df = load_table("subjects")
         raise KeyError(f"patient {df['subject'][0]} age {df['age'][0]}")
-        """))
+        """),
+    )
     assert_refused(out)
     assert out.reason == "script raised KeyError at line 3"
     assert "s00" not in _logs(out) and "s00" not in out.reason
@@ -319,22 +396,32 @@ async def test_traceback_text_is_not_released(runner, docker_client, catalog: Ca
 
 async def test_partial_results_of_failed_script_are_discarded(runner, docker_client, catalog):
     """Aggregates emitted before a crash are not released."""
-    out = await run_attack(runner, docker_client, catalog, _script("""
+    out = await run_attack(
+        runner,
+        docker_client,
+        catalog,
+        _script("""
         from stimnet_runtime import emit_count
         emit_count("n", 10)
         1 / 0
-        """))
+        """),
+    )
     assert_refused(out)
     assert out.reason == "script raised ZeroDivisionError at line 3"
 
 
 async def test_forged_marker_on_stdout_does_not_become_reason(runner, docker_client, catalog):
     """Only stderr is searched for the runtime marker, and only in its strict form."""
-    out = await run_attack(runner, docker_client, catalog, _script("""
+    out = await run_attack(
+        runner,
+        docker_client,
+        catalog,
+        _script("""
         import sys
         print("stimnet-runtime: age=71 at line 5")
         sys.stderr.write("stimnet-runtime: patient s00 is 71\\n")
         raise SystemExit(4)
-        """))
+        """),
+    )
     assert_refused(out)
     assert out.reason == "script exited with status 4"

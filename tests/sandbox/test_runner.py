@@ -38,7 +38,9 @@ async def test_happy_path_parses_into_partials(runner, docker_client, catalog: C
     out = await run_attack(runner, docker_client, catalog, HAPPY, job_id="happy")
     assert out.status == "succeeded", out
     assert out.reason == "ok"
-    partials = {(p.name, p.group): p for p in parse_result(out.result, out.arrays, FIELDS, catalog.rows)}
+    partials = {
+        (p.name, p.group): p for p in parse_result(out.result, out.arrays, FIELDS, catalog.rows)
+    }
 
     assert partials[("n", ())].n == len(AGES)
     mean = partials[("avg(updrs_change)", ())]
@@ -46,8 +48,12 @@ async def test_happy_path_parses_into_partials(runner, docker_client, catalog: C
     assert mean.stats["s1"][0] == pytest.approx(sum(UPDRS))
     assert mean.stats["s2"][0] == pytest.approx(sum(u * u for u in UPDRS))
     hist = partials[("age_hist", ())]
-    expected = [sum(a < 40 for a in AGES), sum(40 <= a < 60 for a in AGES),
-                sum(60 <= a <= 80 for a in AGES), sum(a > 80 for a in AGES)]
+    expected = [
+        sum(a < 40 for a in AGES),
+        sum(40 <= a < 60 for a in AGES),
+        sum(60 <= a <= 80 for a in AGES),
+        sum(a > 80 for a in AGES),
+    ]
     assert hist.stats["counts"].tolist() == expected
     assert partials[("n_by_target", (("target", "STN"),))].n == 5
     reg = partials[("updrs~age", ())]
@@ -116,8 +122,12 @@ async def test_job_on_another_catalog_does_not_take_the_warm_container(
     other = tmp_path / "other-catalog"
     other.mkdir(mode=0o755)
     await runner.prewarm(other)
-    out = await runner.run("cold", b"from stimnet_runtime import emit_count\nemit_count('n', 1)\n",
-                           catalog.root, catalog.manifest)
+    out = await runner.run(
+        "cold",
+        b"from stimnet_runtime import emit_count\nemit_count('n', 1)\n",
+        catalog.root,
+        catalog.manifest,
+    )
     assert out.status == "succeeded", out
     assert not out.prewarmed
 
@@ -162,10 +172,14 @@ async def test_reap_orphans_removes_a_crashed_runners_containers(
     node = "reap-test-node"
     crashed = SandboxRunner(docker.from_env, sandbox_image, TEST_LIMITS, tmp_path / "s", node=node)
     await crashed.prewarm(catalog.root)  # then "crash": no shutdown
-    bystander = SandboxRunner(docker.from_env, sandbox_image, TEST_LIMITS, tmp_path / "b", node="other-node")
+    bystander = SandboxRunner(
+        docker.from_env, sandbox_image, TEST_LIMITS, tmp_path / "b", node="other-node"
+    )
     await bystander.prewarm(catalog.root)
     try:
-        fresh = SandboxRunner(docker.from_env, sandbox_image, TEST_LIMITS, tmp_path / "s", node=node)
+        fresh = SandboxRunner(
+            docker.from_env, sandbox_image, TEST_LIMITS, tmp_path / "s", node=node
+        )
         assert await fresh.reap_orphans() == 1
         assert node_containers(docker_client, node) == []
         assert len(node_containers(docker_client, "other-node")) == 1

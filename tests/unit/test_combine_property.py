@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from fakes import FakeCatalog, categorical, image, numeric
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -16,6 +15,7 @@ from stimnetd.query.combine import combine
 from stimnetd.query.engine import QUANTILE_BINS, compute
 from stimnetd.query.result import QueryResult, finalize
 from stimnetd.query.sql import parse_sql
+from tests.unit.fakes import FakeCatalog, categorical, image, numeric
 
 LO, HI = -10.0, 10.0  # x is drawn from [-12.5, 12.5], so clamping bites
 SHAPE = (2, 2, 2)

@@ -8,14 +8,15 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from fakes import FakeCatalog, categorical, image, numeric
 
+from stimnetd.catalog_types import FieldMeta
 from stimnetd.query.aggregate import Partial
 from stimnetd.query.combine import combine
 from stimnetd.query.engine import compute
-from stimnetd.query.errors import IncompatiblePartials, QueryError
+from stimnetd.query.errors import DataContractViolation, IncompatiblePartials, QueryError
 from stimnetd.query.result import finalize, quantile_from_histogram
 from stimnetd.query.sql import parse_sql
+from tests.unit.fakes import FakeCatalog, categorical, image, numeric
 
 SHAPE = (2, 2, 2)
 IMAGES = {
@@ -166,8 +167,16 @@ def test_image_off_the_catalog_grid_is_refused():
     cat = FakeCatalog(
         pd.DataFrame({"img": ["odd"]}), FIELDS, images={"odd": np.ones((3, 3, 3))}, shape=SHAPE
     )
-    with pytest.raises(QueryError, match="not the catalog grid"):
+    with pytest.raises(DataContractViolation, match="not on the catalog grid"):
         run("SELECT count_map(img) FROM t", cat)
+
+
+def test_image_larger_than_declared_max_voxels_is_refused():
+    """A subject covering more voxels than max_voxels breaks the DP sensitivity, so stop."""
+    fields = {"img": FieldMeta("img", "t", "image", max_voxels=1)}
+    cat = FakeCatalog(pd.DataFrame({"img": ["b.nii"]}), fields, images=IMAGES, shape=SHAPE)
+    with pytest.raises(DataContractViolation, match=r"declared max_voxels \(1\)"):
+        run("SELECT roi_overlap(img) FROM t", cat)
 
 
 def test_compute_revalidates_the_spec_against_its_catalog():
@@ -304,3 +313,34 @@ def test_result_to_dict_is_json_safe_and_excludes_arrays():
     d = json.loads(json.dumps(res.to_dict(), allow_nan=False))
     assert d["rows"] == [["a", 2, 1.0]]
     assert "arrays" not in d and d["maps"][0]["mean_key"] in res.arrays
+
+
+def test_finalize_shows_cells_withheld_everywhere_as_none():
+    """Histogram bins withheld at every site read None; bins released somewhere keep counts."""
+    spec = parse_sql("SELECT histogram(y, 0, 1) AS h FROM t")
+    hist = lambda counts, mask: Partial(  # noqa: E731
+        "h",
+        "histogram",
+        (),
+        9,
+        {"counts": np.array(counts, float)},
+        {"edges": [0.0, 1.0]},
+        cell_mask=np.array(mask),
+        suppressed_reason="k_min",
+    )
+    res = finalize(
+        spec,
+        combine([[hist([0, 9, 0], [True, False, True])], [hist([0, 0, 7], [True, True, False])]]),
+    )
+    (h,) = res.histograms
+    assert (h["under"], h["counts"], h["over"]) == (None, [9], 7)
+    assert res.suppressed[0]["scope"] == "partial"
+
+
+def test_unweighted_mean_map_is_the_covered_fraction_of_the_cohort():
+    """mean_map(img) without a weight gives, per voxel, the share of subjects covering it."""
+    spec = parse_sql("SELECT mean_map(img) AS m FROM t")
+    cat = catalog(img=["a.nii", "b.nii", None, "a.nii"])
+    res = finalize(spec, combine([compute(spec, cat).partials]))
+    mean = res.arrays[res.maps[0]["mean_key"]].ravel()
+    np.testing.assert_allclose(mean[[0, 1, 2, 7]], [1.0, 1 / 3, 0.0, 2 / 3])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from fakes import categorical, image, numeric
 
 from stimnetd.catalog_types import FieldMeta
 from stimnetd.query.errors import QueryError
@@ -22,6 +21,7 @@ from stimnetd.query.spec import (
     validate,
 )
 from stimnetd.query.sql import parse_sql
+from tests.unit.fakes import categorical, image, numeric
 
 FIELDS: dict[str, FieldMeta] = {
     "target": categorical("target", ("STN", "GPi")),

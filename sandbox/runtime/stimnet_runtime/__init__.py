@@ -277,11 +277,11 @@ def _crossprod(name: str, fields: Sequence[str], frame, purpose: str, group) -> 
     if len(set(fields)) != len(fields):
         raise ValueError("fields must be distinct")
     sub = frame[fields].apply(lambda col: col.astype(float)).dropna()
-    cols = [np.asarray(sub[f], dtype=float) for f in fields]
-    for f, col in zip(fields, cols, strict=True):
+    cols = []
+    for f in fields:
+        col = np.array(sub[f], dtype=float)
         bounds = _bounds(f)
-        if bounds is not None:
-            np.clip(col, bounds[0], bounds[1], out=col)
+        cols.append(np.clip(col, bounds[0], bounds[1]) if bounds is not None else col)
     z = np.column_stack([np.ones(len(sub)), *cols]) if len(sub) else np.zeros((0, len(fields) + 1))
     m = z.T @ z
     meta = {"fields": fields, "purpose": purpose}

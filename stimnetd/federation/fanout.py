@@ -1,0 +1,103 @@
+"""Fan-out: send a researcher's signed job to every site holding the catalog, in parallel.
+
+Each site runs under its own deadline; a slow or dead site becomes `timed_out` or `failed`
+in the manifest and never holds the answer back beyond that deadline. The entry node runs
+its own share in-process (it is a site like any other) and relays the signed job bytes
+untouched to the others, which verify the researcher's signature themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+
+from stimnetd.jobs.signing import SignedJob, VerifiedJob
+from stimnetd.jobs.site import SiteExecutor, SiteOutcome
+
+log = structlog.get_logger("stimnetd.fanout")
+
+SiteEventSink = Callable[[str, str, str, int], Awaitable[None]]  # site, state, detail, n
+
+
+@dataclass(frozen=True)
+class Target:
+    address: str
+    name: str | None = None  # unknown for static peers until they answer
+
+
+class PeerDirectory(Protocol):
+    def targets(self, catalog: str) -> list[Target]: ...
+
+
+class SubJobTransport(Protocol):
+    async def run_subjob(self, target: Target, signed: SignedJob, request_id: str,
+                         timeout_s: float, on_event: SiteEventSink) -> SiteOutcome: ...
+
+
+@dataclass(frozen=True)
+class FanoutResult:
+    outcomes: list[SiteOutcome]
+
+    @property
+    def contributors(self) -> list[SiteOutcome]:
+        return [o for o in self.outcomes if o.state == "done"]
+
+    def manifest(self) -> list[dict[str, object]]:
+        return [{"site": o.site, "state": o.state, "n": o.n, "detail": o.detail,
+                 "epsilon": o.epsilon, "mechanism": o.mechanism} for o in self.outcomes]
+
+
+class Coordinator:
+    def __init__(self, *, executor: SiteExecutor, holds_catalog: Callable[[str], bool],
+                 peers: PeerDirectory, transport: SubJobTransport, timeout_s: float) -> None:
+        self._executor = executor
+        self._holds = holds_catalog
+        self._peers = peers
+        self._transport = transport
+        self._timeout = timeout_s
+
+    async def run(self, job: VerifiedJob, request_id: str, on_event: SiteEventSink) -> FanoutResult:
+        catalog = job.request.catalog
+        tasks: list[asyncio.Task[SiteOutcome]] = []
+        if self._holds(catalog):
+            tasks.append(asyncio.create_task(self._local(job, on_event)))
+        for target in self._peers.targets(catalog):
+            tasks.append(asyncio.create_task(self._remote(target, job, request_id, on_event)))
+        outcomes = list(await asyncio.gather(*tasks)) if tasks else []
+        return FanoutResult(outcomes)
+
+    async def _local(self, job: VerifiedJob, on_event: SiteEventSink) -> SiteOutcome:
+        site = self._executor.site
+        await on_event(site, "accepted", "", 0)
+
+        async def relay(state: str, detail: str) -> None:
+            await on_event(site, state, detail, 0)
+
+        outcome = await self._executor.run(job, relay)
+        await on_event(site, outcome.state, outcome.detail, outcome.n)
+        return outcome
+
+    async def _remote(self, target: Target, job: VerifiedJob, request_id: str,
+                      on_event: SiteEventSink) -> SiteOutcome:
+        label = target.name or target.address
+        started = time.monotonic()
+        try:
+            outcome = await asyncio.wait_for(
+                self._transport.run_subjob(target, job.signed, request_id, self._timeout, on_event),
+                timeout=self._timeout + 1.0)
+        except TimeoutError:
+            outcome = SiteOutcome(label, "timed_out",
+                                  f"no answer within the {self._timeout:g}s site deadline")
+            await on_event(outcome.site, outcome.state, outcome.detail, 0)
+        except Exception as exc:  # noqa: BLE001 - one site's failure is that site's row
+            outcome = SiteOutcome(label, "failed", str(exc) or type(exc).__name__)
+            await on_event(outcome.site, outcome.state, outcome.detail, 0)
+        # Otherwise the transport relayed the peer's own events, terminal one included.
+        log.info("site answered", site=outcome.site, state=outcome.state,
+                 ms=round((time.monotonic() - started) * 1000, 1))
+        return outcome

@@ -1,0 +1,181 @@
+"""Signed researcher jobs: what the researcher's key commits to, and how every site checks it.
+
+The payload is canonical JSON (sorted keys, no whitespace, UTF-8) so that the bytes the
+researcher signed are the bytes every site verifies — an entry node relays them untouched
+and can neither forge a job nor alter one (spec, epsilon, catalog, scope) without breaking
+the signature. Freshness (issued_at within a window) plus a per-site nonce memory refuse
+replays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography import x509
+
+from stimnetd import pki
+from stimnetd.errors import InvalidRequest, Unauthenticated
+
+PAYLOAD_VERSION = 1
+KINDS = ("query", "script")
+SCOPES = ("local", "federated")
+MAX_PAYLOAD = 256 * 1024
+MAX_SCRIPT = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """The signed content of a job. `spec` is a QuerySpec dict for queries."""
+
+    kind: str
+    catalog: str
+    scope: str = "local"
+    spec: dict[str, Any] | None = None
+    script_sha256: str = ""
+    epsilon: float | None = None
+    min_sites: int = 1
+    issued_at: float = 0.0
+    nonce: str = ""
+    v: int = PAYLOAD_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_payload(self) -> bytes:
+        doc = {"v": self.v, "kind": self.kind, "catalog": self.catalog, "scope": self.scope,
+               "spec": self.spec, "script_sha256": self.script_sha256, "epsilon": self.epsilon,
+               "min_sites": self.min_sites, "issued_at": self.issued_at, "nonce": self.nonce}
+        return canonical(doc)
+
+    @property
+    def job_id(self) -> str:
+        """Derived from the signed nonce, so every site names the same job the same way."""
+        return hashlib.sha256(f"{self.nonce}".encode()).hexdigest()[:24]
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> JobRequest:
+        if len(payload) > MAX_PAYLOAD:
+            raise InvalidRequest(f"signed job payload is {len(payload)} bytes; limit {MAX_PAYLOAD}")
+        try:
+            doc = json.loads(payload)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidRequest(f"signed job payload is not JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise InvalidRequest("signed job payload must be a JSON object")
+        if canonical(doc) != payload:
+            raise InvalidRequest("signed job payload is not in canonical form")
+        expected = {"v", "kind", "catalog", "scope", "spec", "script_sha256", "epsilon",
+                    "min_sites", "issued_at", "nonce"}
+        if set(doc) != expected:
+            raise InvalidRequest(f"signed job payload keys differ from {sorted(expected)}")
+        if doc["v"] != PAYLOAD_VERSION:
+            raise InvalidRequest(f"signed job version {doc['v']!r} is not supported")
+        req = cls(kind=doc["kind"], catalog=doc["catalog"], scope=doc["scope"], spec=doc["spec"],
+                  script_sha256=doc["script_sha256"], epsilon=doc["epsilon"],
+                  min_sites=doc["min_sites"], issued_at=doc["issued_at"], nonce=doc["nonce"])
+        req.validate()
+        return req
+
+    def validate(self) -> None:
+        if self.kind not in KINDS:
+            raise InvalidRequest(f"job kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.scope not in SCOPES:
+            raise InvalidRequest(f"job scope {self.scope!r} is not one of {', '.join(SCOPES)}")
+        if not isinstance(self.catalog, str) or not self.catalog:
+            raise InvalidRequest("job names no catalog")
+        if self.kind == "query" and not isinstance(self.spec, dict):
+            raise InvalidRequest("a query job needs a spec")
+        if self.kind == "script" and (not isinstance(self.script_sha256, str)
+                                      or len(self.script_sha256) != 64):
+            raise InvalidRequest("a script job needs the script's SHA-256")
+        if self.epsilon is not None and (not isinstance(self.epsilon, int | float)
+                                         or isinstance(self.epsilon, bool)
+                                         or not math.isfinite(self.epsilon)):
+            raise InvalidRequest("epsilon must be a finite number")
+        if not isinstance(self.min_sites, int) or isinstance(self.min_sites, bool) \
+                or not 1 <= self.min_sites <= 1000:
+            raise InvalidRequest("min_sites must be an integer between 1 and 1000")
+        if not isinstance(self.nonce, str) or not 16 <= len(self.nonce) <= 64:
+            raise InvalidRequest("nonce must be 16-64 characters")
+        if not isinstance(self.issued_at, int | float) or isinstance(self.issued_at, bool):
+            raise InvalidRequest("issued_at must be unix seconds")
+
+
+def canonical(doc: Any) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode()
+
+
+def new_request(kind: str, catalog: str, *, scope: str = "local",
+                spec: dict[str, Any] | None = None, script: bytes | None = None,
+                epsilon: float | None = None, min_sites: int = 1,
+                now: float | None = None) -> JobRequest:
+    req = JobRequest(kind=kind, catalog=catalog, scope=scope, spec=spec,
+                     script_sha256=hashlib.sha256(script).hexdigest() if script is not None else "",
+                     epsilon=epsilon, min_sites=min_sites,
+                     issued_at=round(time.time() if now is None else now, 3),
+                     nonce=secrets.token_hex(16))
+    req.validate()
+    return req
+
+
+@dataclass(frozen=True)
+class SignedJob:
+    payload: bytes
+    signature: bytes
+    signer_cert_pem: bytes
+    script: bytes = b""
+
+
+def sign(req: JobRequest, key_pem: bytes, cert_pem: bytes, script: bytes | None = None) -> SignedJob:
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    key = load_pem_private_key(key_pem, password=None)
+    payload = req.to_payload()
+    return SignedJob(payload, pki.sign_payload(key, payload), cert_pem, script or b"")  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class VerifiedJob:
+    request: JobRequest
+    researcher: pki.Identity
+    signed: SignedJob
+
+
+def verify(signed: SignedJob, *, ca_cert: x509.Certificate, revoked: frozenset[int],
+           max_age_s: float, now: float | None = None) -> VerifiedJob:
+    """Checks signature, chain, revocation, role and freshness. Replay is the store's job."""
+    now = time.time() if now is None else now
+    try:
+        cert = x509.load_pem_x509_certificate(signed.signer_cert_pem)
+    except ValueError:
+        raise Unauthenticated("signed job carries no valid signer certificate") from None
+    try:
+        ident = pki.verify_chain(cert, ca_cert)
+    except pki.PkiError as exc:
+        raise Unauthenticated(f"signed job's certificate is not acceptable: {exc}") from None
+    if ident.serial in revoked:
+        raise Unauthenticated(f"signed job's certificate {ident} has been revoked")
+    if ident.role != "researcher":
+        raise Unauthenticated(f"jobs must be signed by a researcher, not {ident}")
+    try:
+        pki.verify_payload(cert, signed.payload, signed.signature)
+    except pki.PkiError:
+        raise Unauthenticated("signed job's signature does not match its content "
+                              "(altered in transit or signed by another key)") from None
+    req = JobRequest.from_payload(signed.payload)
+    age = now - float(req.issued_at)
+    if age > max_age_s:
+        raise Unauthenticated(f"signed job is stale: issued {age:.0f}s ago, limit {max_age_s:.0f}s")
+    if age < -max_age_s:
+        raise Unauthenticated("signed job is issued in the future beyond the allowed clock skew")
+    if req.kind == "script":
+        if len(signed.script) > MAX_SCRIPT:
+            raise InvalidRequest(f"script is {len(signed.script)} bytes; limit {MAX_SCRIPT}")
+        if hashlib.sha256(signed.script).hexdigest() != req.script_sha256:
+            raise Unauthenticated("script body does not match the signed SHA-256")
+    return VerifiedJob(req, ident, signed)

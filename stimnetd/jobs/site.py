@@ -1,0 +1,184 @@
+"""Running one verified job against this site's data, and releasing it through the privacy layer.
+
+Order matters and is fixed here: compute → k_min suppression → DP noise → (in one store
+transaction) overlap guard, budget charge, release record, audit entry. Nothing leaves the
+site unless that transaction committed; a job released before (a retry after a crash)
+returns the stored release, so it is never charged or noised twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from stimnetd import codec
+from stimnetd.catalog import Catalog, CatalogSet
+from stimnetd.errors import StimnetError
+from stimnetd.jobs.signing import VerifiedJob
+from stimnetd.privacy.noise import NoiseSource, add_noise
+from stimnetd.privacy.overlap import check_overlap, cohort_fingerprint
+from stimnetd.privacy.policy import PrivacyPolicy, PrivacyRefusal, decide_epsilon
+from stimnetd.privacy.suppress import result_suppressed, suppress_small_cells
+from stimnetd.query.aggregate import Partial
+from stimnetd.query.engine import compute
+from stimnetd.query.errors import QueryError
+from stimnetd.query.spec import QuerySpec, validate
+from stimnetd.store import Store
+from stimnetd.store.records import Release
+
+log = structlog.get_logger("stimnetd.site")
+
+# (partials, cohort subject ids or None when the site cannot know the cohort)
+ScriptRunner = Callable[[VerifiedJob, Catalog, Callable[[str, str], Awaitable[None]]],
+                        Awaitable[tuple[list[Partial], frozenset[str] | None]]]
+EventSink = Callable[[str, str], Awaitable[None]]  # (state, detail)
+
+
+@dataclass(frozen=True)
+class SiteOutcome:
+    site: str
+    state: str            # done | suppressed | refused | failed
+    detail: str = ""
+    n: int = 0
+    partials: list[Partial] = field(default_factory=list)
+    epsilon: float | None = None
+    mechanism: str | None = None
+
+
+async def _no_events(state: str, detail: str) -> None:
+    return None
+
+
+class SiteExecutor:
+    def __init__(self, *, site: str, catalogs: CatalogSet, store: Store, policy: PrivacyPolicy,
+                 noise: NoiseSource, overlap_guard: bool = True,
+                 script_runner: ScriptRunner | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.site = site
+        self._catalogs = catalogs
+        self._store = store
+        self._policy = policy
+        self._noise = noise
+        self._overlap_guard = overlap_guard
+        self._script_runner = script_runner
+        self._clock = clock
+        self._secret: bytes | None = None
+
+    async def run(self, job: VerifiedJob, on_event: EventSink = _no_events) -> SiteOutcome:
+        req = job.request
+        try:
+            existing = await self._store.get_release(req.job_id)
+            if existing is not None:
+                return self._from_release(existing)
+            catalog = self._catalogs.get(req.catalog)
+            epsilon = decide_epsilon(self._policy, req.epsilon)
+            await on_event("running", "")
+            partials, cohort = await self._compute(job, catalog, on_event)
+            return await self._release(job, catalog, partials, cohort, epsilon)
+        except (PrivacyRefusal, QueryError) as exc:
+            await self._audit_refusal(job, exc)
+            return SiteOutcome(self.site, "refused", str(exc))
+        except StimnetError as exc:
+            state = "refused" if exc.code in ("NOT_FOUND", "FAILED_PRECONDITION",
+                                               "RESOURCE_EXHAUSTED", "PERMISSION_DENIED",
+                                               "INVALID_ARGUMENT") else "failed"
+            if state == "refused":
+                await self._audit_refusal(job, exc)
+            return SiteOutcome(self.site, state, str(exc))
+        except Exception:  # noqa: BLE001 - a site failure is reported, not propagated
+            log.exception("site job failed", job=req.job_id)
+            return SiteOutcome(self.site, "failed", "internal error at this site (see its logs)")
+
+    async def _audit_refusal(self, job: VerifiedJob, exc: Exception) -> None:
+        await self._store.audit(job.researcher.name, job.researcher.role, "release", "refused",
+                                {"job": job.request.job_id, "catalog": job.request.catalog,
+                                 "policy": getattr(exc, "policy", type(exc).__name__),
+                                 "reason": str(exc)})
+
+    async def _compute(self, job: VerifiedJob, catalog: Catalog,
+                       on_event: EventSink) -> tuple[list[Partial], frozenset[str] | None]:
+        req = job.request
+        if req.kind == "query":
+            spec = QuerySpec.from_dict(req.spec)
+            if spec.catalog != req.catalog:
+                raise QueryError(f"query names catalog {spec.catalog!r} but the job names "
+                                 f"{req.catalog!r}")
+            validate(spec, catalog.fields)
+            # pandas and nibabel work is CPU-bound; off the loop so health checks and
+            # other RPCs stay responsive.
+            result = await asyncio.to_thread(compute, spec, catalog)
+            return result.partials, result.cohort_ids
+        if self._script_runner is None:
+            raise PrivacyRefusal("dp", "this site does not run scripts")  # never reached in prod
+        return await self._script_runner(job, catalog, on_event)
+
+    async def _release(self, job: VerifiedJob, catalog: Catalog, partials: list[Partial],
+                       cohort: frozenset[str] | None, epsilon: float | None) -> SiteOutcome:
+        req = job.request
+        k = self._policy.k_min
+        partials, decisions = suppress_small_cells(partials, k)
+        suppressed = result_suppressed(decisions)
+        report = None
+        if not suppressed and epsilon is not None:
+            partials, report = add_noise(partials, catalog.fields, epsilon, self._noise)
+        decision = ("suppressed" if suppressed else
+                    "partially_suppressed" if any(d.action != "released" for d in decisions)
+                    else "released")
+        charged = report.epsilon if report is not None and report.epsilon > 0 else None
+        fingerprint = frozenset()
+        if cohort is not None:
+            if self._secret is None:
+                self._secret = await self._store.site_secret()
+            fingerprint = cohort_fingerprint(cohort, self._secret)
+        docs, arrays = codec.partials_to_doc(partials)
+        blob = codec.pack({"partials": docs, "n": _released_n(partials, cohort, suppressed, charged is not None),
+                           "mechanism": "laplace" if charged else None}, arrays)
+        guard = None
+        if self._overlap_guard and cohort is not None:
+            def guard(earlier: list[frozenset[str]]) -> None:
+                check_overlap(fingerprint, earlier, k)
+        stored = await self._store.release(
+            Release(job_id=req.job_id, researcher=job.researcher.name, catalog=req.catalog,
+                    decision=decision, epsilon=charged, cohort=fingerprint, partials=blob,
+                    at=self._clock(),
+                    audit_detail={"kind": req.kind, "outputs": len(partials),
+                                  "withheld": [f"{d.output}{list(d.group)}: {d.reason}"
+                                               for d in decisions if d.action != "released"]}),
+            budget=self._policy.budget_epsilon, guard=guard, guard_window=k - 1,
+            audit_actor=(job.researcher.name, job.researcher.role))
+        return self._from_release(stored)
+
+    def _from_release(self, release: Release) -> SiteOutcome:
+        doc, arrays = codec.unpack(release.partials or b"")
+        partials = codec.partials_from_doc(doc["partials"], arrays)
+        if release.decision == "suppressed":
+            return SiteOutcome(self.site, "suppressed",
+                               f"every output was withheld (k_min = {self._policy.k_min})",
+                               partials=partials)
+        return SiteOutcome(self.site, "done", "", n=int(doc["n"]), partials=partials,
+                           epsilon=release.epsilon, mechanism=doc.get("mechanism"))
+
+
+def _released_n(partials: list[Partial], cohort: frozenset[str] | None, suppressed: bool,
+                noised: bool) -> int:
+    """The contribution reported in the manifest: never a number the site withheld.
+
+    Without noise it is the cohort size (≥ k_min, or everything was suppressed); with noise
+    the exact size would undo the noise, so it is the largest noised count released.
+    """
+    if suppressed:
+        return 0
+    if not noised and cohort is not None:
+        return len(cohort)
+    counts = [p.n for p in partials if p.suppressed_reason is None]
+    return max(0, int(round(max(counts)))) if counts else 0
+
+
+def outcome_summary(o: SiteOutcome) -> dict[str, Any]:
+    return {"site": o.site, "state": o.state, "detail": o.detail, "n": o.n,
+            "epsilon": o.epsilon, "mechanism": o.mechanism}

@@ -1,0 +1,56 @@
+"""JobService: researcher-facing jobs. Translates; the JobService domain object decides."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from stimnet.v1 import jobs_pb2, jobs_pb2_grpc
+from stimnetd.errors import InvalidRequest
+from stimnetd.jobs.service import JobService
+from stimnetd.rpc import convert
+from stimnetd.rpc.frames import to_frames
+from stimnetd.rpc.guard import current_caller
+
+
+class JobServicer(jobs_pb2_grpc.JobServiceServicer):
+    def __init__(self, jobs: JobService) -> None:
+        self._jobs = jobs
+
+    async def SubmitJob(self, request: jobs_pb2.SubmitJobRequest, context: Any) -> jobs_pb2.Job:
+        if not request.HasField("job"):
+            raise InvalidRequest("SubmitJob needs a signed job")
+        caller = current_caller()
+        record = await self._jobs.submit(convert.signed_job(request.job), caller.identity,
+                                         caller.request_id)
+        return convert.job(record)
+
+    async def GetJob(self, request: jobs_pb2.GetJobRequest, context: Any) -> jobs_pb2.Job:
+        return convert.job(await self._jobs.get(request.id, current_caller().identity))
+
+    async def ListJobs(self, request: jobs_pb2.ListJobsRequest,
+                       context: Any) -> jobs_pb2.ListJobsResponse:
+        records = await self._jobs.list(current_caller().identity, request.limit)
+        return jobs_pb2.ListJobsResponse(jobs=[convert.job(r) for r in records])
+
+    async def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: Any) -> jobs_pb2.Job:
+        return convert.job(await self._jobs.cancel(request.id, current_caller().identity))
+
+    async def WatchJob(self, request: jobs_pb2.WatchJobRequest,
+                       context: Any) -> AsyncIterator[jobs_pb2.JobEvent]:
+        async for update in self._jobs.watch(request.id, current_caller().identity):
+            if update.kind == "state" and update.job is not None:
+                yield jobs_pb2.JobEvent(state=convert.job(update.job))
+            elif update.kind == "site" and update.site is not None:
+                yield jobs_pb2.JobEvent(site=convert.site_event(update.site))
+            elif update.kind == "log":
+                yield jobs_pb2.JobEvent(log_line=update.line)
+            elif update.kind == "result" and update.result is not None:
+                for frame in to_frames(*update.result):
+                    yield jobs_pb2.JobEvent(result=frame)
+
+    async def GetResult(self, request: jobs_pb2.GetResultRequest,
+                        context: Any) -> AsyncIterator[Any]:
+        doc, arrays = await self._jobs.result(request.id, current_caller().identity)
+        for frame in to_frames(doc, arrays):
+            yield frame
