@@ -265,6 +265,39 @@ async def _run(fed: DemoFederation, *, keep_running: bool) -> None:
             await asyncio.Event().wait()
 
 
+async def demo_table_query(fed: DemoFederation) -> None:
+    from stimctl.client import AsyncClient
+    from stimctl.jobs_cli import Progress, print_answer
+
+    sql = ("SELECT target, count(*), avg(updrs_change), stddev(updrs_change), avg(amplitude_ma) "
+           "FROM dbs_outcomes WHERE diagnosis = 'PD' GROUP BY target")
+    print(f"$ stimctl query --federated \"{sql}\"")
+    async with AsyncClient.from_file(fed.researcher_config) as c:
+        job = await c.submit_query(sql, federated=True, min_sites=2)
+        with Progress(enabled=True) as progress:
+            answer = await c.run_job(job, progress)
+    print_answer(answer, argparse.Namespace(json=False, csv=False, out=None))
+
+
+async def demo_sweet_spot(fed: DemoFederation) -> None:
+    from stimctl.client import AsyncClient
+    from stimctl.jobs_cli import Progress, print_answer
+
+    sql = ("SELECT count(*), mean_map(vta_path, improvement_pct) AS sweet_spot, "
+           "roi_overlap(vta_path) AS overlap FROM dbs_outcomes WHERE diagnosis = 'PD'")
+    out = fed.root / "results" / "sweet_spot"
+    print(f"$ stimctl query --federated \"{sql}\" --out {out}/")
+    async with AsyncClient.from_file(fed.researcher_config) as c:
+        job = await c.submit_query(sql, federated=True, min_sites=2)
+        with Progress(enabled=True) as progress:
+            answer = await c.run_job(job, progress)
+    print_answer(answer, argparse.Namespace(json=False, csv=False, out=out))
+
+
+STEPS.append(("federated table query: outcomes by DBS target", demo_table_query))
+STEPS.append(("federated sweet-spot map: mean improvement per voxel", demo_sweet_spot))
+
+
 async def show_sites(fed: DemoFederation) -> None:
     from stimctl.client import AsyncClient, ClientConfig
 

@@ -1,11 +1,208 @@
-"""Job commands (query, submit, jobs, job, results, cancel, approve, deny)."""
+"""Job commands: query, submit, jobs, job, results, cancel, approve, deny.
+
+Live progress is one line per site (rich), updated as the sites report; refusals print
+the site's reason (which policy, which threshold).
+"""
 
 from __future__ import annotations
 
 import argparse
+import csv
+import json
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+from rich.live import Live
+from rich.table import Table
+
+from stimctl import output
+from stimctl.client import AsyncClient, JobFailed
+from stimctl.results import QueryAnswer
+
+_STYLE = {"done": "green", "suppressed": "yellow", "refused": "red", "failed": "red",
+          "timed_out": "red", "running": "cyan", "accepted": "cyan",
+          "awaiting_approval": "magenta"}
+
+
+class Progress:
+    """Per-site progress; a live table on a terminal, plain lines otherwise."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.sites: dict[str, tuple[str, str, int]] = {}
+        self.state = "queued"
+        self._tty = enabled and sys.stderr.isatty()
+        self._plain = enabled and not self._tty
+        self._live: Live | None = None
+
+    def __enter__(self) -> Progress:
+        if self._tty:
+            self._live = Live(self._render(), console=output.Console(stderr=True),
+                              refresh_per_second=8, transient=False)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.update(self._render())
+            self._live.__exit__(None, None, None)
+
+    def _render(self) -> Table:
+        t = Table(title=f"job: {self.state}", title_justify="left")
+        for h in ("site", "state", "subjects", "detail"):
+            t.add_column(h)
+        for site, (state, detail, n) in sorted(self.sites.items()):
+            style = _STYLE.get(state, "")
+            t.add_row(site, f"[{style}]{state}[/]" if style else state, str(n or ""), detail)
+        return t
+
+    def __call__(self, kind: str, value: Any) -> None:
+        if kind == "state":
+            self.state = value.state
+            if self._plain:
+                print(f"job {value.id}: {value.state} {value.detail}".rstrip(), file=sys.stderr)
+        elif kind == "site":
+            self.sites[value.site] = (value.state, value.detail, value.n)
+            if self._plain:
+                extra = f" ({value.detail})" if value.detail else ""
+                print(f"  {value.site}: {value.state}{extra}", file=sys.stderr)
+        elif kind == "log" and (self._plain or self._tty):
+            print(f"  log: {value}", file=sys.stderr)
+        if self._live is not None:
+            self._live.update(self._render())
+
+
+def print_answer(ans: QueryAnswer, args: argparse.Namespace) -> None:
+    if getattr(args, "json", False):
+        output.emit_json({"job": ans.job_id, **ans.doc})
+    elif getattr(args, "csv", False):
+        w = csv.writer(sys.stdout)
+        w.writerow(ans.columns)
+        w.writerows(ans.rows)
+    else:
+        output.table("result", ans.columns, [[_fmt(v) for v in r] for r in ans.rows])
+        res = ans.result
+        for h in res.get("histograms", []):
+            output.table(f"histogram {h.get('name')} {h.get('group') or ''}".rstrip(),
+                         ["bin", "count"], [[b, _fmt(c)] for b, c in zip(
+                             _bins(h.get("edges", [])),
+                             [h.get("under"), *h.get("counts", []), h.get("over")], strict=False)])
+        for r in res.get("regressions", []):
+            names = r.get("terms") or r.get("names") or []
+            output.table(f"regression {r.get('name')} (n={_fmt(r.get('n'))}, residual deviance="
+                         f"{_fmt(r.get('rss'))})", ["term", "estimate", "std. error"],
+                         [[t, _fmt(c), _fmt(s)] for t, c, s in
+                          zip(names, r.get("coefficients") or [], r.get("std_errors") or [],
+                              strict=False)])
+        for c in res.get("contingency", []):
+            output.emit_json(c)
+        for roi in res.get("roi_overlap", []):
+            output.table(f"ROI overlap {roi.get('name')}", ["roi", "subjects", "mean voxels",
+                                                            "mean volume (mm³)"],
+                         [[x["roi"], _fmt(x["n"]), _fmt(x["mean_voxels"]),
+                           _fmt(x["mean_volume_mm3"])] for x in roi.get("rois", [])])
+        output.table("contributions", ["site", "state", "subjects", "epsilon", "detail"],
+                     [[m["site"], m["state"], m.get("n") or "", _fmt(m.get("epsilon")),
+                       m.get("detail", "")] for m in ans.manifest])
+        for note in ans.notes:
+            print(f"note: {note}")
+    out = getattr(args, "out", None)
+    if out is not None:
+        out = Path(out)
+        if ans.maps:
+            for p in ans.save_maps(out if out.suffix == "" else out.parent):
+                print(f"wrote {p}", file=sys.stderr)
+        if out.suffix in (".json", ".csv"):
+            with out.open("w", newline="") as fh:
+                if out.suffix == ".json":
+                    json.dump({"job": ans.job_id, **ans.doc}, fh, indent=2, default=str)
+                else:
+                    w = csv.writer(fh)
+                    w.writerow(ans.columns)
+                    w.writerows(ans.rows)
+            print(f"wrote {out}", file=sys.stderr)
+
+
+def _bins(edges: list[float]) -> list[str]:
+    return ["< " + _fmt(edges[0])] + [f"[{_fmt(a)}, {_fmt(b)})" for a, b in
+                                      zip(edges, edges[1:], strict=False)] + ["≥ " + _fmt(edges[-1])]
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+async def cmd_query(c: AsyncClient, args: argparse.Namespace) -> int:
+    job = await c.submit_query(args.sql, federated=args.federated, epsilon=args.epsilon,
+                               min_sites=args.min_sites)
+    with Progress(enabled=not (args.json or args.csv)) as progress:
+        try:
+            ans = await c.run_job(job, progress)
+        except JobFailed as exc:
+            print(f"stimctl: {exc}", file=sys.stderr)
+            for site, (state, detail, _) in sorted(progress.sites.items()):
+                if state not in ("done", "accepted", "running"):
+                    print(f"  {site}: {state}{': ' + detail if detail else ''}", file=sys.stderr)
+            return 1
+    print_answer(ans, args)
+    return 0
+
+
+async def cmd_jobs(c: AsyncClient, args: argparse.Namespace) -> int:
+    jobs = await c.list_jobs(args.limit)
+    if args.json:
+        output.emit_json([MessageToDict(j, preserving_proto_field_name=True) for j in jobs])
+        return 0
+    output.table("jobs", ["id", "kind", "scope", "catalog", "owner", "state", "created", "detail"],
+                 [[j.id, j.kind, j.scope, j.catalog, j.owner, j.state,
+                   output.ago(j.created_at.ToSeconds()), j.detail] for j in jobs])
+    return 0
+
+
+async def cmd_job(c: AsyncClient, args: argparse.Namespace) -> int:
+    j = await c.get_job(args.id)
+    if args.json:
+        output.emit_json(MessageToDict(j, preserving_proto_field_name=True))
+        return 0
+    output.kv(f"job {j.id}", [("kind", j.kind), ("scope", j.scope), ("catalog", j.catalog),
+                              ("owner", j.owner), ("state", j.state), ("detail", j.detail or "-"),
+                              ("script sha256", j.script_sha256 or "-")])
+    if j.sites:
+        output.table("sites", ["site", "state", "subjects", "detail"],
+                     [[s.site, s.state, s.n or "", s.detail] for s in j.sites])
+    return 0
+
+
+async def cmd_results(c: AsyncClient, args: argparse.Namespace) -> int:
+    print_answer(await c.result(args.id), args)
+    return 0
+
+
+async def cmd_cancel(c: AsyncClient, args: argparse.Namespace) -> int:
+    j = await c.cancel(args.id)
+    print(f"job {j.id}: {j.state}")
+    return 0
 
 
 def register(sub: Any, node_cmd: Callable[..., argparse.ArgumentParser]) -> None:
-    """Added by the jobs layer."""
+    q = node_cmd("query", cmd_query, "run an aggregate query (restricted SQL)")
+    q.add_argument("sql", help='e.g. "SELECT target, count(*) FROM dbs_outcomes GROUP BY target"')
+    q.add_argument("--federated", action="store_true", help="every site holding the catalog")
+    q.add_argument("--epsilon", type=float, default=None, help="request differential privacy")
+    q.add_argument("--min-sites", type=int, default=1, help="fail unless this many sites answer")
+    q.add_argument("--csv", action="store_true", help="result table as CSV")
+    q.add_argument("--out", type=Path, help="write the result (.json/.csv) and maps (NIfTI+PNG)")
+    js = node_cmd("jobs", cmd_jobs, "list your jobs (admins: everyone's)")
+    js.add_argument("--limit", type=int, default=50)
+    node_cmd("job", cmd_job, "one job and its per-site states").add_argument("id")
+    r = node_cmd("results", cmd_results, "a finished job's result")
+    r.add_argument("id")
+    r.add_argument("--csv", action="store_true")
+    r.add_argument("--out", type=Path)
+    node_cmd("cancel", cmd_cancel, "cancel a running job").add_argument("id")

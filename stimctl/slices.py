@@ -21,8 +21,20 @@ def _hot(x: np.ndarray) -> np.ndarray:
     return (np.stack([r, g, b], axis=-1) * 255).astype(np.uint8)
 
 
-def slices_rgb(vol: np.ndarray, scale: int = 3) -> np.ndarray:
-    vol = np.asarray(vol, dtype=np.float64)
+def _crop(vol: np.ndarray, margin: int = 6) -> np.ndarray:
+    """The box holding every finite non-zero voxel, plus a margin: DBS maps are tiny
+    against a whole-brain grid, and an uncropped figure is mostly black."""
+    hit = np.isfinite(vol) & (vol != 0)
+    if not hit.any():
+        return vol
+    idx = np.argwhere(hit)
+    lo = np.maximum(idx.min(axis=0) - margin, 0)
+    hi = np.minimum(idx.max(axis=0) + margin + 1, vol.shape)
+    return vol[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+
+
+def slices_rgb(vol: np.ndarray, scale: int = 8) -> np.ndarray:
+    vol = _crop(np.asarray(vol, dtype=np.float64))
     finite = np.isfinite(vol)
     if not finite.any():
         peak = tuple(s // 2 for s in vol.shape)
@@ -31,7 +43,9 @@ def slices_rgb(vol: np.ndarray, scale: int = 3) -> np.ndarray:
         masked = np.where(finite, vol, -np.inf)
         peak = np.unravel_index(int(np.argmax(masked)), vol.shape)
         lo, hi = float(np.min(vol[finite])), float(np.max(vol[finite]))
-    norm = np.where(finite, (vol - lo) / (hi - lo if hi > lo else 1.0), 0.0)
+    # Uncovered voxels (NaN) stay black; covered ones start at a dim red so a voxel with
+    # the smallest value is still visibly part of the map.
+    norm = np.where(finite, 0.15 + 0.85 * (vol - lo) / (hi - lo if hi > lo else 1.0), 0.0)
     x, y, z = peak
     # Radiological-agnostic display: rows are the second axis flipped so "up" is up.
     views = [norm[:, :, z].T[::-1], norm[:, y, :].T[::-1], norm[x, :, :].T[::-1]]

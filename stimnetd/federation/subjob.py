@@ -34,6 +34,7 @@ class SubJobHandler:
         # Verified here, at this site, with this site's CA and CRL: the entry node is only
         # a relay and cannot vouch for the researcher.
         job = self._verify(signed)
+        await self._executor.precheck(job)
         if not await self._store.remember_nonce(job.request.nonce, job.researcher.name,
                                                 self._max_age):
             raise Conflict("replayed request: this signed job was already run at this site")

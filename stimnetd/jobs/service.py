@@ -75,6 +75,8 @@ class JobService:
         req = job.request
         if req.kind == "script":
             raise InvalidRequest("script jobs are not enabled on this node yet")
+        if req.scope == "local":
+            await self._executor.precheck(job)
         if not await self._store.remember_nonce(req.nonce, job.researcher.name,
                                                 self._max_age()):
             raise Conflict("replayed request: this signed job was already submitted")

@@ -22,7 +22,12 @@ from stimnetd.errors import StimnetError
 from stimnetd.jobs.signing import VerifiedJob
 from stimnetd.privacy.noise import NoiseSource, add_noise
 from stimnetd.privacy.overlap import check_overlap, cohort_fingerprint
-from stimnetd.privacy.policy import PrivacyPolicy, PrivacyRefusal, decide_epsilon
+from stimnetd.privacy.policy import (
+    BudgetExhausted,
+    PrivacyPolicy,
+    PrivacyRefusal,
+    decide_epsilon,
+)
 from stimnetd.privacy.suppress import result_suppressed, suppress_small_cells
 from stimnetd.query.aggregate import Partial
 from stimnetd.query.engine import compute
@@ -68,6 +73,22 @@ class SiteExecutor:
         self._script_runner = script_runner
         self._clock = clock
         self._secret: bytes | None = None
+
+    async def precheck(self, job: VerifiedJob) -> None:
+        """Refuse early what is certain to be refused: unknown catalog, bad epsilon, or a
+        budget already too small. The release transaction re-checks the budget, so this
+        is a courtesy to the researcher (a clear status at once), not the guarantee."""
+        req = job.request
+        self._catalogs.get(req.catalog)
+        epsilon = decide_epsilon(self._policy, req.epsilon)
+        if epsilon is not None:
+            spent = await self._store.spent(job.researcher.name, req.catalog)
+            budget = self._policy.budget_epsilon
+            if spent + epsilon > budget + 1e-12:
+                raise BudgetExhausted(
+                    f"privacy budget exhausted on catalog {req.catalog!r}: this query needs "
+                    f"epsilon {epsilon:g}, {max(budget - spent, 0):g} of {budget:g} remains "
+                    "for you at this site")
 
     async def run(self, job: VerifiedJob, on_event: EventSink = _no_events) -> SiteOutcome:
         req = job.request

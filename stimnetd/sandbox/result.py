@@ -376,7 +376,8 @@ class _Parser:
         self._counts(where, "count", count, n)
         if column.max_voxels is not None and count.sum() > n * column.max_voxels:
             raise ResultRejected(
-                f"{where}: total count exceeds n × max_voxels ({column.max_voxels}) for {column.name!r}"
+                f"{where}: total count exceeds n × max_voxels ({column.max_voxels}) "
+                f"for {column.name!r}"
             )
         clean: dict[str, Any] = {"column": column.name, "shape": list(shape), "weight": None}
         if "sum" in stats:

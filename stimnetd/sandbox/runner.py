@@ -407,7 +407,7 @@ class SandboxRunner:
         self._jobs[job_id] = job
         started = time.monotonic()
         workspace: _Workspace | None = None
-        root = Path(catalog_root).resolve()
+        root = await asyncio.to_thread(Path(catalog_root).resolve)
         prewarmed = False
         try:
             api = (await self._docker()).api
@@ -449,7 +449,7 @@ class SandboxRunner:
         empty workspace; the job's script and manifest are written into that workspace
         when the job arrives, before start. The slot is refilled after each use.
         """
-        root = Path(catalog_root).resolve()
+        root = await asyncio.to_thread(Path(catalog_root).resolve)
         self._keep_warm.add(root)
         if self._closed or root in self._warm or root in self._warming:
             return
