@@ -178,6 +178,13 @@ class Guard(grpc.aio.ServerInterceptor):
                     started: float) -> None:
         if isinstance(exc, StimnetError):
             code = getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
+            caller = _CURRENT.get(None)
+            if caller is not None:
+                # Every refusal is audited durably, with the rule that refused it.
+                await self._audit_refusal(
+                    caller.name, caller.role, method, "refused",
+                    {"code": code.name, "reason": str(exc), "request_id": caller.request_id,
+                     **({"policy": exc.policy} if hasattr(exc, "policy") else {})})
             self._done(method, code.name, started, reason=str(exc))
             await context.abort(code, str(exc))
         log.exception("rpc failed", status="INTERNAL")

@@ -8,6 +8,7 @@ lost its Docker socket cannot go green by skipping the whole adversarial suite.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import time
@@ -142,15 +143,27 @@ async def runner(
     finally:
         await r.shutdown()
         leftovers = node_containers(docker_client, node)
-        for c in leftovers:
-            c.remove(force=True)
-        assert not leftovers, f"containers left behind: {[c.name for c in leftovers]}"
+        remove_containers(docker_client, leftovers)
+        assert not leftovers, f"containers left behind: {[c['Names'] for c in leftovers]}"
 
 
-def node_containers(client: Any, node: str) -> list[Any]:
-    return client.containers.list(
+def node_containers(client: Any, node: str) -> list[dict[str, Any]]:
+    """This node's containers as the engine lists them (raw dicts).
+
+    Not ``client.containers.list``: it inspects each listed container, and a container
+    being created or removed at that moment makes the inspect 404.
+    """
+    return client.api.containers(
         all=True, filters={"label": [f"{LABEL_MANAGED}=true", f"{LABEL_NODE}={node}"]}
     )
+
+
+def remove_containers(client: Any, containers: list[dict[str, Any]]) -> None:
+    import docker.errors
+
+    for c in containers:
+        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+            client.api.remove_container(c["Id"], force=True)
 
 
 @dataclass

@@ -16,6 +16,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+import docker.errors
 import pytest
 
 from stimnetd.sandbox.runner import SandboxRunner
@@ -238,10 +239,10 @@ async def test_gigabyte_of_stdout_is_bounded(runner, docker_client, catalog: Cat
     async def watch_log_file() -> None:
         while not stop.is_set():
             for c in await asyncio.to_thread(node_containers, docker_client, runner.node):
-                path = c.attrs.get("LogPath")
                 # The container (and its log) may be removed between listing and stat.
-                with contextlib.suppress(FileNotFoundError):
-                    seen.append(await asyncio.to_thread(os.path.getsize, path))
+                with contextlib.suppress(FileNotFoundError, docker.errors.NotFound):
+                    info = await asyncio.to_thread(docker_client.api.inspect_container, c["Id"])
+                    seen.append(await asyncio.to_thread(os.path.getsize, info["LogPath"]))
             await asyncio.sleep(0.2)
 
     watcher = asyncio.get_running_loop().create_task(watch_log_file())

@@ -15,7 +15,16 @@ from stimnetd.sandbox.image import SandboxImageError, check_image
 from stimnetd.sandbox.result import parse_result
 from stimnetd.sandbox.runner import LABEL_JOB, SandboxRunner
 
-from .conftest import AGES, FIELDS, TEST_LIMITS, UPDRS, Catalog, node_containers, run_attack
+from .conftest import (
+    AGES,
+    FIELDS,
+    TEST_LIMITS,
+    UPDRS,
+    Catalog,
+    node_containers,
+    remove_containers,
+    run_attack,
+)
 
 pytestmark = pytest.mark.docker
 
@@ -99,8 +108,8 @@ async def test_prewarmed_container_is_used_and_refilled(runner, docker_client, c
     """After prewarm, a job starts the pre-created container and a new one is made."""
     await runner.prewarm(catalog.root)
     [warm] = node_containers(docker_client, runner.node)
-    assert warm.status == "created"
-    assert warm.labels[LABEL_JOB] == ""
+    assert warm["State"] == "created"
+    assert warm["Labels"][LABEL_JOB] == ""
     out = await runner.run("warm-job", HAPPY.encode(), catalog.root, catalog.manifest)
     assert out.status == "succeeded", out
     assert out.prewarmed
@@ -109,8 +118,8 @@ async def test_prewarmed_container_is_used_and_refilled(runner, docker_client, c
         if refill:
             break
         await asyncio.sleep(0.05)
-    assert [c.status for c in refill] == ["created"]
-    assert refill[0].id != warm.id
+    assert [c["State"] for c in refill] == ["created"]
+    assert refill[0]["Id"] != warm["Id"]
     second = await runner.run("warm-job-2", HAPPY.encode(), catalog.root, catalog.manifest)
     assert second.status == "succeeded" and second.prewarmed
 
@@ -138,7 +147,7 @@ async def test_cancel_stops_a_running_job(runner, docker_client, catalog: Catalo
         runner.run("sleepy", b"import time\ntime.sleep(60)\n", catalog.root, catalog.manifest)
     )
     for _ in range(200):
-        if node_containers(docker_client, runner.node):
+        if await asyncio.to_thread(node_containers, docker_client, runner.node):
             break
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.5)
@@ -187,8 +196,7 @@ async def test_reap_orphans_removes_a_crashed_runners_containers(
         await fresh.shutdown()
     finally:
         await bystander.shutdown()
-        for c in node_containers(docker_client, node):
-            c.remove(force=True)
+        remove_containers(docker_client, node_containers(docker_client, node))
     assert node_containers(docker_client, "other-node") == []
 
 
@@ -196,8 +204,9 @@ async def test_container_settings_are_locked_down(runner, docker_client, catalog
     """The engine receives every mandatory hardening setting for a job container."""
     await runner.prewarm(catalog.root)
     [c] = node_containers(docker_client, runner.node)
-    host: dict[str, Any] = c.attrs["HostConfig"]
-    config: dict[str, Any] = c.attrs["Config"]
+    attrs = docker_client.api.inspect_container(c["Id"])
+    host: dict[str, Any] = attrs["HostConfig"]
+    config: dict[str, Any] = attrs["Config"]
     assert host["NetworkMode"] == "none"
     assert host["ReadonlyRootfs"] is True
     assert host["CapDrop"] == ["ALL"]

@@ -1,0 +1,130 @@
+"""Federated aggregate queries across real daemons: exactness, privacy refusals, fan-out."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from stimctl.client import BudgetExhausted, JobFailed, Refused
+from tests.federation.conftest import cnsim_catalog, pooled_cnsim
+
+
+async def test_cnsim_federated_equals_pooled(federation, tmp_path: Path) -> None:
+    """CNSIM1-3 on three daemons: count, mean, variance of LAB_TSC and LAB_TSC ~ LAB_TRIG equal pooled."""
+    cats = [[cnsim_catalog(tmp_path, i)] for i in (1, 2, 3)]
+    async with federation(cats) as fed, fed.client() as c:
+        ans = await c.query("SELECT count(LAB_TSC), avg(LAB_TSC), variance(LAB_TSC), "
+                            "regress(LAB_TSC, LAB_TRIG) FROM cnsim", federated=True, min_sites=3)
+    pooled = pooled_cnsim()
+    tsc = pooled["LAB_TSC"].dropna()
+    count, mean, var = ans.rows[0]
+    assert count == len(tsc)
+    assert mean == pytest.approx(tsc.mean(), rel=1e-12)
+    assert var == pytest.approx(tsc.var(ddof=1), rel=1e-10)
+    both = pooled[["LAB_TSC", "LAB_TRIG"]].dropna()
+    X = np.column_stack([np.ones(len(both)), both["LAB_TRIG"]])
+    beta, *_ = np.linalg.lstsq(X, both["LAB_TSC"].to_numpy(), rcond=None)
+    reg = ans.result["regressions"][0]
+    assert reg["n"] == len(both)
+    assert reg["coefficients"] == pytest.approx(beta.tolist(), rel=1e-9)
+    assert [m["site"] for m in ans.manifest] == ["site-a", "site-b", "site-c"]
+    assert sum(m["n"] for m in ans.manifest) == len(pooled)
+
+
+def _tiny_catalog(root: Path, ages: list[float], diag: list[str] | None = None) -> dict:
+    root.mkdir(parents=True, exist_ok=True)
+    n = len(ages)
+    pd.DataFrame({"sid": [f"p{i:03d}" for i in range(n)], "age": ages,
+                  "diagnosis": diag or ["PD"] * n}).to_csv(root / "s.csv", index=False)
+    return {"name": "tiny", "root": str(root), "subject_key": "sid", "tables": {"s": "s.csv"},
+            "fields": {"sid": {"table": "s", "type": "id"},
+                       "age": {"table": "s", "type": "numeric", "bounds": [0, 100]},
+                       "diagnosis": {"table": "s", "type": "categorical",
+                                     "levels": ["PD", "ET", "dystonia"]}}}
+
+
+async def test_small_groups_are_suppressed_with_reason(federation, tmp_path: Path) -> None:
+    """A group smaller than k_min is withheld at the site and the result says why, without its size."""
+    diag = ["PD"] * 20 + ["ET"] * 3
+    cat = _tiny_catalog(tmp_path / "t", list(range(30, 53)), diag)
+    async with federation([[cat]]) as fed, fed.client() as c:
+        ans = await c.query("SELECT diagnosis, count(*), avg(age) FROM tiny GROUP BY diagnosis")
+    rows = {r[0]: r[1:] for r in ans.rows}
+    assert rows["PD"] == [20, pytest.approx(np.mean(range(30, 50)))]
+    assert rows.get("ET", [None, None]) == [None, None]
+    assert any("fewer than 5 subjects" in n for n in ans.notes)
+    assert "3" not in " ".join(n for n in ans.notes if "ET" in n)
+
+
+async def test_budget_is_enforced_and_refused_with_resource_exhausted(federation, tmp_path: Path) -> None:
+    """Noisy queries charge the ledger; once the budget cannot cover a query it is RESOURCE_EXHAUSTED."""
+    cat = _tiny_catalog(tmp_path / "t", [float(a) for a in range(30, 60)])
+    privacy = {"dp": "optional", "budget_epsilon": 2.0, "max_epsilon_per_query": 1.0}
+    async with federation([[cat]], privacy=privacy) as fed, fed.client() as c:
+        for _ in range(2):
+            ans = await c.query("SELECT count(*), avg(age) FROM tiny", epsilon=1.0)
+            assert ans.privacy[0]["epsilon"] == pytest.approx(1.0)
+            assert ans.privacy[0]["mechanism"] == "laplace"
+        with pytest.raises(BudgetExhausted, match="0 of 2 remains"):
+            await c.query("SELECT count(*) FROM tiny", epsilon=1.0)
+        assert await fed.daemons[0].store.spent("alice", "tiny") == pytest.approx(2.0)
+        refusals = [r for r in await fed.daemons[0].store.audit_rows() if r.decision == "refused"
+                    or r.decision == "denied"]
+        assert any("budget" in r.detail_json or "exhausted" in r.detail_json for r in refusals)
+
+
+async def test_concurrent_queries_cannot_overspend(federation, tmp_path: Path) -> None:
+    """Ten concurrent noisy queries against a budget for three: exactly three are released."""
+    cat = _tiny_catalog(tmp_path / "t", [float(a) for a in range(30, 60)])
+    privacy = {"dp": "optional", "budget_epsilon": 3.0, "max_epsilon_per_query": 1.0,
+               "overlap_guard": False}
+    async with federation([[cat]], privacy=privacy) as fed, fed.client() as c:
+        async def one() -> str:
+            try:
+                await c.query("SELECT count(*) FROM tiny", epsilon=1.0)
+                return "ok"
+            except (JobFailed, BudgetExhausted) as exc:
+                assert "budget" in str(exc)
+                return "refused"
+        outcomes = await asyncio.gather(*[one() for _ in range(10)])
+        spent = await fed.daemons[0].store.spent("alice", "tiny")
+    assert outcomes.count("ok") == 3 and outcomes.count("refused") == 7
+    assert spent == pytest.approx(3.0)
+
+
+async def test_overlap_guard_refuses_differencing(federation, tmp_path: Path) -> None:
+    """A cohort differing from an earlier released one by 1..k_min-1 subjects is refused."""
+    cat = _tiny_catalog(tmp_path / "t", [float(a) for a in range(30, 60)])
+    async with federation([[cat]]) as fed, fed.client() as c:
+        await c.query("SELECT count(*) FROM tiny WHERE age >= 30")
+        await c.query("SELECT avg(age) FROM tiny WHERE age >= 30")  # same cohort: allowed
+        with pytest.raises(JobFailed, match="differs from an earlier released cohort"):
+            await c.query("SELECT count(*) FROM tiny WHERE age >= 32")  # 2 fewer
+        ok = await c.query("SELECT count(*) FROM tiny WHERE age >= 35")  # 5 fewer: allowed
+        assert ok.rows[0][0] == 25
+
+
+async def test_min_sites_fails_cleanly(federation, tmp_path: Path) -> None:
+    """When fewer sites than min_sites contribute, the job fails naming who did not and why."""
+    big = _tiny_catalog(tmp_path / "a", [float(a) for a in range(30, 60)])
+    small = _tiny_catalog(tmp_path / "b", [40.0, 41.0])
+    async with federation([[big], [small]]) as fed, fed.client() as c:
+        with pytest.raises(JobFailed, match=r"only 1 site\(s\) contributed, min_sites is 2.*site-b: suppressed"):
+            await c.query("SELECT count(*) FROM tiny", federated=True, min_sites=2)
+        ans = await c.query("SELECT count(*) FROM tiny", federated=True, min_sites=1)
+    assert ans.rows[0][0] == 30
+    assert {m["site"]: m["state"] for m in ans.manifest} == {"site-a": "done", "site-b": "suppressed"}
+
+
+async def test_unknown_query_field_is_refused_before_sending(federation, tmp_path: Path) -> None:
+    """A query naming a field the catalog lacks is refused by every site with the field's name."""
+    cat = _tiny_catalog(tmp_path / "t", [float(a) for a in range(30, 60)])
+    async with federation([[cat]]) as fed, fed.client() as c:
+        with pytest.raises(JobFailed, match="weight"):
+            await c.query("SELECT avg(weight) FROM tiny")
+        with pytest.raises(Refused.__mro__[1], match="refused before sending"):
+            await c.query("DELETE FROM tiny")

@@ -1,0 +1,73 @@
+"""A slow or dead peer never holds the answer beyond its deadline; the manifest names it."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+from stimctl.client import AsyncClient
+from stimnetd.testing import CertFactory, DaemonProcess, client_config, free_port, write_node_config
+from tests.federation.test_federated_queries import _tiny_catalog
+
+
+async def _three_sites(tmp_path: Path, pki: CertFactory, timeout_s: float):  # type: ignore[no-untyped-def]
+    ports = [free_port() for _ in range(3)]
+    procs = []
+    for i, port in enumerate(ports):
+        name = f"site-{'abc'[i]}"
+        certs = pki.issue(name, "node")
+        cat = _tiny_catalog(tmp_path / f"data-{name}", [float(a) for a in range(30, 50)])
+        cfg = write_node_config(
+            tmp_path / name, certs, name, port=port, catalogs=[cat], crl=pki.crl_path,
+            federation={"peers": [f"127.0.0.1:{p}" for p in ports if p != port],
+                        "subjob_timeout_s": timeout_s},
+            gossip={"enabled": False})
+        procs.append(DaemonProcess(cfg))
+    ops = pki.issue("ops", "admin")
+    for proc, port in zip(procs, ports, strict=True):
+        await proc.wait_healthy(ops, f"127.0.0.1:{port}")
+    return procs, ports
+
+
+async def test_stopped_peer_times_out_and_is_named(tmp_path: Path, pki: CertFactory) -> None:
+    """A peer frozen mid-query (SIGSTOP) is reported timed_out; the others' answer arrives."""
+    procs, ports = await _three_sites(tmp_path, pki, timeout_s=2.0)
+    alice = pki.issue("alice", "researcher")
+    try:
+        procs[2].proc.send_signal(signal.SIGSTOP)
+        async with AsyncClient(client_config(alice, f"127.0.0.1:{ports[0]}", 20)) as c:
+            started = time.monotonic()
+            ans = await c.query("SELECT count(*) FROM tiny", federated=True, min_sites=2)
+            elapsed = time.monotonic() - started
+        states = {m["site"]: m["state"] for m in ans.manifest}
+        assert ans.rows[0][0] == 40
+        assert states["site-a"] == states["site-b"] == "done"
+        timed_out = [m for m in ans.manifest if m["state"] == "timed_out"]
+        assert len(timed_out) == 1 and "2s site deadline" in timed_out[0]["detail"]
+        assert elapsed < 2.0 + 5.0
+    finally:
+        procs[2].proc.send_signal(signal.SIGCONT)
+        for p in procs:
+            p.kill()
+
+
+async def test_peer_killed_mid_query_is_named_failed(tmp_path: Path, pki: CertFactory) -> None:
+    """A peer SIGKILLed while the query is in flight is named in the manifest; others answer."""
+    procs, ports = await _three_sites(tmp_path, pki, timeout_s=5.0)
+    alice = pki.issue("alice", "researcher")
+    try:
+        procs[1].proc.send_signal(signal.SIGSTOP)
+        async with AsyncClient(client_config(alice, f"127.0.0.1:{ports[0]}", 20)) as c:
+            job = await c.submit_query("SELECT count(*) FROM tiny", federated=True, min_sites=2)
+            await asyncio.sleep(0.5)  # the sub-job is now in flight to the frozen peer
+            procs[1].proc.send_signal(signal.SIGKILL)
+            ans = await c.run_job(job)
+        bad = [m for m in ans.manifest if m["state"] not in ("done",)]
+        assert ans.rows[0][0] == 40
+        assert len(bad) == 1 and bad[0]["state"] in ("failed", "timed_out")
+        assert bad[0]["detail"]
+    finally:
+        for p in procs:
+            p.kill()

@@ -1,0 +1,113 @@
+"""Signed researcher jobs: an entry node can neither forge, alter nor replay them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from stimctl.client import NotAuthenticated, PermissionDenied, Refused
+from stimnet.v1 import federation_pb2, federation_pb2_grpc
+from stimnetd.jobs import signing
+from stimnetd.rpc import convert
+from stimnetd.testing import client_config
+from tests.federation.test_federated_queries import _tiny_catalog
+
+SQL = {"catalog": "tiny", "where": None, "group_by": [],
+       "aggregates": [{"func": "count", "fields": [], "name": "n", "params": []}]}
+
+
+def _signed(client, **changes) -> signing.SignedJob:  # type: ignore[no-untyped-def]
+    from stimnetd.query.spec import QuerySpec
+
+    spec = QuerySpec.from_dict(SQL).to_dict()
+    req = signing.new_request("query", "tiny", spec=spec, **changes)
+    return client.sign(req)
+
+
+def _tamper(signed: signing.SignedJob, **changes) -> signing.SignedJob:  # type: ignore[no-untyped-def]
+    doc = json.loads(signed.payload)
+    doc.update(changes)
+    return dataclasses.replace(signed, payload=signing.canonical(doc))
+
+
+async def _subjob(fed, entry: int, peer: int, signed: signing.SignedJob) -> list:  # type: ignore[no-untyped-def]
+    """Call RunSubJob on `peer` with `entry`'s node certificate (a relay, possibly malicious)."""
+    name = f"site-{chr(ord('a') + entry)}"
+    d = fed.tmp / "pki" / f"node-{name}"
+    from stimnetd.testing import CertPaths
+
+    certs = CertPaths(cert=d / f"{name}.crt", key=d / f"{name}.key", ca=d / "ca.crt")
+    creds = client_config(certs, fed.address(peer)).credentials()
+    async with grpc.aio.secure_channel(fed.address(peer), creds) as ch:
+        stub = federation_pb2_grpc.FederationServiceStub(ch)
+        call = stub.RunSubJob(federation_pb2.SubJobRequest(job=convert.signed_job_pb(signed)),
+                              timeout=10)
+        return [ev async for ev in call]
+
+
+async def test_replayed_submission_is_refused(federation, tmp_path: Path) -> None:
+    """Submitting the same signed job twice: the second is refused as a replay."""
+    cat = _tiny_catalog(tmp_path / "t", [float(a) for a in range(30, 60)])
+    async with federation([[cat]]) as fed, fed.client() as c:
+        signed = _signed(c)
+        await c.submit(signed)
+        with pytest.raises(Refused, match="replayed request"):
+            await c.submit(signed)
+
+
+async def test_tampered_submission_is_refused(federation, tmp_path: Path) -> None:
+    """A payload altered after signing (epsilon, catalog or spec) fails signature verification."""
+    cat = _tiny_catalog(tmp_path / "t", [float(a) for a in range(30, 60)])
+    async with federation([[cat]]) as fed, fed.client() as c:
+        with pytest.raises(NotAuthenticated, match="signature does not match"):
+            await c.submit(_tamper(_signed(c), epsilon=None, min_sites=2))
+
+
+async def test_stale_request_is_refused(federation, tmp_path: Path) -> None:
+    """A job signed longer ago than request_max_age_s is refused as stale."""
+    cat = _tiny_catalog(tmp_path / "t", [float(a) for a in range(30, 60)])
+    async with federation([[cat]]) as fed, fed.client() as c:
+        with pytest.raises(NotAuthenticated, match="stale"):
+            await c.submit(_signed(c, now=time.time() - 3600))
+
+
+async def test_job_signed_by_someone_else_is_refused(federation, tmp_path: Path) -> None:
+    """Bob cannot submit a job Alice signed (budget and audit belong to the signer)."""
+    cat = _tiny_catalog(tmp_path / "t", [float(a) for a in range(30, 60)])
+    async with federation([[cat]]) as fed, fed.client(who="alice") as alice, \
+            fed.client(who="bob") as bob:
+        with pytest.raises(PermissionDenied, match="signed by researcher/alice but submitted by"):
+            await bob.submit(_signed(alice))
+
+
+async def test_peer_refuses_relayed_replay_and_tampering(federation, tmp_path: Path) -> None:
+    """A (malicious) entry node re-sending or altering a researcher's job is refused by the peer."""
+    cats = [[_tiny_catalog(tmp_path / "a", [float(a) for a in range(30, 60)])],
+            [_tiny_catalog(tmp_path / "b", [float(a) for a in range(30, 60)])]]
+    async with federation(cats) as fed, fed.client() as c:
+        signed = _signed(c, scope="federated")
+        job = await c.submit(signed)
+        await c.run_job(job)
+        # Replaying the relayed job to site-b directly:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _subjob(fed, 0, 1, signed)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "replayed" in err.value.details()
+        # Altering a fresh one (raising epsilon, dropping the filter) before relaying:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _subjob(fed, 0, 1, _tamper(_signed(c, scope="federated"), epsilon=5.0))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # Forging a job with the entry node's own key (a node is not a researcher):
+        forged = _signed(c, scope="federated")
+        node_key = (fed.tmp / "pki" / "node-site-a" / "site-a.key").read_bytes()
+        node_cert = (fed.tmp / "pki" / "node-site-a" / "site-a.crt").read_bytes()
+        forged = signing.sign(signing.JobRequest.from_payload(forged.payload), node_key, node_cert)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _subjob(fed, 0, 1, forged)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "must be signed by a researcher" in err.value.details()
