@@ -15,34 +15,51 @@ version=$(tr -d '[:space:]' <"$here/VERSION")
 repo=${STIMNET_SANDBOX_REPO:-stimnet-sandbox}
 tag="$repo:$version"
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+security_mirror=${DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
 suite=bookworm
 packages=python3,python3-numpy,python3-pandas,python3-nibabel,python3-scipy
 build=${STIMNET_SANDBOX_BUILD_DIR:-$here/build}
 # Bump when the rootfs recipe below changes, so cached rootfs tarballs are rebuilt.
-recipe=2
+recipe=3
 
 log() { echo "build-offline: $*" >&2; }
+die() { log "$*"; exit 1; }
 
-# The runtime is part of the image identity: a label records its digest so an edited
-# runtime is never silently served from a stale image of the same VERSION.
+docker info >/dev/null 2>&1 || die "the Docker engine is not reachable (is dockerd running? may this user use it?)"
+
+# The image's identity is VERSION plus digests of the runtime and of the rootfs recipe,
+# each a label, so an edited runtime or recipe is never served from a stale image.
 runtime_digest=$(
   cd "$here/runtime" &&
     find . -type f -name '*.py' -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16
 )
+base_key=$(printf '%s|%s|%s|%s' "$version" "$suite" "$packages" "$recipe" | sha256sum | cut -c1-12)
+base_tar="$build/rootfs-$version-$base_key.tar"
+identity="$version $runtime_digest $base_key"
+image_identity() {
+  local format='{{ index .Config.Labels "org.stimnet.sandbox.version" }}'
+  format+=' {{ index .Config.Labels "org.stimnet.sandbox.runtime" }}'
+  format+=' {{ index .Config.Labels "org.stimnet.sandbox.rootfs" }}'
+  docker image inspect "$tag" --format "$format" 2>/dev/null || true
+}
 
-labels=$(docker image inspect "$tag" \
-  --format '{{ index .Config.Labels "org.stimnet.sandbox.version" }} {{ index .Config.Labels "org.stimnet.sandbox.runtime" }}' \
-  2>/dev/null || true)
-if [[ "$labels" == "$version $runtime_digest" ]]; then
+if [[ "$(image_identity)" == "$identity" ]]; then
   echo "$tag"
   exit 0
 fi
 
 mkdir -p "$build"
-base_key=$(printf '%s|%s|%s|%s' "$version" "$suite" "$packages" "$recipe" | sha256sum | cut -c1-12)
-base_tar="$build/rootfs-$version-$base_key.tar"
+# CI may start several builds at once (test.sh, then the test fixture): the first one
+# builds, the others wait here and then take the fast path.
+exec 9>"$build/.lock"
+flock 9
+if [[ "$(image_identity)" == "$identity" ]]; then
+  echo "$tag"
+  exit 0
+fi
 
 if [[ ! -s "$base_tar" ]]; then
+  [[ $(id -u) == 0 ]] || die "building the rootfs needs root (debootstrap, chroot); run: sudo $0"
   if ! command -v debootstrap >/dev/null; then
     log "installing debootstrap"
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends debootstrap >&2 \
@@ -53,7 +70,20 @@ if [[ ! -s "$base_tar" ]]; then
   # versions); always clear it so the next run starts clean.
   trap 'umount -R "$rootfs/proc" "$rootfs/sys" 2>/dev/null || true; rm -rf --one-file-system "$rootfs"' EXIT
   log "debootstrap $suite into $rootfs (takes minutes; cached afterwards)"
-  debootstrap --variant=minbase --include="$packages" "$suite" "$rootfs" "$mirror" >&2
+  mkdir -p "$build/debs"
+  debootstrap --variant=minbase --include="$packages" --cache-dir="$build/debs" \
+    "$suite" "$rootfs" "$mirror" >&2
+
+  # debootstrap installs from the release pocket only; take bookworm-security and
+  # -updates too, so the image does not ship libc/openssl/python with known holes.
+  cat >"$rootfs/etc/apt/sources.list" <<SOURCES
+deb $mirror $suite main
+deb $mirror $suite-updates main
+deb $security_mirror $suite-security main
+SOURCES
+  chroot "$rootfs" env DEBIAN_FRONTEND=noninteractive apt-get -q update >&2
+  chroot "$rootfs" env DEBIAN_FRONTEND=noninteractive apt-get -q -y upgrade >&2
+  chroot "$rootfs" apt-get clean
 
   # Jobs never install anything, and every byte here is paid by each CI run: drop the
   # package caches and docs; drop the test suites shipped inside numpy/pandas/scipy.
@@ -78,6 +108,7 @@ if [[ ! -s "$base_tar" ]]; then
   tar --numeric-owner -C "$rootfs" -cf "$base_tar.partial" .
   mv "$base_tar.partial" "$base_tar"
   find "$build" -maxdepth 1 -name 'rootfs-*.tar' ! -name "$(basename "$base_tar")" -delete
+  find "$build/debs" -name '*.deb' -mtime +30 -delete
   rm -rf --one-file-system "$rootfs"
   trap - EXIT
   log "cached rootfs $base_tar ($(du -h "$base_tar" | cut -f1))"
@@ -98,6 +129,7 @@ previous=$(docker image inspect "$tag" --format '{{.Id}}' 2>/dev/null || true)
 docker import \
   --change "LABEL org.stimnet.sandbox.version=$version" \
   --change "LABEL org.stimnet.sandbox.runtime=$runtime_digest" \
+  --change "LABEL org.stimnet.sandbox.rootfs=$base_key" \
   --change 'USER 65534:65534' \
   --change 'WORKDIR /job' \
   --change 'ENV LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1 HOME=/tmp' \

@@ -62,7 +62,7 @@ import opendp.prelude as dp
 
 from stimnetd.catalog_types import FieldMeta
 from stimnetd.privacy.policy import PrivacyRefusal
-from stimnetd.privacy.suppress import is_withheld
+from stimnetd.privacy.suppress import Decision, is_withheld
 from stimnetd.query.aggregate import GroupKey, Partial
 
 MechanismName = Literal["laplace", "discrete laplace"]
@@ -154,6 +154,11 @@ class NoiseReport:
         shares = [a.epsilon for a in self.arrays if (a.output, a.group) == (output, group)]
         return math.fsum(shares) if shares else None
 
+    def annotate(self, decisions: list[Decision]) -> list[Decision]:
+        """`decisions` with the epsilon each output spent filled in, for the audit log."""
+        return [dataclasses.replace(d, epsilon=self.epsilon_for(d.output, d.group))
+                for d in decisions]
+
 
 def sensitivities(p: Partial, fields: Mapping[str, FieldMeta]) -> dict[str, float]:
     """L1 sensitivity of each array `add_noise` releases for `p`, from declared bounds only.
@@ -162,8 +167,10 @@ def sensitivities(p: Partial, fields: Mapping[str, FieldMeta]) -> dict[str, floa
     Raises PrivacyRefusal("dp", ...) when a needed bound is not declared.
     """
     meta = p.meta
-    if p.kind in ("count", "histogram", "quantiles", "contingency"):
-        return {name: 1.0 for name in p.stats}
+    if p.kind == "count":
+        return {"n": 1.0}
+    if p.kind in ("histogram", "quantiles", "contingency"):
+        return {"counts": 1.0}
     if p.kind == "moments":
         b = _max_abs(fields, _meta_field(p, "field"), p.name)
         return {"n": 1.0, "s1": b, "s2": b * b}
@@ -200,7 +207,7 @@ def add_noise(
     """
     if not (math.isfinite(epsilon) and epsilon > 0):
         raise ValueError(f"epsilon must be a positive finite number, got {epsilon}")
-    plans = [(p, sensitivities(p, fields)) for p in partials if not is_withheld(p)]
+    plans = [(p, _checked_sensitivities(p, fields)) for p in partials if not is_withheld(p)]
     n_arrays = sum(len(s) for _, s in plans)
     if n_arrays == 0:
         return list(partials), NoiseReport(0.0, ())
@@ -222,6 +229,17 @@ def add_noise(
         noised[id(p)] = dataclasses.replace(p, n=max(0, round(noisy_n)), stats=stats)
     out = [noised.get(id(p), p) for p in partials]
     return out, NoiseReport(math.fsum(a.epsilon for a in report), tuple(report))
+
+
+def _checked_sensitivities(p: Partial, fields: Mapping[str, FieldMeta]) -> dict[str, float]:
+    sens = sensitivities(p, fields)
+    expected = set(sens) - {COHORT_N}
+    if set(p.stats) != expected:
+        # An array without a sensitivity would leave the site exact; refusing is the only
+        # safe answer to a layout this module does not know.
+        raise ValueError(f"{p.name}: a {p.kind} partial carries stats {sorted(p.stats)}, "
+                         f"expected {sorted(expected)}")
+    return sens
 
 
 def _noise_array(

@@ -8,6 +8,7 @@ sensitivities from those bounds and must be able to rely on them.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,12 @@ class SiteComputation:
 def compute(
     spec: QuerySpec, catalog: CatalogView, *, quantile_bins: int = QUANTILE_BINS
 ) -> SiteComputation:
+    """One site's exact partials for `spec`: one per aggregate per group (every declared
+    level combination when all group fields declare levels, else the groups present).
+
+    The spec is validated again here because a site must not trust the entry node.
+    `cohort_ids` are the filtered subjects (before grouping), for the overlap guard.
+    """
     validate(spec, catalog.fields)
     frame = catalog.frame()
     if spec.where is not None:
@@ -54,7 +61,7 @@ def compute(
     ctx = _Context(catalog, quantile_bins)
     partials = [
         ctx.aggregate(agg, rows, key)
-        for key, rows in _groups(frame, spec.group_by)
+        for key, rows in _groups(frame, spec.group_by, catalog.fields)
         for agg in spec.aggregates
     ]
     return SiteComputation(partials=partials, cohort_ids=ids, n_cohort=len(frame))
@@ -121,7 +128,7 @@ def _eval(e: Expr, frame: pd.DataFrame, fields: Mapping[str, FieldMeta]) -> tupl
     if isinstance(e, Comparison):
         hit[known] = _OPS[e.op](sel, e.value if numeric else label(e.value))
     elif isinstance(e, InList):
-        wanted = [v for v in e.values] if numeric else [label(v) for v in e.values]
+        wanted = list(e.values) if numeric else [label(v) for v in e.values]
         hit[known] = np.isin(sel, wanted)
     elif isinstance(e, Between):
         hit[known] = (sel >= e.low) & (sel <= e.high)
@@ -130,11 +137,20 @@ def _eval(e: Expr, frame: pd.DataFrame, fields: Mapping[str, FieldMeta]) -> tupl
     return hit & known, ~hit & known
 
 
-def _groups(frame: pd.DataFrame, group_by: tuple[str, ...]) -> list[tuple[GroupKey, pd.DataFrame]]:
+def _groups(
+    frame: pd.DataFrame, group_by: tuple[str, ...], fields: Mapping[str, FieldMeta]
+) -> list[tuple[GroupKey, pd.DataFrame]]:
     if not group_by:
         return [((), frame)]
     columns = [_labels(frame[g]) for g in group_by]
     positions: dict[tuple[str, ...], list[int]] = {}
+    declared = [fields[g].levels for g in group_by]
+    if all(declared):
+        # Every declared combination is emitted, empty or not: if only present groups
+        # were returned, the mere existence of a partial would reveal that the site has
+        # a subject with that (possibly rare) level, even after k_min suppression.
+        for combo in itertools.product(*[[label(v) for v in lv or ()] for lv in declared]):
+            positions[combo] = []
     for i, values in enumerate(zip(*columns, strict=True)):
         # A NULL group value cannot be typed as a level name, so such rows belong to no
         # group: they are left out of grouped outputs (and still counted ungrouped).
@@ -186,11 +202,7 @@ class _Context:
         if a.func in ("corr", "regression"):
             # Stats layout puts y last; the spec puts it first for regression.
             order = f if a.func == "corr" else f[1:] + f[:1]
-            z = (
-                np.column_stack([self.clamped(rows, c) for c in order])
-                if len(rows)
-                else (np.empty((0, len(order))))
-            )
+            z = np.column_stack([self.clamped(rows, c) for c in order]).reshape(-1, len(order))
             z = z[~np.isnan(z).any(axis=1)]
             z = np.column_stack([np.ones(len(z)), z])
             purpose = "corr" if a.func == "corr" else "regression"
@@ -228,13 +240,7 @@ class _Context:
 
     def contingency(self, a: AggSpec, rows: pd.DataFrame, make: Callable[..., Partial]) -> Partial:
         cols = [_labels(rows[c]) for c in a.fields]
-        keep = (
-            np.array(
-                [all(v is not None for v in pair) for pair in zip(*cols, strict=True)], dtype=bool
-            )
-            if len(rows)
-            else np.zeros(0, bool)
-        )
+        keep = np.array([None not in pair for pair in zip(*cols, strict=True)], dtype=bool)
         cols = [c[keep] for c in cols]
         levels = [self._levels(name, c) for name, c in zip(a.fields, cols, strict=True)]
         counts = np.zeros((len(levels[0]), len(levels[1])))

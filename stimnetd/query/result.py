@@ -42,7 +42,9 @@ class QueryResult:
 
 def finalize(spec: QuerySpec, combined: list[Partial]) -> QueryResult:
     index = {p.key: p for p in combined}
-    groups = sorted({p.group for p in combined}) or ([()] if not spec.group_by else [])
+    groups = sorted(
+        {p.group for p in combined}, key=lambda g: [dict(g).get(f, "") for f in spec.group_by]
+    ) or ([()] if not spec.group_by else [])
     res = QueryResult(columns=list(spec.group_by) + _scalar_columns(spec), rows=[])
     for group in groups:
         values = dict(group)
@@ -56,7 +58,7 @@ def finalize(spec: QuerySpec, combined: list[Partial]) -> QueryResult:
                 continue
             _Finaliser(res, a, p).run(row)
         res.rows.append(row)
-    res.notes = list(dict.fromkeys(res.notes))  # one note per fact, not per group
+    res.notes = list(dict.fromkeys(res.notes))
     return res
 
 
@@ -92,8 +94,9 @@ class _Finaliser:
             if scope == "partial":
                 self.note("some sites withheld cells; values use the sites that released them")
 
-    def note(self, text: str) -> None:
-        self.res.notes.append(f"{self.label}: {text}")
+    def note(self, text: str, *, per_group: bool = True) -> None:
+        # Facts about the output as a whole are stated once, not once per group.
+        self.res.notes.append(f"{self.label if per_group else self.a.name}: {text}")
 
     def run(self, row: list[Any]) -> None:
         a, p = self.a, self.p
@@ -162,7 +165,8 @@ class _Finaliser:
         lo, hi, bins = meta["lo"], meta["hi"], meta["bins"]
         self.note(
             f"quantiles estimated from a {bins}-bin histogram over [{lo:g}, {hi:g}] of values "
-            f"clamped to those bounds; error at most (hi-lo)/bins = {(hi - lo) / bins:g}"
+            f"clamped to those bounds; error at most (hi-lo)/bins = {(hi - lo) / bins:g}",
+            per_group=False,
         )
         out = [quantile_from_histogram(self.p.stats["counts"], lo, hi, q) for q in self.a.params]
         if any(v is None for v in out):
@@ -258,7 +262,7 @@ class _Finaliser:
             np.divide(num, den, out=mean, where=ok)
             entry["mean_key"] = f"{key}:mean"
             self.res.arrays[entry["mean_key"]] = mean
-            self.note(f"mean map is the {what}; NaN where no subject covers it")
+            self.note(f"mean map is the {what}; NaN where no subject covers it", per_group=False)
         self.res.maps.append(entry)
 
     def roi(self) -> None:
@@ -296,7 +300,9 @@ class _Finaliser:
                 "rois": rows,
             }
         )
-        self.note("ROI statistics are over the subjects whose image overlaps each ROI")
+        self.note(
+            "ROI statistics are over the subjects whose image overlaps each ROI", per_group=False
+        )
 
 
 def quantile_from_histogram(counts: np.ndarray, lo: float, hi: float, prob: float) -> float | None:

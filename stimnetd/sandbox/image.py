@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import docker.errors
+
 from stimnetd.errors import Unavailable
 
 VERSION_LABEL = "org.stimnet.sandbox.version"
@@ -23,8 +25,6 @@ def check_image(client: Any, tag: str, expected_version: str) -> str:
     A version mismatch is an error, not a warning: the in-image runtime writes the result
     format this daemon parses, and an old image would fail every job in a confusing way.
     """
-    import docker.errors
-
     try:
         image = client.images.get(tag)
     except docker.errors.ImageNotFound:

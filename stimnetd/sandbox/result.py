@@ -23,11 +23,12 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Collection, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 
-from stimnetd.catalog_types import FieldMeta
+from stimnetd.catalog_types import FieldMeta, ImageGeometry
 from stimnetd.errors import Refused
 from stimnetd.query.aggregate import GroupKey, Partial
 
@@ -39,31 +40,37 @@ MAX_AGGREGATES = 1000
 MAX_HISTOGRAM_EDGES = 1001
 MAX_CROSSPROD_FIELDS = 50
 MAX_VOXELS = 16_000_000
-MOMENT_STATS = ("sum", "mean", "variance", "sd")
+# The script's word for the statistic → the query engine's `func` in Partial.meta.
+MOMENT_STATS = MappingProxyType({"sum": "sum", "mean": "mean", "variance": "var", "sd": "sd"})
 NAME_RE = re.compile(r"[A-Za-z0-9_.:()\[\] +*/,~<>=-]{1,128}\Z")
 NUMERIC_TYPES = ("numeric", "integer")
 # Float sums of clamped values can land a few ulps past n·bound; scale-aware slack.
 REL_TOL = 1e-9
 
-_TOP_KEYS = {"version", "aggregates"}
-_AGG_KEYS = {"kind", "name", "n", "stats", "meta", "group"}
-_STATS_KEYS: dict[str, tuple[set[str], set[str]]] = {
-    # kind: (required, optional)
-    "count": ({"n"}, set()),
-    "moments": ({"n", "s1", "s2"}, set()),
-    "histogram": ({"counts"}, set()),
-    "crossprod": ({"m"}, set()),
-    "contingency": ({"counts"}, set()),
-    "voxel_map": ({"count"}, {"sum"}),
-}
-_META_KEYS: dict[str, tuple[set[str], set[str]]] = {
-    "count": (set(), set()),
-    "moments": ({"field", "stat"}, set()),
-    "histogram": ({"field", "edges"}, set()),
-    "crossprod": ({"fields", "purpose"}, set()),
-    "contingency": ({"fields", "levels"}, set()),
-    "voxel_map": ({"column", "shape"}, {"weight", "affine"}),
-}
+_TOP_KEYS = frozenset({"version", "aggregates"})
+_AGG_REQUIRED = frozenset({"kind", "name", "n", "stats"})
+_AGG_OPTIONAL = frozenset({"meta", "group"})
+_STATS_KEYS: Mapping[str, tuple[frozenset[str], frozenset[str]]] = MappingProxyType(
+    {
+        # kind: (required, optional)
+        "count": (frozenset({"n"}), frozenset()),
+        "moments": (frozenset({"n", "s1", "s2"}), frozenset()),
+        "histogram": (frozenset({"counts"}), frozenset()),
+        "crossprod": (frozenset({"m"}), frozenset()),
+        "contingency": (frozenset({"counts"}), frozenset()),
+        "voxel_map": (frozenset({"count"}), frozenset({"sum"})),
+    }
+)
+_META_KEYS: Mapping[str, tuple[frozenset[str], frozenset[str]]] = MappingProxyType(
+    {
+        "count": (frozenset(), frozenset()),
+        "moments": (frozenset({"field", "stat"}), frozenset()),
+        "histogram": (frozenset({"field", "edges"}), frozenset()),
+        "crossprod": (frozenset({"fields", "purpose"}), frozenset()),
+        "contingency": (frozenset({"fields", "levels"}), frozenset()),
+        "voxel_map": (frozenset({"column", "shape"}), frozenset({"weight"})),
+    }
+)
 
 
 class ResultRejected(Refused):
@@ -76,20 +83,21 @@ def parse_result(
     fields: Mapping[str, FieldMeta],
     catalog_rows: int,
     *,
-    grids: Mapping[str, tuple[int, ...]] | None = None,
+    geometry: Mapping[str, ImageGeometry] | None = None,
     declared: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[Partial]:
     """Validate a result document strictly and return its aggregates as `Partial`s.
 
     `arrays` holds the ``.npy`` side files by file name (as the runner read them).
-    `grids` maps an image column to the catalog's voxel grid shape; when given, voxel
-    maps must be on it. `declared` maps each allowed aggregate name to the kind and meta
-    the job request declared (e.g. ``{"age_hist": {"kind": "histogram", "meta":
-    {"edges": [...]}}}``); when given, any other name, kind or declared meta is refused.
+    `geometry` maps an image column to the catalog's grid; when given, voxel maps must be
+    on it and carry its affine (the script's is never used). `declared` maps each allowed
+    aggregate name to the kind and meta the job request declared (e.g. ``{"age_hist":
+    {"kind": "histogram", "meta": {"edges": [...]}}}``); when given, any other name, kind
+    or declared meta is refused.
     """
     if not isinstance(doc, dict):
         raise ResultRejected("result: the document must be a JSON object")
-    _keys("result", doc, _TOP_KEYS, set())
+    _keys("result", doc, _TOP_KEYS, frozenset())
     if doc["version"] != RESULT_VERSION or isinstance(doc["version"], bool):
         raise ResultRejected(f"result: unsupported version (this daemon reads {RESULT_VERSION})")
     aggregates = doc["aggregates"]
@@ -99,7 +107,7 @@ def parse_result(
         raise ResultRejected(f"result: more than {MAX_AGGREGATES} aggregates")
     if not isinstance(catalog_rows, int) or catalog_rows < 0:
         raise ValueError("catalog_rows must be a non-negative int")
-    parser = _Parser(arrays, fields, catalog_rows, grids or {}, declared)
+    parser = _Parser(arrays, fields, catalog_rows, geometry or {}, declared)
     partials = [parser.aggregate(i, agg) for i, agg in enumerate(aggregates)]
     seen: set[tuple[str, GroupKey]] = set()
     for p in partials:
@@ -109,7 +117,9 @@ def parse_result(
     return partials
 
 
-def _keys(where: str, obj: Mapping[str, Any], required: set[str], optional: set[str]) -> None:
+def _keys(
+    where: str, obj: Mapping[str, Any], required: frozenset[str], optional: frozenset[str]
+) -> None:
     missing = required - obj.keys()
     if missing:
         raise ResultRejected(f"{where}: missing {sorted(missing)}")
@@ -131,13 +141,13 @@ class _Parser:
         arrays: Mapping[str, np.ndarray],
         fields: Mapping[str, FieldMeta],
         catalog_rows: int,
-        grids: Mapping[str, tuple[int, ...]],
+        geometry: Mapping[str, ImageGeometry],
         declared: Mapping[str, Mapping[str, Any]] | None,
     ) -> None:
         self._arrays = arrays
         self._fields = fields
         self._rows = catalog_rows
-        self._grids = grids
+        self._geometry = geometry
         self._declared = declared
 
     # -- one aggregate -----------------------------------------------------------------
@@ -152,7 +162,7 @@ class _Parser:
         if self._declared is not None and name not in self._declared:
             raise ResultRejected(f"{where}: name not declared by the job request")
         where = f"aggregate {name!r}"
-        _keys(where, agg, {"kind", "name", "n", "stats"}, {"meta", "group"})
+        _keys(where, agg, _AGG_REQUIRED, _AGG_OPTIONAL)
         kind = agg["kind"]
         if kind not in SCRIPT_KINDS:
             raise ResultRejected(f"{where}: unknown kind (allowed: {SCRIPT_KINDS})")
@@ -192,7 +202,7 @@ class _Parser:
 
     def _array(self, where: str, key: str, value: Any) -> np.ndarray:
         if isinstance(value, dict):
-            _keys(f"{where} stats {key!r}", value, {"npy"}, set())
+            _keys(f"{where} stats {key!r}", value, frozenset({"npy"}), frozenset())
             ref = value["npy"]
             if not isinstance(ref, str) or ref not in self._arrays:
                 raise ResultRejected(f"{where}: stats {key!r} refers to a missing array file")
@@ -268,12 +278,12 @@ class _Parser:
         self._shape(where, "n", stats["n"], (1,))
         if stats["n"][0] != n:
             raise ResultRejected(f"{where}: stats n differs from n")
-        return {}
+        return {"func": "count", "field": None}
 
     def _check_moments(self, where, n, stats, meta) -> dict[str, Any]:
         lo, hi = self._bounded(where, meta["field"])
-        if meta["stat"] not in MOMENT_STATS:
-            raise ResultRejected(f"{where}: stat must be one of {MOMENT_STATS}")
+        if not isinstance(meta["stat"], str) or meta["stat"] not in MOMENT_STATS:
+            raise ResultRejected(f"{where}: stat must be one of {sorted(MOMENT_STATS)}")
         for key in ("n", "s1", "s2"):
             self._shape(where, key, stats[key], (1,))
         if stats["n"][0] != n:
@@ -290,7 +300,11 @@ class _Parser:
         # Cauchy–Schwarz: (Σx)² ≤ n Σx²; fails for numbers no real data could give.
         if s1 * s1 > n * s2 + _slack(n * s2):
             raise ResultRejected(f"{where}: s1² > n·s2, inconsistent moments")
-        return {"field": meta["field"], "stat": meta["stat"]}
+        return {
+            "func": MOMENT_STATS[meta["stat"]],
+            "field": meta["field"],
+            "bounds": [lo, hi],
+        }
 
     def _check_histogram(self, where, n, stats, meta) -> dict[str, Any]:
         self._field(where, meta["field"], NUMERIC_TYPES)
@@ -308,7 +322,7 @@ class _Parser:
         self._counts(where, "counts", counts, n)
         if counts.sum() != n:
             raise ResultRejected(f"{where}: counts do not sum to n")
-        return {"field": meta["field"], "edges": e.tolist()}
+        return {"func": "histogram", "field": meta["field"], "edges": e.tolist()}
 
     def _check_crossprod(self, where, n, stats, meta) -> dict[str, Any]:
         names = meta["fields"]
@@ -340,7 +354,7 @@ class _Parser:
         limit = np.sqrt(np.outer(diag, diag))
         if np.any(np.abs(m) > limit + limit * 1e-7 + 1e-9):
             raise ResultRejected(f"{where}: m violates Cauchy–Schwarz, not a cross-product")
-        return {"fields": [str(f) for f in names], "purpose": meta["purpose"]}
+        return {"func": meta["purpose"], "fields": list(names), "purpose": meta["purpose"]}
 
     def _check_contingency(self, where, n, stats, meta) -> dict[str, Any]:
         names, levels = meta["fields"], meta["levels"]
@@ -354,7 +368,11 @@ class _Parser:
         self._counts(where, "counts", counts, n)
         if counts.sum() > n:
             raise ResultRejected(f"{where}: counts sum to more than n")
-        return {"fields": list(names), "levels": [list(lv) for lv in levels]}
+        return {
+            "func": "contingency",
+            "fields": list(names),
+            "levels": [list(lv) for lv in levels],
+        }
 
     def _check_voxel_map(self, where, n, stats, meta) -> dict[str, Any]:
         column = self._field(where, meta["column"], ("image",))
@@ -368,9 +386,9 @@ class _Parser:
         shape = tuple(shape_doc)
         if math.prod(shape) > MAX_VOXELS:
             raise ResultRejected(f"{where}: grid has more than {MAX_VOXELS} voxels")
-        grid = self._grids.get(column.name)
-        if grid is not None and shape != tuple(grid):
-            raise ResultRejected(f"{where}: not on the catalog's grid {tuple(grid)}")
+        grid = self._geometry.get(column.name)
+        if grid is not None and shape != tuple(grid.shape):
+            raise ResultRejected(f"{where}: not on the catalog's grid {tuple(grid.shape)}")
         count = stats["count"]
         self._shape(where, "count", count, shape)
         self._counts(where, "count", count, n)
@@ -379,17 +397,22 @@ class _Parser:
                 f"{where}: total count exceeds n × max_voxels ({column.max_voxels}) "
                 f"for {column.name!r}"
             )
-        clean: dict[str, Any] = {"column": column.name, "shape": list(shape), "weight": None}
+        geom = self._geometry.get(column.name)
+        clean: dict[str, Any] = {
+            "func": "mean_map" if "sum" in stats else "count_map",
+            "column": column.name,
+            "weight": None,
+            "shape": list(shape),
+            # From the catalog, never the script: 16 free floats would be a covert channel.
+            "affine": [list(map(float, r)) for r in geom.affine] if geom is not None else None,
+        }
         if "sum" in stats:
             weight = meta.get("weight")
-            if weight is not None:
-                lo, hi = self._bounded(where, weight)
-            elif column.bounds is not None:
-                lo, hi = (float(b) for b in column.bounds)
-            else:
-                raise ResultRejected(
-                    f"{where}: a sum map needs a bounded weight field or declared image bounds"
-                )
+            if weight is None:
+                # The privacy layer's sensitivity for a sum map is max_voxels × the weight
+                # field's bound; without a declared weight field there is none.
+                raise ResultRejected(f"{where}: a sum map needs a bounded weight field")
+            lo, hi = self._bounded(where, weight)
             total = stats["sum"]
             self._shape(where, "sum", total, shape)
             low, high = count * lo, count * hi
@@ -400,13 +423,6 @@ class _Parser:
             clean["weight"] = weight
         elif "weight" in meta:
             raise ResultRejected(f"{where}: weight given without a sum map")
-        if "affine" in meta:
-            affine = meta["affine"]
-            _numbers_only(where, "affine", affine if isinstance(affine, list) else [None])
-            a = np.asarray(affine, dtype=np.float64)
-            if a.shape != (4, 4) or not np.all(np.isfinite(a)):
-                raise ResultRejected(f"{where}: affine must be a finite 4×4 matrix")
-            clean["affine"] = a.tolist()
         return clean
 
 

@@ -28,15 +28,22 @@ import re
 import secrets
 import shutil
 import stat
+import subprocess
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import docker.errors
 import numpy as np
+import structlog
+from docker.types import LogConfig, Mount, Ulimit
 
 from stimnetd.catalog_types import FieldMeta
+from stimnetd.sandbox.image import BUILD_HINT, SandboxImageError
+
+log = structlog.get_logger("stimnetd.sandbox")
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -45,7 +52,7 @@ LABEL_MANAGED = "org.stimnet.managed"
 LABEL_NODE = "org.stimnet.node"
 LABEL_JOB = "org.stimnet.job"
 RESULT_NAME = "result.json"
-ENTRYPOINT = ["python3", "-I", "-B", "/opt/stimnet/entrypoint.py"]
+ENTRYPOINT = ("python3", "-I", "-B", "/opt/stimnet/entrypoint.py")
 SANDBOX_UID = 65534
 # The only line of container output the runner interprets; see sandbox/runtime/entrypoint.py.
 MARKER_RE = re.compile(r"stimnet-runtime: ([A-Za-z_][A-Za-z0-9_]{0,63}) at line (\d{1,7})\Z")
@@ -157,7 +164,8 @@ class _Workspace:
         return self.root / "out"
 
     @classmethod
-    def create(cls, parent: Path) -> _Workspace:
+    def create(cls, parent: Path, limits: SandboxLimits, out_tmpfs: bool) -> _Workspace:
+        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         root = parent / secrets.token_hex(8)
         root.mkdir(mode=0o700)
         # The container sees only the two mounts, never root/ itself, so 0700 on root
@@ -165,6 +173,9 @@ class _Workspace:
         (root / "job").mkdir(mode=0o755)
         out = root / "out"
         out.mkdir(mode=0o700)
+        if out_tmpfs:
+            _mount_out_tmpfs(out, limits)
+            return cls(root)
         try:
             os.chown(out, SANDBOX_UID, SANDBOX_UID)
         except PermissionError:
@@ -182,13 +193,54 @@ class _Workspace:
             os.replace(tmp, self.job / name)
 
     def remove(self) -> None:
+        if os.path.ismount(self.out):
+            # Lazy: a container being torn down may still pin the mount for a moment.
+            subprocess.run(["umount", "-l", str(self.out)], check=False, capture_output=True)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _mount_out_tmpfs(out: Path, limits: SandboxLimits) -> None:
+    """Put a size- and inode-capped, noexec tmpfs on the output dir.
+
+    The kernel then enforces the result cap exactly (ENOSPC) and the file-count cap, and
+    nothing the script writes there can be executed: Docker cannot make a bind mount
+    noexec, but a bind of a noexec mount stays noexec. Needs root (CAP_SYS_ADMIN).
+    """
+    options = ",".join(
+        (
+            "noexec",
+            "nosuid",
+            "nodev",
+            f"size={limits.result_bytes}",
+            f"nr_inodes={limits.output_files + 1}",
+            f"uid={SANDBOX_UID}",
+            f"gid={SANDBOX_UID}",
+            "mode=0700",
+        )
+    )
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "stimnet-out", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
 
 
 @dataclass
 class _WarmSlot:
     container_id: str
     workspace: _Workspace
+
+
+@dataclass
+class _Watch:
+    """What watching one container found: its final state and why it was stopped."""
+
+    container_id: str
+    state: dict[str, Any] = field(default_factory=dict)
+    # "cancelled" | "timeout" | "output"; None when the container exited by itself.
+    verdict: str | None = None
+    pids_limit_hit: bool = False
 
 
 @dataclass
@@ -205,7 +257,13 @@ def _out_usage(out: Path, limit_files: int) -> tuple[int, int]:
     entries = 0
     stack = [str(out)]
     while stack:
-        with os.scandir(stack.pop()) as it:
+        try:
+            it = os.scandir(stack.pop())
+        except OSError:
+            # A dir the script made unreadable still counts as an entry; its contents
+            # are bounded by RLIMIT_FSIZE per file and by the entry limit elsewhere.
+            continue
+        with it:
             for entry in it:
                 entries += 1
                 if entries > limit_files:
@@ -371,6 +429,7 @@ class SandboxRunner:
         *,
         node: str,
         verbose_errors: bool = False,
+        out_tmpfs: bool | None = None,
     ) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", node):
             raise ValueError(f"node name {node!r} cannot be used in container names")
@@ -380,6 +439,9 @@ class SandboxRunner:
         self._work = Path(state_dir) / "work"
         self._node = node
         self._verbose_errors = verbose_errors
+        # None: a tmpfs output mount whenever this process may mount (root); otherwise a
+        # plain directory whose size the monitor polls.
+        self._out_tmpfs = os.geteuid() == 0 if out_tmpfs is None else out_tmpfs
         self._client: Any = None
         self._client_lock = asyncio.Lock()
         self._jobs: dict[str, _Job] = {}
@@ -416,17 +478,35 @@ class SandboxRunner:
                 prewarmed = True
                 workspace, job.container_id = slot.workspace, slot.container_id
                 if root in self._keep_warm:
-                    self._spawn(self.prewarm(root))
+                    self._spawn(self._refill(root))
             else:
-                workspace = await asyncio.to_thread(_Workspace.create, self._workdir())
+                workspace = await asyncio.to_thread(
+                    _Workspace.create, self._work, self._limits, self._out_tmpfs
+                )
                 job.container_id = await asyncio.to_thread(
                     self._create, api, workspace, root, job_id
                 )
             await asyncio.to_thread(workspace.write_job, script, manifest)
             if job.cancel.is_set():
                 return self._outcome("cancelled", "cancelled before start", started, prewarmed)
-            await asyncio.to_thread(api.start, job.container_id)
-            return await self._supervise(api, job, workspace, started, prewarmed)
+            try:
+                await asyncio.to_thread(api.start, job.container_id)
+            except docker.errors.NotFound:
+                if not prewarmed:
+                    raise
+                # Someone removed the pre-created container (an operator's prune); the
+                # workspace is intact, so only the container needs making again.
+                log.warning("prewarmed container vanished", container=job.container_id)
+                job.container_id = await asyncio.to_thread(
+                    self._create, api, workspace, root, job_id
+                )
+                await asyncio.to_thread(api.start, job.container_id)
+            try:
+                return await self._supervise(api, job, workspace, started, prewarmed)
+            except docker.errors.NotFound:
+                return self._outcome(
+                    "failed", "sandbox container was removed outside the runner", started, prewarmed
+                )
         finally:
             self._jobs.pop(job_id, None)
             job.done.set()
@@ -456,7 +536,9 @@ class SandboxRunner:
         self._warming.add(root)
         try:
             api = (await self._docker()).api
-            workspace = await asyncio.to_thread(_Workspace.create, self._workdir())
+            workspace = await asyncio.to_thread(
+                _Workspace.create, self._work, self._limits, self._out_tmpfs
+            )
             try:
                 cid = await asyncio.to_thread(self._create, api, workspace, root, "")
             except BaseException:
@@ -468,6 +550,12 @@ class SandboxRunner:
             self._warm[root] = _WarmSlot(cid, workspace)
         finally:
             self._warming.discard(root)
+
+    async def _refill(self, root: Path) -> None:
+        try:
+            await self.prewarm(root)
+        except Exception:  # noqa: BLE001 - a failed refill only costs the next job latency
+            log.warning("prewarm refill failed", exc_info=True)
 
     async def reap_orphans(self) -> int:
         """Remove every container this node left behind (crash, kill -9); return how many.
@@ -518,17 +606,19 @@ class SandboxRunner:
                 self._client = await asyncio.to_thread(self._factory)
             return self._client
 
-    def _workdir(self) -> Path:
-        self._work.mkdir(mode=0o700, parents=True, exist_ok=True)
-        return self._work
-
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     def _create(self, api: Any, ws: _Workspace, catalog_root: Path, job_id: str) -> str:
-        from docker.types import LogConfig, Mount, Ulimit
+        try:
+            return self._create_container(api, ws, catalog_root, job_id)
+        except docker.errors.ImageNotFound:
+            msg = f"sandbox image {self._image} not found; {BUILD_HINT}"
+            raise SandboxImageError(msg) from None
+
+    def _create_container(self, api: Any, ws: _Workspace, catalog_root: Path, job_id: str) -> str:
 
         lim = self._limits
         threads = str(max(1, math.ceil(lim.cpus)))
@@ -577,7 +667,7 @@ class SandboxRunner:
         )
         container = api.create_container(
             image=self._image,
-            entrypoint=ENTRYPOINT,
+            entrypoint=list(ENTRYPOINT),
             command=[],
             user=f"{SANDBOX_UID}:{SANDBOX_UID}",
             working_dir="/job",
@@ -593,95 +683,101 @@ class SandboxRunner:
     async def _supervise(
         self, api: Any, job: _Job, ws: _Workspace, started: float, prewarmed: bool
     ) -> SandboxOutcome:
+        watch = await self._watch(api, job, ws)
+        raw_logs = await asyncio.to_thread(self._logs, api, watch.container_id)
+        log_lines = _log_lines(raw_logs, self._limits.log_bytes)
+        status, reason, result, arrays = await self._judge(api, ws, watch)
+        return self._outcome(
+            status,
+            reason,
+            started,
+            prewarmed,
+            result=result,
+            arrays=arrays,
+            log_lines=log_lines,
+            exit_code=watch.state.get("ExitCode"),
+        )
+
+    async def _watch(self, api: Any, job: _Job, ws: _Workspace) -> _Watch:
+        """Poll until the container stops, killing it when a limit is crossed."""
         lim = self._limits
-        cid = job.container_id
-        assert cid is not None
+        assert job.container_id is not None
+        watch = _Watch(job.container_id)
         deadline = time.monotonic() + lim.timeout_s
         interval = POLL_FIRST_S
-        pids_path = await asyncio.to_thread(_cgroup_pids_events, cid)
-        pids_hits = 0
-        verdict: str | None = None
-        detail = ""
+        pids_path = await asyncio.to_thread(_cgroup_pids_events, watch.container_id)
         while True:
-            info = await asyncio.to_thread(api.inspect_container, cid)
-            state = info["State"]
-            if not state.get("Running") and state.get("Status") != "created":
-                break
-            pids_hits = max(pids_hits, await asyncio.to_thread(_pids_limit_hits, pids_path))
+            info = await asyncio.to_thread(api.inspect_container, watch.container_id)
+            watch.state = info["State"]
+            if not watch.state.get("Running") and watch.state.get("Status") != "created":
+                return watch
+            hits = await asyncio.to_thread(_pids_limit_hits, pids_path)
+            watch.pids_limit_hit = watch.pids_limit_hit or hits > 0
             if job.cancel.is_set():
-                verdict = "cancelled"
+                watch.verdict = "cancelled"
             elif time.monotonic() >= deadline:
-                verdict = "timeout"
+                watch.verdict = "timeout"
             else:
                 used, files = await asyncio.to_thread(_out_usage, ws.out, lim.output_files)
-                if files > lim.output_files:
-                    verdict, detail = "output", f"more than {lim.output_files} output files"
-                elif used > lim.result_bytes:
-                    verdict, detail = "output", "total size"
-            if verdict is not None:
-                await asyncio.to_thread(self._kill, api, cid)
-                state = await self._stopped_state(api, cid)
-                break
+                if files > lim.output_files or used > lim.result_bytes:
+                    watch.verdict = "output"
+            if watch.verdict is not None:
+                await asyncio.to_thread(self._kill, api, watch.container_id)
+                watch.state = await self._stopped_state(api, watch.container_id)
+                return watch
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
                     job.cancel.wait(), max(0.0, min(interval, deadline - time.monotonic()))
                 )
             interval = min(interval * 1.5, POLL_MAX_S)
 
-        raw_logs = await asyncio.to_thread(self._logs, api, cid)
-        log_lines = _log_lines(raw_logs, lim.log_bytes)
-        exit_code = state.get("ExitCode")
-        pids_note = f"process limit {lim.pids} reached" if pids_hits else ""
-
-        def done(status: str, reason: str, **kw: Any) -> SandboxOutcome:
-            return self._outcome(
-                status, reason, started, prewarmed, log_lines=log_lines, exit_code=exit_code, **kw
-            )
-
-        if verdict == "cancelled":
-            return done("cancelled", "cancelled")
-        if verdict == "timeout":
+    async def _judge(
+        self, api: Any, ws: _Workspace, watch: _Watch
+    ) -> tuple[str, str, dict[str, Any] | None, dict[str, np.ndarray] | None]:
+        """(status, reason, result, arrays) for a stopped container. Reasons name the
+        limit; nothing in them is taken from the container except via `_marker`."""
+        lim = self._limits
+        pids_note = f"process limit {lim.pids} reached" if watch.pids_limit_hit else ""
+        if watch.verdict == "cancelled":
+            return "cancelled", "cancelled", None, None
+        if watch.verdict == "timeout":
             note = f" ({pids_note})" if pids_note else ""
-            return done(
-                "timeout", f"exceeded wall-clock limit {_fmt_seconds(lim.timeout_s)} s{note}"
-            )
-        if verdict == "output":
-            return done(
-                "failed",
-                f"output exceeded result limit {_fmt_bytes(lim.result_bytes)} ({detail}); killed",
-            )
-        if state.get("OOMKilled"):
-            return done(
-                "failed", f"memory limit {_fmt_bytes(lim.memory_bytes)} exceeded (OOM-killed)"
-            )
+            wall = f"exceeded wall-clock limit {_fmt_seconds(lim.timeout_s)} s{note}"
+            return "timeout", wall, None, None
+        if watch.verdict == "output":
+            limit = _fmt_bytes(lim.result_bytes)
+            return "failed", f"output exceeded result limit {limit} (killed)", None, None
+        if watch.state.get("OOMKilled"):
+            memory = _fmt_bytes(lim.memory_bytes)
+            return "failed", f"memory limit {memory} exceeded (OOM-killed)", None, None
         used, files = await asyncio.to_thread(_out_usage, ws.out, lim.output_files)
         # ">=": RLIMIT_FSIZE stops a file at exactly result_bytes, so a file at the cap
         # means a write was refused there.
         if used >= lim.result_bytes or files > lim.output_files:
-            return done("failed", f"output reached result limit {_fmt_bytes(lim.result_bytes)}")
+            limit = _fmt_bytes(lim.result_bytes)
+            return "failed", f"output reached result limit {limit}", None, None
+        exit_code = watch.state.get("ExitCode")
         if exit_code != 0:
-            marker = _marker(await asyncio.to_thread(self._stderr_tail, api, cid))
-            what = (
-                f"script raised {marker[0]} at line {marker[1]}"
-                if marker
-                else (f"script exited with status {exit_code}")
-            )
-            if exit_code == 137 and not marker:
-                # cgroup v1 sometimes kills for memory without setting OOMKilled.
-                what = f"script was killed (SIGKILL; memory limit {_fmt_bytes(lim.memory_bytes)}?)"
+            marker = _marker(await asyncio.to_thread(self._stderr_tail, api, watch.container_id))
+            if marker:
+                what = f"script raised {marker[0]} at line {marker[1]}"
+            elif exit_code == 137:
+                # cgroup v1 can SIGKILL for memory without setting OOMKilled.
+                memory = _fmt_bytes(lim.memory_bytes)
+                what = f"script was killed (SIGKILL; memory limit {memory}?)"
+            else:
+                what = f"script exited with status {exit_code}"
             if not pids_note and marker and marker[0] == "BlockingIOError":
                 # A bomb that dies fast takes its cgroup (and the pids.events counter the
                 # monitor reads) with it; in a container with no network and no
                 # RLIMIT_NPROC, EAGAIN almost always means fork/clone hit pids.max.
-                pids_note = (
-                    f"process limit {lim.pids} likely reached (fork/thread creation refused)"
-                )
-            return done("failed", f"{pids_note}; {what}" if pids_note else what)
+                pids_note = f"process limit {lim.pids} likely reached (fork refused)"
+            return "failed", f"{pids_note}; {what}" if pids_note else what, None, None
         try:
             doc, arrays = await asyncio.to_thread(_read_outputs, ws.out, lim.result_bytes)
         except ResultRefused as exc:
-            return done("failed", str(exc))
-        return done("succeeded", "ok", result=doc, arrays=arrays)
+            return "failed", str(exc), None, None
+        return "succeeded", "ok", doc, arrays
 
     async def _stopped_state(self, api: Any, cid: str) -> dict[str, Any]:
         # SIGKILL is asynchronous; the state (and OOMKilled) settles a moment later.
@@ -716,8 +812,6 @@ class SandboxRunner:
         )
 
     def _logs(self, api: Any, cid: str) -> bytes:
-        import docker.errors
-
         # json-file's max-size bounds what the engine keeps, so this read is bounded too.
         try:
             return bytes(api.logs(cid, stdout=True, stderr=True, stream=False))
@@ -725,8 +819,6 @@ class SandboxRunner:
             return b""
 
     def _stderr_tail(self, api: Any, cid: str) -> bytes:
-        import docker.errors
-
         try:
             return bytes(api.logs(cid, stdout=False, stderr=True, stream=False, tail=20))
         except docker.errors.APIError:
@@ -734,15 +826,11 @@ class SandboxRunner:
 
     @staticmethod
     def _kill(api: Any, cid: str) -> None:
-        import docker.errors
-
         with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
             api.kill(cid)
 
     @staticmethod
     def _remove(api: Any, cid: str) -> None:
-        import docker.errors
-
         with contextlib.suppress(docker.errors.NotFound):
             api.remove_container(cid, force=True, v=True)
 

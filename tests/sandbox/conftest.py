@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -45,16 +46,18 @@ TEST_LIMITS = SandboxLimits(
 )
 MAX_LOOP_STALL_S = 1.0
 
-AGES = [34, 45, 51, 58, 62, 66, 70, 73, 77, 81]
-TARGETS = ["STN", "GPi", "STN", "STN", "GPi", "VIM", "STN", "GPi", "STN", "VIM"]
-UPDRS = [12.5, 30.0, 22.0, 41.5, 18.0, 27.0, 35.5, 9.0, 25.0, 33.0]
+AGES = (34, 45, 51, 58, 62, 66, 70, 73, 77, 81)
+TARGETS = ("STN", "GPi", "STN", "STN", "GPi", "VIM", "STN", "GPi", "STN", "VIM")
+UPDRS = (12.5, 30.0, 22.0, 41.5, 18.0, 27.0, 35.5, 9.0, 25.0, 33.0)
 
-FIELDS = {
-    "subject": FieldMeta("subject", "subjects", "id"),
-    "age": FieldMeta("age", "subjects", "integer", bounds=(18.0, 100.0)),
-    "target": FieldMeta("target", "subjects", "categorical", levels=("STN", "GPi", "VIM")),
-    "updrs_change": FieldMeta("updrs_change", "outcomes", "numeric", bounds=(-60.0, 60.0)),
-}
+FIELDS = MappingProxyType(
+    {
+        "subject": FieldMeta("subject", "subjects", "id"),
+        "age": FieldMeta("age", "subjects", "integer", bounds=(18.0, 100.0)),
+        "target": FieldMeta("target", "subjects", "categorical", levels=("STN", "GPi", "VIM")),
+        "updrs_change": FieldMeta("updrs_change", "outcomes", "numeric", bounds=(-60.0, 60.0)),
+    }
+)
 
 
 def _engine_or_fail() -> Any:

@@ -429,3 +429,15 @@ async def test_forged_marker_on_stdout_does_not_become_reason(runner, docker_cli
     )
     assert_refused(out)
     assert out.reason == "script exited with status 4"
+
+
+async def test_custom_exception_names_are_not_echoed(runner, docker_client, catalog: Catalog):
+    """An exception class named after a value is reported generically, not by its name."""
+    out = await run_attack(
+        runner,
+        docker_client,
+        catalog,
+        "class Age71(Exception):\n    pass\nraise Age71()\n",
+    )
+    assert_refused(out)
+    assert out.reason == "script raised an exception at line 3"

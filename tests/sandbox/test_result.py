@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 import pytest
 
-from stimnetd.catalog_types import FieldMeta
+from stimnetd.catalog_types import FieldMeta, ImageGeometry
 from stimnetd.errors import StimnetError
 from stimnetd.sandbox.result import ResultRejected, parse_result
 
-FIELDS = {
-    "age": FieldMeta("age", "subjects", "integer", bounds=(18.0, 100.0)),
-    "updrs": FieldMeta("updrs", "outcomes", "numeric", bounds=(-60.0, 60.0)),
-    "target": FieldMeta("target", "subjects", "categorical", levels=("STN", "GPi")),
-    "side": FieldMeta("side", "subjects", "categorical", levels=("L", "R")),
-    "vta": FieldMeta("vta", "images", "image", max_voxels=4),
-    "note": FieldMeta("note", "subjects", "categorical"),
-}
+FIELDS = MappingProxyType(
+    {
+        "age": FieldMeta("age", "subjects", "integer", bounds=(18.0, 100.0)),
+        "updrs": FieldMeta("updrs", "outcomes", "numeric", bounds=(-60.0, 60.0)),
+        "target": FieldMeta("target", "subjects", "categorical", levels=("STN", "GPi")),
+        "side": FieldMeta("side", "subjects", "categorical", levels=("L", "R")),
+        "vta": FieldMeta("vta", "images", "image", max_voxels=4),
+        "note": FieldMeta("note", "subjects", "categorical"),
+    }
+)
 ROWS = 10
 AGES = np.array([20.0, 30.0, 40.0, 50.0])
 UPDRS = np.array([-10.0, 5.0, 12.0, 20.0])
@@ -140,7 +143,7 @@ def _doc(fn: Callable[[dict[str, Any]], None]) -> Mutation:
     return lambda doc, arrays: fn(doc)
 
 
-BAD: list[tuple[str, Mutation, str]] = [
+BAD: tuple[tuple[str, Mutation, str], ...] = (
     ("not-object", _doc(lambda d: d.clear()), "missing"),
     ("top-unknown-key", _doc(lambda d: d.update(extra=1)), "result: unknown keys"),
     ("version", _doc(lambda d: d.update(version=2)), "unsupported version"),
@@ -225,7 +228,7 @@ BAD: list[tuple[str, Mutation, str]] = [
     ("group-unknown-field", _set("n", "group", value=[["secret", "x"]]), "does not exist"),
     ("group-shape", _set("n", "group", value=["target"]), "[field, level]"),
     ("duplicate", _doc(lambda d: d["aggregates"][-1].update(group=[])), "emitted twice"),
-]
+)
 
 
 @pytest.mark.parametrize(("mutate", "message"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
@@ -270,10 +273,36 @@ def test_declared_names_and_meta_are_enforced():
     assert "age_hist" not in str(info.value)
 
 
+def _geometry(shape: tuple[int, ...]) -> dict[str, ImageGeometry]:
+    affine = tuple(tuple(float(v) for v in row) for row in np.diag([2.0, 2.0, 2.0, 1.0]))
+    return {"vta": ImageGeometry(shape, (2.0, 2.0, 2.0), affine, "MNI152")}
+
+
 def test_voxel_map_must_be_on_the_catalog_grid():
     """When the catalog grid is known, a map on any other grid is refused."""
     with pytest.raises(ResultRejected, match="not on the catalog's grid"):
-        parse_result(valid_doc(), valid_arrays(), FIELDS, ROWS, grids={"vta": (2, 4)})
+        parse_result(valid_doc(), valid_arrays(), FIELDS, ROWS, geometry=_geometry((2, 4)))
+
+
+def test_voxel_map_affine_comes_from_the_catalog():
+    """The released affine is the catalog's; a script cannot supply one."""
+    partials = parse_result(valid_doc(), valid_arrays(), FIELDS, ROWS, geometry=_geometry((2, 3)))
+    vmap = next(p for p in partials if p.kind == "voxel_map")
+    assert vmap.meta["affine"] == np.diag([2.0, 2.0, 2.0, 1.0]).tolist()
+    doc = valid_doc()
+    _agg(doc, "vmap")["meta"]["affine"] = np.eye(4).tolist()
+    with pytest.raises(ResultRejected, match="unknown keys"):
+        parse_result(doc, valid_arrays(), FIELDS, ROWS)
+
+
+def test_partial_meta_matches_the_query_engine():
+    """Script partials carry the same meta keys the query engine's finaliser reads."""
+    metas = {p.name: p.meta for p in parse_result(valid_doc(), valid_arrays(), FIELDS, ROWS)}
+    assert metas["mean_age"] == {"func": "mean", "field": "age", "bounds": [18.0, 100.0]}
+    assert metas["age_hist"] == {"func": "histogram", "field": "age", "edges": [18.0, 35.0, 60.0]}
+    assert metas["reg"]["func"] == "regression" and metas["reg"]["fields"] == ["age", "updrs"]
+    assert metas["tab"]["levels"] == [["STN", "GPi"], ["L", "R"]]
+    assert metas["vmap"]["func"] == "mean_map" and metas["vmap"]["weight"] == "updrs"
 
 
 def test_float_rounding_at_the_bound_is_accepted():

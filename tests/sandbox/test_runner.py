@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from stimnetd.catalog_types import ImageGeometry
 from stimnetd.sandbox.image import SandboxImageError, check_image
 from stimnetd.sandbox.result import parse_result
 from stimnetd.sandbox.runner import LABEL_JOB, SandboxRunner
@@ -68,7 +69,11 @@ async def test_happy_path_parses_into_partials(runner, docker_client, catalog: C
     reg = partials[("updrs~age", ())]
     z = np.column_stack([np.ones(len(AGES)), AGES, UPDRS])
     np.testing.assert_allclose(reg.stats["m"], z.T @ z)
-    assert reg.meta == {"fields": ["age", "updrs_change"], "purpose": "regression"}
+    assert reg.meta == {
+        "func": "regression",
+        "fields": ["age", "updrs_change"],
+        "purpose": "regression",
+    }
 
 
 async def test_voxel_map_travels_as_npy(runner, docker_client, catalog: Catalog, tmp_path: Path):
@@ -98,10 +103,13 @@ async def test_voxel_map_travels_as_npy(runner, docker_client, catalog: Catalog,
         """)
     out = await run_attack(runner, docker_client, catalog, script, job_id="voxels")
     assert out.status == "succeeded", out
-    [partial] = parse_result(out.result, out.arrays, fields, catalog.rows, grids={"vta": shape})
+    geometry = {"vta": ImageGeometry(shape, (1.0, 1.0, 1.0), tuple(map(tuple, np.eye(4))), "mni")}
+    [partial] = parse_result(out.result, out.arrays, fields, catalog.rows, geometry=geometry)
     assert partial.n == 3
     assert partial.stats["count"].shape == shape
     assert partial.stats["count"].sum() == 3 * 300
+    assert partial.meta["affine"] == np.eye(4).tolist()
+    assert partial.meta["func"] == "count_map"
 
 
 async def test_prewarmed_container_is_used_and_refilled(runner, docker_client, catalog: Catalog):
@@ -122,6 +130,29 @@ async def test_prewarmed_container_is_used_and_refilled(runner, docker_client, c
     assert refill[0]["Id"] != warm["Id"]
     second = await runner.run("warm-job-2", HAPPY.encode(), catalog.root, catalog.manifest)
     assert second.status == "succeeded" and second.prewarmed
+
+
+async def test_vanished_prewarmed_container_is_replaced(runner, docker_client, catalog: Catalog):
+    """If an operator removes the pre-created container, the job still runs in a new one."""
+    await runner.prewarm(catalog.root)
+    remove_containers(docker_client, node_containers(docker_client, runner.node))
+    out = await runner.run("after-prune", HAPPY.encode(), catalog.root, catalog.manifest)
+    assert out.status == "succeeded", out
+
+
+async def test_missing_image_raises_with_the_fix(docker_client, catalog: Catalog, tmp_path: Path):
+    """A runner pointed at an absent image says how to build it."""
+    import docker
+
+    r = SandboxRunner(
+        docker.from_env, "stimnet-sandbox:absent", TEST_LIMITS, tmp_path / "s", node="no-image"
+    )
+    try:
+        with pytest.raises(SandboxImageError, match="run sandbox/build-offline.sh"):
+            await r.run("j", b"pass\n", catalog.root, catalog.manifest)
+    finally:
+        await r.shutdown()
+    assert node_containers(docker_client, "no-image") == []
 
 
 async def test_job_on_another_catalog_does_not_take_the_warm_container(

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -19,12 +20,16 @@ from stimnetd.sandbox.runner import job_manifest
 
 RUNTIME = Path(__file__).resolve().parents[2] / "sandbox" / "runtime"
 
-FIELDS = {
-    "subject": FieldMeta("subject", "subjects", "id"),
-    "age": FieldMeta("age", "subjects", "integer", bounds=(18.0, 90.0)),
-    "score": FieldMeta("score", "subjects", "numeric", bounds=(0.0, 10.0)),
-    "vta": FieldMeta("vta", "subjects", "image", max_voxels=8),
-}
+FIELDS = MappingProxyType(
+    {
+        "subject": FieldMeta("subject", "subjects", "id"),
+        "age": FieldMeta("age", "subjects", "integer", bounds=(18.0, 90.0)),
+        "score": FieldMeta("score", "subjects", "numeric", bounds=(0.0, 10.0)),
+        "vta": FieldMeta("vta", "subjects", "image", max_voxels=8),
+        "arm": FieldMeta("arm", "subjects", "categorical", levels=("A", "B")),
+        "site": FieldMeta("site", "subjects", "categorical", levels=("x", "y")),
+    }
+)
 
 
 @pytest.fixture
@@ -33,12 +38,13 @@ def sandbox_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, P
     for d in (data, job, out):
         d.mkdir()
     (data / "img").mkdir()
-    rows = ["subject,age,score,vta"]
+    rows = ["subject,age,score,vta,arm,site"]
+    arms = [("A", "x"), ("A", "y"), ("B", "y"), ("C", "x")]
     for i, (age, score) in enumerate([(20, 1.0), (95, 4.0), (40, 12.0), (60, 3.0)]):
         mask = np.zeros((2, 2, 2))
         mask[0, i % 2, 0] = 1.0
         np.save(data / "img" / f"s{i}.npy", mask)
-        rows.append(f"s{i},{age},{score},img/s{i}.npy")
+        rows.append(f"s{i},{age},{score},img/s{i}.npy,{arms[i][0]},{arms[i][1]}")
     (data / "subjects.csv").write_text("\n".join(rows) + "\n")
     (job / "manifest.json").write_text(
         json.dumps(job_manifest({"subjects": "subjects.csv"}, "subject", FIELDS))
@@ -67,6 +73,7 @@ def test_emitted_result_round_trips_through_parse_result(sandbox_dirs):
     rt.emit_variance("var_score", "score", frame["score"], group=None)
     rt.emit_histogram("age_hist", "age", frame["age"], [18, 50, 90])
     rt.emit_correlation("corr", ["age", "score"], frame)
+    rt.emit_contingency("tab", "arm", "site", frame)
     count = sum((img > 0).astype(float) for _, img in rt.load_images("vta"))
     rt.emit_voxel_map("vmap", "vta", count)
     rt.emit_voxel_map("big", "vta", np.zeros((80, 80, 1)), n=4)
@@ -78,7 +85,9 @@ def test_emitted_result_round_trips_through_parse_result(sandbox_dirs):
     assert partials["var_score"].stats["s1"][0] == 1.0 + 4.0 + 10.0 + 3.0
     assert partials["age_hist"].stats["counts"].tolist() == [0, 2, 2, 0]
     assert partials["vmap"].n == 4 and partials["vmap"].stats["count"].sum() == 4
-    assert doc["aggregates"][-1]["stats"]["count"] == {"npy": "a0006_count.npy"}
+    assert partials["tab"].stats["counts"].tolist() == [[1.0, 1.0], [0.0, 1.0]]
+    assert partials["tab"].n == 3
+    assert doc["aggregates"][-1]["stats"]["count"] == {"npy": "a0007_count.npy"}
 
 
 @pytest.mark.parametrize(

@@ -18,9 +18,10 @@ from stimnetd.gossip.membership import (
     MemberChange,
     MemberLimits,
 )
-from stimnetd.gossip.sim import SimCluster, member_size, run_virtual
+from stimnetd.gossip.sim import SimClock, SimCluster, member_size, run_virtual
 from stimnetd.gossip.swim import (
     BroadcastQueue,
+    Clock,
     FullState,
     GossipConfig,
     PeerUnreachable,
@@ -75,9 +76,9 @@ def m(name: str, inc: int = 0, status: str = "alive",
 
 def node(name: str = "a", inc: int = 0, *, config: GossipConfig | None = None,
          transport: ScriptedTransport | None = None, store: InMemoryMemberStore | None = None,
-         catalogs: tuple[tuple[str, int], ...] = ()) -> Swim:
+         catalogs: tuple[tuple[str, int], ...] = (), clock: Clock | None = None) -> Swim:
     return Swim(m(name, inc, catalogs=catalogs), [], transport or ScriptedTransport(),
-                store=store or InMemoryMemberStore(), clock=ManualClock(),
+                store=store or InMemoryMemberStore(), clock=clock or ManualClock(),
                 rng=random.Random(7), config=config)
 
 
@@ -355,7 +356,7 @@ def test_restart_comes_back_with_stored_incarnation_plus_one() -> None:
     store = InMemoryMemberStore([m("a", 7, "left"), m("b", 3), m("c", 1, "dead")])
 
     async def scenario() -> tuple[Member, Member | None, list[Member]]:
-        a = node(store=store)
+        a = node(store=store, clock=SimClock())
         task = asyncio.create_task(a.run())
         await asyncio.sleep(0.01)
         await a.shutdown()
@@ -372,7 +373,7 @@ def test_run_twice_is_refused_and_shutdown_is_idempotent() -> None:
     """run() is single-use; shutdown() may be called any number of times."""
 
     async def scenario() -> None:
-        a = node()
+        a = node(clock=SimClock())
         task = asyncio.create_task(a.run())
         await asyncio.sleep(0.01)
         await a.shutdown()
@@ -473,7 +474,12 @@ def test_partition_is_detected_on_both_sides_and_heals() -> None:
             assert split is not None
             assert cluster.all_see(left, ("alive",), observers=left)
             assert cluster.all_see(right, ("alive",), observers=right)
-            await cluster.wait_until(lambda: cluster.all_see(right, ("dead",), observers=left), 60)
+            # Heal only once both sides have given up on each other: reconnecting to the
+            # dead is then the only way back.
+            assert await cluster.wait_until(
+                lambda: cluster.all_see(right, ("dead",), observers=left)
+                and cluster.all_see(left, ("dead",), observers=right), 60) is not None
+            await asyncio.sleep(5)
             cluster.network.heal()
             assert await cluster.wait_until(cluster.converged, 60) is not None
 

@@ -132,6 +132,13 @@ def test_rows_with_null_group_value_belong_to_no_group():
     assert [(p.group, p.n) for p in ps] == [((("g", "a"),), 2), ((("g", "b"),), 1)]
 
 
+def test_grouping_by_declared_levels_emits_every_level():
+    """Groups over declared levels all appear, empty ones included, so which partials a
+    site returns does not reveal which levels its subjects have."""
+    ps = run("SELECT h, count(*) FROM t GROUP BY h", catalog(h=["lo", "lo"]))
+    assert [(p.group, p.n) for p in ps] == [((("h", "hi"),), 0), ((("h", "lo"),), 2)]
+
+
 def test_ungrouped_query_on_empty_cohort_still_returns_one_partial_per_aggregate():
     """An empty cohort yields zero-count partials, so every site answers every output."""
     ps = run(
@@ -344,3 +351,11 @@ def test_unweighted_mean_map_is_the_covered_fraction_of_the_cohort():
     res = finalize(spec, combine([compute(spec, cat).partials]))
     mean = res.arrays[res.maps[0]["mean_key"]].ravel()
     np.testing.assert_allclose(mean[[0, 1, 2, 7]], [1.0, 1 / 3, 0.0, 2 / 3])
+
+
+def test_result_rows_follow_group_by_order():
+    """Rows sort by the group values in GROUP BY order, not by field name."""
+    spec = parse_sql("SELECT h, g, count(*) FROM t GROUP BY h, g")
+    cat = catalog(h=["lo", "hi"], g=["a", "b"])
+    res = finalize(spec, combine([compute(spec, cat).partials]))
+    assert [r[:2] for r in res.rows] == [["hi", "b"], ["lo", "a"]]

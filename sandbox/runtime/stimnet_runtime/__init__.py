@@ -37,6 +37,7 @@ __all__ = [
     "emit_histogram",
     "emit_correlation",
     "emit_regression",
+    "emit_contingency",
     "emit_voxel_map",
 ]
 
@@ -298,20 +299,45 @@ def emit_regression(name: str, y: str, xs: Sequence[str], frame, *, group=None) 
     _crossprod(name, [*xs, y], frame, "regression", group)
 
 
+def emit_contingency(name: str, field_a: str, field_b: str, frame, *, group=None) -> None:
+    """Release a table of subject counts over two categorical fields' declared levels.
+
+    Rows whose value is not a declared level are left out (and out of n): an undeclared
+    label is a data value and cannot be released.
+    """
+    import numpy as np
+
+    fields = manifest().get("fields", {})
+    levels = [list((fields.get(f) or {}).get("levels") or []) for f in (field_a, field_b)]
+    if not all(levels):
+        raise ValueError("both fields need declared levels")
+    index = [{lv: i for i, lv in enumerate(lvs)} for lvs in levels]
+    counts = np.zeros((len(levels[0]), len(levels[1])))
+    n = 0
+    for va, vb in zip(frame[field_a], frame[field_b], strict=True):
+        i, j = index[0].get(str(va)), index[1].get(str(vb))
+        if i is not None and j is not None:
+            counts[i, j] += 1
+            n += 1
+    meta = {"fields": [field_a, field_b], "levels": levels}
+    _append("contingency", name, n, {"counts": counts}, meta, group)
+
+
 def emit_voxel_map(
     name: str,
     column: str,
     count,
     sum=None,  # noqa: A002 - the public name in the job API
     *,
-    n: int | None = None,
     weight: str | None = None,
-    affine=None,
+    n: int | None = None,
     group=None,
 ) -> None:
-    """Release a per-voxel subject count map (and optionally a per-voxel sum map).
+    """Release a per-voxel subject count map, and optionally Σ weight per voxel.
 
-    `n` defaults to the number of subjects with an image in `column`.
+    `sum` needs `weight`, the numeric field whose (clamped) values were summed: its
+    declared bounds are what make the sum releasable. `n` defaults to the number of
+    subjects with an image in `column`. The grid's affine comes from the catalog.
     """
     import numpy as np
 
@@ -319,13 +345,12 @@ def emit_voxel_map(
     stats: dict[str, Any] = {"count": count}
     meta: dict[str, Any] = {"column": column, "shape": list(count.shape)}
     if sum is not None:
+        if weight is None:
+            raise ValueError("a sum map needs weight=<the numeric field that was summed>")
         s = np.asarray(sum, dtype=np.float64)
         if s.shape != count.shape:
             raise ValueError("sum map must have the count map's shape")
         stats["sum"] = s
-    if weight is not None:
         meta["weight"] = weight
-    if affine is not None:
-        meta["affine"] = np.asarray(affine, dtype=float).tolist()
     subjects = _column_rows(column) if n is None else int(n)
     _append("voxel_map", name, subjects, stats, meta, group)

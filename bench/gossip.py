@@ -1,0 +1,134 @@
+"""Gossip membership under the simulated transport (virtual time, LAN defaults).
+
+For N = 8, 32, 128 nodes started together with one seed it prints:
+  * gossip rounds until every member sees every other alive, and that over log2(N)
+    (target: at most 2);
+  * after killing one member, seconds and probe rounds until every survivor marks it
+    dead, next to the suspicion timeout (dead must not come sooner) and the worst-case
+    bound (round-robin reach + probe + suspicion + dissemination);
+  * bytes sent per member per round on the probe path (steady state and during the
+    failure) and on push-pull, each as a ratio to the N=8 run of the same process.
+    Probe traffic should stay flat; push-pull carries full state, so it grows with N.
+
+Run: .venv/bin/python bench/gossip.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass
+
+from stimnetd.gossip.sim import SimCluster, run_virtual
+from stimnetd.gossip.swim import GossipConfig
+
+SIZES = (8, 32, 128)
+STEADY_PROBE_ROUNDS = 10
+
+
+@dataclass
+class Result:
+    n: int
+    converge_rounds: float
+    dead_after: float
+    first_suspect_after: float
+    suspicion_timeout: float
+    worst_case_bound: float
+    probe_steady: float
+    probe_churn: float
+    push_pull: float
+    wall: float
+
+
+def worst_case_bound(config: GossipConfig, n: int) -> float:
+    return ((2 * (n - 1) + 1) * config.probe_interval + config.suspicion_timeout(n)
+            + 2 * math.log2(n) * config.gossip_interval)
+
+
+async def measure(n: int) -> Result:
+    wall = time.perf_counter()
+    config = GossipConfig()
+    catalogs = lambda i: (("dbs_outcomes", 1),) if i % 2 == 0 else (("stim_volumes", 2),)  # noqa: E731
+    async with SimCluster(n, config=config, seed=n, catalogs=catalogs) as cluster:
+        loop = asyncio.get_running_loop()
+        step = config.gossip_interval / 10
+        converged = await cluster.wait_until(cluster.converged, 60, step=step)
+        if converged is None:
+            raise SystemExit(f"N={n}: no convergence within 60 s")
+
+        cluster.network.reset_traffic()
+        steady = STEADY_PROBE_ROUNDS * config.probe_interval
+        await asyncio.sleep(steady)
+        traffic = cluster.network.traffic
+        probe_steady = traffic.bytes["probe"] / (n * STEADY_PROBE_ROUNDS)
+        push_pull = traffic.bytes["push_pull"] / (n * steady / config.gossip_interval)
+
+        victim = cluster.names[n // 2]
+        first_suspect: list[float] = []
+        for name in cluster.names:
+            if name != victim:
+                cluster.nodes[name].subscribe(
+                    lambda c: first_suspect.append(loop.time())
+                    if c.current.name == victim and c.current.status == "suspect" else None)
+        await cluster.kill(victim)
+        killed_at = loop.time()
+        cluster.network.reset_traffic()
+        dead_after = await cluster.wait_until(
+            lambda: cluster.all_see([victim], ("dead",)), 600, step=step)
+        if dead_after is None:
+            raise SystemExit(f"N={n}: killed member not dead everywhere within 600 s")
+        probe_churn = cluster.network.traffic.bytes["probe"] / (
+            (n - 1) * dead_after / config.probe_interval)
+    return Result(
+        n=n,
+        converge_rounds=converged / config.gossip_interval,
+        dead_after=dead_after,
+        first_suspect_after=min(first_suspect) - killed_at,
+        suspicion_timeout=config.suspicion_timeout(n - 1),
+        worst_case_bound=worst_case_bound(config, n),
+        probe_steady=probe_steady,
+        probe_churn=probe_churn,
+        push_pull=push_pull,
+        wall=time.perf_counter() - wall,
+    )
+
+
+def main() -> None:
+    config = GossipConfig()
+    print(f"gossip bench: simulated transport, virtual time, LAN defaults "
+          f"(gossip {config.gossip_interval}s, probe {config.probe_interval}s, "
+          f"fanout {config.fanout}, max_piggyback {config.max_piggyback})\n")
+    results = [run_virtual(measure(n)) for n in SIZES]
+    base = results[0]
+
+    print("convergence from one seed (gossip rounds until everyone sees everyone alive)")
+    print(f"{'N':>5} {'rounds':>8} {'/log2(N)':>9} {'target':>7}")
+    for r in results:
+        ratio = r.converge_rounds / math.log2(r.n)
+        print(f"{r.n:>5} {r.converge_rounds:>8.2f} {ratio:>9.2f} {'<= 2':>7}"
+              f"  {'ok' if ratio <= 2 else 'OVER'}")
+
+    print("\nfailure detection of one killed member (seconds after the kill)")
+    print(f"{'N':>5} {'1st suspect':>12} {'dead@all':>9} {'probe rnds':>11} "
+          f"{'suspicion':>10} {'dead-1st/susp':>14} {'bound':>8} {'/bound':>7}")
+    for r in results:
+        print(f"{r.n:>5} {r.first_suspect_after:>12.2f} {r.dead_after:>9.2f} "
+              f"{r.dead_after / config.probe_interval:>11.1f} {r.suspicion_timeout:>10.2f} "
+              f"{(r.dead_after - r.first_suspect_after) / r.suspicion_timeout:>14.2f} "
+              f"{r.worst_case_bound:>8.1f} {r.dead_after / r.worst_case_bound:>7.2f}")
+
+    print("\nbytes sent per member per round (probe round = probe_interval, "
+          "push-pull round = gossip_interval); ratio to N=8")
+    print(f"{'N':>5} {'probe steady':>13} {'ratio':>6} {'probe churn':>12} {'ratio':>6} "
+          f"{'push-pull':>10} {'ratio':>6} {'N/8':>5}")
+    for r in results:
+        print(f"{r.n:>5} {r.probe_steady:>13.0f} {r.probe_steady / base.probe_steady:>6.2f} "
+              f"{r.probe_churn:>12.0f} {r.probe_churn / base.probe_churn:>6.2f} "
+              f"{r.push_pull:>10.0f} {r.push_pull / base.push_pull:>6.2f} {r.n / 8:>5.0f}")
+
+    print("\nwall seconds per run: " + ", ".join(f"N={r.n}: {r.wall:.1f}" for r in results))
+
+
+if __name__ == "__main__":
+    main()
