@@ -97,22 +97,39 @@ class MemberLimits:
 def validate_members(
     members: Sequence[Member],
     limits: MemberLimits,
-    known_incarnation: Callable[[str], int],
+    known: Callable[[str], Member | None],
 ) -> None:
-    """Refuse the whole batch if any entry is malformed or implausible."""
+    """Refuse the whole batch if any entry is malformed or implausible.
+
+    `known` returns this node's current entry for a name (None if unknown); incarnation
+    jumps are measured from it, and entries repeating it verbatim skip re-validation
+    (anti-entropy resends the whole table every round, so this is the hot path).
+    """
     if len(members) > limits.max_members:
         raise InvalidGossip(f"{len(members)} members exceeds the limit of {limits.max_members}")
     seen: set[str] = set()
     for m in members:
-        validate_member(m, limits, known_incarnation)
+        if not isinstance(m, Member) or not isinstance(m.name, str):
+            raise InvalidGossip("entry is not a member")
+        prior = known(m.name)
+        if prior is None or not _repeats(m, prior):
+            validate_member(m, limits, prior)
+        elif not isinstance(m.last_heard, int | float) or not math.isfinite(m.last_heard):
+            raise InvalidGossip("last_heard must be a finite number")
         if m.name in seen:
             raise InvalidGossip(f"member {m.name!r} appears twice")
         seen.add(m.name)
 
 
-def validate_member(
-    m: Member, limits: MemberLimits, known_incarnation: Callable[[str], int]
-) -> None:
+def _repeats(m: Member, prior: Member) -> bool:
+    return (type(m.incarnation) is int and m.incarnation == prior.incarnation
+            and m.status == prior.status and m.address == prior.address
+            and type(m.catalogs) is tuple and m.catalogs == prior.catalogs
+            and all(type(v) is int for _, v in m.catalogs))
+
+
+def validate_member(m: Member, limits: MemberLimits, prior: Member | None) -> None:
+    """Check one entry; `prior` is this node's current entry for the same name, if any."""
     if not isinstance(m, Member):
         raise InvalidGossip("entry is not a member")
     _check_text("name", m.name, limits.max_name_len)
@@ -122,7 +139,8 @@ def validate_member(
         raise InvalidGossip(f"unknown status {m.status!r}")
     if type(m.incarnation) is not int or m.incarnation < 0:
         raise InvalidGossip("incarnation must be a non-negative integer")
-    if m.incarnation > known_incarnation(m.name) + limits.max_incarnation_jump:
+    known_incarnation = prior.incarnation if prior is not None else 0
+    if m.incarnation > known_incarnation + limits.max_incarnation_jump:
         raise InvalidGossip(f"incarnation jump for {m.name!r} is implausibly large")
     if not isinstance(m.last_heard, int | float) or not math.isfinite(m.last_heard):
         raise InvalidGossip("last_heard must be a finite number")

@@ -194,7 +194,7 @@ class Swim:
         log: structlog.typing.FilteringBoundLogger | None = None,
     ) -> None:
         self.config = config or GossipConfig()
-        validate_member(self_member, self.config.limits, lambda _name: self_member.incarnation)
+        validate_member(self_member, self.config.limits, None)
         self._self = replace(self_member, status="alive")
         self._seeds = [s for s in seeds if s != self_member.address]
         self._transport = transport
@@ -323,33 +323,34 @@ class Swim:
 
     def _receive_probe(self, sender: str, msg: ProbeMessage) -> None:
         self._check_source(sender, msg.source)
-        validate_members(msg.updates, self.config.limits, self._known_incarnation)
-        self._accept(msg.source, direct=True)
+        validate_members(msg.updates, self.config.limits, self._known)
+        now = self._clock.time()
+        self._accept(msg.source, now, direct=True)
         for m in msg.updates:
-            self._accept(m)
+            self._accept(m, now)
 
     def _receive_state(self, sender: str, state: FullState) -> None:
         self._check_source(sender, state.source)
-        validate_members(state.members, self.config.limits, self._known_incarnation)
-        self._accept(state.source, direct=True)
+        validate_members(state.members, self.config.limits, self._known)
+        now = self._clock.time()
+        self._accept(state.source, now, direct=True)
         for m in state.members:
             if m.name != sender:  # the sender's own word about itself is `source`
-                self._accept(m)
+                self._accept(m, now)
 
     def _check_source(self, sender: str, source: Member) -> None:
         if not isinstance(source, Member) or source.name != sender:
             raise ForgedSender(f"message signed by {sender!r} claims another sender")
         if sender == self.name:
             raise InvalidGossip("message claims to come from this node")
-        validate_member(source, self.config.limits, self._known_incarnation)
+        validate_member(source, self.config.limits, self._known(sender))
         if source.status not in ("alive", "left"):
             raise InvalidGossip("a node can only claim to be alive or to have left")
 
-    def _known_incarnation(self, name: str) -> int:
-        return self._self.incarnation if name == self.name else self._table.incarnation(name)
+    def _known(self, name: str) -> Member | None:
+        return self._self if name == self.name else self._table.get(name)
 
-    def _accept(self, claim: Member, *, direct: bool = False) -> None:
-        now = self._clock.time()
+    def _accept(self, claim: Member, now: float, *, direct: bool = False) -> None:
         if claim.name == self.name:
             self._consider_claim_about_self(claim)
             return

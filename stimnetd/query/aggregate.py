@@ -14,8 +14,8 @@ count          n: [1]                                      n
 moments        n: [1], s1: [1] (Σx), s2: [1] (Σx²)         n
 histogram      counts: [len(edges)+1]  (under, bins…, over) counts (per bin)
                meta: edges
-quantiles      counts: [bins]  fine histogram over          n (whole histogram)
-               [lo, hi]; meta: lo, hi, bins, probs
+quantiles      counts: [bins]  fine histogram over          counts (per bin: a sparse
+               [lo, hi]; meta: lo, hi, bins, probs         fine bin would pin one value)
 crossprod      m: [(p+1), (p+1)] = Σ z zᵀ, z = [1, v1..vp]  m[0, 0]
                meta: fields (v1..vp), purpose
                ("corr" or "regression", y = last field)
@@ -57,7 +57,9 @@ CELL_COUNTS: dict[str, str | None] = {
     "count": None,
     "moments": None,
     "histogram": "counts",
-    "quantiles": None,
+    # Per bin: with n >= k_min overall, a fine bin holding one subject would still pin
+    # that subject's value to within (hi - lo) / bins.
+    "quantiles": "counts",
     "crossprod": None,
     "contingency": "counts",
     "voxel_map": "count",

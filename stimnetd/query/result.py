@@ -168,6 +168,10 @@ class _Finaliser:
             f"clamped to those bounds; error at most (hi-lo)/bins = {(hi - lo) / bins:g}",
             per_group=False,
         )
+        if self.p.cell_mask is not None and np.any(self.p.cell_mask):
+            self.note("sparse histogram bins (fewer than k_min subjects) were withheld by the "
+                      "sites; quantiles use the released bins only, so the error bound above "
+                      "does not cover the withheld mass")
         out = [quantile_from_histogram(self.p.stats["counts"], lo, hi, q) for q in self.a.params]
         if any(v is None for v in out):
             self.note("no values to estimate quantiles from")

@@ -174,7 +174,11 @@ class _Workspace:
         out = root / "out"
         out.mkdir(mode=0o700)
         if out_tmpfs:
-            _mount_out_tmpfs(out, limits)
+            try:
+                _mount_out_tmpfs(out, limits)
+            except BaseException:
+                shutil.rmtree(root, ignore_errors=True)
+                raise
             return cls(root)
         try:
             os.chown(out, SANDBOX_UID, SANDBOX_UID)
@@ -240,6 +244,7 @@ class _Watch:
     state: dict[str, Any] = field(default_factory=dict)
     # "cancelled" | "timeout" | "output"; None when the container exited by itself.
     verdict: str | None = None
+    overflow: str = ""
     pids_limit_hit: bool = False
 
 
@@ -275,6 +280,22 @@ def _out_usage(out: Path, limit_files: int) -> tuple[int, int]:
                 if entry.is_dir(follow_symlinks=False):
                     stack.append(entry.path)
     return total, entries
+
+
+def _overflow(lim: SandboxLimits, used: int, files: int, *, at_cap: bool) -> str:
+    """Which output limit `used`/`files` break, or "".
+
+    `at_cap` (after exit): reaching a limit counts, because the tmpfs (ENOSPC, inode
+    count) and RLIMIT_FSIZE stop writes exactly at it, so being there means a write
+    was refused.
+    """
+    over_bytes = used >= lim.result_bytes if at_cap else used > lim.result_bytes
+    over_files = files >= lim.output_files if at_cap else files > lim.output_files
+    if over_bytes:
+        return f"output exceeded result limit {_fmt_bytes(lim.result_bytes)}"
+    if over_files:
+        return f"output exceeded {lim.output_files} files"
+    return ""
 
 
 def _cgroup_pids_events(container_id: str) -> Path | None:
@@ -456,6 +477,11 @@ class SandboxRunner:
     @property
     def node(self) -> str:
         return self._node
+
+    @property
+    def out_tmpfs(self) -> bool:
+        """Whether job output goes to a capped noexec tmpfs (else a polled directory)."""
+        return self._out_tmpfs
 
     async def run(
         self, job_id: str, script: bytes, catalog_root: Path, manifest: Mapping[str, Any]
@@ -710,6 +736,9 @@ class SandboxRunner:
             info = await asyncio.to_thread(api.inspect_container, watch.container_id)
             watch.state = info["State"]
             if not watch.state.get("Running") and watch.state.get("Status") != "created":
+                if job.cancel.is_set():
+                    # cancel() kills directly, so the exit may be the cancel's SIGKILL.
+                    watch.verdict = "cancelled"
                 return watch
             hits = await asyncio.to_thread(_pids_limit_hits, pids_path)
             watch.pids_limit_hit = watch.pids_limit_hit or hits > 0
@@ -719,7 +748,8 @@ class SandboxRunner:
                 watch.verdict = "timeout"
             else:
                 used, files = await asyncio.to_thread(_out_usage, ws.out, lim.output_files)
-                if files > lim.output_files or used > lim.result_bytes:
+                watch.overflow = _overflow(lim, used, files, at_cap=False)
+                if watch.overflow:
                     watch.verdict = "output"
             if watch.verdict is not None:
                 await asyncio.to_thread(self._kill, api, watch.container_id)
@@ -745,17 +775,14 @@ class SandboxRunner:
             wall = f"exceeded wall-clock limit {_fmt_seconds(lim.timeout_s)} s{note}"
             return "timeout", wall, None, None
         if watch.verdict == "output":
-            limit = _fmt_bytes(lim.result_bytes)
-            return "failed", f"output exceeded result limit {limit} (killed)", None, None
+            return "failed", f"{watch.overflow} (killed)", None, None
         if watch.state.get("OOMKilled"):
             memory = _fmt_bytes(lim.memory_bytes)
             return "failed", f"memory limit {memory} exceeded (OOM-killed)", None, None
         used, files = await asyncio.to_thread(_out_usage, ws.out, lim.output_files)
-        # ">=": RLIMIT_FSIZE stops a file at exactly result_bytes, so a file at the cap
-        # means a write was refused there.
-        if used >= lim.result_bytes or files > lim.output_files:
-            limit = _fmt_bytes(lim.result_bytes)
-            return "failed", f"output reached result limit {limit}", None, None
+        overflow = _overflow(lim, used, files, at_cap=True)
+        if overflow:
+            return "failed", f"{overflow} (write refused)", None, None
         exit_code = watch.state.get("ExitCode")
         if exit_code != 0:
             marker = _marker(await asyncio.to_thread(self._stderr_tail, api, watch.container_id))
@@ -856,4 +883,4 @@ class SandboxRunner:
         in_use = {s.workspace.root for s in self._warm.values()}
         for entry in self._work.iterdir():
             if entry not in in_use and not self._jobs:
-                shutil.rmtree(entry, ignore_errors=True)
+                _Workspace(entry).remove()

@@ -148,6 +148,13 @@ async def runner(
         leftovers = node_containers(docker_client, node)
         remove_containers(docker_client, leftovers)
         assert not leftovers, f"containers left behind: {[c['Names'] for c in leftovers]}"
+        assert mounts_under(tmp_path) == [], "output tmpfs mounts left behind"
+
+
+def mounts_under(path: Path) -> list[str]:
+    with open("/proc/self/mounts") as fh:
+        targets = [line.split()[1] for line in fh]
+    return [t for t in targets if t.startswith(str(path))]
 
 
 def node_containers(client: Any, node: str) -> list[dict[str, Any]]:

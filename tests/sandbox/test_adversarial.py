@@ -284,7 +284,7 @@ async def test_oversized_result_file_is_refused(runner, docker_client, catalog: 
         """),
     )
     assert_refused(out)
-    assert out.reason.startswith("output reached result limit 1 MiB")
+    assert out.reason == "output exceeded result limit 1 MiB (write refused)"
 
 
 async def test_output_spread_over_files_is_killed(runner, docker_client, catalog: Catalog):
@@ -302,7 +302,11 @@ async def test_output_spread_over_files_is_killed(runner, docker_client, catalog
         """),
     )
     assert_refused(out)
-    assert out.reason.startswith("output exceeded result limit 1 MiB")
+    # Killed by the monitor (plain dir) or refused by the tmpfs (root daemons).
+    assert out.reason in (
+        "output exceeded result limit 1 MiB (killed)",
+        "output exceeded result limit 1 MiB (write refused)",
+    )
 
 
 @pytest.mark.parametrize(
@@ -441,3 +445,74 @@ async def test_custom_exception_names_are_not_echoed(runner, docker_client, cata
     )
     assert_refused(out)
     assert out.reason == "script raised an exception at line 3"
+
+
+async def test_too_many_output_files_are_refused(runner, docker_client, catalog: Catalog):
+    """Creating more files than the output file limit fails the job, naming the limit."""
+    out = await run_attack(
+        runner,
+        docker_client,
+        catalog,
+        "for i in range(1000):\n    open(f'/out/f{i}', 'w').close()\n",
+    )
+    assert_refused(out)
+    assert out.reason in (
+        f"output exceeded {TEST_LIMITS.output_files} files (killed)",
+        f"output exceeded {TEST_LIMITS.output_files} files (write refused)",
+    )
+
+
+async def test_exec_from_out_is_denied(runner, docker_client, catalog: Catalog):
+    """A binary written to /out cannot be executed: /out is a noexec tmpfs (root daemons)."""
+    if not runner.out_tmpfs:
+        pytest.skip("the noexec tmpfs output mount needs a root daemon")
+    out = await run_attack(
+        runner,
+        docker_client,
+        catalog,
+        _script("""
+        import errno, os, shutil, subprocess
+        shutil.copy("/bin/true", "/out/t")
+        os.chmod("/out/t", 0o755)
+        try:
+            subprocess.run(["/out/t"], check=True)
+        except OSError as exc:
+            print("exec", errno.errorcode.get(exc.errno, exc.errno))
+            raise
+        """),
+    )
+    assert_refused(out)
+    assert "exec EACCES" in _logs(out)
+
+
+async def test_plain_output_dir_is_policed_by_the_monitor(
+    docker_client, sandbox_image: str, catalog: Catalog, tmp_path
+):
+    """Without the tmpfs (non-root daemons), the size monitor kills an oversized output."""
+    import docker
+
+    runner = SandboxRunner(
+        docker.from_env,
+        sandbox_image,
+        TEST_LIMITS,
+        tmp_path / "plain",
+        node=f"plain-{os.getpid()}",
+        out_tmpfs=False,
+    )
+    try:
+        out = await run_attack(
+            runner,
+            docker_client,
+            catalog,
+            _script("""
+            import time
+            for i in range(4):
+                with open(f"/out/pad{i}", "wb") as fh:
+                    fh.write(b"\\1" * (400 << 10))
+            time.sleep(15)
+            """),
+        )
+    finally:
+        await runner.shutdown()
+    assert_refused(out)
+    assert out.reason == "output exceeded result limit 1 MiB (killed)"

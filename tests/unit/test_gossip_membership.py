@@ -153,8 +153,8 @@ def test_full_table_without_tombstones_ignores_newcomers() -> None:
     assert "d" not in table
 
 
-def _known(_name: str) -> int:
-    return 5
+def _known(name: str) -> Member | None:
+    return member(name, inc=5)
 
 
 @pytest.mark.parametrize(
@@ -188,6 +188,22 @@ def test_validation_accepts_plausible_entries() -> None:
         MemberLimits(), _known)
 
 
+@pytest.mark.parametrize(
+    "repeat",
+    [
+        Member("b", "b.example:7443", 5, "alive", float("inf")),
+        Member("b", "b.example:7443", True, "alive", NOW),  # type: ignore[arg-type]
+        member(inc=5, catalogs=(("c", True),)),  # type: ignore[arg-type]
+    ],
+)
+def test_repeat_of_known_entry_is_still_checked(repeat: Member) -> None:
+    """An entry equal to the known one still fails if its own fields are malformed."""
+    known = {"b": member(inc=1 if repeat.incarnation is True else 5, catalogs=(("c", 1),)
+                         if repeat.catalogs else ())}
+    with pytest.raises(InvalidGossip):
+        validate_members([repeat], MemberLimits(), known.get)
+
+
 def test_validation_refuses_too_many_entries() -> None:
     """A batch longer than max_members is refused as a whole."""
     batch = [member(f"n{i}") for i in range(5)]
@@ -207,6 +223,8 @@ def test_incarnation_jump_limit_is_configurable() -> None:
     validate_members([member(inc=15)], limits, _known)
     with pytest.raises(InvalidGossip):
         validate_members([member(inc=16)], limits, _known)
+    with pytest.raises(InvalidGossip):
+        validate_members([member(inc=11)], limits, lambda _name: None)
 
 
 async def test_in_memory_store_round_trips() -> None:

@@ -1,0 +1,68 @@
+"""Shared bench helpers: a throw-away PKI, daemon processes, a bare mTLS echo server."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ECHO_SERVER = r'''
+import asyncio, sys, grpc
+async def main(port, key, cert, ca):
+    def echo(req, ctx): return req
+    async def aecho(req, ctx): return req
+    handler = grpc.method_handlers_generic_handler("bench.Echo", {
+        "Call": grpc.unary_unary_rpc_method_handler(aecho)})
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    creds = grpc.ssl_server_credentials([(open(key,'rb').read(), open(cert,'rb').read())],
+                                        root_certificates=open(ca,'rb').read(),
+                                        require_client_auth=True)
+    server.add_secure_port(f"127.0.0.1:{port}", creds)
+    await server.start()
+    print("ready", flush=True)
+    await server.wait_for_termination()
+asyncio.run(main(int(sys.argv[1]), *sys.argv[2:5]))
+'''
+
+
+def workdir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="stimnet-bench-"))
+
+
+def start_echo(port: int, key: Path, cert: Path, ca: Path) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(port), str(key), str(cert),
+                             str(ca)], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    proc.stdout.readline()
+    return proc
+
+
+async def rate(call: Callable[[], Awaitable[object]], seconds: float, concurrency: int) -> float:
+    """Completed calls per second with `concurrency` callers for `seconds` (after warm-up)."""
+    for _ in range(20):
+        await call()
+    done = 0
+    stop = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal done
+        while time.perf_counter() < stop:
+            await call()
+            done += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*[worker() for _ in range(concurrency)])
+    return done / (time.perf_counter() - started)
+
+
+def percentile(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
