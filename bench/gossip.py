@@ -6,9 +6,10 @@ For N = 8, 32, 128 nodes started together with one seed it prints:
   * after killing one member, seconds and probe rounds until every survivor marks it
     dead, next to the suspicion timeout (dead must not come sooner) and the worst-case
     bound (round-robin reach + probe + suspicion + dissemination);
-  * bytes sent per member per round on the probe path (steady state and during the
-    failure) and on push-pull, each as a ratio to the N=8 run of the same process.
-    Probe traffic should stay flat; push-pull carries full state, so it grows with N.
+  * bytes sent per member per round on the probe path (after convergence, and while the
+    killed member is being detected) as a ratio to the cap that max_piggyback puts on it
+    (the same for every N), and on push-pull as a ratio to the N=8 run of the same
+    process: push-pull carries the full table, so it grows with N.
 
 Run: .venv/bin/python bench/gossip.py
 """
@@ -20,7 +21,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from stimnetd.gossip.sim import SimCluster, run_virtual
+from stimnetd.gossip.sim import MessageSizer, SimCluster, run_virtual
 from stimnetd.gossip.swim import GossipConfig
 
 SIZES = (8, 32, 128)
@@ -38,6 +39,7 @@ class Result:
     probe_steady: float
     probe_churn: float
     push_pull: float
+    probe_cap: float
     wall: float
 
 
@@ -63,6 +65,10 @@ async def measure(n: int) -> Result:
         traffic = cluster.network.traffic
         probe_steady = traffic.bytes["probe"] / (n * STEADY_PROBE_ROUNDS)
         push_pull = traffic.bytes["push_pull"] / (n * steady / config.gossip_interval)
+
+        entry = sum(MessageSizer().member(x.local_member()) for x in cluster.nodes.values()) / n
+        # Each member sends one ping and, on average, answers one per probe round.
+        probe_cap = 2 * (1 + config.max_piggyback) * entry
 
         victim = cluster.names[n // 2]
         first_suspect: list[float] = []
@@ -90,6 +96,7 @@ async def measure(n: int) -> Result:
         probe_steady=probe_steady,
         probe_churn=probe_churn,
         push_pull=push_pull,
+        probe_cap=probe_cap,
         wall=time.perf_counter() - wall,
     )
 
@@ -118,14 +125,16 @@ def main() -> None:
               f"{(r.dead_after - r.first_suspect_after) / r.suspicion_timeout:>14.2f} "
               f"{r.worst_case_bound:>8.1f} {r.dead_after / r.worst_case_bound:>7.2f}")
 
-    print("\nbytes sent per member per round (probe round = probe_interval, "
-          "push-pull round = gossip_interval); ratio to N=8")
-    print(f"{'N':>5} {'probe steady':>13} {'ratio':>6} {'probe churn':>12} {'ratio':>6} "
+    print("\nbytes sent per member per round (probe round = probe_interval, push-pull round = "
+          "gossip_interval)\nprobe cap = ping + ack each carrying 1 + max_piggyback entries; "
+          "push-pull ratio is to N=8")
+    print(f"{'N':>5} {'probe cap':>10} {'steady':>7} {'/cap':>5} {'churn':>7} {'/cap':>5} "
           f"{'push-pull':>10} {'ratio':>6} {'N/8':>5}")
     for r in results:
-        print(f"{r.n:>5} {r.probe_steady:>13.0f} {r.probe_steady / base.probe_steady:>6.2f} "
-              f"{r.probe_churn:>12.0f} {r.probe_churn / base.probe_churn:>6.2f} "
-              f"{r.push_pull:>10.0f} {r.push_pull / base.push_pull:>6.2f} {r.n / 8:>5.0f}")
+        print(f"{r.n:>5} {r.probe_cap:>10.0f} {r.probe_steady:>7.0f} "
+              f"{r.probe_steady / r.probe_cap:>5.2f} {r.probe_churn:>7.0f} "
+              f"{r.probe_churn / r.probe_cap:>5.2f} {r.push_pull:>10.0f} "
+              f"{r.push_pull / base.push_pull:>6.2f} {r.n / 8:>5.0f}")
 
     print("\nwall seconds per run: " + ", ".join(f"N={r.n}: {r.wall:.1f}" for r in results))
 

@@ -35,12 +35,12 @@ class SubJobHandler:
         # a relay and cannot vouch for the researcher.
         job = self._verify(signed)
         await self._executor.precheck(job)
+        accepted = (job.researcher.name, job.researcher.role, "subjob", "accepted",
+                    {"job": job.request.job_id, "catalog": job.request.catalog,
+                     "via": entry.name, "request_id": request_id})
         if not await self._store.remember_nonce(job.request.nonce, job.researcher.name,
-                                                self._max_age):
+                                                self._max_age, audit=accepted):
             raise Conflict("replayed request: this signed job was already run at this site")
-        await self._store.audit(job.researcher.name, job.researcher.role, "subjob", "accepted",
-                                {"job": job.request.job_id, "catalog": job.request.catalog,
-                                 "via": entry.name, "request_id": request_id})
         yield SubJobEvent("accepted")
         events: asyncio.Queue[SubJobEvent] = asyncio.Queue()
 

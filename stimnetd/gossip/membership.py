@@ -15,32 +15,27 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
+from stimnetd.errors import InvalidRequest, PermissionDenied, StimnetError
+
 Status = Literal["alive", "suspect", "dead", "left"]
 STATUSES: tuple[Status, ...] = ("alive", "suspect", "dead", "left")
 _RANK = {status: rank for rank, status in enumerate(STATUSES)}
 
 
-class GossipError(Exception):
-    """A peer's gossip was refused. `code` names the gRPC status the servicer maps it to
-    (kept as a string so this module stays free of grpc)."""
-
-    code = "INVALID_ARGUMENT"
+class GossipError(StimnetError):
+    """A peer's gossip was refused; the error interceptor maps `code` to the wire."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
 
 
-class InvalidGossip(GossipError):
-    """Malformed or implausible membership data."""
-
-    code = "INVALID_ARGUMENT"
+class InvalidGossip(GossipError, InvalidRequest):
+    """Malformed or implausible membership data (INVALID_ARGUMENT)."""
 
 
-class ForgedSender(GossipError):
-    """The message claims a sender other than the authenticated peer."""
-
-    code = "PERMISSION_DENIED"
+class ForgedSender(GossipError, PermissionDenied):
+    """The message claims a sender other than the authenticated peer (PERMISSION_DENIED)."""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import itertools
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -88,12 +88,29 @@ class GossipConfig:
         return self.retransmit_mult * math.ceil(math.log10(n + 1))
 
 
+def split_source(sender: str, entries: Sequence[Member]) -> tuple[Member, tuple[Member, ...]]:
+    """For wire formats that send the sender's own entry among the others (the proto's
+    `GossipMessage.members`): separate it out, refusing a message without exactly one."""
+    own = [m for m in entries if isinstance(m, Member) and m.name == sender]
+    if len(own) != 1:
+        raise InvalidGossip("message must carry exactly one entry for its sender")
+    return own[0], tuple(m for m in entries if m is not own[0])
+
+
 @dataclass(frozen=True)
 class ProbeMessage:
     """Ping, ack and ping-req payload: the sender's own entry plus piggybacked updates."""
 
     source: Member
     updates: tuple[Member, ...] = ()
+
+    def entries(self) -> tuple[Member, ...]:
+        return (self.source, *self.updates)
+
+    @classmethod
+    def from_entries(cls, sender: str, entries: Sequence[Member]) -> ProbeMessage:
+        source, updates = split_source(sender, entries)
+        return cls(source, updates)
 
 
 @dataclass(frozen=True)
@@ -107,6 +124,14 @@ class FullState:
     source: Member
     members: tuple[Member, ...] = ()
 
+    def entries(self) -> tuple[Member, ...]:
+        return (self.source, *self.members)
+
+    @classmethod
+    def from_entries(cls, sender: str, entries: Sequence[Member]) -> FullState:
+        source, members = split_source(sender, entries)
+        return cls(source, members)
+
 
 class PeerUnreachable(Exception):
     """An outbound call failed: timeout, connection error, or the peer refused it."""
@@ -115,16 +140,24 @@ class PeerUnreachable(Exception):
 class Transport(Protocol):
     """Outbound calls. Each raises `PeerUnreachable` on any failure, including a remote
     error status. The adapter must also check that the server certificate's name equals
-    the reply's `source.name` (raising `ForgedSender` otherwise)."""
+    the reply's `source.name` (raising `ForgedSender` otherwise).
 
-    async def ping(self, address: str, msg: ProbeMessage, timeout: float) -> ProbeMessage: ...
+    `timeout` is an argument rather than the caller's `asyncio.timeout` (hence the ASYNC109
+    waivers) because it becomes the RPC deadline, which gRPC propagates to the server.
+    """
+
+    async def ping(
+        self, address: str, msg: ProbeMessage, timeout: float,  # noqa: ASYNC109
+    ) -> ProbeMessage: ...
 
     async def ping_req(
         self, via_address: str, target_name: str, target_address: str,
-        msg: ProbeMessage, timeout: float,
+        msg: ProbeMessage, timeout: float,  # noqa: ASYNC109
     ) -> bool: ...
 
-    async def push_pull(self, address: str, state: FullState, timeout: float) -> FullState: ...
+    async def push_pull(
+        self, address: str, state: FullState, timeout: float,  # noqa: ASYNC109
+    ) -> FullState: ...
 
 
 class Clock(Protocol):
@@ -242,7 +275,12 @@ class Swim:
         """Call `listener` on every accepted change about another member (joins, status,
         catalog changes); returns a function that unsubscribes."""
         self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+        def unsubscribe() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return unsubscribe
 
     def set_catalogs(self, catalogs: tuple[tuple[str, int], ...]) -> None:
         """Publish a new catalog list; the incarnation bump makes it win everywhere."""
@@ -298,12 +336,12 @@ class Swim:
         self, sender: str, target_name: str, target_address: str, msg: ProbeMessage
     ) -> bool:
         """Probe `target` on the sender's behalf; True if it acked in time."""
-        self._receive_probe(sender, msg)
         limits = self.config.limits
         if not isinstance(target_name, str) or not 0 < len(target_name) <= limits.max_name_len:
             raise InvalidGossip("target name missing or too long")
         if not isinstance(target_address, str) or len(target_address) > limits.max_address_len:
             raise InvalidGossip("target address too long")
+        self._receive_probe(sender, msg)
         if target_name == self.name:
             return True
         return await self._ping(target_name, target_address, self._probe_message(about=target_name))
@@ -313,7 +351,7 @@ class Swim:
         theirs = {m.name: m for m in state.members}
         theirs[state.source.name] = state.source
         delta = []
-        for mine in [self._self, *self._table.members()]:
+        for mine in self._table.members():  # our own entry always travels as `source`
             known = theirs.get(mine.name)
             if known is None or precedence(mine) > precedence(known):
                 delta.append(mine)
@@ -486,10 +524,10 @@ class Swim:
             return False
 
     async def _ping_req(self, relay: Member, target: Member, msg: ProbeMessage,
-                        timeout: float) -> bool:
+                        window: float) -> bool:
         try:
             return await self._transport.ping_req(
-                relay.address, target.name, target.address, msg, timeout)
+                relay.address, target.name, target.address, msg, window)
         except PeerUnreachable:
             return False
 

@@ -77,9 +77,6 @@ class JobService:
             raise InvalidRequest("script jobs are not enabled on this node yet")
         if req.scope == "local":
             await self._executor.precheck(job)
-        if not await self._store.remember_nonce(req.nonce, job.researcher.name,
-                                                self._max_age()):
-            raise Conflict("replayed request: this signed job was already submitted")
         now = self._clock()
         record = JobRecord(
             id=req.job_id, kind=req.kind, scope=req.scope, catalog=req.catalog,
@@ -87,7 +84,9 @@ class JobService:
             request_id=request_id, origin="client", payload=signed.payload,
             signature=signed.signature, signer_cert=signed.signer_cert_pem,
             script=signed.script or None, script_sha256=req.script_sha256)
-        await self._store.create_job(record, audit=(caller.name, caller.role, "submit"))
+        if not await self._store.create_job(record, audit=(caller.name, caller.role, "submit"),
+                                           nonce=(req.nonce, self._max_age())):
+            raise Conflict("replayed request: this signed job was already submitted")
         live = self._live.setdefault(record.id, _Live())
         live.task = asyncio.create_task(self._run(record, job), name=f"job-{record.id}")
         return record

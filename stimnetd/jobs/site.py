@@ -21,7 +21,7 @@ from stimnetd.catalog import Catalog, CatalogSet
 from stimnetd.errors import StimnetError
 from stimnetd.jobs.signing import VerifiedJob
 from stimnetd.privacy.noise import NoiseSource, add_noise
-from stimnetd.privacy.overlap import check_overlap, cohort_fingerprint
+from stimnetd.privacy.overlap import check_overlap, cohort_fingerprint_list
 from stimnetd.privacy.policy import (
     BudgetExhausted,
     PrivacyPolicy,
@@ -73,6 +73,7 @@ class SiteExecutor:
         self._script_runner = script_runner
         self._clock = clock
         self._secret: bytes | None = None
+        self._fingerprints: dict[str, dict[str, str]] = {}
 
     async def precheck(self, job: VerifiedJob) -> None:
         """Refuse early what is certain to be refused: unknown catalog, bad epsilon, or a
@@ -151,11 +152,9 @@ class SiteExecutor:
                     "partially_suppressed" if any(d.action != "released" for d in decisions)
                     else "released")
         charged = report.epsilon if report is not None and report.epsilon > 0 else None
-        fingerprint = frozenset()
+        fingerprint: frozenset[str] = frozenset()
         if cohort is not None:
-            if self._secret is None:
-                self._secret = await self._store.site_secret()
-            fingerprint = cohort_fingerprint(cohort, self._secret)
+            fingerprint = await self._fingerprint(catalog, cohort)
         docs, arrays = codec.partials_to_doc(partials)
         blob = codec.pack({"partials": docs, "n": _released_n(partials, cohort, suppressed, charged is not None),
                            "mechanism": "laplace" if charged else None}, arrays)
@@ -173,6 +172,21 @@ class SiteExecutor:
             budget=self._policy.budget_epsilon, guard=guard, guard_window=k - 1,
             audit_actor=(job.researcher.name, job.researcher.role))
         return self._from_release(stored)
+
+    async def _fingerprint(self, catalog: Catalog, cohort: frozenset[str]) -> frozenset[str]:
+        """HMAC'd cohort; each subject's HMAC is computed once per catalog, not per query
+        (it dominated a query's cost on a few thousand subjects)."""
+        if self._secret is None:
+            self._secret = await self._store.site_secret()
+        table = self._fingerprints.get(catalog.name)
+        if table is None:
+            ids = catalog.frame()[catalog.subject_key].astype(str).tolist()
+            fps = await asyncio.to_thread(cohort_fingerprint_list, ids, self._secret)
+            table = self._fingerprints[catalog.name] = dict(zip(ids, fps, strict=True))
+        missing = [i for i in cohort if i not in table]
+        if missing:
+            table.update(zip(missing, cohort_fingerprint_list(missing, self._secret), strict=True))
+        return frozenset(table[i] for i in cohort)
 
     def _from_release(self, release: Release) -> SiteOutcome:
         doc, arrays = codec.unpack(release.partials or b"")

@@ -48,10 +48,15 @@ def check_overlap(
 
 def cohort_fingerprint(ids: Iterable[str], site_secret: bytes) -> frozenset[str]:
     """The cohort as HMAC-SHA256 fingerprints of its subject ids, for `check_overlap`."""
+    return frozenset(cohort_fingerprint_list(list(ids), site_secret))
+
+
+def cohort_fingerprint_list(ids: list[str], site_secret: bytes) -> list[str]:
+    """Fingerprints in the order of `ids` (so callers can cache them per subject)."""
     # A short secret would let anyone holding the store brute-force the id space.
     if len(site_secret) < 16:
         raise ValueError("site_secret must be at least 16 bytes")
-    return frozenset(_fingerprint(i, site_secret) for i in ids)
+    return [_fingerprint(i, site_secret) for i in ids]
 
 
 def _fingerprint(subject_id: str, secret: bytes) -> str:

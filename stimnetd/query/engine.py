@@ -57,7 +57,11 @@ def compute(
     if spec.where is not None:
         true, _false = _eval(spec.where, frame, catalog.fields)
         frame = frame[true]
-    ids = frozenset(label(v) for v in frame[catalog.subject_key] if not _isnull(v))
+    keys = frame[catalog.subject_key]
+    if keys.dtype == object and all(isinstance(v, str) for v in keys):
+        ids = frozenset(keys)  # the common case (catalogs load keys as str): no relabelling
+    else:
+        ids = frozenset(label(v) for v in keys if not _isnull(v))
     ctx = _Context(catalog, quantile_bins)
     partials = [
         ctx.aggregate(agg, rows, key)

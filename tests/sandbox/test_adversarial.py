@@ -212,6 +212,8 @@ async def test_host_paths_are_not_visible(runner, docker_client, catalog: Catalo
         status = open("/proc/self/status").read()
         wanted = ("CapEff", "NoNewPrivs", "Seccomp:")
         print([line for line in status.splitlines() if line.startswith(wanted)])
+        st = os.stat("/etc/shadow")
+        print("shadow-stat", (st.st_size, st.st_mtime_ns))
         try:
             open("/etc/shadow").read()
         except OSError as exc:
@@ -228,6 +230,10 @@ async def test_host_paths_are_not_visible(runner, docker_client, catalog: Catalo
     assert "'NoNewPrivs:\\t1'" in logs
     assert "'Seccomp:\\t2'" in logs
     assert "shadow EACCES" in logs
+    # The shadow file the script sees is the image's, not the host's.
+    host = os.stat("/etc/shadow")
+    assert "shadow-stat (" in logs
+    assert f"shadow-stat {(host.st_size, host.st_mtime_ns)}" not in logs
 
 
 async def test_gigabyte_of_stdout_is_bounded(runner, docker_client, catalog: Catalog):
@@ -516,3 +522,31 @@ async def test_plain_output_dir_is_policed_by_the_monitor(
         await runner.shutdown()
     assert_refused(out)
     assert out.reason == "output exceeded result limit 1 MiB (killed)"
+
+
+async def test_every_writable_mount_is_noexec(runner, docker_client, catalog: Catalog):
+    """Each mount the sandbox user can write to is mounted noexec (no dropping binaries)."""
+    out = await run_attack(
+        runner,
+        docker_client,
+        catalog,
+        _script("""
+        import os
+        writable, bad = [], []
+        for line in open("/proc/self/mounts"):
+            mnt, opts = line.split()[1], line.split()[3].split(",")
+            # Masked /proc files are binds of /dev/null: writable, but no place for files.
+            if "rw" in opts and os.path.isdir(mnt) and os.access(mnt, os.W_OK):
+                writable.append(mnt)
+                if "noexec" not in opts:
+                    bad.append(mnt)
+        print("writable", sorted(writable))
+        print("exec-allowed", bad)
+        raise SystemExit(3)
+        """),
+    )
+    assert_refused(out)
+    logs = _logs(out)
+    assert "writable ['/dev/mqueue', '/dev/shm', '/out', '/tmp']" in logs or not runner.out_tmpfs
+    assert "exec-allowed []" in logs or not runner.out_tmpfs
+    assert "'/data'" not in logs and "'/job'" not in logs

@@ -22,6 +22,7 @@ from .conftest import (
     TEST_LIMITS,
     UPDRS,
     Catalog,
+    mounts_under,
     node_containers,
     remove_containers,
     run_attack,
@@ -224,6 +225,7 @@ async def test_reap_orphans_removes_a_crashed_runners_containers(
         assert node_containers(docker_client, node) == []
         assert len(node_containers(docker_client, "other-node")) == 1
         assert list((tmp_path / "s" / "work").iterdir()) == []
+        assert mounts_under(tmp_path / "s") == []
         await fresh.shutdown()
     finally:
         await bystander.shutdown()
@@ -277,3 +279,21 @@ def test_check_image_refuses_a_version_mismatch(docker_client, sandbox_image: st
     """An image whose version label differs from the expected one is refused."""
     with pytest.raises(SandboxImageError, match="expects 9.9.9"):
         check_image(docker_client, sandbox_image, "9.9.9")
+
+
+async def test_shutdown_cancels_running_jobs_and_warm_containers(
+    runner, docker_client, catalog: Catalog
+):
+    """shutdown() ends running jobs as cancelled, removes warm containers, and is idempotent."""
+    await runner.prewarm(catalog.root)
+    task = asyncio.get_running_loop().create_task(
+        runner.run("long", b"import time\ntime.sleep(60)\n", catalog.root, catalog.manifest)
+    )
+    await asyncio.sleep(1.5)
+    await runner.shutdown()
+    out = await task
+    assert out.status == "cancelled"
+    assert node_containers(docker_client, runner.node) == []
+    await runner.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        await runner.run("late", b"pass\n", catalog.root, catalog.manifest)

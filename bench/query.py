@@ -1,0 +1,186 @@
+"""Federated query throughput and latency vs a bare mTLS fan-out of the same shape.
+
+From one run, on loopback:
+1. sequential federated queries/s and p50 latency: client → entry → 3 stimnetd daemons on
+   the CNSIM catalog (DP off);
+2. the same for a bare grpc.aio mTLS fan-out: client → entry → 3 peers, empty handlers;
+3. their ratio;
+4. latency of an entry whose 16 peers each add a fixed 200 ms, divided by the same with 1
+   such peer (parallel fan-out keeps this near 1).
+Goals: ≥ 100 queries/s, latency ≤ 3× bare, 16-peer/1-peer ≤ 1.25.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import ROOT, percentile, workdir  # type: ignore[import-not-found]
+from stimctl.client import AsyncClient
+from stimnetd.testing import CertFactory, DaemonProcess, client_config, free_port, write_node_config
+
+sys.path.insert(0, str(ROOT))
+from tests.federation.conftest import cnsim_catalog  # noqa: E402
+
+BARE = r'''
+import asyncio, sys, grpc
+role, port, key, cert, ca, delay = sys.argv[1], int(sys.argv[2]), *sys.argv[3:6], float(sys.argv[6])
+peers = sys.argv[7:]
+async def main():
+    creds_s = grpc.ssl_server_credentials([(open(key,'rb').read(), open(cert,'rb').read())],
+                                          root_certificates=open(ca,'rb').read(), require_client_auth=True)
+    creds_c = grpc.ssl_channel_credentials(open(ca,'rb').read(), open(key,'rb').read(), open(cert,'rb').read())
+    chans = [grpc.aio.secure_channel(p, creds_c) for p in peers]
+    calls = [c.unary_unary("/bench.Peer/Run") for c in chans]
+    async def peer(req, ctx):
+        if delay: await asyncio.sleep(delay)
+        return b""
+    async def entry(req, ctx):
+        await asyncio.gather(*[c(req, timeout=10) for c in calls])
+        return b""
+    h = grpc.method_handlers_generic_handler("bench.Peer" if role == "peer" else "bench.Entry",
+        {"Run": grpc.unary_unary_rpc_method_handler(peer if role == "peer" else entry)})
+    s = grpc.aio.server(); s.add_generic_rpc_handlers((h,))
+    s.add_secure_port(f"127.0.0.1:{port}", creds_s); await s.start(); print("ready", flush=True)
+    await s.wait_for_termination()
+asyncio.run(main())
+'''
+
+FAKE_PEER = r'''
+import asyncio, sys, grpc
+sys.path.insert(0, sys.argv[6])
+from stimnet.v1 import common_pb2, federation_pb2, federation_pb2_grpc
+port, key, cert, ca, delay = int(sys.argv[1]), *sys.argv[2:5], float(sys.argv[5])
+class Peer(federation_pb2_grpc.FederationServiceServicer):
+    async def RunSubJob(self, request, context):
+        await asyncio.sleep(delay)
+        yield federation_pb2.SubJobEvent(partial=common_pb2.ResultFrame(header=common_pb2.ResultHeader(
+            header_json='{"doc": {"partials": [], "epsilon": null, "mechanism": null}, "arrays": {}}')))
+        yield federation_pb2.SubJobEvent(site=common_pb2.SiteEvent(site=f"slow-{port}", state="done", n=10))
+async def main():
+    s = grpc.aio.server()
+    federation_pb2_grpc.add_FederationServiceServicer_to_server(Peer(), s)
+    creds = grpc.ssl_server_credentials([(open(key,'rb').read(), open(cert,'rb').read())],
+                                        root_certificates=open(ca,'rb').read(), require_client_auth=True)
+    s.add_secure_port(f"127.0.0.1:{port}", creds); await s.start(); print("ready", flush=True)
+    await s.wait_for_termination()
+asyncio.run(main())
+'''
+
+
+def spawn(code: str, *args: object) -> subprocess.Popen[bytes]:
+    p = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdout=subprocess.PIPE)
+    assert p.stdout is not None
+    p.stdout.readline()
+    return p
+
+
+async def timed(call, n: int) -> tuple[float, list[float]]:  # type: ignore[no-untyped-def]
+    for _ in range(5):
+        await call()
+    lat = []
+    t0 = time.perf_counter()
+    for _ in range(n):
+        s = time.perf_counter()
+        await call()
+        lat.append(time.perf_counter() - s)
+    return n / (time.perf_counter() - t0), lat
+
+
+async def main(n: int, delayed_n: int) -> None:
+    tmp = workdir()
+    pki = CertFactory(tmp / "pki")
+    alice = pki.issue("alice", "researcher")
+    ops = pki.issue("ops", "admin")
+    procs: list[DaemonProcess] = []
+    others: list[subprocess.Popen[bytes]] = []
+    try:
+        # 1. three real daemons on CNSIM
+        ports = [free_port() for _ in range(3)]
+        for i, port in enumerate(ports):
+            name = f"site-{'abc'[i]}"
+            certs = pki.issue(name, "node")
+            cfg = write_node_config(
+                tmp / name, certs, name, port=port, crl=pki.crl_path,
+                catalogs=[cnsim_catalog(tmp, i + 1)], logging={"level": "warning"},
+                privacy={"overlap_guard": True}, gossip={"enabled": False},
+                federation={"peers": [f"127.0.0.1:{p}" for p in ports if p != port]})
+            procs.append(DaemonProcess(cfg))
+        for p, port in zip(procs, ports, strict=True):
+            await p.wait_healthy(ops, f"127.0.0.1:{port}")
+        async with AsyncClient(client_config(alice, f"127.0.0.1:{ports[0]}", 30)) as c:
+            async def fed_query() -> None:
+                await c.query("SELECT count(LAB_TSC), avg(LAB_TSC) FROM cnsim", federated=True,
+                              min_sites=3)
+            qps, lat = await timed(fed_query, n)
+
+        # 2. bare fan-out of the same shape
+        node = pki.issue("bare", "node", hosts=("127.0.0.1",))
+        bports = [free_port() for _ in range(4)]
+        for bp in bports[1:]:
+            others.append(spawn(BARE, "peer", bp, node.key, node.cert, node.ca, 0))
+        others.append(spawn(BARE, "entry", bports[0], node.key, node.cert, node.ca, 0,
+                            *[f"127.0.0.1:{bp}" for bp in bports[1:]]))
+        import grpc
+
+        creds = client_config(alice, f"127.0.0.1:{bports[0]}").credentials()
+        async with grpc.aio.secure_channel(f"127.0.0.1:{bports[0]}", creds) as ch:
+            call = ch.unary_unary("/bench.Entry/Run")
+
+            async def bare_query() -> None:
+                await call(b"q", timeout=10)
+            bqps, blat = await timed(bare_query, n)
+
+        # 3. 16 delayed peers vs 1
+        async def delayed_latency(k: int) -> float:
+            fports = [free_port() for _ in range(k)]
+            fakes = [spawn(FAKE_PEER, fp, node.key, node.cert, node.ca, 0.2, ROOT) for fp in fports]
+            others.extend(fakes)
+            eport = free_port()
+            ename = f"entry-{k}"
+            ecerts = pki.issue(ename, "node")
+            cfg = write_node_config(
+                tmp / ename, ecerts, ename, port=eport, crl=pki.crl_path, catalogs=[],
+                logging={"level": "warning"}, gossip={"enabled": False},
+                federation={"peers": [f"127.0.0.1:{fp}" for fp in fports]})
+            entry = DaemonProcess(cfg)
+            procs.append(entry)
+            await entry.wait_healthy(ops, f"127.0.0.1:{eport}")
+            async with AsyncClient(client_config(alice, f"127.0.0.1:{eport}", 30)) as c:
+                async def q() -> None:
+                    job = await c.submit_query("SELECT count(LAB_TSC) FROM cnsim", federated=True)
+                    async for _ in c.watch(job.id):
+                        pass
+                _, lat_k = await timed(q, delayed_n)
+            return statistics.median(lat_k)
+
+        one = await delayed_latency(1)
+        sixteen = await delayed_latency(16)
+    finally:
+        for p in procs:
+            p.kill()
+        for o in others:
+            o.terminate()
+            o.wait()
+
+    p50, bp50 = percentile(lat, 50), percentile(blat, 50)
+    print(f"{n} sequential queries each; 3 sites on loopback; CNSIM catalog")
+    print(f"bare mTLS fan-out (baseline) : {bqps:7.1f} q/s   p50 {bp50 * 1000:7.2f} ms")
+    print(f"stimnet federated query      : {qps:7.1f} q/s   p50 {p50 * 1000:7.2f} ms")
+    print(f"latency ratio stimnet / bare : {p50 / bp50:7.2f}   (goal <= 3)")
+    print(f"throughput                   : {qps:7.1f} q/s   (goal >= 100)")
+    print(f"200 ms peers: 1 peer p50 {one * 1000:.0f} ms, 16 peers p50 {sixteen * 1000:.0f} ms, "
+          f"ratio {sixteen / one:.2f}   (goal <= 1.25)")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("-n", type=int, default=300)
+    ap.add_argument("--delayed-n", type=int, default=15)
+    a = ap.parse_args()
+    asyncio.run(main(a.n, a.delayed_n))
