@@ -83,8 +83,8 @@ class SimClock:
 
 
 # ---- message size ------------------------------------------------------------------------
-# Protobuf's encoded size for the obvious schema (strings, varints, an enum, repeated
-# sub-messages), without last_heard, which receivers overwrite and the wire need not carry.
+# Protobuf's encoded size under protos/stimnet/v1/federation.proto (MemberState inside
+# GossipMessage), so bench figures predict the real wire.
 
 
 def _varint(n: int) -> int:
@@ -101,7 +101,8 @@ def _embedded(body: int) -> int:
 
 
 def member_size(m: Member) -> int:
-    body = _text(m.name) + _text(m.address) + 1 + _varint(m.incarnation) + 2
+    body = _text(m.name) + _text(m.address) + 1 + _varint(m.incarnation) + _text(m.status)
+    body += 9  # last_heard, a double
     body += sum(_embedded(_text(name) + 1 + _varint(version)) for name, version in m.catalogs)
     return _embedded(body)
 

@@ -1,0 +1,169 @@
+"""The store's contract: migrations, audit chain, nonces, ledger, releases, integrity."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from stimnetd.errors import BudgetExhausted, Refused
+from stimnetd.store import Store, StoreCorrupt
+from stimnetd.store.records import Release
+from stimnetd.store.schema import MIGRATIONS
+
+
+@pytest.fixture
+async def store(tmp_path: Path):  # type: ignore[no-untyped-def]
+    s = Store(tmp_path / "state" / "node.sqlite3")
+    await s.open()
+    yield s
+    await s.close()
+
+
+def _release(job: str, eps: float | None = None, cohort: frozenset[str] = frozenset({"a"})) -> Release:
+    return Release(job_id=job, researcher="alice", catalog="c", decision="released", epsilon=eps,
+                   cohort=cohort, partials=b"p", at=1.0)
+
+
+async def test_schema_is_migrated_and_wal(store: Store) -> None:
+    """A new store is at the latest schema version, in WAL mode, and private (0600)."""
+    (version,) = list(await store.db.execute_fetchall("PRAGMA user_version"))[0]
+    (mode,) = list(await store.db.execute_fetchall("PRAGMA journal_mode"))[0]
+    assert version == len(MIGRATIONS) and mode == "wal"
+    assert store.path.stat().st_mode & 0o777 == 0o600
+
+
+async def test_audit_chain_verifies(store: Store) -> None:
+    """Durable and group-committed entries form one chain that verifies."""
+    await store.audit("alice", "researcher", "A", "allowed", {"x": 1})
+    store.audit_soon("bob", "researcher", "B", "allowed")
+    await store.audit("carol", "admin", "C", "denied")
+    rows = await store.audit_rows()
+    assert [r.action for r in rows] == ["A", "B", "C"]
+    assert (await store.verify_audit()).ok
+
+
+@pytest.mark.parametrize("tamper, problem", [
+    ("UPDATE audit SET decision = 'allowed' WHERE seq = 2", "entry 2 does not match its hash"),
+    ("DELETE FROM audit WHERE seq = 2", "entry 3 found where 2 was expected"),
+    ("UPDATE audit SET seq = -1 WHERE seq = 2; UPDATE audit SET seq = 2 WHERE seq = 3;"
+     " UPDATE audit SET seq = 3 WHERE seq = -1", "entry 2 does not link to entry 1"),
+])
+async def test_audit_tampering_is_detected(tmp_path: Path, tamper: str, problem: str) -> None:
+    """Editing, deleting or reordering an audit row in a copy of the store is reported."""
+    s = Store(tmp_path / "a.sqlite3")
+    await s.open()
+    for i in range(4):
+        await s.audit("alice", "researcher", f"act{i}", "denied", {"i": i})
+    await s.close()
+    with sqlite3.connect(tmp_path / "a.sqlite3") as conn:
+        conn.executescript(tamper)
+    s2 = Store(tmp_path / "a.sqlite3")
+    await s2.open()
+    try:
+        v = await s2.verify_audit()
+    finally:
+        await s2.close()
+    assert not v.ok and problem in v.problem
+
+
+async def test_reordering_whole_rows_is_detected(tmp_path: Path) -> None:
+    """Swapping the content of two rows (keeping seq order) breaks the hash links."""
+    s = Store(tmp_path / "a.sqlite3")
+    await s.open()
+    for i in range(3):
+        await s.audit("alice", "researcher", f"act{i}", "allowed", {"i": i})
+    await s.close()
+    with sqlite3.connect(tmp_path / "a.sqlite3") as conn:
+        r2 = conn.execute("SELECT at, actor, role, action, decision, detail_json, prev_hash, hash "
+                          "FROM audit WHERE seq = 2").fetchone()
+        r3 = conn.execute("SELECT at, actor, role, action, decision, detail_json, prev_hash, hash "
+                          "FROM audit WHERE seq = 3").fetchone()
+        cols = "at=?, actor=?, role=?, action=?, decision=?, detail_json=?, prev_hash=?, hash=?"
+        conn.execute(f"UPDATE audit SET {cols} WHERE seq = 2", r3)
+        conn.execute(f"UPDATE audit SET {cols} WHERE seq = 3", r2)
+    s2 = Store(tmp_path / "a.sqlite3")
+    await s2.open()
+    v = await s2.verify_audit()
+    await s2.close()
+    assert not v.ok and v.first_bad_seq == 2
+
+
+async def test_nonce_is_remembered_once(store: Store) -> None:
+    """A nonce is accepted once; the second use is a replay."""
+    assert await store.remember_nonce("n1", "alice", 300)
+    assert not await store.remember_nonce("n1", "alice", 300)
+
+
+async def test_release_charges_once_and_is_idempotent(store: Store) -> None:
+    """A job's release charges epsilon once; releasing the same job again returns the stored one."""
+    await store.release(_release("j1", 1.0), budget=2.0, audit_actor=("alice", "researcher"))
+    again = await store.release(_release("j1", 1.0), budget=2.0, audit_actor=("alice", "researcher"))
+    assert again.job_id == "j1"
+    assert await store.spent("alice", "c") == pytest.approx(1.0)
+
+
+async def test_budget_refusal_is_audited_and_charges_nothing(store: Store) -> None:
+    """A release beyond the budget raises RESOURCE_EXHAUSTED, leaves the ledger alone, and is audited."""
+    await store.release(_release("j1", 1.5), budget=2.0, audit_actor=("alice", "researcher"))
+    with pytest.raises(BudgetExhausted, match="0.5 of 2 remains"):
+        await store.release(_release("j2", 1.0), budget=2.0, audit_actor=("alice", "researcher"))
+    assert await store.spent("alice", "c") == pytest.approx(1.5)
+    assert await store.get_release("j2") is None
+    last = (await store.audit_rows())[-1]
+    assert (last.decision, '"policy":"budget"' in last.detail_json) == ("refused", True)
+    assert (await store.verify_audit()).ok
+
+
+async def test_concurrent_releases_cannot_overspend(store: Store) -> None:
+    """Twenty racing releases against a budget for five: exactly five are charged."""
+    async def one(i: int) -> bool:
+        try:
+            await store.release(_release(f"j{i}", 1.0), budget=5.0,
+                                audit_actor=("alice", "researcher"))
+            return True
+        except BudgetExhausted:
+            return False
+    results = await asyncio.gather(*[one(i) for i in range(20)])
+    assert sum(results) == 5 and await store.spent("alice", "c") == pytest.approx(5.0)
+
+
+async def test_overlap_guard_sees_earlier_cohorts_of_similar_size(store: Store) -> None:
+    """The guard callback receives earlier released cohorts within the size window."""
+    seen: list[list[frozenset[str]]] = []
+    await store.release(_release("j1", cohort=frozenset("abcdef")), budget=1,
+                        audit_actor=("alice", "researcher"))
+
+    def guard(earlier: list[frozenset[str]]) -> None:
+        seen.append(earlier)
+        if any(len(e ^ frozenset("abcde")) < 5 for e in earlier):
+            raise Refused("overlap")
+
+    with pytest.raises(Refused):
+        await store.release(_release("j2", cohort=frozenset("abcde")), budget=1, guard=guard,
+                            guard_window=4, audit_actor=("alice", "researcher"))
+    assert seen == [[frozenset("abcdef")]]
+    assert await store.get_release("j2") is None
+
+
+async def test_corrupt_store_is_refused(tmp_path: Path) -> None:
+    """A store file that is not a database is refused with a message saying to restore it."""
+    p = tmp_path / "bad.sqlite3"
+    p.write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)
+    with pytest.raises(StoreCorrupt, match="restore it from a backup"):
+        await Store(p).open()
+
+
+async def test_backup_is_a_consistent_copy(store: Store, tmp_path: Path) -> None:
+    """backup() writes a copy whose audit chain verifies; it never overwrites a file."""
+    await store.audit("alice", "researcher", "A", "allowed")
+    dest = tmp_path / "backup.sqlite3"
+    await store.backup(dest)
+    copy = Store(dest)
+    await copy.open()
+    assert (await copy.verify_audit()).entries == 1
+    await copy.close()
+    with pytest.raises(Exception, match="already exists"):
+        await store.backup(dest)
