@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -29,12 +31,16 @@ from stimnet.v1 import (
 )
 from stimnetd import __version__
 from stimnetd.catalog import CatalogSet, load_catalogs
-from stimnetd.config import Config
+from stimnetd.config import Config, ConfigError, GossipSettings
+from stimnetd.gossip.membership import Member
+from stimnetd.gossip.swim import GossipConfig, Swim, SystemClock
+from stimnetd.rpc.gossip_transport import GrpcGossipTransport, StoreMembers
 from stimnetd.federation.fanout import Coordinator, Target
 from stimnetd.federation.subjob import SubJobHandler
 from stimnetd.jobs import signing
 from stimnetd.jobs.service import JobService
 from stimnetd.jobs.site import SiteExecutor
+from stimnetd.metrics import Metrics
 from stimnetd.privacy.noise import NoiseMechanism
 from stimnetd.privacy.policy import PrivacyPolicy
 from stimnetd.rpc.admin_servicer import AdminServicer
@@ -55,6 +61,19 @@ SERVICE_NAMES = (
     federation_pb2.DESCRIPTOR.services_by_name["FederationService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
 )
+
+
+def gossip_config(settings: GossipSettings) -> GossipConfig:
+    overrides = {k: v for k, v in {
+        "gossip_interval": settings.gossip_interval_s, "probe_interval": settings.probe_interval_s,
+        "probe_timeout": settings.probe_timeout_s, "suspicion_mult": settings.suspicion_mult,
+        "indirect_checks": settings.indirect_checks, "fanout": settings.fanout}.items()
+        if v is not None}
+    try:
+        return GossipConfig.wan(**overrides) if settings.profile == "wan" \
+            else GossipConfig(**overrides)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise ConfigError(f"[gossip]: {exc}") from None
 
 
 class JobVerifier:
@@ -115,18 +134,23 @@ class NodeState:
             "peers_by_status": peers, "jobs_by_state": jobs,
             "queue_depth": jobs.get("queued", 0) + jobs.get("awaiting_approval", 0),
             "epsilon_spent": await self._d.store.spent_by_catalog(),
+            "cert_days_left": self._d.tls.days_left(),
         }
 
 
 class Daemon:
-    def __init__(self, config: Config, *, notifier: Notifier | None = None) -> None:
+    def __init__(self, config: Config, *, notifier: Notifier | None = None,
+                 wrap_gossip_transport: Callable[[Any], Any] | None = None) -> None:
         self.config = config
+        self.gossip_config = gossip_config(config.gossip)
+        self._wrap_gossip = wrap_gossip_transport
         self.notifier = notifier or Notifier()
         self.store = Store(config.node.state_dir / "stimnetd.sqlite3")
         self.tls = ServerTls(config.tls)
         self.revocations = Revocations(self.tls.material.revoked)
         self.catalogs: CatalogSet = load_catalogs(config.catalogs)
         self.membership: Any = None
+        self.metrics = Metrics()
         self.policy = PrivacyPolicy(
             k_min=config.node.k_min, dp=config.privacy.dp,  # type: ignore[arg-type]
             default_epsilon=config.privacy.default_epsilon,
@@ -134,7 +158,8 @@ class Daemon:
             budget_epsilon=config.privacy.budget_epsilon)
         self.executor = SiteExecutor(
             site=config.node.name, catalogs=self.catalogs, store=self.store, policy=self.policy,
-            noise=NoiseMechanism(), overlap_guard=config.privacy.overlap_guard)
+            noise=NoiseMechanism(), overlap_guard=config.privacy.overlap_guard,
+            on_decision=self.metrics.decision)
         self.verifier = JobVerifier(self, config.federation.request_max_age_s)
         self.peer_channels = PeerChannels(self.tls.material)
         self.coordinator = Coordinator(
@@ -149,6 +174,7 @@ class Daemon:
                                      max_age_s=config.federation.request_max_age_s)
         self.started_at = time.time()
         self.port: int | None = None
+        self.metrics_port: int | None = None
         self.advertise: str | None = None
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
@@ -161,7 +187,7 @@ class Daemon:
     def _build_server(self) -> grpc.aio.Server:
         node = self.config.node
         guard = Guard(revocations=self.revocations, audit_refusal=self.store.audit,
-                      audit_allowed=self.store.audit_soon)
+                      audit_allowed=self.store.audit_soon, observe=self.metrics.observe_rpc)
         server = grpc.aio.server(
             interceptors=[guard],
             options=[
@@ -177,7 +203,7 @@ class Daemon:
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.store), server)
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.jobs), server)
         federation_pb2_grpc.add_FederationServiceServicer_to_server(
-            FederationServicer(self.config.node.name, self.subjobs, self.membership), server)
+            FederationServicer(self.config.node.name, self.subjobs, lambda: self.membership), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -203,6 +229,15 @@ class Daemon:
         await self.store.audit(self.config.node.name, "node", "start", "ok",
                                {"version": __version__, "port": port})
         self.started_at = time.time()
+        if self.config.gossip.enabled:
+            self._start_membership()
+        if self.config.metrics.listen:
+            host, _, mport = self.config.metrics.listen.rpartition(":")
+            self.metrics_port = self.metrics.serve(host, int(mport))
+            self._tasks.append(asyncio.create_task(
+                self.metrics.refresh_loop(NodeState(self).status)))
+            log.info("metrics", address=f"{host}:{self.metrics_port}")
+        self._tasks.append(asyncio.create_task(self._expiry_warnings()))
         if self.notifier.watchdog_s:
             self._tasks.append(asyncio.create_task(self._watchdog(self.notifier.watchdog_s / 2)))
         log.info("listening", address=f"{node.host}:{port}", catalogs=self.catalogs.names())
@@ -214,6 +249,30 @@ class Daemon:
         while True:
             self.notifier.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
+
+    def _start_membership(self) -> None:
+        cfg = self.config
+        me = Member(name=cfg.node.name, address=self.advertise or "", incarnation=0,
+                    status="alive", last_heard=time.time(),
+                    catalogs=tuple((c.name, c.schema_version) for c in cfg.catalogs))
+        transport: Any = GrpcGossipTransport(self.peer_channels)
+        if self._wrap_gossip is not None:
+            transport = self._wrap_gossip(transport)
+        self.membership = Swim(me, list(dict.fromkeys([*cfg.federation.seeds,
+                                                       *cfg.federation.peers])),
+                               transport, store=StoreMembers(self.store), clock=SystemClock(),
+                               rng=random.Random(), config=self.gossip_config)
+        self._tasks.append(asyncio.create_task(self.membership.run(), name="gossip"))
+
+    async def _expiry_warnings(self) -> None:
+        # Hospital certificates expire on holidays; warn a month ahead, daily.
+        while True:
+            days = self.tls.days_left()
+            if days < 30:
+                log.warning("certificate expires soon", days_left=round(days, 1),
+                            certificate=str(self.config.tls.cert),
+                            action="stimctl certs renew, then SIGHUP the daemon")
+            await asyncio.sleep(86400)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -245,6 +304,11 @@ class Daemon:
         self.notifier.notify("STOPPING=1")
         log.info("stopping", grace_s=self.config.node.grace_s)
         await self._health.enter_graceful_shutdown()
+        if self.membership is not None:
+            # Announce `left` so peers stop probing us instead of suspecting us.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.membership.leave(), timeout=2.0)
+            await self.membership.shutdown()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -255,6 +319,7 @@ class Daemon:
             await self._server.stop(self.config.node.grace_s)
         await self.jobs.shutdown()
         await self.peer_channels.close()
+        self.metrics.stop()
         with contextlib.suppress(Exception):
             await self.store.audit(self.config.node.name, "node", "stop", "ok", {})
         await self.store.close()

@@ -63,6 +63,7 @@ class SiteExecutor:
     def __init__(self, *, site: str, catalogs: CatalogSet, store: Store, policy: PrivacyPolicy,
                  noise: NoiseSource, overlap_guard: bool = True,
                  script_runner: ScriptRunner | None = None,
+                 on_decision: Callable[[str], None] = lambda kind: None,
                  clock: Callable[[], float] = time.time) -> None:
         self.site = site
         self._catalogs = catalogs
@@ -71,6 +72,7 @@ class SiteExecutor:
         self._noise = noise
         self._overlap_guard = overlap_guard
         self._script_runner = script_runner
+        self._on_decision = on_decision
         self._clock = clock
         self._secret: bytes | None = None
         self._fingerprints: dict[str, dict[str, str]] = {}
@@ -117,6 +119,7 @@ class SiteExecutor:
             return SiteOutcome(self.site, "failed", "internal error at this site (see its logs)")
 
     async def _audit_refusal(self, job: VerifiedJob, exc: Exception) -> None:
+        self._on_decision("refused")
         await self._store.audit(job.researcher.name, job.researcher.role, "release", "refused",
                                 {"job": job.request.job_id, "catalog": job.request.catalog,
                                  "policy": getattr(exc, "policy", type(exc).__name__),
@@ -171,6 +174,7 @@ class SiteExecutor:
                                                for d in decisions if d.action != "released"]}),
             budget=self._policy.budget_epsilon, guard=guard, guard_window=k - 1,
             audit_actor=(job.researcher.name, job.researcher.role))
+        self._on_decision(stored.decision)
         return self._from_release(stored)
 
     async def _fingerprint(self, catalog: Catalog, cohort: frozenset[str]) -> frozenset[str]:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from stimnet.v1 import common_pb2, federation_pb2, federation_pb2_grpc
 from stimnetd import codec
-from stimnetd.errors import InvalidRequest
+from stimnetd.errors import InvalidRequest, Unavailable
+from stimnetd.gossip.membership import ForgedSender
+from stimnetd.gossip.swim import FullState, ProbeMessage
+from stimnetd.rpc.gossip_transport import from_wire, to_wire
 from stimnetd.federation.subjob import SubJobHandler
 from stimnetd.rpc import convert
 from stimnetd.rpc.frames import to_frames
@@ -15,9 +18,11 @@ from stimnetd.rpc.guard import current_caller
 
 
 class FederationServicer(federation_pb2_grpc.FederationServiceServicer):
-    def __init__(self, site: str, subjobs: SubJobHandler, gossip: Any = None) -> None:
+    def __init__(self, site: str, subjobs: SubJobHandler,
+                 gossip: Callable[[], Any] = lambda: None) -> None:
         self._site = site
         self._subjobs = subjobs
+        # A getter: membership starts after the server has bound its port.
         self._gossip = gossip
 
     async def RunSubJob(self, request: federation_pb2.SubJobRequest,
@@ -35,3 +40,42 @@ class FederationServicer(federation_pb2_grpc.FederationServiceServicer):
                     yield federation_pb2.SubJobEvent(partial=frame)
             yield federation_pb2.SubJobEvent(site=common_pb2.SiteEvent(
                 site=self._site, state=ev.state, detail=ev.detail, n=max(0, ev.n)))
+
+    # -- SWIM ----------------------------------------------------------------------------
+
+    def _swim(self):  # type: ignore[no-untyped-def]
+        swim = self._gossip()
+        if swim is None:
+            raise Unavailable("gossip is disabled on this node")
+        return swim
+
+    def _sender(self, msg: federation_pb2.GossipMessage) -> str:
+        caller = current_caller()
+        if msg.sender != caller.name:
+            # The claimed sender must be the certificate's node: no speaking for others.
+            raise ForgedSender(f"gossip sender {msg.sender!r} differs from the caller's "
+                               f"certificate name {caller.name!r}")
+        return caller.name
+
+    async def Ping(self, request: federation_pb2.GossipMessage,
+                   context: Any) -> federation_pb2.GossipMessage:
+        swim = self._swim()
+        sender = self._sender(request)
+        reply = await swim.handle_ping(sender, ProbeMessage.from_entries(sender, from_wire(request)))
+        return to_wire(reply.source, reply.entries())
+
+    async def PingReq(self, request: federation_pb2.PingReqRequest,
+                      context: Any) -> federation_pb2.PingReqResponse:
+        swim = self._swim()
+        sender = self._sender(request.message)
+        ack = await swim.handle_ping_req(sender, request.target_name, request.target_address,
+                                         ProbeMessage.from_entries(sender,
+                                                                   from_wire(request.message)))
+        return federation_pb2.PingReqResponse(ack=ack)
+
+    async def PushPull(self, request: federation_pb2.GossipMessage,
+                       context: Any) -> federation_pb2.GossipMessage:
+        swim = self._swim()
+        sender = self._sender(request)
+        reply = await swim.handle_push_pull(sender, FullState.from_entries(sender, from_wire(request)))
+        return to_wire(reply.source, reply.entries())

@@ -87,6 +87,23 @@ class SandboxLimits:
     # Many tiny files cost the monitor a directory walk per poll; nobody needs more.
     output_files: int = 256
 
+    def __post_init__(self) -> None:
+        # Docker rejects memory below 6 MiB and silently treats pids_limit <= 0 as
+        # unlimited; refuse such settings here rather than run an unbounded sandbox.
+        floors = {
+            "memory_bytes": 16 * MiB,
+            "pids": 8,
+            "result_bytes": 4 * KiB,
+            "log_bytes": 1 * KiB,
+            "tmpfs_bytes": 1 * MiB,
+            "output_files": 1,
+        }
+        for name, floor in floors.items():
+            if getattr(self, name) < floor:
+                raise ValueError(f"SandboxLimits.{name} must be at least {floor}")
+        if not (self.cpus > 0 and self.timeout_s > 0):
+            raise ValueError("SandboxLimits.cpus and timeout_s must be positive")
+
 
 @dataclass(frozen=True)
 class SandboxOutcome:

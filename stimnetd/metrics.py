@@ -1,0 +1,76 @@
+"""Prometheus metrics, one registry per daemon (no process globals), served only if asked.
+
+The endpoint is off unless `[metrics] listen` is set; the demo binds it to loopback.
+Gauges that summarise the store (jobs by state, epsilon spent) are refreshed by a small
+loop rather than at scrape time, so a scrape never waits on the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.rpc_total = Counter("stimnet_rpc_total", "RPCs by method and status",
+                                 ["method", "status"], registry=r)
+        self.rpc_latency = Histogram("stimnet_rpc_latency_seconds", "RPC latency by method",
+                                     ["method"], registry=r,
+                                     buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1,
+                                              2.5, 5, 10, 30))
+        self.jobs = Gauge("stimnet_jobs", "Jobs by state", ["state"], registry=r)
+        self.queue_depth = Gauge("stimnet_queue_depth", "Jobs queued or awaiting approval",
+                                 registry=r)
+        self.sandbox_seconds = Histogram("stimnet_sandbox_run_seconds", "Sandbox run time",
+                                         registry=r, buckets=(.25, .5, 1, 2, 5, 10, 30, 60, 120,
+                                                              300))
+        self.peers = Gauge("stimnet_peers", "Federation members by status", ["status"],
+                           registry=r)
+        self.privacy_decisions = Counter("stimnet_privacy_decisions_total",
+                                         "Privacy decisions by kind", ["decision"], registry=r)
+        self.epsilon_spent = Gauge("stimnet_epsilon_spent", "Epsilon spent per catalog",
+                                   ["catalog"], registry=r)
+        self.cert_days_left = Gauge("stimnet_certificate_days_left",
+                                    "Days until this node's certificate expires", registry=r)
+        self._server: Any = None
+
+    def observe_rpc(self, method: str, status: str, seconds: float) -> None:
+        self.rpc_total.labels(method, status).inc()
+        if seconds > 0:
+            self.rpc_latency.labels(method).observe(seconds)
+
+    def decision(self, kind: str) -> None:
+        self.privacy_decisions.labels(kind).inc()
+
+    def serve(self, host: str, port: int) -> int:
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._server = server
+        return int(server.server_port)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    async def refresh_loop(self, snapshot: Callable[[], Awaitable[dict[str, Any]]],
+                           interval_s: float = 2.0) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                s = await snapshot()
+                for state, n in s["jobs_by_state"].items():
+                    self.jobs.labels(state).set(n)
+                self.queue_depth.set(s["queue_depth"])
+                self.peers.clear()
+                for status, n in s["peers_by_status"].items():
+                    self.peers.labels(status).set(n)
+                for catalog, eps in s["epsilon_spent"].items():
+                    self.epsilon_spent.labels(catalog).set(eps)
+                self.cert_days_left.set(s["cert_days_left"])
+            await asyncio.sleep(interval_s)
