@@ -147,7 +147,7 @@ def reassign_ports(root: Path) -> dict[str, str]:
         cfg["node"]["listen"] = f"127.0.0.1:{port}"
         cfg["node"].pop("advertise", None)
         cfg["federation"]["seeds"] = [] if port == ports[0] else [f"127.0.0.1:{ports[0]}"]
-        cfg["federation"]["peers"] = [f"127.0.0.1:{p}" for p in ports if p != port]
+        cfg["federation"].pop("peers", None)  # sites find each other by gossip from one seed
         if "metrics" in cfg:
             cfg["metrics"] = {"listen": f"127.0.0.1:{free_ports(1)[0]}"}
         path.write_text(tomli_w.dumps(cfg))
@@ -265,6 +265,24 @@ async def _run(fed: DemoFederation, *, keep_running: bool) -> None:
             await asyncio.Event().wait()
 
 
+async def demo_membership(fed: DemoFederation) -> None:
+    from stimctl.client import AsyncClient
+
+    print("$ stimctl peers   (every site started knowing only the seed, hospital-a)")
+    async with AsyncClient.from_file(fed.researcher_config) as c:
+        deadline = time.monotonic() + 30
+        while True:
+            peers = await c.peers()
+            if len([p for p in peers if p.status == "alive"]) == len(fed.addresses):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("sites did not find each other by gossip within 30 s")
+            await asyncio.sleep(0.2)
+    output.table("peers", ["name", "address", "status", "incarnation", "catalogs"],
+                 [[p.name, p.address, p.status, p.incarnation, ", ".join(p.catalogs)]
+                  for p in peers])
+
+
 async def demo_table_query(fed: DemoFederation) -> None:
     from stimctl.client import AsyncClient
     from stimctl.jobs_cli import Progress, print_answer
@@ -294,6 +312,7 @@ async def demo_sweet_spot(fed: DemoFederation) -> None:
     print_answer(answer, argparse.Namespace(json=False, csv=False, out=out))
 
 
+STEPS.append(("membership: gossip from one seed", demo_membership))
 STEPS.append(("federated table query: outcomes by DBS target", demo_table_query))
 STEPS.append(("federated sweet-spot map: mean improvement per voxel", demo_sweet_spot))
 
