@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         logs.configure(config.log_level, node=config.node.name)
         daemon = Daemon(config)
         if args.command == "check-config":
+            from stimnetd.store import Store
+
+            Store.check_file(daemon.store.path)
             print(f"{cfg_path}: ok (node {config.node.name}, "
                   f"{len(config.catalogs)} catalog(s), {sum(c.n_subjects for c in daemon.catalogs)} "
                   "subjects)")

@@ -80,6 +80,29 @@ class Store:
             raise
         os.chmod(self.path, 0o600)
 
+    @staticmethod
+    def check_file(path: Path) -> None:
+        """Read-only integrity check of an existing store (for check-config); a missing
+        store is fine (it is created at first start)."""
+        if not path.exists():
+            return
+        try:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                rows = conn.execute("PRAGMA quick_check").fetchall()
+                (version,) = conn.execute("PRAGMA user_version").fetchone()
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise StoreCorrupt(f"store {path} is not a usable SQLite database: {exc}; restore it "
+                               "from a backup before serving") from None
+        if [r[0] for r in rows] != ["ok"]:
+            raise StoreCorrupt(f"store {path} failed its integrity check ({rows[0][0]}); restore "
+                               "it from a backup (stimnetd backup) before serving")
+        if version > len(MIGRATIONS):
+            raise StoreCorrupt(f"store {path} has schema version {version}, newer than this "
+                               f"stimnetd understands ({len(MIGRATIONS)}); upgrade stimnetd")
+
     async def close(self) -> None:
         if self._db is None:
             return

@@ -188,3 +188,15 @@ def test_check_config_accepts_good_config(good: dict) -> None:
     r = subprocess.run([sys.executable, "-m", "stimnetd", "check-config", str(good["path"])],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+def test_check_config_refuses_a_corrupt_store(good: dict) -> None:
+    """check-config also checks the node's store and names it when it is corrupt."""
+    import tomllib
+
+    state = Path(tomllib.loads(good["path"].read_text())["node"]["state_dir"])
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "stimnetd.sqlite3").write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)
+    r = subprocess.run([sys.executable, "-m", "stimnetd", "check-config", str(good["path"])],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "stimnetd.sqlite3" in r.stderr and "backup" in r.stderr
