@@ -245,6 +245,15 @@ class AsyncClient:
                                   spec=spec.to_dict(), epsilon=epsilon, min_sites=min_sites)
         return await self.submit(self.sign(req))
 
+    async def submit_script(self, script: bytes, catalog: str, *, federated: bool = False,
+                            epsilon: float | None = None, min_sites: int = 1) -> jobs_pb2.Job:
+        """Sign a script job (its SHA-256 is in the signed payload) and submit it."""
+        from stimnetd.jobs import signing
+
+        req = signing.new_request("script", catalog, scope="federated" if federated else "local",
+                                  script=script, epsilon=epsilon, min_sites=min_sites)
+        return await self.submit(self.sign(req, script))
+
     async def watch(self, job_id: str, timeout: float | None = None) -> AsyncIterator[Any]:
         """Yields ("state", Job), ("site", SiteEvent), ("log", str), ("result", QueryAnswer)."""
         from stimctl.results import QueryAnswer

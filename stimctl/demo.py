@@ -231,6 +231,11 @@ def cmd_run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     fed = DemoFederation(root)
+
+    def terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # stop the sites on SIGTERM too, never orphan them
+
+    signal.signal(signal.SIGTERM, terminate)
     fed.start()
     ok = False
     try:

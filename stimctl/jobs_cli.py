@@ -154,7 +154,40 @@ async def cmd_query(c: AsyncClient, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_submit(c: AsyncClient, args: argparse.Namespace) -> int:
+    try:
+        script = args.script.read_bytes()
+    except OSError as exc:
+        print(f"stimctl: error: cannot read script {args.script}: {exc.strerror}", file=sys.stderr)
+        return 2
+    job = await c.submit_script(script, args.catalog, federated=args.federated,
+                                epsilon=args.epsilon, min_sites=args.min_sites)
+    if not args.watch:
+        if args.json:
+            output.emit_json(MessageToDict(job, preserving_proto_field_name=True))
+        else:
+            print(f"job {job.id}: {job.state}{' — ' + job.detail if job.detail else ''}")
+            print(f"follow it with: stimctl job {job.id}   results: stimctl results {job.id}")
+        return 0
+    with Progress(enabled=not args.json) as progress:
+        try:
+            ans = await c.run_job(job, progress)
+        except JobFailed as exc:
+            print(f"stimctl: {exc}", file=sys.stderr)
+            return 1
+    print_answer(ans, args)
+    return 0
+
+
 async def cmd_jobs(c: AsyncClient, args: argparse.Namespace) -> int:
+    if args.action in ("approve", "deny"):
+        if not args.id:
+            print(f"stimctl: error: jobs {args.action} needs a job id", file=sys.stderr)
+            return 2
+        j = await (c.approve(args.id, remember=args.remember) if args.action == "approve"
+                   else c.deny(args.id))
+        print(f"job {j.id}: {j.state}{' — ' + j.detail if j.detail else ''}")
+        return 0
     jobs = await c.list_jobs(args.limit)
     if args.json:
         output.emit_json([MessageToDict(j, preserving_proto_field_name=True) for j in jobs])
@@ -198,7 +231,20 @@ def register(sub: Any, node_cmd: Callable[..., argparse.ArgumentParser]) -> None
     q.add_argument("--min-sites", type=int, default=1, help="fail unless this many sites answer")
     q.add_argument("--csv", action="store_true", help="result table as CSV")
     q.add_argument("--out", type=Path, help="write the result (.json/.csv) and maps (NIfTI+PNG)")
-    js = node_cmd("jobs", cmd_jobs, "list your jobs (admins: everyone's)")
+    sb = node_cmd("submit", cmd_submit, "run a Python script in each site's sandbox")
+    sb.add_argument("script", type=Path)
+    sb.add_argument("--catalog", required=True)
+    sb.add_argument("--federated", action="store_true")
+    sb.add_argument("--watch", action="store_true", help="follow per-site progress to the result")
+    sb.add_argument("--epsilon", type=float, default=None)
+    sb.add_argument("--min-sites", type=int, default=1)
+    sb.add_argument("--csv", action="store_true")
+    sb.add_argument("--out", type=Path)
+    js = node_cmd("jobs", cmd_jobs, "list jobs; admins: `jobs approve|deny ID` for scripts")
+    js.add_argument("action", nargs="?", choices=["list", "approve", "deny"], default="list")
+    js.add_argument("id", nargs="?")
+    js.add_argument("--remember", action="store_true",
+                    help="approve this script (by SHA-256) for future jobs too")
     js.add_argument("--limit", type=int, default=50)
     node_cmd("job", cmd_job, "one job and its per-site states").add_argument("id")
     r = node_cmd("results", cmd_results, "a finished job's result")

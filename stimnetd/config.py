@@ -371,7 +371,7 @@ class _Parser:
                                   "tables", "rois", "fields"})
         name = self.get(raw, w, "name", str)
         w = f"catalog {name!r}"
-        root = self.path_of(self.get(raw, w, "root", str), f"{w}.root")
+        root = self.path_of(self.get(raw, w, "root", str), f"{w}.root").resolve()
         if not root.is_dir():
             raise self.fail(f"{w}.root", f"{root} is not a directory")
         tables_raw = self.table(self.get(raw, w, "tables", dict), f"{w}.tables",

@@ -38,7 +38,11 @@ from stimnetd.rpc.gossip_transport import GrpcGossipTransport, StoreMembers
 from stimnetd.federation.fanout import Coordinator, Target
 from stimnetd.federation.subjob import SubJobHandler
 from stimnetd.jobs import signing
-from stimnetd.jobs.service import JobService
+from stimnetd.jobs.scripts import SandboxScripts
+from stimnetd.jobs.service import JobService, ScriptPolicy
+from stimnetd.sandbox import SANDBOX_VERSION
+from stimnetd.sandbox.image import check_image
+from stimnetd.sandbox.runner import SandboxLimits, SandboxRunner
 from stimnetd.jobs.site import SiteExecutor
 from stimnetd.metrics import Metrics
 from stimnetd.privacy.noise import NoiseMechanism
@@ -83,9 +87,10 @@ class JobVerifier:
         self._d = daemon
         self.max_age_s = max_age_s
 
-    def __call__(self, signed: signing.SignedJob) -> signing.VerifiedJob:
+    def __call__(self, signed: signing.SignedJob, *, fresh: bool = True) -> signing.VerifiedJob:
         return signing.verify(signed, ca_cert=self._d.tls.material.ca_cert,
-                              revoked=self._d.revocations.serials, max_age_s=self.max_age_s)
+                              revoked=self._d.revocations.serials,
+                              max_age_s=self.max_age_s if fresh else float("inf"))
 
 
 class StaticPeers:
@@ -156,10 +161,14 @@ class Daemon:
             default_epsilon=config.privacy.default_epsilon,
             max_epsilon_per_query=config.privacy.max_epsilon_per_query,
             budget_epsilon=config.privacy.budget_epsilon)
+        self.sandbox = self._sandbox(config) if config.scripts.policy != "deny" else None
         self.executor = SiteExecutor(
             site=config.node.name, catalogs=self.catalogs, store=self.store, policy=self.policy,
             noise=NoiseMechanism(), overlap_guard=config.privacy.overlap_guard,
-            on_decision=self.metrics.decision)
+            on_decision=self.metrics.decision,
+            script_runner=SandboxScripts(self.sandbox, log_policy=config.scripts.log_policy,
+                                         on_duration=self.metrics.sandbox_seconds.observe)
+            if self.sandbox is not None else None)
         self.verifier = JobVerifier(self, config.federation.request_max_age_s)
         self.peer_channels = PeerChannels(self.tls.material)
         self.coordinator = Coordinator(
@@ -168,10 +177,14 @@ class Daemon:
             transport=GrpcSubJobTransport(self.peer_channels, config.node.name),
             timeout_s=config.federation.subjob_timeout_s)
         self.jobs = JobService(node=config.node.name, store=self.store, executor=self.executor,
-                               coordinator=self.coordinator, verify=self.verifier)
+                               coordinator=self.coordinator, verify=self.verifier,
+                               script_policy=ScriptPolicy(config.scripts.policy,
+                                                          config.scripts.concurrency,
+                                                          config.scripts.on_restart))
         self.subjobs = SubJobHandler(executor=self.executor, store=self.store,
                                      verify=self.verifier,
-                                     max_age_s=config.federation.request_max_age_s)
+                                     max_age_s=config.federation.request_max_age_s,
+                                     script_policy=config.scripts.policy)
         self.started_at = time.time()
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -183,6 +196,39 @@ class Daemon:
         self._stopped = False
 
     # -- construction ------------------------------------------------------------------
+
+    @staticmethod
+    def _sandbox(config: Config) -> SandboxRunner:
+        import docker
+
+        sc = config.scripts
+        limits = SandboxLimits(memory_bytes=sc.memory_mb * 2**20, pids=sc.pids, cpus=sc.cpus,
+                               timeout_s=sc.timeout_s, result_bytes=sc.result_mb * 2**20)
+        # The client is made lazily, off the loop, on first use: a node that never runs a
+        # script never needs the Docker socket.
+        return SandboxRunner(lambda: docker.from_env(timeout=60), f"{sc.image}:{SANDBOX_VERSION}",
+                             limits, config.node.state_dir, node=config.node.name)
+
+    async def _sandbox_startup(self) -> None:
+        """Remove containers a crash left behind; say now (not at the first job) if the
+        image is missing."""
+        assert self.sandbox is not None
+        try:
+            removed = await self.sandbox.reap_orphans()
+            if removed:
+                log.warning("removed orphaned sandbox containers", count=removed)
+            import docker
+
+            client = await asyncio.to_thread(docker.from_env, timeout=30)
+            await asyncio.to_thread(check_image, client, f"{self.config.scripts.image}:"
+                                    f"{SANDBOX_VERSION}", SANDBOX_VERSION)
+            if self.config.scripts.policy == "auto":
+                # Jobs start without waiting for review, so a pre-created container per
+                # catalog saves the create step; under review the wait dwarfs it.
+                for catalog in self.catalogs:
+                    await self.sandbox.prewarm(catalog.root)
+        except Exception as exc:  # noqa: BLE001 - scripts then fail with this reason
+            log.warning("script jobs unavailable", reason=str(exc))
 
     def _build_server(self) -> grpc.aio.Server:
         node = self.config.node
@@ -231,6 +277,8 @@ class Daemon:
         self.started_at = time.time()
         if self.config.gossip.enabled:
             self._start_membership()
+        if self.sandbox is not None:
+            self._tasks.append(asyncio.create_task(self._sandbox_startup(), name="sandbox"))
         if self.config.metrics.listen:
             host, _, mport = self.config.metrics.listen.rpartition(":")
             self.metrics_port = self.metrics.serve(host, int(mport))
@@ -318,6 +366,8 @@ class Daemon:
             # New RPCs are refused at once; in-flight ones get the grace period.
             await self._server.stop(self.config.node.grace_s)
         await self.jobs.shutdown()
+        if self.sandbox is not None:
+            await self.sandbox.shutdown()
         await self.peer_channels.close()
         self.metrics.stop()
         with contextlib.suppress(Exception):

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from stimnetd.errors import Conflict
+from stimnetd.errors import Conflict, Refused
 from stimnetd.jobs.signing import SignedJob, VerifiedJob
 from stimnetd.jobs.site import SiteExecutor, SiteOutcome
 from stimnetd.pki import Identity
 from stimnetd.store import Store
+from stimnetd.store.records import JobRecord
 
 
 @dataclass(frozen=True)
@@ -23,8 +25,11 @@ class SubJobEvent:
 
 class SubJobHandler:
     def __init__(self, *, executor: SiteExecutor, store: Store,
-                 verify: Callable[[SignedJob], VerifiedJob], max_age_s: float) -> None:
+                 verify: Callable[[SignedJob], VerifiedJob], max_age_s: float,
+                 script_policy: str = "review", clock: Callable[[], float] = time.time) -> None:
         self._executor = executor
+        self._script_policy = script_policy
+        self._clock = clock
         self._store = store
         self._verify = verify
         self._max_age = max_age_s
@@ -35,6 +40,8 @@ class SubJobHandler:
         # a relay and cannot vouch for the researcher.
         job = self._verify(signed)
         await self._executor.precheck(job)
+        if job.request.kind == "script":
+            await self._admit_script(job, entry, request_id)
         accepted = (job.researcher.name, job.researcher.role, "subjob", "accepted",
                     {"job": job.request.job_id, "catalog": job.request.catalog,
                      "via": entry.name, "request_id": request_id})
@@ -61,3 +68,27 @@ class SubJobHandler:
             if not task.done():
                 task.cancel()
         yield SubJobEvent(outcome.state, outcome.detail, outcome.n, outcome)
+
+    async def _admit_script(self, job: VerifiedJob, entry: Identity, request_id: str) -> None:
+        """This site's script policy for a federated script: it cannot hold the entry
+        node's stream open for an admin, so 'review' answers at once and keeps a pending
+        request an admin can approve (remembered) before the researcher resubmits."""
+        req = job.request
+        if self._script_policy == "deny":
+            raise Refused("this site's script policy is 'deny': it does not run researcher "
+                          "scripts")
+        if self._script_policy == "auto" or await self._store.is_script_approved(
+                req.script_sha256):
+            return
+        now = self._clock()
+        await self._store.create_job(JobRecord(
+            id=req.job_id, kind="script", scope="federated", catalog=req.catalog,
+            owner=job.researcher.name, state="awaiting_approval",
+            detail=f"requested via {entry.name}", created_at=now, updated_at=now,
+            request_id=request_id, origin=entry.name, payload=job.signed.payload,
+            signature=job.signed.signature, signer_cert=job.signed.signer_cert_pem,
+            script=job.signed.script, script_sha256=req.script_sha256),
+            audit=(job.researcher.name, job.researcher.role, "subjob"))
+        raise Refused(f"awaiting approval: site policy 'review' — an admin here must approve "
+                      f"script sha256 {req.script_sha256[:16]}… (job {req.job_id}); resubmit "
+                      "once approved")

@@ -20,9 +20,10 @@ import numpy as np
 import structlog
 
 from stimnetd import codec
-from stimnetd.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
+from stimnetd.errors import Conflict, NotFound, PermissionDenied, Refused, StimnetError
 from stimnetd.federation.fanout import Coordinator, FanoutResult
 from stimnetd.jobs.signing import SignedJob, VerifiedJob
+from stimnetd.jobs.scripts import spec_from_partials
 from stimnetd.jobs.site import SiteExecutor
 from stimnetd.pki import Identity
 from stimnetd.query.combine import combine
@@ -33,6 +34,13 @@ from stimnetd.store import Store
 from stimnetd.store.records import TERMINAL_STATES, JobRecord
 
 log = structlog.get_logger("stimnetd.jobs")
+
+
+@dataclass(frozen=True)
+class ScriptPolicy:
+    policy: str = "review"        # auto | review | deny
+    concurrency: int = 1
+    on_restart: str = "interrupt"  # interrupt | requeue
 
 
 @dataclass(frozen=True)
@@ -56,14 +64,19 @@ class _Live:
 class JobService:
     def __init__(self, *, node: str, store: Store, executor: SiteExecutor,
                  coordinator: Coordinator, verify: Callable[[SignedJob], VerifiedJob],
+                 script_policy: ScriptPolicy | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self._node = node
+        self._scripts = script_policy or ScriptPolicy()
+        # Sandbox runs are heavy: at most `concurrency` at once; queries are not queued.
+        self._script_slots = asyncio.Semaphore(self._scripts.concurrency)
         self._store = store
         self._executor = executor
         self._coordinator = coordinator
         self._verify = verify
         self._clock = clock
         self._live: dict[str, _Live] = {}
+        self._stopping = False
 
     # -- accept ------------------------------------------------------------------------
 
@@ -73,14 +86,16 @@ class JobService:
             raise PermissionDenied(f"job is signed by {job.researcher} but submitted by {caller}; "
                                    "researchers submit their own jobs")
         req = job.request
-        if req.kind == "script":
-            raise InvalidRequest("script jobs are not enabled on this node yet")
+        state, detail = "queued", ""
+        if req.kind == "script" and req.scope == "local":
+            state, detail = await self._script_admission(req.script_sha256)
         if req.scope == "local":
             await self._executor.precheck(job)
         now = self._clock()
         record = JobRecord(
             id=req.job_id, kind=req.kind, scope=req.scope, catalog=req.catalog,
-            owner=job.researcher.name, state="queued", detail="", created_at=now, updated_at=now,
+            owner=job.researcher.name, state=state, detail=detail, created_at=now,
+            updated_at=now,
             request_id=request_id, origin="client", payload=signed.payload,
             signature=signed.signature, signer_cert=signed.signer_cert_pem,
             script=signed.script or None, script_sha256=req.script_sha256)
@@ -88,8 +103,69 @@ class JobService:
                                            nonce=(req.nonce, self._max_age())):
             raise Conflict("replayed request: this signed job was already submitted")
         live = self._live.setdefault(record.id, _Live())
-        live.task = asyncio.create_task(self._run(record, job), name=f"job-{record.id}")
+        if state == "queued":
+            live.task = asyncio.create_task(self._run(record, job), name=f"job-{record.id}")
         return record
+
+    async def _script_admission(self, sha256: str) -> tuple[str, str]:
+        """The site's script policy: run, hold for an admin, or refuse (with why)."""
+        if self._scripts.policy == "deny":
+            raise Refused("this site's script policy is 'deny': it does not run researcher "
+                          "scripts (queries are still accepted)")
+        if self._scripts.policy == "review" and not await self._store.is_script_approved(sha256):
+            return ("awaiting_approval",
+                    f"site policy 'review': an admin must approve script sha256 {sha256[:16]}…")
+        return "queued", ""
+
+    # -- review ----------------------------------------------------------------------------
+
+    async def approve(self, job_id: str, admin: Identity, remember: bool) -> JobRecord:
+        record = await self._pending(job_id)
+        await self._store.audit(admin.name, admin.role, "approve", "approved",
+                                {"job": job_id, "script_sha256": record.script_sha256,
+                                 "remember": remember})
+        if remember or record.origin != "client":
+            await self._store.approve_script(record.script_sha256, admin.name)
+        if record.origin != "client":
+            # A peer's request was answered "awaiting approval" at once; the researcher
+            # resubmits and the remembered approval lets it run.
+            return await self._store.update_job(
+                job_id, state="cancelled",
+                detail=f"approved by {admin.name} (remembered); the researcher resubmits")
+        job = self._restore(record)
+        updated = await self._store.update_job(job_id, state="queued",
+                                               detail=f"approved by {admin.name}")
+        live = self._live.setdefault(job_id, _Live())
+        live.task = asyncio.create_task(self._run(updated, job), name=f"job-{job_id}")
+        await self._publish(job_id, JobUpdate("state", job=updated))
+        return updated
+
+    async def deny(self, job_id: str, admin: Identity) -> JobRecord:
+        await self._pending(job_id)
+        await self._store.audit(admin.name, admin.role, "approve", "denied", {"job": job_id})
+        updated = await self._store.update_job(job_id, state="failed",
+                                               detail=f"denied by site admin {admin.name}")
+        await self._publish(job_id, JobUpdate("state", job=updated))
+        live = self._live.pop(job_id, None)
+        for q in list(live.watchers if live else ()):
+            q.put_nowait(JobUpdate("end"))
+        return updated
+
+    async def _pending(self, job_id: str) -> JobRecord:
+        record = await self._store.get_job(job_id)
+        if record is None:
+            raise NotFound(f"no job {job_id!r} on this node")
+        if record.state != "awaiting_approval":
+            raise Conflict(f"job {job_id} is {record.state}, not awaiting approval")
+        return record
+
+    def _restore(self, record: JobRecord) -> VerifiedJob:
+        """A stored job's signed request, re-verified (chain, revocation, signature) but not
+        for freshness: it was fresh when accepted and has waited in our queue since."""
+        from stimnetd.jobs.signing import SignedJob as Signed
+
+        signed = Signed(record.payload, record.signature, record.signer_cert, record.script or b"")
+        return self._verify(signed, fresh=False)  # type: ignore[call-arg]
 
     def _max_age(self) -> float:
         return getattr(self._verify, "max_age_s", 300.0)
@@ -98,6 +174,23 @@ class JobService:
 
     async def _run(self, record: JobRecord, job: VerifiedJob) -> None:
         live = self._live[record.id]
+        slot = self._script_slots if record.kind == "script" else contextlib.nullcontext()
+        try:
+            async with slot:
+                await self._run_inner(record, job, live)
+        except asyncio.CancelledError:
+            # On shutdown the job stays `running` in the store; recover() decides at the
+            # next start (interrupted, or re-queued by policy). Otherwise a user cancelled.
+            if not self._stopping:
+                await asyncio.shield(self._set_state(record.id, "cancelled",
+                                                     "cancelled by request"))
+            raise
+        finally:
+            self._live.pop(record.id, None)
+            for q in list(live.watchers):
+                q.put_nowait(JobUpdate("end"))
+
+    async def _run_inner(self, record: JobRecord, job: VerifiedJob, live: _Live) -> None:
         try:
             await self._set_state(record.id, "running", "")
             if record.scope == "federated":
@@ -112,15 +205,10 @@ class JobService:
             if blob:
                 await self._publish(record.id, JobUpdate("result", result=codec.unpack(blob)))
         except asyncio.CancelledError:
-            await asyncio.shield(self._set_state(record.id, "cancelled", "cancelled by request"))
             raise
         except Exception:  # noqa: BLE001 - a job failure is the job's state, not a crash
             log.exception("job failed", job=record.id)
             await self._set_state(record.id, "failed", "internal error (see the node's logs)")
-        finally:
-            self._live.pop(record.id, None)
-            for q in list(live.watchers):
-                q.put_nowait(JobUpdate("end"))
 
     def _finish(self, job: VerifiedJob, fan: FanoutResult) -> tuple[str, str, bytes | None]:
         req = job.request
@@ -131,16 +219,18 @@ class JobService:
                             for o in fan.outcomes if o.state != "done") or "no site holds it"
             return ("failed", f"only {len(contributors)} site(s) contributed, "
                     f"min_sites is {req.min_sites} — {why}", None)
-        spec = QuerySpec.from_dict(req.spec)
         try:
             combined = combine([o.partials for o in contributors])
-        except IncompatiblePartials as exc:
+            spec = QuerySpec.from_dict(req.spec) if req.kind == "query" \
+                else spec_from_partials(req.catalog, combined)
+        except (IncompatiblePartials, StimnetError) as exc:
             return "failed", f"sites returned incompatible results: {exc}", None
         result = finalize(spec, combined)
         privacy = [{"site": o.site, "epsilon": o.epsilon, "mechanism": o.mechanism}
                    for o in contributors]
         doc = {"result": result.to_dict(), "manifest": manifest, "privacy": privacy,
-               "query": req.spec, "scope": req.scope}
+               "query": req.spec, "scope": req.scope, "kind": req.kind,
+               "script_sha256": req.script_sha256 or None}
         return "succeeded", f"{len(contributors)} site(s) contributed", codec.pack(doc, result.arrays)
 
     def _site_sink(self, job_id: str):  # type: ignore[no-untyped-def]
@@ -154,6 +244,10 @@ class JobService:
         return sink
 
     async def _site_event(self, job_id: str, site: str, state: str, detail: str, n: int) -> None:
+        if state == "log":
+            # Log lines the site's log policy let through; not a state of the site.
+            await self._publish(job_id, JobUpdate("log", line=f"{site}: {detail}"))
+            return
         event = {"site": site, "state": state, "detail": detail, "n": n, "at": self._clock()}
         live = self._live.get(job_id)
         if live is not None:
@@ -203,6 +297,11 @@ class JobService:
         if caller.role != "admin" and record.owner != caller.name:
             raise PermissionDenied("only the job's owner or an admin may cancel it")
         live = self._live.get(job_id)
+        if record.state == "awaiting_approval":
+            updated = await self._store.update_job(job_id, state="cancelled",
+                                                   detail=f"cancelled by {caller.name}")
+            await self._publish(job_id, JobUpdate("state", job=updated))
+            return updated
         if record.terminal or live is None or live.task is None:
             raise Conflict(f"job {job_id} is {record.state}; nothing to cancel")
         live.task.cancel()
@@ -246,19 +345,41 @@ class JobService:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def recover(self) -> int:
-        """After a restart: jobs that were queued or running are marked interrupted.
+        """After a restart no job is lost and none runs twice:
 
-        A query's signed request may have gone stale since, and re-running it silently
-        would surprise the researcher; they resubmit (each site's release is idempotent
-        per job, so nothing is charged twice if a site had already released).
+        - queries that were queued or running → interrupted (the researcher resubmits;
+          each site's release is idempotent per job, so nothing is charged twice);
+        - script jobs that were running → interrupted, or re-queued if the site's
+          `on_restart` policy says so (a re-run that already released returns the stored
+          release without running the container again);
+        - queued script jobs run; jobs awaiting approval keep waiting.
+        Returns how many jobs were interrupted.
         """
-        stale = await self._store.list_jobs(states=("queued", "running"), limit=10_000)
-        for record in stale:
-            await self._store.update_job(record.id, state="interrupted",
-                                         detail="the node restarted while this job ran; resubmit")
-        return len(stale)
+        interrupted = 0
+        for record in await self._store.list_jobs(states=("queued", "running"), limit=10_000):
+            requeue = record.kind == "script" and record.scope == "local" and (
+                record.state == "queued" or self._scripts.on_restart == "requeue")
+            if not requeue:
+                await self._store.update_job(
+                    record.id, state="interrupted",
+                    detail="the node restarted while this job ran; resubmit")
+                interrupted += 1
+                continue
+            try:
+                job = self._restore(record)
+            except StimnetError as exc:
+                await self._store.update_job(record.id, state="failed",
+                                             detail=f"cannot resume after restart: {exc}")
+                continue
+            updated = await self._store.update_job(record.id, state="queued",
+                                                   detail="re-queued after a restart",
+                                                   bump_attempts=True)
+            live = self._live.setdefault(record.id, _Live())
+            live.task = asyncio.create_task(self._run(updated, job), name=f"job-{record.id}")
+        return interrupted
 
     async def shutdown(self) -> None:
+        self._stopping = True
         tasks = [live.task for live in self._live.values() if live.task is not None]
         for t in tasks:
             t.cancel()

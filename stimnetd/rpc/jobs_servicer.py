@@ -54,3 +54,10 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         doc, arrays = await self._jobs.result(request.id, current_caller().identity)
         for frame in to_frames(doc, arrays):
             yield frame
+
+    async def ApproveJob(self, request: jobs_pb2.ReviewJobRequest, context: Any) -> jobs_pb2.Job:
+        return convert.job(await self._jobs.approve(request.id, current_caller().identity,
+                                                    request.remember))
+
+    async def DenyJob(self, request: jobs_pb2.ReviewJobRequest, context: Any) -> jobs_pb2.Job:
+        return convert.job(await self._jobs.deny(request.id, current_caller().identity))
