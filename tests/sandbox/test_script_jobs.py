@@ -1,0 +1,204 @@
+"""Script jobs through real daemons and a real Docker engine: policy, privacy, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from stimctl.client import AsyncClient, JobFailed, Refused
+from stimnetd.testing import CertFactory, DaemonProcess, client_config, free_port, write_node_config
+from tests.federation.test_federated_queries import _tiny_catalog
+
+COUNT = b"""
+from stimnet_runtime import load_table, emit_count, emit_mean
+df = load_table("s")
+emit_count("n", len(df))
+emit_mean("mean_age", "age", df["age"])
+"""
+ROW_LEVEL = b"""
+from stimnet_runtime import load_table, emit_count
+df = load_table("s")
+for sid in df["sid"]:
+    emit_count(f"subject_{sid}", 1)
+"""
+SPIN = b"while True:\n    pass\n"
+SLOW = b"""
+import time
+time.sleep(3)
+from stimnet_runtime import load_table, emit_count
+emit_count("n", len(load_table("s")))
+"""
+
+
+def _node(tmp: Path, pki: CertFactory, *, policy: str = "auto", **scripts: Any) -> tuple[Path, int]:
+    port = free_port()
+    cat = _tiny_catalog(tmp / "data", [float(a) for a in range(30, 60)])
+    cfg = write_node_config(tmp / "node", pki.issue("node-a", "node"), "node-a", port=port,
+                            catalogs=[cat], crl=pki.crl_path, gossip={"enabled": False},
+                            scripts={"policy": policy, "memory_mb": 256, "timeout_s": 20,
+                                     **scripts},
+                            privacy={"dp": "optional", "budget_epsilon": 10.0})
+    return cfg, port
+
+
+def _containers(docker_client: Any, node: str = "node-a") -> list[dict]:
+    return docker_client.api.containers(all=True, filters={
+        "label": ["org.stimnet.managed=true", f"org.stimnet.node={node}"]})
+
+
+async def test_script_job_runs_and_releases_aggregates(tmp_path: Path, pki: CertFactory,
+                                                       sandbox_image: str, docker_client) -> None:
+    """A script's emitted aggregates come back through the privacy layer as a result."""
+    cfg, port = _node(tmp_path, pki)
+    proc = DaemonProcess(cfg)
+    alice = pki.issue("alice", "researcher")
+    try:
+        await proc.wait_healthy(alice, f"127.0.0.1:{port}")
+        async with AsyncClient(client_config(alice, f"127.0.0.1:{port}", 60)) as c:
+            ans = await c.run_job(await c.submit_script(COUNT, "tiny"))
+        assert ans.rows == [[30, pytest.approx(44.5)]]
+        assert ans.doc["kind"] == "script"
+    finally:
+        assert proc.stop() == 0
+    assert _containers(docker_client) == []
+
+
+async def test_review_policy_holds_until_an_admin_decides(tmp_path: Path, pki: CertFactory,
+                                                          sandbox_image: str) -> None:
+    """Under `review` a job waits; approve runs it (remembered per SHA-256), deny fails it."""
+    cfg, port = _node(tmp_path, pki, policy="review")
+    proc = DaemonProcess(cfg)
+    alice, ops = pki.issue("alice", "researcher"), pki.issue("ops", "admin")
+    addr = f"127.0.0.1:{port}"
+    try:
+        await proc.wait_healthy(alice, addr)
+        async with AsyncClient(client_config(alice, addr, 60)) as c, \
+                AsyncClient(client_config(ops, addr, 60)) as admin:
+            job = await c.submit_script(COUNT, "tiny")
+            assert job.state == "awaiting_approval" and "approve" in job.detail
+            await admin.approve(job.id, remember=True)
+            ans = await c.run_job(job)
+            assert ans.rows[0][0] == 30
+            again = await c.submit_script(COUNT, "tiny")  # same script: remembered
+            assert again.state == "queued"
+            await c.run_job(again)
+            other = await c.submit_script(SLOW, "tiny")
+            assert other.state == "awaiting_approval"
+            await admin.deny(other.id)
+            with pytest.raises(JobFailed, match="denied by site admin ops"):
+                await c.run_job(other)
+    finally:
+        assert proc.stop() == 0
+
+
+async def test_deny_policy_refuses_scripts(tmp_path: Path, pki: CertFactory) -> None:
+    """A site whose policy is `deny` refuses script jobs with the policy's name."""
+    cfg, port = _node(tmp_path, pki, policy="deny")
+    proc = DaemonProcess(cfg)
+    alice = pki.issue("alice", "researcher")
+    try:
+        await proc.wait_healthy(alice, f"127.0.0.1:{port}")
+        async with AsyncClient(client_config(alice, f"127.0.0.1:{port}")) as c:
+            with pytest.raises(Refused, match="script policy is 'deny'"):
+                await c.submit_script(COUNT, "tiny")
+    finally:
+        assert proc.stop() == 0
+
+
+async def test_row_level_output_releases_nothing(tmp_path: Path, pki: CertFactory,
+                                                 sandbox_image: str) -> None:
+    """A script emitting a 'count' of 1 per subject gets every output withheld by k_min."""
+    cfg, port = _node(tmp_path, pki)
+    proc = DaemonProcess(cfg)
+    alice = pki.issue("alice", "researcher")
+    try:
+        await proc.wait_healthy(alice, f"127.0.0.1:{port}")
+        async with AsyncClient(client_config(alice, f"127.0.0.1:{port}", 60)) as c:
+            with pytest.raises(JobFailed, match="suppressed.*k_min = 5"):
+                await c.run_job(await c.submit_script(ROW_LEVEL, "tiny"))
+        with sqlite3.connect(tmp_path / "node" / "state" / "stimnetd.sqlite3") as db:
+            decisions = [r[0] for r in db.execute("SELECT decision FROM releases")]
+        assert decisions == ["suppressed"]
+    finally:
+        assert proc.stop() == 0
+
+
+async def test_health_stays_prompt_while_a_script_spins(tmp_path: Path, pki: CertFactory,
+                                                        sandbox_image: str, docker_client) -> None:
+    """A CPU-spinning script hits its wall-clock limit while the daemon keeps answering health checks."""
+    cfg, port = _node(tmp_path, pki, timeout_s=4)
+    proc = DaemonProcess(cfg)
+    alice = pki.issue("alice", "researcher")
+    addr = f"127.0.0.1:{port}"
+    try:
+        await proc.wait_healthy(alice, addr)
+        async with AsyncClient(client_config(alice, addr, 60)) as c:
+            job = await c.submit_script(SPIN, "tiny")
+            creds = client_config(alice, addr).credentials()
+            slowest = 0.0
+            async with grpc.aio.secure_channel(addr, creds) as ch:
+                stub = health_pb2_grpc.HealthStub(ch)
+                for _ in range(20):
+                    t = time.monotonic()
+                    r = await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                    slowest = max(slowest, time.monotonic() - t)
+                    assert r.status == health_pb2.HealthCheckResponse.SERVING
+                    await asyncio.sleep(0.15)
+            with pytest.raises(JobFailed, match="wall-clock limit"):
+                await c.run_job(job)
+        assert slowest < 1.0
+    finally:
+        assert proc.stop() == 0
+    assert _containers(docker_client) == []
+
+
+@pytest.mark.parametrize("on_restart", ["interrupt", "requeue"])
+async def test_sigkill_during_a_script_job(tmp_path: Path, pki: CertFactory, sandbox_image: str,
+                                           docker_client, on_restart: str) -> None:
+    """SIGKILL mid-job: after restart the job is interrupted or re-run once; no orphan container."""
+    cfg, port = _node(tmp_path, pki, on_restart=on_restart)
+    alice = pki.issue("alice", "researcher")
+    addr = f"127.0.0.1:{port}"
+    proc = DaemonProcess(cfg)
+    try:
+        await proc.wait_healthy(alice, addr)
+        async with AsyncClient(client_config(alice, addr, 60)) as c:
+            job = await c.submit_script(SLOW, "tiny", epsilon=1.0)
+            deadline = time.monotonic() + 20
+            while (await c.get_job(job.id)).state != "running":
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # the container is running the script now
+        proc.proc.send_signal(signal.SIGKILL)
+        proc.proc.wait()
+        orphans = {c["Id"] for c in _containers(docker_client)}
+        assert orphans  # the crash left its container(s) behind
+        proc = DaemonProcess(cfg)
+        await proc.wait_healthy(alice, addr)
+        async with AsyncClient(client_config(alice, addr, 60)) as c:
+            if on_restart == "interrupt":
+                j = await c.get_job(job.id)
+                assert j.state == "interrupted" and "restarted" in j.detail
+            else:
+                ans = await c.run_job(await c.get_job(job.id))
+                assert ans.rows[0][0] is not None
+        deadline = time.monotonic() + 15
+        # (a fresh pre-created container for the next job may exist; the orphans may not)
+        while orphans & {c["Id"] for c in _containers(docker_client)}:
+            assert time.monotonic() < deadline, "orphaned container not reaped"
+            await asyncio.sleep(0.2)
+    finally:
+        assert proc.stop() == 0
+    with sqlite3.connect(tmp_path / "node" / "state" / "stimnetd.sqlite3") as db:
+        charges = db.execute("SELECT COUNT(*) FROM ledger WHERE job_id = ?", (job.id,)).fetchone()[0]
+        releases = db.execute("SELECT COUNT(*) FROM releases WHERE job_id = ?",
+                              (job.id,)).fetchone()[0]
+    assert (charges, releases) == ((0, 0) if on_restart == "interrupt" else (1, 1))
