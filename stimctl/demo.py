@@ -294,9 +294,9 @@ async def demo_table_query(fed: DemoFederation) -> None:
 
     sql = ("SELECT target, count(*), avg(updrs_change), stddev(updrs_change), avg(amplitude_ma) "
            "FROM dbs_outcomes WHERE diagnosis = 'PD' GROUP BY target")
-    print(f"$ stimctl query --federated \"{sql}\"")
+    print(f"$ stimctl query --federated --epsilon 1 \"{sql}\"")
     async with AsyncClient.from_file(fed.researcher_config) as c:
-        job = await c.submit_query(sql, federated=True, min_sites=2)
+        job = await c.submit_query(sql, federated=True, min_sites=2, epsilon=1.0)
         with Progress(enabled=True) as progress:
             answer = await c.run_job(job, progress)
     print_answer(answer, argparse.Namespace(json=False, csv=False, out=None))
@@ -317,9 +317,55 @@ async def demo_sweet_spot(fed: DemoFederation) -> None:
     print_answer(answer, argparse.Namespace(json=False, csv=False, out=out))
 
 
+DEMO_SCRIPT = b"""\
+# A researcher's own analysis, run in each site's hardened sandbox (no network, read-only
+# data, non-root, resource limits). It may only emit aggregates; each site's privacy layer
+# checks them against the catalog before anything leaves the site.
+from stimnet_runtime import load_table, emit_count, emit_mean, emit_regression
+
+outcomes = load_table("outcomes").merge(load_table("stimulation"), on="subject_id")
+pd_stn = outcomes[(outcomes["target"] == "STN") & outcomes["updrs_change"].notna()]
+emit_count("stn_subjects", len(pd_stn))
+emit_mean("mean_improvement", "updrs_change", pd_stn["updrs_change"])
+emit_regression("dose_response", "updrs_change", ["amplitude_ma"], pd_stn)
+"""
+
+
+async def demo_script_job(fed: DemoFederation) -> None:
+    from stimctl.client import AsyncClient
+    from stimctl.jobs_cli import Progress, print_answer
+
+    path = fed.root / "results" / "stn_dose_response.py"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(DEMO_SCRIPT)
+    print(f"$ stimctl submit {path} --catalog dbs_outcomes --federated --watch")
+    async with AsyncClient.from_file(fed.researcher_config) as c:
+        job = await c.submit_script(DEMO_SCRIPT, "dbs_outcomes", federated=True, min_sites=2)
+        with Progress(enabled=True) as progress:
+            answer = await c.run_job(job, progress)
+    print_answer(answer, argparse.Namespace(json=False, csv=False, out=None))
+
+
+async def demo_metrics(fed: DemoFederation) -> None:
+    import urllib.request
+
+    cfg = tomllib.loads(fed.site_config(next(iter(fed.addresses))).read_text())
+    url = f"http://{cfg['metrics']['listen']}/metrics"
+    print(f"$ curl {url}   (selected lines)")
+    body = urllib.request.urlopen(url, timeout=5).read().decode()
+    wanted = ("stimnet_rpc_total{", "stimnet_jobs{", "stimnet_queue_depth ", "stimnet_peers{",
+              "stimnet_privacy_decisions_total{", "stimnet_epsilon_spent{",
+              "stimnet_sandbox_run_seconds_count", "stimnet_certificate_days_left")
+    for line in body.splitlines():
+        if line.startswith(wanted) and not line.rstrip().endswith(" 0.0"):
+            print("  " + line)
+
+
 STEPS.append(("membership: gossip from one seed", demo_membership))
 STEPS.append(("federated table query: outcomes by DBS target", demo_table_query))
 STEPS.append(("federated sweet-spot map: mean improvement per voxel", demo_sweet_spot))
+STEPS.append(("federated script job in each site's Docker sandbox", demo_script_job))
+STEPS.append(("operations: Prometheus metrics of hospital-a", demo_metrics))
 
 
 async def show_sites(fed: DemoFederation) -> None:

@@ -298,6 +298,9 @@ class Daemon:
             self.notifier.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
 
+    async def refresh_metrics(self) -> None:
+        self.metrics.update(await NodeState(self).status())
+
     def _start_membership(self) -> None:
         cfg = self.config
         me = Member(name=cfg.node.name, address=self.advertise or "", incarnation=0,

@@ -59,18 +59,20 @@ class Metrics:
             self._server.server_close()
             self._server = None
 
+    def update(self, s: dict[str, Any]) -> None:
+        for state, n in s["jobs_by_state"].items():
+            self.jobs.labels(state).set(n)
+        self.queue_depth.set(s["queue_depth"])
+        self.peers.clear()
+        for status, n in s["peers_by_status"].items():
+            self.peers.labels(status).set(n)
+        for catalog, eps in s["epsilon_spent"].items():
+            self.epsilon_spent.labels(catalog).set(eps)
+        self.cert_days_left.set(s["cert_days_left"])
+
     async def refresh_loop(self, snapshot: Callable[[], Awaitable[dict[str, Any]]],
                            interval_s: float = 2.0) -> None:
         while True:
             with contextlib.suppress(Exception):
-                s = await snapshot()
-                for state, n in s["jobs_by_state"].items():
-                    self.jobs.labels(state).set(n)
-                self.queue_depth.set(s["queue_depth"])
-                self.peers.clear()
-                for status, n in s["peers_by_status"].items():
-                    self.peers.labels(status).set(n)
-                for catalog, eps in s["epsilon_spent"].items():
-                    self.epsilon_spent.labels(catalog).set(eps)
-                self.cert_days_left.set(s["cert_days_left"])
+                self.update(await snapshot())
             await asyncio.sleep(interval_s)

@@ -15,6 +15,9 @@ MAX_ENTRIES = 4096
 
 
 def to_wire(sender: Member, entries: Iterable[Member]) -> federation_pb2.GossipMessage:
+    # The wire carries one entry per sender (the receiver refuses more): a piggybacked
+    # older broadcast about the sender itself is superseded by `sender` and dropped.
+    entries = [sender, *(m for m in entries if m.name != sender.name)]
     return federation_pb2.GossipMessage(
         sender=sender.name, sender_incarnation=sender.incarnation,
         members=[federation_pb2.MemberState(

@@ -65,6 +65,11 @@ async def test_five_nodes_converge_from_one_seed_and_fan_out(tmp_path: Path, pki
             daemons.append(d)
         await _until(lambda: all(_view(d) == dict.fromkeys(NAMES, "alive") for d in daemons),
                      15, "full membership everywhere")
+        # Steady state: probes succeed, so nobody is suspected and has to refute (which
+        # would raise incarnations); a broken probe path shows up here.
+        await asyncio.sleep(3)
+        assert all(_view(d) == dict.fromkeys(NAMES, "alive") for d in daemons)
+        assert max(m.incarnation for d in daemons for m in d.membership.members()) == 0
         alice = pki.issue("alice", "researcher")
         async with AsyncClient(client_config(alice, f"127.0.0.1:{ports[3]}")) as c:
             peers = await c.peers()
