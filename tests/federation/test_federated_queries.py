@@ -128,3 +128,28 @@ async def test_unknown_query_field_is_refused_before_sending(federation, tmp_pat
             await c.query("SELECT avg(weight) FROM tiny")
         with pytest.raises(Refused.__mro__[1], match="refused before sending"):
             await c.query("DELETE FROM tiny")
+
+
+async def test_blocking_client_works_inside_a_running_loop(start_node, pki, small_catalog) -> None:
+    """stimctl.Client (the notebook API) answers queries, maps included, even under a running loop."""
+    import asyncio
+
+    import nibabel as nib
+
+    from stimctl import Client
+    from stimnetd.testing import client_config
+
+    alice = pki.issue("alice", "researcher")
+    async with start_node("node-a", catalogs=[small_catalog]) as d:
+        def use() -> tuple:
+            c = Client(client_config(alice, f"127.0.0.1:{d.port}"))
+            try:
+                ans = c.query("SELECT sex, count(*) FROM dbs_outcomes GROUP BY sex")
+                img = c.query("SELECT mean_map(vta_path, improvement_pct) AS m "
+                              "FROM dbs_outcomes").to_nifti()
+            finally:
+                c.close()
+            return ans.to_pandas(), img
+        frame, img = await asyncio.to_thread(use)
+    assert list(frame.columns) == ["sex", "count(*)"] and frame["count(*)"].sum() == 20
+    assert isinstance(img, nib.Nifti1Image) and img.shape == (91, 109, 91)
