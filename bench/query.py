@@ -18,9 +18,9 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from _common import ROOT, percentile, workdir  # type: ignore[import-not-found]
+
 from stimctl.client import AsyncClient
 from stimnetd.testing import CertFactory, DaemonProcess, client_config, free_port, write_node_config
 
@@ -34,7 +34,8 @@ peers = sys.argv[7:]
 async def main():
     creds_s = grpc.ssl_server_credentials([(open(key,'rb').read(), open(cert,'rb').read())],
                                           root_certificates=open(ca,'rb').read(), require_client_auth=True)
-    creds_c = grpc.ssl_channel_credentials(open(ca,'rb').read(), open(key,'rb').read(), open(cert,'rb').read())
+    rd = lambda p: open(p, 'rb').read()
+    creds_c = grpc.ssl_channel_credentials(rd(ca), rd(key), rd(cert))
     chans = [grpc.aio.secure_channel(p, creds_c) for p in peers]
     calls = [c.unary_unary("/bench.Peer/Run") for c in chans]
     async def peer(req, ctx):

@@ -12,8 +12,8 @@ import asyncio
 import sys
 
 import grpc
-
 from _common import rate, start_echo, workdir  # type: ignore[import-not-found]
+
 from stimctl.client import AsyncClient
 from stimnetd.testing import CertFactory, DaemonProcess, client_config, free_port, write_node_config
 

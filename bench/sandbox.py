@@ -15,6 +15,7 @@ import subprocess
 import time
 
 from _common import workdir  # type: ignore[import-not-found]
+
 from stimctl.client import AsyncClient
 from stimnetd.sandbox import SANDBOX_VERSION
 from stimnetd.testing import CertFactory, DaemonProcess, client_config, free_port, write_node_config

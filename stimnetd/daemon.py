@@ -32,27 +32,27 @@ from stimnet.v1 import (
 from stimnetd import __version__
 from stimnetd.catalog import CatalogSet, load_catalogs
 from stimnetd.config import Config, ConfigError, GossipSettings
-from stimnetd.gossip.membership import Member
-from stimnetd.gossip.swim import GossipConfig, Swim, SystemClock
-from stimnetd.rpc.gossip_transport import GrpcGossipTransport, StoreMembers
 from stimnetd.federation.fanout import Coordinator, Target
 from stimnetd.federation.subjob import SubJobHandler
+from stimnetd.gossip.membership import Member
+from stimnetd.gossip.swim import GossipConfig, Swim, SystemClock
 from stimnetd.jobs import signing
 from stimnetd.jobs.scripts import SandboxScripts
 from stimnetd.jobs.service import JobService, ScriptPolicy
-from stimnetd.sandbox import SANDBOX_VERSION
-from stimnetd.sandbox.image import check_image
-from stimnetd.sandbox.runner import SandboxLimits, SandboxRunner
 from stimnetd.jobs.site import SiteExecutor
 from stimnetd.metrics import Metrics
 from stimnetd.privacy.noise import NoiseMechanism
 from stimnetd.privacy.policy import PrivacyPolicy
 from stimnetd.rpc.admin_servicer import AdminServicer
 from stimnetd.rpc.federation_servicer import FederationServicer
+from stimnetd.rpc.gossip_transport import GrpcGossipTransport, StoreMembers
 from stimnetd.rpc.guard import Guard, Revocations
 from stimnetd.rpc.jobs_servicer import JobServicer
 from stimnetd.rpc.node_servicer import NodeServicer
 from stimnetd.rpc.peer_client import GrpcSubJobTransport, PeerChannels
+from stimnetd.sandbox import SANDBOX_VERSION
+from stimnetd.sandbox.image import check_image
+from stimnetd.sandbox.runner import SandboxLimits, SandboxRunner
 from stimnetd.store import Store
 from stimnetd.systemd import Notifier
 from stimnetd.tls import ServerTls

@@ -22,8 +22,8 @@ import structlog
 from stimnetd import codec
 from stimnetd.errors import Conflict, NotFound, PermissionDenied, Refused, StimnetError
 from stimnetd.federation.fanout import Coordinator, FanoutResult
-from stimnetd.jobs.signing import SignedJob, VerifiedJob
 from stimnetd.jobs.scripts import spec_from_partials
+from stimnetd.jobs.signing import SignedJob, VerifiedJob
 from stimnetd.jobs.site import SiteExecutor
 from stimnetd.pki import Identity
 from stimnetd.query.combine import combine

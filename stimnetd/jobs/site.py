@@ -159,7 +159,8 @@ class SiteExecutor:
         if cohort is not None:
             fingerprint = await self._fingerprint(catalog, cohort)
         docs, arrays = codec.partials_to_doc(partials)
-        blob = codec.pack({"partials": docs, "n": _released_n(partials, cohort, suppressed, charged is not None),
+        n = _released_n(partials, cohort, suppressed, charged is not None)
+        blob = codec.pack({"partials": docs, "n": n,
                            "mechanism": "laplace" if charged else None}, arrays)
         guard = None
         if self._overlap_guard and cohort is not None:

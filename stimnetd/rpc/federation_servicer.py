@@ -8,12 +8,12 @@ from typing import Any
 from stimnet.v1 import common_pb2, federation_pb2, federation_pb2_grpc
 from stimnetd import codec
 from stimnetd.errors import InvalidRequest, Unavailable
+from stimnetd.federation.subjob import SubJobHandler
 from stimnetd.gossip.membership import ForgedSender
 from stimnetd.gossip.swim import FullState, ProbeMessage
-from stimnetd.rpc.gossip_transport import from_wire, to_wire
-from stimnetd.federation.subjob import SubJobHandler
 from stimnetd.rpc import convert
 from stimnetd.rpc.frames import to_frames
+from stimnetd.rpc.gossip_transport import from_wire, to_wire
 from stimnetd.rpc.guard import current_caller
 
 

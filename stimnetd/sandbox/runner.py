@@ -9,6 +9,11 @@ Every docker-py call blocks, so each goes through ``asyncio.to_thread``; the run
 polls container state instead of parking a thread in ``wait()``, so a burst of long jobs
 cannot exhaust the default executor the rest of the daemon shares.
 
+A pre-started "zygote" container per catalog (`prewarm`) has already imported numpy,
+pandas, nibabel and the runtime when a job arrives; the job is handed to it by writing
+files into its read-only /job mount (see sandbox/runtime/entrypoint.py), and the
+wall-clock limit counts from that hand-over. It still serves exactly one job.
+
 The result is read only after the container has stopped (no process can race the
 checks), through ``O_NOFOLLOW`` opens relative to the output directory's fd, and only
 if it is a regular, singly linked file within the size cap.
@@ -32,6 +37,7 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +70,11 @@ POLL_FIRST_S = 0.01
 # per file, which the kernel enforces exactly).
 POLL_MAX_S = 0.1
 SHUTDOWN_GRACE_S = 10.0
+# An idle zygote is replaced after this long (the replacement also picks up a rebuilt
+# image); it exits by itself ZYGOTE_SELF_EXIT_GRACE_S later in case its daemon is gone.
+WARM_MAX_IDLE_S = 600.0
+ZYGOTE_SELF_EXIT_GRACE_S = 60.0
+GO_NAME = "go"
 
 STATUSES = ("succeeded", "failed", "timeout", "cancelled")
 _KNOWN_EXCEPTIONS = frozenset(
@@ -208,10 +219,17 @@ class _Workspace:
     def write_job(self, script: bytes, manifest: Mapping[str, Any]) -> None:
         body = json.dumps(manifest, allow_nan=False).encode()
         for name, data in (("script.py", script), ("manifest.json", body)):
-            tmp = self.job / f".{name}.tmp"
-            tmp.write_bytes(data)
-            tmp.chmod(0o644)
-            os.replace(tmp, self.job / name)
+            self._put(name, data)
+
+    def hand_over(self) -> None:
+        """Tell a waiting zygote to run the job: `go` appears atomically, after the rest."""
+        self._put(GO_NAME, b"")
+
+    def _put(self, name: str, data: bytes) -> None:
+        tmp = self.job / f".{name}.tmp"
+        tmp.write_bytes(data)
+        tmp.chmod(0o644)
+        os.replace(tmp, self.job / name)
 
     def remove(self) -> None:
         if os.path.ismount(self.out):
@@ -249,8 +267,15 @@ def _mount_out_tmpfs(out: Path, limits: SandboxLimits) -> None:
 
 @dataclass
 class _WarmSlot:
+    """A started zygote waiting for a job, and the timer that recycles it when idle."""
+
     container_id: str
     workspace: _Workspace
+    expiry: asyncio.TimerHandle | None = None
+
+
+class _ZygoteLost(Exception):
+    """The warm container was gone or dead before the job was handed to it."""
 
 
 @dataclass
@@ -444,6 +469,19 @@ def _marker(stderr_tail: bytes) -> tuple[str, str] | None:
     return None
 
 
+_DOCKER_TIME_RE = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?Z\Z")
+
+
+def _finished_before(state: Mapping[str, Any], when: float) -> bool:
+    """Whether the engine's FinishedAt (UTC, ns precision) is before `when` (epoch s)."""
+    m = _DOCKER_TIME_RE.match(str(state.get("FinishedAt", "")))
+    if m is None or m.group(1).startswith("0001-"):
+        return False
+    whole = datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
+    finished = whole.timestamp() + float(f"0.{m.group(2) or 0}")
+    return finished < when
+
+
 def _log_lines(raw: bytes, log_bytes: int) -> list[str]:
     text = raw[-log_bytes:].decode("utf-8", "replace")
     lines = text.splitlines()[-MAX_LOG_LINES:]
@@ -455,7 +493,8 @@ class SandboxRunner:
 
     `docker_client_factory` returns a ``docker.DockerClient`` (called once, off the loop).
     `node` names this daemon in container labels so `reap_orphans` only touches its own
-    containers when several nodes share an engine.
+    containers when several nodes share an engine. `warm_max_idle_s`: how long a zygote
+    may wait for a job before it is replaced by a fresh one.
     """
 
     def __init__(
@@ -468,7 +507,10 @@ class SandboxRunner:
         node: str,
         verbose_errors: bool = False,
         out_tmpfs: bool | None = None,
+        warm_max_idle_s: float = WARM_MAX_IDLE_S,
     ) -> None:
+        if not warm_max_idle_s > 0:
+            raise ValueError("warm_max_idle_s must be positive")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", node):
             raise ValueError(f"node name {node!r} cannot be used in container names")
         self._factory = docker_client_factory
@@ -477,6 +519,7 @@ class SandboxRunner:
         self._work = Path(state_dir) / "work"
         self._node = node
         self._verbose_errors = verbose_errors
+        self._warm_max_idle_s = warm_max_idle_s
         # None: a tmpfs output mount whenever this process may mount (root); otherwise a
         # plain directory whose size the monitor polls.
         self._out_tmpfs = os.geteuid() == 0 if out_tmpfs is None else out_tmpfs
@@ -513,47 +556,79 @@ class SandboxRunner:
         started = time.monotonic()
         workspace: _Workspace | None = None
         root = await asyncio.to_thread(Path(catalog_root).resolve)
-        prewarmed = False
         try:
             api = (await self._docker()).api
-            slot = self._warm.pop(root, None)
+            slot = self._take_warm(root)
             if slot is not None:
-                prewarmed = True
                 workspace, job.container_id = slot.workspace, slot.container_id
-                if root in self._keep_warm:
-                    self._spawn(self._refill(root))
-            else:
-                workspace = await asyncio.to_thread(
-                    _Workspace.create, self._work, self._limits, self._out_tmpfs
-                )
-                job.container_id = await asyncio.to_thread(
-                    self._create, api, workspace, root, job_id
-                )
+                try:
+                    return await self._run_in_zygote(api, job, workspace, script, manifest, started)
+                except _ZygoteLost:
+                    # Died while idle (OOM, an operator's kill or prune, its own idle
+                    # exit): nothing of the job ran there, so run it in a fresh one.
+                    log.warning(
+                        "warm container lost; using a fresh one", container=slot.container_id
+                    )
+                    cid, ws = job.container_id, workspace
+                    job.container_id = workspace = None
+                    await self._dispose_shielded(cid, ws)
+            workspace = await asyncio.to_thread(
+                _Workspace.create, self._work, self._limits, self._out_tmpfs
+            )
+            job.container_id = await asyncio.to_thread(self._create, api, workspace, root, job_id)
             await asyncio.to_thread(workspace.write_job, script, manifest)
             if job.cancel.is_set():
-                return self._outcome("cancelled", "cancelled before start", started, prewarmed)
+                return self._outcome("cancelled", "cancelled before start", started, False)
+            await asyncio.to_thread(api.start, job.container_id)
             try:
-                await asyncio.to_thread(api.start, job.container_id)
-            except docker.errors.NotFound:
-                if not prewarmed:
-                    raise
-                # Someone removed the pre-created container (an operator's prune); the
-                # workspace is intact, so only the container needs making again.
-                log.warning("prewarmed container vanished", container=job.container_id)
-                job.container_id = await asyncio.to_thread(
-                    self._create, api, workspace, root, job_id
-                )
-                await asyncio.to_thread(api.start, job.container_id)
-            try:
-                return await self._supervise(api, job, workspace, started, prewarmed)
+                return await self._supervise(api, job, workspace, started, False)
             except docker.errors.NotFound:
                 return self._outcome(
-                    "failed", "sandbox container was removed outside the runner", started, prewarmed
+                    "failed", "sandbox container was removed outside the runner", started, False
                 )
         finally:
             self._jobs.pop(job_id, None)
             job.done.set()
             await self._dispose_shielded(job.container_id, workspace)
+
+    async def _run_in_zygote(
+        self,
+        api: Any,
+        job: _Job,
+        ws: _Workspace,
+        script: bytes,
+        manifest: Mapping[str, Any],
+        started: float,
+    ) -> SandboxOutcome:
+        """Hand the job to a waiting zygote; raise `_ZygoteLost` if it was not alive."""
+        assert job.container_id is not None
+        try:
+            state = (await asyncio.to_thread(api.inspect_container, job.container_id))["State"]
+        except docker.errors.NotFound:
+            raise _ZygoteLost from None
+        if not state.get("Running"):
+            raise _ZygoteLost
+        await asyncio.to_thread(ws.write_job, script, manifest)
+        if job.cancel.is_set():
+            return self._outcome("cancelled", "cancelled before start", started, True)
+        handed_at = time.time()
+        await asyncio.to_thread(ws.hand_over)
+        try:
+            return await self._supervise(api, job, ws, started, True, handed_at=handed_at)
+        except docker.errors.NotFound:
+            return self._outcome(
+                "failed", "sandbox container was removed outside the runner", started, True
+            )
+
+    def _take_warm(self, root: Path) -> _WarmSlot | None:
+        slot = self._warm.pop(root, None)
+        if slot is None:
+            return None
+        if slot.expiry is not None:
+            slot.expiry.cancel()
+        if root in self._keep_warm:
+            self._spawn(self._refill(root))
+        return slot
 
     async def cancel(self, job_id: str) -> bool:
         """Stop a running job; its `run` returns status "cancelled". False if unknown."""
@@ -566,11 +641,15 @@ class SandboxRunner:
         return True
 
     async def prewarm(self, catalog_root: Path) -> None:
-        """Pre-create one container for `catalog_root` so the next job there only starts.
+        """Create and start one zygote for `catalog_root`, so the next job there skips the
+        container start and the numpy/pandas/nibabel imports.
 
         Bind mounts are fixed at create time, so the container is created over a fresh,
         empty workspace; the job's script and manifest are written into that workspace
-        when the job arrives, before start. The slot is refilled after each use.
+        when the job arrives, then handed over. The slot is refilled after each use, and
+        a zygote idle for `warm_max_idle_s` is replaced. Nothing watches an idle zygote's
+        clock: the job's wall-clock limit starts at the hand-over. Its memory (the
+        imported libraries, ~70 MB) counts against its own container's limit.
         """
         root = await asyncio.to_thread(Path(catalog_root).resolve)
         self._keep_warm.add(root)
@@ -582,17 +661,37 @@ class SandboxRunner:
             workspace = await asyncio.to_thread(
                 _Workspace.create, self._work, self._limits, self._out_tmpfs
             )
+            cid: str | None = None
             try:
-                cid = await asyncio.to_thread(self._create, api, workspace, root, "")
+                cid = await asyncio.to_thread(self._create, api, workspace, root, "", zygote=True)
+                await asyncio.to_thread(api.start, cid)
             except BaseException:
-                await asyncio.to_thread(workspace.remove)
+                await self._dispose_shielded(cid, workspace)
                 raise
             if self._closed:
                 await self._dispose_shielded(cid, workspace)
                 return
-            self._warm[root] = _WarmSlot(cid, workspace)
+            slot = _WarmSlot(cid, workspace)
+            slot.expiry = asyncio.get_running_loop().call_later(
+                self._warm_max_idle_s, self._expire, root, slot
+            )
+            self._warm[root] = slot
         finally:
             self._warming.discard(root)
+
+    def _expire(self, root: Path, slot: _WarmSlot) -> None:
+        if self._closed or self._warm.get(root) is not slot:
+            return
+        del self._warm[root]
+        self._spawn(self._recycle(root, slot))
+
+    async def _recycle(self, root: Path, slot: _WarmSlot) -> None:
+        """Replace a zygote that waited too long: start the new one, then drop the old."""
+        try:
+            if root in self._keep_warm:
+                await self._refill(root)
+        finally:
+            await self._dispose_shielded(slot.container_id, slot.workspace)
 
     async def _refill(self, root: Path) -> None:
         try:
@@ -621,7 +720,7 @@ class SandboxRunner:
         return removed
 
     async def shutdown(self) -> None:
-        """Cancel running jobs, remove pre-created containers. Idempotent."""
+        """Cancel running jobs, remove warm containers. Idempotent."""
         self._closed = True
         self._keep_warm.clear()
         for task in list(self._tasks):
@@ -636,6 +735,8 @@ class SandboxRunner:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         while self._warm:
             _, slot = self._warm.popitem()
+            if slot.expiry is not None:
+                slot.expiry.cancel()
             await self._dispose_shielded(slot.container_id, slot.workspace)
         if self._client is not None:
             client, self._client = self._client, None
@@ -654,14 +755,18 @@ class SandboxRunner:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _create(self, api: Any, ws: _Workspace, catalog_root: Path, job_id: str) -> str:
+    def _create(
+        self, api: Any, ws: _Workspace, catalog_root: Path, job_id: str, *, zygote: bool = False
+    ) -> str:
         try:
-            return self._create_container(api, ws, catalog_root, job_id)
+            return self._create_container(api, ws, catalog_root, job_id, zygote)
         except docker.errors.ImageNotFound:
             msg = f"sandbox image {self._image} not found; {BUILD_HINT}"
             raise SandboxImageError(msg) from None
 
-    def _create_container(self, api: Any, ws: _Workspace, catalog_root: Path, job_id: str) -> str:
+    def _create_container(
+        self, api: Any, ws: _Workspace, catalog_root: Path, job_id: str, zygote: bool
+    ) -> str:
 
         lim = self._limits
         threads = str(max(1, math.ceil(lim.cpus)))
@@ -676,6 +781,9 @@ class SandboxRunner:
         }
         if self._verbose_errors:
             env["STIMNET_VERBOSE_ERRORS"] = "1"
+        if zygote:
+            env["STIMNET_ZYGOTE"] = "1"
+            env["STIMNET_ZYGOTE_IDLE_S"] = str(self._warm_max_idle_s + ZYGOTE_SELF_EXIT_GRACE_S)
         host_config = api.create_host_config(
             network_mode="none",
             read_only=True,
@@ -724,9 +832,24 @@ class SandboxRunner:
         return str(container["Id"])
 
     async def _supervise(
-        self, api: Any, job: _Job, ws: _Workspace, started: float, prewarmed: bool
+        self,
+        api: Any,
+        job: _Job,
+        ws: _Workspace,
+        started: float,
+        prewarmed: bool,
+        *,
+        handed_at: float | None = None,
     ) -> SandboxOutcome:
         watch = await self._watch(api, job, ws)
+        if (
+            handed_at is not None
+            and watch.verdict is None
+            and _finished_before(watch.state, handed_at)
+        ):
+            # A zygote that died in the moment between its liveness check and the
+            # hand-over never saw the job.
+            raise _ZygoteLost
         raw_logs = await asyncio.to_thread(self._logs, api, watch.container_id)
         log_lines = _log_lines(raw_logs, self._limits.log_bytes)
         status, reason, result, arrays = await self._judge(api, ws, watch)

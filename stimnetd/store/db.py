@@ -26,7 +26,6 @@ from stimnetd.store.audit import GENESIS, AuditRow, AuditVerification, chain_has
 from stimnetd.store.records import JobRecord, MemberRecord, Release, cohort_digest
 from stimnetd.store.schema import MIGRATIONS
 
-
 T = TypeVar("T")
 
 

@@ -47,11 +47,11 @@ async def test_crash_loop_loses_nothing_acknowledged(tmp_path: Path, pki: CertFa
     released: dict[str, float] = {}         # a result with epsilon came back: charge must exist
     try:
         await steady.wait_healthy(alice, f"127.0.0.1:{ports[1]}")
-        for loop in range(LOOPS):
+        for _ in range(LOOPS):
             await victim.wait_healthy(alice, f"127.0.0.1:{ports[0]}", timeout_s=60)
             stop_at = time.monotonic() + rng.uniform(0.2, 1.2)
 
-            async def workload() -> None:
+            async def workload(stop_at: float = stop_at) -> None:
                 async with AsyncClient(client_config(alice, f"127.0.0.1:{ports[0]}", 5)) as c:
                     while time.monotonic() < stop_at + 5:
                         lo = rng.randrange(0, 50)

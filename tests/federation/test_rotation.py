@@ -6,7 +6,6 @@ import shutil
 import socket
 import ssl
 import urllib.request
-from pathlib import Path
 
 import pytest
 from cryptography import x509

@@ -7,7 +7,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from stimctl.client import AsyncClient, ConnectionFailed, NotAuthenticated, NotFound, PermissionDenied
+from stimctl.client import (
+    AsyncClient,
+    ConnectionFailed,
+    NotAuthenticated,
+    NotFound,
+    PermissionDenied,
+)
 from stimnetd.testing import CertFactory, client_config, foreign
 
 
