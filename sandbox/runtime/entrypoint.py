@@ -48,7 +48,7 @@ def _preload() -> None:
     for name in PRELOAD:
         try:
             importlib.import_module(name)
-        except Exception:  # noqa: BLE001, S112 - the script meets the same error if it imports it
+        except Exception:  # noqa: BLE001 - the script meets the same error if it imports it
             continue
 
 

@@ -73,6 +73,10 @@ SHUTDOWN_GRACE_S = 10.0
 # An idle zygote is replaced after this long (the replacement also picks up a rebuilt
 # image); it exits by itself ZYGOTE_SELF_EXIT_GRACE_S later in case its daemon is gone.
 WARM_MAX_IDLE_S = 600.0
+# Two per catalog: a zygote needs ~1 s (start + imports) to get ready, so with one, a
+# job arriving soon after another would wait for the refill's imports.
+WARM_PER_CATALOG = 2
+REFILL_DELAY_MAX_S = 1.0
 ZYGOTE_SELF_EXIT_GRACE_S = 60.0
 GO_NAME = "go"
 
@@ -493,8 +497,9 @@ class SandboxRunner:
 
     `docker_client_factory` returns a ``docker.DockerClient`` (called once, off the loop).
     `node` names this daemon in container labels so `reap_orphans` only touches its own
-    containers when several nodes share an engine. `warm_max_idle_s`: how long a zygote
-    may wait for a job before it is replaced by a fresh one.
+    containers when several nodes share an engine. `warm_per_catalog`: how many zygotes
+    `prewarm` keeps ready per catalog; `warm_max_idle_s`: how long one may wait for a job
+    before it is replaced by a fresh one.
     """
 
     def __init__(
@@ -507,10 +512,11 @@ class SandboxRunner:
         node: str,
         verbose_errors: bool = False,
         out_tmpfs: bool | None = None,
+        warm_per_catalog: int = WARM_PER_CATALOG,
         warm_max_idle_s: float = WARM_MAX_IDLE_S,
     ) -> None:
-        if not warm_max_idle_s > 0:
-            raise ValueError("warm_max_idle_s must be positive")
+        if not (warm_max_idle_s > 0 and warm_per_catalog >= 1):
+            raise ValueError("warm_max_idle_s must be positive and warm_per_catalog at least 1")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", node):
             raise ValueError(f"node name {node!r} cannot be used in container names")
         self._factory = docker_client_factory
@@ -520,14 +526,16 @@ class SandboxRunner:
         self._node = node
         self._verbose_errors = verbose_errors
         self._warm_max_idle_s = warm_max_idle_s
+        self._warm_per_catalog = warm_per_catalog
         # None: a tmpfs output mount whenever this process may mount (root); otherwise a
         # plain directory whose size the monitor polls.
         self._out_tmpfs = os.geteuid() == 0 if out_tmpfs is None else out_tmpfs
         self._client: Any = None
         self._client_lock = asyncio.Lock()
         self._jobs: dict[str, _Job] = {}
-        self._warm: dict[Path, _WarmSlot] = {}
-        self._warming: set[Path] = set()
+        # Oldest first: the one most likely to have finished its imports.
+        self._warm: dict[Path, list[_WarmSlot]] = {}
+        self._warming: dict[Path, int] = {}
         self._keep_warm: set[Path] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -558,14 +566,13 @@ class SandboxRunner:
         root = await asyncio.to_thread(Path(catalog_root).resolve)
         try:
             api = (await self._docker()).api
-            slot = self._take_warm(root)
-            if slot is not None:
+            while (slot := self._take_warm(root, job)) is not None:
                 workspace, job.container_id = slot.workspace, slot.container_id
                 try:
                     return await self._run_in_zygote(api, job, workspace, script, manifest, started)
                 except _ZygoteLost:
                     # Died while idle (OOM, an operator's kill or prune, its own idle
-                    # exit): nothing of the job ran there, so run it in a fresh one.
+                    # exit): nothing of the job ran there; try the next, else a fresh one.
                     log.warning(
                         "warm container lost; using a fresh one", container=slot.container_id
                     )
@@ -620,14 +627,17 @@ class SandboxRunner:
                 "failed", "sandbox container was removed outside the runner", started, True
             )
 
-    def _take_warm(self, root: Path) -> _WarmSlot | None:
-        slot = self._warm.pop(root, None)
-        if slot is None:
+    def _take_warm(self, root: Path, job: _Job) -> _WarmSlot | None:
+        slots = self._warm.get(root)
+        if not slots:
             return None
+        slot = slots.pop(0)
+        if not slots:
+            del self._warm[root]
         if slot.expiry is not None:
             slot.expiry.cancel()
         if root in self._keep_warm:
-            self._spawn(self._refill(root))
+            self._spawn(self._refill(root, after=job.done))
         return slot
 
     async def cancel(self, job_id: str) -> bool:
@@ -641,8 +651,8 @@ class SandboxRunner:
         return True
 
     async def prewarm(self, catalog_root: Path) -> None:
-        """Create and start one zygote for `catalog_root`, so the next job there skips the
-        container start and the numpy/pandas/nibabel imports.
+        """Create and start zygotes for `catalog_root` (`warm_per_catalog` of them), so the
+        next job there skips the container start and the numpy/pandas/nibabel imports.
 
         Bind mounts are fixed at create time, so the container is created over a fresh,
         empty workspace; the job's script and manifest are written into that workspace
@@ -653,36 +663,64 @@ class SandboxRunner:
         """
         root = await asyncio.to_thread(Path(catalog_root).resolve)
         self._keep_warm.add(root)
-        if self._closed or root in self._warm or root in self._warming:
-            return
-        self._warming.add(root)
-        try:
-            api = (await self._docker()).api
-            workspace = await asyncio.to_thread(
-                _Workspace.create, self._work, self._limits, self._out_tmpfs
-            )
-            cid: str | None = None
+        while not self._closed and (
+            len(self._warm.get(root, ())) + self._warming.get(root, 0) < self._warm_per_catalog
+        ):
+            self._warming[root] = self._warming.get(root, 0) + 1
             try:
-                cid = await asyncio.to_thread(self._create, api, workspace, root, "", zygote=True)
-                await asyncio.to_thread(api.start, cid)
-            except BaseException:
-                await self._dispose_shielded(cid, workspace)
-                raise
-            if self._closed:
-                await self._dispose_shielded(cid, workspace)
+                slot = await self._start_zygote_shielded(root)
+            finally:
+                self._warming[root] -= 1
+                if not self._warming[root]:
+                    del self._warming[root]
+            if slot is None:
                 return
-            slot = _WarmSlot(cid, workspace)
-            slot.expiry = asyncio.get_running_loop().call_later(
-                self._warm_max_idle_s, self._expire, root, slot
-            )
-            self._warm[root] = slot
-        finally:
-            self._warming.discard(root)
+            self._warm.setdefault(root, []).append(slot)
+
+    async def _start_zygote_shielded(self, root: Path) -> _WarmSlot | None:
+        # Cancelling a to_thread call does not stop the thread: a container created after
+        # the cancel would never be removed. Let the start finish, then undo it.
+        task = asyncio.get_running_loop().create_task(self._start_zygote(root))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            await asyncio.wait([task])
+            if not task.cancelled() and task.exception() is None and task.result() is not None:
+                slot = task.result()
+                assert slot is not None
+                if slot.expiry is not None:
+                    slot.expiry.cancel()
+                await self._dispose_shielded(slot.container_id, slot.workspace)
+            raise
+
+    async def _start_zygote(self, root: Path) -> _WarmSlot | None:
+        api = (await self._docker()).api
+        workspace = await asyncio.to_thread(
+            _Workspace.create, self._work, self._limits, self._out_tmpfs
+        )
+        cid: str | None = None
+        try:
+            cid = await asyncio.to_thread(self._create, api, workspace, root, "", zygote=True)
+            await asyncio.to_thread(api.start, cid)
+        except BaseException:
+            await self._dispose_shielded(cid, workspace)
+            raise
+        if self._closed:
+            await self._dispose_shielded(cid, workspace)
+            return None
+        slot = _WarmSlot(cid, workspace)
+        slot.expiry = asyncio.get_running_loop().call_later(
+            self._warm_max_idle_s, self._expire, root, slot
+        )
+        return slot
 
     def _expire(self, root: Path, slot: _WarmSlot) -> None:
-        if self._closed or self._warm.get(root) is not slot:
+        slots = self._warm.get(root, [])
+        if self._closed or slot not in slots:
             return
-        del self._warm[root]
+        slots.remove(slot)
+        if not slots:
+            del self._warm[root]
         self._spawn(self._recycle(root, slot))
 
     async def _recycle(self, root: Path, slot: _WarmSlot) -> None:
@@ -693,7 +731,12 @@ class SandboxRunner:
         finally:
             await self._dispose_shielded(slot.container_id, slot.workspace)
 
-    async def _refill(self, root: Path) -> None:
+    async def _refill(self, root: Path, after: asyncio.Event | None = None) -> None:
+        if after is not None:
+            # Starting a container and importing pandas takes about a CPU-second; let a
+            # short job finish first instead of slowing it down (the pool has a spare).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(after.wait(), REFILL_DELAY_MAX_S)
         try:
             await self.prewarm(root)
         except Exception:  # noqa: BLE001 - a failed refill only costs the next job latency
@@ -707,7 +750,7 @@ class SandboxRunner:
         client = await self._docker()
         filters = {"label": [f"{LABEL_MANAGED}=true", f"{LABEL_NODE}={self._node}"]}
         live = {j.container_id for j in self._jobs.values()} | {
-            s.container_id for s in self._warm.values()
+            s.container_id for slots in self._warm.values() for s in slots
         }
         containers = await asyncio.to_thread(client.api.containers, all=True, filters=filters)
         removed = 0
@@ -734,10 +777,11 @@ class SandboxRunner:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         while self._warm:
-            _, slot = self._warm.popitem()
-            if slot.expiry is not None:
-                slot.expiry.cancel()
-            await self._dispose_shielded(slot.container_id, slot.workspace)
+            _, slots = self._warm.popitem()
+            for slot in slots:
+                if slot.expiry is not None:
+                    slot.expiry.cancel()
+                await self._dispose_shielded(slot.container_id, slot.workspace)
         if self._client is not None:
             client, self._client = self._client, None
             await asyncio.to_thread(client.close)
@@ -1020,7 +1064,7 @@ class SandboxRunner:
     def _sweep_workspaces(self) -> None:
         if not self._work.is_dir():
             return
-        in_use = {s.workspace.root for s in self._warm.values()}
+        in_use = {s.workspace.root for slots in self._warm.values() for s in slots}
         for entry in self._work.iterdir():
             if entry not in in_use and not self._jobs:
                 _Workspace(entry).remove()

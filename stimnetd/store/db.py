@@ -388,9 +388,11 @@ class Store:
                 " cohort_digest, partials, at) VALUES (?,?,?,?,?,?,?,?)",
                 (release.job_id, release.researcher, release.catalog, release.decision,
                  release.epsilon, digest, release.partials, release.at))
-            if release.cohort and release.decision != "suppressed":
+            if release.cohort and release.decision != "suppressed" and conn.execute(
+                    "SELECT 1 FROM cohorts WHERE researcher = ? AND catalog = ? AND digest = ?",
+                    (release.researcher, release.catalog, digest)).fetchone() is None:
                 conn.execute(
-                    "INSERT OR IGNORE INTO cohorts (researcher, catalog, digest, size, members_json)"
+                    "INSERT INTO cohorts (researcher, catalog, digest, size, members_json)"
                     " VALUES (?,?,?,?,?)", (release.researcher, release.catalog, digest,
                                             len(release.cohort), json.dumps(sorted(release.cohort))))
             chain.append(*audit_actor, "release", release.decision,

@@ -1,10 +1,14 @@
-"""The runner's normal life: happy path into `Partial`s, prewarm, cancel, orphan reaping,
-and the container settings it asks the engine for."""
+"""The runner's normal life: happy path into `Partial`s, prewarm (zygotes), cancel, orphan
+reaping, and the container settings it asks the engine for."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +18,7 @@ import pytest
 from stimnetd.catalog_types import ImageGeometry
 from stimnetd.sandbox.image import SandboxImageError, check_image
 from stimnetd.sandbox.result import parse_result
-from stimnetd.sandbox.runner import LABEL_JOB, SandboxRunner
+from stimnetd.sandbox.runner import LABEL_JOB, WARM_PER_CATALOG, SandboxRunner
 
 from .conftest import (
     AGES,
@@ -113,24 +117,169 @@ async def test_voxel_map_travels_as_npy(runner, docker_client, catalog: Catalog,
     assert partial.meta["func"] == "count_map"
 
 
+# Prints which container ran the script (its /etc/hostname mount names it) and whether
+# the zygote's libraries were already imported before the script's first import.
+WHERE = textwrap.dedent("""
+    import re, sys
+    preloaded = all(m in sys.modules for m in ("numpy", "pandas", "nibabel", "stimnet_runtime"))
+    mountinfo = open("/proc/self/mountinfo").read()
+    print("container", re.search(r"/containers/([0-9a-f]{64})/hostname", mountinfo).group(1))
+    print("preloaded", preloaded)
+    from stimnet_runtime import emit_count
+    emit_count("n", 1)
+    """)
+
+
+def _printed(out: Any, key: str) -> str:
+    [value] = [line.split()[1] for line in out.log_lines if line.startswith(f"{key} ")]
+    return value
+
+
+async def _wait_for(predicate: Any, what: str) -> None:
+    for _ in range(400):
+        if await predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never happened: {what}")
+
+
 async def test_prewarmed_container_is_used_and_refilled(runner, docker_client, catalog: Catalog):
-    """After prewarm, a job starts the pre-created container and a new one is made."""
+    """After prewarm, a job runs in an already started zygote, and the pool is refilled."""
     await runner.prewarm(catalog.root)
-    [warm] = node_containers(docker_client, runner.node)
-    assert warm["State"] == "created"
-    assert warm["Labels"][LABEL_JOB] == ""
+    warm = node_containers(docker_client, runner.node)
+    assert [c["State"] for c in warm] == ["running"] * WARM_PER_CATALOG
+    assert all(c["Labels"][LABEL_JOB] == "" for c in warm)
     out = await runner.run("warm-job", HAPPY.encode(), catalog.root, catalog.manifest)
     assert out.status == "succeeded", out
     assert out.prewarmed
-    for _ in range(100):
-        refill = node_containers(docker_client, runner.node)
-        if refill:
-            break
-        await asyncio.sleep(0.05)
-    assert [c["State"] for c in refill] == ["created"]
-    assert refill[0]["Id"] != warm["Id"]
+    old = {c["Id"] for c in warm}
+
+    async def refilled() -> bool:
+        now = await asyncio.to_thread(node_containers, docker_client, runner.node)
+        states = [c["State"] for c in now]
+        return states == ["running"] * WARM_PER_CATALOG and {c["Id"] for c in now} != old
+
+    await _wait_for(refilled, "the pool is refilled with started zygotes")
     second = await runner.run("warm-job-2", HAPPY.encode(), catalog.root, catalog.manifest)
     assert second.status == "succeeded" and second.prewarmed
+
+
+async def test_zygote_runs_the_next_job_with_libraries_preloaded(
+    runner, docker_client, catalog: Catalog
+):
+    """The next job runs inside one of the started zygotes, which already imported the libraries."""
+    await runner.prewarm(catalog.root)
+    warm = {c["Id"] for c in node_containers(docker_client, runner.node)}
+    await asyncio.sleep(3)  # let the zygotes finish their imports
+    out = await runner.run("zygote-job", WHERE.encode(), catalog.root, catalog.manifest)
+    assert out.status == "succeeded", out
+    assert out.prewarmed
+    assert _printed(out, "container") in warm
+    assert _printed(out, "preloaded") == "True"
+    left = {c["Id"] for c in node_containers(docker_client, runner.node)}
+    assert _printed(out, "container") not in left, "a zygote must serve exactly one job"
+
+
+async def test_dead_zygote_falls_back_to_a_fresh_container(runner, docker_client, catalog: Catalog):
+    """If every idle zygote was killed, the job transparently runs in a fresh container."""
+    await runner.prewarm(catalog.root)
+    warm = node_containers(docker_client, runner.node)
+    for c in warm:
+        docker_client.api.kill(c["Id"])
+    out = await runner.run("after-kill", WHERE.encode(), catalog.root, catalog.manifest)
+    assert out.status == "succeeded", out
+    assert not out.prewarmed
+    assert _printed(out, "container") not in {c["Id"] for c in warm}
+    left = {c["Id"] for c in node_containers(docker_client, runner.node)}
+    assert not left & {c["Id"] for c in warm}, "the dead zygotes are removed"
+
+
+async def test_zygote_idle_longer_than_the_timeout_still_runs_a_job(
+    runner, docker_client, catalog: Catalog
+):
+    """The wall-clock limit counts from the hand-over, not from when the zygote started."""
+    runner._limits = replace(TEST_LIMITS, timeout_s=1.5)  # noqa: SLF001 - read per container
+    await runner.prewarm(catalog.root)
+    await asyncio.sleep(3.0)  # idle for twice the job timeout
+    assert [c["State"] for c in node_containers(docker_client, runner.node)] == ["running"] * 2
+    out = await runner.run("late-job", WHERE.encode(), catalog.root, catalog.manifest)
+    assert out.status == "succeeded", out
+    assert out.prewarmed
+    spin = await runner.run("spin", b"while True:\n    pass\n", catalog.root, catalog.manifest)
+    assert spin.status == "timeout" and spin.prewarmed
+    assert spin.reason == "exceeded wall-clock limit 1.5 s"
+
+
+async def test_idle_zygote_is_replaced_after_the_idle_limit(
+    docker_client, sandbox_image: str, catalog: Catalog, tmp_path: Path
+):
+    """A zygote idle longer than warm_max_idle_s is swapped for a fresh one."""
+    import docker
+
+    node = f"idle-{os.getpid()}"
+    r = SandboxRunner(
+        docker.from_env,
+        sandbox_image,
+        TEST_LIMITS,
+        tmp_path / "idle",
+        node=node,
+        warm_per_catalog=1,
+        warm_max_idle_s=1.0,
+    )
+    try:
+        await r.prewarm(catalog.root)
+        [first] = node_containers(docker_client, node)
+
+        async def replaced() -> bool:
+            now = await asyncio.to_thread(node_containers, docker_client, node)
+            return [c["State"] for c in now] == ["running"] and now[0]["Id"] != first["Id"]
+
+        await _wait_for(replaced, "the idle zygote is replaced")
+        out = await r.run("after-recycle", WHERE.encode(), catalog.root, catalog.manifest)
+        assert out.status == "succeeded" and out.prewarmed, out
+    finally:
+        await r.shutdown()
+    assert node_containers(docker_client, node) == []
+    assert mounts_under(tmp_path / "idle") == []
+
+
+async def test_cancel_stops_a_job_running_in_a_zygote(runner, docker_client, catalog: Catalog):
+    """cancel() kills a zygote that took a job, and run() reports status cancelled."""
+    await runner.prewarm(catalog.root)
+    task = asyncio.get_running_loop().create_task(
+        runner.run("sleepy-warm", b"import time\ntime.sleep(60)\n", catalog.root, catalog.manifest)
+    )
+    await asyncio.sleep(1.5)
+    assert await runner.cancel("sleepy-warm")
+    out = await task
+    assert out.status == "cancelled" and out.prewarmed
+    assert out.result is None
+
+
+def _zygote_entrypoint(tmp_path: Path, *, go: bool) -> subprocess.CompletedProcess[str]:
+    runtime = Path(__file__).resolve().parents[2] / "sandbox" / "runtime"
+    script = tmp_path / "script.py"
+    script.write_text("import os, sys\nprint('env', os.environ.get('STIMNET_ZYGOTE'))\nsys.exit(7)\n")
+    if go:
+        (tmp_path / "go").write_bytes(b"")
+    env = {**os.environ, "STIMNET_SCRIPT": str(script), "STIMNET_ZYGOTE": "1",
+           "STIMNET_ZYGOTE_IDLE_S": "0.2"}
+    return subprocess.run([sys.executable, "-I", "-B", str(runtime / "entrypoint.py")], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_zygote_entrypoint_runs_the_script_once_handed_over(tmp_path: Path):
+    """In zygote mode the entrypoint runs the script after `go` and hides its own settings."""
+    proc = _zygote_entrypoint(tmp_path, go=True)
+    assert proc.returncode == 7, proc.stderr
+    assert proc.stdout == "env None\n"
+
+
+def test_idle_zygote_entrypoint_exits_by_itself(tmp_path: Path):
+    """A zygote never handed a job exits with status 75 without running the script."""
+    proc = _zygote_entrypoint(tmp_path, go=False)
+    assert proc.returncode == 75
+    assert proc.stdout == ""
 
 
 async def test_vanished_prewarmed_container_is_replaced(runner, docker_client, catalog: Catalog):
@@ -139,6 +288,7 @@ async def test_vanished_prewarmed_container_is_replaced(runner, docker_client, c
     remove_containers(docker_client, node_containers(docker_client, runner.node))
     out = await runner.run("after-prune", HAPPY.encode(), catalog.root, catalog.manifest)
     assert out.status == "succeeded", out
+    assert not out.prewarmed
 
 
 async def test_missing_image_raises_with_the_fix(docker_client, catalog: Catalog, tmp_path: Path):
@@ -221,9 +371,9 @@ async def test_reap_orphans_removes_a_crashed_runners_containers(
         fresh = SandboxRunner(
             docker.from_env, sandbox_image, TEST_LIMITS, tmp_path / "s", node=node
         )
-        assert await fresh.reap_orphans() == 1
+        assert await fresh.reap_orphans() == WARM_PER_CATALOG
         assert node_containers(docker_client, node) == []
-        assert len(node_containers(docker_client, "other-node")) == 1
+        assert len(node_containers(docker_client, "other-node")) == WARM_PER_CATALOG
         assert list((tmp_path / "s" / "work").iterdir()) == []
         assert mounts_under(tmp_path / "s") == []
         await fresh.shutdown()
@@ -233,11 +383,44 @@ async def test_reap_orphans_removes_a_crashed_runners_containers(
     assert node_containers(docker_client, "other-node") == []
 
 
-async def test_container_settings_are_locked_down(runner, docker_client, catalog: Catalog):
-    """The engine receives every mandatory hardening setting for a job container."""
+async def test_container_settings_are_locked_down(
+    runner, docker_client, catalog: Catalog, tmp_path: Path
+):
+    """The engine receives every mandatory hardening setting, for zygotes and fresh containers."""
     await runner.prewarm(catalog.root)
-    [c] = node_containers(docker_client, runner.node)
-    attrs = docker_client.api.inspect_container(c["Id"])
+    warm = node_containers(docker_client, runner.node)
+    assert len(warm) == WARM_PER_CATALOG
+    for c in warm:
+        attrs = docker_client.api.inspect_container(c["Id"])
+        _assert_locked_down(attrs)
+        assert "STIMNET_ZYGOTE=1" in attrs["Config"]["Env"]
+    # A catalog with no zygote gets a container made for the job.
+    other = tmp_path / "no-zygote"
+    other.mkdir(mode=0o755)
+    task = asyncio.get_running_loop().create_task(
+        runner.run("cold-job", b"import time\ntime.sleep(60)\n", other, catalog.manifest)
+    )
+
+    async def cold_job_container() -> bool:
+        now = await asyncio.to_thread(node_containers, docker_client, runner.node)
+        return any(c["Labels"][LABEL_JOB] == "cold-job" for c in now)
+
+    try:
+        await _wait_for(cold_job_container, "the job's container exists")
+        [cold] = [
+            c for c in node_containers(docker_client, runner.node)
+            if c["Labels"][LABEL_JOB] == "cold-job"
+        ]
+        attrs = docker_client.api.inspect_container(cold["Id"])
+        _assert_locked_down(attrs)
+        assert "STIMNET_ZYGOTE=1" not in attrs["Config"]["Env"]
+    finally:
+        await runner.cancel("cold-job")
+        out = await task
+    assert out.status == "cancelled" and not out.prewarmed
+
+
+def _assert_locked_down(attrs: dict[str, Any]) -> None:
     host: dict[str, Any] = attrs["HostConfig"]
     config: dict[str, Any] = attrs["Config"]
     assert host["NetworkMode"] == "none"
