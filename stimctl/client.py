@@ -232,6 +232,12 @@ class AsyncClient:
     async def submit_query(self, query: str | dict[str, Any], *, federated: bool = False,
                            epsilon: float | None = None, min_sites: int = 1) -> jobs_pb2.Job:
         """Parse (SQL) or take a spec dict, sign it with our key, submit it."""
+        return await self.submit(self.sign(self._query_request(query, federated, epsilon,
+                                                               min_sites)))
+
+    @staticmethod
+    def _query_request(query: str | dict[str, Any], federated: bool, epsilon: float | None,
+                       min_sites: int) -> Any:
         from stimnetd.jobs import signing
         from stimnetd.query.errors import QueryError
         from stimnetd.query.spec import QuerySpec
@@ -241,9 +247,9 @@ class AsyncClient:
             spec = parse_sql(query) if isinstance(query, str) else QuerySpec.from_dict(query)
         except QueryError as exc:
             raise InvalidRequest(f"query refused before sending: {exc}") from None
-        req = signing.new_request("query", spec.catalog, scope="federated" if federated else "local",
-                                  spec=spec.to_dict(), epsilon=epsilon, min_sites=min_sites)
-        return await self.submit(self.sign(req))
+        return signing.new_request("query", spec.catalog,
+                                   scope="federated" if federated else "local",
+                                   spec=spec.to_dict(), epsilon=epsilon, min_sites=min_sites)
 
     async def submit_script(self, script: bytes, catalog: str, *, federated: bool = False,
                             epsilon: float | None = None, min_sites: int = 1) -> jobs_pb2.Job:
@@ -256,13 +262,20 @@ class AsyncClient:
 
     async def watch(self, job_id: str, timeout: float | None = None) -> AsyncIterator[Any]:
         """Yields ("state", Job), ("site", SiteEvent), ("log", str), ("result", QueryAnswer)."""
+        async for item in self._events(self.jobs.WatchJob, jobs_pb2.WatchJobRequest(id=job_id),
+                                       job_id, timeout):
+            yield item
+
+    async def _events(self, rpc: Any, request: Any, job_id: str,
+                      timeout: float | None) -> AsyncIterator[Any]:
         from stimctl.results import QueryAnswer
         from stimnetd import codec
         from stimnetd.rpc.frames import feed
 
         asm: codec.Assembler | None = None
-        async for ev in self._stream(self.jobs.WatchJob, jobs_pb2.WatchJobRequest(id=job_id),
-                                     timeout or self.config.timeout_s * 20):
+        async for ev in self._stream(rpc, request, timeout or self.config.timeout_s * 20):
+            if ev.WhichOneof("event") == "state" and not job_id:
+                job_id = ev.state.id
             which = ev.WhichOneof("event")
             if which == "state":
                 yield "state", ev.state
@@ -313,9 +326,25 @@ class AsyncClient:
 
     async def query(self, query: str | dict[str, Any], *, federated: bool = False,
                     epsilon: float | None = None, min_sites: int = 1, on_event: Any = None) -> Any:
-        job = await self.submit_query(query, federated=federated, epsilon=epsilon,
-                                      min_sites=min_sites)
-        return await self.run_job(job, on_event)
+        """Submit and follow in one call (RunJob): the answer, or a typed error."""
+        from stimnetd.rpc import convert
+
+        signed = self.sign(self._query_request(query, federated, epsilon, min_sites))
+        answer, final = None, None
+        async for kind, value in self._events(
+                self.jobs.RunJob, jobs_pb2.SubmitJobRequest(job=convert.signed_job_pb(signed)),
+                "", None):
+            if on_event is not None:
+                on_event(kind, value)
+            if kind == "state":
+                final = value
+            elif kind == "result":
+                answer = value
+        if final is None or final.state != "succeeded" or answer is None:
+            state = final.state if final else "unknown"
+            raise JobFailed(f"job {final.id if final else '?'} {state}: "
+                            f"{(final.detail if final else '') or 'no result'}", final)
+        return answer
 
     async def get_job(self, job_id: str) -> jobs_pb2.Job:
         return await self._call(self.jobs.GetJob, jobs_pb2.GetJobRequest(id=job_id))

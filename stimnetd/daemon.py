@@ -180,7 +180,8 @@ class Daemon:
                                coordinator=self.coordinator, verify=self.verifier,
                                script_policy=ScriptPolicy(config.scripts.policy,
                                                           config.scripts.concurrency,
-                                                          config.scripts.on_restart))
+                                                          config.scripts.on_restart),
+                               request_max_age_s=config.federation.request_max_age_s)
         self.subjobs = SubJobHandler(executor=self.executor, store=self.store,
                                      verify=self.verifier,
                                      max_age_s=config.federation.request_max_age_s,
@@ -335,7 +336,9 @@ class Daemon:
             log.error("reload failed; keeping current certificates", error=str(exc))
             return
         self.revocations.replace(material.revoked)
-        asyncio.get_running_loop().create_task(self.peer_channels.reset(material))
+        # Peer channels reconnect with the new certificate (old calls finish on the old).
+        self._tasks.append(asyncio.get_running_loop().create_task(
+            self.peer_channels.reset(material)))
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -41,6 +41,11 @@ class JobServiceStub:
                 request_serializer=stimnet_dot_v1_dot_jobs__pb2.SubmitJobRequest.SerializeToString,
                 response_deserializer=stimnet_dot_v1_dot_jobs__pb2.Job.FromString,
                 _registered_method=True)
+        self.RunJob = channel.unary_stream(
+                '/stimnet.v1.JobService/RunJob',
+                request_serializer=stimnet_dot_v1_dot_jobs__pb2.SubmitJobRequest.SerializeToString,
+                response_deserializer=stimnet_dot_v1_dot_jobs__pb2.JobEvent.FromString,
+                _registered_method=True)
         self.GetJob = channel.unary_unary(
                 '/stimnet.v1.JobService/GetJob',
                 request_serializer=stimnet_dot_v1_dot_jobs__pb2.GetJobRequest.SerializeToString,
@@ -84,6 +89,13 @@ class JobServiceServicer:
 
     def SubmitJob(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunJob(self, request, context):
+        """SubmitJob and WatchJob in one call: one round trip less for interactive queries.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -140,6 +152,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.SubmitJob,
                     request_deserializer=stimnet_dot_v1_dot_jobs__pb2.SubmitJobRequest.FromString,
                     response_serializer=stimnet_dot_v1_dot_jobs__pb2.Job.SerializeToString,
+            ),
+            'RunJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.RunJob,
+                    request_deserializer=stimnet_dot_v1_dot_jobs__pb2.SubmitJobRequest.FromString,
+                    response_serializer=stimnet_dot_v1_dot_jobs__pb2.JobEvent.SerializeToString,
             ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
@@ -205,6 +222,33 @@ class JobService:
             '/stimnet.v1.JobService/SubmitJob',
             stimnet_dot_v1_dot_jobs__pb2.SubmitJobRequest.SerializeToString,
             stimnet_dot_v1_dot_jobs__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/stimnet.v1.JobService/RunJob',
+            stimnet_dot_v1_dot_jobs__pb2.SubmitJobRequest.SerializeToString,
+            stimnet_dot_v1_dot_jobs__pb2.JobEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -13,7 +13,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -64,7 +64,7 @@ class _Live:
 class JobService:
     def __init__(self, *, node: str, store: Store, executor: SiteExecutor,
                  coordinator: Coordinator, verify: Callable[[SignedJob], VerifiedJob],
-                 script_policy: ScriptPolicy | None = None,
+                 script_policy: ScriptPolicy | None = None, request_max_age_s: float = 300.0,
                  clock: Callable[[], float] = time.time) -> None:
         self._node = node
         self._scripts = script_policy or ScriptPolicy()
@@ -74,6 +74,7 @@ class JobService:
         self._executor = executor
         self._coordinator = coordinator
         self._verify = verify
+        self._max_age = request_max_age_s
         self._clock = clock
         self._live: dict[str, _Live] = {}
         self._stopping = False
@@ -100,7 +101,7 @@ class JobService:
             signature=signed.signature, signer_cert=signed.signer_cert_pem,
             script=signed.script or None, script_sha256=req.script_sha256)
         if not await self._store.create_job(record, audit=(caller.name, caller.role, "submit"),
-                                           nonce=(req.nonce, self._max_age())):
+                                           nonce=(req.nonce, self._max_age)):
             raise Conflict("replayed request: this signed job was already submitted")
         live = self._live.setdefault(record.id, _Live())
         if state == "queued":
@@ -167,9 +168,6 @@ class JobService:
         signed = Signed(record.payload, record.signature, record.signer_cert, record.script or b"")
         return self._verify(signed, fresh=False)  # type: ignore[call-arg]
 
-    def _max_age(self) -> float:
-        return getattr(self._verify, "max_age_s", 300.0)
-
     # -- run ---------------------------------------------------------------------------
 
     async def _run(self, record: JobRecord, job: VerifiedJob) -> None:
@@ -192,7 +190,13 @@ class JobService:
 
     async def _run_inner(self, record: JobRecord, job: VerifiedJob, live: _Live) -> None:
         try:
-            await self._set_state(record.id, "running", "")
+            if record.kind == "script":
+                await self._set_state(record.id, "running", "")
+            else:
+                # A query's "running" is not worth an fsync on the critical path: after a
+                # crash, queued and running queries are both marked interrupted anyway.
+                await self._publish(record.id, JobUpdate("state", job=replace(
+                    record, state="running", updated_at=self._clock())))
             if record.scope == "federated":
                 fan = await self._coordinator.run(job, record.request_id, self._site_sink(record.id))
             else:

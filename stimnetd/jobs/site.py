@@ -18,7 +18,7 @@ import structlog
 
 from stimnetd import codec
 from stimnetd.catalog import Catalog, CatalogSet
-from stimnetd.errors import StimnetError
+from stimnetd.errors import Refused, StimnetError
 from stimnetd.jobs.signing import VerifiedJob
 from stimnetd.privacy.noise import NoiseSource, add_noise
 from stimnetd.privacy.overlap import check_overlap, cohort_fingerprint_list
@@ -139,7 +139,7 @@ class SiteExecutor:
             result = await asyncio.to_thread(compute, spec, catalog)
             return result.partials, result.cohort_ids
         if self._script_runner is None:
-            raise PrivacyRefusal("dp", "this site does not run scripts")  # never reached in prod
+            raise Refused("this site's script policy is 'deny': it does not run researcher scripts")
         return await self._script_runner(job, catalog, on_event)
 
     async def _release(self, job: VerifiedJob, catalog: Catalog, partials: list[Partial],

@@ -25,6 +25,16 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                                          caller.request_id)
         return convert.job(record)
 
+    async def RunJob(self, request: jobs_pb2.SubmitJobRequest,
+                     context: Any) -> AsyncIterator[jobs_pb2.JobEvent]:
+        if not request.HasField("job"):
+            raise InvalidRequest("RunJob needs a signed job")
+        caller = current_caller()
+        record = await self._jobs.submit(convert.signed_job(request.job), caller.identity,
+                                         caller.request_id)
+        async for event in self._events(record.id):
+            yield event
+
     async def GetJob(self, request: jobs_pb2.GetJobRequest, context: Any) -> jobs_pb2.Job:
         return convert.job(await self._jobs.get(request.id, current_caller().identity))
 
@@ -38,7 +48,11 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
     async def WatchJob(self, request: jobs_pb2.WatchJobRequest,
                        context: Any) -> AsyncIterator[jobs_pb2.JobEvent]:
-        async for update in self._jobs.watch(request.id, current_caller().identity):
+        async for event in self._events(request.id):
+            yield event
+
+    async def _events(self, job_id: str) -> AsyncIterator[jobs_pb2.JobEvent]:
+        async for update in self._jobs.watch(job_id, current_caller().identity):
             if update.kind == "state" and update.job is not None:
                 yield jobs_pb2.JobEvent(state=convert.job(update.job))
             elif update.kind == "site" and update.site is not None:

@@ -17,6 +17,7 @@ RPC_ROLES: dict[str, frozenset[str]] = {
     "/stimnet.v1.NodeService/GetStatus": frozenset({ADMIN}),
     # Only researchers submit jobs: a job is signed by the researcher whose budget it spends.
     "/stimnet.v1.JobService/SubmitJob": frozenset({RESEARCHER}),
+    "/stimnet.v1.JobService/RunJob": frozenset({RESEARCHER}),
     "/stimnet.v1.JobService/GetJob": _PEOPLE,
     "/stimnet.v1.JobService/ListJobs": _PEOPLE,
     "/stimnet.v1.JobService/CancelJob": _PEOPLE,

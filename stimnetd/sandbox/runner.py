@@ -537,6 +537,9 @@ class SandboxRunner:
         self._warm: dict[Path, list[_WarmSlot]] = {}
         self._warming: dict[Path, int] = {}
         self._keep_warm: set[Path] = set()
+        # Names of the workspaces (and so of the containers) this runner made and has not
+        # removed yet; `reap_orphans` leaves those alone.
+        self._own_workspaces: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -579,9 +582,7 @@ class SandboxRunner:
                     cid, ws = job.container_id, workspace
                     job.container_id = workspace = None
                     await self._dispose_shielded(cid, ws)
-            workspace = await asyncio.to_thread(
-                _Workspace.create, self._work, self._limits, self._out_tmpfs
-            )
+            workspace = await self._new_workspace()
             job.container_id = await asyncio.to_thread(self._create, api, workspace, root, job_id)
             await asyncio.to_thread(workspace.write_job, script, manifest)
             if job.cancel.is_set():
@@ -695,9 +696,7 @@ class SandboxRunner:
 
     async def _start_zygote(self, root: Path) -> _WarmSlot | None:
         api = (await self._docker()).api
-        workspace = await asyncio.to_thread(
-            _Workspace.create, self._work, self._limits, self._out_tmpfs
-        )
+        workspace = await self._new_workspace()
         cid: str | None = None
         try:
             cid = await asyncio.to_thread(self._create, api, workspace, root, "", zygote=True)
@@ -745,17 +744,19 @@ class SandboxRunner:
     async def reap_orphans(self) -> int:
         """Remove every container this node left behind (crash, kill -9); return how many.
 
-        Call once at startup, before `prewarm`, while no job runs.
+        Call once at startup, before `prewarm`. A job (e.g. one re-queued after the crash)
+        may already be running: containers this runner made are told apart by name, as a
+        re-queued job's old and new containers carry the same job label.
         """
         client = await self._docker()
         filters = {"label": [f"{LABEL_MANAGED}=true", f"{LABEL_NODE}={self._node}"]}
-        live = {j.container_id for j in self._jobs.values()} | {
-            s.container_id for slots in self._warm.values() for s in slots
-        }
         containers = await asyncio.to_thread(client.api.containers, all=True, filters=filters)
         removed = 0
         for c in containers:
-            if c["Id"] in live:
+            # Checked per container, after the listing: a job may create one meanwhile,
+            # and its name is known here before the engine is even asked to create it.
+            mine = {f"/stimnet-{self._node}-{name}" for name in self._own_workspaces}
+            if set(c.get("Names") or ()) & mine:
                 continue
             await asyncio.to_thread(self._remove, client.api, c["Id"])
             removed += 1
@@ -1045,12 +1046,18 @@ class SandboxRunner:
         with contextlib.suppress(docker.errors.NotFound):
             api.remove_container(cid, force=True, v=True)
 
+    async def _new_workspace(self) -> _Workspace:
+        ws = await asyncio.to_thread(_Workspace.create, self._work, self._limits, self._out_tmpfs)
+        self._own_workspaces.add(ws.root.name)
+        return ws
+
     async def _dispose_shielded(self, cid: str | None, ws: _Workspace | None) -> None:
         async def dispose() -> None:
             if cid is not None and self._client is not None:
                 await asyncio.to_thread(self._remove, self._client.api, cid)
             if ws is not None:
                 await asyncio.to_thread(ws.remove)
+                self._own_workspaces.discard(ws.root.name)
 
         # A cancelled job task must still remove its container: finish the removal even
         # if the awaiting task is cancelled again while it runs.
@@ -1064,7 +1071,6 @@ class SandboxRunner:
     def _sweep_workspaces(self) -> None:
         if not self._work.is_dir():
             return
-        in_use = {s.workspace.root for slots in self._warm.values() for s in slots}
         for entry in self._work.iterdir():
-            if entry not in in_use and not self._jobs:
+            if entry.name not in self._own_workspaces and not self._jobs:
                 _Workspace(entry).remove()

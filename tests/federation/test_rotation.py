@@ -72,7 +72,7 @@ async def test_metrics_endpoint_reports_rpcs_and_privacy(start_node, pki: CertFa
         assert lines, f"no {prefix} in metrics"
         return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines)
 
-    assert value('stimnet_rpc_total{method="/stimnet.v1.JobService/SubmitJob",status="OK"}') == 1
+    assert value('stimnet_rpc_total{method="/stimnet.v1.JobService/RunJob",status="OK"}') == 1
     assert value("stimnet_rpc_latency_seconds_count") >= 2
     assert value('stimnet_privacy_decisions_total{decision="released"}') == 1
     assert value('stimnet_epsilon_spent{catalog="dbs_outcomes"}') == pytest.approx(1.0)

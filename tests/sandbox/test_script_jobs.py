@@ -202,3 +202,43 @@ async def test_sigkill_during_a_script_job(tmp_path: Path, pki: CertFactory, san
         releases = db.execute("SELECT COUNT(*) FROM releases WHERE job_id = ?",
                               (job.id,)).fetchone()[0]
     assert (charges, releases) == ((0, 0) if on_restart == "interrupt" else (1, 1))
+
+
+async def test_sigkill_around_result_release_never_double_charges(
+        tmp_path: Path, pki: CertFactory, sandbox_image: str, docker_client) -> None:
+    """Kills at several moments up to and across the release: each job ends released exactly
+    once (one ledger charge, one release audit entry), and no orphan container remains."""
+    cfg, port = _node(tmp_path, pki, on_restart="requeue")
+    alice = pki.issue("alice", "researcher")
+    addr = f"127.0.0.1:{port}"
+    proc = DaemonProcess(cfg)
+    jobs = []
+    try:
+        for delay in (0.3, 2.8, 3.3, 3.8):
+            await proc.wait_healthy(alice, addr)
+            async with AsyncClient(client_config(alice, addr, 60)) as c:
+                job = await c.submit_script(SLOW, "tiny", epsilon=0.5)
+                jobs.append(job.id)
+                while (await c.get_job(job.id)).state not in ("running", "succeeded"):
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(delay)
+            proc.proc.send_signal(signal.SIGKILL)
+            proc.proc.wait()
+            proc = DaemonProcess(cfg)
+        await proc.wait_healthy(alice, addr)
+        async with AsyncClient(client_config(alice, addr, 60)) as c:
+            for jid in jobs:
+                deadline = time.monotonic() + 60
+                while (j := await c.get_job(jid)).state not in ("succeeded", "failed"):
+                    assert time.monotonic() < deadline, j
+                    await asyncio.sleep(0.2)
+                assert j.state == "succeeded", j.detail
+    finally:
+        assert proc.stop() == 0
+    with sqlite3.connect(tmp_path / "node" / "state" / "stimnetd.sqlite3") as db:
+        for jid in jobs:
+            charges = db.execute("SELECT COUNT(*) FROM ledger WHERE job_id = ?", (jid,)).fetchone()[0]
+            audits = db.execute("SELECT COUNT(*) FROM audit WHERE action = 'release' AND "
+                                "json_extract(detail_json, '$.job') = ?", (jid,)).fetchone()[0]
+            assert (charges, audits) == (1, 1), jid
+    assert _containers(docker_client) == []
