@@ -63,6 +63,7 @@ async def test_metrics_endpoint_reports_rpcs_and_privacy(start_node, pki: CertFa
                           privacy={"dp": "optional"}) as d:
         assert d.metrics_port
         async with AsyncClient(client_config(alice, f"127.0.0.1:{d.port}")) as c:
+            await c.info()
             await c.query("SELECT count(*), avg(age) FROM dbs_outcomes", epsilon=1.0)
         await d.refresh_metrics()  # the loop refreshes every 2 s; don't wait for it
         body = urllib.request.urlopen(f"http://127.0.0.1:{d.metrics_port}/metrics",
