@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +35,7 @@ from stimnetd.query.engine import compute
 from stimnetd.query.errors import QueryError
 from stimnetd.query.spec import QuerySpec, validate
 from stimnetd.store import Store
-from stimnetd.store.records import Release
+from stimnetd.store.records import Release, cohort_digest
 
 log = structlog.get_logger("stimnetd.site")
 
@@ -76,6 +77,8 @@ class SiteExecutor:
         self._clock = clock
         self._secret: bytes | None = None
         self._fingerprints: dict[str, dict[str, str]] = {}
+        self._cohorts: OrderedDict[tuple[str, frozenset[str]], tuple[frozenset[str], str]] = \
+            OrderedDict()
 
     async def precheck(self, job: VerifiedJob) -> None:
         """Refuse early what is certain to be refused: unknown catalog, bad epsilon, or a
@@ -156,8 +159,9 @@ class SiteExecutor:
                     else "released")
         charged = report.epsilon if report is not None and report.epsilon > 0 else None
         fingerprint: frozenset[str] = frozenset()
+        digest = None
         if cohort is not None:
-            fingerprint = await self._fingerprint(catalog, cohort)
+            fingerprint, digest = await self._fingerprint(catalog, cohort)
         docs, arrays = codec.partials_to_doc(partials)
         n = _released_n(partials, cohort, suppressed, charged is not None)
         blob = codec.pack({"partials": docs, "n": n,
@@ -169,6 +173,7 @@ class SiteExecutor:
         stored = await self._store.release(
             Release(job_id=req.job_id, researcher=job.researcher.name, catalog=req.catalog,
                     decision=decision, epsilon=charged, cohort=fingerprint, partials=blob,
+                    cohort_key=digest,
                     at=self._clock(),
                     audit_detail={"kind": req.kind, "outputs": len(partials),
                                   "withheld": [f"{d.output}{list(d.group)}: {d.reason}"
@@ -178,9 +183,16 @@ class SiteExecutor:
         self._on_decision(stored.decision)
         return self._from_release(stored)
 
-    async def _fingerprint(self, catalog: Catalog, cohort: frozenset[str]) -> frozenset[str]:
-        """HMAC'd cohort; each subject's HMAC is computed once per catalog, not per query
-        (it dominated a query's cost on a few thousand subjects)."""
+    async def _fingerprint(self, catalog: Catalog,
+                           cohort: frozenset[str]) -> tuple[frozenset[str], str]:
+        """The HMAC'd cohort and its digest. Each subject's HMAC is computed once per
+        catalog, and the last cohorts are remembered whole: researchers re-ask about the
+        same cohort, and per-subject work dominated a small query's cost."""
+        key = (catalog.name, cohort)
+        hit = self._cohorts.get(key)
+        if hit is not None:
+            self._cohorts.move_to_end(key)
+            return hit
         if self._secret is None:
             self._secret = await self._store.site_secret()
         table = self._fingerprints.get(catalog.name)
@@ -191,7 +203,11 @@ class SiteExecutor:
         missing = [i for i in cohort if i not in table]
         if missing:
             table.update(zip(missing, cohort_fingerprint_list(missing, self._secret), strict=True))
-        return frozenset(table[i] for i in cohort)
+        fps = frozenset(table[i] for i in cohort)
+        result = self._cohorts[key] = (fps, cohort_digest(fps))
+        if len(self._cohorts) > 64:
+            self._cohorts.popitem(last=False)
+        return result
 
     def _from_release(self, release: Release) -> SiteOutcome:
         doc, arrays = codec.unpack(release.partials or b"")

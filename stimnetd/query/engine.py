@@ -58,8 +58,10 @@ def compute(
         true, _false = _eval(spec.where, frame, catalog.fields)
         frame = frame[true]
     keys = frame[catalog.subject_key]
-    if keys.dtype == object and all(isinstance(v, str) for v in keys):
-        ids = frozenset(keys)  # the common case (catalogs load keys as str): no relabelling
+    if pd.api.types.is_string_dtype(keys) and not keys.isna().any():
+        # The common case (catalogs load keys as strings): no per-value relabelling, which
+        # cost most of a small query's time.
+        ids = frozenset(keys.tolist())
     else:
         ids = frozenset(label(v) for v in keys if not _isnull(v))
     ctx = _Context(catalog, quantile_bins)

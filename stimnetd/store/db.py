@@ -345,7 +345,7 @@ class Store:
         only cohorts whose size is within `guard_window` of this one are loaded. A refusal
         commits its audit entry (and nothing else) before it is raised.
         """
-        digest = cohort_digest(release.cohort)
+        digest = release.cohort_key or cohort_digest(release.cohort)
         base = {"job": release.job_id, "catalog": release.catalog}
 
         def tx(chain: _Chain) -> Release | StimnetError:

@@ -60,6 +60,7 @@ class Release:
     partials: bytes | None
     at: float
     audit_detail: dict[str, Any] = field(default_factory=dict)
+    cohort_key: str | None = None  # cohort_digest(cohort), if the caller already has it
 
     @classmethod
     def from_row(cls, row: Any) -> Release:
@@ -90,7 +91,15 @@ class MemberRecord:
 
 def cohort_digest(cohort: frozenset[str]) -> str:
     """An order-free key for a set: the sum mod 2^128 of its members' hashes (AdHash),
-    without sorting thousands of strings on every release."""
-    total = sum(int.from_bytes(hashlib.blake2b(m.encode(), digest_size=16).digest())
-                for m in cohort) % (1 << 128)
+    without sorting thousands of strings on every release.
+
+    Members are normally HMAC fingerprints (uniform hex), which are their own hashes;
+    anything else is hashed first.
+    """
+    try:
+        total = sum(int(m[:32], 16) for m in cohort)
+    except ValueError:
+        total = sum(int.from_bytes(hashlib.blake2b(m.encode(), digest_size=16).digest())
+                    for m in cohort)
+    total %= 1 << 128
     return hashlib.sha256(f"{len(cohort)}:{total:032x}".encode()).hexdigest()
