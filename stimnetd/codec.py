@@ -54,71 +54,82 @@ def array_bytes(arr: np.ndarray, dtype: str) -> bytes:
     return np.ascontiguousarray(arr, dtype=_DTYPES[dtype]).tobytes()
 
 
+BODY = "body"
+
+
 def chunks(doc: dict[str, Any], arrays: dict[str, np.ndarray]) -> Iterator[tuple[str, Any]]:
-    """("header", json) then ("chunk", (array_id, offset, data, last)) items."""
+    """("header", json) then ("chunk", (BODY, offset, data, last)) items.
+
+    All arrays travel as one body (in header order) cut into ≤ CHUNK pieces: a small
+    result is two messages, however many arrays it has — per-message overhead, not
+    bytes, dominated small federated queries.
+    """
     described = describe_arrays(arrays)
     yield "header", json.dumps({"doc": jsonable(doc), "arrays": described}, allow_nan=False)
-    for aid, arr in arrays.items():
-        data = array_bytes(arr, described[aid]["dtype"])
-        if not data:
-            yield "chunk", (aid, 0, b"", True)
-        for off in range(0, len(data), CHUNK):
-            piece = data[off:off + CHUNK]
-            yield "chunk", (aid, off, piece, off + len(piece) >= len(data))
+    body = b"".join(array_bytes(arr, described[aid]["dtype"]) for aid, arr in arrays.items())
+    for off in range(0, len(body), CHUNK):
+        piece = body[off:off + CHUNK]
+        yield "chunk", (BODY, off, piece, off + len(piece) >= len(body))
 
 
 class Assembler:
-    """Rebuilds (doc, arrays) from a header and chunks, checking sizes and order."""
+    """Rebuilds (doc, arrays) from a header and body chunks, checking sizes and order."""
 
     def __init__(self) -> None:
         self.doc: dict[str, Any] | None = None
         self._specs: dict[str, dict[str, Any]] = {}
-        self._bufs: dict[str, bytearray] = {}
-        self._done: set[str] = set()
+        self._body = bytearray()
+        self._total = 0
 
     def header(self, text: str) -> None:
         if self.doc is not None:
             raise CodecError("two headers in one result")
         try:
             head = json.loads(text)
-            self.doc = head["doc"]
+            doc = head["doc"]
             specs = head["arrays"]
+            if not isinstance(specs, dict):
+                raise TypeError("arrays must be an object")
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise CodecError(f"malformed result header: {exc}") from None
+        total = 0
         for aid, spec in specs.items():
-            if spec.get("dtype") not in _DTYPES or not isinstance(spec.get("shape"), list):
+            if not isinstance(spec, dict) or spec.get("dtype") not in _DTYPES \
+                    or not isinstance(spec.get("shape"), list) \
+                    or not all(isinstance(x, int) and x >= 0 for x in spec["shape"]):
                 raise CodecError(f"array {aid!r} has an invalid description")
             size = int(np.prod(spec["shape"], dtype=np.int64)) * _DTYPES[spec["dtype"]].itemsize
-            if size > MAX_ARRAY_BYTES or any(int(s) < 0 for s in spec["shape"]):
+            if size > MAX_ARRAY_BYTES:
                 raise CodecError(f"array {aid!r} is larger than {MAX_ARRAY_BYTES} bytes")
             spec["nbytes"] = size
-            self._bufs[aid] = bytearray()
-        self._specs = specs
+            total += size
+        self.doc, self._specs, self._total = doc, specs, total
 
     def chunk(self, aid: str, offset: int, data: bytes, last: bool) -> None:
-        if aid not in self._specs or aid in self._done:
-            raise CodecError(f"unexpected chunk for array {aid!r}")
-        buf = self._bufs[aid]
-        if offset != len(buf) or len(buf) + len(data) > self._specs[aid]["nbytes"]:
-            raise CodecError(f"array {aid!r}: chunk at offset {offset} out of order or oversized")
-        buf.extend(data)
-        if last:
-            if len(buf) != self._specs[aid]["nbytes"]:
-                raise CodecError(f"array {aid!r} is incomplete")
-            self._done.add(aid)
+        if self.doc is None or aid != BODY:
+            raise CodecError(f"unexpected chunk {aid!r}")
+        if offset != len(self._body) or len(self._body) + len(data) > self._total:
+            raise CodecError(f"chunk at offset {offset} out of order or oversized")
+        self._body.extend(data)
+        if last and len(self._body) != self._total:
+            raise CodecError("result body is incomplete")
 
     @property
     def complete(self) -> bool:
-        return self.doc is not None and self._done == set(self._specs)
+        return self.doc is not None and len(self._body) == self._total
 
     def result(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         if self.doc is None:
             raise CodecError("result has no header")
-        missing = set(self._specs) - self._done
-        if missing:
-            raise CodecError(f"result is missing arrays {sorted(missing)}")
-        arrays = {aid: np.frombuffer(bytes(self._bufs[aid]), dtype=_DTYPES[s["dtype"]])
-                  .reshape(s["shape"]).copy() for aid, s in self._specs.items()}
+        if len(self._body) != self._total:
+            raise CodecError(f"result body has {len(self._body)} of {self._total} bytes")
+        arrays, pos = {}, 0
+        body = bytes(self._body)
+        for aid, spec in self._specs.items():
+            n = spec["nbytes"]
+            arrays[aid] = np.frombuffer(body[pos:pos + n], dtype=_DTYPES[spec["dtype"]]) \
+                .reshape(spec["shape"]).copy()
+            pos += n
         return self.doc, arrays
 
 
@@ -137,11 +148,7 @@ def unpack(blob: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     (hlen,) = struct.unpack_from("<I", blob, 0)
     asm = Assembler()
     asm.header(blob[4:4 + hlen].decode())
-    pos = 4 + hlen
-    for aid, spec in asm._specs.items():
-        n = spec["nbytes"]
-        asm.chunk(aid, 0, blob[pos:pos + n], True)
-        pos += n
+    asm.chunk(BODY, 0, blob[4 + hlen:], True)
     return asm.result()
 
 

@@ -1,0 +1,71 @@
+"""Documents with arrays travel as a header plus ≤ CHUNK body pieces, and nothing else."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stimnetd import codec
+
+
+def _roundtrip(doc, arrays):  # type: ignore[no-untyped-def]
+    asm = codec.Assembler()
+    for kind, item in codec.chunks(doc, arrays):
+        if kind == "header":
+            asm.header(item)
+        else:
+            asm.chunk(*item)
+    assert asm.complete
+    return asm.result()
+
+
+def test_large_arrays_are_chunked_and_reassembled() -> None:
+    """A voxel-map-sized array crosses in pieces no larger than CHUNK and comes back equal."""
+    rng = np.random.default_rng(0)
+    arrays = {"count": rng.random((91, 109, 91)), "mask": rng.random(10) > 0.5,
+              "empty": np.zeros((0,))}
+    pieces = [item for kind, item in codec.chunks({"a": 1}, arrays) if kind == "chunk"]
+    assert all(len(p[2]) <= codec.CHUNK for p in pieces) and len(pieces) > 10
+    doc, back = _roundtrip({"a": 1}, arrays)
+    assert doc == {"a": 1}
+    for k, v in arrays.items():
+        assert back[k].dtype == (np.bool_ if v.dtype == bool else np.float64)
+        np.testing.assert_array_equal(back[k], v)
+
+
+def test_small_result_is_two_messages() -> None:
+    """Many small arrays still make one header and one body piece."""
+    items = list(codec.chunks({}, {f"a{i}": np.ones(3) for i in range(20)}))
+    assert [k for k, _ in items] == ["header", "chunk"]
+
+
+def test_pack_unpack_roundtrip() -> None:
+    """pack/unpack (the stored form) round-trips documents and arrays exactly."""
+    doc, arrays = codec.unpack(codec.pack({"x": [1, 2]}, {"v": np.arange(5.0)}))
+    assert doc == {"x": [1, 2]} and arrays["v"].tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("header, problem", [
+    ('{"doc": {}, "arrays": {"a": {"dtype": "object", "shape": [1]}}}', "invalid description"),
+    ('{"doc": {}, "arrays": {"a": {"dtype": "float64", "shape": [100000, 100000]}}}', "larger than"),
+    ('{"doc": {}, "arrays": {"a": {"dtype": "float64", "shape": [-1]}}}', "invalid description"),
+    ("not json", "malformed result header"),
+])
+def test_hostile_headers_are_refused(header: str, problem: str) -> None:
+    """A peer's header asking for absurd, negative or non-numeric arrays is refused."""
+    with pytest.raises(codec.CodecError, match=problem):
+        codec.Assembler().header(header)
+
+
+def test_out_of_order_and_oversized_chunks_are_refused() -> None:
+    """Chunks must arrive in order and never exceed what the header announced."""
+    asm = codec.Assembler()
+    asm.header('{"doc": {}, "arrays": {"a": {"dtype": "float64", "shape": [2]}}}')
+    with pytest.raises(codec.CodecError, match="out of order"):
+        asm.chunk(codec.BODY, 8, b"\0" * 8, False)
+    with pytest.raises(codec.CodecError, match="out of order or oversized"):
+        asm.chunk(codec.BODY, 0, b"\0" * 24, True)
+    asm.chunk(codec.BODY, 0, b"\0" * 8, False)
+    assert not asm.complete
+    with pytest.raises(codec.CodecError, match="of 16 bytes"):
+        asm.result()
