@@ -71,3 +71,29 @@ async def test_peer_killed_mid_query_is_named_failed(tmp_path: Path, pki: CertFa
     finally:
         for p in procs:
             p.kill()
+
+
+async def test_request_id_follows_a_federated_job_across_sites(tmp_path: Path,
+                                                               pki: CertFactory) -> None:
+    """The request id of the researcher's call appears in every site's JSON log for that job."""
+    import json
+
+    procs, ports = await _three_sites(tmp_path, pki, timeout_s=5.0)
+    alice = pki.issue("alice", "researcher")
+    try:
+        async with AsyncClient(client_config(alice, f"127.0.0.1:{ports[0]}", 20)) as c:
+            await c.query("SELECT count(*) FROM tiny", federated=True, min_sites=3)
+    finally:
+        for p in procs:
+            p.stop()
+
+    def records(p: DaemonProcess) -> list[dict]:
+        return [json.loads(line) for line in p.log().splitlines() if line.startswith("{")]
+
+    entry = [r for r in records(procs[0]) if r.get("method") == "/stimnet.v1.JobService/RunJob"
+             and r.get("event") == "rpc"]
+    assert len(entry) == 1 and entry[0]["status"] == "OK"
+    rid = entry[0]["request_id"]
+    for p in procs[1:]:
+        sub = [r for r in records(p) if r.get("method") == "/stimnet.v1.FederationService/RunSubJob"]
+        assert sub and all(r["request_id"] == rid for r in sub), sub
