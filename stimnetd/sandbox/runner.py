@@ -76,7 +76,11 @@ WARM_MAX_IDLE_S = 600.0
 # Two per catalog: a zygote needs ~1 s (start + imports) to get ready, so with one, a
 # job arriving soon after another would wait for the refill's imports.
 WARM_PER_CATALOG = 2
-REFILL_DELAY_MAX_S = 1.0
+# A refill (a container start plus about a CPU-second of imports) waits until no job of
+# this runner has run for REFILL_QUIET_S, so it does not slow running jobs down; under a
+# steady stream of jobs it waits at most REFILL_WAIT_MAX_S.
+REFILL_QUIET_S = 0.2
+REFILL_WAIT_MAX_S = 5.0
 ZYGOTE_SELF_EXIT_GRACE_S = 60.0
 GO_NAME = "go"
 
@@ -196,9 +200,11 @@ class _Workspace:
         return self.root / "out"
 
     @classmethod
-    def create(cls, parent: Path, limits: SandboxLimits, out_tmpfs: bool) -> _Workspace:
+    def create(
+        cls, parent: Path, limits: SandboxLimits, out_tmpfs: bool, name: str
+    ) -> _Workspace:
         parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        root = parent / secrets.token_hex(8)
+        root = parent / name
         root.mkdir(mode=0o700)
         # The container sees only the two mounts, never root/ itself, so 0700 on root
         # keeps other host users out without hiding anything from the sandbox user.
@@ -540,6 +546,7 @@ class SandboxRunner:
         # Names of the workspaces (and so of the containers) this runner made and has not
         # removed yet; `reap_orphans` leaves those alone.
         self._own_workspaces: set[str] = set()
+        self._last_job_end = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -569,7 +576,7 @@ class SandboxRunner:
         root = await asyncio.to_thread(Path(catalog_root).resolve)
         try:
             api = (await self._docker()).api
-            while (slot := self._take_warm(root, job)) is not None:
+            while (slot := self._take_warm(root)) is not None:
                 workspace, job.container_id = slot.workspace, slot.container_id
                 try:
                     return await self._run_in_zygote(api, job, workspace, script, manifest, started)
@@ -598,6 +605,7 @@ class SandboxRunner:
             self._jobs.pop(job_id, None)
             job.done.set()
             await self._dispose_shielded(job.container_id, workspace)
+            self._last_job_end = time.monotonic()
 
     async def _run_in_zygote(
         self,
@@ -628,7 +636,7 @@ class SandboxRunner:
                 "failed", "sandbox container was removed outside the runner", started, True
             )
 
-    def _take_warm(self, root: Path, job: _Job) -> _WarmSlot | None:
+    def _take_warm(self, root: Path) -> _WarmSlot | None:
         slots = self._warm.get(root)
         if not slots:
             return None
@@ -638,7 +646,7 @@ class SandboxRunner:
         if slot.expiry is not None:
             slot.expiry.cancel()
         if root in self._keep_warm:
-            self._spawn(self._refill(root, after=job.done))
+            self._spawn(self._refill(root, wait_quiet=True))
         return slot
 
     async def cancel(self, job_id: str) -> bool:
@@ -730,12 +738,13 @@ class SandboxRunner:
         finally:
             await self._dispose_shielded(slot.container_id, slot.workspace)
 
-    async def _refill(self, root: Path, after: asyncio.Event | None = None) -> None:
-        if after is not None:
-            # Starting a container and importing pandas takes about a CPU-second; let a
-            # short job finish first instead of slowing it down (the pool has a spare).
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(after.wait(), REFILL_DELAY_MAX_S)
+    async def _refill(self, root: Path, wait_quiet: bool = False) -> None:
+        if wait_quiet:
+            give_up = time.monotonic() + REFILL_WAIT_MAX_S
+            while time.monotonic() < give_up and (
+                self._jobs or time.monotonic() - self._last_job_end < REFILL_QUIET_S
+            ):
+                await asyncio.sleep(0.05)
         try:
             await self.prewarm(root)
         except Exception:  # noqa: BLE001 - a failed refill only costs the next job latency
@@ -1047,9 +1056,16 @@ class SandboxRunner:
             api.remove_container(cid, force=True, v=True)
 
     async def _new_workspace(self) -> _Workspace:
-        ws = await asyncio.to_thread(_Workspace.create, self._work, self._limits, self._out_tmpfs)
-        self._own_workspaces.add(ws.root.name)
-        return ws
+        # Claimed before the directory exists, so a concurrent sweep never takes it.
+        name = secrets.token_hex(8)
+        self._own_workspaces.add(name)
+        try:
+            return await asyncio.to_thread(
+                _Workspace.create, self._work, self._limits, self._out_tmpfs, name
+            )
+        except BaseException:
+            self._own_workspaces.discard(name)
+            raise
 
     async def _dispose_shielded(self, cid: str | None, ws: _Workspace | None) -> None:
         async def dispose() -> None:
@@ -1072,5 +1088,6 @@ class SandboxRunner:
         if not self._work.is_dir():
             return
         for entry in self._work.iterdir():
-            if entry.name not in self._own_workspaces and not self._jobs:
+            # A re-queued job may be running already; its workspace is one of ours.
+            if entry.name not in self._own_workspaces:
                 _Workspace(entry).remove()

@@ -18,7 +18,7 @@ import pytest
 from stimnetd.catalog_types import ImageGeometry
 from stimnetd.sandbox.image import SandboxImageError, check_image
 from stimnetd.sandbox.result import parse_result
-from stimnetd.sandbox.runner import LABEL_JOB, WARM_PER_CATALOG, SandboxRunner
+from stimnetd.sandbox.runner import LABEL_JOB, WARM_PER_CATALOG, SandboxRunner, _finished_before
 
 from .conftest import (
     AGES,
@@ -170,7 +170,6 @@ async def test_zygote_runs_the_next_job_with_libraries_preloaded(
     """The next job runs inside one of the started zygotes, which already imported the libraries."""
     await runner.prewarm(catalog.root)
     warm = {c["Id"] for c in node_containers(docker_client, runner.node)}
-    await asyncio.sleep(3)  # let the zygotes finish their imports
     out = await runner.run("zygote-job", WHERE.encode(), catalog.root, catalog.manifest)
     assert out.status == "succeeded", out
     assert out.prewarmed
@@ -201,7 +200,8 @@ async def test_zygote_idle_longer_than_the_timeout_still_runs_a_job(
     runner._limits = replace(TEST_LIMITS, timeout_s=1.5)  # noqa: SLF001 - read per container
     await runner.prewarm(catalog.root)
     await asyncio.sleep(3.0)  # idle for twice the job timeout
-    assert [c["State"] for c in node_containers(docker_client, runner.node)] == ["running"] * 2
+    states = [c["State"] for c in node_containers(docker_client, runner.node)]
+    assert states == ["running"] * WARM_PER_CATALOG
     out = await runner.run("late-job", WHERE.encode(), catalog.root, catalog.manifest)
     assert out.status == "succeeded", out
     assert out.prewarmed
@@ -254,6 +254,46 @@ async def test_cancel_stops_a_job_running_in_a_zygote(runner, docker_client, cat
     out = await task
     assert out.status == "cancelled" and out.prewarmed
     assert out.result is None
+
+
+async def test_zygote_job_is_confined_like_a_fresh_one(runner, docker_client, catalog: Catalog):
+    """A job run in a zygote has the same user, capabilities, network, read-only /job and
+    memory limit as one in a fresh container."""
+    await runner.prewarm(catalog.root)
+    probe = textwrap.dedent("""
+        import errno, os, socket
+        print("uid", os.getuid(), os.getgid())
+        status = open("/proc/self/status").read().splitlines()
+        print([line for line in status if line.startswith(("CapEff", "NoNewPrivs"))])
+        print("ifaces", sorted(name for _, name in socket.if_nameindex()))
+        try:
+            open("/job/x", "w")
+        except OSError as exc:
+            print("write", errno.errorcode[exc.errno])
+        raise SystemExit(3)
+        """)
+    out = await runner.run("confined", probe.encode(), catalog.root, catalog.manifest)
+    assert out.prewarmed
+    assert out.reason == "script exited with status 3", out
+    logs = "\n".join(out.log_lines)
+    assert "uid 65534 65534" in logs
+    assert "'CapEff:\\t0000000000000000'" in logs and "'NoNewPrivs:\\t1'" in logs
+    assert "ifaces ['lo']" in logs
+    assert "write EROFS" in logs
+    bomb = b"blob = bytearray(2 * 256 * 1024 * 1024)\n"
+    oom = await runner.run("bomb", bomb, catalog.root, catalog.manifest)
+    assert oom.prewarmed
+    assert oom.reason == "memory limit 256 MiB exceeded (OOM-killed)", oom
+
+
+def test_exit_time_tells_a_zygote_that_died_before_the_hand_over():
+    """Only an engine FinishedAt before the hand-over counts as dying idle; "never" does not."""
+    handed_at = 1795600000.5  # 2026-11-25T09:46:40.5Z
+    assert _finished_before({"FinishedAt": "2026-11-25T09:46:40.499Z"}, handed_at)
+    assert not _finished_before({"FinishedAt": "2026-11-25T09:46:40.501000000Z"}, handed_at)
+    assert not _finished_before({"FinishedAt": "2026-11-25T09:46:41Z"}, handed_at)
+    assert not _finished_before({"FinishedAt": "0001-01-01T00:00:00Z"}, handed_at)
+    assert not _finished_before({}, handed_at)
 
 
 def _zygote_entrypoint(tmp_path: Path, *, go: bool) -> subprocess.CompletedProcess[str]:
