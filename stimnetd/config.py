@@ -90,6 +90,8 @@ class ScriptSettings:
     timeout_s: float = 300.0
     result_mb: int = 8
     on_restart: str = "interrupt"
+    # Pre-started containers per catalog (policy auto only); 0 turns them off on small hosts.
+    warm_containers: int = 2
 
 
 @dataclass(frozen=True)
@@ -338,7 +340,8 @@ class _Parser:
     def scripts(self, raw: dict[str, Any]) -> ScriptSettings:
         w = "[scripts]"
         raw = self.table(raw, w, {"policy", "log_policy", "concurrency", "image", "memory_mb",
-                                  "cpus", "pids", "timeout_s", "result_mb", "on_restart"})
+                                  "cpus", "pids", "timeout_s", "result_mb", "on_restart",
+                                  "warm_containers"})
         s = ScriptSettings(
             policy=self.get(raw, w, "policy", str, "review", choices=SCRIPT_POLICIES),
             log_policy=self.get(raw, w, "log_policy", str, "errors", choices=LOG_POLICIES),
@@ -350,7 +353,10 @@ class _Parser:
             timeout_s=self.get(raw, w, "timeout_s", float, 300.0),
             result_mb=self.get(raw, w, "result_mb", int, 8),
             on_restart=self.get(raw, w, "on_restart", str, "interrupt", choices=RESTART_POLICIES),
+            warm_containers=self.get(raw, w, "warm_containers", int, 2),
         )
+        if not 0 <= s.warm_containers <= 16:
+            raise self.fail(f"{w}.warm_containers", "must be between 0 and 16")
         for key in ("concurrency", "memory_mb", "pids", "result_mb"):
             if getattr(s, key) < 1:
                 raise self.fail(f"{w}.{key}", "must be at least 1")

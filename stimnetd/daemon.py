@@ -208,7 +208,8 @@ class Daemon:
         # The client is made lazily, off the loop, on first use: a node that never runs a
         # script never needs the Docker socket.
         return SandboxRunner(lambda: docker.from_env(timeout=60), f"{sc.image}:{SANDBOX_VERSION}",
-                             limits, config.node.state_dir, node=config.node.name)
+                             limits, config.node.state_dir, node=config.node.name,
+                             warm_per_catalog=max(sc.warm_containers, 1))
 
     async def _sandbox_startup(self) -> None:
         """Remove containers a crash left behind; say now (not at the first job) if the
@@ -223,9 +224,10 @@ class Daemon:
             client = await asyncio.to_thread(docker.from_env, timeout=30)
             await asyncio.to_thread(check_image, client, f"{self.config.scripts.image}:"
                                     f"{SANDBOX_VERSION}", SANDBOX_VERSION)
-            if self.config.scripts.policy == "auto":
-                # Jobs start without waiting for review, so a pre-created container per
-                # catalog saves the create step; under review the wait dwarfs it.
+            if self.config.scripts.policy == "auto" and self.config.scripts.warm_containers:
+                # Jobs start without waiting for review, so pre-started containers that
+                # have already imported numpy/pandas (zygotes) save most of a job's
+                # latency; under review the wait dwarfs it.
                 for catalog in self.catalogs:
                     await self.sandbox.prewarm(catalog.root)
         except Exception as exc:  # noqa: BLE001 - scripts then fail with this reason
