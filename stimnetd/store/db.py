@@ -105,9 +105,11 @@ class Store:
     async def close(self) -> None:
         if self._db is None:
             return
-        await self.flush_audit()
-        await self._db.close()
-        self._db = None
+        try:
+            await self.flush_audit()
+        finally:
+            await self._db.close()
+            self._db = None
 
     async def _migrate(self) -> None:
         db = self.db
@@ -186,6 +188,7 @@ class Store:
         async with self._write_lock:
             pending, self._pending_audit = self._pending_audit, []
             chain = _Chain(self._last_seq, self._last_hash, self._clock)
+            committed = False
 
             def run(conn: sqlite3.Connection) -> T:
                 chain.conn = conn
@@ -193,14 +196,25 @@ class Store:
                     chain.append(*entry)
                 return fn(chain)
 
+            def on_commit() -> None:
+                # Runs on the database thread right after COMMIT, so the chain head moves
+                # with the data even if the awaiting task is cancelled meanwhile (a client
+                # hanging up mid-RPC): a stale head would make every later append collide.
+                nonlocal committed
+                self._last_seq, self._last_hash = chain.seq, chain.head
+                committed = True
+
+            task = asyncio.ensure_future(
+                self.db._execute(_transaction, run, self.db._conn, on_commit))
             try:
-                result = await self.db._execute(_transaction, run, self.db._conn)
-            except BaseException:
-                self._pending_audit[:0] = pending
+                return await asyncio.shield(task)
+            except asyncio.CancelledError:
+                # Keep the write lock until the database is done with this transaction.
+                await asyncio.wait([task])
                 raise
-            # Only a committed transaction moves the chain head.
-            self._last_seq, self._last_hash = chain.seq, chain.head
-            return result
+            finally:
+                if not committed:
+                    self._pending_audit[:0] = pending
 
     async def audit_rows(self, since: float = 0.0) -> list[AuditRow]:
         await self.flush_audit()
@@ -480,8 +494,9 @@ class _Chain:
         return seq
 
 
-def _transaction(fn: Callable[[sqlite3.Connection], T], conn: sqlite3.Connection) -> T:
-    # Runs on aiosqlite's thread, given its connection as the last argument.
+def _transaction(fn: Callable[[sqlite3.Connection], T], conn: sqlite3.Connection,
+                 on_commit: Callable[[], None]) -> T:
+    # Runs on aiosqlite's thread.
     conn.execute("BEGIN IMMEDIATE")
     try:
         result = fn(conn)
@@ -489,6 +504,7 @@ def _transaction(fn: Callable[[sqlite3.Connection], T], conn: sqlite3.Connection
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+    on_commit()
     return result
 
 

@@ -167,3 +167,17 @@ async def test_backup_is_a_consistent_copy(store: Store, tmp_path: Path) -> None
     await copy.close()
     with pytest.raises(Exception, match="already exists"):
         await store.backup(dest)
+
+
+async def test_cancelled_writer_does_not_desync_the_audit_chain(store: Store) -> None:
+    """A caller cancelled while its transaction commits (a client hanging up) leaves the chain
+    head in step with the file: later appends succeed and the chain verifies."""
+    for _ in range(20):
+        task = asyncio.create_task(store.audit("alice", "researcher", "A", "allowed"))
+        await asyncio.sleep(0)  # let it reach the database thread
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await store.audit("bob", "researcher", "B", "denied")
+    v = await store.verify_audit()
+    assert v.ok, v.problem
+    assert v.entries >= 20
