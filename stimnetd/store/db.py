@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
+import structlog
 
 from stimnetd.errors import StimnetError
 from stimnetd.privacy.policy import BudgetExhausted as PrivacyBudgetExhausted
@@ -164,7 +165,10 @@ class Store:
 
     async def _flush_later(self) -> None:
         await asyncio.sleep(0.02)
-        await self.flush_audit()
+        try:
+            await self.flush_audit()
+        except Exception:  # noqa: BLE001 - entries stay queued; the next write retries them
+            structlog.get_logger("stimnetd.store").exception("audit group commit failed")
 
     async def flush_audit(self) -> None:
         if self._pending_audit and self._db is not None:
