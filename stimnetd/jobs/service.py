@@ -13,7 +13,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -190,13 +190,7 @@ class JobService:
 
     async def _run_inner(self, record: JobRecord, job: VerifiedJob, live: _Live) -> None:
         try:
-            if record.kind == "script":
-                await self._set_state(record.id, "running", "")
-            else:
-                # A query's "running" is not worth an fsync on the critical path: after a
-                # crash, queued and running queries are both marked interrupted anyway.
-                await self._publish(record.id, JobUpdate("state", job=replace(
-                    record, state="running", updated_at=self._clock())))
+            await self._set_state(record.id, "running", "")
             if record.scope == "federated":
                 fan = await self._coordinator.run(job, record.request_id, self._site_sink(record.id))
             else:
