@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{len(config.catalogs)} catalog(s), {sum(c.n_subjects for c in daemon.catalogs)} "
                   "subjects)")
             return 0
-        asyncio.run(daemon.run())
+        _run_loop(daemon.run())
     except (ConfigError, CatalogError, TlsError) as exc:
         return _fatal(str(exc), EXIT_CONFIG)
     except StoreCorrupt as exc:
@@ -74,6 +74,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     return 0
+
+
+def _run_loop(main) -> None:  # type: ignore[no-untyped-def]
+    """uvloop when installed (bench/query.py: ~10% more federated queries/s), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
 
 
 async def _backup(config, dest: Path) -> int:  # type: ignore[no-untyped-def]
