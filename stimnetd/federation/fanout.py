@@ -61,24 +61,26 @@ class Coordinator:
         self._transport = transport
         self._timeout = timeout_s
 
-    async def run(self, job: VerifiedJob, request_id: str, on_event: SiteEventSink) -> FanoutResult:
+    async def run(self, job: VerifiedJob, request_id: str, on_event: SiteEventSink, *,
+                  resumed: bool = False) -> FanoutResult:
         catalog = job.request.catalog
         tasks: list[asyncio.Task[SiteOutcome]] = []
         if self._holds(catalog):
-            tasks.append(asyncio.create_task(self._local(job, on_event)))
+            tasks.append(asyncio.create_task(self._local(job, on_event, resumed)))
         for target in self._peers.targets(catalog):
             tasks.append(asyncio.create_task(self._remote(target, job, request_id, on_event)))
         outcomes = list(await asyncio.gather(*tasks)) if tasks else []
         return FanoutResult(outcomes)
 
-    async def _local(self, job: VerifiedJob, on_event: SiteEventSink) -> SiteOutcome:
+    async def _local(self, job: VerifiedJob, on_event: SiteEventSink,
+                     resumed: bool) -> SiteOutcome:
         site = self._executor.site
         await on_event(site, "accepted", "", 0)
 
         async def relay(state: str, detail: str) -> None:
             await on_event(site, state, detail, 0)
 
-        outcome = await self._executor.run(job, relay)
+        outcome = await self._executor.run(job, relay, resumed=resumed)
         await on_event(site, outcome.state, outcome.detail, outcome.n)
         return outcome
 

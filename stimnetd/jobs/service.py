@@ -192,9 +192,11 @@ class JobService:
         try:
             await self._set_state(record.id, "running", "")
             if record.scope == "federated":
-                fan = await self._coordinator.run(job, record.request_id, self._site_sink(record.id))
+                fan = await self._coordinator.run(job, record.request_id, self._site_sink(record.id),
+                                                  resumed=record.attempts > 0)
             else:
-                outcome = await self._executor.run(job, self._local_sink(record.id))
+                outcome = await self._executor.run(job, self._local_sink(record.id),
+                                                   resumed=record.attempts > 0)
                 await self._site_event(record.id, outcome.site, outcome.state, outcome.detail,
                                        outcome.n)
                 fan = FanoutResult([outcome])

@@ -96,12 +96,17 @@ class SiteExecutor:
                     f"epsilon {epsilon:g}, {max(budget - spent, 0):g} of {budget:g} remains "
                     "for you at this site")
 
-    async def run(self, job: VerifiedJob, on_event: EventSink = _no_events) -> SiteOutcome:
+    async def run(self, job: VerifiedJob, on_event: EventSink = _no_events, *,
+                  resumed: bool = False) -> SiteOutcome:
+        """`resumed`: the job ran here before (re-queued after a restart), so a release it
+        already made is returned as is. A fresh job cannot have one: its job id derives
+        from a nonce this site has only just accepted."""
         req = job.request
         try:
-            existing = await self._store.get_release(req.job_id)
-            if existing is not None:
-                return self._from_release(existing)
+            if resumed:
+                existing = await self._store.get_release(req.job_id)
+                if existing is not None:
+                    return self._from_release(existing)
             catalog = self._catalogs.get(req.catalog)
             epsilon = decide_epsilon(self._policy, req.epsilon)
             await on_event("running", "")
