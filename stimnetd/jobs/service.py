@@ -200,17 +200,19 @@ class JobService:
                 await self._site_event(record.id, outcome.site, outcome.state, outcome.detail,
                                        outcome.n)
                 fan = FanoutResult([outcome])
-            state, detail, blob = self._finish(job, fan)
+            state, detail, answer = self._finish(job, fan)
+            blob = codec.pack(*answer) if answer is not None else None
             await self._set_state(record.id, state, detail, sites=live.sites, result=blob)
-            if blob:
-                await self._publish(record.id, JobUpdate("result", result=codec.unpack(blob)))
+            if answer is not None:
+                await self._publish(record.id, JobUpdate("result", result=answer))
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - a job failure is the job's state, not a crash
             log.exception("job failed", job=record.id)
             await self._set_state(record.id, "failed", "internal error (see the node's logs)")
 
-    def _finish(self, job: VerifiedJob, fan: FanoutResult) -> tuple[str, str, bytes | None]:
+    def _finish(self, job: VerifiedJob, fan: FanoutResult
+                ) -> tuple[str, str, tuple[dict[str, Any], dict[str, np.ndarray]] | None]:
         req = job.request
         contributors = fan.contributors
         manifest = fan.manifest()
@@ -231,7 +233,7 @@ class JobService:
         doc = {"result": result.to_dict(), "manifest": manifest, "privacy": privacy,
                "query": req.spec, "scope": req.scope, "kind": req.kind,
                "script_sha256": req.script_sha256 or None}
-        return "succeeded", f"{len(contributors)} site(s) contributed", codec.pack(doc, result.arrays)
+        return "succeeded", f"{len(contributors)} site(s) contributed", (doc, result.arrays)
 
     def _site_sink(self, job_id: str):  # type: ignore[no-untyped-def]
         async def sink(site: str, state: str, detail: str, n: int) -> None:
