@@ -363,6 +363,35 @@ class AsyncClient:
         return await self._call(self.jobs.DenyJob, jobs_pb2.ReviewJobRequest(id=job_id))
 
 
+async def wait_serving(address: str, credentials: grpc.ChannelCredentials, *,
+                       timeout_s: float, exited: Any = lambda: None, interval_s: float = 0.1) -> None:
+    """Until the node answers a standard health check with SERVING.
+
+    `exited()` returns an exit code if the node's process is gone (so a crashed node fails
+    at once instead of after the timeout); raises RuntimeError or TimeoutError.
+    """
+    import time
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        code = exited()
+        if code is not None:
+            raise RuntimeError(f"node at {address} exited with code {code}")
+        try:
+            async with grpc.aio.secure_channel(address, credentials) as ch:
+                r = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
+                                                               timeout=2)
+            if r.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"node at {address} not serving after {timeout_s:.0f}s")
+        await asyncio.sleep(interval_s)
+
+
 class Client:
     """Blocking facade over `AsyncClient` for scripts and notebooks."""
 

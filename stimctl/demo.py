@@ -22,9 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import grpc
 import tomli_w
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stimctl import output
 
@@ -188,27 +186,16 @@ class DemoFederation:
             log.close()
 
     async def wait_healthy(self, timeout_s: float = 60.0) -> None:
-        from stimctl.client import ClientConfig
+        from stimctl.client import ClientConfig, wait_serving
 
         creds = ClientConfig.load(self.admin_config).credentials()
-        deadline = time.monotonic() + timeout_s
         for name, address in self.addresses.items():
-            while True:
-                proc = self.procs[name]
-                if proc.poll() is not None:
-                    raise RuntimeError(f"site {name} exited with code {proc.returncode}; see "
-                                       f"{self.root / 'sites' / name / 'stimnetd.log'}")
-                try:
-                    async with grpc.aio.secure_channel(address, creds) as ch:
-                        resp = await health_pb2_grpc.HealthStub(ch).Check(
-                            health_pb2.HealthCheckRequest(), timeout=2)
-                    if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"site {name} did not become healthy in {timeout_s:.0f}s")
-                await asyncio.sleep(0.2)
+            try:
+                await wait_serving(address, creds, timeout_s=timeout_s,
+                                   exited=self.procs[name].poll, interval_s=0.2)
+            except (RuntimeError, TimeoutError) as exc:
+                raise RuntimeError(f"site {name}: {exc}; see "
+                                   f"{self.root / 'sites' / name / 'stimnetd.log'}") from None
 
     def stop(self, timeout_s: float = 20.0) -> dict[str, int | None]:
         for proc in self.procs.values():

@@ -162,28 +162,13 @@ class DaemonProcess:
         return self.log_path.read_text(errors="replace")
 
     async def wait_healthy(self, certs: CertPaths, address: str, timeout_s: float = 30.0) -> None:
-        import asyncio
-        import time
+        from stimctl.client import wait_serving
 
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        creds = client_config(certs, address).credentials()
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"stimnetd exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                async with grpc.aio.secure_channel(address, creds) as ch:
-                    r = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
-                                                                   timeout=2)
-                if r.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"stimnetd not healthy after {timeout_s}s:\n{self.log()}")
-            await asyncio.sleep(0.1)
+        try:
+            await wait_serving(address, client_config(certs, address).credentials(),
+                               timeout_s=timeout_s, exited=self.proc.poll)
+        except (RuntimeError, TimeoutError) as exc:
+            raise type(exc)(f"{exc}:\n{self.log()}") from None
 
     def stop(self, sig: int | None = None, timeout_s: float = 30.0) -> int:
         import signal
