@@ -8,6 +8,7 @@ inside Jupyter, whose loop is already running).
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import tomllib
 from collections.abc import AsyncIterator, Coroutine
@@ -241,10 +242,9 @@ class AsyncClient:
         from stimnetd.jobs import signing
         from stimnetd.query.errors import QueryError
         from stimnetd.query.spec import QuerySpec
-        from stimnetd.query.sql import parse_sql
 
         try:
-            spec = parse_sql(query) if isinstance(query, str) else QuerySpec.from_dict(query)
+            spec = _parse_cached(query) if isinstance(query, str) else QuerySpec.from_dict(query)
         except QueryError as exc:
             raise InvalidRequest(f"query refused before sending: {exc}") from None
         return signing.new_request("query", spec.catalog,
@@ -361,6 +361,14 @@ class AsyncClient:
 
     async def deny(self, job_id: str) -> jobs_pb2.Job:
         return await self._call(self.jobs.DenyJob, jobs_pb2.ReviewJobRequest(id=job_id))
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_cached(sql: str) -> Any:
+    # Specs are immutable; re-running a query (notebooks do) need not re-parse its SQL.
+    from stimnetd.query.sql import parse_sql
+
+    return parse_sql(sql)
 
 
 async def wait_serving(address: str, credentials: grpc.ChannelCredentials, *,

@@ -86,11 +86,17 @@ class JobVerifier:
     def __init__(self, daemon: Daemon, max_age_s: float) -> None:
         self._d = daemon
         self.max_age_s = max_age_s
+        self._chains: dict[bytes, Any] = {}
 
     def __call__(self, signed: signing.SignedJob, *, fresh: bool = True) -> signing.VerifiedJob:
         return signing.verify(signed, ca_cert=self._d.tls.material.ca_cert,
                               revoked=self._d.revocations.serials,
-                              max_age_s=self.max_age_s if fresh else float("inf"))
+                              max_age_s=self.max_age_s if fresh else float("inf"),
+                              chains=self._chains)
+
+    def forget_chains(self) -> None:
+        """After a reload: the CA may have changed."""
+        self._chains.clear()
 
 
 class StaticPeers:
@@ -338,6 +344,7 @@ class Daemon:
             log.error("reload failed; keeping current certificates", error=str(exc))
             return
         self.revocations.replace(material.revoked)
+        self.verifier.forget_chains()
         # Peer channels reconnect with the new certificate (old calls finish on the old).
         self._tasks.append(asyncio.get_running_loop().create_task(
             self.peer_channels.reset(material)))

@@ -147,17 +147,34 @@ class VerifiedJob:
 
 
 def verify(signed: SignedJob, *, ca_cert: x509.Certificate, revoked: frozenset[int],
-           max_age_s: float, now: float | None = None) -> VerifiedJob:
-    """Checks signature, chain, revocation, role and freshness. Replay is the store's job."""
+           max_age_s: float, now: float | None = None,
+           chains: dict[bytes, tuple[x509.Certificate, pki.Identity]] | None = None
+           ) -> VerifiedJob:
+    """Checks signature, chain, revocation, role and freshness. Replay is the store's job.
+
+    `chains` caches certificates whose CA signature was verified (the caller clears it
+    when the CA changes); expiry and revocation are checked on every job regardless.
+    """
     now = time.time() if now is None else now
-    try:
-        cert = x509.load_pem_x509_certificate(signed.signer_cert_pem)
-    except ValueError:
-        raise Unauthenticated("signed job carries no valid signer certificate") from None
-    try:
-        ident = pki.verify_chain(cert, ca_cert)
-    except pki.PkiError as exc:
-        raise Unauthenticated(f"signed job's certificate is not acceptable: {exc}") from None
+    hit = chains.get(signed.signer_cert_pem) if chains is not None else None
+    if hit is not None:
+        cert, ident = hit
+        if ident.not_after.timestamp() < now:
+            raise Unauthenticated(f"signed job's certificate {ident} expired at "
+                                  f"{ident.not_after:%Y-%m-%d %H:%M} UTC")
+    else:
+        try:
+            cert = x509.load_pem_x509_certificate(signed.signer_cert_pem)
+        except ValueError:
+            raise Unauthenticated("signed job carries no valid signer certificate") from None
+        try:
+            ident = pki.verify_chain(cert, ca_cert)
+        except pki.PkiError as exc:
+            raise Unauthenticated(f"signed job's certificate is not acceptable: {exc}") from None
+        if chains is not None:
+            if len(chains) > 1024:
+                chains.clear()
+            chains[signed.signer_cert_pem] = (cert, ident)
     if ident.serial in revoked:
         raise Unauthenticated(f"signed job's certificate {ident} has been revoked")
     if ident.role != "researcher":

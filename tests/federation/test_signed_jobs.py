@@ -111,3 +111,20 @@ async def test_peer_refuses_relayed_replay_and_tampering(federation, tmp_path: P
             await _subjob(fed, 0, 1, forged)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert "must be signed by a researcher" in err.value.details()
+
+
+async def test_revoked_signer_is_refused_even_after_its_chain_was_cached(federation,
+                                                                         tmp_path: Path) -> None:
+    """A researcher revoked after earlier jobs (chain cached) cannot have new jobs relayed."""
+    cats = [[_tiny_catalog(tmp_path / "a", [float(a) for a in range(30, 60)])],
+            [_tiny_catalog(tmp_path / "b", [float(a) for a in range(30, 60)])]]
+    async with federation(cats) as fed, fed.client() as c:
+        await c.run_job(await c.submit(_signed(c, scope="federated")))
+        pending = _signed(c, scope="federated")  # signed before the revocation
+        fed.pki.revoke("alice")
+        for d in fed.daemons:
+            d.reload()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _subjob(fed, 0, 1, pending)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "revoked" in err.value.details()
