@@ -44,6 +44,10 @@ def read_material(cfg: TlsConfig) -> TlsMaterial:
         ca_cert = load_cert(cfg.ca)
         identity = identity_from_cert(load_cert(cfg.cert))
         crl = RevocationList.load(cfg.crl, ca_cert) if cfg.crl else RevocationList.empty()
+        if cfg.crl and crl.is_stale():
+            # Still enforced (old revocations stay revoked); newer ones may be missing.
+            log.warning("CRL is past its next update; fetch a fresh one from the CA operator",
+                        crl=str(cfg.crl))
     except OSError as exc:
         raise TlsError(f"TLS file unreadable: {exc.filename}: {exc.strerror}") from None
     except PkiError as exc:
