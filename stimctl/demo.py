@@ -355,7 +355,14 @@ async def demo_metrics(fed: DemoFederation) -> None:
     cfg = tomllib.loads(fed.site_config(next(iter(fed.addresses))).read_text())
     url = f"http://{cfg['metrics']['listen']}/metrics"
     print(f"$ curl {url}   (selected lines)")
-    body = urllib.request.urlopen(url, timeout=5).read().decode()
+    # Store-derived gauges refresh every 2 s (a scrape never waits on the database), so
+    # give the last query's charge a moment to show up.
+    deadline = time.monotonic() + 6
+    while True:
+        body = urllib.request.urlopen(url, timeout=5).read().decode()
+        if "stimnet_epsilon_spent{" in body or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)
     wanted = ("stimnet_rpc_total{", "stimnet_jobs{", "stimnet_queue_depth ", "stimnet_peers{",
               "stimnet_privacy_decisions_total{", "stimnet_epsilon_spent{",
               "stimnet_sandbox_run_seconds_count", "stimnet_certificate_days_left")

@@ -1,0 +1,32 @@
+"""The README's first command: the demo federation runs end to end and stops cleanly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+
+def test_demo_init_and_run(tmp_path: Path, sandbox_image: str) -> None:
+    """`stimctl demo init` + `demo run`: every step succeeds, maps are written, sites exit 0."""
+    root = tmp_path / "demo"
+    stimctl = [sys.executable, "-m", "stimctl.cli"]
+    init = subprocess.run([*stimctl, "demo", "init", str(root), "--sites", "3", "--subjects", "30"],
+                          capture_output=True, text=True, timeout=120)
+    assert init.returncode == 0, init.stderr
+    run = subprocess.run([*stimctl, "demo", "run", str(root)], capture_output=True, text=True,
+                         timeout=300)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-4000:]
+    assert "all 3 sites stopped cleanly (exit 0)" in out
+    assert out.count("succeeded 3 site(s) contributed") >= 3, out[-4000:]
+    assert "stimnet_epsilon_spent{catalog=\"dbs_outcomes\"}" in out
+    mean = nib.load(root / "results" / "sweet_spot" / "sweet_spot_mean.nii.gz")
+    assert mean.shape == (91, 109, 91) and np.isfinite(np.asarray(mean.dataobj)).any()
+    assert (root / "results" / "sweet_spot" / "sweet_spot_mean.png").read_bytes()[:4] == b"\x89PNG"
+    again = subprocess.run([*stimctl, "demo", "init", str(root)], capture_output=True, text=True,
+                           timeout=60)
+    assert again.returncode == 2 and "not empty" in again.stderr
