@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported late so `stimnetd --version` and argument errors stay instant.
     from stimnetd.catalog import CatalogError
     from stimnetd.config import ConfigError, load_config
+    from stimnetd.errors import StimnetError
     from stimnetd.store import StoreCorrupt
     from stimnetd.tls import TlsError
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         _run_loop(daemon.run())
     except (ConfigError, CatalogError, TlsError) as exc:
         return _fatal(str(exc), EXIT_CONFIG)
-    except StoreCorrupt as exc:
+    except (StoreCorrupt, StimnetError) as exc:
         return _fatal(str(exc), EXIT_RUNTIME)
     except OSError as exc:
         return _fatal(str(exc), EXIT_RUNTIME)

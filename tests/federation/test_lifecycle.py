@@ -64,3 +64,40 @@ async def test_sigterm_during_stream_exits_zero_and_store_is_consistent(
         assert verified.ok, verified.problem
     finally:
         assert again.stop() == 0
+
+
+async def test_backup_of_a_running_node(tmp_path: Path, pki: CertFactory) -> None:
+    """`stimnetd backup` copies a serving node's store consistently and never overwrites."""
+    import subprocess
+    import sys
+
+    from stimnetd.store import Store
+
+    ops = pki.issue("ops", "admin")
+    port = free_port()
+    cfg = write_node_config(tmp_path / "n", pki.issue("node-a", "node"), "node-a", port=port,
+                            crl=pki.crl_path)
+    proc = DaemonProcess(cfg)
+    dest = tmp_path / "backup.sqlite3"
+    try:
+        await proc.wait_healthy(ops, f"127.0.0.1:{port}")
+        async with AsyncClient(client_config(ops, f"127.0.0.1:{port}")) as c:
+            await c.audit_verify()
+        cmd = [sys.executable, "-m", "stimnetd", "backup", "--config", str(cfg), str(dest)]
+        first = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True,
+                                        timeout=60)
+        assert first.returncode == 0, first.stderr
+        second = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True,
+                                         timeout=60)
+        assert second.returncode == 1
+        assert second.stderr.strip().splitlines() == [
+            f"stimnetd: error: backup destination {dest} already exists; refusing to overwrite"]
+    finally:
+        assert proc.stop() == 0
+    copy = Store(dest)
+    await copy.open()
+    try:
+        verified = await copy.verify_audit()
+    finally:
+        await copy.close()
+    assert verified.ok and verified.entries >= 1
