@@ -311,18 +311,7 @@ class AsyncClient:
 
     async def run_job(self, job: jobs_pb2.Job, on_event: Any = None) -> Any:
         """Watch a submitted job to its end; the answer, or a typed error saying why not."""
-        answer = None
-        final = job
-        async for kind, value in self.watch(job.id):
-            if on_event is not None:
-                on_event(kind, value)
-            if kind == "state":
-                final = value
-            elif kind == "result":
-                answer = value
-        if final.state != "succeeded" or answer is None:
-            raise JobFailed(f"job {job.id} {final.state}: {final.detail or 'no result'}", final)
-        return answer
+        return await _follow(self.watch(job.id), on_event, job)
 
     async def query(self, query: str | dict[str, Any], *, federated: bool = False,
                     epsilon: float | None = None, min_sites: int = 1, on_event: Any = None) -> Any:
@@ -330,21 +319,8 @@ class AsyncClient:
         from stimnetd.rpc import convert
 
         signed = self.sign(self._query_request(query, federated, epsilon, min_sites))
-        answer, final = None, None
-        async for kind, value in self._events(
-                self.jobs.RunJob, jobs_pb2.SubmitJobRequest(job=convert.signed_job_pb(signed)),
-                "", None):
-            if on_event is not None:
-                on_event(kind, value)
-            if kind == "state":
-                final = value
-            elif kind == "result":
-                answer = value
-        if final is None or final.state != "succeeded" or answer is None:
-            state = final.state if final else "unknown"
-            raise JobFailed(f"job {final.id if final else '?'} {state}: "
-                            f"{(final.detail if final else '') or 'no result'}", final)
-        return answer
+        request = jobs_pb2.SubmitJobRequest(job=convert.signed_job_pb(signed))
+        return await _follow(self._events(self.jobs.RunJob, request, "", None), on_event, None)
 
     async def get_job(self, job_id: str) -> jobs_pb2.Job:
         return await self._call(self.jobs.GetJob, jobs_pb2.GetJobRequest(id=job_id))
@@ -361,6 +337,23 @@ class AsyncClient:
 
     async def deny(self, job_id: str) -> jobs_pb2.Job:
         return await self._call(self.jobs.DenyJob, jobs_pb2.ReviewJobRequest(id=job_id))
+
+
+async def _follow(events: AsyncIterator[Any], on_event: Any, job: Any) -> Any:
+    """Consume a job's events to the end: its answer, or JobFailed naming the final state."""
+    answer, final = None, job
+    async for kind, value in events:
+        if on_event is not None:
+            on_event(kind, value)
+        if kind == "state":
+            final = value
+        elif kind == "result":
+            answer = value
+    if final is None or final.state != "succeeded" or answer is None:
+        state = final.state if final is not None else "unknown"
+        detail = (final.detail if final is not None else "") or "no result"
+        raise JobFailed(f"job {final.id if final is not None else '?'} {state}: {detail}", final)
+    return answer
 
 
 @functools.lru_cache(maxsize=256)

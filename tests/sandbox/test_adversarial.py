@@ -175,23 +175,22 @@ async def test_write_to_read_only_paths_fails(runner, docker_client, catalog: Ca
     assert not (catalog.root / "new.csv").exists()
 
 
-async def test_exec_from_tmp_is_denied(runner, docker_client, catalog: Catalog):
-    """A binary copied to /tmp cannot be executed: /tmp is mounted noexec."""
-    out = await run_attack(
-        runner,
-        docker_client,
-        catalog,
-        _script("""
+def _exec_from(directory: str) -> str:
+    return _script(f"""
         import errno, os, shutil, subprocess
-        shutil.copy("/bin/true", "/tmp/t")
-        os.chmod("/tmp/t", 0o755)
+        shutil.copy("/bin/true", "{directory}/t")
+        os.chmod("{directory}/t", 0o755)
         try:
-            subprocess.run(["/tmp/t"], check=True)
+            subprocess.run(["{directory}/t"], check=True)
         except OSError as exc:
             print("exec", errno.errorcode.get(exc.errno, exc.errno))
             raise
-        """),
-    )
+        """)
+
+
+async def test_exec_from_tmp_is_denied(runner, docker_client, catalog: Catalog):
+    """A binary copied to /tmp cannot be executed: /tmp is mounted noexec."""
+    out = await run_attack(runner, docker_client, catalog, _exec_from("/tmp"))
     assert_refused(out)
     assert "exec EACCES" in _logs(out)
     assert out.reason == "script raised PermissionError at line 5"
@@ -472,21 +471,7 @@ async def test_exec_from_out_is_denied(runner, docker_client, catalog: Catalog):
     """A binary written to /out cannot be executed: /out is a noexec tmpfs (root daemons)."""
     if not runner.out_tmpfs:
         pytest.skip("the noexec tmpfs output mount needs a root daemon")
-    out = await run_attack(
-        runner,
-        docker_client,
-        catalog,
-        _script("""
-        import errno, os, shutil, subprocess
-        shutil.copy("/bin/true", "/out/t")
-        os.chmod("/out/t", 0o755)
-        try:
-            subprocess.run(["/out/t"], check=True)
-        except OSError as exc:
-            print("exec", errno.errorcode.get(exc.errno, exc.errno))
-            raise
-        """),
-    )
+    out = await run_attack(runner, docker_client, catalog, _exec_from("/out"))
     assert_refused(out)
     assert "exec EACCES" in _logs(out)
 
