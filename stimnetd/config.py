@@ -21,6 +21,7 @@ DP_POLICIES = ("off", "optional", "required")
 SCRIPT_POLICIES = ("auto", "review", "deny")
 LOG_POLICIES = ("none", "errors", "full")
 RESTART_POLICIES = ("interrupt", "requeue")
+TLS_TERMINATORS = ("stimnet", "grpc")
 
 
 class ConfigError(Exception):
@@ -33,6 +34,10 @@ class TlsConfig:
     cert: Path
     key: Path
     crl: Path | None = None
+    # Who terminates client TLS: "stimnet" (our TLS front: every caller gets a gRPC status
+    # and an audit entry) or "grpc" (gRPC's own TLS: faster, but callers without a valid
+    # certificate are cut off in the handshake, unaudited). See stimnetd/tlsfront.py.
+    terminate: str = "stimnet"
 
 
 @dataclass(frozen=True)
@@ -275,10 +280,12 @@ class _Parser:
 
     def tls(self, raw: dict[str, Any]) -> TlsConfig:
         w = "[tls]"
-        raw = self.table(raw, w, {"ca", "cert", "key", "crl"})
+        raw = self.table(raw, w, {"ca", "cert", "key", "crl", "terminate"})
         crl = self.readable_file(raw, w, "crl") if "crl" in raw else None
         return TlsConfig(ca=self.readable_file(raw, w, "ca"), cert=self.readable_file(raw, w, "cert"),
-                         key=self.readable_file(raw, w, "key"), crl=crl)
+                         key=self.readable_file(raw, w, "key"), crl=crl,
+                         terminate=self.get(raw, w, "terminate", str, "stimnet",
+                                            choices=TLS_TERMINATORS))
 
     def privacy(self, raw: dict[str, Any]) -> PrivacySettings:
         w = "[privacy]"

@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -46,7 +49,7 @@ from stimnetd.privacy.policy import PrivacyPolicy
 from stimnetd.rpc.admin_servicer import AdminServicer
 from stimnetd.rpc.federation_servicer import FederationServicer
 from stimnetd.rpc.gossip_transport import GrpcGossipTransport, StoreMembers
-from stimnetd.rpc.guard import Guard, Revocations
+from stimnetd.rpc.guard import AuthContextIdentities, FrontIdentities, Guard, Revocations
 from stimnetd.rpc.jobs_servicer import JobServicer
 from stimnetd.rpc.node_servicer import NodeServicer
 from stimnetd.rpc.peer_client import GrpcSubJobTransport, PeerChannels
@@ -56,6 +59,7 @@ from stimnetd.sandbox.runner import SandboxLimits, SandboxRunner
 from stimnetd.store import Store
 from stimnetd.systemd import Notifier
 from stimnetd.tls import ServerTls
+from stimnetd.tlsfront import TlsFront
 
 log = structlog.get_logger("stimnetd")
 
@@ -194,9 +198,14 @@ class Daemon:
                                      script_policy=config.scripts.policy)
         self.started_at = time.time()
         self.port: int | None = None
+        self.inner_socket: str | None = None  # plaintext gRPC socket behind the TLS front
+        self._inner_dir: Path | None = None
         self.metrics_port: int | None = None
         self.advertise: str | None = None
         self._server: grpc.aio.Server | None = None
+        m = self.tls.material
+        self.front = (TlsFront(m.ca_pem, m.cert_pem, m.key_pem)
+                      if config.tls.terminate == "stimnet" else None)
         self._health = health.aio.HealthServicer()
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -241,7 +250,9 @@ class Daemon:
 
     def _build_server(self) -> grpc.aio.Server:
         node = self.config.node
-        guard = Guard(revocations=self.revocations, audit_refusal=self.store.audit,
+        identities = (FrontIdentities(self.front) if self.front is not None
+                      else AuthContextIdentities())
+        guard = Guard(identities=identities, revocations=self.revocations, audit_refusal=self.store.audit,
                       audit_allowed=self.store.audit_soon, observe=self.metrics.observe_rpc)
         server = grpc.aio.server(
             interceptors=[guard],
@@ -270,7 +281,18 @@ class Daemon:
         await self.store.open()
         self._server = self._build_server()
         node = self.config.node
-        port = self._server.add_secure_port(f"{node.host}:{node.port}", self.tls.credentials())
+        if self.front is None:
+            port = self._server.add_secure_port(f"{node.host}:{node.port}", self.tls.credentials())
+        else:
+            # Plaintext, on a unix socket only this user can reach, and useless without
+            # the front's verdict. A short private path: sun_path holds 108 bytes.
+            self._inner_dir = Path(tempfile.mkdtemp(prefix="stimnetd-"))
+            self.inner_socket = str(self._inner_dir / "grpc.sock")
+            self._server.add_insecure_port(f"unix:{self.inner_socket}")
+            try:
+                port = await self.front.start(node.host, node.port, self.inner_socket)
+            except OSError:
+                port = 0
         if port == 0:
             raise OSError(f"cannot listen on {node.host}:{node.port} (address in use or not local)")
         self.port = port
@@ -344,6 +366,8 @@ class Daemon:
             log.error("reload failed; keeping current certificates", error=str(exc))
             return
         self.revocations.replace(material.revoked)
+        if self.front is not None:
+            self.front.reload(material.ca_pem, material.cert_pem, material.key_pem)
         self.verifier.forget_chains()
         # Peer channels reconnect with the new certificate (old calls finish on the old).
         self._tasks.append(asyncio.get_running_loop().create_task(
@@ -377,9 +401,15 @@ class Daemon:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self.front is not None:
+            self.front.stop_accepting()
         if self._server is not None:
             # New RPCs are refused at once; in-flight ones get the grace period.
             await self._server.stop(self.config.node.grace_s)
+        if self.front is not None:
+            self.front.close()
+        if self._inner_dir is not None:
+            shutil.rmtree(self._inner_dir, ignore_errors=True)
         await self.jobs.shutdown()
         if self.sandbox is not None:
             await self.sandbox.shutdown()

@@ -39,11 +39,18 @@ class Metrics:
         self.cert_days_left = Gauge("stimnet_certificate_days_left",
                                     "Days until this node's certificate expires", registry=r)
         self._server: Any = None
+        self._rpc_children: dict[tuple[str, str], tuple[Any, Any]] = {}
 
     def observe_rpc(self, method: str, status: str, seconds: float) -> None:
-        self.rpc_total.labels(method, status).inc()
+        # labels() resolves the child under a lock on every call; the set of (method,
+        # status) pairs is small and fixed, so keep the children.
+        children = self._rpc_children.get((method, status))
+        if children is None:
+            children = (self.rpc_total.labels(method, status), self.rpc_latency.labels(method))
+            self._rpc_children[(method, status)] = children
+        children[0].inc()
         if seconds > 0:
-            self.rpc_latency.labels(method).observe(seconds)
+            children[1].observe(seconds)
 
     def decision(self, kind: str) -> None:
         self.privacy_decisions.labels(kind).inc()

@@ -1,24 +1,22 @@
 """The one place every RPC passes through: identity, role, revocation, errors, logs, audit.
 
-Identity and role come from the client certificate in the TLS auth context, never from a
-request field. gRPC Python has no CRL option, so revocation is checked here on every call;
-that also covers channels opened before the revocation.
+Identity and role come from the client certificate, never from a request field: by default
+from the verdict our TLS front recorded for the connection (stimnetd/tlsfront.py), so a
+caller with no certificate, one from another CA or an expired one is refused here with
+UNAUTHENTICATED and audited like any other refusal. With `[tls] terminate = "grpc"` they
+come from gRPC's TLS auth context instead, and such callers never get past gRPC's handshake
+(no RPC exists to refuse or audit; see tlsfront.py for why).
 
-Limitation: gRPC Python exposes no TLS verify callback (grpc/grpc#32635) and can only
-"require and verify" client certificates. A caller with no certificate, one from another
-CA, or one already expired is refused by the TLS handshake before any RPC exists: the
-client sees UNAVAILABLE and the refusal cannot be audited here. Certificates revoked (also
-on already-open channels), expired while a connection is open, without a StimNet identity,
-or of the wrong role reach this guard and are refused (UNAUTHENTICATED / PERMISSION_DENIED)
-and audited.
+gRPC Python has no CRL option, so revocation is checked here on every call; that also
+covers channels opened before the revocation, and certificates expiring on an open one.
 """
 
 from __future__ import annotations
 
 import contextvars
 import inspect
+import secrets
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +27,7 @@ import structlog
 from stimnetd.errors import StimnetError
 from stimnetd.pki import Identity, PkiError, identity_from_cert
 from stimnetd.rpc.roles import allowed_roles
+from stimnetd.tlsfront import TlsFront
 
 log = structlog.get_logger("stimnetd.rpc")
 
@@ -71,10 +70,79 @@ class _RpcRefused(Exception):
         self.code = code
 
 
+class AuthContextIdentities:
+    """Identities from gRPC's own TLS (`[tls] terminate = "grpc"`): the handshake already
+    verified the chain, so only certificates issued by our CA get here."""
+
+    def __init__(self) -> None:
+        # Parsing a certificate per call would dominate a cheap RPC; a connection presents
+        # the same PEM on every call.
+        self._cache: dict[bytes, Identity | PkiError] = {}
+
+    def identity(self, context: grpc.aio.ServicerContext) -> Identity:
+        pems = context.auth_context().get("x509_pem_cert")
+        if not pems:
+            raise _RpcRefused(grpc.StatusCode.UNAUTHENTICATED,
+                              "a client certificate issued by the federation CA is required")
+        pem = pems[0]
+        cached = self._cache.get(pem)
+        if cached is None:
+            try:
+                cached = identity_from_cert(pem)
+            except PkiError as exc:
+                cached = exc
+            if len(self._cache) > 4096:
+                self._cache.clear()
+            self._cache[pem] = cached
+        if isinstance(cached, PkiError):
+            raise _RpcRefused(grpc.StatusCode.UNAUTHENTICATED, f"unusable certificate: {cached}")
+        return cached
+
+    def who(self, context: grpc.aio.ServicerContext) -> tuple[str, str, dict[str, str]]:
+        """Best-effort name of a refused caller for the audit log (never trusted for access)."""
+        pems = context.auth_context().get("x509_pem_cert")
+        if not pems:
+            return (context.peer() or "unknown", "anonymous", {})
+        try:
+            ident = identity_from_cert(pems[0])
+        except PkiError:
+            return (context.peer() or "unknown", "unparseable-cert", {})
+        return (ident.name, ident.role, {})
+
+
+class FrontIdentities:
+    """Identities from the verdicts of our TLS front (the default)."""
+
+    def __init__(self, front: TlsFront) -> None:
+        self._front = front
+
+    def identity(self, context: grpc.aio.ServicerContext) -> Identity:
+        verdict = self._front.verdict_for(context.peer() or "")
+        if verdict is None:
+            raise _RpcRefused(grpc.StatusCode.UNAUTHENTICATED,
+                              "connection did not arrive through the node's TLS front")
+        if verdict.identity is None:
+            raise _RpcRefused(grpc.StatusCode.UNAUTHENTICATED, verdict.refusal or "unverified")
+        return verdict.identity
+
+    def who(self, context: grpc.aio.ServicerContext) -> tuple[str, str, dict[str, str]]:
+        verdict = self._front.verdict_for(context.peer() or "")
+        if verdict is None:
+            return (context.peer() or "unknown", "anonymous", {})
+        if verdict.identity is not None:
+            return (verdict.identity.name, verdict.identity.role, {"remote": verdict.remote})
+        # An unverified certificate's name is a claim: the audit row is keyed by address.
+        claim = (f"{verdict.claimed_role}/{verdict.claimed_name}" if verdict.claimed_name
+                 else "")
+        return (verdict.remote, "anonymous" if not claim else "unverified",
+                {"remote": verdict.remote, **({"claimed": claim} if claim else {})})
+
+
 class Guard(grpc.aio.ServerInterceptor):
     """Authenticates, authorises, audits, logs and maps errors for every RPC."""
 
-    def __init__(self, *, revocations: Revocations,
+    def __init__(self, *, identities: AuthContextIdentities | FrontIdentities,
+                 revocations: Revocations,
                  audit_refusal: Callable[[str, str, str, str, dict[str, Any]], Awaitable[Any]],
                  audit_allowed: Callable[[str, str, str, str, dict[str, Any]], None],
                  observe: Callable[[str, str, float], None] | None = None,
@@ -84,15 +152,24 @@ class Guard(grpc.aio.ServerInterceptor):
         self._audit_allowed = audit_allowed
         self._observe = observe
         self._clock = clock
-        # Parsing a certificate per call would dominate a cheap RPC; a connection presents
-        # the same PEM on every call.
-        self._identity_cache: dict[bytes, Identity | PkiError] = {}
+        self._identities = identities
+        # A concrete logger (the module-level proxy re-binds on every call), and one
+        # wrapped handler per method instead of one per call: both are per-RPC costs.
+        self._log = log.bind()
+        self._handlers: dict[str, tuple[Any, Any]] = {}
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
         if handler is None:
             return None
-        method = details.method
+        wrapped = self._handlers.get(details.method)
+        if wrapped is None or wrapped[0] is not handler:
+            wrapped = (handler, self._wrap(details.method, handler))
+            if len(self._handlers) < 1024:  # bounded by the methods we serve
+                self._handlers[details.method] = wrapped
+        return wrapped[1]
+
+    def _wrap(self, method: str, handler: Any) -> Any:
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(method, handler.unary_unary),
@@ -115,27 +192,8 @@ class Guard(grpc.aio.ServerInterceptor):
 
     # -- per-call checks -------------------------------------------------------------
 
-    def _identity(self, context: grpc.aio.ServicerContext) -> Identity:
-        pems = context.auth_context().get("x509_pem_cert")
-        if not pems:
-            raise _RpcRefused(grpc.StatusCode.UNAUTHENTICATED,
-                              "a client certificate issued by the federation CA is required")
-        pem = pems[0]
-        cached = self._identity_cache.get(pem)
-        if cached is None:
-            try:
-                cached = identity_from_cert(pem)
-            except PkiError as exc:
-                cached = exc
-            if len(self._identity_cache) > 4096:
-                self._identity_cache.clear()
-            self._identity_cache[pem] = cached
-        if isinstance(cached, PkiError):
-            raise _RpcRefused(grpc.StatusCode.UNAUTHENTICATED, f"unusable certificate: {cached}")
-        return cached
-
     def _check(self, method: str, context: grpc.aio.ServicerContext) -> Identity:
-        ident = self._identity(context)
+        ident = self._identities.identity(context)
         if ident.serial in self._revocations.serials:
             raise _RpcRefused(grpc.StatusCode.UNAUTHENTICATED,
                               f"certificate {ident.role}/{ident.name} (serial {ident.serial:x}) "
@@ -154,15 +212,15 @@ class Guard(grpc.aio.ServerInterceptor):
 
     async def _enter(self, method: str, context: grpc.aio.ServicerContext) -> Caller:
         metadata = dict(context.invocation_metadata() or ())
-        request_id = str(metadata.get(REQUEST_ID_KEY) or uuid.uuid4().hex[:16])[:64]
+        request_id = str(metadata.get(REQUEST_ID_KEY) or secrets.token_hex(8))[:64]
         structlog.contextvars.bind_contextvars(method=method, request_id=request_id)
         try:
             ident = self._check(method, context)
         except _RpcRefused as refused:
-            who = _who(context)
-            await self._audit_refusal(who[0], who[1], method, "denied",
-                                      {"reason": str(refused), "request_id": request_id})
-            log.warning("rpc refused", caller=f"{who[1]}/{who[0]}", status=refused.code.name,
+            name, role, extra = self._identities.who(context)
+            await self._audit_refusal(name, role, method, "denied",
+                                      {"reason": str(refused), "request_id": request_id, **extra})
+            self._log.warning("rpc refused", caller=f"{role}/{name}", status=refused.code.name,
                         reason=str(refused))
             if self._observe:
                 self._observe(method, refused.code.name, 0.0)
@@ -198,7 +256,7 @@ class Guard(grpc.aio.ServerInterceptor):
               logged: bool = False) -> None:
         latency = time.perf_counter() - started
         if not logged:
-            log.info("rpc", status=status, latency_ms=round(latency * 1000, 3),
+            self._log.info("rpc", status=status, latency_ms=round(latency * 1000, 3),
                      **({"reason": reason} if reason else {}))
         if self._observe:
             self._observe(method, status, latency)
@@ -240,18 +298,6 @@ class Guard(grpc.aio.ServerInterceptor):
             self._done(method, "OK", started)
 
         return wrapper
-
-
-def _who(context: grpc.aio.ServicerContext) -> tuple[str, str]:
-    """Best-effort name of a refused caller for the audit log (never trusted for access)."""
-    pems = context.auth_context().get("x509_pem_cert")
-    if not pems:
-        return (context.peer() or "unknown", "anonymous")
-    try:
-        ident = identity_from_cert(pems[0])
-    except PkiError:
-        return (context.peer() or "unknown", "unparseable-cert")
-    return (ident.name, ident.role)
 
 
 def _status_name(context: grpc.aio.ServicerContext) -> str:

@@ -21,14 +21,21 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     def __init__(self, node: Any) -> None:
         # `node` is the daemon's NodeState facade: settings, catalogs, membership, status.
         self._node = node
+        self._info: tuple[float, node_pb2.NodeInfo] | None = None
 
     async def GetInfo(self, request: node_pb2.GetInfoRequest, context: Any) -> node_pb2.NodeInfo:
         n = self._node
         caller = current_caller()
-        return node_pb2.NodeInfo(
-            name=n.name, version=n.version, caller=caller.name, caller_role=caller.role,
-            k_min=n.k_min, dp_policy=n.dp_policy, script_policy=n.script_policy,
-            catalogs=n.catalogs.names(), started_at=_ts(n.started_at))
+        if self._info is None or self._info[0] != n.started_at:
+            # The node part is fixed while the node runs; build it once.
+            self._info = (n.started_at, node_pb2.NodeInfo(
+                name=n.name, version=n.version, k_min=n.k_min, dp_policy=n.dp_policy,
+                script_policy=n.script_policy, catalogs=n.catalogs.names(),
+                started_at=_ts(n.started_at)))
+        info = node_pb2.NodeInfo()
+        info.CopyFrom(self._info[1])
+        info.caller, info.caller_role = caller.name, caller.role
+        return info
 
     async def ListCatalogs(self, request: node_pb2.ListCatalogsRequest,
                            context: Any) -> node_pb2.ListCatalogsResponse:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -64,30 +68,90 @@ async def test_unknown_catalog_is_not_found(start_node, pki: CertFactory) -> Non
                 await c.describe("nope")
 
 
-@pytest.mark.parametrize("case", ["no-certificate", "other-ca", "expired"])
-async def test_unverifiable_callers_are_refused_at_handshake(start_node, pki: CertFactory,
-                                                             tmp_path, case: str) -> None:
-    """No certificate, another CA's or an expired one never reaches a servicer."""
+def _unverifiable_credentials(case: str, pki: CertFactory, tmp_path) -> grpc.ChannelCredentials:  # type: ignore[no-untyped-def]
+    if case == "no-certificate":
+        return grpc.ssl_channel_credentials(root_certificates=pki.ca_cert_path.read_bytes())
+    other = (foreign(tmp_path).issue("alice", "researcher") if case == "other-ca"
+             else pki.issue("alice", "researcher", expired=True))
+    return grpc.ssl_channel_credentials(
+        root_certificates=pki.ca_cert_path.read_bytes(),
+        private_key=other.key.read_bytes(), certificate_chain=other.cert.read_bytes())
+
+
+UNVERIFIABLE = {
+    "no-certificate": ("anonymous", "", "client certificate issued by the federation CA is "
+                                        "required \\(none was presented\\)"),
+    "other-ca": ("unverified", "researcher/alice", "was not issued by CN=StimNet Test CA"),
+    "expired": ("unverified", "researcher/alice", "expired at"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNVERIFIABLE))
+async def test_unverifiable_callers_are_refused_and_audited(start_node, pki: CertFactory,
+                                                            tmp_path, case: str) -> None:
+    """No certificate, another CA's or an expired one: UNAUTHENTICATED with the reason, and
+    an audit entry keyed by the caller's address (its certificate's name is only a claim)."""
+    role, claimed, reason = UNVERIFIABLE[case]
     async with start_node() as d:
-        if case == "no-certificate":
-            creds = grpc.ssl_channel_credentials(root_certificates=pki.ca_cert_path.read_bytes())
-        else:
-            other = foreign(tmp_path).issue("alice", "researcher") if case == "other-ca" \
-                else pki.issue("alice", "researcher", expired=True)
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=pki.ca_cert_path.read_bytes(),
-                private_key=other.key.read_bytes(), certificate_chain=other.cert.read_bytes())
-        async with grpc.aio.secure_channel(_addr(d), creds) as ch:
+        async with grpc.aio.secure_channel(
+                _addr(d), _unverifiable_credentials(case, pki, tmp_path)) as ch:
+            for _ in range(2):  # the connection stays refused; each call is answered
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
+                                                               timeout=5)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert re.search(reason, err.value.details()), err.value.details()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+                    iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                    timeout=5).read()
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        rows = await _audit(d, "/grpc.health.v1.Health/Check")
+    assert [(r.role, r.decision) for r in rows] == [(role, "denied")] * 2
+    detail = json.loads(rows[0].detail_json)
+    assert re.search(reason, detail["reason"])
+    assert rows[0].actor == detail["remote"] and detail["remote"].startswith("127.0.0.1:")
+    assert detail.get("claimed", "") == claimed
+
+
+async def test_client_names_an_unverifiable_certificate_in_one_line(start_node,
+                                                                    pki: CertFactory) -> None:
+    """stimctl says why its certificate was refused, not a traceback."""
+    async with start_node() as d:
+        expired = pki.issue("alice", "researcher", expired=True)
+        async with AsyncClient(client_config(expired, _addr(d))) as c:
+            with pytest.raises(NotAuthenticated, match="researcher/alice .* expired at"):
+                await c.info()
+
+
+async def test_local_process_bypassing_the_front_is_refused(start_node, pki: CertFactory) -> None:
+    """The plaintext socket behind the front is private and grants nothing without a front
+    verdict, even to a process of the same user that reaches it."""
+    async with start_node() as d:
+        inner = d.inner_socket
+        assert inner is not None
+        assert os.stat(os.path.dirname(inner)).st_mode & 0o077 == 0
+        async with grpc.aio.insecure_channel(f"unix:{inner}") as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "did not arrive through the node's TLS front" in err.value.details()
+
+
+@pytest.mark.parametrize("case", sorted(UNVERIFIABLE))
+async def test_grpc_terminated_tls_refuses_unverifiable_callers_at_handshake(
+        start_node, pki: CertFactory, tmp_path, case: str) -> None:
+    """With `[tls] terminate = "grpc"` the same callers never get an RPC: UNAVAILABLE at the
+    handshake, nothing to audit (the trade-off the front exists to avoid)."""
+    async with start_node(tls={"terminate": "grpc"}) as d:
+        assert d.front is None
+        async with grpc.aio.secure_channel(
+                _addr(d), _unverifiable_credentials(case, pki, tmp_path)) as ch:
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert await _audit(d, "/grpc.health.v1.Health/Check") == []
-
-
-async def test_client_maps_handshake_refusal_to_one_line(start_node, pki: CertFactory) -> None:
-    """stimctl reports a refused certificate as a TLS handshake failure, not a traceback."""
-    async with start_node() as d:
-        expired = pki.issue("alice", "researcher", expired=True)
+        expired = pki.issue("bob", "researcher", expired=True)
         async with AsyncClient(client_config(expired, _addr(d))) as c:
             with pytest.raises(ConnectionFailed, match="TLS handshake|cannot reach"):
                 await c.info()

@@ -1,0 +1,370 @@
+"""The daemon's TLS front: client TLS terminated in code we control, so every caller is
+answered with a gRPC status and audited — including callers the TLS layer would reject.
+
+Why: gRPC Python can only "require and verify" client certificates (no verify callback,
+grpc/grpc#32635), so a caller with no certificate, one from another CA or an expired one
+would be cut off in the handshake: the client sees UNAVAILABLE and the node cannot audit
+it. Here the handshake asks for a client certificate and accepts whatever is presented
+(the TLS layer still proves the caller holds its key); the front then decides, with
+`pki.verify_chain`, and records a verdict for the connection. Plaintext HTTP/2 goes to
+the in-process gRPC server over a unix socket in a private (0700) directory; our end of
+each such connection is bound to an unguessable abstract name, which gRPC reports as the
+call's peer, and the guard looks the verdict up by it (see `verdict_for`). Unverified
+callers are refused with UNAUTHENTICATED — in an RPC, so the refusal has a method, a
+status and an audit entry. The verdict is the only path to an identity: a process that
+reaches the inner socket some other way has no verdict and is refused too.
+
+The cost is one extra copy of each byte through the event loop (bench/rpc.py measures
+it); `[tls] terminate = "grpc"` switches back to gRPC's own TLS for a site that prefers
+the speed and accepts unaudited handshake refusals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import socket
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from OpenSSL import SSL
+
+from stimnetd.pki import Identity, PkiError, identity_from_cert, verify_chain
+
+log = structlog.get_logger("stimnetd.tlsfront")
+
+# One TLS record carries at most 16 KiB of plaintext; pyOpenSSL allocates a buffer of the
+# requested size per call, and above malloc's mmap threshold (128 KiB) that costs syscalls.
+_RECORD = 16 * 1024
+_BIO_READ = 64 * 1024
+_NAME_PREFIX = "stimnet-front-"
+# A peer that opens a connection and never finishes the handshake holds a slot; bound it.
+HANDSHAKE_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the front decided about one client connection."""
+
+    remote: str
+    identity: Identity | None = None
+    refusal: str | None = None
+    # Who the refused caller claims to be, for the audit log only (never trusted).
+    claimed_name: str = ""
+    claimed_role: str = "anonymous"
+
+
+def judge(chain: list[x509.Certificate], ca_cert: x509.Certificate, remote: str,
+          now: datetime | None = None) -> Verdict:
+    if not chain:
+        return Verdict(remote, refusal="a client certificate issued by the federation CA "
+                                       "is required (none was presented)")
+    leaf = chain[0]
+    try:
+        claimed = identity_from_cert(leaf)
+        claimed_name, claimed_role = claimed.name, claimed.role
+    except PkiError:
+        claimed_name, claimed_role = leaf.subject.rfc4514_string(), "unparseable-cert"
+    try:
+        identity = verify_chain(leaf, ca_cert, now=now or datetime.now(UTC))
+    except PkiError as exc:
+        return Verdict(remote, refusal=str(exc), claimed_name=claimed_name,
+                       claimed_role=claimed_role)
+    return Verdict(remote, identity=identity)
+
+
+def server_context(ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> SSL.Context:
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_CIPHER_SERVER_PREFERENCE)
+    certs = x509.load_pem_x509_certificates(cert_pem)
+    ctx.use_certificate(certs[0])
+    for extra in certs[1:]:
+        ctx.add_extra_chain_cert(extra)
+    ctx.use_privatekey(load_pem_private_key(key_pem, password=None))  # type: ignore[arg-type]
+    ctx.check_privatekey()
+    # Ask for a certificate naming our CA, accept whatever comes: the decision is made
+    # after the handshake, by `judge`, so that it can be answered and audited. OpenSSL
+    # still checks the CertificateVerify signature, i.e. that the caller holds the key.
+    ctx.set_verify(SSL.VERIFY_PEER, lambda *_: True)
+    for ca in x509.load_pem_x509_certificates(ca_pem):
+        ctx.add_client_ca(ca)
+    ctx.set_alpn_select_callback(_select_h2)
+    return ctx
+
+
+def _select_h2(_conn: SSL.Connection, offered: list[bytes]) -> bytes:
+    return b"h2" if b"h2" in offered else SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+class TlsFront:
+    """Listens on the public address; forwards each client to the gRPC server at
+    `inner_port` on 127.0.0.1 with its verdict recorded."""
+
+    def __init__(self, ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> None:
+        self._inner = ""
+        self._ca_cert = x509.load_pem_x509_certificate(ca_pem)
+        self._ctx = server_context(ca_pem, cert_pem, key_pem)
+        self._server: asyncio.Server | None = None
+        self._verdicts: dict[str, Verdict] = {}
+        self._conns: set[_Client] = set()
+
+    def reload(self, ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> None:
+        """New connections use the new material; open ones keep theirs."""
+        self._ctx = server_context(ca_pem, cert_pem, key_pem)
+        self._ca_cert = x509.load_pem_x509_certificate(ca_pem)
+
+    async def start(self, host: str, port: int, inner: str) -> int:
+        """Listen on host:port, forwarding to the gRPC server's unix socket at `inner`;
+        returns the bound port. Raises OSError if it cannot listen."""
+        self._inner = inner
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Client(self), host, port,
+                                                reuse_address=True, backlog=512)
+        return self._server.sockets[0].getsockname()[1]
+
+    def verdict_for(self, peer: str) -> Verdict | None:
+        """The verdict for a gRPC peer string (``unix-abstract:<our name>``)."""
+        return self._verdicts.get(peer)
+
+    def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    def close(self) -> None:
+        self.stop_accepting()
+        for conn in list(self._conns):
+            conn.abort()
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._conns)
+
+
+class _Client(asyncio.Protocol):
+    """One client connection: TLS on the outside, plaintext to the inner gRPC server."""
+
+    def __init__(self, front: TlsFront) -> None:
+        self._front = front
+        self._tls = SSL.Connection(front._ctx, None)
+        self._tls.set_accept_state()
+        self._transport: asyncio.Transport | None = None
+        self._inner: _Inner | None = None
+        self._pending: list[bytes] = []
+        self._handshaken = False
+        self._closed = False
+        self._remote = "?"
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- outside ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        peer = transport.get_extra_info("peername")
+        self._remote = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self._front._conns.add(self)
+        self._timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT_S, self._timeout)
+
+    def data_received(self, data: bytes) -> None:
+        self._tls.bio_write(data)
+        if not self._handshaken:
+            try:
+                self._tls.do_handshake()
+            except SSL.WantReadError:
+                self._flush()
+                return
+            except SSL.Error as exc:
+                self._flush()
+                log.warning("tls handshake failed", remote=self._remote, reason=_ssl_reason(exc))
+                self.abort()
+                return
+            self._handshaken = True
+            if self._timer is not None:
+                self._timer.cancel()
+            self._flush()
+            self._connect_inner()
+        self._pump()
+
+    def _pump(self) -> None:
+        while True:
+            try:
+                chunk = self._tls.recv(_RECORD)
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                self._close_inner()
+                break
+            except SSL.Error as exc:
+                log.info("tls connection error", remote=self._remote, reason=_ssl_reason(exc))
+                self.abort()
+                return
+            if self._inner is not None and self._inner.transport is not None:
+                self._inner.transport.write(chunk)
+            else:
+                self._pending.append(chunk)
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._transport is None or self._transport.is_closing():
+            return
+        out = []
+        while True:
+            try:
+                chunk = self._tls.bio_read(_BIO_READ)
+            except SSL.WantReadError:
+                break
+            out.append(chunk)
+            if len(chunk) < _BIO_READ:  # drained: spare the exception
+                break
+        if out:
+            self._transport.write(b"".join(out) if len(out) > 1 else out[0])
+
+    def send(self, plain: bytes) -> None:
+        if self._closed:
+            return
+        try:
+            self._tls.sendall(plain)
+        except SSL.Error as exc:
+            log.info("tls connection error", remote=self._remote, reason=_ssl_reason(exc))
+            self.abort()
+            return
+        self._flush()
+
+    def eof_received(self) -> bool | None:
+        self._close_inner()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self._front._conns.discard(self)
+        self._close_inner()
+
+    def pause_writing(self) -> None:
+        if self._inner is not None and self._inner.transport is not None:
+            self._inner.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._inner is not None and self._inner.transport is not None:
+            self._inner.transport.resume_reading()
+
+    def _timeout(self) -> None:
+        if not self._handshaken:
+            log.warning("tls handshake timed out", remote=self._remote)
+            self.abort()
+
+    def abort(self) -> None:
+        self._closed = True
+        if self._transport is not None:
+            self._transport.abort()
+        if self._inner is not None and self._inner.transport is not None:
+            self._inner.transport.abort()
+
+    def shutdown(self) -> None:
+        """The inner server closed: close TLS cleanly after what is buffered."""
+        if self._closed or self._transport is None:
+            return
+        self._closed = True
+        with contextlib.suppress(SSL.Error):
+            self._tls.shutdown()
+        self._flush()
+        self._transport.close()
+
+    # -- inside -------------------------------------------------------------------
+
+    def _connect_inner(self) -> None:
+        # Server side, OpenSSL's peer chain omits the leaf; the leaf is what we judge (our
+        # CA issues leaves directly).
+        leaf = self._tls.get_peer_certificate(as_cryptography=True)
+        chain = [leaf] if leaf is not None else []
+        verdict = judge(chain, self._front._ca_cert, self._remote)
+        if verdict.refusal:
+            log.info("tls caller unverified", remote=self._remote, reason=verdict.refusal)
+        self._inner = _Inner(self, verdict)
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            # Our end gets an unguessable abstract name: the server side sees it as the
+            # peer, which is how the guard finds this connection's verdict.
+            sock.bind(f"\0{_NAME_PREFIX}{secrets.token_hex(16)}")
+            sock.setblocking(False)
+            sock.connect(self._front._inner)
+        except OSError as exc:
+            sock.close()
+            log.error("inner gRPC server unreachable", reason=str(exc))
+            self.abort()
+            return
+        task = loop.create_task(loop.create_unix_connection(lambda: self._inner, sock=sock))
+        task.add_done_callback(self._inner_connected)
+
+    def _inner_connected(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            log.error("inner gRPC server unreachable", reason=str(task.exception()))
+            self.abort()
+        elif self._closed:
+            task.result()[0].abort()
+
+    def inner_ready(self, transport: asyncio.Transport) -> None:
+        """The inner connection is up (its verdict registered): send what arrived so far,
+        in order, before anything `_pump` forwards from now on."""
+        for chunk in self._pending:
+            transport.write(chunk)
+        self._pending.clear()
+
+    def _close_inner(self) -> None:
+        if self._inner is not None and self._inner.transport is not None:
+            if self._inner.transport.can_write_eof():
+                with contextlib.suppress(OSError, RuntimeError):
+                    self._inner.transport.write_eof()
+                    return
+            self._inner.transport.close()
+
+
+class _Inner(asyncio.Protocol):
+    def __init__(self, client: _Client, verdict: Verdict) -> None:
+        self._client = client
+        self._verdict = verdict
+        self.transport: asyncio.Transport | None = None
+        self._peer: str | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        # Registered before a single byte is sent, so the server cannot see a request on
+        # this connection without its verdict in place.
+        name = transport.get_extra_info("sockname")
+        self._peer = f"unix-abstract:{name[1:].decode() if isinstance(name, bytes) else name[1:]}"
+        self._client._front._verdicts[self._peer] = self._verdict
+        self._client.inner_ready(self.transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._client.send(data)
+
+    def pause_writing(self) -> None:
+        if self._client._transport is not None:
+            self._client._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._client._transport is not None:
+            self._client._transport.resume_reading()
+
+    def eof_received(self) -> bool | None:
+        self._client.shutdown()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._peer is not None:
+            self._client._front._verdicts.pop(self._peer, None)
+        self._client.shutdown()
+
+
+def _ssl_reason(exc: SSL.Error) -> str:
+    args = exc.args[0] if exc.args else None
+    if isinstance(args, list) and args and isinstance(args[0], tuple):
+        return "; ".join(str(part[-1]) for part in args)
+    return str(exc) or type(exc).__name__
