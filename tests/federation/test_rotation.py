@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import ssl
@@ -36,7 +37,8 @@ async def test_rotate_server_cert_and_revoke_client_without_restart(start_node,
     bob = pki.issue("bob", "researcher")
     async with start_node("node-a", node={"max_connection_age_s": 2.0}) as d:
         addr = f"127.0.0.1:{d.port}"
-        old = _server_serial(d.port, alice)
+        # In a thread: the in-process node answers TLS on this event loop.
+        old = await asyncio.to_thread(_server_serial, d.port, alice)
         async with AsyncClient(client_config(alice, addr)) as a, \
                 AsyncClient(client_config(bob, addr)) as b:
             assert (await a.info()).caller == "alice"
@@ -48,7 +50,7 @@ async def test_rotate_server_cert_and_revoke_client_without_restart(start_node,
             shutil.copy(renewed.key_path, node_dir / "node-a.key")
             pki.revoke("bob")
             d.reload()
-            new = _server_serial(d.port, alice)
+            new = await asyncio.to_thread(_server_serial, d.port, alice)
             assert new == renewed.serial and new != old
             assert (await a.info()).caller == "alice"  # unaffected, same open channel
             with pytest.raises(NotAuthenticated, match="revoked"):

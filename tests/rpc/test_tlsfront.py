@@ -1,0 +1,148 @@
+"""The TLS front under real connections: ordering, backpressure, hostile bytes, cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from datetime import UTC, datetime, timedelta
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from stimctl.client import AsyncClient
+from stimnetd import tlsfront
+from stimnetd.pki import load_cert
+from stimnetd.testing import CertFactory, client_config, foreign
+
+
+def _addr(daemon) -> str:  # type: ignore[no-untyped-def]
+    return f"127.0.0.1:{daemon.port}"
+
+
+# -- the verdict, as a unit ------------------------------------------------------------
+
+
+def test_judge_names_each_reason(pki: CertFactory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ca = load_cert(pki.ca_cert_path)
+    good = load_cert(pki.issue("alice", "researcher").cert)
+    expired = load_cert(pki.issue("alice", "researcher", expired=True).cert)
+    other = load_cert(foreign(tmp_path).issue("alice", "researcher").cert)
+
+    ok = tlsfront.judge([good], ca, "10.0.0.1:5")
+    assert ok.identity is not None and ok.identity.name == "alice" and ok.refusal is None
+    none = tlsfront.judge([], ca, "10.0.0.1:5")
+    assert none.identity is None and "none was presented" in (none.refusal or "")
+    late = tlsfront.judge([expired], ca, "10.0.0.1:5")
+    assert late.identity is None and "expired at" in (late.refusal or "")
+    assert (late.claimed_name, late.claimed_role) == ("alice", "researcher")
+    alien = tlsfront.judge([other], ca, "10.0.0.1:5")
+    assert alien.identity is None and "was not issued by" in (alien.refusal or "")
+    early = tlsfront.judge([good], ca, "10.0.0.1:5", now=datetime.now(UTC) - timedelta(days=2))
+    assert early.identity is None and "not valid until" in (early.refusal or "")
+
+
+# -- through a real daemon -------------------------------------------------------------
+
+
+async def test_many_fresh_connections_in_parallel_all_succeed(start_node,
+                                                              pki: CertFactory) -> None:
+    """Requests that arrive with the handshake are forwarded in order (a regression: bytes
+    sent while the inner connection was opening used to overtake earlier ones)."""
+    alice = pki.issue("alice", "researcher")
+    async with start_node() as d:
+        async def one() -> str:
+            async with AsyncClient(client_config(alice, _addr(d))) as c:
+                return (await c.info()).caller
+
+        for _ in range(5):
+            assert await asyncio.gather(*[one() for _ in range(16)]) == ["alice"] * 16
+        # Closed connections leave nothing behind.
+        for _ in range(50):
+            if not d.front._verdicts and d.front.open_connections == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert d.front._verdicts == {} and d.front.open_connections == 0
+
+
+async def test_large_messages_cross_the_front_intact(pki: CertFactory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """8 MiB each way, 4 calls at once, through TLS, the front and a real gRPC server:
+    exercises backpressure in both directions."""
+    node = pki.issue("node-a", "node")
+    alice = pki.issue("alice", "researcher")
+
+    async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return request[::-1]
+
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 32 << 20),
+                                      ("grpc.max_send_message_length", 32 << 20)])
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "t.Echo", {"Call": grpc.unary_unary_rpc_method_handler(echo)}),))
+    sock = str(tmp_path / "inner.sock")
+    server.add_insecure_port(f"unix:{sock}")
+    await server.start()
+    front = tlsfront.TlsFront(node.ca.read_bytes(), node.cert.read_bytes(), node.key.read_bytes())
+    port = await front.start("127.0.0.1", 0, sock)
+    try:
+        creds = client_config(alice, f"127.0.0.1:{port}").credentials()
+        async with grpc.aio.secure_channel(f"127.0.0.1:{port}", creds, options=[
+                ("grpc.max_receive_message_length", 32 << 20)]) as ch:
+            call = ch.unary_unary("/t.Echo/Call")
+            payloads = [bytes(range(256)) * (32768 + i) for i in range(4)]
+            replies = await asyncio.gather(*[call(p, timeout=60) for p in payloads])
+        assert all(r == p[::-1] for r, p in zip(replies, payloads, strict=True))
+    finally:
+        front.close()
+        await server.stop(None)
+
+
+async def test_garbage_and_silence_are_dropped_and_the_node_keeps_serving(
+        start_node, pki: CertFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bytes that are not TLS close the connection; a connection that never completes a
+    handshake is closed after the handshake timeout; neither disturbs other callers."""
+    monkeypatch.setattr(tlsfront, "HANDSHAKE_TIMEOUT_S", 0.5)
+    alice = pki.issue("alice", "researcher")
+    async with start_node() as d:
+        reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(range(256)) * 4)
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), timeout=5) is not None  # EOF, not a hang
+        writer.close()
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.wait_for(reader.read(), timeout=5)
+        assert loop.time() - started < 3
+        writer.close()
+
+        async with AsyncClient(client_config(alice, _addr(d))) as c:
+            assert (await c.info()).caller == "alice"
+
+
+async def test_plain_tls_client_without_h2_gets_no_data(start_node, pki: CertFactory) -> None:
+    """A TLS client that does not speak HTTP/2 is answered by the inner gRPC server's
+    protocol error, never by anything from the node's data."""
+    alice = pki.issue("alice", "researcher")
+    async with start_node() as d:
+        ctx = ssl.create_default_context(cafile=str(pki.ca_cert_path))
+        ctx.load_cert_chain(str(alice.cert), str(alice.key))
+        reader, writer = await asyncio.open_connection("127.0.0.1", d.port, ssl=ctx,
+                                                       server_hostname="localhost")
+        writer.write(b"GET /stimnet.v1.NodeService/ListCatalogs HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        reply = await asyncio.wait_for(reader.read(65536), timeout=5)
+        assert b"dbs_outcomes" not in reply and b"site-a" not in reply
+        writer.close()
+
+
+async def test_health_check_answers_serving_through_the_front(start_node,
+                                                              pki: CertFactory) -> None:
+    alice = pki.issue("alice", "researcher")
+    async with start_node() as d:
+        assert d.front is not None
+        creds = client_config(alice, _addr(d)).credentials()
+        async with grpc.aio.secure_channel(_addr(d), creds) as ch:
+            reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
+                                                              timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
