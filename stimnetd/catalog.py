@@ -59,8 +59,10 @@ class Catalog:
         return self.config.root
 
     def frame(self) -> pd.DataFrame:
-        # Callers filter and group; a copy keeps one query from mutating the next one's data.
-        return self._frame.copy()
+        # Callers filter and group; with pandas' copy-on-write (always on from pandas 3) a
+        # shallow copy keeps one query from mutating the next one's data, without the deep
+        # copy that cost a small query a tenth of its time.
+        return self._frame.copy(deep=False)
 
     def geometry(self, image_field: str) -> ImageGeometry:
         return self._geometry[image_field]

@@ -42,5 +42,9 @@ class Conflict(StimnetError):
     code = "FAILED_PRECONDITION"
 
 
+class Replayed(Conflict):
+    """A signed request whose nonce this site has already seen."""
+
+
 class Unavailable(StimnetError):
     code = "UNAVAILABLE"

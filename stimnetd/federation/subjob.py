@@ -7,11 +7,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from stimnetd.errors import Conflict, Refused
+from stimnetd.errors import Refused, Replayed
 from stimnetd.jobs.signing import SignedJob, VerifiedJob
 from stimnetd.jobs.site import SiteExecutor, SiteOutcome
 from stimnetd.pki import Identity
-from stimnetd.store import Store
+from stimnetd.store import NonceClaim, Store
 from stimnetd.store.records import JobRecord
 
 
@@ -45,16 +45,24 @@ class SubJobHandler:
         accepted = (job.researcher.name, job.researcher.role, "subjob", "accepted",
                     {"job": job.request.job_id, "catalog": job.request.catalog,
                      "via": entry.name, "request_id": request_id})
-        if not await self._store.remember_nonce(job.request.nonce, job.researcher.name,
-                                                self._max_age, audit=accepted):
-            raise Conflict("replayed request: this signed job was already run at this site")
+        claim = NonceClaim(job.request.nonce, job.researcher.name, self._max_age, accepted)
+        if job.request.kind == "script":
+            # A container run is costly and not idempotent before its release: remember
+            # the nonce durably before starting it, so a concurrent replay never runs.
+            if not await self._store.claim_nonce(claim):
+                raise Replayed("replayed request: this signed job was already run at this site")
+        elif await self._store.nonce_seen(claim.nonce):
+            # Queries remember the nonce in their release (or refusal) transaction, which
+            # also stops a concurrent replay; this read only answers a late one at once.
+            raise Replayed("replayed request: this signed job was already run at this site")
         yield SubJobEvent("accepted")
         events: asyncio.Queue[SubJobEvent] = asyncio.Queue()
 
         async def sink(state: str, detail: str) -> None:
             events.put_nowait(SubJobEvent(state, detail))
 
-        task = asyncio.create_task(self._executor.run(job, sink))
+        task = asyncio.create_task(self._executor.run(
+            job, sink, nonce=None if claim.consumed else claim))
         try:
             while not task.done() or not events.empty():
                 getter = asyncio.create_task(events.get())
@@ -67,6 +75,10 @@ class SubJobHandler:
         finally:
             if not task.done():
                 task.cancel()
+        if not claim.consumed:
+            # Failed without a release or a refusal: still remember the nonce (and that the
+            # job was accepted) so that the request cannot be run here again.
+            await self._store.claim_nonce(claim)
         yield SubJobEvent(outcome.state, outcome.detail, outcome.n, outcome)
 
     async def _admit_script(self, job: VerifiedJob, entry: Identity, request_id: str) -> None:

@@ -87,7 +87,9 @@ class JobService:
             raise PermissionDenied(f"job is signed by {job.researcher} but submitted by {caller}; "
                                    "researchers submit their own jobs")
         req = job.request
-        state, detail = "queued", ""
+        # A query starts at once: recorded as running in its submit transaction, saving a
+        # commit on every query's path (a restart interrupts queued and running alike).
+        state, detail = ("running" if req.kind == "query" else "queued"), ""
         if req.kind == "script" and req.scope == "local":
             state, detail = await self._script_admission(req.script_sha256)
         if req.scope == "local":
@@ -104,7 +106,7 @@ class JobService:
                                            nonce=(req.nonce, self._max_age)):
             raise Conflict("replayed request: this signed job was already submitted")
         live = self._live.setdefault(record.id, _Live())
-        if state == "queued":
+        if state in ("queued", "running"):
             live.task = asyncio.create_task(self._run(record, job), name=f"job-{record.id}")
         return record
 
@@ -190,7 +192,8 @@ class JobService:
 
     async def _run_inner(self, record: JobRecord, job: VerifiedJob, live: _Live) -> None:
         try:
-            await self._set_state(record.id, "running", "")
+            if record.state != "running":
+                await self._set_state(record.id, "running", "")
             if record.scope == "federated":
                 fan = await self._coordinator.run(job, record.request_id, self._site_sink(record.id),
                                                   resumed=record.attempts > 0)

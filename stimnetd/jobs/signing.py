@@ -9,6 +9,7 @@ replays.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -131,10 +132,16 @@ class SignedJob:
     script: bytes = b""
 
 
-def sign(req: JobRequest, key_pem: bytes, cert_pem: bytes, script: bytes | None = None) -> SignedJob:
+@functools.lru_cache(maxsize=8)
+def _private_key(key_pem: bytes) -> Any:
+    # Parsing a PEM key costs more than the signature; a client signs many jobs with one.
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-    key = load_pem_private_key(key_pem, password=None)
+    return load_pem_private_key(key_pem, password=None)
+
+
+def sign(req: JobRequest, key_pem: bytes, cert_pem: bytes, script: bytes | None = None) -> SignedJob:
+    key = _private_key(key_pem)
     payload = req.to_payload()
     return SignedJob(payload, pki.sign_payload(key, payload), cert_pem, script or b"")  # type: ignore[arg-type]
 

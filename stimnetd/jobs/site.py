@@ -19,7 +19,7 @@ import structlog
 
 from stimnetd import codec
 from stimnetd.catalog import Catalog, CatalogSet
-from stimnetd.errors import Refused, StimnetError
+from stimnetd.errors import Refused, Replayed, StimnetError
 from stimnetd.jobs.signing import VerifiedJob
 from stimnetd.privacy.noise import NoiseSource, add_noise
 from stimnetd.privacy.overlap import check_overlap, cohort_fingerprint_list
@@ -34,7 +34,7 @@ from stimnetd.query.aggregate import Partial
 from stimnetd.query.engine import compute
 from stimnetd.query.errors import QueryError
 from stimnetd.query.spec import QuerySpec, validate
-from stimnetd.store import Store
+from stimnetd.store import NonceClaim, Store
 from stimnetd.store.records import Release, cohort_digest
 
 log = structlog.get_logger("stimnetd.site")
@@ -97,10 +97,13 @@ class SiteExecutor:
                     "for you at this site")
 
     async def run(self, job: VerifiedJob, on_event: EventSink = _no_events, *,
-                  resumed: bool = False) -> SiteOutcome:
+                  resumed: bool = False, nonce: NonceClaim | None = None) -> SiteOutcome:
         """`resumed`: the job ran here before (re-queued after a restart), so a release it
         already made is returned as is. A fresh job cannot have one: its job id derives
-        from a nonce this site has only just accepted."""
+        from a nonce this site has only just accepted.
+
+        `nonce`: the request's nonce is remembered in the transaction that records the
+        outcome (release or refusal); a replay raises `Replayed` instead of an outcome."""
         req = job.request
         try:
             if resumed:
@@ -111,27 +114,34 @@ class SiteExecutor:
             epsilon = decide_epsilon(self._policy, req.epsilon)
             await on_event("running", "")
             partials, cohort = await self._compute(job, catalog, on_event)
-            return await self._release(job, catalog, partials, cohort, epsilon)
+            return await self._release(job, catalog, partials, cohort, epsilon, nonce)
+        except Replayed:
+            raise
         except (PrivacyRefusal, QueryError) as exc:
-            await self._audit_refusal(job, exc)
+            await self._audit_refusal(job, exc, nonce)
             return SiteOutcome(self.site, "refused", str(exc))
         except StimnetError as exc:
             state = "refused" if exc.code in ("NOT_FOUND", "FAILED_PRECONDITION",
                                                "RESOURCE_EXHAUSTED", "PERMISSION_DENIED",
                                                "INVALID_ARGUMENT") else "failed"
             if state == "refused":
-                await self._audit_refusal(job, exc)
+                await self._audit_refusal(job, exc, nonce)
             return SiteOutcome(self.site, state, str(exc))
         except Exception:  # noqa: BLE001 - a site failure is reported, not propagated
             log.exception("site job failed", job=req.job_id)
             return SiteOutcome(self.site, "failed", "internal error at this site (see its logs)")
 
-    async def _audit_refusal(self, job: VerifiedJob, exc: Exception) -> None:
+    async def _audit_refusal(self, job: VerifiedJob, exc: Exception,
+                             nonce: NonceClaim | None) -> None:
+        entry = (job.researcher.name, job.researcher.role, "release", "refused",
+                 {"job": job.request.job_id, "catalog": job.request.catalog,
+                  "policy": getattr(exc, "policy", type(exc).__name__), "reason": str(exc)})
+        if nonce is not None and not nonce.consumed:
+            if not await self._store.claim_nonce(nonce, audit=entry):
+                raise Replayed("replayed request: this signed job was already run at this site")
+        else:
+            await self._store.audit(*entry)
         self._on_decision("refused")
-        await self._store.audit(job.researcher.name, job.researcher.role, "release", "refused",
-                                {"job": job.request.job_id, "catalog": job.request.catalog,
-                                 "policy": getattr(exc, "policy", type(exc).__name__),
-                                 "reason": str(exc)})
 
     async def _compute(self, job: VerifiedJob, catalog: Catalog,
                        on_event: EventSink) -> tuple[list[Partial], frozenset[str] | None]:
@@ -151,7 +161,8 @@ class SiteExecutor:
         return await self._script_runner(job, catalog, on_event)
 
     async def _release(self, job: VerifiedJob, catalog: Catalog, partials: list[Partial],
-                       cohort: frozenset[str] | None, epsilon: float | None) -> SiteOutcome:
+                       cohort: frozenset[str] | None, epsilon: float | None,
+                       nonce: NonceClaim | None = None) -> SiteOutcome:
         req = job.request
         k = self._policy.k_min
         partials, decisions = suppress_small_cells(partials, k)
@@ -184,7 +195,7 @@ class SiteExecutor:
                                   "withheld": [f"{d.output}{list(d.group)}: {d.reason}"
                                                for d in decisions if d.action != "released"]}),
             budget=self._policy.budget_epsilon, guard=guard, guard_window=k - 1,
-            audit_actor=(job.researcher.name, job.researcher.role))
+            audit_actor=(job.researcher.name, job.researcher.role), nonce=nonce)
         self._on_decision(stored.decision)
         return self._from_release(stored)
 

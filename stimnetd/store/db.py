@@ -21,10 +21,10 @@ from typing import Any, TypeVar
 import aiosqlite
 import structlog
 
-from stimnetd.errors import StimnetError
+from stimnetd.errors import Replayed, StimnetError
 from stimnetd.privacy.policy import BudgetExhausted as PrivacyBudgetExhausted
 from stimnetd.store.audit import GENESIS, AuditRow, AuditVerification, chain_hash, verify_rows
-from stimnetd.store.records import JobRecord, MemberRecord, Release, cohort_digest
+from stimnetd.store.records import JobRecord, MemberRecord, NonceClaim, Release, cohort_digest
 from stimnetd.store.schema import MIGRATIONS
 
 T = TypeVar("T")
@@ -238,22 +238,27 @@ class Store:
 
         `audit`, if given, is appended in the same transaction when the nonce is new.
         """
+        return await self.claim_nonce(NonceClaim(nonce, signer, max_age_s, audit))
+
+    async def claim_nonce(self, claim: NonceClaim,
+                          audit: tuple[str, str, str, str, dict[str, Any]] | None = None) -> bool:
+        """Remember `claim` now (with its accepted entry, then `audit`); False on replay."""
         now = self._clock()
 
         def tx(chain: _Chain) -> bool:
-            # Nonces older than twice the freshness window can never be replayed (the
-            # timestamp check refuses them first), so they need not be kept.
-            chain.conn.execute("DELETE FROM nonces WHERE seen_at < ?", (now - 2 * max_age_s,))
-            try:
-                chain.conn.execute("INSERT INTO nonces (nonce, signer, seen_at) VALUES (?, ?, ?)",
-                                   (nonce, signer, now))
-            except sqlite3.IntegrityError:
+            if not _insert_nonce(chain, claim, now):
                 return False
             if audit is not None:
                 chain.append(*audit)
             return True
 
-        return await self._tx(tx)
+        fresh = await self._tx(tx)
+        claim.consumed = True
+        return fresh
+
+    async def nonce_seen(self, nonce: str) -> bool:
+        rows = await self.db.execute_fetchall("SELECT 1 FROM nonces WHERE nonce = ?", (nonce,))
+        return bool(list(rows))
 
     # -- jobs ------------------------------------------------------------------------
 
@@ -353,20 +358,26 @@ class Store:
 
     async def release(self, release: Release, *, budget: float,
                       guard: Callable[[list[frozenset[str]]], None] | None = None,
-                      guard_window: int = 0, audit_actor: tuple[str, str]) -> Release:
+                      guard_window: int = 0, audit_actor: tuple[str, str],
+                      nonce: NonceClaim | None = None) -> Release:
         """Record a release, charge its epsilon and audit it, in one transaction.
 
         Idempotent per job: a job released before (e.g. re-run after a crash) returns the
         stored release without charging again. `guard` sees the researcher's earlier
         released cohorts inside the transaction, so two racing queries cannot both pass it;
         only cohorts whose size is within `guard_window` of this one are loaded. A refusal
-        commits its audit entry (and nothing else) before it is raised.
+        commits its audit entry (and nothing else) before it is raised. With `nonce`, the
+        request's nonce is remembered first, in this transaction; a duplicate raises
+        `Replayed` and nothing is released.
         """
         digest = release.cohort_key or cohort_digest(release.cohort)
         base = {"job": release.job_id, "catalog": release.catalog}
+        now = self._clock()
 
         def tx(chain: _Chain) -> Release | StimnetError:
             conn = chain.conn
+            if nonce is not None and not _insert_nonce(chain, nonce, now):
+                return Replayed("replayed request: this signed job was already run at this site")
             existing = conn.execute(_RELEASE_SELECT + " WHERE job_id = ?",
                                     (release.job_id,)).fetchone()
             if existing is not None:
@@ -418,6 +429,8 @@ class Store:
             return release
 
         outcome = await self._tx(tx)
+        if nonce is not None:
+            nonce.consumed = True
         if isinstance(outcome, StimnetError):
             raise outcome
         return outcome
@@ -472,6 +485,20 @@ class Store:
 
 _RELEASE_SELECT = ("SELECT job_id, researcher, catalog, decision, epsilon, cohort_digest, "
                    "partials, at FROM releases")
+
+
+def _insert_nonce(chain: _Chain, claim: NonceClaim, now: float) -> bool:
+    # Nonces older than twice the freshness window can never be replayed (the timestamp
+    # check refuses them first), so they need not be kept.
+    chain.conn.execute("DELETE FROM nonces WHERE seen_at < ?", (now - 2 * claim.max_age_s,))
+    try:
+        chain.conn.execute("INSERT INTO nonces (nonce, signer, seen_at) VALUES (?, ?, ?)",
+                           (claim.nonce, claim.signer, now))
+    except sqlite3.IntegrityError:
+        return False
+    if claim.accepted is not None:
+        chain.append(*claim.accepted)
+    return True
 
 
 class _Chain:

@@ -103,3 +103,19 @@ def cohort_digest(cohort: frozenset[str]) -> str:
                     for m in cohort)
     total %= 1 << 128
     return hashlib.sha256(f"{len(cohort)}:{total:032x}".encode()).hexdigest()
+
+
+@dataclass
+class NonceClaim:
+    """A signed request's nonce, to be remembered in the transaction that records what the
+    request did (its release, or its refusal) instead of one of its own: a peer answers a
+    federated query with one commit, not two. `accepted` is appended with it.
+
+    Replays still cannot do anything twice: the release transaction inserts the nonce
+    first and aborts on a duplicate, so of two concurrent copies only one releases."""
+
+    nonce: str
+    signer: str
+    max_age_s: float
+    accepted: tuple[str, str, str, str, dict[str, Any]] | None = None
+    consumed: bool = False

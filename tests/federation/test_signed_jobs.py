@@ -113,6 +113,31 @@ async def test_peer_refuses_relayed_replay_and_tampering(federation, tmp_path: P
         assert "must be signed by a researcher" in err.value.details()
 
 
+async def test_concurrent_relayed_copies_release_once(federation, tmp_path: Path) -> None:
+    """A peer remembers a query's nonce in its release transaction (one commit per query):
+    of several copies relayed at once, exactly one is released, the others are replays."""
+    import asyncio
+
+    cats = [[_tiny_catalog(tmp_path / "a", [float(a) for a in range(30, 60)])],
+            [_tiny_catalog(tmp_path / "b", [float(a) for a in range(30, 60)])]]
+    async with federation(cats) as fed, fed.client() as c:
+        signed = _signed(c, scope="federated")
+        results = await asyncio.gather(*[_subjob(fed, 0, 1, signed) for _ in range(4)],
+                                       return_exceptions=True)
+        done = [r for r in results if not isinstance(r, BaseException)]
+        replays = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+        assert len(done) == 1 and len(replays) == 3, results
+        assert all(r.code() == grpc.StatusCode.FAILED_PRECONDITION and
+                   "replayed" in (r.details() or "") for r in replays)
+        assert done[0][-1].site.state == "done"
+        peer = fed.daemons[1]
+        rows = await peer.store.audit_rows()
+        job_id = signing.JobRequest.from_payload(signed.payload).job_id
+        mine = [r for r in rows if json.loads(r.detail_json).get("job") == job_id]
+        assert [(r.action, r.decision) for r in mine] == [("subjob", "accepted"),
+                                                          ("release", "released")]
+
+
 async def test_revoked_signer_is_refused_even_after_its_chain_was_cached(federation,
                                                                          tmp_path: Path) -> None:
     """A researcher revoked after earlier jobs (chain cached) cannot have new jobs relayed."""

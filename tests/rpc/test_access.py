@@ -230,3 +230,20 @@ async def test_health_serving_and_reflection_lists_services(start_node, pki: Cer
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     assert {"stimnet.v1.NodeService", "stimnet.v1.AdminService",
             "grpc.health.v1.Health"} <= set(services)
+
+
+async def test_a_query_cannot_change_the_catalog_the_next_query_sees(
+        start_node, pki: CertFactory, small_catalog: dict) -> None:
+    """Catalogs hand out shallow copies (copy-on-write): writing into one changes nothing
+    for the next caller, and the same query gives the same answer afterwards."""
+    alice = pki.issue("alice", "researcher")
+    async with start_node(catalogs=[small_catalog]) as d:
+        cat = d.catalogs.get("dbs_outcomes")
+        async with AsyncClient(client_config(alice, _addr(d))) as c:
+            sql = "SELECT count(*), avg(age) FROM dbs_outcomes"
+            before = (await c.query(sql)).to_pandas()
+            frame = cat.frame()
+            frame.loc[:, "age"] = 1000.0
+            assert (cat.frame()["age"] < 200).all()
+            after = (await c.query(sql)).to_pandas()
+    assert before.equals(after)
