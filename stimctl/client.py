@@ -274,16 +274,14 @@ class AsyncClient:
 
         asm: codec.Assembler | None = None
         async for ev in self._stream(rpc, request, timeout or self.config.timeout_s * 20):
-            if ev.WhichOneof("event") == "state" and not job_id:
+            # Several fields may be set in one event: result first, then state.
+            if ev.HasField("state") and not job_id:
                 job_id = ev.state.id
-            which = ev.WhichOneof("event")
-            if which == "state":
-                yield "state", ev.state
-            elif which == "site":
+            if ev.HasField("site"):
                 yield "site", ev.site
-            elif which == "log_line":
+            if ev.log_line:
                 yield "log", ev.log_line
-            elif which == "result":
+            if ev.HasField("result"):
                 if ev.result.WhichOneof("frame") == "header":
                     asm = codec.Assembler()
                 if asm is None:
@@ -293,6 +291,8 @@ class AsyncClient:
                     doc, arrays = asm.result()
                     yield "result", QueryAnswer(job_id, doc, arrays)
                     asm = None
+            if ev.HasField("state"):
+                yield "state", ev.state
 
     async def result(self, job_id: str) -> Any:
         from stimctl.results import QueryAnswer

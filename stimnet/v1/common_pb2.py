@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17stimnet/v1/common.proto\x12\nstimnet.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"X\n\tSignedJob\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x17\n\x0fsigner_cert_pem\x18\x03 \x01(\x0c\x12\x0e\n\x06script\x18\x04 \x01(\x0c\"J\n\nArrayChunk\x12\x10\n\x08\x61rray_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\"#\n\x0cResultHeader\x12\x13\n\x0bheader_json\x18\x01 \x01(\t\"k\n\x0bResultFrame\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.stimnet.v1.ResultHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.stimnet.v1.ArrayChunkH\x00\x42\x07\n\x05\x66rame\"k\n\tSiteEvent\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\t\n\x01n\x18\x04 \x01(\x04\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestampb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17stimnet/v1/common.proto\x12\nstimnet.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"X\n\tSignedJob\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x17\n\x0fsigner_cert_pem\x18\x03 \x01(\x0c\x12\x0e\n\x06script\x18\x04 \x01(\x0c\"J\n\nArrayChunk\x12\x10\n\x08\x61rray_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\"1\n\x0cResultHeader\x12\x13\n\x0bheader_json\x18\x01 \x01(\t\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\"k\n\x0bResultFrame\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.stimnet.v1.ResultHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.stimnet.v1.ArrayChunkH\x00\x42\x07\n\x05\x66rame\"k\n\tSiteEvent\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\t\n\x01n\x18\x04 \x01(\x04\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestampb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,9 +37,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ARRAYCHUNK']._serialized_start=162
   _globals['_ARRAYCHUNK']._serialized_end=236
   _globals['_RESULTHEADER']._serialized_start=238
-  _globals['_RESULTHEADER']._serialized_end=273
-  _globals['_RESULTFRAME']._serialized_start=275
-  _globals['_RESULTFRAME']._serialized_end=382
-  _globals['_SITEEVENT']._serialized_start=384
-  _globals['_SITEEVENT']._serialized_end=491
+  _globals['_RESULTHEADER']._serialized_end=287
+  _globals['_RESULTFRAME']._serialized_start=289
+  _globals['_RESULTFRAME']._serialized_end=396
+  _globals['_SITEEVENT']._serialized_start=398
+  _globals['_SITEEVENT']._serialized_end=505
 # @@protoc_insertion_point(module_scope)

@@ -33,10 +33,12 @@ class ArrayChunk(_message.Message):
     def __init__(self, array_id: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ...) -> None: ...
 
 class ResultHeader(_message.Message):
-    __slots__ = ("header_json",)
+    __slots__ = ("header_json", "body")
     HEADER_JSON_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
     header_json: str
-    def __init__(self, header_json: _Optional[str] = ...) -> None: ...
+    body: bytes
+    def __init__(self, header_json: _Optional[str] = ..., body: _Optional[bytes] = ...) -> None: ...
 
 class ResultFrame(_message.Message):
     __slots__ = ("header", "chunk")

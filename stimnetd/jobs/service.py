@@ -47,7 +47,7 @@ class ScriptPolicy:
 class JobUpdate:
     """One thing a watcher sees: a state change, a site event, a log line or the result."""
 
-    kind: str                          # state | site | log | result
+    kind: str                          # state (the final one may carry the result) | site | log | result
     job: JobRecord | None = None
     site: dict[str, Any] | None = None
     line: str = ""
@@ -205,9 +205,9 @@ class JobService:
                 fan = FanoutResult([outcome])
             state, detail, answer = self._finish(job, fan)
             blob = codec.pack(*answer) if answer is not None else None
-            await self._set_state(record.id, state, detail, sites=live.sites, result=blob)
-            if answer is not None:
-                await self._publish(record.id, JobUpdate("result", result=answer))
+            # The final state carries the answer: watchers get both in one update.
+            await self._set_state(record.id, state, detail, sites=live.sites, result=blob,
+                                  answer=answer)
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - a job failure is the job's state, not a crash
@@ -261,10 +261,12 @@ class JobService:
 
     async def _set_state(self, job_id: str, state: str, detail: str,
                          sites: list[dict[str, Any]] | None = None,
-                         result: bytes | None = None) -> None:
+                         result: bytes | None = None,
+                         answer: tuple[dict[str, Any], dict[str, np.ndarray]] | None = None
+                         ) -> None:
         record = await self._store.update_job(job_id, state=state, detail=detail, sites=sites,
                                               result=result)
-        await self._publish(job_id, JobUpdate("state", job=record))
+        await self._publish(job_id, JobUpdate("state", job=record, result=answer))
 
     async def _publish(self, job_id: str, update: JobUpdate) -> None:
         live = self._live.get(job_id)
@@ -340,8 +342,12 @@ class JobService:
                     if key in seen:
                         continue
                     seen.add(key)
-                if update.kind == "result" and record.owner != caller.name:
-                    continue
+                if update.result is not None and record.owner != caller.name:
+                    # Only the researcher who asked sees the answer.
+                    if update.kind == "result":
+                        continue
+                    update = JobUpdate(update.kind, job=update.job, site=update.site,
+                                       line=update.line)
                 yield update
         finally:
             if live is not None:

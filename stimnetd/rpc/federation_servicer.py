@@ -32,14 +32,19 @@ class FederationServicer(federation_pb2_grpc.FederationServiceServicer):
         caller = current_caller()
         async for ev in self._subjobs.run(convert.signed_job(request.job), caller.identity,
                                           request.request_id or caller.request_id):
-            if ev.outcome is not None:
-                docs, arrays = codec.partials_to_doc(ev.outcome.partials)
-                doc = {"partials": docs, "epsilon": ev.outcome.epsilon,
-                       "mechanism": ev.outcome.mechanism}
-                for frame in to_frames(doc, arrays):
-                    yield federation_pb2.SubJobEvent(partial=frame)
-            yield federation_pb2.SubJobEvent(site=common_pb2.SiteEvent(
-                site=self._site, state=ev.state, detail=ev.detail, n=max(0, ev.n)))
+            site = common_pb2.SiteEvent(site=self._site, state=ev.state, detail=ev.detail,
+                                        n=max(0, ev.n))
+            if ev.outcome is None:
+                yield federation_pb2.SubJobEvent(site=site)
+                continue
+            docs, arrays = codec.partials_to_doc(ev.outcome.partials)
+            doc = {"partials": docs, "epsilon": ev.outcome.epsilon,
+                   "mechanism": ev.outcome.mechanism}
+            frames = list(to_frames(doc, arrays))
+            for frame in frames[:-1]:
+                yield federation_pb2.SubJobEvent(partial=frame)
+            # The outcome's last frame and its final event: one message for a small result.
+            yield federation_pb2.SubJobEvent(partial=frames[-1], site=site)
 
     # -- SWIM ----------------------------------------------------------------------------
 

@@ -53,7 +53,13 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
     async def _events(self, job_id: str) -> AsyncIterator[jobs_pb2.JobEvent]:
         async for update in self._jobs.watch(job_id, current_caller().identity):
-            if update.kind == "state" and update.job is not None:
+            if update.kind == "state" and update.job is not None and update.result is not None:
+                # The final state with its answer: the state rides on the last frame.
+                frames = list(to_frames(*update.result))
+                for frame in frames[:-1]:
+                    yield jobs_pb2.JobEvent(result=frame)
+                yield jobs_pb2.JobEvent(result=frames[-1], state=convert.job(update.job))
+            elif update.kind == "state" and update.job is not None:
                 yield jobs_pb2.JobEvent(state=convert.job(update.job))
             elif update.kind == "site" and update.site is not None:
                 yield jobs_pb2.JobEvent(site=convert.site_event(update.site))

@@ -63,10 +63,9 @@ class GrpcSubJobTransport:
                                              entry_node=self._entry, request_id=request_id),
                 timeout=timeout_s, metadata=((REQUEST_ID_KEY, request_id),))
             async for ev in call:
-                which = ev.WhichOneof("event")
-                if which == "partial":
+                if ev.HasField("partial"):
                     feed(asm, ev.partial)
-                elif which == "site":
+                if ev.HasField("site"):
                     s = ev.site
                     site = s.site or label
                     await on_event(site, s.state, s.detail, int(s.n))

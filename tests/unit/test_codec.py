@@ -69,3 +69,28 @@ def test_out_of_order_and_oversized_chunks_are_refused() -> None:
     assert not asm.complete
     with pytest.raises(codec.CodecError, match="of 16 bytes"):
         asm.result()
+
+
+@pytest.mark.parametrize("arrays, messages", [
+    ({f"a{i}": np.ones(3) for i in range(20)}, ["header+body"]),          # small: inline
+    ({}, ["header"]),                                                      # no arrays
+    ({"v": np.ones(8192)}, ["header+body"]),                               # exactly INLINE
+    ({"v": np.ones(8193)}, ["header", "chunk"]),                           # just over
+    ({"map": np.ones(300_000)}, ["header"] + ["chunk"] * 5),               # 2.4 MB in pieces
+])
+def test_frames_inline_a_small_body_and_chunk_a_large_one(arrays, messages) -> None:  # type: ignore[no-untyped-def]
+    """On the wire a small result is one message; a large one is never one oversized message."""
+    from stimnetd.rpc.frames import INLINE, feed, to_frames
+
+    frames = list(to_frames({"k": 1}, arrays))
+    kinds = [("header+body" if f.header.body else "header") if f.HasField("header") else "chunk"
+             for f in frames]
+    assert kinds == messages
+    assert all(len(f.chunk.data) <= codec.CHUNK and len(f.header.body) <= INLINE for f in frames)
+    asm = codec.Assembler()
+    for f in frames:
+        feed(asm, f)
+    doc, back = asm.result()
+    assert doc == {"k": 1} and set(back) == set(arrays)
+    for k, v in arrays.items():
+        np.testing.assert_array_equal(back[k], v)
