@@ -112,7 +112,11 @@ class SiteExecutor:
                     return self._from_release(existing)
             catalog = self._catalogs.get(req.catalog)
             epsilon = decide_epsilon(self._policy, req.epsilon)
-            await on_event("running", "")
+            if req.kind != "query":
+                # A query runs the moment it is accepted, in milliseconds: a separate
+                # "running" event would only cost every hop a message. A script's start
+                # (a container) is worth reporting.
+                await on_event("running", "")
             partials, cohort = await self._compute(job, catalog, on_event)
             return await self._release(job, catalog, partials, cohort, epsilon, nonce)
         except Replayed:
