@@ -14,6 +14,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from stimnetd.store.records import JOB_STATES
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -67,8 +69,10 @@ class Metrics:
             self._server = None
 
     def update(self, s: dict[str, Any]) -> None:
-        for state, n in s["jobs_by_state"].items():
-            self.jobs.labels(state).set(n)
+        # Every state, zeros included: a state no job is in any more must read 0, not
+        # keep the last count it had.
+        for state in JOB_STATES:
+            self.jobs.labels(state).set(s["jobs_by_state"].get(state, 0))
         self.queue_depth.set(s["queue_depth"])
         self.peers.clear()
         for status, n in s["peers_by_status"].items():

@@ -80,5 +80,6 @@ async def test_metrics_endpoint_reports_rpcs_and_privacy(start_node, pki: CertFa
     assert value('stimnet_privacy_decisions_total{decision="released"}') == 1
     assert value('stimnet_epsilon_spent{catalog="dbs_outcomes"}') == pytest.approx(1.0)
     assert value('stimnet_jobs{state="succeeded"}') == 1
+    assert value('stimnet_jobs{state="running"}') == 0  # every state is reported, zeros too
     assert value("stimnet_certificate_days_left") > 0
     assert value('stimnet_peers{status="alive"}') == 1
