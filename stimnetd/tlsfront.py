@@ -43,8 +43,11 @@ log = structlog.get_logger("stimnetd.tlsfront")
 _RECORD = 16 * 1024
 _BIO_READ = 64 * 1024
 _NAME_PREFIX = "stimnet-front-"
-# A peer that opens a connection and never finishes the handshake holds a slot; bound it.
+# A peer that opens a connection and never finishes the handshake holds a slot: bound how
+# long, and how many such connections there may be at once (beyond it, new connections are
+# closed at once; established ones are unaffected).
 HANDSHAKE_TIMEOUT_S = 10.0
+MAX_HANDSHAKING = 256
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,7 @@ class TlsFront:
         self._server: asyncio.Server | None = None
         self._verdicts: dict[str, Verdict] = {}
         self._conns: set[_Client] = set()
+        self.handshaking = 0
 
     def reload(self, ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> None:
         """New connections use the new material; open ones keep theirs."""
@@ -167,7 +171,14 @@ class _Client(asyncio.Protocol):
         self._transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
         peer = transport.get_extra_info("peername")
         self._remote = f"{peer[0]}:{peer[1]}" if peer else "?"
+        if self._front.handshaking >= MAX_HANDSHAKING:
+            log.warning("too many unfinished TLS handshakes; connection closed",
+                        remote=self._remote, limit=MAX_HANDSHAKING)
+            self._closed = True
+            transport.abort()
+            return
         self._front._conns.add(self)
+        self._front.handshaking += 1
         self._timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT_S, self._timeout)
 
     def data_received(self, data: bytes) -> None:
@@ -184,6 +195,7 @@ class _Client(asyncio.Protocol):
                 self.abort()
                 return
             self._handshaken = True
+            self._front.handshaking -= 1
             if self._timer is not None:
                 self._timer.cancel()
             self._flush()
@@ -243,7 +255,10 @@ class _Client(asyncio.Protocol):
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
-        self._front._conns.discard(self)
+        if self in self._front._conns:
+            self._front._conns.discard(self)
+            if not self._handshaken:
+                self._front.handshaking -= 1
         self._close_inner()
 
     def pause_writing(self) -> None:

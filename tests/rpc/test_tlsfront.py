@@ -120,6 +120,37 @@ async def test_garbage_and_silence_are_dropped_and_the_node_keeps_serving(
             assert (await c.info()).caller == "alice"
 
 
+async def test_unfinished_handshakes_are_bounded(start_node, pki: CertFactory,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beyond MAX_HANDSHAKING silent connections, new ones are closed at once; a connection
+    that completes its handshake frees its slot, and the node keeps serving."""
+    monkeypatch.setattr(tlsfront, "MAX_HANDSHAKING", 2)
+    alice = pki.issue("alice", "researcher")
+    async with start_node() as d:
+        silent = [await asyncio.open_connection("127.0.0.1", d.port) for _ in range(2)]
+        for _ in range(50):
+            if d.front.handshaking == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert d.front.handshaking == 2
+        reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
+        try:  # closed at once (EOF or reset), not after the handshake timeout
+            assert await asyncio.wait_for(reader.read(), timeout=2) == b""
+        except ConnectionResetError:
+            pass
+        writer.close()
+        for _, w in silent:
+            w.close()
+        for _ in range(100):
+            if d.front.handshaking == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert d.front.handshaking == 0
+        async with AsyncClient(client_config(alice, _addr(d))) as c:
+            assert (await c.info()).caller == "alice"
+        assert d.front.handshaking == 0
+
+
 async def test_plain_tls_client_without_h2_gets_no_data(start_node, pki: CertFactory) -> None:
     """A TLS client that does not speak HTTP/2 is answered by the inner gRPC server's
     protocol error, never by anything from the node's data."""
