@@ -279,6 +279,8 @@ class AsyncClient:
                 job_id = ev.state.id
             if ev.HasField("site"):
                 yield "site", ev.site
+            for site in ev.sites:
+                yield "site", site
             if ev.log_line:
                 yield "log", ev.log_line
             if ev.HasField("result"):

@@ -87,13 +87,15 @@ class ReviewJobRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ..., remember: _Optional[bool] = ...) -> None: ...
 
 class JobEvent(_message.Message):
-    __slots__ = ("state", "site", "log_line", "result")
+    __slots__ = ("state", "site", "log_line", "result", "sites")
     STATE_FIELD_NUMBER: _ClassVar[int]
     SITE_FIELD_NUMBER: _ClassVar[int]
     LOG_LINE_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    SITES_FIELD_NUMBER: _ClassVar[int]
     state: Job
     site: _common_pb2.SiteEvent
     log_line: str
     result: _common_pb2.ResultFrame
-    def __init__(self, state: _Optional[_Union[Job, _Mapping]] = ..., site: _Optional[_Union[_common_pb2.SiteEvent, _Mapping]] = ..., log_line: _Optional[str] = ..., result: _Optional[_Union[_common_pb2.ResultFrame, _Mapping]] = ...) -> None: ...
+    sites: _containers.RepeatedCompositeFieldContainer[_common_pb2.SiteEvent]
+    def __init__(self, state: _Optional[_Union[Job, _Mapping]] = ..., site: _Optional[_Union[_common_pb2.SiteEvent, _Mapping]] = ..., log_line: _Optional[str] = ..., result: _Optional[_Union[_common_pb2.ResultFrame, _Mapping]] = ..., sites: _Optional[_Iterable[_Union[_common_pb2.SiteEvent, _Mapping]]] = ...) -> None: ...

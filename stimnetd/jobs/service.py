@@ -9,6 +9,7 @@ mid-job sees each transition once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 import uuid
@@ -47,9 +48,11 @@ class ScriptPolicy:
 class JobUpdate:
     """One thing a watcher sees: a state change, a site event, a log line or the result."""
 
-    kind: str                          # state (the final one may carry the result) | site | log | result
+    # state (the final one may carry the result) | site | sites (several at once) | log | result
+    kind: str
     job: JobRecord | None = None
     site: dict[str, Any] | None = None
+    sites: list[dict[str, Any]] = field(default_factory=list)
     line: str = ""
     result: tuple[dict[str, Any], dict[str, np.ndarray]] | None = None
 
@@ -333,15 +336,35 @@ class JobService:
                 if record.result is not None and record.owner == caller.name:
                     yield JobUpdate("result", result=codec.unpack(record.result))
                 return
+            held: collections.deque[JobUpdate] = collections.deque()
+
+            def fresh_site(u: JobUpdate) -> bool:
+                key = (u.site["site"], u.site["state"])  # type: ignore[index]
+                if key in seen:
+                    return False
+                seen.add(key)
+                return True
+
             while True:
-                update = await queue.get()
+                update = held.popleft() if held else await queue.get()
                 if update.kind == "end":
                     return
                 if update.kind == "site":
-                    key = (update.site["site"], update.site["state"])  # type: ignore[index]
-                    if key in seen:
+                    if not fresh_site(update):
                         continue
-                    seen.add(key)
+                    # Site events that arrived meanwhile go out together: one message
+                    # instead of one per event (per-message cost dominates small queries).
+                    batch = [update.site]
+                    while not queue.empty():
+                        nxt = queue.get_nowait()
+                        if nxt.kind != "site":
+                            held.append(nxt)
+                            break
+                        if fresh_site(nxt):
+                            batch.append(nxt.site)
+                    if len(batch) > 1:
+                        yield JobUpdate("sites", sites=batch)  # type: ignore[arg-type]
+                        continue
                 if update.result is not None and record.owner != caller.name:
                     # Only the researcher who asked sees the answer.
                     if update.kind == "result":

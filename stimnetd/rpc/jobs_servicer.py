@@ -63,6 +63,8 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 yield jobs_pb2.JobEvent(state=convert.job(update.job))
             elif update.kind == "site" and update.site is not None:
                 yield jobs_pb2.JobEvent(site=convert.site_event(update.site))
+            elif update.kind == "sites":
+                yield jobs_pb2.JobEvent(sites=[convert.site_event(s) for s in update.sites])
             elif update.kind == "log":
                 yield jobs_pb2.JobEvent(log_line=update.line)
             elif update.kind == "result" and update.result is not None:

@@ -1,0 +1,81 @@
+"""What a job's watcher receives: site events that were ready at once go out together,
+in order, without duplicates, and an answer only ever reaches the researcher who asked."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+
+from stimnetd.jobs.service import JobService, JobUpdate, _Live
+from stimnetd.pki import Identity
+from stimnetd.store import Store
+from stimnetd.store.records import JobRecord
+
+ALICE = Identity(name="alice", role="researcher", serial=1,
+                 not_after=datetime.now(UTC) + timedelta(days=1))
+OPS = Identity(name="ops", role="admin", serial=2, not_after=datetime.now(UTC) + timedelta(days=1))
+
+
+async def _service(tmp_path: Path) -> tuple[JobService, Store]:
+    store = Store(tmp_path / "node.sqlite3")
+    await store.open()
+    jobs = JobService(node="node-a", store=store, executor=None, coordinator=None,  # type: ignore[arg-type]
+                      verify=lambda signed: None)  # type: ignore[arg-type,return-value]
+    await store.create_job(JobRecord(
+        id="j1", kind="query", scope="federated", catalog="c", owner="alice", state="running",
+        detail="", created_at=0.0, updated_at=0.0, request_id="r", origin="client",
+        payload=b"{}", signature=b"", signer_cert=b""))
+    jobs._live["j1"] = _Live()
+    return jobs, store
+
+
+def _site(name: str, state: str) -> JobUpdate:
+    return JobUpdate("site", site={"site": name, "state": state, "detail": "", "n": 0, "at": 0.0})
+
+
+async def test_ready_site_events_are_coalesced_in_order(tmp_path: Path) -> None:
+    jobs, store = await _service(tmp_path)
+    try:
+        watch = jobs.watch("j1", ALICE)
+        first = await watch.__anext__()
+        assert first.kind == "state" and first.job is not None and first.job.state == "running"
+        for update in (_site("a", "accepted"), _site("b", "accepted"), _site("a", "accepted"),
+                       JobUpdate("log", line="a: hello"), _site("a", "done"),
+                       _site("b", "done")):
+            await jobs._publish("j1", update)
+        got = [await watch.__anext__() for _ in range(3)]
+        assert [u.kind for u in got] == ["sites", "log", "sites"]
+        assert [(s["site"], s["state"]) for s in got[0].sites] == [("a", "accepted"),
+                                                                   ("b", "accepted")]
+        assert got[1].line == "a: hello"
+        assert [(s["site"], s["state"]) for s in got[2].sites] == [("a", "done"), ("b", "done")]
+        # A lone event stays a single one.
+        await jobs._publish("j1", _site("c", "failed"))
+        lone = await watch.__anext__()
+        assert lone.kind == "site" and lone.site is not None and lone.site["site"] == "c"
+        await jobs._publish("j1", JobUpdate("end"))
+        assert [u async for u in watch] == []
+    finally:
+        await store.close()
+
+
+async def test_only_the_owner_receives_the_answer(tmp_path: Path) -> None:
+    """The final state carries the answer; an admin watching the same job gets the state
+    without it."""
+    jobs, store = await _service(tmp_path)
+    try:
+        mine, theirs = jobs.watch("j1", ALICE), jobs.watch("j1", OPS)
+        await mine.__anext__()
+        await theirs.__anext__()
+        record = await store.get_job("j1")
+        answer = ({"result": {"n": 7}}, {"v": np.ones(2)})
+        await jobs._publish("j1", JobUpdate("state", job=record, result=answer))
+        await jobs._publish("j1", JobUpdate("end"))
+        own = [u async for u in mine]
+        other = [u async for u in theirs]
+        assert own[0].kind == "state" and own[0].result is answer
+        assert other[0].kind == "state" and other[0].result is None
+    finally:
+        await store.close()
