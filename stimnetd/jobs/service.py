@@ -319,13 +319,19 @@ class JobService:
             await live.task
         return await self.get(job_id, caller)
 
-    async def watch(self, job_id: str, caller: Identity) -> AsyncIterator[JobUpdate]:
+    async def watch(self, job_id: str, caller: Identity,
+                    submitted: JobRecord | None = None) -> AsyncIterator[JobUpdate]:
+        """`submitted`: the record `submit` just returned to this caller (RunJob), which
+        spares a read and lets the first event leave before the job's fan-out starts."""
         queue: asyncio.Queue[JobUpdate] = asyncio.Queue()
         live = self._live.get(job_id)
         if live is not None:
             live.watchers.add(queue)
         try:
-            record = await self.get(job_id, caller)
+            if submitted is not None and submitted.id == job_id and submitted.owner == caller.name:
+                record = submitted
+            else:
+                record = await self.get(job_id, caller)
             seen: set[tuple[str, str]] = set()
             yield JobUpdate("state", job=record)
             snapshot = record.sites if record.terminal or live is None else list(live.sites)

@@ -11,6 +11,7 @@ from stimnetd.jobs.service import JobService
 from stimnetd.rpc import convert
 from stimnetd.rpc.frames import to_frames
 from stimnetd.rpc.guard import current_caller
+from stimnetd.store.records import JobRecord
 
 
 class JobServicer(jobs_pb2_grpc.JobServiceServicer):
@@ -32,7 +33,9 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         caller = current_caller()
         record = await self._jobs.submit(convert.signed_job(request.job), caller.identity,
                                          caller.request_id)
-        async for event in self._events(record.id):
+        # The submitted record goes along: the first event leaves without a read, before
+        # the job's fan-out competes with it for the event loop.
+        async for event in self._events(record.id, record):
             yield event
 
     async def GetJob(self, request: jobs_pb2.GetJobRequest, context: Any) -> jobs_pb2.Job:
@@ -51,8 +54,9 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         async for event in self._events(request.id):
             yield event
 
-    async def _events(self, job_id: str) -> AsyncIterator[jobs_pb2.JobEvent]:
-        async for update in self._jobs.watch(job_id, current_caller().identity):
+    async def _events(self, job_id: str,
+                      submitted: JobRecord | None = None) -> AsyncIterator[jobs_pb2.JobEvent]:
+        async for update in self._jobs.watch(job_id, current_caller().identity, submitted):
             if update.kind == "state" and update.job is not None and update.result is not None:
                 # The final state with its answer: the state rides on the last frame.
                 frames = list(to_frames(*update.result))
