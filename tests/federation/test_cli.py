@@ -70,6 +70,13 @@ async def test_errors_are_one_line(start_node, pki: CertFactory, small_catalog: 
         ):
             code, out, err = await _run(capsys, "--config", cfg, *argv)
             assert code == 1 and len(err.strip().splitlines()) == 1 and needle in err, err
+        # A certificate the node cannot accept: the node's reason, in one line.
+        expired = pki.issue("alice", "researcher", expired=True)
+        (tmp_path / "old").mkdir()
+        old = str(_client_file(tmp_path / "old", expired, d.port))
+        code, _, err = await _run(capsys, "--config", old, "info")
+        assert code == 1 and len(err.strip().splitlines()) == 1, err
+        assert "researcher/alice" in err and "expired at" in err, err
     dead = str(_client_file(tmp_path, alice, free_port()))
     code, _, err = await _run(capsys, "--config", dead, "info")
     assert code == 1 and err.startswith("stimctl: error: cannot reach node") and "\n" not in err.strip()
