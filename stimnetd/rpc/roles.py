@@ -34,6 +34,7 @@ RPC_ROLES: dict[str, frozenset[str]] = {
     # Standard services: any federation identity; they reveal no data.
     "/grpc.health.v1.Health/Check": _ANY,
     "/grpc.health.v1.Health/Watch": _ANY,
+    "/grpc.health.v1.Health/List": _ANY,
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": _ANY,
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": _ANY,
 }

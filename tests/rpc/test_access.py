@@ -247,3 +247,48 @@ async def test_a_query_cannot_change_the_catalog_the_next_query_sees(
             assert (cat.frame()["age"] < 200).all()
             after = (await c.query(sql)).to_pandas()
     assert before.equals(after)
+
+
+def _all_methods() -> list[tuple[str, bool, bool]]:
+    from grpc_health.v1 import health_pb2 as hp
+    from grpc_reflection.v1alpha import reflection_pb2 as rp
+
+    from stimnet.v1 import admin_pb2, federation_pb2, jobs_pb2, node_pb2
+
+    out = []
+    for mod in (node_pb2, jobs_pb2, federation_pb2, admin_pb2, hp, rp):
+        for svc in mod.DESCRIPTOR.services_by_name.values():
+            for m in svc.methods:
+                out.append((f"/{svc.full_name}/{m.name}", m.client_streaming, m.server_streaming))
+    return out
+
+
+def test_every_method_has_a_role_rule() -> None:
+    """A method missing from the role table would be refused to everyone (fail closed);
+    this keeps the table complete instead."""
+    from stimnetd.rpc.roles import RPC_ROLES
+
+    missing = [m for m, _, _ in _all_methods() if m not in RPC_ROLES]
+    assert missing == []
+
+
+async def test_every_method_refuses_a_caller_without_a_certificate(start_node,
+                                                                   pki: CertFactory) -> None:
+    """Each RPC the node serves passes the guard: none answers an unauthenticated caller."""
+    async with start_node() as d:
+        creds = grpc.ssl_channel_credentials(root_certificates=pki.ca_cert_path.read_bytes())
+        async with grpc.aio.secure_channel(_addr(d), creds) as ch:
+            for method, client_streaming, server_streaming in _all_methods():
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    if client_streaming and server_streaming:
+                        call = ch.stream_stream(method)(iter([b""]), timeout=5)
+                        await call.read()
+                    elif server_streaming:
+                        await ch.unary_stream(method)(b"", timeout=5).read()
+                    elif client_streaming:
+                        await ch.stream_unary(method)(iter([b""]), timeout=5)
+                    else:
+                        await ch.unary_unary(method)(b"", timeout=5)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, (method, err.value)
+        denied = {r.action for r in await d.store.audit_rows() if r.decision == "denied"}
+    assert denied == {m for m, _, _ in _all_methods()}
