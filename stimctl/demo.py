@@ -356,11 +356,18 @@ async def demo_metrics(fed: DemoFederation) -> None:
     url = f"http://{cfg['metrics']['listen']}/metrics"
     print(f"$ curl {url}   (selected lines)")
     # Store-derived gauges refresh every 2 s (a scrape never waits on the database), so
-    # give the last query's charge a moment to show up.
+    # give the last query's charge and the last job's end a moment to show up.
     deadline = time.monotonic() + 6
+
+    def settled(text: str) -> bool:
+        busy = [ln for ln in text.splitlines()
+                if ln.startswith(('stimnet_jobs{state="running"}', 'stimnet_jobs{state="queued"}'))
+                and not ln.rstrip().endswith(" 0.0")]
+        return "stimnet_epsilon_spent{" in text and not busy
+
     while True:
         body = urllib.request.urlopen(url, timeout=5).read().decode()
-        if "stimnet_epsilon_spent{" in body or time.monotonic() > deadline:
+        if settled(body) or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.5)
     wanted = ("stimnet_rpc_total{", "stimnet_jobs{", "stimnet_queue_depth ", "stimnet_peers{",
