@@ -16,6 +16,7 @@ from typing import Protocol
 
 import structlog
 
+from stimnetd.federation import subjob
 from stimnetd.jobs.signing import SignedJob, VerifiedJob
 from stimnetd.jobs.site import SiteExecutor, SiteOutcome
 
@@ -75,12 +76,28 @@ class Coordinator:
     async def _local(self, job: VerifiedJob, on_event: SiteEventSink,
                      resumed: bool) -> SiteOutcome:
         site = self._executor.site
-        await on_event(site, "accepted", "", 0)
+        reported = False
+
+        async def accepted() -> None:
+            nonlocal reported
+            if not reported:
+                reported = True
+                await on_event(site, "accepted", "", 0)
 
         async def relay(state: str, detail: str) -> None:
+            await accepted()
             await on_event(site, state, detail, 0)
 
-        outcome = await self._executor.run(job, relay, resumed=resumed)
+        # As at a peer (subjob.ACCEPTED_AFTER_S): "accepted" only if the answer takes a while.
+        task = asyncio.create_task(self._executor.run(job, relay, resumed=resumed))
+        try:
+            done, _ = await asyncio.wait({task}, timeout=subjob.ACCEPTED_AFTER_S)
+            if not done:
+                await accepted()
+            outcome = await task
+        finally:
+            if not task.done():  # cancelled (job cancel, shutdown): so is the site's run
+                task.cancel()
         await on_event(site, outcome.state, outcome.detail, outcome.n)
         return outcome
 

@@ -14,6 +14,9 @@ from stimnetd.pki import Identity
 from stimnetd.store import NonceClaim, Store
 from stimnetd.store.records import JobRecord
 
+# A site whose answer takes longer than this reports "accepted" first (see run()).
+ACCEPTED_AFTER_S = 0.05
+
 
 @dataclass(frozen=True)
 class SubJobEvent:
@@ -55,7 +58,6 @@ class SubJobHandler:
             # Queries remember the nonce in their release (or refusal) transaction, which
             # also stops a concurrent replay; this read only answers a late one at once.
             raise Replayed("replayed request: this signed job was already run at this site")
-        yield SubJobEvent("accepted")
         events: asyncio.Queue[SubJobEvent] = asyncio.Queue()
 
         async def sink(state: str, detail: str) -> None:
@@ -63,14 +65,22 @@ class SubJobHandler:
 
         task = asyncio.create_task(self._executor.run(
             job, sink, nonce=None if claim.consumed else claim))
+        # "accepted" is progress: a site that answers within ACCEPTED_AFTER_S reports its
+        # outcome straight away (one message, not two); a slower one says it accepted.
+        reported = False
         try:
             while not task.done() or not events.empty():
                 getter = asyncio.create_task(events.get())
-                done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-                if getter in done:
-                    yield getter.result()
-                else:
-                    getter.cancel()
+                done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED,
+                                             timeout=None if reported else ACCEPTED_AFTER_S)
+                if not done or getter in done:
+                    if not reported:
+                        reported = True
+                        yield SubJobEvent("accepted")
+                    if getter in done:
+                        yield getter.result()
+                        continue
+                getter.cancel()
             outcome = task.result()
         finally:
             if not task.done():

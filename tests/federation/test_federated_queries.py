@@ -120,6 +120,39 @@ async def test_min_sites_fails_cleanly(federation, tmp_path: Path) -> None:
     assert {m["site"]: m["state"] for m in ans.manifest} == {"site-a": "done", "site-b": "suppressed"}
 
 
+@pytest.mark.parametrize("slow", [False, True])
+async def test_sites_report_accepted_when_their_answer_takes_a_while(
+        federation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slow: bool) -> None:
+    """Per-site progress: a site answering within ACCEPTED_AFTER_S reports its outcome at
+    once; a slower one (here: its computation made to take 0.3 s) first says it accepted —
+    the entry's own share and a peer's alike."""
+    from stimnetd.federation import subjob
+    from stimnetd.jobs import site as site_module
+
+    if not slow:  # a threshold no loaded CI machine can miss
+        monkeypatch.setattr(subjob, "ACCEPTED_AFTER_S", 5.0)
+    else:
+        real = site_module.compute
+
+        def slow_compute(*args, **kwargs):  # type: ignore[no-untyped-def]
+            import time
+
+            time.sleep(0.3)  # runs in a worker thread, like the real computation
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(site_module, "compute", slow_compute)
+    cats = [[_tiny_catalog(tmp_path / n, [float(a) for a in range(30, 60)])] for n in "ab"]
+    async with federation(cats) as fed, fed.client() as c:
+        events: list[tuple[str, str]] = []
+        ans = await c.query("SELECT count(*) FROM tiny", federated=True, min_sites=2,
+                            on_event=lambda kind, v: events.append((v.site, v.state))
+                            if kind == "site" else None)
+    assert ans.rows[0][0] == 60
+    for site in ("site-a", "site-b"):
+        mine = [state for s, state in events if s == site]
+        assert mine == (["accepted", "done"] if slow else ["done"]), (site, events)
+
+
 async def test_unknown_query_field_is_refused_before_sending(federation, tmp_path: Path) -> None:
     """A query naming a field the catalog lacks is refused by every site with the field's name."""
     cat = _tiny_catalog(tmp_path / "t", [float(a) for a in range(30, 60)])
