@@ -106,8 +106,8 @@ def _select_h2(_conn: SSL.Connection, offered: list[bytes]) -> bytes:
 
 
 class TlsFront:
-    """Listens on the public address; forwards each client to the gRPC server at
-    `inner_port` on 127.0.0.1 with its verdict recorded."""
+    """Listens on the public address; forwards each client, its verdict recorded, to the
+    in-process gRPC server's unix socket."""
 
     def __init__(self, ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> None:
         self._inner = ""
@@ -170,7 +170,9 @@ class _Client(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
         peer = transport.get_extra_info("peername")
-        self._remote = f"{peer[0]}:{peer[1]}" if peer else "?"
+        if peer:
+            host = f"[{peer[0]}]" if ":" in peer[0] else peer[0]
+            self._remote = f"{host}:{peer[1]}"
         if self._front.handshaking >= MAX_HANDSHAKING:
             log.warning("too many unfinished TLS handshakes; connection closed",
                         remote=self._remote, limit=MAX_HANDSHAKING)
@@ -302,6 +304,10 @@ class _Client(asyncio.Protocol):
         if verdict.refusal:
             log.info("tls caller unverified", remote=self._remote, reason=verdict.refusal)
         self._inner = _Inner(self, verdict)
+        task = asyncio.get_running_loop().create_task(self._open_inner(self._inner))
+        task.add_done_callback(self._inner_connected)
+
+    async def _open_inner(self, inner: _Inner) -> Any:
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -309,18 +315,16 @@ class _Client(asyncio.Protocol):
             # peer, which is how the guard finds this connection's verdict.
             sock.bind(f"\0{_NAME_PREFIX}{secrets.token_hex(16)}")
             sock.setblocking(False)
-            sock.connect(self._front._inner)
-        except OSError as exc:
+            await loop.sock_connect(sock, self._front._inner)
+            return await loop.create_unix_connection(lambda: inner, sock=sock)
+        except BaseException:
             sock.close()
-            log.error("inner gRPC server unreachable", reason=str(exc))
-            self.abort()
-            return
-        task = loop.create_task(loop.create_unix_connection(lambda: self._inner, sock=sock))
-        task.add_done_callback(self._inner_connected)
+            raise
 
     def _inner_connected(self, task: asyncio.Task[Any]) -> None:
         if task.cancelled() or task.exception() is not None:
-            log.error("inner gRPC server unreachable", reason=str(task.exception()))
+            reason = "cancelled" if task.cancelled() else str(task.exception())
+            log.error("inner gRPC server unreachable", reason=reason)
             self.abort()
         elif self._closed:
             task.result()[0].abort()
