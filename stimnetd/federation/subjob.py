@@ -73,14 +73,16 @@ class SubJobHandler:
                 getter = asyncio.create_task(events.get())
                 done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED,
                                              timeout=None if reported else ACCEPTED_AFTER_S)
-                if not done or getter in done:
-                    if not reported:
-                        reported = True
-                        yield SubJobEvent("accepted")
-                    if getter in done:
-                        yield getter.result()
-                        continue
-                getter.cancel()
+                got = getter.result() if getter in done else None
+                if got is None:
+                    # Before anything else (a yield suspends us): a getter cancelled now
+                    # cannot have taken an event, so none is lost.
+                    getter.cancel()
+                if not reported and (not done or got is not None):
+                    reported = True
+                    yield SubJobEvent("accepted")
+                if got is not None:
+                    yield got
             outcome = task.result()
         finally:
             if not task.done():

@@ -1,0 +1,71 @@
+"""A peer's event stream for one sub-job: 'accepted' only when the answer takes a while,
+always before any other event, and no event lost around the moment it is decided."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from stimnetd.federation import subjob
+from stimnetd.federation.subjob import SubJobHandler
+from stimnetd.jobs.site import SiteOutcome
+from stimnetd.store import Store
+
+
+class FakeExecutor:
+    """Emits `events` as (delay_s, state) pairs, then answers."""
+
+    def __init__(self, events: list[tuple[float, str]]) -> None:
+        self._events = events
+        self.site = "site-b"
+
+    async def precheck(self, job: object) -> None:
+        return None
+
+    async def run(self, job, sink, *, nonce=None) -> SiteOutcome:  # type: ignore[no-untyped-def]
+        for delay, state in self._events:
+            await asyncio.sleep(delay)
+            await sink(state, "")
+        # Like a run that ended without a release: the handler remembers the nonce itself.
+        return SiteOutcome("site-b", "done", n=7)
+
+
+def _job(nonce: str) -> SimpleNamespace:
+    request = SimpleNamespace(kind="query", nonce=nonce, job_id=f"job-{nonce}", catalog="c")
+    return SimpleNamespace(request=request,
+                           researcher=SimpleNamespace(name="alice", role="researcher"))
+
+
+@pytest.mark.parametrize("events, expected", [
+    ([], ["done"]),                                              # fast: the outcome only
+    ([(0.15, "log")], ["accepted", "log", "done"]),               # slow: accepted first
+    ([(0.0, "running")], ["accepted", "running", "done"]),        # an event: accepted first
+    ([(0.08, "log"), (0.0, "log")], ["accepted", "log", "log", "done"]),  # during that yield
+    ([(0.0, "log")] * 3 + [(0.12, "log")] * 3,
+     ["accepted", "log", "log", "log", "log", "log", "log", "done"]),
+])
+async def test_accepted_is_reported_when_needed_and_nothing_is_lost(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, events, expected) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(subjob, "ACCEPTED_AFTER_S", 0.05)
+    store = Store(tmp_path / "node.sqlite3")
+    await store.open()
+    try:
+        handler = SubJobHandler(executor=FakeExecutor(events), store=store,  # type: ignore[arg-type]
+                                verify=lambda signed: signed, max_age_s=300)
+        entry = SimpleNamespace(name="site-a")
+        got = []
+        async for ev in handler.run(_job("n1"), entry, "r1"):  # type: ignore[arg-type]
+            got.append(ev.state)
+            if ev.state == "accepted":
+                # A slow reader (the entry's stream is busy): events that arrive meanwhile
+                # must still come through.
+                await asyncio.sleep(0.1)
+        assert got == expected
+        # The nonce is remembered whatever the path: a second run is a replay.
+        with pytest.raises(Exception, match="replayed"):
+            [ev async for ev in handler.run(_job("n1"), entry, "r2")]  # type: ignore[arg-type]
+    finally:
+        await store.close()
