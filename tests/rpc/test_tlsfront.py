@@ -24,6 +24,7 @@ def _addr(daemon) -> str:  # type: ignore[no-untyped-def]
 
 
 def test_judge_names_each_reason(pki: CertFactory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The verdict names why a certificate is refused and keeps the claimed identity apart."""
     ca = load_cert(pki.ca_cert_path)
     good = load_cert(pki.issue("alice", "researcher").cert)
     expired = load_cert(pki.issue("alice", "researcher", expired=True).cert)
@@ -169,6 +170,7 @@ async def test_plain_tls_client_without_h2_gets_no_data(start_node, pki: CertFac
 
 async def test_health_check_answers_serving_through_the_front(start_node,
                                                               pki: CertFactory) -> None:
+    """The standard health check answers SERVING through the default TLS front."""
     alice = pki.issue("alice", "researcher")
     async with start_node() as d:
         assert d.front is not None

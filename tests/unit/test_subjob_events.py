@@ -49,6 +49,7 @@ def _job(nonce: str) -> SimpleNamespace:
 ])
 async def test_accepted_is_reported_when_needed_and_nothing_is_lost(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, events, expected) -> None:  # type: ignore[no-untyped-def]
+    """'accepted' comes first and only when needed, no event is lost, the nonce is kept."""
     monkeypatch.setattr(subjob, "ACCEPTED_AFTER_S", 0.05)
     store = Store(tmp_path / "node.sqlite3")
     await store.open()

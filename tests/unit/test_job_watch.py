@@ -36,6 +36,7 @@ def _site(name: str, state: str) -> JobUpdate:
 
 
 async def test_ready_site_events_are_coalesced_in_order(tmp_path: Path) -> None:
+    """Queued site events leave as one batch, in order, duplicates dropped; a lone one alone."""
     jobs, store = await _service(tmp_path)
     try:
         watch = jobs.watch("j1", ALICE)
