@@ -186,3 +186,32 @@ async def test_blocking_client_works_inside_a_running_loop(start_node, pki, smal
         frame, img = await asyncio.to_thread(use)
     assert list(frame.columns) == ["sex", "count(*)"] and frame["count(*)"].sum() == 20
     assert isinstance(img, nib.Nifti1Image) and img.shape == (91, 109, 91)
+
+
+async def test_sites_with_either_tls_terminator_federate(start_node, pki, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A site behind our TLS front and one on gRPC's own TLS answer federated queries
+    together, whichever is the entry: the choice is local to a site, the wire is the same."""
+    from stimctl.client import AsyncClient
+    from stimnetd.testing import client_config, free_port
+
+    alice = pki.issue("alice", "researcher")
+    b_cat = _tiny_catalog(tmp_path / "b", [float(a) for a in range(30, 60)])
+    a_cat = _tiny_catalog(tmp_path / "a", [float(a) for a in range(60, 70)])
+    port_a = free_port()
+    answers = []
+    async with start_node("site-b", catalogs=[b_cat], tls={"terminate": "grpc"},
+                          gossip={"enabled": False},
+                          federation={"peers": [f"127.0.0.1:{port_a}"]}) as b:
+        async with start_node("site-a", catalogs=[a_cat], gossip={"enabled": False},
+                              node={"listen": f"127.0.0.1:{port_a}"},
+                              federation={"peers": [f"127.0.0.1:{b.port}"]}) as a:
+            assert a.front is not None and b.front is None
+            for entry in (a, b):
+                async with AsyncClient(client_config(alice, f"127.0.0.1:{entry.port}")) as c:
+                    answers.append(await c.query("SELECT count(*), avg(age) FROM tiny",
+                                                 federated=True, min_sites=2))
+    for ans in answers:
+        assert ans.rows[0][0] == 40
+        assert ans.rows[0][1] == pytest.approx(np.mean(list(range(30, 70))))
+        assert {m["site"]: m["state"] for m in ans.manifest} == {"site-a": "done",
+                                                                 "site-b": "done"}
