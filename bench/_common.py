@@ -63,6 +63,14 @@ async def rate(call: Callable[[], Awaitable[object]], seconds: float, concurrenc
     return done / (time.perf_counter() - started)
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process and all its threads so far (Linux /proc)."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], p: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]

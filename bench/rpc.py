@@ -4,7 +4,8 @@ All servers run as separate processes on loopback in the same run, with certific
 our PKI; the client is this process. Prints each rate and the ratio ours/bare (goal ≥ 0.5:
 our TLS front, guard, audit and servicer stack costs at most 2× the bare server). The node
 runs with its default TLS front (`[tls] terminate = "stimnet"`); GetInfo is also measured
-on a second node with gRPC-terminated TLS, to show what the front costs.
+on a second node with gRPC-terminated TLS, to show what the front costs. Each server
+process's CPU per request is printed too: steadier than rates on a shared machine.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import asyncio
 import sys
 
 import grpc
-from _common import rate, start_echo, workdir  # type: ignore[import-not-found]
+from _common import process_cpu_s, rate, start_echo, workdir  # type: ignore[import-not-found]
 
 from stimctl.client import AsyncClient
 from stimnetd.testing import CertFactory, DaemonProcess, client_config, free_port, write_node_config
@@ -47,24 +48,35 @@ async def main(seconds: float, concurrency: int) -> None:
             async def echo_call() -> bytes:
                 return await call(payload, timeout=10)
 
+            async def measured(call, pid: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+                """Rate, and the server's CPU microseconds per request over the window."""
+                before = process_cpu_s(pid)
+                r = await rate(call, seconds, concurrency)
+                return r, (process_cpu_s(pid) - before) / (r * seconds) * 1e6
+
+            ours, theirs = daemons[0].proc.pid, daemons[1].proc.pid
             # Baseline before and after, so drift on a shared machine hits both sides.
-            bare1 = await rate(echo_call, seconds, concurrency)
-            info = await rate(c.info, seconds, concurrency)
-            cats = await rate(c.catalogs, seconds, concurrency)
-            info_grpc = await rate(c_grpc.info, seconds, concurrency)
-            bare2 = await rate(echo_call, seconds, concurrency)
-            bare = (bare1 + bare2) / 2
+            bare1, bare_cpu1 = await measured(echo_call, echo.pid)
+            info, info_cpu = await measured(c.info, ours)
+            cats, cats_cpu = await measured(c.catalogs, ours)
+            info_grpc, info_grpc_cpu = await measured(c_grpc.info, theirs)
+            bare2, bare_cpu2 = await measured(echo_call, echo.pid)
+            bare, bare_cpu = (bare1 + bare2) / 2, (bare_cpu1 + bare_cpu2) / 2
     finally:
         for d in daemons:
             d.stop()
         echo.terminate()
         echo.wait()
-    print(f"concurrency {concurrency}, {seconds:g}s per measurement")
-    print(f"bare grpc.aio mTLS echo      : {bare:8.0f} req/s (baseline)")
-    print(f"stimnetd GetInfo             : {info:8.0f} req/s   ratio {info / bare:.2f}")
-    print(f"stimnetd ListCatalogs        : {cats:8.0f} req/s   ratio {cats / bare:.2f}")
-    print(f"GetInfo, gRPC-terminated TLS : {info_grpc:8.0f} req/s   ratio {info_grpc / bare:.2f}"
-          "  (no TLS front: unaudited handshake refusals)")
+    print(f"concurrency {concurrency}, {seconds:g}s per measurement; server CPU per request "
+          "(all threads) beside each rate")
+    print(f"bare grpc.aio mTLS echo      : {bare:8.0f} req/s (baseline)          "
+          f"{bare_cpu:5.0f} us/req")
+    for label, r, cpu in (("stimnetd GetInfo", info, info_cpu),
+                          ("stimnetd ListCatalogs", cats, cats_cpu),
+                          ("GetInfo, gRPC-terminated TLS", info_grpc, info_grpc_cpu)):
+        print(f"{label:29s}: {r:8.0f} req/s   ratio {r / bare:.2f}   {cpu:5.0f} us/req "
+              f"(x{cpu / bare_cpu:.2f})")
+    print("(gRPC-terminated TLS: no TLS front, so handshake refusals are not audited)")
     print("goal: ratio >= 0.50")
 
 
