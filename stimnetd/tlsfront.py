@@ -48,6 +48,9 @@ _NAME_PREFIX = "stimnet-front-"
 # closed at once; established ones are unaffected).
 HANDSHAKE_TIMEOUT_S = 10.0
 MAX_HANDSHAKING = 256
+# ... and how many of them one source address may hold, so that one noisy or hostile host
+# cannot take every slot from the rest of the federation.
+MAX_HANDSHAKING_PER_HOST = 32
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,7 @@ class TlsFront:
         self._verdicts: dict[str, Verdict] = {}
         self._conns: set[_Client] = set()
         self.handshaking = 0
+        self._handshaking_by_host: dict[str, int] = {}
 
     def reload(self, ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> None:
         """New connections use the new material; open ones keep theirs."""
@@ -163,6 +167,7 @@ class _Client(asyncio.Protocol):
         self._handshaken = False
         self._closed = False
         self._remote = "?"
+        self._host = "?"
         self._timer: asyncio.TimerHandle | None = None
 
     # -- outside ------------------------------------------------------------------
@@ -173,14 +178,19 @@ class _Client(asyncio.Protocol):
         if peer:
             host = f"[{peer[0]}]" if ":" in peer[0] else peer[0]
             self._remote = f"{host}:{peer[1]}"
-        if self._front.handshaking >= MAX_HANDSHAKING:
+            self._host = str(peer[0])
+        front = self._front
+        from_host = front._handshaking_by_host.get(self._host, 0)
+        if front.handshaking >= MAX_HANDSHAKING or from_host >= MAX_HANDSHAKING_PER_HOST:
             log.warning("too many unfinished TLS handshakes; connection closed",
-                        remote=self._remote, limit=MAX_HANDSHAKING)
+                        remote=self._remote, limit=MAX_HANDSHAKING,
+                        per_host_limit=MAX_HANDSHAKING_PER_HOST)
             self._closed = True
             transport.abort()
             return
-        self._front._conns.add(self)
-        self._front.handshaking += 1
+        front._conns.add(self)
+        front.handshaking += 1
+        front._handshaking_by_host[self._host] = from_host + 1
         self._timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT_S, self._timeout)
 
     def data_received(self, data: bytes) -> None:
@@ -197,7 +207,7 @@ class _Client(asyncio.Protocol):
                 self.abort()
                 return
             self._handshaken = True
-            self._front.handshaking -= 1
+            self._handshake_over()
             if self._timer is not None:
                 self._timer.cancel()
             self._flush()
@@ -260,8 +270,17 @@ class _Client(asyncio.Protocol):
         if self in self._front._conns:
             self._front._conns.discard(self)
             if not self._handshaken:
-                self._front.handshaking -= 1
+                self._handshake_over()
         self._close_inner()
+
+    def _handshake_over(self) -> None:
+        front = self._front
+        front.handshaking -= 1
+        left = front._handshaking_by_host.get(self._host, 1) - 1
+        if left > 0:
+            front._handshaking_by_host[self._host] = left
+        else:
+            front._handshaking_by_host.pop(self._host, None)
 
     def pause_writing(self) -> None:
         if self._inner is not None and self._inner.transport is not None:

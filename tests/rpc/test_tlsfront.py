@@ -152,6 +152,33 @@ async def test_unfinished_handshakes_are_bounded(start_node, pki: CertFactory,
         assert d.front.handshaking == 0
 
 
+async def test_one_host_cannot_take_every_handshake_slot(start_node, pki: CertFactory,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_HANDSHAKING_PER_HOST silent connections from one address, that address's
+    new connections are closed at once; the count is per host and returns to zero."""
+    monkeypatch.setattr(tlsfront, "MAX_HANDSHAKING_PER_HOST", 2)
+    async with start_node() as d:
+        silent = [await asyncio.open_connection("127.0.0.1", d.port) for _ in range(2)]
+        for _ in range(50):
+            if d.front._handshaking_by_host.get("127.0.0.1") == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert d.front._handshaking_by_host == {"127.0.0.1": 2}
+        reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
+        try:
+            assert await asyncio.wait_for(reader.read(), timeout=2) == b""
+        except ConnectionResetError:
+            pass
+        writer.close()
+        for _, w in silent:
+            w.close()
+        for _ in range(100):
+            if not d.front._handshaking_by_host and d.front.handshaking == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert d.front._handshaking_by_host == {} and d.front.handshaking == 0
+
+
 async def test_plain_tls_client_without_h2_gets_no_data(start_node, pki: CertFactory) -> None:
     """A TLS client that does not speak HTTP/2 is answered by the inner gRPC server's
     protocol error, never by anything from the node's data."""
