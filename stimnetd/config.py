@@ -38,6 +38,10 @@ class TlsConfig:
     # and an audit entry) or "grpc" (gRPC's own TLS: faster, but callers without a valid
     # certificate are cut off in the handshake, unaudited). See stimnetd/tlsfront.py.
     terminate: str = "stimnet"
+    # The front's bounds on connections that have not finished their TLS handshake.
+    handshake_timeout_s: float = 10.0
+    max_handshakes: int = 256
+    max_handshakes_per_host: int = 32
 
 
 @dataclass(frozen=True)
@@ -280,12 +284,22 @@ class _Parser:
 
     def tls(self, raw: dict[str, Any]) -> TlsConfig:
         w = "[tls]"
-        raw = self.table(raw, w, {"ca", "cert", "key", "crl", "terminate"})
+        raw = self.table(raw, w, {"ca", "cert", "key", "crl", "terminate", "handshake_timeout_s",
+                                  "max_handshakes", "max_handshakes_per_host"})
         crl = self.readable_file(raw, w, "crl") if "crl" in raw else None
+        timeout = self.get(raw, w, "handshake_timeout_s", float, 10.0)
+        if not 0.1 <= timeout <= 300:
+            raise self.fail(f"{w}.handshake_timeout_s", "must be between 0.1 and 300 seconds")
+        limits = {}
+        for key, default in (("max_handshakes", 256), ("max_handshakes_per_host", 32)):
+            limits[key] = self.get(raw, w, key, int, default)
+            if not 1 <= limits[key] <= 100_000:
+                raise self.fail(f"{w}.{key}", "must be between 1 and 100000")
         return TlsConfig(ca=self.readable_file(raw, w, "ca"), cert=self.readable_file(raw, w, "cert"),
                          key=self.readable_file(raw, w, "key"), crl=crl,
                          terminate=self.get(raw, w, "terminate", str, "stimnet",
-                                            choices=TLS_TERMINATORS))
+                                            choices=TLS_TERMINATORS),
+                         handshake_timeout_s=timeout, **limits)
 
     def privacy(self, raw: dict[str, Any]) -> PrivacySettings:
         w = "[privacy]"

@@ -204,8 +204,12 @@ class Daemon:
         self.advertise: str | None = None
         self._server: grpc.aio.Server | None = None
         m = self.tls.material
-        self.front = (TlsFront(m.ca_pem, m.cert_pem, m.key_pem)
-                      if config.tls.terminate == "stimnet" else None)
+        t = config.tls
+        self.front = (TlsFront(m.ca_pem, m.cert_pem, m.key_pem,
+                               handshake_timeout_s=t.handshake_timeout_s,
+                               max_handshaking=t.max_handshakes,
+                               max_handshaking_per_host=t.max_handshakes_per_host)
+                      if t.terminate == "stimnet" else None)
         self._health = health.aio.HealthServicer()
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []

@@ -45,11 +45,10 @@ _BIO_READ = 64 * 1024
 _NAME_PREFIX = "stimnet-front-"
 # A peer that opens a connection and never finishes the handshake holds a slot: bound how
 # long, and how many such connections there may be at once (beyond it, new connections are
-# closed at once; established ones are unaffected).
+# closed at once; established ones are unaffected), in all and from one source address (so
+# one noisy or hostile host cannot take every slot). Defaults of `[tls]` in the config.
 HANDSHAKE_TIMEOUT_S = 10.0
 MAX_HANDSHAKING = 256
-# ... and how many of them one source address may hold, so that one noisy or hostile host
-# cannot take every slot from the rest of the federation.
 MAX_HANDSHAKING_PER_HOST = 32
 
 
@@ -112,7 +111,13 @@ class TlsFront:
     """Listens on the public address; forwards each client, its verdict recorded, to the
     in-process gRPC server's unix socket."""
 
-    def __init__(self, ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> None:
+    def __init__(self, ca_pem: bytes, cert_pem: bytes, key_pem: bytes, *,
+                 handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+                 max_handshaking: int = MAX_HANDSHAKING,
+                 max_handshaking_per_host: int = MAX_HANDSHAKING_PER_HOST) -> None:
+        self.handshake_timeout_s = handshake_timeout_s
+        self.max_handshaking = max_handshaking
+        self.max_handshaking_per_host = max_handshaking_per_host
         self._inner = ""
         self._ca_cert = x509.load_pem_x509_certificate(ca_pem)
         self._ctx = server_context(ca_pem, cert_pem, key_pem)
@@ -181,17 +186,19 @@ class _Client(asyncio.Protocol):
             self._host = str(peer[0])
         front = self._front
         from_host = front._handshaking_by_host.get(self._host, 0)
-        if front.handshaking >= MAX_HANDSHAKING or from_host >= MAX_HANDSHAKING_PER_HOST:
+        if front.handshaking >= front.max_handshaking \
+                or from_host >= front.max_handshaking_per_host:
             log.warning("too many unfinished TLS handshakes; connection closed",
-                        remote=self._remote, limit=MAX_HANDSHAKING,
-                        per_host_limit=MAX_HANDSHAKING_PER_HOST)
+                        remote=self._remote, limit=front.max_handshaking,
+                        per_host_limit=front.max_handshaking_per_host)
             self._closed = True
             transport.abort()
             return
         front._conns.add(self)
         front.handshaking += 1
         front._handshaking_by_host[self._host] = from_host + 1
-        self._timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT_S, self._timeout)
+        self._timer = asyncio.get_running_loop().call_later(front.handshake_timeout_s,
+                                                            self._timeout)
 
     def data_received(self, data: bytes) -> None:
         self._tls.bio_write(data)

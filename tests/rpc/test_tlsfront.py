@@ -7,7 +7,6 @@ import ssl
 from datetime import UTC, datetime, timedelta
 
 import grpc
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stimctl.client import AsyncClient
@@ -98,12 +97,11 @@ async def test_large_messages_cross_the_front_intact(pki: CertFactory, tmp_path)
 
 
 async def test_garbage_and_silence_are_dropped_and_the_node_keeps_serving(
-        start_node, pki: CertFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+        start_node, pki: CertFactory) -> None:
     """Bytes that are not TLS close the connection; a connection that never completes a
     handshake is closed after the handshake timeout; neither disturbs other callers."""
-    monkeypatch.setattr(tlsfront, "HANDSHAKE_TIMEOUT_S", 0.5)
     alice = pki.issue("alice", "researcher")
-    async with start_node() as d:
+    async with start_node(tls={"handshake_timeout_s": 0.5}) as d:
         reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
         writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(range(256)) * 4)
         await writer.drain()
@@ -121,13 +119,11 @@ async def test_garbage_and_silence_are_dropped_and_the_node_keeps_serving(
             assert (await c.info()).caller == "alice"
 
 
-async def test_unfinished_handshakes_are_bounded(start_node, pki: CertFactory,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """Beyond MAX_HANDSHAKING silent connections, new ones are closed at once; a connection
+async def test_unfinished_handshakes_are_bounded(start_node, pki: CertFactory) -> None:
+    """Beyond `max_handshakes` silent connections, new ones are closed at once; a connection
     that completes its handshake frees its slot, and the node keeps serving."""
-    monkeypatch.setattr(tlsfront, "MAX_HANDSHAKING", 2)
     alice = pki.issue("alice", "researcher")
-    async with start_node() as d:
+    async with start_node(tls={"max_handshakes": 2}) as d:
         silent = [await asyncio.open_connection("127.0.0.1", d.port) for _ in range(2)]
         for _ in range(50):
             if d.front.handshaking == 2:
@@ -152,12 +148,10 @@ async def test_unfinished_handshakes_are_bounded(start_node, pki: CertFactory,
         assert d.front.handshaking == 0
 
 
-async def test_one_host_cannot_take_every_handshake_slot(start_node, pki: CertFactory,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Past MAX_HANDSHAKING_PER_HOST silent connections from one address, that address's
+async def test_one_host_cannot_take_every_handshake_slot(start_node) -> None:
+    """Past `max_handshakes_per_host` silent connections from one address, that address's
     new connections are closed at once; the count is per host and returns to zero."""
-    monkeypatch.setattr(tlsfront, "MAX_HANDSHAKING_PER_HOST", 2)
-    async with start_node() as d:
+    async with start_node(tls={"max_handshakes_per_host": 2}) as d:
         silent = [await asyncio.open_connection("127.0.0.1", d.port) for _ in range(2)]
         for _ in range(50):
             if d.front._handshaking_by_host.get("127.0.0.1") == 2:
