@@ -65,9 +65,10 @@ class ServerTls:
         self._lock = threading.Lock()
 
     def credentials(self) -> grpc.ServerCredentials:
+        # Only with `[tls] terminate = "grpc"` (by default tlsfront.py terminates TLS).
         # gRPC Python offers only "require and verify" or "don't request" for client
         # certificates, so a caller without a valid federation certificate is refused by
-        # the TLS handshake itself (see rpc/guard.py for what that means for auditing).
+        # the TLS handshake itself, before any RPC exists to audit.
         return grpc.dynamic_ssl_server_credentials(
             self._config(self.material), self._fetch, require_client_authentication=True)
 
