@@ -57,6 +57,15 @@ def array_bytes(arr: np.ndarray, dtype: str) -> bytes:
 BODY = "body"
 
 
+def encode(doc: dict[str, Any], arrays: dict[str, np.ndarray]) -> tuple[str, bytes]:
+    """The JSON header (the document and how its arrays are laid out) and the body (every
+    array's bytes, in header order)."""
+    described = describe_arrays(arrays)
+    header = json.dumps({"doc": jsonable(doc), "arrays": described}, allow_nan=False)
+    return header, b"".join(array_bytes(arr, described[aid]["dtype"])
+                            for aid, arr in arrays.items())
+
+
 def chunks(doc: dict[str, Any], arrays: dict[str, np.ndarray]) -> Iterator[tuple[str, Any]]:
     """("header", json) then ("chunk", (BODY, offset, data, last)) items.
 
@@ -64,9 +73,8 @@ def chunks(doc: dict[str, Any], arrays: dict[str, np.ndarray]) -> Iterator[tuple
     result is two messages, however many arrays it has — per-message overhead, not
     bytes, dominated small federated queries.
     """
-    described = describe_arrays(arrays)
-    yield "header", json.dumps({"doc": jsonable(doc), "arrays": described}, allow_nan=False)
-    body = b"".join(array_bytes(arr, described[aid]["dtype"]) for aid, arr in arrays.items())
+    header, body = encode(doc, arrays)
+    yield "header", header
     for off in range(0, len(body), CHUNK):
         piece = body[off:off + CHUNK]
         yield "chunk", (BODY, off, piece, off + len(piece) >= len(body))
@@ -134,21 +142,30 @@ class Assembler:
 
 
 def pack(doc: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
-    parts: list[bytes] = []
-    for kind, item in chunks(doc, arrays):
-        if kind == "header":
-            head = item.encode()
-            parts.append(struct.pack("<I", len(head)) + head)
-        else:
-            parts.append(item[2])
-    return b"".join(parts)
+    header, body = encode(doc, arrays)
+    head = header.encode()
+    return struct.pack("<I", len(head)) + head + body
+
+
+def split(blob: bytes) -> tuple[str, bytes]:
+    """A packed document's JSON header and body, as `chunks` produced them: ready to
+    stream without decoding and re-encoding."""
+    if len(blob) < 4:
+        raise CodecError("packed document is truncated")
+    (hlen,) = struct.unpack_from("<I", blob, 0)
+    if 4 + hlen > len(blob):
+        raise CodecError("packed document's header is truncated")
+    try:
+        return blob[4:4 + hlen].decode(), blob[4 + hlen:]
+    except UnicodeDecodeError as exc:
+        raise CodecError(f"packed document's header is not UTF-8: {exc}") from None
 
 
 def unpack(blob: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    (hlen,) = struct.unpack_from("<I", blob, 0)
+    header, body = split(blob)
     asm = Assembler()
-    asm.header(blob[4:4 + hlen].decode())
-    asm.chunk(BODY, 0, blob[4 + hlen:], True)
+    asm.header(header)
+    asm.chunk(BODY, 0, body, True)
     return asm.result()
 
 

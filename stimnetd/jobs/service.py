@@ -55,6 +55,7 @@ class JobUpdate:
     sites: list[dict[str, Any]] = field(default_factory=list)
     line: str = ""
     result: tuple[dict[str, Any], dict[str, np.ndarray]] | None = None
+    packed: bytes | None = None  # `result` packed (codec.pack), as stored: sent as it is
 
 
 @dataclass
@@ -269,7 +270,8 @@ class JobService:
                          ) -> None:
         record = await self._store.update_job(job_id, state=state, detail=detail, sites=sites,
                                               result=result)
-        await self._publish(job_id, JobUpdate("state", job=record, result=answer))
+        await self._publish(job_id, JobUpdate("state", job=record, result=answer,
+                                              packed=result if answer is not None else None))
 
     async def _publish(self, job_id: str, update: JobUpdate) -> None:
         live = self._live.get(job_id)
@@ -340,7 +342,8 @@ class JobService:
                 yield JobUpdate("site", site=ev)
             if record.terminal or live is None:
                 if record.result is not None and record.owner == caller.name:
-                    yield JobUpdate("result", result=codec.unpack(record.result))
+                    yield JobUpdate("result", result=codec.unpack(record.result),
+                                    packed=record.result)
                 return
             held: collections.deque[JobUpdate] = collections.deque()
 

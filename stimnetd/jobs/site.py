@@ -54,6 +54,9 @@ class SiteOutcome:
     partials: list[Partial] = field(default_factory=list)
     epsilon: float | None = None
     mechanism: str | None = None
+    # The release as stored ({"partials", "n", "epsilon", "mechanism"} packed): a peer
+    # streams these bytes as they are instead of encoding `partials` again.
+    packed: bytes | None = None
 
 
 async def _no_events(state: str, detail: str) -> None:
@@ -184,8 +187,9 @@ class SiteExecutor:
             fingerprint, digest = await self._fingerprint(catalog, cohort)
         docs, arrays = codec.partials_to_doc(partials)
         n = _released_n(partials, cohort, suppressed, charged is not None)
-        blob = codec.pack({"partials": docs, "n": n,
-                           "mechanism": "laplace" if charged else None}, arrays)
+        mechanism = "laplace" if charged else None
+        blob = codec.pack({"partials": docs, "n": n, "epsilon": charged,
+                           "mechanism": mechanism}, arrays)
         guard = None
         if self._overlap_guard and cohort is not None:
             def guard(earlier: list[frozenset[str]]) -> None:
@@ -201,7 +205,9 @@ class SiteExecutor:
             budget=self._policy.budget_epsilon, guard=guard, guard_window=k - 1,
             audit_actor=(job.researcher.name, job.researcher.role), nonce=nonce)
         self._on_decision(stored.decision)
-        return self._from_release(stored)
+        if stored.partials is not blob:  # released before (a retry): the stored one counts
+            return self._from_release(stored)
+        return self._outcome(decision, partials, n, charged, mechanism, blob)
 
     async def _fingerprint(self, catalog: Catalog,
                            cohort: frozenset[str]) -> tuple[frozenset[str], str]:
@@ -232,12 +238,19 @@ class SiteExecutor:
     def _from_release(self, release: Release) -> SiteOutcome:
         doc, arrays = codec.unpack(release.partials or b"")
         partials = codec.partials_from_doc(doc["partials"], arrays)
-        if release.decision == "suppressed":
+        # Releases stored before the document carried its epsilon are re-encoded to send.
+        packed = release.partials if "epsilon" in doc else None
+        return self._outcome(release.decision, partials, int(doc["n"]), release.epsilon,
+                             doc.get("mechanism"), packed)
+
+    def _outcome(self, decision: str, partials: list[Partial], n: int, epsilon: float | None,
+                 mechanism: str | None, packed: bytes | None) -> SiteOutcome:
+        if decision == "suppressed":
             return SiteOutcome(self.site, "suppressed",
                                f"every output was withheld (k_min = {self._policy.k_min})",
-                               partials=partials)
-        return SiteOutcome(self.site, "done", "", n=int(doc["n"]), partials=partials,
-                           epsilon=release.epsilon, mechanism=doc.get("mechanism"))
+                               partials=partials, packed=packed)
+        return SiteOutcome(self.site, "done", "", n=n, partials=partials, epsilon=epsilon,
+                           mechanism=mechanism, packed=packed)
 
 
 def _released_n(partials: list[Partial], cohort: frozenset[str] | None, suppressed: bool,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from stimnet.v1 import common_pb2, federation_pb2, federation_pb2_grpc
@@ -11,8 +11,9 @@ from stimnetd.errors import InvalidRequest, Unavailable
 from stimnetd.federation.subjob import SubJobHandler
 from stimnetd.gossip.membership import ForgedSender
 from stimnetd.gossip.swim import FullState, ProbeMessage
+from stimnetd.jobs.site import SiteOutcome
 from stimnetd.rpc import convert
-from stimnetd.rpc.frames import to_frames
+from stimnetd.rpc.frames import packed_frames, to_frames
 from stimnetd.rpc.gossip_transport import from_wire, to_wire
 from stimnetd.rpc.guard import current_caller
 
@@ -37,10 +38,7 @@ class FederationServicer(federation_pb2_grpc.FederationServiceServicer):
             if ev.outcome is None:
                 yield federation_pb2.SubJobEvent(site=site)
                 continue
-            docs, arrays = codec.partials_to_doc(ev.outcome.partials)
-            doc = {"partials": docs, "epsilon": ev.outcome.epsilon,
-                   "mechanism": ev.outcome.mechanism}
-            frames = list(to_frames(doc, arrays))
+            frames = list(_outcome_frames(ev.outcome))
             for frame in frames[:-1]:
                 yield federation_pb2.SubJobEvent(partial=frame)
             # The outcome's last frame and its final event: one message for a small result.
@@ -84,3 +82,12 @@ class FederationServicer(federation_pb2_grpc.FederationServiceServicer):
         sender = self._sender(request)
         reply = await swim.handle_push_pull(sender, FullState.from_entries(sender, from_wire(request)))
         return to_wire(reply.source, reply.entries())
+
+
+def _outcome_frames(outcome: SiteOutcome) -> Iterator[common_pb2.ResultFrame]:
+    """A site's partials as the entry reads them: {"partials", "epsilon", "mechanism"}."""
+    if outcome.packed is not None:
+        return packed_frames(outcome.packed)  # the stored release, as it is
+    docs, arrays = codec.partials_to_doc(outcome.partials)
+    return to_frames({"partials": docs, "epsilon": outcome.epsilon,
+                      "mechanism": outcome.mechanism}, arrays)

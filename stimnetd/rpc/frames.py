@@ -18,24 +18,24 @@ INLINE = 64 * 1024
 
 
 def to_frames(doc: dict[str, Any], arrays: dict[str, np.ndarray]) -> Iterator[common_pb2.ResultFrame]:
-    header: str | None = None
-    for kind, item in codec.chunks(doc, arrays):
-        if kind == "header":
-            header = item
-            continue
-        aid, off, data, last = item
-        if header is not None:
-            if off == 0 and last and len(data) <= INLINE:
-                yield common_pb2.ResultFrame(header=common_pb2.ResultHeader(header_json=header,
-                                                                            body=data))
-                header = None
-                continue
-            yield common_pb2.ResultFrame(header=common_pb2.ResultHeader(header_json=header))
-            header = None
+    return _frames(*codec.encode(doc, arrays))
+
+
+def packed_frames(blob: bytes) -> Iterator[common_pb2.ResultFrame]:
+    """Frames of an already packed document (a stored release or result): its header and
+    body go out as they are, without decoding and re-encoding."""
+    return _frames(*codec.split(blob))
+
+
+def _frames(header: str, body: bytes) -> Iterator[common_pb2.ResultFrame]:
+    if len(body) <= INLINE:
+        yield common_pb2.ResultFrame(header=common_pb2.ResultHeader(header_json=header, body=body))
+        return
+    yield common_pb2.ResultFrame(header=common_pb2.ResultHeader(header_json=header))
+    for off in range(0, len(body), codec.CHUNK):
+        piece = body[off:off + codec.CHUNK]
         yield common_pb2.ResultFrame(chunk=common_pb2.ArrayChunk(
-            array_id=aid, offset=off, data=data, last=last))
-    if header is not None:  # no arrays at all
-        yield common_pb2.ResultFrame(header=common_pb2.ResultHeader(header_json=header))
+            array_id=codec.BODY, offset=off, data=piece, last=off + len(piece) >= len(body)))
 
 
 def feed(asm: codec.Assembler, frame: common_pb2.ResultFrame) -> None:
