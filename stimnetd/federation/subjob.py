@@ -54,9 +54,10 @@ class SubJobHandler:
             # the nonce durably before starting it, so a concurrent replay never runs.
             if not await self._store.claim_nonce(claim):
                 raise Replayed("replayed request: this signed job was already run at this site")
-        elif await self._store.nonce_seen(claim.nonce):
+        elif self._store.nonce_seen(claim.nonce):
             # Queries remember the nonce in their release (or refusal) transaction, which
-            # also stops a concurrent replay; this read only answers a late one at once.
+            # also stops a concurrent replay; this look-up (in memory, no database round
+            # trip) only answers a late one at once.
             raise Replayed("replayed request: this signed job was already run at this site")
         events: asyncio.Queue[SubJobEvent] = asyncio.Queue()
 

@@ -39,6 +39,11 @@ from stimnetd.store.records import Release, cohort_digest
 
 log = structlog.get_logger("stimnetd.site")
 
+# A table query over at most this many subjects runs on the event loop (a few ms at most):
+# handing it to a thread cost more than the computation — a hop each way, and the thread
+# and the loop trading the GIL. Image aggregates and larger catalogs use a worker thread.
+INLINE_SUBJECTS = 20_000
+
 # (partials, cohort subject ids or None when the site cannot know the cohort)
 ScriptRunner = Callable[[VerifiedJob, Catalog, Callable[[str, str], Awaitable[None]]],
                         Awaitable[tuple[list[Partial], frozenset[str] | None]]]
@@ -159,9 +164,12 @@ class SiteExecutor:
                 raise QueryError(f"query names catalog {spec.catalog!r} but the job names "
                                  f"{req.catalog!r}")
             validate(spec, catalog.fields)
-            # pandas and nibabel work is CPU-bound; off the loop so health checks and
-            # other RPCs stay responsive.
-            result = await asyncio.to_thread(compute, spec, catalog)
+            if not spec.reads_images() and catalog.n_subjects <= INLINE_SUBJECTS:
+                result = compute(spec, catalog)
+            else:
+                # pandas and nibabel work that may take a while: off the loop, so health
+                # checks and other RPCs stay responsive.
+                result = await asyncio.to_thread(compute, spec, catalog)
             return result.partials, result.cohort_ids
         if self._script_runner is None:
             raise Refused("this site's script policy is 'deny': it does not run researcher scripts")

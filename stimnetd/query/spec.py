@@ -138,6 +138,10 @@ class QuerySpec:
     def __post_init__(self) -> None:
         _check_shape(self)
 
+    def reads_images(self) -> bool:
+        """Voxel maps and ROI statistics load NIfTI files: slow work, unlike table sums."""
+        return any(a.func in IMAGE_FUNCS for a in self.aggregates)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "catalog": self.catalog,
@@ -309,10 +313,13 @@ def _validate_agg(a: AggSpec, metas: list[FieldMeta]) -> None:
     elif a.func == "contingency":
         for m in metas:
             need(m, ("categorical",), "contingency needs categorical fields")
-    elif a.func in ("count_map", "mean_map", "roi_overlap"):
+    elif a.func in IMAGE_FUNCS:
         need(metas[0], ("image",), f"{a.func} needs an image field")
         for m in metas[1:]:
             need(m, NUMERIC_TYPES, "the mean_map weight must be numeric")
+
+
+IMAGE_FUNCS = frozenset({"count_map", "mean_map", "roi_overlap"})
 
 
 def _check_shape(spec: QuerySpec) -> None:

@@ -9,6 +9,7 @@ privacy ledger and the audit chain need (a crash must never un-spend epsilon).
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import secrets
@@ -44,6 +45,11 @@ class Store:
         self._last_seq = 0
         self._pending_audit: list[tuple[str, str, str, str, dict[str, Any]]] = []
         self._flush_task: asyncio.Task[None] | None = None
+        # Nonces this store holds, mirrored in memory (loaded at open, added after each
+        # commit) so that `nonce_seen` needs no database round trip. Only a fast early
+        # answer: the transactions that insert a nonce remain the guarantee.
+        self._nonces: set[str] = set()
+        self._nonce_order: collections.deque[tuple[float, str]] = collections.deque()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -69,6 +75,10 @@ class Store:
             row = await (await db.execute(
                 "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")).fetchone()
             self._last_seq, self._last_hash = (int(row[0]), row[1]) if row else (0, GENESIS)
+            for nonce, seen_at in await db.execute_fetchall(
+                    "SELECT nonce, seen_at FROM nonces ORDER BY seen_at"):
+                self._nonces.add(nonce)
+                self._nonce_order.append((seen_at, nonce))
         except sqlite3.DatabaseError as exc:
             await db.close()
             self._db = None
@@ -254,11 +264,21 @@ class Store:
 
         fresh = await self._tx(tx)
         claim.consumed = True
+        if fresh:
+            self._remember_nonce(claim.nonce, now, claim.max_age_s)
         return fresh
 
-    async def nonce_seen(self, nonce: str) -> bool:
-        rows = await self.db.execute_fetchall("SELECT 1 FROM nonces WHERE nonce = ?", (nonce,))
-        return bool(list(rows))
+    def nonce_seen(self, nonce: str) -> bool:
+        """Whether a committed transaction has remembered `nonce` (a replay, answered at
+        once). A concurrent copy still in flight is stopped by the inserting transaction."""
+        return nonce in self._nonces
+
+    def _remember_nonce(self, nonce: str, now: float, max_age_s: float) -> None:
+        # As in the table: nonces older than twice the freshness window are forgotten.
+        while self._nonce_order and self._nonce_order[0][0] < now - 2 * max_age_s:
+            self._nonces.discard(self._nonce_order.popleft()[1])
+        self._nonces.add(nonce)
+        self._nonce_order.append((now, nonce))
 
     # -- jobs ------------------------------------------------------------------------
 
@@ -292,7 +312,10 @@ class Store:
                               "scope": job.scope, "request_id": job.request_id})
             return True
 
-        return await self._tx(tx)
+        created = await self._tx(tx)
+        if created and nonce is not None:
+            self._remember_nonce(nonce[0], now, nonce[1])
+        return created
 
     async def update_job(self, job_id: str, *, state: str | None = None, detail: str | None = None,
                          sites: list[dict[str, Any]] | None = None, result: bytes | None = None,
@@ -431,6 +454,8 @@ class Store:
         outcome = await self._tx(tx)
         if nonce is not None:
             nonce.consumed = True
+            if not isinstance(outcome, Replayed):
+                self._remember_nonce(nonce.nonce, now, nonce.max_age_s)
         if isinstance(outcome, StimnetError):
             raise outcome
         return outcome

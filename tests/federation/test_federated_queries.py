@@ -137,10 +137,11 @@ async def test_sites_report_accepted_when_their_answer_takes_a_while(
         def slow_compute(*args, **kwargs):  # type: ignore[no-untyped-def]
             import time
 
-            time.sleep(0.3)  # runs in a worker thread, like the real computation
+            time.sleep(0.3)  # in a worker thread, as a large catalog's or a map's would be
             return real(*args, **kwargs)
 
         monkeypatch.setattr(site_module, "compute", slow_compute)
+        monkeypatch.setattr(site_module, "INLINE_SUBJECTS", 0)
     cats = [[_tiny_catalog(tmp_path / n, [float(a) for a in range(30, 60)])] for n in "ab"]
     async with federation(cats) as fed, fed.client() as c:
         events: list[tuple[str, str]] = []

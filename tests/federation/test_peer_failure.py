@@ -45,7 +45,7 @@ async def test_stopped_peer_times_out_and_is_named(tmp_path: Path, pki: CertFact
         assert ans.rows[0][0] == 40
         assert states["site-a"] == states["site-b"] == "done"
         timed_out = [m for m in ans.manifest if m["state"] == "timed_out"]
-        assert len(timed_out) == 1 and "2s site deadline" in timed_out[0]["detail"]
+        assert len(timed_out) == 1 and "2s site deadline" in timed_out[0]["detail"], ans.manifest
         assert elapsed < 2.0 + 5.0
     finally:
         procs[2].proc.send_signal(signal.SIGCONT)

@@ -97,6 +97,45 @@ async def test_nonce_is_remembered_once(store: Store) -> None:
     assert not await store.remember_nonce("n1", "alice", 300)
 
 
+async def test_nonce_seen_covers_every_way_a_nonce_is_kept_and_survives_a_restart(
+        tmp_path: Path) -> None:
+    """`nonce_seen` (in memory, no database round trip) knows the nonces of claims, of
+    releases and refusals, and of submitted jobs, and still knows them after a restart;
+    nonces past twice the freshness window are forgotten, as in the table."""
+    from stimnetd.store import NonceClaim
+    from stimnetd.store.records import JobRecord
+
+    now = [1000.0]
+    path = tmp_path / "node.sqlite3"
+    s = Store(path, clock=lambda: now[0])
+    await s.open()
+    assert await s.claim_nonce(NonceClaim("claimed", "alice", 300))
+    await s.release(_release("j1"), budget=1.0, audit_actor=("alice", "researcher"),
+                    nonce=NonceClaim("released", "alice", 300))
+    with pytest.raises(BudgetExhausted):
+        await s.release(_release("j2", eps=5.0), budget=1.0,
+                        audit_actor=("alice", "researcher"),
+                        nonce=NonceClaim("refused", "alice", 300))
+    job = JobRecord(id="job1", kind="query", scope="local", catalog="c", owner="alice",
+                    state="running", detail="", created_at=now[0], updated_at=now[0],
+                    request_id="r", origin="client", payload=b"{}", signature=b"",
+                    signer_cert=b"")
+    assert await s.create_job(job, nonce=("submitted", 300))
+    kept = ("claimed", "released", "refused", "submitted")
+    assert all(s.nonce_seen(n) for n in kept) and not s.nonce_seen("other")
+    await s.close()
+
+    s = Store(path, clock=lambda: now[0])
+    await s.open()
+    try:
+        assert all(s.nonce_seen(n) for n in kept) and not s.nonce_seen("other")
+        now[0] += 2 * 300 + 1  # past every kept nonce's window: the next claim prunes them
+        assert await s.claim_nonce(NonceClaim("later", "alice", 300))
+        assert not any(s.nonce_seen(n) for n in kept) and s.nonce_seen("later")
+    finally:
+        await s.close()
+
+
 async def test_release_charges_once_and_is_idempotent(store: Store) -> None:
     """A job's release charges epsilon once; releasing the same job again returns the stored one."""
     await store.release(_release("j1", 1.0), budget=2.0, audit_actor=("alice", "researcher"))
