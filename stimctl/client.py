@@ -273,14 +273,18 @@ class AsyncClient:
         from stimnetd.rpc.frames import feed
 
         asm: codec.Assembler | None = None
+        seen: set[tuple[str, str]] = set()
         async for ev in self._stream(rpc, request, timeout or self.config.timeout_s * 20):
-            # Several fields may be set in one event: result first, then state.
+            # Several fields may be set in one event: sites, then result, then state.
             if ev.HasField("state") and not job_id:
                 job_id = ev.state.id
-            if ev.HasField("site"):
-                yield "site", ev.site
-            for site in ev.sites:
-                yield "site", site
+            # A quick job's only event is its final state, which lists every site's event:
+            # those not streamed on their own are reported from it.
+            sites = [ev.site] if ev.HasField("site") else []
+            for site in [*sites, *ev.sites, *ev.state.sites]:
+                if (site.site, site.state) not in seen:
+                    seen.add((site.site, site.state))
+                    yield "site", site
             if ev.log_line:
                 yield "log", ev.log_line
             if ev.HasField("result"):

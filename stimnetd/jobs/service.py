@@ -36,6 +36,9 @@ from stimnetd.store.records import TERMINAL_STATES, JobRecord
 
 log = structlog.get_logger("stimnetd.jobs")
 
+# How long a job's own submitter (RunJob) hears nothing: see JobService.watch.
+QUIET_START_S = 0.05
+
 
 @dataclass(frozen=True)
 class ScriptPolicy:
@@ -324,7 +327,10 @@ class JobService:
     async def watch(self, job_id: str, caller: Identity,
                     submitted: JobRecord | None = None) -> AsyncIterator[JobUpdate]:
         """`submitted`: the record `submit` just returned to this caller (RunJob), which
-        spares a read and lets the first event leave before the job's fan-out starts."""
+        spares a read. Such a watcher hears nothing for QUIET_START_S: a job that ends by
+        then is one message, its final state (which lists every site's event); a longer one
+        then reports what it held back (its state, the site events as one update) and
+        continues live. Per-message cost, not bytes, dominates a small federated query."""
         queue: asyncio.Queue[JobUpdate] = asyncio.Queue()
         live = self._live.get(job_id)
         if live is not None:
@@ -335,11 +341,13 @@ class JobService:
             else:
                 record = await self.get(job_id, caller)
             seen: set[tuple[str, str]] = set()
-            yield JobUpdate("state", job=record)
-            snapshot = record.sites if record.terminal or live is None else list(live.sites)
-            for ev in snapshot:
-                seen.add((ev["site"], ev["state"]))
-                yield JobUpdate("site", site=ev)
+            quiet = record is submitted and not record.terminal and live is not None
+            if not quiet:
+                yield JobUpdate("state", job=record)
+                snapshot = record.sites if record.terminal or live is None else list(live.sites)
+                for ev in snapshot:
+                    seen.add((ev["site"], ev["state"]))
+                    yield JobUpdate("site", site=ev)
             if record.terminal or live is None:
                 if record.result is not None and record.owner == caller.name:
                     yield JobUpdate("result", result=codec.unpack(record.result),
@@ -354,20 +362,37 @@ class JobService:
                 seen.add(key)
                 return True
 
+            def pending() -> JobUpdate | None:
+                if held:
+                    return held.popleft()
+                return None if queue.empty() else queue.get_nowait()
+
+            if quiet:
+                early, final = await _quiet_start(queue, QUIET_START_S)
+                if final is not None:
+                    # A quick job: its final state lists every site's event. Log lines
+                    # are not in it, so those still go out first.
+                    for u in early:
+                        if u.kind == "log":
+                            yield u
+                    held.append(final)
+                else:
+                    yield JobUpdate("state", job=record)
+                    held.extend(early)
+
             while True:
-                update = held.popleft() if held else await queue.get()
+                update = pending() or await queue.get()
                 if update.kind == "end":
                     return
                 if update.kind == "site":
                     if not fresh_site(update):
                         continue
                     # Site events that arrived meanwhile go out together: one message
-                    # instead of one per event (per-message cost dominates small queries).
+                    # instead of one per event.
                     batch = [update.site]
-                    while not queue.empty():
-                        nxt = queue.get_nowait()
+                    while (nxt := pending()) is not None:
                         if nxt.kind != "site":
-                            held.append(nxt)
+                            held.appendleft(nxt)
                             break
                         if fresh_site(nxt):
                             batch.append(nxt.site)
@@ -429,6 +454,29 @@ class JobService:
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+
+
+async def _quiet_start(queue: asyncio.Queue[JobUpdate], window_s: float
+                       ) -> tuple[list[JobUpdate], JobUpdate | None]:
+    """Updates that arrive within `window_s`, and the final state if the job ended by then
+    (or None). Stops early at the final state or the end of the job."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + window_s
+    early: list[JobUpdate] = []
+    while (left := deadline - loop.time()) > 0:
+        getter = asyncio.ensure_future(queue.get())
+        done, _ = await asyncio.wait({getter}, timeout=left)
+        if getter not in done:
+            # Cancelled before it completed, so it has taken nothing from the queue.
+            getter.cancel()
+            break
+        got = getter.result()
+        if got.kind == "state" and got.job is not None and got.job.terminal:
+            return early, got
+        early.append(got)
+        if got.kind == "end":
+            break
+    return early, None
 
 
 def _may_see(record: JobRecord, caller: Identity) -> bool:

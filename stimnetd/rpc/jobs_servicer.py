@@ -33,8 +33,8 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         caller = current_caller()
         record = await self._jobs.submit(convert.signed_job(request.job), caller.identity,
                                          caller.request_id)
-        # The submitted record goes along: the first event leaves without a read, before
-        # the job's fan-out competes with it for the event loop.
+        # The submitted record goes along: no read, and a quick job's whole stream is its
+        # final state with the answer (see JobService.watch).
         async for event in self._events(record.id, record):
             yield event
 

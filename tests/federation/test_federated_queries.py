@@ -125,12 +125,16 @@ async def test_sites_report_accepted_when_their_answer_takes_a_while(
         federation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slow: bool) -> None:
     """Per-site progress: a site answering within ACCEPTED_AFTER_S reports its outcome at
     once; a slower one (here: its computation made to take 0.3 s) first says it accepted —
-    the entry's own share and a peer's alike."""
+    the entry's own share and a peer's alike. The researcher's stream of a job that ends
+    within QUIET_START_S is one message (the final state lists the sites' events); a slower
+    job's stream reports its state and site events as they come."""
     from stimnetd.federation import subjob
+    from stimnetd.jobs import service as service_module
     from stimnetd.jobs import site as site_module
 
-    if not slow:  # a threshold no loaded CI machine can miss
+    if not slow:  # thresholds no loaded CI machine can miss
         monkeypatch.setattr(subjob, "ACCEPTED_AFTER_S", 5.0)
+        monkeypatch.setattr(service_module, "QUIET_START_S", 5.0)
     else:
         real = site_module.compute
 
@@ -145,6 +149,15 @@ async def test_sites_report_accepted_when_their_answer_takes_a_while(
     cats = [[_tiny_catalog(tmp_path / n, [float(a) for a in range(30, 60)])] for n in "ab"]
     async with federation(cats) as fed, fed.client() as c:
         events: list[tuple[str, str]] = []
+        messages: list[list[str]] = []
+        stream = c._stream
+
+        async def spy(*args):  # type: ignore[no-untyped-def]
+            async for ev in stream(*args):
+                messages.append(sorted(f.name for f, _ in ev.ListFields()))
+                yield ev
+
+        c._stream = spy  # type: ignore[method-assign]
         ans = await c.query("SELECT count(*) FROM tiny", federated=True, min_sites=2,
                             on_event=lambda kind, v: events.append((v.site, v.state))
                             if kind == "site" else None)
@@ -152,6 +165,10 @@ async def test_sites_report_accepted_when_their_answer_takes_a_while(
     for site in ("site-a", "site-b"):
         mine = [state for s, state in events if s == site]
         assert mine == (["accepted", "done"] if slow else ["done"]), (site, events)
+    if slow:
+        assert messages[0] == ["state"] and len(messages) > 2, messages
+    else:
+        assert messages == [["result", "state"]], messages
 
 
 async def test_unknown_query_field_is_refused_before_sending(federation, tmp_path: Path) -> None:
