@@ -271,20 +271,27 @@ class AsyncClient:
         from stimctl.results import QueryAnswer
         from stimnetd import codec
         from stimnetd.rpc.frames import feed
+        from stimnetd.store.records import TERMINAL_STATES
 
         asm: codec.Assembler | None = None
         seen: set[tuple[str, str]] = set()
+
+        def unseen(sites: Any) -> list[Any]:
+            fresh = [s for s in sites if (s.site, s.state) not in seen]
+            seen.update((s.site, s.state) for s in fresh)
+            return fresh
+
         async for ev in self._stream(rpc, request, timeout or self.config.timeout_s * 20):
             # Several fields may be set in one event: sites, then result, then state.
             if ev.HasField("state") and not job_id:
                 job_id = ev.state.id
-            # A quick job's only event is its final state, which lists every site's event:
-            # those not streamed on their own are reported from it.
+            # A job's state lists its sites' events so far: a quick job's only message is
+            # its final state, so the events it lists come first (they happened before it
+            # ended); a joining watcher's first state comes before the events it lists.
+            final = ev.HasField("state") and ev.state.state in TERMINAL_STATES
             sites = [ev.site] if ev.HasField("site") else []
-            for site in [*sites, *ev.sites, *ev.state.sites]:
-                if (site.site, site.state) not in seen:
-                    seen.add((site.site, site.state))
-                    yield "site", site
+            for site in unseen([*sites, *ev.sites, *(ev.state.sites if final else ())]):
+                yield "site", site
             if ev.log_line:
                 yield "log", ev.log_line
             if ev.HasField("result"):
@@ -299,6 +306,8 @@ class AsyncClient:
                     asm = None
             if ev.HasField("state"):
                 yield "state", ev.state
+                for site in unseen(ev.state.sites):
+                    yield "site", site
 
     async def result(self, job_id: str) -> Any:
         from stimctl.results import QueryAnswer

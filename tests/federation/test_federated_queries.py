@@ -171,6 +171,37 @@ async def test_sites_report_accepted_when_their_answer_takes_a_while(
         assert messages == [["result", "state"]], messages
 
 
+async def test_a_watcher_joining_a_running_job_sees_its_state_then_each_site_event_once(
+        federation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """WatchJob mid-job: the job's state first, then the sites' events so far (listed in
+    that state and sent on their own: each reported once), then the rest as it happens."""
+    import asyncio
+
+    from stimnetd.jobs import site as site_module
+
+    real = site_module.compute
+
+    def slow_compute(*args, **kwargs):  # type: ignore[no-untyped-def]
+        import time
+
+        time.sleep(0.4)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(site_module, "compute", slow_compute)
+    monkeypatch.setattr(site_module, "INLINE_SUBJECTS", 0)
+    cats = [[_tiny_catalog(tmp_path / n, [float(a) for a in range(30, 60)])] for n in "ab"]
+    async with federation(cats) as fed, fed.client() as c:
+        job = await c.submit_query("SELECT count(*) FROM tiny", federated=True, min_sites=2)
+        await asyncio.sleep(0.2)  # both sites have said "accepted" by now
+        events = [(kind, (v.site, v.state) if kind == "site" else None)
+                  async for kind, v in c.watch(job.id)]
+    assert events[0][0] == "state", events
+    sites = [v for kind, v in events if kind == "site"]
+    assert sorted(sites) == sorted({(s, st) for s in ("site-a", "site-b")
+                                    for st in ("accepted", "done")}), events
+    assert [kind for kind, _ in events].count("result") == 1
+
+
 async def test_unknown_query_field_is_refused_before_sending(federation, tmp_path: Path) -> None:
     """A query naming a field the catalog lacks is refused by every site with the field's name."""
     cat = _tiny_catalog(tmp_path / "t", [float(a) for a in range(30, 60)])
