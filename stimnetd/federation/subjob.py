@@ -69,6 +69,7 @@ class SubJobHandler:
         # "accepted" is progress: a site that answers within ACCEPTED_AFTER_S reports its
         # outcome straight away (one message, not two); a slower one says it accepted.
         reported = False
+        getter: asyncio.Task[SubJobEvent] | None = None
         try:
             while not task.done() or not events.empty():
                 getter = asyncio.create_task(events.get())
@@ -88,6 +89,8 @@ class SubJobHandler:
         finally:
             if not task.done():
                 task.cancel()
+            if getter is not None and not getter.done():  # the entry went away mid-wait
+                getter.cancel()
         if not claim.consumed:
             # Failed without a release or a refusal: still remember the nonce (and that the
             # job was accepted) so that the request cannot be run here again.

@@ -465,10 +465,14 @@ async def _quiet_start(queue: asyncio.Queue[JobUpdate], window_s: float
     early: list[JobUpdate] = []
     while (left := deadline - loop.time()) > 0:
         getter = asyncio.ensure_future(queue.get())
-        done, _ = await asyncio.wait({getter}, timeout=left)
+        try:
+            done, _ = await asyncio.wait({getter}, timeout=left)
+        finally:
+            if not getter.done():
+                # Cancelled before it completed (the window closed, or the watcher went
+                # away), so it has taken nothing from the queue.
+                getter.cancel()
         if getter not in done:
-            # Cancelled before it completed, so it has taken nothing from the queue.
-            getter.cancel()
             break
         got = getter.result()
         if got.kind == "state" and got.job is not None and got.job.terminal:

@@ -58,3 +58,17 @@ async def test_the_end_of_a_job_closes_the_window_at_once() -> None:
     started = loop.time()
     early, got = await _quiet_start(q, 5.0)
     assert got is None and early == [end] and loop.time() - started < 1.0
+
+
+async def test_a_watcher_going_away_leaves_no_pending_getter() -> None:
+    q: asyncio.Queue[JobUpdate] = asyncio.Queue()
+    waiting = asyncio.ensure_future(_quiet_start(q, 5.0))
+    await asyncio.sleep(0.01)
+    before = asyncio.all_tasks()
+    waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)
+    await asyncio.sleep(0)
+    assert all(t.done() for t in before if t is not asyncio.current_task())
+    item = _site("done")
+    q.put_nowait(item)
+    assert q.get_nowait() is item

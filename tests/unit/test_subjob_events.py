@@ -70,3 +70,29 @@ async def test_accepted_is_reported_when_needed_and_nothing_is_lost(
             [ev async for ev in handler.run(_job("n1"), entry, "r2")]  # type: ignore[arg-type]
     finally:
         await store.close()
+
+
+async def test_an_entry_going_away_mid_wait_leaves_no_task_behind(tmp_path: Path) -> None:
+    """The entry's call ends (cancelled, deadline) while the site waits for its answer:
+    the site's run and the event getter are both cancelled, not left pending."""
+    store = Store(tmp_path / "node.sqlite3")
+    await store.open()
+    try:
+        handler = SubJobHandler(executor=FakeExecutor([(5.0, "log")]), store=store,  # type: ignore[arg-type]
+                                verify=lambda signed: signed, max_age_s=300)
+        before = asyncio.all_tasks()
+
+        async def consume() -> None:
+            async for _ in handler.run(_job("n2"), SimpleNamespace(name="site-a"), "r1"):  # type: ignore[arg-type]
+                pass
+
+        consumer = asyncio.ensure_future(consume())
+        await asyncio.sleep(0.2)  # past "accepted": waiting for the next event
+        started = asyncio.all_tasks() - before - {consumer}
+        assert started  # the site's run and the getter
+        consumer.cancel()
+        await asyncio.gather(consumer, return_exceptions=True)
+        await asyncio.sleep(0)
+        assert all(t.done() for t in started), started
+    finally:
+        await store.close()
