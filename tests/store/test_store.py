@@ -35,6 +35,46 @@ async def test_schema_is_migrated_and_wal(store: Store) -> None:
     assert store.path.stat().st_mode & 0o777 == 0o600
 
 
+async def test_nonce_pruning_uses_an_index(store: Store) -> None:
+    """Every nonce insert prunes expired nonces: by index, not a scan of the whole table
+    (a scan cost 2.8 ms per transaction at 60,000 remembered requests)."""
+    plan = await store.db.execute_fetchall(
+        "EXPLAIN QUERY PLAN DELETE FROM nonces WHERE seen_at < ?", (0.0,))
+    assert any("USING INDEX nonces_seen" in row[-1] for row in plan), plan
+
+
+async def test_job_listings_read_an_index(store: Store) -> None:
+    """A researcher's job list and an admin's (newest first) do not scan every job."""
+    for where, args, index in (("WHERE owner = ?", ("alice",), "jobs_owner_created"),
+                               ("", (), "jobs_created")):
+        plan = await store.db.execute_fetchall(
+            f"EXPLAIN QUERY PLAN SELECT id FROM jobs {where} ORDER BY created_at DESC LIMIT 50",
+            args)
+        details = " ".join(row[-1] for row in plan)
+        assert f"USING INDEX {index}" in details and "TEMP B-TREE" not in details, details
+
+
+async def test_a_version_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
+    """A store written by the first schema (no nonce index) opens, keeps its data, and
+    reaches the current version."""
+    path = tmp_path / "old.sqlite3"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    for stmt in MIGRATIONS[0].split(";"):
+        if stmt.strip():
+            conn.execute(stmt)
+    conn.execute("INSERT INTO nonces (nonce, signer, seen_at) VALUES ('old', 'alice', 1.0)")
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    s = Store(path, clock=lambda: 2.0)
+    await s.open()
+    try:
+        (version,) = list(await s.db.execute_fetchall("PRAGMA user_version"))[0]
+        assert version == len(MIGRATIONS) and s.nonce_seen("old")
+    finally:
+        await s.close()
+
+
 async def test_audit_chain_verifies(store: Store) -> None:
     """Durable and group-committed entries form one chain that verifies."""
     await store.audit("alice", "researcher", "A", "allowed", {"x": 1})
