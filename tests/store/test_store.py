@@ -64,6 +64,11 @@ async def test_a_version_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
         if stmt.strip():
             conn.execute(stmt)
     conn.execute("INSERT INTO nonces (nonce, signer, seen_at) VALUES ('old', 'alice', 1.0)")
+    for i, state in enumerate(("succeeded", "succeeded", "failed")):
+        conn.execute("INSERT INTO jobs (id, kind, scope, catalog, owner, state, detail, "
+                     "created_at, updated_at, request_id, origin, payload, signature, "
+                     "signer_cert) VALUES (?, 'query', 'local', 'c', 'alice', ?, '', 1, 1, "
+                     "'r', 'client', x'', x'', x'')", (f"j{i}", state))
     conn.execute("PRAGMA user_version = 1")
     conn.close()
     s = Store(path, clock=lambda: 2.0)
@@ -71,8 +76,31 @@ async def test_a_version_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
     try:
         (version,) = list(await s.db.execute_fetchall("PRAGMA user_version"))[0]
         assert version == len(MIGRATIONS) and s.nonce_seen("old")
+        assert await s.count_jobs_by_state() == {"succeeded": 2, "failed": 1}
     finally:
         await s.close()
+
+
+async def test_job_counts_by_state_follow_every_change(store: Store) -> None:
+    """The jobs-by-state gauge's counts (kept by triggers) equal counting the table after
+    inserts, state changes, updates that keep the state, and deletes."""
+    from stimnetd.store.records import JobRecord
+
+    async def counted() -> dict[str, int]:
+        rows = await store.db.execute_fetchall("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+        return {st: int(n) for st, n in rows}
+
+    for i in range(4):
+        assert await store.create_job(JobRecord(
+            id=f"j{i}", kind="query", scope="local", catalog="c", owner="alice",
+            state="running", detail="", created_at=1.0, updated_at=1.0, request_id="r",
+            origin="client", payload=b"", signature=b"", signer_cert=b""))
+    await store.update_job("j0", state="succeeded")
+    await store.update_job("j1", state="failed", detail="x")
+    await store.update_job("j2", detail="same state")
+    await store.update_job("j1", state="succeeded")
+    await store.db.execute("DELETE FROM jobs WHERE id = 'j3'")
+    assert await store.count_jobs_by_state() == await counted() == {"succeeded": 2, "running": 1}
 
 
 async def test_audit_chain_verifies(store: Store) -> None:
