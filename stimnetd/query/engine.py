@@ -164,12 +164,14 @@ def _groups(
     # most of a grouped query's time). A NULL group value cannot be typed as a level name,
     # so such rows belong to no group: they are left out of grouped outputs (and still
     # counted ungrouped).
-    factorized = [pd.factorize(c, use_na_sentinel=True) for c in columns]
     combined = np.zeros(len(frame), dtype=np.int64)
     valid = np.ones(len(frame), dtype=bool)
-    for codes, uniques in factorized:
-        combined = combined * max(len(uniques), 1) + codes
+    for col in columns:
+        codes, uniques = pd.factorize(col, use_na_sentinel=True)
         valid &= codes >= 0
+        # Renumbered after each field, so the code stays below rows x levels (no overflow
+        # however many fields are grouped on).
+        combined, _ = pd.factorize(combined * max(len(uniques), 1) + np.maximum(codes, 0))
     rows_in_order = np.flatnonzero(valid)
     rows_in_order = rows_in_order[np.argsort(combined[rows_in_order], kind="stable")]
     starts = np.flatnonzero(np.diff(combined[rows_in_order])) + 1

@@ -152,6 +152,20 @@ def test_grouping_by_two_fields_matches_a_row_by_row_count():
     assert sums == pytest.approx({k: t for k, (_, t) in expected.items()})
 
 
+def test_grouping_by_many_high_cardinality_fields_keeps_groups_apart():
+    """Nine fields of 256 distinct values: a plain mixed-radix code (256^9) would wrap a
+    64-bit integer, and rows 0 and 1 — equal except in the first field, whose weight would
+    be 2^64 — would share a group. Every row is its own group."""
+    first = [f"v{r}" for r in range(256)] + ["v0"]
+    others = ["v1"] + [f"v{r}" for r in range(1, 256)] + ["v256"]
+    cols = {"c0": first, **{f"c{i}": others for i in range(1, 9)}}
+    fields = {name: categorical(name) for name in cols}
+    cat = FakeCatalog(pd.DataFrame(cols), fields)
+    names = ", ".join(cols)
+    ps = compute(parse_sql(f"SELECT {names}, count(*) FROM t GROUP BY {names}"), cat).partials
+    assert len(ps) == 257 and all(p.n == 1 for p in ps)
+
+
 def test_grouping_by_declared_levels_emits_every_level():
     """Groups over declared levels all appear, empty ones included, so which partials a
     site returns does not reveal which levels its subjects have."""
