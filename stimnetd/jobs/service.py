@@ -57,8 +57,7 @@ class JobUpdate:
     site: dict[str, Any] | None = None
     sites: list[dict[str, Any]] = field(default_factory=list)
     line: str = ""
-    result: tuple[dict[str, Any], dict[str, np.ndarray]] | None = None
-    packed: bytes | None = None  # `result` packed (codec.pack), as stored: sent as it is
+    result: bytes | None = None  # the answer as stored (codec.pack): streamed as it is
 
 
 @dataclass
@@ -213,8 +212,7 @@ class JobService:
             state, detail, answer = self._finish(job, fan)
             blob = codec.pack(*answer) if answer is not None else None
             # The final state carries the answer: watchers get both in one update.
-            await self._set_state(record.id, state, detail, sites=live.sites, result=blob,
-                                  answer=answer)
+            await self._set_state(record.id, state, detail, sites=live.sites, result=blob)
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - a job failure is the job's state, not a crash
@@ -268,13 +266,10 @@ class JobService:
 
     async def _set_state(self, job_id: str, state: str, detail: str,
                          sites: list[dict[str, Any]] | None = None,
-                         result: bytes | None = None,
-                         answer: tuple[dict[str, Any], dict[str, np.ndarray]] | None = None
-                         ) -> None:
+                         result: bytes | None = None) -> None:
         record = await self._store.update_job(job_id, state=state, detail=detail, sites=sites,
                                               result=result)
-        await self._publish(job_id, JobUpdate("state", job=record, result=answer,
-                                              packed=result if answer is not None else None))
+        await self._publish(job_id, JobUpdate("state", job=record, result=result))
 
     async def _publish(self, job_id: str, update: JobUpdate) -> None:
         live = self._live.get(job_id)
@@ -298,14 +293,15 @@ class JobService:
         owner = None if caller.role == "admin" else caller.name
         return await self._store.list_jobs(owner=owner, limit=max(1, min(limit or 50, 500)))
 
-    async def result(self, job_id: str, caller: Identity) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    async def result(self, job_id: str, caller: Identity) -> bytes:
+        """The job's answer as stored (codec.pack), for streaming as it is."""
         record = await self.get(job_id, caller)
         if record.owner != caller.name:
             raise PermissionDenied("only the researcher who submitted a job may read its result")
         if record.result is None:
             raise Conflict(f"job {job_id} has no result (state: {record.state}"
                            f"{', ' + record.detail if record.detail else ''})")
-        return codec.unpack(record.result)
+        return record.result
 
     async def cancel(self, job_id: str, caller: Identity) -> JobRecord:
         record = await self.get(job_id, caller)
@@ -350,8 +346,7 @@ class JobService:
                     yield JobUpdate("site", site=ev)
             if record.terminal or live is None:
                 if record.result is not None and record.owner == caller.name:
-                    yield JobUpdate("result", result=codec.unpack(record.result),
-                                    packed=record.result)
+                    yield JobUpdate("result", result=record.result)
                 return
             held: collections.deque[JobUpdate] = collections.deque()
 

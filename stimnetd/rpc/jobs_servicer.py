@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 from stimnet.v1 import jobs_pb2, jobs_pb2_grpc
 from stimnetd.errors import InvalidRequest
-from stimnetd.jobs.service import JobService, JobUpdate
+from stimnetd.jobs.service import JobService
 from stimnetd.rpc import convert
-from stimnetd.rpc.frames import packed_frames, to_frames
+from stimnetd.rpc.frames import packed_frames
 from stimnetd.rpc.guard import current_caller
 from stimnetd.store.records import JobRecord
 
@@ -59,7 +59,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         async for update in self._jobs.watch(job_id, current_caller().identity, submitted):
             if update.kind == "state" and update.job is not None and update.result is not None:
                 # The final state with its answer: the state rides on the last frame.
-                frames = list(_frames(update))
+                frames = list(packed_frames(update.result))
                 for frame in frames[:-1]:
                     yield jobs_pb2.JobEvent(result=frame)
                 yield jobs_pb2.JobEvent(result=frames[-1], state=convert.job(update.job))
@@ -72,13 +72,12 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             elif update.kind == "log":
                 yield jobs_pb2.JobEvent(log_line=update.line)
             elif update.kind == "result" and update.result is not None:
-                for frame in _frames(update):
+                for frame in packed_frames(update.result):
                     yield jobs_pb2.JobEvent(result=frame)
 
     async def GetResult(self, request: jobs_pb2.GetResultRequest,
                         context: Any) -> AsyncIterator[Any]:
-        doc, arrays = await self._jobs.result(request.id, current_caller().identity)
-        for frame in to_frames(doc, arrays):
+        for frame in packed_frames(await self._jobs.result(request.id, current_caller().identity)):
             yield frame
 
     async def ApproveJob(self, request: jobs_pb2.ReviewJobRequest, context: Any) -> jobs_pb2.Job:
@@ -87,10 +86,3 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
     async def DenyJob(self, request: jobs_pb2.ReviewJobRequest, context: Any) -> jobs_pb2.Job:
         return convert.job(await self._jobs.deny(request.id, current_caller().identity))
-
-
-def _frames(update: JobUpdate) -> Iterator[Any]:
-    if update.packed is not None:
-        return packed_frames(update.packed)  # as stored: no second encoding
-    assert update.result is not None
-    return to_frames(*update.result)

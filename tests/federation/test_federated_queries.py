@@ -202,6 +202,25 @@ async def test_a_watcher_joining_a_running_job_sees_its_state_then_each_site_eve
     assert [kind for kind, _ in events].count("result") == 1
 
 
+async def test_a_finished_jobs_result_is_read_back_by_its_owner_only(
+        federation, tmp_path: Path) -> None:
+    """GetResult streams the stored answer: the same as the one RunJob delivered; another
+    researcher does not even see the job, and a job without an answer says why."""
+    from stimctl.client import NotFound
+
+    cats = [[_tiny_catalog(tmp_path / n, [float(a) for a in range(30, 60)])] for n in "ab"]
+    async with federation(cats) as fed, fed.client() as c, fed.client(who="bob") as bob:
+        ans = await c.query("SELECT count(*), avg(age) FROM tiny", federated=True, min_sites=2)
+        again = await c.result(ans.job_id)
+        assert again.doc == ans.doc and again.rows == ans.rows
+        with pytest.raises(NotFound, match="visible to you"):
+            await bob.result(ans.job_id)
+        with pytest.raises(JobFailed) as failed:
+            await c.query("SELECT count(*) FROM tiny", federated=True, min_sites=3)
+        with pytest.raises(Refused, match="has no result .state: failed"):
+            await c.result(failed.value.job.id)
+
+
 async def test_unknown_query_field_is_refused_before_sending(federation, tmp_path: Path) -> None:
     """A query naming a field the catalog lacks is refused by every site with the field's name."""
     cat = _tiny_catalog(tmp_path / "t", [float(a) for a in range(30, 60)])

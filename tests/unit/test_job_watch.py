@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stimnetd import codec
 from stimnetd.jobs.service import JobService, JobUpdate, _Live
 from stimnetd.pki import Identity
 from stimnetd.store import Store
@@ -71,7 +72,7 @@ async def test_only_the_owner_receives_the_answer(tmp_path: Path) -> None:
         await mine.__anext__()
         await theirs.__anext__()
         record = await store.get_job("j1")
-        answer = ({"result": {"n": 7}}, {"v": np.ones(2)})
+        answer = codec.pack({"result": {"n": 7}}, {"v": np.ones(2)})
         await jobs._publish("j1", JobUpdate("state", job=record, result=answer))
         await jobs._publish("j1", JobUpdate("end"))
         own = [u async for u in mine]
