@@ -182,7 +182,7 @@ class SiteExecutor:
                        nonce: NonceClaim | None = None) -> SiteOutcome:
         req = job.request
         k = self._policy.k_min
-        partials, decisions = suppress_small_cells(partials, k)
+        partials, decisions = suppress_small_cells(partials, k, catalog.fields)
         suppressed = result_suppressed(decisions)
         report = None
         if not suppressed and epsilon is not None:

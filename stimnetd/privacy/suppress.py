@@ -24,6 +24,15 @@ hidden total is 0 or at least k_min. Voxel maps and ROI statistics have no such 
 identity with `n` (one subject touches many voxels or several ROIs, or none), so they get
 none; combinations across different queries are the overlap guard's business.
 
+Labels are data too. A group key or contingency level that is a declared level of its
+field is public metadata, but a categorical field that declares no levels is labelled by
+its values: releasing even a withheld group keyed "Smith, J." would say that such a subject
+is here. So when `fields` are given, a group keyed by an undeclared field whose every output
+was computed from fewer than k_min subjects is left out of the release (labels and all),
+and so is a contingency row or column of an undeclared field with fewer than k_min
+subjects. Every output grouped by (or tabulated over) such a field says so in its meta
+(`UNLISTED`), whether or not anything was left out, so the note reveals nothing.
+
 The mask choice is deterministic and made on true counts, so it sits outside any
 differential-privacy guarantee: noise protects the released values, not which cells are
 released. That is the usual property of threshold suppression and is accepted by design.
@@ -32,13 +41,14 @@ released. That is the usual property of threshold suppression and is accepted by
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
-from stimnetd.query.aggregate import CELL_COUNTS, GroupKey, Partial
+from stimnetd.catalog_types import FieldMeta
+from stimnetd.query.aggregate import CELL_COUNTS, UNLISTED, GroupKey, Partial
 
 Action = Literal["released", "suppressed", "partially_suppressed"]
 
@@ -67,17 +77,24 @@ def cells_reason(k_min: int) -> str:
 
 
 def suppress_small_cells(
-    partials: list[Partial], k_min: int
+    partials: list[Partial], k_min: int, fields: Mapping[str, FieldMeta] | None = None
 ) -> tuple[list[Partial], list[Decision]]:
     """Withhold every partial, cell and voxel computed from fewer than `k_min` subjects.
 
-    Returns new partials (inputs are not modified) and one `Decision` per partial.
+    With the catalog's `fields`, labels that are data (see the module doc) are withheld
+    too. Returns new partials (inputs are not modified; a partial left out entirely is
+    not among them) and one `Decision` per input partial.
     """
     if k_min < 1:
         raise ValueError(f"k_min must be at least 1, got {k_min}")
+    unlisted = _unlisted_fields(fields)
     released: list[Partial] = []
     decisions: list[Decision] = []
+    dropped = _unlisted_small_groups(partials, unlisted, k_min)
     for p in partials:
+        if p.group in dropped:
+            decisions.append(Decision(p.name, p.group, "suppressed", unlisted_reason(k_min)))
+            continue
         if p.n < k_min:
             out = _withhold_all(p, whole_reason(k_min))
         elif CELL_COUNTS[p.kind] is None:
@@ -90,9 +107,81 @@ def suppress_small_cells(
                 out = _withhold_cells(p, mask, cells_reason(k_min))
             else:
                 out = p
+        action, reason = _action(out), out.suppressed_reason
+        if unlisted:
+            out, left_out = _unlisted_levels(out, p, unlisted, k_min)
+            if left_out and action == "released":
+                action, reason = "partially_suppressed", unlisted_reason(k_min)
         released.append(out)
-        decisions.append(Decision(p.name, p.group, _action(out), out.suppressed_reason))
+        decisions.append(Decision(p.name, p.group, action, reason))
     return released, decisions
+
+
+def unlisted_reason(k_min: int) -> str:
+    return (f"k_min: a group of fewer than {k_min} subjects whose label is not a declared "
+            "level, left out with its label")
+
+
+def unlisted_note(fields: list[str]) -> str:
+    names = ", ".join(repr(f) for f in fields)
+    return (f"groups and levels of {names} (no declared levels) with fewer than k_min "
+            "subjects at a site are not listed, labels included; values cover the rest")
+
+
+def _unlisted_fields(fields: Mapping[str, FieldMeta] | None) -> frozenset[str]:
+    if fields is None:
+        return frozenset()
+    return frozenset(n for n, f in fields.items() if f.type == "categorical" and not f.levels)
+
+
+def _unlisted_small_groups(partials: list[Partial], unlisted: frozenset[str],
+                           k_min: int) -> set[GroupKey]:
+    """Groups keyed by an undeclared field in which no output reaches k_min subjects.
+
+    Decided on true counts over the whole group: one output with k_min subjects shows the
+    label belongs to at least k_min subjects, so the group's other outputs keep it.
+    """
+    if not unlisted:
+        return set()
+    largest: dict[GroupKey, int] = {}
+    for p in partials:
+        if any(f in unlisted for f, _ in p.group):
+            largest[p.group] = max(largest.get(p.group, 0), int(p.n))
+    return {g for g, n in largest.items() if n < k_min}
+
+
+def _unlisted_levels(p: Partial, true: Partial, unlisted: frozenset[str],
+                     k_min: int) -> tuple[Partial, bool]:
+    """Mark an output over an undeclared field, and drop a contingency's small levels of it.
+
+    `p` is already suppressed; `true` is it before. A level of fewer than k_min subjects
+    has every cell withheld, and complementary suppression has run with those cells
+    counted as hidden, so leaving the row out reveals nothing the mask did not.
+    """
+    tabulated = [f for f in p.meta.get("fields", ()) if p.kind == "contingency" and f in unlisted]
+    grouped = [f for f, _ in p.group if f in unlisted]
+    if not tabulated and not grouped:
+        return p, False
+    meta = {**p.meta, UNLISTED: unlisted_note(sorted({*grouped, *tabulated}))}
+    stats = dict(p.stats)
+    mask = p.cell_mask
+    left_out = False
+    if tabulated:
+        counts = np.asarray(true.stats["counts"], dtype=np.float64)
+        levels = [list(lv) for lv in p.meta["levels"]]
+        keep = []
+        for axis, name in enumerate(p.meta["fields"]):
+            totals = counts.sum(axis=1 - axis)
+            keep.append(np.ones(len(levels[axis]), dtype=bool) if name not in unlisted
+                        else totals >= k_min)
+        levels = [[lv for lv, k in zip(lvs, kp, strict=True) if k]
+                  for lvs, kp in zip(levels, keep, strict=True)]
+        cells = np.ix_(keep[0], keep[1])
+        stats = {k: np.asarray(a)[cells] for k, a in p.stats.items()}
+        mask = None if p.cell_mask is None else np.asarray(p.cell_mask, dtype=bool)[cells]
+        meta["levels"] = levels
+        left_out = not all(kp.all() for kp in keep)
+    return dataclasses.replace(p, stats=stats, meta=meta, cell_mask=mask), left_out
 
 
 def result_suppressed(decisions: Iterable[Decision]) -> bool:

@@ -69,6 +69,12 @@ CELL_COUNTS: dict[str, str | None] = {
 GroupKey = tuple[tuple[str, str], ...]
 
 
+# Meta key on an output grouped by, or tabulated over, a categorical field without declared
+# levels: the site left out its groups/levels of fewer than k_min subjects (labels are data
+# there). Set whatever the data, so its presence says nothing about them.
+UNLISTED = "unlisted"
+
+
 @dataclass(frozen=True)
 class Partial:
     """One site's additive sufficient statistics for one output (one aggregate, one group).

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from stimnetd.query.aggregate import GroupKey, Partial
+from stimnetd.query.aggregate import UNLISTED, GroupKey, Partial
 from stimnetd.query.spec import AggSpec, QuerySpec
 
 SCALAR_FUNCS = ("count", "sum", "mean", "var", "sd", "corr", "quantiles")
@@ -81,6 +81,8 @@ class _Finaliser:
         self.res, self.a, self.p = res, a, p
         self.label = f"{a.name}{_glabel(p.group)}"
         self.everywhere = p.meta.get("suppressed_everywhere")
+        if p.meta.get(UNLISTED):
+            self.note(str(p.meta[UNLISTED]), per_group=False)
         if p.cell_mask is not None and np.any(p.cell_mask):
             scope = "all" if self.everywhere is not None and np.all(self.everywhere) else "partial"
             res.suppressed.append(

@@ -60,6 +60,32 @@ async def test_small_groups_are_suppressed_with_reason(federation, tmp_path: Pat
     assert "3" not in " ".join(n for n in ans.notes if "ET" in n)
 
 
+async def test_rare_undeclared_labels_never_leave_a_site(federation, tmp_path: Path) -> None:
+    """GROUP BY (and a contingency over) a categorical field that declares no levels: a value
+    held by fewer than k_min subjects at a site is a data value, so neither it nor its row
+    leaves that site; the result lists the other groups exactly and says some may be unlisted."""
+    def surgeon_catalog(root: Path, surgeons: list[str]) -> dict:
+        cat = _tiny_catalog(root, [float(40 + i % 30) for i in range(len(surgeons))])
+        frame = pd.read_csv(root / "s.csv")
+        frame["surgeon"] = surgeons
+        frame.to_csv(root / "s.csv", index=False)
+        cat["fields"]["surgeon"] = {"table": "s", "type": "categorical"}  # no levels declared
+        return cat
+    a = surgeon_catalog(tmp_path / "a", ["dr-common"] * 12 + ["dr-rare-a"] * 2)
+    b = surgeon_catalog(tmp_path / "b", ["dr-common"] * 6 + ["dr-other"] * 8 + ["dr-rare-b"])
+    async with federation([[a], [b]]) as fed, fed.client() as c:
+        ans = await c.query("SELECT surgeon, count(*) FROM tiny GROUP BY surgeon", federated=True)
+        table = await c.query("SELECT contingency(surgeon, diagnosis) FROM tiny", federated=True)
+        released = []
+        for d in fed.daemons:  # what each site's ledger says it let out
+            async with d.store.db.execute("SELECT partials FROM releases") as cur:
+                released += [bytes(row[0]) async for row in cur]
+    assert {r[0]: r[1] for r in ans.rows} == {"dr-common": 18, "dr-other": 8}
+    assert any("no declared levels" in n for n in ans.notes)
+    assert set(table.result["contingency"][0]["levels"][0]) == {"dr-common", "dr-other"}
+    assert released and not any(b"dr-rare" in blob for blob in released)
+
+
 async def test_budget_is_enforced_and_refused_with_resource_exhausted(federation, tmp_path: Path) -> None:
     """Noisy queries charge the ledger; once the budget cannot cover a query it is RESOURCE_EXHAUSTED."""
     cat = _tiny_catalog(tmp_path / "t", [float(a) for a in range(30, 60)])

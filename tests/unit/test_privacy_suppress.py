@@ -5,19 +5,25 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import pandas as pd
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from stimnetd import codec
 from stimnetd.privacy.suppress import (
     Decision,
     cells_reason,
     result_suppressed,
     suppress_small_cells,
+    unlisted_reason,
     whole_reason,
 )
-from stimnetd.query.aggregate import Partial
+from stimnetd.query.aggregate import UNLISTED, Partial
+from stimnetd.query.engine import compute
+from stimnetd.query.sql import parse_sql
+from tests.unit.fakes import FakeCatalog, categorical, numeric
 
 K = 5
 GROUP = (("target", "STN"),)
@@ -213,3 +219,80 @@ def test_no_released_histogram_bin_or_hidden_total_is_below_k_min(
     if out.n:
         hidden = counts[mask].sum()
         assert hidden == 0 or hidden >= k_min
+
+
+# -- labels that are data: categorical fields without declared levels --------------------
+
+FIELDS = {"name": categorical("name"), "target": categorical("target", ("STN", "GPi")),
+          "side": categorical("side"), "x": numeric("x", 0, 100)}
+SQL_GROUPED = "SELECT name, count(*), avg(x) FROM t GROUP BY name"
+
+
+def grouped_release(sql: str, frame: pd.DataFrame, k_min: int = K
+                    ) -> tuple[list[Partial], list[Decision], bytes]:
+    """Compute, suppress with the catalog's fields, and encode as a site would release."""
+    partials = compute(parse_sql(sql), FakeCatalog(frame, FIELDS)).partials
+    out, decisions = suppress_small_cells(partials, k_min, FIELDS)
+    docs, arrays = codec.partials_to_doc(out)
+    return out, decisions, codec.pack({"partials": docs}, arrays)
+
+
+def test_small_group_with_an_undeclared_label_leaves_with_nothing_not_even_its_label() -> None:
+    """A group keyed by a value of a field that declares no levels, under k_min in every
+    output, is left out entirely: its label is a data value. Bigger groups stay and every
+    output over that field says groups may be unlisted; audit decisions still record it."""
+    frame = pd.DataFrame({"name": ["Smith, J."] * 2 + ["common"] * 7,
+                          "x": [10.0, 20.0] + [50.0] * 7})
+    out, decisions, blob = grouped_release(SQL_GROUPED, frame)
+    assert b"Smith" not in blob
+    assert {p.group for p in out} == {(("name", "common"),)}
+    assert all(UNLISTED in p.meta for p in out)
+    left_out = [d for d in decisions if d.group == (("name", "Smith, J."),)]
+    assert len(left_out) == 2 and {d.action for d in left_out} == {"suppressed"}
+    assert all(d.reason == unlisted_reason(K) for d in left_out)
+
+
+def test_a_group_stays_listed_when_any_of_its_outputs_reaches_k_min() -> None:
+    """One output over k_min subjects shows the label belongs to at least k_min of them, so
+    the group's other (withheld) outputs keep it; declared levels stay listed however small."""
+    frame = pd.DataFrame({"name": ["common"] * 6, "target": ["STN"] * 6,
+                          "x": [1.0, 2.0, np.nan, np.nan, np.nan, np.nan]})
+    out, _, _ = grouped_release(SQL_GROUPED, frame)
+    by_name = {p.name: p for p in out}
+    assert by_name["count(*)"].n == 6 and by_name["avg(x)"].n == 0  # withheld, still keyed
+    small = pd.DataFrame({"target": ["GPi"] * 2 + ["STN"] * 8, "x": [1.0] * 10})
+    out, _, _ = grouped_release("SELECT target, count(*) FROM t GROUP BY target", small)
+    assert {p.group for p in out} == {(("target", "GPi"),), (("target", "STN"),)}
+    assert all(UNLISTED not in p.meta for p in out)
+
+
+def test_contingency_drops_small_undeclared_levels_after_complementary_suppression() -> None:
+    """A contingency level of an undeclared field with fewer than k_min subjects is left out
+    with its row; the cells hidden in what remains plus the rows left out still add up to
+    0 or at least k_min, so the table total does not give the left-out count away."""
+    frame = pd.DataFrame({"side": ["left"] * 20 + ["right"] * 12 + ["Smith, J."] * 2,
+                          "target": ["STN"] * 10 + ["GPi"] * 10 + ["STN"] * 6 + ["GPi"] * 6
+                          + ["STN", "GPi"]})
+    (p,), (decision,), blob = grouped_release("SELECT contingency(side, target) FROM t", frame)
+    assert b"Smith" not in blob
+    assert p.meta["levels"][0] == ["left", "right"] and p.stats["counts"].shape == (2, 2)
+    mask = p.cell_mask if p.cell_mask is not None else np.zeros((2, 2), dtype=bool)
+    hidden = p.n - p.stats["counts"][~mask].sum()
+    assert hidden == 0 or hidden >= K
+    assert decision.action == "partially_suppressed" and UNLISTED in p.meta
+
+
+@given(sizes=st.lists(st.integers(1, 12), min_size=1, max_size=6), k_min=st.integers(1, 8))
+def test_no_released_label_of_an_undeclared_field_has_fewer_than_k_min_subjects(
+    sizes: list[int], k_min: int
+) -> None:
+    """For any group sizes, the labels that leave the site (group keys and contingency
+    levels) are exactly those held by at least k_min subjects."""
+    labels = [f"v{i}" for i in range(len(sizes))]
+    frame = pd.DataFrame({"side": np.repeat(labels, sizes), "x": 1.0,
+                          "target": ["STN", "GPi"] * (sum(sizes) // 2) + ["STN"] * (sum(sizes) % 2)})
+    big = {lb for lb, n in zip(labels, sizes, strict=True) if n >= k_min}
+    out, _, _ = grouped_release("SELECT side, count(*) FROM t GROUP BY side", frame, k_min)
+    assert {dict(p.group)["side"] for p in out} == big
+    (table,), _, _ = grouped_release("SELECT contingency(side, target) FROM t", frame, k_min)
+    assert set(table.meta["levels"][0]) == big
