@@ -29,8 +29,8 @@ from stimnetd.privacy.policy import (
     PrivacyRefusal,
     decide_epsilon,
 )
-from stimnetd.privacy.suppress import result_suppressed, suppress_small_cells
-from stimnetd.query.aggregate import Partial
+from stimnetd.privacy.suppress import is_withheld, result_suppressed, suppress_small_cells
+from stimnetd.query.aggregate import GroupKey, Partial
 from stimnetd.query.engine import compute
 from stimnetd.query.errors import QueryError
 from stimnetd.query.spec import QuerySpec, validate
@@ -127,8 +127,8 @@ class SiteExecutor:
                 # "running" event would only cost every hop a message. A script's start
                 # (a container) is worth reporting.
                 await on_event("running", "")
-            partials, cohort = await self._compute(job, catalog, on_event)
-            return await self._release(job, catalog, partials, cohort, epsilon, nonce)
+            partials, cohort, groups = await self._compute(job, catalog, on_event)
+            return await self._release(job, catalog, partials, cohort, groups, epsilon, nonce)
         except Replayed:
             raise
         except (PrivacyRefusal, QueryError) as exc:
@@ -157,8 +157,9 @@ class SiteExecutor:
             await self._store.audit(*entry)
         self._on_decision("refused")
 
-    async def _compute(self, job: VerifiedJob, catalog: Catalog,
-                       on_event: EventSink) -> tuple[list[Partial], frozenset[str] | None]:
+    async def _compute(self, job: VerifiedJob, catalog: Catalog, on_event: EventSink
+                       ) -> tuple[list[Partial], frozenset[str] | None,
+                                  dict[GroupKey, frozenset[str]]]:
         req = job.request
         if req.kind == "query":
             spec = QuerySpec.from_dict(req.spec)
@@ -172,18 +173,32 @@ class SiteExecutor:
                 # pandas and nibabel work that may take a while: off the loop, so health
                 # checks and other RPCs stay responsive.
                 result = await asyncio.to_thread(compute, spec, catalog)
-            return result.partials, result.cohort_ids
+            return result.partials, result.cohort_ids, result.group_ids
         if self._script_runner is None:
             raise Refused("this site's script policy is 'deny': it does not run researcher scripts")
-        return await self._script_runner(job, catalog, on_event)
+        partials, cohort = await self._script_runner(job, catalog, on_event)
+        return partials, cohort, {}
 
     async def _release(self, job: VerifiedJob, catalog: Catalog, partials: list[Partial],
-                       cohort: frozenset[str] | None, epsilon: float | None,
-                       nonce: NonceClaim | None = None) -> SiteOutcome:
+                       cohort: frozenset[str] | None, groups: dict[GroupKey, frozenset[str]],
+                       epsilon: float | None, nonce: NonceClaim | None = None) -> SiteOutcome:
+        """`groups`: a grouped query's subjects per group. Each released group's cell is a
+        cohort the researcher learns statistics of, and so is their union (the statistics
+        add up), so those are what the overlap guard checks and the manifest counts, not
+        the filter's cohort: "everyone" minus "everyone with PD or GPi" is the withheld
+        group. Unions of some released groups only are not checked (README: pairwise)."""
         req = job.request
         k = self._policy.k_min
         partials, decisions = suppress_small_cells(partials, k, catalog.fields)
         suppressed = result_suppressed(decisions)
+        if groups and cohort is not None:
+            shown = {p.group for p in partials if not is_withheld(p)}
+            cohort = frozenset().union(*(groups[g] for g in shown if g in groups))
+            disclosed = [groups[g] for g in sorted(shown) if g in groups]
+            if len(disclosed) > 1:
+                disclosed.append(cohort)
+        else:
+            disclosed = [cohort] if cohort is not None else []
         report = None
         if not suppressed and epsilon is not None:
             partials, report = add_noise(partials, catalog.fields, epsilon, self._noise)
@@ -193,6 +208,7 @@ class SiteExecutor:
         charged = report.epsilon if report is not None and report.epsilon > 0 else None
         fingerprint: frozenset[str] = frozenset()
         digest = None
+        guarded = tuple([await self._fingerprint(catalog, c) for c in disclosed])
         if cohort is not None:
             fingerprint, digest = await self._fingerprint(catalog, cohort)
         docs, arrays = codec.partials_to_doc(partials)
@@ -202,12 +218,12 @@ class SiteExecutor:
                            "mechanism": mechanism}, arrays)
         guard = None
         if self._overlap_guard and cohort is not None:
-            def guard(earlier: list[frozenset[str]]) -> None:
-                check_overlap(fingerprint, earlier, k)
+            def guard(members: frozenset[str], earlier: list[frozenset[str]]) -> None:
+                check_overlap(members, earlier, k)
         stored = await self._store.release(
             Release(job_id=req.job_id, researcher=job.researcher.name, catalog=req.catalog,
                     decision=decision, epsilon=charged, cohort=fingerprint, partials=blob,
-                    cohort_key=digest,
+                    cohort_key=digest, guarded=guarded,
                     at=self._clock(),
                     audit_detail={"kind": req.kind, "outputs": len(partials),
                                   "withheld": [f"{d.output}{list(d.group)}: {d.reason}"

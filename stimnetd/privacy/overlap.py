@@ -14,8 +14,9 @@ Limitations, by construction:
 * A refusal is itself a signal: it tells the researcher that the two filters' difference
   holds 1..k_min-1 subjects. It never says how many; DP noise, where the site enables
   it, is what bounds what such signals add up to.
-* Group-by cells are cohorts too; the caller must check each released group's cohort,
-  not only the query's WHERE cohort, or groups can be differenced against each other.
+* Group-by cells are cohorts too, and so is the union of a query's released cells (their
+  statistics add up). The site (`jobs/site.py`) checks and records each of those rather
+  than the WHERE cohort; a union of only some of a query's released cells is not checked.
 
 The store keeps fingerprints, not subject ids: keyed HMACs under a secret that never
 leaves the site, so a stolen state directory does not list who was in which cohort, and

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,8 @@ class SiteComputation:
     partials: list[Partial]
     cohort_ids: frozenset[str]
     n_cohort: int
+    # Grouped queries: each group's subjects (its cells are released cohorts too).
+    group_ids: dict[GroupKey, frozenset[str]] = field(default_factory=dict)
 
 
 def compute(
@@ -50,7 +52,8 @@ def compute(
     level combination when all group fields declare levels, else the groups present).
 
     The spec is validated again here because a site must not trust the entry node.
-    `cohort_ids` are the filtered subjects (before grouping), for the overlap guard.
+    `cohort_ids` are the filtered subjects (before grouping) and `group_ids` each group's,
+    for the overlap guard.
     """
     validate(spec, catalog.fields)
     frame = catalog.frame()
@@ -58,19 +61,21 @@ def compute(
         true, _false = _eval(spec.where, frame, catalog.fields)
         frame = frame[true]
     keys = frame[catalog.subject_key]
+    ctx = _Context(catalog, quantile_bins)
+    groups = _groups(frame, spec.group_by, catalog.fields)
+    partials = [ctx.aggregate(agg, rows, key) for key, rows in groups for agg in spec.aggregates]
+    group_ids = {key: _ids(rows[catalog.subject_key]) for key, rows in groups} \
+        if spec.group_by else {}
+    return SiteComputation(partials=partials, cohort_ids=_ids(keys), n_cohort=len(frame),
+                           group_ids=group_ids)
+
+
+def _ids(keys: pd.Series) -> frozenset[str]:
     if pd.api.types.is_string_dtype(keys) and not keys.isna().any():
         # The common case (catalogs load keys as strings): no per-value relabelling, which
         # cost most of a small query's time.
-        ids = frozenset(keys.tolist())
-    else:
-        ids = frozenset(label(v) for v in keys if not _isnull(v))
-    ctx = _Context(catalog, quantile_bins)
-    partials = [
-        ctx.aggregate(agg, rows, key)
-        for key, rows in _groups(frame, spec.group_by, catalog.fields)
-        for agg in spec.aggregates
-    ]
-    return SiteComputation(partials=partials, cohort_ids=ids, n_cohort=len(frame))
+        return frozenset(keys.tolist())
+    return frozenset(label(v) for v in keys if not _isnull(v))
 
 
 def label(value: Any) -> str:

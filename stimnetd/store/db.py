@@ -382,15 +382,17 @@ class Store:
         return {c: float(e) for c, e in rows}
 
     async def release(self, release: Release, *, budget: float,
-                      guard: Callable[[list[frozenset[str]]], None] | None = None,
+                      guard: Callable[[frozenset[str], list[frozenset[str]]], None] | None = None,
                       guard_window: int = 0, audit_actor: tuple[str, str],
                       nonce: NonceClaim | None = None) -> Release:
         """Record a release, charge its epsilon and audit it, in one transaction.
 
         Idempotent per job: a job released before (e.g. re-run after a crash) returns the
-        stored release without charging again. `guard` sees the researcher's earlier
-        released cohorts inside the transaction, so two racing queries cannot both pass it;
-        only cohorts whose size is within `guard_window` of this one are loaded. A refusal
+        stored release without charging again. `guard(cohort, earlier)` sees each cohort the
+        release discloses (`Release.disclosed`: the query's, or each released group's) with
+        the researcher's earlier released cohorts, inside the transaction, so two racing
+        queries cannot both pass it; only cohorts whose size is within `guard_window` of
+        that one are loaded. Each disclosed cohort is then recorded. A refusal
         commits its audit entry (and nothing else) before it is raised. With `nonce`, the
         request's nonce is remembered first, in this transaction; a duplicate raises
         `Replayed` and nothing is released.
@@ -419,14 +421,15 @@ class Store:
                         f"privacy budget exhausted on catalog {release.catalog!r}: this query "
                         f"needs epsilon {release.epsilon:g}, {max(budget - spent, 0):g} of "
                         f"{budget:g} remains for you at this site")
-            if guard is not None and release.cohort and release.decision != "suppressed":
+            disclosed = release.disclosed() if release.decision != "suppressed" else ()
+            for members, key in disclosed if guard is not None else ():
                 rows = conn.execute(
                     "SELECT members_json FROM cohorts WHERE researcher = ? AND catalog = ?"
                     " AND digest != ? AND size BETWEEN ? AND ?",
-                    (release.researcher, release.catalog, digest,
-                     len(release.cohort) - guard_window, len(release.cohort) + guard_window))
+                    (release.researcher, release.catalog, key,
+                     len(members) - guard_window, len(members) + guard_window))
                 try:
-                    guard([frozenset(json.loads(r[0])) for r in rows])
+                    guard(members, [frozenset(json.loads(r[0])) for r in rows])
                 except StimnetError as refusal:
                     chain.append(*audit_actor, "release", "refused",
                                  {**base, "policy": "overlap", "reason": str(refusal)})
@@ -441,13 +444,14 @@ class Store:
                 " cohort_digest, partials, at) VALUES (?,?,?,?,?,?,?,?)",
                 (release.job_id, release.researcher, release.catalog, release.decision,
                  release.epsilon, digest, release.partials, release.at))
-            if release.cohort and release.decision != "suppressed" and conn.execute(
-                    "SELECT 1 FROM cohorts WHERE researcher = ? AND catalog = ? AND digest = ?",
-                    (release.researcher, release.catalog, digest)).fetchone() is None:
-                conn.execute(
-                    "INSERT INTO cohorts (researcher, catalog, digest, size, members_json)"
-                    " VALUES (?,?,?,?,?)", (release.researcher, release.catalog, digest,
-                                            len(release.cohort), json.dumps(sorted(release.cohort))))
+            for members, key in disclosed:
+                if conn.execute(
+                        "SELECT 1 FROM cohorts WHERE researcher = ? AND catalog = ? AND digest = ?",
+                        (release.researcher, release.catalog, key)).fetchone() is None:
+                    conn.execute(
+                        "INSERT INTO cohorts (researcher, catalog, digest, size, members_json)"
+                        " VALUES (?,?,?,?,?)", (release.researcher, release.catalog, key,
+                                                len(members), json.dumps(sorted(members))))
             chain.append(*audit_actor, "release", release.decision,
                          {**base, "epsilon": release.epsilon, "researcher": release.researcher,
                           **release.audit_detail})

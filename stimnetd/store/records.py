@@ -61,6 +61,16 @@ class Release:
     at: float
     audit_detail: dict[str, Any] = field(default_factory=dict)
     cohort_key: str | None = None  # cohort_digest(cohort), if the caller already has it
+    # The cohorts whose statistics this release discloses, as (members, digest): the
+    # overlap guard checks each and records each. Empty: just `cohort` (ungrouped).
+    guarded: tuple[tuple[frozenset[str], str], ...] = ()
+
+    def disclosed(self) -> tuple[tuple[frozenset[str], str], ...]:
+        if self.guarded:
+            return self.guarded
+        if not self.cohort:
+            return ()
+        return ((self.cohort, self.cohort_key or cohort_digest(self.cohort)),)
 
     @classmethod
     def from_row(cls, row: Any) -> Release:

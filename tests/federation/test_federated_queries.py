@@ -73,9 +73,10 @@ async def test_rare_undeclared_labels_never_leave_a_site(federation, tmp_path: P
         return cat
     a = surgeon_catalog(tmp_path / "a", ["dr-common"] * 12 + ["dr-rare-a"] * 2)
     b = surgeon_catalog(tmp_path / "b", ["dr-common"] * 6 + ["dr-other"] * 8 + ["dr-rare-b"])
-    async with federation([[a], [b]]) as fed, fed.client() as c:
+    async with federation([[a], [b]]) as fed, fed.client() as c, fed.client(who="bob") as bob:
         ans = await c.query("SELECT surgeon, count(*) FROM tiny GROUP BY surgeon", federated=True)
-        table = await c.query("SELECT contingency(surgeon, diagnosis) FROM tiny", federated=True)
+        # Another researcher: to alice this cohort is one subject from her released groups.
+        table = await bob.query("SELECT contingency(surgeon, diagnosis) FROM tiny", federated=True)
         released = []
         for d in fed.daemons:  # what each site's ledger says it let out
             async with d.store.db.execute("SELECT partials FROM releases") as cur:
@@ -132,6 +133,29 @@ async def test_overlap_guard_refuses_differencing(federation, tmp_path: Path) ->
             await c.query("SELECT count(*) FROM tiny WHERE age >= 32")  # 2 fewer
         ok = await c.query("SELECT count(*) FROM tiny WHERE age >= 35")  # 5 fewer: allowed
         assert ok.rows[0][0] == 25
+
+
+async def test_overlap_guard_covers_group_cells(federation, tmp_path: Path) -> None:
+    """A released group cell is a cohort too: "avg over everyone" then "avg by diagnosis"
+    (one small group withheld) would give the withheld subjects' sum by subtraction. The
+    second query is refused, in either order; a grouped query's manifest n counts only the
+    released groups, so the withheld group's size is not total minus the groups either."""
+    diag = ["PD"] * 27 + ["ET"] * 3
+    ages = [float(a) for a in range(30, 60)]
+    async with federation([[_tiny_catalog(tmp_path / "t", ages, diag)]]) as fed, \
+            fed.client() as c, fed.client(who="bob") as bob:
+        everyone = await c.query("SELECT avg(age) FROM tiny")
+        with pytest.raises(JobFailed, match="differs from an earlier released cohort"):
+            await c.query("SELECT diagnosis, avg(age) FROM tiny GROUP BY diagnosis")
+        grouped = await bob.query("SELECT diagnosis, count(*), avg(age) FROM tiny GROUP BY diagnosis")
+        with pytest.raises(JobFailed, match="differs from an earlier released cohort"):
+            await bob.query("SELECT avg(age) FROM tiny")
+        # Cells far apart from everything released before are answered.
+        ok = await bob.query("SELECT diagnosis, count(*) FROM tiny WHERE age < 50 GROUP BY diagnosis")
+    assert everyone.manifest[0]["n"] == 30
+    assert {r[0]: r[1] for r in grouped.rows}["PD"] == 27
+    assert grouped.manifest[0]["n"] == 27
+    assert {r[0]: r[1] for r in ok.rows}["PD"] == 20
 
 
 async def test_min_sites_fails_cleanly(federation, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from stimnetd.errors import BudgetExhausted, Refused
 from stimnetd.store import Store, StoreCorrupt
-from stimnetd.store.records import Release
+from stimnetd.store.records import Release, cohort_digest
 from stimnetd.store.schema import MIGRATIONS
 
 
@@ -243,9 +244,9 @@ async def test_overlap_guard_sees_earlier_cohorts_of_similar_size(store: Store) 
     await store.release(_release("j1", cohort=frozenset("abcdef")), budget=1,
                         audit_actor=("alice", "researcher"))
 
-    def guard(earlier: list[frozenset[str]]) -> None:
+    def guard(members: frozenset[str], earlier: list[frozenset[str]]) -> None:
         seen.append(earlier)
-        if any(len(e ^ frozenset("abcde")) < 5 for e in earlier):
+        if any(len(e ^ members) < 5 for e in earlier):
             raise Refused("overlap")
 
     with pytest.raises(Refused):
@@ -253,6 +254,32 @@ async def test_overlap_guard_sees_earlier_cohorts_of_similar_size(store: Store) 
                             guard_window=4, audit_actor=("alice", "researcher"))
     assert seen == [[frozenset("abcdef")]]
     assert await store.get_release("j2") is None
+
+
+async def test_every_disclosed_cohort_is_guarded_and_recorded(store: Store) -> None:
+    """A release disclosing several cohorts (a grouped query's cells and their union) has
+    each checked against earlier ones and each recorded, so a later query near any of them
+    is refused; a refusal records none of them."""
+    def guard(members: frozenset[str], earlier: list[frozenset[str]]) -> None:
+        if any(0 < len(e ^ members) < 3 for e in earlier):
+            raise Refused("overlap")
+
+    def disclosing(job: str, *cohorts: str) -> Release:
+        sets = [frozenset(c) for c in cohorts]
+        return dataclasses.replace(_release(job, cohort=frozenset().union(*sets)),
+                                   guarded=tuple((c, cohort_digest(c)) for c in sets))
+
+    kw = {"budget": 1, "guard": guard, "guard_window": 2, "audit_actor": ("alice", "researcher")}
+    await store.release(disclosing("j1", "abcdefgh", "ijklmnop", "abcdefghijklmnop"), **kw)
+    with pytest.raises(Refused):
+        await store.release(disclosing("j2", "abcdefg"), **kw)  # one from a cell
+    with pytest.raises(Refused):
+        await store.release(disclosing("j3", "abcdefghijklmnopq"), **kw)  # one from the union
+    with pytest.raises(Refused):  # the second cohort of a release is checked too
+        await store.release(disclosing("j4", "qrstuvwxyz", "ijklmno"), **kw)
+    await store.release(disclosing("j5", "qrstuvwxyz"), **kw)
+    async with store.db.execute("SELECT size FROM cohorts ORDER BY size") as cur:
+        assert [r[0] async for r in cur] == [8, 8, 10, 16]
 
 
 async def test_corrupt_store_is_refused(tmp_path: Path) -> None:
