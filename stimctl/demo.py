@@ -293,7 +293,10 @@ async def demo_dp_query(fed: DemoFederation) -> None:
     from stimctl.client import AsyncClient
     from stimctl.jobs_cli import print_answer
 
-    sql = "SELECT count(*), avg(updrs_change) FROM dbs_outcomes WHERE diagnosis = 'PD'"
+    # The STN cohort is a cell the table query released: asking about it again is allowed.
+    # "diagnosis = 'PD'" would not be where a site withheld its few PD patients with GPi
+    # leads - that cohort minus the released STN cell is them (the overlap guard refuses).
+    sql = "SELECT count(*), avg(updrs_change) FROM dbs_outcomes WHERE target = 'STN'"
     print(f"$ stimctl query --federated --epsilon 1 \"{sql}\"")
     print("  (each site adds OpenDP Laplace noise calibrated to the declared bounds and charges "
           "epsilon 1 to alice's budget)")
@@ -310,7 +313,7 @@ async def demo_sweet_spot(fed: DemoFederation) -> None:
     from stimctl.jobs_cli import Progress, print_answer
 
     sql = ("SELECT count(*), mean_map(vta_path, improvement_pct) AS sweet_spot, "
-           "roi_overlap(vta_path) AS overlap FROM dbs_outcomes WHERE diagnosis = 'PD'")
+           "roi_overlap(vta_path) AS overlap FROM dbs_outcomes WHERE target = 'STN'")
     out = fed.root / "results" / "sweet_spot"
     print(f"$ stimctl query --federated \"{sql}\" --out {out}/")
     async with AsyncClient.from_file(fed.researcher_config) as c:
