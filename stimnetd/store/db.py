@@ -25,7 +25,15 @@ import structlog
 from stimnetd.errors import Replayed, StimnetError
 from stimnetd.privacy.policy import BudgetExhausted as PrivacyBudgetExhausted
 from stimnetd.store.audit import GENESIS, AuditRow, AuditVerification, chain_hash, verify_rows
-from stimnetd.store.records import JobRecord, MemberRecord, NonceClaim, Release, cohort_digest
+from stimnetd.store.records import (
+    JobRecord,
+    MemberRecord,
+    NonceClaim,
+    Release,
+    cohort_digest,
+    cohort_sketch,
+    sketch_distances,
+)
 from stimnetd.store.schema import MIGRATIONS
 
 T = TypeVar("T")
@@ -391,8 +399,10 @@ class Store:
         stored release without charging again. `guard(cohort, earlier)` sees each cohort the
         release discloses (`Release.disclosed`: the query's, or each released group's) with
         the researcher's earlier released cohorts, inside the transaction, so two racing
-        queries cannot both pass it; only cohorts whose size is within `guard_window` of
-        that one are loaded. Each disclosed cohort is then recorded. A refusal
+        queries cannot both pass it; only cohorts that could be within `guard_window` of
+        that one (by size and by sketch, see `_near_cohorts`) are loaded, so the guard must
+        refuse nothing farther than that (check_overlap with window k_min - 1 does not).
+        Each disclosed cohort is then recorded. A refusal
         commits its audit entry (and nothing else) before it is raised. With `nonce`, the
         request's nonce is remembered first, in this transaction; a duplicate raises
         `Replayed` and nothing is released.
@@ -422,14 +432,11 @@ class Store:
                         f"needs epsilon {release.epsilon:g}, {max(budget - spent, 0):g} of "
                         f"{budget:g} remains for you at this site")
             disclosed = release.disclosed() if release.decision != "suppressed" else ()
+            sketches: dict[str, bytes] = {}
             for members, key in disclosed if guard is not None else ():
-                rows = conn.execute(
-                    "SELECT members_json FROM cohorts WHERE researcher = ? AND catalog = ?"
-                    " AND digest != ? AND size BETWEEN ? AND ?",
-                    (release.researcher, release.catalog, key,
-                     len(members) - guard_window, len(members) + guard_window))
                 try:
-                    guard(members, [frozenset(json.loads(r[0])) for r in rows])
+                    guard(members, _near_cohorts(conn, release, members, key, guard_window,
+                                                 sketches))
                 except StimnetError as refusal:
                     chain.append(*audit_actor, "release", "refused",
                                  {**base, "policy": "overlap", "reason": str(refusal)})
@@ -452,6 +459,7 @@ class Store:
                         "INSERT INTO cohorts (researcher, catalog, digest, size, members_json)"
                         " VALUES (?,?,?,?,?)", (release.researcher, release.catalog, key,
                                                 len(members), json.dumps(sorted(members))))
+                    _save_sketch(conn, release, key, sketches.get(key) or cohort_sketch(members))
             chain.append(*audit_actor, "release", release.decision,
                          {**base, "epsilon": release.epsilon, "researcher": release.researcher,
                           **release.audit_detail})
@@ -512,6 +520,45 @@ class Store:
             return secret
 
         return await self._tx(tx)
+
+
+def _near_cohorts(conn: sqlite3.Connection, release: Release, members: frozenset[str], key: str,
+                  window: int, sketches: dict[str, bytes]) -> list[frozenset[str]]:
+    """The researcher's earlier cohorts on the catalog that could be within `window`
+    subjects of `members`: first by size (|A xor B| >= ||A| - |B||), then by sketch
+    (records.cohort_sketch); only those are parsed. A row without a sketch (stored before
+    schema v3) is parsed and sketched. `sketches` caches the new cohorts' own sketches."""
+    rows = conn.execute(
+        "SELECT c.digest, s.sketch FROM cohorts c LEFT JOIN cohort_sketches s"
+        " USING (researcher, catalog, digest) WHERE c.researcher = ? AND c.catalog = ?"
+        " AND c.digest != ? AND c.size BETWEEN ? AND ?",
+        (release.researcher, release.catalog, key, len(members) - window,
+         len(members) + window)).fetchall()
+    if not rows:
+        return []
+    mine = sketches.get(key) or sketches.setdefault(key, cohort_sketch(members))
+    sketched = [r for r in rows if r[1] is not None]
+    far = set()
+    if sketched:
+        distances = sketch_distances(mine, [sk for _, sk in sketched])
+        far = {digest for (digest, _), d in zip(sketched, distances, strict=True) if d > window}
+    near = []
+    for digest, sketch in rows:
+        if digest in far:
+            continue
+        (blob,) = conn.execute(
+            "SELECT members_json FROM cohorts WHERE researcher = ? AND catalog = ? AND digest = ?",
+            (release.researcher, release.catalog, digest)).fetchone()
+        cohort = frozenset(json.loads(blob))
+        if sketch is None:
+            _save_sketch(conn, release, digest, cohort_sketch(cohort))
+        near.append(cohort)
+    return near
+
+
+def _save_sketch(conn: sqlite3.Connection, release: Release, digest: str, sketch: bytes) -> None:
+    conn.execute("INSERT OR REPLACE INTO cohort_sketches (researcher, catalog, digest, sketch)"
+                 " VALUES (?,?,?,?)", (release.researcher, release.catalog, digest, sketch))
 
 
 _RELEASE_SELECT = ("SELECT job_id, researcher, catalog, decision, epsilon, cohort_digest, "

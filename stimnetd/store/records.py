@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 JOB_STATES = ("queued", "awaiting_approval", "running", "succeeded", "failed", "cancelled",
               "interrupted")
@@ -113,6 +116,45 @@ def cohort_digest(cohort: frozenset[str]) -> str:
                     for m in cohort)
     total %= 1 << 128
     return hashlib.sha256(f"{len(cohort)}:{total:032x}".encode()).hexdigest()
+
+
+SKETCH_BUCKETS = 256
+
+
+def cohort_sketch(cohort: Iterable[str]) -> bytes:
+    """How many members fall in each of 256 buckets (by the member's hash), as uint32s.
+
+    A lower bound on set difference: a bucket's counts can differ by at most the number of
+    its members that are in only one of the sets, so ``sketch_distance(A, B) <= |A xor B|``.
+    The overlap guard need not load a cohort whose sketch is k_min or more away.
+    """
+    try:
+        buckets = [int(m[:2], 16) for m in cohort]  # HMAC fingerprints: uniform hex
+    except ValueError:
+        buckets = [_bucket(m) for m in cohort]
+    return np.bincount(np.asarray(buckets, dtype=np.intp),
+                       minlength=SKETCH_BUCKETS).astype("<u4").tobytes()
+
+
+def sketch_distance(a: bytes, b: bytes) -> int:
+    return sketch_distances(a, [b])[0]
+
+
+def sketch_distances(a: bytes, others: list[bytes]) -> list[int]:
+    """`sketch_distance` from `a` to each of `others`, at once."""
+    if any(len(o) != len(a) for o in others):
+        raise ValueError("cohort sketches of different sizes")
+    x = np.frombuffer(a, dtype="<u4").astype(np.int64)
+    ys = np.frombuffer(b"".join(others), dtype="<u4").astype(np.int64).reshape(len(others), -1)
+    return np.abs(ys - x).sum(axis=1).tolist()
+
+
+def _bucket(member: str) -> int:
+    # Per member, so a member lands in the same bucket whatever set it is in.
+    try:
+        return int(member[:2], 16)
+    except ValueError:
+        return hashlib.blake2b(member.encode(), digest_size=1).digest()[0]
 
 
 @dataclass

@@ -126,4 +126,18 @@ MIGRATIONS: tuple[str, ...] = (
         UPDATE job_counts SET n = n - 1 WHERE state = OLD.state;
     END;
     """,
+    # 3: each cohort's bucket counts (records.cohort_sketch), a lower bound on its distance
+    # to another: the overlap guard parses only cohorts that could be within k_min - 1 of a
+    # new one, not every cohort of similar size (each ~140 KB of JSON at 2,000 subjects).
+    # A table of its own: a column after members_json would be read by walking each row's
+    # overflow pages. Cohorts from before are sketched the first time the guard loads them.
+    """
+    CREATE TABLE cohort_sketches (
+        researcher TEXT NOT NULL,
+        catalog TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        sketch BLOB NOT NULL,
+        PRIMARY KEY (researcher, catalog, digest)
+    );
+    """,
 )

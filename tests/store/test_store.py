@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import sqlite3
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from stimnetd.errors import BudgetExhausted, Refused
 from stimnetd.store import Store, StoreCorrupt
-from stimnetd.store.records import Release, cohort_digest
+from stimnetd.store.records import Release, cohort_digest, cohort_sketch, sketch_distance
 from stimnetd.store.schema import MIGRATIONS
 
 
@@ -280,6 +283,47 @@ async def test_every_disclosed_cohort_is_guarded_and_recorded(store: Store) -> N
     await store.release(disclosing("j5", "qrstuvwxyz"), **kw)
     async with store.db.execute("SELECT size FROM cohorts ORDER BY size") as cur:
         assert [r[0] async for r in cur] == [8, 8, 10, 16]
+
+
+async def test_guard_parses_only_cohorts_whose_sketch_could_be_near(store: Store) -> None:
+    """Of earlier cohorts of the same size, the guard is handed those whose sketches are
+    within the window (the near one) and not the rest; a row stored without a sketch
+    (before schema v3) is handed over and sketched, so it is judged by sketch next time."""
+    def fps(ids: range) -> frozenset[str]:
+        return frozenset(hashlib.sha256(str(i).encode()).hexdigest()[:32] for i in ids)
+
+    seen: list[list[frozenset[str]]] = []
+
+    def guard(members: frozenset[str], earlier: list[frozenset[str]]) -> None:
+        seen.append(earlier)
+        if any(0 < len(e ^ members) < 5 for e in earlier):
+            raise Refused("overlap")
+
+    kw = {"budget": 1, "guard_window": 4, "audit_actor": ("alice", "researcher")}
+    for i, start in enumerate((0, 1000, 2000, 3000)):  # four far-apart cohorts of 200
+        await store.release(_release(f"far{i}", cohort=fps(range(start, start + 200))), **kw)
+    await store.db.execute("DELETE FROM cohort_sketches WHERE digest = (SELECT digest FROM "
+                           "cohorts WHERE rowid = (SELECT MAX(rowid) FROM cohorts))")
+    await store.db.commit()
+    near = fps(range(2, 202))  # two off the first cohort
+    with pytest.raises(Refused):
+        await store.release(_release("near", cohort=near), guard=guard, **kw)
+    assert sorted(len(e ^ near) for e in seen[0]) == [4, 400]  # the near one + the unsketched
+    async with store.db.execute("SELECT COUNT(*) FROM cohorts LEFT JOIN cohort_sketches USING "
+                                "(researcher, catalog, digest) WHERE sketch IS NULL") as cur:
+        assert (await cur.fetchone())[0] == 0
+
+
+@given(a=st.sets(st.text(max_size=6) | st.from_regex(r"[0-9a-f]{32}", fullmatch=True),
+                 max_size=40),
+       b=st.sets(st.text(max_size=6) | st.from_regex(r"[0-9a-f]{32}", fullmatch=True),
+                 max_size=40))
+def test_sketch_distance_never_exceeds_the_set_difference(a: set[str], b: set[str]) -> None:
+    """The guard's prefilter skips a cohort only when its sketch is more than k_min - 1
+    away, which is safe because the distance is a lower bound on |A xor B| for any members."""
+    shared = a & b
+    assert sketch_distance(cohort_sketch(a), cohort_sketch(b)) <= len(a ^ b)
+    assert sketch_distance(cohort_sketch(shared | a), cohort_sketch(shared | a)) == 0
 
 
 async def test_corrupt_store_is_refused(tmp_path: Path) -> None:
