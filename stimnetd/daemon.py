@@ -162,6 +162,13 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.store = Store(config.node.state_dir / "stimnetd.sqlite3")
         self.tls = ServerTls(config.tls)
+        me = self.tls.material.identity
+        if (me.role, me.name) != ("node", config.node.name):
+            # Peers know this node by its certificate: gossip refuses a sender that differs
+            # from it, and the entry refuses an address serving another name.
+            raise ConfigError(f"[node] name = {config.node.name!r} but the certificate "
+                              f"{config.tls.cert} is for {me.role} {me.name!r}: they must be "
+                              "the same node")
         self.revocations = Revocations(self.tls.material.revoked)
         self.catalogs: CatalogSet = load_catalogs(config.catalogs)
         self.membership: Any = None

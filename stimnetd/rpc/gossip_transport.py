@@ -10,6 +10,7 @@ from stimnet.v1 import federation_pb2
 from stimnetd.gossip.membership import Member
 from stimnetd.gossip.swim import FullState, PeerUnreachable, ProbeMessage
 from stimnetd.rpc.peer_client import PeerChannels
+from stimnetd.rpc.peer_identity import PeerIdentityError
 
 MAX_ENTRIES = 4096
 
@@ -46,6 +47,7 @@ class GrpcGossipTransport:
 
     async def ping(self, address: str, msg: ProbeMessage, timeout: float) -> ProbeMessage:  # noqa: ASYNC109
         reply = await self._call(address, "Ping", to_wire(msg.source, msg.entries()), timeout)
+        await self._check_sender(address, reply.sender, timeout)
         return ProbeMessage.from_entries(reply.sender, from_wire(reply))
 
     async def ping_req(self, via_address: str, target_name: str, target_address: str,  # noqa: PLR0913
@@ -58,7 +60,19 @@ class GrpcGossipTransport:
     async def push_pull(self, address: str, state: FullState, timeout: float) -> FullState:  # noqa: ASYNC109
         reply = await self._call(address, "PushPull", to_wire(state.source, state.entries()),
                                  timeout)
+        await self._check_sender(address, reply.sender, timeout)
         return FullState.from_entries(reply.sender, from_wire(reply))
+
+    async def _check_sender(self, address: str, sender: str, timeout: float) -> None:  # noqa: ASYNC109
+        """A reply speaks for the node whose certificate serves `address`, and no other
+        (the server side checks callers the same way: FederationServicer._sender)."""
+        try:
+            who = await self._channels.server_identity(address, timeout)
+        except (TimeoutError, PeerIdentityError) as exc:
+            raise PeerUnreachable(f"{address}: {exc}") from None
+        if sender != who.name:
+            raise PeerUnreachable(f"{address} is node {who.name!r} but its reply claims to be "
+                                  f"from {sender!r}")
 
     async def _call(self, address: str, method: str, request: object, timeout: float):  # type: ignore[no-untyped-def]  # noqa: ASYNC109
         stub = self._channels.stub(address)

@@ -6,6 +6,10 @@ more than the query). Channels are rebuilt when the node's own certificate is re
 
 from __future__ import annotations
 
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import grpc
 
 from stimnet.v1 import federation_pb2, federation_pb2_grpc
@@ -13,9 +17,11 @@ from stimnetd import codec
 from stimnetd.federation.fanout import SiteEventSink, Target
 from stimnetd.jobs.signing import SignedJob
 from stimnetd.jobs.site import SiteOutcome
+from stimnetd.pki import Identity
 from stimnetd.rpc import convert
 from stimnetd.rpc.frames import feed
 from stimnetd.rpc.guard import REQUEST_ID_KEY
+from stimnetd.rpc.peer_identity import PeerIdentityError, probe
 from stimnetd.tls import TlsMaterial, channel_credentials
 
 _TERMINAL = {"done", "suppressed", "refused", "failed"}
@@ -23,8 +29,31 @@ _TERMINAL = {"done", "suppressed", "refused", "failed"}
 
 class PeerChannels:
     def __init__(self, material: TlsMaterial) -> None:
+        self._material = material
         self._creds = channel_credentials(material)
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._identities: dict[str, asyncio.Future[Identity]] = {}
+        # Probes get threads of their own: the default executor also runs query
+        # computations that can take seconds, and a gossip probe waits for no one.
+        self._probes = ThreadPoolExecutor(max_workers=4, thread_name_prefix="peer-probe")
+
+    async def server_identity(self, address: str, timeout_s: float) -> Identity:
+        """Who serves `address` (peer_identity.probe), learnt once per address.
+
+        Raises TimeoutError past `timeout_s` and PeerIdentityError; a failure is not
+        cached, so the next call tries again."""
+        fut = self._identities.get(address)
+        if fut is None:
+            fut = asyncio.get_running_loop().run_in_executor(
+                self._probes, probe, address, self._material, timeout_s)
+            self._identities[address] = fut
+
+            def forget_failure(f: asyncio.Future[Identity]) -> None:
+                if (f.cancelled() or f.exception() is not None) \
+                        and self._identities.get(address) is f:
+                    del self._identities[address]
+            fut.add_done_callback(forget_failure)
+        return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
 
     def stub(self, address: str) -> federation_pb2_grpc.FederationServiceStub:
         ch = self._channels.get(address)
@@ -36,10 +65,12 @@ class PeerChannels:
         return federation_pb2_grpc.FederationServiceStub(ch)
 
     async def reset(self, material: TlsMaterial) -> None:
+        self._material = material
         self._creds = channel_credentials(material)
         await self.close()
 
     async def close(self) -> None:
+        self._identities = {}
         old, self._channels = self._channels, {}
         for ch in old.values():
             await ch.close()
@@ -52,29 +83,52 @@ class GrpcSubJobTransport:
 
     async def run_subjob(self, target: Target, signed: SignedJob, request_id: str,
                          timeout_s: float, on_event: SiteEventSink) -> SiteOutcome:
-        stub = self._channels.stub(target.address)
         label = target.name or target.address
+        started = time.monotonic()
+        timed_out = f"no answer within the {timeout_s:g}s site deadline"
+        # The researcher's job goes only to the node the target names (module doc of
+        # peer_identity), and the manifest names sites by their certificates.
+        try:
+            who = await self._channels.server_identity(target.address, timeout_s)
+        except TimeoutError:
+            await on_event(label, "timed_out", timed_out, 0)
+            return SiteOutcome(label, "timed_out", timed_out)
+        except PeerIdentityError as exc:
+            await on_event(label, "failed", str(exc), 0)
+            return SiteOutcome(label, "failed", str(exc))
+        if who.role != "node" or (target.name and who.name != target.name):
+            detail = (f"{target.address} is served by {who.role} {who.name!r}, not "
+                      f"{'node ' + repr(target.name) if target.name else 'a node'}: the job "
+                      "was not sent there")
+            await on_event(label, "failed", detail, 0)
+            return SiteOutcome(label, "failed", detail)
+        site = who.name
+        stub = self._channels.stub(target.address)
         asm = codec.Assembler()
         final: tuple[str, str, int] | None = None
-        site = label
         try:
             call = stub.RunSubJob(
                 federation_pb2.SubJobRequest(job=convert.signed_job_pb(signed),
                                              entry_node=self._entry, request_id=request_id),
-                timeout=timeout_s, metadata=((REQUEST_ID_KEY, request_id),))
+                timeout=max(0.001, timeout_s - (time.monotonic() - started)),
+                metadata=((REQUEST_ID_KEY, request_id),))
             async for ev in call:
                 if ev.HasField("partial"):
                     feed(asm, ev.partial)
                 if ev.HasField("site"):
                     s = ev.site
-                    site = s.site or label
+                    if s.site and s.site != site:
+                        call.cancel()
+                        detail = f"node {site!r} answered as {s.site!r}; its answer was ignored"
+                        await on_event(site, "failed", detail, 0)
+                        return SiteOutcome(site, "failed", detail)
                     await on_event(site, s.state, s.detail, int(s.n))
                     if s.state in _TERMINAL:
                         final = (s.state, s.detail, int(s.n))
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                return SiteOutcome(site, "timed_out",
-                                   f"no answer within the {timeout_s:g}s site deadline")
+                await on_event(site, "timed_out", timed_out, 0)
+                return SiteOutcome(site, "timed_out", timed_out)
             state = "refused" if exc.code() in (
                 grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
                 grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,

@@ -164,7 +164,8 @@ def test_non_numeric_values_in_numeric_field(good: dict) -> None:
     assert "secret-value" not in str(err.value)
 
 
-@pytest.mark.parametrize("breakage", ["missing-file", "unknown-key", "bad-port", "bad-cert"])
+@pytest.mark.parametrize("breakage", ["missing-file", "unknown-key", "bad-port", "bad-cert",
+                                      "cert-for-another-node"])
 def test_stimnetd_exits_nonzero_with_one_line(good: dict, breakage: str) -> None:
     """`stimnetd --config` on a broken config exits 2 with a single 'stimnetd: error:' line."""
     path = good["path"]
@@ -177,6 +178,9 @@ def test_stimnetd_exits_nonzero_with_one_line(good: dict, breakage: str) -> None
     elif breakage == "bad-port":
         raw["node"]["listen"] = "127.0.0.1:70000"
         _write(good, raw)
+    elif breakage == "cert-for-another-node":
+        raw["node"]["name"] = "node-b"  # the certificate is node-a's
+        _write(good, raw)
     else:
         Path(raw["tls"]["cert"]).write_text("garbage")
     r = subprocess.run([sys.executable, "-m", "stimnetd", "--config", str(path)],
@@ -184,6 +188,8 @@ def test_stimnetd_exits_nonzero_with_one_line(good: dict, breakage: str) -> None
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("stimnetd: error: "), r.stderr
+    if breakage == "cert-for-another-node":
+        assert "'node-b'" in r.stderr and "'node-a'" in r.stderr
 
 
 def test_check_config_accepts_good_config(good: dict) -> None:

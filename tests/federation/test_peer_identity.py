@@ -1,0 +1,111 @@
+"""An address serves the node its certificate names, and only that node gets its jobs."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import pytest
+
+from stimnet.v1 import federation_pb2, federation_pb2_grpc
+from stimnetd.config import TlsConfig
+from stimnetd.federation.fanout import Target
+from stimnetd.gossip.membership import Member
+from stimnetd.gossip.swim import PeerUnreachable, ProbeMessage
+from stimnetd.rpc.gossip_transport import GrpcGossipTransport
+from stimnetd.rpc.peer_client import GrpcSubJobTransport, PeerChannels
+from stimnetd.rpc.peer_identity import PeerIdentityError, probe
+from stimnetd.testing import CertFactory, CertPaths, free_port
+from stimnetd.tls import read_material
+from tests.federation.test_federated_queries import _tiny_catalog
+from tests.federation.test_signed_jobs import _signed
+
+
+def _material(fed, name: str):  # type: ignore[no-untyped-def]
+    d = fed.tmp / "pki" / f"node-{name}"
+    c = CertPaths(cert=d / f"{name}.crt", key=d / f"{name}.key", ca=d / "ca.crt")
+    return read_material(TlsConfig(ca=c.ca, cert=c.cert, key=c.key, crl=None))
+
+
+async def test_a_name_pointed_at_another_nodes_address_gets_no_job(federation,
+                                                                   tmp_path: Path) -> None:
+    """Gossip (or a config) that says site-c lives at site-b's address: the entry sees
+    site-b's certificate there and sends nothing; with the right name, or none, the same
+    transport delivers and the answer is attributed to the certificate's node."""
+    cats = [[_tiny_catalog(tmp_path / f"t{i}", [float(a) for a in range(30, 60)])]
+            for i in range(3)]
+    async with federation(cats) as fed, fed.client() as c:
+        channels = PeerChannels(_material(fed, "site-a"))
+        transport = GrpcSubJobTransport(channels, "site-a")
+        events: list[tuple] = []
+
+        async def sink(*ev: object) -> None:
+            events.append(ev)
+
+        try:
+            wrong = await transport.run_subjob(Target(fed.address(1), "site-c"), _signed(c),
+                                               "r1", 10, sink)
+            audit_b = [r.action for r in await fed.daemons[1].store.audit_rows()]
+            right = await transport.run_subjob(Target(fed.address(1), "site-b"), _signed(c),
+                                               "r2", 10, sink)
+            unnamed = await transport.run_subjob(Target(fed.address(2)), _signed(c), "r3", 10,
+                                                 sink)
+        finally:
+            await channels.close()
+    assert wrong.state == "failed" and "served by node 'site-b', not node 'site-c'" in wrong.detail
+    assert events[0][:2] == ("site-c", "failed")
+    assert "subjob" not in audit_b and "release" not in audit_b  # site-b never saw the job
+    assert (right.state, right.site, right.n) == ("done", "site-b", 30)
+    assert (unnamed.state, unnamed.site) == ("done", "site-c")
+
+
+async def test_probe_names_the_problem_with_a_foreign_or_missing_server(
+        federation, tmp_path: Path) -> None:
+    """An address serving another CA's certificate, or nothing, is not attributed to anyone."""
+    cats = [[_tiny_catalog(tmp_path / "t", [float(a) for a in range(30, 60)])]]
+    async with federation(cats) as fed:
+        material = _material(fed, "site-a")
+        other = CertFactory(tmp_path / "other-ca").issue("site-a", "node", hosts=("127.0.0.1",))
+        server = grpc.aio.server()
+        port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
+            [(other.key.read_bytes(), other.cert.read_bytes())]))
+        await server.start()
+        try:
+            with pytest.raises(PeerIdentityError, match="TLS handshake failed"):
+                # In a thread, as PeerChannels runs it: the server shares this event loop.
+                await asyncio.to_thread(probe, f"127.0.0.1:{port}", material, 5)
+        finally:
+            await server.stop(None)
+        with pytest.raises(PeerIdentityError, match="cannot connect"):
+            await asyncio.to_thread(probe, f"127.0.0.1:{free_port()}", material, 5)
+        assert (await asyncio.to_thread(probe, fed.address(0), material, 5)).name == "site-a"
+
+
+class _Liar(federation_pb2_grpc.FederationServiceServicer):
+    async def Ping(self, request, context):  # type: ignore[no-untyped-def]
+        return federation_pb2.GossipMessage(sender="site-b", sender_incarnation=1)
+
+
+async def test_gossip_reply_claiming_another_sender_is_not_believed(federation,
+                                                                     tmp_path: Path) -> None:
+    """A member (valid certificate 'mallory') replying to a ping as 'site-b' would keep
+    site-b alive at mallory's address; the reply is treated as no reply at all."""
+    cats = [[_tiny_catalog(tmp_path / "t", [float(a) for a in range(30, 60)])]]
+    async with federation(cats) as fed:
+        mallory = fed.pki.issue("mallory", "node", hosts=("127.0.0.1",))
+        server = grpc.aio.server()
+        federation_pb2_grpc.add_FederationServiceServicer_to_server(_Liar(), server)
+        port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
+            [(mallory.key.read_bytes(), mallory.cert.read_bytes())],
+            root_certificates=mallory.ca.read_bytes(), require_client_auth=True))
+        await server.start()
+        channels = PeerChannels(_material(fed, "site-a"))
+        me = Member("site-a", fed.address(0), 1, "alive", 0.0, ())
+        try:
+            with pytest.raises(PeerUnreachable, match="is node 'mallory' but its reply claims"):
+                await GrpcGossipTransport(channels).ping(f"127.0.0.1:{port}",
+                                                         ProbeMessage.from_entries("site-a", [me]), 5)
+        finally:
+            await channels.close()
+            await server.stop(None)
