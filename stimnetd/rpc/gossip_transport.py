@@ -71,6 +71,7 @@ class GrpcGossipTransport:
         except (TimeoutError, PeerIdentityError) as exc:
             raise PeerUnreachable(f"{address}: {exc}") from None
         if sender != who.name:
+            self._channels.forget(address)  # if another node now serves it, learn that next
             raise PeerUnreachable(f"{address} is node {who.name!r} but its reply claims to be "
                                   f"from {sender!r}")
 

@@ -64,6 +64,11 @@ class PeerChannels:
             self._channels[address] = ch
         return federation_pb2_grpc.FederationServiceStub(ch)
 
+    def forget(self, address: str) -> None:
+        """Drop what was learnt about `address` (it answered as another node: perhaps a new
+        one has taken it over); the next call probes again."""
+        self._identities.pop(address, None)
+
     async def reset(self, material: TlsMaterial) -> None:
         self._material = material
         self._creds = channel_credentials(material)
@@ -119,6 +124,7 @@ class GrpcSubJobTransport:
                     s = ev.site
                     if s.site and s.site != site:
                         call.cancel()
+                        self._channels.forget(target.address)
                         detail = f"node {site!r} answered as {s.site!r}; its answer was ignored"
                         await on_event(site, "failed", detail, 0)
                         return SiteOutcome(site, "failed", detail)
