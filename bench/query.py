@@ -140,7 +140,11 @@ async def main(n: int, delayed_n: int) -> None:
         # 3. 16 delayed peers vs 1
         async def delayed_latency(k: int) -> float:
             fports = [free_port() for _ in range(k)]
-            fakes = [spawn(FAKE_PEER, fp, node.key, node.cert, node.ca, 0.2, ROOT) for fp in fports]
+            # Each with a certificate of its own name: the entry sends a site's share only
+            # to the node its certificate names, and a peer must answer under that name.
+            fcerts = [pki.issue(f"slow-{fp}", "node", hosts=("127.0.0.1",)) for fp in fports]
+            fakes = [spawn(FAKE_PEER, fp, fc.key, fc.cert, fc.ca, 0.2, ROOT)
+                     for fp, fc in zip(fports, fcerts, strict=True)]
             others.extend(fakes)
             eport = free_port()
             ename = f"entry-{k}"
