@@ -159,8 +159,12 @@ async def main(n: int, delayed_n: int) -> None:
             async with AsyncClient(client_config(alice, f"127.0.0.1:{eport}", 30)) as c:
                 async def q() -> None:
                     job = await c.submit_query("SELECT count(LAB_TSC) FROM cnsim", federated=True)
-                    async for _ in c.watch(job.id):
-                        pass
+                    states = {}
+                    async for kind, value in c.watch(job.id):
+                        if kind == "site":
+                            states[value.site] = value.state
+                    # A timing of failing sub-jobs would measure the wrong thing.
+                    assert len(states) == k and set(states.values()) == {"done"}, states
                 _, lat_k = await timed(q, delayed_n)
             return statistics.median(lat_k)
 
