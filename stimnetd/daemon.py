@@ -424,7 +424,7 @@ class Daemon:
         await self.jobs.shutdown()
         if self.sandbox is not None:
             await self.sandbox.shutdown()
-        await self.peer_channels.close()
+        await self.peer_channels.shutdown()
         self.metrics.stop()
         with contextlib.suppress(Exception):
             await self.store.audit(self.config.node.name, "node", "stop", "ok", {})

@@ -25,6 +25,7 @@ from stimnetd.rpc.peer_identity import PeerIdentityError, probe
 from stimnetd.tls import TlsMaterial, channel_credentials
 
 _TERMINAL = {"done", "suppressed", "refused", "failed"}
+PROBE_MAX_S = 5.0
 
 
 class PeerChannels:
@@ -44,8 +45,10 @@ class PeerChannels:
         cached, so the next call tries again."""
         fut = self._identities.get(address)
         if fut is None:
+            # Capped: a live node completes a handshake in milliseconds, and a probe stuck
+            # on a stopped one would hold up the daemon's exit (its thread is joined).
             fut = asyncio.get_running_loop().run_in_executor(
-                self._probes, probe, address, self._material, timeout_s)
+                self._probes, probe, address, self._material, min(timeout_s, PROBE_MAX_S))
             self._identities[address] = fut
 
             def forget_failure(f: asyncio.Future[Identity]) -> None:
@@ -74,6 +77,11 @@ class PeerChannels:
         self._creds = channel_credentials(material)
         await self.close()
 
+    async def shutdown(self) -> None:
+        """Close for good (the daemon is stopping): no new probes."""
+        await self.close()
+        self._probes.shutdown(wait=False, cancel_futures=True)
+
     async def close(self) -> None:
         self._identities = {}
         old, self._channels = self._channels, {}
@@ -95,9 +103,10 @@ class GrpcSubJobTransport:
         # peer_identity), and the manifest names sites by their certificates.
         try:
             who = await self._channels.server_identity(target.address, timeout_s)
-        except TimeoutError:
-            await on_event(label, "timed_out", timed_out, 0)
-            return SiteOutcome(label, "timed_out", timed_out)
+        except TimeoutError as exc:  # the site deadline, or the probe's own cap (it says so)
+            detail = str(exc) or timed_out
+            await on_event(label, "timed_out", detail, 0)
+            return SiteOutcome(label, "timed_out", detail)
         except PeerIdentityError as exc:
             await on_event(label, "failed", str(exc), 0)
             return SiteOutcome(label, "failed", str(exc))

@@ -46,10 +46,11 @@ def probe(address: str, material: TlsMaterial, timeout_s: float) -> Identity:
     """
     host, port = split_address(address)
     deadline = time.monotonic() + timeout_s
+    slow = f"{address} completed no TLS handshake within {timeout_s:g}s"
     try:
         sock = socket.create_connection((host, port), timeout=timeout_s)
     except TimeoutError:
-        raise
+        raise TimeoutError(slow) from None
     except OSError as exc:
         raise PeerIdentityError(f"cannot connect to {address}: {exc.strerror or exc}") from None
     try:
@@ -58,7 +59,7 @@ def probe(address: str, material: TlsMaterial, timeout_s: float) -> Identity:
         if not _is_ip(host):
             conn.set_tlsext_host_name(host.encode("idna"))
         conn.set_connect_state()
-        _handshake(conn, sock, deadline)
+        _handshake(conn, sock, deadline, slow)
         leaf = conn.get_peer_certificate(as_cryptography=True)
         with contextlib.suppress(SSL.Error, OSError):  # a courtesy close_notify only
             conn.shutdown()
@@ -89,7 +90,7 @@ def _context(material: TlsMaterial) -> SSL.Context:
     return ctx
 
 
-def _handshake(conn: SSL.Connection, sock: socket.socket, deadline: float) -> None:
+def _handshake(conn: SSL.Connection, sock: socket.socket, deadline: float, slow: str) -> None:
     while True:
         try:
             conn.do_handshake()
@@ -104,7 +105,7 @@ def _handshake(conn: SSL.Connection, sock: socket.socket, deadline: float) -> No
             raise PeerIdentityError(f"connection lost during the TLS handshake: {exc}") from None
         remaining = deadline - time.monotonic()
         if remaining <= 0 or not any(select.select(*wanted, [], remaining)[:2]):
-            raise TimeoutError("no TLS handshake within the deadline")
+            raise TimeoutError(slow)
 
 
 def _reason(exc: SSL.Error) -> str:

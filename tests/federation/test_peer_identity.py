@@ -110,3 +110,30 @@ async def test_gossip_reply_claiming_another_sender_is_not_believed(federation,
         finally:
             await channels.close()
             await server.stop(None)
+
+
+async def test_an_address_that_never_answers_the_handshake_times_out_and_says_so(
+        federation, tmp_path: Path) -> None:
+    """A listener that accepts and then says nothing (a stopped process looks the same):
+    the probe gives up at its deadline, and the site is reported timed out, naming it."""
+    silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    address = f"127.0.0.1:{silent.sockets[0].getsockname()[1]}"
+    cats = [[_tiny_catalog(tmp_path / "t", [float(a) for a in range(30, 60)])]]
+    async with federation(cats) as fed, fed.client() as c:
+        material = _material(fed, "site-a")
+        with pytest.raises(TimeoutError, match="no TLS handshake within 0.3s"):
+            await asyncio.to_thread(probe, address, material, 0.3)
+        channels = PeerChannels(material)
+        events: list[tuple] = []
+
+        async def sink(*ev: object) -> None:
+            events.append(ev)
+
+        try:
+            out = await GrpcSubJobTransport(channels, "site-a").run_subjob(
+                Target(address, "site-x"), _signed(c), "r1", 0.3, sink)
+        finally:
+            await channels.shutdown()
+            silent.close()
+    assert out.state == "timed_out" and "0.3s" in out.detail  # the deadline or the probe
+    assert events == [("site-x", "timed_out", out.detail, 0)]
