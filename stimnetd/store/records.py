@@ -129,8 +129,8 @@ def cohort_sketch(cohort: Iterable[str]) -> bytes:
     The overlap guard need not load a cohort whose sketch is k_min or more away.
     """
     try:
-        buckets = [int(m[:2], 16) for m in cohort]  # HMAC fingerprints: uniform hex
-    except ValueError:
+        buckets = [bytes.fromhex(m[:2])[0] for m in cohort]  # HMAC fingerprints: uniform hex
+    except (ValueError, IndexError):
         buckets = [_bucket(m) for m in cohort]
     return np.bincount(np.asarray(buckets, dtype=np.intp),
                        minlength=SKETCH_BUCKETS).astype("<u4").tobytes()
@@ -150,10 +150,11 @@ def sketch_distances(a: bytes, others: list[bytes]) -> list[int]:
 
 
 def _bucket(member: str) -> int:
-    # Per member, so a member lands in the same bucket whatever set it is in.
+    # Per member, so a member lands in the same bucket whatever set it is in (and the
+    # same as the fast path above gives it).
     try:
-        return int(member[:2], 16)
-    except ValueError:
+        return bytes.fromhex(member[:2])[0]
+    except (ValueError, IndexError):
         return hashlib.blake2b(member.encode(), digest_size=1).digest()[0]
 
 

@@ -116,7 +116,8 @@ async def test_an_address_that_never_answers_the_handshake_times_out_and_says_so
         federation, tmp_path: Path) -> None:
     """A listener that accepts and then says nothing (a stopped process looks the same):
     the probe gives up at its deadline, and the site is reported timed out, naming it."""
-    silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    held: list[asyncio.StreamWriter] = []
+    silent = await asyncio.start_server(lambda _r, w: held.append(w), "127.0.0.1", 0)
     address = f"127.0.0.1:{silent.sockets[0].getsockname()[1]}"
     cats = [[_tiny_catalog(tmp_path / "t", [float(a) for a in range(30, 60)])]]
     async with federation(cats) as fed, fed.client() as c:
@@ -135,5 +136,8 @@ async def test_an_address_that_never_answers_the_handshake_times_out_and_says_so
         finally:
             await channels.shutdown()
             silent.close()
+            for w in held:
+                w.close()
+            await silent.wait_closed()
     assert out.state == "timed_out" and "0.3s" in out.detail  # the deadline or the probe
     assert events == [("site-x", "timed_out", out.detail, 0)]
