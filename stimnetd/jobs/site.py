@@ -218,8 +218,10 @@ class SiteExecutor:
                            "mechanism": mechanism}, arrays)
         guard = None
         if self._overlap_guard and cohort is not None:
+            what = "cohort" if not groups else "a group's cohort (or the groups' together)"
+
             def guard(members: frozenset[str], earlier: list[frozenset[str]]) -> None:
-                check_overlap(members, earlier, k)
+                check_overlap(members, earlier, k, what)
         stored = await self._store.release(
             Release(job_id=req.job_id, researcher=job.researcher.name, catalog=req.catalog,
                     decision=decision, epsilon=charged, cohort=fingerprint, partials=blob,

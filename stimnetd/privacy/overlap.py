@@ -36,13 +36,16 @@ FINGERPRINT_HEX_CHARS = 32
 
 
 def check_overlap(
-    new_cohort: frozenset[str], earlier: Iterable[frozenset[str]], k_min: int
+    new_cohort: frozenset[str], earlier: Iterable[frozenset[str]], k_min: int,
+    what: str = "cohort",
 ) -> None:
-    """Refuse `new_cohort` if it differs from any earlier cohort by 1..k_min-1 subjects."""
+    """Refuse `new_cohort` if it differs from any earlier cohort by 1..k_min-1 subjects.
+
+    `what` names the kind of cohort in the refusal (never which one, nor by how much)."""
     for cohort in earlier:
         if 1 <= len(new_cohort ^ cohort) <= k_min - 1:
             raise PrivacyRefusal(
-                "overlap", f"cohort differs from an earlier released cohort by fewer than "
+                "overlap", f"{what} differs from an earlier released cohort by fewer than "
                 f"{k_min} subjects (k_min = {k_min})"
             )
 
