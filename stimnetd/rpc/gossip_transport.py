@@ -70,6 +70,8 @@ class GrpcGossipTransport:
             who = await self._channels.server_identity(address, timeout)
         except (TimeoutError, PeerIdentityError) as exc:
             raise PeerUnreachable(f"{address}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - as in _call: any failure is "unreachable"
+            raise PeerUnreachable(f"{address}: {exc}") from None
         if sender != who.name:
             self._channels.forget(address)  # if another node now serves it, learn that next
             raise PeerUnreachable(f"{address} is node {who.name!r} but its reply claims to be "

@@ -32,9 +32,15 @@ class PeerIdentityError(Exception):
 
 def split_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
+    host = host.strip("[]")
+    if not sep or not host or not port.isascii() or not port.isdigit() \
+            or not 0 < int(port) < 65536:
         raise PeerIdentityError(f"{address!r} is not host:port")
-    return host.strip("[]"), int(port)
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        raise PeerIdentityError(f"{address!r} does not name a host") from None
+    return host, int(port)
 
 
 def probe(address: str, material: TlsMaterial, timeout_s: float) -> Identity:
