@@ -403,7 +403,8 @@ class Store:
         that one (by size and by sketch, see `_near_cohorts`) are loaded, so the guard must
         refuse nothing farther than that (check_overlap with window k_min - 1 does not).
         Each disclosed cohort is then recorded. A refusal
-        commits its audit entry (and nothing else) before it is raised. With `nonce`, the
+        commits its audit entry (and nothing else, but for the sketches of pre-v3 cohorts
+        it had to load) before it is raised. With `nonce`, the
         request's nonce is remembered first, in this transaction; a duplicate raises
         `Replayed` and nothing is released.
         """
