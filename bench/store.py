@@ -120,12 +120,10 @@ async def main(history: int, cohorts: int, n: int) -> None:
     old = await measure(tmp / "history.sqlite3", history, cohorts, n)
     print(f"{n} release transactions each; history = {history} nonces and {history} jobs, "
           f"{cohorts} cohorts of {COHORT}")
-    print(f"release transaction : fresh {fresh[0] * 1000:7.3f} ms   with history "
-          f"{old[0] * 1000:7.3f} ms   ratio {old[0] / fresh[0]:5.2f}   (goal ~1)")
-    print(f"jobs-by-state count : fresh {fresh[1] * 1000:7.3f} ms   with history "
-          f"{old[1] * 1000:7.3f} ms   ratio {old[1] / fresh[1]:5.2f}   (goal ~1)")
-    print(f"guarded release     : fresh {fresh[2] * 1000:7.3f} ms   with history "
-          f"{old[2] * 1000:7.3f} ms   ratio {old[2] / fresh[2]:5.2f}   (goal ~1)")
+    for label, f, h in zip(("release transaction", "jobs-by-state count", "guarded release"),
+                           fresh, old, strict=True):
+        print(f"{label:20}: fresh {f * 1000:7.3f} ms   with history {h * 1000:7.3f} ms   "
+              f"ratio {h / f:5.2f}   (goal ~1)")
 
 
 if __name__ == "__main__":

@@ -191,14 +191,13 @@ class SiteExecutor:
         k = self._policy.k_min
         partials, decisions = suppress_small_cells(partials, k, catalog.fields)
         suppressed = result_suppressed(decisions)
+        cells: list[frozenset[str]] = []  # grouped: the disclosed cohorts (else `cohort` alone)
         if groups and cohort is not None:
             shown = {p.group for p in partials if not is_withheld(p)}
-            cohort = frozenset().union(*(groups[g] for g in shown if g in groups))
-            disclosed = [groups[g] for g in sorted(shown) if g in groups]
-            if len(disclosed) > 1:
-                disclosed.append(cohort)
-        else:
-            disclosed = [cohort] if cohort is not None else []
+            cells = [groups[g] for g in sorted(shown) if g in groups]
+            cohort = frozenset().union(*cells)
+            if len(cells) > 1:
+                cells.append(cohort)
         report = None
         if not suppressed and epsilon is not None:
             partials, report = add_noise(partials, catalog.fields, epsilon, self._noise)
@@ -208,7 +207,7 @@ class SiteExecutor:
         charged = report.epsilon if report is not None and report.epsilon > 0 else None
         fingerprint: frozenset[str] = frozenset()
         digest = None
-        guarded = tuple([await self._fingerprint(catalog, c) for c in disclosed])
+        guarded = tuple([await self._fingerprint(catalog, c) for c in cells])
         if cohort is not None:
             fingerprint, digest = await self._fingerprint(catalog, cohort)
         docs, arrays = codec.partials_to_doc(partials)

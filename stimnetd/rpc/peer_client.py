@@ -104,18 +104,14 @@ class GrpcSubJobTransport:
         try:
             who = await self._channels.server_identity(target.address, timeout_s)
         except TimeoutError as exc:  # the site deadline, or the probe's own cap (it says so)
-            detail = str(exc) or timed_out
-            await on_event(label, "timed_out", detail, 0)
-            return SiteOutcome(label, "timed_out", detail)
+            return await _ended(on_event, label, "timed_out", str(exc) or timed_out)
         except PeerIdentityError as exc:
-            await on_event(label, "failed", str(exc), 0)
-            return SiteOutcome(label, "failed", str(exc))
+            return await _ended(on_event, label, "failed", str(exc))
         if who.role != "node" or (target.name and who.name != target.name):
             detail = (f"{target.address} is served by {who.role} {who.name!r}, not "
                       f"{'node ' + repr(target.name) if target.name else 'a node'}: the job "
                       "was not sent there")
-            await on_event(label, "failed", detail, 0)
-            return SiteOutcome(label, "failed", detail)
+            return await _ended(on_event, label, "failed", detail)
         site = who.name
         stub = self._channels.stub(target.address)
         asm = codec.Assembler()
@@ -134,25 +130,21 @@ class GrpcSubJobTransport:
                     if s.site and s.site != site:
                         call.cancel()
                         self._channels.forget(target.address)
-                        detail = f"node {site!r} answered as {s.site!r}; its answer was ignored"
-                        await on_event(site, "failed", detail, 0)
-                        return SiteOutcome(site, "failed", detail)
+                        return await _ended(on_event, site, "failed", f"node {site!r} answered "
+                                            f"as {s.site!r}; its answer was ignored")
                     await on_event(site, s.state, s.detail, int(s.n))
                     if s.state in _TERMINAL:
                         final = (s.state, s.detail, int(s.n))
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                await on_event(site, "timed_out", timed_out, 0)
-                return SiteOutcome(site, "timed_out", timed_out)
+                return await _ended(on_event, site, "timed_out", timed_out)
             state = "refused" if exc.code() in (
                 grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
                 grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,
                 grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED) else "failed"
-            detail = exc.details() or exc.code().name
-            await on_event(site, state, detail, 0)
-            return SiteOutcome(site, state, detail)
+            return await _ended(on_event, site, state, exc.details() or exc.code().name)
         if final is None:
-            return SiteOutcome(site, "failed", "peer closed the stream without an outcome")
+            return await _ended(on_event, site, "failed", "peer closed the stream without an outcome")
         state, detail, n = final
         if state != "done":
             return SiteOutcome(site, state, detail)
@@ -163,3 +155,9 @@ class GrpcSubJobTransport:
             return SiteOutcome(site, "failed", f"malformed partial aggregates: {exc}")
         return SiteOutcome(site, "done", detail, n=n, partials=partials,
                            epsilon=doc.get("epsilon"), mechanism=doc.get("mechanism"))
+
+
+async def _ended(on_event: SiteEventSink, site: str, state: str, detail: str) -> SiteOutcome:
+    """A site's outcome decided here, not by the peer: its watchers hear it too."""
+    await on_event(site, state, detail, 0)
+    return SiteOutcome(site, state, detail)

@@ -125,7 +125,8 @@ def cohort_sketch(cohort: Iterable[str]) -> bytes:
     """How many members fall in each of 256 buckets (by the member's hash), as uint32s.
 
     A lower bound on set difference: a bucket's counts can differ by at most the number of
-    its members that are in only one of the sets, so ``sketch_distance(A, B) <= |A xor B|``.
+    its members that are in only one of the sets, so their L1 distance (`sketch_distances`)
+    is at most |A xor B|.
     The overlap guard need not load a cohort whose sketch is k_min or more away.
     """
     try:
@@ -136,12 +137,8 @@ def cohort_sketch(cohort: Iterable[str]) -> bytes:
                        minlength=SKETCH_BUCKETS).astype("<u4").tobytes()
 
 
-def sketch_distance(a: bytes, b: bytes) -> int:
-    return sketch_distances(a, [b])[0]
-
-
 def sketch_distances(a: bytes, others: list[bytes]) -> list[int]:
-    """`sketch_distance` from `a` to each of `others`, at once."""
+    """The L1 distance from sketch `a` to each of `others`."""
     if any(len(o) != len(a) for o in others):
         raise ValueError("cohort sketches of different sizes")
     x = np.frombuffer(a, dtype="<u4").astype(np.int64)

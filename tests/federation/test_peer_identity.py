@@ -141,3 +141,37 @@ async def test_an_address_that_never_answers_the_handshake_times_out_and_says_so
             await silent.wait_closed()
     assert out.state == "timed_out" and "0.3s" in out.detail  # the deadline or the probe
     assert events == [("site-x", "timed_out", out.detail, 0)]
+
+
+class _Mute(federation_pb2_grpc.FederationServiceServicer):
+    async def RunSubJob(self, request, context):  # type: ignore[no-untyped-def]
+        return
+        yield  # an empty stream: no outcome at all
+
+
+async def test_a_peer_that_ends_its_stream_without_an_outcome_is_failed_and_watchers_hear_it(
+        federation, tmp_path: Path) -> None:
+    """The outcome is decided at the entry, so the entry reports it as the site's event."""
+    cats = [[_tiny_catalog(tmp_path / "t", [float(a) for a in range(30, 60)])]]
+    async with federation(cats) as fed, fed.client() as c:
+        mute = fed.pki.issue("mute", "node", hosts=("127.0.0.1",))
+        server = grpc.aio.server()
+        federation_pb2_grpc.add_FederationServiceServicer_to_server(_Mute(), server)
+        port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
+            [(mute.key.read_bytes(), mute.cert.read_bytes())],
+            root_certificates=mute.ca.read_bytes(), require_client_auth=True))
+        await server.start()
+        channels = PeerChannels(_material(fed, "site-a"))
+        events: list[tuple] = []
+
+        async def sink(*ev: object) -> None:
+            events.append(ev)
+
+        try:
+            out = await GrpcSubJobTransport(channels, "site-a").run_subjob(
+                Target(f"127.0.0.1:{port}"), _signed(c), "r1", 5, sink)
+        finally:
+            await channels.shutdown()
+            await server.stop(None)
+    assert (out.site, out.state) == ("mute", "failed") and "without an outcome" in out.detail
+    assert events == [("mute", "failed", out.detail, 0)]

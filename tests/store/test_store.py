@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from stimnetd.errors import BudgetExhausted, Refused
 from stimnetd.store import Store, StoreCorrupt
-from stimnetd.store.records import Release, cohort_digest, cohort_sketch, sketch_distance
+from stimnetd.store.records import Release, cohort_digest, cohort_sketch, sketch_distances
 from stimnetd.store.schema import MIGRATIONS
 
 
@@ -321,7 +321,7 @@ async def test_guard_parses_only_cohorts_whose_sketch_could_be_near(store: Store
 def test_sketch_distance_never_exceeds_the_set_difference(a: set[str], b: set[str]) -> None:
     """The guard's prefilter skips a cohort only when its sketch is more than k_min - 1
     away, which is safe because the distance is a lower bound on |A xor B| for any members."""
-    d = sketch_distance(cohort_sketch(a), cohort_sketch(b))
+    (d,) = sketch_distances(cohort_sketch(a), [cohort_sketch(b)])
     # Never above the set difference (safe to skip on), never below the size difference
     # (the sketch counts every member: it is no weaker than the size window).
     assert abs(len(a) - len(b)) <= d <= len(a ^ b)
