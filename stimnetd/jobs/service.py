@@ -108,8 +108,11 @@ class JobService:
             request_id=request_id, origin="client", payload=signed.payload,
             signature=signed.signature, signer_cert=signed.signer_cert_pem,
             script=signed.script or None, script_sha256=req.script_sha256)
+        # A query's row is bookkeeping (its privacy decisions are the sites' durable
+        # releases, and a replay is stopped there too): no fsync of its own (Store._tx).
         if not await self._store.create_job(record, audit=(caller.name, caller.role, "submit"),
-                                           nonce=(req.nonce, self._max_age)):
+                                           nonce=(req.nonce, self._max_age),
+                                           durable=req.kind != "query"):
             raise Conflict("replayed request: this signed job was already submitted")
         live = self._live.setdefault(record.id, _Live())
         if state in ("queued", "running"):
@@ -212,7 +215,8 @@ class JobService:
             state, detail, answer = self._finish(job, fan)
             blob = codec.pack(*answer) if answer is not None else None
             # The final state carries the answer: watchers get both in one update.
-            await self._set_state(record.id, state, detail, sites=live.sites, result=blob)
+            await self._set_state(record.id, state, detail, sites=live.sites, result=blob,
+                                  durable=record.kind != "query")
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - a job failure is the job's state, not a crash
@@ -266,9 +270,9 @@ class JobService:
 
     async def _set_state(self, job_id: str, state: str, detail: str,
                          sites: list[dict[str, Any]] | None = None,
-                         result: bytes | None = None) -> None:
+                         result: bytes | None = None, durable: bool = True) -> None:
         record = await self._store.update_job(job_id, state=state, detail=detail, sites=sites,
-                                              result=result)
+                                              result=result, durable=durable)
         await self._publish(job_id, JobUpdate("state", job=record, result=result))
 
     async def _publish(self, job_id: str, update: JobUpdate) -> None:

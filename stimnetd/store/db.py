@@ -198,8 +198,14 @@ class Store:
         return await self._tx(lambda chain: chain.append(actor, role, action, decision,
                                                          detail or {}))
 
-    async def _tx(self, fn: Callable[[_Chain], T]) -> T:
+    async def _tx(self, fn: Callable[[_Chain], T], *, durable: bool = True) -> T:
         """Run `fn` as one BEGIN IMMEDIATE … COMMIT on the database thread.
+
+        `durable=False` is for bookkeeping no privacy decision rests on (a query job's row):
+        the commit skips its fsync (`synchronous=NORMAL`, ~0.3 ms here). In WAL mode commits
+        reach the disk in order, so the next durable commit (the release that follows)
+        makes it durable too; a power cut before that loses only the row, never a release,
+        a charge or a later audit entry, and the audit chain stays a consistent prefix.
 
         One hop to the thread per transaction instead of one per statement: under load the
         hops, not SQLite, dominated a release's latency. aiosqlite has no public "run this
@@ -226,7 +232,7 @@ class Store:
                 committed = True
 
             task = asyncio.ensure_future(
-                self.db._execute(_transaction, run, self.db._conn, on_commit))
+                self.db._execute(_transaction, run, self.db._conn, on_commit, durable))
             try:
                 return await asyncio.shield(task)
             except asyncio.CancelledError:
@@ -291,9 +297,11 @@ class Store:
     # -- jobs ------------------------------------------------------------------------
 
     async def create_job(self, job: JobRecord, *, audit: tuple[str, str, str] | None = None,
-                         nonce: tuple[str, float] | None = None) -> bool:
+                         nonce: tuple[str, float] | None = None, durable: bool = True) -> bool:
         """Insert the job (and its audit entry) — refusing a replayed nonce in the same
-        transaction when `nonce` = (nonce, max_age_s) is given. False means replay."""
+        transaction when `nonce` = (nonce, max_age_s) is given. False means replay.
+        `durable`: see `_tx` (a script's queued job must survive a power cut; a query's
+        row is bookkeeping)."""
         now = self._clock()
 
         def tx(chain: _Chain) -> bool:
@@ -320,14 +328,14 @@ class Store:
                               "scope": job.scope, "request_id": job.request_id})
             return True
 
-        created = await self._tx(tx)
+        created = await self._tx(tx, durable=durable)
         if created and nonce is not None:
             self._remember_nonce(nonce[0], now, nonce[1])
         return created
 
     async def update_job(self, job_id: str, *, state: str | None = None, detail: str | None = None,
                          sites: list[dict[str, Any]] | None = None, result: bytes | None = None,
-                         bump_attempts: bool = False) -> JobRecord:
+                         bump_attempts: bool = False, durable: bool = True) -> JobRecord:
         sets, args = ["updated_at = ?"], [self._clock()]
         for col, val in (("state", state), ("detail", detail), ("result", result)):
             if val is not None:
@@ -344,7 +352,7 @@ class Store:
             return chain.conn.execute(f"SELECT {JobRecord.COLUMNS} FROM jobs WHERE id = ?",
                                       (job_id,)).fetchone()
 
-        row = await self._tx(tx)
+        row = await self._tx(tx, durable=durable)
         if row is None:
             raise StimnetError(f"job {job_id} vanished")
         return JobRecord.from_row(row)
@@ -614,15 +622,22 @@ class _Chain:
 
 
 def _transaction(fn: Callable[[sqlite3.Connection], T], conn: sqlite3.Connection,
-                 on_commit: Callable[[], None]) -> T:
-    # Runs on aiosqlite's thread.
-    conn.execute("BEGIN IMMEDIATE")
+                 on_commit: Callable[[], None], durable: bool = True) -> T:
+    # Runs on aiosqlite's thread. The pragma cannot change inside a transaction, so a
+    # bookkeeping commit switches it around its own BEGIN … COMMIT.
+    if not durable:
+        conn.execute("PRAGMA synchronous = NORMAL")
     try:
-        result = fn(conn)
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    finally:
+        if not durable:
+            conn.execute("PRAGMA synchronous = FULL")
     on_commit()
     return result
 

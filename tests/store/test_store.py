@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from stimnetd.errors import BudgetExhausted, Refused
 from stimnetd.store import Store, StoreCorrupt
-from stimnetd.store.records import Release, cohort_digest, cohort_sketch, sketch_distances
+from stimnetd.store.records import JobRecord, Release, cohort_digest, cohort_sketch, sketch_distances
 from stimnetd.store.schema import MIGRATIONS
 
 
@@ -88,7 +88,6 @@ async def test_a_version_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
 async def test_job_counts_by_state_follow_every_change(store: Store) -> None:
     """The jobs-by-state gauge's counts (kept by triggers) equal counting the table after
     inserts, state changes, updates that keep the state, and deletes."""
-    from stimnetd.store.records import JobRecord
 
     async def counted() -> dict[str, int]:
         rows = await store.db.execute_fetchall("SELECT state, COUNT(*) FROM jobs GROUP BY state")
@@ -360,3 +359,27 @@ async def test_cancelled_writer_does_not_desync_the_audit_chain(store: Store) ->
     v = await store.verify_audit()
     assert v.ok, v.problem
     assert v.entries >= 20
+
+
+async def test_bookkeeping_commits_skip_only_their_own_fsync(store: Store) -> None:
+    """A query's job row commits at synchronous=NORMAL; every other transaction — and the
+    next one after a bookkeeping commit, even one that failed — runs at FULL."""
+    FULL, NORMAL = 2, 1
+    job = JobRecord(id="job1", kind="query", scope="local", catalog="c", owner="alice",
+                    state="running", detail="", created_at=1.0, updated_at=1.0, request_id="r",
+                    origin="client", payload=b"{}", signature=b"", signer_cert=b"")
+
+    async def level(*, durable: bool = True) -> int:
+        return await store._tx(lambda chain: chain.conn.execute(  # noqa: SLF001
+            "PRAGMA synchronous").fetchone()[0], durable=durable)
+
+    assert await level(durable=False) == NORMAL
+    assert await level() == FULL
+    assert await store.create_job(job, durable=False)
+    assert await level() == FULL
+    with pytest.raises(sqlite3.IntegrityError):  # the same id again: rolled back
+        await store.create_job(job, durable=False)
+    assert await level() == FULL
+    updated = await store.update_job("job1", state="succeeded", durable=False)
+    assert updated.state == "succeeded" and await level() == FULL
+    assert (await store.get_job("job1")).state == "succeeded"  # type: ignore[union-attr]
