@@ -66,10 +66,12 @@ class Coordinator:
                   resumed: bool = False) -> FanoutResult:
         catalog = job.request.catalog
         tasks: list[asyncio.Task[SiteOutcome]] = []
-        if self._holds(catalog):
-            tasks.append(asyncio.create_task(self._local(job, on_event, resumed)))
+        # Peers' tasks first: each starts its call before this site's own share (computed
+        # on the loop when small) holds the loop. The local outcome stays first in order.
         for target in self._peers.targets(catalog):
             tasks.append(asyncio.create_task(self._remote(target, job, request_id, on_event)))
+        if self._holds(catalog):
+            tasks.insert(0, asyncio.create_task(self._local(job, on_event, resumed)))
         outcomes = list(await asyncio.gather(*tasks)) if tasks else []
         return FanoutResult(outcomes)
 

@@ -44,6 +44,8 @@ class PeerChannels:
         Raises TimeoutError past `timeout_s` and PeerIdentityError; a failure is not
         cached, so the next call tries again."""
         fut = self._identities.get(address)
+        if fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None:
+            return fut.result()  # learnt: no wait_for task and timer per sub-job
         if fut is None:
             # Capped: a live node completes a handshake in milliseconds, and a probe stuck
             # on a stopped one would hold up the daemon's exit (its thread is joined).
