@@ -9,7 +9,10 @@ must cost the same whatever the site has already served. Prints, for a store hol
 2. the jobs-by-state count the metrics read, and their ratio;
 3. the median release of a new 2,000-subject cohort through the overlap guard, where the
    history also holds `--cohorts` earlier cohorts of the researcher of the very same size
-   (none near it), and their ratio.
+   (none near it), and their ratio;
+4. the same for a release grouped into 3 cells of COHORT/3, where the history also holds
+   `--cohorts` earlier grouped releases of 3 cells of those sizes (unions of some cells of
+   one are compared with unions of some of the other's: privacy/overlap.py).
 Goal: all ratios near 1 (history must not make the hot path slower).
 """
 
@@ -26,7 +29,7 @@ from pathlib import Path
 
 from _common import workdir  # type: ignore[import-not-found]
 
-from stimnetd.privacy.overlap import check_overlap
+from stimnetd.privacy.overlap import check_overlap, check_union_overlap
 from stimnetd.store import NonceClaim, Store
 from stimnetd.store.records import Release, cohort_digest, cohort_sketch
 
@@ -69,7 +72,30 @@ def add_cohorts(path: Path, n: int, sketched: bool = True) -> None:
     conn.close()
 
 
-async def measure(path: Path, history: int, cohorts: int, n: int) -> tuple[float, float, float]:
+def grouped(job: str) -> Release:
+    """A release grouped into 3 cells, as the site builds it (cells + union disclosed)."""
+    cells = [fingerprints(COHORT // 3) for _ in range(3)]
+    union = frozenset().union(*cells)
+    disclosed = tuple((c, cohort_digest(c)) for c in (*cells, union))
+    return Release(job_id=job, researcher="alice", catalog="c", decision="released",
+                   epsilon=None, cohort=union, partials=b"x" * 300, at=time.time(),
+                   guarded=disclosed, atoms=disclosed[:3])
+
+
+async def add_families(store: Store, n: int) -> None:
+    for i in range(n):
+        await store.release(grouped(f"history-{i}"), budget=10.0,
+                            audit_actor=("alice", "researcher"))
+
+
+def _guards() -> dict[str, object]:
+    return {"guard": lambda new, earlier: check_overlap(new, earlier, 5),
+            "union_guard": lambda new, earlier: check_union_overlap(new, earlier, 5),
+            "guard_window": 4}
+
+
+async def measure(path: Path, history: int, cohorts: int, n: int
+                  ) -> tuple[float, float, float, float]:
     now = time.time()
     store = Store(path)
     await store.open()
@@ -103,13 +129,25 @@ async def measure(path: Path, history: int, cohorts: int, n: int) -> tuple[float
                               partials=b"x" * 300, at=time.time())
             t = time.perf_counter()
             await store.release(release, budget=10.0, audit_actor=("alice", "researcher"),
-                                guard=lambda new, earlier: check_overlap(new, earlier, 5),
-                                guard_window=4)
+                                **_guards())  # type: ignore[arg-type]
             guarded.append(time.perf_counter() - t)
             # Each guarded release adds a cohort: drop it so every one sees the same history.
             await store.db.execute("DELETE FROM cohorts WHERE digest = ?", (cohort_digest(cohort),))
             await store.db.commit()
-        return statistics.median(releases), statistics.median(counts), statistics.median(guarded)
+        if cohorts:
+            await add_families(store, cohorts)
+        families = []
+        for i in range(max(5, n // 10)):
+            release = grouped(f"grouped-{i}")
+            t = time.perf_counter()
+            await store.release(release, budget=10.0, audit_actor=("alice", "researcher"),
+                                **_guards())  # type: ignore[arg-type]
+            families.append(time.perf_counter() - t)
+            await store.db.execute("DELETE FROM cohort_families WHERE sizes_json IS NOT NULL AND "
+                                   "rowid = (SELECT MAX(rowid) FROM cohort_families)")
+            await store.db.commit()
+        return (statistics.median(releases), statistics.median(counts),
+                statistics.median(guarded), statistics.median(families))
     finally:
         await store.close()
 
@@ -120,7 +158,8 @@ async def main(history: int, cohorts: int, n: int) -> None:
     old = await measure(tmp / "history.sqlite3", history, cohorts, n)
     print(f"{n} release transactions each; history = {history} nonces and {history} jobs, "
           f"{cohorts} cohorts of {COHORT}")
-    for label, f, h in zip(("release transaction", "jobs-by-state count", "guarded release"),
+    for label, f, h in zip(("release transaction", "jobs-by-state count", "guarded release",
+                            "grouped release"),
                            fresh, old, strict=True):
         print(f"{label:20}: fresh {f * 1000:7.3f} ms   with history {h * 1000:7.3f} ms   "
               f"ratio {h / f:5.2f}   (goal ~1)")

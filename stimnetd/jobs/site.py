@@ -22,7 +22,7 @@ from stimnetd.catalog import Catalog, CatalogSet
 from stimnetd.errors import Refused, Replayed, StimnetError
 from stimnetd.jobs.signing import VerifiedJob
 from stimnetd.privacy.noise import NoiseSource, add_noise
-from stimnetd.privacy.overlap import check_overlap, cohort_fingerprint_list
+from stimnetd.privacy.overlap import check_overlap, check_union_overlap, cohort_fingerprint_list
 from stimnetd.privacy.policy import (
     BudgetExhausted,
     PrivacyPolicy,
@@ -186,7 +186,8 @@ class SiteExecutor:
         cohort the researcher learns statistics of, and so is their union (the statistics
         add up), so those are what the overlap guard checks and the manifest counts, not
         the filter's cohort: "everyone" minus "everyone with PD or GPi" is the withheld
-        group. Unions of some released groups only are not checked (README: pairwise)."""
+        group. Unions of some of the released groups are cohorts too: they are compared
+        with unions of some of an earlier query's (privacy/overlap.check_union_overlap)."""
         req = job.request
         k = self._policy.k_min
         partials, decisions = suppress_small_cells(partials, k, catalog.fields)
@@ -198,6 +199,7 @@ class SiteExecutor:
             cohort = frozenset().union(*cells)
             if len(cells) > 1:
                 cells.append(cohort)
+        n_atoms = len(cells) - 1 if len(cells) > 1 else 0  # the cells, not their union
         report = None
         if not suppressed and epsilon is not None:
             partials, report = add_noise(partials, catalog.fields, epsilon, self._noise)
@@ -215,22 +217,27 @@ class SiteExecutor:
         mechanism = "laplace" if charged else None
         blob = codec.pack({"partials": docs, "n": n, "epsilon": charged,
                            "mechanism": mechanism}, arrays)
-        guard = None
+        guard = union_guard = None
         if self._overlap_guard and cohort is not None:
             what = "cohort" if not groups else "a group's cohort (or the groups' together)"
 
             def guard(members: frozenset[str], earlier: list[frozenset[str]]) -> None:
                 check_overlap(members, earlier, k, what)
+
+            def union_guard(atoms: list[frozenset[str]],
+                            earlier: list[list[frozenset[str]]]) -> None:
+                check_union_overlap(atoms, earlier, k)
         stored = await self._store.release(
             Release(job_id=req.job_id, researcher=job.researcher.name, catalog=req.catalog,
                     decision=decision, epsilon=charged, cohort=fingerprint, partials=blob,
-                    cohort_key=digest, guarded=guarded,
+                    cohort_key=digest, guarded=guarded, atoms=guarded[:n_atoms],
                     at=self._clock(),
                     audit_detail={"kind": req.kind, "outputs": len(partials),
                                   "withheld": [f"{d.output}{list(d.group)}: {d.reason}"
                                                for d in decisions if d.action != "released"]}),
             budget=self._policy.budget_epsilon, guard=guard, guard_window=k - 1,
-            audit_actor=(job.researcher.name, job.researcher.role), nonce=nonce)
+            audit_actor=(job.researcher.name, job.researcher.role), nonce=nonce,
+            union_guard=union_guard)
         self._on_decision(stored.decision)
         if stored.partials is not blob:  # released before (a retry): the stored one counts
             return self._from_release(stored)

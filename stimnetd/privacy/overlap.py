@@ -14,9 +14,12 @@ Limitations, by construction:
 * A refusal is itself a signal: it tells the researcher that the two filters' difference
   holds 1..k_min-1 subjects. It never says how many; DP noise, where the site enables
   it, is what bounds what such signals add up to.
-* Group-by cells are cohorts too, and so is the union of a query's released cells (their
-  statistics add up). The site (`jobs/site.py`) checks and records each of those rather
-  than the WHERE cohort; a union of only some of a query's released cells is not checked.
+* Group-by cells are cohorts too, and so is any union of a query's released cells (their
+  statistics add up: "STN" plus "GPi" is "STN or GPi"). The site (`jobs/site.py`) checks
+  and records each cell and their union rather than the WHERE cohort, and
+  `check_union_overlap` compares unions of this query's cells with unions of an earlier
+  query's: every union when a query has at most MAX_ENUMERATED_ATOMS released cells, each
+  cell alone and all of them together beyond that.
 
 The store keeps fingerprints, not subject ids: keyed HMACs under a secret that never
 leaves the site, so a stolen state directory does not list who was in which cohort, and
@@ -25,14 +28,19 @@ fingerprints from different sites cannot be joined.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+
+import numpy as np
 
 from stimnetd.privacy.policy import PrivacyRefusal
 
 # 128 bits: collisions between distinct subjects are negligible at any cohort size.
 FINGERPRINT_HEX_CHARS = 32
+# Unions of up to 2^8 - 1 cell subsets per side: 255 x 255 pairs per earlier query.
+MAX_ENUMERATED_ATOMS = 8
 
 
 def check_overlap(
@@ -48,6 +56,110 @@ def check_overlap(
                 "overlap", f"{what} differs from an earlier released cohort by fewer than "
                 f"{k_min} subjects (k_min = {k_min})"
             )
+
+
+@functools.lru_cache(maxsize=64)
+def unions(n_atoms: int) -> np.ndarray:
+    """Which unions of a query's `n_atoms` disjoint released cells are compared, as 0/1
+    rows (one column per cell): every non-empty union up to MAX_ENUMERATED_ATOMS cells;
+    beyond that each cell alone and all of them (the pairwise guard's cohorts). Cached:
+    read-only."""
+    if n_atoms <= MAX_ENUMERATED_ATOMS:
+        rows = np.arange(1, 1 << n_atoms)
+        picks = ((rows[:, None] >> np.arange(n_atoms)) & 1).astype(np.int64)
+    else:
+        picks = np.vstack([np.eye(n_atoms, dtype=np.int64), np.ones((1, n_atoms), np.int64)])
+    picks.setflags(write=False)
+    return picks
+
+
+class UnionSizes:
+    """The unions of one query's cells — sizes and, if given, bucket sketches (one row per
+    cell; a union's sketch is the sum of its disjoint cells', and the L1 distance of two
+    sketches is at most the sets' difference) — to compare with many earlier queries'."""
+
+    def __init__(self, sizes: Sequence[int], sketches: np.ndarray | None = None) -> None:
+        self._picks = unions(len(sizes))
+        self.sizes = self._picks @ np.asarray(sizes, np.int64)
+        self._sketches = None if sketches is None else self._picks @ sketches.astype(np.int64)
+
+    def near(self, other: UnionSizes, window: int) -> bool:
+        """Whether some union of these cells and some union of `other`'s could be within
+        `window` subjects of each other. False: no need to load `other`'s members."""
+        i, j = np.nonzero(np.abs(self.sizes[:, None] - other.sizes[None, :]) <= window)
+        if i.size == 0 or self._sketches is None or other._sketches is None:
+            return bool(i.size)
+        for lo in range(0, i.size, 4096):  # bounded memory: 4096 x buckets at a time
+            part = slice(lo, lo + 4096)
+            diff = self._sketches[i[part]] - other._sketches[j[part]]
+            if (np.abs(diff).sum(axis=1) <= window).any():
+                return True
+        return False
+
+
+def near_families(mine: UnionSizes, families: Sequence[tuple[Sequence[int], np.ndarray]],
+                  window: int) -> list[bool]:
+    """`mine.near(UnionSizes(sizes, sketches), window)` for each earlier query's cells
+    (sizes, one sketch row per cell), vectorised over queries with as many cells (a long
+    history is hundreds of them). Sketches are first compared folded to 16 buckets (summing
+    buckets only lowers the L1 distance, so it is a bound too), then in full for the pairs
+    of unions that the folded ones leave."""
+    if mine._sketches is None:
+        raise ValueError("near_families compares sketches: give this query's")
+    out = [False] * len(families)
+    by_cells: dict[int, list[int]] = {}
+    for f, (sizes, _) in enumerate(families):
+        by_cells.setdefault(len(sizes), []).append(f)
+    folded = _fold(mine._sketches)
+    for cells, members in by_cells.items():
+        picks = unions(cells)
+        step = max(1, (1 << 20) // (picks.shape[0] * folded.shape[1]))
+        for lo in range(0, len(members), step):
+            part = members[lo:lo + step]
+            sizes = np.array([families[f][0] for f in part], np.int64) @ picks.T  # (F, U)
+            cell_sketches = np.stack([families[f][1] for f in part]).astype(np.int64)
+            coarse = np.einsum("ur,frb->fub", picks, _fold(cell_sketches))  # (F, U, 16)
+            i, f, j = np.nonzero(np.abs(mine.sizes[:, None, None] - sizes[None]) <= window)
+            keep = np.abs(folded[i] - coarse[f, j]).sum(axis=1) <= window
+            i, f, j = i[keep], f[keep], j[keep]
+            for c in range(0, i.size, 1024):
+                sl = slice(c, c + 1024)
+                fine = np.einsum("pr,prb->pb", picks[j[sl]], cell_sketches[f[sl]])
+                d = np.abs(mine._sketches[i[sl]] - fine).sum(axis=1)
+                for hit in np.unique(f[sl][d <= window]).tolist():
+                    out[part[hit]] = True
+    return out
+
+
+def _fold(sketches: np.ndarray, to: int = 16) -> np.ndarray:
+    return sketches.reshape(*sketches.shape[:-1], to, -1).sum(axis=-1)
+
+
+def near_union_pairs(new_sizes: Sequence[int], old_sizes: Sequence[int], window: int,
+                     new_sketches: np.ndarray | None = None,
+                     old_sketches: np.ndarray | None = None) -> bool:
+    """`UnionSizes(new…).near(UnionSizes(old…), window)`."""
+    return UnionSizes(new_sizes, new_sketches).near(UnionSizes(old_sizes, old_sketches), window)
+
+
+def check_union_overlap(new_atoms: Sequence[frozenset[str]],
+                        earlier: Iterable[Sequence[frozenset[str]]], k_min: int) -> None:
+    """Refuse if a union of the new query's released cells (`new_atoms`, disjoint) differs
+    from a union of an earlier query's released cells (each of `earlier`: that query's
+    cells, or one earlier cohort) by 1..k_min-1 subjects. Exact over the unions `unions`
+    enumerates: with disjoint cells, |∪S xor ∪T| = |∪S| + |∪T| - 2 Σ |G_i ∩ H_j|."""
+    a = unions(len(new_atoms))
+    sa = a @ np.array([len(g) for g in new_atoms], np.int64)
+    for family in earlier:
+        b = unions(len(family))
+        sb = b @ np.array([len(h) for h in family], np.int64)
+        inter = np.array([[len(g & h) for h in family] for g in new_atoms], np.int64)
+        d = sa[:, None] + sb[None, :] - 2 * (a @ inter @ b.T)
+        if ((d >= 1) & (d <= k_min - 1)).any():
+            raise PrivacyRefusal(
+                "overlap", "a union of this query's groups differs from an earlier released "
+                f"cohort (or a union of an earlier query's groups) by fewer than {k_min} "
+                f"subjects (k_min = {k_min})")
 
 
 def cohort_fingerprint(ids: Iterable[str], site_secret: bytes) -> frozenset[str]:

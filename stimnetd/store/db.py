@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import json
 import os
 import secrets
@@ -20,9 +21,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
+import numpy as np
 import structlog
 
 from stimnetd.errors import Replayed, StimnetError
+from stimnetd.privacy.overlap import UnionSizes, near_families, unions
 from stimnetd.privacy.policy import BudgetExhausted as PrivacyBudgetExhausted
 from stimnetd.store.audit import GENESIS, AuditRow, AuditVerification, chain_hash, verify_rows
 from stimnetd.store.records import (
@@ -400,7 +403,9 @@ class Store:
     async def release(self, release: Release, *, budget: float,
                       guard: Callable[[frozenset[str], list[frozenset[str]]], None] | None = None,
                       guard_window: int = 0, audit_actor: tuple[str, str],
-                      nonce: NonceClaim | None = None) -> Release:
+                      nonce: NonceClaim | None = None,
+                      union_guard: Callable[[list[frozenset[str]], list[list[frozenset[str]]]],
+                                            None] | None = None) -> Release:
         """Record a release, charge its epsilon and audit it, in one transaction.
 
         Idempotent per job: a job released before (e.g. re-run after a crash) returns the
@@ -410,7 +415,11 @@ class Store:
         queries cannot both pass it; only cohorts that could be within `guard_window` of
         that one (by size and by sketch, see `_near_cohorts`) are loaded, so the guard must
         refuse nothing farther than that (check_overlap with window k_min - 1 does not).
-        Each disclosed cohort is then recorded. A refusal
+        `union_guard(cells, earlier)` then sees the release's cells (`Release.atoms`, or
+        its one cohort) with the earlier queries' cells whose unions could be within
+        `guard_window` of unions of these (`_near_families`), each earlier query's cells
+        as one list. Each disclosed cohort is then recorded, and a grouped release's cells
+        as a family. A refusal
         commits its audit entry (and nothing else, but for the sketches of pre-v3 cohorts
         it had to load) before it is raised. With `nonce`, the
         request's nonce is remembered first, in this transaction; a duplicate raises
@@ -450,6 +459,15 @@ class Store:
                     chain.append(*audit_actor, "release", "refused",
                                  {**base, "policy": "overlap", "reason": str(refusal)})
                     return refusal
+            if union_guard is not None and disclosed:
+                atoms = release.atoms or disclosed[:1]
+                try:
+                    union_guard([m for m, _ in atoms],
+                                _near_families(conn, release, atoms, guard_window, sketches))
+                except StimnetError as refusal:
+                    chain.append(*audit_actor, "release", "refused",
+                                 {**base, "policy": "overlap", "reason": str(refusal)})
+                    return refusal
             if release.epsilon:
                 conn.execute(
                     "INSERT INTO ledger (researcher, catalog, job_id, epsilon, at) VALUES (?,?,?,?,?)",
@@ -469,6 +487,13 @@ class Store:
                         " VALUES (?,?,?,?,?)", (release.researcher, release.catalog, key,
                                                 len(members), json.dumps(sorted(members))))
                     _save_sketch(conn, release, key, sketches.get(key) or cohort_sketch(members))
+            if len(release.atoms) > 1 and release.decision != "suppressed":
+                conn.execute(
+                    "INSERT OR IGNORE INTO cohort_families (researcher, catalog, digest,"
+                    " sizes_json, atoms_json) VALUES (?,?,?,?,?)",
+                    (release.researcher, release.catalog, _family_digest(release.atoms),
+                     json.dumps([len(m) for m, _ in release.atoms]),
+                     json.dumps([d for _, d in release.atoms])))
             chain.append(*audit_actor, "release", release.decision,
                          {**base, "epsilon": release.epsilon, "researcher": release.researcher,
                           **release.audit_detail})
@@ -563,6 +588,84 @@ def _near_cohorts(conn: sqlite3.Connection, release: Release, members: frozenset
             _save_sketch(conn, release, digest, cohort_sketch(cohort))
         near.append(cohort)
     return near
+
+
+def _family_digest(atoms: tuple[tuple[frozenset[str], str], ...]) -> str:
+    return hashlib.sha256(",".join(sorted(d for _, d in atoms)).encode()).hexdigest()
+
+
+def _near_families(conn: sqlite3.Connection, release: Release,
+                   atoms: tuple[tuple[frozenset[str], str], ...], window: int,
+                   sketches: dict[str, bytes]) -> list[list[frozenset[str]]]:
+    """The researcher's earlier queries on the catalog (each as its released cells) some
+    union of whose cells could be within `window` subjects of some union of `atoms`:
+    earlier grouped queries (`cohort_families`) and, for three or more new cells, earlier
+    single cohorts near a union of some but not all of them (the others are `_near_cohorts`'
+    work). Ruled out by sizes, then by sketches; only the rest are parsed."""
+    sizes = [len(m) for m, _ in atoms]
+    by_size = UnionSizes(sizes)
+    own, own_family = {d for _, d in atoms}, _family_digest(atoms)
+    found: list[tuple[list[str], str]] = []  # (cell digests, their sizes as JSON)
+    near_by_sizes: dict[str, bool] = {}  # researchers repeat groupings: judge each once
+    for digest, sizes_json, atoms_json in conn.execute(
+            "SELECT digest, sizes_json, atoms_json FROM cohort_families"
+            " WHERE researcher = ? AND catalog = ?", (release.researcher, release.catalog)):
+        if digest == own_family:
+            continue
+        if sizes_json not in near_by_sizes:
+            near_by_sizes[sizes_json] = by_size.near(UnionSizes(json.loads(sizes_json)), window)
+        if near_by_sizes[sizes_json]:
+            found.append((json.loads(atoms_json), sizes_json))
+    picks = unions(len(atoms))
+    middle = picks[(picks.sum(axis=1) > 1) & (picks.sum(axis=1) < len(atoms))]
+    spans: list[list[int]] = []  # the middle unions' sizes +- window, merged
+    for total in sorted(set((middle @ np.asarray(sizes, np.int64)).tolist())):
+        if spans and total - window <= spans[-1][1] + 1:
+            spans[-1][1] = total + window
+        else:
+            spans.append([total - window, total + window])
+    for lo, hi in spans:
+        for digest, size in conn.execute(
+                "SELECT digest, size FROM cohorts WHERE researcher = ? AND catalog = ?"
+                " AND size BETWEEN ? AND ?", (release.researcher, release.catalog, lo, hi)):
+            if digest not in own:
+                found.append(([digest], f"[{size}]"))
+    if not found:
+        return []
+    members: dict[str, frozenset[str]] = {}
+
+    def load(digest: str) -> frozenset[str]:
+        if digest not in members:
+            row = conn.execute("SELECT members_json FROM cohorts WHERE researcher = ? AND"
+                               " catalog = ? AND digest = ?",
+                               (release.researcher, release.catalog, digest)).fetchone()
+            members[digest] = frozenset(json.loads(row[0])) if row else frozenset()
+        return members[digest]
+
+    stored: dict[str, bytes] = {}
+    wanted = sorted({d for digests, _ in found for d in digests})
+    for lo in range(0, len(wanted), 500):  # SQLite's bound-variable limit
+        chunk = wanted[lo:lo + 500]
+        stored.update(conn.execute(
+            "SELECT digest, sketch FROM cohort_sketches WHERE researcher = ? AND catalog = ?"
+            f" AND digest IN ({','.join('?' * len(chunk))})",
+            (release.researcher, release.catalog, *chunk)).fetchall())
+    for d in wanted:
+        if d not in stored:  # stored before schema v3
+            stored[d] = cohort_sketch(load(d))
+            _save_sketch(conn, release, d, stored[d])
+
+    def matrix(blobs: list[bytes]) -> np.ndarray:
+        return np.frombuffer(b"".join(blobs), dtype="<u4").reshape(len(blobs), -1)
+
+    mine = UnionSizes(sizes, matrix([sketches.get(d) or sketches.setdefault(d, cohort_sketch(m))
+                                     for m, d in atoms]))
+    parsed: dict[str, list[int]] = {}
+    near = near_families(mine, [(parsed.get(their) or parsed.setdefault(their, json.loads(their)),
+                                 matrix([stored[d] for d in digests]))
+                                for digests, their in found], window)
+    return [[load(d) for d in digests] for (digests, _), hit in zip(found, near, strict=True)
+            if hit]
 
 
 def _save_sketch(conn: sqlite3.Connection, release: Release, digest: str, sketch: bytes) -> None:

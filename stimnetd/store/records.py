@@ -67,6 +67,9 @@ class Release:
     # The cohorts whose statistics this release discloses, as (members, digest): the
     # overlap guard checks each and records each. Empty: just `cohort` (ungrouped).
     guarded: tuple[tuple[frozenset[str], str], ...] = ()
+    # A grouped release with two or more released cells: those cells (members, digest), so
+    # unions of some of them can be guarded and the query's cells recorded as a family.
+    atoms: tuple[tuple[frozenset[str], str], ...] = ()
 
     def disclosed(self) -> tuple[tuple[frozenset[str], str], ...]:
         if self.guarded:

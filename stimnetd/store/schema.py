@@ -140,4 +140,19 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (researcher, catalog, digest)
     );
     """,
+    # 4: the released cells of each distinct grouped query (two or more cells), as digests
+    # of their rows in `cohorts` with their sizes: a union of some of one query's cells can
+    # be near a union of some of another's (privacy/overlap.py), and sizes alone rule most
+    # out without reading members. Grouped releases from before are in `cohorts` cell by
+    # cell only (guarded as before).
+    """
+    CREATE TABLE cohort_families (
+        researcher TEXT NOT NULL,
+        catalog TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        sizes_json TEXT NOT NULL,
+        atoms_json TEXT NOT NULL,
+        PRIMARY KEY (researcher, catalog, digest)
+    );
+    """,
 )

@@ -159,6 +159,29 @@ async def test_overlap_guard_covers_group_cells(federation, tmp_path: Path) -> N
     assert {r[0]: r[1] for r in ok.rows}["PD"] == 20
 
 
+async def test_overlap_guard_covers_unions_of_some_groups(federation, tmp_path: Path) -> None:
+    """The sum of two released cells is a cohort's sum too: "avg(age) of PD, ET and one
+    dystonia patient" then "avg(age) by diagnosis" (each cell, and all three together, far
+    from it) gave that patient's age as 21 x avg - 10 x avg(PD) - 10 x avg(ET). Refused in
+    either order, naming the union rule, by a real daemon."""
+    diag = ["PD"] * 10 + ["ET"] * 10 + ["dystonia"] * 10
+    ages = [float(a) for a in range(30, 60)]
+    near = "SELECT avg(age) FROM tiny WHERE diagnosis IN ('PD', 'ET') OR age = 55"
+    grouped = "SELECT diagnosis, avg(age) FROM tiny GROUP BY diagnosis"
+    async with federation([[_tiny_catalog(tmp_path / "t", ages, diag)]]) as fed, \
+            fed.client() as c, fed.client(who="bob") as bob:
+        first = await c.query(near)
+        with pytest.raises(JobFailed, match="a union of this query's groups differs from an "
+                                            "earlier released cohort"):
+            await c.query(grouped)
+        await bob.query(grouped)
+        with pytest.raises(JobFailed, match="union of an earlier query's groups"):
+            await bob.query(near)
+        again = await bob.query(grouped)  # the same cells again: nothing new to subtract
+    assert first.manifest[0]["n"] == 21
+    assert sorted(r[0] for r in again.rows) == ["ET", "PD", "dystonia"]
+
+
 async def test_min_sites_fails_cleanly(federation, tmp_path: Path) -> None:
     """When fewer sites than min_sites contribute, the job fails naming who did not and why."""
     big = _tiny_catalog(tmp_path / "a", [float(a) for a in range(30, 60)])

@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from stimnetd.errors import BudgetExhausted, Refused
+from stimnetd.privacy.overlap import check_overlap, check_union_overlap
 from stimnetd.store import Store, StoreCorrupt
 from stimnetd.store.records import JobRecord, Release, cohort_digest, cohort_sketch, sketch_distances
 from stimnetd.store.schema import MIGRATIONS
@@ -383,3 +384,53 @@ async def test_bookkeeping_commits_skip_only_their_own_fsync(store: Store) -> No
     updated = await store.update_job("job1", state="succeeded", durable=False)
     assert updated.state == "succeeded" and await level() == FULL
     assert (await store.get_job("job1")).state == "succeeded"  # type: ignore[union-attr]
+
+
+def _grouped(job: str, *cells: frozenset[str]) -> Release:
+    """A grouped release as the site builds it: each cell and their union disclosed, the
+    cells as its atoms."""
+    union = frozenset().union(*cells)
+    disclosed = [(c, cohort_digest(c)) for c in cells]
+    if len(cells) > 1:
+        disclosed.append((union, cohort_digest(union)))
+    return dataclasses.replace(_release(job, cohort=union), guarded=tuple(disclosed),
+                               atoms=tuple(disclosed[:len(cells)]) if len(cells) > 1 else ())
+
+
+async def test_unions_of_some_groups_are_guarded_in_either_order(tmp_path: Path) -> None:
+    """STN ∪ GPi plus one subject, and a query grouped into STN, GPi and VIM: each cell
+    and all three together are far from it, STN and GPi together one subject away. Refused
+    whichever comes first, and when both are grouped; a repeated grouped query, and one
+    grouped differently but far from every union, are not."""
+    def fps(tag: str, n: int = 20) -> frozenset[str]:
+        return frozenset(hashlib.sha256(f"{tag}{i}".encode()).hexdigest()[:32] for i in range(n))
+
+    stn, gpi, vim, other = fps("stn"), fps("gpi"), fps("vim"), fps("other", 40)
+    near = stn | gpi | fps("x", 1)
+
+    def guard(members: frozenset[str], earlier: list[frozenset[str]]) -> None:
+        check_overlap(members, earlier, 5)
+
+    def union_guard(atoms: list[frozenset[str]], earlier: list[list[frozenset[str]]]) -> None:
+        check_union_overlap(atoms, earlier, 5)
+
+    kw = {"budget": 1, "guard": guard, "union_guard": union_guard, "guard_window": 4,
+          "audit_actor": ("alice", "researcher")}
+    for name, first, second in (
+            ("cohort-then-groups", _release("a1", cohort=near), _grouped("a2", stn, gpi, vim)),
+            ("groups-then-cohort", _grouped("b1", stn, gpi, vim), _release("b2", cohort=near)),
+            ("groups-then-groups", _grouped("c1", stn, gpi, vim),
+             _grouped("c2", near, other))):
+        s = Store(tmp_path / name / "node.sqlite3")
+        await s.open()
+        try:
+            await s.release(first, **kw)
+            with pytest.raises(Refused, match="union of this query's groups"):
+                await s.release(second, **kw)
+            if name == "groups-then-cohort":
+                await s.release(_grouped("b3", stn, gpi, vim), **kw)  # the same again
+                await s.release(_grouped("b4", stn | gpi | vim, other), **kw)
+                async with s.db.execute("SELECT COUNT(*) FROM cohort_families") as cur:
+                    assert (await cur.fetchone())[0] == 2
+        finally:
+            await s.close()

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stimnetd.privacy.overlap import FINGERPRINT_HEX_CHARS, check_overlap, cohort_fingerprint
+from stimnetd.privacy.overlap import (
+    FINGERPRINT_HEX_CHARS,
+    MAX_ENUMERATED_ATOMS,
+    check_overlap,
+    check_union_overlap,
+    cohort_fingerprint,
+    near_union_pairs,
+    unions,
+)
 from stimnetd.privacy.policy import PrivacyRefusal
 
 K = 5
@@ -121,3 +130,76 @@ def test_non_string_ids_are_rejected() -> None:
     """Subject ids must be strings, so 1 and "1" cannot silently count as two subjects."""
     with pytest.raises(TypeError, match="str"):
         cohort_fingerprint([1, 2], SECRET)  # type: ignore[list-item]
+
+
+# --- unions of a grouped query's cells (check_union_overlap) -----------------------------
+
+def _brute_force_refuses(new: list[frozenset[str]], earlier: list[list[frozenset[str]]],
+                         k: int) -> bool:
+    def all_unions(cells: list[frozenset[str]]) -> list[frozenset[str]]:
+        return [frozenset().union(*(c for i, c in enumerate(cells) if mask >> i & 1))
+                for mask in range(1, 1 << len(cells))]
+    return any(1 <= len(u ^ v) <= k - 1
+               for fam in earlier for u in all_unions(new) for v in all_unions(fam))
+
+
+@st.composite
+def _partition(draw: st.DrawFn, universe: int = 30) -> list[frozenset[str]]:
+    """Up to 4 disjoint non-empty cells drawn from a small universe of subjects."""
+    labels = draw(st.lists(st.integers(-1, 3), min_size=universe, max_size=universe))
+    cells = [frozenset(f"s{i}" for i, lab in enumerate(labels) if lab == c) for c in range(4)]
+    return [c for c in cells if c] or [frozenset({"s0"})]
+
+
+@given(new=_partition(), earlier=st.lists(_partition(), max_size=3), k=st.integers(2, 8))
+def test_union_guard_refuses_exactly_when_some_pair_of_unions_is_close(
+        new: list[frozenset[str]], earlier: list[list[frozenset[str]]], k: int) -> None:
+    """Against enumerating every pair of unions with sets: refused iff some union of the
+    new cells and some union of one earlier query's cells differ by 1..k-1 subjects."""
+    try:
+        check_union_overlap(new, earlier, k)
+        refused = False
+    except PrivacyRefusal as exc:
+        refused = True
+        assert exc.policy == "overlap" and str(k) in str(exc)
+    assert refused == _brute_force_refuses(new, earlier, k)
+
+
+@given(new=_partition(), old=_partition(), window=st.integers(1, 7))
+def test_union_pruning_never_rules_out_a_close_pair(
+        new: list[frozenset[str]], old: list[frozenset[str]], window: int) -> None:
+    """Sizes and sketches only rule out earlier cells no union of which is within the
+    window of a union of the new ones (so the guard never misses one by not loading it)."""
+    from stimnetd.store.records import cohort_sketch
+
+    def sketch(cells: list[frozenset[str]]) -> np.ndarray:
+        return np.stack([np.frombuffer(cohort_sketch(c), dtype="<u4") for c in cells])
+
+    if _brute_force_refuses(new, [old], window + 1):
+        assert near_union_pairs([len(c) for c in new], [len(c) for c in old], window,
+                                sketch(new), sketch(old))
+
+
+def test_union_of_some_cells_near_an_earlier_cohort_is_refused() -> None:
+    """The differencing attack the pairwise guard missed: an earlier cohort STN ∪ GPi plus
+    one subject, then a query grouped into STN, GPi and VIM (each cell, and all three
+    together, far from it; STN and GPi together one subject away)."""
+    stn, gpi, vim = (frozenset(f"{t}-{i}" for i in range(10)) for t in ("stn", "gpi", "vim"))
+    earlier = stn | gpi | {"patient-x"}
+    for cohort in (stn, gpi, vim, stn | gpi | vim):
+        check_overlap(cohort, [earlier], K)  # what the pairwise guard checks: all pass
+    with pytest.raises(PrivacyRefusal, match="union of this query's groups"):
+        check_union_overlap([stn, gpi, vim], [[earlier]], K)
+    # The same three cells against themselves (a repeated query) are fine, and so is a
+    # different grouping far from every union.
+    check_union_overlap([stn, gpi, vim], [[stn, gpi, vim]], K)
+    check_union_overlap([stn, gpi | vim], [[stn, gpi, vim]], K)
+
+
+def test_many_cells_fall_back_to_each_cell_and_all_of_them() -> None:
+    """Beyond MAX_ENUMERATED_ATOMS cells per query the unions compared are each cell alone
+    and all together (what the pairwise guard checks), so the work stays bounded."""
+    assert unions(3).shape == (7, 3)
+    many = unions(MAX_ENUMERATED_ATOMS + 1)
+    assert many.shape == (MAX_ENUMERATED_ATOMS + 2, MAX_ENUMERATED_ATOMS + 1)
+    assert set(many.sum(axis=1).tolist()) == {1, MAX_ENUMERATED_ATOMS + 1}
