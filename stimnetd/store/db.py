@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,13 +30,13 @@ from stimnetd.privacy.overlap import UnionSizes, near_families, unions
 from stimnetd.privacy.policy import BudgetExhausted as PrivacyBudgetExhausted
 from stimnetd.store.audit import GENESIS, AuditRow, AuditVerification, chain_hash, verify_rows
 from stimnetd.store.records import (
+    SKETCH_BUCKETS,
     JobRecord,
     MemberRecord,
     NonceClaim,
     Release,
     cohort_digest,
     cohort_sketch,
-    sketch_distances,
 )
 from stimnetd.store.schema import MIGRATIONS
 
@@ -451,10 +452,12 @@ class Store:
                         f"{budget:g} remains for you at this site")
             disclosed = release.disclosed() if release.decision != "suppressed" else ()
             sketches: dict[str, bytes] = {}
+            sized = _sized_cohorts(conn, release, [len(m) for m, _ in disclosed],
+                                   guard_window) if guard is not None and disclosed else []
             for members, key in disclosed if guard is not None else ():
                 try:
                     guard(members, _near_cohorts(conn, release, members, key, guard_window,
-                                                 sketches))
+                                                 sketches, sized))
                 except StimnetError as refusal:
                     chain.append(*audit_actor, "release", "refused",
                                  {**base, "policy": "overlap", "reason": str(refusal)})
@@ -556,35 +559,72 @@ class Store:
         return await self._tx(tx)
 
 
+def _spans(sizes: Iterable[int], window: int) -> list[list[int]]:
+    """[size - window, size + window] for each size, overlapping ones merged, in order."""
+    spans: list[list[int]] = []
+    for size in sorted(set(sizes)):
+        if spans and size - window <= spans[-1][1] + 1:
+            spans[-1][1] = size + window
+        else:
+            spans.append([size - window, size + window])
+    return spans
+
+
+@dataclasses.dataclass
+class _Sized:
+    """Earlier cohorts of the sizes a release's cohorts are near (`_sized_cohorts`)."""
+
+    digests: list[str]
+    sizes: np.ndarray
+    sketches: np.ndarray  # one row per cohort (zeros where it has none)
+    sketched: np.ndarray  # stored with a sketch (schema v3 on)
+
+
+def _sized_cohorts(conn: sqlite3.Connection, release: Release, sizes: Iterable[int],
+                   window: int) -> _Sized:
+    """The researcher's earlier cohorts on the catalog within `window` of any of `sizes`:
+    read, and their sketches decoded, once for all the cohorts a release discloses (a
+    grouped query's cells are often of similar size)."""
+    rows: list[tuple[str, int, bytes | None]] = []
+    for lo, hi in _spans(sizes, window):
+        rows += conn.execute(
+            "SELECT c.digest, c.size, s.sketch FROM cohorts c LEFT JOIN cohort_sketches s"
+            " USING (researcher, catalog, digest) WHERE c.researcher = ? AND c.catalog = ?"
+            " AND c.size BETWEEN ? AND ?", (release.researcher, release.catalog, lo, hi)
+        ).fetchall()
+    blank = bytes(4 * SKETCH_BUCKETS)
+    blobs = b"".join(sk if sk is not None and len(sk) == len(blank) else blank
+                     for _, _, sk in rows)
+    return _Sized([d for d, _, _ in rows], np.array([n for _, n, _ in rows], np.int64),
+                  np.frombuffer(blobs, dtype="<u4").reshape(len(rows), SKETCH_BUCKETS)
+                  .astype(np.int64),
+                  np.array([sk is not None and len(sk) == len(blank) for _, _, sk in rows],
+                           bool))
+
+
 def _near_cohorts(conn: sqlite3.Connection, release: Release, members: frozenset[str], key: str,
-                  window: int, sketches: dict[str, bytes]) -> list[frozenset[str]]:
+                  window: int, sketches: dict[str, bytes], sized: _Sized) -> list[frozenset[str]]:
     """The researcher's earlier cohorts on the catalog that could be within `window`
-    subjects of `members`: first by size (|A xor B| >= ||A| - |B||), then by sketch
-    (records.cohort_sketch); only those are parsed. A row without a sketch (stored before
-    schema v3) is parsed and sketched. `sketches` caches the new cohorts' own sketches."""
-    rows = conn.execute(
-        "SELECT c.digest, s.sketch FROM cohorts c LEFT JOIN cohort_sketches s"
-        " USING (researcher, catalog, digest) WHERE c.researcher = ? AND c.catalog = ?"
-        " AND c.digest != ? AND c.size BETWEEN ? AND ?",
-        (release.researcher, release.catalog, key, len(members) - window,
-         len(members) + window)).fetchall()
-    if not rows:
+    subjects of `members`: first by size (|A xor B| >= ||A| - |B||; `sized` holds those
+    of the sizes concerned), then by sketch (records.cohort_sketch); only those are
+    parsed. A row without a sketch (stored before schema v3) is parsed and sketched.
+    `sketches` caches the new cohorts' own sketches."""
+    candidates = np.flatnonzero(np.abs(sized.sizes - len(members)) <= window)
+    if candidates.size == 0:
         return []
     mine = sketches.get(key) or sketches.setdefault(key, cohort_sketch(members))
-    sketched = [r for r in rows if r[1] is not None]
-    far = set()
-    if sketched:
-        distances = sketch_distances(mine, [sk for _, sk in sketched])
-        far = {digest for (digest, _), d in zip(sketched, distances, strict=True) if d > window}
+    own = np.frombuffer(mine, dtype="<u4").astype(np.int64)
+    distances = np.abs(sized.sketches[candidates] - own).sum(axis=1)
     near = []
-    for digest, sketch in rows:
-        if digest in far:
+    for i, d in zip(candidates.tolist(), distances.tolist(), strict=True):
+        digest = sized.digests[i]
+        if digest == key or (sized.sketched[i] and d > window):
             continue
         (blob,) = conn.execute(
             "SELECT members_json FROM cohorts WHERE researcher = ? AND catalog = ? AND digest = ?",
             (release.researcher, release.catalog, digest)).fetchone()
         cohort = frozenset(json.loads(blob))
-        if sketch is None:
+        if not sized.sketched[i]:
             _save_sketch(conn, release, digest, cohort_sketch(cohort))
         near.append(cohort)
     return near
@@ -618,13 +658,9 @@ def _near_families(conn: sqlite3.Connection, release: Release,
             found.append((json.loads(atoms_json), sizes_json))
     picks = unions(len(atoms))
     middle = picks[(picks.sum(axis=1) > 1) & (picks.sum(axis=1) < len(atoms))]
-    spans: list[list[int]] = []  # the middle unions' sizes +- window, merged
-    for total in sorted(set((middle @ np.asarray(sizes, np.int64)).tolist())):
-        if spans and total - window <= spans[-1][1] + 1:
-            spans[-1][1] = total + window
-        else:
-            spans.append([total - window, total + window])
-    for lo, hi in spans:
+    # Earlier cohorts near the middle unions' sizes (each cell's and all of theirs are
+    # `_near_cohorts`').
+    for lo, hi in _spans((middle @ np.asarray(sizes, np.int64)).tolist(), window):
         for digest, size in conn.execute(
                 "SELECT digest, size FROM cohorts WHERE researcher = ? AND catalog = ?"
                 " AND size BETWEEN ? AND ?", (release.researcher, release.catalog, lo, hi)):
