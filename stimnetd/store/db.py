@@ -609,16 +609,17 @@ def _near_cohorts(conn: sqlite3.Connection, release: Release, members: frozenset
     of the sizes concerned), then by sketch (records.cohort_sketch); only those are
     parsed. A row without a sketch (stored before schema v3) is parsed and sketched.
     `sketches` caches the new cohorts' own sketches."""
-    candidates = np.flatnonzero(np.abs(sized.sizes - len(members)) <= window)
-    if candidates.size == 0:
+    candidates = [i for i in np.flatnonzero(np.abs(sized.sizes - len(members)) <= window).tolist()
+                  if sized.digests[i] != key]  # the same cohort again discloses nothing new
+    if not candidates:
         return []
     mine = sketches.get(key) or sketches.setdefault(key, cohort_sketch(members))
     own = np.frombuffer(mine, dtype="<u4").astype(np.int64)
     distances = np.abs(sized.sketches[candidates] - own).sum(axis=1)
     near = []
-    for i, d in zip(candidates.tolist(), distances.tolist(), strict=True):
+    for i, d in zip(candidates, distances.tolist(), strict=True):
         digest = sized.digests[i]
-        if digest == key or (sized.sketched[i] and d > window):
+        if sized.sketched[i] and d > window:
             continue
         (blob,) = conn.execute(
             "SELECT members_json FROM cohorts WHERE researcher = ? AND catalog = ? AND digest = ?",
