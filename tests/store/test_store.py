@@ -8,6 +8,7 @@ import hashlib
 import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -325,6 +326,18 @@ def test_sketch_distance_never_exceeds_the_set_difference(a: set[str], b: set[st
     # Never above the set difference (safe to skip on), never below the size difference
     # (the sketch counts every member: it is no weaker than the size window).
     assert abs(len(a) - len(b)) <= d <= len(a ^ b)
+
+
+@given(st.sets(st.text(max_size=3) | st.from_regex(r"[0-9a-f]{2,32}", fullmatch=True),
+               max_size=30))
+def test_a_member_lands_in_the_same_bucket_whatever_set_it_is_in(cohort: set[str]) -> None:
+    """The sketch of a set is the sum of its members' own sketches (so sketches of disjoint
+    cells add up to their union's, which the union guard relies on), whichever way the
+    set's members were decoded (all hex at once, or one by one)."""
+    one_by_one = sum(np.frombuffer(cohort_sketch([m]), dtype="<u4").astype(np.int64)
+                     for m in cohort)
+    assert np.array_equal(np.frombuffer(cohort_sketch(cohort), dtype="<u4"),
+                          one_by_one if cohort else np.zeros(256))
 
 
 async def test_corrupt_store_is_refused(tmp_path: Path) -> None:
