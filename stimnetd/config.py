@@ -55,6 +55,9 @@ class NodeSettings:
     grace_s: float = 10.0
     # Bounds how long a connection may live, so a revoked client cannot keep a channel.
     max_connection_age_s: float = 300.0
+    # Finished jobs (their signed requests and answers) are deleted this long after they
+    # finished; 0 keeps them forever. Releases, the ledger, cohorts and audit are kept.
+    job_retention_days: float = 90.0
 
 
 @dataclass(frozen=True)
@@ -238,7 +241,7 @@ class _Parser:
     def node(self, raw: dict[str, Any]) -> NodeSettings:
         w = "[node]"
         raw = self.table(raw, w, {"name", "listen", "advertise", "state_dir", "k_min",
-                                  "grace_s", "max_connection_age_s"})
+                                  "grace_s", "max_connection_age_s", "job_retention_days"})
         name = self.get(raw, w, "name", str)
         try:
             check_name(name)
@@ -256,11 +259,15 @@ class _Parser:
         age = self.get(raw, w, "max_connection_age_s", float, 300.0)
         if grace <= 0 or age <= 0:
             raise self.fail(w, "grace_s and max_connection_age_s must be positive")
+        retention = self.get(raw, w, "job_retention_days", float, 90.0)
+        if retention < 0:
+            raise self.fail(f"{w}.job_retention_days",
+                            f"must be 0 (keep finished jobs forever) or more, got {retention:g}")
         return NodeSettings(
             name=name, host=host, port=port, advertise=advertise,
             state_dir=self.path_of(self.get(raw, w, "state_dir", str, "state"), f"{w}.state_dir",
                                    must_exist=False),
-            k_min=k_min, grace_s=grace, max_connection_age_s=age,
+            k_min=k_min, grace_s=grace, max_connection_age_s=age, job_retention_days=retention,
         )
 
     def address(self, value: str, where: str, *, allow_zero_port: bool = True) -> tuple[str, int]:

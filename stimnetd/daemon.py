@@ -198,7 +198,8 @@ class Daemon:
                                script_policy=ScriptPolicy(config.scripts.policy,
                                                           config.scripts.concurrency,
                                                           config.scripts.on_restart),
-                               request_max_age_s=config.federation.request_max_age_s)
+                               request_max_age_s=config.federation.request_max_age_s,
+                               retention_days=config.node.job_retention_days)
         self.subjobs = SubJobHandler(executor=self.executor, store=self.store,
                                      verify=self.verifier,
                                      max_age_s=config.federation.request_max_age_s,
@@ -328,6 +329,9 @@ class Daemon:
                 self.metrics.refresh_loop(NodeState(self).status)))
             log.info("metrics", address=f"{host}:{self.metrics_port}")
         self._tasks.append(asyncio.create_task(self._expiry_warnings()))
+        if node.job_retention_days:
+            self._tasks.append(asyncio.create_task(self._retention(node.job_retention_days),
+                                                   name="retention"))
         if self.notifier.watchdog_s:
             self._tasks.append(asyncio.create_task(self._watchdog(self.notifier.watchdog_s / 2)))
         log.info("listening", address=f"{node.host}:{port}", catalogs=self.catalogs.names())
@@ -356,6 +360,23 @@ class Daemon:
                                transport, store=StoreMembers(self.store), clock=SystemClock(),
                                rng=random.Random(), config=self.gossip_config)
         self._tasks.append(asyncio.create_task(self.membership.run(), name="gossip"))
+
+    async def _retention(self, days: float) -> None:
+        """Delete finished jobs `days` after they finished: at start, then hourly (more
+        often when the retention is shorter than a few hours). Audited with the count."""
+        keep_s = days * 86400
+        while True:
+            try:
+                cutoff = time.time() - keep_s
+                deleted = await self.store.prune_jobs(cutoff)
+                if deleted:
+                    await self.store.audit(self.config.node.name, "node", "retention", "pruned",
+                                           {"jobs": deleted, "finished_before": cutoff,
+                                            "job_retention_days": days})
+                    log.info("finished jobs deleted", jobs=deleted, retention_days=days)
+            except Exception:  # noqa: BLE001 - the next round retries; the node keeps serving
+                log.exception("job retention failed")
+            await asyncio.sleep(min(3600.0, max(1.0, keep_s / 4)))
 
     async def _expiry_warnings(self) -> None:
         # Hospital certificates expire on holidays; warn a month ahead, daily.

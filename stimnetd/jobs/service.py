@@ -71,8 +71,11 @@ class JobService:
     def __init__(self, *, node: str, store: Store, executor: SiteExecutor,
                  coordinator: Coordinator, verify: Callable[[SignedJob], VerifiedJob],
                  script_policy: ScriptPolicy | None = None, request_max_age_s: float = 300.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 retention_days: float = 0.0, clock: Callable[[], float] = time.time) -> None:
         self._node = node
+        # Said when a job is not found: it may have finished long ago and been deleted.
+        self._kept = (f" (finished jobs are kept for {retention_days:g} days)"
+                      if retention_days else "")
         self._scripts = script_policy or ScriptPolicy()
         # Sandbox runs are heavy: at most `concurrency` at once; queries are not queued.
         self._script_slots = asyncio.Semaphore(self._scripts.concurrency)
@@ -166,7 +169,7 @@ class JobService:
     async def _pending(self, job_id: str) -> JobRecord:
         record = await self._store.get_job(job_id)
         if record is None:
-            raise NotFound(f"no job {job_id!r} on this node")
+            raise NotFound(f"no job {job_id!r} on this node{self._kept}")
         if record.state != "awaiting_approval":
             raise Conflict(f"job {job_id} is {record.state}, not awaiting approval")
         return record
@@ -287,7 +290,7 @@ class JobService:
     async def get(self, job_id: str, caller: Identity) -> JobRecord:
         record = await self._store.get_job(job_id)
         if record is None or not _may_see(record, caller):
-            raise NotFound(f"no job {job_id!r} visible to you on this node")
+            raise NotFound(f"no job {job_id!r} visible to you on this node{self._kept}")
         live = self._live.get(job_id)
         if live is not None and not record.sites:
             record = _with_sites(record, live.sites)

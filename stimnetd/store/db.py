@@ -31,6 +31,7 @@ from stimnetd.privacy.policy import BudgetExhausted as PrivacyBudgetExhausted
 from stimnetd.store.audit import GENESIS, AuditRow, AuditVerification, chain_hash, verify_rows
 from stimnetd.store.records import (
     SKETCH_BUCKETS,
+    TERMINAL_STATES,
     JobRecord,
     MemberRecord,
     NonceClaim,
@@ -381,6 +382,25 @@ class Store:
             f"SELECT {JobRecord.COLUMNS} FROM jobs {clause} ORDER BY created_at DESC LIMIT ?",
             (*args, limit))
         return [JobRecord.from_row(r) for r in rows]
+
+    async def prune_jobs(self, finished_before: float, *, batch: int = 1000) -> int:
+        """Delete finished jobs (TERMINAL_STATES) last changed before `finished_before`, in
+        transactions of at most `batch` rows so releases are never held up for long; how
+        many went. Jobs still queued, running or awaiting approval are never deleted, nor
+        is anything a privacy decision rests on (releases, ledger, cohorts, audit)."""
+        states = sorted(TERMINAL_STATES)
+        total = 0
+        while True:
+            def tx(chain: _Chain) -> int:
+                return chain.conn.execute(
+                    "DELETE FROM jobs WHERE rowid IN (SELECT rowid FROM jobs WHERE updated_at < ?"
+                    f" AND state IN ({','.join('?' * len(states))}) LIMIT ?)",
+                    (finished_before, *states, batch)).rowcount
+
+            deleted = await self._tx(tx, durable=False)
+            total += deleted
+            if deleted < batch:
+                return total
 
     async def count_jobs_by_state(self) -> dict[str, int]:
         # Kept by triggers (schema v2): the metrics read it every few seconds, and counting

@@ -144,8 +144,10 @@ MIGRATIONS: tuple[str, ...] = (
     # of their rows in `cohorts` with their sizes: a union of some of one query's cells can
     # be near a union of some of another's (privacy/overlap.py), and sizes alone rule most
     # out without reading members. Grouped releases from before are in `cohorts` cell by
-    # cell only (guarded as before).
+    # cell only (guarded as before). Jobs are found by when they last changed: finished
+    # ones are deleted after `[node] job_retention_days`.
     """
+    CREATE INDEX jobs_updated ON jobs (updated_at);
     CREATE TABLE cohort_families (
         researcher TEXT NOT NULL,
         catalog TEXT NOT NULL,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import numpy as np
@@ -357,3 +358,31 @@ async def test_sites_with_either_tls_terminator_federate(start_node, pki, tmp_pa
         assert ans.rows[0][1] == pytest.approx(np.mean(list(range(30, 70))))
         assert {m["site"]: m["state"] for m in ans.manifest} == {"site-a": "done",
                                                                  "site-b": "done"}
+
+
+async def test_finished_jobs_are_deleted_after_the_retention_and_releases_stay(
+        federation, tmp_path: Path) -> None:
+    """`[node] job_retention_days`: a finished job (request, answer) is deleted that long
+    after it finished — the researcher is told why it is gone — with an audit entry
+    counting it, while the site's release of it stays (budgets and the overlap guard rest
+    on releases)."""
+    from stimctl.client import NotFound
+
+    retention_days = 2e-5  # 1.7 s
+    cat = _tiny_catalog(tmp_path / "t", [float(a) for a in range(30, 60)])
+    async with federation([[cat]], node={"job_retention_days": retention_days}) as fed, \
+            fed.client() as c:
+        job = await c.submit_query("SELECT count(*) FROM tiny")
+        await c.run_job(job)
+        assert (await c.get_job(job.id)).state == "succeeded"
+        store = fed.daemons[0].store
+        deadline = asyncio.get_running_loop().time() + 15
+        while await store.get_job(job.id) is not None:
+            assert asyncio.get_running_loop().time() < deadline, "not deleted in 15 s"
+            await asyncio.sleep(0.2)
+        with pytest.raises(NotFound, match=r"finished jobs are kept for 2e-05 days"):
+            await c.get_job(job.id)
+        assert await store.get_release(job.id) is not None
+        pruned = [r for r in await store.audit_rows() if r.action == "retention"]
+    assert pruned and pruned[0].decision == "pruned"
+    assert json.loads(pruned[0].detail_json)["jobs"] == 1

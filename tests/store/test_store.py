@@ -447,3 +447,26 @@ async def test_unions_of_some_groups_are_guarded_in_either_order(tmp_path: Path)
                     assert (await cur.fetchone())[0] == 2
         finally:
             await s.close()
+
+
+async def test_retention_deletes_only_finished_jobs_past_their_time(store: Store) -> None:
+    """Finished jobs last changed before the cutoff go (in small transactions); queued,
+    running and awaiting-approval jobs stay however old, newer finished ones stay, and so
+    does every release; the jobs-by-state counts follow."""
+    states = ["succeeded", "failed", "cancelled", "interrupted", "queued", "running",
+              "awaiting_approval"]
+    for i, state in enumerate(states):
+        for at in (100.0, 10_000.0):
+            assert await store.create_job(JobRecord(
+                id=f"{state}-{at:g}", kind="query", scope="local", catalog="c", owner="alice",
+                state=state, detail="", created_at=at, updated_at=at, request_id=f"r{i}",
+                origin="client", payload=b"{}", signature=b"", signer_cert=b""))
+    await store.release(_release("succeeded-100"), budget=1, audit_actor=("alice", "researcher"))
+    assert await store.prune_jobs(5_000.0, batch=3) == 4
+    kept = {j.id for j in await store.list_jobs(limit=100)}
+    assert kept == {f"{s}-10000" for s in states} | {
+        "queued-100", "running-100", "awaiting_approval-100"}
+    assert await store.count_jobs_by_state() == {
+        s: 2 if s in ("queued", "running", "awaiting_approval") else 1 for s in states}
+    assert await store.get_release("succeeded-100") is not None
+    assert await store.prune_jobs(5_000.0) == 0

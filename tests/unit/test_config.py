@@ -42,6 +42,7 @@ def test_good_config_loads(good: dict) -> None:
     """The fixture config loads with its catalog and defaults."""
     cfg = load_config(good["path"])
     assert cfg.node.name == "node-a" and cfg.node.port == 7001 and cfg.node.k_min == 5
+    assert cfg.node.job_retention_days == 90.0
     assert load_catalogs(cfg.catalogs).get("dbs_outcomes").n_subjects == 20
 
 
@@ -54,6 +55,10 @@ def test_good_config_loads(good: dict) -> None:
     (lambda r: r["tls"].update(terminate="nginx"), r"\[tls\]\.terminate: 'nginx' is not one of stimnet, grpc"),
     (lambda r: r.update(extra={"a": 1}), r"top level: unknown key 'extra'"),
     (lambda r: r["node"].update(k_min=0), r"\[node\]\.k_min: must be between 1 and 1000"),
+    (lambda r: r["node"].update(job_retention_days=-1),
+     r"\[node\]\.job_retention_days: must be 0 \(keep finished jobs forever\) or more, got -1"),
+    (lambda r: r["node"].update(job_retention_days="30d"),
+     r"\[node\]\.job_retention_days: expected a number, got str"),
     (lambda r: r["node"].update(name="Bad Name"), r"\[node\]\.name"),
     (lambda r: r["tls"].update(cert="/nonexistent/node.crt"), r"\[tls\]\.cert: file /nonexistent/node.crt does not exist"),
     (lambda r: r["privacy"].update(dp="maybe") if "privacy" in r else r.update(privacy={"dp": "maybe"}),
