@@ -52,6 +52,11 @@ class CatalogView(Protocol):
         paths relative to the catalog root."""
         ...
 
+    def subject_ids(self) -> frozenset[str]:
+        """Every subject's id: the cohort of a query without a filter (one object per
+        loaded catalog, so a repeated cohort is recognised without comparing its members)."""
+        ...
+
     def load_image(self, relpath: str) -> np.ndarray:
         """The voxel array of one image, on the catalog's common grid."""
         ...

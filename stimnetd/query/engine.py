@@ -66,7 +66,8 @@ def compute(
     partials = [ctx.aggregate(agg, rows, key) for key, rows in groups for agg in spec.aggregates]
     group_ids = {key: _ids(rows[catalog.subject_key]) for key, rows in groups} \
         if spec.group_by else {}
-    return SiteComputation(partials=partials, cohort_ids=_ids(keys), n_cohort=len(frame),
+    cohort_ids = catalog.subject_ids() if spec.where is None else _ids(keys)
+    return SiteComputation(partials=partials, cohort_ids=cohort_ids, n_cohort=len(frame),
                            group_ids=group_ids)
 
 

@@ -52,6 +52,11 @@ class FakeCatalog:
     def frame(self) -> pd.DataFrame:
         return self._df.copy()
 
+    def subject_ids(self) -> frozenset[str]:
+        from stimnetd.query.engine import _ids
+
+        return _ids(self._df[self.subject_key])
+
     def load_image(self, relpath: str) -> np.ndarray:
         return self._images[relpath]
 
