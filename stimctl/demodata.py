@@ -256,7 +256,7 @@ def _draw_cohort(
     )
 
     gpi_extra = np.where(target == "GPi", 0.5, 0.0)
-    amplitude = rng.normal(profile.amplitude_mean_ma + gpi_extra, 0.6)
+    amplitude: np.ndarray = rng.normal(profile.amplitude_mean_ma + gpi_extra, 0.6)
     amplitude = np.round(np.clip(amplitude, 0.5, 6.0), 1)
     frequency = rng.choice(FREQUENCIES_HZ, size=n, p=profile.frequency_p)
     pulse_width = rng.choice(PULSE_WIDTHS_US, size=n, p=profile.pulse_width_p)

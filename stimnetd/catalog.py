@@ -78,13 +78,13 @@ class Catalog:
     def load_image(self, relpath: str) -> np.ndarray:
         path = _inside(self.root, relpath, self.name)
         try:
-            return np.asarray(nib.load(path).dataobj)
+            return np.asarray(_nifti(path).dataobj)
         except Exception as exc:  # nibabel raises many types for corrupt files
             raise CatalogError(f"catalog {self.name!r}: image {relpath} is unreadable: {exc}") from None
 
     @functools.cache  # noqa: B019 - a catalog lives as long as the daemon; masks are small
     def roi_masks(self) -> dict[str, np.ndarray]:
-        return {name: np.asarray(nib.load(p).dataobj) > 0 for name, p in self._roi_paths.items()}
+        return {name: np.asarray(_nifti(p).dataobj) > 0 for name, p in self._roi_paths.items()}
 
 
 def load_catalog(cfg: CatalogConfig) -> Catalog:
@@ -165,11 +165,20 @@ def _inside(root: Path, rel: str, catalog: str) -> Path:
     return p
 
 
+def _nifti(path: Path) -> nib.Nifti1Image:
+    """`nib.load`, for NIfTI-1/-2 only: nibabel also opens MGH, Analyze and other formats,
+    whose headers and affines the catalog's checks do not cover."""
+    img = nib.load(path)
+    if not isinstance(img, nib.Nifti1Image):  # Nifti2Image is a subclass
+        raise ValueError(f"it is a {type(img).__name__}, not NIfTI-1 or NIfTI-2")
+    return img
+
+
 def _header(cfg: CatalogConfig, path: Path, what: str) -> nib.Nifti1Image:
     if not path.is_file():
         raise CatalogError(f"catalog {cfg.name!r}: {what} {path} does not exist")
     try:
-        img = nib.load(path)
+        img = _nifti(path)
         # A truncated .nii.gz has a readable header but no data; checking the data size
         # against the header catches it now rather than in the middle of a query.
         _ = img.dataobj[(0,) * len(img.shape)]

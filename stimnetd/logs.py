@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
+from typing import Any
 
 import structlog
 
@@ -29,7 +31,8 @@ def configure(level: str = "info", *, node: str | None = None, stream=None) -> N
 
 
 def _add_node(node: str) -> structlog.types.Processor:
-    def add(logger: object, name: str, event: dict) -> dict:  # type: ignore[type-arg]
+    def add(logger: object, name: str,
+            event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         event.setdefault("node", node)
         return event
 

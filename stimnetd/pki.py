@@ -652,7 +652,7 @@ def revoke(ca_dir: Path, serial_or_name: str) -> list[int]:
         index = _read_index(ca_dir)
         serial = _parse_serial(serial_or_name)
         by_serial = [e for e in index["certs"] if serial is not None and int(e["serial"]) == serial]
-        if by_serial:
+        if by_serial and serial is not None:
             entry = by_serial[0]
             if entry.get("revoked_at"):
                 raise PkiError(

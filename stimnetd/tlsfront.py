@@ -27,7 +27,7 @@ import secrets
 import socket
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from cryptography import x509
@@ -104,7 +104,8 @@ def server_context(ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> SSL.Contex
 
 
 def _select_h2(_conn: SSL.Connection, offered: list[bytes]) -> bytes:
-    return b"h2" if b"h2" in offered else SSL.NO_OVERLAPPING_PROTOCOLS
+    # pyOpenSSL's "no overlap" sentinel is of a private type.
+    return b"h2" if b"h2" in offered else SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[return-value]
 
 
 class TlsFront:
@@ -192,7 +193,7 @@ class _Client(asyncio.Protocol):
                         remote=self._remote, limit=front.max_handshaking,
                         per_host_limit=front.max_handshaking_per_host)
             self._closed = True
-            transport.abort()
+            cast(asyncio.Transport, transport).abort()
             return
         front._conns.add(self)
         front.handshaking += 1
@@ -385,7 +386,7 @@ class _Inner(asyncio.Protocol):
         name = transport.get_extra_info("sockname")
         self._peer = f"unix-abstract:{name[1:].decode() if isinstance(name, bytes) else name[1:]}"
         self._client._front._verdicts[self._peer] = self._verdict
-        self._client.inner_ready(self.transport)
+        self._client.inner_ready(self.transport)  # type: ignore[arg-type]  # just set
 
     def data_received(self, data: bytes) -> None:
         self._client.send(data)

@@ -39,7 +39,7 @@ class SimulationDeadlock(RuntimeError):
     """Nothing is runnable and no timer is pending: the simulation would never end."""
 
 
-class _VirtualSelector(selectors.DefaultSelector):  # type: ignore[misc, valid-type]
+class _VirtualSelector(selectors.DefaultSelector):
     def __init__(self) -> None:
         super().__init__()
         self.now = 0.0

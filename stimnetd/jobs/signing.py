@@ -143,7 +143,7 @@ def _private_key(key_pem: bytes) -> Any:
 def sign(req: JobRequest, key_pem: bytes, cert_pem: bytes, script: bytes | None = None) -> SignedJob:
     key = _private_key(key_pem)
     payload = req.to_payload()
-    return SignedJob(payload, pki.sign_payload(key, payload), cert_pem, script or b"")  # type: ignore[arg-type]
+    return SignedJob(payload, pki.sign_payload(key, payload), cert_pem, script or b"")
 
 
 @dataclass(frozen=True)

@@ -258,8 +258,8 @@ class SiteExecutor:
         table = self._fingerprints.get(catalog.name)
         if table is None:
             ids = catalog.frame()[catalog.subject_key].astype(str).tolist()
-            fps = await asyncio.to_thread(cohort_fingerprint_list, ids, self._secret)
-            table = self._fingerprints[catalog.name] = dict(zip(ids, fps, strict=True))
+            hashed = await asyncio.to_thread(cohort_fingerprint_list, ids, self._secret)
+            table = self._fingerprints[catalog.name] = dict(zip(ids, hashed, strict=True))
         missing = [i for i in cohort if i not in table]
         if missing:
             table.update(zip(missing, cohort_fingerprint_list(missing, self._secret), strict=True))

@@ -108,16 +108,16 @@ def near_families(mine: UnionSizes, families: Sequence[tuple[Sequence[int], np.n
         raise ValueError("near_families compares sketches: give this query's")
     out = [False] * len(families)
     by_cells: dict[int, list[int]] = {}
-    for f, (sizes, _) in enumerate(families):
-        by_cells.setdefault(len(sizes), []).append(f)
+    for index, (sizes, _) in enumerate(families):
+        by_cells.setdefault(len(sizes), []).append(index)
     folded = _fold(mine._sketches)
     for cells, members in by_cells.items():
         picks = unions(cells)
         step = max(1, (1 << 20) // (picks.shape[0] * folded.shape[1]))
         for lo in range(0, len(members), step):
             part = members[lo:lo + step]
-            sizes = np.array([families[f][0] for f in part], np.int64) @ picks.T  # (F, U)
-            cell_sketches = np.stack([families[f][1] for f in part]).astype(np.int64)
+            sizes = np.array([families[k][0] for k in part], np.int64) @ picks.T  # (F, U)
+            cell_sketches = np.stack([families[k][1] for k in part]).astype(np.int64)
             coarse = np.einsum("ur,frb->fub", picks, _fold(cell_sketches))  # (F, U, 16)
             i, f, j = np.nonzero(np.abs(mine.sizes[:, None, None] - sizes[None]) <= window)
             keep = np.abs(folded[i] - coarse[f, j]).sum(axis=1) <= window

@@ -97,6 +97,7 @@ def _context(material: TlsMaterial) -> SSL.Context:
 
 
 def _handshake(conn: SSL.Connection, sock: socket.socket, deadline: float, slow: str) -> None:
+    wanted: tuple[list[socket.socket], list[socket.socket]]
     while True:
         try:
             conn.do_handshake()

@@ -274,13 +274,15 @@ class _Parser:
 
     # -- per kind ----------------------------------------------------------------------
 
-    def _check_count(self, where, n, stats, meta) -> dict[str, Any]:
+    def _check_count(self, where: str, n: int, stats: dict[str, np.ndarray],
+                  meta: dict[str, Any]) -> dict[str, Any]:
         self._shape(where, "n", stats["n"], (1,))
         if stats["n"][0] != n:
             raise ResultRejected(f"{where}: stats n differs from n")
         return {"func": "count", "field": None}
 
-    def _check_moments(self, where, n, stats, meta) -> dict[str, Any]:
+    def _check_moments(self, where: str, n: int, stats: dict[str, np.ndarray],
+                  meta: dict[str, Any]) -> dict[str, Any]:
         lo, hi = self._bounded(where, meta["field"])
         if not isinstance(meta["stat"], str) or meta["stat"] not in MOMENT_STATS:
             raise ResultRejected(f"{where}: stat must be one of {sorted(MOMENT_STATS)}")
@@ -306,7 +308,8 @@ class _Parser:
             "bounds": [lo, hi],
         }
 
-    def _check_histogram(self, where, n, stats, meta) -> dict[str, Any]:
+    def _check_histogram(self, where: str, n: int, stats: dict[str, np.ndarray],
+                  meta: dict[str, Any]) -> dict[str, Any]:
         self._field(where, meta["field"], NUMERIC_TYPES)
         edges = meta["edges"]
         if not isinstance(edges, list) or not 2 <= len(edges) <= MAX_HISTOGRAM_EDGES:
@@ -324,7 +327,8 @@ class _Parser:
             raise ResultRejected(f"{where}: counts do not sum to n")
         return {"func": "histogram", "field": meta["field"], "edges": e.tolist()}
 
-    def _check_crossprod(self, where, n, stats, meta) -> dict[str, Any]:
+    def _check_crossprod(self, where: str, n: int, stats: dict[str, np.ndarray],
+                  meta: dict[str, Any]) -> dict[str, Any]:
         names = meta["fields"]
         if not isinstance(names, list) or not 1 <= len(names) <= MAX_CROSSPROD_FIELDS:
             raise ResultRejected(f"{where}: fields must list 1..{MAX_CROSSPROD_FIELDS} fields")
@@ -356,7 +360,8 @@ class _Parser:
             raise ResultRejected(f"{where}: m violates Cauchy–Schwarz, not a cross-product")
         return {"func": meta["purpose"], "fields": list(names), "purpose": meta["purpose"]}
 
-    def _check_contingency(self, where, n, stats, meta) -> dict[str, Any]:
+    def _check_contingency(self, where: str, n: int, stats: dict[str, np.ndarray],
+                  meta: dict[str, Any]) -> dict[str, Any]:
         names, levels = meta["fields"], meta["levels"]
         if not (isinstance(names, list) and len(names) == 2 and names[0] != names[1]):
             raise ResultRejected(f"{where}: fields must name two distinct categorical fields")
@@ -374,7 +379,8 @@ class _Parser:
             "levels": [list(lv) for lv in levels],
         }
 
-    def _check_voxel_map(self, where, n, stats, meta) -> dict[str, Any]:
+    def _check_voxel_map(self, where: str, n: int, stats: dict[str, np.ndarray],
+                  meta: dict[str, Any]) -> dict[str, Any]:
         column = self._field(where, meta["column"], ("image",))
         shape_doc = meta["shape"]
         if not (

@@ -391,7 +391,8 @@ def _read_capped(dir_fd: int, name: str, what: str, budget: int) -> bytes:
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise ResultRefused(f"{what} is a symlink: refused") from None
-        raise ResultRefused(f"{what} cannot be opened ({errno.errorcode.get(exc.errno)})") from None
+        code = errno.errorcode.get(exc.errno or -1, exc.strerror or type(exc).__name__)
+        raise ResultRefused(f"{what} cannot be opened ({code})") from None
     try:
         # The checks that count are on the opened file, not on the name looked up above.
         st = os.fstat(fd)

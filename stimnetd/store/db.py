@@ -79,7 +79,7 @@ class Store:
             await db.execute("PRAGMA synchronous = FULL")
             await db.execute("PRAGMA foreign_keys = ON")
             if integrity_check:
-                rows = await (await db.execute("PRAGMA quick_check")).fetchall()
+                rows = list(await (await db.execute("PRAGMA quick_check")).fetchall())
                 if [r[0] for r in rows] != ["ok"]:
                     raise StoreCorrupt(f"store {self.path} failed its integrity check "
                                        f"({rows[0][0]}); restore it from a backup "
@@ -341,7 +341,7 @@ class Store:
     async def update_job(self, job_id: str, *, state: str | None = None, detail: str | None = None,
                          sites: list[dict[str, Any]] | None = None, result: bytes | None = None,
                          bump_attempts: bool = False, durable: bool = True) -> JobRecord:
-        sets, args = ["updated_at = ?"], [self._clock()]
+        sets, args = ["updated_at = ?"], list[Any]([self._clock()])
         for col, val in (("state", state), ("detail", detail), ("result", result)):
             if val is not None:
                 sets.append(f"{col} = ?")
@@ -365,6 +365,7 @@ class Store:
     async def get_job(self, job_id: str) -> JobRecord | None:
         rows = await self.db.execute_fetchall(
             f"SELECT {JobRecord.COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+        rows = list(rows)
         return JobRecord.from_row(rows[0]) if rows else None
 
     async def list_jobs(self, *, owner: str | None = None, states: Iterable[str] | None = None,
@@ -472,16 +473,17 @@ class Store:
                         f"{budget:g} remains for you at this site")
             disclosed = release.disclosed() if release.decision != "suppressed" else ()
             sketches: dict[str, bytes] = {}
-            sized = _sized_cohorts(conn, release, [len(m) for m, _ in disclosed],
-                                   guard_window) if guard is not None and disclosed else []
-            for members, key in disclosed if guard is not None else ():
-                try:
-                    guard(members, _near_cohorts(conn, release, members, key, guard_window,
-                                                 sketches, sized))
-                except StimnetError as refusal:
-                    chain.append(*audit_actor, "release", "refused",
-                                 {**base, "policy": "overlap", "reason": str(refusal)})
-                    return refusal
+            if guard is not None and disclosed:
+                sized = _sized_cohorts(conn, release, [len(m) for m, _ in disclosed],
+                                       guard_window)
+                for members, key in disclosed:
+                    try:
+                        guard(members, _near_cohorts(conn, release, members, key, guard_window,
+                                                     sketches, sized))
+                    except StimnetError as refusal:
+                        chain.append(*audit_actor, "release", "refused",
+                                     {**base, "policy": "overlap", "reason": str(refusal)})
+                        return refusal
             if union_guard is not None and disclosed:
                 atoms = release.atoms or disclosed[:1]
                 try:

@@ -144,6 +144,25 @@ def test_uncompressed_truncated_nifti_is_reported(good: dict) -> None:
         _load_all(good["path"])
 
 
+def test_an_image_in_another_format_is_refused(good: dict) -> None:
+    """nibabel opens MGH (and Analyze, …) too; the catalog takes NIfTI only, and says what
+    the file is instead."""
+    import nibabel as nib
+    import numpy as np
+    import pandas as pd
+
+    victim = sorted((good["root"] / "images" / "vta").iterdir())[0]
+    mgh = victim.parent / "other.mgz"
+    nib.save(nib.MGHImage(np.asarray(nib.load(victim).dataobj, dtype=np.float32), np.eye(4)), mgh)
+    stim = good["root"] / "stimulation.csv"
+    df = pd.read_csv(stim, dtype=str)
+    df.loc[0, "vta_path"] = str(mgh.relative_to(good["root"]))
+    df.to_csv(stim, index=False)
+    with pytest.raises(CatalogError, match=r"other\.mgz is not a readable NIfTI image: it is a "
+                                           "MGHImage, not NIfTI-1 or NIfTI-2"):
+        _load_all(good["path"])
+
+
 def test_image_path_escaping_root(good: dict) -> None:
     """An image path in a table that escapes the catalog root is refused."""
     import pandas as pd
