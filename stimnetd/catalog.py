@@ -165,16 +165,17 @@ def _inside(root: Path, rel: str, catalog: str) -> Path:
     return p
 
 
-def _nifti(path: Path) -> nib.Nifti1Image:
-    """`nib.load`, for NIfTI-1/-2 only: nibabel also opens MGH, Analyze and other formats,
-    whose headers and affines the catalog's checks do not cover."""
+def _nifti(path: Path) -> nib.Nifti1Pair:
+    """`nib.load`, for NIfTI-1/-2 only (single files or .hdr/.img pairs: all subclasses of
+    Nifti1Pair): nibabel also opens MGH, plain Analyze and other formats, whose headers
+    and affines the catalog's checks do not cover."""
     img = nib.load(path)
-    if not isinstance(img, nib.Nifti1Image):  # Nifti2Image is a subclass
+    if not isinstance(img, nib.Nifti1Pair):
         raise ValueError(f"it is a {type(img).__name__}, not NIfTI-1 or NIfTI-2")
     return img
 
 
-def _header(cfg: CatalogConfig, path: Path, what: str) -> nib.Nifti1Image:
+def _header(cfg: CatalogConfig, path: Path, what: str) -> nib.Nifti1Pair:
     if not path.is_file():
         raise CatalogError(f"catalog {cfg.name!r}: {what} {path} does not exist")
     try:
