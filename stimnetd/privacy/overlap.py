@@ -74,43 +74,39 @@ def unions(n_atoms: int) -> np.ndarray:
 
 
 class UnionSizes:
-    """The unions of one query's cells — sizes and, if given, bucket sketches (one row per
-    cell; a union's sketch is the sum of its disjoint cells', and the L1 distance of two
-    sketches is at most the sets' difference) — to compare with many earlier queries'."""
+    """The unions of one query's cells — their sizes and, if given, bucket sketches (one
+    row per cell; a union's sketch is the sum of its disjoint cells', and the L1 distance
+    of two sketches is at most the sets' difference) — to compare with many earlier
+    queries' (`near`, `near_families`)."""
 
     def __init__(self, sizes: Sequence[int], sketches: np.ndarray | None = None) -> None:
-        self._picks = unions(len(sizes))
-        self.sizes = self._picks @ np.asarray(sizes, np.int64)
-        self._sketches = None if sketches is None else self._picks @ sketches.astype(np.int64)
+        picks = unions(len(sizes))
+        self.sizes = picks @ np.asarray(sizes, np.int64)
+        self.sketches = None if sketches is None else picks @ sketches.astype(np.int64)
 
     def near(self, other: UnionSizes, window: int) -> bool:
-        """Whether some union of these cells and some union of `other`'s could be within
-        `window` subjects of each other. False: no need to load `other`'s members."""
-        i, j = np.nonzero(np.abs(self.sizes[:, None] - other.sizes[None, :]) <= window)
-        if i.size == 0 or self._sketches is None or other._sketches is None:
-            return bool(i.size)
-        for lo in range(0, i.size, 4096):  # bounded memory: 4096 x buckets at a time
-            part = slice(lo, lo + 4096)
-            diff = self._sketches[i[part]] - other._sketches[j[part]]
-            if (np.abs(diff).sum(axis=1) <= window).any():
-                return True
-        return False
+        """Whether some union of these cells and some union of `other`'s are within
+        `window` of each other in size (a set difference is at least the size difference).
+        False: no need to look further."""
+        return bool((np.abs(self.sizes[:, None] - other.sizes[None, :]) <= window).any())
 
 
 def near_families(mine: UnionSizes, families: Sequence[tuple[Sequence[int], np.ndarray]],
                   window: int) -> list[bool]:
-    """`mine.near(UnionSizes(sizes, sketches), window)` for each earlier query's cells
-    (sizes, one sketch row per cell), vectorised over queries with as many cells (a long
-    history is hundreds of them). Sketches are first compared folded to 16 buckets (summing
-    buckets only lowers the L1 distance, so it is a bound too), then in full for the pairs
-    of unions that the folded ones leave."""
-    if mine._sketches is None:
+    """For each earlier query's cells (their sizes, one sketch row per cell): whether some
+    union of them and some union of `mine` (given with sketches) could be within `window`
+    subjects of each other, by sizes and then sketches. False: the earlier query's members
+    need not be loaded. Vectorised over queries with as many cells (a long history is
+    hundreds of them); sketches are first compared folded to 16 buckets (summing buckets
+    only lowers the L1 distance, so it is a bound too), then in full for the pairs of
+    unions the folded ones leave."""
+    if mine.sketches is None:
         raise ValueError("near_families compares sketches: give this query's")
     out = [False] * len(families)
     by_cells: dict[int, list[int]] = {}
     for index, (sizes, _) in enumerate(families):
         by_cells.setdefault(len(sizes), []).append(index)
-    folded = _fold(mine._sketches)
+    folded = _fold(mine.sketches)
     for cells, members in by_cells.items():
         picks = unions(cells)
         step = max(1, (1 << 20) // (picks.shape[0] * folded.shape[1]))
@@ -125,7 +121,7 @@ def near_families(mine: UnionSizes, families: Sequence[tuple[Sequence[int], np.n
             for c in range(0, i.size, 1024):
                 sl = slice(c, c + 1024)
                 fine = np.einsum("pr,prb->pb", picks[j[sl]], cell_sketches[f[sl]])
-                d = np.abs(mine._sketches[i[sl]] - fine).sum(axis=1)
+                d = np.abs(mine.sketches[i[sl]] - fine).sum(axis=1)
                 for hit in np.unique(f[sl][d <= window]).tolist():
                     out[part[hit]] = True
     return out
@@ -133,13 +129,6 @@ def near_families(mine: UnionSizes, families: Sequence[tuple[Sequence[int], np.n
 
 def _fold(sketches: np.ndarray, to: int = 16) -> np.ndarray:
     return sketches.reshape(*sketches.shape[:-1], to, -1).sum(axis=-1)
-
-
-def near_union_pairs(new_sizes: Sequence[int], old_sizes: Sequence[int], window: int,
-                     new_sketches: np.ndarray | None = None,
-                     old_sketches: np.ndarray | None = None) -> bool:
-    """`UnionSizes(new…).near(UnionSizes(old…), window)`."""
-    return UnionSizes(new_sizes, new_sketches).near(UnionSizes(old_sizes, old_sketches), window)
 
 
 def check_union_overlap(new_atoms: Sequence[frozenset[str]],
@@ -156,10 +145,10 @@ def check_union_overlap(new_atoms: Sequence[frozenset[str]],
         inter = np.array([[len(g & h) for h in family] for g in new_atoms], np.int64)
         d = sa[:, None] + sb[None, :] - 2 * (a @ inter @ b.T)
         if ((d >= 1) & (d <= k_min - 1)).any():
+            mine = "a union of this query's groups" if len(new_atoms) > 1 else "cohort"
             raise PrivacyRefusal(
-                "overlap", "a union of this query's groups differs from an earlier released "
-                f"cohort (or a union of an earlier query's groups) by fewer than {k_min} "
-                f"subjects (k_min = {k_min})")
+                "overlap", f"{mine} differs from an earlier released cohort (or a union of "
+                f"an earlier query's groups) by fewer than {k_min} subjects (k_min = {k_min})")
 
 
 def cohort_fingerprint(ids: Iterable[str], site_secret: bytes) -> frozenset[str]:

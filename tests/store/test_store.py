@@ -438,7 +438,7 @@ async def test_unions_of_some_groups_are_guarded_in_either_order(tmp_path: Path)
         await s.open()
         try:
             await s.release(first, **kw)
-            with pytest.raises(Refused, match="union of this query's groups"):
+            with pytest.raises(Refused, match="union of"):  # not the pairwise guard's words
                 await s.release(second, **kw)
             if name == "groups-then-cohort":
                 await s.release(_grouped("b3", stn, gpi, vim), **kw)  # the same again

@@ -12,10 +12,11 @@ from hypothesis import strategies as st
 from stimnetd.privacy.overlap import (
     FINGERPRINT_HEX_CHARS,
     MAX_ENUMERATED_ATOMS,
+    UnionSizes,
     check_overlap,
     check_union_overlap,
     cohort_fingerprint,
-    near_union_pairs,
+    near_families,
     unions,
 )
 from stimnetd.privacy.policy import PrivacyRefusal
@@ -165,19 +166,25 @@ def test_union_guard_refuses_exactly_when_some_pair_of_unions_is_close(
     assert refused == _brute_force_refuses(new, earlier, k)
 
 
-@given(new=_partition(), old=_partition(), window=st.integers(1, 7))
+@given(new=_partition(), olds=st.lists(_partition(), min_size=1, max_size=4),
+       window=st.integers(1, 7))
 def test_union_pruning_never_rules_out_a_close_pair(
-        new: list[frozenset[str]], old: list[frozenset[str]], window: int) -> None:
-    """Sizes and sketches only rule out earlier cells no union of which is within the
-    window of a union of the new ones (so the guard never misses one by not loading it)."""
+        new: list[frozenset[str]], olds: list[list[frozenset[str]]], window: int) -> None:
+    """Sizes and sketches only rule out an earlier query's cells when no union of them is
+    within the window of a union of the new ones (so the guard never misses one by not
+    loading it) — for each of several earlier queries judged together."""
     from stimnetd.store.records import cohort_sketch
 
     def sketch(cells: list[frozenset[str]]) -> np.ndarray:
         return np.stack([np.frombuffer(cohort_sketch(c), dtype="<u4") for c in cells])
 
-    if _brute_force_refuses(new, [old], window + 1):
-        assert near_union_pairs([len(c) for c in new], [len(c) for c in old], window,
-                                sketch(new), sketch(old))
+    judged = near_families(UnionSizes([len(c) for c in new], sketch(new)),
+                           [([len(c) for c in old], sketch(old)) for old in olds], window)
+    for old, near in zip(olds, judged, strict=True):
+        if _brute_force_refuses(new, [old], window + 1):
+            assert near
+            assert UnionSizes([len(c) for c in new]).near(UnionSizes([len(c) for c in old]),
+                                                         window)
 
 
 def test_union_of_some_cells_near_an_earlier_cohort_is_refused() -> None:
