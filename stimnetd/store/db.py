@@ -710,7 +710,7 @@ def _near_families(conn: sqlite3.Connection, release: Release,
             f" AND digest IN ({','.join('?' * len(chunk))})",
             (release.researcher, release.catalog, *chunk)).fetchall())
     for d in wanted:
-        if d not in stored:  # stored before schema v3
+        if len(stored.get(d) or b"") != 4 * SKETCH_BUCKETS:  # before schema v3 (or damaged)
             stored[d] = cohort_sketch(load(d))
             _save_sketch(conn, release, d, stored[d])
 
