@@ -39,8 +39,9 @@ from stimnetd.privacy.policy import PrivacyRefusal
 
 # 128 bits: collisions between distinct subjects are negligible at any cohort size.
 FINGERPRINT_HEX_CHARS = 32
-# Unions of up to 2^8 - 1 cell subsets per side: 255 x 255 pairs per earlier query.
-MAX_ENUMERATED_ATOMS = 8
+# Unions of up to 2^6 - 1 cell subsets per side: 63 x 63 pairs per earlier query (at 8,
+# equal-sized cells made the pruning of a long history cost ~3 ms per earlier query).
+MAX_ENUMERATED_ATOMS = 6
 
 
 def check_overlap(
@@ -109,7 +110,9 @@ def near_families(mine: UnionSizes, families: Sequence[tuple[Sequence[int], np.n
     folded = _fold(mine.sketches)
     for cells, members in by_cells.items():
         picks = unions(cells)
-        step = max(1, (1 << 20) // (picks.shape[0] * folded.shape[1]))
+        # Families per chunk: the size comparison holds (my unions x F x their unions)
+        # integers at a time, about a million (8 MB) at most.
+        step = max(1, (1 << 20) // (mine.sizes.size * picks.shape[0]))
         for lo in range(0, len(members), step):
             part = members[lo:lo + step]
             sizes = np.array([families[k][0] for k in part], np.int64) @ picks.T  # (F, U)
