@@ -143,8 +143,11 @@ async def measure(path: Path, history: int, cohorts: int, n: int
             await store.release(release, budget=10.0, audit_actor=("alice", "researcher"),
                                 **_guards())  # type: ignore[arg-type]
             families.append(time.perf_counter() - t)
-            await store.db.execute("DELETE FROM cohort_families WHERE sizes_json IS NOT NULL AND "
-                                   "rowid = (SELECT MAX(rowid) FROM cohort_families)")
+            # As above: drop what it added (its family, cells and union), same history for all.
+            await store.db.execute("DELETE FROM cohort_families WHERE rowid = "
+                                   "(SELECT MAX(rowid) FROM cohort_families)")
+            await store.db.executemany("DELETE FROM cohorts WHERE digest = ?",
+                                       [(d,) for _, d in release.guarded])
             await store.db.commit()
         return (statistics.median(releases), statistics.median(counts),
                 statistics.median(guarded), statistics.median(families))
