@@ -9,6 +9,7 @@ Images are loaded lazily (a voxel map reads them once per query), headers eagerl
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,7 +184,7 @@ def _header(cfg: CatalogConfig, path: Path, what: str) -> nib.Nifti1Pair:
         # A truncated .nii.gz has a readable header but no data; checking the data size
         # against the header catches it now rather than in the middle of a query.
         _ = img.dataobj[(0,) * len(img.shape)]
-        expected = int(np.prod(img.shape)) * img.get_data_dtype().itemsize
+        expected = math.prod(img.shape) * img.get_data_dtype().itemsize  # no 64-bit wrap
         if path.suffix == ".nii" and path.stat().st_size < expected:
             raise ValueError("file is shorter than its header says")
         if path.suffix == ".gz":

@@ -8,6 +8,7 @@ No pickle anywhere: a peer's bytes are parsed, never executed.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Iterator
 from typing import Any
@@ -102,11 +103,13 @@ class Assembler:
             raise CodecError(f"malformed result header: {exc}") from None
         total = 0
         for aid, spec in specs.items():
+            # `type(x) is int`: JSON true is a bool, which isinstance() calls an int.
             if not isinstance(spec, dict) or spec.get("dtype") not in _DTYPES \
                     or not isinstance(spec.get("shape"), list) \
-                    or not all(isinstance(x, int) and x >= 0 for x in spec["shape"]):
+                    or not all(type(x) is int and x >= 0 for x in spec["shape"]):
                 raise CodecError(f"array {aid!r} has an invalid description")
-            size = int(np.prod(spec["shape"], dtype=np.int64)) * _DTYPES[spec["dtype"]].itemsize
+            # Python integers: a 64-bit product of a hostile shape could wrap to a small size.
+            size = math.prod(spec["shape"]) * _DTYPES[spec["dtype"]].itemsize
             if size > MAX_ARRAY_BYTES:
                 raise CodecError(f"array {aid!r} is larger than {MAX_ARRAY_BYTES} bytes")
             spec["nbytes"] = size

@@ -48,6 +48,10 @@ def test_pack_unpack_roundtrip() -> None:
 @pytest.mark.parametrize("header, problem", [
     ('{"doc": {}, "arrays": {"a": {"dtype": "object", "shape": [1]}}}', "invalid description"),
     ('{"doc": {}, "arrays": {"a": {"dtype": "float64", "shape": [100000, 100000]}}}', "larger than"),
+    # 2^32 x 2^32 elements: a product that wraps to 0 in 64-bit integers.
+    ('{"doc": {}, "arrays": {"a": {"dtype": "float64", "shape": [4294967296, 4294967296]}}}',
+     "larger than"),
+    ('{"doc": {}, "arrays": {"a": {"dtype": "float64", "shape": [true]}}}', "invalid description"),
     ('{"doc": {}, "arrays": {"a": {"dtype": "float64", "shape": [-1]}}}', "invalid description"),
     ("not json", "malformed result header"),
 ])
