@@ -7,6 +7,7 @@ more than the query). Channels are rebuilt when the node's own certificate is re
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -152,11 +153,19 @@ class GrpcSubJobTransport:
             return SiteOutcome(site, state, detail)
         try:
             doc, arrays = asm.result()
+            if not isinstance(doc, dict):
+                raise codec.CodecError("the answer is not an object")
             partials = codec.partials_from_doc(doc["partials"], arrays)
+            epsilon, mechanism = doc.get("epsilon"), doc.get("mechanism")
+            if not (epsilon is None or (type(epsilon) in (int, float) and epsilon >= 0
+                                        and math.isfinite(epsilon))):
+                raise codec.CodecError(f"epsilon {epsilon!r} is not a non-negative number")
+            if not (mechanism is None or isinstance(mechanism, str)):
+                raise codec.CodecError(f"mechanism {mechanism!r} is not a name")
         except (codec.CodecError, KeyError) as exc:
-            return SiteOutcome(site, "failed", f"malformed partial aggregates: {exc}")
+            return await _ended(on_event, site, "failed", f"malformed partial aggregates: {exc}")
         return SiteOutcome(site, "done", detail, n=n, partials=partials,
-                           epsilon=doc.get("epsilon"), mechanism=doc.get("mechanism"))
+                           epsilon=epsilon, mechanism=mechanism)
 
 
 async def _ended(on_event: SiteEventSink, site: str, state: str, detail: str) -> SiteOutcome:

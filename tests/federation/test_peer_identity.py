@@ -175,3 +175,57 @@ async def test_a_peer_that_ends_its_stream_without_an_outcome_is_failed_and_watc
             await server.stop(None)
     assert (out.site, out.state) == ("mute", "failed") and "without an outcome" in out.detail
     assert events == [("mute", "failed", out.detail, 0)]
+
+
+class _Garbler(federation_pb2_grpc.FederationServiceServicer):
+    """A node with a valid certificate whose answers are malformed in a given way."""
+
+    def __init__(self, name: str, header_json: str) -> None:
+        self._name, self._header = name, header_json
+
+    async def RunSubJob(self, request, context):  # type: ignore[no-untyped-def]
+        from stimnet.v1 import common_pb2
+
+        yield federation_pb2.SubJobEvent(
+            partial=common_pb2.ResultFrame(header=common_pb2.ResultHeader(
+                header_json=self._header)),
+            site=common_pb2.SiteEvent(site=self._name, state="done", n=30))
+
+
+@pytest.mark.parametrize("doc, problem", [
+    ('[1, 2]', "the answer is not an object"),
+    ('{"partials": "all of them"}', "partials must be a list"),
+    ('{"partials": [], "epsilon": "lots"}', "epsilon 'lots' is not a non-negative number"),
+    ('{"partials": [], "epsilon": -1}', "epsilon -1 is not a non-negative number"),
+    ('{"partials": [], "mechanism": {"x": 1}}', "mechanism {'x': 1} is not a name"),
+])
+async def test_a_peers_malformed_answer_fails_that_site_and_says_so(
+        federation, tmp_path: Path, doc: str, problem: str) -> None:
+    """A peer (valid certificate, its own name) whose answer is not partial aggregates:
+    that site is failed, naming the problem, and the watchers hear it after its 'done';
+    nothing of it reaches the combined answer."""
+    cats = [[_tiny_catalog(tmp_path / "t", [float(a) for a in range(30, 60)])]]
+    async with federation(cats) as fed, fed.client() as c:
+        garbler = fed.pki.issue("garbler", "node", hosts=("127.0.0.1",))
+        server = grpc.aio.server()
+        federation_pb2_grpc.add_FederationServiceServicer_to_server(
+            _Garbler("garbler", '{"doc": ' + doc + ', "arrays": {}}'), server)
+        port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
+            [(garbler.key.read_bytes(), garbler.cert.read_bytes())],
+            root_certificates=garbler.ca.read_bytes(), require_client_auth=True))
+        await server.start()
+        channels = PeerChannels(_material(fed, "site-a"))
+        events: list[tuple] = []
+
+        async def sink(*ev: object) -> None:
+            events.append(ev)
+
+        try:
+            outcome = await GrpcSubJobTransport(channels, "site-a").run_subjob(
+                Target(f"127.0.0.1:{port}", "garbler"), _signed(c), "r1", 10, sink)
+        finally:
+            await channels.close()
+            await server.stop(None)
+    assert (outcome.state, outcome.site, outcome.partials) == ("failed", "garbler", [])
+    assert outcome.detail == f"malformed partial aggregates: {problem}"
+    assert [e[:2] for e in events] == [("garbler", "done"), ("garbler", "failed")]
