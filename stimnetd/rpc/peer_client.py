@@ -26,6 +26,9 @@ from stimnetd.rpc.peer_identity import PeerIdentityError, probe
 from stimnetd.tls import TlsMaterial, channel_credentials
 
 _TERMINAL = {"done", "suppressed", "refused", "failed"}
+_PROGRESS = {"accepted", "running"}
+# A peer's words are relayed to the researcher and stored with the job: bounded.
+MAX_DETAIL_CHARS = 2000
 PROBE_MAX_S = 5.0
 
 
@@ -135,9 +138,20 @@ class GrpcSubJobTransport:
                         self._channels.forget(target.address)
                         return await _ended(on_event, site, "failed", f"node {site!r} answered "
                                             f"as {s.site!r}; its answer was ignored")
-                    await on_event(site, s.state, s.detail, int(s.n))
+                    if s.state not in _TERMINAL | _PROGRESS or final is not None:
+                        call.cancel()
+                        return await _ended(on_event, site, "failed", (
+                            f"node {site!r} sent state {s.state[:40]!r} after its outcome"
+                            if final is not None else
+                            f"node {site!r} sent an unknown state {s.state[:40]!r}"))
+                    detail = s.detail if len(s.detail) <= MAX_DETAIL_CHARS \
+                        else s.detail[:MAX_DETAIL_CHARS] + "…"
+                    await on_event(site, s.state, detail, int(s.n))
                     if s.state in _TERMINAL:
-                        final = (s.state, s.detail, int(s.n))
+                        final = (s.state, detail, int(s.n))
+        except codec.CodecError as exc:  # a frame out of order, a hostile header
+            call.cancel()
+            return await _ended(on_event, site, "failed", f"malformed partial aggregates: {exc}")
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 return await _ended(on_event, site, "timed_out", timed_out)

@@ -14,7 +14,7 @@ from stimnetd.federation.fanout import Target
 from stimnetd.gossip.membership import Member
 from stimnetd.gossip.swim import PeerUnreachable, ProbeMessage
 from stimnetd.rpc.gossip_transport import GrpcGossipTransport
-from stimnetd.rpc.peer_client import GrpcSubJobTransport, PeerChannels
+from stimnetd.rpc.peer_client import MAX_DETAIL_CHARS, GrpcSubJobTransport, PeerChannels
 from stimnetd.rpc.peer_identity import PeerIdentityError, probe
 from stimnetd.testing import CertFactory, CertPaths, free_port
 from stimnetd.tls import read_material
@@ -178,18 +178,46 @@ async def test_a_peer_that_ends_its_stream_without_an_outcome_is_failed_and_watc
 
 
 class _Garbler(federation_pb2_grpc.FederationServiceServicer):
-    """A node with a valid certificate whose answers are malformed in a given way."""
+    """A node with a valid certificate whose answers are malformed in a given way: its
+    answer document, or the states it reports (each after a well-formed answer)."""
 
-    def __init__(self, name: str, header_json: str) -> None:
-        self._name, self._header = name, header_json
+    def __init__(self, name: str, doc: str, states: tuple[str, ...] = ("done",),
+                 detail: str = "") -> None:
+        self._name, self._doc, self._states, self._detail = name, doc, states, detail
 
     async def RunSubJob(self, request, context):  # type: ignore[no-untyped-def]
         from stimnet.v1 import common_pb2
 
-        yield federation_pb2.SubJobEvent(
-            partial=common_pb2.ResultFrame(header=common_pb2.ResultHeader(
-                header_json=self._header)),
-            site=common_pb2.SiteEvent(site=self._name, state="done", n=30))
+        yield federation_pb2.SubJobEvent(partial=common_pb2.ResultFrame(
+            header=common_pb2.ResultHeader(header_json='{"doc": ' + self._doc + ', "arrays": {}}')))
+        for state in self._states:
+            yield federation_pb2.SubJobEvent(site=common_pb2.SiteEvent(
+                site=self._name, state=state, n=30, detail=self._detail))
+
+
+async def _ask_garbler(fed, c, garbler_servicer: _Garbler):  # type: ignore[no-untyped-def]
+    """Run one sub-job against a hostile node on loopback; (outcome, site events)."""
+    name = garbler_servicer._name
+    garbler = fed.pki.issue(name, "node", hosts=("127.0.0.1",))
+    server = grpc.aio.server()
+    federation_pb2_grpc.add_FederationServiceServicer_to_server(garbler_servicer, server)
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
+        [(garbler.key.read_bytes(), garbler.cert.read_bytes())],
+        root_certificates=garbler.ca.read_bytes(), require_client_auth=True))
+    await server.start()
+    channels = PeerChannels(_material(fed, "site-a"))
+    events: list[tuple] = []
+
+    async def sink(*ev: object) -> None:
+        events.append(ev)
+
+    try:
+        outcome = await GrpcSubJobTransport(channels, "site-a").run_subjob(
+            Target(f"127.0.0.1:{port}", name), _signed(c), "r1", 10, sink)
+    finally:
+        await channels.close()
+        await server.stop(None)
+    return outcome, events
 
 
 @pytest.mark.parametrize("doc, problem", [
@@ -206,26 +234,27 @@ async def test_a_peers_malformed_answer_fails_that_site_and_says_so(
     nothing of it reaches the combined answer."""
     cats = [[_tiny_catalog(tmp_path / "t", [float(a) for a in range(30, 60)])]]
     async with federation(cats) as fed, fed.client() as c:
-        garbler = fed.pki.issue("garbler", "node", hosts=("127.0.0.1",))
-        server = grpc.aio.server()
-        federation_pb2_grpc.add_FederationServiceServicer_to_server(
-            _Garbler("garbler", '{"doc": ' + doc + ', "arrays": {}}'), server)
-        port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
-            [(garbler.key.read_bytes(), garbler.cert.read_bytes())],
-            root_certificates=garbler.ca.read_bytes(), require_client_auth=True))
-        await server.start()
-        channels = PeerChannels(_material(fed, "site-a"))
-        events: list[tuple] = []
-
-        async def sink(*ev: object) -> None:
-            events.append(ev)
-
-        try:
-            outcome = await GrpcSubJobTransport(channels, "site-a").run_subjob(
-                Target(f"127.0.0.1:{port}", "garbler"), _signed(c), "r1", 10, sink)
-        finally:
-            await channels.close()
-            await server.stop(None)
+        outcome, events = await _ask_garbler(fed, c, _Garbler("garbler", doc))
     assert (outcome.state, outcome.site, outcome.partials) == ("failed", "garbler", [])
     assert outcome.detail == f"malformed partial aggregates: {problem}"
     assert [e[:2] for e in events] == [("garbler", "done"), ("garbler", "failed")]
+
+
+@pytest.mark.parametrize("states, problem", [
+    (("pwned",), "sent an unknown state 'pwned'"),
+    (("done", "running"), "sent state 'running' after its outcome"),
+])
+async def test_a_peers_states_are_checked(federation, tmp_path: Path,
+                                          states: tuple[str, ...], problem: str) -> None:
+    """Only the states a site can be in are relayed to the researcher, nothing after the
+    outcome, and a peer's detail text is bounded before it is relayed and stored."""
+    cats = [[_tiny_catalog(tmp_path / "t", [float(a) for a in range(30, 60)])]]
+    async with federation(cats) as fed, fed.client() as c:
+        bad, bad_events = await _ask_garbler(fed, c, _Garbler("garbler", '{"partials": []}',
+                                                              states))
+        long, _ = await _ask_garbler(fed, c, _Garbler("verbose", '{"partials": []}',
+                                                      ("suppressed",), detail="x" * 100_000))
+    assert (bad.state, bad.detail) == ("failed", f"node 'garbler' {problem}")
+    assert bad_events[-1][:2] == ("garbler", "failed")
+    assert all(e[1] in ("done", "failed") for e in bad_events)
+    assert long.state == "suppressed" and len(long.detail) == MAX_DETAIL_CHARS + 1
