@@ -35,7 +35,8 @@ def _tamper(signed: signing.SignedJob, **changes) -> signing.SignedJob:  # type:
     return dataclasses.replace(signed, payload=signing.canonical(doc))
 
 
-async def _subjob(fed, entry: int, peer: int, signed: signing.SignedJob) -> list:  # type: ignore[no-untyped-def]
+async def _subjob(fed, entry: int, peer: int, signed: signing.SignedJob,  # type: ignore[no-untyped-def]
+                  request_id: str = "") -> list:
     """Call RunSubJob on `peer` with `entry`'s node certificate (a relay, possibly malicious)."""
     name = f"site-{chr(ord('a') + entry)}"
     d = fed.tmp / "pki" / f"node-{name}"
@@ -45,8 +46,8 @@ async def _subjob(fed, entry: int, peer: int, signed: signing.SignedJob) -> list
     creds = client_config(certs, fed.address(peer)).credentials()
     async with grpc.aio.secure_channel(fed.address(peer), creds) as ch:
         stub = federation_pb2_grpc.FederationServiceStub(ch)
-        call = stub.RunSubJob(federation_pb2.SubJobRequest(job=convert.signed_job_pb(signed)),
-                              timeout=10)
+        call = stub.RunSubJob(federation_pb2.SubJobRequest(job=convert.signed_job_pb(signed),
+                                                           request_id=request_id), timeout=10)
         return [ev async for ev in call]
 
 
@@ -153,3 +154,15 @@ async def test_revoked_signer_is_refused_even_after_its_chain_was_cached(federat
             await _subjob(fed, 0, 1, pending)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert "revoked" in err.value.details()
+
+
+async def test_an_entrys_request_id_is_bounded_in_the_peers_audit(federation,
+                                                                  tmp_path: Path) -> None:
+    """The request id an entry puts in a sub-job lands in the peer's audit log: a relay
+    cannot make it 100,000 characters (the guard bounds the one in metadata the same way)."""
+    cats = [[_tiny_catalog(tmp_path / f"t{i}", [float(a) for a in range(30, 60)])] for i in (0, 1)]
+    async with federation(cats) as fed, fed.client() as c:
+        events = await _subjob(fed, 0, 1, _signed(c), request_id="r" * 100_000)
+        rows = [r for r in await fed.daemons[1].store.audit_rows() if r.action == "subjob"]
+    assert events[-1].site.state == "done"
+    assert [json.loads(r.detail_json)["request_id"] for r in rows] == ["r" * 64]
