@@ -65,6 +65,8 @@ class JobRequest:
             doc = json.loads(payload)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InvalidRequest(f"signed job payload is not JSON: {exc}") from None
+        except RecursionError:
+            raise InvalidRequest("signed job payload nests too deeply to read") from None
         if not isinstance(doc, dict):
             raise InvalidRequest("signed job payload must be a JSON object")
         if canonical(doc) != payload:

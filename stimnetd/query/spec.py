@@ -196,7 +196,14 @@ def expr_to_dict(e: Expr) -> dict[str, Any]:
     return {"op": "not", "arg": expr_to_dict(e.arg)}
 
 
-def expr_from_dict(d: Any) -> Expr:
+# Filters nest (AND/OR/NOT) at most this deep: every layer is a recursion in parsing,
+# validation and evaluation, and a signed payload of 256 KiB could nest thousands deep.
+MAX_FILTER_DEPTH = 64
+
+
+def expr_from_dict(d: Any, depth: int = 1) -> Expr:
+    if depth > MAX_FILTER_DEPTH:
+        raise QueryError(f"filter nests more than {MAX_FILTER_DEPTH} levels deep")
     if not isinstance(d, Mapping) or "op" not in d:
         raise QueryError("filter expression must be an object with an 'op' key")
     op = d["op"]
@@ -222,13 +229,13 @@ def expr_from_dict(d: Any) -> Expr:
         return IsNull(_str(d["field"], "field"), _bool(d.get("negated", False)))
     if op in ("and", "or"):
         _keys(d, f"'{op}' filter", required={"op", "args"})
-        args = tuple(expr_from_dict(a) for a in _list(d["args"], "args"))
+        args = tuple(expr_from_dict(a, depth + 1) for a in _list(d["args"], "args"))
         if len(args) < 2:
             raise QueryError(f"'{op}' filter needs at least two arguments")
         return And(args) if op == "and" else Or(args)
     if op == "not":
         _keys(d, "'not' filter", required={"op", "arg"})
-        return Not(expr_from_dict(d["arg"]))
+        return Not(expr_from_dict(d["arg"], depth + 1))
     raise QueryError(f"unknown filter operator {op!r}")
 
 

@@ -28,6 +28,8 @@ from stimnetd.query.spec import (
     Not,
     Or,
     QuerySpec,
+    expr_from_dict,
+    expr_to_dict,
 )
 
 # SQL spelling → AggSpec.func
@@ -95,6 +97,8 @@ def parse_sql(sql: str) -> QuerySpec:
         statements = [s for s in sqlglot.parse(sql, read=_Dialect) if s is not None]
     except SqlglotError as e:
         raise QueryError(f"could not parse SQL: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise QueryError("could not parse SQL: it nests too deeply") from None
     if len(statements) != 1:
         raise QueryError(f"expected exactly one SELECT statement, got {len(statements)}")
     stmt = statements[0]
@@ -132,9 +136,14 @@ def parse_sql(sql: str) -> QuerySpec:
     if not aggs:
         raise QueryError("no aggregate in SELECT: a query must compute at least one, e.g. count(*)")
     where = stmt.args.get("where")
+    try:
+        # The same rules as a spec arriving at a site (nesting depth among them).
+        where_expr = expr_from_dict(expr_to_dict(_filter(where.this, catalog))) if where else None
+    except RecursionError:
+        raise QueryError("could not parse SQL: its WHERE clause nests too deeply") from None
     return QuerySpec(
         catalog=catalog,
-        where=_filter(where.this, catalog) if where else None,
+        where=where_expr,
         group_by=group_by,
         aggregates=tuple(aggs),
     )

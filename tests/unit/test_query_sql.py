@@ -238,3 +238,27 @@ def test_validate_accepts_a_fitting_query():
         ),
         FIELDS,
     )
+
+
+@pytest.mark.parametrize("where, problem", [
+    ("NOT " * 64 + "age = 1", "filter nests more than 64 levels deep"),
+    ("NOT " * 3000 + "age = 1", "could not parse SQL: it nests too deeply"),
+    ("(" * 3000 + "age = 1" + ")" * 3000, "could not parse SQL: it nests too deeply"),
+])
+def test_deeply_nested_filters_are_refused_by_name(where: str, problem: str) -> None:
+    """Every layer of a filter is a recursion when it is parsed, checked and evaluated: a
+    filter deeper than MAX_FILTER_DEPTH is refused saying so, never a RecursionError — from
+    SQL, from a spec (what a site reads from a signed job), or a signed payload itself."""
+    from stimnetd.errors import InvalidRequest
+    from stimnetd.jobs.signing import JobRequest
+    from stimnetd.query.spec import MAX_FILTER_DEPTH
+
+    with pytest.raises(QueryError, match=problem):
+        parse_sql(f"SELECT count(*) FROM c WHERE {where}")
+    ok = parse_sql("SELECT count(*) FROM c WHERE " + "NOT " * (MAX_FILTER_DEPTH - 1) + "age = 1")
+    deep = ok.to_dict()
+    deep["where"] = {"op": "not", "arg": deep["where"]}
+    with pytest.raises(QueryError, match="filter nests more than 64 levels deep"):
+        QuerySpec.from_dict(deep)
+    with pytest.raises(InvalidRequest, match="signed job payload nests too deeply to read"):
+        JobRequest.from_payload(b"[" * 100_000 + b"]" * 100_000)
