@@ -106,6 +106,12 @@ class AggSpec:
         if shape is None:
             raise QueryError(f"unknown aggregate function {self.func!r}; known: {sorted(FUNCS)}")
         k = len(self.fields)
+        if k > MAX_AGGREGATE_FIELDS:
+            raise QueryError(f"{self.name}: at most {MAX_AGGREGATE_FIELDS} fields per aggregate "
+                             f"(got {k})")
+        if len(self.params) > MAX_PARAMS:
+            raise QueryError(f"{self.name}: at most {MAX_PARAMS} histogram edges or quantile "
+                             f"probabilities (got {len(self.params)})")
         if k < shape.min_fields or (shape.max_fields is not None and k > shape.max_fields):
             if shape.max_fields == shape.min_fields:
                 want = f"exactly {shape.min_fields}"
@@ -268,6 +274,11 @@ def validate(spec: QuerySpec, fields: Mapping[str, FieldMeta]) -> None:
             raise QueryError(
                 f"cannot GROUP BY {g!r}: only categorical fields can be grouped ({g!r} is {m.type})"
             )
+    levels = [len(fields[g].levels or ()) for g in spec.group_by]
+    if spec.group_by and all(levels) and math.prod(levels) > MAX_GROUP_CELLS:
+        # Every declared combination is computed and sent (empty ones too: engine._groups).
+        raise QueryError(f"GROUP BY {', '.join(spec.group_by)} makes {math.prod(levels)} "
+                         f"groups of declared levels; at most {MAX_GROUP_CELLS}")
     for name, leaf in filter_fields(spec.where):
         _validate_leaf(meta(name, "WHERE"), leaf)
     for a in spec.aggregates:
@@ -329,9 +340,25 @@ def _validate_agg(a: AggSpec, metas: list[FieldMeta]) -> None:
 IMAGE_FUNCS = frozenset({"count_map", "mean_map", "roi_overlap"})
 
 
+# What one query may ask a site to compute (and, with DP, to add noise to): bounded so a
+# signed job of 256 KiB cannot ask for millions of cells, a 5,000-field regression or
+# thousands of aggregates.
+MAX_AGGREGATES = 64
+MAX_AGGREGATE_FIELDS = 64
+MAX_PARAMS = 10_001
+MAX_GROUP_FIELDS = 16
+MAX_GROUP_CELLS = 10_000
+
+
 def _check_shape(spec: QuerySpec) -> None:
     if not spec.aggregates:
         raise QueryError("a query needs at least one aggregate")
+    if len(spec.aggregates) > MAX_AGGREGATES:
+        raise QueryError(f"a query computes at most {MAX_AGGREGATES} aggregates "
+                         f"(got {len(spec.aggregates)})")
+    if len(spec.group_by) > MAX_GROUP_FIELDS:
+        raise QueryError(f"GROUP BY takes at most {MAX_GROUP_FIELDS} fields "
+                         f"(got {len(spec.group_by)})")
     names = [a.name for a in spec.aggregates]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

@@ -262,3 +262,38 @@ def test_deeply_nested_filters_are_refused_by_name(where: str, problem: str) -> 
         QuerySpec.from_dict(deep)
     with pytest.raises(InvalidRequest, match="signed job payload nests too deeply to read"):
         JobRequest.from_payload(b"[" * 100_000 + b"]" * 100_000)
+
+
+def test_what_one_query_may_ask_for_is_bounded() -> None:
+    """A signed job of 256 KiB could otherwise ask a site for thousands of aggregates, a
+    regression on thousands of fields, millions of histogram bins or of declared-level
+    group cells (all of which are computed, and with DP noised); each limit is named."""
+    from stimnetd.query.spec import (
+        MAX_AGGREGATE_FIELDS,
+        MAX_AGGREGATES,
+        MAX_GROUP_CELLS,
+        MAX_GROUP_FIELDS,
+        MAX_PARAMS,
+        validate,
+    )
+
+    many = ", ".join(f"sum(x) AS s{i}" for i in range(MAX_AGGREGATES + 1))
+    with pytest.raises(QueryError, match=f"at most {MAX_AGGREGATES} aggregates"):
+        parse_sql(f"SELECT {many} FROM t")
+    xs = ", ".join(f"x{i}" for i in range(MAX_AGGREGATE_FIELDS))
+    with pytest.raises(QueryError, match=f"at most {MAX_AGGREGATE_FIELDS} fields per aggregate"):
+        parse_sql(f"SELECT regress(y, {xs}) FROM t")
+    edges = ", ".join(str(i) for i in range(MAX_PARAMS + 1))
+    with pytest.raises(QueryError, match=f"at most {MAX_PARAMS} histogram edges"):
+        parse_sql(f"SELECT histogram(x, {edges}) FROM t")
+    groups = ", ".join(f"g{i}" for i in range(MAX_GROUP_FIELDS + 1))
+    with pytest.raises(QueryError, match=f"GROUP BY takes at most {MAX_GROUP_FIELDS} fields"):
+        parse_sql(f"SELECT {groups}, count(*) FROM t GROUP BY {groups}")
+    # Declared levels: every combination is computed, so their product is what counts.
+    levels = tuple(f"l{i}" for i in range(101))
+    fields = {g: categorical(g, levels=levels) for g in ("a", "b")}
+    spec = parse_sql("SELECT a, b, count(*) FROM t GROUP BY a, b")
+    with pytest.raises(QueryError, match=f"makes 10201 groups of declared levels; at most "
+                                         f"{MAX_GROUP_CELLS}"):
+        validate(spec, fields)
+    validate(parse_sql("SELECT a, count(*) FROM t GROUP BY a"), fields)
