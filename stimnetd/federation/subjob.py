@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from stimnetd.errors import Refused, Replayed
+from stimnetd.errors import PermissionDenied, Refused, Replayed
 from stimnetd.jobs.signing import SignedJob, VerifiedJob
 from stimnetd.jobs.site import SiteExecutor, SiteOutcome
 from stimnetd.pki import Identity
@@ -42,6 +42,12 @@ class SubJobHandler:
         # Verified here, at this site, with this site's CA and CRL: the entry node is only
         # a relay and cannot vouch for the researcher.
         job = self._verify(signed)
+        if job.request.scope != "federated":
+            # The researcher signed it for one node: a node relaying it to its peers would
+            # spend the researcher's budget there and collect answers never asked for.
+            raise PermissionDenied(f"job {job.request.job_id} was signed for scope "
+                                   f"{job.request.scope!r}: only a federated job is answered "
+                                   "for another node")
         await self._executor.precheck(job)
         if job.request.kind == "script":
             await self._admit_script(job, entry, request_id)

@@ -162,7 +162,22 @@ async def test_an_entrys_request_id_is_bounded_in_the_peers_audit(federation,
     cannot make it 100,000 characters (the guard bounds the one in metadata the same way)."""
     cats = [[_tiny_catalog(tmp_path / f"t{i}", [float(a) for a in range(30, 60)])] for i in (0, 1)]
     async with federation(cats) as fed, fed.client() as c:
-        events = await _subjob(fed, 0, 1, _signed(c), request_id="r" * 100_000)
+        events = await _subjob(fed, 0, 1, _signed(c, scope="federated"),
+                               request_id="r" * 100_000)
         rows = [r for r in await fed.daemons[1].store.audit_rows() if r.action == "subjob"]
     assert events[-1].site.state == "done"
     assert [json.loads(r.detail_json)["request_id"] for r in rows] == ["r" * 64]
+
+
+async def test_a_local_job_relayed_to_a_peer_is_refused(federation, tmp_path: Path) -> None:
+    """A job the researcher signed for one node (scope local): that node relaying it to
+    its peers would spend the researcher's budget there and collect answers nobody asked
+    for. The peer refuses it before anything runs, and releases nothing."""
+    cats = [[_tiny_catalog(tmp_path / f"t{i}", [float(a) for a in range(30, 60)])] for i in (0, 1)]
+    async with federation(cats) as fed, fed.client() as c:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _subjob(fed, 0, 1, _signed(c, scope="local", epsilon=None))
+        rows = await fed.daemons[1].store.audit_rows()
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "signed for scope 'local'" in (err.value.details() or "")
+    assert "release" not in [r.action for r in rows]
