@@ -19,7 +19,12 @@ from stimnetd.rpc.peer_identity import PeerIdentityError, probe
 from stimnetd.testing import CertFactory, CertPaths, free_port
 from stimnetd.tls import read_material
 from tests.federation.test_federated_queries import _tiny_catalog
-from tests.federation.test_signed_jobs import _signed
+from tests.federation.test_signed_jobs import _signed as _signed_any
+
+
+def _signed(client):  # type: ignore[no-untyped-def]
+    """A federated job: what an entry relays to its peers."""
+    return _signed_any(client, scope="federated")
 
 
 def _material(fed, name: str):  # type: ignore[no-untyped-def]
