@@ -63,7 +63,9 @@ class Coordinator:
         self._timeout = timeout_s
 
     async def run(self, job: VerifiedJob, request_id: str, on_event: SiteEventSink, *,
-                  resumed: bool = False) -> FanoutResult:
+                  resumed: bool = False, local_refusal: str | None = None) -> FanoutResult:
+        """`local_refusal`: this site does not run its own share (its script policy), and
+        that share's outcome is refused with this reason, as a peer would answer."""
         catalog = job.request.catalog
         tasks: list[asyncio.Task[SiteOutcome]] = []
         # Peers' tasks first: each starts its call before this site's own share (computed
@@ -71,7 +73,9 @@ class Coordinator:
         for target in self._peers.targets(catalog):
             tasks.append(asyncio.create_task(self._remote(target, job, request_id, on_event)))
         if self._holds(catalog):
-            tasks.insert(0, asyncio.create_task(self._local(job, on_event, resumed)))
+            tasks.insert(0, asyncio.create_task(
+                self._refused_locally(local_refusal, on_event) if local_refusal is not None
+                else self._local(job, on_event, resumed)))
         outcomes = list(await asyncio.gather(*tasks)) if tasks else []
         return FanoutResult(outcomes)
 
@@ -101,6 +105,11 @@ class Coordinator:
             if not task.done():  # cancelled (job cancel, shutdown): so is the site's run
                 task.cancel()
         await on_event(site, outcome.state, outcome.detail, outcome.n)
+        return outcome
+
+    async def _refused_locally(self, detail: str, on_event: SiteEventSink) -> SiteOutcome:
+        outcome = SiteOutcome(self._executor.site, "refused", detail)
+        await on_event(outcome.site, outcome.state, outcome.detail, 0)
         return outcome
 
     async def _remote(self, target: Target, job: VerifiedJob, request_id: str,

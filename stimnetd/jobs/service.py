@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -122,6 +123,31 @@ class JobService:
             live.task = asyncio.create_task(self._run(record, job), name=f"job-{record.id}")
         return record
 
+    async def _local_script_refusal(self, record: JobRecord, job: VerifiedJob) -> str | None:
+        """This site's own share of a federated script is under this site's script policy,
+        as each peer's is under its own: None to run it, else why it is refused. Under
+        'review' an unapproved script answers at once, as at a peer, leaving a request an
+        admin can approve (remembered) before the researcher resubmits."""
+        try:
+            state, _ = await self._script_admission(record.script_sha256 or "")
+        except Refused as exc:
+            return str(exc)
+        if state != "awaiting_approval":
+            return None
+        now = self._clock()
+        pending = hashlib.sha256(f"{record.id}:local-share".encode()).hexdigest()[:24]
+        await self._store.create_job(JobRecord(
+            id=pending, kind="script", scope="federated", catalog=record.catalog,
+            owner=record.owner, state="awaiting_approval",
+            detail=f"this site's share of federated job {record.id}", created_at=now,
+            updated_at=now, request_id=record.request_id, origin=self._node,
+            payload=record.payload, signature=record.signature, signer_cert=record.signer_cert,
+            script=record.script, script_sha256=record.script_sha256),
+            audit=(job.researcher.name, job.researcher.role, "submit"))
+        return (f"awaiting approval: site policy 'review' — an admin here must approve script "
+                f"sha256 {(record.script_sha256 or '')[:16]}… (job {pending}); resubmit once "
+                "approved")
+
     async def _script_admission(self, sha256: str) -> tuple[str, str]:
         """The site's script policy: run, hold for an admin, or refuse (with why)."""
         if self._scripts.policy == "deny":
@@ -207,8 +233,11 @@ class JobService:
             if record.state != "running":
                 await self._set_state(record.id, "running", "")
             if record.scope == "federated":
+                refusal = await self._local_script_refusal(record, job) \
+                    if record.kind == "script" else None
                 fan = await self._coordinator.run(job, record.request_id, self._site_sink(record.id),
-                                                  resumed=record.attempts > 0)
+                                                  resumed=record.attempts > 0,
+                                                  local_refusal=refusal)
             else:
                 outcome = await self._executor.run(job, self._local_sink(record.id),
                                                    resumed=record.attempts > 0)

@@ -99,6 +99,34 @@ async def test_review_policy_holds_until_an_admin_decides(tmp_path: Path, pki: C
         assert proc.stop() == 0
 
 
+async def test_review_policy_holds_this_sites_share_of_a_federated_script(
+        tmp_path: Path, pki: CertFactory, sandbox_image: str, docker_client) -> None:
+    """The entry node's own share of a federated script is under its script policy too
+    (it used to run unreviewed): under `review` that share answers "awaiting approval" at
+    once, as a peer does, no container starts, and an admin approving the request it
+    leaves (remembered) lets the resubmitted script run here."""
+    cfg, port = _node(tmp_path, pki, policy="review")
+    proc = DaemonProcess(cfg)
+    alice, ops = pki.issue("alice", "researcher"), pki.issue("ops", "admin")
+    addr = f"127.0.0.1:{port}"
+    try:
+        await proc.wait_healthy(alice, addr)
+        async with AsyncClient(client_config(alice, addr, 60)) as c, \
+                AsyncClient(client_config(ops, addr, 60)) as admin:
+            job = await c.submit_script(COUNT, "tiny", federated=True)
+            with pytest.raises(JobFailed, match=r"node-a: refused \(awaiting approval: site "
+                                                 "policy 'review'"):
+                await c.run_job(job)
+            assert _containers(docker_client) == []
+            pending = [j for j in await admin.list_jobs() if j.state == "awaiting_approval"]
+            assert len(pending) == 1 and job.id in pending[0].detail
+            await admin.approve(pending[0].id, remember=True)
+            ans = await c.run_job(await c.submit_script(COUNT, "tiny", federated=True))
+        assert ans.rows[0][0] == 30
+    finally:
+        assert proc.stop() == 0
+
+
 async def test_deny_policy_refuses_scripts(tmp_path: Path, pki: CertFactory) -> None:
     """A site whose policy is `deny` refuses script jobs with the policy's name."""
     cfg, port = _node(tmp_path, pki, policy="deny")
