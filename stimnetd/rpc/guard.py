@@ -149,7 +149,7 @@ class Guard(grpc.aio.ServerInterceptor):
                  observe: Callable[[str, str, float], None] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self._revocations = revocations
-        self._audit_refusal = audit_refusal
+        self._audit_refusal = _bounded(audit_refusal)
         self._audit_allowed = audit_allowed
         self._observe = observe
         self._clock = clock
@@ -251,8 +251,10 @@ class Guard(grpc.aio.ServerInterceptor):
                     caller.name, caller.role, method, "refused",
                     {"code": code.name, "reason": str(exc), "request_id": caller.request_id,
                      **({"policy": exc.policy} if hasattr(exc, "policy") else {})})
-            self._done(method, code.name, started, reason=str(exc))
-            await context.abort(code, str(exc))
+            self._done(method, code.name, started, reason=_cut(str(exc)))
+            # Also bounded on the wire: a status message echoing a megabyte of the request
+            # would exceed the caller's metadata limit and arrive as a transport error.
+            await context.abort(code, _cut(str(exc)))
         log.exception("rpc failed", status="INTERNAL")
         self._done(method, "INTERNAL", started, logged=True)
         caller = _CURRENT.get(None)
@@ -306,6 +308,29 @@ class Guard(grpc.aio.ServerInterceptor):
             self._done(method, "OK", started)
 
         return wrapper
+
+
+# A refusal's reason often quotes the request (a job id, a catalog name, a gossip sender)
+# and the audit log keeps every refusal for good: a caller must not be able to make an
+# entry megabytes long.
+MAX_AUDIT_TEXT = 2000
+
+
+def _cut(value: Any) -> Any:
+    return value[:MAX_AUDIT_TEXT] + "…" if isinstance(value, str) \
+        and len(value) > MAX_AUDIT_TEXT else value
+
+
+def _bounded(audit: Callable[[str, str, str, str, dict[str, Any]], Awaitable[Any]]
+             ) -> Callable[[str, str, str, str, dict[str, Any]], Awaitable[Any]]:
+    cut = _cut
+
+    async def bounded(actor: str, role: str, action: str, decision: str,
+                      detail: dict[str, Any]) -> Any:
+        return await audit(cut(actor), cut(role), action, decision,
+                           {k: cut(v) for k, v in detail.items()})
+
+    return bounded
 
 
 def _status_name(context: grpc.aio.ServicerContext) -> str:

@@ -86,6 +86,25 @@ UNVERIFIABLE = {
 }
 
 
+async def test_a_refusal_quoting_the_request_is_bounded_in_the_audit_log(
+        start_node, pki: CertFactory) -> None:
+    """Refusals quote the request (here a 1 MB catalog name, and a 1 MB job id) and every
+    refusal is kept in the audit log for good: each entry's text is cut at MAX_AUDIT_TEXT,
+    so a caller cannot grow the log by megabytes a call."""
+    from stimnetd.rpc.guard import MAX_AUDIT_TEXT
+
+    alice = pki.issue("alice", "researcher")
+    async with start_node() as d:
+        async with AsyncClient(client_config(alice, _addr(d))) as c:
+            with pytest.raises(NotFound):
+                await c.describe("x" * 1_000_000)
+            with pytest.raises(NotFound):
+                await c.get_job("y" * 1_000_000)
+        rows = [r for r in await d.store.audit_rows() if r.decision == "refused"]
+    assert len(rows) == 2
+    assert all(len(r.detail_json) < MAX_AUDIT_TEXT + 500 for r in rows), [len(r.detail_json) for r in rows]
+
+
 @pytest.mark.parametrize("case", sorted(UNVERIFIABLE))
 async def test_unverifiable_callers_are_refused_and_audited(start_node, pki: CertFactory,
                                                             tmp_path, case: str) -> None:
