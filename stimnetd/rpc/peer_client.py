@@ -122,6 +122,7 @@ class GrpcSubJobTransport:
         stub = self._channels.stub(target.address)
         asm = codec.Assembler()
         final: tuple[str, str, int] | None = None
+        relayed: set[str] = set()
         try:
             call = stub.RunSubJob(
                 federation_pb2.SubJobRequest(job=convert.signed_job_pb(signed),
@@ -144,6 +145,10 @@ class GrpcSubJobTransport:
                             f"node {site!r} sent state {s.state[:40]!r} after its outcome"
                             if final is not None else
                             f"node {site!r} sent an unknown state {s.state[:40]!r}"))
+                    if s.state in relayed:
+                        continue  # each progress state once: they are kept with the job
+                    if s.state in _PROGRESS:
+                        relayed.add(s.state)
                     detail = s.detail if len(s.detail) <= MAX_DETAIL_CHARS \
                         else s.detail[:MAX_DETAIL_CHARS] + "…"
                     await on_event(site, s.state, detail, int(s.n))

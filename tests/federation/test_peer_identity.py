@@ -263,3 +263,14 @@ async def test_a_peers_states_are_checked(federation, tmp_path: Path,
     assert bad_events[-1][:2] == ("garbler", "failed")
     assert all(e[1] in ("done", "failed") for e in bad_events)
     assert long.state == "suppressed" and len(long.detail) == MAX_DETAIL_CHARS + 1
+
+
+async def test_a_peers_progress_is_relayed_once_per_state(federation, tmp_path: Path) -> None:
+    """Progress events are relayed to the researcher and kept with the job: a peer sending
+    20,000 'running' events before its outcome gets one relayed."""
+    cats = [[_tiny_catalog(tmp_path / "t", [float(a) for a in range(30, 60)])]]
+    async with federation(cats) as fed, fed.client() as c:
+        outcome, events = await _ask_garbler(fed, c, _Garbler(
+            "chatty", '{"partials": []}', ("accepted",) + ("running",) * 20_000 + ("done",)))
+    assert outcome.state == "done"
+    assert [e[1] for e in events] == ["accepted", "running", "done"]
