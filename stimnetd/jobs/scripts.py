@@ -8,6 +8,7 @@ catalog's bounds — never with anything the script claims about itself.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -52,8 +53,9 @@ class SandboxScripts:
                 await on_event("log", outcome.reason)
             raise ScriptFailed(f"script {outcome.status}: {outcome.reason}")
         geometry = {f: catalog.geometry(f) for f in catalog.image_fields()}
-        partials = parse_result(outcome.result, outcome.arrays, catalog.fields,
-                                catalog.n_subjects, geometry=geometry)
+        # Off the loop: checking a result of voxel maps is seconds of numpy at worst.
+        partials = await asyncio.to_thread(parse_result, outcome.result, outcome.arrays,
+                                           catalog.fields, catalog.n_subjects, geometry=geometry)
         # A script's cohort is unknown to the site (it chose its rows itself), so the
         # overlap guard cannot apply; k_min and DP still do.
         return partials, None

@@ -40,6 +40,9 @@ MAX_AGGREGATES = 1000
 MAX_HISTOGRAM_EDGES = 1001
 MAX_CROSSPROD_FIELDS = 50
 MAX_VOXELS = 16_000_000
+# Every statistic is held as float64: all of a result's arrays together are bounded (one
+# small file referenced by hundreds of statistics once took gigabytes).
+MAX_RESULT_ELEMENTS = 2 * MAX_VOXELS
 # The script's word for the statistic → the query engine's `func` in Partial.meta.
 MOMENT_STATS = MappingProxyType({"sum": "sum", "mean": "mean", "variance": "var", "sd": "sd"})
 NAME_RE = re.compile(r"[A-Za-z0-9_.:()\[\] +*/,~<>=-]{1,128}\Z")
@@ -110,10 +113,15 @@ def parse_result(
     parser = _Parser(arrays, fields, catalog_rows, geometry or {}, declared)
     partials = [parser.aggregate(i, agg) for i, agg in enumerate(aggregates)]
     seen: set[tuple[str, GroupKey]] = set()
+    shapes: dict[str, tuple[str, dict[str, Any]]] = {}
     for p in partials:
         if p.key in seen:
             raise ResultRejected(f"aggregate {p.name!r}: emitted twice for the same group")
         seen.add(p.key)
+        # One output, one statistic: its groups are presented as one column.
+        if shapes.setdefault(p.name, (p.kind, p.meta)) != (p.kind, p.meta):
+            raise ResultRejected(f"aggregate {p.name!r}: a different kind or setting in "
+                                 "another group")
     return partials
 
 
@@ -149,6 +157,8 @@ class _Parser:
         self._rows = catalog_rows
         self._geometry = geometry
         self._declared = declared
+        self._used: set[str] = set()
+        self._elements = 0
 
     # -- one aggregate -----------------------------------------------------------------
 
@@ -206,9 +216,14 @@ class _Parser:
             ref = value["npy"]
             if not isinstance(ref, str) or ref not in self._arrays:
                 raise ResultRejected(f"{where}: stats {key!r} refers to a missing array file")
+            if ref in self._used:
+                raise ResultRejected(f"{where}: stats {key!r} refers to an array file another "
+                                     "statistic already uses")
+            self._used.add(ref)
             raw = np.asarray(self._arrays[ref])
             if raw.dtype.kind not in "iuf":
                 raise ResultRejected(f"{where}: stats {key!r} has a non-numeric dtype")
+            self._count(where, raw.size)
             arr = raw.astype(np.float64)
         elif isinstance(value, list):
             _numbers_only(where, key, value)
@@ -216,11 +231,18 @@ class _Parser:
                 arr = np.asarray(value, dtype=np.float64)
             except ValueError:
                 raise ResultRejected(f"{where}: stats {key!r} is a ragged array") from None
+            self._count(where, arr.size)
         else:
             raise ResultRejected(f"{where}: stats {key!r} must be a list or an npy reference")
         if not np.all(np.isfinite(arr)):
             raise ResultRejected(f"{where}: stats {key!r} contains NaN or infinity")
         return arr
+
+    def _count(self, where: str, elements: int) -> None:
+        self._elements += elements
+        if self._elements > MAX_RESULT_ELEMENTS:
+            raise ResultRejected(f"{where}: the result's arrays hold more than "
+                                 f"{MAX_RESULT_ELEMENTS} numbers in all")
 
     def _group(self, where: str, group: Any) -> GroupKey:
         if not isinstance(group, list):
@@ -441,3 +463,6 @@ def _numbers_only(where: str, key: str, value: list[Any]) -> None:
             stack.extend(item)
         elif isinstance(item, bool) or not isinstance(item, int | float):
             raise ResultRejected(f"{where}: {key!r} must contain only numbers")
+        elif isinstance(item, int) and abs(item) > 2**53:
+            # Beyond exact doubles (and 10**400 would overflow the conversion outright).
+            raise ResultRejected(f"{where}: {key!r} holds an integer beyond ±2^53")

@@ -228,6 +228,22 @@ BAD: tuple[tuple[str, Mutation, str], ...] = (
     ("group-unknown-field", _set("n", "group", value=[["secret", "x"]]), "does not exist"),
     ("group-shape", _set("n", "group", value=["target"]), "[field, level]"),
     ("duplicate", _doc(lambda d: d["aggregates"][-1].update(group=[])), "emitted twice"),
+    # One small file referenced by many statistics was converted once per reference (it
+    # took gigabytes); each file is one statistic's.
+    ("npy-reused", _set("vmap", "stats", "sum", value={"npy": "a.npy"}), "already uses"),
+    # 10**400 made the float conversion raise OverflowError (an internal error).
+    ("huge-int-stat", _set("n", "stats", "n", value=[10**400]), "beyond ±2^53"),
+    ("huge-int-edge", _set("age_hist", "meta", "edges", value=[18, 10**400]), "beyond ±2^53"),
+    # One name, one statistic: a count in one group and a mean in another was shown as
+    # one column of counts.
+    (
+        "kind-differs-by-group",
+        _doc(lambda d: d["aggregates"].append({
+            "kind": "moments", "name": "n", "n": 1, "group": [["target", "GPi"]],
+            "stats": {"n": [1], "s1": [50.0], "s2": [2500.0]},
+            "meta": {"field": "age", "stat": "mean"}})),
+        "a different kind or setting in another group",
+    ),
 )
 
 
@@ -327,3 +343,14 @@ def test_float_rounding_at_the_bound_is_accepted():
     }
     [p] = parse_result(doc, {}, fields, 7)
     assert p.stats["s1"][0] == pytest.approx(0.7)
+
+
+def test_all_arrays_of_a_result_are_bounded_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every statistic is held as float64: a result's arrays together hold at most
+    MAX_RESULT_ELEMENTS numbers, lists and array files alike."""
+    from stimnetd.sandbox import result
+
+    parse_result(valid_doc(), valid_arrays(), FIELDS, ROWS)
+    monkeypatch.setattr(result, "MAX_RESULT_ELEMENTS", 20)
+    with pytest.raises(ResultRejected, match="more than 20 numbers in all"):
+        parse_result(valid_doc(), valid_arrays(), FIELDS, ROWS)
