@@ -246,6 +246,9 @@ class _Workspace:
             # Lazy: a container being torn down may still pin the mount for a moment.
             subprocess.run(["umount", "-l", str(self.out)], check=False, capture_output=True)
         shutil.rmtree(self.root, ignore_errors=True)
+        if self.root.exists():
+            log.warning("sandbox workspace not fully removed (files the container made that "
+                        "this user cannot delete)", path=str(self.root))
 
 
 def _mount_out_tmpfs(out: Path, limits: SandboxLimits) -> None:
@@ -308,30 +311,37 @@ class _Job:
     container_id: str | None = None
 
 
-def _out_usage(out: Path, limit_files: int) -> tuple[int, int]:
-    """(bytes, entries) under out/, stopping early once entries pass the limit."""
+def _out_usage(out: Path, limit_files: int) -> tuple[int, int, str]:
+    """(bytes, entries, problem) of out/, stopping early once entries pass the limit.
+
+    Results are files at the top of out/ (the runtime writes nothing else), so a
+    subdirectory is a problem in itself: one the script made unreadable would hide what
+    it holds from this count, and from the clean-up when the daemon is not root. Entries
+    that vanish while they are counted (a script creating and deleting files) are skipped.
+    """
     total = 0
     entries = 0
-    stack = [str(out)]
-    while stack:
-        try:
-            it = os.scandir(stack.pop())
-        except OSError:
-            # A dir the script made unreadable still counts as an entry; its contents
-            # are bounded by RLIMIT_FSIZE per file and by the entry limit elsewhere.
-            continue
-        with it:
-            for entry in it:
-                entries += 1
-                if entries > limit_files:
-                    return total, entries
+    try:
+        it = os.scandir(out)
+    except OSError:
+        return 0, 0, "the output directory cannot be read"
+    with it:
+        for entry in it:
+            entries += 1
+            if entries > limit_files:
+                return total, entries, ""
+            try:
                 st = entry.stat(follow_symlinks=False)
-                # Allocated blocks, not apparent size: sparse files cost nothing, a
-                # preallocated one costs its blocks.
-                total += max(st.st_size if stat.S_ISREG(st.st_mode) else 0, st.st_blocks * 512)
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
-    return total, entries
+            except FileNotFoundError:
+                continue
+            except OSError:
+                return total, entries, "an output file cannot be read"
+            if stat.S_ISDIR(st.st_mode):
+                return total, entries, "a subdirectory in the output directory (results are files)"
+            # Allocated blocks, not apparent size: sparse files cost nothing, a
+            # preallocated one costs its blocks.
+            total += max(st.st_size if stat.S_ISREG(st.st_mode) else 0, st.st_blocks * 512)
+    return total, entries, ""
 
 
 def _overflow(lim: SandboxLimits, used: int, files: int, *, at_cap: bool) -> str:
@@ -942,8 +952,9 @@ class SandboxRunner:
             elif time.monotonic() >= deadline:
                 watch.verdict = "timeout"
             else:
-                used, files = await asyncio.to_thread(_out_usage, ws.out, lim.output_files)
-                watch.overflow = _overflow(lim, used, files, at_cap=False)
+                used, files, problem = await asyncio.to_thread(_out_usage, ws.out,
+                                                               lim.output_files)
+                watch.overflow = problem or _overflow(lim, used, files, at_cap=False)
                 if watch.overflow:
                     watch.verdict = "output"
             if watch.verdict is not None:
@@ -974,7 +985,9 @@ class SandboxRunner:
         if watch.state.get("OOMKilled"):
             memory = _fmt_bytes(lim.memory_bytes)
             return "failed", f"memory limit {memory} exceeded (OOM-killed)", None, None
-        used, files = await asyncio.to_thread(_out_usage, ws.out, lim.output_files)
+        used, files, problem = await asyncio.to_thread(_out_usage, ws.out, lim.output_files)
+        if problem:
+            return "failed", problem, None, None
         overflow = _overflow(lim, used, files, at_cap=True)
         if overflow:
             return "failed", f"{overflow} (write refused)", None, None

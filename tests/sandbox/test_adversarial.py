@@ -324,7 +324,9 @@ async def test_output_spread_over_files_is_killed(runner, docker_client, catalog
             "result file has more than one hard link: refused",
         ),
         ('os.mkfifo("/out/result.json")', "result file is not a regular file: refused"),
-        ('os.mkdir("/out/result.json")', "result file is not a regular file: refused"),
+        # A directory anywhere in /out is refused before the result is read.
+        ('os.mkdir("/out/result.json")',
+         "a subdirectory in the output directory (results are files)"),
     ],
     ids=["symlink", "hardlink", "fifo", "directory"],
 )
@@ -535,3 +537,32 @@ async def test_every_writable_mount_is_noexec(runner, docker_client, catalog: Ca
     assert "writable ['/dev/mqueue', '/dev/shm', '/out', '/tmp']" in logs or not runner.out_tmpfs
     assert "exec-allowed []" in logs or not runner.out_tmpfs
     assert "'/data'" not in logs and "'/job'" not in logs
+
+
+@pytest.mark.parametrize("out_tmpfs", [True, False], ids=["tmpfs", "plain-dir"])
+async def test_a_subdirectory_in_the_output_is_refused(
+    docker_client, sandbox_image: str, catalog: Catalog, tmp_path, out_tmpfs: bool
+):
+    """Results are files: a subdirectory (here one made unreadable, whose contents the
+    size monitor of a non-root daemon could not count, nor the clean-up delete) fails the
+    job naming it, on a tmpfs output or a plain directory alike."""
+    import docker
+
+    if out_tmpfs and os.geteuid() != 0:
+        pytest.skip("the tmpfs output mount needs a root daemon")
+    runner = SandboxRunner(docker.from_env, sandbox_image, TEST_LIMITS,
+                           tmp_path / ("tmpfs" if out_tmpfs else "plain"),
+                           node=f"subdir-{out_tmpfs}-{os.getpid()}", out_tmpfs=out_tmpfs)
+    try:
+        out = await run_attack(runner, docker_client, catalog, _script("""
+            import os, time
+            os.mkdir("/out/d", 0o700)
+            with open("/out/d/pad", "wb") as fh:
+                fh.write(b"\\1" * (100 << 10))
+            time.sleep(15)
+            """))
+    finally:
+        await runner.shutdown()
+    assert_refused(out)
+    assert out.reason == ("a subdirectory in the output directory (results are files) "
+                          "(killed)")
