@@ -162,20 +162,25 @@ class JobService:
 
     async def approve(self, job_id: str, admin: Identity, remember: bool) -> JobRecord:
         record = await self._pending(job_id)
+        job = self._restore(record) if record.origin == "client" else None
+        # The decision is one conditional update: of two racing approvals, or an approval
+        # racing the researcher's cancel, exactly one applies (the job runs at most once).
+        if job is None:
+            # A peer's request (or this site's share of a federated script) was answered
+            # "awaiting approval" at once; the researcher resubmits and the remembered
+            # approval lets it run.
+            updated = await self._decide(job_id, "cancelled",
+                                         f"approved by {admin.name} (remembered); the "
+                                         "researcher resubmits")
+        else:
+            updated = await self._decide(job_id, "queued", f"approved by {admin.name}")
         await self._store.audit(admin.name, admin.role, "approve", "approved",
                                 {"job": job_id, "script_sha256": record.script_sha256,
                                  "remember": remember})
-        if remember or record.origin != "client":
+        if remember or job is None:
             await self._store.approve_script(record.script_sha256, admin.name)
-        if record.origin != "client":
-            # A peer's request was answered "awaiting approval" at once; the researcher
-            # resubmits and the remembered approval lets it run.
-            return await self._store.update_job(
-                job_id, state="cancelled",
-                detail=f"approved by {admin.name} (remembered); the researcher resubmits")
-        job = self._restore(record)
-        updated = await self._store.update_job(job_id, state="queued",
-                                               detail=f"approved by {admin.name}")
+        if job is None:
+            return updated
         live = self._live.setdefault(job_id, _Live())
         live.task = asyncio.create_task(self._run(updated, job), name=f"job-{job_id}")
         await self._publish(job_id, JobUpdate("state", job=updated))
@@ -183,14 +188,26 @@ class JobService:
 
     async def deny(self, job_id: str, admin: Identity) -> JobRecord:
         await self._pending(job_id)
+        updated = await self._decide(job_id, "failed", f"denied by site admin {admin.name}")
         await self._store.audit(admin.name, admin.role, "approve", "denied", {"job": job_id})
-        updated = await self._store.update_job(job_id, state="failed",
-                                               detail=f"denied by site admin {admin.name}")
+        await self._end_pending(job_id, updated)
+        return updated
+
+    async def _decide(self, job_id: str, state: str, detail: str) -> JobRecord:
+        updated = await self._store.update_job_if(job_id, "awaiting_approval", state=state,
+                                                  detail=detail)
+        if updated is None:
+            raise Conflict(f"job {job_id} is no longer awaiting approval (decided or "
+                           "cancelled meanwhile)")
+        return updated
+
+    async def _end_pending(self, job_id: str, updated: JobRecord) -> None:
+        """A job decided while awaiting approval (denied, cancelled): its watchers get the
+        final state and their streams end; nothing of it stays in memory."""
         await self._publish(job_id, JobUpdate("state", job=updated))
         live = self._live.pop(job_id, None)
         for q in list(live.watchers if live else ()):
             q.put_nowait(JobUpdate("end"))
-        return updated
 
     async def _pending(self, job_id: str) -> JobRecord:
         record = await self._store.get_job(job_id)
@@ -345,9 +362,8 @@ class JobService:
             raise PermissionDenied("only the job's owner or an admin may cancel it")
         live = self._live.get(job_id)
         if record.state == "awaiting_approval":
-            updated = await self._store.update_job(job_id, state="cancelled",
-                                                   detail=f"cancelled by {caller.name}")
-            await self._publish(job_id, JobUpdate("state", job=updated))
+            updated = await self._decide(job_id, "cancelled", f"cancelled by {caller.name}")
+            await self._end_pending(job_id, updated)
             return updated
         if record.terminal or live is None or live.task is None:
             raise Conflict(f"job {job_id} is {record.state}; nothing to cancel")

@@ -341,6 +341,21 @@ class Store:
     async def update_job(self, job_id: str, *, state: str | None = None, detail: str | None = None,
                          sites: list[dict[str, Any]] | None = None, result: bytes | None = None,
                          bump_attempts: bool = False, durable: bool = True) -> JobRecord:
+        record = await self.update_job_if(job_id, None, state=state, detail=detail, sites=sites,
+                                          result=result, bump_attempts=bump_attempts,
+                                          durable=durable)
+        if record is None:
+            raise StimnetError(f"job {job_id} vanished")
+        return record
+
+    async def update_job_if(self, job_id: str, expect_state: str | None, *,
+                            state: str | None = None, detail: str | None = None,
+                            sites: list[dict[str, Any]] | None = None,
+                            result: bytes | None = None, bump_attempts: bool = False,
+                            durable: bool = True) -> JobRecord | None:
+        """`update_job` only if the job is in `expect_state` (any state if None), checked
+        and changed in one statement: of two racing decisions (approve and cancel, or two
+        approvals) exactly one applies. None: not in that state (or no such job)."""
         sets, args = ["updated_at = ?"], list[Any]([self._clock()])
         for col, val in (("state", state), ("detail", detail), ("result", result)):
             if val is not None:
@@ -352,15 +367,20 @@ class Store:
         if bump_attempts:
             sets.append("attempts = attempts + 1")
 
+        where, keys = "id = ?", [job_id]
+        if expect_state is not None:
+            where, keys = "id = ? AND state = ?", [job_id, expect_state]
+
         def tx(chain: _Chain) -> Any:
-            chain.conn.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?", (*args, job_id))
+            changed = chain.conn.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE {where}",
+                                         (*args, *keys)).rowcount
+            if not changed:
+                return None
             return chain.conn.execute(f"SELECT {JobRecord.COLUMNS} FROM jobs WHERE id = ?",
                                       (job_id,)).fetchone()
 
         row = await self._tx(tx, durable=durable)
-        if row is None:
-            raise StimnetError(f"job {job_id} vanished")
-        return JobRecord.from_row(row)
+        return JobRecord.from_row(row) if row is not None else None
 
     async def get_job(self, job_id: str) -> JobRecord | None:
         rows = await self.db.execute_fetchall(

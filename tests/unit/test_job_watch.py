@@ -81,3 +81,67 @@ async def test_only_the_owner_receives_the_answer(tmp_path: Path) -> None:
         assert other[0].kind == "state" and other[0].result is None
     finally:
         await store.close()
+
+
+async def _awaiting(store: Store, job_id: str, origin: str = "peer-x") -> None:
+    await store.create_job(JobRecord(
+        id=job_id, kind="script", scope="federated", catalog="c", owner="alice",
+        state="awaiting_approval", detail="", created_at=0.0, updated_at=0.0, request_id="r",
+        origin=origin, payload=b"{}", signature=b"", signer_cert=b"", script=b"x",
+        script_sha256="ab" * 32))
+
+
+async def test_decisions_on_a_job_awaiting_approval_apply_once(tmp_path: Path) -> None:
+    """Approve, deny and cancel each change the state only if it is still 'awaiting
+    approval', in one statement: of two racing approvals, or an approval racing the
+    researcher's cancel, exactly one applies (the job could run twice, or after its
+    cancel); the other is a Conflict saying why."""
+    import asyncio
+
+    import pytest
+
+    from stimnetd.errors import Conflict
+
+    jobs, store = await _service(tmp_path)
+    try:
+        await _awaiting(store, "p1")
+        results = await asyncio.gather(jobs.approve("p1", OPS, True), jobs.approve("p1", OPS, True),
+                                       return_exceptions=True)
+        assert sorted(type(r).__name__ for r in results) == ["Conflict", "JobRecord"]
+        assert "no longer awaiting approval" in str(next(r for r in results
+                                                         if isinstance(r, Conflict)))
+        await _awaiting(store, "p2")
+        cancelled, approved = await asyncio.gather(jobs.cancel("p2", ALICE),
+                                                   jobs.approve("p2", OPS, False),
+                                                   return_exceptions=True)
+        assert isinstance(approved, Conflict) and cancelled.state == "cancelled"  # type: ignore[union-attr]
+        assert (await store.get_job("p2")).state == "cancelled"  # type: ignore[union-attr]
+        with pytest.raises(Conflict):
+            await jobs.deny("p2", OPS)
+    finally:
+        await store.close()
+
+
+async def test_cancelling_a_job_awaiting_approval_ends_its_watchers(tmp_path: Path) -> None:
+    """A researcher watching a job that waits for an admin, then cancelling it: the watch
+    gets the final state and ends (it used to hang), and nothing of the job stays in
+    memory."""
+    import asyncio
+
+    jobs, store = await _service(tmp_path)
+    try:
+        await _awaiting(store, "p3", origin="client")
+        jobs._live["p3"] = _Live()
+        watch = jobs.watch("p3", ALICE)
+        first = await watch.__anext__()
+        assert first.job is not None and first.job.state == "awaiting_approval"
+        await jobs.cancel("p3", ALICE)
+
+        async def drain() -> list[JobUpdate]:
+            return [u async for u in watch]
+
+        rest = await asyncio.wait_for(drain(), 5)  # it waited forever before
+        assert rest and rest[-1].job is not None and rest[-1].job.state == "cancelled"
+        assert "p3" not in jobs._live
+    finally:
+        await store.close()
