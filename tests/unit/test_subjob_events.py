@@ -34,7 +34,8 @@ class FakeExecutor:
 
 
 def _job(nonce: str) -> SimpleNamespace:
-    request = SimpleNamespace(kind="query", nonce=nonce, job_id=f"job-{nonce}", catalog="c")
+    request = SimpleNamespace(kind="query", scope="federated", nonce=nonce, job_id=f"job-{nonce}",
+                              catalog="c")
     return SimpleNamespace(request=request,
                            researcher=SimpleNamespace(name="alice", role="researcher"))
 
