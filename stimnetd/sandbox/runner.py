@@ -311,6 +311,29 @@ class _Job:
     container_id: str | None = None
 
 
+def _load_npy(data: bytes) -> np.ndarray:
+    """A .npy file whose header matches its size: np.load allocates what the header
+    claims before reading a byte (a 129-byte file claiming 728 TiB raised MemoryError),
+    and would also open a .npz archive or a pickle-bearing object array."""
+    fh = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+        else:
+            raise ValueError("unsupported .npy version")
+    except (ValueError, OSError, EOFError):
+        raise ResultRefused("an array file is not a valid .npy file") from None
+    if dtype.hasobject or math.prod(shape) * dtype.itemsize != len(data) - fh.tell():
+        raise ResultRefused("an array file's header does not match its contents")
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError, MemoryError):
+        raise ResultRefused("an array file is not a valid .npy file") from None
+
+
 def _out_usage(out: Path, limit_files: int) -> tuple[int, int, str]:
     """(bytes, entries, problem) of out/, stopping early once entries pass the limit.
 
@@ -451,10 +474,7 @@ def _read_outputs(out: Path, cap: int) -> tuple[dict[str, Any], dict[str, np.nda
             except FileNotFoundError:
                 raise ResultRefused("an array file the result refers to is missing") from None
             budget -= len(data)
-            try:
-                arrays[name] = np.load(io.BytesIO(data), allow_pickle=False)
-            except (ValueError, OSError, EOFError):
-                raise ResultRefused("an array file is not a valid .npy file") from None
+            arrays[name] = _load_npy(data)
         return doc, arrays
     finally:
         os.close(dir_fd)

@@ -354,3 +354,39 @@ def test_all_arrays_of_a_result_are_bounded_together(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(result, "MAX_RESULT_ELEMENTS", 20)
     with pytest.raises(ResultRejected, match="more than 20 numbers in all"):
         parse_result(valid_doc(), valid_arrays(), FIELDS, ROWS)
+
+
+def _npy(arr: np.ndarray, *, claim: tuple[int, ...] | None = None) -> bytes:
+    import io
+
+    fh = io.BytesIO()
+    header = np.lib.format.header_data_from_array_1_0(arr)
+    if claim is not None:
+        header["shape"] = claim
+    np.lib.format.write_array_header_1_0(fh, header)
+    if arr.dtype.hasobject:
+        import pickle
+
+        fh.write(pickle.dumps(arr))
+    else:
+        fh.write(arr.tobytes())
+    return fh.getvalue()
+
+
+@pytest.mark.parametrize(("data", "reason"), [
+    # np.load allocates what a header claims before reading: 728 TiB from 129 bytes.
+    (lambda: _npy(np.zeros(1), claim=(10**7, 10**7)), "header does not match its contents"),
+    (lambda: _npy(np.zeros(6), claim=(2, 2)), "header does not match its contents"),
+    (lambda: _npy(np.array([{"a": 1}], dtype=object)), "header does not match its contents"),
+    (lambda: b"PK\x03\x04 an npz archive is a zip", "not a valid .npy file"),
+    (lambda: b"\x93NUMPY\x09\x00", "not a valid .npy file"),
+], ids=["huge-claim", "short-claim", "object-dtype", "npz", "unknown-version"])
+def test_array_files_are_checked_before_numpy_reads_them(data: Any, reason: str) -> None:
+    """A script's .npy file is loaded only if its header is a plain numeric array whose
+    size is exactly the bytes that follow; a valid one loads as written."""
+    from stimnetd.sandbox.runner import ResultRefused, _load_npy
+
+    with pytest.raises(ResultRefused, match=reason):
+        _load_npy(data())
+    ok = np.arange(6, dtype=np.int32).reshape(2, 3)
+    assert np.array_equal(_load_npy(_npy(ok)), ok)
