@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -115,14 +116,20 @@ class SubJobHandler:
                 req.script_sha256):
             return
         now = self._clock()
-        await self._store.create_job(JobRecord(
-            id=req.job_id, kind="script", scope="federated", catalog=req.catalog,
-            owner=job.researcher.name, state="awaiting_approval",
-            detail=f"requested via {entry.name}", created_at=now, updated_at=now,
-            request_id=request_id, origin=entry.name, payload=job.signed.payload,
-            signature=job.signed.signature, signer_cert=job.signed.signer_cert_pem,
-            script=job.signed.script, script_sha256=req.script_sha256),
-            audit=(job.researcher.name, job.researcher.role, "subjob"))
+        try:
+            created = await self._store.create_job(JobRecord(
+                id=req.job_id, kind="script", scope="federated", catalog=req.catalog,
+                owner=job.researcher.name, state="awaiting_approval",
+                detail=f"requested via {entry.name}", created_at=now, updated_at=now,
+                request_id=request_id, origin=entry.name, payload=job.signed.payload,
+                signature=job.signed.signature, signer_cert=job.signed.signer_cert_pem,
+                script=job.signed.script, script_sha256=req.script_sha256),
+                audit=(job.researcher.name, job.researcher.role, "subjob"))
+        except sqlite3.IntegrityError:  # the same signed job again: its request is pending
+            created = False
+        if not created:
+            raise Replayed("replayed request: this signed job is already awaiting approval "
+                           "at this site")
         raise Refused(f"awaiting approval: site policy 'review' — an admin here must approve "
                       f"script sha256 {req.script_sha256[:16]}… (job {req.job_id}); resubmit "
                       "once approved")

@@ -97,3 +97,31 @@ async def test_an_entry_going_away_mid_wait_leaves_no_task_behind(tmp_path: Path
         assert all(t.done() for t in started), started
     finally:
         await store.close()
+
+
+async def test_the_same_script_arriving_twice_under_review_is_a_replay(tmp_path: Path) -> None:
+    """Under 'review' a federated script leaves a pending request named by its job id;
+    the same signed job arriving again is refused as a replay (it raised IntegrityError,
+    an internal error, before)."""
+    from stimnetd.errors import Refused, Replayed
+
+    store = Store(tmp_path / "node.sqlite3")
+    await store.open()
+    try:
+        handler = SubJobHandler(executor=FakeExecutor([]), store=store,  # type: ignore[arg-type]
+                                verify=lambda signed: signed, max_age_s=300,
+                                script_policy="review")
+        job = _job("s1")
+        job.request.kind, job.request.script_sha256 = "script", "ab" * 32
+        job.signed = SimpleNamespace(payload=b"{}", signature=b"", signer_cert_pem=b"",
+                                     script=b"x")
+        entry = SimpleNamespace(name="site-a")
+        with pytest.raises(Refused, match="awaiting approval"):
+            async for _ in handler.run(job, entry, "r1"):  # type: ignore[arg-type]
+                pass
+        with pytest.raises(Replayed, match="already awaiting approval"):
+            async for _ in handler.run(job, entry, "r2"):  # type: ignore[arg-type]
+                pass
+        assert (await store.get_job("job-s1")).state == "awaiting_approval"  # type: ignore[union-attr]
+    finally:
+        await store.close()
