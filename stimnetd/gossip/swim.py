@@ -344,7 +344,13 @@ class Swim:
         self._receive_probe(sender, msg)
         if target_name == self.name:
             return True
-        return await self._ping(target_name, target_address, self._probe_message(about=target_name))
+        # Only a member we know, at the address we know it by: a PingReq must not aim this
+        # node's connections at any address a caller names (each one would also stay
+        # cached as a channel). An unknown member is simply not acked by us.
+        known = self._table.get(target_name)
+        if known is None:
+            return False
+        return await self._ping(target_name, known.address, self._probe_message(about=target_name))
 
     async def handle_push_pull(self, sender: str, state: FullState) -> FullState:
         self._receive_state(sender, state)

@@ -312,8 +312,9 @@ async def test_ping_req_reports_the_target_ack() -> None:
     transport = ScriptedTransport()
     transport.pings["t:7443"] = lambda msg: ProbeMessage(source=m("t"))
     a = node(transport=transport)
-    assert await a.handle_ping_req("b", "t", "t:7443", ProbeMessage(source=m("b"))) is True
-    assert await a.handle_ping_req("b", "u", "u:7443", ProbeMessage(source=m("b"))) is False
+    known = ProbeMessage(source=m("b"), updates=(m("t"), m("u")))
+    assert await a.handle_ping_req("b", "t", "t:7443", known) is True
+    assert await a.handle_ping_req("b", "u", "u:7443", known) is False
 
 
 async def test_ping_req_is_false_when_someone_else_answers() -> None:
@@ -321,7 +322,22 @@ async def test_ping_req_is_false_when_someone_else_answers() -> None:
     transport = ScriptedTransport()
     transport.pings["t:7443"] = lambda msg: ProbeMessage(source=m("imposter"))
     a = node(transport=transport)
-    assert await a.handle_ping_req("b", "t", "t:7443", ProbeMessage(source=m("b"))) is False
+    known = ProbeMessage(source=m("b"), updates=(m("t"),))
+    assert await a.handle_ping_req("b", "t", "t:7443", known) is False
+
+
+async def test_ping_req_probes_only_known_members_at_their_known_address() -> None:
+    """A PingReq names a target and an address: the relay pings only a member it knows,
+    at the address it knows it by — never an address the caller chose (each would also
+    stay cached as a channel), and an unknown name is simply not acked."""
+    transport = ScriptedTransport()
+    transport.pings["t:7443"] = lambda msg: ProbeMessage(source=m("t"))
+    transport.pings["evil:1"] = lambda msg: ProbeMessage(source=m("t"))
+    a = node(transport=transport)
+    assert await a.handle_ping_req("b", "nobody", "evil:1", ProbeMessage(source=m("b"))) is False
+    known = ProbeMessage(source=m("b"), updates=(m("t"),))
+    assert await a.handle_ping_req("b", "t", "evil:1", known) is True
+    assert ("ping", "evil:1") not in transport.sent and ("ping", "t:7443") in transport.sent
 
 
 # ---- piggyback buffer ----------------------------------------------------------------------
