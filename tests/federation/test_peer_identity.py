@@ -159,25 +159,7 @@ async def test_a_peer_that_ends_its_stream_without_an_outcome_is_failed_and_watc
     """The outcome is decided at the entry, so the entry reports it as the site's event."""
     cats = [[_tiny_catalog(tmp_path / "t", [float(a) for a in range(30, 60)])]]
     async with federation(cats) as fed, fed.client() as c:
-        mute = fed.pki.issue("mute", "node", hosts=("127.0.0.1",))
-        server = grpc.aio.server()
-        federation_pb2_grpc.add_FederationServiceServicer_to_server(_Mute(), server)
-        port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
-            [(mute.key.read_bytes(), mute.cert.read_bytes())],
-            root_certificates=mute.ca.read_bytes(), require_client_auth=True))
-        await server.start()
-        channels = PeerChannels(_material(fed, "site-a"))
-        events: list[tuple] = []
-
-        async def sink(*ev: object) -> None:
-            events.append(ev)
-
-        try:
-            out = await GrpcSubJobTransport(channels, "site-a").run_subjob(
-                Target(f"127.0.0.1:{port}"), _signed(c), "r1", 5, sink)
-        finally:
-            await channels.shutdown()
-            await server.stop(None)
+        out, events = await _ask(fed, c, "mute", _Mute(), named=False)
     assert (out.site, out.state) == ("mute", "failed") and "without an outcome" in out.detail
     assert events == [("mute", "failed", out.detail, 0)]
 
@@ -201,11 +183,15 @@ class _Garbler(federation_pb2_grpc.FederationServiceServicer):
 
 
 async def _ask_garbler(fed, c, garbler_servicer: _Garbler):  # type: ignore[no-untyped-def]
-    """Run one sub-job against a hostile node on loopback; (outcome, site events)."""
-    name = garbler_servicer._name
+    return await _ask(fed, c, garbler_servicer._name, garbler_servicer)
+
+
+async def _ask(fed, c, name: str, servicer, *, named: bool = True):  # type: ignore[no-untyped-def]
+    """Run one sub-job against a hostile node (a valid certificate named `name`) on
+    loopback, the target named or not; (outcome, site events the entry reported)."""
     garbler = fed.pki.issue(name, "node", hosts=("127.0.0.1",))
     server = grpc.aio.server()
-    federation_pb2_grpc.add_FederationServiceServicer_to_server(garbler_servicer, server)
+    federation_pb2_grpc.add_FederationServiceServicer_to_server(servicer, server)
     port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
         [(garbler.key.read_bytes(), garbler.cert.read_bytes())],
         root_certificates=garbler.ca.read_bytes(), require_client_auth=True))
@@ -218,9 +204,9 @@ async def _ask_garbler(fed, c, garbler_servicer: _Garbler):  # type: ignore[no-u
 
     try:
         outcome = await GrpcSubJobTransport(channels, "site-a").run_subjob(
-            Target(f"127.0.0.1:{port}", name), _signed(c), "r1", 10, sink)
+            Target(f"127.0.0.1:{port}", name if named else None), _signed(c), "r1", 10, sink)
     finally:
-        await channels.close()
+        await channels.shutdown()
         await server.stop(None)
     return outcome, events
 
