@@ -349,7 +349,7 @@ class JobService:
     async def result(self, job_id: str, caller: Identity) -> bytes:
         """The job's answer as stored (codec.pack), for streaming as it is."""
         record = await self.get(job_id, caller)
-        if record.owner != caller.name:
+        if not _owns(record, caller):
             raise PermissionDenied("only the researcher who submitted a job may read its result")
         if record.result is None:
             raise Conflict(f"job {job_id} has no result (state: {record.state}"
@@ -358,7 +358,7 @@ class JobService:
 
     async def cancel(self, job_id: str, caller: Identity) -> JobRecord:
         record = await self.get(job_id, caller)
-        if caller.role != "admin" and record.owner != caller.name:
+        if caller.role != "admin" and not _owns(record, caller):
             raise PermissionDenied("only the job's owner or an admin may cancel it")
         live = self._live.get(job_id)
         if record.state == "awaiting_approval":
@@ -384,7 +384,7 @@ class JobService:
         if live is not None:
             live.watchers.add(queue)
         try:
-            if submitted is not None and submitted.id == job_id and submitted.owner == caller.name:
+            if submitted is not None and submitted.id == job_id and _owns(submitted, caller):
                 record = submitted
             else:
                 record = await self.get(job_id, caller)
@@ -397,7 +397,7 @@ class JobService:
                     seen.add((ev["site"], ev["state"]))
                     yield JobUpdate("site", site=ev)
             if record.terminal or live is None:
-                if record.result is not None and record.owner == caller.name:
+                if record.result is not None and _owns(record, caller):
                     yield JobUpdate("result", result=record.result)
                 return
             held: collections.deque[JobUpdate] = collections.deque()
@@ -446,7 +446,7 @@ class JobService:
                     if len(batch) > 1:
                         yield JobUpdate("sites", sites=batch)  # type: ignore[arg-type]
                         continue
-                if update.result is not None and record.owner != caller.name:
+                if update.result is not None and not _owns(record, caller):
                     # Only the researcher who asked sees the answer.
                     if update.kind == "result":
                         continue
@@ -530,8 +530,14 @@ async def _quiet_start(queue: asyncio.Queue[JobUpdate], window_s: float
     return early, None
 
 
+def _owns(record: JobRecord, caller: Identity) -> bool:
+    """Jobs are researchers' (their signer's): an admin or a node certificate that happens
+    to carry a researcher's name owns nothing of theirs."""
+    return caller.role == "researcher" and record.owner == caller.name
+
+
 def _may_see(record: JobRecord, caller: Identity) -> bool:
-    return caller.role == "admin" or record.owner == caller.name
+    return caller.role == "admin" or _owns(record, caller)
 
 
 def _with_sites(record: JobRecord, sites: list[dict[str, Any]]) -> JobRecord:

@@ -65,20 +65,26 @@ async def test_ready_site_events_are_coalesced_in_order(tmp_path: Path) -> None:
 
 async def test_only_the_owner_receives_the_answer(tmp_path: Path) -> None:
     """The final state carries the answer; an admin watching the same job gets the state
-    without it."""
+    without it — also an admin whose certificate carries the researcher's name (jobs are
+    researchers', so a name alone owns nothing)."""
+    admin_alice = Identity(name="alice", role="admin", serial=3,
+                           not_after=datetime.now(UTC) + timedelta(days=1))
     jobs, store = await _service(tmp_path)
     try:
         mine, theirs = jobs.watch("j1", ALICE), jobs.watch("j1", OPS)
-        await mine.__anext__()
-        await theirs.__anext__()
+        namesake = jobs.watch("j1", admin_alice)
+        for w in (mine, theirs, namesake):
+            await w.__anext__()
         record = await store.get_job("j1")
         answer = codec.pack({"result": {"n": 7}}, {"v": np.ones(2)})
         await jobs._publish("j1", JobUpdate("state", job=record, result=answer))
         await jobs._publish("j1", JobUpdate("end"))
         own = [u async for u in mine]
         other = [u async for u in theirs]
+        same_name = [u async for u in namesake]
         assert own[0].kind == "state" and own[0].result is answer
         assert other[0].kind == "state" and other[0].result is None
+        assert same_name[0].kind == "state" and same_name[0].result is None
     finally:
         await store.close()
 
