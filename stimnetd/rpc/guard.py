@@ -323,12 +323,10 @@ def _cut(value: Any) -> Any:
 
 def _bounded(audit: Callable[[str, str, str, str, dict[str, Any]], Awaitable[Any]]
              ) -> Callable[[str, str, str, str, dict[str, Any]], Awaitable[Any]]:
-    cut = _cut
-
     async def bounded(actor: str, role: str, action: str, decision: str,
                       detail: dict[str, Any]) -> Any:
-        return await audit(cut(actor), cut(role), action, decision,
-                           {k: cut(v) for k, v in detail.items()})
+        return await audit(_cut(actor), _cut(role), action, decision,
+                           {k: _cut(v) for k, v in detail.items()})
 
     return bounded
 
