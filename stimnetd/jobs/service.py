@@ -12,6 +12,7 @@ import asyncio
 import collections
 import contextlib
 import hashlib
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -136,14 +137,16 @@ class JobService:
             return None
         now = self._clock()
         pending = hashlib.sha256(f"{record.id}:local-share".encode()).hexdigest()[:24]
-        await self._store.create_job(JobRecord(
-            id=pending, kind="script", scope="federated", catalog=record.catalog,
-            owner=record.owner, state="awaiting_approval",
-            detail=f"this site's share of federated job {record.id}", created_at=now,
-            updated_at=now, request_id=record.request_id, origin=self._node,
-            payload=record.payload, signature=record.signature, signer_cert=record.signer_cert,
-            script=record.script, script_sha256=record.script_sha256),
-            audit=(job.researcher.name, job.researcher.role, "submit"))
+        with contextlib.suppress(sqlite3.IntegrityError):  # a resumed run: already pending
+            await self._store.create_job(JobRecord(
+                id=pending, kind="script", scope="federated", catalog=record.catalog,
+                owner=record.owner, state="awaiting_approval",
+                detail=f"this site's share of federated job {record.id}", created_at=now,
+                updated_at=now, request_id=record.request_id, origin=self._node,
+                payload=record.payload, signature=record.signature,
+                signer_cert=record.signer_cert, script=record.script,
+                script_sha256=record.script_sha256),
+                audit=(job.researcher.name, job.researcher.role, "submit"))
         return (f"awaiting approval: site policy 'review' — an admin here must approve script "
                 f"sha256 {(record.script_sha256 or '')[:16]}… (job {pending}); resubmit once "
                 "approved")

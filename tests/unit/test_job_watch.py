@@ -151,3 +151,25 @@ async def test_cancelling_a_job_awaiting_approval_ends_its_watchers(tmp_path: Pa
         assert "p3" not in jobs._live
     finally:
         await store.close()
+
+
+async def test_this_sites_share_of_a_federated_script_is_held_once_even_when_resumed(
+        tmp_path: Path) -> None:
+    """Under 'review' (JobService's default policy) the entry's own share of an unapproved
+    federated script is refused with a pending request an admin can approve; a run resumed
+    after a restart asks again and finds the same request (it raised IntegrityError)."""
+    from types import SimpleNamespace
+
+    jobs, store = await _service(tmp_path)
+    try:
+        await _awaiting(store, "f1", origin="client")
+        record = await store.get_job("f1")
+        job = SimpleNamespace(researcher=ALICE)
+        first = await jobs._local_script_refusal(record, job)  # type: ignore[arg-type]
+        again = await jobs._local_script_refusal(record, job)  # type: ignore[arg-type]
+        assert first == again and first is not None and first.startswith("awaiting approval")
+        pending = [j for j in await store.list_jobs() if j.id != "f1" and j.id != "j1"]
+        assert len(pending) == 1 and pending[0].state == "awaiting_approval"
+        assert pending[0].id in first and "f1" in pending[0].detail
+    finally:
+        await store.close()
