@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -71,10 +73,10 @@ async def test_script_job_runs_and_releases_aggregates(tmp_path: Path, pki: Cert
     assert _containers(docker_client) == []
 
 
-async def test_review_policy_holds_until_an_admin_decides(tmp_path: Path, pki: CertFactory,
-                                                          sandbox_image: str) -> None:
-    """Under `review` a job waits; approve runs it (remembered per SHA-256), deny fails it."""
-    cfg, port = _node(tmp_path, pki, policy="review")
+@contextlib.asynccontextmanager
+async def _review_node(tmp: Path, pki: CertFactory) -> AsyncIterator[tuple[AsyncClient, AsyncClient]]:
+    """A node under `review`; (alice's client, an admin's client); it must stop cleanly."""
+    cfg, port = _node(tmp, pki, policy="review")
     proc = DaemonProcess(cfg)
     alice, ops = pki.issue("alice", "researcher"), pki.issue("ops", "admin")
     addr = f"127.0.0.1:{port}"
@@ -82,21 +84,28 @@ async def test_review_policy_holds_until_an_admin_decides(tmp_path: Path, pki: C
         await proc.wait_healthy(alice, addr)
         async with AsyncClient(client_config(alice, addr, 60)) as c, \
                 AsyncClient(client_config(ops, addr, 60)) as admin:
-            job = await c.submit_script(COUNT, "tiny")
-            assert job.state == "awaiting_approval" and "approve" in job.detail
-            await admin.approve(job.id, remember=True)
-            ans = await c.run_job(job)
-            assert ans.rows[0][0] == 30
-            again = await c.submit_script(COUNT, "tiny")  # same script: remembered
-            assert again.state == "queued"
-            await c.run_job(again)
-            other = await c.submit_script(SLOW, "tiny")
-            assert other.state == "awaiting_approval"
-            await admin.deny(other.id)
-            with pytest.raises(JobFailed, match="denied by site admin ops"):
-                await c.run_job(other)
+            yield c, admin
     finally:
         assert proc.stop() == 0
+
+
+async def test_review_policy_holds_until_an_admin_decides(tmp_path: Path, pki: CertFactory,
+                                                          sandbox_image: str) -> None:
+    """Under `review` a job waits; approve runs it (remembered per SHA-256), deny fails it."""
+    async with _review_node(tmp_path, pki) as (c, admin):
+        job = await c.submit_script(COUNT, "tiny")
+        assert job.state == "awaiting_approval" and "approve" in job.detail
+        await admin.approve(job.id, remember=True)
+        ans = await c.run_job(job)
+        assert ans.rows[0][0] == 30
+        again = await c.submit_script(COUNT, "tiny")  # same script: remembered
+        assert again.state == "queued"
+        await c.run_job(again)
+        other = await c.submit_script(SLOW, "tiny")
+        assert other.state == "awaiting_approval"
+        await admin.deny(other.id)
+        with pytest.raises(JobFailed, match="denied by site admin ops"):
+            await c.run_job(other)
 
 
 async def test_review_policy_holds_this_sites_share_of_a_federated_script(
@@ -105,26 +114,17 @@ async def test_review_policy_holds_this_sites_share_of_a_federated_script(
     (it used to run unreviewed): under `review` that share answers "awaiting approval" at
     once, as a peer does, no container starts, and an admin approving the request it
     leaves (remembered) lets the resubmitted script run here."""
-    cfg, port = _node(tmp_path, pki, policy="review")
-    proc = DaemonProcess(cfg)
-    alice, ops = pki.issue("alice", "researcher"), pki.issue("ops", "admin")
-    addr = f"127.0.0.1:{port}"
-    try:
-        await proc.wait_healthy(alice, addr)
-        async with AsyncClient(client_config(alice, addr, 60)) as c, \
-                AsyncClient(client_config(ops, addr, 60)) as admin:
-            job = await c.submit_script(COUNT, "tiny", federated=True)
-            with pytest.raises(JobFailed, match=r"node-a: refused \(awaiting approval: site "
-                                                 "policy 'review'"):
-                await c.run_job(job)
-            assert _containers(docker_client) == []
-            pending = [j for j in await admin.list_jobs() if j.state == "awaiting_approval"]
-            assert len(pending) == 1 and job.id in pending[0].detail
-            await admin.approve(pending[0].id, remember=True)
-            ans = await c.run_job(await c.submit_script(COUNT, "tiny", federated=True))
-        assert ans.rows[0][0] == 30
-    finally:
-        assert proc.stop() == 0
+    async with _review_node(tmp_path, pki) as (c, admin):
+        job = await c.submit_script(COUNT, "tiny", federated=True)
+        with pytest.raises(JobFailed, match=r"node-a: refused \(awaiting approval: site "
+                                             "policy 'review'"):
+            await c.run_job(job)
+        assert _containers(docker_client) == []
+        pending = [j for j in await admin.list_jobs() if j.state == "awaiting_approval"]
+        assert len(pending) == 1 and job.id in pending[0].detail
+        await admin.approve(pending[0].id, remember=True)
+        ans = await c.run_job(await c.submit_script(COUNT, "tiny", federated=True))
+    assert ans.rows[0][0] == 30
 
 
 async def test_deny_policy_refuses_scripts(tmp_path: Path, pki: CertFactory) -> None:
