@@ -663,14 +663,18 @@ def _near_cohorts(conn: sqlite3.Connection, release: Release, members: frozenset
         digest = sized.digests[i]
         if sized.sketched[i] and d > window:
             continue
-        (blob,) = conn.execute(
-            "SELECT members_json FROM cohorts WHERE researcher = ? AND catalog = ? AND digest = ?",
-            (release.researcher, release.catalog, digest)).fetchone()
-        cohort = frozenset(json.loads(blob))
+        cohort = _members(conn, release, digest)
         if not sized.sketched[i]:
             _save_sketch(conn, release, digest, cohort_sketch(cohort))
         near.append(cohort)
     return near
+
+
+def _members(conn: sqlite3.Connection, release: Release, digest: str) -> frozenset[str]:
+    """An earlier cohort's members (empty if it is not stored: nothing to compare)."""
+    row = conn.execute("SELECT members_json FROM cohorts WHERE researcher = ? AND catalog = ?"
+                       " AND digest = ?", (release.researcher, release.catalog, digest)).fetchone()
+    return frozenset(json.loads(row[0])) if row else frozenset()
 
 
 def _family_digest(atoms: tuple[tuple[frozenset[str], str], ...]) -> str:
@@ -687,7 +691,9 @@ def _near_families(conn: sqlite3.Connection, release: Release,
     work). Ruled out by sizes, then by sketches; only the rest are parsed."""
     sizes = [len(m) for m, _ in atoms]
     by_size = UnionSizes(sizes)
-    own, own_family = {d for _, d in atoms}, _family_digest(atoms)
+    own = {d for _, d in atoms}
+    # Families have two or more cells: an ungrouped release (one) is never one of them.
+    own_family = _family_digest(atoms) if len(atoms) > 1 else None
     found: list[tuple[list[str], str]] = []  # (cell digests, their sizes as JSON)
     near_by_sizes: dict[str, bool] = {}  # researchers repeat groupings: judge each once
     for digest, sizes_json, atoms_json in conn.execute(
@@ -715,10 +721,7 @@ def _near_families(conn: sqlite3.Connection, release: Release,
 
     def load(digest: str) -> frozenset[str]:
         if digest not in members:
-            row = conn.execute("SELECT members_json FROM cohorts WHERE researcher = ? AND"
-                               " catalog = ? AND digest = ?",
-                               (release.researcher, release.catalog, digest)).fetchone()
-            members[digest] = frozenset(json.loads(row[0])) if row else frozenset()
+            members[digest] = _members(conn, release, digest)
         return members[digest]
 
     stored: dict[str, bytes] = {}
