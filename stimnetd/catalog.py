@@ -20,6 +20,7 @@ import pandas as pd
 from stimnetd.catalog_types import FieldMeta, ImageGeometry
 from stimnetd.config import CatalogConfig
 from stimnetd.errors import StimnetError
+from stimnetd.query.columns import Columns
 
 
 class CatalogError(StimnetError):
@@ -64,6 +65,10 @@ class Catalog:
         # shallow copy keeps one query from mutating the next one's data, without the deep
         # copy that cost a small query a tenth of its time.
         return self._frame.copy(deep=False)
+
+    @functools.cache  # noqa: B019 - a catalog lives as long as the daemon; its data do not change
+    def columns(self) -> Columns:
+        return Columns(self._frame)
 
     @functools.cache  # noqa: B019 - a catalog lives as long as the daemon; its data do not change
     def subject_ids(self) -> frozenset[str]:

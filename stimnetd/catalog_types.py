@@ -8,6 +8,8 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 
+from stimnetd.query.columns import Columns
+
 FIELD_TYPES = ("numeric", "integer", "categorical", "image", "id")
 
 
@@ -50,6 +52,10 @@ class CatalogView(Protocol):
     def frame(self) -> pd.DataFrame:
         """All tables joined on the subject key: one row per subject; image fields hold
         paths relative to the catalog root."""
+        ...
+
+    def columns(self) -> Columns:
+        """The frame's columns as arrays converted once (the query engine reads these)."""
         ...
 
     def subject_ids(self) -> frozenset[str]:

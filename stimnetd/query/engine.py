@@ -18,6 +18,7 @@ import pandas as pd
 
 from stimnetd.catalog_types import CatalogView, FieldMeta
 from stimnetd.query.aggregate import GroupKey, Partial
+from stimnetd.query.columns import Rows, is_null, label
 from stimnetd.query.errors import DataContractViolation
 from stimnetd.query.spec import (
     AggSpec,
@@ -56,57 +57,18 @@ def compute(
     for the overlap guard.
     """
     validate(spec, catalog.fields)
-    frame = catalog.frame()
+    rows = Rows(catalog.columns())
     if spec.where is not None:
-        true, _false = _eval(spec.where, frame, catalog.fields)
-        frame = frame[true]
-    keys = frame[catalog.subject_key]
+        true, _false = _eval(spec.where, rows, catalog.fields)
+        rows = rows.subset(true)
     ctx = _Context(catalog, quantile_bins)
-    groups = _groups(frame, spec.group_by, catalog.fields)
-    partials = [ctx.aggregate(agg, rows, key) for key, rows in groups for agg in spec.aggregates]
-    group_ids = {key: _ids(rows[catalog.subject_key]) for key, rows in groups} \
+    groups = _groups(rows, spec.group_by, catalog.fields)
+    partials = [ctx.aggregate(agg, cell, key) for key, cell in groups for agg in spec.aggregates]
+    group_ids = {key: cell.ids(catalog.subject_key) for key, cell in groups} \
         if spec.group_by else {}
-    cohort_ids = catalog.subject_ids() if spec.where is None else _ids(keys)
-    return SiteComputation(partials=partials, cohort_ids=cohort_ids, n_cohort=len(frame),
+    cohort_ids = catalog.subject_ids() if spec.where is None else rows.ids(catalog.subject_key)
+    return SiteComputation(partials=partials, cohort_ids=cohort_ids, n_cohort=len(rows),
                            group_ids=group_ids)
-
-
-def _ids(keys: pd.Series) -> frozenset[str]:
-    if pd.api.types.is_string_dtype(keys) and not keys.isna().any():
-        # The common case (catalogs load keys as strings): no per-value relabelling, which
-        # cost most of a small query's time.
-        return frozenset(keys.tolist())
-    return frozenset(label(v) for v in keys if not _isnull(v))
-
-
-def label(value: Any) -> str:
-    """The canonical string of a categorical value.
-
-    Integral floats print as integers: a column with a missing value is read as float
-    at one site and as int at another, and both must produce the same group key.
-    """
-    if isinstance(value, bool | np.bool_):
-        return str(bool(value)).lower()
-    if isinstance(value, float | np.floating) and float(value).is_integer():
-        return str(int(value))
-    if isinstance(value, int | np.integer):
-        return str(int(value))
-    return str(value)
-
-
-def _isnull(v: Any) -> bool:
-    return v is None or (isinstance(v, float | np.floating) and np.isnan(v)) or v is pd.NA
-
-
-def _labels(col: pd.Series) -> np.ndarray:
-    """Each value's label (None where missing), computed once per distinct value."""
-    codes, uniques = pd.factorize(col, use_na_sentinel=True)
-    names = np.array([*(None if _isnull(v) else label(v) for v in uniques), None], dtype=object)
-    return names[codes]  # the sentinel -1 picks the trailing None
-
-
-def _numbers(col: pd.Series) -> np.ndarray:
-    return pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
 
 
 # --- filter: SQL three-valued logic as (is_true, is_false) masks; unknown is neither ---
@@ -121,23 +83,22 @@ _OPS: dict[str, Callable[[Any, Any], Any]] = {
 }
 
 
-def _eval(e: Expr, frame: pd.DataFrame, fields: Mapping[str, FieldMeta]) -> tuple[Any, Any]:
+def _eval(e: Expr, rows: Rows, fields: Mapping[str, FieldMeta]) -> tuple[Any, Any]:
     if isinstance(e, And | Or):
-        parts = [_eval(a, frame, fields) for a in e.args]
+        parts = [_eval(a, rows, fields) for a in e.args]
         ts, fs = [p[0] for p in parts], [p[1] for p in parts]
         if isinstance(e, And):
             return np.logical_and.reduce(ts), np.logical_or.reduce(fs)
         return np.logical_or.reduce(ts), np.logical_and.reduce(fs)
     if isinstance(e, Not):
-        t, f = _eval(e.arg, frame, fields)
+        t, f = _eval(e.arg, rows, fields)
         return f, t
-    col = frame[e.field]
     if isinstance(e, IsNull):
-        null = col.isna().to_numpy()
+        null = rows.missing(e.field)
         return (~null, null) if e.negated else (null, ~null)
     numeric = fields[e.field].type in ("numeric", "integer")
-    values = _numbers(col) if numeric else _labels(col)
-    known = ~pd.isna(values) if numeric else np.array([v is not None for v in values], bool)
+    values = rows.numbers(e.field) if numeric else rows.labels(e.field)
+    known = ~np.isnan(values) if numeric else np.array([v is not None for v in values], bool)
     hit = np.zeros(len(values), dtype=bool)
     sel = values[known]
     if isinstance(e, Comparison):
@@ -153,25 +114,26 @@ def _eval(e: Expr, frame: pd.DataFrame, fields: Mapping[str, FieldMeta]) -> tupl
 
 
 def _groups(
-    frame: pd.DataFrame, group_by: tuple[str, ...], fields: Mapping[str, FieldMeta]
-) -> list[tuple[GroupKey, pd.DataFrame]]:
+    rows: Rows, group_by: tuple[str, ...], fields: Mapping[str, FieldMeta]
+) -> list[tuple[GroupKey, Rows]]:
     if not group_by:
-        return [((), frame)]
-    columns = [_labels(frame[g]) for g in group_by]
-    positions: dict[tuple[str, ...], list[int]] = {}
+        return [((), rows)]
+    columns = [rows.labels(g) for g in group_by]
+    positions: dict[tuple[str, ...], np.ndarray] = {}
     declared = [fields[g].levels for g in group_by]
     if all(declared):
         # Every declared combination is emitted, empty or not: if only present groups
         # were returned, the mere existence of a partial would reveal that the site has
         # a subject with that (possibly rare) level, even after k_min suppression.
+        empty = np.zeros(0, dtype=np.intp)
         for combo in itertools.product(*[[label(v) for v in lv or ()] for lv in declared]):
-            positions[combo] = []
+            positions[combo] = empty
     # Rows grouped by their labels' combined code (vectorised: a per-row Python loop cost
     # most of a grouped query's time). A NULL group value cannot be typed as a level name,
     # so such rows belong to no group: they are left out of grouped outputs (and still
     # counted ungrouped).
-    combined = np.zeros(len(frame), dtype=np.int64)
-    valid = np.ones(len(frame), dtype=bool)
+    combined = np.zeros(len(rows), dtype=np.int64)
+    valid = np.ones(len(rows), dtype=bool)
     for col in columns:
         codes, uniques = pd.factorize(col, use_na_sentinel=True)
         valid &= codes >= 0
@@ -181,11 +143,11 @@ def _groups(
     rows_in_order = np.flatnonzero(valid)
     rows_in_order = rows_in_order[np.argsort(combined[rows_in_order], kind="stable")]
     starts = np.flatnonzero(np.diff(combined[rows_in_order])) + 1
-    for rows in np.split(rows_in_order, starts) if len(rows_in_order) else []:
-        positions[tuple(str(c[rows[0]]) for c in columns)] = rows.tolist()
+    for cell in np.split(rows_in_order, starts) if len(rows_in_order) else []:
+        positions[tuple(str(c[cell[0]]) for c in columns)] = cell
     return [
-        (tuple(sorted(zip(group_by, values, strict=True))), frame.iloc[rows])
-        for values, rows in sorted(positions.items())
+        (tuple(sorted(zip(group_by, values, strict=True))), rows.subset(cell))
+        for values, cell in sorted(positions.items(), key=lambda kv: kv[0])
     ]
 
 
@@ -195,19 +157,19 @@ class _Context:
         self.fields = catalog.fields
         self.bins = quantile_bins
 
-    def clamped(self, rows: pd.DataFrame, name: str) -> np.ndarray:
-        x = _numbers(rows[name])
+    def clamped(self, rows: Rows, name: str) -> np.ndarray:
+        x = rows.numbers(name)
         bounds = self.fields[name].bounds
         return x if bounds is None else np.clip(x, bounds[0], bounds[1])
 
-    def aggregate(self, a: AggSpec, rows: pd.DataFrame, group: GroupKey) -> Partial:
+    def aggregate(self, a: AggSpec, rows: Rows, group: GroupKey) -> Partial:
         def make(kind: str, n: int, stats: dict[str, np.ndarray], **meta: Any) -> Partial:
             meta = {"func": a.func, **meta}
             return Partial(a.name, kind, group, int(n), stats, meta)
 
         f = a.fields
         if a.func == "count":
-            n = len(rows) if not f else int(rows[f[0]].notna().sum())
+            n = len(rows) if not f else len(rows) - int(np.count_nonzero(rows.missing(f[0])))
             return make("count", n, {"n": _arr([n])}, field=f[0] if f else None)
         if a.func in ("sum", "mean", "var", "sd"):
             x = self.clamped(rows, f[0])
@@ -215,7 +177,7 @@ class _Context:
             stats = {"n": _arr([x.size]), "s1": _arr([x.sum()]), "s2": _arr([(x * x).sum()])}
             return make("moments", x.size, stats, field=f[0], bounds=self._bounds(f[0]))
         if a.func == "histogram":
-            x = _numbers(rows[f[0]])
+            x = rows.numbers(f[0])
             x = x[~np.isnan(x)]
             return make(
                 "histogram",
@@ -244,7 +206,7 @@ class _Context:
         b = self.fields[name].bounds
         return None if b is None else [float(b[0]), float(b[1])]
 
-    def quantiles(self, a: AggSpec, rows: pd.DataFrame, make: Callable[..., Partial]) -> Partial:
+    def quantiles(self, a: AggSpec, rows: Rows, make: Callable[..., Partial]) -> Partial:
         lo, hi = self.fields[a.fields[0]].bounds  # type: ignore[misc]  # validate() checked
         x = self.clamped(rows, a.fields[0])
         x = x[~np.isnan(x)]
@@ -265,8 +227,8 @@ class _Context:
             probs=[float(p) for p in a.params],
         )
 
-    def contingency(self, a: AggSpec, rows: pd.DataFrame, make: Callable[..., Partial]) -> Partial:
-        cols = [_labels(rows[c]) for c in a.fields]
+    def contingency(self, a: AggSpec, rows: Rows, make: Callable[..., Partial]) -> Partial:
+        cols = [rows.labels(c) for c in a.fields]
         keep = np.array([None not in pair for pair in zip(*cols, strict=True)], dtype=bool)
         cols = [c[keep] for c in cols]
         levels = [self._levels(name, c) for name, c in zip(a.fields, cols, strict=True)]
@@ -303,7 +265,7 @@ class _Context:
             )
         return mask
 
-    def voxel_map(self, a: AggSpec, rows: pd.DataFrame, make: Callable[..., Partial]) -> Partial:
+    def voxel_map(self, a: AggSpec, rows: Rows, make: Callable[..., Partial]) -> Partial:
         """count = subjects covering each voxel; sum = Σ their clamped weight. An unweighted
         mean_map ships count only (its mean is the fraction of the cohort covering a voxel)."""
         column = a.fields[0]
@@ -313,8 +275,8 @@ class _Context:
         count = np.zeros(geom.shape)
         total = np.zeros(geom.shape)
         n = 0
-        for path, wi in zip(rows[column], w, strict=True):
-            if _isnull(path) or np.isnan(wi):
+        for path, wi in zip(rows.values(column), w, strict=True):
+            if is_null(path) or np.isnan(wi):
                 continue
             img = self._binarized(path, column, geom.shape)
             n += 1
@@ -333,15 +295,15 @@ class _Context:
             affine=[list(map(float, r)) for r in geom.affine],
         )
 
-    def roi_overlap(self, a: AggSpec, rows: pd.DataFrame, make: Callable[..., Partial]) -> Partial:
+    def roi_overlap(self, a: AggSpec, rows: Rows, make: Callable[..., Partial]) -> Partial:
         column = a.fields[0]
         geom = self.catalog.geometry(column)
         rois = self.catalog.roi_masks()
         names = sorted(rois)
         n, s1, s2 = (np.zeros(len(names)) for _ in range(3))
         subjects = 0
-        for path in rows[column]:
-            if _isnull(path):
+        for path in rows.values(column):
+            if is_null(path):
                 continue
             img = self._binarized(path, column, geom.shape)
             subjects += 1

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from stimnetd.catalog_types import FieldMeta, ImageGeometry
+from stimnetd.query.columns import Columns, Rows
 
 
 def numeric(name: str, lo: float, hi: float) -> FieldMeta:
@@ -48,14 +49,18 @@ class FakeCatalog:
         self._rois = dict(rois or {})
         self._shape = shape
         self._voxel_size = voxel_size
+        self._columns: Columns | None = None
 
     def frame(self) -> pd.DataFrame:
         return self._df.copy()
 
-    def subject_ids(self) -> frozenset[str]:
-        from stimnetd.query.engine import _ids
+    def columns(self) -> Columns:
+        if self._columns is None:
+            self._columns = Columns(self._df)
+        return self._columns
 
-        return _ids(self._df[self.subject_key])
+    def subject_ids(self) -> frozenset[str]:
+        return Rows(self.columns()).ids(self.subject_key)
 
     def load_image(self, relpath: str) -> np.ndarray:
         return self._images[relpath]
