@@ -1,9 +1,14 @@
 """Jobs at the node a researcher talks to: accept, run (locally or fanned out), watch, result.
 
-A job is durable from the moment `submit` returns: its signed request is in the store, so
-a restart can resume or mark it. Watchers get a snapshot (state, per-site events, result)
-and then live events; events are deduplicated by (site, state) so a watcher that joins
-mid-job sees each transition once.
+A job is recorded in the store before the researcher learns its id: `submit` returns once
+its signed request is written (durably for scripts), so a restart can resume or mark it. A
+query followed in the same call (RunJob) has no id to lose: its row, bookkeeping (the
+privacy decisions are the sites' durable releases), is written while it fans out, and
+before its id is first shown. A query's final state is shown before it is written, so
+neither write is on the answer's path; until a write lands, readers see the job from
+memory. Watchers get a snapshot (state, per-site events, result) and then live events;
+events are deduplicated by (site, state) so a watcher that joins mid-job sees each
+transition once.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -40,6 +45,7 @@ log = structlog.get_logger("stimnetd.jobs")
 
 # How long a job's own submitter (RunJob) hears nothing: see JobService.watch.
 QUIET_START_S = 0.05
+_REPLAYED = "replayed request: this signed job was already submitted"
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,11 @@ class _Live:
     watchers: set[asyncio.Queue[JobUpdate]] = field(default_factory=set)
     sites: list[dict[str, Any]] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
+    # The job as it is now, while the store does not have it yet (a query's row being
+    # created, or its final state being written): what readers are shown meanwhile.
+    unwritten: JobRecord | None = None
+    # A followed query's row being created (see `submit`): False if it was a replay.
+    created: asyncio.Future[bool] | None = None
 
 
 class JobService:
@@ -92,7 +103,10 @@ class JobService:
 
     # -- accept ------------------------------------------------------------------------
 
-    async def submit(self, signed: SignedJob, caller: Identity, request_id: str) -> JobRecord:
+    async def submit(self, signed: SignedJob, caller: Identity, request_id: str, *,
+                     follow: bool = False) -> JobRecord:
+        """`follow`: the caller watches the job in the same call (RunJob) and learns of it
+        only through `watch`, so a query's row need not be written before it starts."""
         job = self._verify(signed)
         if (job.researcher.name, job.researcher.role) != (caller.name, caller.role):
             raise PermissionDenied(f"job is signed by {job.researcher} but submitted by {caller}; "
@@ -113,12 +127,25 @@ class JobService:
             request_id=request_id, origin="client", payload=signed.payload,
             signature=signed.signature, signer_cert=signed.signer_cert_pem,
             script=signed.script or None, script_sha256=req.script_sha256)
+        create = self._store.create_job(record, audit=(caller.name, caller.role, "submit"),
+                                        nonce=(req.nonce, self._max_age),
+                                        durable=req.kind != "query")
         # A query's row is bookkeeping (its privacy decisions are the sites' durable
         # releases, and a replay is stopped there too): no fsync of its own (Store._tx).
-        if not await self._store.create_job(record, audit=(caller.name, caller.role, "submit"),
-                                           nonce=(req.nonce, self._max_age),
-                                           durable=req.kind != "query"):
-            raise Conflict("replayed request: this signed job was already submitted")
+        if req.kind == "query" and follow:
+            # Nor does the fan-out wait for it. A replay is refused here from memory (the
+            # job id derives from the nonce; the store reloads its nonces at start); the
+            # row's own check, which cannot be bypassed, fails the job before any answer
+            # or id is shown.
+            if record.id in self._live or self._store.nonce_seen(req.nonce):
+                create.close()
+                raise Conflict(_REPLAYED)
+            live = self._live[record.id] = _Live(unwritten=record,
+                                                 created=asyncio.ensure_future(create))
+            live.task = asyncio.create_task(self._run(record, job), name=f"job-{record.id}")
+            return record
+        if not await create:
+            raise Conflict(_REPLAYED)
         live = self._live.setdefault(record.id, _Live())
         if state in ("queued", "running"):
             live.task = asyncio.create_task(self._run(record, job), name=f"job-{record.id}")
@@ -240,13 +267,17 @@ class JobService:
             # On shutdown the job stays `running` in the store; recover() decides at the
             # next start (interrupted, or re-queued by policy). Otherwise a user cancelled.
             if not self._stopping:
-                await asyncio.shield(self._set_state(record.id, "cancelled",
-                                                     "cancelled by request"))
+                await asyncio.shield(self._cancelled(record, live.created))
             raise
         finally:
             self._live.pop(record.id, None)
             for q in list(live.watchers):
                 q.put_nowait(JobUpdate("end"))
+
+    async def _cancelled(self, record: JobRecord, created: asyncio.Future[bool] | None) -> None:
+        if created is not None and not await created:
+            return  # a replay: it has no row of its own to mark
+        await self._set_state(record.id, "cancelled", "cancelled by request")
 
     async def _run_inner(self, record: JobRecord, job: VerifiedJob, live: _Live) -> None:
         try:
@@ -264,16 +295,41 @@ class JobService:
                 await self._site_event(record.id, outcome.site, outcome.state, outcome.detail,
                                        outcome.n)
                 fan = FanoutResult([outcome])
+            if live.created is not None and not await live.created:
+                # The store remembers this nonce from before a restart: a replay. Its row
+                # is the first submission's; nothing of this one is shown or kept.
+                await self._publish(record.id, JobUpdate("state", job=replace(
+                    record, state="failed", detail=_REPLAYED, updated_at=self._clock(),
+                    sites=list(live.sites))))
+                return
             state, detail, answer = self._finish(job, fan)
             blob = codec.pack(*answer) if answer is not None else None
             # The final state carries the answer: watchers get both in one update.
-            await self._set_state(record.id, state, detail, sites=live.sites, result=blob,
-                                  durable=record.kind != "query")
+            if record.kind == "query":
+                # Shown first, written after: the row is bookkeeping, and readers see the
+                # final state from memory until it lands.
+                final = live.unwritten = replace(
+                    record, state=state, detail=detail, updated_at=self._clock(),
+                    sites=list(live.sites), result=blob)
+                await self._publish(record.id, JobUpdate("state", job=final, result=blob))
+                await self._record_final(final)
+            else:
+                await self._set_state(record.id, state, detail, sites=live.sites, result=blob)
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - a job failure is the job's state, not a crash
             log.exception("job failed", job=record.id)
             await self._set_state(record.id, "failed", "internal error (see the node's logs)")
+
+    async def _record_final(self, final: JobRecord) -> None:
+        """Write a query's final state, already shown to its watchers. A failure leaves
+        the row 'running' (a restart marks it interrupted); the answer stands."""
+        try:
+            await self._store.update_job(final.id, state=final.state, detail=final.detail,
+                                         sites=final.sites, result=final.result,
+                                         durable=False)
+        except Exception:  # noqa: BLE001 - the answer is out; the row is bookkeeping
+            log.exception("query's final state not recorded", job=final.id)
 
     def _finish(self, job: VerifiedJob, fan: FanoutResult
                 ) -> tuple[str, str, tuple[dict[str, Any], dict[str, np.ndarray]] | None]:
@@ -337,7 +393,9 @@ class JobService:
     # -- read ----------------------------------------------------------------------------
 
     async def get(self, job_id: str, caller: Identity) -> JobRecord:
-        record = await self._store.get_job(job_id)
+        live = self._live.get(job_id)
+        record = live.unwritten if live is not None and live.unwritten is not None \
+            else await self._store.get_job(job_id)
         if record is None or not _may_see(record, caller):
             raise NotFound(f"no job {job_id!r} visible to you on this node{self._kept}")
         live = self._live.get(job_id)
@@ -427,7 +485,10 @@ class JobService:
                             yield u
                     held.append(final)
                 else:
-                    yield JobUpdate("state", job=record)
+                    # The job's id is shown only once its row is there; a replay's (the
+                    # first submission's id) never is: its failure follows.
+                    if live.created is None or await live.created:
+                        yield JobUpdate("state", job=record)
                     held.extend(early)
 
             while True:
@@ -544,8 +605,6 @@ def _may_see(record: JobRecord, caller: Identity) -> bool:
 
 
 def _with_sites(record: JobRecord, sites: list[dict[str, Any]]) -> JobRecord:
-    from dataclasses import replace
-
     return replace(record, sites=list(sites))
 
 

@@ -32,7 +32,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             raise InvalidRequest("RunJob needs a signed job")
         caller = current_caller()
         record = await self._jobs.submit(convert.signed_job(request.job), caller.identity,
-                                         caller.request_id)
+                                         caller.request_id, follow=True)
         # The submitted record goes along: no read, and a quick job's whole stream is its
         # final state with the answer (see JobService.watch).
         async for event in self._events(record.id, record):

@@ -1,0 +1,225 @@
+"""A query's job row is bookkeeping kept off the answer's path: the fan-out does not wait
+for the row to be created, the answer is shown before its final state is written, and
+readers see the job from memory meanwhile; replays are still refused."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from stimnetd import codec
+from stimnetd.errors import Conflict
+from stimnetd.federation.fanout import FanoutResult
+from stimnetd.jobs.service import JobService, JobUpdate
+from stimnetd.jobs.signing import JobRequest, SignedJob, VerifiedJob
+from stimnetd.jobs.site import SiteOutcome
+from stimnetd.pki import Identity
+from stimnetd.query.engine import compute
+from stimnetd.query.sql import parse_sql
+from stimnetd.store import Store
+from tests.unit.fakes import FakeCatalog, numeric
+
+ALICE = Identity(name="alice", role="researcher", serial=1,
+                 not_after=datetime.now(UTC) + timedelta(days=1))
+SPEC = parse_sql("SELECT count(*), avg(x) FROM c")
+CATALOG = FakeCatalog(pd.DataFrame({"x": [float(v) for v in range(12)]}),
+                      {"x": numeric("x", 0, 20)}, name="c")
+
+
+class _Coordinator:
+    """Answers for one site at once, noting whether the job's row existed by then."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.started = asyncio.Event()
+        self.row_when_run: list[bool] = []
+
+    async def run(self, job: VerifiedJob, *_: Any, **__: Any) -> FanoutResult:
+        self.started.set()
+        self.row_when_run.append(await self._store.get_job(job.request.job_id) is not None)
+        partials = compute(SPEC, CATALOG).partials
+        return FanoutResult([SiteOutcome("site-a", "done", n=12, partials=partials)])
+
+
+class _Gate:
+    """Holds one store method's calls until opened."""
+
+    def __init__(self, store: Store, method: str) -> None:
+        self.open = asyncio.Event()
+        self.waiting = asyncio.Event()
+        original = getattr(store, method)
+
+        async def gated(*args: Any, **kwargs: Any) -> Any:
+            self.waiting.set()
+            await self.open.wait()
+            return await original(*args, **kwargs)
+        setattr(store, method, gated)
+
+
+def _signed(nonce: str = "n" * 32) -> SignedJob:
+    req = JobRequest(kind="query", catalog="c", scope="federated", spec=SPEC.to_dict(),
+                     issued_at=time.time(), nonce=nonce)
+    return SignedJob(req.to_payload(), b"sig", b"cert")
+
+
+def _service(store: Store) -> tuple[JobService, _Coordinator]:
+    coordinator = _Coordinator(store)
+    jobs = JobService(node="node-a", store=store, executor=None,  # type: ignore[arg-type]
+                      coordinator=coordinator,  # type: ignore[arg-type]
+                      verify=lambda s: VerifiedJob(JobRequest.from_payload(s.payload), ALICE, s))
+    return jobs, coordinator
+
+
+async def _final(jobs: JobService, job_id: str) -> JobUpdate:
+    async for update in jobs.watch(job_id, ALICE):
+        if update.kind == "state" and update.job is not None and update.job.terminal:
+            return update
+    raise AssertionError("the watch ended without a final state")
+
+
+async def test_the_fan_out_starts_before_the_querys_row_is_written(tmp_path: Path) -> None:
+    """The sites are asked while the row is still being created; the job is readable from
+    memory meanwhile, and its answer waits for the row (a replay must be ruled out first)."""
+    store = Store(tmp_path / "node.sqlite3")
+    await store.open()
+    try:
+        gate = _Gate(store, "create_job")
+        jobs, coordinator = _service(store)
+        record = await asyncio.wait_for(jobs.submit(_signed(), ALICE, "r1", follow=True), 5)
+        final = asyncio.ensure_future(_final(jobs, record.id))
+        await asyncio.wait_for(coordinator.started.wait(), 5)
+        await asyncio.sleep(0.05)
+        assert gate.waiting.is_set() and coordinator.row_when_run == [False]
+        assert (await jobs.get(record.id, ALICE)).state == "running"
+        assert not final.done()
+        gate.open.set()
+        update = await asyncio.wait_for(final, 5)
+        assert update.job is not None and update.job.state == "succeeded"
+    finally:
+        gate.open.set()
+        await asyncio.sleep(0.05)
+        await store.close()
+
+
+async def test_a_querys_answer_is_shown_before_its_final_state_is_written(
+        tmp_path: Path) -> None:
+    """Watchers get the final state and answer while the row still says 'running';
+    GetJob and GetResult show them from memory until the write lands, then from the store."""
+    store = Store(tmp_path / "node.sqlite3")
+    await store.open()
+    try:
+        gate = _Gate(store, "update_job")
+        jobs, _ = _service(store)
+        record = await jobs.submit(_signed(), ALICE, "r1", follow=True)
+        update = await asyncio.wait_for(_final(jobs, record.id), 5)
+        assert update.job is not None and update.job.state == "succeeded"
+        assert update.result is not None
+        doc, _arrays = codec.unpack(update.result)
+        assert doc["result"]["rows"] == [[12, 5.5]]
+        await gate.waiting.wait()
+        stored = await store.get_job(record.id)
+        assert stored is not None and stored.state == "running"
+        shown = await jobs.get(record.id, ALICE)
+        assert shown.state == "succeeded" and [s["site"] for s in shown.sites] == []
+        assert await jobs.result(record.id, ALICE) == update.result
+        gate.open.set()
+        task = jobs._live[record.id].task if record.id in jobs._live else None
+        if task is not None:
+            await asyncio.wait_for(task, 5)
+        stored = await store.get_job(record.id)
+        assert stored is not None and stored.state == "succeeded"
+        assert stored.result == update.result
+        assert (await jobs.get(record.id, ALICE)).state == "succeeded"
+    finally:
+        gate.open.set()
+        await asyncio.sleep(0.05)
+        await store.close()
+
+
+async def test_a_replayed_query_is_refused_at_once_even_before_its_row_exists(
+        tmp_path: Path) -> None:
+    """The same signed query twice, the second before the first's row is written: the
+    second is refused as a replay at submit, from memory."""
+    store = Store(tmp_path / "node.sqlite3")
+    await store.open()
+    try:
+        gate = _Gate(store, "create_job")
+        jobs, _ = _service(store)
+        record = await asyncio.wait_for(jobs.submit(_signed(), ALICE, "r1", follow=True), 5)
+        with pytest.raises(Conflict, match="replayed request"):
+            await jobs.submit(_signed(), ALICE, "r2", follow=True)
+        gate.open.set()
+        update = await asyncio.wait_for(_final(jobs, record.id), 5)
+        assert update.job is not None and update.job.state == "succeeded"
+    finally:
+        gate.open.set()
+        await asyncio.sleep(0.05)  # the final write
+        await store.close()
+
+
+async def test_a_submitted_querys_row_exists_when_its_id_is_returned(tmp_path: Path) -> None:
+    """SubmitJob acknowledges a job id the researcher may follow later: the row is written
+    first (a crash right after must not lose it), even for a query."""
+    store = Store(tmp_path / "node.sqlite3")
+    await store.open()
+    try:
+        jobs, _ = _service(store)
+        record = await jobs.submit(_signed(), ALICE, "r1")
+        assert await store.get_job(record.id) is not None
+        await asyncio.wait_for(_final(jobs, record.id), 5)
+    finally:
+        await asyncio.sleep(0.05)
+        await store.close()
+
+
+async def test_a_replay_after_a_restart_is_refused_at_once(tmp_path: Path) -> None:
+    """The store reloads the nonces it remembers when it opens: after a restart the same
+    signed query is still refused at submit, and the first submission's row is untouched."""
+    path = tmp_path / "node.sqlite3"
+    store = Store(path)
+    await store.open()
+    jobs, _ = _service(store)
+    first = await jobs.submit(_signed(), ALICE, "r1", follow=True)
+    assert (await asyncio.wait_for(_final(jobs, first.id), 5)).result is not None
+    await asyncio.sleep(0.05)  # the first's final write
+    await store.close()
+    store = Store(path)
+    await store.open()
+    try:
+        jobs, _ = _service(store)
+        with pytest.raises(Conflict, match="replayed request"):
+            await jobs.submit(_signed(), ALICE, "r2", follow=True)
+        stored = await store.get_job(first.id)
+        assert stored is not None and (stored.state, stored.request_id) == ("succeeded", "r1")
+    finally:
+        await store.close()
+
+
+async def test_a_replay_only_the_database_knows_fails_without_an_answer(
+        tmp_path: Path) -> None:
+    """A nonce written to the database behind this node's back (not in its memory): the
+    row's creation refuses it, and the job fails as a replay with no answer shown."""
+    path = tmp_path / "node.sqlite3"
+    store, other = Store(path), Store(path)
+    await store.open()
+    await other.open()
+    try:
+        first = await _service(other)[0].submit(_signed(), ALICE, "r1")
+        await asyncio.sleep(0.05)  # its row
+        jobs, _ = _service(store)
+        again = await jobs.submit(_signed(), ALICE, "r2", follow=True)
+        update = await asyncio.wait_for(_final(jobs, again.id), 5)
+        assert update.job is not None and update.job.state == "failed"
+        assert update.job.detail.startswith("replayed request") and update.result is None
+        stored = await store.get_job(first.id)
+        assert stored is not None and stored.request_id == "r1"
+    finally:
+        await asyncio.sleep(0.05)
+        await other.close()
+        await store.close()
