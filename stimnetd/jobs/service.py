@@ -296,8 +296,9 @@ class JobService:
                                        outcome.n)
                 fan = FanoutResult([outcome])
             if live.created is not None and not await live.created:
-                # The store remembers this nonce from before a restart: a replay. Its row
-                # is the first submission's; nothing of this one is shown or kept.
+                # The row's own nonce check refused it (the nonce was in the database but
+                # not in memory): a replay. Its row is the first submission's; nothing of
+                # this one is shown or kept.
                 await self._publish(record.id, JobUpdate("state", job=replace(
                     record, state="failed", detail=_REPLAYED, updated_at=self._clock(),
                     sites=list(live.sites))))
@@ -398,7 +399,6 @@ class JobService:
             else await self._store.get_job(job_id)
         if record is None or not _may_see(record, caller):
             raise NotFound(f"no job {job_id!r} visible to you on this node{self._kept}")
-        live = self._live.get(job_id)
         if live is not None and not record.sites:
             record = _with_sites(record, live.sites)
         return record
