@@ -275,8 +275,8 @@ class JobService:
                 q.put_nowait(JobUpdate("end"))
 
     async def _cancelled(self, record: JobRecord, created: asyncio.Future[bool] | None) -> None:
-        if created is not None and not await created:
-            return  # a replay: it has no row of its own to mark
+        if not await _has_row(created):
+            return  # a replay, or its row could not be written: nothing of its own to mark
         await self._set_state(record.id, "cancelled", "cancelled by request")
 
     async def _run_inner(self, record: JobRecord, job: VerifiedJob, live: _Live) -> None:
@@ -320,7 +320,13 @@ class JobService:
             raise
         except Exception:  # noqa: BLE001 - a job failure is the job's state, not a crash
             log.exception("job failed", job=record.id)
-            await self._set_state(record.id, "failed", "internal error (see the node's logs)")
+            failed = ("failed", "internal error (see the node's logs)")
+            if await _has_row(live.created):
+                await self._set_state(record.id, *failed)
+            else:  # its row could not be written: the failure is shown from memory only
+                await self._publish(record.id, JobUpdate("state", job=replace(
+                    record, state=failed[0], detail=failed[1], updated_at=self._clock(),
+                    sites=list(live.sites))))
 
     async def _record_final(self, final: JobRecord) -> None:
         """Write a query's final state, already shown to its watchers. A failure leaves
@@ -487,7 +493,7 @@ class JobService:
                 else:
                     # The job's id is shown only once its row is there; a replay's (the
                     # first submission's id) never is: its failure follows.
-                    if live.created is None or await live.created:
+                    if await _has_row(live.created):
                         yield JobUpdate("state", job=record)
                     held.extend(early)
 
@@ -592,6 +598,19 @@ async def _quiet_start(queue: asyncio.Queue[JobUpdate], window_s: float
         if got.kind == "end":
             break
     return early, None
+
+
+async def _has_row(created: asyncio.Future[bool] | None) -> bool:
+    """Whether a job's row exists: always, but for a followed query whose row's creation
+    (see `JobService.submit`) refused it as a replay or failed."""
+    if created is None:
+        return True
+    try:
+        return await asyncio.shield(created)
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # noqa: BLE001 - logged by the job's own failure path
+        return False
 
 
 def _owns(record: JobRecord, caller: Identity) -> bool:

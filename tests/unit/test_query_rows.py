@@ -223,3 +223,24 @@ async def test_a_replay_only_the_database_knows_fails_without_an_answer(
         await asyncio.sleep(0.05)
         await other.close()
         await store.close()
+
+
+async def test_a_query_whose_row_cannot_be_written_fails_from_memory(tmp_path: Path) -> None:
+    """The row's creation raising (a database error, not a replay) fails the job: its
+    watchers get the failure, with no answer, and nothing tries to mark a missing row."""
+    store = Store(tmp_path / "node.sqlite3")
+    await store.open()
+    try:
+        async def broken(*_: Any, **__: Any) -> bool:
+            raise OSError("disk I/O error")
+        store.create_job = broken  # type: ignore[method-assign]
+        jobs, _ = _service(store)
+        record = await jobs.submit(_signed(), ALICE, "r1", follow=True)
+        update = await asyncio.wait_for(_final(jobs, record.id), 5)
+        assert update.job is not None and update.result is None
+        assert (update.job.state, update.job.detail) == (
+            "failed", "internal error (see the node's logs)")
+        assert await store.get_job(record.id) is None
+    finally:
+        await asyncio.sleep(0.05)
+        await store.close()
