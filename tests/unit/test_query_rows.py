@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -83,99 +84,97 @@ async def _final(jobs: JobService, job_id: str) -> JobUpdate:
     raise AssertionError("the watch ended without a final state")
 
 
-async def test_the_fan_out_starts_before_the_querys_row_is_written(tmp_path: Path) -> None:
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    node = Store(tmp_path / "node.sqlite3")
+    await node.open()
+    try:
+        yield node
+    finally:
+        await asyncio.sleep(0.05)  # writes still under way (a query's final state)
+        await node.close()
+
+
+@pytest.fixture
+def gate(store: Store) -> Iterator[Callable[[str], _Gate]]:
+    """Holds a store method's calls; every gate opens at the end, so the store can close."""
+    gates: list[_Gate] = []
+
+    def make(method: str) -> _Gate:
+        gates.append(_Gate(store, method))
+        return gates[-1]
+    yield make
+    for g in gates:
+        g.open.set()
+
+
+async def test_the_fan_out_starts_before_the_querys_row_is_written(
+        store: Store, gate: Callable[[str], _Gate]) -> None:
     """The sites are asked while the row is still being created; the job is readable from
     memory meanwhile, and its answer waits for the row (a replay must be ruled out first)."""
-    store = Store(tmp_path / "node.sqlite3")
-    await store.open()
-    try:
-        gate = _Gate(store, "create_job")
-        jobs, coordinator = _service(store)
-        record = await asyncio.wait_for(jobs.submit(_signed(), ALICE, "r1", follow=True), 5)
-        final = asyncio.ensure_future(_final(jobs, record.id))
-        await asyncio.wait_for(coordinator.started.wait(), 5)
-        await asyncio.sleep(0.05)
-        assert gate.waiting.is_set() and coordinator.row_when_run == [False]
-        assert (await jobs.get(record.id, ALICE)).state == "running"
-        assert not final.done()
-        gate.open.set()
-        update = await asyncio.wait_for(final, 5)
-        assert update.job is not None and update.job.state == "succeeded"
-    finally:
-        gate.open.set()
-        await asyncio.sleep(0.05)
-        await store.close()
+    held = gate("create_job")
+    jobs, coordinator = _service(store)
+    record = await asyncio.wait_for(jobs.submit(_signed(), ALICE, "r1", follow=True), 5)
+    final = asyncio.ensure_future(_final(jobs, record.id))
+    await asyncio.wait_for(coordinator.started.wait(), 5)
+    await asyncio.sleep(0.05)
+    assert held.waiting.is_set() and coordinator.row_when_run == [False]
+    assert (await jobs.get(record.id, ALICE)).state == "running"
+    assert not final.done()
+    held.open.set()
+    update = await asyncio.wait_for(final, 5)
+    assert update.job is not None and update.job.state == "succeeded"
 
 
 async def test_a_querys_answer_is_shown_before_its_final_state_is_written(
-        tmp_path: Path) -> None:
+        store: Store, gate: Callable[[str], _Gate]) -> None:
     """Watchers get the final state and answer while the row still says 'running';
     GetJob and GetResult show them from memory until the write lands, then from the store."""
-    store = Store(tmp_path / "node.sqlite3")
-    await store.open()
-    try:
-        gate = _Gate(store, "update_job")
-        jobs, _ = _service(store)
-        record = await jobs.submit(_signed(), ALICE, "r1", follow=True)
-        update = await asyncio.wait_for(_final(jobs, record.id), 5)
-        assert update.job is not None and update.job.state == "succeeded"
-        assert update.result is not None
-        doc, _arrays = codec.unpack(update.result)
-        assert doc["result"]["rows"] == [[12, 5.5]]
-        await gate.waiting.wait()
-        stored = await store.get_job(record.id)
-        assert stored is not None and stored.state == "running"
-        shown = await jobs.get(record.id, ALICE)
-        assert shown.state == "succeeded" and [s["site"] for s in shown.sites] == []
-        assert await jobs.result(record.id, ALICE) == update.result
-        gate.open.set()
-        task = jobs._live[record.id].task if record.id in jobs._live else None
-        if task is not None:
-            await asyncio.wait_for(task, 5)
-        stored = await store.get_job(record.id)
-        assert stored is not None and stored.state == "succeeded"
-        assert stored.result == update.result
-        assert (await jobs.get(record.id, ALICE)).state == "succeeded"
-    finally:
-        gate.open.set()
-        await asyncio.sleep(0.05)
-        await store.close()
+    held = gate("update_job")
+    jobs, _ = _service(store)
+    record = await jobs.submit(_signed(), ALICE, "r1", follow=True)
+    update = await asyncio.wait_for(_final(jobs, record.id), 5)
+    assert update.job is not None and update.job.state == "succeeded"
+    assert update.result is not None
+    doc, _arrays = codec.unpack(update.result)
+    assert doc["result"]["rows"] == [[12, 5.5]]
+    await held.waiting.wait()
+    stored = await store.get_job(record.id)
+    assert stored is not None and stored.state == "running"
+    shown = await jobs.get(record.id, ALICE)
+    assert shown.state == "succeeded" and [s["site"] for s in shown.sites] == []
+    assert await jobs.result(record.id, ALICE) == update.result
+    held.open.set()
+    task = jobs._live[record.id].task if record.id in jobs._live else None
+    if task is not None:
+        await asyncio.wait_for(task, 5)
+    stored = await store.get_job(record.id)
+    assert stored is not None and stored.state == "succeeded"
+    assert stored.result == update.result
+    assert (await jobs.get(record.id, ALICE)).state == "succeeded"
 
 
 async def test_a_replayed_query_is_refused_at_once_even_before_its_row_exists(
-        tmp_path: Path) -> None:
+        store: Store, gate: Callable[[str], _Gate]) -> None:
     """The same signed query twice, the second before the first's row is written: the
     second is refused as a replay at submit, from memory."""
-    store = Store(tmp_path / "node.sqlite3")
-    await store.open()
-    try:
-        gate = _Gate(store, "create_job")
-        jobs, _ = _service(store)
-        record = await asyncio.wait_for(jobs.submit(_signed(), ALICE, "r1", follow=True), 5)
-        with pytest.raises(Conflict, match="replayed request"):
-            await jobs.submit(_signed(), ALICE, "r2", follow=True)
-        gate.open.set()
-        update = await asyncio.wait_for(_final(jobs, record.id), 5)
-        assert update.job is not None and update.job.state == "succeeded"
-    finally:
-        gate.open.set()
-        await asyncio.sleep(0.05)  # the final write
-        await store.close()
+    held = gate("create_job")
+    jobs, _ = _service(store)
+    record = await asyncio.wait_for(jobs.submit(_signed(), ALICE, "r1", follow=True), 5)
+    with pytest.raises(Conflict, match="replayed request"):
+        await jobs.submit(_signed(), ALICE, "r2", follow=True)
+    held.open.set()
+    update = await asyncio.wait_for(_final(jobs, record.id), 5)
+    assert update.job is not None and update.job.state == "succeeded"
 
 
-async def test_a_submitted_querys_row_exists_when_its_id_is_returned(tmp_path: Path) -> None:
+async def test_a_submitted_querys_row_exists_when_its_id_is_returned(store: Store) -> None:
     """SubmitJob acknowledges a job id the researcher may follow later: the row is written
     first (a crash right after must not lose it), even for a query."""
-    store = Store(tmp_path / "node.sqlite3")
-    await store.open()
-    try:
-        jobs, _ = _service(store)
-        record = await jobs.submit(_signed(), ALICE, "r1")
-        assert await store.get_job(record.id) is not None
-        await asyncio.wait_for(_final(jobs, record.id), 5)
-    finally:
-        await asyncio.sleep(0.05)
-        await store.close()
+    jobs, _ = _service(store)
+    record = await jobs.submit(_signed(), ALICE, "r1")
+    assert await store.get_job(record.id) is not None
+    await asyncio.wait_for(_final(jobs, record.id), 5)
 
 
 async def test_a_replay_after_a_restart_is_refused_at_once(tmp_path: Path) -> None:
@@ -225,22 +224,16 @@ async def test_a_replay_only_the_database_knows_fails_without_an_answer(
         await store.close()
 
 
-async def test_a_query_whose_row_cannot_be_written_fails_from_memory(tmp_path: Path) -> None:
+async def test_a_query_whose_row_cannot_be_written_fails_from_memory(store: Store) -> None:
     """The row's creation raising (a database error, not a replay) fails the job: its
     watchers get the failure, with no answer, and nothing tries to mark a missing row."""
-    store = Store(tmp_path / "node.sqlite3")
-    await store.open()
-    try:
-        async def broken(*_: Any, **__: Any) -> bool:
-            raise OSError("disk I/O error")
-        store.create_job = broken  # type: ignore[method-assign]
-        jobs, _ = _service(store)
-        record = await jobs.submit(_signed(), ALICE, "r1", follow=True)
-        update = await asyncio.wait_for(_final(jobs, record.id), 5)
-        assert update.job is not None and update.result is None
-        assert (update.job.state, update.job.detail) == (
-            "failed", "internal error (see the node's logs)")
-        assert await store.get_job(record.id) is None
-    finally:
-        await asyncio.sleep(0.05)
-        await store.close()
+    async def broken(*_: Any, **__: Any) -> bool:
+        raise OSError("disk I/O error")
+    store.create_job = broken  # type: ignore[method-assign]
+    jobs, _ = _service(store)
+    record = await jobs.submit(_signed(), ALICE, "r1", follow=True)
+    update = await asyncio.wait_for(_final(jobs, record.id), 5)
+    assert update.job is not None and update.result is None
+    assert (update.job.state, update.job.detail) == (
+        "failed", "internal error (see the node's logs)")
+    assert await store.get_job(record.id) is None
