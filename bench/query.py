@@ -56,13 +56,13 @@ FAKE_PEER = r'''
 import asyncio, sys, grpc
 sys.path.insert(0, sys.argv[6])
 from stimnet.v1 import common_pb2, federation_pb2, federation_pb2_grpc
-port, key, cert, ca, delay = int(sys.argv[1]), *sys.argv[2:5], float(sys.argv[5])
+port, key, cert, ca, delay, name = int(sys.argv[1]), *sys.argv[2:5], float(sys.argv[5]), sys.argv[7]
 class Peer(federation_pb2_grpc.FederationServiceServicer):
     async def RunSubJob(self, request, context):
         await asyncio.sleep(delay)
         yield federation_pb2.SubJobEvent(partial=common_pb2.ResultFrame(header=common_pb2.ResultHeader(
             header_json='{"doc": {"partials": [], "epsilon": null, "mechanism": null}, "arrays": {}}')))
-        yield federation_pb2.SubJobEvent(site=common_pb2.SiteEvent(site=f"slow-{port}", state="done", n=10))
+        yield federation_pb2.SubJobEvent(site=common_pb2.SiteEvent(site=name, state="done", n=10))
 async def main():
     s = grpc.aio.server()
     federation_pb2_grpc.add_FederationServiceServicer_to_server(Peer(), s)
@@ -142,9 +142,11 @@ async def main(n: int, delayed_n: int) -> None:
             fports = [free_port() for _ in range(k)]
             # Each with a certificate of its own name: the entry sends a site's share only
             # to the node its certificate names, and a peer must answer under that name.
-            fcerts = [pki.issue(f"slow-{fp}", "node", hosts=("127.0.0.1",)) for fp in fports]
-            fakes = [spawn(FAKE_PEER, fp, fc.key, fc.cert, fc.ca, 0.2, ROOT)
-                     for fp, fc in zip(fports, fcerts, strict=True)]
+            # Named by run and index, not port: a port the 1-peer run used may come back.
+            fnames = [f"slow{k}-{i}" for i in range(k)]
+            fcerts = [pki.issue(fn, "node", hosts=("127.0.0.1",)) for fn in fnames]
+            fakes = [spawn(FAKE_PEER, fp, fc.key, fc.cert, fc.ca, 0.2, ROOT, fn)
+                     for fp, fc, fn in zip(fports, fcerts, fnames, strict=True)]
             others.extend(fakes)
             eport = free_port()
             ename = f"entry-{k}"
