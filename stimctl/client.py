@@ -156,6 +156,10 @@ class AsyncClient:
         self.node = node_pb2_grpc.NodeServiceStub(self._channel)
         self.jobs = jobs_pb2_grpc.JobServiceStub(self._channel)
         self.admin = admin_pb2_grpc.AdminServiceStub(self._channel)
+        # Calls whose last event has arrived, kept until their status does: grpc cancels
+        # a call whose object is collected, and the node would log a finished RPC as
+        # cancelled.
+        self._draining: set[Any] = set()
 
     @classmethod
     def from_file(cls, path: Path | str | None = None) -> AsyncClient:
@@ -281,33 +285,48 @@ class AsyncClient:
             seen.update((s.site, s.state) for s in fresh)
             return fresh
 
-        async for ev in self._stream(rpc, request, timeout or self.config.timeout_s * 20):
-            # Several fields may be set in one event: sites, then result, then state.
-            if ev.HasField("state") and not job_id:
-                job_id = ev.state.id
-            # A job's state lists its sites' events so far: a quick job's only message is
-            # its final state, so the events it lists come first (they happened before it
-            # ended); a joining watcher's first state comes before the events it lists.
-            final = ev.HasField("state") and ev.state.state in TERMINAL_STATES
-            sites = [ev.site] if ev.HasField("site") else []
-            for site in unseen([*sites, *ev.sites, *(ev.state.sites if final else ())]):
-                yield "site", site
-            if ev.log_line:
-                yield "log", ev.log_line
-            if ev.HasField("result"):
-                if ev.result.WhichOneof("frame") == "header":
-                    asm = codec.Assembler()
-                if asm is None:
-                    raise ClientError("result stream started without a header")
-                feed(asm, ev.result)
-                if asm.complete:
-                    doc, arrays = asm.result()
-                    yield "result", QueryAnswer(job_id, doc, arrays)
-                    asm = None
-            if ev.HasField("state"):
-                yield "state", ev.state
-                for site in unseen(ev.state.sites):
+        call = rpc(request, timeout=timeout or self.config.timeout_s * 20)
+        try:
+            async for ev in call:
+                # Several fields may be set in one event: sites, then result, then state.
+                if ev.HasField("state") and not job_id:
+                    job_id = ev.state.id
+                # A job's state lists its sites' events so far: a quick job's only message
+                # is its final state, so the events it lists come first (they happened
+                # before it ended); a joining watcher's first state comes before the events
+                # it lists.
+                final = ev.HasField("state") and ev.state.state in TERMINAL_STATES
+                sites = [ev.site] if ev.HasField("site") else []
+                for site in unseen([*sites, *ev.sites, *(ev.state.sites if final else ())]):
                     yield "site", site
+                if ev.log_line:
+                    yield "log", ev.log_line
+                if ev.HasField("result"):
+                    if ev.result.WhichOneof("frame") == "header":
+                        asm = codec.Assembler()
+                    if asm is None:
+                        raise ClientError("result stream started without a header")
+                    feed(asm, ev.result)
+                    if asm.complete:
+                        doc, arrays = asm.result()
+                        yield "result", QueryAnswer(job_id, doc, arrays)
+                        asm = None
+                if ev.HasField("state"):
+                    yield "state", ev.state
+                    for site in unseen(ev.state.sites):
+                        yield "site", site
+                if final:
+                    # Nothing follows a final state: the answer does not wait for the
+                    # stream's status, a further hop behind it.
+                    self._drain(call)
+                    return
+        except grpc.RpcError as exc:
+            raise map_rpc_error(exc, self.address) from None
+
+    def _drain(self, call: Any) -> None:
+        if not call.done():
+            self._draining.add(call)
+            call.add_done_callback(self._draining.discard)
 
     async def result(self, job_id: str) -> Any:
         from stimctl.results import QueryAnswer

@@ -523,6 +523,10 @@ class JobService:
                     update = JobUpdate(update.kind, job=update.job, site=update.site,
                                        line=update.line)
                 yield update
+                if update.kind == "state" and update.job is not None and update.job.terminal:
+                    # Nothing follows a final state: the stream ends now, not when the
+                    # job's task does (a query's final write is still on its way).
+                    return
         finally:
             if live is not None:
                 live.watchers.discard(queue)

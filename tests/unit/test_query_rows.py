@@ -154,6 +154,23 @@ async def test_a_querys_answer_is_shown_before_its_final_state_is_written(
     assert (await jobs.get(record.id, ALICE)).state == "succeeded"
 
 
+async def test_a_querys_stream_ends_with_its_final_state_not_its_final_write(
+        store: Store, gate: Callable[[str], _Gate]) -> None:
+    """Nothing follows a final state, so a watcher's stream (RunJob's) ends there: its
+    status goes out while the row's write is still held."""
+    held = gate("update_job")
+    jobs, _ = _service(store)
+    record = await jobs.submit(_signed(), ALICE, "r1", follow=True)
+
+    async def kinds() -> list[str]:
+        return [u.kind for u in [u async for u in jobs.watch(record.id, ALICE, record)]]
+
+    assert await asyncio.wait_for(kinds(), 5) == ["state"]
+    assert held.waiting.is_set() and not held.open.is_set()
+    stored = await store.get_job(record.id)
+    assert stored is not None and stored.state == "running"
+
+
 async def test_a_replayed_query_is_refused_at_once_even_before_its_row_exists(
         store: Store, gate: Callable[[str], _Gate]) -> None:
     """The same signed query twice, the second before the first's row is written: the

@@ -1,0 +1,63 @@
+"""The client's job streams against a node that keeps a stream open after its final state."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from stimctl.client import AsyncClient, JobFailed
+from stimnet.v1 import jobs_pb2, jobs_pb2_grpc
+from stimnetd.testing import CertFactory, client_config
+
+
+class _Lingering(jobs_pb2_grpc.JobServiceServicer):
+    """Sends a job's final state, then holds the stream open until released."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def RunJob(self, request, context):  # type: ignore[no-untyped-def]
+        yield jobs_pb2.JobEvent(state=jobs_pb2.Job(id="j1", state="failed", detail="no site"))
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.ended.set_result("cancelled")
+            raise
+        self.ended.set_result("finished")
+
+
+async def test_a_final_state_ends_the_query_and_its_call_is_kept_until_its_status(
+        pki: CertFactory) -> None:
+    """The answer (here a failure) is the final state's: the client does not wait for the
+    stream's status, yet the call is not dropped (grpc would cancel it, and the node log a
+    finished RPC as cancelled): it lives on until the node ends it."""
+    node = pki.issue("node-a", "node", hosts=("127.0.0.1",))
+    alice = pki.issue("alice", "researcher")
+    servicer = _Lingering()
+    server = grpc.aio.server()
+    jobs_pb2_grpc.add_JobServiceServicer_to_server(servicer, server)
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
+        [(node.key.read_bytes(), node.cert.read_bytes())],
+        root_certificates=node.ca.read_bytes(), require_client_auth=True))
+    await server.start()
+    try:
+        async with AsyncClient(client_config(alice, f"127.0.0.1:{port}")) as c:
+            # The node holds the stream for as long as the test lets it: a client waiting
+            # for the status would never get here.
+            with pytest.raises(JobFailed, match="j1 failed: no site"):
+                await asyncio.wait_for(c.query("SELECT count(*) FROM cnsim"), 10)
+            assert len(c._draining) == 1
+            await asyncio.sleep(0.2)  # time for a dropped call's cancellation to arrive
+            assert not servicer.ended.done()
+            servicer.release.set()
+            assert await asyncio.wait_for(servicer.ended, 10) == "finished"
+            for _ in range(100):
+                if not c._draining:
+                    break
+                await asyncio.sleep(0.02)
+            assert not c._draining
+    finally:
+        await server.stop(None)
