@@ -21,6 +21,8 @@ import grpc
 from stimnet.v1 import admin_pb2, admin_pb2_grpc, jobs_pb2, jobs_pb2_grpc, node_pb2, node_pb2_grpc
 
 DEFAULT_CONFIG = Path("~/.config/stimnet/client.toml").expanduser()
+# How long close() waits for calls whose final event has come to end with their status.
+DRAIN_S = 2.0
 T = TypeVar("T")
 
 
@@ -166,6 +168,11 @@ class AsyncClient:
         return cls(ClientConfig.load(path))
 
     async def close(self) -> None:
+        if self._draining:
+            # Their statuses are a hop behind their final states: let them land (a node
+            # that holds a stream open is cut off by the channel's close after this).
+            await asyncio.wait([asyncio.ensure_future(c.code()) for c in self._draining],
+                               timeout=DRAIN_S)
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncClient:
