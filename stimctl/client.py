@@ -8,6 +8,7 @@ inside Jupyter, whose loop is already running).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import threading
 import tomllib
@@ -158,10 +159,11 @@ class AsyncClient:
         self.node = node_pb2_grpc.NodeServiceStub(self._channel)
         self.jobs = jobs_pb2_grpc.JobServiceStub(self._channel)
         self.admin = admin_pb2_grpc.AdminServiceStub(self._channel)
-        # Calls whose last event has arrived, kept until their status does: grpc cancels
-        # a call whose object is collected, and the node would log a finished RPC as
-        # cancelled.
-        self._draining: set[Any] = set()
+        # Calls whose last event has arrived, read to their status in the background:
+        # grpc cancels a call whose object is collected (the node would log a finished
+        # RPC as cancelled), and one still open when the event loop closes breaks grpc's
+        # next loop in this process (stimctl runs one per command).
+        self._draining: set[asyncio.Task[None]] = set()
 
     @classmethod
     def from_file(cls, path: Path | str | None = None) -> AsyncClient:
@@ -169,10 +171,11 @@ class AsyncClient:
 
     async def close(self) -> None:
         if self._draining:
-            # Their statuses are a hop behind their final states: let them land (a node
-            # that holds a stream open is cut off by the channel's close after this).
-            await asyncio.wait([asyncio.ensure_future(c.code()) for c in self._draining],
-                               timeout=DRAIN_S)
+            # Their ends are a hop behind their final states: let them land (a node that
+            # holds a stream open is cut off by the channel's close after this).
+            _, late = await asyncio.wait(self._draining, timeout=DRAIN_S)
+            for task in late:
+                task.cancel()
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncClient:
@@ -292,6 +295,7 @@ class AsyncClient:
             seen.update((s.site, s.state) for s in fresh)
             return fresh
 
+        answered = False
         call = rpc(request, timeout=timeout or self.config.timeout_s * 20)
         try:
             async for ev in call:
@@ -318,22 +322,31 @@ class AsyncClient:
                         doc, arrays = asm.result()
                         yield "result", QueryAnswer(job_id, doc, arrays)
                         asm = None
+                        answered = True
                 if ev.HasField("state"):
                     yield "state", ev.state
                     for site in unseen(ev.state.sites):
                         yield "site", site
-                if final:
-                    # Nothing follows a final state: the answer does not wait for the
-                    # stream's status, a further hop behind it.
+                if final and (answered or ev.state.state != "succeeded"):
+                    # Nothing else is to come: the answer does not wait for the stream's
+                    # status, a further hop behind it. (A watcher joining a finished job
+                    # gets its state before its answer: that stream is read on.)
                     self._drain(call)
                     return
         except grpc.RpcError as exc:
             raise map_rpc_error(exc, self.address) from None
 
     def _drain(self, call: Any) -> None:
-        if not call.done():
-            self._draining.add(call)
-            call.add_done_callback(self._draining.discard)
+        """Read what is left of a call whose final event has come, to its status, in the
+        background: the caller has its answer."""
+        async def rest() -> None:
+            with contextlib.suppress(grpc.RpcError):
+                async for _ in call:
+                    pass
+
+        task = asyncio.ensure_future(rest())
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
 
     async def result(self, job_id: str) -> Any:
         from stimctl.results import QueryAnswer

@@ -41,9 +41,9 @@ async def test_researcher_session(start_node, pki: CertFactory, small_catalog: d
         sql = "SELECT sex, count(*), avg(age) FROM dbs_outcomes GROUP BY sex"
         code, out, _ = await _run(capsys, "--config", cfg, "query", sql)
         assert code == 0 and "count(*)" in out and "contributions" in out
-        code, out, _ = await _run(capsys, "--config", cfg, "query", "--csv",
+        code, out, err = await _run(capsys, "--config", cfg, "query", "--csv",
                                   "SELECT count(*) FROM dbs_outcomes")
-        assert code == 0 and out.splitlines() == ["count(*)", "20"]
+        assert code == 0 and out.splitlines() == ["count(*)", "20"], (code, out, err)
         code, out, _ = await _run(capsys, "--config", cfg, "query", "--json",
                                   "SELECT count(*) FROM dbs_outcomes WHERE age > 0")
         doc = json.loads(out)

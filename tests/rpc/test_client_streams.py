@@ -9,11 +9,15 @@ import pytest
 
 from stimctl.client import AsyncClient, JobFailed
 from stimnet.v1 import jobs_pb2, jobs_pb2_grpc
+from stimnetd import codec
+from stimnetd.rpc.frames import packed_frames
 from stimnetd.testing import CertFactory, client_config
 
 
 class _Lingering(jobs_pb2_grpc.JobServiceServicer):
-    """Sends a job's final state, then holds the stream open until released."""
+    """Sends a job's final state, then holds the stream open until released; a watcher of
+    a finished job gets its state first and its answer after (as `JobService.watch`
+    sends a finished job to a joining watcher)."""
 
     def __init__(self) -> None:
         self.release = asyncio.Event()
@@ -28,21 +32,32 @@ class _Lingering(jobs_pb2_grpc.JobServiceServicer):
             raise
         self.ended.set_result("finished")
 
+    async def WatchJob(self, request, context):  # type: ignore[no-untyped-def]
+        yield jobs_pb2.JobEvent(state=jobs_pb2.Job(id=request.id, state="succeeded"))
+        for frame in packed_frames(codec.pack({"result": {"columns": ["n"]}}, {})):
+            yield jobs_pb2.JobEvent(result=frame)
 
-async def test_a_final_state_ends_the_query_and_its_call_is_kept_until_its_status(
-        pki: CertFactory) -> None:
-    """The answer (here a failure) is the final state's: the client does not wait for the
-    stream's status, yet the call is not dropped (grpc would cancel it, and the node log a
-    finished RPC as cancelled): it lives on until the node ends it."""
+
+async def _serve(pki: CertFactory, servicer: jobs_pb2_grpc.JobServiceServicer
+                 ) -> tuple[grpc.aio.Server, int]:
     node = pki.issue("node-a", "node", hosts=("127.0.0.1",))
-    alice = pki.issue("alice", "researcher")
-    servicer = _Lingering()
     server = grpc.aio.server()
     jobs_pb2_grpc.add_JobServiceServicer_to_server(servicer, server)
     port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
         [(node.key.read_bytes(), node.cert.read_bytes())],
         root_certificates=node.ca.read_bytes(), require_client_auth=True))
     await server.start()
+    return server, port
+
+
+async def test_a_final_state_ends_the_query_and_its_call_is_kept_until_its_status(
+        pki: CertFactory) -> None:
+    """The answer (here a failure) is the final state's: the client does not wait for the
+    stream's status, yet the call is not dropped (grpc would cancel it, and the node log a
+    finished RPC as cancelled): it lives on until the node ends it."""
+    alice = pki.issue("alice", "researcher")
+    servicer = _Lingering()
+    server, port = await _serve(pki, servicer)
     try:
         async with AsyncClient(client_config(alice, f"127.0.0.1:{port}")) as c:
             # The node holds the stream for as long as the test lets it: a client waiting
@@ -59,5 +74,19 @@ async def test_a_final_state_ends_the_query_and_its_call_is_kept_until_its_statu
                     break
                 await asyncio.sleep(0.02)
             assert not c._draining
+    finally:
+        await server.stop(None)
+
+
+async def test_a_finished_jobs_answer_after_its_final_state_is_still_read(
+        pki: CertFactory) -> None:
+    """A succeeded job's final state without its answer does not end the stream: the
+    answer that follows it is read (stimctl's submit-then-watch under load)."""
+    alice = pki.issue("alice", "researcher")
+    server, port = await _serve(pki, _Lingering())
+    try:
+        async with AsyncClient(client_config(alice, f"127.0.0.1:{port}")) as c:
+            answer = await c.run_job(jobs_pb2.Job(id="j2", state="running"))
+        assert answer.job_id == "j2" and answer.columns == ["n"]
     finally:
         await server.stop(None)
