@@ -16,7 +16,7 @@ from stimnetd.gossip.swim import PeerUnreachable, ProbeMessage
 from stimnetd.rpc.gossip_transport import GrpcGossipTransport
 from stimnetd.rpc.peer_client import MAX_DETAIL_CHARS, GrpcSubJobTransport, PeerChannels
 from stimnetd.rpc.peer_identity import PeerIdentityError, probe
-from stimnetd.testing import CertFactory, CertPaths, free_port
+from stimnetd.testing import CertFactory, CertPaths, fake_node, free_port
 from stimnetd.tls import read_material
 from tests.federation.test_federated_queries import _tiny_catalog
 from tests.federation.test_signed_jobs import _signed as _signed_any
@@ -192,13 +192,9 @@ async def _ask_garbler(fed, c, garbler_servicer: _Garbler):  # type: ignore[no-u
 async def _ask(fed, c, name: str, servicer, *, named: bool = True):  # type: ignore[no-untyped-def]
     """Run one sub-job against a hostile node (a valid certificate named `name`) on
     loopback, the target named or not; (outcome, site events the entry reported)."""
-    garbler = fed.pki.issue(name, "node", hosts=("127.0.0.1",))
-    server = grpc.aio.server()
-    federation_pb2_grpc.add_FederationServiceServicer_to_server(servicer, server)
-    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
-        [(garbler.key.read_bytes(), garbler.cert.read_bytes())],
-        root_certificates=garbler.ca.read_bytes(), require_client_auth=True))
-    await server.start()
+    server, port = await fake_node(fed.pki.issue(name, "node", hosts=("127.0.0.1",)),
+                                   federation_pb2_grpc.add_FederationServiceServicer_to_server,
+                                   servicer)
     channels = PeerChannels(_material(fed, "site-a"))
     events: list[tuple] = []
 

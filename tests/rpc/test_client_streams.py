@@ -11,7 +11,7 @@ from stimctl.client import AsyncClient, JobFailed
 from stimnet.v1 import jobs_pb2, jobs_pb2_grpc
 from stimnetd import codec
 from stimnetd.rpc.frames import packed_frames
-from stimnetd.testing import CertFactory, client_config
+from stimnetd.testing import CertFactory, client_config, fake_node
 
 
 class _Lingering(jobs_pb2_grpc.JobServiceServicer):
@@ -40,14 +40,8 @@ class _Lingering(jobs_pb2_grpc.JobServiceServicer):
 
 async def _serve(pki: CertFactory, servicer: jobs_pb2_grpc.JobServiceServicer
                  ) -> tuple[grpc.aio.Server, int]:
-    node = pki.issue("node-a", "node", hosts=("127.0.0.1",))
-    server = grpc.aio.server()
-    jobs_pb2_grpc.add_JobServiceServicer_to_server(servicer, server)
-    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
-        [(node.key.read_bytes(), node.cert.read_bytes())],
-        root_certificates=node.ca.read_bytes(), require_client_auth=True))
-    await server.start()
-    return server, port
+    return await fake_node(pki.issue("node-a", "node", hosts=("127.0.0.1",)),
+                           jobs_pb2_grpc.add_JobServiceServicer_to_server, servicer)
 
 
 async def test_a_final_state_ends_the_query_and_its_call_is_kept_until_its_status(
