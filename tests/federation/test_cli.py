@@ -42,7 +42,7 @@ async def test_researcher_session(start_node, pki: CertFactory, small_catalog: d
         code, out, _ = await _run(capsys, "--config", cfg, "query", sql)
         assert code == 0 and "count(*)" in out and "contributions" in out
         code, out, err = await _run(capsys, "--config", cfg, "query", "--csv",
-                                  "SELECT count(*) FROM dbs_outcomes")
+                                    "SELECT count(*) FROM dbs_outcomes")
         assert code == 0 and out.splitlines() == ["count(*)", "20"], (code, out, err)
         code, out, _ = await _run(capsys, "--config", cfg, "query", "--json",
                                   "SELECT count(*) FROM dbs_outcomes WHERE age > 0")
