@@ -336,7 +336,9 @@ async def test_result_file_tricks_are_refused(
     """A result that is a symlink, hard link, FIFO or directory is refused, not followed."""
     out = await run_attack(runner, docker_client, catalog, f"import os\n{setup}\n")
     assert_refused(out)
-    assert out.reason == reason
+    # A directory may be seen by the output watcher while the script still runs (which
+    # stops it: "(killed)") or after it exits, as the machine's timing falls.
+    assert out.reason in (reason, f"{reason} (killed)")
 
 
 async def test_npy_side_file_symlink_is_refused(runner, docker_client, catalog: Catalog):
