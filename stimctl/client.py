@@ -329,8 +329,8 @@ class AsyncClient:
                         yield "site", site
                 if final and (answered or ev.state.state != "succeeded"):
                     # Nothing else is to come: the answer does not wait for the stream's
-                    # status, a further hop behind it. (A watcher joining a finished job
-                    # gets its state before its answer: that stream is read on.)
+                    # status, a further hop behind it. (A succeeded state without its
+                    # answer, from a node that sends it after, is read on.)
                     self._drain(call)
                     return
         except grpc.RpcError as exc:

@@ -456,16 +456,20 @@ class JobService:
             else:
                 record = await self.get(job_id, caller)
             seen: set[tuple[str, str]] = set()
-            quiet = record is submitted and not record.terminal and live is not None
+            quiet = record is submitted and live is not None
+            if record.terminal:
+                # A finished job is one update, as a live job's end is: its final state
+                # (listing every site's event) carrying its answer, if the caller's.
+                yield JobUpdate("state", job=record,
+                                result=record.result if _owns(record, caller) else None)
+                return
             if not quiet:
                 yield JobUpdate("state", job=record)
-                snapshot = record.sites if record.terminal or live is None else list(live.sites)
+                snapshot = record.sites if live is None else list(live.sites)
                 for ev in snapshot:
                     seen.add((ev["site"], ev["state"]))
                     yield JobUpdate("site", site=ev)
-            if record.terminal or live is None:
-                if record.result is not None and _owns(record, caller):
-                    yield JobUpdate("result", result=record.result)
+            if live is None:
                 return
             held: collections.deque[JobUpdate] = collections.deque()
 

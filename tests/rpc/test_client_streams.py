@@ -16,8 +16,8 @@ from stimnetd.testing import CertFactory, client_config, fake_node
 
 class _Lingering(jobs_pb2_grpc.JobServiceServicer):
     """Sends a job's final state, then holds the stream open until released; a watcher of
-    a finished job gets its state first and its answer after (as `JobService.watch`
-    sends a finished job to a joining watcher)."""
+    a finished job gets its state first and its answer after (as `JobService.watch` sent
+    a finished job to a joining watcher before 2026-12-02)."""
 
     def __init__(self) -> None:
         self.release = asyncio.Event()

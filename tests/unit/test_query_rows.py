@@ -171,6 +171,22 @@ async def test_a_querys_stream_ends_with_its_final_state_not_its_final_write(
     assert stored is not None and stored.state == "running"
 
 
+async def test_a_watcher_joining_a_finished_query_gets_one_final_state_with_its_answer(
+        store: Store) -> None:
+    """As a live job's end: the final state, listing its sites, carries the answer; no
+    separate site or result updates follow it."""
+    jobs, _ = _service(store)
+    record = await jobs.submit(_signed(), ALICE, "r1", follow=True)
+    ended = await asyncio.wait_for(_final(jobs, record.id), 5)
+    task = jobs._live[record.id].task if record.id in jobs._live else None
+    if task is not None:
+        await asyncio.wait_for(task, 5)
+    updates = [u async for u in jobs.watch(record.id, ALICE)]
+    assert [u.kind for u in updates] == ["state"]
+    assert updates[0].job is not None and updates[0].job.state == "succeeded"
+    assert updates[0].result == ended.result and updates[0].result is not None
+
+
 async def test_a_replayed_query_is_refused_at_once_even_before_its_row_exists(
         store: Store, gate: Callable[[str], _Gate]) -> None:
     """The same signed query twice, the second before the first's row is written: the
