@@ -164,6 +164,7 @@ class AsyncClient:
         # RPC as cancelled), and one still open when the event loop closes breaks grpc's
         # next loop in this process (stimctl runs one per command).
         self._draining: set[asyncio.Task[None]] = set()
+        self._entry: str | None = None
 
     @classmethod
     def from_file(cls, path: Path | str | None = None) -> AsyncClient:
@@ -201,6 +202,15 @@ class AsyncClient:
 
     async def info(self) -> node_pb2.NodeInfo:
         return await self._call(self.node.GetInfo, node_pb2.GetInfoRequest())
+
+    async def entry_node(self) -> str:
+        """The name of the node this client talks to, which every job it signs names: the
+        sites answer a relayed job only from that node. Asked once per client. A node that
+        misreports its name gains nothing: each site compares the name with the relaying
+        node's certificate, so a job signed for the wrong name is refused everywhere."""
+        if self._entry is None:
+            self._entry = (await self.info()).name
+        return self._entry
 
     async def catalogs(self, *, federated: bool = False) -> list[node_pb2.CatalogSummary]:
         resp = await self._call(self.node.ListCatalogs,
@@ -247,12 +257,11 @@ class AsyncClient:
     async def submit_query(self, query: str | dict[str, Any], *, federated: bool = False,
                            epsilon: float | None = None, min_sites: int = 1) -> jobs_pb2.Job:
         """Parse (SQL) or take a spec dict, sign it with our key, submit it."""
-        return await self.submit(self.sign(self._query_request(query, federated, epsilon,
-                                                               min_sites)))
+        return await self.submit(self.sign(await self._query_request(query, federated, epsilon,
+                                                                     min_sites)))
 
-    @staticmethod
-    def _query_request(query: str | dict[str, Any], federated: bool, epsilon: float | None,
-                       min_sites: int) -> Any:
+    async def _query_request(self, query: str | dict[str, Any], federated: bool,
+                             epsilon: float | None, min_sites: int) -> Any:
         from stimnetd.jobs import signing
         from stimnetd.query.errors import QueryError
         from stimnetd.query.spec import QuerySpec
@@ -261,7 +270,7 @@ class AsyncClient:
             spec = _parse_cached(query) if isinstance(query, str) else QuerySpec.from_dict(query)
         except QueryError as exc:
             raise InvalidRequest(f"query refused before sending: {exc}") from None
-        return signing.new_request("query", spec.catalog,
+        return signing.new_request("query", spec.catalog, entry=await self.entry_node(),
                                    scope="federated" if federated else "local",
                                    spec=spec.to_dict(), epsilon=epsilon, min_sites=min_sites)
 
@@ -270,7 +279,8 @@ class AsyncClient:
         """Sign a script job (its SHA-256 is in the signed payload) and submit it."""
         from stimnetd.jobs import signing
 
-        req = signing.new_request("script", catalog, scope="federated" if federated else "local",
+        req = signing.new_request("script", catalog, entry=await self.entry_node(),
+                                  scope="federated" if federated else "local",
                                   script=script, epsilon=epsilon, min_sites=min_sites)
         return await self.submit(self.sign(req, script))
 
@@ -372,7 +382,7 @@ class AsyncClient:
         """Submit and follow in one call (RunJob): the answer, or a typed error."""
         from stimnetd.rpc import convert
 
-        signed = self.sign(self._query_request(query, federated, epsilon, min_sites))
+        signed = self.sign(await self._query_request(query, federated, epsilon, min_sites))
         request = jobs_pb2.SubmitJobRequest(job=convert.signed_job_pb(signed))
         return await _follow(self._events(self.jobs.RunJob, request, "", None), on_event, None)
 

@@ -144,15 +144,17 @@ def client_config(certs: CertPaths, address: str, timeout_s: float = 10.0):  # t
                         timeout_s=timeout_s)
 
 
-async def fake_node(certs: CertPaths, add_servicer: Any, servicer: Any) -> tuple[Any, int]:
+async def fake_node(certs: CertPaths, add_servicer: Any, servicer: Any,
+                    also: tuple[tuple[Any, Any], ...] = ()) -> tuple[Any, int]:
     """A started in-process gRPC server with `certs` (mutual TLS, as a node's) serving
-    `servicer` (added by its generated `add_…_to_server`) on a free loopback port: a
-    stand-in node whose answers a test controls. Returns (server, port); stop it with
-    `await server.stop(None)`."""
+    `servicer` (added by its generated `add_…_to_server`), and each (add, servicer) of
+    `also`, on a free loopback port: a stand-in node whose answers a test controls.
+    Returns (server, port); stop it with `await server.stop(None)`."""
     import grpc
 
     server = grpc.aio.server()
-    add_servicer(servicer, server)
+    for add, serv in ((add_servicer, servicer), *also):
+        add(serv, server)
     port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
         [(certs.key.read_bytes(), certs.cert.read_bytes())],
         root_certificates=certs.ca.read_bytes(), require_client_auth=True))

@@ -49,6 +49,12 @@ class SubJobHandler:
             raise PermissionDenied(f"job {job.request.job_id} was signed for scope "
                                    f"{job.request.scope!r}: only a federated job is answered "
                                    "for another node")
+        if job.request.entry != entry.name:
+            # Before its nonce is remembered: a node racing the chosen entry with a copy
+            # cannot make the real request a "replay".
+            raise PermissionDenied(f"job {job.request.job_id} was signed to enter the federation "
+                                   f"at node {job.request.entry!r}, not {entry.name!r}: a site "
+                                   "answers a job only from the entry node its researcher chose")
         await self._executor.precheck(job)
         if job.request.kind == "script":
             await self._admit_script(job, entry, request_id)

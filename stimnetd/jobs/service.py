@@ -112,6 +112,9 @@ class JobService:
             raise PermissionDenied(f"job is signed by {job.researcher} but submitted by {caller}; "
                                    "researchers submit their own jobs")
         req = job.request
+        if req.entry != self._node:
+            raise PermissionDenied(f"job is signed for entry node {req.entry!r}, but this node is "
+                                   f"{self._node!r}: submit it there, or sign it for this node")
         # A query starts at once: recorded as running in its submit transaction, saving a
         # commit on every query's path (a restart interrupts queued and running alike).
         state, detail = ("running" if req.kind == "query" else "queued"), ""

@@ -4,7 +4,10 @@ The payload is canonical JSON (sorted keys, no whitespace, UTF-8) so that the by
 researcher signed are the bytes every site verifies — an entry node relays them untouched
 and can neither forge a job nor alter one (spec, epsilon, catalog, scope) without breaking
 the signature. Freshness (issued_at within a window) plus a per-site nonce memory refuse
-replays.
+replays. The payload names the entry node the researcher chose (`entry`): a site answers a
+relayed job only from that node, so another node that sees the job (a peer it was relayed
+to) cannot take it elsewhere — to collect a site's answer the entry never asked for, or to
+spend the researcher's budget there first and have the real request refused as a replay.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from cryptography import x509
 from stimnetd import pki
 from stimnetd.errors import InvalidRequest, Unauthenticated
 
-PAYLOAD_VERSION = 1
+# 2: `entry` (the node the researcher submits to) is signed too.
+PAYLOAD_VERSION = 2
+MAX_NODE_NAME = 255
 KINDS = ("query", "script")
 SCOPES = ("local", "federated")
 MAX_PAYLOAD = 256 * 1024
@@ -43,13 +48,15 @@ class JobRequest:
     min_sites: int = 1
     issued_at: float = 0.0
     nonce: str = ""
+    entry: str = ""  # the node's name (its certificate's) the researcher submits the job to
     v: int = PAYLOAD_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_payload(self) -> bytes:
         doc = {"v": self.v, "kind": self.kind, "catalog": self.catalog, "scope": self.scope,
                "spec": self.spec, "script_sha256": self.script_sha256, "epsilon": self.epsilon,
-               "min_sites": self.min_sites, "issued_at": self.issued_at, "nonce": self.nonce}
+               "min_sites": self.min_sites, "issued_at": self.issued_at, "nonce": self.nonce,
+               "entry": self.entry}
         return canonical(doc)
 
     @property
@@ -71,15 +78,19 @@ class JobRequest:
             raise InvalidRequest("signed job payload must be a JSON object")
         if canonical(doc) != payload:
             raise InvalidRequest("signed job payload is not in canonical form")
+        if doc.get("v") != PAYLOAD_VERSION:
+            # Version 1 did not name the entry node; this node answers no such job.
+            raise InvalidRequest(f"signed job version {doc.get('v')!r} is not supported (this "
+                                 f"node accepts version {PAYLOAD_VERSION}, which names the entry "
+                                 "node: update stimctl)")
         expected = {"v", "kind", "catalog", "scope", "spec", "script_sha256", "epsilon",
-                    "min_sites", "issued_at", "nonce"}
+                    "min_sites", "issued_at", "nonce", "entry"}
         if set(doc) != expected:
             raise InvalidRequest(f"signed job payload keys differ from {sorted(expected)}")
-        if doc["v"] != PAYLOAD_VERSION:
-            raise InvalidRequest(f"signed job version {doc['v']!r} is not supported")
         req = cls(kind=doc["kind"], catalog=doc["catalog"], scope=doc["scope"], spec=doc["spec"],
                   script_sha256=doc["script_sha256"], epsilon=doc["epsilon"],
-                  min_sites=doc["min_sites"], issued_at=doc["issued_at"], nonce=doc["nonce"])
+                  min_sites=doc["min_sites"], issued_at=doc["issued_at"], nonce=doc["nonce"],
+                  entry=doc["entry"])
         req.validate()
         return req
 
@@ -106,6 +117,9 @@ class JobRequest:
             raise InvalidRequest("nonce must be 16-64 characters")
         if not isinstance(self.issued_at, int | float) or isinstance(self.issued_at, bool):
             raise InvalidRequest("issued_at must be unix seconds")
+        if not isinstance(self.entry, str) or not 0 < len(self.entry) <= MAX_NODE_NAME:
+            raise InvalidRequest("a job names its entry node (the node it is submitted to), "
+                                 f"1-{MAX_NODE_NAME} characters")
 
 
 def canonical(doc: Any) -> bytes:
@@ -113,15 +127,16 @@ def canonical(doc: Any) -> bytes:
                       allow_nan=False).encode()
 
 
-def new_request(kind: str, catalog: str, *, scope: str = "local",
+def new_request(kind: str, catalog: str, *, entry: str, scope: str = "local",
                 spec: dict[str, Any] | None = None, script: bytes | None = None,
                 epsilon: float | None = None, min_sites: int = 1,
                 now: float | None = None) -> JobRequest:
+    """`entry`: the name of the node the job will be submitted to (NodeInfo.name)."""
     req = JobRequest(kind=kind, catalog=catalog, scope=scope, spec=spec,
                      script_sha256=hashlib.sha256(script).hexdigest() if script is not None else "",
                      epsilon=epsilon, min_sites=min_sites,
                      issued_at=round(time.time() if now is None else now, 3),
-                     nonce=secrets.token_hex(16))
+                     nonce=secrets.token_hex(16), entry=entry)
     req.validate()
     return req
 

@@ -21,11 +21,13 @@ SQL = {"catalog": "tiny", "where": None, "group_by": [],
        "aggregates": [{"func": "count", "fields": [], "name": "n", "params": []}]}
 
 
-def _signed(client, **changes) -> signing.SignedJob:  # type: ignore[no-untyped-def]
+def _signed(client, entry: str = "site-a", **changes) -> signing.SignedJob:  # type: ignore[no-untyped-def]
+    """A query signed by `client`'s researcher for `entry` (the federation's first node,
+    which `fed.client()` talks to)."""
     from stimnetd.query.spec import QuerySpec
 
     spec = QuerySpec.from_dict(SQL).to_dict()
-    req = signing.new_request("query", "tiny", spec=spec, **changes)
+    req = signing.new_request("query", "tiny", spec=spec, entry=entry, **changes)
     return client.sign(req)
 
 
@@ -112,6 +114,37 @@ async def test_peer_refuses_relayed_replay_and_tampering(federation, tmp_path: P
             await _subjob(fed, 0, 1, forged)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert "must be signed by a researcher" in err.value.details()
+
+
+async def test_a_job_is_answered_only_through_the_entry_node_it_was_signed_for(
+        federation, tmp_path: Path) -> None:
+    """The signed payload names the entry node. A node that sees a researcher's job (one
+    it was relayed) cannot take it to other sites — they refuse it from anyone but that
+    entry, before remembering its nonce, so the real request is not made a "replay" — and
+    no node runs a job signed for another entry."""
+    cats = [[_tiny_catalog(tmp_path / "a", [float(a) for a in range(30, 60)])],
+            [_tiny_catalog(tmp_path / "b", [float(a) for a in range(30, 60)])]]
+    async with federation(cats) as fed, fed.client() as c, fed.client(1) as at_b:
+        assert await c.entry_node() == "site-a" and await at_b.entry_node() == "site-b"
+        signed = _signed(c, scope="federated")  # for site-a
+        # site-b relays it to site-a, racing site-a's own fan-out:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _subjob(fed, 1, 0, signed)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "signed to enter the federation at node 'site-a', not 'site-b'" in \
+            err.value.details()
+        # ... or the researcher's copy is submitted to site-b (the payload says site-a):
+        with pytest.raises(PermissionDenied, match="signed for entry node 'site-a', but this "
+                                                   "node is 'site-b'"):
+            await at_b.submit(signed)
+        # Rewriting `entry` breaks the signature:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _subjob(fed, 1, 0, _tamper(signed, entry="site-b"))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # The refusals consumed nothing: through site-a the same job runs at both sites.
+        answer = await c.run_job(await c.submit(signed))
+        assert {m["site"]: m["state"] for m in answer.manifest} == \
+            {"site-a": "done", "site-b": "done"}
 
 
 async def test_concurrent_relayed_copies_release_once(federation, tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from stimctl.client import AsyncClient, JobFailed
-from stimnet.v1 import jobs_pb2, jobs_pb2_grpc
+from stimnet.v1 import jobs_pb2, jobs_pb2_grpc, node_pb2, node_pb2_grpc
 from stimnetd import codec
 from stimnetd.rpc.frames import packed_frames
 from stimnetd.testing import CertFactory, client_config, fake_node
@@ -38,10 +38,18 @@ class _Lingering(jobs_pb2_grpc.JobServiceServicer):
             yield jobs_pb2.JobEvent(result=frame)
 
 
+class _Named(node_pb2_grpc.NodeServiceServicer):
+    """GetInfo only: the client asks the node's name once, to sign it into each job."""
+
+    async def GetInfo(self, request, context):  # type: ignore[no-untyped-def]
+        return node_pb2.NodeInfo(name="node-a")
+
+
 async def _serve(pki: CertFactory, servicer: jobs_pb2_grpc.JobServiceServicer
                  ) -> tuple[grpc.aio.Server, int]:
     return await fake_node(pki.issue("node-a", "node", hosts=("127.0.0.1",)),
-                           jobs_pb2_grpc.add_JobServiceServicer_to_server, servicer)
+                           jobs_pb2_grpc.add_JobServiceServicer_to_server, servicer,
+                           also=((node_pb2_grpc.add_NodeServiceServicer_to_server, _Named()),))
 
 
 async def test_a_final_state_ends_the_query_and_its_call_is_kept_until_its_status(

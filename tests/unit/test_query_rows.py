@@ -65,7 +65,7 @@ class _Gate:
 
 def _signed(nonce: str = "n" * 32) -> SignedJob:
     req = JobRequest(kind="query", catalog="c", scope="federated", spec=SPEC.to_dict(),
-                     issued_at=time.time(), nonce=nonce)
+                     issued_at=time.time(), nonce=nonce, entry="node-a")
     return SignedJob(req.to_payload(), b"sig", b"cert")
 
 

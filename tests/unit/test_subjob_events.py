@@ -35,7 +35,7 @@ class FakeExecutor:
 
 def _job(nonce: str) -> SimpleNamespace:
     request = SimpleNamespace(kind="query", scope="federated", nonce=nonce, job_id=f"job-{nonce}",
-                              catalog="c")
+                              catalog="c", entry="site-a")
     return SimpleNamespace(request=request,
                            researcher=SimpleNamespace(name="alice", role="researcher"))
 

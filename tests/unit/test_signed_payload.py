@@ -1,0 +1,47 @@
+"""The signed job payload: what it must hold, and how an unacceptable one is named."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stimnetd.errors import InvalidRequest
+from stimnetd.jobs.signing import PAYLOAD_VERSION, JobRequest, canonical, new_request
+
+SPEC = {"catalog": "c", "where": None, "group_by": [],
+        "aggregates": [{"func": "count", "fields": [], "name": "n", "params": []}]}
+
+
+def _doc(**changes: object) -> dict:
+    doc = json.loads(new_request("query", "c", entry="site-a", spec=SPEC).to_payload())
+    doc.update(changes)
+    return doc
+
+
+def test_the_payload_round_trips_with_its_entry_node() -> None:
+    req = new_request("query", "c", entry="site-a", spec=SPEC, scope="federated", epsilon=0.5)
+    back = JobRequest.from_payload(req.to_payload())
+    assert back == req and back.entry == "site-a" and back.v == PAYLOAD_VERSION == 2
+
+
+def test_a_version_1_payload_is_refused_saying_why() -> None:
+    """Version 1 named no entry node: refused with the version, not as unknown keys."""
+    doc = _doc(v=1)
+    del doc["entry"]
+    with pytest.raises(InvalidRequest, match=r"version 1 is not supported \(this node accepts "
+                                             r"version 2, which names the entry node"):
+        JobRequest.from_payload(canonical(doc))
+
+
+@pytest.mark.parametrize("entry", ["", 7, None, "x" * 256])
+def test_a_payload_without_a_usable_entry_node_is_refused(entry: object) -> None:
+    with pytest.raises(InvalidRequest, match="a job names its entry node"):
+        JobRequest.from_payload(canonical(_doc(entry=entry)))
+
+
+def test_a_payload_missing_the_entry_key_is_refused() -> None:
+    doc = _doc()
+    del doc["entry"]
+    with pytest.raises(InvalidRequest, match="payload keys differ"):
+        JobRequest.from_payload(canonical(doc))
