@@ -404,17 +404,23 @@ class JobService:
 
     async def get(self, job_id: str, caller: Identity) -> JobRecord:
         live = self._live.get(job_id)
-        record = live.unwritten if live is not None and live.unwritten is not None \
-            else await self._store.get_job(job_id)
+        record = _as_now(live.unwritten if live is not None and live.unwritten is not None
+                         else await self._store.get_job(job_id), live)
         if record is None or not _may_see(record, caller):
             raise NotFound(f"no job {job_id!r} visible to you on this node{self._kept}")
-        if live is not None and not record.sites:
-            record = _with_sites(record, live.sites)
         return record
 
     async def list(self, caller: Identity, limit: int) -> list[JobRecord]:
+        """The caller's jobs (an admin's: all), newest first — as `get` shows them: a
+        query whose row is not written yet, or whose final state is not, as it is now."""
         owner = None if caller.role == "admin" else caller.name
-        return await self._store.list_jobs(owner=owner, limit=max(1, min(limit or 50, 500)))
+        limit = max(1, min(limit or 50, 500))
+        records = {r.id: r for r in await self._store.list_jobs(owner=owner, limit=limit)}
+        for job_id, live in list(self._live.items()):
+            record = _as_now(live.unwritten or records.get(job_id), live)
+            if record is not None and _may_see(record, caller):
+                records[job_id] = record
+        return sorted(records.values(), key=lambda r: r.created_at, reverse=True)[:limit]
 
     async def result(self, job_id: str, caller: Identity) -> bytes:
         """The job's answer as stored (codec.pack), for streaming as it is."""
@@ -634,8 +640,11 @@ def _may_see(record: JobRecord, caller: Identity) -> bool:
     return caller.role == "admin" or _owns(record, caller)
 
 
-def _with_sites(record: JobRecord, sites: list[dict[str, Any]]) -> JobRecord:
-    return replace(record, sites=list(sites))
+def _as_now(record: JobRecord | None, live: _Live | None) -> JobRecord | None:
+    """A job's record with the site events it has so far (a running job's row has none)."""
+    if record is None or live is None or record.sites or not live.sites:
+        return record
+    return replace(record, sites=list(live.sites))
 
 
 def new_request_id() -> str:

@@ -120,6 +120,9 @@ async def test_the_fan_out_starts_before_the_querys_row_is_written(
     await asyncio.sleep(0.05)
     assert held.waiting.is_set() and coordinator.row_when_run == [False]
     assert (await jobs.get(record.id, ALICE)).state == "running"
+    # Listed too (as GetJob shows it), though the store has no row yet.
+    assert [(r.id, r.state) for r in await jobs.list(ALICE, 10)] == [(record.id, "running")]
+    assert await store.list_jobs() == []
     assert not final.done()
     held.open.set()
     update = await asyncio.wait_for(final, 5)
@@ -143,6 +146,9 @@ async def test_a_querys_answer_is_shown_before_its_final_state_is_written(
     assert stored is not None and stored.state == "running"
     shown = await jobs.get(record.id, ALICE)
     assert shown.state == "succeeded" and [s["site"] for s in shown.sites] == []
+    assert [(r.id, r.state) for r in await jobs.list(ALICE, 10)] == [(record.id, "succeeded")]
+    bob = Identity(name="bob", role="researcher", serial=2, not_after=ALICE.not_after)
+    assert await jobs.list(bob, 10) == []  # another researcher's job, even from memory
     assert await jobs.result(record.id, ALICE) == update.result
     held.open.set()
     task = jobs._live[record.id].task if record.id in jobs._live else None
