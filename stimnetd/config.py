@@ -42,6 +42,9 @@ class TlsConfig:
     handshake_timeout_s: float = 10.0
     max_handshakes: int = 256
     max_handshakes_per_host: int = 32
+    # Refused calls (unauthenticated, revoked, wrong role) audited one by one per source
+    # per minute; the rest are counted into one entry (stimnetd/rpc/refusals.py).
+    refusals_audited_per_minute: int = 20
 
 
 @dataclass(frozen=True)
@@ -292,13 +295,15 @@ class _Parser:
     def tls(self, raw: dict[str, Any]) -> TlsConfig:
         w = "[tls]"
         raw = self.table(raw, w, {"ca", "cert", "key", "crl", "terminate", "handshake_timeout_s",
-                                  "max_handshakes", "max_handshakes_per_host"})
+                                  "max_handshakes", "max_handshakes_per_host",
+                                  "refusals_audited_per_minute"})
         crl = self.readable_file(raw, w, "crl") if "crl" in raw else None
         timeout = self.get(raw, w, "handshake_timeout_s", float, 10.0)
         if not 0.1 <= timeout <= 300:
             raise self.fail(f"{w}.handshake_timeout_s", "must be between 0.1 and 300 seconds")
         limits = {}
-        for key, default in (("max_handshakes", 256), ("max_handshakes_per_host", 32)):
+        for key, default in (("max_handshakes", 256), ("max_handshakes_per_host", 32),
+                             ("refusals_audited_per_minute", 20)):
             limits[key] = self.get(raw, w, key, int, default)
             if not 1 <= limits[key] <= 100_000:
                 raise self.fail(f"{w}.{key}", "must be between 1 and 100000")

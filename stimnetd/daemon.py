@@ -53,6 +53,7 @@ from stimnetd.rpc.guard import AuthContextIdentities, FrontIdentities, Guard, Re
 from stimnetd.rpc.jobs_servicer import JobServicer
 from stimnetd.rpc.node_servicer import NodeServicer
 from stimnetd.rpc.peer_client import GrpcSubJobTransport, PeerChannels
+from stimnetd.rpc.refusals import RefusalLimiter
 from stimnetd.sandbox import SANDBOX_VERSION
 from stimnetd.sandbox.image import check_image
 from stimnetd.sandbox.runner import SandboxLimits, SandboxRunner
@@ -211,6 +212,7 @@ class Daemon:
         self.metrics_port: int | None = None
         self.advertise: str | None = None
         self._server: grpc.aio.Server | None = None
+        self.guard: Guard | None = None
         m = self.tls.material
         t = config.tls
         self.front = (TlsFront(m.ca_pem, m.cert_pem, m.key_pem,
@@ -264,8 +266,10 @@ class Daemon:
         node = self.config.node
         identities = (FrontIdentities(self.front) if self.front is not None
                       else AuthContextIdentities())
-        guard = Guard(identities=identities, revocations=self.revocations, audit_refusal=self.store.audit,
-                      audit_allowed=self.store.audit_soon, observe=self.metrics.observe_rpc)
+        guard = self.guard = Guard(
+            identities=identities, revocations=self.revocations, audit_refusal=self.store.audit,
+            audit_allowed=self.store.audit_soon, observe=self.metrics.observe_rpc,
+            refusals=RefusalLimiter(burst=self.config.tls.refusals_audited_per_minute))
         server = grpc.aio.server(
             interceptors=[guard],
             options=[
@@ -329,6 +333,9 @@ class Daemon:
                 self.metrics.refresh_loop(NodeState(self).status)))
             log.info("metrics", address=f"{host}:{self.metrics_port}")
         self._tasks.append(asyncio.create_task(self._expiry_warnings()))
+        assert self.guard is not None  # built with the server
+        self._tasks.append(asyncio.create_task(self.guard.condense_refusals_loop(),
+                                               name="refusals"))
         if node.job_retention_days:
             self._tasks.append(asyncio.create_task(self._retention(node.job_retention_days),
                                                    name="retention"))
@@ -447,6 +454,9 @@ class Daemon:
             await self.sandbox.shutdown()
         await self.peer_channels.shutdown()
         self.metrics.stop()
+        if self.guard is not None:
+            with contextlib.suppress(Exception):
+                await self.guard.audit_condensed_refusals(everything=True)
         with contextlib.suppress(Exception):
             await self.store.audit(self.config.node.name, "node", "stop", "ok", {})
         await self.store.close()

@@ -13,6 +13,7 @@ covers channels opened before the revocation, and certificates expiring on an op
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import inspect
 import itertools
@@ -27,6 +28,7 @@ import structlog
 
 from stimnetd.errors import StimnetError
 from stimnetd.pki import Identity, PkiError, identity_from_cert
+from stimnetd.rpc.refusals import RefusalLimiter
 from stimnetd.rpc.roles import allowed_roles
 from stimnetd.tlsfront import TlsFront
 
@@ -147,10 +149,12 @@ class Guard(grpc.aio.ServerInterceptor):
                  audit_refusal: Callable[[str, str, str, str, dict[str, Any]], Awaitable[Any]],
                  audit_allowed: Callable[[str, str, str, str, dict[str, Any]], None],
                  observe: Callable[[str, str, float], None] | None = None,
+                 refusals: RefusalLimiter | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self._revocations = revocations
         self._audit_refusal = _bounded(audit_refusal)
         self._audit_allowed = audit_allowed
+        self._refusals = refusals or RefusalLimiter(clock=clock)
         self._observe = observe
         self._clock = clock
         self._identities = identities
@@ -226,10 +230,13 @@ class Guard(grpc.aio.ServerInterceptor):
             ident = self._check(method, context)
         except _RpcRefused as refused:
             name, role, extra = self._identities.who(context)
-            await self._audit_refusal(name, role, method, "denied",
-                                      {"reason": str(refused), "request_id": request_id, **extra})
-            self._log.warning("rpc refused", caller=f"{role}/{name}", status=refused.code.name,
-                        reason=str(refused))
+            if self._refusals.admit(_source(name, role), role, method, str(refused)):
+                await self._audit_refusal(name, role, method, "denied",
+                                          {"reason": str(refused), "request_id": request_id,
+                                           **extra})
+                self._log.warning("rpc refused", caller=f"{role}/{name}",
+                                  status=refused.code.name, reason=str(refused))
+            # Otherwise counted, for one entry when the source's minute ends (see refusals).
             if self._observe:
                 self._observe(method, refused.code.name, 0.0)
             await context.abort(refused.code, str(refused))
@@ -261,6 +268,25 @@ class Guard(grpc.aio.ServerInterceptor):
         rid = caller.request_id if caller else "?"
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {rid}); "
                             "the node's operator can find it in the logs")
+
+    async def audit_condensed_refusals(self, *, everything: bool = False) -> int:
+        """One audit entry per source whose refusals beyond the per-minute burst were
+        counted in a window that has ended (every window, `everything`, at shutdown)."""
+        summaries = self._refusals.due(everything=everything)
+        for summary in summaries:
+            await self._audit_refusal(summary.source, summary.role, "rpc", "denied-condensed",
+                                      summary.detail())
+            self._log.warning("rpc refusals condensed", source=summary.source,
+                              count=summary.count, audited_per_minute=self._refusals.burst)
+        return len(summaries)
+
+    async def condense_refusals_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._refusals.window_s / 4)
+            try:
+                await self.audit_condensed_refusals()
+            except Exception:  # noqa: BLE001 - the counts stay; the next round retries
+                log.exception("condensed refusals not audited")
 
     def _done(self, method: str, status: str, started: float, *, reason: str | None = None,
               logged: bool = False) -> None:
@@ -329,6 +355,15 @@ def _bounded(audit: Callable[[str, str, str, str, dict[str, Any]], Awaitable[Any
                            {k: _cut(v) for k, v in detail.items()})
 
     return bounded
+
+
+def _source(name: str, role: str) -> str:
+    """Whom a refusal is counted against: the certificate's identity when it was verified,
+    else the remote host (the port changes with every connection)."""
+    if role in ("anonymous", "unverified", "unparseable-cert"):
+        host, sep, port = name.rpartition(":")
+        return host if sep and port.isdigit() else name
+    return f"{role}/{name}"
 
 
 def _status_name(context: grpc.aio.ServicerContext) -> str:

@@ -133,6 +133,40 @@ async def test_unverifiable_callers_are_refused_and_audited(start_node, pki: Cer
     assert detail.get("claimed", "") == claimed
 
 
+async def test_a_flood_of_refused_calls_is_audited_in_brief(start_node, pki: CertFactory,
+                                                           tmp_path) -> None:
+    """Every call of an unverifiable caller is refused, but only the first few a minute get
+    an entry each (a caller must not fill the node's disk or drive its fsyncs): the rest
+    are counted, and the count is audited when the minute ends, or at shutdown."""
+    from stimnetd.store import Store
+
+    async with start_node(tls={"refusals_audited_per_minute": 3}) as d:
+        async with grpc.aio.secure_channel(
+                _addr(d), _unverifiable_credentials("other-ca", pki, tmp_path)) as ch:
+            for _ in range(8):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
+                                                               timeout=5)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        rows = await _audit(d, "/grpc.health.v1.Health/Check")
+        assert [(r.role, r.decision) for r in rows] == [("unverified", "denied")] * 3
+        assert await _audit(d, "rpc") == []  # the minute is not over
+        path = d.store.path
+    store = Store(path)  # the node has stopped: its last entries are on disk
+    await store.open()
+    try:
+        [condensed] = [r for r in await store.audit_rows() if r.action == "rpc"]
+        verified = await store.verify_audit()
+    finally:
+        await store.close()
+    detail = json.loads(condensed.detail_json)
+    assert (condensed.actor, condensed.role, condensed.decision) == \
+        ("127.0.0.1", "unverified", "denied-condensed")
+    assert detail["suppressed"] == 5
+    assert detail["methods"] == {"/grpc.health.v1.Health/Check": 5}
+    assert verified.ok
+
+
 async def test_client_names_an_unverifiable_certificate_in_one_line(start_node,
                                                                     pki: CertFactory) -> None:
     """stimctl says why its certificate was refused, not a traceback."""
@@ -293,8 +327,9 @@ def test_every_method_has_a_role_rule() -> None:
 
 async def test_every_method_refuses_a_caller_without_a_certificate(start_node,
                                                                    pki: CertFactory) -> None:
-    """Each RPC the node serves passes the guard: none answers an unauthenticated caller."""
-    async with start_node() as d:
+    """Each RPC the node serves passes the guard: none answers an unauthenticated caller
+    (each audited: more than the default burst of refusals a minute is allowed for)."""
+    async with start_node(tls={"refusals_audited_per_minute": 1000}) as d:
         creds = grpc.ssl_channel_credentials(root_certificates=pki.ca_cert_path.read_bytes())
         async with grpc.aio.secure_channel(_addr(d), creds) as ch:
             for method, client_streaming, server_streaming in _all_methods():

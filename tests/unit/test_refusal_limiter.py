@@ -1,0 +1,86 @@
+"""Refused calls: the first of a minute audited one by one per source, the rest counted."""
+
+from __future__ import annotations
+
+import pytest
+
+from stimnetd.rpc.refusals import GLOBAL_FACTOR, MAX_KINDS, OVERFLOW, RefusalLimiter
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_source_gets_burst_entries_then_one_summary_per_window() -> None:
+    clock = Clock()
+    lim = RefusalLimiter(burst=3, window_s=60, clock=clock)
+    admitted = [lim.admit("10.0.0.9", "anonymous", "/m/A", "no certificate") for _ in range(10)]
+    assert admitted == [True] * 3 + [False] * 7
+    clock.now += 59
+    assert lim.due() == []  # the window has not ended
+    clock.now += 1
+    [summary] = lim.due()
+    assert (summary.source, summary.role, summary.count) == ("10.0.0.9", "anonymous", 7)
+    assert summary.methods == {"/m/A": 7} and summary.reasons == {"no certificate": 7}
+    assert (summary.since, summary.until) == (1000.0, 1060.0)
+    assert summary.detail()["suppressed"] == 7
+    assert lim.due() == []  # summarised once
+    # A new window: the source is audited afresh.
+    assert lim.admit("10.0.0.9", "anonymous", "/m/A", "no certificate")
+
+
+def test_sources_are_limited_apart_and_a_quiet_window_leaves_no_summary() -> None:
+    clock = Clock()
+    lim = RefusalLimiter(burst=2, window_s=10, clock=clock)
+    for _ in range(2):
+        assert lim.admit("a", "anonymous", "/m", "r")
+        assert lim.admit("researcher/bob", "researcher", "/m", "r")
+    assert not lim.admit("a", "anonymous", "/m", "r")
+    clock.now += 10
+    assert [(s.source, s.count) for s in lim.due()] == [("a", 1)]
+
+
+def test_everything_is_summarised_at_shutdown() -> None:
+    clock = Clock()
+    lim = RefusalLimiter(burst=1, window_s=60, clock=clock)
+    lim.admit("a", "anonymous", "/m", "r")
+    lim.admit("a", "anonymous", "/m", "r")
+    assert lim.due() == []
+    assert [(s.source, s.count) for s in lim.due(everything=True)] == [("a", 1)]
+
+
+def test_many_sources_share_one_slot_and_one_global_budget() -> None:
+    """An attacker with many addresses neither grows the table nor escapes the limit."""
+    clock = Clock()
+    lim = RefusalLimiter(burst=1, window_s=60, max_sources=4, clock=clock)
+    admitted = [lim.admit(f"10.0.0.{i}", "anonymous", "/m", "r") for i in range(10)]
+    # four sources tracked apart; the rest share the overflow slot (one entry for them all)
+    assert admitted == [True] * 5 + [False] * 5
+    clock.now += 60
+    assert {(s.source, s.count) for s in lim.due()} == {(OVERFLOW, 5)}
+
+    lim = RefusalLimiter(burst=1, window_s=60, max_sources=10_000, clock=clock)
+    admitted = [lim.admit(f"s{i}", "anonymous", "/m", "r") for i in range(GLOBAL_FACTOR + 5)]
+    assert admitted.count(True) == GLOBAL_FACTOR  # all sources together
+
+
+def test_a_summary_names_a_bounded_number_of_methods_and_reasons() -> None:
+    clock = Clock()
+    lim = RefusalLimiter(burst=1, window_s=60, clock=clock)
+    lim.admit("a", "anonymous", "/m", "r")
+    for i in range(MAX_KINDS + 5):
+        lim.admit("a", "anonymous", f"/m/{i}", "x" * 1000 + str(i))
+    [summary] = lim.due(everything=True)
+    assert len(summary.methods) == MAX_KINDS + 1 and summary.methods["other"] == 5
+    assert all(len(r) <= 200 for r in summary.reasons)
+    assert sum(summary.methods.values()) == summary.count == MAX_KINDS + 5
+
+
+@pytest.mark.parametrize("kwargs", [{"burst": 0}, {"window_s": 0}, {"max_sources": 0}])
+def test_nonsense_limits_are_refused(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        RefusalLimiter(**kwargs)
