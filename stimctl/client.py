@@ -275,12 +275,31 @@ class AsyncClient:
                                    spec=spec.to_dict(), epsilon=epsilon, min_sites=min_sites)
 
     async def submit_script(self, script: bytes, catalog: str, *, federated: bool = False,
-                            epsilon: float | None = None, min_sites: int = 1) -> jobs_pb2.Job:
-        """Sign a script job (its SHA-256 is in the signed payload) and submit it."""
-        from stimnetd.jobs import signing
+                            epsilon: float | None = None, min_sites: int = 1,
+                            outputs: str | dict[str, Any] | None = None) -> jobs_pb2.Job:
+        """Sign a script job (its SHA-256 is in the signed payload) and submit it.
 
+        `outputs` declares what the script emits, in the query language — SQL such as
+        "SELECT count(*) AS n, avg(age) AS mean_age FROM c GROUP BY sex" (no WHERE) or
+        the equivalent spec — and is signed with it: a site releases only a result that
+        is exactly that (sites require it unless their `declared_outputs` is optional)."""
+        from stimnetd.jobs import signing
+        from stimnetd.query.errors import QueryError
+        from stimnetd.query.spec import QuerySpec
+
+        spec = None
+        if outputs is not None:
+            try:
+                spec = _parse_cached(outputs) if isinstance(outputs, str) \
+                    else QuerySpec.from_dict(outputs)
+            except QueryError as exc:
+                raise InvalidRequest(f"declared outputs refused before sending: {exc}") from None
+            if spec.catalog != catalog:
+                raise InvalidRequest(f"declared outputs refused before sending: they name "
+                                     f"catalog {spec.catalog!r}, the script runs on {catalog!r}")
         req = signing.new_request("script", catalog, entry=await self.entry_node(),
                                   scope="federated" if federated else "local",
+                                  spec=spec.to_dict() if spec is not None else None,
                                   script=script, epsilon=epsilon, min_sites=min_sites)
         return await self.submit(self.sign(req, script))
 

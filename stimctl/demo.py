@@ -337,6 +337,11 @@ emit_regression("dose_response", "updrs_change", ["amplitude_ma"], pd_stn)
 """
 
 
+# What the script emits, declared and signed with it: each site releases only exactly this.
+DEMO_OUTPUTS = ("SELECT count(*) AS stn_subjects, avg(updrs_change) AS mean_improvement, "
+                "lm('updrs_change ~ amplitude_ma') AS dose_response FROM dbs_outcomes")
+
+
 async def demo_script_job(fed: DemoFederation) -> None:
     from stimctl.client import AsyncClient
     from stimctl.jobs_cli import Progress, print_answer
@@ -344,9 +349,11 @@ async def demo_script_job(fed: DemoFederation) -> None:
     path = fed.root / "results" / "stn_dose_response.py"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(DEMO_SCRIPT)
-    print(f"$ stimctl submit {path} --catalog dbs_outcomes --federated --watch")
+    print(f"$ stimctl submit {path} --catalog dbs_outcomes --federated --watch \\\n"
+          f"    --outputs \"{DEMO_OUTPUTS}\"")
     async with AsyncClient.from_file(fed.researcher_config) as c:
-        job = await c.submit_script(DEMO_SCRIPT, "dbs_outcomes", federated=True, min_sites=2)
+        job = await c.submit_script(DEMO_SCRIPT, "dbs_outcomes", federated=True, min_sites=2,
+                                    outputs=DEMO_OUTPUTS)
         with Progress(enabled=True) as progress:
             answer = await c.run_job(job, progress)
     print_answer(answer, argparse.Namespace(json=False, csv=False, out=None))

@@ -161,7 +161,8 @@ async def cmd_submit(c: AsyncClient, args: argparse.Namespace) -> int:
         print(f"stimctl: error: cannot read script {args.script}: {exc.strerror}", file=sys.stderr)
         return 2
     job = await c.submit_script(script, args.catalog, federated=args.federated,
-                                epsilon=args.epsilon, min_sites=args.min_sites)
+                                epsilon=args.epsilon, min_sites=args.min_sites,
+                                outputs=args.outputs)
     if not args.watch:
         if args.json:
             output.emit_json(MessageToDict(job, preserving_proto_field_name=True))
@@ -234,6 +235,10 @@ def register(sub: Any, node_cmd: Callable[..., argparse.ArgumentParser]) -> None
     sb = node_cmd("submit", cmd_submit, "run a Python script in each site's sandbox")
     sb.add_argument("script", type=Path)
     sb.add_argument("--catalog", required=True)
+    sb.add_argument("--outputs", metavar="SQL",
+                    help="what the script emits, signed with it, e.g. \"SELECT count(*) AS n, "
+                         "avg(age) AS mean_age FROM CATALOG GROUP BY sex\" (no WHERE); sites "
+                         "release only exactly that, and most require it")
     sb.add_argument("--federated", action="store_true")
     sb.add_argument("--watch", action="store_true", help="follow per-site progress to the result")
     sb.add_argument("--epsilon", type=float, default=None)

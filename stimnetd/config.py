@@ -20,6 +20,7 @@ from stimnetd.pki import PkiError, check_name
 DP_POLICIES = ("off", "optional", "required")
 SCRIPT_POLICIES = ("auto", "review", "deny")
 LOG_POLICIES = ("none", "errors", "full")
+DECLARED_OUTPUTS = ("required", "optional")
 RESTART_POLICIES = ("interrupt", "requeue")
 TLS_TERMINATORS = ("stimnet", "grpc")
 
@@ -97,6 +98,10 @@ class GossipSettings:
 class ScriptSettings:
     policy: str = "review"
     log_policy: str = "errors"
+    # "required": a script job must declare its outputs (names, functions, fields, edges,
+    # GROUP BY) in the signed request, and its result must be exactly that; "optional":
+    # undeclared scripts run too (their output names and edges are a channel past k_min).
+    declared_outputs: str = "required"
     concurrency: int = 1
     image: str = "stimnet-sandbox"
     memory_mb: int = 512
@@ -374,10 +379,12 @@ class _Parser:
         w = "[scripts]"
         raw = self.table(raw, w, {"policy", "log_policy", "concurrency", "image", "memory_mb",
                                   "cpus", "pids", "timeout_s", "result_mb", "on_restart",
-                                  "warm_containers"})
+                                  "warm_containers", "declared_outputs"})
         s = ScriptSettings(
             policy=self.get(raw, w, "policy", str, "review", choices=SCRIPT_POLICIES),
             log_policy=self.get(raw, w, "log_policy", str, "errors", choices=LOG_POLICIES),
+            declared_outputs=self.get(raw, w, "declared_outputs", str, "required",
+                                      choices=DECLARED_OUTPUTS),
             concurrency=self.get(raw, w, "concurrency", int, 1),
             image=self.get(raw, w, "image", str, "stimnet-sandbox"),
             memory_mb=self.get(raw, w, "memory_mb", int, 512),

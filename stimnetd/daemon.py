@@ -185,6 +185,7 @@ class Daemon:
             noise=NoiseMechanism(), overlap_guard=config.privacy.overlap_guard,
             on_decision=self.metrics.decision,
             script_runner=SandboxScripts(self.sandbox, log_policy=config.scripts.log_policy,
+                                         declared_outputs=config.scripts.declared_outputs,
                                          on_duration=self.metrics.sandbox_seconds.observe)
             if self.sandbox is not None else None)
         self.verifier = JobVerifier(self, config.federation.request_max_age_s)

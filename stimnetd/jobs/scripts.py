@@ -4,21 +4,40 @@ The script's output is untrusted data: `parse_result` checks it against the cata
 declared schema and bounds (an n above the catalog's size, sums outside n·bounds, off-grid
 maps are refused) and the site's privacy layer then applies k_min and DP with the
 catalog's bounds — never with anything the script claims about itself.
+
+What a script emits — its outputs' names, kinds, fields, histogram edges, and which groups
+— would otherwise be chosen by the script at run time, and leave the site even where the
+values are withheld: a channel past k_min and DP. So a script job declares its outputs in
+the signed request, in the query language (`SELECT count(*) AS n, avg(age) AS mean_age
+FROM c GROUP BY sex`: no WHERE, the script picks its rows), and the site releases only a
+result that is exactly that: every declared output, nothing else, each with its declared
+function, fields and edges, and for a grouped one every combination of the group fields'
+declared levels (empty groups included, so which groups exist says nothing). Sites require
+the declaration by default (`[scripts] declared_outputs`).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import itertools
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from stimnetd.catalog import Catalog
+from stimnetd.catalog_types import FieldMeta
 from stimnetd.errors import StimnetError
 from stimnetd.jobs.signing import VerifiedJob
-from stimnetd.query.aggregate import Partial
-from stimnetd.query.spec import AggSpec, QuerySpec
-from stimnetd.sandbox.result import parse_result
+from stimnetd.query.aggregate import GroupKey, Partial
+from stimnetd.query.errors import QueryError
+from stimnetd.query.spec import AggSpec, QuerySpec, validate
+from stimnetd.sandbox.result import NAME_RE, ResultRejected, parse_result
 from stimnetd.sandbox.runner import SandboxRunner, job_manifest
+
+# What a script can emit (stimnet_runtime's emit_* and the result format's kinds).
+SCRIPT_FUNCS = ("count", "sum", "mean", "var", "sd", "histogram", "corr", "regression",
+                "contingency", "count_map", "mean_map")
+# A grouped output's cells are every combination of its group fields' levels: bounded.
+MAX_DECLARED_CELLS = 10_000
 
 
 class ScriptFailed(StimnetError):
@@ -31,14 +50,31 @@ class SandboxScripts:
     """The SiteExecutor's script runner: sandbox → validated Partials."""
 
     def __init__(self, runner: SandboxRunner, *, log_policy: str,
+                 declared_outputs: str = "required",
                  on_duration: Callable[[float], None] = lambda s: None) -> None:
         self._runner = runner
         self._log_policy = log_policy
+        self._declared_outputs = declared_outputs
         self._on_duration = on_duration
+
+    def declaration(self, job: VerifiedJob, catalog: Catalog) -> QuerySpec | None:
+        """The job's declared outputs, checked against this catalog (before its script
+        runs); None when it declares none and this site allows that."""
+        doc = job.request.spec
+        if doc is None:
+            if self._declared_outputs == "required":
+                raise DeclarationRefused(
+                    "this site requires a script job to declare its outputs ([scripts] "
+                    "declared_outputs = 'required'): submit it with the aggregates it emits, "
+                    "e.g. stimctl submit SCRIPT --outputs \"SELECT count(*) AS n FROM "
+                    f"{catalog.name}\"")
+            return None
+        return declared_spec(doc, catalog)
 
     async def __call__(self, job: VerifiedJob, catalog: Catalog,
                        on_event: Callable[[str, str], Awaitable[None]]
                        ) -> tuple[list[Partial], frozenset[str] | None]:
+        declared = self.declaration(job, catalog)
         manifest = job_manifest({t: str(p.relative_to(catalog.root))
                                  for t, p in catalog.config.tables.items()},
                                 catalog.subject_key, catalog.fields)
@@ -56,12 +92,101 @@ class SandboxScripts:
         # Off the loop: checking a result of voxel maps is seconds of numpy at worst.
         partials = await asyncio.to_thread(parse_result, outcome.result, outcome.arrays,
                                            catalog.fields, catalog.n_subjects, geometry=geometry)
+        if declared is not None:
+            check_declared(partials, declared, catalog.fields)
         # A script's cohort is unknown to the site (it chose its rows itself), so the
         # overlap guard cannot apply; k_min and DP still do.
         return partials, None
 
     async def cancel(self, job_id: str) -> bool:
         return await self._runner.cancel(job_id)
+
+
+class DeclarationRefused(StimnetError):
+    """A script job's output declaration is missing or unusable at this site."""
+
+    code = "FAILED_PRECONDITION"
+    policy = "declared_outputs"
+
+
+def declared_spec(doc: Any, catalog: Catalog) -> QuerySpec:
+    """A script job's declaration (a query spec's aggregates and GROUP BY), checked against
+    `catalog`: each output something a script can emit, each group field with declared
+    levels. QueryError says what is wrong."""
+    if not isinstance(doc, dict):
+        raise QueryError("a script's declared outputs must be a query spec (an object)")
+    spec = QuerySpec.from_dict(doc)
+    if spec.catalog != catalog.name:
+        raise QueryError(f"the declared outputs name catalog {spec.catalog!r}, the job "
+                         f"{catalog.name!r}")
+    if spec.where is not None:
+        raise QueryError("a script's declared outputs have no WHERE: the script chooses its "
+                         "rows itself")
+    validate(spec, catalog.fields)
+    for agg in spec.aggregates:
+        if agg.func not in SCRIPT_FUNCS:
+            raise QueryError(f"output {agg.name!r}: a script cannot emit {agg.func} (it can "
+                             f"emit {', '.join(SCRIPT_FUNCS)})")
+        if agg.func == "count" and agg.fields:
+            raise QueryError(f"output {agg.name!r}: a script's count is count(*) (the rows it "
+                             "chose)")
+        if not NAME_RE.match(agg.name):
+            raise QueryError(f"output {agg.name!r}: not a name a script can emit "
+                             f"({NAME_RE.pattern})")
+    cells = 1
+    for name in spec.group_by:
+        levels = catalog.fields[name].levels
+        if not levels:
+            raise QueryError(f"GROUP BY {name!r}: a script's groups are its fields' declared "
+                             f"levels, and {name!r} declares none")
+        cells *= len(levels)
+    if cells > MAX_DECLARED_CELLS:
+        raise QueryError(f"GROUP BY {', '.join(spec.group_by)}: {cells} group cells; at most "
+                         f"{MAX_DECLARED_CELLS} for a script")
+    return spec
+
+
+def check_declared(partials: list[Partial], spec: QuerySpec,
+                   fields: Mapping[str, FieldMeta]) -> None:
+    """Refuse (ResultRejected) a script result that is not exactly what its job declared.
+
+    As parse_result's, these messages reach the researcher and quote nothing the script
+    chose (a name it made up, its edges, which groups it emitted or how many): only the
+    declaration and the rule."""
+    wanted = {a.name: a for a in spec.aggregates}
+    cells = set(itertools.product(*[[(f, lv) for lv in (fields[f].levels or ())]
+                                    for f in sorted(spec.group_by)]))
+    seen: dict[str, set[GroupKey]] = {}
+    for p in partials:
+        declared = wanted.get(p.name)
+        if declared is None:
+            raise ResultRejected(f"the script emitted an output its job did not declare (it "
+                                 f"declared {', '.join(repr(n) for n in wanted)})")
+        got = _agg(p)
+        if (got.func, got.fields, _edges(got.params)) != \
+                (declared.func, declared.fields, _edges(declared.params)):
+            raise ResultRejected(f"output {p.name!r}: the script emitted something other than "
+                                 f"the declared {_show(declared)}")
+        if p.group not in cells:
+            raise ResultRejected(f"output {p.name!r}: the script emitted a group other than "
+                                 "those of the declared GROUP BY "
+                                 f"{', '.join(spec.group_by) or '(none)'}")
+        seen.setdefault(p.name, set()).add(p.group)
+    for name in wanted:
+        if seen.get(name, set()) != cells:
+            raise ResultRejected(f"output {name!r}: not every one of its {len(cells)} declared "
+                                 "group(s) emitted (a grouped output covers every level "
+                                 "combination, empty ones included)" if spec.group_by else
+                                 f"output {name!r}: declared by the job but not emitted")
+
+
+def _edges(params: tuple[float, ...]) -> tuple[float, ...]:
+    return tuple(float(v) for v in params)
+
+
+def _show(agg: AggSpec) -> str:
+    edges = f" edges {list(_edges(agg.params))}" if agg.params else ""
+    return f"{agg.func}({', '.join(agg.fields) or '*'}){edges}"
 
 
 def spec_from_partials(catalog: str, partials: list[Partial]) -> QuerySpec:

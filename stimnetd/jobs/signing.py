@@ -37,7 +37,8 @@ MAX_SCRIPT = 1024 * 1024
 
 @dataclass(frozen=True)
 class JobRequest:
-    """The signed content of a job. `spec` is a QuerySpec dict for queries."""
+    """The signed content of a job. `spec` is a QuerySpec dict: a query's, or the outputs a
+    script job declares (aggregates and GROUP BY; see jobs/scripts.py)."""
 
     kind: str
     catalog: str
@@ -106,6 +107,8 @@ class JobRequest:
         if self.kind == "script" and (not isinstance(self.script_sha256, str)
                                       or len(self.script_sha256) != 64):
             raise InvalidRequest("a script job needs the script's SHA-256")
+        if self.kind == "script" and self.spec is not None and not isinstance(self.spec, dict):
+            raise InvalidRequest("a script job's declared outputs (spec) must be an object")
         if self.epsilon is not None and (not isinstance(self.epsilon, int | float)
                                          or isinstance(self.epsilon, bool)
                                          or not math.isfinite(self.epsilon)):

@@ -13,13 +13,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
 from stimnetd import codec
 from stimnetd.catalog import Catalog, CatalogSet
-from stimnetd.errors import Refused, Replayed, StimnetError
+from stimnetd.errors import InvalidRequest, Refused, Replayed, StimnetError
 from stimnetd.jobs.signing import VerifiedJob
 from stimnetd.privacy.noise import NoiseSource, add_noise
 from stimnetd.privacy.overlap import check_overlap, check_union_overlap, cohort_fingerprint_list
@@ -46,9 +46,16 @@ log = structlog.get_logger("stimnetd.site")
 # 19,467). Image aggregates and larger catalogs use a worker thread.
 INLINE_SUBJECTS = 5_000
 
-# (partials, cohort subject ids or None when the site cannot know the cohort)
-ScriptRunner = Callable[[VerifiedJob, Catalog, Callable[[str, str], Awaitable[None]]],
-                        Awaitable[tuple[list[Partial], frozenset[str] | None]]]
+class ScriptRunner(Protocol):
+    """Runs a script job's script on a catalog (jobs/scripts.SandboxScripts)."""
+
+    def declaration(self, job: VerifiedJob, catalog: Catalog) -> object:
+        """Raise (QueryError, StimnetError) if the job's declared outputs are unusable here."""
+
+    async def __call__(self, job: VerifiedJob, catalog: Catalog,
+                       on_event: Callable[[str, str], Awaitable[None]]
+                       ) -> tuple[list[Partial], frozenset[str] | None]:
+        """(partials, cohort subject ids or None when the site cannot know the cohort)"""
 EventSink = Callable[[str, str], Awaitable[None]]  # (state, detail)
 
 
@@ -95,7 +102,12 @@ class SiteExecutor:
         budget already too small. The release transaction re-checks the budget, so this
         is a courtesy to the researcher (a clear status at once), not the guarantee."""
         req = job.request
-        self._catalogs.get(req.catalog)
+        catalog = self._catalogs.get(req.catalog)
+        if req.kind == "script" and self._script_runner is not None:
+            try:
+                self._script_runner.declaration(job, catalog)
+            except QueryError as exc:
+                raise InvalidRequest(f"declared outputs refused: {exc}") from None
         epsilon = decide_epsilon(self._policy, req.epsilon)
         if epsilon is not None:
             spent = await self._store.spent(job.researcher.name, req.catalog)

@@ -13,9 +13,10 @@ Rejection messages reach the researcher, and the script controls what it wrote, 
 message never echoes a value from the result (a claimed n, a shape, an unknown key or
 field name): only the rule, the aggregate's name and catalog metadata.
 
-Names, histogram edges and group labels are chosen by the script at run time and so can
-carry data bits past the noise. ``parse_result(..., declared=...)`` pins them to what
-the job request declared; sites requiring DP should always pass it.
+Names, histogram edges and which groups are emitted are chosen by the script at run time
+and so can carry data bits past the noise: a script job declares them in its signed
+request and `jobs/scripts.check_declared` holds the parsed result to that declaration.
+(Group labels are declared levels only, here.)
 """
 
 from __future__ import annotations
@@ -87,16 +88,12 @@ def parse_result(
     catalog_rows: int,
     *,
     geometry: Mapping[str, ImageGeometry] | None = None,
-    declared: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[Partial]:
     """Validate a result document strictly and return its aggregates as `Partial`s.
 
     `arrays` holds the ``.npy`` side files by file name (as the runner read them).
     `geometry` maps an image column to the catalog's grid; when given, voxel maps must be
-    on it and carry its affine (the script's is never used). `declared` maps each allowed
-    aggregate name to the kind and meta the job request declared (e.g. ``{"age_hist":
-    {"kind": "histogram", "meta": {"edges": [...]}}}``); when given, any other name, kind
-    or declared meta is refused.
+    on it and carry its affine (the script's is never used).
     """
     if not isinstance(doc, dict):
         raise ResultRejected("result: the document must be a JSON object")
@@ -110,7 +107,7 @@ def parse_result(
         raise ResultRejected(f"result: more than {MAX_AGGREGATES} aggregates")
     if not isinstance(catalog_rows, int) or catalog_rows < 0:
         raise ValueError("catalog_rows must be a non-negative int")
-    parser = _Parser(arrays, fields, catalog_rows, geometry or {}, declared)
+    parser = _Parser(arrays, fields, catalog_rows, geometry or {})
     partials = [parser.aggregate(i, agg) for i, agg in enumerate(aggregates)]
     seen: set[tuple[str, GroupKey]] = set()
     shapes: dict[str, tuple[str, dict[str, Any]]] = {}
@@ -150,13 +147,11 @@ class _Parser:
         fields: Mapping[str, FieldMeta],
         catalog_rows: int,
         geometry: Mapping[str, ImageGeometry],
-        declared: Mapping[str, Mapping[str, Any]] | None,
     ) -> None:
         self._arrays = arrays
         self._fields = fields
         self._rows = catalog_rows
         self._geometry = geometry
-        self._declared = declared
         self._used: set[str] = set()
         self._elements = 0
 
@@ -169,8 +164,6 @@ class _Parser:
         name = agg.get("name")
         if not (isinstance(name, str) and NAME_RE.match(name)):
             raise ResultRejected(f"{where}: name must match {NAME_RE.pattern}")
-        if self._declared is not None and name not in self._declared:
-            raise ResultRejected(f"{where}: name not declared by the job request")
         where = f"aggregate {name!r}"
         _keys(where, agg, _AGG_REQUIRED, _AGG_OPTIONAL)
         kind = agg["kind"]
@@ -193,20 +186,9 @@ class _Parser:
         _keys(f"{where} stats", stats_doc, *_STATS_KEYS[kind])
         stats = {key: self._array(where, key, value) for key, value in stats_doc.items()}
         group = self._group(where, agg.get("group", []))
-        self._check_declared(where, name, kind, meta)
         check = getattr(self, f"_check_{kind}")
         clean_meta = check(where, n, stats, meta)
         return Partial(name=name, kind=kind, group=group, n=n, stats=stats, meta=clean_meta)
-
-    def _check_declared(self, where: str, name: str, kind: str, meta: dict[str, Any]) -> None:
-        if self._declared is None:
-            return
-        spec = self._declared[name]
-        if "kind" in spec and spec["kind"] != kind:
-            raise ResultRejected(f"{where}: kind {kind!r}, the job declared {spec['kind']!r}")
-        for key, value in (spec.get("meta") or {}).items():
-            if meta.get(key) != value:
-                raise ResultRejected(f"{where}: meta {key!r} differs from the job's declaration")
 
     # -- values ------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import sqlite3
 import time
@@ -15,7 +16,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from stimctl.client import AsyncClient, JobFailed, Refused
+from stimctl.client import AsyncClient, InvalidRequest, JobFailed, Refused
 from stimnetd.testing import CertFactory, DaemonProcess, client_config, free_port, write_node_config
 from tests.federation.test_federated_queries import _tiny_catalog
 
@@ -32,6 +33,9 @@ for sid in df["sid"]:
     emit_count(f"subject_{sid}", 1)
 """
 SPIN = b"while True:\n    pass\n"
+# What each script emits, declared with it (sites require the declaration by default).
+COUNT_OUT = "SELECT count(*) AS n, avg(age) AS mean_age FROM tiny"
+N_OUT = "SELECT count(*) AS n FROM tiny"
 SLOW = b"""
 import time
 time.sleep(3)
@@ -65,7 +69,7 @@ async def test_script_job_runs_and_releases_aggregates(tmp_path: Path, pki: Cert
     try:
         await proc.wait_healthy(alice, f"127.0.0.1:{port}")
         async with AsyncClient(client_config(alice, f"127.0.0.1:{port}", 60)) as c:
-            ans = await c.run_job(await c.submit_script(COUNT, "tiny"))
+            ans = await c.run_job(await c.submit_script(COUNT, "tiny", outputs=COUNT_OUT))
         assert ans.rows == [[30, pytest.approx(44.5)]]
         assert ans.doc["kind"] == "script"
     finally:
@@ -93,15 +97,15 @@ async def test_review_policy_holds_until_an_admin_decides(tmp_path: Path, pki: C
                                                           sandbox_image: str) -> None:
     """Under `review` a job waits; approve runs it (remembered per SHA-256), deny fails it."""
     async with _review_node(tmp_path, pki) as (c, admin):
-        job = await c.submit_script(COUNT, "tiny")
+        job = await c.submit_script(COUNT, "tiny", outputs=COUNT_OUT)
         assert job.state == "awaiting_approval" and "approve" in job.detail
         await admin.approve(job.id, remember=True)
         ans = await c.run_job(job)
         assert ans.rows[0][0] == 30
-        again = await c.submit_script(COUNT, "tiny")  # same script: remembered
+        again = await c.submit_script(COUNT, "tiny", outputs=COUNT_OUT)  # same script: remembered
         assert again.state == "queued"
         await c.run_job(again)
-        other = await c.submit_script(SLOW, "tiny")
+        other = await c.submit_script(SLOW, "tiny", outputs=N_OUT)
         assert other.state == "awaiting_approval"
         await admin.deny(other.id)
         with pytest.raises(JobFailed, match="denied by site admin ops"):
@@ -115,7 +119,7 @@ async def test_review_policy_holds_this_sites_share_of_a_federated_script(
     once, as a peer does, no container starts, and an admin approving the request it
     leaves (remembered) lets the resubmitted script run here."""
     async with _review_node(tmp_path, pki) as (c, admin):
-        job = await c.submit_script(COUNT, "tiny", federated=True)
+        job = await c.submit_script(COUNT, "tiny", outputs=COUNT_OUT, federated=True)
         with pytest.raises(JobFailed, match=r"node-a: refused \(awaiting approval: site "
                                              "policy 'review'"):
             await c.run_job(job)
@@ -123,7 +127,7 @@ async def test_review_policy_holds_this_sites_share_of_a_federated_script(
         pending = [j for j in await admin.list_jobs() if j.state == "awaiting_approval"]
         assert len(pending) == 1 and job.id in pending[0].detail
         await admin.approve(pending[0].id, remember=True)
-        ans = await c.run_job(await c.submit_script(COUNT, "tiny", federated=True))
+        ans = await c.run_job(await c.submit_script(COUNT, "tiny", outputs=COUNT_OUT, federated=True))
     assert ans.rows[0][0] == 30
 
 
@@ -136,15 +140,17 @@ async def test_deny_policy_refuses_scripts(tmp_path: Path, pki: CertFactory) -> 
         await proc.wait_healthy(alice, f"127.0.0.1:{port}")
         async with AsyncClient(client_config(alice, f"127.0.0.1:{port}")) as c:
             with pytest.raises(Refused, match="script policy is 'deny'"):
-                await c.submit_script(COUNT, "tiny")
+                await c.submit_script(COUNT, "tiny", outputs=COUNT_OUT)
     finally:
         assert proc.stop() == 0
 
 
 async def test_row_level_output_releases_nothing(tmp_path: Path, pki: CertFactory,
                                                  sandbox_image: str) -> None:
-    """A script emitting a 'count' of 1 per subject gets every output withheld by k_min."""
-    cfg, port = _node(tmp_path, pki)
+    """A script emitting a 'count' of 1 per subject gets every output withheld by k_min
+    (at a site that runs scripts without declared outputs: with them, such names would be
+    refused as undeclared)."""
+    cfg, port = _node(tmp_path, pki, declared_outputs="optional")
     proc = DaemonProcess(cfg)
     alice = pki.issue("alice", "researcher")
     try:
@@ -159,6 +165,65 @@ async def test_row_level_output_releases_nothing(tmp_path: Path, pki: CertFactor
         assert proc.stop() == 0
 
 
+HIST = b"""
+from stimnet_runtime import load_table, emit_histogram
+emit_histogram("ages", "age", load_table("s")["age"], [0, 50, 100])
+"""
+BY_DIAGNOSIS = b"""
+from stimnet_runtime import load_table, emit_count
+df = load_table("s")
+for level in LEVELS:
+    emit_count("n", int((df["diagnosis"] == level).sum()), group={"diagnosis": level})
+"""
+
+
+async def test_a_script_releases_only_exactly_what_its_job_declared(
+        tmp_path: Path, pki: CertFactory, sandbox_image: str) -> None:
+    """The outputs a script job declares (signed with it) are all a site releases: a job
+    declaring nothing is refused at once (the default `declared_outputs = "required"`), an
+    output not declared, edges other than the declared ones, or a grouped output missing
+    some of its groups is refused after the run; what matches is released. The names and
+    edges a script would otherwise pick at run time, and which groups it emits, could carry
+    row data past k_min and DP."""
+    cfg, port = _node(tmp_path, pki)
+    proc = DaemonProcess(cfg)
+    alice = pki.issue("alice", "researcher")
+    try:
+        await proc.wait_healthy(alice, f"127.0.0.1:{port}")
+        async with AsyncClient(client_config(alice, f"127.0.0.1:{port}", 60)) as c:
+            with pytest.raises(Refused, match="requires a script job to declare its outputs"):
+                await c.submit_script(COUNT, "tiny")
+            with pytest.raises(InvalidRequest, match="have no WHERE: the script chooses its rows"):
+                await c.submit_script(COUNT, "tiny", outputs=COUNT_OUT + " WHERE age > 40")
+            with pytest.raises(InvalidRequest, match="a script cannot emit quantiles"):
+                await c.submit_script(COUNT, "tiny", outputs="SELECT median(age) FROM tiny")
+            with pytest.raises(JobFailed, match="emitted an output its job did not declare"):
+                await c.run_job(await c.submit_script(COUNT, "tiny", outputs=N_OUT))
+            with pytest.raises(JobFailed, match=r"output 'ages': the script emitted something "
+                                                r"other than the declared histogram\(age\) "
+                                                r"edges \[0.0, 40.0, 100.0\]"):
+                await c.run_job(await c.submit_script(
+                    HIST, "tiny", outputs="SELECT histogram(age, 0, 40, 100) AS ages FROM tiny"))
+            grouped = "SELECT count(*) AS n FROM tiny GROUP BY diagnosis"
+            with pytest.raises(JobFailed, match=r"output 'n': not every one of its 3 declared "
+                                                r"group\(s\) emitted"):
+                await c.run_job(await c.submit_script(b"LEVELS = ['PD']" + BY_DIAGNOSIS, "tiny",
+                                                      outputs=grouped))
+            every = b"LEVELS = ['PD', 'ET', 'dystonia']" + BY_DIAGNOSIS
+            ans = await c.run_job(await c.submit_script(every, "tiny", outputs=grouped))
+            assert {r[0]: r[1] for r in ans.rows} == {"PD": 30, "ET": None, "dystonia": None}
+            ans = await c.run_job(await c.submit_script(
+                HIST, "tiny", outputs="SELECT histogram(age, 0, 50, 100) AS ages FROM tiny"))
+        with sqlite3.connect(tmp_path / "node" / "state" / "stimnetd.sqlite3") as db:
+            released = db.execute("SELECT COUNT(*) FROM releases").fetchone()[0]
+            refused = [json.loads(d)["reason"] for (d,) in db.execute(
+                "SELECT detail_json FROM audit WHERE action = 'release' AND decision = 'refused'")]
+        assert released == 2  # the two that matched their declarations
+        assert len(refused) == 3 and all("declared" in r for r in refused), refused
+    finally:
+        assert proc.stop() == 0
+
+
 async def test_health_stays_prompt_while_a_script_spins(tmp_path: Path, pki: CertFactory,
                                                         sandbox_image: str, docker_client) -> None:
     """A CPU-spinning script hits its wall-clock limit while the daemon keeps answering health checks."""
@@ -169,7 +234,7 @@ async def test_health_stays_prompt_while_a_script_spins(tmp_path: Path, pki: Cer
     try:
         await proc.wait_healthy(alice, addr)
         async with AsyncClient(client_config(alice, addr, 60)) as c:
-            job = await c.submit_script(SPIN, "tiny")
+            job = await c.submit_script(SPIN, "tiny", outputs=N_OUT)
             creds = client_config(alice, addr).credentials()
             slowest = 0.0
             async with grpc.aio.secure_channel(addr, creds) as ch:
@@ -199,7 +264,7 @@ async def test_sigkill_during_a_script_job(tmp_path: Path, pki: CertFactory, san
     try:
         await proc.wait_healthy(alice, addr)
         async with AsyncClient(client_config(alice, addr, 60)) as c:
-            job = await c.submit_script(SLOW, "tiny", epsilon=1.0)
+            job = await c.submit_script(SLOW, "tiny", outputs=N_OUT, epsilon=1.0)
             deadline = time.monotonic() + 20
             while (await c.get_job(job.id)).state != "running":
                 assert time.monotonic() < deadline
@@ -245,7 +310,7 @@ async def test_sigkill_around_result_release_never_double_charges(
         for delay in (0.3, 2.8, 3.3, 3.8):
             await proc.wait_healthy(alice, addr)
             async with AsyncClient(client_config(alice, addr, 60)) as c:
-                job = await c.submit_script(SLOW, "tiny", epsilon=0.5)
+                job = await c.submit_script(SLOW, "tiny", outputs=N_OUT, epsilon=0.5)
                 jobs.append(job.id)
                 while (await c.get_job(job.id)).state not in ("running", "succeeded"):
                     await asyncio.sleep(0.05)
