@@ -63,24 +63,18 @@ def _containers(docker_client: Any, node: str = "node-a") -> list[dict]:
 async def test_script_job_runs_and_releases_aggregates(tmp_path: Path, pki: CertFactory,
                                                        sandbox_image: str, docker_client) -> None:
     """A script's emitted aggregates come back through the privacy layer as a result."""
-    cfg, port = _node(tmp_path, pki)
-    proc = DaemonProcess(cfg)
-    alice = pki.issue("alice", "researcher")
-    try:
-        await proc.wait_healthy(alice, f"127.0.0.1:{port}")
-        async with AsyncClient(client_config(alice, f"127.0.0.1:{port}", 60)) as c:
-            ans = await c.run_job(await c.submit_script(COUNT, "tiny", outputs=COUNT_OUT))
-        assert ans.rows == [[30, pytest.approx(44.5)]]
-        assert ans.doc["kind"] == "script"
-    finally:
-        assert proc.stop() == 0
+    async with _node_clients(tmp_path, pki) as (c, _):
+        ans = await c.run_job(await c.submit_script(COUNT, "tiny", outputs=COUNT_OUT))
+    assert ans.rows == [[30, pytest.approx(44.5)]]
+    assert ans.doc["kind"] == "script"
     assert _containers(docker_client) == []
 
 
 @contextlib.asynccontextmanager
-async def _review_node(tmp: Path, pki: CertFactory) -> AsyncIterator[tuple[AsyncClient, AsyncClient]]:
-    """A node under `review`; (alice's client, an admin's client); it must stop cleanly."""
-    cfg, port = _node(tmp, pki, policy="review")
+async def _node_clients(tmp: Path, pki: CertFactory, *, policy: str = "auto", **scripts: Any
+                        ) -> AsyncIterator[tuple[AsyncClient, AsyncClient]]:
+    """A node process; (alice's client, an admin's client); it must stop cleanly."""
+    cfg, port = _node(tmp, pki, policy=policy, **scripts)
     proc = DaemonProcess(cfg)
     alice, ops = pki.issue("alice", "researcher"), pki.issue("ops", "admin")
     addr = f"127.0.0.1:{port}"
@@ -96,7 +90,7 @@ async def _review_node(tmp: Path, pki: CertFactory) -> AsyncIterator[tuple[Async
 async def test_review_policy_holds_until_an_admin_decides(tmp_path: Path, pki: CertFactory,
                                                           sandbox_image: str) -> None:
     """Under `review` a job waits; approve runs it (remembered per SHA-256), deny fails it."""
-    async with _review_node(tmp_path, pki) as (c, admin):
+    async with _node_clients(tmp_path, pki, policy="review") as (c, admin):
         job = await c.submit_script(COUNT, "tiny", outputs=COUNT_OUT)
         assert job.state == "awaiting_approval" and "approve" in job.detail
         await admin.approve(job.id, remember=True)
@@ -118,7 +112,7 @@ async def test_review_policy_holds_this_sites_share_of_a_federated_script(
     (it used to run unreviewed): under `review` that share answers "awaiting approval" at
     once, as a peer does, no container starts, and an admin approving the request it
     leaves (remembered) lets the resubmitted script run here."""
-    async with _review_node(tmp_path, pki) as (c, admin):
+    async with _node_clients(tmp_path, pki, policy="review") as (c, admin):
         job = await c.submit_script(COUNT, "tiny", outputs=COUNT_OUT, federated=True)
         with pytest.raises(JobFailed, match=r"node-a: refused \(awaiting approval: site "
                                              "policy 'review'"):
@@ -150,19 +144,12 @@ async def test_row_level_output_releases_nothing(tmp_path: Path, pki: CertFactor
     """A script emitting a 'count' of 1 per subject gets every output withheld by k_min
     (at a site that runs scripts without declared outputs: with them, such names would be
     refused as undeclared)."""
-    cfg, port = _node(tmp_path, pki, declared_outputs="optional")
-    proc = DaemonProcess(cfg)
-    alice = pki.issue("alice", "researcher")
-    try:
-        await proc.wait_healthy(alice, f"127.0.0.1:{port}")
-        async with AsyncClient(client_config(alice, f"127.0.0.1:{port}", 60)) as c:
-            with pytest.raises(JobFailed, match="suppressed.*k_min = 5"):
-                await c.run_job(await c.submit_script(ROW_LEVEL, "tiny"))
-        with sqlite3.connect(tmp_path / "node" / "state" / "stimnetd.sqlite3") as db:
-            decisions = [r[0] for r in db.execute("SELECT decision FROM releases")]
-        assert decisions == ["suppressed"]
-    finally:
-        assert proc.stop() == 0
+    async with _node_clients(tmp_path, pki, declared_outputs="optional") as (c, _):
+        with pytest.raises(JobFailed, match="suppressed.*k_min = 5"):
+            await c.run_job(await c.submit_script(ROW_LEVEL, "tiny"))
+    with sqlite3.connect(tmp_path / "node" / "state" / "stimnetd.sqlite3") as db:
+        decisions = [r[0] for r in db.execute("SELECT decision FROM releases")]
+    assert decisions == ["suppressed"]
 
 
 HIST = b"""
@@ -185,43 +172,36 @@ async def test_a_script_releases_only_exactly_what_its_job_declared(
     some of its groups is refused after the run; what matches is released. The names and
     edges a script would otherwise pick at run time, and which groups it emits, could carry
     row data past k_min and DP."""
-    cfg, port = _node(tmp_path, pki)
-    proc = DaemonProcess(cfg)
-    alice = pki.issue("alice", "researcher")
-    try:
-        await proc.wait_healthy(alice, f"127.0.0.1:{port}")
-        async with AsyncClient(client_config(alice, f"127.0.0.1:{port}", 60)) as c:
-            with pytest.raises(Refused, match="requires a script job to declare its outputs"):
-                await c.submit_script(COUNT, "tiny")
-            with pytest.raises(InvalidRequest, match="have no WHERE: the script chooses its rows"):
-                await c.submit_script(COUNT, "tiny", outputs=COUNT_OUT + " WHERE age > 40")
-            with pytest.raises(InvalidRequest, match="a script cannot emit quantiles"):
-                await c.submit_script(COUNT, "tiny", outputs="SELECT median(age) FROM tiny")
-            with pytest.raises(JobFailed, match="emitted an output its job did not declare"):
-                await c.run_job(await c.submit_script(COUNT, "tiny", outputs=N_OUT))
-            with pytest.raises(JobFailed, match=r"output 'ages': the script emitted something "
-                                                r"other than the declared histogram\(age\) "
-                                                r"edges \[0.0, 40.0, 100.0\]"):
-                await c.run_job(await c.submit_script(
-                    HIST, "tiny", outputs="SELECT histogram(age, 0, 40, 100) AS ages FROM tiny"))
-            grouped = "SELECT count(*) AS n FROM tiny GROUP BY diagnosis"
-            with pytest.raises(JobFailed, match=r"output 'n': not every one of its 3 declared "
-                                                r"group\(s\) emitted"):
-                await c.run_job(await c.submit_script(b"LEVELS = ['PD']" + BY_DIAGNOSIS, "tiny",
-                                                      outputs=grouped))
-            every = b"LEVELS = ['PD', 'ET', 'dystonia']" + BY_DIAGNOSIS
-            ans = await c.run_job(await c.submit_script(every, "tiny", outputs=grouped))
-            assert {r[0]: r[1] for r in ans.rows} == {"PD": 30, "ET": None, "dystonia": None}
-            ans = await c.run_job(await c.submit_script(
-                HIST, "tiny", outputs="SELECT histogram(age, 0, 50, 100) AS ages FROM tiny"))
-        with sqlite3.connect(tmp_path / "node" / "state" / "stimnetd.sqlite3") as db:
-            released = db.execute("SELECT COUNT(*) FROM releases").fetchone()[0]
-            refused = [json.loads(d)["reason"] for (d,) in db.execute(
-                "SELECT detail_json FROM audit WHERE action = 'release' AND decision = 'refused'")]
-        assert released == 2  # the two that matched their declarations
-        assert len(refused) == 3 and all("declared" in r for r in refused), refused
-    finally:
-        assert proc.stop() == 0
+    async with _node_clients(tmp_path, pki) as (c, _):
+        with pytest.raises(Refused, match="requires a script job to declare its outputs"):
+            await c.submit_script(COUNT, "tiny")
+        with pytest.raises(InvalidRequest, match="have no WHERE: the script chooses its rows"):
+            await c.submit_script(COUNT, "tiny", outputs=COUNT_OUT + " WHERE age > 40")
+        with pytest.raises(InvalidRequest, match="a script cannot emit quantiles"):
+            await c.submit_script(COUNT, "tiny", outputs="SELECT median(age) FROM tiny")
+        with pytest.raises(JobFailed, match="emitted an output its job did not declare"):
+            await c.run_job(await c.submit_script(COUNT, "tiny", outputs=N_OUT))
+        with pytest.raises(JobFailed, match=r"output 'ages': the script emitted something "
+                                            r"other than the declared histogram\(age\) "
+                                            r"edges \[0.0, 40.0, 100.0\]"):
+            await c.run_job(await c.submit_script(
+                HIST, "tiny", outputs="SELECT histogram(age, 0, 40, 100) AS ages FROM tiny"))
+        grouped = "SELECT count(*) AS n FROM tiny GROUP BY diagnosis"
+        with pytest.raises(JobFailed, match=r"output 'n': not every one of its 3 declared "
+                                            r"group\(s\) emitted"):
+            await c.run_job(await c.submit_script(b"LEVELS = ['PD']" + BY_DIAGNOSIS, "tiny",
+                                                  outputs=grouped))
+        every = b"LEVELS = ['PD', 'ET', 'dystonia']" + BY_DIAGNOSIS
+        ans = await c.run_job(await c.submit_script(every, "tiny", outputs=grouped))
+        assert {r[0]: r[1] for r in ans.rows} == {"PD": 30, "ET": None, "dystonia": None}
+        await c.run_job(await c.submit_script(
+            HIST, "tiny", outputs="SELECT histogram(age, 0, 50, 100) AS ages FROM tiny"))
+    with sqlite3.connect(tmp_path / "node" / "state" / "stimnetd.sqlite3") as db:
+        released = db.execute("SELECT COUNT(*) FROM releases").fetchone()[0]
+        refused = [json.loads(d)["reason"] for (d,) in db.execute(
+            "SELECT detail_json FROM audit WHERE action = 'release' AND decision = 'refused'")]
+    assert released == 2  # the two that matched their declarations
+    assert len(refused) == 3 and all("declared" in r for r in refused), refused
 
 
 async def test_health_stays_prompt_while_a_script_spins(tmp_path: Path, pki: CertFactory,
