@@ -144,20 +144,24 @@ def client_config(certs: CertPaths, address: str, timeout_s: float = 10.0):  # t
                         timeout_s=timeout_s)
 
 
-async def fake_node(certs: CertPaths, add_servicer: Any, servicer: Any,
-                    also: tuple[tuple[Any, Any], ...] = ()) -> tuple[Any, int]:
+async def fake_node(certs: CertPaths, add_servicer: Any = None, servicer: Any = None,
+                    also: tuple[tuple[Any, Any], ...] = (), *,
+                    client_auth: bool = True) -> tuple[Any, int]:
     """A started in-process gRPC server with `certs` (mutual TLS, as a node's) serving
     `servicer` (added by its generated `add_…_to_server`), and each (add, servicer) of
     `also`, on a free loopback port: a stand-in node whose answers a test controls.
-    Returns (server, port); stop it with `await server.stop(None)`."""
+    `client_auth=False`: a TLS server that asks for no client certificate (and trusts no
+    CA). Returns (server, port); stop it with `await server.stop(None)`."""
     import grpc
 
     server = grpc.aio.server()
-    for add, serv in ((add_servicer, servicer), *also):
+    pairs = ((add_servicer, servicer), *also) if add_servicer is not None else also
+    for add, serv in pairs:
         add(serv, server)
+    key_cert = [(certs.key.read_bytes(), certs.cert.read_bytes())]
     port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
-        [(certs.key.read_bytes(), certs.cert.read_bytes())],
-        root_certificates=certs.ca.read_bytes(), require_client_auth=True))
+        key_cert, root_certificates=certs.ca.read_bytes(), require_client_auth=True)
+        if client_auth else grpc.ssl_server_credentials(key_cert))
     await server.start()
     return server, port
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import grpc
 import pytest
 
 from stimnet.v1 import federation_pb2, federation_pb2_grpc
@@ -72,10 +71,7 @@ async def test_probe_names_the_problem_with_a_foreign_or_missing_server(
     async with federation(cats) as fed:
         material = _material(fed, "site-a")
         other = CertFactory(tmp_path / "other-ca").issue("site-a", "node", hosts=("127.0.0.1",))
-        server = grpc.aio.server()
-        port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
-            [(other.key.read_bytes(), other.cert.read_bytes())]))
-        await server.start()
+        server, port = await fake_node(other, client_auth=False)
         try:
             with pytest.raises(PeerIdentityError, match="TLS handshake failed"):
                 # In a thread, as PeerChannels runs it: the server shares this event loop.
@@ -99,12 +95,8 @@ async def test_gossip_reply_claiming_another_sender_is_not_believed(federation,
     cats = [[_tiny_catalog(tmp_path / "t", [float(a) for a in range(30, 60)])]]
     async with federation(cats) as fed:
         mallory = fed.pki.issue("mallory", "node", hosts=("127.0.0.1",))
-        server = grpc.aio.server()
-        federation_pb2_grpc.add_FederationServiceServicer_to_server(_Liar(), server)
-        port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
-            [(mallory.key.read_bytes(), mallory.cert.read_bytes())],
-            root_certificates=mallory.ca.read_bytes(), require_client_auth=True))
-        await server.start()
+        server, port = await fake_node(
+            mallory, federation_pb2_grpc.add_FederationServiceServicer_to_server, _Liar())
         channels = PeerChannels(_material(fed, "site-a"))
         me = Member("site-a", fed.address(0), 1, "alive", 0.0, ())
         try:
