@@ -56,6 +56,8 @@ class ScriptRunner(Protocol):
                        on_event: Callable[[str, str], Awaitable[None]]
                        ) -> tuple[list[Partial], frozenset[str] | None]:
         """(partials, cohort subject ids or None when the site cannot know the cohort)"""
+
+
 EventSink = Callable[[str, str], Awaitable[None]]  # (state, detail)
 
 

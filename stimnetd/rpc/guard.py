@@ -28,7 +28,7 @@ import structlog
 
 from stimnetd.errors import StimnetError
 from stimnetd.pki import Identity, PkiError, identity_from_cert
-from stimnetd.rpc.refusals import RefusalLimiter
+from stimnetd.rpc.refusals import RefusalLimiter, Summary
 from stimnetd.rpc.roles import allowed_roles
 from stimnetd.tlsfront import TlsFront
 
@@ -37,6 +37,8 @@ log = structlog.get_logger("stimnetd.rpc")
 _CURRENT: contextvars.ContextVar[Caller] = contextvars.ContextVar("stimnet_caller")
 
 REQUEST_ID_KEY = "x-stimnet-request-id"
+# Condensed-refusal entries kept for a retry while the audit log cannot be written.
+MAX_UNWRITTEN_SUMMARIES = 10_000
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,7 @@ class Guard(grpc.aio.ServerInterceptor):
         self._audit_refusal = _bounded(audit_refusal)
         self._audit_allowed = audit_allowed
         self._refusals = refusals or RefusalLimiter(clock=clock)
+        self._unwritten_refusals: list[Summary] = []
         self._observe = observe
         self._clock = clock
         self._identities = identities
@@ -272,13 +275,20 @@ class Guard(grpc.aio.ServerInterceptor):
     async def audit_condensed_refusals(self, *, everything: bool = False) -> int:
         """One audit entry per source whose refusals beyond the per-minute burst were
         counted in a window that has ended (every window, `everything`, at shutdown)."""
-        summaries = self._refusals.due(everything=everything)
-        for summary in summaries:
-            await self._audit_refusal(summary.source, summary.role, "rpc", "denied-condensed",
-                                      summary.detail())
+        pending = self._unwritten_refusals + self._refusals.due(everything=everything)
+        self._unwritten_refusals = []
+        for i, summary in enumerate(pending):
+            try:
+                await self._audit_refusal(summary.source, summary.role, "rpc",
+                                          "denied-condensed", summary.detail())
+            except BaseException:
+                # Kept for the next round (bounded: a store that stays broken loses the
+                # oldest counts, not memory).
+                self._unwritten_refusals = pending[i:][-MAX_UNWRITTEN_SUMMARIES:]
+                raise
             self._log.warning("rpc refusals condensed", source=summary.source,
                               count=summary.count, audited_per_minute=self._refusals.burst)
-        return len(summaries)
+        return len(pending)
 
     async def condense_refusals_loop(self) -> None:
         while True:

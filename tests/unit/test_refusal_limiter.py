@@ -84,3 +84,28 @@ def test_a_summary_names_a_bounded_number_of_methods_and_reasons() -> None:
 def test_nonsense_limits_are_refused(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         RefusalLimiter(**kwargs)
+
+
+async def test_a_condensed_count_the_audit_log_could_not_take_is_written_next_round() -> None:
+    from stimnetd.rpc.guard import Guard, Revocations
+
+    written: list[tuple[str, str, dict]] = []
+    broken = True
+
+    async def audit(actor: str, role: str, action: str, decision: str, detail: dict) -> None:
+        if broken:
+            raise OSError("disk full")
+        written.append((actor, decision, detail))
+
+    clock = Clock()
+    limiter = RefusalLimiter(burst=1, window_s=60, clock=clock)
+    guard = Guard(identities=None, revocations=Revocations(),  # type: ignore[arg-type]
+                  audit_refusal=audit, audit_allowed=lambda *a: None, refusals=limiter)
+    for _ in range(4):
+        limiter.admit("10.0.0.9", "anonymous", "/m", "no certificate")
+    with pytest.raises(OSError):
+        await guard.audit_condensed_refusals(everything=True)
+    broken = False
+    assert await guard.audit_condensed_refusals() == 1
+    [(actor, decision, detail)] = written
+    assert (actor, decision, detail["suppressed"]) == ("10.0.0.9", "denied-condensed", 3)
