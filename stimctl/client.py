@@ -263,13 +263,8 @@ class AsyncClient:
     async def _query_request(self, query: str | dict[str, Any], federated: bool,
                              epsilon: float | None, min_sites: int) -> Any:
         from stimnetd.jobs import signing
-        from stimnetd.query.errors import QueryError
-        from stimnetd.query.spec import QuerySpec
 
-        try:
-            spec = _parse_cached(query) if isinstance(query, str) else QuerySpec.from_dict(query)
-        except QueryError as exc:
-            raise InvalidRequest(f"query refused before sending: {exc}") from None
+        spec = _spec(query, "query")
         return signing.new_request("query", spec.catalog, entry=await self.entry_node(),
                                    scope="federated" if federated else "local",
                                    spec=spec.to_dict(), epsilon=epsilon, min_sites=min_sites)
@@ -284,19 +279,11 @@ class AsyncClient:
         the equivalent spec — and is signed with it: a site releases only a result that
         is exactly that (sites require it unless their `declared_outputs` is optional)."""
         from stimnetd.jobs import signing
-        from stimnetd.query.errors import QueryError
-        from stimnetd.query.spec import QuerySpec
 
-        spec = None
-        if outputs is not None:
-            try:
-                spec = _parse_cached(outputs) if isinstance(outputs, str) \
-                    else QuerySpec.from_dict(outputs)
-            except QueryError as exc:
-                raise InvalidRequest(f"declared outputs refused before sending: {exc}") from None
-            if spec.catalog != catalog:
-                raise InvalidRequest(f"declared outputs refused before sending: they name "
-                                     f"catalog {spec.catalog!r}, the script runs on {catalog!r}")
+        spec = _spec(outputs, "declared outputs") if outputs is not None else None
+        if spec is not None and spec.catalog != catalog:
+            raise InvalidRequest(f"declared outputs refused before sending: they name catalog "
+                                 f"{spec.catalog!r}, the script runs on {catalog!r}")
         req = signing.new_request("script", catalog, entry=await self.entry_node(),
                                   scope="federated" if federated else "local",
                                   spec=spec.to_dict() if spec is not None else None,
@@ -437,6 +424,17 @@ async def _follow(events: AsyncIterator[Any], on_event: Any, job: Any) -> Any:
         detail = (final.detail if final is not None else "") or "no result"
         raise JobFailed(f"job {final.id if final is not None else '?'} {state}: {detail}", final)
     return answer
+
+
+def _spec(query: str | dict[str, Any], what: str) -> Any:
+    """A QuerySpec from SQL or a spec dict; InvalidRequest naming `what` if it is not one."""
+    from stimnetd.query.errors import QueryError
+    from stimnetd.query.spec import QuerySpec
+
+    try:
+        return _parse_cached(query) if isinstance(query, str) else QuerySpec.from_dict(query)
+    except QueryError as exc:
+        raise InvalidRequest(f"{what} refused before sending: {exc}") from None
 
 
 @functools.lru_cache(maxsize=256)
