@@ -271,6 +271,8 @@ class Daemon:
             identities=identities, revocations=self.revocations, audit_refusal=self.store.audit,
             audit_allowed=self.store.audit_soon, observe=self.metrics.observe_rpc,
             refusals=RefusalLimiter(burst=self.config.tls.refusals_audited_per_minute))
+        if self.front is not None:
+            self.front.on_refused = guard.refuse_connection
         server = grpc.aio.server(
             interceptors=[guard],
             options=[

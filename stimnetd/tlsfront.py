@@ -11,8 +11,11 @@ the in-process gRPC server over a unix socket in a private (0700) directory; our
 each such connection is bound to an unguessable abstract name, which gRPC reports as the
 call's peer, and the guard looks the verdict up by it (see `verdict_for`). Unverified
 callers are refused with UNAUTHENTICATED — in an RPC, so the refusal has a method, a
-status and an audit entry. The verdict is the only path to an identity: a process that
-reaches the inner socket some other way has no verdict and is refused too.
+status and an audit entry. A connection closed before any call could be made on it (its
+handshake failed or timed out, or too many were unfinished) has no status to get, but is
+audited too, under the same per-source budget (`on_refused`, Guard.refuse_connection).
+The verdict is the only path to an identity: a process that reaches the inner socket some
+other way has no verdict and is refused too.
 
 The cost is one extra copy of each byte through the event loop (bench/rpc.py measures
 it); `[tls] terminate = "grpc"` switches back to gRPC's own TLS for a site that prefers
@@ -25,6 +28,7 @@ import asyncio
 import contextlib
 import secrets
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -127,6 +131,11 @@ class TlsFront:
         self._conns: set[_Client] = set()
         self.handshaking = 0
         self._handshaking_by_host: dict[str, int] = {}
+        # Told (remote "host:port", reason) of each connection closed before a call could
+        # be made on it (handshake failed or timed out, too many unfinished): the daemon
+        # audits these (Guard.refuse_connection). Unset (the front on its own), they are
+        # logged.
+        self.on_refused: Callable[[str, str], None] | None = None
 
     def reload(self, ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> None:
         """New connections use the new material; open ones keep theirs."""
@@ -189,9 +198,9 @@ class _Client(asyncio.Protocol):
         from_host = front._handshaking_by_host.get(self._host, 0)
         if front.handshaking >= front.max_handshaking \
                 or from_host >= front.max_handshaking_per_host:
-            log.warning("too many unfinished TLS handshakes; connection closed",
-                        remote=self._remote, limit=front.max_handshaking,
-                        per_host_limit=front.max_handshaking_per_host)
+            self._refused(f"closed at once: too many unfinished TLS handshakes (limits "
+                          f"{front.max_handshaking} in all, {front.max_handshaking_per_host} "
+                          "from one host)")
             self._closed = True
             cast(asyncio.Transport, transport).abort()
             return
@@ -211,7 +220,7 @@ class _Client(asyncio.Protocol):
                 return
             except SSL.Error as exc:
                 self._flush()
-                log.warning("tls handshake failed", remote=self._remote, reason=_ssl_reason(exc))
+                self._refused(f"TLS handshake failed: {_ssl_reason(exc)}")
                 self.abort()
                 return
             self._handshaken = True
@@ -300,8 +309,15 @@ class _Client(asyncio.Protocol):
 
     def _timeout(self) -> None:
         if not self._handshaken:
-            log.warning("tls handshake timed out", remote=self._remote)
+            self._refused(f"no TLS handshake within {self._front.handshake_timeout_s:g}s")
             self.abort()
+
+    def _refused(self, reason: str) -> None:
+        hook = self._front.on_refused
+        if hook is None:
+            log.warning("tls connection refused", remote=self._remote, reason=reason)
+        else:
+            hook(self._remote, reason)
 
     def abort(self) -> None:
         self._closed = True

@@ -37,6 +37,8 @@ log = structlog.get_logger("stimnetd.rpc")
 _CURRENT: contextvars.ContextVar[Caller] = contextvars.ContextVar("stimnet_caller")
 
 REQUEST_ID_KEY = "x-stimnet-request-id"
+# The audit action of a connection the TLS front closed before any call (no method to name).
+TLS_HANDSHAKE = "tls-handshake"
 # Condensed-refusal entries kept for a retry while the audit log cannot be written.
 MAX_UNWRITTEN_SUMMARIES = 10_000
 
@@ -271,6 +273,19 @@ class Guard(grpc.aio.ServerInterceptor):
         rid = caller.request_id if caller else "?"
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {rid}); "
                             "the node's operator can find it in the logs")
+
+    def refuse_connection(self, remote: str, reason: str) -> None:
+        """The TLS front closed a connection before any call could be made on it (its
+        handshake failed or timed out, or too many were unfinished): audited like a refused
+        call, against the same per-source budget, but group-committed (no call waits for
+        it, and a flood of these must not set the node's fsync rate)."""
+        if self._refusals.admit(_source(remote, "anonymous"), "anonymous", TLS_HANDSHAKE,
+                                reason):
+            self._audit_allowed(_cut(remote), "anonymous", TLS_HANDSHAKE, "denied",
+                                {"reason": _cut(reason), "remote": _cut(remote)})
+            self._log.warning("tls connection refused", remote=remote, reason=reason)
+        if self._observe:
+            self._observe(TLS_HANDSHAKE, "UNAUTHENTICATED", 0.0)
 
     async def audit_condensed_refusals(self, *, everything: bool = False) -> int:
         """One audit entry per source whose refusals beyond the per-minute burst were

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 from datetime import UTC, datetime, timedelta
 
@@ -116,24 +117,67 @@ async def test_large_messages_cross_the_front_intact(pki: CertFactory, tmp_path)
         await server.stop(None)
 
 
-async def test_garbage_and_silence_are_dropped_and_the_node_keeps_serving(
+async def _handshake_refusals(daemon) -> list:  # type: ignore[no-untyped-def]
+    await daemon.store.flush_audit()  # group-committed
+    return [r for r in await daemon.store.audit_rows() if r.action == "tls-handshake"]
+
+
+async def test_garbage_and_silence_are_dropped_audited_and_the_node_keeps_serving(
         start_node, pki: CertFactory) -> None:
     """Bytes that are not TLS close the connection; a connection that never completes a
-    handshake is closed after the handshake timeout; neither disturbs other callers."""
+    handshake is closed after the handshake timeout; neither disturbs other callers. Each
+    is in the audit log, keyed by the caller's address, with why (there is no call to
+    answer with a status)."""
     alice = pki.issue("alice", "researcher")
     async with start_node(tls={"handshake_timeout_s": 1.5}) as d:
         reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
+        garbage_from = f"127.0.0.1:{writer.get_extra_info('sockname')[1]}"
         writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(range(256)) * 4)
         await writer.drain()
         assert await _seconds_until_closed(reader) < 1.0  # at once, not at the timeout
         writer.close()
 
         reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
+        silent_from = f"127.0.0.1:{writer.get_extra_info('sockname')[1]}"
         assert 1.0 < await _seconds_until_closed(reader) < 5  # silent: at the timeout
         writer.close()
 
         async with AsyncClient(client_config(alice, _addr(d))) as c:
             assert (await c.info()).caller == "alice"
+        garbage, silent = await _handshake_refusals(d)
+        assert (garbage.actor, garbage.role, garbage.decision) == (garbage_from, "anonymous",
+                                                                   "denied")
+        assert json.loads(garbage.detail_json)["reason"].startswith("TLS handshake failed: ")
+        assert (silent.actor, silent.decision) == (silent_from, "denied")
+        assert json.loads(silent.detail_json)["reason"] == "no TLS handshake within 1.5s"
+        assert (await d.store.verify_audit()).ok
+
+
+async def test_a_flood_of_failed_handshakes_is_audited_in_brief(start_node) -> None:
+    """Failed handshakes share the per-source budget of refused calls: the first few a
+    minute get an entry each, the rest one count (at the minute's end, or at shutdown),
+    so no one who can reach the port can fill the audit log."""
+    from stimnetd.store import Store
+
+    async with start_node(tls={"refusals_audited_per_minute": 2}) as d:
+        for _ in range(6):
+            reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
+            writer.write(b"\x16\x03\x01\x00\x05hello")  # a record too short to be a hello
+            await writer.drain()
+            await _seconds_until_closed(reader)
+            writer.close()
+        assert len(await _handshake_refusals(d)) == 2
+        path = d.store.path
+    store = Store(path)
+    await store.open()
+    try:
+        [condensed] = [r for r in await store.audit_rows() if r.action == "rpc"]
+        assert (await store.verify_audit()).ok
+    finally:
+        await store.close()
+    detail = json.loads(condensed.detail_json)
+    assert (condensed.actor, condensed.decision) == ("127.0.0.1", "denied-condensed")
+    assert detail["suppressed"] == 4 and detail["methods"] == {"tls-handshake": 4}
 
 
 async def test_unfinished_handshakes_are_bounded(start_node, pki: CertFactory) -> None:
@@ -152,6 +196,10 @@ async def test_unfinished_handshakes_are_bounded(start_node, pki: CertFactory) -
         async with AsyncClient(client_config(alice, _addr(d))) as c:
             assert (await c.info()).caller == "alice"
         assert d.front.handshaking == 0
+        # Only the one closed at once was refused (the silent ones hung up themselves).
+        [closed] = await _handshake_refusals(d)
+        assert "too many unfinished TLS handshakes (limits 2 in all, 32 from one host)" \
+            in json.loads(closed.detail_json)["reason"]
 
 
 async def test_one_host_cannot_take_every_handshake_slot(start_node) -> None:
