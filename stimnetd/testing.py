@@ -6,6 +6,7 @@ nothing is cached between instances.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -95,6 +96,21 @@ def foreign(base_dir: Path) -> CertFactory:
 
 
 # --------------------------------------------------------------------------- nodes
+
+
+def shared_data(*parts: str) -> Path:
+    """A path in the public test data: `$STIMNET_SHARED_DATA`, else the first
+    `shared/data` beside the checkout or beside one of its parents (`../shared/data` in
+    the usual layout). FileNotFoundError saying where it looked if none is there."""
+    env = os.environ.get("STIMNET_SHARED_DATA")
+    repo = Path(__file__).resolve().parents[1]
+    roots = [Path(env)] if env else [d / "shared" / "data" for d in repo.parents]
+    for root in roots:
+        if (root / Path(*parts)).exists():
+            return root / Path(*parts)
+    raise FileNotFoundError(f"public test data {'/'.join(parts)!r} not found in "
+                            f"{', '.join(map(str, roots))}: put the checkout beside "
+                            "shared/data, or set STIMNET_SHARED_DATA to that directory")
 
 
 def free_port() -> int:

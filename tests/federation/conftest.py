@@ -13,9 +13,14 @@ import pytest
 from stimctl.client import AsyncClient
 from stimnetd.config import load_config
 from stimnetd.daemon import Daemon
-from stimnetd.testing import CertFactory, client_config, free_port, write_node_config
+from stimnetd.testing import (
+    CertFactory,
+    client_config,
+    free_port,
+    shared_data,
+    write_node_config,
+)
 
-CNSIM = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cnsim"
 CNSIM_FIELDS = {
     "row": {"table": "lab", "type": "id"},
     # Bounds wide enough that clamping never bites on CNSIM, so federated == pooled exactly.
@@ -31,7 +36,7 @@ def cnsim_catalog(tmp: Path, i: int) -> dict:
     """CNSIM<i> as catalog 'cnsim' (the first, unnamed column is the row id)."""
     root = tmp / f"cnsim{i}"
     root.mkdir(parents=True, exist_ok=True)
-    df = pd.read_csv(CNSIM / f"CNSIM{i}.csv")
+    df = pd.read_csv(shared_data("cnsim", f"CNSIM{i}.csv"))
     df.columns = ["row", *[c.strip() for c in df.columns[1:]]]
     df["row"] = [f"s{i}-{r}" for r in df["row"]]
     df.to_csv(root / "lab.csv", index=False)
@@ -42,7 +47,7 @@ def cnsim_catalog(tmp: Path, i: int) -> dict:
 def pooled_cnsim() -> pd.DataFrame:
     frames = []
     for i in (1, 2, 3):
-        df = pd.read_csv(CNSIM / f"CNSIM{i}.csv")
+        df = pd.read_csv(shared_data("cnsim", f"CNSIM{i}.csv"))
         df.columns = ["row", *[c.strip() for c in df.columns[1:]]]
         frames.append(df)
     return pd.concat(frames, ignore_index=True)

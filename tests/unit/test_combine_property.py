@@ -3,8 +3,6 @@ on the concatenated rows (the acceptance criterion of the query engine)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,6 +13,7 @@ from stimnetd.query.combine import combine
 from stimnetd.query.engine import QUANTILE_BINS, compute
 from stimnetd.query.result import QueryResult, finalize
 from stimnetd.query.sql import parse_sql
+from stimnetd.testing import shared_data
 from tests.unit.fakes import FakeCatalog, categorical, image, numeric
 
 LO, HI = -10.0, 10.0  # x is drawn from [-12.5, 12.5], so clamping bites
@@ -207,11 +206,8 @@ def _check_regression(fit: dict, rows: pd.DataFrame) -> None:
         np.testing.assert_allclose(fit["std_errors"], se, rtol=1e-5, atol=1e-6)
 
 
-CNSIM = Path("/work/shared/data/cnsim")
-
-
 def _cnsim(i: int) -> pd.DataFrame:
-    df = pd.read_csv(CNSIM / f"CNSIM{i}.csv", index_col=0)
+    df = pd.read_csv(shared_data("cnsim", f"CNSIM{i}.csv"), index_col=0)
     df.columns = [c.strip() for c in df.columns]
     return df
 
