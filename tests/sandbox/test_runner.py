@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import docker
 import numpy as np
 import pytest
 
@@ -451,13 +452,29 @@ async def test_container_settings_are_locked_down(
             c for c in node_containers(docker_client, runner.node)
             if c["Labels"][LABEL_JOB] == "cold-job"
         ]
-        attrs = docker_client.api.inspect_container(cold["Id"])
+        attrs = await _inspect_new(docker_client, cold["Id"], task)
         _assert_locked_down(attrs)
         assert "STIMNET_ZYGOTE=1" not in attrs["Config"]["Env"]
     finally:
         await runner.cancel("cold-job")
         out = await task
     assert out.status == "cancelled" and not out.prewarmed
+
+
+async def _inspect_new(docker_client: Any, cid: str, task: asyncio.Task[Any]) -> Any:
+    """Inspect a container the engine has just listed. The engine lists a container it is
+    still creating before it can inspect it (a 404 for a moment, seen here once in ~6
+    runs), so retry briefly; a container gone for good means its job ended: say how."""
+    for _ in range(50):
+        try:
+            return docker_client.api.inspect_container(cid)
+        except docker.errors.NotFound:
+            if task.done():
+                out = task.result()
+                raise AssertionError(f"the job ended early: {out.status}: {out.reason}; "
+                                     f"exit {out.exit_code}; log {out.log_lines}") from None
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"container {cid[:12]} listed but never inspectable")
 
 
 def _assert_locked_down(attrs: dict[str, Any]) -> None:
