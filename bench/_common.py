@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,7 +37,15 @@ asyncio.run(main(int(sys.argv[1]), *sys.argv[2:5]))
 
 
 def workdir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="stimnet-bench-"))
+    """A fresh directory for one run's PKI, catalogs and databases (20-35 MB for
+    query.py), removed when the script exits; STIMNET_BENCH_KEEP=1 keeps it (and says
+    where) to read the daemons' logs afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="stimnet-bench-"))
+    if os.environ.get("STIMNET_BENCH_KEEP"):
+        atexit.register(lambda: print(f"kept {path}", file=sys.stderr))
+    else:
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def start_echo(port: int, key: Path, cert: Path, ca: Path) -> subprocess.Popen[bytes]:
