@@ -3,8 +3,10 @@
 From one run, on loopback:
 1. sequential federated queries/s and p50 latency: client → entry → 3 stimnetd daemons on
    the CNSIM catalog (DP off);
-2. the same for a bare grpc.aio mTLS fan-out: client → entry → 3 peers, empty handlers;
-3. their ratio;
+2. the same for a bare grpc.aio mTLS fan-out: client → entry → 3 peers, empty handlers,
+   unary calls (the baseline of the goal);
+3. their ratio; and, for information, the bare fan-out again with server-streaming calls
+   at both hops (the call type of StimNet's RunJob and RunSubJob);
 4. latency of an entry whose 16 peers each add a fixed 200 ms, divided by the same with 1
    such peer (parallel fan-out keeps this near 1).
 Goals: ≥ 100 queries/s, latency ≤ 3× bare, 16-peer/1-peer ≤ 1.25.
@@ -38,14 +40,24 @@ async def main():
     creds_c = grpc.ssl_channel_credentials(rd(ca), rd(key), rd(cert))
     chans = [grpc.aio.secure_channel(p, creds_c) for p in peers]
     calls = [c.unary_unary("/bench.Peer/Run") for c in chans]
+    streams = [c.unary_stream("/bench.Peer/RunStream") for c in chans]
     async def peer(req, ctx):
         if delay: await asyncio.sleep(delay)
         return b""
+    async def peer_stream(req, ctx):
+        yield b""
     async def entry(req, ctx):
         await asyncio.gather(*[c(req, timeout=10) for c in calls])
         return b""
-    h = grpc.method_handlers_generic_handler("bench.Peer" if role == "peer" else "bench.Entry",
-        {"Run": grpc.unary_unary_rpc_method_handler(peer if role == "peer" else entry)})
+    async def drain(call):
+        async for _ in call: pass
+    async def entry_stream(req, ctx):
+        await asyncio.gather(*[drain(c(req, timeout=10)) for c in streams])
+        yield b""
+    h = grpc.method_handlers_generic_handler("bench.Peer" if role == "peer" else "bench.Entry", {
+        "Run": grpc.unary_unary_rpc_method_handler(peer if role == "peer" else entry),
+        "RunStream": grpc.unary_stream_rpc_method_handler(
+            peer_stream if role == "peer" else entry_stream)})
     s = grpc.aio.server(); s.add_generic_rpc_handlers((h,))
     s.add_secure_port(f"127.0.0.1:{port}", creds_s); await s.start(); print("ready", flush=True)
     await s.wait_for_termination()
@@ -132,10 +144,16 @@ async def main(n: int, delayed_n: int) -> None:
         creds = client_config(alice, f"127.0.0.1:{bports[0]}").credentials()
         async with grpc.aio.secure_channel(f"127.0.0.1:{bports[0]}", creds) as ch:
             call = ch.unary_unary("/bench.Entry/Run")
+            stream = ch.unary_stream("/bench.Entry/RunStream")
 
             async def bare_query() -> None:
                 await call(b"q", timeout=10)
+
+            async def bare_stream_query() -> None:
+                async for _ in stream(b"q", timeout=10):
+                    pass
             bqps, blat = await timed(bare_query, n)
+            sqps, slat = await timed(bare_stream_query, n)
 
         # 3. 16 delayed peers vs 1
         async def delayed_latency(k: int) -> float:
@@ -179,13 +197,18 @@ async def main(n: int, delayed_n: int) -> None:
             o.terminate()
             o.wait()
 
-    p50, bp50 = percentile(lat, 50), percentile(blat, 50)
+    p50, bp50, sp50 = percentile(lat, 50), percentile(blat, 50), percentile(slat, 50)
     print(f"{n} sequential queries each; 3 sites on loopback; CNSIM catalog")
     print(f"bare mTLS fan-out (baseline) : {bqps:7.1f} q/s   p50 {bp50 * 1000:7.2f} ms")
     print(f"stimnet federated query      : {qps:7.1f} q/s   p50 {p50 * 1000:7.2f} ms")
     print(f"latency ratio stimnet / bare : {p50 / bp50:7.2f}   (goal <= 3)")
     print(f"throughput                   : {qps:7.1f} q/s   (goal >= 100; "
           f"{qps / bqps:.2f} of the bare fan-out's rate in this run)")
+    # Not the goal's baseline: the same fan-out with server-streaming calls at both hops (the
+    # call type StimNet's RunJob and RunSubJob have), to tell gRPC's cost of streaming calls
+    # apart from StimNet's own work.
+    print(f"bare fan-out, streaming calls: {sqps:7.1f} q/s   p50 {sp50 * 1000:7.2f} ms   "
+          f"(stimnet / this: {p50 / sp50:.2f})")
     print(f"200 ms peers: 1 peer p50 {one * 1000:.0f} ms, 16 peers p50 {sixteen * 1000:.0f} ms, "
           f"ratio {sixteen / one:.2f}   (goal <= 1.25)")
 
