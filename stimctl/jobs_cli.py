@@ -27,6 +27,9 @@ _STYLE = {"done": "green", "suppressed": "yellow", "refused": "red", "failed": "
           "awaiting_approval": "magenta"}
 
 
+_ENDED_WITHOUT_ANSWER = frozenset({"failed", "cancelled", "interrupted"})
+
+
 class Progress:
     """Per-site progress; a live table on a terminal, plain lines otherwise."""
 
@@ -61,7 +64,9 @@ class Progress:
     def __call__(self, kind: str, value: Any) -> None:
         if kind == "state":
             self.state = value.state
-            if self._plain:
+            # A job that ends without an answer is reported once, by the caller's error
+            # line (JobFailed carries the same state and detail).
+            if self._plain and value.state not in _ENDED_WITHOUT_ANSWER:
                 print(f"job {value.id}: {value.state} {value.detail}".rstrip(), file=sys.stderr)
         elif kind == "site":
             self.sites[value.site] = (value.state, value.detail, value.n)
@@ -145,10 +150,8 @@ async def cmd_query(c: AsyncClient, args: argparse.Namespace) -> int:
         try:
             ans = await c.run_job(job, progress)
         except JobFailed as exc:
+            # The detail names every site that did not contribute and why.
             print(f"stimctl: {exc}", file=sys.stderr)
-            for site, (state, detail, _) in sorted(progress.sites.items()):
-                if state not in ("done", "accepted", "running"):
-                    print(f"  {site}: {state}{': ' + detail if detail else ''}", file=sys.stderr)
             return 1
     print_answer(ans, args)
     return 0

@@ -348,7 +348,9 @@ class JobService:
         manifest = fan.manifest()
         if len(contributors) < req.min_sites:
             why = "; ".join(f"{o.site}: {o.state}{' (' + o.detail + ')' if o.detail else ''}"
-                            for o in fan.outcomes if o.state != "done") or "no site holds it"
+                            for o in fan.outcomes if o.state != "done") or (
+                f"no site this node knows of holds catalog {req.catalog!r} (`stimctl "
+                "catalogs` lists the federation's)")
             return ("failed", f"only {len(contributors)} site(s) contributed, "
                     f"min_sites is {req.min_sites} — {why}", None)
         try:

@@ -66,6 +66,8 @@ async def test_errors_are_one_line(start_node, pki: CertFactory, small_catalog: 
         for argv, needle in (
             (("query", "SELECT * FROM dbs_outcomes"), "refused before sending"),
             (("describe", "nope"), "no catalog named 'nope'"),
+            (("query", "--federated", "SELECT count(*) FROM nope"),
+             "no site this node knows of holds catalog 'nope'"),
             (("status",), "may not call"),
         ):
             code, out, err = await _run(capsys, "--config", cfg, *argv)
