@@ -35,6 +35,7 @@ privacy layer can compute sensitivities from bounds the site controls.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,3 +105,97 @@ class Partial:
         if ref is None:
             return np.asarray([self.n], dtype=np.float64)
         return np.asarray(self.stats[ref], dtype=np.float64)
+
+
+def layout_problem(p: Partial) -> str | None:
+    """What is wrong with a partial this node's engine did not make (a peer's answer, a
+    stored release read back), or None: its n, its stats keys and shapes as the table
+    above gives them for its kind and meta, every number finite, its cell mask the shape
+    of its cells. Combination and finalising index by that layout; a partial without it
+    is refused whole, naming the rule, never used in part."""
+    if type(p.n) is not int or p.n < 0:
+        return "n is not a non-negative integer"
+    try:
+        want = _layout(p.kind, p.meta)
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        return f"its meta does not describe a {p.kind} output ({type(exc).__name__}: {exc})"
+    got = {k: np.shape(v) for k, v in p.stats.items()}
+    if got != want:
+        return f"its stats {got} are not the {p.kind} layout {want}"
+    for k, v in p.stats.items():
+        arr = np.asarray(v)
+        if arr.dtype.kind not in "biuf" or not np.all(np.isfinite(arr)):
+            return f"stats[{k!r}] holds a non-finite or non-numeric value"
+    ref = CELL_COUNTS[p.kind]
+    cells = (1,) if ref is None else want[ref]
+    if p.cell_mask is not None and np.shape(p.cell_mask) != cells:
+        return f"its cell mask has shape {np.shape(p.cell_mask)}, its cells {cells}"
+    if p.suppressed_reason is not None and not isinstance(p.suppressed_reason, str):
+        return "its suppression reason is not text"
+    return None
+
+
+def _layout(kind: str, meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The stats shapes a partial of `kind` with this `meta` has (raises when meta lacks
+    what the finaliser reads)."""
+    def numbers(v: Any, n: int | None = None) -> list[float]:
+        if not isinstance(v, list) or (n is not None and len(v) != n) \
+                or not all(type(x) in (int, float) and math.isfinite(x) for x in v):
+            raise ValueError(f"expected {n or 'a list of'} finite numbers, got {v!r:.80}")
+        return v
+
+    def names(v: Any, n: int | None = None) -> list[str]:
+        if not isinstance(v, list) or (n is not None and len(v) != n) \
+                or not all(isinstance(x, str) for x in v) or len(set(v)) != len(v):
+            raise ValueError(f"expected {n or 'a list of'} distinct names, got {v!r:.80}")
+        return v
+
+    one = (1,)
+    if kind == "count":
+        return {"n": one}
+    if kind == "moments":
+        return {"n": one, "s1": one, "s2": one}
+    if kind == "histogram":
+        edges = numbers(meta["edges"])
+        if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
+            raise ValueError("edges are not two or more increasing numbers")
+        return {"counts": (len(edges) + 1,)}
+    if kind == "quantiles":
+        lo, hi = numbers([meta["lo"], meta["hi"]])
+        bins = meta["bins"]
+        if type(bins) is not int or bins < 1 or hi < lo:
+            raise ValueError(f"bins {bins!r:.20} over [{lo}, {hi}] is not a histogram")
+        return {"counts": (bins,)}
+    if kind == "crossprod":
+        p = len(names(meta["fields"])) + 1
+        if meta["purpose"] not in ("corr", "regression") or p < 2:
+            raise ValueError("fields and purpose do not describe a cross-product")
+        return {"m": (p, p)}
+    if kind == "contingency":
+        names(meta["fields"], 2)
+        levels = meta["levels"]
+        if not isinstance(levels, list) or len(levels) != 2:
+            raise ValueError("levels are not two lists")
+        return {"counts": (len(names(levels[0])), len(names(levels[1])))}
+    if kind == "voxel_map":
+        shape = meta["shape"]
+        if not isinstance(shape, list) or not 1 <= len(shape) <= 4 \
+                or not all(type(x) is int and x > 0 for x in shape):
+            raise ValueError(f"shape {shape!r:.40} is not 1 to 4 positive integers")
+        affine = meta["affine"]
+        if not isinstance(affine, list) or len(affine) != 4:
+            raise ValueError("affine is not 4 rows")
+        for row in affine:
+            numbers(row, 4)
+        weight = meta["weight"]
+        if weight is not None and not isinstance(weight, str):
+            raise ValueError("weight is not a field name")
+        names([meta["column"]])
+        grid = tuple(shape)
+        return {"count": grid, **({"sum": grid} if weight else {})}
+    if kind == "roi_overlap":
+        names([meta["column"]])
+        numbers([meta["voxel_volume_mm3"]])
+        r = (len(names(meta["rois"])),)
+        return {"n": r, "s1": r, "s2": r}
+    raise ValueError(f"unknown kind {kind!r:.40}")

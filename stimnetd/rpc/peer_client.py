@@ -19,6 +19,7 @@ from stimnetd.federation.fanout import SiteEventSink, Target
 from stimnetd.jobs.signing import SignedJob
 from stimnetd.jobs.site import SiteOutcome
 from stimnetd.pki import Identity
+from stimnetd.query.aggregate import layout_problem
 from stimnetd.rpc import convert
 from stimnetd.rpc.frames import feed
 from stimnetd.rpc.guard import REQUEST_ID_KEY
@@ -188,6 +189,11 @@ class GrpcSubJobTransport:
             if not isinstance(doc, dict):
                 raise codec.CodecError("the answer is not an object")
             partials = codec.partials_from_doc(doc["partials"], arrays)
+            for p in partials:
+                # Combining and finalising index by the layout: a peer's partial without it
+                # would fail the whole job with an internal error instead of this site.
+                if (problem := layout_problem(p)) is not None:
+                    raise codec.CodecError(f"partial {p.name[:100]!r}: {problem}")
             epsilon, mechanism = doc.get("epsilon"), doc.get("mechanism")
             if not (epsilon is None or (type(epsilon) in (int, float) and epsilon >= 0
                                         and math.isfinite(epsilon))):

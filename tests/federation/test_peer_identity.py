@@ -208,6 +208,13 @@ async def _ask(fed, c, name: str, servicer, *, named: bool = True):  # type: ign
     ('{"partials": [], "epsilon": "lots"}', "epsilon 'lots' is not a non-negative number"),
     ('{"partials": [], "epsilon": -1}', "epsilon -1 is not a non-negative number"),
     ('{"partials": [], "mechanism": {"x": 1}}', "mechanism {'x': 1} is not a name"),
+    ('{"partials": [{"name": "n", "kind": "count", "group": [], "n": 5, "meta": {}, '
+     '"stats": {}, "cell_mask": null, "suppressed_reason": null}]}',
+     "partial 'n': its stats {} are not the count layout {'n': (1,)}"),
+    ('{"partials": [{"name": "h", "kind": "histogram", "group": [], "n": 5, '
+     '"meta": {"edges": [3, 1]}, "stats": {}, "cell_mask": null, "suppressed_reason": null}]}',
+     "partial 'h': its meta does not describe a histogram output (ValueError: edges are not "
+     "two or more increasing numbers)"),
 ])
 async def test_a_peers_malformed_answer_fails_that_site_and_says_so(
         federation, tmp_path: Path, doc: str, problem: str) -> None:

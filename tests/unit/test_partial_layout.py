@@ -1,0 +1,104 @@
+"""The entry combines partials its peers sent: any that lacks its kind's layout is refused
+whole (`aggregate.layout_problem`, which the sub-job transport turns into that site's
+"malformed partial aggregates" failure), so a malformed or hostile answer fails that site
+in the manifest instead of the job with an internal error."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from stimnetd import codec
+from stimnetd.errors import StimnetError
+from stimnetd.query.aggregate import KINDS, layout_problem
+from stimnetd.query.combine import combine
+from stimnetd.query.engine import compute
+from stimnetd.query.result import finalize
+from stimnetd.query.sql import parse_sql
+from tests.unit.fakes import FakeCatalog
+from tests.unit.test_combine_property import FIELDS, ROIS, SHAPE, _sql
+
+_RNG = np.random.default_rng(7)
+_N = 40
+_DF = pd.DataFrame({
+    "x": _RNG.integers(-50, 50, _N) / 4, "y": _RNG.integers(-20, 20, _N) * 1.0,
+    "z": _RNG.integers(-20, 20, _N) * 1.0, "g": _RNG.choice(["a", "b", "c"], _N),
+    "h": _RNG.choice(["u", "v"], _N), "k": _RNG.choice(["p", "q", "r"], _N),
+    "img": _RNG.choice(["i0", "i1", "i2"], _N)})
+_IMAGES = {f"i{j}": _RNG.choice([0.0, 0.5, 2.0], 8).reshape(SHAPE) for j in range(3)}
+_CATALOG = FakeCatalog(_DF, FIELDS, name="sim", images=_IMAGES, rois=ROIS, shape=SHAPE)
+
+
+def _two_sites(grouped: bool):  # type: ignore[no-untyped-def]
+    spec = parse_sql(_sql(-25, grouped))
+    sites = [compute(spec, c).partials for c in _CATALOG.split([i % 2 for i in range(_N)], 2)]
+    return spec, sites
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_every_kind_the_engine_makes_has_its_layout(grouped: bool) -> None:
+    spec, sites = _two_sites(grouped)
+    assert {p.kind for p in sites[0]} == set(KINDS)
+    for p in sites[0] + sites[1]:
+        assert layout_problem(p) is None, (p.name, layout_problem(p))
+    docs, arrays = codec.partials_to_doc(sites[1])
+    back = codec.partials_from_doc(docs, arrays)  # what the entry reads from a peer
+    assert [p.key for p in back] == [p.key for p in sites[1]]
+
+
+_MUTATIONS = ["drop_stat", "reshape", "n", "meta", "kind", "non_finite", "mask", "text"]
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_a_mangled_peer_answer_is_refused_or_combines_cleanly(grouped: bool, data) -> None:  # type: ignore[no-untyped-def]
+    spec, sites = _two_sites(grouped)
+    docs, arrays = codec.partials_to_doc(sites[1])
+    docs, arrays = copy.deepcopy(docs), {k: v.copy() for k, v in arrays.items()}
+    p = docs[data.draw(st.integers(0, len(docs) - 1))]
+    what = data.draw(st.sampled_from(_MUTATIONS))
+    stat = data.draw(st.sampled_from(sorted(p["stats"])))
+    if what == "drop_stat":
+        del p["stats"][stat]
+    elif what == "reshape":
+        shape = data.draw(st.sampled_from([(0,), (3,), (2, 2), (50,)]))
+        if shape == arrays[p["stats"][stat]].shape:
+            what = "same shape"
+        arrays[p["stats"][stat]] = np.zeros(shape)
+    elif what == "n":
+        p["n"] = data.draw(st.sampled_from([-5, 10**12, 2.5, True]))
+    elif what == "meta":
+        key = data.draw(st.sampled_from(sorted(p["meta"])))
+        p["meta"][key] = data.draw(st.sampled_from([None, 0, -1, "x", [], [1, 2], [[1], "a"],
+                                                    {"a": 1}, 1e300, float("nan")]))
+    elif what == "kind":
+        p["kind"] = data.draw(st.sampled_from(KINDS))
+    elif what == "non_finite":
+        arrays[p["stats"][stat]] = np.full_like(arrays[p["stats"][stat]],
+                                                data.draw(st.sampled_from([np.nan, np.inf])))
+    elif what == "mask":
+        p["cell_mask"] = p["stats"][stat]
+    else:
+        p["suppressed_reason"] = data.draw(st.sampled_from([7, ["x"]]))
+    try:
+        mine = codec.partials_from_doc(docs, arrays)
+    except codec.CodecError as exc:
+        assert str(exc)
+        return
+    problems = [layout_problem(q) for q in mine if layout_problem(q) is not None]
+    if problems:
+        if what == "non_finite":
+            assert "non-finite" in problems[0], problems
+        return
+    # Stats of the wrong keys, shapes or values never pass.
+    assert what in ("n", "meta", "kind", "mask", "text", "same shape"), what
+    try:
+        finalize(spec, combine([sites[0], mine])).to_dict()
+    except StimnetError as exc:  # sites disagree on a grid: named, not an internal error
+        assert "sites disagree" in str(exc) or "different shapes" in str(exc), exc
