@@ -99,8 +99,10 @@ class Assembler:
             specs = head["arrays"]
             if not isinstance(specs, dict):
                 raise TypeError("arrays must be an object")
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CodecError(f"malformed result header: {exc}") from None
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            # ValueError: JSONDecodeError, and an integer of 4,300+ digits.
+            raise CodecError(f"malformed result header: {type(exc).__name__}: "
+                             f"{str(exc)[:200]}") from None
         total = 0
         for aid, spec in specs.items():
             # `type(x) is int`: JSON true is a bool, which isinstance() calls an int.

@@ -70,14 +70,18 @@ class JobRequest:
         if len(payload) > MAX_PAYLOAD:
             raise InvalidRequest(f"signed job payload is {len(payload)} bytes; limit {MAX_PAYLOAD}")
         try:
-            doc = json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidRequest(f"signed job payload is not JSON: {exc}") from None
+            doc = json.loads(payload, parse_constant=_no_constant)
         except RecursionError:
             raise InvalidRequest("signed job payload nests too deeply to read") from None
+        except ValueError as exc:  # not JSON, not UTF-8, NaN, an integer of 4,300+ digits
+            raise InvalidRequest(f"signed job payload is not JSON: {exc}") from None
         if not isinstance(doc, dict):
             raise InvalidRequest("signed job payload must be a JSON object")
-        if canonical(doc) != payload:
+        try:
+            same = canonical(doc) == payload
+        except ValueError:  # a number past float range (1e999) reads as infinity
+            raise InvalidRequest("signed job payload holds a number out of float range") from None
+        if not same:
             raise InvalidRequest("signed job payload is not in canonical form")
         if doc.get("v") != PAYLOAD_VERSION:
             # Version 1 did not name the entry node; this node answers no such job.
@@ -123,6 +127,10 @@ class JobRequest:
         if not isinstance(self.entry, str) or not 0 < len(self.entry) <= MAX_NODE_NAME:
             raise InvalidRequest("a job names its entry node (the node it is submitted to), "
                                  f"1-{MAX_NODE_NAME} characters")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def canonical(doc: Any) -> bytes:

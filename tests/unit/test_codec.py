@@ -54,6 +54,8 @@ def test_pack_unpack_roundtrip() -> None:
     ('{"doc": {}, "arrays": {"a": {"dtype": "float64", "shape": [true]}}}', "invalid description"),
     ('{"doc": {}, "arrays": {"a": {"dtype": "float64", "shape": [-1]}}}', "invalid description"),
     ("not json", "malformed result header"),
+    ('{"doc": ' + "9" * 5000 + ', "arrays": {}}', "malformed result header: ValueError"),
+    ("[" * 100_000 + "]" * 100_000, "malformed result header: RecursionError"),
 ])
 def test_hostile_headers_are_refused(header: str, problem: str) -> None:
     """A peer's header asking for absurd, negative or non-numeric arrays is refused."""

@@ -45,3 +45,22 @@ def test_a_payload_missing_the_entry_key_is_refused() -> None:
     del doc["entry"]
     with pytest.raises(InvalidRequest, match="payload keys differ"):
         JobRequest.from_payload(canonical(doc))
+
+
+def _with(text: bytes, old: bytes, new: bytes) -> bytes:
+    assert old in text
+    return text.replace(old, new)
+
+
+@pytest.mark.parametrize("old, new, problem", [
+    (b'"epsilon":null', b'"epsilon":NaN', "not JSON: NaN is not a JSON number"),
+    (b'"epsilon":null', b'"epsilon":-Infinity', "not JSON: -Infinity is not a JSON number"),
+    (b'"epsilon":null', b'"epsilon":1e999', "a number out of float range"),
+    (b'"min_sites":1', b'"min_sites":' + b"9" * 5000, "not JSON: Exceeds the limit"),
+])
+def test_numbers_json_cannot_carry_are_refused_by_name(old: bytes, new: bytes,
+                                                       problem: str) -> None:
+    """Each once escaped as a ValueError: an internal error at every site, not a refusal."""
+    payload = new_request("query", "c", entry="site-a", spec=SPEC).to_payload()
+    with pytest.raises(InvalidRequest, match=problem):
+        JobRequest.from_payload(_with(payload, old, new))
