@@ -262,12 +262,11 @@ class AsyncClient:
 
     async def _query_request(self, query: str | dict[str, Any], federated: bool,
                              epsilon: float | None, min_sites: int) -> Any:
-        from stimnetd.jobs import signing
 
         spec = _spec(query, "query")
-        return signing.new_request("query", spec.catalog, entry=await self.entry_node(),
-                                   scope="federated" if federated else "local",
-                                   spec=spec.to_dict(), epsilon=epsilon, min_sites=min_sites)
+        return _new_request("query", spec.catalog, entry=await self.entry_node(),
+                            scope="federated" if federated else "local",
+                            spec=spec.to_dict(), epsilon=epsilon, min_sites=min_sites)
 
     async def submit_script(self, script: bytes, catalog: str, *, federated: bool = False,
                             epsilon: float | None = None, min_sites: int = 1,
@@ -278,16 +277,15 @@ class AsyncClient:
         "SELECT count(*) AS n, avg(age) AS mean_age FROM c GROUP BY sex" (no WHERE) or
         the equivalent spec — and is signed with it: a site releases only a result that
         is exactly that (sites require it unless their `declared_outputs` is optional)."""
-        from stimnetd.jobs import signing
 
         spec = _spec(outputs, "declared outputs") if outputs is not None else None
         if spec is not None and spec.catalog != catalog:
             raise InvalidRequest(f"declared outputs refused before sending: they name catalog "
                                  f"{spec.catalog!r}, the script runs on {catalog!r}")
-        req = signing.new_request("script", catalog, entry=await self.entry_node(),
-                                  scope="federated" if federated else "local",
-                                  spec=spec.to_dict() if spec is not None else None,
-                                  script=script, epsilon=epsilon, min_sites=min_sites)
+        req = _new_request("script", catalog, entry=await self.entry_node(),
+                           scope="federated" if federated else "local",
+                           spec=spec.to_dict() if spec is not None else None,
+                           script=script, epsilon=epsilon, min_sites=min_sites)
         return await self.submit(self.sign(req, script))
 
     async def watch(self, job_id: str, timeout: float | None = None) -> AsyncIterator[Any]:
@@ -424,6 +422,18 @@ async def _follow(events: AsyncIterator[Any], on_event: Any, job: Any) -> Any:
         detail = (final.detail if final is not None else "") or "no result"
         raise JobFailed(f"job {final.id if final is not None else '?'} {state}: {detail}", final)
     return answer
+
+
+def _new_request(kind: str, catalog: str, **fields: Any) -> Any:
+    """signing.new_request, its refusals (epsilon NaN, min_sites 0, …) as this client's
+    InvalidRequest: a job no node would accept is not sent."""
+    from stimnetd import errors
+    from stimnetd.jobs import signing
+
+    try:
+        return signing.new_request(kind, catalog, **fields)
+    except errors.InvalidRequest as exc:
+        raise InvalidRequest(f"job refused before sending: {exc}") from None
 
 
 def _spec(query: str | dict[str, Any], what: str) -> Any:

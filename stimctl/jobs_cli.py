@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -79,7 +80,8 @@ class Progress:
             self._live.update(self._render())
 
 
-def print_answer(ans: QueryAnswer, args: argparse.Namespace) -> None:
+def print_answer(ans: QueryAnswer, args: argparse.Namespace) -> int:
+    """Print the answer and write what `--out` names; 1 if that could not be written."""
     if getattr(args, "json", False):
         output.emit_json({"job": ans.job_id, **ans.doc})
     elif getattr(args, "csv", False):
@@ -114,20 +116,79 @@ def print_answer(ans: QueryAnswer, args: argparse.Namespace) -> None:
         for note in ans.notes:
             print(f"note: {note}")
     out = getattr(args, "out", None)
-    if out is not None:
-        out = Path(out)
-        if ans.maps:
-            for p in ans.save_maps(out if out.suffix == "" else out.parent):
+    if out is None:
+        return 0
+    out = Path(out)
+    target = out
+    try:
+        if out.suffix == "":  # a directory: the whole answer, and each map as NIfTI + PNG
+            out.mkdir(parents=True, exist_ok=True)
+            target = out / "result.json"
+            _write_json(ans, target)
+            print(f"wrote {target}", file=sys.stderr)
+            for p in ans.save_maps(out) if ans.maps else ():
+                target = p
                 print(f"wrote {p}", file=sys.stderr)
-        if out.suffix in (".json", ".csv"):
+            return 0
+        if out.suffix == ".json":
+            _write_json(ans, out)
+        else:
             with out.open("w", newline="") as fh:
-                if out.suffix == ".json":
-                    json.dump({"job": ans.job_id, **ans.doc}, fh, indent=2, default=str)
-                else:
-                    w = csv.writer(fh)
-                    w.writerow(ans.columns)
-                    w.writerows(ans.rows)
-            print(f"wrote {out}", file=sys.stderr)
+                w = csv.writer(fh)
+                w.writerow(ans.columns)
+                w.writerows(ans.rows)
+        print(f"wrote {out}", file=sys.stderr)
+        if ans.maps:
+            for p in ans.save_maps(out.parent):
+                target = p
+                print(f"wrote {p}", file=sys.stderr)
+    except OSError as exc:
+        # The answer is out (its budget spent): say where it can be had again.
+        print(f"stimctl: error: could not write {target}: {exc.strerror or exc}; the answer is "
+              f"shown above and `stimctl results {ans.job_id}` fetches it again",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _write_json(ans: QueryAnswer, path: Path) -> None:
+    with path.open("w") as fh:
+        json.dump({"job": ans.job_id, **ans.doc}, fh, indent=2, default=str)
+
+
+def output_problem(args: argparse.Namespace) -> str | None:
+    """Why the output options cannot work, found before anything is submitted: a query's
+    budget is spent whether or not its answer can then be written."""
+    if getattr(args, "json", False) and getattr(args, "csv", False):
+        return "--json and --csv exclude each other"
+    out = getattr(args, "out", None)
+    if out is None:
+        return None
+    out = Path(out)
+    if out.suffix not in ("", ".json", ".csv"):
+        return (f"--out {out}: name a .json or .csv file, or a directory (it gets result.json "
+                "and each map as NIfTI + PNG)")
+    if out.suffix and out.is_dir():
+        return f"--out {out} is a directory; name a file in it"
+    if out.suffix and not out.parent.is_dir():
+        return (f"--out {out}: {out.parent} is not a directory" if out.parent.exists()
+                else f"--out {out}: directory {out.parent} does not exist")
+    existing = out if out.suffix == "" else out.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # an --out directory is created, with its parents
+    if not existing.is_dir():
+        return f"--out {out}: {existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"--out {out}: {existing} is not writable"
+    return None
+
+
+def _output_refused(args: argparse.Namespace) -> int | None:
+    problem = output_problem(args)
+    if problem is None:
+        return None
+    print(f"stimctl: error: {problem}", file=sys.stderr)
+    return 2
 
 
 def _bins(edges: list[float]) -> list[str]:
@@ -144,6 +205,8 @@ def _fmt(v: Any) -> str:
 
 
 async def cmd_query(c: AsyncClient, args: argparse.Namespace) -> int:
+    if (refused := _output_refused(args)) is not None:
+        return refused
     job = await c.submit_query(args.sql, federated=args.federated, epsilon=args.epsilon,
                                min_sites=args.min_sites)
     with Progress(enabled=not (args.json or args.csv)) as progress:
@@ -153,11 +216,12 @@ async def cmd_query(c: AsyncClient, args: argparse.Namespace) -> int:
             # The detail names every site that did not contribute and why.
             print(f"stimctl: {exc}", file=sys.stderr)
             return 1
-    print_answer(ans, args)
-    return 0
+    return print_answer(ans, args)
 
 
 async def cmd_submit(c: AsyncClient, args: argparse.Namespace) -> int:
+    if args.watch and (refused := _output_refused(args)) is not None:
+        return refused
     try:
         script = args.script.read_bytes()
     except OSError as exc:
@@ -179,8 +243,7 @@ async def cmd_submit(c: AsyncClient, args: argparse.Namespace) -> int:
         except JobFailed as exc:
             print(f"stimctl: {exc}", file=sys.stderr)
             return 1
-    print_answer(ans, args)
-    return 0
+    return print_answer(ans, args)
 
 
 async def cmd_jobs(c: AsyncClient, args: argparse.Namespace) -> int:
@@ -217,8 +280,9 @@ async def cmd_job(c: AsyncClient, args: argparse.Namespace) -> int:
 
 
 async def cmd_results(c: AsyncClient, args: argparse.Namespace) -> int:
-    print_answer(await c.result(args.id), args)
-    return 0
+    if (refused := _output_refused(args)) is not None:
+        return refused
+    return print_answer(await c.result(args.id), args)
 
 
 async def cmd_cancel(c: AsyncClient, args: argparse.Namespace) -> int:
@@ -234,7 +298,9 @@ def register(sub: Any, node_cmd: Callable[..., argparse.ArgumentParser]) -> None
     q.add_argument("--epsilon", type=float, default=None, help="request differential privacy")
     q.add_argument("--min-sites", type=int, default=1, help="fail unless this many sites answer")
     q.add_argument("--csv", action="store_true", help="result table as CSV")
-    q.add_argument("--out", type=Path, help="write the result (.json/.csv) and maps (NIfTI+PNG)")
+    q.add_argument("--out", type=Path, metavar="FILE.json|FILE.csv|DIR",
+                   help="also write the answer: JSON (all of it) or CSV (the table), or a "
+                        "directory that gets result.json and each map as NIfTI + PNG")
     sb = node_cmd("submit", cmd_submit, "run a Python script in each site's sandbox")
     sb.add_argument("script", type=Path)
     sb.add_argument("--catalog", required=True)

@@ -67,6 +67,9 @@ from stimnetd.query.aggregate import GroupKey, Partial
 
 MechanismName = Literal["laplace", "discrete laplace"]
 
+# The largest Laplace scale released (see add_noise).
+MAX_SCALE = float(2**52)
+
 # The partial's own subject count, for kinds whose stats arrays do not contain it.
 COHORT_N = "<n>"
 
@@ -212,6 +215,14 @@ def add_noise(
     if n_arrays == 0:
         return list(partials), NoiseReport(0.0, ())
     share = epsilon / n_arrays
+    widest = max(s for _, sens in plans for s in sens.values()) / share
+    if widest > MAX_SCALE:
+        # OpenDP's integer sampler saturates at the int64 range, and float sums lose their
+        # integer precision long before: a release this noisy would be garbage, not privacy.
+        raise PrivacyRefusal(
+            "dp", f"epsilon {epsilon:g} is too small for this query: its noisiest array "
+            f"would get Laplace scale {widest:.3g}, beyond the {MAX_SCALE:.3g} (2^52) the "
+            "samplers represent exactly; ask for a larger epsilon")
     noised: dict[int, Partial] = {}
     report: list[ArrayNoise] = []
     for p, sens in plans:

@@ -84,3 +84,35 @@ async def test_errors_are_one_line(start_node, pki: CertFactory, small_catalog: 
     assert code == 1 and err.startswith("stimctl: error: cannot reach node") and "\n" not in err.strip()
     code, _, err = await _run(capsys, "--config", str(tmp_path / "missing.toml"), "info")
     assert code == 1 and "does not exist" in err
+
+
+async def test_output_options_are_checked_before_anything_is_spent(
+        start_node, pki: CertFactory, small_catalog: dict, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """--out and --json/--csv that cannot work, and a job no node accepts (epsilon NaN,
+    min_sites 0), are refused before a job is submitted (each once ended in a traceback,
+    some after the query had run and its answer was lost); --out DIR gets result.json."""
+    alice = pki.issue("alice", "researcher")
+    sql = "SELECT count(*) FROM dbs_outcomes"
+    async with start_node("node-a", catalogs=[small_catalog]) as d:
+        cfg = str(_client_file(tmp_path, alice, d.port))
+        (tmp_path / "a-file").write_text("")
+        for argv, code_, needle in (
+            (("--epsilon", "nan"), 1, "job refused before sending: epsilon must be a finite"),
+            (("--min-sites", "0"), 1, "job refused before sending: min_sites must be"),
+            (("--out", str(tmp_path / "r.txt")), 2, "name a .json or .csv file, or a directory"),
+            (("--out", str(tmp_path / "no" / "r.json")), 2, "directory " + str(tmp_path / "no")
+             + " does not exist"),
+            (("--out", str(tmp_path / "a-file" / "r.json")), 2, "a-file is not a directory"),
+            (("--json", "--csv"), 2, "--json and --csv exclude each other"),
+        ):
+            code, out, err = await _run(capsys, "--config", cfg, "query", *argv, sql)
+            assert (code, out) == (code_, "") and needle in err and len(err.splitlines()) == 1, \
+                (argv, code, err)
+        code, out, _ = await _run(capsys, "--config", cfg, "jobs", "--json")
+        assert code == 0 and json.loads(out) == []  # nothing was submitted
+        code, _, err = await _run(capsys, "--config", cfg, "query", "--out",
+                                  str(tmp_path / "answers" / "q1"), sql)
+        assert code == 0, err
+        doc = json.loads((tmp_path / "answers" / "q1" / "result.json").read_text())
+        assert doc["result"]["rows"] == [[20]]

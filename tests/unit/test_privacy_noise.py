@@ -215,6 +215,20 @@ def test_stats_array_without_a_sensitivity_is_refused() -> None:
     assert noise.calls == []
 
 
+@pytest.mark.parametrize("epsilon", [1e-300, 1e-14])
+def test_an_epsilon_too_small_for_the_samplers_is_refused_before_any_noise(
+        epsilon: float) -> None:
+    """With epsilon 1e-300 OpenDP's integer sampler saturated at the int64 range: counts
+    of 9223372036854775808 were released and summed. Refused instead, naming the scale."""
+    noise = ShiftNoise()
+    with pytest.raises(PrivacyRefusal, match=r"epsilon 1e-\d+ is too small for this query: "
+                                             r"its noisiest array would get Laplace scale") as e:
+        add_noise([moments(), voxel_map()], FIELDS, epsilon, noise)
+    assert e.value.policy == "dp" and noise.calls == []
+    _, report = add_noise([moments(), voxel_map()], FIELDS, 1e-6, noise)  # still allowed
+    assert max(a.scale for a in report.arrays) <= 2**52
+
+
 def test_epsilon_is_split_evenly_over_every_released_array() -> None:
     """Each released array gets epsilon / (number of arrays) and scale = sensitivity / share."""
     partials = [moments(), voxel_map(), counts_partial("histogram")]
