@@ -104,6 +104,10 @@ def load_catalog(cfg: CatalogConfig) -> Catalog:
         if cfg.subject_key not in df.columns:
             raise CatalogError(f"catalog {cfg.name!r}: table {tname} ({path.name}) has no "
                                f"subject key column {cfg.subject_key!r}")
+        blank = df[cfg.subject_key].isna() | (df[cfg.subject_key].str.strip() == "")
+        if blank.any():
+            raise CatalogError(f"catalog {cfg.name!r}: table {tname} has {int(blank.sum())} rows "
+                               f"without a subject id ({cfg.subject_key!r} is empty)")
         dup = df[cfg.subject_key].duplicated()
         if dup.any():
             raise CatalogError(f"catalog {cfg.name!r}: table {tname} has {int(dup.sum())} duplicate "
@@ -124,7 +128,15 @@ def load_catalog(cfg: CatalogConfig) -> Catalog:
     geometry = {f.name: _check_images(cfg, f, joined[f.name])
                 for f in cfg.fields.values() if f.type == "image"}
     for rname, rpath in cfg.rois.items():
-        _header(cfg, rpath, f"ROI {rname}")
+        roi = _header(cfg, rpath, f"ROI {rname}")
+        for fname, g in geometry.items():
+            # roi_overlap intersects each subject's image with each ROI voxel by voxel.
+            if tuple(int(x) for x in roi.shape) != g.shape \
+                    or not np.allclose(roi.affine, g.affine):
+                raise CatalogError(
+                    f"catalog {cfg.name!r}: ROI {rname} ({rpath.name}) is not on the grid of "
+                    f"image field {fname!r} (shape {tuple(roi.shape)} vs {g.shape}, or another "
+                    "affine)")
     return Catalog(cfg, joined.reset_index(drop=True), infos, geometry, dict(cfg.rois))
 
 
@@ -151,7 +163,18 @@ def _coerce(cfg: CatalogConfig, f: FieldMeta, col: pd.Series) -> pd.Series:
         if bad.any():
             raise CatalogError(f"catalog {cfg.name!r}: field {f.name!r} is declared {f.type} but "
                                f"{int(bad.sum())} values are not numbers")
-        return values.astype(float)
+        values = values.astype(float)
+        # Clamping to the declared bounds would quietly turn these into a bound.
+        infinite = np.isinf(values)
+        if infinite.any():
+            raise CatalogError(f"catalog {cfg.name!r}: field {f.name!r} has {int(infinite.sum())} "
+                               "infinite values (or numbers past float range)")
+        if f.type == "integer":
+            fractional = values.notna() & (values != np.floor(values))
+            if fractional.any():
+                raise CatalogError(f"catalog {cfg.name!r}: field {f.name!r} is declared integer "
+                                   f"but {int(fractional.sum())} values are not whole numbers")
+        return values
     if f.type == "categorical":
         col = col.where(col.isna(), col.astype(str).str.strip())
         if f.levels is not None:
@@ -183,7 +206,8 @@ def _nifti(path: Path) -> nib.Nifti1Pair:
 
 def _header(cfg: CatalogConfig, path: Path, what: str) -> nib.Nifti1Pair:
     if not path.is_file():
-        raise CatalogError(f"catalog {cfg.name!r}: {what} {path} does not exist")
+        raise CatalogError(f"catalog {cfg.name!r}: {what} {path} "
+                           f"{'is not a file' if path.exists() else 'does not exist'}")
     try:
         img = _nifti(path)
         # A truncated .nii.gz has a readable header but no data; checking the data size

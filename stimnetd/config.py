@@ -443,7 +443,8 @@ class _Parser:
         if not p.is_relative_to(root.resolve()):
             raise self.fail(where, f"path {rel!r} escapes the catalog root {root}")
         if not p.is_file():
-            raise self.fail(where, f"file {p} does not exist")
+            raise self.fail(where, f"{p} is not a file" if p.exists()
+                            else f"file {p} does not exist")
         return p
 
     def field_meta(self, name: str, raw: Any, where: str, tables: set[str]) -> FieldMeta:
