@@ -65,6 +65,11 @@ class BudgetExhausted(Refused):
     pass
 
 
+class Overloaded(ClientError):
+    """A node's limit on work in flight per caller (max_queries_per_researcher): retry
+    once some of your jobs have finished."""
+
+
 class DeadlineExceeded(ClientError):
     pass
 
@@ -99,6 +104,8 @@ def map_rpc_error(exc: grpc.RpcError, address: str) -> ClientError:
             msg = f"cannot reach node at {address}: {details.splitlines()[0] if details else 'unavailable'}"
     elif cls is DeadlineExceeded:
         msg = f"node at {address} did not answer in time"
+    elif cls is BudgetExhausted and "privacy budget" not in details:
+        cls, msg = Overloaded, details  # the one other RESOURCE_EXHAUSTED: a load limit
     else:
         msg = details or (code.name if code else "unknown error")
     err = cls(msg)

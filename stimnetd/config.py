@@ -62,6 +62,9 @@ class NodeSettings:
     # Finished jobs (their signed requests and answers) are deleted this long after they
     # finished; 0 keeps them forever. Releases, the ledger, cohorts and audit are kept.
     job_retention_days: float = 90.0
+    # Queries one researcher may have running at once with this node as their entry (each
+    # fans out to every site holding the catalog): a runaway notebook loop waits its turn.
+    max_queries_per_researcher: int = 32
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,8 @@ class FederationSettings:
     subjob_timeout_s: float = 30.0
     # Signed jobs older than this (or from this far in the future) are refused as stale.
     request_max_age_s: float = 300.0
+    # Sub-jobs one entry node may have running here at once (all its researchers').
+    max_subjobs_per_entry: int = 256
 
 
 @dataclass(frozen=True)
@@ -249,7 +254,8 @@ class _Parser:
     def node(self, raw: dict[str, Any]) -> NodeSettings:
         w = "[node]"
         raw = self.table(raw, w, {"name", "listen", "advertise", "state_dir", "k_min",
-                                  "grace_s", "max_connection_age_s", "job_retention_days"})
+                                  "grace_s", "max_connection_age_s", "job_retention_days",
+                                  "max_queries_per_researcher"})
         name = self.get(raw, w, "name", str)
         try:
             check_name(name)
@@ -271,8 +277,13 @@ class _Parser:
         if retention < 0:
             raise self.fail(f"{w}.job_retention_days",
                             f"must be 0 (keep finished jobs forever) or more, got {retention:g}")
+        per_researcher = self.get(raw, w, "max_queries_per_researcher", int, 32)
+        if not 1 <= per_researcher <= 100_000:
+            raise self.fail(f"{w}.max_queries_per_researcher",
+                            f"must be between 1 and 100000, got {per_researcher}")
         return NodeSettings(
             name=name, host=host, port=port, advertise=advertise,
+            max_queries_per_researcher=per_researcher,
             state_dir=self.path_of(self.get(raw, w, "state_dir", str, "state"), f"{w}.state_dir",
                                    must_exist=False),
             k_min=k_min, grace_s=grace, max_connection_age_s=age, job_retention_days=retention,
@@ -338,15 +349,20 @@ class _Parser:
 
     def federation(self, raw: dict[str, Any]) -> FederationSettings:
         w = "[federation]"
-        raw = self.table(raw, w, {"peers", "seeds", "subjob_timeout_s", "request_max_age_s"})
+        raw = self.table(raw, w, {"peers", "seeds", "subjob_timeout_s", "request_max_age_s",
+                                  "max_subjobs_per_entry"})
         peers = self.addresses(raw, w, "peers")
         seeds = self.addresses(raw, w, "seeds")
         timeout = self.get(raw, w, "subjob_timeout_s", float, 30.0)
         age = self.get(raw, w, "request_max_age_s", float, 300.0)
         if timeout <= 0 or age <= 0:
             raise self.fail(w, "subjob_timeout_s and request_max_age_s must be positive")
+        per_entry = self.get(raw, w, "max_subjobs_per_entry", int, 256)
+        if not 1 <= per_entry <= 100_000:
+            raise self.fail(f"{w}.max_subjobs_per_entry",
+                            f"must be between 1 and 100000, got {per_entry}")
         return FederationSettings(peers=peers, seeds=seeds, subjob_timeout_s=timeout,
-                                  request_max_age_s=age)
+                                  request_max_age_s=age, max_subjobs_per_entry=per_entry)
 
     def addresses(self, raw: dict[str, Any], where: str, key: str) -> tuple[str, ...]:
         values = self.get(raw, where, key, list, [])

@@ -201,11 +201,13 @@ class Daemon:
                                                           config.scripts.concurrency,
                                                           config.scripts.on_restart),
                                request_max_age_s=config.federation.request_max_age_s,
-                               retention_days=config.node.job_retention_days)
+                               retention_days=config.node.job_retention_days,
+                               max_queries_per_researcher=config.node.max_queries_per_researcher)
         self.subjobs = SubJobHandler(executor=self.executor, store=self.store,
                                      verify=self.verifier,
                                      max_age_s=config.federation.request_max_age_s,
-                                     script_policy=config.scripts.policy)
+                                     script_policy=config.scripts.policy,
+                                     max_per_entry=config.federation.max_subjobs_per_entry)
         self.started_at = time.time()
         self.port: int | None = None
         self.inner_socket: str | None = None  # plaintext gRPC socket behind the TLS front

@@ -38,6 +38,12 @@ class BudgetExhausted(StimnetError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class Overloaded(StimnetError):
+    """A per-caller limit on work in flight at this node; the message names the limit."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
 class Conflict(StimnetError):
     code = "FAILED_PRECONDITION"
 

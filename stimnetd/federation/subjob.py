@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from stimnetd.errors import PermissionDenied, Refused, Replayed
+from stimnetd.errors import Overloaded, PermissionDenied, Refused, Replayed
 from stimnetd.jobs.signing import SignedJob, VerifiedJob
 from stimnetd.jobs.site import SiteExecutor, SiteOutcome
 from stimnetd.pki import Identity
@@ -30,8 +31,13 @@ class SubJobEvent:
 class SubJobHandler:
     def __init__(self, *, executor: SiteExecutor, store: Store,
                  verify: Callable[[SignedJob], VerifiedJob], max_age_s: float,
-                 script_policy: str = "review", clock: Callable[[], float] = time.time) -> None:
+                 script_policy: str = "review", max_per_entry: int = 256,
+                 clock: Callable[[], float] = time.time) -> None:
         self._executor = executor
+        # Sub-jobs running here per entry node: one node (or a runaway researcher behind
+        # it) cannot take every slot of this site's loop and database.
+        self._max_per_entry = max_per_entry
+        self._running: collections.Counter[str] = collections.Counter()
         self._script_policy = script_policy
         self._clock = clock
         self._store = store
@@ -40,6 +46,33 @@ class SubJobHandler:
 
     async def run(self, signed: SignedJob, entry: Identity,
                   request_id: str) -> AsyncIterator[SubJobEvent]:
+        if self._running[entry.name] >= self._max_per_entry:
+            raise Overloaded(f"node {entry.name!r} has {self._running[entry.name]} sub-jobs "
+                             f"running at this site, its limit (max_subjobs_per_entry = "
+                             f"{self._max_per_entry}); try again when some have finished")
+        self._running[entry.name] += 1
+        counted = True
+
+        def release() -> None:
+            nonlocal counted
+            if counted:
+                counted = False
+                self._running[entry.name] -= 1
+                if not self._running[entry.name]:
+                    del self._running[entry.name]
+
+        try:
+            async for ev in self._run(signed, entry, request_id):
+                if ev.outcome is not None:
+                    # The outcome ends the sub-job for the entry, which reads nothing after
+                    # it: its next sub-job may arrive before this stream has closed.
+                    release()
+                yield ev
+        finally:
+            release()
+
+    async def _run(self, signed: SignedJob, entry: Identity,
+                   request_id: str) -> AsyncIterator[SubJobEvent]:
         # Verified here, at this site, with this site's CA and CRL: the entry node is only
         # a relay and cannot vouch for the researcher.
         job = self._verify(signed)

@@ -28,7 +28,14 @@ import numpy as np
 import structlog
 
 from stimnetd import codec
-from stimnetd.errors import Conflict, NotFound, PermissionDenied, Refused, StimnetError
+from stimnetd.errors import (
+    Conflict,
+    NotFound,
+    Overloaded,
+    PermissionDenied,
+    Refused,
+    StimnetError,
+)
 from stimnetd.federation.fanout import Coordinator, FanoutResult
 from stimnetd.jobs.scripts import spec_from_partials
 from stimnetd.jobs.signing import SignedJob, VerifiedJob
@@ -84,8 +91,13 @@ class JobService:
     def __init__(self, *, node: str, store: Store, executor: SiteExecutor,
                  coordinator: Coordinator, verify: Callable[[SignedJob], VerifiedJob],
                  script_policy: ScriptPolicy | None = None, request_max_age_s: float = 300.0,
-                 retention_days: float = 0.0, clock: Callable[[], float] = time.time) -> None:
+                 retention_days: float = 0.0, max_queries_per_researcher: int = 32,
+                 clock: Callable[[], float] = time.time) -> None:
         self._node = node
+        # Queries running per researcher (entry side), and which job counts for whom.
+        self._max_queries = max_queries_per_researcher
+        self._queries: collections.Counter[str] = collections.Counter()
+        self._counted: dict[str, str] = {}
         # Said when a job is not found: it may have finished long ago and been deleted.
         self._kept = (f" (finished jobs are kept for {retention_days:g} days)"
                       if retention_days else "")
@@ -115,6 +127,11 @@ class JobService:
         if req.entry != self._node:
             raise PermissionDenied(f"job is signed for entry node {req.entry!r}, but this node is "
                                    f"{self._node!r}: submit it there, or sign it for this node")
+        if req.kind == "query" and self._queries[caller.name] >= self._max_queries:
+            raise Overloaded(f"you have {self._queries[caller.name]} queries running with this "
+                             f"node as their entry, its limit per researcher "
+                             f"(max_queries_per_researcher = {self._max_queries}); wait for one "
+                             "to finish")
         # A query starts at once: recorded as running in its submit transaction, saving a
         # commit on every query's path (a restart interrupts queued and running alike).
         state, detail = ("running" if req.kind == "query" else "queued"), ""
@@ -145,14 +162,27 @@ class JobService:
                 raise Conflict(_REPLAYED)
             live = self._live[record.id] = _Live(unwritten=record,
                                                  created=asyncio.ensure_future(create))
+            self._count_query(record)
             live.task = asyncio.create_task(self._run(record, job), name=f"job-{record.id}")
             return record
         if not await create:
             raise Conflict(_REPLAYED)
         live = self._live.setdefault(record.id, _Live())
         if state in ("queued", "running"):
+            if record.kind == "query":
+                self._count_query(record)
             live.task = asyncio.create_task(self._run(record, job), name=f"job-{record.id}")
         return record
+
+    def _count_query(self, record: JobRecord) -> None:
+        self._counted[record.id] = record.owner
+        self._queries[record.owner] += 1
+
+    def _uncount_query(self, job_id: str) -> None:
+        if (owner := self._counted.pop(job_id, None)) is not None:
+            self._queries[owner] -= 1
+            if not self._queries[owner]:
+                del self._queries[owner]
 
     async def _local_script_refusal(self, record: JobRecord, job: VerifiedJob) -> str | None:
         """This site's own share of a federated script is under this site's script policy,
@@ -274,6 +304,7 @@ class JobService:
             raise
         finally:
             self._live.pop(record.id, None)
+            self._uncount_query(record.id)
             for q in list(live.watchers):
                 q.put_nowait(JobUpdate("end"))
 
@@ -316,6 +347,8 @@ class JobService:
                     record, state=state, detail=detail, updated_at=self._clock(),
                     sites=list(live.sites), result=blob)
                 await self._publish(record.id, JobUpdate("state", job=final, result=blob))
+                # Its researcher has the answer and may ask the next question now.
+                self._uncount_query(record.id)
                 await self._record_final(final)
             else:
                 await self._set_state(record.id, state, detail, sites=live.sites, result=blob)

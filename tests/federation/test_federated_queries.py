@@ -394,3 +394,54 @@ async def test_finished_jobs_are_deleted_after_the_retention_and_releases_stay(
         pruned = [r for r in await store.audit_rows() if r.action == "retention"]
     assert pruned and pruned[0].decision == "pruned"
     assert json.loads(pruned[0].detail_json)["jobs"] == 1
+
+
+async def test_work_in_flight_is_limited_per_researcher_and_per_entry_node(
+        federation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A researcher's queries running at once through one entry are capped
+    (`max_queries_per_researcher`, RESOURCE_EXHAUSTED naming the limit; the slot frees when
+    one ends), and so are one entry node's sub-jobs at a site (`max_subjobs_per_entry`:
+    that site is refused in the manifest, naming the limit; the others answer)."""
+    import threading
+
+    from stimctl.client import Overloaded
+    from stimnetd.jobs import site as site_module
+
+    gate = threading.Event()
+    computing = threading.Semaphore(0)
+    real = site_module.compute
+
+    def gated_compute(*args, **kwargs):  # type: ignore[no-untyped-def]
+        computing.release()
+        gate.wait(20)  # in a worker thread (INLINE_SUBJECTS = 0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(site_module, "compute", gated_compute)
+    monkeypatch.setattr(site_module, "INLINE_SUBJECTS", 0)
+
+    async def started(n: int) -> None:  # n more computations are under way
+        for _ in range(n):
+            assert await asyncio.to_thread(computing.acquire, True, 20)
+
+    cats = [[_tiny_catalog(tmp_path / n, [float(a) for a in range(30, 60)])] for n in "ab"]
+    async with federation(cats, node={"max_queries_per_researcher": 1},
+                          federation={"max_subjobs_per_entry": 1}) as fed, \
+            fed.client() as alice, fed.client(who="bob") as bob:
+        sql = "SELECT count(*) FROM tiny"
+        first = asyncio.create_task(alice.query(sql, federated=True, min_sites=1))
+        await started(2)  # site-a's own share and site-b's sub-job
+        with pytest.raises(Overloaded, match=r"you have 1 queries running with this node as "
+                                             r"their entry.*max_queries_per_researcher = 1"):
+            await alice.query(sql, federated=True)
+        # Bob may: but site-b already runs one sub-job from site-a, its limit.
+        second = asyncio.create_task(bob.query(sql, federated=True, min_sites=1))
+        await started(1)  # site-a's own share of bob's query
+        gate.set()
+        answers = await asyncio.gather(first, second)
+        assert answers[0].rows[0][0] == 60
+        states = {m["site"]: (m["state"], m["detail"]) for m in answers[1].manifest}
+        assert states["site-a"][0] == "done" and states["site-b"][0] == "refused", states
+        assert "max_subjobs_per_entry = 1" in states["site-b"][1], states
+        # Slots free as queries end.
+        again = await alice.query(sql, federated=True, min_sites=2)
+        assert again.rows[0][0] == 60
