@@ -127,11 +127,28 @@ class JobService:
         if req.entry != self._node:
             raise PermissionDenied(f"job is signed for entry node {req.entry!r}, but this node is "
                                    f"{self._node!r}: submit it there, or sign it for this node")
-        if req.kind == "query" and self._queries[caller.name] >= self._max_queries:
-            raise Overloaded(f"you have {self._queries[caller.name]} queries running with this "
-                             f"node as their entry, its limit per researcher "
+        if req.kind != "query":
+            return await self._submit(job, caller, request_id, follow)
+        owner = job.researcher.name
+        if self._queries[owner] >= self._max_queries:
+            raise Overloaded(f"you have {self._queries[owner]} queries running with this node "
+                             f"as their entry, its limit per researcher "
                              f"(max_queries_per_researcher = {self._max_queries}); wait for one "
                              "to finish")
+        # Reserved before the first await, so concurrent submissions cannot pass together;
+        # the running job holds it from then on (`_run` gives it back).
+        self._queries[owner] += 1
+        try:
+            record = await self._submit(job, caller, request_id, follow)
+        except BaseException:
+            self._release_query(owner)
+            raise
+        self._counted[record.id] = owner
+        return record
+
+    async def _submit(self, job: VerifiedJob, caller: Identity, request_id: str,
+                      follow: bool) -> JobRecord:
+        req, signed = job.request, job.signed
         # A query starts at once: recorded as running in its submit transaction, saving a
         # commit on every query's path (a restart interrupts queued and running alike).
         state, detail = ("running" if req.kind == "query" else "queued"), ""
@@ -162,27 +179,23 @@ class JobService:
                 raise Conflict(_REPLAYED)
             live = self._live[record.id] = _Live(unwritten=record,
                                                  created=asyncio.ensure_future(create))
-            self._count_query(record)
             live.task = asyncio.create_task(self._run(record, job), name=f"job-{record.id}")
             return record
         if not await create:
             raise Conflict(_REPLAYED)
         live = self._live.setdefault(record.id, _Live())
         if state in ("queued", "running"):
-            if record.kind == "query":
-                self._count_query(record)
             live.task = asyncio.create_task(self._run(record, job), name=f"job-{record.id}")
         return record
 
-    def _count_query(self, record: JobRecord) -> None:
-        self._counted[record.id] = record.owner
-        self._queries[record.owner] += 1
-
     def _uncount_query(self, job_id: str) -> None:
         if (owner := self._counted.pop(job_id, None)) is not None:
-            self._queries[owner] -= 1
-            if not self._queries[owner]:
-                del self._queries[owner]
+            self._release_query(owner)
+
+    def _release_query(self, owner: str) -> None:
+        self._queries[owner] -= 1
+        if not self._queries[owner]:
+            del self._queries[owner]
 
     async def _local_script_refusal(self, record: JobRecord, job: VerifiedJob) -> str | None:
         """This site's own share of a federated script is under this site's script policy,

@@ -428,7 +428,16 @@ async def test_work_in_flight_is_limited_per_researcher_and_per_entry_node(
                           federation={"max_subjobs_per_entry": 1}) as fed, \
             fed.client() as alice, fed.client(who="bob") as bob:
         sql = "SELECT count(*) FROM tiny"
-        first = asyncio.create_task(alice.query(sql, federated=True, min_sites=1))
+        # Three submitted at once (SubmitJob: each awaits its row's write), none running
+        # yet: exactly one gets the slot.
+        racing = await asyncio.gather(*[alice.submit_query(sql, federated=True)
+                                        for _ in range(3)], return_exceptions=True)
+        admitted = [j for j in racing if not isinstance(j, BaseException)]
+        refused = [e for e in racing if isinstance(e, BaseException)]
+        assert len(admitted) == 1, racing
+        for e in refused:
+            assert isinstance(e, Overloaded) and "max_queries_per_researcher = 1" in str(e), e
+        first = asyncio.create_task(alice.run_job(admitted[0]))
         await started(2)  # site-a's own share and site-b's sub-job
         with pytest.raises(Overloaded, match=r"you have 1 queries running with this node as "
                                              r"their entry.*max_queries_per_researcher = 1"):
