@@ -18,6 +18,7 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from stimctl import output
 from stimctl.client import AsyncClient, JobFailed
@@ -59,7 +60,8 @@ class Progress:
             t.add_column(h)
         for site, (state, detail, n) in sorted(self.sites.items()):
             style = _STYLE.get(state, "")
-            t.add_row(site, f"[{style}]{state}[/]" if style else state, str(n or ""), detail)
+            t.add_row(output.plain(site), Text(state, style=style), str(n or ""),
+                      output.plain(detail))
         return t
 
     def __call__(self, kind: str, value: Any) -> None:
@@ -104,7 +106,14 @@ def print_answer(ans: QueryAnswer, args: argparse.Namespace) -> int:
                           zip(names, r.get("coefficients") or [], r.get("std_errors") or [],
                               strict=False)])
         for c in res.get("contingency", []):
-            output.emit_json(c)
+            group = ", ".join(f"{k}={v}" for k, v in (c.get("group") or {}).items())
+            rows_lv, cols_lv = (c.get("levels") or [[], []])[:2]
+            fields = c.get("fields") or ["", ""]
+            output.table(f"contingency {c.get('name')}{' [' + group + ']' if group else ''} "
+                         f"(n={_fmt(c.get('n'))}; — = withheld at every site)",
+                         [f"{fields[0]} \\ {fields[1]}", *map(str, cols_lv)],
+                         [[str(lv), *[_fmt(v) for v in row]]
+                          for lv, row in zip(rows_lv, c.get("counts") or [], strict=False)])
         for roi in res.get("roi_overlap", []):
             output.table(f"ROI overlap {roi.get('name')}", ["roi", "subjects", "mean voxels",
                                                             "mean volume (mm³)"],

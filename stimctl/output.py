@@ -11,6 +11,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 
 def console() -> Console:
@@ -22,21 +23,27 @@ def emit_json(obj: Any) -> None:
     sys.stdout.write("\n")
 
 
+def plain(value: Any) -> Text:
+    """Data as text, never as rich markup: a level, alias or peer's detail reading
+    "[/bold]" would raise MarkupError, and "[x]" would vanish."""
+    return Text("" if value is None else str(value))
+
+
 def table(title: str, headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    t = Table(title=title, title_justify="left")
+    t = Table(title=plain(title), title_justify="left")
     for h in headers:
-        t.add_column(h)
+        t.add_column(plain(h))
     for r in rows:
-        t.add_row(*["" if v is None else str(v) for v in r])
+        t.add_row(*[plain(v) for v in r])
     console().print(t)
 
 
 def kv(title: str, pairs: Sequence[tuple[str, Any]]) -> None:
-    t = Table(title=title, title_justify="left", show_header=False)
+    t = Table(title=plain(title), title_justify="left", show_header=False)
     t.add_column(style="bold")
     t.add_column()
     for k, v in pairs:
-        t.add_row(k, str(v))
+        t.add_row(plain(k), plain(v))
     console().print(t)
 
 

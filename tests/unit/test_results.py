@@ -45,3 +45,33 @@ def test_out_forms(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert json.loads((tmp_path / "new" / "dir" / "result.json").read_text())["result"]["rows"] \
         == [[20]]
     assert "wrote" in capsys.readouterr().err
+
+
+def test_a_contingency_table_is_shown_as_a_table(capsys: pytest.CaptureFixture[str]) -> None:
+    """Rows are the first field's levels, columns the second's; cells every site withheld
+    read as —. (It used to be printed as a JSON document.)"""
+    ans = QueryAnswer("job9", {"result": {"columns": [], "rows": [[]], "contingency": [{
+        "name": "ct", "fields": ["sex", "target"], "group": {"diagnosis": "PD"}, "n": 30,
+        "levels": [["F", "M"], ["STN", "GPi"]], "counts": [[12, None], [18, 0]]}]},
+        "manifest": []})
+    assert print_answer(ans, _args(None)) == 0
+    out = capsys.readouterr().out
+    flat = " ".join(out.split())  # the title wraps
+    assert "ct [diagnosis=PD] (n=30" in flat and "sex \\ target" in out
+    lines = [ln for ln in out.splitlines() if ln.startswith("│ F") or ln.startswith("│ M")]
+    assert [[c.strip() for c in ln.split("│")[1:4]] for ln in lines] == [
+        ["F", "12", "—"], ["M", "18", "0"]], lines
+    assert '"counts"' not in out
+
+
+def test_data_that_looks_like_rich_markup_is_printed_as_it_is(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """An alias, level or peer's detail reading "[/bold]" raised MarkupError (the answer
+    was lost to a traceback), and "[x]" vanished from the table."""
+    ans = QueryAnswer("job7", {"result": {"columns": ["[/bold]", "n [x]"], "rows": [[1, 2]]},
+                               "manifest": [{"site": "[red]a", "state": "done", "n": 20,
+                                             "detail": "[/]"}]})
+    assert print_answer(ans, _args(None)) == 0
+    out = capsys.readouterr().out
+    for text in ("[/bold]", "n [x]", "[red]a", "[/]"):
+        assert text in out, (text, out)
