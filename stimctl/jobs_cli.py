@@ -55,7 +55,7 @@ class Progress:
             self._live.__exit__(None, None, None)
 
     def _render(self) -> Table:
-        t = Table(title=f"job: {self.state}", title_justify="left")
+        t = Table(title=output.plain(f"job: {self.state}"), title_justify="left")
         for h in ("site", "state", "subjects", "detail"):
             t.add_column(h)
         for site, (state, detail, n) in sorted(self.sites.items()):
