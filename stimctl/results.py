@@ -48,35 +48,58 @@ class QueryAnswer:
 
         return pd.DataFrame(self.rows, columns=self.columns)
 
-    def map_array(self, name: str, which: str = "mean") -> np.ndarray:
-        for m in self.maps:
-            if m.get("name") == name:
-                key = m.get(which) or m.get(f"{which}_key") or m.get("arrays", {}).get(which)
-                if key is None or key not in self.arrays:
-                    raise KeyError(f"map {name!r} has no {which!r} array (has {sorted(m)})")
-                return self.arrays[key]
-        raise KeyError(f"no map named {name!r}; maps: {[m.get('name') for m in self.maps]}")
+    def map_array(self, name: str | None = None, which: str | None = None, *,
+                  group: dict[str, str] | None = None) -> np.ndarray:
+        """A voxel map's array: `which` is "count" (subjects covering each voxel) or
+        "mean" (the weighted mean, or the covered fraction of an unweighted mean_map);
+        by default the mean where the map has one, else the count. `group`: which group's
+        map of a grouped query (e.g. {"target": "STN"})."""
+        return self._array(self._map(name, group), which)
 
-    def to_nifti(self, name: str | None = None, which: str = "mean"):  # type: ignore[no-untyped-def]
+    def to_nifti(self, name: str | None = None, which: str | None = None, *,
+                 group: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+        """The map as a NIfTI image with the catalog's affine (see `map_array`)."""
+        m = self._map(name, group)
+        return self._nifti(m, self._array(m, which))
+
+    @staticmethod
+    def _nifti(m: dict[str, Any], arr: np.ndarray):  # type: ignore[no-untyped-def]
         import nibabel as nib
 
-        m = self._map(name)
-        arr = self.map_array(m["name"], which)
-        affine = np.asarray(m["affine"], dtype=np.float64)
-        return nib.Nifti1Image(np.asarray(arr, dtype=np.float32), affine)
+        return nib.Nifti1Image(np.asarray(arr, dtype=np.float32),
+                               np.asarray(m["affine"], dtype=np.float64))
 
-    def _map(self, name: str | None) -> dict[str, Any]:
+    def _array(self, m: dict[str, Any], which: str | None) -> np.ndarray:
+        have = _arrays_of(m)
+        if which is None:
+            which = "mean" if "mean" in have else "count"
+        key = have.get(which)
+        if key is None or key not in self.arrays:
+            raise KeyError(f"map {m.get('name')!r}{_group_label(m)} has no {which!r} array "
+                           f"(it has {sorted(k for k, v in have.items() if v in self.arrays)})")
+        return self.arrays[key]
+
+    def _map(self, name: str | None, group: dict[str, str] | None = None) -> dict[str, Any]:
         if not self.maps:
             raise KeyError("this answer has no voxel maps")
+        names = list(dict.fromkeys(m.get("name") for m in self.maps))
         if name is None:
-            return self.maps[0]
-        for m in self.maps:
-            if m.get("name") == name:
-                return m
-        raise KeyError(f"no map named {name!r}")
+            if len(names) > 1:
+                raise KeyError(f"this answer has several maps, name one of {names}")
+            name = names[0]
+        found = [m for m in self.maps if m.get("name") == name
+                 and (group is None or (m.get("group") or {}) == group)]
+        if not found:
+            raise KeyError(f"no map named {name!r}{' in group ' + repr(group) if group else ''};"
+                           f" maps: {[(m.get('name'), m.get('group') or {}) for m in self.maps]}")
+        if len(found) > 1:
+            raise KeyError(f"map {name!r} has one per group: pass group=, one of "
+                           f"{[m.get('group') or {} for m in found]}")
+        return found[0]
 
     def save_maps(self, out_dir: Path) -> list[Path]:
-        """Each map as NIfTI (count and mean/sum) plus a PNG of orthogonal slices."""
+        """Each map (each group's, in a grouped query) as NIfTI (count and mean) plus a PNG
+        of orthogonal slices; files are named by map and group."""
         import nibabel as nib
 
         from stimctl.slices import write_slices_png
@@ -84,18 +107,35 @@ class QueryAnswer:
         out_dir.mkdir(parents=True, exist_ok=True)
         written: list[Path] = []
         for m in self.maps:
-            for which in ("count", "mean"):
-                try:
-                    img = self.to_nifti(m["name"], which)
-                except KeyError:
+            stem = _safe(m["name"]) + "".join(f"_{_safe(k)}-{_safe(str(v))}"
+                                              for k, v in sorted((m.get("group") or {}).items()))
+            for which, key in _arrays_of(m).items():
+                if key not in self.arrays:
                     continue
-                path = out_dir / f"{_safe(m['name'])}_{which}.nii.gz"
+                img = self._nifti(m, self.arrays[key])
+                path = out_dir / f"{stem}_{which}.nii.gz"
                 nib.save(img, path)
                 written.append(path)
                 png = path.with_suffix("").with_suffix(".png")
-                write_slices_png(np.asarray(img.dataobj), png, title=f"{m['name']} ({which})")
+                write_slices_png(np.asarray(img.dataobj), png,
+                                 title=f"{m['name']}{_group_label(m)} ({which})")
                 written.append(png)
         return written
+
+
+def _arrays_of(m: dict[str, Any]) -> dict[str, str]:
+    """{"count": array key, "mean": array key} as far as the map has them."""
+    out = {}
+    for which in ("count", "mean"):
+        key = m.get(which) or m.get(f"{which}_key") or (m.get("arrays") or {}).get(which)
+        if isinstance(key, str):
+            out[which] = key
+    return out
+
+
+def _group_label(m: dict[str, Any]) -> str:
+    g = m.get("group") or {}
+    return " [" + ", ".join(f"{k}={v}" for k, v in sorted(g.items())) + "]" if g else ""
 
 
 def _safe(name: str) -> str:

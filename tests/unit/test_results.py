@@ -75,3 +75,41 @@ def test_data_that_looks_like_rich_markup_is_printed_as_it_is(
     out = capsys.readouterr().out
     for text in ("[/bold]", "n [x]", "[red]a", "[/]"):
         assert text in out, (text, out)
+
+
+def _grouped_maps() -> QueryAnswer:
+    import numpy as np
+
+    maps, arrays = [], {}
+    for i, target in enumerate(["GPi", "STN"]):
+        arrays[f"c{i}"] = np.full((2, 2, 2), float(i + 1))
+        arrays[f"m{i}"] = np.full((2, 2, 2), 10.0 * (i + 1))
+        maps.append({"name": "sweet", "group": {"target": target}, "count_key": f"c{i}",
+                     "mean_key": f"m{i}", "affine": np.eye(4).tolist(), "shape": [2, 2, 2]})
+    maps.append({"name": "cover", "group": {}, "count_key": "c0", "affine": np.eye(4).tolist(),
+                 "shape": [2, 2, 2]})
+    return QueryAnswer("job5", {"result": {"maps": maps}}, arrays)
+
+
+def test_each_groups_map_is_its_own_and_is_saved_under_its_group(tmp_path: Path) -> None:
+    """A grouped sweet-spot map has one map per group under one name: to_nifti asks which
+    (it returned the first group's for every group), and save_maps names files by group
+    (every group was written to one path, the first group's data each time)."""
+    ans = _grouped_maps()
+    with pytest.raises(KeyError, match="several maps, name one of"):
+        ans.to_nifti()
+    with pytest.raises(KeyError, match="one per group: pass group="):
+        ans.to_nifti("sweet")
+    stn = ans.to_nifti("sweet", group={"target": "STN"})
+    assert float(stn.get_fdata().max()) == 20.0  # the mean, by default
+    assert float(ans.to_nifti("sweet", "count", group={"target": "GPi"}).get_fdata().max()) == 1
+    assert float(ans.to_nifti("cover").get_fdata().max()) == 1.0  # count: it has no mean
+    with pytest.raises(KeyError, match=r"has no 'mean' array \(it has \['count'\]\)"):
+        ans.to_nifti("cover", "mean")
+    names = sorted(p.name for p in ans.save_maps(tmp_path))
+    assert names == sorted(f"{stem}_{which}.{ext}" for stem, whiches in (
+        ("sweet_target-GPi", ("count", "mean")), ("sweet_target-STN", ("count", "mean")),
+        ("cover", ("count",))) for which in whiches for ext in ("nii.gz", "png"))
+    import nibabel as nib
+
+    assert float(nib.load(tmp_path / "sweet_target-STN_mean.nii.gz").get_fdata().max()) == 20.0
