@@ -87,9 +87,11 @@ def print_answer(ans: QueryAnswer, args: argparse.Namespace) -> int:
     if getattr(args, "json", False):
         output.emit_json({"job": ans.job_id, **ans.doc})
     elif getattr(args, "csv", False):
-        w = csv.writer(sys.stdout)
-        w.writerow(ans.columns)
-        w.writerows(ans.rows)
+        if ans.columns:
+            w = csv.writer(sys.stdout)
+            w.writerow(ans.columns)
+            w.writerows(ans.rows)
+        _note_not_in_csv(ans)
     else:
         output.table("result", ans.columns, [[_fmt(v) for v in r] for r in ans.rows])
         res = ans.result
@@ -146,6 +148,8 @@ def print_answer(ans: QueryAnswer, args: argparse.Namespace) -> int:
                 w = csv.writer(fh)
                 w.writerow(ans.columns)
                 w.writerows(ans.rows)
+            if not getattr(args, "csv", False):
+                _note_not_in_csv(ans)
         print(f"wrote {out}", file=sys.stderr)
         if ans.maps:
             for p in ans.save_maps(out.parent):
@@ -158,6 +162,17 @@ def print_answer(ans: QueryAnswer, args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _note_not_in_csv(ans: QueryAnswer) -> None:
+    """CSV holds the result table; say what else the answer has and where to get it."""
+    res = ans.result
+    names = [x.get("name") for kind in ("histograms", "regressions", "contingency", "maps",
+                                        "roi_overlap") for x in res.get(kind, [])]
+    if names:
+        print(f"stimctl: note: CSV holds the result table only; not in it: "
+              f"{', '.join(dict.fromkeys(map(str, names)))} (`stimctl results {ans.job_id} "
+              "--json` has everything)", file=sys.stderr)
 
 
 def _write_json(ans: QueryAnswer, path: Path) -> None:

@@ -113,3 +113,16 @@ def test_each_groups_map_is_its_own_and_is_saved_under_its_group(tmp_path: Path)
     import nibabel as nib
 
     assert float(nib.load(tmp_path / "sweet_target-STN_mean.nii.gz").get_fdata().max()) == 20.0
+
+
+def test_csv_says_what_it_leaves_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A histogram-only answer under --csv printed two empty lines and nothing else."""
+    ans = QueryAnswer("job4", {"result": {"columns": [], "rows": [[]], "histograms": [
+        {"name": "histogram(age, 0, 50, 100)", "edges": [0, 50, 100], "counts": [3, 9],
+         "under": 0, "over": 0}]}, "manifest": []})
+    assert print_answer(ans, _args(None, csv=True)) == 0
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "not in it: histogram(age, 0, 50, 100)" in err and "results job4 --json" in err
+    assert print_answer(ans, _args(tmp_path / "r.csv")) == 0
+    assert "not in it: histogram(age, 0, 50, 100)" in capsys.readouterr().err
