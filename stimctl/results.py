@@ -56,8 +56,8 @@ class QueryAnswer:
         map of a grouped query (e.g. {"target": "STN"})."""
         return self._array(self._map(name, group), which)
 
-    def to_nifti(self, name: str | None = None, which: str | None = None, *,
-                 group: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    def to_nifti(self, name: str | None = None, which: str | None = None, *,  # type: ignore[no-untyped-def]
+                 group: dict[str, str] | None = None):
         """The map as a NIfTI image with the catalog's affine (see `map_array`)."""
         m = self._map(name, group)
         return self._nifti(m, self._array(m, which))
