@@ -269,7 +269,6 @@ class AsyncClient:
 
     async def _query_request(self, query: str | dict[str, Any], federated: bool,
                              epsilon: float | None, min_sites: int) -> Any:
-
         spec = _spec(query, "query")
         return _new_request("query", spec.catalog, entry=await self.entry_node(),
                             scope="federated" if federated else "local",
@@ -284,7 +283,6 @@ class AsyncClient:
         "SELECT count(*) AS n, avg(age) AS mean_age FROM c GROUP BY sex" (no WHERE) or
         the equivalent spec — and is signed with it: a site releases only a result that
         is exactly that (sites require it unless their `declared_outputs` is optional)."""
-
         spec = _spec(outputs, "declared outputs") if outputs is not None else None
         if spec is not None and spec.catalog != catalog:
             raise InvalidRequest(f"declared outputs refused before sending: they name catalog "
