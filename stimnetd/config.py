@@ -117,6 +117,9 @@ class ScriptSettings:
     on_restart: str = "interrupt"
     # Pre-started containers per catalog (policy auto only); 0 turns them off on small hosts.
     warm_containers: int = 2
+    # Script jobs one researcher may have queued, running or awaiting approval here (each
+    # keeps its script, up to 1 MiB, in the store until it ends).
+    max_pending_per_researcher: int = 16
 
 
 @dataclass(frozen=True)
@@ -395,7 +398,8 @@ class _Parser:
         w = "[scripts]"
         raw = self.table(raw, w, {"policy", "log_policy", "concurrency", "image", "memory_mb",
                                   "cpus", "pids", "timeout_s", "result_mb", "on_restart",
-                                  "warm_containers", "declared_outputs"})
+                                  "warm_containers", "declared_outputs",
+                                  "max_pending_per_researcher"})
         s = ScriptSettings(
             policy=self.get(raw, w, "policy", str, "review", choices=SCRIPT_POLICIES),
             log_policy=self.get(raw, w, "log_policy", str, "errors", choices=LOG_POLICIES),
@@ -410,9 +414,12 @@ class _Parser:
             result_mb=self.get(raw, w, "result_mb", int, 8),
             on_restart=self.get(raw, w, "on_restart", str, "interrupt", choices=RESTART_POLICIES),
             warm_containers=self.get(raw, w, "warm_containers", int, 2),
+            max_pending_per_researcher=self.get(raw, w, "max_pending_per_researcher", int, 16),
         )
         if not 0 <= s.warm_containers <= 16:
             raise self.fail(f"{w}.warm_containers", "must be between 0 and 16")
+        if not 1 <= s.max_pending_per_researcher <= 100_000:
+            raise self.fail(f"{w}.max_pending_per_researcher", "must be between 1 and 100000")
         for key in ("concurrency", "memory_mb", "pids", "result_mb"):
             if getattr(s, key) < 1:
                 raise self.fail(f"{w}.{key}", "must be at least 1")

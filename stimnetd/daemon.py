@@ -197,9 +197,10 @@ class Daemon:
             timeout_s=config.federation.subjob_timeout_s)
         self.jobs = JobService(node=config.node.name, store=self.store, executor=self.executor,
                                coordinator=self.coordinator, verify=self.verifier,
-                               script_policy=ScriptPolicy(config.scripts.policy,
-                                                          config.scripts.concurrency,
-                                                          config.scripts.on_restart),
+                               script_policy=ScriptPolicy(
+                                   config.scripts.policy, config.scripts.concurrency,
+                                   config.scripts.on_restart,
+                                   config.scripts.max_pending_per_researcher),
                                request_max_age_s=config.federation.request_max_age_s,
                                retention_days=config.node.job_retention_days,
                                max_queries_per_researcher=config.node.max_queries_per_researcher)
@@ -207,7 +208,8 @@ class Daemon:
                                      verify=self.verifier,
                                      max_age_s=config.federation.request_max_age_s,
                                      script_policy=config.scripts.policy,
-                                     max_per_entry=config.federation.max_subjobs_per_entry)
+                                     max_per_entry=config.federation.max_subjobs_per_entry,
+                                     max_pending_scripts=config.scripts.max_pending_per_researcher)
         self.started_at = time.time()
         self.port: int | None = None
         self.inner_socket: str | None = None  # plaintext gRPC socket behind the TLS front

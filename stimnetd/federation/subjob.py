@@ -32,7 +32,9 @@ class SubJobHandler:
     def __init__(self, *, executor: SiteExecutor, store: Store,
                  verify: Callable[[SignedJob], VerifiedJob], max_age_s: float,
                  script_policy: str = "review", max_per_entry: int = 256,
+                 max_pending_scripts: int = 16,
                  clock: Callable[[], float] = time.time) -> None:
+        self._max_pending_scripts = max_pending_scripts
         self._executor = executor
         # Sub-jobs running here per entry node: one node (or a runaway researcher behind
         # it) cannot take every slot of this site's loop and database.
@@ -163,7 +165,8 @@ class SubJobHandler:
                 request_id=request_id, origin=entry.name, payload=job.signed.payload,
                 signature=job.signed.signature, signer_cert=job.signed.signer_cert_pem,
                 script=job.signed.script, script_sha256=req.script_sha256),
-                audit=(job.researcher.name, job.researcher.role, "subjob"))
+                audit=(job.researcher.name, job.researcher.role, "subjob"),
+                pending_limit=self._max_pending_scripts)
         except sqlite3.IntegrityError:  # the same signed job again: its request is pending
             created = False
         if not created:

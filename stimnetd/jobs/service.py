@@ -60,6 +60,7 @@ class ScriptPolicy:
     policy: str = "review"        # auto | review | deny
     concurrency: int = 1
     on_restart: str = "interrupt"  # interrupt | requeue
+    max_pending_per_researcher: int = 16
 
 
 @dataclass(frozen=True)
@@ -164,9 +165,11 @@ class JobService:
             request_id=request_id, origin="client", payload=signed.payload,
             signature=signed.signature, signer_cert=signed.signer_cert_pem,
             script=signed.script or None, script_sha256=req.script_sha256)
-        create = self._store.create_job(record, audit=(caller.name, caller.role, "submit"),
-                                        nonce=(req.nonce, self._max_age),
-                                        durable=req.kind != "query")
+        create = self._store.create_job(
+            record, audit=(caller.name, caller.role, "submit"), nonce=(req.nonce, self._max_age),
+            durable=req.kind != "query",
+            pending_limit=self._scripts.max_pending_per_researcher if req.kind == "script"
+            else None)
         # A query's row is bookkeeping (its privacy decisions are the sites' durable
         # releases, and a replay is stopped there too): no fsync of its own (Store._tx).
         if req.kind == "query" and follow:

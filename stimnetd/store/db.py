@@ -25,7 +25,7 @@ import aiosqlite
 import numpy as np
 import structlog
 
-from stimnetd.errors import Replayed, StimnetError
+from stimnetd.errors import Overloaded, Replayed, StimnetError
 from stimnetd.privacy.overlap import UnionSizes, near_families, unions
 from stimnetd.privacy.policy import BudgetExhausted as PrivacyBudgetExhausted
 from stimnetd.store.audit import GENESIS, AuditRow, AuditVerification, chain_hash, verify_rows
@@ -302,15 +302,27 @@ class Store:
     # -- jobs ------------------------------------------------------------------------
 
     async def create_job(self, job: JobRecord, *, audit: tuple[str, str, str] | None = None,
-                         nonce: tuple[str, float] | None = None, durable: bool = True) -> bool:
+                         nonce: tuple[str, float] | None = None, durable: bool = True,
+                         pending_limit: int | None = None) -> bool:
         """Insert the job (and its audit entry) — refusing a replayed nonce in the same
         transaction when `nonce` = (nonce, max_age_s) is given. False means replay.
         `durable`: see `_tx` (a script's queued job must survive a power cut; a query's
-        row is bookkeeping)."""
+        row is bookkeeping). `pending_limit`: raise Overloaded, inserting nothing, when
+        the owner already has that many script jobs queued, running or awaiting approval
+        (counted in this transaction, so concurrent submissions cannot all pass)."""
         now = self._clock()
 
         def tx(chain: _Chain) -> bool:
             conn = chain.conn
+            if pending_limit is not None:
+                (pending,) = conn.execute(
+                    "SELECT count(*) FROM jobs WHERE owner = ? AND kind = 'script' AND state IN"
+                    " ('queued', 'running', 'awaiting_approval')", (job.owner,)).fetchone()
+                if pending >= pending_limit:
+                    raise Overloaded(
+                        f"you have {pending} script jobs queued, running or awaiting approval "
+                        f"at this site, its limit (max_pending_per_researcher = "
+                        f"{pending_limit}); wait for some to finish or cancel them")
             if nonce is not None:
                 conn.execute("DELETE FROM nonces WHERE seen_at < ?", (now - 2 * nonce[1],))
                 try:

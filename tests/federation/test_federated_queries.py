@@ -454,3 +454,44 @@ async def test_work_in_flight_is_limited_per_researcher_and_per_entry_node(
         # Slots free as queries end.
         again = await alice.query(sql, federated=True, min_sites=2)
         assert again.rows[0][0] == 60
+
+
+async def test_pending_script_jobs_per_researcher_are_capped(federation, tmp_path: Path) -> None:
+    """Under 'review' every script job waits for an admin, keeping its script in the
+    store: a researcher's pending ones are capped at each site (`max_pending_per_researcher`,
+    RESOURCE_EXHAUSTED naming the limit); other researchers are not held up."""
+    from stimctl.client import Overloaded
+
+    cats = [[_tiny_catalog(tmp_path / n, [float(a) for a in range(30, 60)])] for n in "ab"]
+    async with federation(cats, scripts={"policy": "review", "max_pending_per_researcher": 2,
+                                         "declared_outputs": "optional"}) \
+            as fed, fed.client() as alice, fed.client(who="bob") as bob:
+        for i in range(2):
+            job = await alice.submit_script(f"print({i})\n".encode(), "tiny")
+            assert job.state == "awaiting_approval"
+        with pytest.raises(Overloaded, match=r"you have 2 script jobs queued, running or "
+                                             r"awaiting approval at this site.*"
+                                             r"max_pending_per_researcher = 2"):
+            await alice.submit_script(b"print(2)\n", "tiny")
+        assert (await bob.submit_script(b"print(3)\n", "tiny")).state == "awaiting_approval"
+
+
+async def test_pending_script_jobs_are_capped_at_a_peer_too(federation, tmp_path: Path) -> None:
+    """At a peer (here site-b with a limit of 1, as its own config would set): carol's
+    first federated script leaves a pending request there, her second is refused there,
+    naming the limit, while site-a (limit 2) still takes its own share."""
+    cats = [[_tiny_catalog(tmp_path / n, [float(a) for a in range(30, 60)])] for n in "ab"]
+    async with federation(cats, scripts={"policy": "review", "max_pending_per_researcher": 2,
+                                         "declared_outputs": "optional"}) as fed, \
+            fed.client(who="carol") as carol:
+        fed.daemons[1].subjobs._max_pending_scripts = 1  # noqa: SLF001
+        details = []
+        for i in range(2):
+            job = await carol.submit_script(f"print({i})\n".encode(), "tiny", federated=True)
+            with pytest.raises(JobFailed) as failed:  # awaiting approval at both sites
+                await carol.run_job(job)
+            details.append(str(failed.value))
+        assert "site-b: refused (awaiting approval" in details[0], details[0]
+        assert "site-b: refused (you have 1 script jobs queued, running or awaiting approval " \
+               "at this site, its limit (max_pending_per_researcher = 1)" in details[1], details[1]
+        assert "site-a: refused (awaiting approval" in details[1], details[1]

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stimnetd.errors import BudgetExhausted, Refused
+from stimnetd.errors import BudgetExhausted, Overloaded, Refused
 from stimnetd.privacy.overlap import check_overlap, check_union_overlap
 from stimnetd.store import Store, StoreCorrupt
 from stimnetd.store.records import JobRecord, Release, cohort_digest, cohort_sketch, sketch_distances
@@ -470,3 +470,38 @@ async def test_retention_deletes_only_finished_jobs_past_their_time(store: Store
         s: 2 if s in ("queued", "running", "awaiting_approval") else 1 for s in states}
     assert await store.get_release("succeeded-100") is not None
     assert await store.prune_jobs(5_000.0) == 0
+
+
+def _script(job_id: str, owner: str, state: str = "queued") -> JobRecord:
+    return JobRecord(id=job_id, kind="script", scope="local", catalog="c", owner=owner,
+                     state=state, detail="", created_at=1.0, updated_at=1.0, request_id="r",
+                     origin="client", payload=b"{}", signature=b"", signer_cert=b"",
+                     script=b"x" * 1000, script_sha256="0" * 64)
+
+
+async def test_pending_script_jobs_are_capped_per_owner_in_the_insert_transaction(
+        store: Store) -> None:
+    """Each pending script job keeps its script (up to 1 MiB) in the store: a researcher
+    may have `pending_limit` queued / running / awaiting approval, counted in the insert's
+    transaction so concurrent submissions cannot all pass; nothing of a refused one stays
+    (its row, its nonce), and pending audit entries riding along are kept for the next."""
+    results = await asyncio.gather(
+        *[store.create_job(_script(f"s{i}", "alice"), nonce=(f"n{i}" * 8, 300),
+                           pending_limit=2) for i in range(5)], return_exceptions=True)
+    assert sum(r is True for r in results) == 2, results
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert len(refused) == 3 and all(isinstance(r, Overloaded) for r in refused)
+    assert "max_pending_per_researcher = 2" in str(refused[0])
+    assert len(await store.list_jobs(owner="alice")) == 2
+    assert not any(store.nonce_seen(f"n{i}" * 8) for i, r in enumerate(results)
+                   if r is not True)
+    assert await store.create_job(_script("b1", "bob"), pending_limit=2)  # per owner
+    done = (await store.list_jobs(owner="alice"))[0]
+    await store.update_job(done.id, state="succeeded")  # an ended job frees its place
+    assert await store.create_job(_script("s9", "alice", "awaiting_approval"), pending_limit=2)
+    store.audit_soon("someone", "researcher", "rpc", "allowed", {"n": 1})
+    with pytest.raises(Overloaded):
+        await store.create_job(_script("s10", "alice"), pending_limit=2)
+    rows = await store.audit_rows()  # flushes: the queued entry survived the rollback
+    assert [r.actor for r in rows if r.action == "rpc"] == ["someone"]
+    assert (await store.verify_audit()).ok
