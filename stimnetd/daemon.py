@@ -186,6 +186,7 @@ class Daemon:
             on_decision=self.metrics.decision,
             script_runner=SandboxScripts(self.sandbox, log_policy=config.scripts.log_policy,
                                          declared_outputs=config.scripts.declared_outputs,
+                                         concurrency=config.scripts.concurrency,
                                          on_duration=self.metrics.sandbox_seconds.observe)
             if self.sandbox is not None else None)
         self.verifier = JobVerifier(self, config.federation.request_max_age_s)

@@ -18,12 +18,14 @@ class SubJobRequest(_message.Message):
     def __init__(self, job: _Optional[_Union[_common_pb2.SignedJob, _Mapping]] = ..., entry_node: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class SubJobEvent(_message.Message):
-    __slots__ = ("site", "partial")
+    __slots__ = ("site", "partial", "log_line")
     SITE_FIELD_NUMBER: _ClassVar[int]
     PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    LOG_LINE_FIELD_NUMBER: _ClassVar[int]
     site: _common_pb2.SiteEvent
     partial: _common_pb2.ResultFrame
-    def __init__(self, site: _Optional[_Union[_common_pb2.SiteEvent, _Mapping]] = ..., partial: _Optional[_Union[_common_pb2.ResultFrame, _Mapping]] = ...) -> None: ...
+    log_line: str
+    def __init__(self, site: _Optional[_Union[_common_pb2.SiteEvent, _Mapping]] = ..., partial: _Optional[_Union[_common_pb2.ResultFrame, _Mapping]] = ..., log_line: _Optional[str] = ...) -> None: ...
 
 class MemberState(_message.Message):
     __slots__ = ("name", "address", "incarnation", "status", "last_heard", "catalogs")

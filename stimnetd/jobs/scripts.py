@@ -50,9 +50,13 @@ class SandboxScripts:
     """The SiteExecutor's script runner: sandbox → validated Partials."""
 
     def __init__(self, runner: SandboxRunner, *, log_policy: str,
-                 declared_outputs: str = "required",
+                 declared_outputs: str = "required", concurrency: int = 1,
                  on_duration: Callable[[float], None] = lambda s: None) -> None:
         self._runner = runner
+        # `[scripts] concurrency` containers at once, whoever asks: this site's own jobs
+        # (JobService also queues those) and the sub-jobs of every entry node, which
+        # otherwise each started a container the moment they arrived.
+        self._slots = asyncio.Semaphore(concurrency)
         self._log_policy = log_policy
         self._declared_outputs = declared_outputs
         self._on_duration = on_duration
@@ -78,8 +82,9 @@ class SandboxScripts:
         manifest = job_manifest({t: str(p.relative_to(catalog.root))
                                  for t, p in catalog.config.tables.items()},
                                 catalog.subject_key, catalog.fields)
-        outcome = await self._runner.run(job.request.job_id, job.signed.script, catalog.root,
-                                         manifest)
+        async with self._slots:
+            outcome = await self._runner.run(job.request.job_id, job.signed.script,
+                                             catalog.root, manifest)
         self._on_duration(outcome.duration_s)
         if self._log_policy == "full":
             for line in outcome.log_lines:

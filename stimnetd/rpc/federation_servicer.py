@@ -36,6 +36,9 @@ class FederationServicer(federation_pb2_grpc.FederationServiceServicer):
         request_id = request.request_id[:64] or caller.request_id
         async for ev in self._subjobs.run(convert.signed_job(request.job), caller.identity,
                                           request_id):
+            if ev.state == "log":  # not a state of the site: a line for the researcher
+                yield federation_pb2.SubJobEvent(log_line=ev.detail)
+                continue
             site = common_pb2.SiteEvent(site=self._site, state=ev.state, detail=ev.detail,
                                         n=max(0, ev.n))
             if ev.outcome is None:

@@ -30,6 +30,8 @@ _TERMINAL = {"done", "suppressed", "refused", "failed"}
 _PROGRESS = {"accepted", "running"}
 # A peer's words are relayed to the researcher and stored with the job: bounded.
 MAX_DETAIL_CHARS = 2000
+# Log lines a peer's policy let through, relayed per sub-job (its runner caps them too).
+MAX_LOG_LINES = 200
 PROBE_MAX_S = 5.0
 
 
@@ -133,6 +135,7 @@ class GrpcSubJobTransport:
         asm = codec.Assembler()
         final: tuple[str, str, int] | None = None
         relayed: set[str] = set()
+        logs = 0
         try:
             call = stub.RunSubJob(
                 federation_pb2.SubJobRequest(job=convert.signed_job_pb(signed),
@@ -140,6 +143,13 @@ class GrpcSubJobTransport:
                 timeout=max(0.001, timeout_s - (time.monotonic() - started)),
                 metadata=((REQUEST_ID_KEY, request_id),))
             async for ev in call:
+                if ev.log_line:
+                    logs += 1
+                    if logs <= MAX_LOG_LINES:
+                        line = ev.log_line if len(ev.log_line) <= MAX_DETAIL_CHARS \
+                            else ev.log_line[:MAX_DETAIL_CHARS] + "…"
+                        await on_event(site, "log", line if logs < MAX_LOG_LINES else
+                                       f"(more log lines from {site} are not relayed)", 0)
                 if ev.HasField("partial"):
                     feed(asm, ev.partial)
                 if ev.HasField("site"):

@@ -315,3 +315,75 @@ async def test_sigkill_around_result_release_never_double_charges(
                                 "json_extract(detail_json, '$.job') = ?", (jid,)).fetchone()[0]
             assert (charges, audits) == (1, 1), jid
     assert _containers(docker_client) == []
+
+
+@contextlib.asynccontextmanager
+async def _two_sites(tmp: Path, pki: CertFactory, scripts: dict[str, dict[str, Any]]
+                     ) -> AsyncIterator[AsyncClient]:
+    """site-a (the entry) and site-b as processes, each with its `scripts` section;
+    alice's client of site-a. Both must stop cleanly."""
+    ports = [free_port() for _ in range(2)]
+    procs = []
+    for i, name in enumerate(("site-a", "site-b")):
+        cat = _tiny_catalog(tmp / f"data-{name}", [float(a) for a in range(30, 60)])
+        cfg = write_node_config(
+            tmp / name, pki.issue(name, "node"), name, port=ports[i], catalogs=[cat],
+            crl=pki.crl_path, gossip={"enabled": False},
+            federation={"peers": [f"127.0.0.1:{ports[1 - i]}"], "subjob_timeout_s": 60},
+            scripts={"policy": "auto", "memory_mb": 256, "timeout_s": 30, "warm_containers": 0,
+                     **scripts[name]})
+        procs.append(DaemonProcess(cfg))
+    alice = pki.issue("alice", "researcher")
+    try:
+        for p, port in zip(procs, ports, strict=True):
+            await p.wait_healthy(alice, f"127.0.0.1:{port}")
+        async with AsyncClient(client_config(alice, f"127.0.0.1:{ports[0]}", 90)) as c:
+            yield c
+    finally:
+        for p in procs:
+            assert p.stop() == 0
+
+
+async def test_a_sites_sandbox_concurrency_covers_its_peers_sub_jobs(
+        tmp_path: Path, pki: CertFactory, sandbox_image: str, docker_client) -> None:
+    """`[scripts] concurrency` is the site's number of containers at once, whoever asks:
+    two federated scripts arriving at a peer together run there one after the other (each
+    sub-job started its container the moment it arrived, past the limit)."""
+    # The entry runs both jobs at once; the peer has one sandbox slot.
+    async with _two_sites(tmp_path, pki, {"site-a": {"concurrency": 2},
+                                          "site-b": {"concurrency": 1}}) as c:
+        jobs = [await c.submit_script(SLOW, "tiny", outputs=N_OUT, federated=True,
+                                      min_sites=2) for _ in range(2)]
+        runs = asyncio.gather(*[c.run_job(j) for j in jobs])
+        most = 0
+        while not runs.done():
+            running = [x for x in _containers(docker_client, "site-b")
+                       if x.get("State") == "running"]
+            most = max(most, len(running))
+            await asyncio.sleep(0.1)
+        answers = await runs
+    assert [a.rows[0][0] for a in answers] == [60, 60]
+    assert most == 1, most
+
+
+async def test_a_peers_script_failure_reaches_the_researcher_with_its_log(
+        tmp_path: Path, pki: CertFactory, sandbox_image: str, docker_client) -> None:
+    """A peer's log lines (what its log_policy lets out) travel as log lines: they were
+    sent as a site state 'log', which the entry refused ("sent an unknown state 'log'"),
+    failing that site without its reason, and under log_policy 'full' failing a script
+    the moment it printed anything."""
+    crash = b"print('hello from the script')\nraise ValueError('boom')\n"
+    async with _two_sites(tmp_path, pki, {"site-a": {"log_policy": "full"},
+                                          "site-b": {"log_policy": "full"}}) as c:
+        lines: list[str] = []
+        job = await c.submit_script(crash, "tiny", outputs=N_OUT, federated=True)
+        with pytest.raises(JobFailed) as failed:
+            await c.run_job(job, lambda kind, v: lines.append(v) if kind == "log" else None)
+        printing = b"print('hello')\n" + SLOW.replace(b"time.sleep(3)", b"")
+        ans = await c.run_job(await c.submit_script(printing, "tiny", outputs=N_OUT,
+                                                    federated=True, min_sites=2))
+    detail = str(failed.value)
+    assert "unknown state" not in detail, detail
+    assert "site-b: refused (script failed: script raised ValueError" in detail, detail
+    assert "site-b: hello from the script" in lines, lines
+    assert ans.rows[0][0] == 60
