@@ -148,8 +148,10 @@ class GrpcSubJobTransport:
                     if logs <= MAX_LOG_LINES:
                         line = ev.log_line if len(ev.log_line) <= MAX_DETAIL_CHARS \
                             else ev.log_line[:MAX_DETAIL_CHARS] + "…"
-                        await on_event(site, "log", line if logs < MAX_LOG_LINES else
-                                       f"(more log lines from {site} are not relayed)", 0)
+                        await on_event(site, "log", line, 0)
+                    elif logs == MAX_LOG_LINES + 1:
+                        await on_event(site, "log", f"(further log lines are not relayed: "
+                                       f"{MAX_LOG_LINES} per site)", 0)
                 if ev.HasField("partial"):
                     feed(asm, ev.partial)
                 if ev.HasField("site"):
