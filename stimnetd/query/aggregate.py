@@ -108,8 +108,8 @@ class Partial:
 
 
 def layout_problem(p: Partial) -> str | None:
-    """What is wrong with a partial this node's engine did not make (a peer's answer, a
-    stored release read back), or None: its n, its stats keys and shapes as the table
+    """What is wrong with a partial this node's engine did not make (a peer's answer), or
+    None: its n, its stats keys and shapes as the table
     above gives them for its kind and meta, every number finite, its cell mask the shape
     of its cells. Combination and finalising index by that layout; a partial without it
     is refused whole, naming the rule, never used in part."""
