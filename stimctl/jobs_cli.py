@@ -38,6 +38,7 @@ class Progress:
     def __init__(self, enabled: bool) -> None:
         self.sites: dict[str, tuple[str, str, int]] = {}
         self.state = "queued"
+        self._last_line = ""
         self._tty = enabled and sys.stderr.isatty()
         self._plain = enabled and not self._tty
         self._live: Live | None = None
@@ -66,11 +67,15 @@ class Progress:
 
     def __call__(self, kind: str, value: Any) -> None:
         if kind == "state":
-            self.state = value.state
+            line = f"job {value.id}: {value.state} {value.detail}".rstrip()
             # A job that ends without an answer is reported once, by the caller's error
-            # line (JobFailed carries the same state and detail).
-            if self._plain and value.state not in _ENDED_WITHOUT_ANSWER:
-                print(f"job {value.id}: {value.state} {value.detail}".rstrip(), file=sys.stderr)
+            # line (JobFailed carries the same state and detail); a state the node repeats
+            # (its row written, then the job started) is printed once.
+            if self._plain and value.state not in _ENDED_WITHOUT_ANSWER \
+                    and line != self._last_line:
+                print(line, file=sys.stderr)
+            self._last_line = line
+            self.state = value.state
         elif kind == "site":
             self.sites[value.site] = (value.state, value.detail, value.n)
             if self._plain:

@@ -126,3 +126,15 @@ def test_csv_says_what_it_leaves_out(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "not in it: histogram(age, 0, 50, 100)" in err and "results job4 --json" in err
     assert print_answer(ans, _args(tmp_path / "r.csv")) == 0
     assert "not in it: histogram(age, 0, 50, 100)" in capsys.readouterr().err
+
+
+def test_plain_progress_prints_a_repeated_state_once(capsys: pytest.CaptureFixture[str]) -> None:
+    from types import SimpleNamespace
+
+    from stimctl.jobs_cli import Progress
+
+    p = Progress(enabled=True)
+    p._plain, p._tty = True, False  # noqa: SLF001 - as when stderr is not a terminal
+    for state in ("running", "running", "succeeded"):
+        p("state", SimpleNamespace(id="j1", state=state, detail=""))
+    assert capsys.readouterr().err.splitlines() == ["job j1: running", "job j1: succeeded"]
