@@ -403,7 +403,7 @@ class JobService:
             return ("failed", f"only {len(contributors)} site(s) contributed, "
                     f"min_sites is {req.min_sites} — {why}", None)
         try:
-            combined = combine([o.partials for o in contributors])
+            combined = combine([o.partials for o in contributors], [o.site for o in contributors])
             spec = QuerySpec.from_dict(req.spec) if req.kind == "query" \
                 else spec_from_partials(req.catalog, combined)
         except (IncompatiblePartials, StimnetError) as exc:

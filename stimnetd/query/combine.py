@@ -28,36 +28,40 @@ GRID_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
-def combine(per_site: list[list[Partial]]) -> list[Partial]:
-    """Sum each output's partials over sites, keyed by (name, group), in first-seen order."""
-    by_key: dict[tuple[str, GroupKey], list[Partial]] = {}
-    for site in per_site:
+def combine(per_site: list[list[Partial]], sites: list[str] | None = None) -> list[Partial]:
+    """Sum each output's partials over sites, keyed by (name, group), in first-seen order.
+    `sites` names them in refusals (which two disagree, and on what)."""
+    names = sites if sites is not None else [f"site {i + 1}" for i in range(len(per_site))]
+    by_key: dict[tuple[str, GroupKey], list[tuple[str, Partial]]] = {}
+    for name, site in zip(names, per_site, strict=True):
         for p in site:
-            by_key.setdefault(p.key, []).append(p)
-    return [_sum(parts) for parts in by_key.values()]
+            by_key.setdefault(p.key, []).append((name, p))
+    return [_sum([p for _, p in parts], [n for n, _ in parts]) for parts in by_key.values()]
 
 
-def _sum(parts: list[Partial]) -> Partial:
+def _sum(parts: list[Partial], names: list[str]) -> Partial:
     first = parts[0]
     label = f"{first.name!r} group {first.group}"
-    for p in parts[1:]:
+    for name, p in zip(names[1:], parts[1:], strict=True):
         if p.kind != first.kind:
             raise IncompatiblePartials(
-                f"{label}: sites disagree on the kind ({first.kind} vs {p.kind})"
+                f"{label}: {names[0]} and {name} disagree on the kind ({first.kind} vs {p.kind})"
             )
         for k in GRID_KEYS.get(first.kind, ()):
             if _plain(p.meta.get(k)) != _plain(first.meta.get(k)):
                 raise IncompatiblePartials(
-                    f"{label}: sites disagree on {k} ({first.meta.get(k)!r} vs {p.meta.get(k)!r})"
+                    f"{label}: {names[0]} and {name} disagree on {k} "
+                    f"({first.meta.get(k)!r} vs {p.meta.get(k)!r})"
                 )
     meta: dict[str, Any] = dict(first.meta)
     if first.kind == "contingency":
         parts, meta["levels"] = _align_levels(parts)
         first = parts[0]
     keys = set(first.stats)
-    for p in parts[1:]:
+    for name, p in zip(names[1:], parts[1:], strict=True):
         if set(p.stats) != keys or any(p.stats[k].shape != first.stats[k].shape for k in keys):
-            raise IncompatiblePartials(f"{label}: sites sent stats of different shapes")
+            raise IncompatiblePartials(f"{label}: {names[0]} and {name} sent stats of "
+                                       "different shapes")
     stats = {k: np.sum([np.asarray(p.stats[k], np.float64) for p in parts], axis=0) for k in keys}
     meta["sites"] = len(parts)
     mask, everywhere, reason = _masks(parts)

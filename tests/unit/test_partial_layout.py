@@ -101,4 +101,19 @@ def test_a_mangled_peer_answer_is_refused_or_combines_cleanly(grouped: bool, dat
     try:
         finalize(spec, combine([sites[0], mine])).to_dict()
     except StimnetError as exc:  # sites disagree on a grid: named, not an internal error
-        assert "sites disagree" in str(exc) or "different shapes" in str(exc), exc
+        assert "site 1 and site 2 disagree on" in str(exc) or "different shapes" in str(exc), exc
+
+
+def test_sites_that_disagree_on_a_grid_are_named() -> None:
+    """Which two sites disagree, and on what (it said only "sites disagree")."""
+    import dataclasses
+
+    from stimnetd.query.errors import IncompatiblePartials
+
+    _, sites = _two_sites(False)
+    odd = [dataclasses.replace(p, meta={**p.meta, "affine": [[2.0, 0, 0, 0], [0, 2.0, 0, 0],
+                                                              [0, 0, 2.0, 0], [0, 0, 0, 1.0]]})
+           if p.kind == "voxel_map" else p for p in sites[1]]
+    with pytest.raises(IncompatiblePartials, match=r"hospital-a and hospital-c disagree on "
+                                                   r"affine"):
+        combine([sites[0], odd], ["hospital-a", "hospital-c"])
