@@ -222,9 +222,13 @@ def verify(signed: SignedJob, *, ca_cert: x509.Certificate, revoked: frozenset[i
     req = JobRequest.from_payload(signed.payload)
     age = now - float(req.issued_at)
     if age > max_age_s:
-        raise Unauthenticated(f"signed job is stale: issued {age:.0f}s ago, limit {max_age_s:.0f}s")
+        raise Unauthenticated(f"signed job is stale: issued {age:.0f}s ago by this site's clock, "
+                              f"limit {max_age_s:.0f}s (if it was signed just now, the signing "
+                              "computer's clock or this site's is wrong)")
     if age < -max_age_s:
-        raise Unauthenticated("signed job is issued in the future beyond the allowed clock skew")
+        raise Unauthenticated(f"signed job is issued {-age:.0f}s in the future by this site's "
+                              f"clock, beyond the allowed skew of {max_age_s:.0f}s (the signing "
+                              "computer's clock or this site's is wrong)")
     if req.kind == "script":
         if len(signed.script) > MAX_SCRIPT:
             raise InvalidRequest(f"script is {len(signed.script)} bytes; limit {MAX_SCRIPT}")

@@ -72,11 +72,17 @@ async def test_tampered_submission_is_refused(federation, tmp_path: Path) -> Non
 
 
 async def test_stale_request_is_refused(federation, tmp_path: Path) -> None:
-    """A job signed longer ago than request_max_age_s is refused as stale."""
+    """A job signed longer ago than request_max_age_s is refused as stale, and one from
+    the future too; each says by how much and that a clock may be wrong."""
     cat = _tiny_catalog(tmp_path / "t", [float(a) for a in range(30, 60)])
     async with federation([[cat]]) as fed, fed.client() as c:
-        with pytest.raises(NotAuthenticated, match="stale"):
+        with pytest.raises(NotAuthenticated, match=r"stale: issued 3(60\d|599)s ago by this site's "
+                                                   r"clock, limit 300s.*clock"):
             await c.submit(_signed(c, now=time.time() - 3600))
+        with pytest.raises(NotAuthenticated, match=r"issued 3(59\d|600)s in the future by this "
+                                                   r"site's clock, beyond the allowed skew of "
+                                                   r"300s"):
+            await c.submit(_signed(c, now=time.time() + 3600))
 
 
 async def test_job_signed_by_someone_else_is_refused(federation, tmp_path: Path) -> None:
