@@ -14,6 +14,7 @@ covers channels opened before the revocation, and certificates expiring on an op
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import inspect
 import itertools
@@ -41,6 +42,18 @@ REQUEST_ID_KEY = "x-stimnet-request-id"
 TLS_HANDSHAKE = "tls-handshake"
 # Condensed-refusal entries kept for a retry while the audit log cannot be written.
 MAX_UNWRITTEN_SUMMARIES = 10_000
+# Allowed calls audited as one count per caller and method per window instead of one entry
+# each: membership gossip between nodes and health checks, several a second at every node
+# (about a million entries a day on an idle three-node federation), and no data behind
+# them. Their refusals are audited as any other's.
+QUIET_METHODS = frozenset({
+    "/stimnet.v1.FederationService/Ping",
+    "/stimnet.v1.FederationService/PingReq",
+    "/stimnet.v1.FederationService/PushPull",
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+})
+QUIET_WINDOW_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -160,6 +173,8 @@ class Guard(grpc.aio.ServerInterceptor):
         self._audit_allowed = audit_allowed
         self._refusals = refusals or RefusalLimiter(clock=clock)
         self._unwritten_refusals: list[Summary] = []
+        self._quiet: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        self._quiet_since = clock()
         self._observe = observe
         self._clock = clock
         self._identities = identities
@@ -249,8 +264,25 @@ class Guard(grpc.aio.ServerInterceptor):
         caller = Caller(ident, request_id)
         _CURRENT.set(caller)
         structlog.contextvars.bind_contextvars(caller=f"{ident.role}/{ident.name}")
-        self._audit_allowed(ident.name, ident.role, method, "allowed", {"request_id": request_id})
+        if method in QUIET_METHODS:
+            self._quiet[(ident.name, ident.role, method)] += 1
+        else:
+            self._audit_allowed(ident.name, ident.role, method, "allowed",
+                                {"request_id": request_id})
         return caller
+
+    def audit_quiet_calls(self, *, everything: bool = False) -> int:
+        """Group-commit one entry per (caller, method) counted in QUIET_METHODS since the
+        last window ended (every QUIET_WINDOW_S; all of them, `everything`)."""
+        now = self._clock()
+        if not self._quiet or (not everything and now - self._quiet_since < QUIET_WINDOW_S):
+            return 0
+        counts, self._quiet = self._quiet, collections.Counter()
+        since, self._quiet_since = self._quiet_since, now
+        for (name, role, method), calls in sorted(counts.items()):
+            self._audit_allowed(name, role, method, "allowed-condensed",
+                                {"calls": calls, "since": round(since, 3), "until": round(now, 3)})
+        return len(counts)
 
     async def _fail(self, context: grpc.aio.ServicerContext, method: str, exc: BaseException,
                     started: float) -> None:
@@ -289,7 +321,9 @@ class Guard(grpc.aio.ServerInterceptor):
 
     async def audit_condensed_refusals(self, *, everything: bool = False) -> int:
         """One audit entry per source whose refusals beyond the per-minute burst were
-        counted in a window that has ended (every window, `everything`, at shutdown)."""
+        counted in a window that has ended (every window, `everything`, at shutdown); the
+        counts of quiet allowed calls ride along (`audit_quiet_calls`)."""
+        self.audit_quiet_calls(everything=everything)
         pending = self._unwritten_refusals + self._refusals.due(everything=everything)
         self._unwritten_refusals = []
         for i, summary in enumerate(pending):

@@ -346,3 +346,27 @@ async def test_every_method_refuses_a_caller_without_a_certificate(start_node,
                 assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, (method, err.value)
         denied = {r.action for r in await d.store.audit_rows() if r.decision == "denied"}
     assert denied == {m for m, _, _ in _all_methods()}
+
+
+async def test_gossip_and_health_calls_are_audited_as_counts(start_node, pki: CertFactory) -> None:
+    """Allowed health checks (and gossip) come several a second: one audit entry per caller
+    and method per window with the count, not one per call (an idle three-node demo wrote
+    a million entries a day); other calls are still audited one by one."""
+    import json as _json
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    alice = pki.issue("alice", "researcher")
+    async with start_node() as d:
+        async with AsyncClient(client_config(alice, _addr(d))) as c:
+            stub = health_pb2_grpc.HealthStub(c._channel)  # noqa: SLF001
+            for _ in range(5):
+                await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            await c.info()
+        assert await _audit(d, "/grpc.health.v1.Health/Check") == []
+        assert d.guard.audit_quiet_calls() == 0  # its window has not ended
+        assert d.guard.audit_quiet_calls(everything=True) == 1
+        [row] = await _audit(d, "/grpc.health.v1.Health/Check")
+        assert (row.actor, row.role, row.decision) == ("alice", "researcher", "allowed-condensed")
+        assert _json.loads(row.detail_json)["calls"] == 5
+        assert len(await _audit(d, "/stimnet.v1.NodeService/GetInfo")) == 1
