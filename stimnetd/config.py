@@ -206,6 +206,13 @@ class _Parser:
             raise self.fail(f"{where}.{key}", f"{value!r} is not one of {', '.join(choices)}")
         return value
 
+    def limit(self, raw: dict[str, Any], where: str, key: str, default: int) -> int:
+        """An integer limit (connections, calls, jobs in flight): 1 to 100,000."""
+        value = self.get(raw, where, key, int, default)
+        if not 1 <= value <= 100_000:
+            raise self.fail(f"{where}.{key}", f"must be between 1 and 100000, got {value}")
+        return int(value)
+
     def path_of(self, value: str, where: str, *, must_exist: bool = True) -> Path:
         p = Path(value)
         p = p if p.is_absolute() else self.base / p
@@ -280,13 +287,9 @@ class _Parser:
         if retention < 0:
             raise self.fail(f"{w}.job_retention_days",
                             f"must be 0 (keep finished jobs forever) or more, got {retention:g}")
-        per_researcher = self.get(raw, w, "max_queries_per_researcher", int, 32)
-        if not 1 <= per_researcher <= 100_000:
-            raise self.fail(f"{w}.max_queries_per_researcher",
-                            f"must be between 1 and 100000, got {per_researcher}")
         return NodeSettings(
             name=name, host=host, port=port, advertise=advertise,
-            max_queries_per_researcher=per_researcher,
+            max_queries_per_researcher=self.limit(raw, w, "max_queries_per_researcher", 32),
             state_dir=self.path_of(self.get(raw, w, "state_dir", str, "state"), f"{w}.state_dir",
                                    must_exist=False),
             k_min=k_min, grace_s=grace, max_connection_age_s=age, job_retention_days=retention,
@@ -320,12 +323,9 @@ class _Parser:
         timeout = self.get(raw, w, "handshake_timeout_s", float, 10.0)
         if not 0.1 <= timeout <= 300:
             raise self.fail(f"{w}.handshake_timeout_s", "must be between 0.1 and 300 seconds")
-        limits = {}
-        for key, default in (("max_handshakes", 256), ("max_handshakes_per_host", 32),
-                             ("refusals_audited_per_minute", 20)):
-            limits[key] = self.get(raw, w, key, int, default)
-            if not 1 <= limits[key] <= 100_000:
-                raise self.fail(f"{w}.{key}", "must be between 1 and 100000")
+        limits = {key: self.limit(raw, w, key, default)
+                  for key, default in (("max_handshakes", 256), ("max_handshakes_per_host", 32),
+                                       ("refusals_audited_per_minute", 20))}
         return TlsConfig(ca=self.readable_file(raw, w, "ca"), cert=self.readable_file(raw, w, "cert"),
                          key=self.readable_file(raw, w, "key"), crl=crl,
                          terminate=self.get(raw, w, "terminate", str, "stimnet",
@@ -360,12 +360,9 @@ class _Parser:
         age = self.get(raw, w, "request_max_age_s", float, 300.0)
         if timeout <= 0 or age <= 0:
             raise self.fail(w, "subjob_timeout_s and request_max_age_s must be positive")
-        per_entry = self.get(raw, w, "max_subjobs_per_entry", int, 256)
-        if not 1 <= per_entry <= 100_000:
-            raise self.fail(f"{w}.max_subjobs_per_entry",
-                            f"must be between 1 and 100000, got {per_entry}")
-        return FederationSettings(peers=peers, seeds=seeds, subjob_timeout_s=timeout,
-                                  request_max_age_s=age, max_subjobs_per_entry=per_entry)
+        return FederationSettings(
+            peers=peers, seeds=seeds, subjob_timeout_s=timeout, request_max_age_s=age,
+            max_subjobs_per_entry=self.limit(raw, w, "max_subjobs_per_entry", 256))
 
     def addresses(self, raw: dict[str, Any], where: str, key: str) -> tuple[str, ...]:
         values = self.get(raw, where, key, list, [])
@@ -414,12 +411,10 @@ class _Parser:
             result_mb=self.get(raw, w, "result_mb", int, 8),
             on_restart=self.get(raw, w, "on_restart", str, "interrupt", choices=RESTART_POLICIES),
             warm_containers=self.get(raw, w, "warm_containers", int, 2),
-            max_pending_per_researcher=self.get(raw, w, "max_pending_per_researcher", int, 16),
+            max_pending_per_researcher=self.limit(raw, w, "max_pending_per_researcher", 16),
         )
         if not 0 <= s.warm_containers <= 16:
             raise self.fail(f"{w}.warm_containers", "must be between 0 and 16")
-        if not 1 <= s.max_pending_per_researcher <= 100_000:
-            raise self.fail(f"{w}.max_pending_per_researcher", "must be between 1 and 100000")
         for key in ("concurrency", "memory_mb", "pids", "result_mb"):
             if getattr(s, key) < 1:
                 raise self.fail(f"{w}.{key}", "must be at least 1")
