@@ -92,6 +92,17 @@ _BY_CODE: dict[grpc.StatusCode, type[ClientError]] = {
 }
 
 
+def _error_kind(exc: grpc.RpcError) -> str:
+    """The daemon's error class a refusal names in its trailing metadata, or ""."""
+    from stimnetd.errors import ERROR_KIND_KEY
+
+    trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    for key, value in trailing or ():
+        if key == ERROR_KIND_KEY:
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return ""
+
+
 def map_rpc_error(exc: grpc.RpcError, address: str) -> ClientError:
     code = exc.code() if hasattr(exc, "code") else None
     details = (exc.details() if hasattr(exc, "details") else "") or ""
@@ -104,8 +115,8 @@ def map_rpc_error(exc: grpc.RpcError, address: str) -> ClientError:
             msg = f"cannot reach node at {address}: {details.splitlines()[0] if details else 'unavailable'}"
     elif cls is DeadlineExceeded:
         msg = f"node at {address} did not answer in time"
-    elif cls is BudgetExhausted and "privacy budget" not in details:
-        cls, msg = Overloaded, details  # the one other RESOURCE_EXHAUSTED: a load limit
+    elif cls is BudgetExhausted and _error_kind(exc) == "Overloaded":
+        cls, msg = Overloaded, details  # a load limit, not the privacy budget
     else:
         msg = details or (code.name if code else "unknown error")
     err = cls(msg)

@@ -7,6 +7,10 @@ they name the rule and the threshold, never a data value.
 
 from __future__ import annotations
 
+# Trailing metadata of a refused call: the error's class name (Overloaded, BudgetExhausted,
+# …), so a client can tell apart refusals that share a status code.
+ERROR_KIND_KEY = "x-stimnet-error"
+
 
 class StimnetError(Exception):
     code = "INTERNAL"

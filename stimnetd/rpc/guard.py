@@ -27,7 +27,7 @@ from typing import Any
 import grpc
 import structlog
 
-from stimnetd.errors import StimnetError
+from stimnetd.errors import ERROR_KIND_KEY, StimnetError
 from stimnetd.pki import Identity, PkiError, identity_from_cert
 from stimnetd.rpc.refusals import RefusalLimiter, Summary
 from stimnetd.rpc.roles import allowed_roles
@@ -298,7 +298,8 @@ class Guard(grpc.aio.ServerInterceptor):
             self._done(method, code.name, started, reason=_cut(str(exc)))
             # Also bounded on the wire: a status message echoing a megabyte of the request
             # would exceed the caller's metadata limit and arrive as a transport error.
-            await context.abort(code, _cut(str(exc)))
+            await context.abort(code, _cut(str(exc)),
+                                trailing_metadata=((ERROR_KIND_KEY, type(exc).__name__),))
         log.exception("rpc failed", status="INTERNAL")
         self._done(method, "INTERNAL", started, logged=True)
         caller = _CURRENT.get(None)
