@@ -62,6 +62,10 @@ class Coordinator:
         self._transport = transport
         self._timeout = timeout_s
 
+    def holds_catalog(self, catalog: str) -> bool:
+        """Whether this site runs a share of a federated job on `catalog` itself."""
+        return self._holds(catalog)
+
     async def run(self, job: VerifiedJob, request_id: str, on_event: SiteEventSink, *,
                   resumed: bool = False, local_refusal: str | None = None) -> FanoutResult:
         """`local_refusal`: this site does not run its own share (its script policy), and

@@ -3,10 +3,11 @@
 A job is recorded in the store before the researcher learns its id: `submit` returns once
 its signed request is written (durably for scripts), so a restart can resume or mark it. A
 query followed in the same call (RunJob) has no id to lose: its row, bookkeeping (the
-privacy decisions are the sites' durable releases), is written while it fans out, and
-before its id is first shown. A query's final state is shown before it is written, so
-neither write is on the answer's path; until a write lands, readers see the job from
-memory. Watchers get a snapshot (state, per-site events, result) and then live events;
+privacy decisions are the sites' durable releases), is written while it fans out — in
+this site's own release transaction when it holds a share — and before its id is first
+shown. A query's final state is shown before it is written (with the next transaction, a
+group commit at the latest), so neither write is on the answer's path, nor a transaction
+of its own; until a write lands, readers see the job from memory. Watchers get a snapshot (state, per-site events, result) and then live events;
 events are deduplicated by (site, state) so a watcher that joins mid-job sees each
 transition once.
 """
@@ -165,14 +166,21 @@ class JobService:
             request_id=request_id, origin="client", payload=signed.payload,
             signature=signed.signature, signer_cert=signed.signer_cert_pem,
             script=signed.script or None, script_sha256=req.script_sha256)
+        followed_query = req.kind == "query" and follow
         create = self._store.create_job(
             record, audit=(caller.name, caller.role, "submit"), nonce=(req.nonce, self._max_age),
             durable=req.kind != "query",
             pending_limit=self._scripts.max_pending_per_researcher if req.kind == "script"
-            else None)
+            else None,
+            # Rides in this site's own release (or refusal) of the query, which comes within
+            # a millisecond: a transaction, and a trip to the database thread, fewer per
+            # query. Without a share here there is nothing to ride in, and waiting for the
+            # group commit would hold the answer up.
+            defer=followed_query and (req.scope == "local"
+                                      or self._coordinator.holds_catalog(req.catalog)))
         # A query's row is bookkeeping (its privacy decisions are the sites' durable
         # releases, and a replay is stopped there too): no fsync of its own (Store._tx).
-        if req.kind == "query" and follow:
+        if followed_query:
             # Nor does the fan-out wait for it. A replay is refused here from memory (the
             # job id derives from the nonce; the store reloads its nonces at start); the
             # row's own check, which cannot be bypassed, fails the job before any answer
@@ -384,9 +392,11 @@ class JobService:
         """Write a query's final state, already shown to its watchers. A failure leaves
         the row 'running' (a restart marks it interrupted); the answer stands."""
         try:
+            # With the next transaction (a group commit at the latest): the job stays
+            # in memory, where readers see it, until then.
             await self._store.update_job(final.id, state=final.state, detail=final.detail,
                                          sites=final.sites, result=final.result,
-                                         durable=False)
+                                         durable=False, defer=True)
         except Exception:  # noqa: BLE001 - the answer is out; the row is bookkeeping
             log.exception("query's final state not recorded", job=final.id)
 

@@ -43,6 +43,10 @@ from stimnetd.store.schema import MIGRATIONS
 
 T = TypeVar("T")
 
+# Audit entries of allowed calls and deferred bookkeeping wait at most this long for a
+# transaction to ride in before they are committed by themselves.
+GROUP_COMMIT_S = 0.02
+
 
 class StoreCorrupt(StimnetError):
     code = "INTERNAL"
@@ -57,6 +61,9 @@ class Store:
         self._last_hash = GENESIS
         self._last_seq = 0
         self._pending_audit: list[tuple[str, str, str, str, dict[str, Any]]] = []
+        # Bookkeeping writes (a query's job row) waiting for the next transaction: see
+        # `_defer`. Each with the future its caller awaits.
+        self._deferred: list[tuple[Callable[[_Chain], Any], asyncio.Future[Any]]] = []
         self._flush_task: asyncio.Task[None] | None = None
         # Nonces this store holds, mirrored in memory (loaded at open, added after each
         # commit) so that `nonce_seen` needs no database round trip. Only a fast early
@@ -183,19 +190,35 @@ class Store:
         the call; refusals and privacy decisions use `audit()` and are durable on return.
         """
         self._pending_audit.append((actor, role, action, decision, detail or {}))
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
         if self._flush_task is None or self._flush_task.done():
             self._flush_task = asyncio.get_running_loop().create_task(self._flush_later())
 
     async def _flush_later(self) -> None:
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(GROUP_COMMIT_S)
         try:
             await self.flush_audit()
         except Exception:  # noqa: BLE001 - entries stay queued; the next write retries them
             structlog.get_logger("stimnetd.store").exception("audit group commit failed")
 
     async def flush_audit(self) -> None:
-        if self._pending_audit and self._db is not None:
-            await self._tx(lambda chain: None)
+        """Commit what is queued (audit entries, deferred bookkeeping) now."""
+        if (self._pending_audit or self._deferred) and self._db is not None:
+            # Durable when it carries audit entries; deferred rows alone are bookkeeping.
+            await self._tx(lambda chain: None, durable=bool(self._pending_audit), flush=True)
+
+    def _defer(self, fn: Callable[[_Chain], T]) -> asyncio.Future[T]:
+        """Run `fn` inside the next transaction — whichever comes first: another write's
+        (a query's job row rides in its own site's release), or a group commit within
+        GROUP_COMMIT_S. For bookkeeping only: it is as durable as the transaction that
+        carries it. It runs under a savepoint, so its failure (the future's exception)
+        undoes only its own statements and audit entries, never its host's."""
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._deferred.append((fn, fut))
+        self._flush_soon()
+        return fut
 
     async def audit(self, actor: str, role: str, action: str, decision: str,
                     detail: dict[str, Any] | None = None) -> int:
@@ -203,7 +226,8 @@ class Store:
         return await self._tx(lambda chain: chain.append(actor, role, action, decision,
                                                          detail or {}))
 
-    async def _tx(self, fn: Callable[[_Chain], T], *, durable: bool = True) -> T:
+    async def _tx(self, fn: Callable[[_Chain], T], *, durable: bool = True,
+                  flush: bool = False) -> T:
         """Run `fn` as one BEGIN IMMEDIATE … COMMIT on the database thread.
 
         `durable=False` is for bookkeeping no privacy decision rests on (a query job's row):
@@ -216,16 +240,20 @@ class Store:
         hops, not SQLite, dominated a release's latency. aiosqlite has no public "run this
         function on your thread"; `_execute` is its own queue (stable since 0.17), so
         ordering with the connection's other calls is preserved. Pending group-commit
-        audit entries ride along in the same transaction.
+        audit entries and deferred writes (`_defer`) ride along in the same transaction.
+        `flush`: this is the group commit itself (`fn` does nothing).
         """
         async with self._write_lock:
             pending, self._pending_audit = self._pending_audit, []
+            deferred, self._deferred = self._deferred, []
+            outcomes: list[tuple[bool, Any]] = []
             chain = _Chain(self._last_seq, self._last_hash, self._clock)
             committed = False
 
             def run(conn: sqlite3.Connection) -> T:
                 chain.conn = conn
                 chain.append_many(pending)
+                outcomes[:] = [_run_deferred(chain, d) for d, _ in deferred]
                 return fn(chain)
 
             def on_commit() -> None:
@@ -247,6 +275,29 @@ class Store:
             finally:
                 if not committed:
                     self._pending_audit[:0] = pending
+                self._settle(deferred, outcomes if committed else None, task, flush)
+
+    def _settle(self, deferred: list[tuple[Callable[[_Chain], Any], asyncio.Future[Any]]],
+                outcomes: list[tuple[bool, Any]] | None, task: asyncio.Future[Any],
+                flush: bool) -> None:
+        """Tell deferred writes how their transaction went. One whose host failed for its
+        own reasons (its `fn` raised) waits for the group commit; one whose group commit
+        failed gets that error (a store that cannot write must not queue them forever)."""
+        if outcomes is not None:
+            for (_, fut), (ok, value) in zip(deferred, outcomes, strict=True):
+                if not fut.done():
+                    fut.set_result(value) if ok else fut.set_exception(value)
+            return
+        if not deferred:
+            return
+        if not flush:
+            self._deferred[:0] = deferred
+            self._flush_soon()
+            return
+        exc = task.exception() if task.done() and not task.cancelled() else None
+        for _, fut in deferred:
+            if not fut.done():
+                fut.set_exception(exc or StimnetError("bookkeeping write not committed"))
 
     async def audit_rows(self, since: float = 0.0) -> list[AuditRow]:
         await self.flush_audit()
@@ -303,13 +354,14 @@ class Store:
 
     async def create_job(self, job: JobRecord, *, audit: tuple[str, str, str] | None = None,
                          nonce: tuple[str, float] | None = None, durable: bool = True,
-                         pending_limit: int | None = None) -> bool:
+                         pending_limit: int | None = None, defer: bool = False) -> bool:
         """Insert the job (and its audit entry) — refusing a replayed nonce in the same
         transaction when `nonce` = (nonce, max_age_s) is given. False means replay.
         `durable`: see `_tx` (a script's queued job must survive a power cut; a query's
         row is bookkeeping). `pending_limit`: raise Overloaded, inserting nothing, when
         the owner already has that many script jobs queued, running or awaiting approval
-        (counted in this transaction, so concurrent submissions cannot all pass)."""
+        (counted in this transaction, so concurrent submissions cannot all pass).
+        `defer`: written with the next transaction (`_defer`), for bookkeeping rows."""
         now = self._clock()
 
         def tx(chain: _Chain) -> bool:
@@ -345,17 +397,18 @@ class Store:
                               "scope": job.scope, "request_id": job.request_id})
             return True
 
-        created = await self._tx(tx, durable=durable)
+        created = await (self._defer(tx) if defer else self._tx(tx, durable=durable))
         if created and nonce is not None:
             self._remember_nonce(nonce[0], now, nonce[1])
         return created
 
     async def update_job(self, job_id: str, *, state: str | None = None, detail: str | None = None,
                          sites: list[dict[str, Any]] | None = None, result: bytes | None = None,
-                         bump_attempts: bool = False, durable: bool = True) -> JobRecord:
+                         bump_attempts: bool = False, durable: bool = True,
+                         defer: bool = False) -> JobRecord:
         record = await self.update_job_if(job_id, None, state=state, detail=detail, sites=sites,
                                           result=result, bump_attempts=bump_attempts,
-                                          durable=durable)
+                                          durable=durable, defer=defer)
         if record is None:
             raise StimnetError(f"job {job_id} vanished")
         return record
@@ -364,7 +417,7 @@ class Store:
                             state: str | None = None, detail: str | None = None,
                             sites: list[dict[str, Any]] | None = None,
                             result: bytes | None = None, bump_attempts: bool = False,
-                            durable: bool = True) -> JobRecord | None:
+                            durable: bool = True, defer: bool = False) -> JobRecord | None:
         """`update_job` only if the job is in `expect_state` (any state if None), checked
         and changed in one statement: of two racing decisions (approve and cancel, or two
         approvals) exactly one applies. None: not in that state (or no such job)."""
@@ -391,7 +444,7 @@ class Store:
             return chain.conn.execute(f"SELECT {JobRecord.COLUMNS} FROM jobs WHERE id = ?",
                                       (job_id,)).fetchone()
 
-        row = await self._tx(tx, durable=durable)
+        row = await (self._defer(tx) if defer else self._tx(tx, durable=durable))
         return JobRecord.from_row(row) if row is not None else None
 
     async def get_job(self, job_id: str) -> JobRecord | None:
@@ -816,6 +869,21 @@ class _Chain:
         """A group commit's queued entries, in one statement (one per entry costs ~2x)."""
         if entries:
             self.conn.executemany(self._INSERT, [self._row(*e) for e in entries])
+
+
+def _run_deferred(chain: _Chain, fn: Callable[[_Chain], Any]) -> tuple[bool, Any]:
+    """One deferred write inside its host's transaction, undone alone if it fails."""
+    conn, seq, head = chain.conn, chain.seq, chain.head
+    conn.execute("SAVEPOINT deferred")
+    try:
+        value = fn(chain)
+    except Exception as exc:  # noqa: BLE001 - the write's own failure, handed to its caller
+        conn.execute("ROLLBACK TO deferred")
+        conn.execute("RELEASE deferred")
+        chain.seq, chain.head = seq, head  # its audit rows were undone with it
+        return False, exc
+    conn.execute("RELEASE deferred")
+    return True, value
 
 
 def _transaction(fn: Callable[[sqlite3.Connection], T], conn: sqlite3.Connection,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import json
 import sqlite3
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 
 from stimnetd.errors import BudgetExhausted, Overloaded, Refused
 from stimnetd.privacy.overlap import check_overlap, check_union_overlap
-from stimnetd.store import Store, StoreCorrupt
+from stimnetd.store import Store, StoreCorrupt, db
 from stimnetd.store.records import JobRecord, Release, cohort_digest, cohort_sketch, sketch_distances
 from stimnetd.store.schema import MIGRATIONS
 
@@ -397,6 +398,104 @@ async def test_bookkeeping_commits_skip_only_their_own_fsync(store: Store) -> No
     updated = await store.update_job("job1", state="succeeded", durable=False)
     assert updated.state == "succeeded" and await level() == FULL
     assert (await store.get_job("job1")).state == "succeeded"  # type: ignore[union-attr]
+
+
+def _query_row(job_id: str) -> JobRecord:
+    return JobRecord(id=job_id, kind="query", scope="federated", catalog="c", owner="alice",
+                     state="running", detail="", created_at=1.0, updated_at=1.0,
+                     request_id="r", origin="client", payload=b"{}", signature=b"",
+                     signer_cert=b"")
+
+
+async def _rows(store: Store) -> set[str]:
+    return {r.id for r in await store.list_jobs(limit=100)}
+
+
+async def test_a_deferred_row_rides_in_the_next_transaction(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deferred write is committed by the next transaction that comes (here a release),
+    with its nonce, long before the group commit would have run."""
+    monkeypatch.setattr(db, "GROUP_COMMIT_S", 600.0)
+    create = asyncio.ensure_future(store.create_job(
+        _query_row("q1"), audit=("alice", "researcher", "submit"), nonce=("n-q1", 300.0),
+        durable=False, defer=True))
+    await asyncio.sleep(0)  # queued
+    assert await _rows(store) == set()
+    await store.release(_release("q1"), budget=1.0, audit_actor=("alice", "researcher"))
+    assert await _rows(store) == {"q1"}
+    assert await asyncio.wait_for(create, 5) is True and store.nonce_seen("n-q1")
+    assert (await store.verify_audit()).ok
+
+
+async def test_a_deferred_row_alone_is_committed_by_the_group_commit(store: Store) -> None:
+    """With no other transaction to ride in, a deferred write lands within GROUP_COMMIT_S;
+    an update deferred the same way follows it."""
+    assert await asyncio.wait_for(store.create_job(_query_row("q1"), durable=False,
+                                                   defer=True), 5)
+    updated = await asyncio.wait_for(store.update_job("q1", state="succeeded", durable=False,
+                                                      defer=True), 5)
+    assert updated.state == "succeeded"
+    assert (await store.get_job("q1")).state == "succeeded"  # type: ignore[union-attr]
+
+
+async def test_a_failing_deferred_write_undoes_only_itself(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deferred row that cannot be written (its id is taken) fails alone: its host's
+    release and audit entry commit, so do other deferred rows, and the chain verifies."""
+    monkeypatch.setattr(db, "GROUP_COMMIT_S", 600.0)
+    assert await store.create_job(_query_row("q1"), durable=False)
+    dup = asyncio.ensure_future(store.create_job(
+        _query_row("q1"), audit=("alice", "researcher", "submit"), durable=False, defer=True))
+    other = asyncio.ensure_future(store.create_job(
+        _query_row("q2"), audit=("alice", "researcher", "submit"), durable=False, defer=True))
+    replay = asyncio.ensure_future(store.create_job(
+        _query_row("q3"), nonce=("n-q1", 300.0), durable=False, defer=True))
+    await store.remember_nonce("n-q1", "alice", 300.0)  # the host: q3's nonce is now taken
+    await asyncio.sleep(0)
+    await store.release(_release("r1"), budget=1.0, audit_actor=("alice", "researcher"))
+    with pytest.raises(sqlite3.IntegrityError):
+        await dup
+    assert await other is True and await replay is False
+    assert await _rows(store) == {"q1", "q2"}
+    assert await store.get_release("r1") is not None
+    v = await store.verify_audit()
+    assert v.ok, v.problem
+    submits = [r for r in await store.audit_rows() if r.action == "submit"]
+    assert [json.loads(r.detail_json)["job"] for r in submits] == ["q2"]
+
+
+async def test_a_deferred_write_outlives_a_host_that_failed(store: Store) -> None:
+    """When the transaction it rode in rolls back (its own work raised), a deferred write
+    is committed by the group commit instead."""
+    create = asyncio.ensure_future(store.create_job(_query_row("q1"), durable=False,
+                                                    defer=True))
+    await asyncio.sleep(0)
+
+    def boom(chain: object) -> None:
+        raise RuntimeError("host failed")
+    with pytest.raises(RuntimeError, match="host failed"):
+        await store._tx(boom)  # noqa: SLF001
+    assert await asyncio.wait_for(create, 5) is True
+    assert await _rows(store) == {"q1"}
+
+
+async def test_closing_the_store_commits_deferred_writes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deferred write still queued when the store closes is committed, not lost."""
+    monkeypatch.setattr(db, "GROUP_COMMIT_S", 600.0)
+    path = tmp_path / "node.sqlite3"
+    s = Store(path)
+    await s.open()
+    create = asyncio.ensure_future(s.create_job(_query_row("q1"), durable=False, defer=True))
+    await asyncio.sleep(0)
+    await s.close()
+    assert create.result() is True
+    again = Store(path)
+    await again.open()
+    try:
+        assert await _rows(again) == {"q1"}
+    finally:
+        await again.close()
 
 
 def _grouped(job: str, *cells: frozenset[str]) -> Release:

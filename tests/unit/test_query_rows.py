@@ -41,6 +41,9 @@ class _Coordinator:
         self.started = asyncio.Event()
         self.row_when_run: list[bool] = []
 
+    def holds_catalog(self, catalog: str) -> bool:
+        return True
+
     async def run(self, job: VerifiedJob, *_: Any, **__: Any) -> FanoutResult:
         self.started.set()
         self.row_when_run.append(await self._store.get_job(job.request.job_id) is not None)
