@@ -69,12 +69,28 @@ import asyncio, sys, grpc
 sys.path.insert(0, sys.argv[6])
 from stimnet.v1 import common_pb2, federation_pb2, federation_pb2_grpc
 port, key, cert, ca, delay, name = int(sys.argv[1]), *sys.argv[2:5], float(sys.argv[5]), sys.argv[7]
+ANSWER = federation_pb2.SubJobEvent(
+    partial=common_pb2.ResultFrame(header=common_pb2.ResultHeader(
+        header_json='{"doc": {"partials": [], "epsilon": null, "mechanism": null}, "arrays": {}}')),
+    site=common_pb2.SiteEvent(site=name, state="done", n=10))
 class Peer(federation_pb2_grpc.FederationServiceServicer):
     async def RunSubJob(self, request, context):
         await asyncio.sleep(delay)
-        yield federation_pb2.SubJobEvent(partial=common_pb2.ResultFrame(header=common_pb2.ResultHeader(
-            header_json='{"doc": {"partials": [], "epsilon": null, "mechanism": null}, "arrays": {}}')))
-        yield federation_pb2.SubJobEvent(site=common_pb2.SiteEvent(site=name, state="done", n=10))
+        yield ANSWER
+    async def SubJobs(self, request_iterator, context):
+        # As stimnetd serves them: it speaks first, then answers each sub-job when it is done.
+        await context.send_initial_metadata((("x-stimnet-subjobs", "1"),))
+        replies = asyncio.Queue()
+        async def one(call):
+            await asyncio.sleep(delay)
+            replies.put_nowait(federation_pb2.SubJobReply(id=call.id, event=ANSWER))
+        async def read():
+            tasks = [asyncio.ensure_future(one(c)) async for c in request_iterator if c.start.job.payload]
+            await asyncio.gather(*tasks)
+            replies.put_nowait(None)
+        reader = asyncio.ensure_future(read())
+        while (r := await replies.get()) is not None:
+            yield r
 async def main():
     s = grpc.aio.server()
     federation_pb2_grpc.add_FederationServiceServicer_to_server(Peer(), s)
@@ -182,7 +198,8 @@ async def main(n: int, delayed_n: int) -> None:
                     states = {}
                     async for kind, value in c.watch(job.id):
                         if kind == "site":
-                            states[value.site] = value.state
+                            states[value.site] = value.state + (
+                                f": {value.detail}" if value.state != "done" else "")
                     # A timing of failing sub-jobs would measure the wrong thing.
                     assert len(states) == k and set(states.values()) == {"done"}, states
                 _, lat_k = await timed(q, delayed_n)

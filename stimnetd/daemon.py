@@ -293,7 +293,8 @@ class Daemon:
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.store), server)
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.jobs), server)
         federation_pb2_grpc.add_FederationServiceServicer_to_server(
-            FederationServicer(self.config.node.name, self.subjobs, lambda: self.membership), server)
+            FederationServicer(self.config.node.name, self.subjobs, guard,
+                               lambda: self.membership), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

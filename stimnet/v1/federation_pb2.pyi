@@ -27,6 +27,36 @@ class SubJobEvent(_message.Message):
     log_line: str
     def __init__(self, site: _Optional[_Union[_common_pb2.SiteEvent, _Mapping]] = ..., partial: _Optional[_Union[_common_pb2.ResultFrame, _Mapping]] = ..., log_line: _Optional[str] = ...) -> None: ...
 
+class SubJobCall(_message.Message):
+    __slots__ = ("id", "start", "timeout_s", "cancel")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    start: SubJobRequest
+    timeout_s: float
+    cancel: bool
+    def __init__(self, id: _Optional[int] = ..., start: _Optional[_Union[SubJobRequest, _Mapping]] = ..., timeout_s: _Optional[float] = ..., cancel: _Optional[bool] = ...) -> None: ...
+
+class SubJobReply(_message.Message):
+    __slots__ = ("id", "event", "status")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    event: SubJobEvent
+    status: SubJobStatus
+    def __init__(self, id: _Optional[int] = ..., event: _Optional[_Union[SubJobEvent, _Mapping]] = ..., status: _Optional[_Union[SubJobStatus, _Mapping]] = ...) -> None: ...
+
+class SubJobStatus(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
 class MemberState(_message.Message):
     __slots__ = ("name", "address", "incarnation", "status", "last_heard", "catalogs")
     NAME_FIELD_NUMBER: _ClassVar[int]

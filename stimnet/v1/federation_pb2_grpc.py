@@ -40,6 +40,11 @@ class FederationServiceStub:
                 request_serializer=stimnet_dot_v1_dot_federation__pb2.SubJobRequest.SerializeToString,
                 response_deserializer=stimnet_dot_v1_dot_federation__pb2.SubJobEvent.FromString,
                 _registered_method=True)
+        self.SubJobs = channel.stream_stream(
+                '/stimnet.v1.FederationService/SubJobs',
+                request_serializer=stimnet_dot_v1_dot_federation__pb2.SubJobCall.SerializeToString,
+                response_deserializer=stimnet_dot_v1_dot_federation__pb2.SubJobReply.FromString,
+                _registered_method=True)
         self.Ping = channel.unary_unary(
                 '/stimnet.v1.FederationService/Ping',
                 request_serializer=stimnet_dot_v1_dot_federation__pb2.GossipMessage.SerializeToString,
@@ -63,6 +68,16 @@ class FederationServiceServicer:
 
     def RunSubJob(self, request, context):
         """Run a researcher's signed job on this site; stream events then partial aggregates.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubJobs(self, request_iterator, context):
+        """The same, multiplexed: one long-lived stream per entry node and connection carries
+        many sub-jobs, each as messages tagged with its id, so a table query's sub-job is one
+        message each way instead of a call (headers, status) of its own. Each sub-job is
+        checked, audited and answered as a RunSubJob call would be.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -94,6 +109,11 @@ def add_FederationServiceServicer_to_server(servicer, server):
                     servicer.RunSubJob,
                     request_deserializer=stimnet_dot_v1_dot_federation__pb2.SubJobRequest.FromString,
                     response_serializer=stimnet_dot_v1_dot_federation__pb2.SubJobEvent.SerializeToString,
+            ),
+            'SubJobs': grpc.stream_stream_rpc_method_handler(
+                    servicer.SubJobs,
+                    request_deserializer=stimnet_dot_v1_dot_federation__pb2.SubJobCall.FromString,
+                    response_serializer=stimnet_dot_v1_dot_federation__pb2.SubJobReply.SerializeToString,
             ),
             'Ping': grpc.unary_unary_rpc_method_handler(
                     servicer.Ping,
@@ -139,6 +159,33 @@ class FederationService:
             '/stimnet.v1.FederationService/RunSubJob',
             stimnet_dot_v1_dot_federation__pb2.SubJobRequest.SerializeToString,
             stimnet_dot_v1_dot_federation__pb2.SubJobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubJobs(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/stimnet.v1.FederationService/SubJobs',
+            stimnet_dot_v1_dot_federation__pb2.SubJobCall.SerializeToString,
+            stimnet_dot_v1_dot_federation__pb2.SubJobReply.FromString,
             options,
             channel_credentials,
             insecure,

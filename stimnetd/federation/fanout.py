@@ -19,6 +19,7 @@ import structlog
 from stimnetd.federation import subjob
 from stimnetd.jobs.signing import SignedJob, VerifiedJob
 from stimnetd.jobs.site import SiteExecutor, SiteOutcome
+from stimnetd.query.spec import QuerySpec
 
 log = structlog.get_logger("stimnetd.fanout")
 
@@ -37,7 +38,8 @@ class PeerDirectory(Protocol):
 
 class SubJobTransport(Protocol):
     async def run_subjob(self, target: Target, signed: SignedJob, request_id: str,
-                         timeout_s: float, on_event: SiteEventSink) -> SiteOutcome: ...
+                         timeout_s: float, on_event: SiteEventSink, *,
+                         small: bool = False) -> SiteOutcome: ...
 
 
 @dataclass(frozen=True)
@@ -71,11 +73,16 @@ class Coordinator:
         """`local_refusal`: this site does not run its own share (its script policy), and
         that share's outcome is refused with this reason, as a peer would answer."""
         catalog = job.request.catalog
+        # A table query's answer is small (a few statistics per group), so its sub-jobs may
+        # share a stream with others; images and scripts can answer megabytes.
+        small = job.request.kind == "query" and not QuerySpec.from_dict(
+            job.request.spec).reads_images()
         tasks: list[asyncio.Task[SiteOutcome]] = []
         # Peers' tasks first: each starts its call before this site's own share (computed
         # on the loop when small) holds the loop. The local outcome stays first in order.
         for target in self._peers.targets(catalog):
-            tasks.append(asyncio.create_task(self._remote(target, job, request_id, on_event)))
+            tasks.append(asyncio.create_task(self._remote(target, job, request_id, on_event,
+                                                          small)))
         if self._holds(catalog):
             tasks.insert(0, asyncio.create_task(
                 self._refused_locally(local_refusal, on_event) if local_refusal is not None
@@ -117,12 +124,13 @@ class Coordinator:
         return outcome
 
     async def _remote(self, target: Target, job: VerifiedJob, request_id: str,
-                      on_event: SiteEventSink) -> SiteOutcome:
+                      on_event: SiteEventSink, small: bool) -> SiteOutcome:
         label = target.name or target.address
         started = time.monotonic()
         try:
             outcome = await asyncio.wait_for(
-                self._transport.run_subjob(target, job.signed, request_id, self._timeout, on_event),
+                self._transport.run_subjob(target, job.signed, request_id, self._timeout, on_event,
+                                           small=small),
                 timeout=self._timeout + 1.0)
         except TimeoutError:
             outcome = SiteOutcome(label, "timed_out",

@@ -7,9 +7,9 @@ privacy decisions are the sites' durable releases), is written while it fans out
 this site's own release transaction when it holds a share — and before its id is first
 shown. A query's final state is shown before it is written (with the next transaction, a
 group commit at the latest), so neither write is on the answer's path, nor a transaction
-of its own; until a write lands, readers see the job from memory. Watchers get a snapshot (state, per-site events, result) and then live events;
-events are deduplicated by (site, state) so a watcher that joins mid-job sees each
-transition once.
+of its own; until a write lands, readers see the job from memory. Watchers get a snapshot
+(state, per-site events, result) and then live events; events are deduplicated by (site,
+state) so a watcher that joins mid-job sees each transition once.
 """
 
 from __future__ import annotations

@@ -20,9 +20,9 @@ import inspect
 import itertools
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import structlog
@@ -34,6 +34,8 @@ from stimnetd.rpc.roles import allowed_roles
 from stimnetd.tlsfront import TlsFront
 
 log = structlog.get_logger("stimnetd.rpc")
+
+T = TypeVar("T")
 
 _CURRENT: contextvars.ContextVar[Caller] = contextvars.ContextVar("stimnet_caller")
 
@@ -54,6 +56,15 @@ QUIET_METHODS = frozenset({
     "/grpc.health.v1.Health/Watch",
 })
 QUIET_WINDOW_S = 600.0
+
+
+class SubcallEnded(Exception):
+    """A multiplexed call (Guard.subcall) ended as a failed call would: with this status."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 @dataclass(frozen=True)
@@ -245,6 +256,16 @@ class Guard(grpc.aio.ServerInterceptor):
     async def _enter(self, method: str, context: grpc.aio.ServicerContext) -> Caller:
         metadata = dict(context.invocation_metadata() or ())
         request_id = str(metadata.get(REQUEST_ID_KEY) or self._next_request_id())[:64]
+        try:
+            return await self._admit(method, context, request_id)
+        except _RpcRefused as refused:
+            await context.abort(refused.code, str(refused))
+            raise AssertionError("unreachable") from None
+
+    async def _admit(self, method: str, context: grpc.aio.ServicerContext,
+                     request_id: str) -> Caller:
+        """The caller of `method`, checked and audited; a refusal is audited, logged and
+        raised as _RpcRefused."""
         structlog.contextvars.bind_contextvars(method=method, request_id=request_id)
         try:
             ident = self._check(method, context)
@@ -259,8 +280,7 @@ class Guard(grpc.aio.ServerInterceptor):
             # Otherwise counted, for one entry when the source's minute ends (see refusals).
             if self._observe:
                 self._observe(method, refused.code.name, 0.0)
-            await context.abort(refused.code, str(refused))
-            raise AssertionError("unreachable") from None
+            raise
         caller = Caller(ident, request_id)
         _CURRENT.set(caller)
         structlog.contextvars.bind_contextvars(caller=f"{ident.role}/{ident.name}")
@@ -270,6 +290,27 @@ class Guard(grpc.aio.ServerInterceptor):
             self._audit_allowed(ident.name, ident.role, method, "allowed",
                                 {"request_id": request_id})
         return caller
+
+    async def subcall(self, method: str, context: grpc.aio.ServicerContext, request_id: str,
+                      behavior: Callable[[Caller], AsyncIterator[T]]) -> AsyncIterator[T]:
+        """One call multiplexed on a stream (FederationService/SubJobs) under `method`'s
+        rules, as if it were a call of its own: the stream's caller checked again (role,
+        revocation, expiry), the call audited, logged, measured and its errors mapped —
+        ending in SubcallEnded instead of aborting the stream the others share."""
+        started = time.perf_counter()
+        try:
+            caller = await self._admit(method, context, request_id)
+        except _RpcRefused as refused:
+            raise SubcallEnded(refused.code.name, str(refused)) from None
+        try:
+            async for item in behavior(caller):
+                yield item
+        except StimnetError as exc:
+            code = await self._refused(method, exc, started)
+            raise SubcallEnded(code.name, _cut(str(exc))) from None
+        except Exception:  # noqa: BLE001 - this is the one place errors are mapped
+            raise SubcallEnded("INTERNAL", self._internal(method, started)) from None
+        self._done(method, "OK", started)
 
     def audit_quiet_calls(self, *, everything: bool = False) -> int:
         """Group-commit one entry per (caller, method) counted in QUIET_METHODS since the
@@ -287,25 +328,34 @@ class Guard(grpc.aio.ServerInterceptor):
     async def _fail(self, context: grpc.aio.ServicerContext, method: str, exc: BaseException,
                     started: float) -> None:
         if isinstance(exc, StimnetError):
-            code = getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
-            caller = _CURRENT.get(None)
-            if caller is not None:
-                # Every refusal is audited durably, with the rule that refused it.
-                await self._audit_refusal(
-                    caller.name, caller.role, method, "refused",
-                    {"code": code.name, "reason": str(exc), "request_id": caller.request_id,
-                     **({"policy": exc.policy} if hasattr(exc, "policy") else {})})
-            self._done(method, code.name, started, reason=_cut(str(exc)))
+            code = await self._refused(method, exc, started)
             # Also bounded on the wire: a status message echoing a megabyte of the request
             # would exceed the caller's metadata limit and arrive as a transport error.
             await context.abort(code, _cut(str(exc)),
                                 trailing_metadata=((ERROR_KIND_KEY, type(exc).__name__),))
+        await context.abort(grpc.StatusCode.INTERNAL, self._internal(method, started))
+
+    async def _refused(self, method: str, exc: StimnetError, started: float) -> grpc.StatusCode:
+        """A domain refusal: audited durably, with the rule that refused it, and logged."""
+        code = getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
+        caller = _CURRENT.get(None)
+        if caller is not None:
+            await self._audit_refusal(
+                caller.name, caller.role, method, "refused",
+                {"code": code.name, "reason": str(exc), "request_id": caller.request_id,
+                 **({"policy": exc.policy} if hasattr(exc, "policy") else {})})
+        self._done(method, code.name, started, reason=_cut(str(exc)))
+        return code
+
+    def _internal(self, method: str, started: float) -> str:
+        """An unexpected error (called while it is handled): logged with its traceback;
+        the caller learns only where to look."""
         log.exception("rpc failed", status="INTERNAL")
         self._done(method, "INTERNAL", started, logged=True)
         caller = _CURRENT.get(None)
         rid = caller.request_id if caller else "?"
-        await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {rid}); "
-                            "the node's operator can find it in the logs")
+        return (f"internal error (request id {rid}); the node's operator can find it in the "
+                "logs")
 
     def refuse_connection(self, remote: str, reason: str) -> None:
         """The TLS front closed a connection before any call could be made on it (its

@@ -7,9 +7,12 @@ more than the query). Channels are rebuilt when the node's own certificate is re
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 
@@ -33,6 +36,10 @@ MAX_DETAIL_CHARS = 2000
 # Log lines a peer's policy let through, relayed per sub-job (its runner caps them too).
 MAX_LOG_LINES = 200
 PROBE_MAX_S = 5.0
+# Sent by a peer as it opens a SubJobs stream: it serves them (see SharedStream.start).
+SHARED_STREAM_KEY = "x-stimnet-subjobs"
+# A SubJobs stream's lifetime (its call deadline) at least; it is replaced before then.
+SHARED_STREAM_S = 600.0
 
 
 class PeerChannels:
@@ -40,6 +47,7 @@ class PeerChannels:
         self._material = material
         self._creds = channel_credentials(material)
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._streams: dict[str, SharedStream] = {}
         self._identities: dict[str, asyncio.Future[Identity]] = {}
         # Probes get threads of their own: the default executor also runs query
         # computations that can take seconds, and a gossip probe waits for no one.
@@ -67,14 +75,32 @@ class PeerChannels:
             fut.add_done_callback(forget_failure)
         return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
 
-    def stub(self, address: str) -> federation_pb2_grpc.FederationServiceStub:
+    def _channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
         if ch is None:
             ch = grpc.aio.secure_channel(address, self._creds, options=[
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
                 ("grpc.keepalive_time_ms", 30_000)])
             self._channels[address] = ch
-        return federation_pb2_grpc.FederationServiceStub(ch)
+        return ch
+
+    def stub(self, address: str) -> federation_pb2_grpc.FederationServiceStub:
+        return federation_pb2_grpc.FederationServiceStub(self._channel(address))
+
+    def shared_stream(self, address: str, timeout_s: float) -> SharedStream:
+        """The SubJobs stream to `address` for a sub-job of `timeout_s`: the current one,
+        or a new one when it has broken, is too close to its own deadline, or its
+        connection is going away (the peer's max_connection_age: a stream on it would be
+        cut when the grace period ends)."""
+        ch = self._channel(address)
+        stream = self._streams.get(address)
+        if stream is None or not stream.takes(timeout_s, ch):
+            if stream is not None:
+                stream.retire()
+            stream = self._streams[address] = SharedStream(
+                federation_pb2_grpc.FederationServiceStub(ch),
+                max(SHARED_STREAM_S, 10 * timeout_s))
+        return stream
 
     def forget(self, address: str) -> None:
         """Drop what was learnt about `address` (it answered as another node: perhaps a new
@@ -93,9 +119,165 @@ class PeerChannels:
 
     async def close(self) -> None:
         self._identities = {}
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream.retire()
         old, self._channels = self._channels, {}
         for ch in old.values():
             await ch.close()
+
+
+class StreamBroken(Exception):
+    """A SubJobs stream could not take a sub-job (it ended or broke meanwhile)."""
+
+
+class _NoSharedStreams(Exception):
+    """The peer does not serve SubJobs."""
+
+
+class SharedStream:
+    """One SubJobs call to a peer, carrying the table-query sub-jobs sent there: each
+    sub-job's replies are routed to it by id. A broken stream ends each of its sub-jobs
+    with the error (as a failed call would); the next sub-job opens a new stream."""
+
+    def __init__(self, stub: federation_pb2_grpc.FederationServiceStub, lifetime_s: float) -> None:
+        # A deadline as every call has; sub-jobs go on the stream only while they can
+        # finish before it (see `takes`).
+        self._deadline = time.monotonic() + lifetime_s
+        self._call = stub.SubJobs(timeout=lifetime_s)
+        self._subs: dict[int, asyncio.Queue[Any]] = {}
+        self._ids = itertools.count(1)
+        self._write_lock = asyncio.Lock()
+        self._broken: str | None = None
+        self._error: grpc.aio.AioRpcError | None = None
+        self._retired = False
+        self._closing = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._opened = asyncio.ensure_future(self._call.initial_metadata())
+        self._reader = asyncio.create_task(self._read())
+
+    def takes(self, timeout_s: float, channel: grpc.aio.Channel) -> bool:
+        return (self._broken is None and not self._retired
+                and self._deadline - time.monotonic() > timeout_s + 1.0
+                and channel.get_state() == grpc.ChannelConnectivity.READY)
+
+    async def start(self, request: federation_pb2.SubJobRequest, timeout_s: float) -> _SharedSub:
+        # The peer speaks first: writing to a call it does not serve can hide the reason
+        # (grpc/grpc#36066 reports INTERNAL instead of UNIMPLEMENTED), and a sub-job sent
+        # on such a call could not tell "not run" from "lost".
+        metadata = await asyncio.shield(self._opened)
+        if (SHARED_STREAM_KEY, "1") not in tuple(metadata or ()):
+            await asyncio.wait([self._reader])
+            if self._error is not None and \
+                    self._error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                raise _NoSharedStreams
+            raise self._error or StreamBroken(self._broken or "the peer ended the sub-job stream")
+        if self._broken is not None:
+            raise StreamBroken(self._broken)
+        sub_id = next(self._ids)
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._subs[sub_id] = queue
+        try:
+            await self._write(federation_pb2.SubJobCall(id=sub_id, start=request,
+                                                        timeout_s=timeout_s))
+        except BaseException:
+            self._subs.pop(sub_id, None)
+            raise
+        return _SharedSub(self, sub_id, queue)
+
+    async def _write(self, call: federation_pb2.SubJobCall) -> None:
+        async with self._write_lock:
+            if self._broken is not None:
+                raise StreamBroken(self._broken)
+            try:
+                await self._call.write(call)
+            except Exception:  # noqa: BLE001 - the call ended meanwhile: its status says why
+                await asyncio.wait([self._reader])
+                if self._error is not None:
+                    raise self._error from None
+                raise StreamBroken(self._broken or "the peer ended the sub-job stream") from None
+
+    async def _read(self) -> None:
+        ended: Any = None  # the peer ended the stream: its sub-jobs end without an outcome
+        try:
+            async for reply in self._call:
+                queue = self._subs.get(reply.id)
+                if queue is not None:  # else cancelled by us meanwhile
+                    queue.put_nowait(reply)
+        except grpc.aio.AioRpcError as exc:
+            ended = self._error = exc
+        except asyncio.CancelledError:
+            ended = StreamBroken("the sub-job stream was closed")
+            raise
+        finally:
+            self._broken = (f"{ended.code().name}: {ended.details()}"
+                            if isinstance(ended, grpc.aio.AioRpcError)
+                            else str(ended) if ended is not None
+                            else "the peer ended the sub-job stream")
+            for queue in self._subs.values():
+                queue.put_nowait(ended)
+            self._subs.clear()
+
+    def forget(self, sub_id: int, *, ended: bool) -> None:
+        """Sub-job `sub_id` is over for the entry; `ended`: the peer said so too, else it
+        is told to stop."""
+        if self._subs.pop(sub_id, None) is None or self._broken is not None:
+            return
+        if not ended:
+            self._spawn(self._write(federation_pb2.SubJobCall(id=sub_id, cancel=True)))
+        if self._retired and not self._subs:
+            self._finish()
+
+    def retire(self) -> None:
+        """No new sub-jobs; the stream ends once those on it have."""
+        self._retired = True
+        if not self._subs:
+            self._finish()
+
+    def _finish(self) -> None:
+        if not self._closing and self._broken is None:
+            self._closing = True
+            self._spawn(self._done_writing())
+
+    async def _done_writing(self) -> None:
+        async with self._write_lock:
+            await self._call.done_writing()
+
+    def _spawn(self, coro: Any) -> None:
+        async def quietly() -> None:
+            # The stream may break meanwhile: its sub-jobs learn that from the reader.
+            with contextlib.suppress(StreamBroken, grpc.aio.AioRpcError,
+                                     asyncio.InvalidStateError):
+                await coro
+        task = asyncio.create_task(quietly())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+class _SharedSub:
+    """One sub-job on a SharedStream: its replies, then None (the peer ended the stream)
+    or the stream's error."""
+
+    def __init__(self, stream: SharedStream, sub_id: int, queue: asyncio.Queue[Any]) -> None:
+        self._stream = stream
+        self._id = sub_id
+        self._queue = queue
+        self._ended = False
+
+    async def next(self) -> federation_pb2.SubJobReply | None:
+        got = await self._queue.get()
+        if got is None or isinstance(got, BaseException):
+            self._ended = True
+            if got is not None:
+                raise got
+            return None
+        if got.HasField("status") or (got.event.HasField("site")
+                                      and got.event.site.state in _TERMINAL):
+            self._ended = True  # nothing follows on the peer's side
+        return got
+
+    def close(self) -> None:
+        self._stream.forget(self._id, ended=self._ended)
 
 
 class GrpcSubJobTransport:
@@ -106,6 +288,8 @@ class GrpcSubJobTransport:
         # call whose object is collected, and the peer would see its finished sub-job
         # cancelled.
         self._draining: set[grpc.aio.Call] = set()
+        # Peers that do not serve SubJobs (an older version): every sub-job a call.
+        self._unshared: set[str] = set()
 
     def _drain(self, call: grpc.aio.Call) -> None:
         if not call.done():
@@ -113,16 +297,19 @@ class GrpcSubJobTransport:
             call.add_done_callback(self._draining.discard)
 
     async def run_subjob(self, target: Target, signed: SignedJob, request_id: str,
-                         timeout_s: float, on_event: SiteEventSink) -> SiteOutcome:
+                         timeout_s: float, on_event: SiteEventSink, *,
+                         small: bool = False) -> SiteOutcome:
+        """`small`: the answer is small (a table query's), so the sub-job may share the
+        connection's SubJobs stream with others; large answers (images, scripts) get a
+        call of their own, so they hold up no one else's."""
         label = target.name or target.address
         started = time.monotonic()
-        timed_out = f"no answer within the {timeout_s:g}s site deadline"
         # The researcher's job goes only to the node the target names (module doc of
         # peer_identity), and the manifest names sites by their certificates.
         try:
             who = await self._channels.server_identity(target.address, timeout_s)
         except TimeoutError as exc:  # the site deadline, or the probe's own cap (it says so)
-            return await _ended(on_event, label, "timed_out", str(exc) or timed_out)
+            return await _ended(on_event, label, "timed_out", str(exc) or _timed_out(timeout_s))
         except PeerIdentityError as exc:
             return await _ended(on_event, label, "failed", str(exc))
         if who.role != "node" or (target.name and who.name != target.name):
@@ -130,74 +317,149 @@ class GrpcSubJobTransport:
                       f"{'node ' + repr(target.name) if target.name else 'a node'}: the job "
                       "was not sent there")
             return await _ended(on_event, label, "failed", detail)
-        site = who.name
-        stub = self._channels.stub(target.address)
-        asm = codec.Assembler()
-        final: tuple[str, str, int] | None = None
-        relayed: set[str] = set()
-        logs = 0
+        reader = _SubJobReader(who.name, on_event, timeout_s)
+        request = federation_pb2.SubJobRequest(job=convert.signed_job_pb(signed),
+                                               entry_node=self._entry, request_id=request_id)
+        left = max(0.001, timeout_s - (time.monotonic() - started))
+        outcome: SiteOutcome | None = None
+        shared = small and target.address not in self._unshared
+        if shared:
+            try:
+                outcome = await self._shared(target.address, request, left, reader)
+            except _NoSharedStreams:
+                # A node from before SubJobs: it ran nothing, so the sub-job is sent again,
+                # on a call of its own (as every later one to it).
+                self._unshared.add(target.address)
+                shared = False
+        if not shared:
+            left = max(0.001, timeout_s - (time.monotonic() - started))
+            outcome = await self._own_call(target.address, request, left, request_id, reader)
+        if outcome is not None and outcome.state == "failed" and reader.impostor:
+            self._channels.forget(target.address)
+        return outcome if outcome is not None else await reader.result()
+
+    async def _own_call(self, address: str, request: federation_pb2.SubJobRequest,
+                        timeout_s: float, request_id: str,
+                        reader: _SubJobReader) -> SiteOutcome | None:
+        call = self._channels.stub(address).RunSubJob(
+            request, timeout=timeout_s, metadata=((REQUEST_ID_KEY, request_id),))
         try:
-            call = stub.RunSubJob(
-                federation_pb2.SubJobRequest(job=convert.signed_job_pb(signed),
-                                             entry_node=self._entry, request_id=request_id),
-                timeout=max(0.001, timeout_s - (time.monotonic() - started)),
-                metadata=((REQUEST_ID_KEY, request_id),))
             async for ev in call:
-                if ev.log_line:
-                    logs += 1
-                    if logs <= MAX_LOG_LINES:
-                        line = ev.log_line if len(ev.log_line) <= MAX_DETAIL_CHARS \
-                            else ev.log_line[:MAX_DETAIL_CHARS] + "…"
-                        await on_event(site, "log", line, 0)
-                    elif logs == MAX_LOG_LINES + 1:
-                        await on_event(site, "log", f"(further log lines are not relayed: "
-                                       f"{MAX_LOG_LINES} per site)", 0)
-                if ev.HasField("partial"):
-                    feed(asm, ev.partial)
-                if ev.HasField("site"):
-                    s = ev.site
-                    if s.site and s.site != site:
-                        call.cancel()
-                        self._channels.forget(target.address)
-                        return await _ended(on_event, site, "failed", f"node {site!r} answered "
-                                            f"as {s.site!r}; its answer was ignored")
-                    if s.state not in _TERMINAL | _PROGRESS:
-                        call.cancel()
-                        return await _ended(on_event, site, "failed",
-                                            f"node {site!r} sent an unknown state "
-                                            f"{s.state[:40]!r}")
-                    if s.state in relayed:
-                        continue  # each progress state once: they are kept with the job
-                    if s.state in _PROGRESS:
-                        relayed.add(s.state)
-                    detail = s.detail if len(s.detail) <= MAX_DETAIL_CHARS \
-                        else s.detail[:MAX_DETAIL_CHARS] + "…"
-                    await on_event(site, s.state, detail, int(s.n))
-                    if s.state in _TERMINAL:
-                        final = (s.state, detail, int(s.n))
-                        # The outcome ends the sub-job: nothing after it is read or relayed,
-                        # and the answer does not wait for the stream's trailers (a further
-                        # hop from the peer, ~0.3 ms on a small query's path).
-                        self._drain(call)
-                        break
-        except codec.CodecError as exc:  # a frame out of order, a hostile header
-            call.cancel()
-            return await _ended(on_event, site, "failed", f"malformed partial aggregates: {exc}")
+                if (outcome := await reader.event(ev)) is not None:
+                    call.cancel()
+                    return outcome
+                if reader.final is not None:
+                    # The outcome ends the sub-job: nothing after it is read or relayed,
+                    # and the answer does not wait for the stream's trailers (a further
+                    # hop from the peer, ~0.3 ms on a small query's path).
+                    self._drain(call)
+                    return None
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                return await _ended(on_event, site, "timed_out", timed_out)
-            state = "refused" if exc.code() in (
-                grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
-                grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,
-                grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED) else "failed"
-            return await _ended(on_event, site, state, exc.details() or exc.code().name)
-        if final is None:
-            return await _ended(on_event, site, "failed", "peer closed the stream without an outcome")
-        state, detail, n = final
+            return await reader.ended(exc.code().name, exc.details() or exc.code().name)
+        return await reader.ended("", "")
+
+    async def _shared(self, address: str, request: federation_pb2.SubJobRequest,
+                      timeout_s: float, reader: _SubJobReader) -> SiteOutcome | None:
+        try:
+            async with asyncio.timeout(timeout_s):
+                sub = await self._channels.shared_stream(address, timeout_s).start(
+                    request, timeout_s)
+                try:
+                    while (reply := await sub.next()) is not None:
+                        if reply.HasField("status"):
+                            return await reader.ended(reply.status.code or "UNKNOWN",
+                                                      reply.status.message)
+                        if (outcome := await reader.event(reply.event)) is not None:
+                            return outcome
+                        if reader.final is not None:
+                            return None
+                finally:
+                    sub.close()
+        except TimeoutError:
+            return await reader.ended("DEADLINE_EXCEEDED", "")
+        except grpc.aio.AioRpcError as exc:  # the stream broke (the peer went away)
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                raise _NoSharedStreams from None
+            return await reader.ended(exc.code().name, exc.details() or exc.code().name)
+        except StreamBroken as exc:
+            return await reader.ended("UNAVAILABLE", str(exc))
+        return await reader.ended("", "")
+
+
+class _SubJobReader:
+    """One sub-job's events as the entry reads them, on a call of its own or a shared
+    stream: relayed to the job's watchers, the answer assembled and checked."""
+
+    def __init__(self, site: str, on_event: SiteEventSink, timeout_s: float) -> None:
+        self.site = site
+        self._on_event = on_event
+        self._timeout_s = timeout_s
+        self._asm = codec.Assembler()
+        self._relayed: set[str] = set()
+        self._logs = 0
+        self.final: tuple[str, str, int] | None = None
+        self.impostor = False  # answered under another name
+
+    async def event(self, ev: federation_pb2.SubJobEvent) -> SiteOutcome | None:
+        """Apply one event; an outcome if it ends the sub-job as failed here."""
+        site = self.site
+        if ev.log_line:
+            self._logs += 1
+            if self._logs <= MAX_LOG_LINES:
+                line = ev.log_line if len(ev.log_line) <= MAX_DETAIL_CHARS \
+                    else ev.log_line[:MAX_DETAIL_CHARS] + "…"
+                await self._on_event(site, "log", line, 0)
+            elif self._logs == MAX_LOG_LINES + 1:
+                await self._on_event(site, "log", f"(further log lines are not relayed: "
+                                     f"{MAX_LOG_LINES} per site)", 0)
+        if ev.HasField("partial"):
+            try:
+                feed(self._asm, ev.partial)
+            except codec.CodecError as exc:  # a frame out of order, a hostile header
+                return await _ended(self._on_event, site, "failed",
+                                    f"malformed partial aggregates: {exc}")
+        if not ev.HasField("site"):
+            return None
+        s = ev.site
+        if s.site and s.site != site:
+            self.impostor = True
+            return await _ended(self._on_event, site, "failed", f"node {site!r} answered "
+                                f"as {s.site!r}; its answer was ignored")
+        if s.state not in _TERMINAL | _PROGRESS:
+            return await _ended(self._on_event, site, "failed",
+                                f"node {site!r} sent an unknown state {s.state[:40]!r}")
+        if s.state in self._relayed:
+            return None  # each progress state once: they are kept with the job
+        if s.state in _PROGRESS:
+            self._relayed.add(s.state)
+        detail = s.detail if len(s.detail) <= MAX_DETAIL_CHARS \
+            else s.detail[:MAX_DETAIL_CHARS] + "…"
+        await self._on_event(site, s.state, detail, int(s.n))
+        if s.state in _TERMINAL:
+            self.final = (s.state, detail, int(s.n))
+        return None
+
+    async def ended(self, code: str, details: str) -> SiteOutcome:
+        """The sub-job ended without an outcome: with a status (a gRPC code name), or
+        none (`code` empty: the peer closed its stream)."""
+        if not code:
+            return await _ended(self._on_event, self.site, "failed",
+                                "peer closed the stream without an outcome")
+        if code == "DEADLINE_EXCEEDED":
+            return await _ended(self._on_event, self.site, "timed_out",
+                                _timed_out(self._timeout_s))
+        state = "refused" if code in _REFUSED_CODES else "failed"
+        return await _ended(self._on_event, self.site, state, details[:MAX_DETAIL_CHARS] or code)
+
+    async def result(self) -> SiteOutcome:
+        """The outcome of a sub-job whose terminal event has arrived."""
+        assert self.final is not None
+        state, detail, n = self.final
+        site = self.site
         if state != "done":
             return SiteOutcome(site, state, detail)
         try:
-            doc, arrays = asm.result()
+            doc, arrays = self._asm.result()
             if not isinstance(doc, dict):
                 raise codec.CodecError("the answer is not an object")
             partials = codec.partials_from_doc(doc["partials"], arrays)
@@ -213,9 +475,18 @@ class GrpcSubJobTransport:
             if not (mechanism is None or isinstance(mechanism, str)):
                 raise codec.CodecError(f"mechanism {mechanism!r} is not a name")
         except (codec.CodecError, KeyError) as exc:
-            return await _ended(on_event, site, "failed", f"malformed partial aggregates: {exc}")
+            return await _ended(self._on_event, site, "failed",
+                                f"malformed partial aggregates: {exc}")
         return SiteOutcome(site, "done", detail, n=n, partials=partials,
                            epsilon=epsilon, mechanism=mechanism)
+
+
+_REFUSED_CODES = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED", "FAILED_PRECONDITION",
+                            "NOT_FOUND", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"})
+
+
+def _timed_out(timeout_s: float) -> str:
+    return f"no answer within the {timeout_s:g}s site deadline"
 
 
 async def _ended(on_event: SiteEventSink, site: str, state: str, detail: str) -> SiteOutcome:

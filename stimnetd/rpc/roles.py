@@ -26,6 +26,8 @@ RPC_ROLES: dict[str, frozenset[str]] = {
     "/stimnet.v1.JobService/ApproveJob": frozenset({ADMIN}),
     "/stimnet.v1.JobService/DenyJob": frozenset({ADMIN}),
     "/stimnet.v1.FederationService/RunSubJob": frozenset({NODE}),
+    # Each sub-job on it is checked again as a RunSubJob call (Guard.subcall).
+    "/stimnet.v1.FederationService/SubJobs": frozenset({NODE}),
     "/stimnet.v1.FederationService/Ping": frozenset({NODE}),
     "/stimnet.v1.FederationService/PingReq": frozenset({NODE}),
     "/stimnet.v1.FederationService/PushPull": frozenset({NODE}),

@@ -1,0 +1,237 @@
+"""Table-query sub-jobs share one SubJobs stream per peer: each is still checked,
+audited, refused and timed as a call of its own would be, one's end leaves the others'
+alone, and a peer that does not serve the stream gets calls of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+
+import grpc
+import pytest
+
+from stimnet.v1 import federation_pb2, federation_pb2_grpc
+from stimnetd.federation.fanout import Target
+from stimnetd.jobs import signing
+from stimnetd.rpc import convert
+from stimnetd.rpc.peer_client import SHARED_STREAM_KEY, GrpcSubJobTransport, PeerChannels
+from stimnetd.testing import CertPaths, client_config, fake_node
+from tests.federation.test_federated_queries import _tiny_catalog
+from tests.federation.test_peer_identity import _Garbler, _material
+from tests.federation.test_signed_jobs import _signed, _tamper
+
+AGES = [float(a) for a in range(30, 60)]
+
+
+def _catalogs(tmp_path: Path, n: int) -> list[list[dict]]:
+    return [[_tiny_catalog(tmp_path / f"t{i}", AGES)] for i in range(n)]
+
+
+def _node_certs(fed, name: str) -> CertPaths:  # type: ignore[no-untyped-def]
+    d = fed.tmp / "pki" / f"node-{name}"
+    return CertPaths(cert=d / f"{name}.crt", key=d / f"{name}.key", ca=d / "ca.crt")
+
+
+def _start(signed: signing.SignedJob, call_id: int, timeout_s: float = 10.0,
+           request_id: str = "") -> federation_pb2.SubJobCall:
+    return federation_pb2.SubJobCall(id=call_id, timeout_s=timeout_s, start=federation_pb2.SubJobRequest(
+        job=convert.signed_job_pb(signed), entry_node="site-a", request_id=request_id))
+
+
+async def _replies(call, want: set[int]) -> dict[int, list[federation_pb2.SubJobReply]]:  # type: ignore[no-untyped-def]
+    """Read replies until each sub-job in `want` has ended (terminal event or status)."""
+    got: dict[int, list[federation_pb2.SubJobReply]] = {}
+    ended: set[int] = set()
+    while not want <= ended:
+        reply = await asyncio.wait_for(call.read(), 10)
+        assert reply is not grpc.aio.EOF, f"stream ended; still waiting for {want - ended}"
+        got.setdefault(reply.id, []).append(reply)
+        if reply.HasField("status") or reply.event.site.state in ("done", "refused", "failed",
+                                                                  "suppressed"):
+            ended.add(reply.id)
+    return got
+
+
+def _audit(rows, action: str) -> list:  # type: ignore[no-untyped-def]
+    return [r for r in rows if r.action == action]
+
+
+async def test_sub_jobs_of_several_queries_share_one_stream_each_audited(federation,
+                                                                         tmp_path: Path) -> None:
+    """Three federated table queries: each peer opens one SubJobs stream for all of them,
+    answers each exactly, and audits each sub-job as a RunSubJob call (allowed, accepted,
+    released) besides the one stream."""
+    async with federation(_catalogs(tmp_path, 3)) as fed, fed.client() as c:
+        for _ in range(3):
+            result = await c.query("SELECT count(*), avg(age) FROM tiny", federated=True,
+                                   min_sites=3)
+            assert result.rows[0][0] == 3 * len(AGES)
+        await asyncio.sleep(0.1)  # allowed calls are group-committed
+        for peer in fed.daemons[1:]:
+            rows = await peer.store.audit_rows()
+            streams = [r for r in rows if r.action == "/stimnet.v1.FederationService/SubJobs"]
+            calls = [r for r in rows if r.action == "/stimnet.v1.FederationService/RunSubJob"]
+            assert [(r.actor, r.decision) for r in streams] == [("site-a", "allowed")]
+            assert [(r.actor, r.decision) for r in calls] == [("site-a", "allowed")] * 3
+            assert [r.decision for r in _audit(rows, "release")] == ["released"] * 3
+
+
+async def test_a_refused_or_malformed_sub_job_ends_alone(federation, tmp_path: Path) -> None:
+    """On one stream: a tampered job is refused UNAUTHENTICATED, a replay and a bad deadline
+    are refused, a duplicate id is refused while the first runs — and the good sub-jobs
+    beside them are answered, each refusal audited at the peer with its reason."""
+    async with federation(_catalogs(tmp_path, 2)) as fed, fed.client() as c:
+        good = _signed(c, scope="federated")
+        tampered = _tamper(_signed(c, scope="federated"), epsilon=5.0)
+        creds = client_config(_node_certs(fed, "site-a"), fed.address(1)).credentials()
+        async with grpc.aio.secure_channel(fed.address(1), creds) as ch:
+            call = federation_pb2_grpc.FederationServiceStub(ch).SubJobs(timeout=30)
+            assert (SHARED_STREAM_KEY, "1") in tuple(await call.initial_metadata())
+            await call.write(_start(good, 1))
+            await call.write(_start(tampered, 2))
+            await call.write(_start(_signed(c, scope="federated"), 3, timeout_s=math.nan))
+            await call.write(_start(_signed(c, scope="federated"), 4, timeout_s=-1))
+            got = await _replies(call, {1, 2, 3, 4})
+            await call.write(_start(good, 5))  # the same signed job again: a replay
+            await call.write(_start(_signed(c, scope="federated"), 6))
+            got.update(await _replies(call, {5, 6}))
+            await call.done_writing()
+            assert await call.read() is grpc.aio.EOF
+            assert await call.code() == grpc.StatusCode.OK
+        rows = await fed.daemons[1].store.audit_rows()
+    assert got[1][-1].event.site.state == "done" and got[6][-1].event.site.state == "done"
+    status = {i: (got[i][-1].status.code, got[i][-1].status.message) for i in (2, 3, 4, 5)}
+    assert status[2][0] == "UNAUTHENTICATED" and "signature does not match" in status[2][1]
+    assert status[3][0] == status[4][0] == "INVALID_ARGUMENT"
+    assert "timeout_s nan is not within" in status[3][1]
+    assert status[5][0] == "FAILED_PRECONDITION" and "replayed request" in status[5][1]
+    refused = [json.loads(r.detail_json) for r in _audit(
+        rows, "/stimnet.v1.FederationService/RunSubJob") if r.decision == "refused"]
+    assert sorted(d["code"] for d in refused) == ["FAILED_PRECONDITION", "UNAUTHENTICATED"]
+
+
+async def test_a_revoked_entry_is_refused_on_its_open_stream(federation,
+                                                             tmp_path: Path) -> None:
+    """Revocation is checked per sub-job, as per call: an entry revoked while its stream
+    stays open gets its next sub-job refused on it, and audited."""
+    async with federation(_catalogs(tmp_path, 2)) as fed, fed.client() as c:
+        creds = client_config(_node_certs(fed, "site-a"), fed.address(1)).credentials()
+        async with grpc.aio.secure_channel(fed.address(1), creds) as ch:
+            call = federation_pb2_grpc.FederationServiceStub(ch).SubJobs(timeout=30)
+            await call.write(_start(_signed(c, scope="federated"), 1))
+            first = await _replies(call, {1})
+            fed.pki.revoke("site-a")
+            fed.daemons[1].reload()
+            await call.write(_start(_signed(c, scope="federated"), 2))
+            second = await _replies(call, {2})
+            call.cancel()
+        rows = await fed.daemons[1].store.audit_rows()
+    assert first[1][-1].event.site.state == "done"
+    assert second[2][-1].status.code == "UNAUTHENTICATED"
+    assert "revoked" in second[2][-1].status.message
+    denied = [r for r in _audit(rows, "/stimnet.v1.FederationService/RunSubJob")
+              if r.decision == "denied"]
+    assert len(denied) == 1 and "revoked" in json.loads(denied[0].detail_json)["reason"]
+
+
+async def test_a_sub_job_past_its_deadline_ends_and_the_stream_goes_on(federation,
+                                                                        tmp_path: Path) -> None:
+    """A sub-job's deadline is its own: past it, that sub-job ends DEADLINE_EXCEEDED at
+    the peer, and the next one on the stream is answered."""
+    async with federation(_catalogs(tmp_path, 2)) as fed, fed.client() as c:
+        creds = client_config(_node_certs(fed, "site-a"), fed.address(1)).credentials()
+        async with grpc.aio.secure_channel(fed.address(1), creds) as ch:
+            call = federation_pb2_grpc.FederationServiceStub(ch).SubJobs(timeout=30)
+            await call.write(_start(_signed(c, scope="federated"), 1, timeout_s=1e-9))
+            late = await _replies(call, {1})
+            await call.write(_start(_signed(c, scope="federated"), 2))
+            on_time = await _replies(call, {2})
+            call.cancel()
+    assert late[1][-1].status.code == "DEADLINE_EXCEEDED"
+    assert on_time[2][-1].event.site.state == "done"
+
+
+class _Shared(_Garbler):
+    """A hostile node that also serves SubJobs, answering each sub-job as its RunSubJob
+    would."""
+
+    async def SubJobs(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        await context.send_initial_metadata(((SHARED_STREAM_KEY, "1"),))
+        async for call in request_iterator:
+            async for ev in self.RunSubJob(call.start, context):
+                yield federation_pb2.SubJobReply(id=call.id, event=ev)
+
+
+class _CallsOnly(_Garbler):
+    """A well-behaved node from before SubJobs: RunSubJob only (counted)."""
+
+    calls = 0
+
+    async def RunSubJob(self, request, context):  # type: ignore[no-untyped-def]
+        _CallsOnly.calls += 1
+        async for ev in super().RunSubJob(request, context):
+            yield ev
+
+
+async def _ask_shared(fed, c, servicer: _Garbler) -> tuple:  # type: ignore[no-untyped-def]
+    server, port = await fake_node(fed.pki.issue(servicer._name, "node", hosts=("127.0.0.1",)),
+                                   federation_pb2_grpc.add_FederationServiceServicer_to_server,
+                                   servicer)
+    channels = PeerChannels(_material(fed, "site-a"))
+    events: list[tuple] = []
+
+    async def sink(*ev: object) -> None:
+        events.append(ev)
+
+    transport = GrpcSubJobTransport(channels, "site-a")
+    try:
+        outcomes = [await transport.run_subjob(Target(f"127.0.0.1:{port}", servicer._name),
+                                               _signed(c, scope="federated"), f"r{i}", 10, sink,
+                                               small=True) for i in range(2)]
+    finally:
+        await channels.shutdown()
+        await server.stop(None)
+    return outcomes, events
+
+
+GOOD_DOC = '{"partials": [], "epsilon": null, "mechanism": null}'
+
+
+async def test_a_peer_without_sub_job_streams_gets_calls_of_its_own(federation,
+                                                                     tmp_path: Path) -> None:
+    """An older node that does not serve SubJobs: the sub-job, which it never ran, is sent
+    again as a call, and so is every later one to it — both answered."""
+    _CallsOnly.calls = 0
+    async with federation(_catalogs(tmp_path, 1)) as fed, fed.client() as c:
+        outcomes, _ = await _ask_shared(fed, c, _CallsOnly("oldnode", GOOD_DOC))
+    assert [o.state for o in outcomes] == ["done", "done"]
+    assert _CallsOnly.calls == 2
+
+
+@pytest.mark.parametrize("doc, states, problem", [
+    ('[1, 2]', ("done",), "malformed partial aggregates: the answer is not an object"),
+    (GOOD_DOC, ("dancing",), "sent an unknown state 'dancing'"),
+])
+async def test_a_malformed_answer_on_the_shared_stream_fails_that_site(
+        federation, tmp_path: Path, doc: str, states: tuple[str, ...], problem: str) -> None:
+    """A hostile node's answers read on the shared stream are judged as on a call: the
+    site fails, saying why, and the next sub-job to it is judged afresh."""
+    async with federation(_catalogs(tmp_path, 1)) as fed, fed.client() as c:
+        outcomes, events = await _ask_shared(fed, c, _Shared("garbler", doc, states))
+    assert [o.state for o in outcomes] == ["failed", "failed"]
+    assert all(problem in o.detail for o in outcomes), outcomes
+    assert [e[1] for e in events if e[0] == "garbler"][-1] == "failed"
+
+
+async def test_queries_go_on_across_peer_connection_ages(federation, tmp_path: Path) -> None:
+    """Peers that close every connection after half a second (max_connection_age_s): the
+    entry moves to a new stream when a connection is going away, and no query fails."""
+    async with federation(_catalogs(tmp_path, 3),
+                          node={"max_connection_age_s": 0.5, "grace_s": 5.0}) as fed, \
+            fed.client() as c:
+        for _ in range(12):
+            result = await c.query("SELECT count(*) FROM tiny", federated=True, min_sites=3)
+            assert result.rows[0][0] == 3 * len(AGES)
+            await asyncio.sleep(0.15)
