@@ -79,7 +79,7 @@ class Peer(federation_pb2_grpc.FederationServiceServicer):
         yield ANSWER
     async def SubJobs(self, request_iterator, context):
         # As stimnetd serves them: it speaks first, then answers each sub-job when it is done.
-        await context.send_initial_metadata((("x-stimnet-subjobs", "1"),))
+        await context.send_initial_metadata((("x-stimnet-multiplexed", "1"),))
         replies = asyncio.Queue()
         async def one(call):
             await asyncio.sleep(delay)

@@ -106,6 +106,12 @@ def _error_kind(exc: grpc.RpcError) -> str:
 def map_rpc_error(exc: grpc.RpcError, address: str) -> ClientError:
     code = exc.code() if hasattr(exc, "code") else None
     details = (exc.details() if hasattr(exc, "details") else "") or ""
+    return map_status(code, details, _error_kind(exc), address)
+
+
+def map_status(code: grpc.StatusCode | None, details: str, kind: str,
+               address: str) -> ClientError:
+    """A failed call's status (code, details, the daemon's error class) as a typed error."""
     cls = _BY_CODE.get(code, ClientError) if code is not None else ClientError
     if cls is ConnectionFailed:
         if "handshake" in details.lower() or "ssl" in details.lower():
@@ -115,7 +121,7 @@ def map_rpc_error(exc: grpc.RpcError, address: str) -> ClientError:
             msg = f"cannot reach node at {address}: {details.splitlines()[0] if details else 'unavailable'}"
     elif cls is DeadlineExceeded:
         msg = f"node at {address} did not answer in time"
-    elif cls is BudgetExhausted and _error_kind(exc) == "Overloaded":
+    elif cls is BudgetExhausted and kind == "Overloaded":
         cls, msg = Overloaded, details  # a load limit, not the privacy budget
     else:
         msg = details or (code.name if code else "unknown error")
@@ -183,12 +189,18 @@ class AsyncClient:
         # next loop in this process (stimctl runs one per command).
         self._draining: set[asyncio.Task[None]] = set()
         self._entry: str | None = None
+        # The Session stream queries run on (stimnetd/rpc/multiplex.py); False once the
+        # node turned out not to serve it (an older version): RunJob calls then.
+        self._sessions: dict[str, Any] = {}
+        self._session_ok = True
 
     @classmethod
     def from_file(cls, path: Path | str | None = None) -> AsyncClient:
         return cls(ClientConfig.load(path))
 
     async def close(self) -> None:
+        for session in self._sessions.values():
+            await session.aclose(DRAIN_S)
         if self._draining:
             # Their ends are a hop behind their final states: let them land (a node that
             # holds a stream open is cut off by the channel's close after this).
@@ -312,6 +324,54 @@ class AsyncClient:
 
     async def _events(self, rpc: Any, request: Any, job_id: str,
                       timeout: float | None) -> AsyncIterator[Any]:
+        call = rpc(request, timeout=timeout or self.config.timeout_s * 20)
+        try:
+            async for item in self._job_events(call, job_id, lambda: self._drain(call)):
+                yield item
+        except grpc.RpcError as exc:
+            raise map_rpc_error(exc, self.address) from None
+
+    async def _session_events(self, request: Any, timeout: float) -> AsyncIterator[Any]:
+        """RunJob's events, the job run on this client's Session stream. Raises
+        multiplex.NotMultiplexed, having sent nothing, if the node does not serve it."""
+        from stimnetd.rpc import multiplex
+
+        stream = multiplex.shared(
+            self._sessions, "", self._channel, timeout,
+            lambda lifetime: multiplex.SharedStream(
+                lambda t: self.jobs.Session(timeout=t), lifetime, call=jobs_pb2.SessionCall,
+                body="run", last=_last_job_reply))
+
+        async def replies() -> AsyncIterator[Any]:
+            call = await stream.start(request, timeout)
+            try:
+                while (reply := await call.next()) is not None:
+                    if reply.HasField("status"):
+                        st = reply.status
+                        raise map_status(getattr(grpc.StatusCode, st.code, None), st.message,
+                                         st.kind, self.address)
+                    yield reply.event
+            finally:
+                call.close()
+
+        try:
+            async with asyncio.timeout(timeout):
+                async for item in self._job_events(replies(), "", lambda: None):
+                    yield item
+        except TimeoutError:
+            raise DeadlineExceeded(f"node at {self.address} did not answer in time") from None
+        except grpc.RpcError as exc:  # the stream broke (the node went away)
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                raise multiplex.NotMultiplexed from None
+            raise map_rpc_error(exc, self.address) from None
+        except multiplex.StreamBroken as exc:
+            raise ConnectionFailed(f"lost the session with the node at {self.address}: "
+                                   f"{exc}") from None
+
+    async def _job_events(self, events: AsyncIterator[Any], job_id: str,
+                          done: Any) -> AsyncIterator[Any]:
+        """A job's events as ("state" | "site" | "log" | "result", value), to its final
+        state; `done()` is called when nothing else is to come."""
         from stimctl.results import QueryAnswer
         from stimnetd import codec
         from stimnetd.rpc.frames import feed
@@ -326,45 +386,41 @@ class AsyncClient:
             return fresh
 
         answered = False
-        call = rpc(request, timeout=timeout or self.config.timeout_s * 20)
-        try:
-            async for ev in call:
-                # Several fields may be set in one event: sites, then result, then state.
-                if ev.HasField("state") and not job_id:
-                    job_id = ev.state.id
-                # A job's state lists its sites' events so far: a quick job's only message
-                # is its final state, so the events it lists come first (they happened
-                # before it ended); a joining watcher's first state comes before the events
-                # it lists.
-                final = ev.HasField("state") and ev.state.state in TERMINAL_STATES
-                sites = [ev.site] if ev.HasField("site") else []
-                for site in unseen([*sites, *ev.sites, *(ev.state.sites if final else ())]):
+        async for ev in events:
+            # Several fields may be set in one event: sites, then result, then state.
+            if ev.HasField("state") and not job_id:
+                job_id = ev.state.id
+            # A job's state lists its sites' events so far: a quick job's only message
+            # is its final state, so the events it lists come first (they happened
+            # before it ended); a joining watcher's first state comes before the events
+            # it lists.
+            final = ev.HasField("state") and ev.state.state in TERMINAL_STATES
+            sites = [ev.site] if ev.HasField("site") else []
+            for site in unseen([*sites, *ev.sites, *(ev.state.sites if final else ())]):
+                yield "site", site
+            if ev.log_line:
+                yield "log", ev.log_line
+            if ev.HasField("result"):
+                if ev.result.WhichOneof("frame") == "header":
+                    asm = codec.Assembler()
+                if asm is None:
+                    raise ClientError("result stream started without a header")
+                feed(asm, ev.result)
+                if asm.complete:
+                    doc, arrays = asm.result()
+                    yield "result", QueryAnswer(job_id, doc, arrays)
+                    asm = None
+                    answered = True
+            if ev.HasField("state"):
+                yield "state", ev.state
+                for site in unseen(ev.state.sites):
                     yield "site", site
-                if ev.log_line:
-                    yield "log", ev.log_line
-                if ev.HasField("result"):
-                    if ev.result.WhichOneof("frame") == "header":
-                        asm = codec.Assembler()
-                    if asm is None:
-                        raise ClientError("result stream started without a header")
-                    feed(asm, ev.result)
-                    if asm.complete:
-                        doc, arrays = asm.result()
-                        yield "result", QueryAnswer(job_id, doc, arrays)
-                        asm = None
-                        answered = True
-                if ev.HasField("state"):
-                    yield "state", ev.state
-                    for site in unseen(ev.state.sites):
-                        yield "site", site
-                if final and (answered or ev.state.state != "succeeded"):
-                    # Nothing else is to come: the answer does not wait for the stream's
-                    # status, a further hop behind it. (A succeeded state without its
-                    # answer, from a node that sends it after, is read on.)
-                    self._drain(call)
-                    return
-        except grpc.RpcError as exc:
-            raise map_rpc_error(exc, self.address) from None
+            if final and (answered or ev.state.state != "succeeded"):
+                # Nothing else is to come: the answer does not wait for the stream's
+                # status, a further hop behind it. (A succeeded state without its
+                # answer, from a node that sends it after, is read on.)
+                done()
+                return
 
     def _drain(self, call: Any) -> None:
         """Read what is left of a call whose final event has come, to its status, in the
@@ -399,11 +455,20 @@ class AsyncClient:
 
     async def query(self, query: str | dict[str, Any], *, federated: bool = False,
                     epsilon: float | None = None, min_sites: int = 1, on_event: Any = None) -> Any:
-        """Submit and follow in one call (RunJob): the answer, or a typed error."""
-        from stimnetd.rpc import convert
+        """Submit and follow in one call (RunJob, on this client's Session stream): the
+        answer, or a typed error."""
+        from stimnetd.rpc import convert, multiplex
 
         signed = self.sign(await self._query_request(query, federated, epsilon, min_sites))
         request = jobs_pb2.SubmitJobRequest(job=convert.signed_job_pb(signed))
+        if self._session_ok:
+            # On the session: a question is one message each way, not a call (see
+            # stimnetd/rpc/multiplex.py); a notebook asking many saves that on each.
+            try:
+                return await _follow(self._session_events(request, self.config.timeout_s * 20),
+                                     on_event, None)
+            except multiplex.NotMultiplexed:
+                self._session_ok = False  # an older node: it ran nothing; RunJob from now
         return await _follow(self._events(self.jobs.RunJob, request, "", None), on_event, None)
 
     async def get_job(self, job_id: str) -> jobs_pb2.Job:
@@ -421,6 +486,12 @@ class AsyncClient:
 
     async def deny(self, job_id: str) -> jobs_pb2.Job:
         return await self._call(self.jobs.DenyJob, jobs_pb2.ReviewJobRequest(id=job_id))
+
+
+def _last_job_reply(reply: Any) -> bool:
+    from stimnetd.store.records import TERMINAL_STATES
+
+    return reply.event.HasField("state") and reply.event.state.state in TERMINAL_STATES
 
 
 async def _follow(events: AsyncIterator[Any], on_event: Any, job: Any) -> Any:

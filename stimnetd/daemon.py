@@ -291,7 +291,7 @@ class Daemon:
         state = NodeState(self)
         node_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(state), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.store), server)
-        jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.jobs), server)
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.jobs, guard), server)
         federation_pb2_grpc.add_FederationServiceServicer_to_server(
             FederationServicer(self.config.node.name, self.subjobs, guard,
                                lambda: self.membership), server)

@@ -61,3 +61,13 @@ class SiteEvent(_message.Message):
     n: int
     at: _timestamp_pb2.Timestamp
     def __init__(self, site: _Optional[str] = ..., state: _Optional[str] = ..., detail: _Optional[str] = ..., n: _Optional[int] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class CallStatus(_message.Message):
+    __slots__ = ("code", "message", "kind")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    kind: str
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...

@@ -46,16 +46,8 @@ class SubJobReply(_message.Message):
     STATUS_FIELD_NUMBER: _ClassVar[int]
     id: int
     event: SubJobEvent
-    status: SubJobStatus
-    def __init__(self, id: _Optional[int] = ..., event: _Optional[_Union[SubJobEvent, _Mapping]] = ..., status: _Optional[_Union[SubJobStatus, _Mapping]] = ...) -> None: ...
-
-class SubJobStatus(_message.Message):
-    __slots__ = ("code", "message")
-    CODE_FIELD_NUMBER: _ClassVar[int]
-    MESSAGE_FIELD_NUMBER: _ClassVar[int]
-    code: str
-    message: str
-    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+    status: _common_pb2.CallStatus
+    def __init__(self, id: _Optional[int] = ..., event: _Optional[_Union[SubJobEvent, _Mapping]] = ..., status: _Optional[_Union[_common_pb2.CallStatus, _Mapping]] = ...) -> None: ...
 
 class MemberState(_message.Message):
     __slots__ = ("name", "address", "incarnation", "status", "last_heard", "catalogs")

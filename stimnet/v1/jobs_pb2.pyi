@@ -16,6 +16,28 @@ class SubmitJobRequest(_message.Message):
     job: _common_pb2.SignedJob
     def __init__(self, job: _Optional[_Union[_common_pb2.SignedJob, _Mapping]] = ...) -> None: ...
 
+class SessionCall(_message.Message):
+    __slots__ = ("id", "run", "timeout_s", "cancel")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    run: SubmitJobRequest
+    timeout_s: float
+    cancel: bool
+    def __init__(self, id: _Optional[int] = ..., run: _Optional[_Union[SubmitJobRequest, _Mapping]] = ..., timeout_s: _Optional[float] = ..., cancel: _Optional[bool] = ...) -> None: ...
+
+class SessionReply(_message.Message):
+    __slots__ = ("id", "event", "status")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    event: JobEvent
+    status: _common_pb2.CallStatus
+    def __init__(self, id: _Optional[int] = ..., event: _Optional[_Union[JobEvent, _Mapping]] = ..., status: _Optional[_Union[_common_pb2.CallStatus, _Mapping]] = ...) -> None: ...
+
 class Job(_message.Message):
     __slots__ = ("id", "kind", "scope", "catalog", "owner", "state", "detail", "created_at", "updated_at", "sites", "script_sha256")
     ID_FIELD_NUMBER: _ClassVar[int]

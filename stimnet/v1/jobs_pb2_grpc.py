@@ -46,6 +46,11 @@ class JobServiceStub:
                 request_serializer=stimnet_dot_v1_dot_jobs__pb2.SubmitJobRequest.SerializeToString,
                 response_deserializer=stimnet_dot_v1_dot_jobs__pb2.JobEvent.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/stimnet.v1.JobService/Session',
+                request_serializer=stimnet_dot_v1_dot_jobs__pb2.SessionCall.SerializeToString,
+                response_deserializer=stimnet_dot_v1_dot_jobs__pb2.SessionReply.FromString,
+                _registered_method=True)
         self.GetJob = channel.unary_unary(
                 '/stimnet.v1.JobService/GetJob',
                 request_serializer=stimnet_dot_v1_dot_jobs__pb2.GetJobRequest.SerializeToString,
@@ -95,6 +100,15 @@ class JobServiceServicer:
 
     def RunJob(self, request, context):
         """SubmitJob and WatchJob in one call: one round trip less for interactive queries.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Session(self, request_iterator, context):
+        """RunJob, multiplexed: a client asking many questions (a notebook) keeps one stream and
+        runs each job on it as a RunJob call would run (checked, audited, answered the same),
+        its messages tagged with an id — without a call's set-up and status per question.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -157,6 +171,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.RunJob,
                     request_deserializer=stimnet_dot_v1_dot_jobs__pb2.SubmitJobRequest.FromString,
                     response_serializer=stimnet_dot_v1_dot_jobs__pb2.JobEvent.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=stimnet_dot_v1_dot_jobs__pb2.SessionCall.FromString,
+                    response_serializer=stimnet_dot_v1_dot_jobs__pb2.SessionReply.SerializeToString,
             ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
@@ -249,6 +268,33 @@ class JobService:
             '/stimnet.v1.JobService/RunJob',
             stimnet_dot_v1_dot_jobs__pb2.SubmitJobRequest.SerializeToString,
             stimnet_dot_v1_dot_jobs__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/stimnet.v1.JobService/Session',
+            stimnet_dot_v1_dot_jobs__pb2.SessionCall.SerializeToString,
+            stimnet_dot_v1_dot_jobs__pb2.SessionReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -13,11 +12,10 @@ from stimnetd.federation.subjob import SubJobHandler
 from stimnetd.gossip.membership import ForgedSender
 from stimnetd.gossip.swim import FullState, ProbeMessage
 from stimnetd.jobs.site import SiteOutcome
-from stimnetd.rpc import convert
+from stimnetd.rpc import convert, multiplex
 from stimnetd.rpc.frames import packed_frames, to_frames
 from stimnetd.rpc.gossip_transport import from_wire, to_wire
-from stimnetd.rpc.guard import Caller, Guard, SubcallEnded, current_caller
-from stimnetd.rpc.peer_client import SHARED_STREAM_KEY
+from stimnetd.rpc.guard import Caller, Guard, current_caller
 
 
 class FederationServicer(federation_pb2_grpc.FederationServiceServicer):
@@ -36,55 +34,13 @@ class FederationServicer(federation_pb2_grpc.FederationServiceServicer):
 
     async def SubJobs(self, request_iterator: AsyncIterator[federation_pb2.SubJobCall],
                       context: Any) -> AsyncIterator[federation_pb2.SubJobReply]:
-        """Sub-jobs multiplexed on one stream: each runs as its own task, as a RunSubJob
-        call would (Guard.subcall), and its events go out tagged with its id. The stream
-        ends once the entry has stopped writing and every sub-job on it has ended."""
-        await context.send_initial_metadata(((SHARED_STREAM_KEY, "1"),))
-        replies: asyncio.Queue[federation_pb2.SubJobReply | None] = asyncio.Queue()
-        running: dict[int, asyncio.Task[None]] = {}
-
-        async def one(call: federation_pb2.SubJobCall) -> None:
-            try:
-                async with asyncio.timeout(call.timeout_s):
-                    async for ev in self._guard.subcall(
-                            _RUN_SUBJOB, context, call.start.request_id[:64] or
-                            f"{current_caller().request_id}.{call.id}",
-                            lambda caller: self._events(call.start, caller)):
-                        replies.put_nowait(federation_pb2.SubJobReply(id=call.id, event=ev))
-            except SubcallEnded as ended:
-                replies.put_nowait(_status(call.id, ended.code, ended.message))
-            except TimeoutError:
-                replies.put_nowait(_status(call.id, "DEADLINE_EXCEEDED",
-                                           f"sub-job {call.id} ran past its {call.timeout_s:g}s "
-                                           "deadline"))
-            finally:
-                running.pop(call.id, None)
-
-        async def read() -> None:
-            try:
-                async for call in request_iterator:
-                    if call.cancel:
-                        if (task := running.get(call.id)) is not None:
-                            task.cancel()
-                        continue
-                    if problem := _call_problem(call, running):
-                        replies.put_nowait(_status(call.id, "INVALID_ARGUMENT", problem))
-                        continue
-                    running[call.id] = asyncio.create_task(one(call), name=f"subjob-{call.id}")
-                if running:
-                    await asyncio.wait(list(running.values()))
-            finally:
-                replies.put_nowait(None)
-
-        reader = asyncio.create_task(read())
-        try:
-            while (reply := await replies.get()) is not None:
-                yield reply
-            await reader  # a broken request stream ends this one with its error
-        finally:
-            reader.cancel()
-            for task in list(running.values()):
-                task.cancel()
+        """Sub-jobs multiplexed on one stream (rpc/multiplex.py), each as a RunSubJob call."""
+        async for reply in multiplex.serve(
+                request_iterator, context, self._guard, _RUN_SUBJOB, body="start",
+                reply=federation_pb2.SubJobReply,
+                request_id=lambda request, _: request.request_id[:64],
+                run=self._events):
+            yield reply
 
     async def _events(self, request: federation_pb2.SubJobRequest,
                       caller: Caller) -> AsyncIterator[federation_pb2.SubJobEvent]:
@@ -150,26 +106,6 @@ class FederationServicer(federation_pb2_grpc.FederationServiceServicer):
 
 
 _RUN_SUBJOB = "/stimnet.v1.FederationService/RunSubJob"
-# A sub-job's deadline on SubJobs is the entry's to choose, within reason.
-MAX_SUBJOB_TIMEOUT_S = 24 * 3600.0
-
-
-def _call_problem(call: federation_pb2.SubJobCall, running: dict[int, Any]) -> str | None:
-    if not call.HasField("start"):
-        return f"sub-job {call.id}: a call needs `start` or `cancel`"
-    if call.id in running:
-        return f"sub-job {call.id} is already running on this stream"
-    if not 0 < call.timeout_s <= MAX_SUBJOB_TIMEOUT_S:  # NaN fails too
-        return (f"sub-job {call.id}: timeout_s {call.timeout_s!r} is not within "
-                f"(0, {MAX_SUBJOB_TIMEOUT_S:g}] seconds")
-    return None
-
-
-def _status(call_id: int, code: str, message: str) -> federation_pb2.SubJobReply:
-    return federation_pb2.SubJobReply(id=call_id, status=federation_pb2.SubJobStatus(
-        code=code, message=message))
-
-
 def _outcome_frames(outcome: SiteOutcome) -> Iterator[common_pb2.ResultFrame]:
     """A site's partials as the entry reads them: {"partials", "epsilon", "mechanism"}."""
     if outcome.packed is not None:

@@ -61,10 +61,11 @@ QUIET_WINDOW_S = 600.0
 class SubcallEnded(Exception):
     """A multiplexed call (Guard.subcall) ended as a failed call would: with this status."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, kind: str = "") -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.kind = kind  # the daemon's error class, as a call's x-stimnet-error says
 
 
 @dataclass(frozen=True)
@@ -299,7 +300,7 @@ class Guard(grpc.aio.ServerInterceptor):
         ending in SubcallEnded instead of aborting the stream the others share."""
         started = time.perf_counter()
         try:
-            caller = await self._admit(method, context, request_id)
+            caller = await self._admit(method, context, request_id or self._next_request_id())
         except _RpcRefused as refused:
             raise SubcallEnded(refused.code.name, str(refused)) from None
         try:
@@ -307,7 +308,7 @@ class Guard(grpc.aio.ServerInterceptor):
                 yield item
         except StimnetError as exc:
             code = await self._refused(method, exc, started)
-            raise SubcallEnded(code.name, _cut(str(exc))) from None
+            raise SubcallEnded(code.name, _cut(str(exc)), type(exc).__name__) from None
         except Exception:  # noqa: BLE001 - this is the one place errors are mapped
             raise SubcallEnded("INTERNAL", self._internal(method, started)) from None
         self._done(method, "OK", started)

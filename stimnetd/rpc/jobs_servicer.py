@@ -8,15 +8,18 @@ from typing import Any
 from stimnet.v1 import jobs_pb2, jobs_pb2_grpc
 from stimnetd.errors import InvalidRequest
 from stimnetd.jobs.service import JobService
-from stimnetd.rpc import convert
+from stimnetd.rpc import convert, multiplex
 from stimnetd.rpc.frames import packed_frames
-from stimnetd.rpc.guard import current_caller
+from stimnetd.rpc.guard import Guard, current_caller
 from stimnetd.store.records import JobRecord
+
+_RUN_JOB = "/stimnet.v1.JobService/RunJob"
 
 
 class JobServicer(jobs_pb2_grpc.JobServiceServicer):
-    def __init__(self, jobs: JobService) -> None:
+    def __init__(self, jobs: JobService, guard: Guard) -> None:
         self._jobs = jobs
+        self._guard = guard
 
     async def SubmitJob(self, request: jobs_pb2.SubmitJobRequest, context: Any) -> jobs_pb2.Job:
         if not request.HasField("job"):
@@ -37,6 +40,15 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         # final state with the answer (see JobService.watch).
         async for event in self._events(record.id, record):
             yield event
+
+    async def Session(self, request_iterator: AsyncIterator[jobs_pb2.SessionCall],
+                      context: Any) -> AsyncIterator[jobs_pb2.SessionReply]:
+        """RunJob calls multiplexed on one stream (rpc/multiplex.py), each as a RunJob call."""
+        async for reply in multiplex.serve(
+                request_iterator, context, self._guard, _RUN_JOB, body="run",
+                reply=jobs_pb2.SessionReply, request_id=lambda _request, _id: "",
+                run=lambda request, _caller: self.RunJob(request, context)):
+            yield reply
 
     async def GetJob(self, request: jobs_pb2.GetJobRequest, context: Any) -> jobs_pb2.Job:
         return convert.job(await self._jobs.get(request.id, current_caller().identity))

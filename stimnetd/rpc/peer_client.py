@@ -7,12 +7,9 @@ more than the query). Channels are rebuilt when the node's own certificate is re
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import grpc
 
@@ -23,7 +20,7 @@ from stimnetd.jobs.signing import SignedJob
 from stimnetd.jobs.site import SiteOutcome
 from stimnetd.pki import Identity
 from stimnetd.query.aggregate import layout_problem
-from stimnetd.rpc import convert
+from stimnetd.rpc import convert, multiplex
 from stimnetd.rpc.frames import feed
 from stimnetd.rpc.guard import REQUEST_ID_KEY
 from stimnetd.rpc.peer_identity import PeerIdentityError, probe
@@ -36,10 +33,6 @@ MAX_DETAIL_CHARS = 2000
 # Log lines a peer's policy let through, relayed per sub-job (its runner caps them too).
 MAX_LOG_LINES = 200
 PROBE_MAX_S = 5.0
-# Sent by a peer as it opens a SubJobs stream: it serves them (see SharedStream.start).
-SHARED_STREAM_KEY = "x-stimnet-subjobs"
-# A SubJobs stream's lifetime (its call deadline) at least; it is replaced before then.
-SHARED_STREAM_S = 600.0
 
 
 class PeerChannels:
@@ -47,7 +40,7 @@ class PeerChannels:
         self._material = material
         self._creds = channel_credentials(material)
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self._streams: dict[str, SharedStream] = {}
+        self._streams: dict[str, multiplex.SharedStream] = {}
         self._identities: dict[str, asyncio.Future[Identity]] = {}
         # Probes get threads of their own: the default executor also runs query
         # computations that can take seconds, and a gossip probe waits for no one.
@@ -87,20 +80,14 @@ class PeerChannels:
     def stub(self, address: str) -> federation_pb2_grpc.FederationServiceStub:
         return federation_pb2_grpc.FederationServiceStub(self._channel(address))
 
-    def shared_stream(self, address: str, timeout_s: float) -> SharedStream:
-        """The SubJobs stream to `address` for a sub-job of `timeout_s`: the current one,
-        or a new one when it has broken, is too close to its own deadline, or its
-        connection is going away (the peer's max_connection_age: a stream on it would be
-        cut when the grace period ends)."""
-        ch = self._channel(address)
-        stream = self._streams.get(address)
-        if stream is None or not stream.takes(timeout_s, ch):
-            if stream is not None:
-                stream.retire()
-            stream = self._streams[address] = SharedStream(
-                federation_pb2_grpc.FederationServiceStub(ch),
-                max(SHARED_STREAM_S, 10 * timeout_s))
-        return stream
+    def shared_stream(self, address: str, timeout_s: float) -> multiplex.SharedStream:
+        """The SubJobs stream to `address` for a sub-job of `timeout_s` (multiplex.shared)."""
+        stub = self.stub(address)
+        return multiplex.shared(
+            self._streams, address, self._channel(address), timeout_s,
+            lambda lifetime: multiplex.SharedStream(
+                lambda t: stub.SubJobs(timeout=t), lifetime, call=federation_pb2.SubJobCall,
+                body="start", last=_last_subjob_reply))
 
     def forget(self, address: str) -> None:
         """Drop what was learnt about `address` (it answered as another node: perhaps a new
@@ -129,155 +116,6 @@ class PeerChannels:
 
 class StreamBroken(Exception):
     """A SubJobs stream could not take a sub-job (it ended or broke meanwhile)."""
-
-
-class _NoSharedStreams(Exception):
-    """The peer does not serve SubJobs."""
-
-
-class SharedStream:
-    """One SubJobs call to a peer, carrying the table-query sub-jobs sent there: each
-    sub-job's replies are routed to it by id. A broken stream ends each of its sub-jobs
-    with the error (as a failed call would); the next sub-job opens a new stream."""
-
-    def __init__(self, stub: federation_pb2_grpc.FederationServiceStub, lifetime_s: float) -> None:
-        # A deadline as every call has; sub-jobs go on the stream only while they can
-        # finish before it (see `takes`).
-        self._deadline = time.monotonic() + lifetime_s
-        self._call = stub.SubJobs(timeout=lifetime_s)
-        self._subs: dict[int, asyncio.Queue[Any]] = {}
-        self._ids = itertools.count(1)
-        self._write_lock = asyncio.Lock()
-        self._broken: str | None = None
-        self._error: grpc.aio.AioRpcError | None = None
-        self._retired = False
-        self._closing = False
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._opened = asyncio.ensure_future(self._call.initial_metadata())
-        self._reader = asyncio.create_task(self._read())
-
-    def takes(self, timeout_s: float, channel: grpc.aio.Channel) -> bool:
-        return (self._broken is None and not self._retired
-                and self._deadline - time.monotonic() > timeout_s + 1.0
-                and channel.get_state() == grpc.ChannelConnectivity.READY)
-
-    async def start(self, request: federation_pb2.SubJobRequest, timeout_s: float) -> _SharedSub:
-        # The peer speaks first: writing to a call it does not serve can hide the reason
-        # (grpc/grpc#36066 reports INTERNAL instead of UNIMPLEMENTED), and a sub-job sent
-        # on such a call could not tell "not run" from "lost".
-        metadata = await asyncio.shield(self._opened)
-        if (SHARED_STREAM_KEY, "1") not in tuple(metadata or ()):
-            await asyncio.wait([self._reader])
-            if self._error is not None and \
-                    self._error.code() == grpc.StatusCode.UNIMPLEMENTED:
-                raise _NoSharedStreams
-            raise self._error or StreamBroken(self._broken or "the peer ended the sub-job stream")
-        if self._broken is not None:
-            raise StreamBroken(self._broken)
-        sub_id = next(self._ids)
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._subs[sub_id] = queue
-        try:
-            await self._write(federation_pb2.SubJobCall(id=sub_id, start=request,
-                                                        timeout_s=timeout_s))
-        except BaseException:
-            self._subs.pop(sub_id, None)
-            raise
-        return _SharedSub(self, sub_id, queue)
-
-    async def _write(self, call: federation_pb2.SubJobCall) -> None:
-        async with self._write_lock:
-            if self._broken is not None:
-                raise StreamBroken(self._broken)
-            try:
-                await self._call.write(call)
-            except Exception:  # noqa: BLE001 - the call ended meanwhile: its status says why
-                await asyncio.wait([self._reader])
-                if self._error is not None:
-                    raise self._error from None
-                raise StreamBroken(self._broken or "the peer ended the sub-job stream") from None
-
-    async def _read(self) -> None:
-        ended: Any = None  # the peer ended the stream: its sub-jobs end without an outcome
-        try:
-            async for reply in self._call:
-                queue = self._subs.get(reply.id)
-                if queue is not None:  # else cancelled by us meanwhile
-                    queue.put_nowait(reply)
-        except grpc.aio.AioRpcError as exc:
-            ended = self._error = exc
-        except asyncio.CancelledError:
-            ended = StreamBroken("the sub-job stream was closed")
-            raise
-        finally:
-            self._broken = (f"{ended.code().name}: {ended.details()}"
-                            if isinstance(ended, grpc.aio.AioRpcError)
-                            else str(ended) if ended is not None
-                            else "the peer ended the sub-job stream")
-            for queue in self._subs.values():
-                queue.put_nowait(ended)
-            self._subs.clear()
-
-    def forget(self, sub_id: int, *, ended: bool) -> None:
-        """Sub-job `sub_id` is over for the entry; `ended`: the peer said so too, else it
-        is told to stop."""
-        if self._subs.pop(sub_id, None) is None or self._broken is not None:
-            return
-        if not ended:
-            self._spawn(self._write(federation_pb2.SubJobCall(id=sub_id, cancel=True)))
-        if self._retired and not self._subs:
-            self._finish()
-
-    def retire(self) -> None:
-        """No new sub-jobs; the stream ends once those on it have."""
-        self._retired = True
-        if not self._subs:
-            self._finish()
-
-    def _finish(self) -> None:
-        if not self._closing and self._broken is None:
-            self._closing = True
-            self._spawn(self._done_writing())
-
-    async def _done_writing(self) -> None:
-        async with self._write_lock:
-            await self._call.done_writing()
-
-    def _spawn(self, coro: Any) -> None:
-        async def quietly() -> None:
-            # The stream may break meanwhile: its sub-jobs learn that from the reader.
-            with contextlib.suppress(StreamBroken, grpc.aio.AioRpcError,
-                                     asyncio.InvalidStateError):
-                await coro
-        task = asyncio.create_task(quietly())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-
-class _SharedSub:
-    """One sub-job on a SharedStream: its replies, then None (the peer ended the stream)
-    or the stream's error."""
-
-    def __init__(self, stream: SharedStream, sub_id: int, queue: asyncio.Queue[Any]) -> None:
-        self._stream = stream
-        self._id = sub_id
-        self._queue = queue
-        self._ended = False
-
-    async def next(self) -> federation_pb2.SubJobReply | None:
-        got = await self._queue.get()
-        if got is None or isinstance(got, BaseException):
-            self._ended = True
-            if got is not None:
-                raise got
-            return None
-        if got.HasField("status") or (got.event.HasField("site")
-                                      and got.event.site.state in _TERMINAL):
-            self._ended = True  # nothing follows on the peer's side
-        return got
-
-    def close(self) -> None:
-        self._stream.forget(self._id, ended=self._ended)
 
 
 class GrpcSubJobTransport:
@@ -326,7 +164,7 @@ class GrpcSubJobTransport:
         if shared:
             try:
                 outcome = await self._shared(target.address, request, left, reader)
-            except _NoSharedStreams:
+            except multiplex.NotMultiplexed:
                 # A node from before SubJobs: it ran nothing, so the sub-job is sent again,
                 # on a call of its own (as every later one to it).
                 self._unshared.add(target.address)
@@ -379,9 +217,9 @@ class GrpcSubJobTransport:
             return await reader.ended("DEADLINE_EXCEEDED", "")
         except grpc.aio.AioRpcError as exc:  # the stream broke (the peer went away)
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                raise _NoSharedStreams from None
+                raise multiplex.NotMultiplexed from None
             return await reader.ended(exc.code().name, exc.details() or exc.code().name)
-        except StreamBroken as exc:
+        except multiplex.StreamBroken as exc:
             return await reader.ended("UNAVAILABLE", str(exc))
         return await reader.ended("", "")
 
@@ -479,6 +317,10 @@ class _SubJobReader:
                                 f"malformed partial aggregates: {exc}")
         return SiteOutcome(site, "done", detail, n=n, partials=partials,
                            epsilon=epsilon, mechanism=mechanism)
+
+
+def _last_subjob_reply(reply: federation_pb2.SubJobReply) -> bool:
+    return reply.event.HasField("site") and reply.event.site.state in _TERMINAL
 
 
 _REFUSED_CODES = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED", "FAILED_PRECONDITION",

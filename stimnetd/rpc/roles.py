@@ -18,6 +18,8 @@ RPC_ROLES: dict[str, frozenset[str]] = {
     # Only researchers submit jobs: a job is signed by the researcher whose budget it spends.
     "/stimnet.v1.JobService/SubmitJob": frozenset({RESEARCHER}),
     "/stimnet.v1.JobService/RunJob": frozenset({RESEARCHER}),
+    # Each job on it is checked again as a RunJob call (Guard.subcall).
+    "/stimnet.v1.JobService/Session": frozenset({RESEARCHER}),
     "/stimnet.v1.JobService/GetJob": _PEOPLE,
     "/stimnet.v1.JobService/ListJobs": _PEOPLE,
     "/stimnet.v1.JobService/CancelJob": _PEOPLE,

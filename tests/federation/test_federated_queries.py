@@ -226,21 +226,21 @@ async def test_sites_report_accepted_when_their_answer_takes_a_while(
     async with federation(cats) as fed, fed.client() as c:
         events: list[tuple[str, str]] = []
         messages: list[list[str]] = []
-        run_job = c.jobs.RunJob
+        session = c.jobs.Session
 
-        class Spy:  # the call, its messages noted as they are read
+        class Spy:  # the client's session, the query's messages noted as they are read
             def __init__(self, call: Any) -> None:
                 self.call = call
 
             async def __aiter__(self) -> Any:
-                async for ev in self.call:
-                    messages.append(sorted(f.name for f, _ in ev.ListFields()))
-                    yield ev
+                async for reply in self.call:
+                    messages.append(sorted(f.name for f, _ in reply.event.ListFields()))
+                    yield reply
 
             def __getattr__(self, name: str) -> Any:
                 return getattr(self.call, name)
 
-        c.jobs.RunJob = lambda request, **kw: Spy(run_job(request, **kw))  # type: ignore[method-assign]
+        c.jobs.Session = lambda **kw: Spy(session(**kw))  # type: ignore[method-assign]
         ans = await c.query("SELECT count(*) FROM tiny", federated=True, min_sites=2,
                             on_event=lambda kind, v: events.append((v.site, v.state))
                             if kind == "site" else None)

@@ -184,6 +184,15 @@ async def _ask_garbler(fed, c, garbler_servicer: _Garbler):  # type: ignore[no-u
 async def _ask(fed, c, name: str, servicer, *, named: bool = True):  # type: ignore[no-untyped-def]
     """Run one sub-job against a hostile node (a valid certificate named `name`) on
     loopback, the target named or not; (outcome, site events the entry reported)."""
+    outcomes, events = await ask_node(fed, c, name, servicer, named=named)
+    return outcomes[0], events
+
+
+async def ask_node(fed, c, name: str, servicer, *, named: bool = True,  # type: ignore[no-untyped-def]
+                   times: int = 1, small: bool = False):
+    """`times` sub-jobs, one after another, to a node serving `servicer` (a valid
+    certificate named `name`) on loopback, with the transport's `small`; (outcomes,
+    site events the entry reported)."""
     server, port = await fake_node(fed.pki.issue(name, "node", hosts=("127.0.0.1",)),
                                    federation_pb2_grpc.add_FederationServiceServicer_to_server,
                                    servicer)
@@ -193,13 +202,15 @@ async def _ask(fed, c, name: str, servicer, *, named: bool = True):  # type: ign
     async def sink(*ev: object) -> None:
         events.append(ev)
 
+    transport = GrpcSubJobTransport(channels, "site-a")
     try:
-        outcome = await GrpcSubJobTransport(channels, "site-a").run_subjob(
-            Target(f"127.0.0.1:{port}", name if named else None), _signed(c), "r1", 10, sink)
+        outcomes = [await transport.run_subjob(
+            Target(f"127.0.0.1:{port}", name if named else None), _signed(c), f"r{i}", 10,
+            sink, small=small) for i in range(times)]
     finally:
         await channels.shutdown()
         await server.stop(None)
-    return outcome, events
+    return outcomes, events
 
 
 @pytest.mark.parametrize("doc, problem", [

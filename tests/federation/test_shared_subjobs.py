@@ -13,13 +13,12 @@ import grpc
 import pytest
 
 from stimnet.v1 import federation_pb2, federation_pb2_grpc
-from stimnetd.federation.fanout import Target
 from stimnetd.jobs import signing
 from stimnetd.rpc import convert
-from stimnetd.rpc.peer_client import SHARED_STREAM_KEY, GrpcSubJobTransport, PeerChannels
-from stimnetd.testing import CertPaths, client_config, fake_node
+from stimnetd.rpc.multiplex import MULTIPLEX_KEY
+from stimnetd.testing import CertPaths, client_config
 from tests.federation.test_federated_queries import _tiny_catalog
-from tests.federation.test_peer_identity import _Garbler, _material
+from tests.federation.test_peer_identity import _Garbler, ask_node
 from tests.federation.test_signed_jobs import _signed, _tamper
 
 AGES = [float(a) for a in range(30, 60)]
@@ -88,7 +87,7 @@ async def test_a_refused_or_malformed_sub_job_ends_alone(federation, tmp_path: P
         creds = client_config(_node_certs(fed, "site-a"), fed.address(1)).credentials()
         async with grpc.aio.secure_channel(fed.address(1), creds) as ch:
             call = federation_pb2_grpc.FederationServiceStub(ch).SubJobs(timeout=30)
-            assert (SHARED_STREAM_KEY, "1") in tuple(await call.initial_metadata())
+            assert (MULTIPLEX_KEY, "1") in tuple(await call.initial_metadata())
             await call.write(_start(good, 1))
             await call.write(_start(tampered, 2))
             await call.write(_start(_signed(c, scope="federated"), 3, timeout_s=math.nan))
@@ -158,7 +157,7 @@ class _Shared(_Garbler):
     would."""
 
     async def SubJobs(self, request_iterator, context):  # type: ignore[no-untyped-def]
-        await context.send_initial_metadata(((SHARED_STREAM_KEY, "1"),))
+        await context.send_initial_metadata(((MULTIPLEX_KEY, "1"),))
         async for call in request_iterator:
             async for ev in self.RunSubJob(call.start, context):
                 yield federation_pb2.SubJobReply(id=call.id, event=ev)
@@ -176,24 +175,7 @@ class _CallsOnly(_Garbler):
 
 
 async def _ask_shared(fed, c, servicer: _Garbler) -> tuple:  # type: ignore[no-untyped-def]
-    server, port = await fake_node(fed.pki.issue(servicer._name, "node", hosts=("127.0.0.1",)),
-                                   federation_pb2_grpc.add_FederationServiceServicer_to_server,
-                                   servicer)
-    channels = PeerChannels(_material(fed, "site-a"))
-    events: list[tuple] = []
-
-    async def sink(*ev: object) -> None:
-        events.append(ev)
-
-    transport = GrpcSubJobTransport(channels, "site-a")
-    try:
-        outcomes = [await transport.run_subjob(Target(f"127.0.0.1:{port}", servicer._name),
-                                               _signed(c, scope="federated"), f"r{i}", 10, sink,
-                                               small=True) for i in range(2)]
-    finally:
-        await channels.shutdown()
-        await server.stop(None)
-    return outcomes, events
+    return await ask_node(fed, c, servicer._name, servicer, times=2, small=True)
 
 
 GOOD_DOC = '{"partials": [], "epsilon": null, "mechanism": null}'
@@ -235,3 +217,47 @@ async def test_queries_go_on_across_peer_connection_ages(federation, tmp_path: P
             result = await c.query("SELECT count(*) FROM tiny", federated=True, min_sites=3)
             assert result.rows[0][0] == 3 * len(AGES)
             await asyncio.sleep(0.15)
+
+
+async def test_a_clients_queries_share_one_session_each_audited_as_runjob(
+        federation, tmp_path: Path) -> None:
+    """One client, three queries: one Session stream at the entry, and each query audited
+    (and answered) as the RunJob call it stands for."""
+    async with federation(_catalogs(tmp_path, 1)) as fed, fed.client() as c:
+        for _ in range(3):
+            assert (await c.query("SELECT count(*) FROM tiny")).rows[0][0] == len(AGES)
+        await asyncio.sleep(0.1)  # allowed calls are group-committed
+        rows = await fed.daemons[0].store.audit_rows()
+    sessions = _audit(rows, "/stimnet.v1.JobService/Session")
+    runs = _audit(rows, "/stimnet.v1.JobService/RunJob")
+    assert [(r.actor, r.decision) for r in sessions] == [("alice", "allowed")]
+    assert [(r.actor, r.decision) for r in runs] == [("alice", "allowed")] * 3
+
+
+async def test_a_client_outlives_its_nodes_restart(federation, tmp_path: Path) -> None:
+    """The entry restarts under an open session: the query during the outage fails as a
+    lost connection, and the same client's next query, after the restart, is answered on
+    a new session."""
+    from stimctl.client import ConnectionFailed
+    from stimnetd.config import load_config
+    from stimnetd.daemon import Daemon
+
+    async with federation(_catalogs(tmp_path, 1)) as fed, fed.client(timeout_s=5) as c:
+        assert (await c.query("SELECT count(*) FROM tiny")).rows[0][0] == len(AGES)
+        await fed.daemons[0].shutdown()
+        with pytest.raises(ConnectionFailed):
+            await c.query("SELECT count(*) FROM tiny")
+        again = Daemon(load_config(fed.tmp / "site-a" / "stimnetd.toml"))
+        await again.start()
+        try:
+            for _ in range(50):  # the channel reconnects with backoff
+                try:
+                    answer = await c.query("SELECT count(*) FROM tiny")
+                    break
+                except ConnectionFailed:
+                    await asyncio.sleep(0.2)
+            else:
+                raise AssertionError("no answer after the restart")
+        finally:
+            await again.shutdown()
+    assert answer.rows[0][0] == len(AGES)
