@@ -4,9 +4,11 @@ From one run, on loopback:
 1. sequential federated queries/s and p50 latency: client → entry → 3 stimnetd daemons on
    the CNSIM catalog (DP off);
 2. the same for a bare grpc.aio mTLS fan-out: client → entry → 3 peers, empty handlers,
-   unary calls (the baseline of the goal);
+   unary calls (the baseline of the goal), measured in turns of 25 queries with (1), so
+   that a busy spell of the shared machine weighs on both alike;
 3. their ratio; and, for information, the bare fan-out again with server-streaming calls
-   at both hops (the call type of StimNet's RunJob and RunSubJob);
+   at both hops (the call type of StimNet's RunJob and RunSubJob; its queries and their
+   sub-jobs now go on multiplexed streams, see stimnetd/rpc/multiplex.py);
 4. latency of an entry whose 16 peers each add a fixed 200 ms, divided by the same with 1
    such peer (parallel fan-out keeps this near 1).
 Goals: ≥ 100 queries/s, latency ≤ 3× bare, 16-peer/1-peer ≤ 1.25.
@@ -109,6 +111,26 @@ def spawn(code: str, *args: object) -> subprocess.Popen[bytes]:
     return p
 
 
+async def interleaved(calls, n: int, block: int = 25):  # type: ignore[no-untyped-def]
+    """{name: (calls/s, latencies)} for `n` sequential calls of each, measured in turns of
+    `block` calls: a busy spell of the shared machine falls on the figures alike, not on
+    whichever happened to be measured then."""
+    for call in calls.values():
+        for _ in range(5):
+            await call()
+    lat: dict[str, list[float]] = {name: [] for name in calls}
+    busy = dict.fromkeys(calls, 0.0)
+    for start in range(0, n, block):
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            for _ in range(min(block, n - start)):
+                s = time.perf_counter()
+                await call()
+                lat[name].append(time.perf_counter() - s)
+            busy[name] += time.perf_counter() - t0
+    return {name: (len(lat[name]) / busy[name], lat[name]) for name in calls}
+
+
 async def timed(call, n: int) -> tuple[float, list[float]]:  # type: ignore[no-untyped-def]
     for _ in range(5):
         await call()
@@ -121,7 +143,7 @@ async def timed(call, n: int) -> tuple[float, list[float]]:  # type: ignore[no-u
     return n / (time.perf_counter() - t0), lat
 
 
-async def main(n: int, delayed_n: int) -> None:
+async def main(n: int, delayed_n: int, block: int) -> None:
     tmp = workdir()
     pki = CertFactory(tmp / "pki")
     alice = pki.issue("alice", "researcher")
@@ -142,12 +164,6 @@ async def main(n: int, delayed_n: int) -> None:
             procs.append(DaemonProcess(cfg))
         for p, port in zip(procs, ports, strict=True):
             await p.wait_healthy(ops, f"127.0.0.1:{port}")
-        async with AsyncClient(client_config(alice, f"127.0.0.1:{ports[0]}", 30)) as c:
-            async def fed_query() -> None:
-                await c.query("SELECT count(LAB_TSC), avg(LAB_TSC) FROM cnsim", federated=True,
-                              min_sites=3)
-            qps, lat = await timed(fed_query, n)
-
         # 2. bare fan-out of the same shape
         node = pki.issue("bare", "node", hosts=("127.0.0.1",))
         bports = [free_port() for _ in range(4)]
@@ -158,9 +174,14 @@ async def main(n: int, delayed_n: int) -> None:
         import grpc
 
         creds = client_config(alice, f"127.0.0.1:{bports[0]}").credentials()
-        async with grpc.aio.secure_channel(f"127.0.0.1:{bports[0]}", creds) as ch:
+        async with AsyncClient(client_config(alice, f"127.0.0.1:{ports[0]}", 30)) as c, \
+                grpc.aio.secure_channel(f"127.0.0.1:{bports[0]}", creds) as ch:
             call = ch.unary_unary("/bench.Entry/Run")
             stream = ch.unary_stream("/bench.Entry/RunStream")
+
+            async def fed_query() -> None:
+                await c.query("SELECT count(LAB_TSC), avg(LAB_TSC) FROM cnsim", federated=True,
+                              min_sites=3)
 
             async def bare_query() -> None:
                 await call(b"q", timeout=10)
@@ -168,8 +189,11 @@ async def main(n: int, delayed_n: int) -> None:
             async def bare_stream_query() -> None:
                 async for _ in stream(b"q", timeout=10):
                     pass
-            bqps, blat = await timed(bare_query, n)
-            sqps, slat = await timed(bare_stream_query, n)
+            measured = await interleaved(
+                {"stimnet": fed_query, "bare": bare_query, "stream": bare_stream_query}, n,
+                block)
+        (qps, lat), (bqps, blat), (sqps, slat) = (
+            measured["stimnet"], measured["bare"], measured["stream"])
 
         # 3. 16 delayed peers vs 1
         async def delayed_latency(k: int) -> float:
@@ -234,5 +258,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("-n", type=int, default=300)
     ap.add_argument("--delayed-n", type=int, default=15)
+    ap.add_argument("--block", type=int, default=25,
+                    help="queries per turn when interleaving the figures (n: one after another)")
     a = ap.parse_args()
-    asyncio.run(main(a.n, a.delayed_n))
+    asyncio.run(main(a.n, a.delayed_n, max(1, a.block)))

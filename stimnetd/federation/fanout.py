@@ -16,10 +16,11 @@ from typing import Protocol
 
 import structlog
 
+from stimnetd.errors import StimnetError
 from stimnetd.federation import subjob
 from stimnetd.jobs.signing import SignedJob, VerifiedJob
 from stimnetd.jobs.site import SiteExecutor, SiteOutcome
-from stimnetd.query.spec import QuerySpec
+from stimnetd.query.errors import QueryError
 
 log = structlog.get_logger("stimnetd.fanout")
 
@@ -75,8 +76,10 @@ class Coordinator:
         catalog = job.request.catalog
         # A table query's answer is small (a few statistics per group), so its sub-jobs may
         # share a stream with others; images and scripts can answer megabytes.
-        small = job.request.kind == "query" and not QuerySpec.from_dict(
-            job.request.spec).reads_images()
+        try:
+            small = job.request.kind == "query" and not job.request.query_spec.reads_images()
+        except (QueryError, StimnetError):
+            small = False  # not a query spec: each site refuses it, saying why
         tasks: list[asyncio.Task[SiteOutcome]] = []
         # Peers' tasks first: each starts its call before this site's own share (computed
         # on the loop when small) holds the loop. The local outcome stays first in order.

@@ -45,7 +45,6 @@ from stimnetd.pki import Identity
 from stimnetd.query.combine import combine
 from stimnetd.query.errors import IncompatiblePartials
 from stimnetd.query.result import finalize
-from stimnetd.query.spec import QuerySpec
 from stimnetd.store import Store
 from stimnetd.store.records import TERMINAL_STATES, JobRecord
 
@@ -414,7 +413,7 @@ class JobService:
                     f"min_sites is {req.min_sites} — {why}", None)
         try:
             combined = combine([o.partials for o in contributors], [o.site for o in contributors])
-            spec = QuerySpec.from_dict(req.spec) if req.kind == "query" \
+            spec = req.query_spec if req.kind == "query" \
                 else spec_from_partials(req.catalog, combined)
         except (IncompatiblePartials, StimnetError) as exc:
             return "failed", f"sites returned incompatible results: {exc}", None

@@ -19,12 +19,15 @@ import math
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 
 from stimnetd import pki
 from stimnetd.errors import InvalidRequest, Unauthenticated
+
+if TYPE_CHECKING:
+    from stimnetd.query.spec import QuerySpec
 
 # 2: `entry` (the node the researcher submits to) is signed too.
 PAYLOAD_VERSION = 2
@@ -60,10 +63,18 @@ class JobRequest:
                "entry": self.entry}
         return canonical(doc)
 
-    @property
+    @functools.cached_property
     def job_id(self) -> str:
         """Derived from the signed nonce, so every site names the same job the same way."""
         return hashlib.sha256(f"{self.nonce}".encode()).hexdigest()[:24]
+
+    @functools.cached_property
+    def query_spec(self) -> QuerySpec:
+        """`spec` as a QuerySpec, parsed once: the entry reads it to fan out, to compute its
+        own share and to finish (raises QueryError if it is not one)."""
+        from stimnetd.query.spec import QuerySpec
+
+        return QuerySpec.from_dict(self.spec)
 
     @classmethod
     def from_payload(cls, payload: bytes) -> JobRequest:

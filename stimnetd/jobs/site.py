@@ -33,7 +33,6 @@ from stimnetd.privacy.suppress import is_withheld, result_suppressed, suppress_s
 from stimnetd.query.aggregate import GroupKey, Partial
 from stimnetd.query.engine import compute
 from stimnetd.query.errors import QueryError
-from stimnetd.query.spec import QuerySpec
 from stimnetd.store import NonceClaim, Store
 from stimnetd.store.records import Release, cohort_digest
 
@@ -176,7 +175,7 @@ class SiteExecutor:
                                   dict[GroupKey, frozenset[str]]]:
         req = job.request
         if req.kind == "query":
-            spec = QuerySpec.from_dict(req.spec)
+            spec = req.query_spec
             if spec.catalog != req.catalog:
                 raise QueryError(f"query names catalog {spec.catalog!r} but the job names "
                                  f"{req.catalog!r}")

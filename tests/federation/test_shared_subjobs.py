@@ -261,3 +261,19 @@ async def test_a_client_outlives_its_nodes_restart(federation, tmp_path: Path) -
         finally:
             await again.shutdown()
     assert answer.rows[0][0] == len(AGES)
+
+
+async def test_a_signed_job_whose_spec_is_no_query_is_refused_by_each_site(
+        federation, tmp_path: Path) -> None:
+    """A researcher's own client may sign any spec: one that is not a query fails the job
+    with each site's refusal (saying why), never an internal error at the entry."""
+    from stimctl.client import JobFailed
+
+    async with federation(_catalogs(tmp_path, 2)) as fed, fed.client() as c:
+        req = signing.new_request("query", "tiny", spec={"catalog": "tiny", "outputs": 7},
+                                  entry="site-a", scope="federated")
+        with pytest.raises(JobFailed) as err:
+            await c.run_job(await c.submit(c.sign(req)))
+    detail = str(err.value)
+    assert "internal error" not in detail
+    assert "site-a: refused" in detail and "site-b: refused" in detail, detail
