@@ -360,9 +360,8 @@ class AsyncClient:
                     yield item
         except TimeoutError:
             raise DeadlineExceeded(f"node at {self.address} did not answer in time") from None
-        except grpc.RpcError as exc:  # the stream broke (the node went away)
-            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                raise multiplex.NotMultiplexed from None
+        except grpc.RpcError as exc:  # the stream broke (the node went away): the job may
+            # have run, so it is not sent again (NotMultiplexed comes from start() alone)
             raise map_rpc_error(exc, self.address) from None
         except multiplex.StreamBroken as exc:
             raise ConnectionFailed(f"lost the session with the node at {self.address}: "

@@ -36,6 +36,10 @@ if TYPE_CHECKING:  # the client side (stimctl) does not load the server's guard
 MULTIPLEX_KEY = "x-stimnet-multiplexed"
 # A call's deadline on a stream is the caller's to choose, within reason.
 MAX_CALL_TIMEOUT_S = 24 * 3600.0
+# Calls running at once on one stream (each a task; the domain's own per-caller limits
+# apply within them), and replies a stream may hold that its caller has not read.
+MAX_RUNNING = 256
+MAX_UNSENT = 1024
 
 
 def status(reply: Any, call_id: int, code: str, message: str, kind: str = "") -> Any:
@@ -54,6 +58,16 @@ async def serve(calls: AsyncIterator[Any], context: grpc.aio.ServicerContext, gu
     await context.send_initial_metadata(((MULTIPLEX_KEY, "1"),))
     replies: asyncio.Queue[Any] = asyncio.Queue()
     running: dict[int, asyncio.Task[None]] = {}
+    # A caller that writes calls but does not read their replies must not grow this
+    # queue without bound (its flow control stops our writes, not its own): past
+    # MAX_UNSENT replies, its calls are not read until it has read some.
+    room = asyncio.Event()
+    room.set()
+
+    def put(item: Any) -> None:
+        replies.put_nowait(item)
+        if replies.qsize() >= MAX_UNSENT:
+            room.clear()
 
     async def one(call: Any) -> None:
         request = getattr(call, body)
@@ -61,24 +75,30 @@ async def serve(calls: AsyncIterator[Any], context: grpc.aio.ServicerContext, gu
             async with asyncio.timeout(call.timeout_s):
                 async for ev in guard.subcall(method, context, request_id(request, call.id),
                                               lambda caller: run(request, caller)):
-                    replies.put_nowait(reply(id=call.id, event=ev))
+                    put(reply(id=call.id, event=ev))
         except SubcallEnded as ended:
-            replies.put_nowait(status(reply, call.id, ended.code, ended.message, ended.kind))
+            put(status(reply, call.id, ended.code, ended.message, ended.kind))
         except TimeoutError:
-            replies.put_nowait(status(reply, call.id, "DEADLINE_EXCEEDED",
-                                      f"call {call.id} ran past its {call.timeout_s:g}s deadline"))
+            put(status(reply, call.id, "DEADLINE_EXCEEDED",
+                       f"call {call.id} ran past its {call.timeout_s:g}s deadline"))
         finally:
             running.pop(call.id, None)
 
     async def read() -> None:
         try:
             async for call in calls:
+                await room.wait()
                 if call.cancel:
                     if (task := running.get(call.id)) is not None:
                         task.cancel()
                     continue
                 if problem := _problem(call, body, running):
-                    replies.put_nowait(status(reply, call.id, "INVALID_ARGUMENT", problem))
+                    put(status(reply, call.id, "INVALID_ARGUMENT", problem))
+                    continue
+                if len(running) >= MAX_RUNNING:
+                    put(status(reply, call.id, "RESOURCE_EXHAUSTED",
+                               f"{len(running)} calls are running on this stream, its limit; "
+                               "wait for some to end"))
                     continue
                 running[call.id] = asyncio.create_task(one(call), name=f"{body}-{call.id}")
             if running:
@@ -89,6 +109,8 @@ async def serve(calls: AsyncIterator[Any], context: grpc.aio.ServicerContext, gu
     reader = asyncio.create_task(read())
     try:
         while (item := await replies.get()) is not None:
+            if replies.qsize() < MAX_UNSENT:
+                room.set()
             yield item
         await reader  # a broken request stream ends this one with its error
     finally:

@@ -114,10 +114,6 @@ class PeerChannels:
             await ch.close()
 
 
-class StreamBroken(Exception):
-    """A SubJobs stream could not take a sub-job (it ended or broke meanwhile)."""
-
-
 class GrpcSubJobTransport:
     def __init__(self, channels: PeerChannels, entry_node: str) -> None:
         self._channels = channels
@@ -216,8 +212,8 @@ class GrpcSubJobTransport:
         except TimeoutError:
             return await reader.ended("DEADLINE_EXCEEDED", "")
         except grpc.aio.AioRpcError as exc:  # the stream broke (the peer went away)
-            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                raise multiplex.NotMultiplexed from None
+            # Not "not served" (NotMultiplexed comes from start(), before anything is
+            # sent): the sub-job may have run there, and is not sent again.
             return await reader.ended(exc.code().name, exc.details() or exc.code().name)
         except multiplex.StreamBroken as exc:
             return await reader.ended("UNAVAILABLE", str(exc))
