@@ -294,8 +294,9 @@ class Guard(grpc.aio.ServerInterceptor):
 
     async def subcall(self, method: str, context: grpc.aio.ServicerContext, request_id: str,
                       behavior: Callable[[Caller], AsyncIterator[T]]) -> AsyncIterator[T]:
-        """One call multiplexed on a stream (FederationService/SubJobs) under `method`'s
-        rules, as if it were a call of its own: the stream's caller checked again (role,
+        """One call multiplexed on a stream (rpc/multiplex.py: FederationService/SubJobs,
+        JobService/Session) under `method`'s rules, as if it were a call of its own: the
+        stream's caller checked again (role,
         revocation, expiry), the call audited, logged, measured and its errors mapped —
         ending in SubcallEnded instead of aborting the stream the others share."""
         started = time.perf_counter()

@@ -168,7 +168,9 @@ class SharedStream:
         max_connection_age: the stream would be cut when the grace period ends)."""
         return (self._broken is None and not self._retired
                 and self._deadline - time.monotonic() > timeout_s + 1.0
-                and channel.get_state() == grpc.ChannelConnectivity.READY)
+                # Still opening (its channel connecting): the call waits for it with the rest.
+                and (not self._opened.done()
+                     or channel.get_state() == grpc.ChannelConnectivity.READY))
 
     async def start(self, request: Any, timeout_s: float) -> SharedCall:
         # The server speaks first: writing to a call it does not serve can hide the reason
