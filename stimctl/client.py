@@ -193,6 +193,7 @@ class AsyncClient:
         # node turned out not to serve it (an older version): RunJob calls then.
         self._sessions: dict[str, Any] = {}
         self._session_ok = True
+        self._files: dict[Path, tuple[tuple[int, int, int], bytes]] = {}
 
     @classmethod
     def from_file(cls, path: Path | str | None = None) -> AsyncClient:
@@ -273,10 +274,20 @@ class AsyncClient:
         from stimnetd.jobs import signing
 
         try:
-            key, cert = self.config.key.read_bytes(), self.config.cert.read_bytes()
+            key, cert = self._file(self.config.key), self._file(self.config.cert)
         except OSError as exc:
             raise ConfigProblem(f"cannot read {exc.filename}: {exc.strerror}") from None
         return signing.sign(request, key, cert, script)
+
+    def _file(self, path: Path) -> bytes:
+        """A key or certificate file as it is now: read again only when it changed (a
+        renewal is picked up by the next job), not for every job."""
+        st = path.stat()
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        hit = self._files.get(path)
+        if hit is None or hit[0] != stamp:
+            hit = self._files[path] = (stamp, path.read_bytes())
+        return hit[1]
 
     async def submit(self, signed: Any) -> jobs_pb2.Job:
         from stimnetd.rpc import convert
