@@ -12,7 +12,7 @@ import contextlib
 import functools
 import threading
 import tomllib
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -353,7 +353,7 @@ class AsyncClient:
                 lambda t: self.jobs.Session(timeout=t), lifetime, call=jobs_pb2.SessionCall,
                 body="run", last=_last_job_reply))
 
-        async def replies() -> AsyncIterator[Any]:
+        async def replies() -> AsyncGenerator[Any, None]:
             call = await stream.start(request, timeout)
             try:
                 while (reply := await call.next()) is not None:
@@ -365,10 +365,16 @@ class AsyncClient:
             finally:
                 call.close()
 
+        events = replies()
         try:
             async with asyncio.timeout(timeout):
-                async for item in self._job_events(replies(), "", lambda: None):
-                    yield item
+                try:
+                    async for item in self._job_events(events, "", lambda: None):
+                        yield item
+                finally:
+                    # The call ends here (at its final state, or as it fails), not when
+                    # the garbage collector finalises its generator.
+                    await events.aclose()
         except TimeoutError:
             raise DeadlineExceeded(f"node at {self.address} did not answer in time") from None
         except grpc.RpcError as exc:  # the stream broke (the node went away): the job may

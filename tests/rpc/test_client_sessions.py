@@ -83,6 +83,9 @@ async def test_concurrent_queries_on_one_session_get_their_own_answers(
         async with AsyncClient(client_config(alice, f"127.0.0.1:{port}")) as c:
             first, second = await asyncio.wait_for(asyncio.gather(
                 c.query("SELECT count(*) FROM one"), c.query("SELECT count(*) FROM two")), 10)
+            # Each call is over on the client's side once its answer is in, not when the
+            # garbage collector gets to it.
+            assert c._sessions[""]._subs == {}
     finally:
         await server.stop(None)
     assert (first.job_id, second.job_id) == ("job-one", "job-two")
