@@ -38,7 +38,7 @@ class FederationServicer(federation_pb2_grpc.FederationServiceServicer):
         async for reply in multiplex.serve(
                 request_iterator, context, self._guard, _RUN_SUBJOB, body="start",
                 reply=federation_pb2.SubJobReply,
-                request_id=lambda request, _: request.request_id[:64],
+                request_id=lambda request: request.request_id[:64],
                 run=self._events):
             yield reply
 

@@ -46,7 +46,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         """RunJob calls multiplexed on one stream (rpc/multiplex.py), each as a RunJob call."""
         async for reply in multiplex.serve(
                 request_iterator, context, self._guard, _RUN_JOB, body="run",
-                reply=jobs_pb2.SessionReply, request_id=lambda _request, _id: "",
+                reply=jobs_pb2.SessionReply, request_id=lambda _request: "",
                 run=lambda request, _caller: self.RunJob(request, context)):
             yield reply
 

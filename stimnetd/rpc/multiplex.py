@@ -40,6 +40,8 @@ MAX_CALL_TIMEOUT_S = 24 * 3600.0
 # apply within them), and replies a stream may hold that its caller has not read.
 MAX_RUNNING = 256
 MAX_UNSENT = 1024
+# A shared stream's lifetime (its call deadline) at least; it is replaced before then.
+STREAM_LIFETIME_S = 600.0
 
 
 def status(reply: Any, call_id: int, code: str, message: str, kind: str = "") -> Any:
@@ -48,7 +50,7 @@ def status(reply: Any, call_id: int, code: str, message: str, kind: str = "") ->
 
 async def serve(calls: AsyncIterator[Any], context: grpc.aio.ServicerContext, guard: Guard,
                 method: str, *, body: str, reply: Any,
-                request_id: Callable[[Any, int], str],
+                request_id: Callable[[Any], str],
                 run: Callable[[Any, Caller], AsyncIterator[Any]]) -> AsyncIterator[Any]:
     """Serve a stream of calls to `method`: each `run(request, caller)` as a task, its
     events sent as `reply` messages. Ends once the caller has stopped writing and every
@@ -73,7 +75,7 @@ async def serve(calls: AsyncIterator[Any], context: grpc.aio.ServicerContext, gu
         request = getattr(call, body)
         try:
             async with asyncio.timeout(call.timeout_s):
-                async for ev in guard.subcall(method, context, request_id(request, call.id),
+                async for ev in guard.subcall(method, context, request_id(request),
                                               lambda caller: run(request, caller)):
                     put(reply(id=call.id, event=ev))
         except SubcallEnded as ended:
@@ -186,8 +188,6 @@ class SharedStream:
                                                              grpc.StatusCode.CANCELLED):
                 raise NotMultiplexed
             raise self._error
-        if self._broken is not None:
-            raise StreamBroken(self._broken)
         call_id = next(self._ids)
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self._subs[call_id] = queue
@@ -316,6 +316,3 @@ def shared(streams: dict[str, SharedStream], key: str, channel: grpc.aio.Channel
         stream = streams[key] = make(max(STREAM_LIFETIME_S, 10 * timeout_s))
     return stream
 
-
-# A shared stream's lifetime (its call deadline) at least; it is replaced before then.
-STREAM_LIFETIME_S = 600.0

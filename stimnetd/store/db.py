@@ -138,7 +138,7 @@ class Store:
         if self._db is None:
             return
         try:
-            await self.flush_audit()
+            await self.flush()
         finally:
             await self._db.close()
             self._db = None
@@ -169,7 +169,7 @@ class Store:
         """A consistent online copy via SQLite's backup API."""
         if dest.exists():
             raise StimnetError(f"backup destination {dest} already exists; refusing to overwrite")
-        await self.flush_audit()
+        await self.flush()
         target = await aiosqlite.connect(dest)
         try:
             await self.db.backup(target)
@@ -200,11 +200,11 @@ class Store:
     async def _flush_later(self) -> None:
         await asyncio.sleep(GROUP_COMMIT_S)
         try:
-            await self.flush_audit()
+            await self.flush()
         except Exception:  # noqa: BLE001 - entries stay queued; the next write retries them
             structlog.get_logger("stimnetd.store").exception("audit group commit failed")
 
-    async def flush_audit(self) -> None:
+    async def flush(self) -> None:
         """Commit what is queued (audit entries, deferred bookkeeping) now."""
         if (self._pending_audit or self._deferred) and self._db is not None:
             # Durable when it carries audit entries; deferred rows alone are bookkeeping.
@@ -314,7 +314,7 @@ class Store:
                 fut.set_exception(exc or StimnetError("bookkeeping write not committed"))
 
     async def audit_rows(self, since: float = 0.0) -> list[AuditRow]:
-        await self.flush_audit()
+        await self.flush()
         rows = await self.db.execute_fetchall(
             "SELECT seq, at, actor, role, action, decision, detail_json, prev_hash, hash "
             "FROM audit WHERE at >= ? ORDER BY rowid", (since,))
@@ -506,7 +506,7 @@ class Store:
         # Kept by triggers (schema v2): the metrics read it every few seconds, and counting
         # the jobs table itself grows with every job ever run (50 ms per million). Deferred
         # rows (a query's final state) are committed first, so the counts include them.
-        await self.flush_audit()
+        await self.flush()
         rows = await self.db.execute_fetchall("SELECT state, n FROM job_counts WHERE n > 0")
         return {s: int(n) for s, n in rows}
 

@@ -118,7 +118,7 @@ async def test_large_messages_cross_the_front_intact(pki: CertFactory, tmp_path)
 
 
 async def _handshake_refusals(daemon) -> list:  # type: ignore[no-untyped-def]
-    await daemon.store.flush_audit()  # group-committed
+    await daemon.store.flush()  # group-committed
     return [r for r in await daemon.store.audit_rows() if r.action == "tls-handshake"]
 
 

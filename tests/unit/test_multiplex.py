@@ -56,7 +56,7 @@ class _Calls:
 def _serve(calls: _Calls, run: Any) -> AsyncIterator[federation_pb2.SubJobReply]:
     return multiplex.serve(calls, _Context(), _Guard(), "/m", body="start",  # type: ignore[arg-type]
                            reply=federation_pb2.SubJobReply,
-                           request_id=lambda request, _: request.request_id, run=run)
+                           request_id=lambda request: request.request_id, run=run)
 
 
 def _event(text: str) -> federation_pb2.SubJobEvent:
