@@ -1,6 +1,6 @@
 """`stimctl certs`: create the federation CA, issue, list, renew and revoke certificates.
 
-Thin on purpose: parse, call :mod:`stimnetd.pki`, print. A PkiError becomes one line on
+Thin on purpose: parse, call :mod:`stimnet.pki`, print. A PkiError becomes one line on
 stderr and exit code 2, never a traceback.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from stimnetd import pki
+from stimnet import pki
 
 EXIT_OK = 0
 EXIT_ERROR = 2

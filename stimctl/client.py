@@ -94,7 +94,7 @@ _BY_CODE: dict[grpc.StatusCode, type[ClientError]] = {
 
 def _error_kind(exc: grpc.RpcError) -> str:
     """The daemon's error class a refusal names in its trailing metadata, or ""."""
-    from stimnetd.errors import ERROR_KIND_KEY
+    from stimnet.errors import ERROR_KIND_KEY
 
     trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
     for key, value in trailing or ():
@@ -271,7 +271,7 @@ class AsyncClient:
     # -- jobs ----------------------------------------------------------------------------
 
     def sign(self, request: Any, script: bytes | None = None) -> Any:
-        from stimnetd.jobs import signing
+        from stimnet import signing
 
         try:
             key, cert = self._file(self.config.key), self._file(self.config.cert)
@@ -290,7 +290,7 @@ class AsyncClient:
         return hit[1]
 
     async def submit(self, signed: Any) -> jobs_pb2.Job:
-        from stimnetd.rpc import convert
+        from stimnet import convert
 
         return await self._call(self.jobs.SubmitJob,
                                 jobs_pb2.SubmitJobRequest(job=convert.signed_job_pb(signed)))
@@ -345,7 +345,7 @@ class AsyncClient:
     async def _session_events(self, request: Any, timeout: float) -> AsyncIterator[Any]:
         """RunJob's events, the job run on this client's Session stream. Raises
         multiplex.NotMultiplexed, having sent nothing, if the node does not serve it."""
-        from stimnetd.rpc import multiplex
+        from stimnet import multiplex
 
         stream = multiplex.shared(
             self._sessions, "", self._channel, timeout,
@@ -389,9 +389,9 @@ class AsyncClient:
         """A job's events as ("state" | "site" | "log" | "result", value), to its final
         state; `done()` is called when nothing else is to come."""
         from stimctl.results import QueryAnswer
-        from stimnetd import codec
-        from stimnetd.rpc.frames import feed
-        from stimnetd.store.records import TERMINAL_STATES
+        from stimnet import codec
+        from stimnet.frames import feed
+        from stimnet.states import TERMINAL_STATES
 
         asm: codec.Assembler | None = None
         seen: set[tuple[str, str]] = set()
@@ -452,8 +452,8 @@ class AsyncClient:
 
     async def result(self, job_id: str) -> Any:
         from stimctl.results import QueryAnswer
-        from stimnetd import codec
-        from stimnetd.rpc.frames import feed
+        from stimnet import codec
+        from stimnet.frames import feed
 
         asm = codec.Assembler()
         async for frame in self._stream(self.jobs.GetResult, jobs_pb2.GetResultRequest(id=job_id),
@@ -473,7 +473,7 @@ class AsyncClient:
                     epsilon: float | None = None, min_sites: int = 1, on_event: Any = None) -> Any:
         """Submit and follow in one call (RunJob, on this client's Session stream): the
         answer, or a typed error."""
-        from stimnetd.rpc import convert, multiplex
+        from stimnet import convert, multiplex
 
         signed = self.sign(await self._query_request(query, federated, epsilon, min_sites))
         request = jobs_pb2.SubmitJobRequest(job=convert.signed_job_pb(signed))
@@ -505,7 +505,7 @@ class AsyncClient:
 
 
 def _last_job_reply(reply: Any) -> bool:
-    from stimnetd.store.records import TERMINAL_STATES
+    from stimnet.states import TERMINAL_STATES
 
     return reply.event.HasField("state") and reply.event.state.state in TERMINAL_STATES
 
@@ -530,8 +530,7 @@ async def _follow(events: AsyncIterator[Any], on_event: Any, job: Any) -> Any:
 def _new_request(kind: str, catalog: str, **fields: Any) -> Any:
     """signing.new_request, its refusals (epsilon NaN, min_sites 0, …) as this client's
     InvalidRequest: a job no node would accept is not sent."""
-    from stimnetd import errors
-    from stimnetd.jobs import signing
+    from stimnet import errors, signing
 
     try:
         return signing.new_request(kind, catalog, **fields)
@@ -541,8 +540,8 @@ def _new_request(kind: str, catalog: str, **fields: Any) -> Any:
 
 def _spec(query: str | dict[str, Any], what: str) -> Any:
     """A QuerySpec from SQL or a spec dict; InvalidRequest naming `what` if it is not one."""
-    from stimnetd.query.errors import QueryError
-    from stimnetd.query.spec import QuerySpec
+    from stimnet.errors import QueryError
+    from stimnet.query.spec import QuerySpec
 
     try:
         return _parse_cached(query) if isinstance(query, str) else QuerySpec.from_dict(query)
@@ -553,7 +552,7 @@ def _spec(query: str | dict[str, Any], what: str) -> Any:
 @functools.lru_cache(maxsize=256)
 def _parse_cached(sql: str) -> Any:
     # Specs are immutable; re-running a query (notebooks do) need not re-parse its SQL.
-    from stimnetd.query.sql import parse_sql
+    from stimnet.query.sql import parse_sql
 
     return parse_sql(sql)
 

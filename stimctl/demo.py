@@ -66,7 +66,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def init(root: Path, *, sites: int = 3, subjects: int = 60, force: bool = False) -> None:
     from stimctl import demodata
-    from stimnetd import pki
+    from stimnet import pki
 
     if not 1 <= sites <= 26:
         raise ValueError("--sites must be between 1 and 26")

@@ -38,9 +38,9 @@ def _fatal(message: str, code: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Imported late so `stimnetd --version` and argument errors stay instant.
+    from stimnet.errors import StimnetError
     from stimnetd.catalog import CatalogError
     from stimnetd.config import ConfigError, load_config
-    from stimnetd.errors import StimnetError
     from stimnetd.store import StoreCorrupt
     from stimnetd.tls import TlsError
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stimnetd.catalog_types import FIELD_TYPES, FieldMeta
-from stimnetd.pki import PkiError, check_name
+from stimnet.pki import PkiError, check_name
+from stimnet.query.fields import FIELD_TYPES, FieldMeta
 
 DP_POLICIES = ("off", "optional", "required")
 SCRIPT_POLICIES = ("auto", "review", "deny")

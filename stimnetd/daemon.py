@@ -22,6 +22,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from stimnet import signing
 from stimnet.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -39,7 +40,6 @@ from stimnetd.federation.fanout import Coordinator, Target
 from stimnetd.federation.subjob import SubJobHandler
 from stimnetd.gossip.membership import Member
 from stimnetd.gossip.swim import GossipConfig, Swim, SystemClock
-from stimnetd.jobs import signing
 from stimnetd.jobs.scripts import SandboxScripts
 from stimnetd.jobs.service import JobService, ScriptPolicy
 from stimnetd.jobs.site import SiteExecutor

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from stimnetd import pki
+from stimnet import pki
 
 # --------------------------------------------------------------------------- certificates
 

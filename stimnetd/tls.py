@@ -16,8 +16,8 @@ import grpc
 import structlog
 from cryptography import x509
 
+from stimnet.pki import Identity, PkiError, RevocationList, identity_from_cert, load_cert
 from stimnetd.config import TlsConfig
-from stimnetd.pki import Identity, PkiError, RevocationList, identity_from_cert, load_cert
 
 log = structlog.get_logger("stimnetd.tls")
 

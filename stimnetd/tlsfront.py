@@ -38,7 +38,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from OpenSSL import SSL
 
-from stimnetd.pki import Identity, PkiError, identity_from_cert, verify_chain
+from stimnet.pki import Identity, PkiError, identity_from_cert, verify_chain
 
 log = structlog.get_logger("stimnetd.tlsfront")
 

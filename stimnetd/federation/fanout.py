@@ -16,11 +16,10 @@ from typing import Protocol
 
 import structlog
 
-from stimnetd.errors import StimnetError
+from stimnet.errors import QueryError, StimnetError
+from stimnet.signing import SignedJob, VerifiedJob
 from stimnetd.federation import subjob
-from stimnetd.jobs.signing import SignedJob, VerifiedJob
 from stimnetd.jobs.site import SiteExecutor, SiteOutcome
-from stimnetd.query.errors import QueryError
 
 log = structlog.get_logger("stimnetd.fanout")
 

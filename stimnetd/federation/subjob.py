@@ -9,10 +9,10 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from stimnetd.errors import Overloaded, PermissionDenied, Refused, Replayed
-from stimnetd.jobs.signing import SignedJob, VerifiedJob
+from stimnet.errors import Overloaded, PermissionDenied, Refused, Replayed
+from stimnet.pki import Identity
+from stimnet.signing import SignedJob, VerifiedJob
 from stimnetd.jobs.site import SiteExecutor, SiteOutcome
-from stimnetd.pki import Identity
 from stimnetd.store import NonceClaim, Store
 from stimnetd.store.records import JobRecord
 

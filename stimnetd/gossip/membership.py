@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
-from stimnetd.errors import InvalidRequest, PermissionDenied, StimnetError
+from stimnet.errors import InvalidRequest, PermissionDenied, StimnetError
 
 Status = Literal["alive", "suspect", "dead", "left"]
 STATUSES: tuple[Status, ...] = ("alive", "suspect", "dead", "left")

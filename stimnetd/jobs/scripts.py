@@ -23,13 +23,12 @@ import itertools
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from stimnet.errors import QueryError, StimnetError
+from stimnet.query.fields import FieldMeta
+from stimnet.query.spec import AggSpec, QuerySpec, validate
+from stimnet.signing import VerifiedJob
 from stimnetd.catalog import Catalog
-from stimnetd.catalog_types import FieldMeta
-from stimnetd.errors import StimnetError
-from stimnetd.jobs.signing import VerifiedJob
 from stimnetd.query.aggregate import GroupKey, Partial
-from stimnetd.query.errors import QueryError
-from stimnetd.query.spec import AggSpec, QuerySpec, validate
 from stimnetd.sandbox.result import NAME_RE, ResultRejected, parse_result
 from stimnetd.sandbox.runner import SandboxRunner, job_manifest
 

@@ -28,22 +28,22 @@ from typing import Any
 import numpy as np
 import structlog
 
-from stimnetd import codec
-from stimnetd.errors import (
+from stimnet import codec
+from stimnet.errors import (
     Conflict,
+    IncompatiblePartials,
     NotFound,
     Overloaded,
     PermissionDenied,
     Refused,
     StimnetError,
 )
+from stimnet.pki import Identity
+from stimnet.signing import SignedJob, VerifiedJob
 from stimnetd.federation.fanout import Coordinator, FanoutResult
 from stimnetd.jobs.scripts import spec_from_partials
-from stimnetd.jobs.signing import SignedJob, VerifiedJob
 from stimnetd.jobs.site import SiteExecutor
-from stimnetd.pki import Identity
 from stimnetd.query.combine import combine
-from stimnetd.query.errors import IncompatiblePartials
 from stimnetd.query.result import finalize
 from stimnetd.store import Store
 from stimnetd.store.records import TERMINAL_STATES, JobRecord
@@ -306,7 +306,7 @@ class JobService:
     def _restore(self, record: JobRecord) -> VerifiedJob:
         """A stored job's signed request, re-verified (chain, revocation, signature) but not
         for freshness: it was fresh when accepted and has waited in our queue since."""
-        from stimnetd.jobs.signing import SignedJob as Signed
+        from stimnet.signing import SignedJob as Signed
 
         signed = Signed(record.payload, record.signature, record.signer_cert, record.script or b"")
         return self._verify(signed, fresh=False)  # type: ignore[call-arg]

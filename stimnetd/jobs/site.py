@@ -17,10 +17,10 @@ from typing import Any, Protocol
 
 import structlog
 
-from stimnetd import codec
+from stimnet import codec
+from stimnet.errors import InvalidRequest, QueryError, Refused, Replayed, StimnetError
+from stimnet.signing import VerifiedJob
 from stimnetd.catalog import Catalog, CatalogSet
-from stimnetd.errors import InvalidRequest, Refused, Replayed, StimnetError
-from stimnetd.jobs.signing import VerifiedJob
 from stimnetd.privacy.noise import NoiseSource, add_noise
 from stimnetd.privacy.overlap import check_overlap, check_union_overlap, cohort_fingerprint_list
 from stimnetd.privacy.policy import (
@@ -30,9 +30,9 @@ from stimnetd.privacy.policy import (
     decide_epsilon,
 )
 from stimnetd.privacy.suppress import is_withheld, result_suppressed, suppress_small_cells
+from stimnetd.query import partial_docs
 from stimnetd.query.aggregate import GroupKey, Partial
 from stimnetd.query.engine import compute
-from stimnetd.query.errors import QueryError
 from stimnetd.store import NonceClaim, Store
 from stimnetd.store.records import Release, cohort_digest
 
@@ -225,7 +225,7 @@ class SiteExecutor:
         guarded = tuple([await self._fingerprint(catalog, c) for c in cells])
         if cohort is not None:
             fingerprint, digest = await self._fingerprint(catalog, cohort)
-        docs, arrays = codec.partials_to_doc(partials)
+        docs, arrays = partial_docs.partials_to_doc(partials)
         n = _released_n(partials, cohort, suppressed, charged is not None)
         mechanism = "laplace" if charged else None
         blob = codec.pack({"partials": docs, "n": n, "epsilon": charged,
@@ -284,7 +284,7 @@ class SiteExecutor:
 
     def _from_release(self, release: Release) -> SiteOutcome:
         doc, arrays = codec.unpack(release.partials or b"")
-        partials = codec.partials_from_doc(doc["partials"], arrays)
+        partials = partial_docs.partials_from_doc(doc["partials"], arrays)
         # Releases stored before the document carried its epsilon are re-encoded to send.
         packed = release.partials if "epsilon" in doc else None
         return self._outcome(release.decision, partials, int(doc["n"]), release.epsilon,

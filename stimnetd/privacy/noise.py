@@ -60,7 +60,7 @@ from typing import Literal, Protocol
 import numpy as np
 import opendp.prelude as dp
 
-from stimnetd.catalog_types import FieldMeta
+from stimnet.query.fields import FieldMeta
 from stimnetd.privacy.policy import PrivacyRefusal
 from stimnetd.privacy.suppress import Decision, is_withheld
 from stimnetd.query.aggregate import GroupKey, Partial

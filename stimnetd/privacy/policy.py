@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from stimnetd import errors
+from stimnet import errors
 
 DpMode = Literal["off", "optional", "required"]
 DP_MODES: tuple[DpMode, ...] = ("off", "optional", "required")

@@ -47,7 +47,7 @@ from typing import Literal
 
 import numpy as np
 
-from stimnetd.catalog_types import FieldMeta
+from stimnet.query.fields import FieldMeta
 from stimnetd.query.aggregate import CELL_COUNTS, UNLISTED, GroupKey, Partial
 
 Action = Literal["released", "suppressed", "partially_suppressed"]

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from stimnet.errors import IncompatiblePartials
 from stimnetd.query.aggregate import GroupKey, Partial
-from stimnetd.query.errors import IncompatiblePartials
 
 # The meta keys that define what each stats cell means; sites must agree on them. Other
 # meta (e.g. what the privacy layer records about noise) is carried from the first site.

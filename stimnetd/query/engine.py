@@ -16,11 +16,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stimnetd.catalog_types import CatalogView, FieldMeta
-from stimnetd.query.aggregate import GroupKey, Partial
-from stimnetd.query.columns import Rows, is_null, label
-from stimnetd.query.errors import DataContractViolation
-from stimnetd.query.spec import (
+from stimnet.errors import DataContractViolation
+from stimnet.query.fields import FieldMeta
+from stimnet.query.spec import (
     AggSpec,
     And,
     Between,
@@ -33,6 +31,9 @@ from stimnetd.query.spec import (
     QuerySpec,
     validate,
 )
+from stimnetd.catalog.columns import Rows, is_null, label
+from stimnetd.catalog.view import CatalogView
+from stimnetd.query.aggregate import GroupKey, Partial
 
 QUANTILE_BINS = 1024
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from stimnet.query.spec import AggSpec, QuerySpec
 from stimnetd.query.aggregate import UNLISTED, GroupKey, Partial
-from stimnetd.query.spec import AggSpec, QuerySpec
 
 SCALAR_FUNCS = ("count", "sum", "mean", "var", "sd", "corr", "quantiles")
 

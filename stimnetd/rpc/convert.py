@@ -4,17 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
+from stimnet.convert import signed_job, signed_job_pb, ts
 from stimnet.v1 import common_pb2, jobs_pb2
-from stimnetd.jobs.signing import SignedJob
 from stimnetd.store.records import JobRecord
 
-
-def ts(seconds: float) -> Timestamp:
-    t = Timestamp()
-    t.FromNanoseconds(int(seconds * 1e9))
-    return t
+__all__ = ["job", "signed_job", "signed_job_pb", "site_event", "ts"]
 
 
 def site_event(ev: dict[str, Any]) -> common_pb2.SiteEvent:
@@ -28,13 +22,3 @@ def job(record: JobRecord) -> jobs_pb2.Job:
         owner=record.owner, state=record.state, detail=record.detail,
         created_at=ts(record.created_at), updated_at=ts(record.updated_at),
         sites=[site_event(e) for e in record.sites], script_sha256=record.script_sha256)
-
-
-def signed_job(msg: common_pb2.SignedJob) -> SignedJob:
-    return SignedJob(payload=bytes(msg.payload), signature=bytes(msg.signature),
-                     signer_cert_pem=bytes(msg.signer_cert_pem), script=bytes(msg.script))
-
-
-def signed_job_pb(job: SignedJob) -> common_pb2.SignedJob:
-    return common_pb2.SignedJob(payload=job.payload, signature=job.signature,
-                                signer_cert_pem=job.signer_cert_pem, script=job.script)

@@ -5,15 +5,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+from stimnet.errors import InvalidRequest, Unavailable
+from stimnet.frames import packed_frames, to_frames
 from stimnet.v1 import common_pb2, federation_pb2, federation_pb2_grpc
-from stimnetd import codec
-from stimnetd.errors import InvalidRequest, Unavailable
 from stimnetd.federation.subjob import SubJobHandler
 from stimnetd.gossip.membership import ForgedSender
 from stimnetd.gossip.swim import FullState, ProbeMessage
 from stimnetd.jobs.site import SiteOutcome
+from stimnetd.query import partial_docs
 from stimnetd.rpc import convert, multiplex
-from stimnetd.rpc.frames import packed_frames, to_frames
 from stimnetd.rpc.gossip_transport import from_wire, to_wire
 from stimnetd.rpc.guard import Caller, Guard, current_caller
 
@@ -110,6 +110,6 @@ def _outcome_frames(outcome: SiteOutcome) -> Iterator[common_pb2.ResultFrame]:
     """A site's partials as the entry reads them: {"partials", "epsilon", "mechanism"}."""
     if outcome.packed is not None:
         return packed_frames(outcome.packed)  # the stored release, as it is
-    docs, arrays = codec.partials_to_doc(outcome.partials)
+    docs, arrays = partial_docs.partials_to_doc(outcome.partials)
     return to_frames({"partials": docs, "epsilon": outcome.epsilon,
                       "mechanism": outcome.mechanism}, arrays)

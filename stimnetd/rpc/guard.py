@@ -27,8 +27,8 @@ from typing import Any, TypeVar
 import grpc
 import structlog
 
-from stimnetd.errors import ERROR_KIND_KEY, StimnetError
-from stimnetd.pki import Identity, PkiError, identity_from_cert
+from stimnet.errors import ERROR_KIND_KEY, StimnetError
+from stimnet.pki import Identity, PkiError, identity_from_cert
 from stimnetd.rpc.refusals import RefusalLimiter, Summary
 from stimnetd.rpc.roles import allowed_roles
 from stimnetd.tlsfront import TlsFront

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from stimnet.errors import InvalidRequest
+from stimnet.frames import packed_frames
 from stimnet.v1 import jobs_pb2, jobs_pb2_grpc
-from stimnetd.errors import InvalidRequest
 from stimnetd.jobs.service import JobService
 from stimnetd.rpc import convert, multiplex
-from stimnetd.rpc.frames import packed_frames
 from stimnetd.rpc.guard import Guard, current_caller
 from stimnetd.store.records import JobRecord
 

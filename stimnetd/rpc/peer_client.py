@@ -13,15 +13,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
+from stimnet import codec, multiplex
+from stimnet.frames import feed
+from stimnet.pki import Identity
+from stimnet.signing import SignedJob
 from stimnet.v1 import federation_pb2, federation_pb2_grpc
-from stimnetd import codec
 from stimnetd.federation.fanout import SiteEventSink, Target
-from stimnetd.jobs.signing import SignedJob
 from stimnetd.jobs.site import SiteOutcome
-from stimnetd.pki import Identity
+from stimnetd.query import partial_docs
 from stimnetd.query.aggregate import layout_problem
-from stimnetd.rpc import convert, multiplex
-from stimnetd.rpc.frames import feed
+from stimnetd.rpc import convert
 from stimnetd.rpc.guard import REQUEST_ID_KEY
 from stimnetd.rpc.peer_identity import PeerIdentityError, probe
 from stimnetd.tls import TlsMaterial, channel_credentials
@@ -296,7 +297,7 @@ class _SubJobReader:
             doc, arrays = self._asm.result()
             if not isinstance(doc, dict):
                 raise codec.CodecError("the answer is not an object")
-            partials = codec.partials_from_doc(doc["partials"], arrays)
+            partials = partial_docs.partials_from_doc(doc["partials"], arrays)
             for p in partials:
                 # Combining and finalising index by the layout: a peer's partial without it
                 # would fail the whole job with an internal error instead of this site.

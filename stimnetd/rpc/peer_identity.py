@@ -22,7 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from OpenSSL import SSL, crypto
 
-from stimnetd.pki import Identity, PkiError, verify_chain
+from stimnet.pki import Identity, PkiError, verify_chain
 from stimnetd.tls import TlsMaterial
 
 

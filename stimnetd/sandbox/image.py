@@ -6,7 +6,7 @@ from typing import Any
 
 import docker.errors
 
-from stimnetd.errors import Unavailable
+from stimnet.errors import Unavailable
 
 VERSION_LABEL = "org.stimnet.sandbox.version"
 BUILD_HINT = (

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from stimnetd.catalog_types import FieldMeta, ImageGeometry
-from stimnetd.errors import Refused
+from stimnet.errors import Refused
+from stimnet.query.fields import FieldMeta, ImageGeometry
 from stimnetd.query.aggregate import GroupKey, Partial
 
 RESULT_VERSION = 1

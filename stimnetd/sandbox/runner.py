@@ -46,7 +46,7 @@ import numpy as np
 import structlog
 from docker.types import LogConfig, Mount, Ulimit
 
-from stimnetd.catalog_types import FieldMeta
+from stimnet.query.fields import FieldMeta
 from stimnetd.sandbox.image import BUILD_HINT, SandboxImageError
 
 log = structlog.get_logger("stimnetd.sandbox")

@@ -26,7 +26,7 @@ import aiosqlite
 import numpy as np
 import structlog
 
-from stimnetd.errors import Overloaded, Replayed, StimnetError
+from stimnet.errors import Overloaded, Replayed, StimnetError
 from stimnetd.privacy.overlap import UnionSizes, near_families, unions
 from stimnetd.privacy.policy import BudgetExhausted as PrivacyBudgetExhausted
 from stimnetd.store.audit import GENESIS, AuditRow, AuditVerification, chain_hash, verify_rows

@@ -12,7 +12,7 @@ import pytest
 from cryptography import x509
 
 from stimctl.client import AsyncClient, NotAuthenticated
-from stimnetd import pki as pkimod
+from stimnet import pki as pkimod
 from stimnetd.testing import CertFactory, client_config
 
 

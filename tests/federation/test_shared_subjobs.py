@@ -12,10 +12,10 @@ from pathlib import Path
 import grpc
 import pytest
 
+from stimnet import signing
+from stimnet.multiplex import MULTIPLEX_KEY
 from stimnet.v1 import federation_pb2, federation_pb2_grpc
-from stimnetd.jobs import signing
 from stimnetd.rpc import convert
-from stimnetd.rpc.multiplex import MULTIPLEX_KEY
 from stimnetd.testing import CertPaths, client_config
 from tests.federation.test_federated_queries import _tiny_catalog
 from tests.federation.test_peer_identity import _Garbler, ask_node

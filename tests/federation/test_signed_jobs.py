@@ -11,8 +11,8 @@ import grpc
 import pytest
 
 from stimctl.client import NotAuthenticated, PermissionDenied, Refused
+from stimnet import signing
 from stimnet.v1 import federation_pb2, federation_pb2_grpc
-from stimnetd.jobs import signing
 from stimnetd.rpc import convert
 from stimnetd.testing import client_config
 from tests.federation.test_federated_queries import _tiny_catalog
@@ -24,7 +24,7 @@ SQL = {"catalog": "tiny", "where": None, "group_by": [],
 def _signed(client, entry: str = "site-a", **changes) -> signing.SignedJob:  # type: ignore[no-untyped-def]
     """A query signed by `client`'s researcher for `entry` (the federation's first node,
     which `fed.client()` talks to)."""
-    from stimnetd.query.spec import QuerySpec
+    from stimnet.query.spec import QuerySpec
 
     spec = QuerySpec.from_dict(SQL).to_dict()
     req = signing.new_request("query", "tiny", spec=spec, entry=entry, **changes)

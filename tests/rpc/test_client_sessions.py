@@ -9,10 +9,10 @@ import grpc
 import pytest
 
 from stimctl.client import AsyncClient, BudgetExhausted, JobFailed, Overloaded
+from stimnet import codec
+from stimnet.frames import packed_frames
+from stimnet.multiplex import MULTIPLEX_KEY
 from stimnet.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
-from stimnetd import codec
-from stimnetd.rpc.frames import packed_frames
-from stimnetd.rpc.multiplex import MULTIPLEX_KEY
 from stimnetd.testing import CertFactory, client_config
 from tests.rpc.test_client_streams import _serve
 

@@ -8,9 +8,9 @@ import grpc
 import pytest
 
 from stimctl.client import AsyncClient, JobFailed
+from stimnet import codec
+from stimnet.frames import packed_frames
 from stimnet.v1 import jobs_pb2, jobs_pb2_grpc, node_pb2, node_pb2_grpc
-from stimnetd import codec
-from stimnetd.rpc.frames import packed_frames
 from stimnetd.testing import CertFactory, client_config, fake_node
 
 

@@ -11,8 +11,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stimctl.client import AsyncClient
+from stimnet.pki import load_cert
 from stimnetd import tlsfront
-from stimnetd.pki import load_cert
 from stimnetd.testing import CertFactory, client_config, foreign
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from stimnetd.catalog_types import FieldMeta
+from stimnet.query.fields import FieldMeta
 from stimnetd.sandbox.runner import (
     LABEL_MANAGED,
     LABEL_NODE,

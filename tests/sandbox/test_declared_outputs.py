@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from stimnet.errors import QueryError
+from stimnet.query.sql import parse_sql
 from stimnetd.jobs.scripts import check_declared, declared_spec
-from stimnetd.query.errors import QueryError
-from stimnetd.query.sql import parse_sql
 from stimnetd.sandbox.result import ResultRejected, parse_result
 from tests.sandbox.test_result import FIELDS, ROWS, valid_arrays, valid_doc
 

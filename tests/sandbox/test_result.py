@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from stimnetd.catalog_types import FieldMeta, ImageGeometry
-from stimnetd.errors import StimnetError
+from stimnet.errors import StimnetError
+from stimnet.query.fields import FieldMeta, ImageGeometry
 from stimnetd.sandbox.result import ResultRejected, parse_result
 
 FIELDS = MappingProxyType(

@@ -16,7 +16,7 @@ import docker
 import numpy as np
 import pytest
 
-from stimnetd.catalog_types import ImageGeometry
+from stimnet.query.fields import ImageGeometry
 from stimnetd.sandbox.image import SandboxImageError, check_image
 from stimnetd.sandbox.result import parse_result
 from stimnetd.sandbox.runner import LABEL_JOB, WARM_PER_CATALOG, SandboxRunner, _finished_before

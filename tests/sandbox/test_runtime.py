@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from stimnetd.catalog_types import FieldMeta
+from stimnet.query.fields import FieldMeta
 from stimnetd.sandbox.result import parse_result
 from stimnetd.sandbox.runner import job_manifest
 

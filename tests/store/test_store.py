@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stimnetd.errors import BudgetExhausted, Overloaded, Refused
+from stimnet.errors import BudgetExhausted, Overloaded, Refused
 from stimnetd.privacy.overlap import check_overlap, check_union_overlap
 from stimnetd.store import Store, StoreCorrupt, db
 from stimnetd.store.records import JobRecord, Release, cohort_digest, cohort_sketch, sketch_distances

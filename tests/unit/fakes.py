@@ -7,8 +7,8 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from stimnetd.catalog_types import FieldMeta, ImageGeometry
-from stimnetd.query.columns import Columns, Rows
+from stimnet.query.fields import FieldMeta, ImageGeometry
+from stimnetd.catalog.columns import Columns, Rows
 
 
 def numeric(name: str, lo: float, hi: float) -> FieldMeta:

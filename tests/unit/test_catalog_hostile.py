@@ -116,8 +116,8 @@ def test_a_broken_catalog_loads_or_is_refused_by_name(site: tuple[Path, Path],
         return
     assert breakage not in REFUSED, f"{breakage} loaded"
     # Loaded: it must then answer a query over every column without an internal error.
+    from stimnet.query.sql import parse_sql
     from stimnetd.query.engine import compute
-    from stimnetd.query.sql import parse_sql
 
     catalog = catalogs.get("dbs_outcomes")
     spec = parse_sql("SELECT count(*), avg(age), sum(updrs_off), count_map(vta_path), "

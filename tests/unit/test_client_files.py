@@ -8,8 +8,8 @@ import pytest
 from cryptography import x509
 
 from stimctl.client import AsyncClient
-from stimnetd.jobs import signing
-from stimnetd.query.sql import parse_sql
+from stimnet import signing
+from stimnet.query.sql import parse_sql
 from stimnetd.testing import CertFactory, client_config
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stimnetd import codec
+from stimnet import codec
 
 
 def _roundtrip(doc, arrays):  # type: ignore[no-untyped-def]
@@ -86,7 +86,7 @@ def test_out_of_order_and_oversized_chunks_are_refused() -> None:
 ])
 def test_frames_inline_a_small_body_and_chunk_a_large_one(arrays, messages) -> None:  # type: ignore[no-untyped-def]
     """On the wire a small result is one message; a large one is never one oversized message."""
-    from stimnetd.rpc.frames import INLINE, feed, to_frames
+    from stimnet.frames import INLINE, feed, to_frames
 
     frames = list(to_frames({"k": 1}, arrays))
     kinds = [("header+body" if f.header.body else "header") if f.HasField("header") else "chunk"

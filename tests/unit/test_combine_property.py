@@ -9,10 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from stimnet.query.sql import parse_sql
 from stimnetd.query.combine import combine
 from stimnetd.query.engine import QUANTILE_BINS, compute
 from stimnetd.query.result import QueryResult, finalize
-from stimnetd.query.sql import parse_sql
 from stimnetd.testing import shared_data
 from tests.unit.fakes import FakeCatalog, categorical, image, numeric
 

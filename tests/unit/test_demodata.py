@@ -20,7 +20,7 @@ from stimctl.demodata import (
     site_profile,
     vta_max_voxels,
 )
-from stimnetd.catalog_types import FIELD_TYPES
+from stimnet.query.fields import FIELD_TYPES
 
 N_SUBJECTS = 40
 SITES = ["a", "b"]

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from stimnetd.errors import InvalidRequest, StimnetError
+from stimnet.errors import InvalidRequest, StimnetError
 from stimnetd.gossip.membership import (
     ForgedSender,
     InMemoryMemberStore,

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stimnetd import codec
+from stimnet import codec
+from stimnet.pki import Identity
 from stimnetd.jobs.service import JobService, JobUpdate, _Live
-from stimnetd.pki import Identity
 from stimnetd.store import Store
 from stimnetd.store.records import JobRecord
 
@@ -106,7 +106,7 @@ async def test_decisions_on_a_job_awaiting_approval_apply_once(tmp_path: Path) -
 
     import pytest
 
-    from stimnetd.errors import Conflict
+    from stimnet.errors import Conflict
 
     jobs, store = await _service(tmp_path)
     try:

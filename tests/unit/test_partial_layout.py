@@ -13,13 +13,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stimnetd import codec
-from stimnetd.errors import StimnetError
+from stimnet import codec
+from stimnet.errors import StimnetError
+from stimnet.query.sql import parse_sql
+from stimnetd.query import partial_docs
 from stimnetd.query.aggregate import KINDS, layout_problem
 from stimnetd.query.combine import combine
 from stimnetd.query.engine import compute
 from stimnetd.query.result import finalize
-from stimnetd.query.sql import parse_sql
 from tests.unit.fakes import FakeCatalog
 from tests.unit.test_combine_property import FIELDS, ROIS, SHAPE, _sql
 
@@ -46,8 +47,8 @@ def test_every_kind_the_engine_makes_has_its_layout(grouped: bool) -> None:
     assert {p.kind for p in sites[0]} == set(KINDS)
     for p in sites[0] + sites[1]:
         assert layout_problem(p) is None, (p.name, layout_problem(p))
-    docs, arrays = codec.partials_to_doc(sites[1])
-    back = codec.partials_from_doc(docs, arrays)  # what the entry reads from a peer
+    docs, arrays = partial_docs.partials_to_doc(sites[1])
+    back = partial_docs.partials_from_doc(docs, arrays)  # what the entry reads from a peer
     assert [p.key for p in back] == [p.key for p in sites[1]]
 
 
@@ -59,7 +60,7 @@ _MUTATIONS = ["drop_stat", "reshape", "n", "meta", "kind", "non_finite", "mask",
 @given(data=st.data())
 def test_a_mangled_peer_answer_is_refused_or_combines_cleanly(grouped: bool, data) -> None:  # type: ignore[no-untyped-def]
     spec, sites = _two_sites(grouped)
-    docs, arrays = codec.partials_to_doc(sites[1])
+    docs, arrays = partial_docs.partials_to_doc(sites[1])
     docs, arrays = copy.deepcopy(docs), {k: v.copy() for k, v in arrays.items()}
     p = docs[data.draw(st.integers(0, len(docs) - 1))]
     what = data.draw(st.sampled_from(_MUTATIONS))
@@ -87,7 +88,7 @@ def test_a_mangled_peer_answer_is_refused_or_combines_cleanly(grouped: bool, dat
     else:
         p["suppressed_reason"] = data.draw(st.sampled_from([7, ["x"]]))
     try:
-        mine = codec.partials_from_doc(docs, arrays)
+        mine = partial_docs.partials_from_doc(docs, arrays)
     except codec.CodecError as exc:
         assert str(exc)
         return
@@ -108,7 +109,7 @@ def test_sites_that_disagree_on_a_grid_are_named() -> None:
     """Which two sites disagree, and on what (it said only "sites disagree")."""
     import dataclasses
 
-    from stimnetd.query.errors import IncompatiblePartials
+    from stimnet.errors import IncompatiblePartials
 
     _, sites = _two_sites(False)
     odd = [dataclasses.replace(p, meta={**p.meta, "affine": [[2.0, 0, 0, 0], [0, 2.0, 0, 0],

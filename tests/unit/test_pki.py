@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from stimctl.certs_cli import register
-from stimnetd import pki
+from stimnet import pki
 from stimnetd.testing import CertFactory, foreign
 
 

@@ -10,8 +10,8 @@ import opendp.prelude as dp
 import pytest
 from scipy import stats
 
-from stimnetd import errors
-from stimnetd.catalog_types import FieldMeta
+from stimnet import errors
+from stimnet.query.fields import FieldMeta
 from stimnetd.privacy.noise import (
     COHORT_N,
     NoiseMechanism,

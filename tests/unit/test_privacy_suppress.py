@@ -11,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from stimnetd import codec
+from stimnet import codec
+from stimnet.query.sql import parse_sql
 from stimnetd.privacy.suppress import (
     Decision,
     cells_reason,
@@ -20,9 +21,9 @@ from stimnetd.privacy.suppress import (
     unlisted_reason,
     whole_reason,
 )
+from stimnetd.query import partial_docs
 from stimnetd.query.aggregate import UNLISTED, Partial
 from stimnetd.query.engine import compute
-from stimnetd.query.sql import parse_sql
 from tests.unit.fakes import FakeCatalog, categorical, numeric
 
 K = 5
@@ -233,7 +234,7 @@ def grouped_release(sql: str, frame: pd.DataFrame, k_min: int = K
     """Compute, suppress with the catalog's fields, and encode as a site would release."""
     partials = compute(parse_sql(sql), FakeCatalog(frame, FIELDS)).partials
     out, decisions = suppress_small_cells(partials, k_min, FIELDS)
-    docs, arrays = codec.partials_to_doc(out)
+    docs, arrays = partial_docs.partials_to_doc(out)
     return out, decisions, codec.pack({"partials": docs}, arrays)
 
 

@@ -9,13 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stimnetd.catalog_types import FieldMeta
+from stimnet.errors import DataContractViolation, IncompatiblePartials, QueryError
+from stimnet.query.fields import FieldMeta
+from stimnet.query.sql import parse_sql
 from stimnetd.query.aggregate import Partial
 from stimnetd.query.combine import combine
 from stimnetd.query.engine import compute
-from stimnetd.query.errors import DataContractViolation, IncompatiblePartials, QueryError
 from stimnetd.query.result import finalize, quantile_from_histogram
-from stimnetd.query.sql import parse_sql
 from tests.unit.fakes import FakeCatalog, categorical, image, numeric
 
 SHAPE = (2, 2, 2)

@@ -14,15 +14,15 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from stimnetd import codec
-from stimnetd.errors import Conflict
+from stimnet import codec
+from stimnet.errors import Conflict
+from stimnet.pki import Identity
+from stimnet.query.sql import parse_sql
+from stimnet.signing import JobRequest, SignedJob, VerifiedJob
 from stimnetd.federation.fanout import FanoutResult
 from stimnetd.jobs.service import JobService, JobUpdate
-from stimnetd.jobs.signing import JobRequest, SignedJob, VerifiedJob
 from stimnetd.jobs.site import SiteOutcome
-from stimnetd.pki import Identity
 from stimnetd.query.engine import compute
-from stimnetd.query.sql import parse_sql
 from stimnetd.store import Store
 from tests.unit.fakes import FakeCatalog, numeric
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from stimnetd.catalog_types import FieldMeta
-from stimnetd.query.errors import QueryError
-from stimnetd.query.spec import (
+from stimnet.errors import QueryError
+from stimnet.query.fields import FieldMeta
+from stimnet.query.spec import (
     AggSpec,
     And,
     Between,
@@ -20,7 +20,7 @@ from stimnetd.query.spec import (
     QuerySpec,
     validate,
 )
-from stimnetd.query.sql import parse_sql
+from stimnet.query.sql import parse_sql
 from tests.unit.fakes import categorical, image, numeric
 
 FIELDS: dict[str, FieldMeta] = {
@@ -249,9 +249,9 @@ def test_deeply_nested_filters_are_refused_by_name(where: str, problem: str) -> 
     """Every layer of a filter is a recursion when it is parsed, checked and evaluated: a
     filter deeper than MAX_FILTER_DEPTH is refused saying so, never a RecursionError — from
     SQL, from a spec (what a site reads from a signed job), or a signed payload itself."""
-    from stimnetd.errors import InvalidRequest
-    from stimnetd.jobs.signing import JobRequest
-    from stimnetd.query.spec import MAX_FILTER_DEPTH
+    from stimnet.errors import InvalidRequest
+    from stimnet.query.spec import MAX_FILTER_DEPTH
+    from stimnet.signing import JobRequest
 
     with pytest.raises(QueryError, match=problem):
         parse_sql(f"SELECT count(*) FROM c WHERE {where}")
@@ -268,7 +268,7 @@ def test_what_one_query_may_ask_for_is_bounded() -> None:
     """A signed job of 256 KiB could otherwise ask a site for thousands of aggregates, a
     regression on thousands of fields, millions of histogram bins or of declared-level
     group cells (all of which are computed, and with DP noised); each limit is named."""
-    from stimnetd.query.spec import (
+    from stimnet.query.spec import (
         MAX_AGGREGATE_FIELDS,
         MAX_AGGREGATES,
         MAX_GROUP_CELLS,

@@ -13,9 +13,9 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stimnetd.query.errors import QueryError
-from stimnetd.query.spec import QuerySpec, validate
-from stimnetd.query.sql import parse_sql
+from stimnet.errors import QueryError
+from stimnet.query.spec import QuerySpec, validate
+from stimnet.query.sql import parse_sql
 from tests.unit.test_query_sql import FIELDS
 
 # Pieces of valid queries, of SQL we refuse, and of neither; joined at random.

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from stimnetd.errors import InvalidRequest
-from stimnetd.jobs.signing import PAYLOAD_VERSION, JobRequest, canonical, new_request
+from stimnet.errors import InvalidRequest
+from stimnet.signing import PAYLOAD_VERSION, JobRequest, canonical, new_request
 
 SPEC = {"catalog": "c", "where": None, "group_by": [],
         "aggregates": [{"func": "count", "fields": [], "name": "n", "params": []}]}

@@ -103,7 +103,7 @@ async def test_the_same_script_arriving_twice_under_review_is_a_replay(tmp_path:
     """Under 'review' a federated script leaves a pending request named by its job id;
     the same signed job arriving again is refused as a replay (it raised IntegrityError,
     an internal error, before)."""
-    from stimnetd.errors import Refused, Replayed
+    from stimnet.errors import Refused, Replayed
 
     store = Store(tmp_path / "node.sqlite3")
     await store.open()

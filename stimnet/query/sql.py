@@ -15,8 +15,8 @@ from sqlglot import exp
 from sqlglot.dialects.postgres import Postgres
 from sqlglot.errors import SqlglotError
 
-from stimnetd.query.errors import QueryError
-from stimnetd.query.spec import (
+from stimnet.errors import QueryError
+from stimnet.query.spec import (
     AggSpec,
     And,
     Between,

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from stimnet import codec
 from stimnet.v1 import common_pb2
-from stimnetd import codec
 
 INLINE = 64 * 1024
 

@@ -17,10 +17,10 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from stimnetd.catalog_types import FieldMeta, ImageGeometry
+from stimnet.errors import StimnetError
+from stimnet.query.fields import FieldMeta, ImageGeometry
+from stimnetd.catalog.columns import Columns
 from stimnetd.config import CatalogConfig
-from stimnetd.errors import StimnetError
-from stimnetd.query.columns import Columns
 
 
 class CatalogError(StimnetError):

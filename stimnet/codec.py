@@ -1,7 +1,8 @@
 """Documents with large arrays: one JSON header plus raw little-endian arrays.
 
-Used to store released partials and results, and to stream them: the header travels as one
-frame and each array as ≤ CHUNK-byte chunks, so no message grows with the voxel grid.
+Used to store released partials and results, and to stream them (the client assembles
+answers with it too): the header travels as one frame and each array as ≤ CHUNK-byte
+chunks, so no message grows with the voxel grid.
 No pickle anywhere: a peer's bytes are parsed, never executed.
 """
 
@@ -14,8 +15,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-
-from stimnetd.query.aggregate import KINDS, Partial
 
 CHUNK = 512 * 1024
 MAX_ARRAY_BYTES = 256 * 1024 * 1024
@@ -172,44 +171,3 @@ def unpack(blob: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     asm.header(header)
     asm.chunk(BODY, 0, body, True)
     return asm.result()
-
-
-# -- partials ----------------------------------------------------------------------------
-
-
-def partials_to_doc(partials: list[Partial]) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
-    docs, arrays = [], {}
-    for i, p in enumerate(partials):
-        stats = {}
-        for k, v in p.stats.items():
-            aid = f"p{i}.{k}"
-            arrays[aid] = np.asarray(v, dtype=np.float64)
-            stats[k] = aid
-        mask = None
-        if p.cell_mask is not None:
-            mask = f"p{i}.mask"
-            arrays[mask] = np.asarray(p.cell_mask, dtype=bool)
-        docs.append({"name": p.name, "kind": p.kind, "group": [list(g) for g in p.group],
-                     "n": int(p.n), "meta": jsonable(p.meta), "stats": stats, "cell_mask": mask,
-                     "suppressed_reason": p.suppressed_reason})
-    return docs, arrays
-
-
-def partials_from_doc(docs: Any, arrays: dict[str, np.ndarray]) -> list[Partial]:
-    if not isinstance(docs, list):
-        raise CodecError("partials must be a list")
-    out = []
-    for d in docs:
-        try:
-            if d["kind"] not in KINDS:
-                raise CodecError(f"unknown partial kind {d['kind']!r}")
-            stats = {k: arrays[aid] for k, aid in d["stats"].items()}
-            out.append(Partial(
-                name=str(d["name"]), kind=d["kind"],
-                group=tuple((str(a), str(b)) for a, b in d["group"]), n=int(d["n"]),
-                stats=stats, meta=dict(d["meta"]),
-                cell_mask=arrays[d["cell_mask"]] if d["cell_mask"] else None,
-                suppressed_reason=d["suppressed_reason"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CodecError(f"malformed partial: {exc}") from None
-    return out

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from stimnetd.catalog_types import FieldMeta
-from stimnetd.query.errors import QueryError
+from stimnet.errors import QueryError
+from stimnet.query.fields import FieldMeta
 
 LiteralValue = int | float | str
 

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 
-from stimnetd import pki
-from stimnetd.errors import InvalidRequest, Unauthenticated
+from stimnet import pki
+from stimnet.errors import InvalidRequest, Unauthenticated
 
 if TYPE_CHECKING:
-    from stimnetd.query.spec import QuerySpec
+    from stimnet.query.spec import QuerySpec
 
 # 2: `entry` (the node the researcher submits to) is signed too.
 PAYLOAD_VERSION = 2
@@ -72,7 +72,7 @@ class JobRequest:
     def query_spec(self) -> QuerySpec:
         """`spec` as a QuerySpec, parsed once: the entry reads it to fan out, to compute its
         own share and to finish (raises QueryError if it is not one)."""
-        from stimnetd.query.spec import QuerySpec
+        from stimnet.query.spec import QuerySpec
 
         return QuerySpec.from_dict(self.spec)
 

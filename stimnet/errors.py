@@ -1,0 +1,161 @@
+"""One error vocabulary on both sides of the wire.
+
+The daemon raises these; its one interceptor maps `code` (a gRPC status name, kept as a
+string so domain code never imports grpc) to the status, and sends the class name in the
+trailing metadata `ERROR_KIND_KEY`. The client rebuilds the same class from (code, kind)
+with `from_status`, so a notebook catches `BudgetExhausted` whichever node raised it.
+Messages are shown to callers: they name the rule and the threshold, never a data value.
+
+A class the client does not know (a daemon-internal subclass) comes back as the nearest
+class registered for its status code.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, TypeVar
+
+# Trailing metadata of a refused call: the error's class name (Overloaded, BudgetExhausted,
+# …), so a client can tell apart refusals that share a status code.
+ERROR_KIND_KEY = "x-stimnet-error"
+
+E = TypeVar("E", bound="type[StimnetError]")
+
+
+class StimnetError(Exception):
+    """Base of every error either side raises; `str()` is one line for a human."""
+
+    code: ClassVar[str] = "INTERNAL"
+
+
+KINDS: dict[str, type[StimnetError]] = {}
+# The class a status code stands for when its kind is unknown (or absent).
+BY_CODE: dict[str, type[StimnetError]] = {}
+
+
+def wire_kind(cls: E) -> E:
+    """Register `cls` by name, so it crosses the wire as itself."""
+    KINDS[cls.__name__] = cls
+    return cls
+
+
+def _default_for_code(cls: E) -> E:
+    BY_CODE[cls.code] = cls
+    return wire_kind(cls)
+
+
+@_default_for_code
+class InvalidRequest(StimnetError):
+    code = "INVALID_ARGUMENT"
+
+
+@_default_for_code
+class NotFound(StimnetError):
+    code = "NOT_FOUND"
+
+
+@_default_for_code
+class PermissionDenied(StimnetError):
+    code = "PERMISSION_DENIED"
+
+
+@_default_for_code
+class Unauthenticated(StimnetError):
+    code = "UNAUTHENTICATED"
+
+
+@_default_for_code
+class Refused(StimnetError):
+    """A privacy or site policy refused the request; the message says which and why."""
+
+    code = "FAILED_PRECONDITION"
+
+
+@_default_for_code
+class BudgetExhausted(StimnetError):
+    """The privacy budget (ε, δ) left cannot cover the request; the message says how much."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+@wire_kind
+class Overloaded(StimnetError):
+    """A per-caller limit on work in flight at this node; the message names the limit."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+@wire_kind
+class Conflict(StimnetError):
+    code = "FAILED_PRECONDITION"
+
+
+@wire_kind
+class Replayed(Conflict):
+    """A signed request whose nonce this site has already seen."""
+
+
+@_default_for_code
+class Unavailable(StimnetError):
+    code = "UNAVAILABLE"
+
+
+@_default_for_code
+class DeadlineExceeded(StimnetError):
+    """The node did not answer within the caller's deadline."""
+
+    code = "DEADLINE_EXCEEDED"
+
+
+@wire_kind
+class QueryError(InvalidRequest):
+    """A query the engine refuses: malformed, unsupported, or wrong for this catalog."""
+
+
+@wire_kind
+class DataContractViolation(StimnetError):
+    """The site's data breaks what its catalog declares (an image off the common grid, or
+    larger than the declared max_voxels). The privacy layer's sensitivities rest on those
+    declarations, so the engine stops rather than compute past them."""
+
+    code = "FAILED_PRECONDITION"
+
+
+@wire_kind
+class IncompatiblePartials(StimnetError):
+    """Sites returned partials that cannot be summed (different grids, edges, kinds).
+
+    Raised at the entry node; it means the sites disagree on catalog metadata, not that
+    the researcher asked something wrong.
+    """
+
+    code = "FAILED_PRECONDITION"
+
+
+# -- raised by the client alone (never sent by a node) ---------------------------------
+
+
+class ConfigProblem(StimnetError):
+    """The client's own configuration or key files are missing or unreadable."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class ConnectionFailed(Unavailable):
+    """The node could not be reached, or the TLS handshake with it failed."""
+
+
+class JobFailed(StimnetError):
+    """A job ended without an answer; the message names its final state and why."""
+
+    code = "ABORTED"
+
+    def __init__(self, message: str, job: Any = None) -> None:
+        super().__init__(message)
+        self.job = job
+
+
+def from_status(code: str, message: str, kind: str = "") -> StimnetError:
+    """The error a failed call's status stands for: its kind's class when known, else the
+    class of its status code, else StimnetError."""
+    cls = KINDS.get(kind) or BY_CODE.get(code) or StimnetError
+    return cls(message)
