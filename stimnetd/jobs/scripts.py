@@ -47,7 +47,7 @@ class ScriptFailed(StimnetError):
 
 
 class SandboxScripts:
-    """The SiteExecutor's script runner: sandbox → validated Partials."""
+    """LocalSite's script runner (site.ScriptRunner): sandbox → validated Partials."""
 
     def __init__(self, runner: SandboxRunner, *, log_policy: str,
                  declared_outputs: str = "required", concurrency: int = 1,
@@ -76,7 +76,7 @@ class SandboxScripts:
         return declared_spec(doc, catalog)
 
     async def __call__(self, job: VerifiedJob, catalog: Catalog,
-                       on_event: Callable[[str, str], Awaitable[None]]
+                       on_log: Callable[[str], Awaitable[None]]
                        ) -> tuple[list[Partial], frozenset[str] | None]:
         declared = self.declaration(job, catalog)
         manifest = job_manifest({t: str(p.relative_to(catalog.root))
@@ -88,10 +88,10 @@ class SandboxScripts:
         self._on_duration(outcome.duration_s)
         if self._log_policy == "full":
             for line in outcome.log_lines:
-                await on_event("log", line)
+                await on_log(line)
         if outcome.status != "succeeded":
             if self._log_policy != "none":
-                await on_event("log", outcome.reason)
+                await on_log(outcome.reason)
             raise ScriptFailed(f"script {outcome.status}: {outcome.reason}")
         geometry = {f: catalog.geometry(f) for f in catalog.image_fields()}
         # Off the loop: checking a result of voxel maps is seconds of numpy at worst.
