@@ -54,8 +54,8 @@ class SandboxScripts:
                  on_duration: Callable[[float], None] = lambda s: None) -> None:
         self._runner = runner
         # `[scripts] concurrency` containers at once, whoever asks: this site's own jobs
-        # (JobService also queues those) and the sub-jobs of every entry node, which
-        # otherwise each started a container the moment they arrived.
+        # (JobService also queues those) and the sub-jobs of every entry node, which would
+        # otherwise each start a container the moment they arrive.
         self._slots = asyncio.Semaphore(concurrency)
         self._log_policy = log_policy
         self._declared_outputs = declared_outputs

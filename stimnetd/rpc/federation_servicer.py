@@ -10,7 +10,7 @@ from stimnetd import codec
 from stimnetd.errors import InvalidRequest, Unavailable
 from stimnetd.federation.subjob import LogLine, PeerSubJobs
 from stimnetd.gossip.membership import ForgedSender
-from stimnetd.gossip.swim import FullState, ProbeMessage
+from stimnetd.gossip.swim import FullState, ProbeMessage, Swim
 from stimnetd.rpc import convert, multiplex
 from stimnetd.rpc.frames import packed_frames, to_frames
 from stimnetd.rpc.gossip_transport import from_wire, to_wire
@@ -20,7 +20,7 @@ from stimnetd.site import SiteOutcome
 
 class FederationServicer(federation_pb2_grpc.FederationServiceServicer):
     def __init__(self, site: str, subjobs: PeerSubJobs, guard: Guard,
-                 gossip: Callable[[], Any] = lambda: None) -> None:
+                 gossip: Callable[[], Swim | None] = lambda: None) -> None:
         self._site = site
         self._guard = guard
         self._subjobs = subjobs
@@ -67,7 +67,7 @@ class FederationServicer(federation_pb2_grpc.FederationServiceServicer):
 
     # -- SWIM ----------------------------------------------------------------------------
 
-    def _swim(self):  # type: ignore[no-untyped-def]
+    def _swim(self) -> Swim:
         swim = self._gossip()
         if swim is None:
             raise Unavailable("gossip is disabled on this node")

@@ -38,7 +38,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         record = await self._jobs.submit(convert.signed_job(request.job), caller.identity,
                                          caller.request_id, follow=True)
         # The submitted record goes along: no read, and a quick job's whole stream is its
-        # final state with the answer (see JobService.watch).
+        # final state with the answer (see jobs/watch.py).
         async for event in self._events(record.id, record):
             yield event
 
