@@ -2,8 +2,8 @@
 
 The hub is the one place on this node where a job's site events are de-duplicated: it
 keeps and publishes each (site, state) pair once per job, whichever path the event came
-by (this site's share, a peer's stream relayed by the transport, a share re-run after a
-restart). Nothing upstream filters them and nothing downstream needs to: a watcher that
+by (this site's own share, or a peer's stream as the transport relays it, repeats and
+all). Nothing upstream filters them and nothing downstream needs to: a watcher that
 subscribes mid-job gets the events so far and, from the same moment, each later one.
 """
 
