@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import shutil
 import signal
@@ -36,14 +37,15 @@ from stimnet.v1 import (
 from stimnetd import __version__
 from stimnetd.catalog import CatalogSet, load_catalogs
 from stimnetd.config import Config, ConfigError, GossipSettings
-from stimnetd.federation.fanout import Coordinator, Target
-from stimnetd.federation.subjob import SubJobHandler
+from stimnetd.federation.fanout import Fanout
+from stimnetd.federation.peers import StaticPeers
+from stimnetd.federation.subjob import PeerSubJobs
 from stimnetd.gossip.membership import Member
 from stimnetd.gossip.swim import GossipConfig, Swim, SystemClock
 from stimnetd.jobs.scripts import SandboxScripts
-from stimnetd.jobs.service import JobService, ScriptPolicy
-from stimnetd.jobs.site import SiteExecutor
+from stimnetd.jobs.service import JobService
 from stimnetd.metrics import Metrics
+from stimnetd.node import NodeState
 from stimnetd.privacy.noise import NoiseMechanism
 from stimnetd.privacy.policy import PrivacyPolicy
 from stimnetd.rpc.admin_servicer import AdminServicer
@@ -57,7 +59,10 @@ from stimnetd.rpc.refusals import RefusalLimiter
 from stimnetd.sandbox import SANDBOX_VERSION
 from stimnetd.sandbox.image import check_image
 from stimnetd.sandbox.runner import SandboxLimits, SandboxRunner
+from stimnetd.site import LocalSite
+from stimnetd.site.policy import ScriptPolicy
 from stimnetd.store import Store
+from stimnetd.supervisor import Supervisor
 from stimnetd.systemd import Notifier
 from stimnetd.tls import ServerTls
 from stimnetd.tlsfront import TlsFront
@@ -88,70 +93,22 @@ def gossip_config(settings: GossipSettings) -> GossipConfig:
 class JobVerifier:
     """Checks signed jobs against this node's CA and current CRL (both reloadable)."""
 
-    def __init__(self, daemon: Daemon, max_age_s: float) -> None:
-        self._d = daemon
+    def __init__(self, *, ca_cert: Callable[[], Any], revocations: Revocations,
+                 max_age_s: float) -> None:
+        self._ca_cert = ca_cert
+        self._revocations = revocations
         self.max_age_s = max_age_s
         self._chains: dict[bytes, Any] = {}
 
     def __call__(self, signed: signing.SignedJob, *, fresh: bool = True) -> signing.VerifiedJob:
-        return signing.verify(signed, ca_cert=self._d.tls.material.ca_cert,
-                              revoked=self._d.revocations.serials,
+        return signing.verify(signed, ca_cert=self._ca_cert(),
+                              revoked=self._revocations.serials,
                               max_age_s=self.max_age_s if fresh else float("inf"),
                               chains=self._chains)
 
     def forget_chains(self) -> None:
         """After a reload: the CA may have changed."""
         self._chains.clear()
-
-
-class StaticPeers:
-    """Peers from the config, until gossip tells us who holds what."""
-
-    def __init__(self, daemon: Daemon) -> None:
-        self._d = daemon
-
-    def targets(self, catalog: str) -> list[Target]:
-        d = self._d
-        if d.membership is not None:
-            return [Target(m.address, m.name) for m in d.membership.alive_with_catalog(catalog)
-                    if m.name != d.config.node.name]
-        own = {f"{d.config.node.host}:{d.port}", d.advertise}
-        return [Target(a) for a in d.config.federation.peers if a not in own]
-
-
-class NodeState:
-    """What servicers may ask about this node; a facade over the components."""
-
-    def __init__(self, daemon: Daemon) -> None:
-        self._d = daemon
-
-    name = property(lambda self: self._d.config.node.name)
-    version = property(lambda self: __version__)
-    k_min = property(lambda self: self._d.config.node.k_min)
-    dp_policy = property(lambda self: self._d.config.privacy.dp)
-    script_policy = property(lambda self: self._d.config.scripts.policy)
-    catalogs = property(lambda self: self._d.catalogs)
-    started_at = property(lambda self: self._d.started_at)
-
-    def members(self) -> list[Any]:
-        return self._d.membership.members() if self._d.membership else []
-
-    def remote_members(self) -> list[Any]:
-        return [m for m in self.members() if m.name != self.name and m.status == "alive"]
-
-    async def status(self) -> dict[str, Any]:
-        peers: dict[str, int] = {}
-        for m in self.members():
-            peers[m.status] = peers.get(m.status, 0) + 1
-        jobs = await self._d.store.count_jobs_by_state()
-        return {
-            "name": self.name, "version": __version__,
-            "uptime_s": time.time() - self._d.started_at,
-            "peers_by_status": peers, "jobs_by_state": jobs,
-            "queue_depth": jobs.get("queued", 0) + jobs.get("awaiting_approval", 0),
-            "epsilon_spent": await self._d.store.spent_by_catalog(),
-            "cert_days_left": self._d.tls.days_left(),
-        }
 
 
 class Daemon:
@@ -172,45 +129,23 @@ class Daemon:
                               "the same node")
         self.revocations = Revocations(self.tls.material.revoked)
         self.catalogs: CatalogSet = load_catalogs(config.catalogs)
-        self.membership: Any = None
+        self.membership: Swim | None = None
         self.metrics = Metrics()
-        self.policy = PrivacyPolicy(
-            k_min=config.node.k_min, dp=config.privacy.dp,  # type: ignore[arg-type]
-            default_epsilon=config.privacy.default_epsilon,
-            max_epsilon_per_query=config.privacy.max_epsilon_per_query,
-            budget_epsilon=config.privacy.budget_epsilon)
         self.sandbox = self._sandbox(config) if config.scripts.policy != "deny" else None
-        self.executor = SiteExecutor(
-            site=config.node.name, catalogs=self.catalogs, store=self.store, policy=self.policy,
-            noise=NoiseMechanism(), overlap_guard=config.privacy.overlap_guard,
-            on_decision=self.metrics.decision,
-            script_runner=SandboxScripts(self.sandbox, log_policy=config.scripts.log_policy,
-                                         declared_outputs=config.scripts.declared_outputs,
-                                         concurrency=config.scripts.concurrency,
-                                         on_duration=self.metrics.sandbox_seconds.observe)
-            if self.sandbox is not None else None)
-        self.verifier = JobVerifier(self, config.federation.request_max_age_s)
+        self.site = self._local_site()
+        self.verifier = JobVerifier(ca_cert=lambda: self.tls.material.ca_cert,
+                                    revocations=self.revocations,
+                                    max_age_s=config.federation.request_max_age_s)
         self.peer_channels = PeerChannels(self.tls.material)
-        self.coordinator = Coordinator(
-            executor=self.executor, holds_catalog=lambda name: name in self.catalogs.names(),
-            peers=StaticPeers(self),
+        self.fanout = Fanout(
+            site=self.site, holds_catalog=lambda name: name in self.catalogs.names(),
+            peers=StaticPeers(node=config.node.name, peers=tuple(config.federation.peers),
+                              membership=lambda: self.membership,
+                              own_addresses=lambda: {f"{config.node.host}:{self.port}",
+                                                     self.advertise}),
             transport=GrpcSubJobTransport(self.peer_channels, config.node.name),
             timeout_s=config.federation.subjob_timeout_s)
-        self.jobs = JobService(node=config.node.name, store=self.store, executor=self.executor,
-                               coordinator=self.coordinator, verify=self.verifier,
-                               script_policy=ScriptPolicy(
-                                   config.scripts.policy, config.scripts.concurrency,
-                                   config.scripts.on_restart,
-                                   config.scripts.max_pending_per_researcher),
-                               request_max_age_s=config.federation.request_max_age_s,
-                               retention_days=config.node.job_retention_days,
-                               max_queries_per_researcher=config.node.max_queries_per_researcher)
-        self.subjobs = SubJobHandler(executor=self.executor, store=self.store,
-                                     verify=self.verifier,
-                                     max_age_s=config.federation.request_max_age_s,
-                                     script_policy=config.scripts.policy,
-                                     max_per_entry=config.federation.max_subjobs_per_entry,
-                                     max_pending_scripts=config.scripts.max_pending_per_researcher)
+        self.jobs, self.subjobs = self._jobs()
         self.started_at = time.time()
         self.port: int | None = None
         self.inner_socket: str | None = None  # plaintext gRPC socket behind the TLS front
@@ -219,19 +154,62 @@ class Daemon:
         self.advertise: str | None = None
         self._server: grpc.aio.Server | None = None
         self.guard: Guard | None = None
-        m = self.tls.material
-        t = config.tls
-        self.front = (TlsFront(m.ca_pem, m.cert_pem, m.key_pem,
-                               handshake_timeout_s=t.handshake_timeout_s,
-                               max_handshaking=t.max_handshakes,
-                               max_handshaking_per_host=t.max_handshakes_per_host)
-                      if t.terminate == "stimnet" else None)
+        self.front = self._front()
         self._health = health.aio.HealthServicer()
         self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task[Any]] = []
+        self.background = Supervisor()
         self._stopped = False
 
     # -- construction ------------------------------------------------------------------
+
+    def _local_site(self) -> LocalSite:
+        config = self.config
+        policy = PrivacyPolicy(
+            k_min=config.node.k_min, dp=config.privacy.dp,  # type: ignore[arg-type]
+            default_epsilon=config.privacy.default_epsilon,
+            max_epsilon_per_query=config.privacy.max_epsilon_per_query,
+            budget_epsilon=config.privacy.budget_epsilon)
+        scripts = config.scripts
+        runner = SandboxScripts(self.sandbox, log_policy=scripts.log_policy,
+                                declared_outputs=scripts.declared_outputs,
+                                concurrency=scripts.concurrency,
+                                on_duration=self.metrics.sandbox_seconds.observe) \
+            if self.sandbox is not None else None
+        return LocalSite(name=config.node.name, catalogs=self.catalogs, store=self.store,
+                         policy=policy, noise=NoiseMechanism(),
+                         overlap_guard=config.privacy.overlap_guard,
+                         on_decision=self.metrics.decision, script_runner=runner)
+
+    def _jobs(self) -> tuple[JobService, PeerSubJobs]:
+        """The jobs this node is the entry of, and the sub-jobs its peers send it: under
+        one script policy."""
+        config = self.config
+        sc = config.scripts
+        scripts = ScriptPolicy(sc.policy, sc.concurrency, sc.on_restart,  # type: ignore[arg-type]
+                               sc.max_pending_per_researcher)
+        jobs = JobService(node=config.node.name, store=self.store, site=self.site,
+                          fanout=self.fanout, verify=self.verifier, script_policy=scripts,
+                          request_max_age_s=config.federation.request_max_age_s,
+                          retention_days=config.node.job_retention_days,
+                          max_queries_per_researcher=config.node.max_queries_per_researcher)
+        subjobs = PeerSubJobs(site=self.site, store=self.store, verify=self.verifier,
+                              max_age_s=config.federation.request_max_age_s, scripts=scripts,
+                              max_per_entry=config.federation.max_subjobs_per_entry)
+        return jobs, subjobs
+
+    def _front(self) -> TlsFront | None:
+        """The TLS front (`[tls] terminate = "stimnet"`), or None when gRPC terminates TLS."""
+        m, t = self.tls.material, self.config.tls
+        if t.terminate != "stimnet":
+            return None
+        return TlsFront(m.ca_pem, m.cert_pem, m.key_pem, handshake_timeout_s=t.handshake_timeout_s,
+                        max_handshaking=t.max_handshakes,
+                        max_handshaking_per_host=t.max_handshakes_per_host)
+
+    def node_state(self) -> NodeState:
+        return NodeState(config=self.config, catalogs=self.catalogs, store=self.store,
+                         tls=self.tls, membership=lambda: self.membership,
+                         started_at=lambda: self.started_at)
 
     @staticmethod
     def _sandbox(config: Config) -> SandboxRunner:
@@ -288,7 +266,7 @@ class Daemon:
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
                 ("grpc.so_reuseport", 0),
             ])
-        state = NodeState(self)
+        state = self.node_state()
         node_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(state), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.store), server)
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.jobs, guard), server)
@@ -306,6 +284,25 @@ class Daemon:
         await self.store.open()
         self._server = self._build_server()
         node = self.config.node
+        port = self.port = await self._listen()
+        self.advertise = node.advertise or f"{node.host}:{port}"
+        interrupted = await self.jobs.recover()
+        if interrupted:
+            log.warning("jobs interrupted by the last stop", count=interrupted)
+        await self._server.start()
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.store.audit(self.config.node.name, "node", "start", "ok",
+                               {"version": __version__, "port": port})
+        self.started_at = time.time()
+        self._start_background()
+        log.info("listening", address=f"{node.host}:{port}", catalogs=self.catalogs.names())
+        self.notifier.notify(f"READY=1\nSTATUS=serving on port {port}")
+
+    async def _listen(self) -> int:
+        """Bind the node's port (gRPC's own TLS, or the TLS front); the port bound."""
+        assert self._server is not None
+        node = self.config.node
         if self.front is None:
             port = self._server.add_secure_port(f"{node.host}:{node.port}", self.tls.credentials())
         else:
@@ -320,38 +317,28 @@ class Daemon:
                 port = 0
         if port == 0:
             raise OSError(f"cannot listen on {node.host}:{node.port} (address in use or not local)")
-        self.port = port
-        self.advertise = node.advertise or f"{node.host}:{port}"
-        interrupted = await self.jobs.recover()
-        if interrupted:
-            log.warning("jobs interrupted by the last stop", count=interrupted)
-        await self._server.start()
-        for name in ("", *SERVICE_NAMES):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        await self.store.audit(self.config.node.name, "node", "start", "ok",
-                               {"version": __version__, "port": port})
-        self.started_at = time.time()
+        return int(port)
+
+    def _start_background(self) -> None:
+        """The long-lived loops, each supervised (stimnetd/supervisor.py)."""
+        node, spawn = self.config.node, self.background.spawn
         if self.config.gossip.enabled:
             self._start_membership()
         if self.sandbox is not None:
-            self._tasks.append(asyncio.create_task(self._sandbox_startup(), name="sandbox"))
+            spawn("sandbox", self._sandbox_startup, restart=False)
         if self.config.metrics.listen:
             host, _, mport = self.config.metrics.listen.rpartition(":")
             self.metrics_port = self.metrics.serve(host, int(mport))
-            self._tasks.append(asyncio.create_task(
-                self.metrics.refresh_loop(NodeState(self).status)))
+            spawn("metrics", functools.partial(self.metrics.refresh_loop,
+                                               self.node_state().status))
             log.info("metrics", address=f"{host}:{self.metrics_port}")
-        self._tasks.append(asyncio.create_task(self._expiry_warnings()))
+        spawn("expiry", self._expiry_warnings)
         assert self.guard is not None  # built with the server
-        self._tasks.append(asyncio.create_task(self.guard.condense_refusals_loop(),
-                                               name="refusals"))
+        spawn("refusals", self.guard.condense_refusals_loop)
         if node.job_retention_days:
-            self._tasks.append(asyncio.create_task(self._retention(node.job_retention_days),
-                                                   name="retention"))
+            spawn("retention", functools.partial(self._retention, node.job_retention_days))
         if self.notifier.watchdog_s:
-            self._tasks.append(asyncio.create_task(self._watchdog(self.notifier.watchdog_s / 2)))
-        log.info("listening", address=f"{node.host}:{port}", catalogs=self.catalogs.names())
-        self.notifier.notify(f"READY=1\nSTATUS=serving on port {port}")
+            spawn("watchdog", functools.partial(self._watchdog, self.notifier.watchdog_s / 2))
 
     async def _watchdog(self, interval: float) -> None:
         # Sent from the event loop itself, so a hung loop stops the pings and systemd
@@ -361,7 +348,7 @@ class Daemon:
             await asyncio.sleep(interval)
 
     async def refresh_metrics(self) -> None:
-        self.metrics.update(await NodeState(self).status())
+        self.metrics.update(await self.node_state().status())
 
     def _start_membership(self) -> None:
         cfg = self.config
@@ -375,7 +362,8 @@ class Daemon:
                                                        *cfg.federation.peers])),
                                transport, store=StoreMembers(self.store), clock=SystemClock(),
                                rng=random.Random(), config=self.gossip_config)
-        self._tasks.append(asyncio.create_task(self.membership.run(), name="gossip"))
+        # Swim.run runs once: a failure is logged, not retried.
+        self.background.spawn("gossip", self.membership.run, restart=False)
 
     async def _retention(self, days: float) -> None:
         """Delete finished jobs `days` after they finished: at start, then hourly (more
@@ -418,8 +406,8 @@ class Daemon:
             self.front.reload(material.ca_pem, material.cert_pem, material.key_pem)
         self.verifier.forget_chains()
         # Peer channels reconnect with the new certificate (old calls finish on the old).
-        self._tasks.append(asyncio.get_running_loop().create_task(
-            self.peer_channels.reset(material)))
+        self.background.spawn("peer-channels", functools.partial(self.peer_channels.reset,
+                                                                 material), restart=False)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -444,11 +432,7 @@ class Daemon:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.membership.leave(), timeout=2.0)
             await self.membership.shutdown()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self.background.shutdown()
         if self.front is not None:
             self.front.stop_accepting()
         if self._server is not None:

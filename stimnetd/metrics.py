@@ -8,13 +8,12 @@ loop rather than at scrape time, so a scrape never waits on the database.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from stimnetd.store.records import JOB_STATES
+from stimnet.states import JOB_STATES
 
 
 class Metrics:
@@ -83,7 +82,8 @@ class Metrics:
 
     async def refresh_loop(self, snapshot: Callable[[], Awaitable[dict[str, Any]]],
                            interval_s: float = 2.0) -> None:
+        """Refresh the store's gauges every `interval_s`. A failed refresh raises: the
+        daemon's supervisor logs it and starts the loop again."""
         while True:
-            with contextlib.suppress(Exception):
-                self.update(await snapshot())
+            self.update(await snapshot())
             await asyncio.sleep(interval_s)

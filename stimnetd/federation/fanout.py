@@ -12,18 +12,22 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import structlog
 
 from stimnet.errors import QueryError, StimnetError
 from stimnet.signing import SignedJob, VerifiedJob
+from stimnet.states import SiteEvent, SiteState
 from stimnetd.federation import subjob
-from stimnetd.jobs.site import SiteExecutor, SiteOutcome
+from stimnetd.site import LocalSite, ShareProgress, SiteOutcome
 
 log = structlog.get_logger("stimnetd.fanout")
 
-SiteEventSink = Callable[[str, str, str, int], Awaitable[None]]  # site, state, detail, n
+# How a transport relays a peer's messages: (site, state, detail, n), where the state "log"
+# carries a log line in `detail` (the wire's SubJobEvent.log_line). FanoutEvents.relay
+# turns them back into site events and log lines.
+SiteEventSink = Callable[[str, str, str, int], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,23 @@ class SubJobTransport(Protocol):
 
 
 @dataclass(frozen=True)
+class FanoutEvents:
+    """Where a fan-out reports what the sites say before their outcomes are gathered: each
+    site's steps, and the log lines each site's log policy let through (site, line)."""
+
+    site: Callable[[SiteEvent], Awaitable[None]]
+    log: Callable[[str, str], Awaitable[None]]
+
+    async def relay(self, site: str, state: str, detail: str, n: int) -> None:
+        """The transport's sink (SiteEventSink)."""
+        if state == "log":
+            await self.log(site, detail)
+        else:
+            # The transport relays only the states it checked (an unknown one fails the site).
+            await self.site(SiteEvent(site, cast(SiteState, state), detail, n))
+
+
+@dataclass(frozen=True)
 class FanoutResult:
     outcomes: list[SiteOutcome]
 
@@ -55,10 +76,13 @@ class FanoutResult:
                  "epsilon": o.epsilon, "mechanism": o.mechanism} for o in self.outcomes]
 
 
-class Coordinator:
-    def __init__(self, *, executor: SiteExecutor, holds_catalog: Callable[[str], bool],
+class Fanout:
+    """Runs a federated job at every site holding its catalog: this one's share here, each
+    peer's through the sub-job transport; gathers every site's outcome."""
+
+    def __init__(self, *, site: LocalSite, holds_catalog: Callable[[str], bool],
                  peers: PeerDirectory, transport: SubJobTransport, timeout_s: float) -> None:
-        self._executor = executor
+        self._site = site
         self._holds = holds_catalog
         self._peers = peers
         self._transport = transport
@@ -68,7 +92,7 @@ class Coordinator:
         """Whether this site runs a share of a federated job on `catalog` itself."""
         return self._holds(catalog)
 
-    async def run(self, job: VerifiedJob, request_id: str, on_event: SiteEventSink, *,
+    async def run(self, job: VerifiedJob, request_id: str, events: FanoutEvents, *,
                   resumed: bool = False, local_refusal: str | None = None) -> FanoutResult:
         """`local_refusal`: this site does not run its own share (its script policy), and
         that share's outcome is refused with this reason, as a peer would answer."""
@@ -83,32 +107,36 @@ class Coordinator:
         # Peers' tasks first: each starts its call before this site's own share (computed
         # on the loop when small) holds the loop. The local outcome stays first in order.
         for target in self._peers.targets(catalog):
-            tasks.append(asyncio.create_task(self._remote(target, job, request_id, on_event,
+            tasks.append(asyncio.create_task(self._remote(target, job, request_id, events,
                                                           small)))
         if self._holds(catalog):
             tasks.insert(0, asyncio.create_task(
-                self._refused_locally(local_refusal, on_event) if local_refusal is not None
-                else self._local(job, on_event, resumed)))
+                self._refused_locally(local_refusal, events) if local_refusal is not None
+                else self._local(job, events, resumed)))
         outcomes = list(await asyncio.gather(*tasks)) if tasks else []
         return FanoutResult(outcomes)
 
-    async def _local(self, job: VerifiedJob, on_event: SiteEventSink,
-                     resumed: bool) -> SiteOutcome:
-        site = self._executor.site
+    async def _local(self, job: VerifiedJob, events: FanoutEvents, resumed: bool) -> SiteOutcome:
+        site = self._site.name
         reported = False
 
         async def accepted() -> None:
             nonlocal reported
             if not reported:
                 reported = True
-                await on_event(site, "accepted", "", 0)
+                await events.site(SiteEvent(site, "accepted"))
 
-        async def relay(state: str, detail: str) -> None:
+        async def running() -> None:
             await accepted()
-            await on_event(site, state, detail, 0)
+            await events.site(SiteEvent(site, "running"))
+
+        async def logged(line: str) -> None:
+            await accepted()
+            await events.log(site, line)
 
         # As at a peer (subjob.ACCEPTED_AFTER_S): "accepted" only if the answer takes a while.
-        task = asyncio.create_task(self._executor.run(job, relay, resumed=resumed))
+        task = asyncio.create_task(self._site.run(job, ShareProgress(running, logged),
+                                                  resumed=resumed))
         try:
             done, _ = await asyncio.wait({task}, timeout=subjob.ACCEPTED_AFTER_S)
             if not done:
@@ -117,30 +145,30 @@ class Coordinator:
         finally:
             if not task.done():  # cancelled (job cancel, shutdown): so is the site's run
                 task.cancel()
-        await on_event(site, outcome.state, outcome.detail, outcome.n)
+        await events.site(SiteEvent(site, outcome.state, outcome.detail, outcome.n))
         return outcome
 
-    async def _refused_locally(self, detail: str, on_event: SiteEventSink) -> SiteOutcome:
-        outcome = SiteOutcome(self._executor.site, "refused", detail)
-        await on_event(outcome.site, outcome.state, outcome.detail, 0)
+    async def _refused_locally(self, detail: str, events: FanoutEvents) -> SiteOutcome:
+        outcome = SiteOutcome(self._site.name, "refused", detail)
+        await events.site(SiteEvent(outcome.site, outcome.state, outcome.detail))
         return outcome
 
     async def _remote(self, target: Target, job: VerifiedJob, request_id: str,
-                      on_event: SiteEventSink, small: bool) -> SiteOutcome:
+                      events: FanoutEvents, small: bool) -> SiteOutcome:
         label = target.name or target.address
         started = time.monotonic()
         try:
             outcome = await asyncio.wait_for(
-                self._transport.run_subjob(target, job.signed, request_id, self._timeout, on_event,
-                                           small=small),
+                self._transport.run_subjob(target, job.signed, request_id, self._timeout,
+                                           events.relay, small=small),
                 timeout=self._timeout + 1.0)
         except TimeoutError:
             outcome = SiteOutcome(label, "timed_out",
                                   f"no answer within the {self._timeout:g}s site deadline")
-            await on_event(outcome.site, outcome.state, outcome.detail, 0)
+            await events.site(SiteEvent(outcome.site, outcome.state, outcome.detail))
         except Exception as exc:  # noqa: BLE001 - one site's failure is that site's row
             outcome = SiteOutcome(label, "failed", str(exc) or type(exc).__name__)
-            await on_event(outcome.site, outcome.state, outcome.detail, 0)
+            await events.site(SiteEvent(outcome.site, outcome.state, outcome.detail))
         # Otherwise the transport relayed the peer's own events, terminal one included.
         log.info("site answered", site=outcome.site, state=outcome.state,
                  ms=round((time.monotonic() - started) * 1000, 1))

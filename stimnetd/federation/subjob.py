@@ -4,77 +4,111 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass
 
 from stimnet.errors import Overloaded, PermissionDenied, Refused, Replayed
 from stimnet.pki import Identity
 from stimnet.signing import SignedJob, VerifiedJob
-from stimnetd.jobs.site import SiteExecutor, SiteOutcome
+from stimnet.states import SiteEvent
+from stimnetd.site import LocalSite, ShareProgress, SiteOutcome
+from stimnetd.site.policy import ScriptPolicy
 from stimnetd.store import NonceClaim, Store
 from stimnetd.store.records import JobRecord
 
-# A site whose answer takes longer than this reports "accepted" first (see run()).
+# A site whose answer takes longer than this reports "accepted" first (see _reported()).
 ACCEPTED_AFTER_S = 0.05
+_REPLAYED = "replayed request: this signed job was already run at this site"
 
 
 @dataclass(frozen=True)
-class SubJobEvent:
-    state: str
-    detail: str = ""
-    n: int = 0
-    outcome: SiteOutcome | None = None
+class LogLine:
+    """A line of the share's log that this site's log policy lets through to the researcher."""
+
+    line: str
 
 
-class SubJobHandler:
-    def __init__(self, *, executor: SiteExecutor, store: Store,
+# What a sub-job's stream carries back to its entry, in order: progress (this site's
+# SiteEvents: "accepted", "running"), log lines, then the outcome, last.
+SubJobEvent = SiteEvent | LogLine | SiteOutcome
+
+
+class PeerSubJobs:
+    """The sub-jobs entry nodes send this site: each verified here, admitted under this
+    site's limits and script policy, run as this site's share, its events streamed back."""
+
+    def __init__(self, *, site: LocalSite, store: Store,
                  verify: Callable[[SignedJob], VerifiedJob], max_age_s: float,
-                 script_policy: str = "review", max_per_entry: int = 256,
-                 max_pending_scripts: int = 16,
+                 scripts: ScriptPolicy | None = None, max_per_entry: int = 256,
                  clock: Callable[[], float] = time.time) -> None:
-        self._max_pending_scripts = max_pending_scripts
-        self._executor = executor
+        self._scripts = scripts or ScriptPolicy()
+        self._max_pending_scripts = self._scripts.max_pending_per_researcher
+        self._site = site
         # Sub-jobs running here per entry node: one node (or a runaway researcher behind
         # it) cannot take every slot of this site's loop and database.
         self._max_per_entry = max_per_entry
         self._running: collections.Counter[str] = collections.Counter()
-        self._script_policy = script_policy
         self._clock = clock
         self._store = store
         self._verify = verify
         self._max_age = max_age_s
 
     async def run(self, signed: SignedJob, entry: Identity,
-                  request_id: str) -> AsyncIterator[SubJobEvent]:
-        if self._running[entry.name] >= self._max_per_entry:
-            raise Overloaded(f"node {entry.name!r} has {self._running[entry.name]} sub-jobs "
+                  request_id: str) -> AsyncGenerator[SubJobEvent, None]:
+        with self._slot(entry.name) as release:
+            async with contextlib.aclosing(self._run(signed, entry, request_id)) as events:
+                async for ev in events:
+                    if isinstance(ev, SiteOutcome):
+                        # The outcome ends the sub-job for the entry, which reads nothing
+                        # after it: its next sub-job may arrive before this stream closes.
+                        release()
+                    yield ev
+
+    @contextlib.contextmanager
+    def _slot(self, entry: str) -> Iterator[Callable[[], None]]:
+        """One of `entry`'s sub-job slots here, held until released or the block ends."""
+        if self._running[entry] >= self._max_per_entry:
+            raise Overloaded(f"node {entry!r} has {self._running[entry]} sub-jobs "
                              f"running at this site, its limit (max_subjobs_per_entry = "
                              f"{self._max_per_entry}); try again when some have finished")
-        self._running[entry.name] += 1
+        self._running[entry] += 1
         counted = True
 
         def release() -> None:
             nonlocal counted
             if counted:
                 counted = False
-                self._running[entry.name] -= 1
-                if not self._running[entry.name]:
-                    del self._running[entry.name]
-
+                self._running[entry] -= 1
+                if not self._running[entry]:
+                    del self._running[entry]
         try:
-            async for ev in self._run(signed, entry, request_id):
-                if ev.outcome is not None:
-                    # The outcome ends the sub-job for the entry, which reads nothing after
-                    # it: its next sub-job may arrive before this stream has closed.
-                    release()
-                yield ev
+            yield release
         finally:
             release()
 
     async def _run(self, signed: SignedJob, entry: Identity,
-                   request_id: str) -> AsyncIterator[SubJobEvent]:
+                   request_id: str) -> AsyncGenerator[SubJobEvent, None]:
+        job, claim = await self._admit(signed, entry, request_id)
+        outcome: SiteOutcome | None = None
+        async with contextlib.aclosing(self._reported(job, claim)) as events:
+            async for ev in events:
+                if isinstance(ev, SiteOutcome):
+                    outcome = ev
+                else:
+                    yield ev
+        assert outcome is not None
+        if not claim.consumed:
+            # Failed without a release or a refusal: still remember the nonce (and that the
+            # job was accepted) so that the request cannot be run here again.
+            await self._store.claim_nonce(claim)
+        yield outcome
+
+    async def _admit(self, signed: SignedJob, entry: Identity,
+                     request_id: str) -> tuple[VerifiedJob, NonceClaim]:
+        """The job, if this site answers it for `entry`, and its nonce to remember."""
         # Verified here, at this site, with this site's CA and CRL: the entry node is only
         # a relay and cannot vouch for the researcher.
         job = self._verify(signed)
@@ -90,7 +124,7 @@ class SubJobHandler:
             raise PermissionDenied(f"job {job.request.job_id} was signed to enter the federation "
                                    f"at node {job.request.entry!r}, not {entry.name!r}: a site "
                                    "answers a job only from the entry node its researcher chose")
-        await self._executor.precheck(job)
+        await self._site.precheck(job)
         if job.request.kind == "script":
             await self._admit_script(job, entry, request_id)
         accepted = (job.researcher.name, job.researcher.role, "subjob", "accepted",
@@ -101,23 +135,30 @@ class SubJobHandler:
             # A container run is costly and not idempotent before its release: remember
             # the nonce durably before starting it, so a concurrent replay never runs.
             if not await self._store.claim_nonce(claim):
-                raise Replayed("replayed request: this signed job was already run at this site")
+                raise Replayed(_REPLAYED)
         elif self._store.nonce_seen(claim.nonce):
             # Queries remember the nonce in their release (or refusal) transaction, which
             # also stops a concurrent replay; this look-up (in memory, no database round
             # trip) only answers a late one at once.
-            raise Replayed("replayed request: this signed job was already run at this site")
-        events: asyncio.Queue[SubJobEvent] = asyncio.Queue()
+            raise Replayed(_REPLAYED)
+        return job, claim
 
-        async def sink(state: str, detail: str) -> None:
-            events.put_nowait(SubJobEvent(state, detail))
+    async def _reported(self, job: VerifiedJob, claim: NonceClaim) -> AsyncGenerator[SubJobEvent, None]:
+        """The share's events as it runs here, its outcome last. "accepted" is progress: a
+        site that answers within ACCEPTED_AFTER_S reports its outcome straight away (one
+        message, not two); a slower one first says it accepted, before any other event."""
+        events: asyncio.Queue[SiteEvent | LogLine] = asyncio.Queue()
 
-        task = asyncio.create_task(self._executor.run(
-            job, sink, nonce=None if claim.consumed else claim))
-        # "accepted" is progress: a site that answers within ACCEPTED_AFTER_S reports its
-        # outcome straight away (one message, not two); a slower one says it accepted.
+        async def running() -> None:
+            events.put_nowait(SiteEvent(self._site.name, "running"))
+
+        async def logged(line: str) -> None:
+            events.put_nowait(LogLine(line))
+
+        task = asyncio.create_task(self._site.run(
+            job, ShareProgress(running, logged), nonce=None if claim.consumed else claim))
         reported = False
-        getter: asyncio.Task[SubJobEvent] | None = None
+        getter: asyncio.Task[SiteEvent | LogLine] | None = None
         try:
             while not task.done() or not events.empty():
                 getter = asyncio.create_task(events.get())
@@ -130,7 +171,7 @@ class SubJobHandler:
                     getter.cancel()
                 if not reported and (not done or got is not None):
                     reported = True
-                    yield SubJobEvent("accepted")
+                    yield SiteEvent(self._site.name, "accepted")
                 if got is not None:
                     yield got
             outcome = task.result()
@@ -139,22 +180,17 @@ class SubJobHandler:
                 task.cancel()
             if getter is not None and not getter.done():  # the entry went away mid-wait
                 getter.cancel()
-        if not claim.consumed:
-            # Failed without a release or a refusal: still remember the nonce (and that the
-            # job was accepted) so that the request cannot be run here again.
-            await self._store.claim_nonce(claim)
-        yield SubJobEvent(outcome.state, outcome.detail, outcome.n, outcome)
+        yield outcome
 
     async def _admit_script(self, job: VerifiedJob, entry: Identity, request_id: str) -> None:
         """This site's script policy for a federated script: it cannot hold the entry
         node's stream open for an admin, so 'review' answers at once and keeps a pending
         request an admin can approve (remembered) before the researcher resubmits."""
         req = job.request
-        if self._script_policy == "deny":
+        if self._scripts.review == "deny":
             raise Refused("this site's script policy is 'deny': it does not run researcher "
                           "scripts")
-        if self._script_policy == "auto" or await self._store.is_script_approved(
-                req.script_sha256):
+        if not await self._scripts.needs_review(self._store, req.script_sha256):
             return
         now = self._clock()
         try:

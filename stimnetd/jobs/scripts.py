@@ -46,15 +46,15 @@ class ScriptFailed(StimnetError):
 
 
 class SandboxScripts:
-    """The SiteExecutor's script runner: sandbox → validated Partials."""
+    """LocalSite's script runner (site.ScriptRunner): sandbox → validated Partials."""
 
     def __init__(self, runner: SandboxRunner, *, log_policy: str,
                  declared_outputs: str = "required", concurrency: int = 1,
                  on_duration: Callable[[float], None] = lambda s: None) -> None:
         self._runner = runner
         # `[scripts] concurrency` containers at once, whoever asks: this site's own jobs
-        # (JobService also queues those) and the sub-jobs of every entry node, which
-        # otherwise each started a container the moment they arrived.
+        # (JobService also queues those) and the sub-jobs of every entry node, which would
+        # otherwise each start a container the moment they arrive.
         self._slots = asyncio.Semaphore(concurrency)
         self._log_policy = log_policy
         self._declared_outputs = declared_outputs
@@ -75,7 +75,7 @@ class SandboxScripts:
         return declared_spec(doc, catalog)
 
     async def __call__(self, job: VerifiedJob, catalog: Catalog,
-                       on_event: Callable[[str, str], Awaitable[None]]
+                       on_log: Callable[[str], Awaitable[None]]
                        ) -> tuple[list[Partial], frozenset[str] | None]:
         declared = self.declaration(job, catalog)
         manifest = job_manifest({t: str(p.relative_to(catalog.root))
@@ -87,10 +87,10 @@ class SandboxScripts:
         self._on_duration(outcome.duration_s)
         if self._log_policy == "full":
             for line in outcome.log_lines:
-                await on_event("log", line)
+                await on_log(line)
         if outcome.status != "succeeded":
             if self._log_policy != "none":
-                await on_event("log", outcome.reason)
+                await on_log(outcome.reason)
             raise ScriptFailed(f"script {outcome.status}: {outcome.reason}")
         geometry = {f: catalog.geometry(f) for f in catalog.image_fields()}
         # Off the loop: checking a result of voxel maps is seconds of numpy at worst.

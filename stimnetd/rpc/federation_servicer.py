@@ -8,19 +8,19 @@ from typing import Any
 from stimnet.errors import InvalidRequest, Unavailable
 from stimnet.frames import packed_frames, to_frames
 from stimnet.v1 import common_pb2, federation_pb2, federation_pb2_grpc
-from stimnetd.federation.subjob import SubJobHandler
+from stimnetd.federation.subjob import LogLine, PeerSubJobs
 from stimnetd.gossip.membership import ForgedSender
-from stimnetd.gossip.swim import FullState, ProbeMessage
-from stimnetd.jobs.site import SiteOutcome
+from stimnetd.gossip.swim import FullState, ProbeMessage, Swim
 from stimnetd.query import partial_docs
 from stimnetd.rpc import convert, multiplex
 from stimnetd.rpc.gossip_transport import from_wire, to_wire
 from stimnetd.rpc.guard import Caller, Guard, current_caller
+from stimnetd.site import SiteOutcome
 
 
 class FederationServicer(federation_pb2_grpc.FederationServiceServicer):
-    def __init__(self, site: str, subjobs: SubJobHandler, guard: Guard,
-                 gossip: Callable[[], Any] = lambda: None) -> None:
+    def __init__(self, site: str, subjobs: PeerSubJobs, guard: Guard,
+                 gossip: Callable[[], Swim | None] = lambda: None) -> None:
         self._site = site
         self._guard = guard
         self._subjobs = subjobs
@@ -51,15 +51,15 @@ class FederationServicer(federation_pb2_grpc.FederationServiceServicer):
         request_id = request.request_id[:64] or caller.request_id
         async for ev in self._subjobs.run(convert.signed_job(request.job), caller.identity,
                                           request_id):
-            if ev.state == "log":  # not a state of the site: a line for the researcher
-                yield federation_pb2.SubJobEvent(log_line=ev.detail)
+            if isinstance(ev, LogLine):
+                yield federation_pb2.SubJobEvent(log_line=ev.line)
                 continue
             site = common_pb2.SiteEvent(site=self._site, state=ev.state, detail=ev.detail,
                                         n=max(0, ev.n))
-            if ev.outcome is None:
+            if not isinstance(ev, SiteOutcome):  # progress
                 yield federation_pb2.SubJobEvent(site=site)
                 continue
-            frames = list(_outcome_frames(ev.outcome))
+            frames = list(_outcome_frames(ev))
             for frame in frames[:-1]:
                 yield federation_pb2.SubJobEvent(partial=frame)
             # The outcome's last frame and its final event: one message for a small result.
@@ -67,7 +67,7 @@ class FederationServicer(federation_pb2_grpc.FederationServiceServicer):
 
     # -- SWIM ----------------------------------------------------------------------------
 
-    def _swim(self):  # type: ignore[no-untyped-def]
+    def _swim(self) -> Swim:
         swim = self._gossip()
         if swim is None:
             raise Unavailable("gossip is disabled on this node")
@@ -106,6 +106,8 @@ class FederationServicer(federation_pb2_grpc.FederationServiceServicer):
 
 
 _RUN_SUBJOB = "/stimnet.v1.FederationService/RunSubJob"
+
+
 def _outcome_frames(outcome: SiteOutcome) -> Iterator[common_pb2.ResultFrame]:
     """A site's partials as the entry reads them: {"partials", "epsilon", "mechanism"}."""
     if outcome.packed is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from typing import Any
 
 from stimnet.errors import InvalidRequest
@@ -37,7 +38,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         record = await self._jobs.submit(convert.signed_job(request.job), caller.identity,
                                          caller.request_id, follow=True)
         # The submitted record goes along: no read, and a quick job's whole stream is its
-        # final state with the answer (see JobService.watch).
+        # final state with the answer (see jobs/watch.py).
         async for event in self._events(record.id, record):
             yield event
 
@@ -78,14 +79,12 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             elif update.kind == "state" and update.job is not None:
                 yield jobs_pb2.JobEvent(state=convert.job(update.job))
             elif update.kind == "site" and update.site is not None:
-                yield jobs_pb2.JobEvent(site=convert.site_event(update.site))
+                yield jobs_pb2.JobEvent(site=convert.site_event(asdict(update.site)))
             elif update.kind == "sites":
-                yield jobs_pb2.JobEvent(sites=[convert.site_event(s) for s in update.sites])
+                yield jobs_pb2.JobEvent(sites=[convert.site_event(asdict(s))
+                                               for s in update.sites])
             elif update.kind == "log":
                 yield jobs_pb2.JobEvent(log_line=update.line)
-            elif update.kind == "result" and update.result is not None:
-                for frame in packed_frames(update.result):
-                    yield jobs_pb2.JobEvent(result=frame)
 
     async def GetResult(self, request: jobs_pb2.GetResultRequest,
                         context: Any) -> AsyncIterator[Any]:

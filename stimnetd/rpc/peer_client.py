@@ -10,6 +10,7 @@ import asyncio
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import cast
 
 import grpc
 
@@ -17,14 +18,15 @@ from stimnet import codec, multiplex
 from stimnet.frames import feed
 from stimnet.pki import Identity
 from stimnet.signing import SignedJob
+from stimnet.states import SiteState
 from stimnet.v1 import federation_pb2, federation_pb2_grpc
 from stimnetd.federation.fanout import SiteEventSink, Target
-from stimnetd.jobs.site import SiteOutcome
 from stimnetd.query import partial_docs
 from stimnetd.query.aggregate import layout_problem
 from stimnetd.rpc import convert
 from stimnetd.rpc.guard import REQUEST_ID_KEY
 from stimnetd.rpc.peer_identity import PeerIdentityError, probe
+from stimnetd.site import SiteOutcome
 from stimnetd.tls import TlsMaterial, channel_credentials
 
 _TERMINAL = {"done", "suppressed", "refused", "failed"}
@@ -230,7 +232,6 @@ class _SubJobReader:
         self._on_event = on_event
         self._timeout_s = timeout_s
         self._asm = codec.Assembler()
-        self._relayed: set[str] = set()
         self._logs = 0
         self.final: tuple[str, str, int] | None = None
         self.impostor = False  # answered under another name
@@ -263,10 +264,8 @@ class _SubJobReader:
         if s.state not in _TERMINAL | _PROGRESS:
             return await _ended(self._on_event, site, "failed",
                                 f"node {site!r} sent an unknown state {s.state[:40]!r}")
-        if s.state in self._relayed:
-            return None  # each progress state once: they are kept with the job
-        if s.state in _PROGRESS:
-            self._relayed.add(s.state)
+        # Relayed as they come: the job's event hub keeps each (site, state) once
+        # (jobs/events.py).
         detail = s.detail if len(s.detail) <= MAX_DETAIL_CHARS \
             else s.detail[:MAX_DETAIL_CHARS] + "…"
         await self._on_event(site, s.state, detail, int(s.n))
@@ -292,7 +291,7 @@ class _SubJobReader:
         state, detail, n = self.final
         site = self.site
         if state != "done":
-            return SiteOutcome(site, state, detail)
+            return SiteOutcome(site, cast(SiteState, state), detail)  # checked in event()
         try:
             doc, arrays = self._asm.result()
             if not isinstance(doc, dict):
@@ -331,4 +330,4 @@ def _timed_out(timeout_s: float) -> str:
 async def _ended(on_event: SiteEventSink, site: str, state: str, detail: str) -> SiteOutcome:
     """A site's outcome decided here, not by the peer: its watchers hear it too."""
     await on_event(site, state, detail, 0)
-    return SiteOutcome(site, state, detail)
+    return SiteOutcome(site, cast(SiteState, state), detail)

@@ -10,9 +10,11 @@ from typing import Any
 
 import numpy as np
 
-JOB_STATES = ("queued", "awaiting_approval", "running", "succeeded", "failed", "cancelled",
-              "interrupted")
-TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled", "interrupted"})
+# Named in stimnet.states (the client reads the same states); re-exported for the store's
+# callers.
+from stimnet.states import JOB_STATES as JOB_STATES
+from stimnet.states import TERMINAL_STATES as TERMINAL_STATES
+from stimnet.states import JobState
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,7 @@ class JobRecord:
     scope: str
     catalog: str
     owner: str
-    state: str
+    state: JobState
     detail: str
     created_at: float
     updated_at: float

@@ -205,12 +205,12 @@ async def test_sites_report_accepted_when_their_answer_takes_a_while(
     within QUIET_START_S is one message (the final state lists the sites' events); a slower
     job's stream reports its state and site events as they come."""
     from stimnetd.federation import subjob
-    from stimnetd.jobs import service as service_module
-    from stimnetd.jobs import site as site_module
+    from stimnetd.jobs import watch as watch_module
+    from stimnetd.site import local as site_module
 
     if not slow:  # thresholds no loaded CI machine can miss
         monkeypatch.setattr(subjob, "ACCEPTED_AFTER_S", 5.0)
-        monkeypatch.setattr(service_module, "QUIET_START_S", 5.0)
+        monkeypatch.setattr(watch_module, "QUIET_START_S", 5.0)
     else:
         real = site_module.compute
 
@@ -260,7 +260,7 @@ async def test_a_watcher_joining_a_running_job_sees_its_state_then_each_site_eve
     that state and sent on their own: each reported once), then the rest as it happens."""
     import asyncio
 
-    from stimnetd.jobs import site as site_module
+    from stimnetd.site import local as site_module
 
     real = site_module.compute
 
@@ -405,7 +405,7 @@ async def test_work_in_flight_is_limited_per_researcher_and_per_entry_node(
     import threading
 
     from stimctl.client import Overloaded
-    from stimnetd.jobs import site as site_module
+    from stimnetd.site import local as site_module
 
     gate = threading.Event()
     computing = threading.Semaphore(0)

@@ -164,7 +164,7 @@ class _Shared(_Garbler):
 
 
 class _CallsOnly(_Garbler):
-    """A well-behaved node from before SubJobs: RunSubJob only (counted)."""
+    """A well-behaved node that serves RunSubJob only, not SubJobs (calls counted)."""
 
     calls = 0
 
@@ -183,8 +183,8 @@ GOOD_DOC = '{"partials": [], "epsilon": null, "mechanism": null}'
 
 async def test_a_peer_without_sub_job_streams_gets_calls_of_its_own(federation,
                                                                      tmp_path: Path) -> None:
-    """An older node that does not serve SubJobs: the sub-job, which it never ran, is sent
-    again as a call, and so is every later one to it — both answered."""
+    """A peer that does not serve SubJobs: the sub-job, which it never ran, is sent again
+    as a call, and so is every later one to it — both answered."""
     _CallsOnly.calls = 0
     async with federation(_catalogs(tmp_path, 1)) as fed, fed.client() as c:
         outcomes, _ = await _ask_shared(fed, c, _CallsOnly("oldnode", GOOD_DOC))
@@ -194,7 +194,7 @@ async def test_a_peer_without_sub_job_streams_gets_calls_of_its_own(federation,
 
 @pytest.mark.parametrize("doc, states, problem", [
     ('[1, 2]', ("done",), "malformed partial aggregates: the answer is not an object"),
-    (GOOD_DOC, ("dancing",), "sent an unknown state 'dancing'"),
+    (GOOD_DOC, ("dancing",), "node 'garbler' sent an unknown state 'dancing'"),
 ])
 async def test_a_malformed_answer_on_the_shared_stream_fails_that_site(
         federation, tmp_path: Path, doc: str, states: tuple[str, ...], problem: str) -> None:
@@ -203,7 +203,7 @@ async def test_a_malformed_answer_on_the_shared_stream_fails_that_site(
     async with federation(_catalogs(tmp_path, 1)) as fed, fed.client() as c:
         outcomes, events = await _ask_shared(fed, c, _Shared("garbler", doc, states))
     assert [o.state for o in outcomes] == ["failed", "failed"]
-    assert all(problem in o.detail for o in outcomes), outcomes
+    assert [o.detail for o in outcomes] == [problem, problem]
     assert [e[1] for e in events if e[0] == "garbler"][-1] == "failed"
 
 

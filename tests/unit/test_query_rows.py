@@ -21,8 +21,8 @@ from stimnet.query.sql import parse_sql
 from stimnet.signing import JobRequest, SignedJob, VerifiedJob
 from stimnetd.federation.fanout import FanoutResult
 from stimnetd.jobs.service import JobService, JobUpdate
-from stimnetd.jobs.site import SiteOutcome
 from stimnetd.query.engine import compute
+from stimnetd.site import SiteOutcome
 from stimnetd.store import Store
 from tests.unit.fakes import FakeCatalog, numeric
 
@@ -74,8 +74,8 @@ def _signed(nonce: str = "n" * 32) -> SignedJob:
 
 def _service(store: Store) -> tuple[JobService, _Coordinator]:
     coordinator = _Coordinator(store)
-    jobs = JobService(node="node-a", store=store, executor=None,  # type: ignore[arg-type]
-                      coordinator=coordinator,  # type: ignore[arg-type]
+    jobs = JobService(node="node-a", store=store, site=None,  # type: ignore[arg-type]
+                      fanout=coordinator,  # type: ignore[arg-type]
                       verify=lambda s: VerifiedJob(JobRequest.from_payload(s.payload), ALICE, s))
     return jobs, coordinator
 
@@ -154,7 +154,7 @@ async def test_a_querys_answer_is_shown_before_its_final_state_is_written(
     assert await jobs.list(bob, 10) == []  # another researcher's job, even from memory
     assert await jobs.result(record.id, ALICE) == update.result
     held.open.set()
-    task = jobs._live[record.id].task if record.id in jobs._live else None
+    task = getattr(jobs._hub.get(record.id), "task", None)
     if task is not None:
         await asyncio.wait_for(task, 5)
     stored = await store.get_job(record.id)
@@ -187,7 +187,7 @@ async def test_a_watcher_joining_a_finished_query_gets_one_final_state_with_its_
     jobs, _ = _service(store)
     record = await jobs.submit(_signed(), ALICE, "r1", follow=True)
     ended = await asyncio.wait_for(_final(jobs, record.id), 5)
-    task = jobs._live[record.id].task if record.id in jobs._live else None
+    task = getattr(jobs._hub.get(record.id), "task", None)
     if task is not None:
         await asyncio.wait_for(task, 5)
     updates = [u async for u in jobs.watch(record.id, ALICE)]

@@ -1,4 +1,4 @@
-"""The submitter's quiet start (JobService.watch): a job that ends within the window is its
+"""The submitter's quiet start (jobs/watch.py): a job that ends within the window is its
 final state alone; otherwise what arrived is handed on; nothing is ever taken off the queue
 and dropped around the moment the window closes."""
 
@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
-from stimnetd.jobs.service import JobUpdate, _quiet_start
+from stimnetd.jobs.events import JobUpdate
+from stimnetd.jobs.watch import quiet_start as _quiet_start
 
 
 def _state(terminal: bool) -> JobUpdate:

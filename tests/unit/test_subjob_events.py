@@ -9,28 +9,36 @@ from types import SimpleNamespace
 
 import pytest
 
+from stimnet.errors import Replayed
 from stimnetd.federation import subjob
-from stimnetd.federation.subjob import SubJobHandler
-from stimnetd.jobs.site import SiteOutcome
+from stimnetd.federation.subjob import LogLine, PeerSubJobs, SubJobEvent
+from stimnetd.site import ShareProgress, SiteOutcome
+from stimnetd.site.policy import ScriptPolicy
 from stimnetd.store import Store
 
 
-class FakeExecutor:
-    """Emits `events` as (delay_s, state) pairs, then answers."""
+class FakeSite:
+    """Emits `events` as (delay_s, "log" | "running") pairs, then answers."""
 
     def __init__(self, events: list[tuple[float, str]]) -> None:
         self._events = events
-        self.site = "site-b"
+        self.name = "site-b"
 
     async def precheck(self, job: object) -> None:
         return None
 
-    async def run(self, job, sink, *, nonce=None) -> SiteOutcome:  # type: ignore[no-untyped-def]
+    async def run(self, job: object, progress: ShareProgress, *,
+                  nonce: object = None) -> SiteOutcome:
         for delay, state in self._events:
             await asyncio.sleep(delay)
-            await sink(state, "")
+            await (progress.log("") if state == "log" else progress.running())
         # Like a run that ended without a release: the handler remembers the nonce itself.
         return SiteOutcome("site-b", "done", n=7)
+
+
+def _label(ev: SubJobEvent) -> str:
+    """An event as the tests name it: a log line, or a state (the outcome's included)."""
+    return "log" if isinstance(ev, LogLine) else ev.state
 
 
 def _job(nonce: str) -> SimpleNamespace:
@@ -55,19 +63,19 @@ async def test_accepted_is_reported_when_needed_and_nothing_is_lost(
     store = Store(tmp_path / "node.sqlite3")
     await store.open()
     try:
-        handler = SubJobHandler(executor=FakeExecutor(events), store=store,  # type: ignore[arg-type]
-                                verify=lambda signed: signed, max_age_s=300)
+        handler = PeerSubJobs(site=FakeSite(events), store=store,  # type: ignore[arg-type]
+                              verify=lambda signed: signed, max_age_s=300)
         entry = SimpleNamespace(name="site-a")
         got = []
         async for ev in handler.run(_job("n1"), entry, "r1"):  # type: ignore[arg-type]
-            got.append(ev.state)
-            if ev.state == "accepted":
+            got.append(_label(ev))
+            if _label(ev) == "accepted":
                 # A slow reader (the entry's stream is busy): events that arrive meanwhile
                 # must still come through.
                 await asyncio.sleep(0.1)
         assert got == expected
         # The nonce is remembered whatever the path: a second run is a replay.
-        with pytest.raises(Exception, match="replayed"):
+        with pytest.raises(Replayed, match="replayed request"):
             [ev async for ev in handler.run(_job("n1"), entry, "r2")]  # type: ignore[arg-type]
     finally:
         await store.close()
@@ -79,8 +87,8 @@ async def test_an_entry_going_away_mid_wait_leaves_no_task_behind(tmp_path: Path
     store = Store(tmp_path / "node.sqlite3")
     await store.open()
     try:
-        handler = SubJobHandler(executor=FakeExecutor([(5.0, "log")]), store=store,  # type: ignore[arg-type]
-                                verify=lambda signed: signed, max_age_s=300)
+        handler = PeerSubJobs(site=FakeSite([(5.0, "log")]), store=store,  # type: ignore[arg-type]
+                              verify=lambda signed: signed, max_age_s=300)
         before = asyncio.all_tasks()
 
         async def consume() -> None:
@@ -90,27 +98,27 @@ async def test_an_entry_going_away_mid_wait_leaves_no_task_behind(tmp_path: Path
         consumer = asyncio.ensure_future(consume())
         await asyncio.sleep(0.2)  # past "accepted": waiting for the next event
         started = asyncio.all_tasks() - before - {consumer}
-        assert started  # the site's run and the getter
+        assert sorted(t.get_coro().__qualname__ for t in started) == [  # type: ignore[union-attr]
+            "FakeSite.run", "Queue.get"]  # the site's run and the event getter
         consumer.cancel()
         await asyncio.gather(consumer, return_exceptions=True)
         await asyncio.sleep(0)
-        assert all(t.done() for t in started), started
+        assert [t for t in started if not t.done()] == []
     finally:
         await store.close()
 
 
 async def test_the_same_script_arriving_twice_under_review_is_a_replay(tmp_path: Path) -> None:
     """Under 'review' a federated script leaves a pending request named by its job id;
-    the same signed job arriving again is refused as a replay (it raised IntegrityError,
-    an internal error, before)."""
-    from stimnet.errors import Refused, Replayed
+    the same signed job arriving again is refused as a replay, not an internal error."""
+    from stimnet.errors import Refused
 
     store = Store(tmp_path / "node.sqlite3")
     await store.open()
     try:
-        handler = SubJobHandler(executor=FakeExecutor([]), store=store,  # type: ignore[arg-type]
-                                verify=lambda signed: signed, max_age_s=300,
-                                script_policy="review")
+        handler = PeerSubJobs(site=FakeSite([]), store=store,  # type: ignore[arg-type]
+                              verify=lambda signed: signed, max_age_s=300,
+                              scripts=ScriptPolicy(review="review"))
         job = _job("s1")
         job.request.kind, job.request.script_sha256 = "script", "ab" * 32
         job.signed = SimpleNamespace(payload=b"{}", signature=b"", signer_cert_pem=b"",

@@ -1,4 +1,4 @@
-"""Running one verified job against this site's data, and releasing it through the privacy layer.
+"""This site's share of one verified job: computed on its data, released through the privacy layer.
 
 Order matters and is fixed here: compute → k_min suppression → DP noise → (in one store
 transaction) overlap guard, budget charge, release record, audit entry. Nothing leaves the
@@ -10,40 +10,68 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 
 from stimnet import codec
 from stimnet.errors import InvalidRequest, QueryError, Refused, Replayed, StimnetError
 from stimnet.signing import VerifiedJob
+from stimnet.states import RefusalKind
 from stimnetd.catalog import Catalog, CatalogSet
 from stimnetd.privacy.noise import NoiseSource, add_noise
-from stimnetd.privacy.overlap import check_overlap, check_union_overlap, cohort_fingerprint_list
+from stimnetd.privacy.overlap import check_overlap, check_union_overlap
 from stimnetd.privacy.policy import (
     BudgetExhausted,
     PrivacyPolicy,
     PrivacyRefusal,
     decide_epsilon,
 )
-from stimnetd.privacy.suppress import is_withheld, result_suppressed, suppress_small_cells
+from stimnetd.privacy.suppress import (
+    Decision,
+    is_withheld,
+    result_suppressed,
+    suppress_small_cells,
+)
 from stimnetd.query import partial_docs
 from stimnetd.query.aggregate import GroupKey, Partial
 from stimnetd.query.engine import compute
+from stimnetd.site.cohorts import CohortFingerprints
+from stimnetd.site.outcome import SiteOutcome
 from stimnetd.store import NonceClaim, Store
-from stimnetd.store.records import Release, cohort_digest
+from stimnetd.store.records import Release
 
 log = structlog.get_logger("stimnetd.site")
 
 # A table query over at most this many subjects runs on the event loop: handing a small
-# one to a thread cost more than the computation (a hop each way, and the thread and the
-# loop trading the GIL). Measured on CNSIM columns: 0.3 ms for a count and mean over 2,163
-# subjects, 2.1 ms for a grouped quantile + regression + histogram over 4,326 (5.9 ms over
-# 19,467). Image aggregates and larger catalogs use a worker thread.
+# one to a thread costs more than computing it (a hop each way, and the thread and the
+# loop trading the GIL). Image aggregates and larger catalogs use a worker thread, so
+# health checks and other RPCs stay responsive.
 INLINE_SUBJECTS = 5_000
+
+# Error codes that mean the site refused the job (audited as a refusal), not that it failed.
+_REFUSING_CODES = frozenset({"NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED",
+                             "PERMISSION_DENIED", "INVALID_ARGUMENT"})
+
+
+async def _started() -> None:
+    return None
+
+
+async def _no_log(line: str) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class ShareProgress:
+    """Where a share running here reports before its outcome: that it started (a script's
+    container), and each log line the site's log policy lets through."""
+
+    running: Callable[[], Awaitable[None]] = _started
+    log: Callable[[str], Awaitable[None]] = _no_log
+
 
 class ScriptRunner(Protocol):
     """Runs a script job's script on a catalog (jobs/scripts.SandboxScripts)."""
@@ -52,39 +80,20 @@ class ScriptRunner(Protocol):
         """Raise (QueryError, StimnetError) if the job's declared outputs are unusable here."""
 
     async def __call__(self, job: VerifiedJob, catalog: Catalog,
-                       on_event: Callable[[str, str], Awaitable[None]]
+                       on_log: Callable[[str], Awaitable[None]]
                        ) -> tuple[list[Partial], frozenset[str] | None]:
         """(partials, cohort subject ids or None when the site cannot know the cohort)"""
 
 
-EventSink = Callable[[str, str], Awaitable[None]]  # (state, detail)
+class LocalSite:
+    """This node as a site: runs its share of a job (the entry's own, or a peer's sub-job)."""
 
-
-@dataclass(frozen=True)
-class SiteOutcome:
-    site: str
-    state: str            # done | suppressed | refused | failed
-    detail: str = ""
-    n: int = 0
-    partials: list[Partial] = field(default_factory=list)
-    epsilon: float | None = None
-    mechanism: str | None = None
-    # The release as stored ({"partials", "n", "epsilon", "mechanism"} packed): a peer
-    # streams these bytes as they are instead of encoding `partials` again.
-    packed: bytes | None = None
-
-
-async def _no_events(state: str, detail: str) -> None:
-    return None
-
-
-class SiteExecutor:
-    def __init__(self, *, site: str, catalogs: CatalogSet, store: Store, policy: PrivacyPolicy,
+    def __init__(self, *, name: str, catalogs: CatalogSet, store: Store, policy: PrivacyPolicy,
                  noise: NoiseSource, overlap_guard: bool = True,
                  script_runner: ScriptRunner | None = None,
                  on_decision: Callable[[str], None] = lambda kind: None,
                  clock: Callable[[], float] = time.time) -> None:
-        self.site = site
+        self.name = name
         self._catalogs = catalogs
         self._store = store
         self._policy = policy
@@ -93,10 +102,7 @@ class SiteExecutor:
         self._script_runner = script_runner
         self._on_decision = on_decision
         self._clock = clock
-        self._secret: bytes | None = None
-        self._fingerprints: dict[str, dict[str, str]] = {}
-        self._cohorts: OrderedDict[tuple[str, frozenset[str]], tuple[frozenset[str], str]] = \
-            OrderedDict()
+        self._fingerprints = CohortFingerprints(store.site_secret)
 
     async def precheck(self, job: VerifiedJob) -> None:
         """Refuse early what is certain to be refused: unknown catalog, bad epsilon, or a
@@ -119,7 +125,7 @@ class SiteExecutor:
                     f"epsilon {epsilon:g}, {max(budget - spent, 0):g} of {budget:g} remains "
                     "for you at this site")
 
-    async def run(self, job: VerifiedJob, on_event: EventSink = _no_events, *,
+    async def run(self, job: VerifiedJob, progress: ShareProgress | None = None, *,
                   resumed: bool = False, nonce: NonceClaim | None = None) -> SiteOutcome:
         """`resumed`: the job ran here before (re-queued after a restart), so a release it
         already made is returned as is. A fresh job cannot have one: its job id derives
@@ -128,6 +134,7 @@ class SiteExecutor:
         `nonce`: the request's nonce is remembered in the transaction that records the
         outcome (release or refusal); a replay raises `Replayed` instead of an outcome."""
         req = job.request
+        progress = progress or ShareProgress()
         try:
             if resumed:
                 existing = await self._store.get_release(req.job_id)
@@ -139,30 +146,30 @@ class SiteExecutor:
                 # A query runs the moment it is accepted, in milliseconds: a separate
                 # "running" event would only cost every hop a message. A script's start
                 # (a container) is worth reporting.
-                await on_event("running", "")
-            partials, cohort, groups = await self._compute(job, catalog, on_event)
+                await progress.running()
+            partials, cohort, groups = await self._compute(job, catalog, progress)
             return await self._release(job, catalog, partials, cohort, groups, epsilon, nonce)
         except Replayed:
             raise
         except (PrivacyRefusal, QueryError) as exc:
             await self._audit_refusal(job, exc, nonce)
-            return SiteOutcome(self.site, "refused", str(exc))
+            return SiteOutcome(self.name, "refused", str(exc))
         except StimnetError as exc:
-            state = "refused" if exc.code in ("NOT_FOUND", "FAILED_PRECONDITION",
-                                               "RESOURCE_EXHAUSTED", "PERMISSION_DENIED",
-                                               "INVALID_ARGUMENT") else "failed"
-            if state == "refused":
-                await self._audit_refusal(job, exc, nonce)
-            return SiteOutcome(self.site, state, str(exc))
+            if exc.code not in _REFUSING_CODES:
+                return SiteOutcome(self.name, "failed", str(exc))
+            await self._audit_refusal(job, exc, nonce)
+            return SiteOutcome(self.name, "refused", str(exc))
         except Exception:  # noqa: BLE001 - a site failure is reported, not propagated
             log.exception("site job failed", job=req.job_id)
-            return SiteOutcome(self.site, "failed", "internal error at this site (see its logs)")
+            return SiteOutcome(self.name, "failed", "internal error at this site (see its logs)")
 
     async def _audit_refusal(self, job: VerifiedJob, exc: Exception,
                              nonce: NonceClaim | None) -> None:
+        # The refusing rule when one refused (a RefusalKind), else the error's class.
+        kind: RefusalKind | str = getattr(exc, "policy", type(exc).__name__)
         entry = (job.researcher.name, job.researcher.role, "release", "refused",
                  {"job": job.request.job_id, "catalog": job.request.catalog,
-                  "policy": getattr(exc, "policy", type(exc).__name__), "reason": str(exc)})
+                  "policy": kind, "reason": str(exc)})
         if nonce is not None and not nonce.consumed:
             if not await self._store.claim_nonce(nonce, audit=entry):
                 raise Replayed("replayed request: this signed job was already run at this site")
@@ -170,7 +177,7 @@ class SiteExecutor:
             await self._store.audit(*entry)
         self._on_decision("refused")
 
-    async def _compute(self, job: VerifiedJob, catalog: Catalog, on_event: EventSink
+    async def _compute(self, job: VerifiedJob, catalog: Catalog, progress: ShareProgress
                        ) -> tuple[list[Partial], frozenset[str] | None,
                                   dict[GroupKey, frozenset[str]]]:
         req = job.request
@@ -183,63 +190,38 @@ class SiteExecutor:
             if not spec.reads_images() and catalog.n_subjects <= INLINE_SUBJECTS:
                 result = compute(spec, catalog)
             else:
-                # pandas and nibabel work that may take a while: off the loop, so health
-                # checks and other RPCs stay responsive.
                 result = await asyncio.to_thread(compute, spec, catalog)
             return result.partials, result.cohort_ids, result.group_ids
         if self._script_runner is None:
             raise Refused("this site's script policy is 'deny': it does not run researcher scripts")
-        partials, cohort = await self._script_runner(job, catalog, on_event)
+        partials, cohort = await self._script_runner(job, catalog, progress.log)
         return partials, cohort, {}
 
     async def _release(self, job: VerifiedJob, catalog: Catalog, partials: list[Partial],
                        cohort: frozenset[str] | None, groups: dict[GroupKey, frozenset[str]],
                        epsilon: float | None, nonce: NonceClaim | None = None) -> SiteOutcome:
-        """`groups`: a grouped query's subjects per group. Each released group's cell is a
-        cohort the researcher learns statistics of, and so is their union (the statistics
-        add up), so those are what the overlap guard checks and the manifest counts, not
-        the filter's cohort: "everyone" minus "everyone with PD or GPi" is the withheld
-        group. Unions of some of the released groups are cohorts too: they are compared
-        with unions of some of an earlier query's (privacy/overlap.check_union_overlap)."""
+        """Suppress, noise, and release in one store transaction (see `_disclosed` for the
+        cohorts the overlap guard checks)."""
         req = job.request
         k = self._policy.k_min
         partials, decisions = suppress_small_cells(partials, k, catalog.fields)
         suppressed = result_suppressed(decisions)
-        cells: list[frozenset[str]] = []  # grouped: the disclosed cohorts (else `cohort` alone)
-        if groups and cohort is not None:
-            shown = {p.group for p in partials if not is_withheld(p)}
-            cells = [groups[g] for g in sorted(shown) if g in groups]
-            cohort = frozenset().union(*cells)
-            if len(cells) > 1:
-                cells.append(cohort)
+        cells, cohort = _disclosed(partials, cohort, groups)
         n_atoms = len(cells) - 1 if len(cells) > 1 else 0  # the cells, not their union
         report = None
         if not suppressed and epsilon is not None:
             partials, report = add_noise(partials, catalog.fields, epsilon, self._noise)
-        decision = ("suppressed" if suppressed else
-                    "partially_suppressed" if any(d.action != "released" for d in decisions)
-                    else "released")
+        decision = _decision(suppressed, decisions)
         charged = report.epsilon if report is not None and report.epsilon > 0 else None
-        fingerprint: frozenset[str] = frozenset()
-        digest = None
-        guarded = tuple([await self._fingerprint(catalog, c) for c in cells])
-        if cohort is not None:
-            fingerprint, digest = await self._fingerprint(catalog, cohort)
+        guarded = tuple([await self._fingerprints.of(catalog, c) for c in cells])
+        fingerprint, digest = (await self._fingerprints.of(catalog, cohort)
+                               if cohort is not None else (frozenset(), None))
         docs, arrays = partial_docs.partials_to_doc(partials)
         n = _released_n(partials, cohort, suppressed, charged is not None)
         mechanism = "laplace" if charged else None
         blob = codec.pack({"partials": docs, "n": n, "epsilon": charged,
                            "mechanism": mechanism}, arrays)
-        guard = union_guard = None
-        if self._overlap_guard and cohort is not None:
-            what = "cohort" if not groups else "a group's cohort (or the groups' together)"
-
-            def guard(members: frozenset[str], earlier: list[frozenset[str]]) -> None:
-                check_overlap(members, earlier, k, what)
-
-            def union_guard(atoms: list[frozenset[str]],
-                            earlier: list[list[frozenset[str]]]) -> None:
-                check_union_overlap(atoms, earlier, k)
+        guard, union_guard = self._guards(cohort, groups)
         stored = await self._store.release(
             Release(job_id=req.job_id, researcher=job.researcher.name, catalog=req.catalog,
                     decision=decision, epsilon=charged, cohort=fingerprint, partials=blob,
@@ -256,48 +238,68 @@ class SiteExecutor:
             return self._from_release(stored)
         return self._outcome(decision, partials, n, charged, mechanism, blob)
 
-    async def _fingerprint(self, catalog: Catalog,
-                           cohort: frozenset[str]) -> tuple[frozenset[str], str]:
-        """The HMAC'd cohort and its digest. Each subject's HMAC is computed once per
-        catalog, and the last cohorts are remembered whole: researchers re-ask about the
-        same cohort, and per-subject work dominated a small query's cost."""
-        key = (catalog.name, cohort)
-        hit = self._cohorts.get(key)
-        if hit is not None:
-            self._cohorts.move_to_end(key)
-            return hit
-        if self._secret is None:
-            self._secret = await self._store.site_secret()
-        table = self._fingerprints.get(catalog.name)
-        if table is None:
-            ids = catalog.frame()[catalog.subject_key].astype(str).tolist()
-            hashed = await asyncio.to_thread(cohort_fingerprint_list, ids, self._secret)
-            table = self._fingerprints[catalog.name] = dict(zip(ids, hashed, strict=True))
-        missing = [i for i in cohort if i not in table]
-        if missing:
-            table.update(zip(missing, cohort_fingerprint_list(missing, self._secret), strict=True))
-        fps = frozenset(table[i] for i in cohort)
-        result = self._cohorts[key] = (fps, cohort_digest(fps))
-        if len(self._cohorts) > 64:
-            self._cohorts.popitem(last=False)
-        return result
+    def _guards(self, cohort: frozenset[str] | None, groups: dict[GroupKey, frozenset[str]]
+                ) -> tuple[Callable[[frozenset[str], list[frozenset[str]]], None] | None,
+                           Callable[[list[frozenset[str]], list[list[frozenset[str]]]], None]
+                           | None]:
+        """The overlap checks the release transaction runs against earlier releases: none
+        when the guard is off or the cohort is unknown (a script's)."""
+        if not self._overlap_guard or cohort is None:
+            return None, None
+        k = self._policy.k_min
+        what = "cohort" if not groups else "a group's cohort (or the groups' together)"
+
+        def guard(members: frozenset[str], earlier: list[frozenset[str]]) -> None:
+            check_overlap(members, earlier, k, what)
+
+        def union_guard(atoms: list[frozenset[str]],
+                        earlier: list[list[frozenset[str]]]) -> None:
+            check_union_overlap(atoms, earlier, k)
+        return guard, union_guard
 
     def _from_release(self, release: Release) -> SiteOutcome:
         doc, arrays = codec.unpack(release.partials or b"")
         partials = partial_docs.partials_from_doc(doc["partials"], arrays)
-        # Releases stored before the document carried its epsilon are re-encoded to send.
-        packed = release.partials if "epsilon" in doc else None
         return self._outcome(release.decision, partials, int(doc["n"]), release.epsilon,
-                             doc.get("mechanism"), packed)
+                             doc.get("mechanism"), release.partials)
 
     def _outcome(self, decision: str, partials: list[Partial], n: int, epsilon: float | None,
                  mechanism: str | None, packed: bytes | None) -> SiteOutcome:
         if decision == "suppressed":
-            return SiteOutcome(self.site, "suppressed",
+            return SiteOutcome(self.name, "suppressed",
                                f"every output was withheld (k_min = {self._policy.k_min})",
                                partials=partials, packed=packed)
-        return SiteOutcome(self.site, "done", "", n=n, partials=partials, epsilon=epsilon,
+        return SiteOutcome(self.name, "done", "", n=n, partials=partials, epsilon=epsilon,
                            mechanism=mechanism, packed=packed)
+
+
+def _disclosed(partials: list[Partial], cohort: frozenset[str] | None,
+               groups: dict[GroupKey, frozenset[str]]
+               ) -> tuple[list[frozenset[str]], frozenset[str] | None]:
+    """The cohorts a release discloses, and the cohort it counts in the manifest.
+
+    `groups`: a grouped query's subjects per group. Each released group's cell is a cohort
+    the researcher learns statistics of, and so is their union (the statistics add up), so
+    those are what the overlap guard checks and the manifest counts, not the filter's
+    cohort: "everyone" minus "everyone with PD or GPi" is the withheld group. Unions of
+    some of the released groups are cohorts too: they are compared with unions of some of
+    an earlier query's (privacy/overlap.check_union_overlap). Ungrouped, `cohort` alone."""
+    if not groups or cohort is None:
+        return [], cohort
+    shown = {p.group for p in partials if not is_withheld(p)}
+    cells = [groups[g] for g in sorted(shown) if g in groups]
+    union: frozenset[str] = frozenset().union(*cells)
+    if len(cells) > 1:
+        cells.append(union)
+    return cells, union
+
+
+def _decision(suppressed: bool, decisions: list[Decision]) -> str:
+    if suppressed:
+        return "suppressed"
+    if any(d.action != "released" for d in decisions):
+        return "partially_suppressed"
+    return "released"
 
 
 def _released_n(partials: list[Partial], cohort: frozenset[str] | None, suppressed: bool,
@@ -313,8 +315,3 @@ def _released_n(partials: list[Partial], cohort: frozenset[str] | None, suppress
         return len(cohort)
     counts = [p.n for p in partials if p.suppressed_reason is None]
     return max(0, int(round(max(counts)))) if counts else 0
-
-
-def outcome_summary(o: SiteOutcome) -> dict[str, Any]:
-    return {"site": o.site, "state": o.state, "detail": o.detail, "n": o.n,
-            "epsilon": o.epsilon, "mechanism": o.mechanism}

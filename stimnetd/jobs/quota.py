@@ -1,0 +1,38 @@
+"""Queries running per researcher with this node as their entry, bounded."""
+
+from __future__ import annotations
+
+import collections
+
+from stimnet.errors import Overloaded
+
+
+class QueryQuota:
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._running: collections.Counter[str] = collections.Counter()
+        self._holders: dict[str, str] = {}  # job id -> the researcher it counts for
+
+    def reserve(self, owner: str) -> None:
+        """Take one of `owner`'s places, or refuse. Synchronous, so of concurrent
+        submissions no two pass on the same free place."""
+        if self._running[owner] >= self._limit:
+            raise Overloaded(f"you have {self._running[owner]} queries running with this node "
+                             f"as their entry, its limit per researcher "
+                             f"(max_queries_per_researcher = {self._limit}); wait for one "
+                             "to finish")
+        self._running[owner] += 1
+
+    def unreserve(self, owner: str) -> None:
+        self._running[owner] -= 1
+        if not self._running[owner]:
+            del self._running[owner]
+
+    def hold(self, job_id: str, owner: str) -> None:
+        """The job holds `owner`'s reserved place until `release(job_id)`."""
+        self._holders[job_id] = owner
+
+    def release(self, job_id: str) -> None:
+        """Give back the job's place (once; later calls do nothing)."""
+        if (owner := self._holders.pop(job_id, None)) is not None:
+            self.unreserve(owner)

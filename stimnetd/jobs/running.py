@@ -1,0 +1,164 @@
+"""Running admitted jobs: one task each, locally or fanned out; the answer assembled, the
+final state shown and written."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import structlog
+
+from stimnet.signing import VerifiedJob
+from stimnet.states import JobState, SiteEvent
+from stimnetd.federation.fanout import Fanout, FanoutResult
+from stimnetd.jobs.access import REPLAYED
+from stimnetd.jobs.answer import Answer, assemble
+from stimnetd.jobs.events import ActiveJob, JobEventHub, JobUpdate
+from stimnetd.jobs.quota import QueryQuota
+from stimnetd.jobs.review import ScriptGate
+from stimnetd.site import LocalSite, ShareProgress
+from stimnetd.store import Store
+from stimnetd.store.records import JobRecord
+
+log = structlog.get_logger("stimnetd.jobs")
+
+_INTERNAL = "internal error (see the node's logs)"
+
+
+class JobRunner:
+    def __init__(self, *, hub: JobEventHub, store: Store, site: LocalSite, fanout: Fanout,
+                 scripts: ScriptGate, quota: QueryQuota,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._hub = hub
+        self._store = store
+        self._site = site
+        self._fanout = fanout
+        self._scripts = scripts
+        self._quota = quota
+        self._clock = clock
+        # Sandbox runs are heavy: at most `concurrency` at once; queries are not queued.
+        self._script_slots = asyncio.Semaphore(scripts.policy.concurrency)
+        self._stopping = False
+
+    def start(self, record: JobRecord, job: VerifiedJob) -> None:
+        active = self._hub.open(record.id)
+        active.task = asyncio.create_task(self._run(record, job, active), name=f"job-{record.id}")
+
+    async def shutdown(self) -> None:
+        """Stop every job's task. Each stays as the store has it (`running`): the next
+        start's recovery decides (interrupted, or re-queued by policy)."""
+        self._stopping = True
+        tasks = [active.task for _, active in self._hub.active() if active.task is not None]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+
+    async def _run(self, record: JobRecord, job: VerifiedJob, active: ActiveJob) -> None:
+        slot = self._script_slots if record.kind == "script" else contextlib.nullcontext()
+        try:
+            async with slot:
+                await self._run_inner(record, job, active)
+        except asyncio.CancelledError:
+            if not self._stopping:  # a user cancelled (see shutdown)
+                await asyncio.shield(self._cancelled(record, active))
+            raise
+        finally:
+            self._hub.close(record.id, active)
+            self._quota.release(record.id)
+
+    async def _cancelled(self, record: JobRecord, active: ActiveJob) -> None:
+        if not await active.has_row():
+            return  # a replay, or its row could not be written: nothing of its own to mark
+        await self._set_state(record.id, "cancelled", "cancelled by request")
+
+    async def _run_inner(self, record: JobRecord, job: VerifiedJob, active: ActiveJob) -> None:
+        try:
+            if record.state != "running":
+                await self._set_state(record.id, "running", "")
+            fan = await self._gather(record, job)
+            if active.created is not None and not await active.created:
+                # The row's own nonce check refused it (the nonce was in the database but
+                # not in memory): a replay. Its row is the first submission's; nothing of
+                # this one is shown or kept.
+                self._hub.publish(record.id, JobUpdate("state", job=self._shown(
+                    record, active, "failed", REPLAYED)))
+                return
+            answer = assemble(job, fan)
+            # The final state carries the answer: watchers get both in one update.
+            if record.kind == "query":
+                await self._show_then_write(record, active, answer)
+            else:
+                await self._set_state(record.id, answer.state, answer.detail,
+                                      sites=active.site_dicts(), result=answer.packed)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - a job failure is the job's state, not a crash
+            log.exception("job failed", job=record.id)
+            if await active.has_row():
+                await self._set_state(record.id, "failed", _INTERNAL)
+            else:  # its row could not be written: the failure is shown from memory only
+                self._hub.publish(record.id, JobUpdate("state", job=self._shown(
+                    record, active, "failed", _INTERNAL)))
+
+    async def _gather(self, record: JobRecord, job: VerifiedJob) -> FanoutResult:
+        """The sites' outcomes: every site holding the catalog's, or this site's alone."""
+        resumed = record.attempts > 0
+        if record.scope == "federated":
+            refusal = await self._scripts.local_share_refusal(record, job) \
+                if record.kind == "script" else None
+            return await self._fanout.run(job, record.request_id,
+                                          self._hub.fanout_events(record.id),
+                                          resumed=resumed, local_refusal=refusal)
+        outcome = await self._site.run(job, self._local_progress(record.id), resumed=resumed)
+        self._hub.site_event(record.id, SiteEvent(outcome.site, outcome.state, outcome.detail,
+                                                  outcome.n))
+        return FanoutResult([outcome])
+
+    def _local_progress(self, job_id: str) -> ShareProgress:
+        site = self._site.name
+
+        async def running() -> None:
+            self._hub.site_event(job_id, SiteEvent(site, "running"))
+
+        async def logged(line: str) -> None:
+            self._hub.log(job_id, site, line)
+        return ShareProgress(running, logged)
+
+    async def _show_then_write(self, record: JobRecord, active: ActiveJob,
+                               answer: Answer) -> None:
+        """A query's final state is shown first and written after: the row is bookkeeping,
+        and readers see the final state from memory until it lands."""
+        final = active.unwritten = replace(
+            self._shown(record, active, answer.state, answer.detail), result=answer.packed)
+        self._hub.publish(record.id, JobUpdate("state", job=final, result=answer.packed))
+        # Its researcher has the answer and may ask the next question now.
+        self._quota.release(record.id)
+        try:
+            # With the next transaction (a group commit at the latest): the job stays
+            # in memory, where readers see it, until then. A failure leaves the row
+            # 'running' (a restart marks it interrupted); the answer stands.
+            await self._store.update_job(final.id, state=final.state, detail=final.detail,
+                                         sites=final.sites, result=final.result,
+                                         durable=False, defer=True)
+        except Exception:  # noqa: BLE001 - the answer is out; the row is bookkeeping
+            log.exception("query's final state not recorded", job=final.id)
+
+    def _shown(self, record: JobRecord, active: ActiveJob, state: JobState,
+               detail: str) -> JobRecord:
+        """The job as it is now, for watchers and readers, before the store has it."""
+        return replace(record, state=state, detail=detail, updated_at=self._clock(),
+                       sites=active.site_dicts())
+
+    async def _set_state(self, job_id: str, state: JobState, detail: str,
+                         sites: list[dict[str, Any]] | None = None,
+                         result: bytes | None = None) -> None:
+        """Write the job's state, then publish it."""
+        record = await self._store.update_job(job_id, state=state, detail=detail, sites=sites,
+                                              result=result)
+        self._hub.publish(job_id, JobUpdate("state", job=record, result=result))
