@@ -39,7 +39,11 @@ class Refused(StimnetError):
 
 
 class BudgetExhausted(StimnetError):
+    """The privacy budget cannot cover the request; `policy` names the rule for the audit
+    log, as a PrivacyRefusal's does."""
+
     code = "RESOURCE_EXHAUSTED"
+    policy = "budget"
 
 
 class Overloaded(StimnetError):

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from stimnetd.errors import Overloaded, PermissionDenied, Refused, Replayed
+from stimnetd.errors import Conflict, Overloaded, PermissionDenied, Refused, Replayed
 from stimnetd.jobs.signing import SignedJob, VerifiedJob
 from stimnetd.jobs.site import SiteExecutor, SiteOutcome
 from stimnetd.pki import Identity
@@ -167,7 +166,7 @@ class SubJobHandler:
                 script=job.signed.script, script_sha256=req.script_sha256),
                 audit=(job.researcher.name, job.researcher.role, "subjob"),
                 pending_limit=self._max_pending_scripts)
-        except sqlite3.IntegrityError:  # the same signed job again: its request is pending
+        except Conflict:  # the same signed job again: its request is pending
             created = False
         if not created:
             raise Replayed("replayed request: this signed job is already awaiting approval "

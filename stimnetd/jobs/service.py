@@ -18,7 +18,6 @@ import asyncio
 import collections
 import contextlib
 import hashlib
-import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -220,7 +219,7 @@ class JobService:
             return None
         now = self._clock()
         pending = hashlib.sha256(f"{record.id}:local-share".encode()).hexdigest()[:24]
-        with contextlib.suppress(sqlite3.IntegrityError):  # a resumed run: already pending
+        with contextlib.suppress(Conflict):  # a resumed run: already pending
             await self._store.create_job(JobRecord(
                 id=pending, kind="script", scope="federated", catalog=record.catalog,
                 owner=record.owner, state="awaiting_approval",

@@ -9,6 +9,7 @@ returns the stored release, so it is never charged or noised twice.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -22,13 +23,9 @@ from stimnetd.catalog import Catalog, CatalogSet
 from stimnetd.errors import InvalidRequest, Refused, Replayed, StimnetError
 from stimnetd.jobs.signing import VerifiedJob
 from stimnetd.privacy.noise import NoiseSource, add_noise
-from stimnetd.privacy.overlap import check_overlap, check_union_overlap, cohort_fingerprint_list
-from stimnetd.privacy.policy import (
-    BudgetExhausted,
-    PrivacyPolicy,
-    PrivacyRefusal,
-    decide_epsilon,
-)
+from stimnetd.privacy.overlap import cohort_fingerprint_list
+from stimnetd.privacy.policy import PrivacyPolicy, PrivacyRefusal, decide_epsilon
+from stimnetd.privacy.release import budget_refusal, decide
 from stimnetd.privacy.suppress import is_withheld, result_suppressed, suppress_small_cells
 from stimnetd.query.aggregate import GroupKey, Partial
 from stimnetd.query.engine import compute
@@ -112,12 +109,9 @@ class SiteExecutor:
         epsilon = decide_epsilon(self._policy, req.epsilon)
         if epsilon is not None:
             spent = await self._store.spent(job.researcher.name, req.catalog)
-            budget = self._policy.budget_epsilon
-            if spent + epsilon > budget + 1e-12:
-                raise BudgetExhausted(
-                    f"privacy budget exhausted on catalog {req.catalog!r}: this query needs "
-                    f"epsilon {epsilon:g}, {max(budget - spent, 0):g} of {budget:g} remains "
-                    "for you at this site")
+            refusal = budget_refusal(req.catalog, epsilon, spent, self._policy)
+            if refusal is not None:
+                raise refusal.error()
 
     async def run(self, job: VerifiedJob, on_event: EventSink = _no_events, *,
                   resumed: bool = False, nonce: NonceClaim | None = None) -> SiteOutcome:
@@ -230,16 +224,6 @@ class SiteExecutor:
         mechanism = "laplace" if charged else None
         blob = codec.pack({"partials": docs, "n": n, "epsilon": charged,
                            "mechanism": mechanism}, arrays)
-        guard = union_guard = None
-        if self._overlap_guard and cohort is not None:
-            what = "cohort" if not groups else "a group's cohort (or the groups' together)"
-
-            def guard(members: frozenset[str], earlier: list[frozenset[str]]) -> None:
-                check_overlap(members, earlier, k, what)
-
-            def union_guard(atoms: list[frozenset[str]],
-                            earlier: list[list[frozenset[str]]]) -> None:
-                check_union_overlap(atoms, earlier, k)
         stored = await self._store.release(
             Release(job_id=req.job_id, researcher=job.researcher.name, catalog=req.catalog,
                     decision=decision, epsilon=charged, cohort=fingerprint, partials=blob,
@@ -248,9 +232,9 @@ class SiteExecutor:
                     audit_detail={"kind": req.kind, "outputs": len(partials),
                                   "withheld": [f"{d.output}{list(d.group)}: {d.reason}"
                                                for d in decisions if d.action != "released"]}),
-            budget=self._policy.budget_epsilon, guard=guard, guard_window=k - 1,
-            audit_actor=(job.researcher.name, job.researcher.role), nonce=nonce,
-            union_guard=union_guard)
+            decide=functools.partial(decide, policy=self._policy,
+                                     overlap_guard=self._overlap_guard),
+            audit_actor=(job.researcher.name, job.researcher.role), nonce=nonce)
         self._on_decision(stored.decision)
         if stored.partials is not blob:  # released before (a retry): the stored one counts
             return self._from_release(stored)
