@@ -177,7 +177,7 @@ class JobService:
             defer=followed_query and (req.scope == "local"
                                       or self._coordinator.holds_catalog(req.catalog)))
         # A query's row is bookkeeping (its privacy decisions are the sites' durable
-        # releases, and a replay is stopped there too): no fsync of its own (Store._tx).
+        # releases, and a replay is stopped there too): no fsync of its own (store/groupcommit.Writer.run).
         if followed_query:
             # Nor does the fan-out wait for it. A replay is refused here from memory (the
             # job id derives from the nonce; the store reloads its nonces at start); the

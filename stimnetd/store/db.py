@@ -35,6 +35,16 @@ class StoreCorrupt(StimnetError):
 
 
 class Store:
+    """The node's durable state, as storage verbs: jobs, releases and the privacy ledger,
+    the audit chain, signed-request nonces, gossip members, script approvals.
+
+    Args:
+        path: the SQLite file (created, with its directory, on first open).
+        clock: wall time for rows and audit entries.
+        group_commit_s: how long queued audit entries and deferred writes wait for a
+            transaction to ride in (groupcommit.py).
+    """
+
     def __init__(self, path: Path, *, clock: Callable[[], float] = time.time,
                  group_commit_s: float = GROUP_COMMIT_S) -> None:
         self.path = path

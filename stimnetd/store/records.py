@@ -93,9 +93,10 @@ class LedgerView(Protocol):
     """What a release rule may read of the researcher's history on the release's catalog,
     inside the release's transaction (privacy/release.decide).
 
-    Read-only. Methods rather than fields: a rule reads only what it needs (a release the
-    budget refuses loads no cohorts), and the window it asks for is the policy's, which
-    the store does not know."""
+    Nothing a rule does through it is written, but for a sketch the store makes while
+    finding an earlier cohort stored without one. Methods rather than fields: a rule reads
+    only what it needs (a release the budget refuses loads no cohorts), and the window it
+    asks for is the policy's, which the store does not know."""
 
     def spent(self) -> float:
         """The epsilon already charged to the researcher on the catalog."""
