@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import sqlite3
 import statistics
@@ -29,9 +30,10 @@ from pathlib import Path
 
 from _common import workdir  # type: ignore[import-not-found]
 
-from stimnetd.privacy.overlap import check_overlap, check_union_overlap
+from stimnetd.privacy.policy import PrivacyPolicy
+from stimnetd.privacy.release import decide
 from stimnetd.store import NonceClaim, Store
-from stimnetd.store.records import Release, cohort_digest, cohort_sketch
+from stimnetd.store.records import Release, ReleaseRule, cohort_digest, cohort_sketch
 
 
 def add_history(path: Path, n: int, now: float) -> None:
@@ -84,14 +86,14 @@ def grouped(job: str) -> Release:
 
 async def add_families(store: Store, n: int) -> None:
     for i in range(n):
-        await store.release(grouped(f"history-{i}"), budget=10.0,
+        await store.release(grouped(f"history-{i}"), decide=_rules(guarded=False),
                             audit_actor=("alice", "researcher"))
 
 
-def _guards() -> dict[str, object]:
-    return {"guard": lambda new, earlier: check_overlap(new, earlier, 5),
-            "union_guard": lambda new, earlier: check_union_overlap(new, earlier, 5),
-            "guard_window": 4}
+def _rules(*, guarded: bool) -> ReleaseRule:
+    """The site's release rules: a budget of 10, and the overlap guard at k_min = 5."""
+    return functools.partial(decide, policy=PrivacyPolicy(k_min=5, budget_epsilon=10.0),
+                             overlap_guard=guarded)
 
 
 async def measure(path: Path, history: int, cohorts: int, n: int
@@ -113,7 +115,8 @@ async def measure(path: Path, history: int, cohorts: int, n: int
                               decision="released", epsilon=None, cohort=frozenset({"a", "b"}),
                               partials=b"x" * 300, at=time.time())
             t = time.perf_counter()
-            await store.release(release, budget=10.0, audit_actor=("alice", "researcher"),
+            await store.release(release, decide=_rules(guarded=False),
+                                audit_actor=("alice", "researcher"),
                                 nonce=NonceClaim(uuid.uuid4().hex, "alice", 300.0))
             releases.append(time.perf_counter() - t)
         counts = []
@@ -128,8 +131,8 @@ async def measure(path: Path, history: int, cohorts: int, n: int
                               decision="released", epsilon=None, cohort=cohort,
                               partials=b"x" * 300, at=time.time())
             t = time.perf_counter()
-            await store.release(release, budget=10.0, audit_actor=("alice", "researcher"),
-                                **_guards())  # type: ignore[arg-type]
+            await store.release(release, decide=_rules(guarded=True),
+                                audit_actor=("alice", "researcher"))
             guarded.append(time.perf_counter() - t)
             # Each guarded release adds a cohort: drop it so every one sees the same history.
             await store.db.execute("DELETE FROM cohorts WHERE digest = ?", (cohort_digest(cohort),))
@@ -140,8 +143,8 @@ async def measure(path: Path, history: int, cohorts: int, n: int
         for i in range(max(5, n // 10)):
             release = grouped(f"grouped-{i}")
             t = time.perf_counter()
-            await store.release(release, budget=10.0, audit_actor=("alice", "researcher"),
-                                **_guards())  # type: ignore[arg-type]
+            await store.release(release, decide=_rules(guarded=True),
+                                audit_actor=("alice", "researcher"))
             families.append(time.perf_counter() - t)
             # As above: drop what it added (its family, cells and union), same history for all.
             await store.db.execute("DELETE FROM cohort_families WHERE rowid = "

@@ -72,9 +72,11 @@ class Refused(StimnetError):
 
 @_default_for_code
 class BudgetExhausted(StimnetError):
-    """The privacy budget (ε, δ) left cannot cover the request; the message says how much."""
+    """The privacy budget (ε, δ) left cannot cover the request; the message says how much.
+    `policy` names the rule for the audit log, as a PrivacyRefusal's does."""
 
     code = "RESOURCE_EXHAUSTED"
+    policy = "budget"
 
 
 @wire_kind

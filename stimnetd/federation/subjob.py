@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import sqlite3
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass
 
-from stimnet.errors import Overloaded, PermissionDenied, Refused, Replayed
+from stimnet.errors import Conflict, Overloaded, PermissionDenied, Refused, Replayed
 from stimnet.pki import Identity
 from stimnet.signing import SignedJob, VerifiedJob
 from stimnet.states import SiteEvent
@@ -203,7 +202,7 @@ class PeerSubJobs:
                 script=job.signed.script, script_sha256=req.script_sha256),
                 audit=(job.researcher.name, job.researcher.role, "subjob"),
                 pending_limit=self._max_pending_scripts)
-        except sqlite3.IntegrityError:  # the same signed job again: its request is pending
+        except Conflict:  # the same signed job again: its request is pending
             created = False
         if not created:
             raise Replayed("replayed request: this signed job is already awaiting approval "

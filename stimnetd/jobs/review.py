@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import sqlite3
 import time
 from collections.abc import Callable
 
@@ -53,7 +52,7 @@ class ScriptGate:
             return None
         now = self._clock()
         pending = hashlib.sha256(f"{record.id}:local-share".encode()).hexdigest()[:24]
-        with contextlib.suppress(sqlite3.IntegrityError):  # a resumed run: already pending
+        with contextlib.suppress(Conflict):  # a resumed run: already pending
             await self._store.create_job(JobRecord(
                 id=pending, kind="script", scope="federated", catalog=record.catalog,
                 owner=record.owner, state="awaiting_approval",

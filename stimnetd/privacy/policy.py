@@ -24,7 +24,8 @@ RefusalRule = Literal["k_min", "dp", "budget", "overlap"]
 class PrivacyRefusal(errors.Refused):
     """The site's privacy policy refuses to release (or to compute) a result.
 
-    `policy` names the rule that refused: "k_min", "dp", "budget" or "overlap".
+    `policy` names the rule that refused: "k_min", "dp" or "overlap" (the budget rule's
+    refusal is errors.BudgetExhausted, whose wire status differs).
     """
 
     def __init__(self, policy: RefusalRule, message: str) -> None:
@@ -33,24 +34,14 @@ class PrivacyRefusal(errors.Refused):
         self.message = message
 
 
-class BudgetExhausted(PrivacyRefusal, errors.BudgetExhausted):
-    """The (researcher, catalog) epsilon budget cannot cover the query; raised by the ledger."""
-
-    # Both parents define `code`; the wire status must say "exhausted", not "precondition".
-    code = errors.BudgetExhausted.code
-
-    def __init__(self, message: str) -> None:
-        super().__init__("budget", message)
-
-
 @dataclass(frozen=True)
 class PrivacyPolicy:
     """What a site lets leave it: the k_min threshold and its differential-privacy rules.
 
     `dp` is "off" (never add noise), "optional" (noise only when the researcher asks for an
     epsilon) or "required" (always; the researcher's epsilon or else `default_epsilon`).
-    `budget_epsilon` is the total a (researcher, catalog) pair may spend; the store's
-    ledger enforces it.
+    `budget_epsilon` is the total a (researcher, catalog) pair may spend
+    (privacy/release.budget_refusal, run in the release's transaction).
     """
 
     k_min: int = 5

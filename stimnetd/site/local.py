@@ -9,6 +9,7 @@ returns the stored release, so it is never charged or noised twice.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,13 +23,8 @@ from stimnet.signing import VerifiedJob
 from stimnet.states import RefusalKind
 from stimnetd.catalog import Catalog, CatalogSet
 from stimnetd.privacy.noise import NoiseSource, add_noise
-from stimnetd.privacy.overlap import check_overlap, check_union_overlap
-from stimnetd.privacy.policy import (
-    BudgetExhausted,
-    PrivacyPolicy,
-    PrivacyRefusal,
-    decide_epsilon,
-)
+from stimnetd.privacy.policy import PrivacyPolicy, PrivacyRefusal, decide_epsilon
+from stimnetd.privacy.release import budget_refusal, decide
 from stimnetd.privacy.suppress import (
     Decision,
     is_withheld,
@@ -118,12 +114,9 @@ class LocalSite:
         epsilon = decide_epsilon(self._policy, req.epsilon)
         if epsilon is not None:
             spent = await self._store.spent(job.researcher.name, req.catalog)
-            budget = self._policy.budget_epsilon
-            if spent + epsilon > budget + 1e-12:
-                raise BudgetExhausted(
-                    f"privacy budget exhausted on catalog {req.catalog!r}: this query needs "
-                    f"epsilon {epsilon:g}, {max(budget - spent, 0):g} of {budget:g} remains "
-                    "for you at this site")
+            refusal = budget_refusal(req.catalog, epsilon, spent, self._policy)
+            if refusal is not None:
+                raise refusal.error()
 
     async def run(self, job: VerifiedJob, progress: ShareProgress | None = None, *,
                   resumed: bool = False, nonce: NonceClaim | None = None) -> SiteOutcome:
@@ -221,7 +214,6 @@ class LocalSite:
         mechanism = "laplace" if charged else None
         blob = codec.pack({"partials": docs, "n": n, "epsilon": charged,
                            "mechanism": mechanism}, arrays)
-        guard, union_guard = self._guards(cohort, groups)
         stored = await self._store.release(
             Release(job_id=req.job_id, researcher=job.researcher.name, catalog=req.catalog,
                     decision=decision, epsilon=charged, cohort=fingerprint, partials=blob,
@@ -230,32 +222,13 @@ class LocalSite:
                     audit_detail={"kind": req.kind, "outputs": len(partials),
                                   "withheld": [f"{d.output}{list(d.group)}: {d.reason}"
                                                for d in decisions if d.action != "released"]}),
-            budget=self._policy.budget_epsilon, guard=guard, guard_window=k - 1,
-            audit_actor=(job.researcher.name, job.researcher.role), nonce=nonce,
-            union_guard=union_guard)
+            decide=functools.partial(decide, policy=self._policy,
+                                     overlap_guard=self._overlap_guard),
+            audit_actor=(job.researcher.name, job.researcher.role), nonce=nonce)
         self._on_decision(stored.decision)
         if stored.partials is not blob:  # released before (a retry): the stored one counts
             return self._from_release(stored)
         return self._outcome(decision, partials, n, charged, mechanism, blob)
-
-    def _guards(self, cohort: frozenset[str] | None, groups: dict[GroupKey, frozenset[str]]
-                ) -> tuple[Callable[[frozenset[str], list[frozenset[str]]], None] | None,
-                           Callable[[list[frozenset[str]], list[list[frozenset[str]]]], None]
-                           | None]:
-        """The overlap checks the release transaction runs against earlier releases: none
-        when the guard is off or the cohort is unknown (a script's)."""
-        if not self._overlap_guard or cohort is None:
-            return None, None
-        k = self._policy.k_min
-        what = "cohort" if not groups else "a group's cohort (or the groups' together)"
-
-        def guard(members: frozenset[str], earlier: list[frozenset[str]]) -> None:
-            check_overlap(members, earlier, k, what)
-
-        def union_guard(atoms: list[frozenset[str]],
-                        earlier: list[list[frozenset[str]]]) -> None:
-            check_union_overlap(atoms, earlier, k)
-        return guard, union_guard
 
     def _from_release(self, release: Release) -> SiteOutcome:
         doc, arrays = codec.unpack(release.partials or b"")

@@ -1,4 +1,4 @@
-"""Durable state: one SQLite file per node, accessed through aiosqlite."""
+"""Durable state: one SQLite file per node, behind the storage verbs of `Store` (db.py)."""
 
 from stimnetd.store.db import Store, StoreCorrupt
 from stimnetd.store.records import NonceClaim

@@ -13,6 +13,13 @@ from dataclasses import asdict, dataclass
 
 GENESIS = "0" * 64
 
+INSERT_ROW = ("INSERT INTO audit (seq, at, actor, role, action, decision, detail_json, "
+              "prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+# In storage order, which verification needs: a reordered row must show as one.
+SELECT_ROWS = ("SELECT seq, at, actor, role, action, decision, detail_json, prev_hash, hash "
+               "FROM audit WHERE at >= ? ORDER BY rowid")
+SELECT_HEAD = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1"
+
 
 @dataclass(frozen=True)
 class AuditRow:

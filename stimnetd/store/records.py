@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -54,6 +54,10 @@ class JobRecord:
         return self.state in TERMINAL_STATES
 
 
+# Cohorts a release discloses, each as (members, cohort_digest(members)).
+Disclosed = tuple[tuple[frozenset[str], str], ...]
+
+
 @dataclass(frozen=True)
 class Release:
     job_id: str
@@ -68,12 +72,12 @@ class Release:
     cohort_key: str | None = None  # cohort_digest(cohort), if the caller already has it
     # The cohorts whose statistics this release discloses, as (members, digest): the
     # overlap guard checks each and records each. Empty: just `cohort` (ungrouped).
-    guarded: tuple[tuple[frozenset[str], str], ...] = ()
+    guarded: Disclosed = ()
     # A grouped release with two or more released cells: those cells (members, digest), so
     # unions of some of them can be guarded and the query's cells recorded as a family.
-    atoms: tuple[tuple[frozenset[str], str], ...] = ()
+    atoms: Disclosed = ()
 
-    def disclosed(self) -> tuple[tuple[frozenset[str], str], ...]:
+    def disclosed(self) -> Disclosed:
         if self.guarded:
             return self.guarded
         if not self.cohort:
@@ -85,6 +89,44 @@ class Release:
         # The stored release keeps the cohort's digest only; members live in `cohorts`.
         job_id, researcher, catalog, decision, eps, _digest, partials, at = row
         return cls(job_id, researcher, catalog, decision, eps, frozenset(), partials, at)
+
+
+class LedgerView(Protocol):
+    """What a release rule may read of the researcher's history on the release's catalog,
+    inside the release's transaction (privacy/release.decide).
+
+    Nothing a rule does through it is written, but for a sketch the store makes while
+    finding an earlier cohort stored without one. Methods rather than fields: a rule reads
+    only what it needs (a release the budget refuses loads no cohorts), and the window it
+    asks for is the policy's, which the store does not know."""
+
+    def spent(self) -> float:
+        """The epsilon already charged to the researcher on the catalog."""
+
+    def near_cohorts(self, members: frozenset[str], digest: str,
+                     window: int) -> list[frozenset[str]]:
+        """Earlier released cohorts that could be within `window` subjects of `members`
+        (whose digest is `digest`; that cohort itself is left out, as asking about it again
+        discloses nothing new). Every cohort within `window` is among them; some farther
+        ones may be too."""
+
+    def near_families(self, atoms: Disclosed, window: int) -> list[list[frozenset[str]]]:
+        """Earlier queries, each as its released cells (or one earlier cohort), some union
+        of whose cells could be within `window` subjects of some union of `atoms`."""
+
+
+class RefusalRecord(Protocol):
+    """A rule's refusal, as the store audits it and raises it (privacy/release.Refusal)."""
+
+    def audit_detail(self) -> Mapping[str, Any]:
+        """Recorded in the refusal's audit entry, beside the job and catalog."""
+
+    def error(self) -> Exception:
+        """Raised to the caller once the audit entry is committed."""
+
+
+# The release rules, as the store runs them inside the release's transaction.
+ReleaseRule = Callable[[LedgerView, Release], RefusalRecord | None]
 
 
 @dataclass(frozen=True)

@@ -101,8 +101,8 @@ MIGRATIONS: tuple[str, ...] = (
         at REAL NOT NULL
     );
     """,
-    # 2: every nonce insert prunes expired nonces by age; without an index that was a full
-    # scan of up to 2 x max_age worth of requests per transaction (2.8 ms at 60,000 rows).
+    # 2: every nonce insert prunes expired nonces by age; the index keeps that from scanning
+    # up to 2 x max_age worth of requests in every transaction.
     # Job listings (newest first, a researcher's own or all) read an index, not every job,
     # and the jobs-by-state gauge reads counts kept by triggers instead of counting them all.
     """
@@ -128,9 +128,10 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # 3: each cohort's bucket counts (records.cohort_sketch), a lower bound on its distance
     # to another: the overlap guard parses only cohorts that could be within k_min - 1 of a
-    # new one, not every cohort of similar size (each ~140 KB of JSON at 2,000 subjects).
+    # new one, not every cohort of similar size (members are JSON, some 70 bytes a subject).
     # A table of its own: a column after members_json would be read by walking each row's
-    # overflow pages. Cohorts from before are sketched the first time the guard loads them.
+    # overflow pages. Cohorts stored at an earlier version are sketched the first time the
+    # guard loads them.
     """
     CREATE TABLE cohort_sketches (
         researcher TEXT NOT NULL,
@@ -143,9 +144,9 @@ MIGRATIONS: tuple[str, ...] = (
     # 4: the released cells of each distinct grouped query (two or more cells), as digests
     # of their rows in `cohorts` with their sizes: a union of some of one query's cells can
     # be near a union of some of another's (privacy/overlap.py), and sizes alone rule most
-    # out without reading members. Grouped releases from before are in `cohorts` cell by
-    # cell only (guarded as before). Jobs are found by when they last changed: finished
-    # ones are deleted after `[node] job_retention_days`.
+    # out without reading members. Grouped releases stored at an earlier version are in
+    # `cohorts` cell by cell only, and guarded cell by cell. Jobs are found by when they last
+    # changed: finished ones are deleted after `[node] job_retention_days`.
     """
     CREATE INDEX jobs_updated ON jobs (updated_at);
     CREATE TABLE cohort_families (

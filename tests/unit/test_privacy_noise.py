@@ -19,7 +19,8 @@ from stimnetd.privacy.noise import (
     add_noise,
     sensitivities,
 )
-from stimnetd.privacy.policy import BudgetExhausted, PrivacyPolicy, PrivacyRefusal, decide_epsilon
+from stimnetd.privacy.policy import PrivacyPolicy, PrivacyRefusal, decide_epsilon
+from stimnetd.privacy.release import Refusal
 from stimnetd.privacy.suppress import suppress_small_cells
 from stimnetd.query.aggregate import Partial
 
@@ -146,11 +147,16 @@ def test_policy_rejects_a_default_epsilon_above_its_maximum() -> None:
 
 
 def test_budget_exhausted_is_a_budget_refusal_with_its_own_status() -> None:
-    """BudgetExhausted is a PrivacyRefusal of the budget rule and maps to RESOURCE_EXHAUSTED."""
-    e = BudgetExhausted("epsilon budget of 10 for this catalog is spent")
-    assert isinstance(e, PrivacyRefusal) and isinstance(e, errors.BudgetExhausted)
-    assert e.policy == "budget" and e.code == "RESOURCE_EXHAUSTED"
+    """The budget rule's refusal raises errors.BudgetExhausted, naming the budget rule and
+    mapping to RESOURCE_EXHAUSTED; the other rules' refusals are FAILED_PRECONDITION."""
+    e = Refusal("budget", "epsilon budget of 10 for this catalog is spent").error()
+    assert type(e) is errors.BudgetExhausted
+    assert (e.policy, e.code, str(e)) == (
+        "budget", "RESOURCE_EXHAUSTED", "epsilon budget of 10 for this catalog is spent")
     assert PrivacyRefusal("k_min", "x").code == "FAILED_PRECONDITION"
+    overlap = Refusal("overlap", "x").error()
+    assert (type(overlap), overlap.policy, overlap.code) == (  # type: ignore[attr-defined]
+        PrivacyRefusal, "overlap", "FAILED_PRECONDITION")
 
 
 # -- sensitivities ----------------------------------------------------------------------

@@ -1,0 +1,96 @@
+"""The release rules: may a release be recorded, given what the ledger already holds?
+
+`decide` is pure. It reads a `LedgerView` (the store fills one inside the release's
+`BEGIN IMMEDIATE` transaction, so two racing releases cannot both pass) and returns a
+`Refusal` or None; the store then records the release or audits the refusal and raises
+it. The budget rule (`budget_refusal`) also serves `SiteExecutor.precheck`, which refuses
+before any work a query the budget certainly cannot cover.
+
+Rules, in order: the budget (only a release that charges epsilon), then the overlap guard
+on each cohort the release discloses (privacy/overlap.check_overlap), then on unions of its
+cells (check_union_overlap). A suppressed release discloses nothing and is never guarded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from stimnet.errors import BudgetExhausted, StimnetError
+from stimnetd.privacy.overlap import check_overlap, check_union_overlap
+from stimnetd.privacy.policy import PrivacyPolicy, PrivacyRefusal, RefusalRule
+from stimnetd.store.records import Disclosed, LedgerView, Release
+
+# Sums of float epsilons drift: ten charges of 0.1 must fit a budget of 1.
+BUDGET_SLACK = 1e-12
+
+GROUPED = "a group's cohort (or the groups' together)"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A rule refused the release. `message` is shown to the researcher; `detail` is what
+    the audit entry records beside the rule's name."""
+
+    rule: RefusalRule
+    message: str
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+    def audit_detail(self) -> dict[str, Any]:
+        return {"policy": self.rule, **self.detail}
+
+    def error(self) -> StimnetError:
+        """The exception the researcher's call fails with."""
+        if self.rule == "budget":
+            return BudgetExhausted(self.message)
+        return PrivacyRefusal(self.rule, self.message)
+
+
+def budget_message(catalog: str, epsilon: float, spent: float, budget: float) -> str:
+    return (f"privacy budget exhausted on catalog {catalog!r}: this query needs epsilon "
+            f"{epsilon:g}, {max(budget - spent, 0):g} of {budget:g} remains for you at this site")
+
+
+def budget_refusal(catalog: str, epsilon: float, spent: float,
+                   policy: PrivacyPolicy) -> Refusal | None:
+    """Refuse spending `epsilon` on `catalog` when `spent` is already charged there."""
+    budget = policy.budget_epsilon
+    if spent + epsilon <= budget + BUDGET_SLACK:
+        return None
+    return Refusal("budget", budget_message(catalog, epsilon, spent, budget),
+                   {"epsilon": epsilon, "budget": budget})
+
+
+def decide(view: LedgerView, release: Release, policy: PrivacyPolicy, *,
+           overlap_guard: bool = True) -> Refusal | None:
+    """The first rule that refuses `release`, or None to record it.
+
+    `overlap_guard`: the site's `[privacy] overlap_guard`; without it only the budget
+    applies."""
+    if release.epsilon:
+        refusal = budget_refusal(release.catalog, release.epsilon, view.spent(), policy)
+        if refusal is not None:
+            return refusal
+    disclosed = release.disclosed() if release.decision != "suppressed" else ()
+    if not overlap_guard or not disclosed:
+        return None
+    return overlap_refusal(view, release, disclosed, policy.k_min)
+
+
+def overlap_refusal(view: LedgerView, release: Release, disclosed: Disclosed,
+                    k_min: int) -> Refusal | None:
+    """Refuse a disclosed cohort, or a union of the release's cells, that differs from an
+    earlier one by 1..k_min-1 subjects. The view is asked only for what is within k_min - 1,
+    which is all the rules can refuse."""
+    window = k_min - 1
+    what = GROUPED if release.guarded else "cohort"
+    try:
+        for members, digest in disclosed:
+            check_overlap(members, view.near_cohorts(members, digest, window), k_min, what)
+        atoms = release.atoms or disclosed[:1]
+        check_union_overlap([members for members, _ in atoms],
+                            view.near_families(atoms, window), k_min)
+    except PrivacyRefusal as refused:
+        return Refusal("overlap", refused.message, {"reason": refused.message})
+    return None

@@ -1,0 +1,69 @@
+"""Releases: what a site let leave it, recorded with its epsilon charge and audit entry in
+one transaction, after the release rules (passed in: privacy/release.decide) have spoken."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import aiosqlite
+
+from stimnet.errors import Replayed
+from stimnetd.store import cohorts, nonces
+from stimnetd.store.ledger import TransactionLedger
+from stimnetd.store.records import NonceClaim, Release, ReleaseRule, cohort_digest
+from stimnetd.store.transaction import Transaction
+
+SELECT = ("SELECT job_id, researcher, catalog, decision, epsilon, cohort_digest, "
+          "partials, at FROM releases")
+
+REPLAYED = "replayed request: this signed job was already run at this site"
+
+
+def record(release: Release, decide: ReleaseRule, audit_actor: tuple[str, str],
+           nonce: NonceClaim | None, now: float) -> Callable[[Transaction], Release | Exception]:
+    """The release transaction: the request's nonce (a replay returns Replayed), then the
+    job's earlier release if it has one (returned as it is, charging nothing), then
+    `decide`; a refusal is audited and returned as its error, otherwise the release is
+    charged, recorded with the cohorts it discloses, and audited."""
+    base = {"job": release.job_id, "catalog": release.catalog}
+    digest = release.cohort_key or cohort_digest(release.cohort)
+
+    def tx(t: Transaction) -> Release | Exception:
+        if nonce is not None and not nonces.insert(t, nonce, now):
+            return Replayed(REPLAYED)
+        existing = t.conn.execute(SELECT + " WHERE job_id = ?", (release.job_id,)).fetchone()
+        if existing is not None:
+            return Release.from_row(existing)
+        view = TransactionLedger(t.conn, release)
+        refusal = decide(view, release)
+        if refusal is not None:
+            t.append(*audit_actor, "release", "refused", {**base, **refusal.audit_detail()})
+            return refusal.error()
+        _write(t, release, digest, view.sketches)
+        t.append(*audit_actor, "release", release.decision,
+                 {**base, "epsilon": release.epsilon, "researcher": release.researcher,
+                  **release.audit_detail})
+        return release
+
+    return tx
+
+
+def _write(t: Transaction, release: Release, digest: str, sketches: dict[str, bytes]) -> None:
+    conn = t.conn
+    if release.epsilon:
+        conn.execute(
+            "INSERT INTO ledger (researcher, catalog, job_id, epsilon, at) VALUES (?,?,?,?,?)",
+            (release.researcher, release.catalog, release.job_id, release.epsilon, release.at))
+    conn.execute(
+        "INSERT INTO releases (job_id, researcher, catalog, decision, epsilon,"
+        " cohort_digest, partials, at) VALUES (?,?,?,?,?,?,?,?)",
+        (release.job_id, release.researcher, release.catalog, release.decision,
+         release.epsilon, digest, release.partials, release.at))
+    disclosed = release.disclosed() if release.decision != "suppressed" else ()
+    cohorts.record_disclosed(conn, release, disclosed, sketches)
+
+
+async def get(db: aiosqlite.Connection, job_id: str) -> Release | None:
+    rows: Any = await db.execute_fetchall(SELECT + " WHERE job_id = ?", (job_id,))
+    return Release.from_row(list(rows)[0]) if rows else None
