@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 
 from stimnetd.catalog_types import FieldMeta
-from stimnetd.sandbox.result import parse_result
-from stimnetd.sandbox.runner import job_manifest
+from stimnetd.sandbox import job_manifest, parse_result
 
 RUNTIME = Path(__file__).resolve().parents[2] / "sandbox" / "runtime"
 
