@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sqlite3
 from collections.abc import AsyncIterator
@@ -34,6 +35,10 @@ for sid in df["sid"]:
     emit_count(f"subject_{sid}", 1)
 """
 SPIN = b"while True:\n    pass\n"
+# Names of this run's own: a daemon reaps every container labelled with its node name at
+# start-up, so a daemon of another test run sharing the engine must not share the name.
+NODE = f"node-a-{os.getpid()}"
+SITE_A, SITE_B = f"site-a-{os.getpid()}", f"site-b-{os.getpid()}"
 # What each script emits, declared with it (sites require the declaration by default).
 COUNT_OUT = "SELECT count(*) AS n, avg(age) AS mean_age FROM tiny"
 N_OUT = "SELECT count(*) AS n FROM tiny"
@@ -48,7 +53,7 @@ emit_count("n", len(load_table("s")))
 def _node(tmp: Path, pki: CertFactory, *, policy: str = "auto", **scripts: Any) -> tuple[Path, int]:
     port = free_port()
     cat = _tiny_catalog(tmp / "data", [float(a) for a in range(30, 60)])
-    cfg = write_node_config(tmp / "node", pki.issue("node-a", "node"), "node-a", port=port,
+    cfg = write_node_config(tmp / "node", pki.issue(NODE, "node"), NODE, port=port,
                             catalogs=[cat], crl=pki.crl_path, gossip={"enabled": False},
                             scripts={"policy": policy, "memory_mb": 256, "timeout_s": 20,
                                      **scripts},
@@ -56,7 +61,7 @@ def _node(tmp: Path, pki: CertFactory, *, policy: str = "auto", **scripts: Any) 
     return cfg, port
 
 
-def _containers(docker_client: Any, node: str = "node-a") -> list[dict]:
+def _containers(docker_client: Any, node: str = NODE) -> list[dict]:
     return docker_client.api.containers(all=True, filters={
         "label": ["org.stimnet.managed=true", f"org.stimnet.node={node}"]})
 
@@ -116,7 +121,7 @@ async def test_review_policy_holds_this_sites_share_of_a_federated_script(
     resubmitted script run here."""
     async with _node_clients(tmp_path, pki, policy="review") as (c, admin):
         job = await c.submit_script(COUNT, "tiny", outputs=COUNT_OUT, federated=True)
-        with pytest.raises(JobFailed, match=r"node-a: refused \(awaiting approval: site "
+        with pytest.raises(JobFailed, match=rf"{NODE}: refused \(awaiting approval: site "
                                              "policy 'review'"):
             await c.run_job(job)
         assert _containers(docker_client) == []
@@ -333,11 +338,11 @@ async def test_sigkill_around_result_release_never_double_charges(
 @contextlib.asynccontextmanager
 async def _two_sites(tmp: Path, pki: CertFactory, scripts: dict[str, dict[str, Any]]
                      ) -> AsyncIterator[AsyncClient]:
-    """site-a (the entry) and site-b as processes, each with its `scripts` section;
-    alice's client of site-a. Both must stop cleanly."""
+    """SITE_A (the entry) and SITE_B as processes, each with its `scripts` section;
+    alice's client of SITE_A. Both must stop cleanly."""
     ports = [free_port() for _ in range(2)]
     procs = []
-    for i, name in enumerate(("site-a", "site-b")):
+    for i, name in enumerate((SITE_A, SITE_B)):
         cat = _tiny_catalog(tmp / f"data-{name}", [float(a) for a in range(30, 60)])
         cfg = write_node_config(
             tmp / name, pki.issue(name, "node"), name, port=ports[i], catalogs=[cat],
@@ -363,14 +368,14 @@ async def test_a_sites_sandbox_concurrency_covers_its_peers_sub_jobs(
     two federated scripts arriving at a peer together run there one after the other, not
     each in a container started the moment its sub-job arrives."""
     # The entry runs both jobs at once; the peer has one sandbox slot.
-    async with _two_sites(tmp_path, pki, {"site-a": {"concurrency": 2},
-                                          "site-b": {"concurrency": 1}}) as c:
+    async with _two_sites(tmp_path, pki, {SITE_A: {"concurrency": 2},
+                                          SITE_B: {"concurrency": 1}}) as c:
         jobs = [await c.submit_script(SLOW, "tiny", outputs=N_OUT, federated=True,
                                       min_sites=2) for _ in range(2)]
         runs = asyncio.gather(*[c.run_job(j) for j in jobs])
         most = 0
         while not runs.done():
-            running = [x for x in _containers(docker_client, "site-b")
+            running = [x for x in _containers(docker_client, SITE_B)
                        if x.get("State") == "running"]
             most = max(most, len(running))
             await asyncio.sleep(0.1)
@@ -385,8 +390,8 @@ async def test_a_peers_script_failure_reaches_the_researcher_with_its_log(
     site state the entry would refuse: the entry reports the peer's failure with its
     reason, and under log_policy 'full' a script that prints still succeeds."""
     crash = b"print('hello from the script')\nraise ValueError('boom')\n"
-    async with _two_sites(tmp_path, pki, {"site-a": {"log_policy": "full"},
-                                          "site-b": {"log_policy": "full"}}) as c:
+    async with _two_sites(tmp_path, pki, {SITE_A: {"log_policy": "full"},
+                                          SITE_B: {"log_policy": "full"}}) as c:
         lines: list[str] = []
         job = await c.submit_script(crash, "tiny", outputs=N_OUT, federated=True)
         with pytest.raises(JobFailed) as failed:
@@ -396,6 +401,6 @@ async def test_a_peers_script_failure_reaches_the_researcher_with_its_log(
                                                     federated=True, min_sites=2))
     detail = str(failed.value)
     assert "unknown state" not in detail, detail
-    assert "site-b: refused (script failed: script raised ValueError" in detail, detail
-    assert "site-b: hello from the script" in lines, lines
+    assert f"{SITE_B}: refused (script failed: script raised ValueError" in detail, detail
+    assert f"{SITE_B}: hello from the script" in lines, lines
     assert ans.rows[0][0] == 60
