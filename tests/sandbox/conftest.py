@@ -61,6 +61,15 @@ FIELDS = MappingProxyType(
 )
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test here that needs the engine (its fixtures reach `docker_client`) is a
+    docker test, so `-m "not docker"` runs leave the shared engine alone."""
+    here = Path(__file__).parent
+    for item in items:
+        if item.path.is_relative_to(here) and "docker_client" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.docker)
+
+
 def _engine_or_fail() -> Any:
     try:
         import docker

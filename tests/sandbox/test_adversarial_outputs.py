@@ -169,7 +169,8 @@ async def test_traceback_text_is_not_released(runner, docker_client, catalog: Ca
     )
     assert_refused(out)
     assert out.reason == "script raised KeyError at line 3"
-    assert "s00" not in logs_of(out) and "s00" not in out.reason
+    assert "s00" not in logs_of(out)
+    assert "s00" not in out.reason
 
 
 async def test_partial_results_of_failed_script_are_discarded(runner, docker_client, catalog):

@@ -275,7 +275,8 @@ async def test_sigkill_during_a_script_job(tmp_path: Path, pki: CertFactory, san
         async with AsyncClient(client_config(alice, addr, 60)) as c:
             if on_restart == "interrupt":
                 j = await c.get_job(job.id)
-                assert j.state == "interrupted" and "restarted" in j.detail
+                assert j.state == "interrupted"
+                assert "restarted" in j.detail
             else:
                 ans = await c.run_job(await c.get_job(job.id))
                 assert ans.rows[0][0] is not None

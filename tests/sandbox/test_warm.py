@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from .conftest import (
     node_containers,
     remove_containers,
     wait_for,
+    with_limits,
 )
 
 pytestmark = pytest.mark.docker
@@ -102,7 +102,7 @@ async def test_zygote_idle_longer_than_the_timeout_still_runs_a_job(
     runner, docker_client, catalog: Catalog
 ):
     """The wall-clock limit counts from the hand-over, not from when the zygote started."""
-    runner._limits = replace(TEST_LIMITS, timeout_s=1.5)  # noqa: SLF001 - read per container
+    with_limits(runner, timeout_s=1.5)
     await runner.prewarm(catalog.root)
     await asyncio.sleep(3.0)  # idle for twice the job timeout
     states = [c["State"] for c in node_containers(docker_client, runner.node)]
