@@ -2,17 +2,22 @@
 
 Prints: end-to-end latency (submit → result) of a trivial script job on one daemon; the
 latency of `docker run --rm --network none <same image> python3 -c pass`; their ratio
-(goal ≤ 1.0: pre-created containers make beating a bare docker run possible); and the
-latency of a 3-site federated script job.
+(goal ≤ 1.0: pre-created containers make beating a bare docker run possible); the
+latency of a 3-site federated script job; and how live the event loop stays while a
+script spins: the worst gap between 50 ms ticks of an in-process runner's loop, as a
+multiple of the tick period, and a daemon's health-check latency during the spin as a
+multiple of its idle latency (the sandbox tests check only the order of events).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import subprocess
 import time
+from pathlib import Path
 
 from _common import workdir  # type: ignore[import-not-found]
 
@@ -21,6 +26,8 @@ from stimnetd.sandbox import SANDBOX_VERSION
 from stimnetd.testing import CertFactory, DaemonProcess, client_config, free_port, write_node_config
 
 TRIVIAL = b"from stimnet_runtime import emit_count\nemit_count('n', 10)\n"
+SPIN = b"while True:\n    pass\n"
+TICK_S = 0.05
 TRIVIAL_OUT = "SELECT count(*) AS n FROM tiny"  # declared with it, as sites require
 IMAGE = f"stimnet-sandbox:{SANDBOX_VERSION}"
 
@@ -36,6 +43,67 @@ def docker_run_latency(n: int) -> list[float]:
     return out
 
 
+async def loop_gap_ratio(tmp: Path) -> float:
+    """The worst gap between TICK_S ticks of this loop while a runner watches a spinning
+    script until its wall-clock limit, divided by TICK_S (1.0: the loop never waited)."""
+    import docker
+
+    from stimnetd.sandbox import SandboxLimits, SandboxRunner, job_manifest
+
+    runner = SandboxRunner(lambda: docker.from_env(timeout=120).api, IMAGE,
+                           SandboxLimits(timeout_s=3.0), tmp / "runner",
+                           node=f"bench-{os.getpid()}")
+    worst = 0.0
+
+    async def tick() -> None:
+        nonlocal worst
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(TICK_S)
+            now = time.monotonic()
+            worst, last = max(worst, now - last), now
+
+    (tmp / "empty-catalog").mkdir()
+    ticker = asyncio.get_running_loop().create_task(tick())
+    try:
+        await runner.run("spin", SPIN, tmp / "empty-catalog", job_manifest({}, "subject", {}))
+    finally:
+        ticker.cancel()
+        await runner.shutdown()
+    return worst / TICK_S
+
+
+async def health_latencies(addr: str, creds: object, n: int) -> list[float]:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    out = []
+    async with grpc.aio.secure_channel(addr, creds) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        for _ in range(n):
+            t = time.perf_counter()
+            await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            out.append(time.perf_counter() - t)
+            await asyncio.sleep(0.1)
+    return out
+
+
+async def health_during_spin(c: AsyncClient, addr: str, creds: object) -> float:
+    """Median health-check latency while a script spins on the entry, over the idle one."""
+    from stimctl.client import JobFailed
+
+    idle = await health_latencies(addr, creds, 20)
+    job = await c.submit_script(SPIN, "tiny", outputs=TRIVIAL_OUT)
+    while (await c.get_job(job.id)).state != "running":
+        await asyncio.sleep(0.05)
+    spinning = await health_latencies(addr, creds, 20)
+    try:
+        await c.run_job(job)
+    except JobFailed:
+        pass  # the wall-clock limit ends it, as intended
+    return statistics.median(spinning) / statistics.median(idle)
+
+
 async def main(n: int) -> None:
     from tests.federation.test_federated_queries import _tiny_catalog
 
@@ -45,11 +113,14 @@ async def main(n: int) -> None:
     ports = [free_port() for _ in range(3)]
     procs = []
     for i, port in enumerate(ports):
-        name = f"site-{'abc'[i]}"
+        # This run's own names: a daemon reaps its name's containers at start-up, and
+        # other runs may share the engine.
+        name = f"site-{'abc'[i]}-{os.getpid()}"
         cat = _tiny_catalog(tmp / f"data-{name}", [float(a) for a in range(30, 60)])
         cfg = write_node_config(tmp / name, pki.issue(name, "node"), name, port=port,
                                 catalogs=[cat], crl=pki.crl_path, logging={"level": "warning"},
-                                scripts={"policy": "auto"}, gossip={"enabled": False},
+                                scripts={"policy": "auto", "timeout_s": 10},
+                                gossip={"enabled": False},
                                 federation={"peers": [f"127.0.0.1:{p}" for p in ports
                                                       if p != port]})
         procs.append(DaemonProcess(cfg))
@@ -71,6 +142,9 @@ async def main(n: int) -> None:
                 local.append(await one(False))
                 bare += await asyncio.to_thread(docker_run_latency, 1)
             fed = [await one(True) for _ in range(max(3, n // 2))]
+            addr = f"127.0.0.1:{ports[0]}"
+            health = await health_during_spin(c, addr, client_config(alice, addr).credentials())
+        gap = await loop_gap_ratio(tmp)
     finally:
         for p in procs:
             p.stop()
@@ -82,6 +156,9 @@ async def main(n: int) -> None:
     print(f"3-site federated script job                             : {fm * 1000:7.0f} ms   "
           f"(ratio to the bare docker run {fm / bm:.2f}; three containers on this machine's "
           "cores)")
+    print(f"worst loop gap, runner watching a spinning script     : {gap:7.2f}x  (the "
+          f"{TICK_S * 1000:.0f} ms tick period)")
+    print(f"health check while a script spins / idle (median)      : {health:7.2f}x")
 
 
 if __name__ == "__main__":

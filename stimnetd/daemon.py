@@ -56,9 +56,8 @@ from stimnetd.rpc.jobs_servicer import JobServicer
 from stimnetd.rpc.node_servicer import NodeServicer
 from stimnetd.rpc.peer_client import GrpcSubJobTransport, PeerChannels
 from stimnetd.rpc.refusals import RefusalLimiter
-from stimnetd.sandbox import SANDBOX_VERSION
+from stimnetd.sandbox import SANDBOX_VERSION, SandboxLimits, SandboxRunner
 from stimnetd.sandbox.image import check_image
-from stimnetd.sandbox.runner import SandboxLimits, SandboxRunner
 from stimnetd.site import LocalSite
 from stimnetd.site.policy import ScriptPolicy
 from stimnetd.store import Store
@@ -220,7 +219,7 @@ class Daemon:
                                timeout_s=sc.timeout_s, result_bytes=sc.result_mb * 2**20)
         # The client is made lazily, off the loop, on first use: a node that never runs a
         # script never needs the Docker socket.
-        return SandboxRunner(lambda: docker.from_env(timeout=60), f"{sc.image}:{SANDBOX_VERSION}",
+        return SandboxRunner(lambda: docker.from_env(timeout=60).api, f"{sc.image}:{SANDBOX_VERSION}",
                              limits, config.node.state_dir, node=config.node.name,
                              warm_per_catalog=max(sc.warm_containers, 1))
 

@@ -224,3 +224,88 @@ class DaemonProcess:
             self.proc.kill()
             self.proc.wait(timeout=10)
         self._log.close()
+
+
+# --------------------------------------------------------------------------- sandbox
+
+
+class FakeDockerApi:
+    """Stands in for docker-py's low-level ``APIClient``: plays back container states.
+
+    Each inspect_container() returns a container's next state, the last one repeating.
+    `states` is one list for every container, or a list per container id; the fake names
+    the containers it creates ``fake-1``, ``fake-2``, ... in order. kill() makes the
+    killed container's state `killed_state` from then on (the engine's SIGKILL exit by
+    default). `logs` is the containers' whole output, `stderr` the part logs() returns
+    when asked for stderr alone. What the code under test did is kept in `created`
+    (create_container's arguments, with `host_config` as given to create_host_config),
+    `started`, `killed` and `removed`; a removed container is NotFound, as in the engine.
+    """
+
+    def __init__(self, states: list[dict[str, Any]] | dict[str, list[dict[str, Any]]],
+                 logs: bytes = b"", *, stderr: bytes = b"",
+                 killed_state: dict[str, Any] | None = None) -> None:
+        self._states = states
+        self._playing: dict[str, list[dict[str, Any]]] = {}
+        self._logs, self._stderr = logs, stderr
+        self._killed_state = killed_state or {"Status": "exited", "Running": False,
+                                              "ExitCode": 137, "OOMKilled": False}
+        self.created: list[dict[str, Any]] = []
+        self.started: list[str] = []
+        self.killed: list[str] = []
+        self.removed: list[str] = []
+        self.closed = False
+
+    def _gone(self, cid: str) -> None:
+        import docker.errors
+
+        if cid in self.removed:
+            raise docker.errors.NotFound(f"No such container: {cid}")
+
+    def create_host_config(self, **kwargs: Any) -> dict[str, Any]:
+        return dict(kwargs)
+
+    def create_container(self, **kwargs: Any) -> dict[str, Any]:
+        self.created.append(kwargs)
+        return {"Id": f"fake-{len(self.created)}"}
+
+    def start(self, container: str, /) -> None:
+        self._gone(container)
+        self.started.append(container)
+
+    def inspect_container(self, container: str, /) -> dict[str, Any]:
+        self._gone(container)
+        if container not in self._playing:
+            states = (self._states if isinstance(self._states, list)
+                      else self._states[container])
+            self._playing[container] = list(states)
+        playing = self._playing[container]
+        return {"State": dict(playing.pop(0) if len(playing) > 1 else playing[0])}
+
+    def kill(self, container: str, /) -> None:
+        self._gone(container)
+        self.killed.append(container)
+        self._playing[container] = [self._killed_state]
+
+    def logs(self, container: str, /, **kwargs: Any) -> bytes:
+        self._gone(container)
+        return self._logs if kwargs.get("stdout", True) else self._stderr
+
+    def remove_container(self, container: str, /, **kwargs: Any) -> None:
+        self._gone(container)
+        self.removed.append(container)
+
+    def containers(self, **kwargs: Any) -> list[dict[str, Any]]:
+        """The containers this fake created and has not removed, as the engine lists them;
+        of the filters, only ``label: ["key=value", ...]`` is applied."""
+        wanted = dict(f.split("=", 1) for f in (kwargs.get("filters") or {}).get("label", ()))
+        listed = []
+        for i, c in enumerate(self.created, 1):
+            labels = c.get("labels") or {}
+            if f"fake-{i}" not in self.removed and wanted.items() <= labels.items():
+                listed.append({"Id": f"fake-{i}", "Names": [f"/{c.get('name')}"],
+                               "Labels": labels})
+        return listed
+
+    def close(self) -> None:
+        self.closed = True

@@ -5,32 +5,33 @@ declared schema and bounds (an n above the catalog's size, sums outside n·bound
 maps are refused) and the site's privacy layer then applies k_min and DP with the
 catalog's bounds — never with anything the script claims about itself.
 
-What a script emits — its outputs' names, kinds, fields, histogram edges, and which groups
-— would otherwise be chosen by the script at run time, and leave the site even where the
-values are withheld: a channel past k_min and DP. So a script job declares its outputs in
-the signed request, in the query language (`SELECT count(*) AS n, avg(age) AS mean_age
-FROM c GROUP BY sex`: no WHERE, the script picks its rows), and the site releases only a
-result that is exactly that: every declared output, nothing else, each with its declared
-function, fields and edges, and for a grouped one every combination of the group fields'
-declared levels (empty groups included, so which groups exist says nothing). Sites require
-the declaration by default (`[scripts] declared_outputs`).
+A script job declares its outputs in the signed request, in the query language
+(`SELECT count(*) AS n, avg(age) AS mean_age FROM c GROUP BY sex`: no WHERE, the script
+picks its rows): `declared_spec` checks the declaration against the catalog before the
+script runs, and `stimnetd.sandbox.check_declared` holds the result to it exactly (why:
+stimnetd/sandbox/declared.py). Sites require the declaration by default
+(`[scripts] declared_outputs`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from stimnet.errors import QueryError, StimnetError
-from stimnet.query.fields import FieldMeta
 from stimnet.query.spec import AggSpec, QuerySpec, validate
 from stimnet.signing import VerifiedJob
 from stimnetd.catalog import Catalog
-from stimnetd.query.aggregate import GroupKey, Partial
-from stimnetd.sandbox.result import NAME_RE, ResultRejected, parse_result
-from stimnetd.sandbox.runner import SandboxRunner, job_manifest
+from stimnetd.query.aggregate import Partial
+from stimnetd.sandbox import (
+    NAME_RE,
+    SandboxRunner,
+    agg_spec,
+    check_declared,
+    job_manifest,
+    parse_result,
+)
 
 # What a script can emit (stimnet_runtime's emit_* and the result format's kinds).
 SCRIPT_FUNCS = ("count", "sum", "mean", "var", "sd", "histogram", "corr", "regression",
@@ -93,7 +94,7 @@ class SandboxScripts:
                 await on_log(outcome.reason)
             raise ScriptFailed(f"script {outcome.status}: {outcome.reason}")
         geometry = {f: catalog.geometry(f) for f in catalog.image_fields()}
-        # Off the loop: checking a result of voxel maps is seconds of numpy at worst.
+        # Off the loop: a result may hold MAX_RESULT_ELEMENTS numbers to check.
         partials = await asyncio.to_thread(parse_result, outcome.result, outcome.arrays,
                                            catalog.fields, catalog.n_subjects, geometry=geometry)
         if declared is not None:
@@ -150,49 +151,6 @@ def declared_spec(doc: Any, catalog: Catalog) -> QuerySpec:
     return spec
 
 
-def check_declared(partials: list[Partial], spec: QuerySpec,
-                   fields: Mapping[str, FieldMeta]) -> None:
-    """Refuse (ResultRejected) a script result that is not exactly what its job declared.
-
-    As parse_result's, these messages reach the researcher and quote nothing the script
-    chose (a name it made up, its edges, which groups it emitted or how many): only the
-    declaration and the rule."""
-    wanted = {a.name: a for a in spec.aggregates}
-    cells = set(itertools.product(*[[(f, lv) for lv in (fields[f].levels or ())]
-                                    for f in sorted(spec.group_by)]))
-    seen: dict[str, set[GroupKey]] = {}
-    for p in partials:
-        declared = wanted.get(p.name)
-        if declared is None:
-            raise ResultRejected(f"the script emitted an output its job did not declare (it "
-                                 f"declared {', '.join(repr(n) for n in wanted)})")
-        got = _agg(p)
-        if (got.func, got.fields, _edges(got.params)) != \
-                (declared.func, declared.fields, _edges(declared.params)):
-            raise ResultRejected(f"output {p.name!r}: the script emitted something other than "
-                                 f"the declared {_show(declared)}")
-        if p.group not in cells:
-            raise ResultRejected(f"output {p.name!r}: the script emitted a group other than "
-                                 "those of the declared GROUP BY "
-                                 f"{', '.join(spec.group_by) or '(none)'}")
-        seen.setdefault(p.name, set()).add(p.group)
-    for name in wanted:
-        if seen.get(name, set()) != cells:
-            raise ResultRejected(f"output {name!r}: not every one of its {len(cells)} declared "
-                                 "group(s) emitted (a grouped output covers every level "
-                                 "combination, empty ones included)" if spec.group_by else
-                                 f"output {name!r}: declared by the job but not emitted")
-
-
-def _edges(params: tuple[float, ...]) -> tuple[float, ...]:
-    return tuple(float(v) for v in params)
-
-
-def _show(agg: AggSpec) -> str:
-    edges = f" edges {list(_edges(agg.params))}" if agg.params else ""
-    return f"{agg.func}({', '.join(agg.fields) or '*'}){edges}"
-
-
 def spec_from_partials(catalog: str, partials: list[Partial]) -> QuerySpec:
     """The query a script's outputs correspond to, so the finaliser can present them."""
     aggs: dict[str, AggSpec] = {}
@@ -203,28 +161,9 @@ def spec_from_partials(catalog: str, partials: list[Partial]) -> QuerySpec:
                 group_by.append(field)
         if p.name in aggs:
             continue
-        aggs[p.name] = _agg(p)
+        agg = agg_spec(p)
+        if agg is None:
+            raise ScriptFailed(f"output {p.name!r}: kind {p.kind} cannot be presented")
+        aggs[p.name] = agg
     return QuerySpec(catalog=catalog, where=None, group_by=tuple(group_by),
                      aggregates=tuple(aggs.values()))
-
-
-def _agg(p: Partial) -> AggSpec:
-    m: dict[str, Any] = p.meta
-    func = m.get("func", p.kind)
-    if p.kind == "count":
-        return AggSpec("count", (), p.name)
-    if p.kind == "moments":
-        return AggSpec(func, (m["field"],), p.name)
-    if p.kind == "histogram":
-        return AggSpec("histogram", (m["field"],), p.name, tuple(m["edges"]))
-    if p.kind == "crossprod":
-        names = tuple(m["fields"])
-        if func == "regression":
-            return AggSpec("regression", (names[-1], *names[:-1]), p.name)
-        return AggSpec("corr", names, p.name)
-    if p.kind == "contingency":
-        return AggSpec("contingency", tuple(m["fields"]), p.name)
-    if p.kind == "voxel_map":
-        fields = (m["column"],) + ((m["weight"],) if m.get("weight") else ())
-        return AggSpec(func, fields, p.name)
-    raise ScriptFailed(f"output {p.name!r}: kind {p.kind} cannot be presented")

@@ -15,7 +15,7 @@ field name): only the rule, the aggregate's name and catalog metadata.
 
 Names, histogram edges and which groups are emitted are chosen by the script at run time
 and so can carry data bits past the noise: a script job declares them in its signed
-request and `jobs/scripts.check_declared` holds the parsed result to that declaration.
+request and `declared.check_declared` holds the parsed result to that declaration.
 (Group labels are declared levels only, here.)
 """
 
@@ -41,8 +41,8 @@ MAX_AGGREGATES = 1000
 MAX_HISTOGRAM_EDGES = 1001
 MAX_CROSSPROD_FIELDS = 50
 MAX_VOXELS = 16_000_000
-# Every statistic is held as float64: all of a result's arrays together are bounded (one
-# small file referenced by hundreds of statistics once took gigabytes).
+# Every statistic is held as float64, so all of a result's arrays together are bounded:
+# a small file referenced by hundreds of statistics would otherwise cost gigabytes.
 MAX_RESULT_ELEMENTS = 2 * MAX_VOXELS
 # The script's word for the statistic → the query engine's `func` in Partial.meta.
 MOMENT_STATS = MappingProxyType({"sum": "sum", "mean": "mean", "variance": "var", "sd": "sd"})

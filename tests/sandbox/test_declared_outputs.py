@@ -12,8 +12,8 @@ import pytest
 
 from stimnet.errors import QueryError
 from stimnet.query.sql import parse_sql
-from stimnetd.jobs.scripts import check_declared, declared_spec
-from stimnetd.sandbox.result import ResultRejected, parse_result
+from stimnetd.jobs.scripts import declared_spec
+from stimnetd.sandbox import ResultRejected, check_declared, parse_result
 from tests.sandbox.test_result import FIELDS, ROWS, valid_arrays, valid_doc
 
 CATALOG = SimpleNamespace(name="c", fields=FIELDS)
@@ -47,6 +47,7 @@ def _check(sql: str, doc: dict[str, Any]) -> None:
 
 
 def test_a_result_that_is_exactly_the_declaration_passes() -> None:
+    """One output of each kind, each as declared, passes check_declared."""
     _check(EVERY_KIND, _doc())
 
 
@@ -62,7 +63,8 @@ def test_anything_else_is_refused_naming_the_output(doc: dict[str, Any], problem
     """The message names the declaration and the rule, never what the script emitted."""
     with pytest.raises(ResultRejected, match=problem) as info:
         _check(EVERY_KIND, doc)
-    assert "36" not in str(info.value) and "sd" not in str(info.value)
+    assert "36" not in str(info.value)
+    assert "sd" not in str(info.value)
 
 
 @pytest.mark.parametrize("name, declared, shown", [
@@ -72,12 +74,15 @@ def test_anything_else_is_refused_naming_the_output(doc: dict[str, Any], problem
 ])
 def test_a_declaration_differing_in_fields_or_function_is_held_to(name: str, declared: str,
                                                                   shown: str) -> None:
+    """A declaration naming other fields, another function or other edges than the result
+    refuses that result, showing the declared form."""
     with pytest.raises(ResultRejected, match=f"output '{name}': the script emitted something "
                                              f"other than the declared {shown}$"):
         _check(_declaring(**{name: declared}), _doc())
 
 
 def test_an_undeclared_output_is_refused() -> None:
+    """An output the job did not declare is refused without echoing its name."""
     doc = _doc()
     extra = copy.deepcopy(doc["aggregates"][0])
     extra["name"] = "subject_17"
@@ -122,10 +127,12 @@ def test_a_grouped_output_covers_every_declared_level_and_nothing_else() -> None
     ("SELECT avg(nope) AS m FROM c", "nope"),
 ])
 def test_unusable_declarations_are_refused_before_the_script_runs(sql: str, problem: str) -> None:
+    """A declaration a script could not meet is a QueryError from declared_spec."""
     with pytest.raises(QueryError, match=problem):
         declared_spec(parse_sql(sql).to_dict(), CATALOG)  # type: ignore[arg-type]
 
 
 def test_a_declaration_that_is_not_a_spec_is_refused() -> None:
+    """A declaration that is not a query spec object is refused by name."""
     with pytest.raises(QueryError, match="must be a query spec"):
         declared_spec(["count"], CATALOG)  # type: ignore[arg-type]

@@ -27,8 +27,10 @@ def test_demo_init_and_run(tmp_path: Path, sandbox_image: str) -> None:
     assert 'stimnet_jobs{state="succeeded"}' in out
     assert 'stimnet_jobs{state="running"}' not in out  # shown once every job has ended
     mean = nib.load(root / "results" / "sweet_spot" / "sweet_spot_mean.nii.gz")
-    assert mean.shape == (91, 109, 91) and np.isfinite(np.asarray(mean.dataobj)).any()
+    assert mean.shape == (91, 109, 91)
+    assert bool(np.isfinite(np.asarray(mean.dataobj)).any()) is True
     assert (root / "results" / "sweet_spot" / "sweet_spot_mean.png").read_bytes()[:4] == b"\x89PNG"
     again = subprocess.run([*stimctl, "demo", "init", str(root)], capture_output=True, text=True,
                            timeout=60)
-    assert again.returncode == 2 and "not empty" in again.stderr
+    assert again.returncode == 2
+    assert "not empty" in again.stderr

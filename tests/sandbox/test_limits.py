@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stimnetd.sandbox.runner import SandboxLimits
+from stimnetd.sandbox import SandboxLimits
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import pytest
 
 from stimnet.errors import StimnetError
 from stimnet.query.fields import FieldMeta, ImageGeometry
-from stimnetd.sandbox.result import ResultRejected, parse_result
+from stimnetd.sandbox import ResultRejected, parse_result
 
 FIELDS = MappingProxyType(
     {
@@ -111,7 +111,7 @@ def test_valid_result_parses_every_kind():
 
 def test_result_rejected_is_a_stimnet_error():
     """ResultRejected maps to a gRPC status through the daemon's one error vocabulary."""
-    assert issubclass(ResultRejected, StimnetError)
+    assert issubclass(ResultRejected, StimnetError) is True
     assert ResultRejected.code == "FAILED_PRECONDITION"
 
 
@@ -228,14 +228,14 @@ BAD: tuple[tuple[str, Mutation, str], ...] = (
     ("group-unknown-field", _set("n", "group", value=[["secret", "x"]]), "does not exist"),
     ("group-shape", _set("n", "group", value=["target"]), "[field, level]"),
     ("duplicate", _doc(lambda d: d["aggregates"][-1].update(group=[])), "emitted twice"),
-    # One small file referenced by many statistics was converted once per reference (it
-    # took gigabytes); each file is one statistic's.
+    # Each file is one statistic's: one small file referenced by many statistics would be
+    # converted once per reference.
     ("npy-reused", _set("vmap", "stats", "sum", value={"npy": "a.npy"}), "already uses"),
-    # 10**400 made the float conversion raise OverflowError (an internal error).
+    # 10**400 would make the float conversion raise OverflowError (an internal error).
     ("huge-int-stat", _set("n", "stats", "n", value=[10**400]), "beyond ±2^53"),
     ("huge-int-edge", _set("age_hist", "meta", "edges", value=[18, 10**400]), "beyond ±2^53"),
-    # One name, one statistic: a count in one group and a mean in another was shown as
-    # one column of counts.
+    # One name, one statistic: a count in one group and a mean in another would be shown
+    # as one column of counts.
     (
         "kind-differs-by-group",
         _doc(lambda d: d["aggregates"].append({
@@ -272,7 +272,7 @@ def test_rejections_never_echo_script_values():
         with pytest.raises(ResultRejected) as info:
             parse_result(doc, arrays, FIELDS, ROWS)
         text = str(info.value)
-        assert "71" not in text and "1234567" not in text and "(7, 1)" not in text, text
+        assert [s for s in ("71", "1234567", "(7, 1)") if s in text] == [], text
 
 
 def _geometry(shape: tuple[int, ...]) -> dict[str, ImageGeometry]:
@@ -302,9 +302,9 @@ def test_partial_meta_matches_the_query_engine():
     metas = {p.name: p.meta for p in parse_result(valid_doc(), valid_arrays(), FIELDS, ROWS)}
     assert metas["mean_age"] == {"func": "mean", "field": "age", "bounds": [18.0, 100.0]}
     assert metas["age_hist"] == {"func": "histogram", "field": "age", "edges": [18.0, 35.0, 60.0]}
-    assert metas["reg"]["func"] == "regression" and metas["reg"]["fields"] == ["age", "updrs"]
+    assert (metas["reg"]["func"], metas["reg"]["fields"]) == ("regression", ["age", "updrs"])
     assert metas["tab"]["levels"] == [["STN", "GPi"], ["L", "R"]]
-    assert metas["vmap"]["func"] == "mean_map" and metas["vmap"]["weight"] == "updrs"
+    assert (metas["vmap"]["func"], metas["vmap"]["weight"]) == ("mean_map", "updrs")
 
 
 def test_float_rounding_at_the_bound_is_accepted():
@@ -370,9 +370,10 @@ def _npy(arr: np.ndarray, *, claim: tuple[int, ...] | None = None) -> bytes:
 def test_array_files_are_checked_before_numpy_reads_them(data: Any, reason: str) -> None:
     """A script's .npy file is loaded only if its header is a plain numeric array whose
     size is exactly the bytes that follow; a valid one loads as written."""
-    from stimnetd.sandbox.runner import ResultRefused, _load_npy
+    from stimnetd.sandbox.outputs import ResultRefused, load_npy
 
     with pytest.raises(ResultRefused, match=reason):
-        _load_npy(data())
+        load_npy(data())
     ok = np.arange(6, dtype=np.int32).reshape(2, 3)
-    assert np.array_equal(_load_npy(_npy(ok)), ok)
+    loaded = load_npy(_npy(ok))
+    assert (loaded.dtype, loaded.tolist()) == (ok.dtype, ok.tolist())

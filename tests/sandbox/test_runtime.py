@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 
 from stimnet.query.fields import FieldMeta
-from stimnetd.sandbox.result import parse_result
-from stimnetd.sandbox.runner import job_manifest
+from stimnetd.sandbox import job_manifest, parse_result
 
 RUNTIME = Path(__file__).resolve().parents[2] / "sandbox" / "runtime"
 
@@ -84,7 +83,7 @@ def test_emitted_result_round_trips_through_parse_result(sandbox_dirs):
     assert partials["mean_age"].stats["s1"][0] == ages.sum()
     assert partials["var_score"].stats["s1"][0] == 1.0 + 4.0 + 10.0 + 3.0
     assert partials["age_hist"].stats["counts"].tolist() == [0, 2, 2, 0]
-    assert partials["vmap"].n == 4 and partials["vmap"].stats["count"].sum() == 4
+    assert (partials["vmap"].n, partials["vmap"].stats["count"].sum()) == (4, 4)
     assert partials["tab"].stats["counts"].tolist() == [[1.0, 1.0], [0.0, 1.0]]
     assert partials["tab"].n == 3
     assert doc["aggregates"][-1]["stats"]["count"] == {"npy": "a0007_count.npy"}

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sqlite3
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from stimctl.client import AsyncClient, InvalidRequest, JobFailed, Refused
 from stimnetd.testing import CertFactory, DaemonProcess, client_config, free_port, write_node_config
 from tests.federation.test_federated_queries import _tiny_catalog
+
+from .conftest import wait_for
 
 COUNT = b"""
 from stimnet_runtime import load_table, emit_count, emit_mean
@@ -33,6 +35,10 @@ for sid in df["sid"]:
     emit_count(f"subject_{sid}", 1)
 """
 SPIN = b"while True:\n    pass\n"
+# Names of this run's own: a daemon reaps every container labelled with its node name at
+# start-up, so a daemon of another test run sharing the engine must not share the name.
+NODE = f"node-a-{os.getpid()}"
+SITE_A, SITE_B = f"site-a-{os.getpid()}", f"site-b-{os.getpid()}"
 # What each script emits, declared with it (sites require the declaration by default).
 COUNT_OUT = "SELECT count(*) AS n, avg(age) AS mean_age FROM tiny"
 N_OUT = "SELECT count(*) AS n FROM tiny"
@@ -47,7 +53,7 @@ emit_count("n", len(load_table("s")))
 def _node(tmp: Path, pki: CertFactory, *, policy: str = "auto", **scripts: Any) -> tuple[Path, int]:
     port = free_port()
     cat = _tiny_catalog(tmp / "data", [float(a) for a in range(30, 60)])
-    cfg = write_node_config(tmp / "node", pki.issue("node-a", "node"), "node-a", port=port,
+    cfg = write_node_config(tmp / "node", pki.issue(NODE, "node"), NODE, port=port,
                             catalogs=[cat], crl=pki.crl_path, gossip={"enabled": False},
                             scripts={"policy": policy, "memory_mb": 256, "timeout_s": 20,
                                      **scripts},
@@ -55,7 +61,7 @@ def _node(tmp: Path, pki: CertFactory, *, policy: str = "auto", **scripts: Any) 
     return cfg, port
 
 
-def _containers(docker_client: Any, node: str = "node-a") -> list[dict]:
+def _containers(docker_client: Any, node: str = NODE) -> list[dict]:
     return docker_client.api.containers(all=True, filters={
         "label": ["org.stimnet.managed=true", f"org.stimnet.node={node}"]})
 
@@ -92,7 +98,8 @@ async def test_review_policy_holds_until_an_admin_decides(tmp_path: Path, pki: C
     """Under `review` a job waits; approve runs it (remembered per SHA-256), deny fails it."""
     async with _node_clients(tmp_path, pki, policy="review") as (c, admin):
         job = await c.submit_script(COUNT, "tiny", outputs=COUNT_OUT)
-        assert job.state == "awaiting_approval" and "approve" in job.detail
+        assert job.state == "awaiting_approval"
+        assert "approve" in job.detail
         await admin.approve(job.id, remember=True)
         ans = await c.run_job(job)
         assert ans.rows[0][0] == 30
@@ -108,18 +115,19 @@ async def test_review_policy_holds_until_an_admin_decides(tmp_path: Path, pki: C
 
 async def test_review_policy_holds_this_sites_share_of_a_federated_script(
         tmp_path: Path, pki: CertFactory, sandbox_image: str, docker_client) -> None:
-    """The entry node's own share of a federated script is under its script policy too
-    (it used to run unreviewed): under `review` that share answers "awaiting approval" at
-    once, as a peer does, no container starts, and an admin approving the request it
-    leaves (remembered) lets the resubmitted script run here."""
+    """The entry node's own share of a federated script is under its script policy too:
+    under `review` that share answers "awaiting approval" at once, as a peer does, no
+    container starts, and an admin approving the request it leaves (remembered) lets the
+    resubmitted script run here."""
     async with _node_clients(tmp_path, pki, policy="review") as (c, admin):
         job = await c.submit_script(COUNT, "tiny", outputs=COUNT_OUT, federated=True)
-        with pytest.raises(JobFailed, match=r"node-a: refused \(awaiting approval: site "
+        with pytest.raises(JobFailed, match=rf"{NODE}: refused \(awaiting approval: site "
                                              "policy 'review'"):
             await c.run_job(job)
         assert _containers(docker_client) == []
         pending = [j for j in await admin.list_jobs() if j.state == "awaiting_approval"]
-        assert len(pending) == 1 and job.id in pending[0].detail
+        assert len(pending) == 1
+        assert job.id in pending[0].detail
         await admin.approve(pending[0].id, remember=True)
         ans = await c.run_job(await c.submit_script(COUNT, "tiny", outputs=COUNT_OUT, federated=True))
     assert ans.rows[0][0] == 30
@@ -201,13 +209,14 @@ async def test_a_script_releases_only_exactly_what_its_job_declared(
         refused = [json.loads(d)["reason"] for (d,) in db.execute(
             "SELECT detail_json FROM audit WHERE action = 'release' AND decision = 'refused'")]
     assert released == 2  # the two that matched their declarations
-    assert len(refused) == 3 and all("declared" in r for r in refused), refused
+    assert ["declared" in r for r in refused] == [True, True, True], refused
 
 
 async def test_health_stays_prompt_while_a_script_spins(tmp_path: Path, pki: CertFactory,
                                                         sandbox_image: str, docker_client) -> None:
-    """A CPU-spinning script hits its wall-clock limit while the daemon keeps answering health checks."""
-    cfg, port = _node(tmp_path, pki, timeout_s=4)
+    """While a CPU-spinning script runs, the daemon answers every health check (all of them
+    before the job ends), and the script then hits its wall-clock limit."""
+    cfg, port = _node(tmp_path, pki, timeout_s=6)
     proc = DaemonProcess(cfg)
     alice = pki.issue("alice", "researcher")
     addr = f"127.0.0.1:{port}"
@@ -215,19 +224,25 @@ async def test_health_stays_prompt_while_a_script_spins(tmp_path: Path, pki: Cer
         await proc.wait_healthy(alice, addr)
         async with AsyncClient(client_config(alice, addr, 60)) as c:
             job = await c.submit_script(SPIN, "tiny", outputs=N_OUT)
+
+            async def running() -> bool:
+                return (await c.get_job(job.id)).state == "running"
+
+            await wait_for(running, "the spinning job runs", tries=200, every_s=0.1)
             creds = client_config(alice, addr).credentials()
-            slowest = 0.0
+            answers = []
             async with grpc.aio.secure_channel(addr, creds) as ch:
                 stub = health_pb2_grpc.HealthStub(ch)
-                for _ in range(20):
-                    t = time.monotonic()
+                for _ in range(10):
                     r = await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
-                    slowest = max(slowest, time.monotonic() - t)
-                    assert r.status == health_pb2.HealthCheckResponse.SERVING
-                    await asyncio.sleep(0.15)
+                    answers.append(r.status)
+                    await asyncio.sleep(0.1)
+            # Event order: every check was answered while the script still spun. (How long
+            # a check takes meanwhile is a figure in bench/sandbox.py.)
+            assert (await c.get_job(job.id)).state == "running"
+            assert answers == [health_pb2.HealthCheckResponse.SERVING] * 10
             with pytest.raises(JobFailed, match="wall-clock limit"):
                 await c.run_job(job)
-        assert slowest < 1.0
     finally:
         assert proc.stop() == 0
     assert _containers(docker_client) == []
@@ -245,29 +260,32 @@ async def test_sigkill_during_a_script_job(tmp_path: Path, pki: CertFactory, san
         await proc.wait_healthy(alice, addr)
         async with AsyncClient(client_config(alice, addr, 60)) as c:
             job = await c.submit_script(SLOW, "tiny", outputs=N_OUT, epsilon=1.0)
-            deadline = time.monotonic() + 20
-            while (await c.get_job(job.id)).state != "running":
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.1)
+
+            async def running() -> bool:
+                return (await c.get_job(job.id)).state == "running"
+
+            await wait_for(running, "the job runs", tries=200, every_s=0.1)
         await asyncio.sleep(1.0)  # the container is running the script now
         proc.proc.send_signal(signal.SIGKILL)
         proc.proc.wait()
         orphans = {c["Id"] for c in _containers(docker_client)}
-        assert orphans  # the crash left its container(s) behind
+        assert len(orphans) >= 1  # the crash left its container(s) behind
         proc = DaemonProcess(cfg)
         await proc.wait_healthy(alice, addr)
         async with AsyncClient(client_config(alice, addr, 60)) as c:
             if on_restart == "interrupt":
                 j = await c.get_job(job.id)
-                assert j.state == "interrupted" and "restarted" in j.detail
+                assert j.state == "interrupted"
+                assert "restarted" in j.detail
             else:
                 ans = await c.run_job(await c.get_job(job.id))
                 assert ans.rows[0][0] is not None
-        deadline = time.monotonic() + 15
+
         # (a fresh pre-created container for the next job may exist; the orphans may not)
-        while orphans & {c["Id"] for c in _containers(docker_client)}:
-            assert time.monotonic() < deadline, "orphaned container not reaped"
-            await asyncio.sleep(0.2)
+        async def reaped() -> bool:
+            return not orphans & {c["Id"] for c in _containers(docker_client)}
+
+        await wait_for(reaped, "the orphaned containers are reaped", tries=75, every_s=0.2)
     finally:
         assert proc.stop() == 0
     with sqlite3.connect(tmp_path / "node" / "state" / "stimnetd.sqlite3") as db:
@@ -301,10 +319,11 @@ async def test_sigkill_around_result_release_never_double_charges(
         await proc.wait_healthy(alice, addr)
         async with AsyncClient(client_config(alice, addr, 60)) as c:
             for jid in jobs:
-                deadline = time.monotonic() + 60
-                while (j := await c.get_job(jid)).state not in ("succeeded", "failed"):
-                    assert time.monotonic() < deadline, j
-                    await asyncio.sleep(0.2)
+                async def ended(jid: str = jid) -> bool:
+                    return (await c.get_job(jid)).state in ("succeeded", "failed")
+
+                await wait_for(ended, f"job {jid} ends", tries=300, every_s=0.2)
+                j = await c.get_job(jid)
                 assert j.state == "succeeded", j.detail
     finally:
         assert proc.stop() == 0
@@ -320,11 +339,11 @@ async def test_sigkill_around_result_release_never_double_charges(
 @contextlib.asynccontextmanager
 async def _two_sites(tmp: Path, pki: CertFactory, scripts: dict[str, dict[str, Any]]
                      ) -> AsyncIterator[AsyncClient]:
-    """site-a (the entry) and site-b as processes, each with its `scripts` section;
-    alice's client of site-a. Both must stop cleanly."""
+    """SITE_A (the entry) and SITE_B as processes, each with its `scripts` section;
+    alice's client of SITE_A. Both must stop cleanly."""
     ports = [free_port() for _ in range(2)]
     procs = []
-    for i, name in enumerate(("site-a", "site-b")):
+    for i, name in enumerate((SITE_A, SITE_B)):
         cat = _tiny_catalog(tmp / f"data-{name}", [float(a) for a in range(30, 60)])
         cfg = write_node_config(
             tmp / name, pki.issue(name, "node"), name, port=ports[i], catalogs=[cat],
@@ -347,17 +366,17 @@ async def _two_sites(tmp: Path, pki: CertFactory, scripts: dict[str, dict[str, A
 async def test_a_sites_sandbox_concurrency_covers_its_peers_sub_jobs(
         tmp_path: Path, pki: CertFactory, sandbox_image: str, docker_client) -> None:
     """`[scripts] concurrency` is the site's number of containers at once, whoever asks:
-    two federated scripts arriving at a peer together run there one after the other (each
-    sub-job started its container the moment it arrived, past the limit)."""
+    two federated scripts arriving at a peer together run there one after the other, not
+    each in a container started the moment its sub-job arrives."""
     # The entry runs both jobs at once; the peer has one sandbox slot.
-    async with _two_sites(tmp_path, pki, {"site-a": {"concurrency": 2},
-                                          "site-b": {"concurrency": 1}}) as c:
+    async with _two_sites(tmp_path, pki, {SITE_A: {"concurrency": 2},
+                                          SITE_B: {"concurrency": 1}}) as c:
         jobs = [await c.submit_script(SLOW, "tiny", outputs=N_OUT, federated=True,
                                       min_sites=2) for _ in range(2)]
         runs = asyncio.gather(*[c.run_job(j) for j in jobs])
         most = 0
         while not runs.done():
-            running = [x for x in _containers(docker_client, "site-b")
+            running = [x for x in _containers(docker_client, SITE_B)
                        if x.get("State") == "running"]
             most = max(most, len(running))
             await asyncio.sleep(0.1)
@@ -368,13 +387,12 @@ async def test_a_sites_sandbox_concurrency_covers_its_peers_sub_jobs(
 
 async def test_a_peers_script_failure_reaches_the_researcher_with_its_log(
         tmp_path: Path, pki: CertFactory, sandbox_image: str, docker_client) -> None:
-    """A peer's log lines (what its log_policy lets out) travel as log lines: they were
-    sent as a site state 'log', which the entry refused ("sent an unknown state 'log'"),
-    failing that site without its reason, and under log_policy 'full' failing a script
-    the moment it printed anything."""
+    """A peer's log lines (what its log_policy lets out) travel as log lines, not as a
+    site state the entry would refuse: the entry reports the peer's failure with its
+    reason, and under log_policy 'full' a script that prints still succeeds."""
     crash = b"print('hello from the script')\nraise ValueError('boom')\n"
-    async with _two_sites(tmp_path, pki, {"site-a": {"log_policy": "full"},
-                                          "site-b": {"log_policy": "full"}}) as c:
+    async with _two_sites(tmp_path, pki, {SITE_A: {"log_policy": "full"},
+                                          SITE_B: {"log_policy": "full"}}) as c:
         lines: list[str] = []
         job = await c.submit_script(crash, "tiny", outputs=N_OUT, federated=True)
         with pytest.raises(JobFailed) as failed:
@@ -384,6 +402,6 @@ async def test_a_peers_script_failure_reaches_the_researcher_with_its_log(
                                                     federated=True, min_sites=2))
     detail = str(failed.value)
     assert "unknown state" not in detail, detail
-    assert "site-b: refused (script failed: script raised ValueError" in detail, detail
-    assert "site-b: hello from the script" in lines, lines
+    assert f"{SITE_B}: refused (script failed: script raised ValueError" in detail, detail
+    assert f"{SITE_B}: hello from the script" in lines, lines
     assert ans.rows[0][0] == 60
