@@ -140,11 +140,7 @@ def corr_map(s: FieldStats, over: Population = "cohort") -> VoxelMap:
     E-field sweet-spot and Dembek 2019, with an N-threshold to drop voxels few fields
     reach). `over="covering"` correlates among the subjects with a non-zero value only.
     """
-    if over == "cohort":
-        n = np.full(s.n.shape, float(s.totals.n))
-        sw, sww = np.full(n.shape, s.totals.sw), np.full(n.shape, s.totals.sw2)
-    else:
-        n, sw, sww = s.n.astype(np.float64), s.sw, s.sww
+    n, sw, sww = _population(s, over)
     with np.errstate(divide="ignore", invalid="ignore"):
         ssx = _centred(s.sx, s.sxx, n, s.sxx, s.totals.n)
         ssw = _centred(sw, sww, n, sww, s.totals.n)
@@ -164,7 +160,7 @@ def corr_map(s: FieldStats, over: Population = "cohort") -> VoxelMap:
 def mean_map(s: FieldStats, over: Population = "cohort") -> VoxelMap:
     """The mean image value per voxel: over the whole cohort (x = 0 where an image is
     zero) or over the subjects with a non-zero value there. No test: p and df are NaN."""
-    n = np.full(s.n.shape, float(s.totals.n)) if over == "cohort" else s.n.astype(np.float64)
+    n = _population(s, over)[0]
     why = np.where(n < 1, np.uint8(Why.TOO_FEW), np.uint8(Why.DEFINED)).astype(np.uint8)
     with np.errstate(divide="ignore", invalid="ignore"):
         mean = np.where(why == Why.DEFINED, s.sx / n, np.nan)
@@ -278,7 +274,9 @@ def corrected(p: npt.ArrayLike, correction: Correction) -> FloatArray:
         return fdr_bh(p)
     if correction == "bonferroni":
         return bonferroni(p)
-    return np.asarray(p, dtype=np.float64).copy()
+    if correction == "none":
+        return np.asarray(p, dtype=np.float64).copy()
+    raise ValueError(f"unknown correction {correction!r}")
 
 
 def thresholded(m: VoxelMap, alpha: float = 0.05, correction: Correction = "fdr_bh") -> VoxelMap:
@@ -289,6 +287,16 @@ def thresholded(m: VoxelMap, alpha: float = 0.05, correction: Correction = "fdr_
     hit = ~(q <= alpha) & (m.why == Why.DEFINED)
     codes = np.where(hit, np.uint8(Why.NOT_SIGNIFICANT), m.why).astype(np.uint8)
     return replace(m, statistic=_blank(m.statistic, hit), qvalue=q, correction=correction, why=codes)
+
+
+def _population(s: FieldStats, over: Population) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """n, Σw and Σw² per voxel over the population a field map is computed over."""
+    if over == "cohort":
+        n = np.full(s.n.shape, float(s.totals.n))
+        return n, np.full(n.shape, s.totals.sw), np.full(n.shape, s.totals.sw2)
+    if over == "covering":
+        return s.n.astype(np.float64), s.sw, s.sww
+    raise ValueError(f"unknown population {over!r}: 'cohort' or 'covering'")
 
 
 def _centred(

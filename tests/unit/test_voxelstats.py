@@ -383,7 +383,7 @@ def test_dense_round_trip() -> None:
 
 
 def test_inputs_that_would_give_wrong_sums_are_refused() -> None:
-    """Indices off the grid, repeated field indices, non-finite weights and non-0/1 weights for prop_map raise ValueError."""
+    """Indices off the grid or not integers, repeated field indices, non-finite weights, non-0/1 weights for prop_map and unknown options raise ValueError."""
     with pytest.raises(ValueError, match="outside the grid"):
         coverage_stats(GRID, [(np.array([VOXELS]), 1.0)])
     with pytest.raises(ValueError, match="listed twice"):
@@ -394,6 +394,12 @@ def test_inputs_that_would_give_wrong_sums_are_refused() -> None:
         prop_map(coverage_stats(GRID, [(np.array([1]), 2.5)]))
     with pytest.raises(ValueError, match="different grids"):
         CoverageStats.combine([coverage_stats(GRID, []), coverage_stats((2, 2, 2), [])])
+    with pytest.raises(ValueError, match="unknown population"):
+        corr_map(field_stats(GRID, []), "all")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown correction"):
+        thresholded(tmap(coverage_stats(GRID, [])), 0.05, "holm")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="integers"):
+        coverage_stats(GRID, [(np.ones(3, dtype=bool), 1.0)])
     assert coverage_stats(GRID, [(np.array([1, 1, 2]), 1.0)]).n.tolist() == [1, 1]
 
 
