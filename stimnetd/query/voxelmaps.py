@@ -135,10 +135,10 @@ def corr_map(s: FieldStats, over: Population = "cohort") -> VoxelMap:
     """Pearson r of the image value and the weight per voxel (`pearsonr`), df = n − 2.
 
     `over="cohort"` (the default) correlates across every subject of the cohort, x = 0
-    where a subject's image is zero: this is what E-field sweet-spot studies do (each
-    voxel's field magnitudes across all patients against their outcomes; Lead-DBS's
-    E-field sweet-spot and Dembek 2019, with an N-threshold to drop voxels few fields
-    reach). `over="covering"` correlates among the subjects with a non-zero value only.
+    where a subject's image is zero: this is what E-field sweet-spot studies do (at each
+    voxel, the field magnitudes of all patients against their outcomes, after an
+    N-threshold drops the voxels few fields reach). `over="covering"` correlates among the
+    subjects with a non-zero value there only.
     """
     n, sw, sww = _population(s, over)
     with np.errstate(divide="ignore", invalid="ignore"):
