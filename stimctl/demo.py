@@ -36,8 +36,6 @@ NODE_CONFIG = "node.toml"
 NODE_LOG = "node.log"
 
 DemoStep = Callable[["DemoFederation"], Awaitable[None]]
-# Later layers append steps (federated query, sweet-spot map, sandboxed script job).
-STEPS: list[tuple[str, DemoStep]] = []
 
 
 def register(sub: Any) -> None:
@@ -426,12 +424,15 @@ async def demo_metrics(fed: DemoFederation) -> None:
             print("  " + line)
 
 
-STEPS.append(("membership: gossip from one seed", demo_membership))
-STEPS.append(("federated table query: outcomes by DBS target", demo_table_query))
-STEPS.append(("differential privacy: noisy federated answer, budget charged", demo_dp_query))
-STEPS.append(("federated sweet-spot map: mean improvement per voxel", demo_sweet_spot))
-STEPS.append(("federated script job in each site's Docker sandbox", demo_script_job))
-STEPS.append(("operations: Prometheus metrics of hospital-a", demo_metrics))
+# What `run` shows once the sites are healthy, in order, each under its title.
+STEPS: tuple[tuple[str, DemoStep], ...] = (
+    ("membership: gossip from one seed", demo_membership),
+    ("federated table query: outcomes by DBS target", demo_table_query),
+    ("differential privacy: noisy federated answer, budget charged", demo_dp_query),
+    ("federated sweet-spot map: mean improvement per voxel", demo_sweet_spot),
+    ("federated script job in each site's Docker sandbox", demo_script_job),
+    ("operations: Prometheus metrics of hospital-a", demo_metrics),
+)
 
 
 async def show_sites(fed: DemoFederation) -> None:
