@@ -165,3 +165,21 @@ def test_histograms_regressions_and_roi_overlap_are_tables(
                     ["(Intercept)", "0.25", "0.125"], ["x", "2", "0.5"],
                     ["stn_left", "9", "4.5", "36"]]
     assert out[-1] == "note: bins under k_min withheld"
+
+
+def test_the_live_table_starts_at_the_first_event(capsys: pytest.CaptureFixture[str]) -> None:
+    """On a terminal the progress table appears with the job's first event, so a request
+    refused before sending leaves its one error line alone."""
+    from types import SimpleNamespace
+
+    from rich.live import Live
+
+    from stimctl.jobs_cli import Progress
+
+    with Progress(enabled=True) as p:
+        p._tty = True  # noqa: SLF001 - as when stderr is a terminal
+        before = p._live  # noqa: SLF001
+        p("state", SimpleNamespace(id="j1", state="running", detail=""))
+        started = type(p._live)  # noqa: SLF001
+    assert (before, started) == (None, Live)
+    assert "job: running" in capsys.readouterr().err
