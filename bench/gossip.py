@@ -153,13 +153,8 @@ async def measure_real(n: int = REAL_N) -> dict[str, float]:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from stimctl.client import AsyncClient
-    from stimnetd.testing import (
-        CertFactory,
-        DaemonProcess,
-        client_config,
-        free_port,
-        write_node_config,
-    )
+    from stimnetd.testing import CertFactory, DaemonProcess, free_port, write_node_config
+    from tests.helpers import client_config
 
     tmp = Path(tempfile.mkdtemp(prefix="stimnet-gossip-"))
     pki = CertFactory(tmp / "pki")

@@ -26,7 +26,8 @@ import time
 from _common import ROOT, percentile, workdir  # type: ignore[import-not-found]
 
 from stimctl.client import AsyncClient
-from stimnetd.testing import CertFactory, DaemonProcess, client_config, free_port, write_node_config
+from stimnetd.testing import CertFactory, DaemonProcess, free_port, write_node_config
+from tests.helpers import client_config
 
 sys.path.insert(0, str(ROOT))
 from tests.federation.conftest import cnsim_catalog  # noqa: E402

@@ -18,7 +18,8 @@ import grpc
 from _common import process_cpu_s, rate, start_echo, workdir  # type: ignore[import-not-found]
 
 from stimctl.client import AsyncClient
-from stimnetd.testing import CertFactory, DaemonProcess, client_config, free_port, write_node_config
+from stimnetd.testing import CertFactory, DaemonProcess, free_port, write_node_config
+from tests.helpers import client_config
 
 
 async def main(seconds: float, concurrency: int) -> None:
@@ -27,7 +28,7 @@ async def main(seconds: float, concurrency: int) -> None:
     node = pki.issue("bench-node", "node")
     alice = pki.issue("alice", "researcher")
     port, grpc_port, echo_port = free_port(), free_port(), free_port()
-    from stimnetd.testing import demo_catalog
+    from tests.helpers import demo_catalog
 
     catalog = demo_catalog(tmp / "data", n_subjects=20)
     daemons = [DaemonProcess(write_node_config(

@@ -23,7 +23,8 @@ from _common import workdir  # type: ignore[import-not-found]
 
 from stimctl.client import AsyncClient
 from stimnetd.sandbox import SANDBOX_VERSION
-from stimnetd.testing import CertFactory, DaemonProcess, client_config, free_port, write_node_config
+from stimnetd.testing import CertFactory, DaemonProcess, free_port, write_node_config
+from tests.helpers import client_config
 
 TRIVIAL = b"from stimnet_runtime import emit_count\nemit_count('n', 10)\n"
 SPIN = b"while True:\n    pass\n"

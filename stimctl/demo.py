@@ -1,9 +1,12 @@
 """`stimctl demo init|run`: a local federation of real daemons doing real federated work.
 
 `init` makes a CA, node/researcher/admin certificates, a synthetic DBS cohort and a
-config per site. `run` starts every site as a `stimnetd` process on free loopback ports,
+config per site. `run` starts every site as a daemon process on free loopback ports,
 waits until each answers a gRPC health check, shows what works end to end, then stops
 them with SIGTERM and checks each exited cleanly.
+
+The daemon is run as the program its package installs (pyproject `[project.scripts]`), as
+an operator runs it: the client depends on the daemon as a program, never as a module.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,9 +30,12 @@ import tomli_w
 
 from stimctl import output
 
+# The daemon's console script.
+DAEMON_PROGRAM = "stimnetd"
+NODE_CONFIG = "node.toml"
+NODE_LOG = "node.log"
+
 DemoStep = Callable[["DemoFederation"], Awaitable[None]]
-# Later layers append steps (federated query, sweet-spot map, sandboxed script job).
-STEPS: list[tuple[str, DemoStep]] = []
 
 
 def register(sub: Any) -> None:
@@ -111,7 +118,7 @@ def write_site_config(site_dir: Path, name: str, port: int, catalog: dict[str, A
         "catalogs": [catalog],
     }
     site_dir.mkdir(parents=True, exist_ok=True)
-    (site_dir / "stimnetd.toml").write_text(tomli_w.dumps(cfg))
+    (site_dir / NODE_CONFIG).write_text(tomli_w.dumps(cfg))
 
 
 def write_client_config(d: Path, ident: str, port: int) -> None:
@@ -140,7 +147,7 @@ def reassign_ports(root: Path) -> dict[str, str]:
     ports = free_ports(len(site_dirs))
     addresses: dict[str, str] = {}
     for site_dir, port in zip(site_dirs, ports, strict=True):
-        path = site_dir / "stimnetd.toml"
+        path = site_dir / NODE_CONFIG
         cfg = tomllib.loads(path.read_text())
         cfg["node"]["listen"] = f"127.0.0.1:{port}"
         cfg["node"].pop("advertise", None)
@@ -158,9 +165,35 @@ def reassign_ports(root: Path) -> dict[str, str]:
 # -- run --------------------------------------------------------------------------------
 
 
+def daemon_program() -> str:
+    """The daemon's console script: the one beside this interpreter (installed with this
+    client in one environment), else the first on PATH.
+
+    Raises:
+        FileNotFoundError: neither exists.
+    """
+    beside = Path(sys.executable).parent / DAEMON_PROGRAM
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which(DAEMON_PROGRAM)
+    if found is None:
+        raise FileNotFoundError(f"the demo runs the daemon program {DAEMON_PROGRAM!r}, which is "
+                                f"neither beside {sys.executable} nor on PATH (pip install "
+                                "stimnet installs it)")
+    return found
+
+
 class DemoFederation:
-    def __init__(self, root: Path) -> None:
+    """The demo's sites as processes of `program` (the daemon), each with its config.
+
+    Args:
+        root: the directory `init` made.
+        program: the daemon's executable (`daemon_program`).
+    """
+
+    def __init__(self, root: Path, program: str) -> None:
         self.root = root
+        self.program = program
         self.addresses: dict[str, str] = {}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -173,20 +206,21 @@ class DemoFederation:
         return self.root / "admin" / "client.toml"
 
     def site_config(self, name: str) -> Path:
-        return self.root / "sites" / name / "stimnetd.toml"
+        return self.root / "sites" / name / NODE_CONFIG
 
     def start(self) -> None:
         self.addresses = reassign_ports(self.root)
         for name in self.addresses:
             site_dir = self.root / "sites" / name
-            log = (site_dir / "stimnetd.log").open("ab")
+            log = (site_dir / NODE_LOG).open("ab")
             self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "stimnetd", "--config", str(site_dir / "stimnetd.toml")],
+                [self.program, "--config", str(site_dir / NODE_CONFIG)],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             log.close()
 
     async def wait_healthy(self, timeout_s: float = 60.0) -> None:
-        from stimctl.client import ClientConfig, wait_serving
+        from stimctl.client import ClientConfig
+        from stimnet.health import wait_serving
 
         creds = ClientConfig.load(self.admin_config).credentials()
         for name, address in self.addresses.items():
@@ -195,7 +229,7 @@ class DemoFederation:
                                    exited=self.procs[name].poll, interval_s=0.2)
             except (RuntimeError, TimeoutError) as exc:
                 raise RuntimeError(f"site {name}: {exc}; see "
-                                   f"{self.root / 'sites' / name / 'stimnetd.log'}") from None
+                                   f"{self.root / 'sites' / name / NODE_LOG}") from None
 
     def stop(self, timeout_s: float = 20.0) -> dict[str, int | None]:
         for proc in self.procs.values():
@@ -217,7 +251,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"stimctl: error: {root} is not a demo federation (run `stimctl demo init {root}`)",
               file=sys.stderr)
         return 2
-    fed = DemoFederation(root)
+    try:
+        fed = DemoFederation(root, daemon_program())
+    except FileNotFoundError as exc:
+        print(f"stimctl: error: {exc}", file=sys.stderr)
+        return 2
 
     def terminate(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # stop the sites on SIGTERM too, never orphan them
@@ -283,9 +321,8 @@ async def demo_table_query(fed: DemoFederation) -> None:
            "FROM dbs_outcomes WHERE diagnosis = 'PD' GROUP BY target")
     print(f"$ stimctl query --federated \"{sql}\"")
     async with AsyncClient.from_file(fed.researcher_config) as c:
-        job = await c.submit_query(sql, federated=True, min_sites=2)
         with Progress(enabled=True) as progress:
-            answer = await c.run_job(job, progress)
+            answer = await c.query(sql, federated=True, min_sites=2, on_event=progress)
     print_answer(answer, argparse.Namespace(json=False, csv=False, out=None))
 
 
@@ -317,9 +354,8 @@ async def demo_sweet_spot(fed: DemoFederation) -> None:
     out = fed.root / "results" / "sweet_spot"
     print(f"$ stimctl query --federated \"{sql}\" --out {out}/")
     async with AsyncClient.from_file(fed.researcher_config) as c:
-        job = await c.submit_query(sql, federated=True, min_sites=2)
         with Progress(enabled=True) as progress:
-            answer = await c.run_job(job, progress)
+            answer = await c.query(sql, federated=True, min_sites=2, on_event=progress)
     print_answer(answer, argparse.Namespace(json=False, csv=False, out=out))
 
 
@@ -388,12 +424,15 @@ async def demo_metrics(fed: DemoFederation) -> None:
             print("  " + line)
 
 
-STEPS.append(("membership: gossip from one seed", demo_membership))
-STEPS.append(("federated table query: outcomes by DBS target", demo_table_query))
-STEPS.append(("differential privacy: noisy federated answer, budget charged", demo_dp_query))
-STEPS.append(("federated sweet-spot map: mean improvement per voxel", demo_sweet_spot))
-STEPS.append(("federated script job in each site's Docker sandbox", demo_script_job))
-STEPS.append(("operations: Prometheus metrics of hospital-a", demo_metrics))
+# What `run` shows once the sites are healthy, in order, each under its title.
+STEPS: tuple[tuple[str, DemoStep], ...] = (
+    ("membership: gossip from one seed", demo_membership),
+    ("federated table query: outcomes by DBS target", demo_table_query),
+    ("differential privacy: noisy federated answer, budget charged", demo_dp_query),
+    ("federated sweet-spot map: mean improvement per voxel", demo_sweet_spot),
+    ("federated script job in each site's Docker sandbox", demo_script_job),
+    ("operations: Prometheus metrics of hospital-a", demo_metrics),
+)
 
 
 async def show_sites(fed: DemoFederation) -> None:

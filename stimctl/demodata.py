@@ -28,14 +28,8 @@ CATALOG_NAME = "dbs_outcomes"
 
 GRID_SHAPE = (91, 109, 91)
 # The MNI152 2 mm template grid, so the volumes line up with standard atlases.
-GRID_AFFINE = np.array(
-    [
-        [-2.0, 0.0, 0.0, 90.0],
-        [0.0, 2.0, 0.0, -126.0],
-        [0.0, 0.0, 2.0, -72.0],
-        [0.0, 0.0, 0.0, 1.0],
-    ]
-)
+GRID_AFFINE = np.array([[-2.0, 0.0, 0.0, 90.0], [0.0, 2.0, 0.0, -126.0],
+                        [0.0, 0.0, 2.0, -72.0], [0.0, 0.0, 0.0, 1.0]])
 VOXEL_MM = 2.0
 
 DIAGNOSES = ("PD", "ET", "dystonia")
@@ -228,9 +222,29 @@ def generate_federation(
 def _draw_cohort(
     rng: np.random.Generator, profile: SiteProfile, site: str, n: int
 ) -> dict[str, Any]:
-    subject_id = [f"{site}-{i:04d}" for i in range(1, n + 1)]
+    """Every column of one site's cohort, plus each subject's VTA centres. The draws
+    happen in a fixed order: the files are a function of the seed."""
+    people = _draw_demographics(rng, profile, site, n)
+    diagnosis = people["diagnosis"]
+    stim = _draw_stimulation(rng, profile, diagnosis)
+    centres, distance = _place_vtas(rng, profile, stim["target"], stim["hemisphere"])
+    outcomes = _draw_outcomes(rng, profile, diagnosis, stim["target"], stim["hemisphere"],
+                              people["disease_duration"], distance)
+    return {
+        **people,
+        **{k: v for k, v in stim.items() if k != "vta_radius_mm"},
+        "vta_path": [f"images/vta/{s}.nii.gz" for s in people["subject_id"]],
+        "vta_centres": centres,
+        "vta_radius_mm": stim["vta_radius_mm"],
+        **outcomes,
+    }
+
+
+def _draw_demographics(
+    rng: np.random.Generator, profile: SiteProfile, site: str, n: int
+) -> dict[str, Any]:
     diagnosis = rng.choice(DIAGNOSES, size=n, p=profile.diagnosis_p)
-    is_pd, is_et, is_dys = (diagnosis == d for d in DIAGNOSES)
+    is_pd, is_et = diagnosis == "PD", diagnosis == "ET"
 
     male_p = np.select([is_pd, is_et], [0.62, 0.50], 0.40)
     sex = np.where(rng.random(n) < male_p, "M", "F")
@@ -242,8 +256,20 @@ def _draw_cohort(
     duration_sd = np.select([is_pd, is_et], [4.0, 10.0], 8.0)
     # Onset no earlier than age 5 keeps duration consistent with age for young dystonia.
     duration = np.clip(rng.normal(duration_mean, duration_sd), 0.5, age - 5.0)
-    duration = np.round(duration, 1)
+    return {
+        "subject_id": [f"{site}-{i:04d}" for i in range(1, n + 1)],
+        "age": age,
+        "sex": sex,
+        "diagnosis": diagnosis,
+        "disease_duration": np.round(duration, 1),
+    }
 
+
+def _draw_stimulation(
+    rng: np.random.Generator, profile: SiteProfile, diagnosis: np.ndarray
+) -> dict[str, Any]:
+    n = len(diagnosis)
+    is_pd, is_et, is_dys = (diagnosis == d for d in DIAGNOSES)
     pd_gpi = rng.random(n) < profile.pd_gpi_share
     target = np.select([is_et, is_dys, is_pd & pd_gpi], ["VIM", "GPi", "GPi"], "STN")
 
@@ -262,12 +288,27 @@ def _draw_cohort(
     pulse_width = rng.choice(PULSE_WIDTHS_US, size=n, p=profile.pulse_width_p)
     # Dystonia is commonly programmed with wider pulses.
     pulse_width = pulse_width + np.where(is_dys & (rng.random(n) < 0.5), 30, 0)
-
     radius = np.clip(
         1.0 + 0.8 * amplitude * (pulse_width / 60.0) ** 0.25,
         VTA_RADIUS_MIN_MM,
         VTA_RADIUS_MAX_MM,
     )
+    return {
+        "target": target,
+        "hemisphere": hemisphere,
+        "amplitude_ma": amplitude,
+        "frequency_hz": frequency,
+        "pulse_width_us": pulse_width,
+        "vta_radius_mm": radius,
+    }
+
+
+def _place_vtas(
+    rng: np.random.Generator, profile: SiteProfile, target: np.ndarray, hemisphere: np.ndarray
+) -> tuple[list[list[np.ndarray]], np.ndarray]:
+    """Each subject's VTA centres (one per side implanted, snapped to the grid) and their
+    mean distance to the target's sweet spot."""
+    n = len(target)
     jitter = rng.normal(0.0, profile.placement_sd_mm, size=(n, 2, 3))
     centres: list[list[np.ndarray]] = []
     distance = np.empty(n)
@@ -285,7 +326,20 @@ def _draw_cohort(
             distances.append(float(np.linalg.norm(centre - sweet * mirror)))
         centres.append(subject_centres)
         distance[i] = np.mean(distances)
+    return centres, distance
 
+
+def _draw_outcomes(
+    rng: np.random.Generator,
+    profile: SiteProfile,
+    diagnosis: np.ndarray,
+    target: np.ndarray,
+    hemisphere: np.ndarray,
+    duration: np.ndarray,
+    distance: np.ndarray,
+) -> dict[str, Any]:
+    n = len(diagnosis)
+    is_pd, is_et = diagnosis == "PD", diagnosis == "ET"
     # Expected fraction of symptoms relieved with ideal placement, per indication.
     best = np.select([is_pd & (target == "STN"), is_pd, is_et], [0.75, 0.55, 0.85], 0.65)
     # One-sided surgery in PD/dystonia leaves the other body side untreated.
@@ -308,19 +362,6 @@ def _draw_cohort(
     off_na = pd.array(np.where(is_pd, updrs_off, np.nan)).astype("Int64")
     on_na = pd.array(np.where(is_pd & followed_up, updrs_on, np.nan)).astype("Int64")
     return {
-        "subject_id": subject_id,
-        "age": age,
-        "sex": sex,
-        "diagnosis": diagnosis,
-        "disease_duration": duration,
-        "target": target,
-        "hemisphere": hemisphere,
-        "amplitude_ma": amplitude,
-        "frequency_hz": frequency,
-        "pulse_width_us": pulse_width,
-        "vta_path": [f"images/vta/{s}.nii.gz" for s in subject_id],
-        "vta_centres": centres,
-        "vta_radius_mm": radius,
         "updrs_off": off_na,
         "updrs_on": on_na,
         "updrs_change": off_na - on_na,
@@ -330,15 +371,8 @@ def _draw_cohort(
 
 _TABLE_COLUMNS = {
     "subjects": ("subject_id", "age", "sex", "diagnosis", "disease_duration"),
-    "stimulation": (
-        "subject_id",
-        "target",
-        "hemisphere",
-        "amplitude_ma",
-        "frequency_hz",
-        "pulse_width_us",
-        "vta_path",
-    ),
+    "stimulation": ("subject_id", "target", "hemisphere", "amplitude_ma", "frequency_hz",
+                    "pulse_width_us", "vta_path"),
     "outcomes": ("subject_id", "updrs_off", "updrs_on", "updrs_change", "improvement_pct"),
 }
 
@@ -390,112 +424,59 @@ def _write_mask(path: Path, mask: np.ndarray) -> None:
     path.write_bytes(gzip.compress(image.to_bytes(), compresslevel=6, mtime=0))
 
 
+# Each field of the catalog: (name, table, type, unit, bounds or levels, description).
+# The catalog's privacy rests on these declarations (bounds set DP noise and clamping).
+_FIELDS: tuple[tuple[str, str, str, str, Any, str], ...] = (
+    ("subject_id", "subjects", "id", "", None,
+     "Pseudonymous subject identifier, prefixed by the site name."),
+    ("age", "subjects", "numeric", "years", [18, 90], "Age at surgery."),
+    ("sex", "subjects", "categorical", "", SEXES, "Sex recorded at the clinic."),
+    ("diagnosis", "subjects", "categorical", "", DIAGNOSES,
+     "Indication for DBS: Parkinson's disease, essential tremor, dystonia."),
+    ("disease_duration", "subjects", "numeric", "years", [0, 80],
+     "Years from symptom onset to surgery."),
+    ("target", "stimulation", "categorical", "", TARGETS,
+     "Implanted nucleus: subthalamic nucleus, internal pallidum, ventral intermediate thalamus."),
+    ("hemisphere", "stimulation", "categorical", "", HEMISPHERES, "Side(s) implanted."),
+    ("amplitude_ma", "stimulation", "numeric", "mA", [0, 10],
+     "Stimulation amplitude at 12 months."),
+    ("frequency_hz", "stimulation", "integer", "Hz", [0, 250],
+     "Stimulation frequency at 12 months."),
+    ("pulse_width_us", "stimulation", "integer", "us", [0, 450], "Pulse width at 12 months."),
+    ("vta_path", "stimulation", "image", "", None,
+     "Binary volume of tissue activated (uint8, 1 inside), on the MNI152 2 mm grid "
+     "(91x109x91); bilateral implants have one VTA per side."),
+    ("updrs_off", "outcomes", "integer", "points", [0, UPDRS_III_MAX],
+     "Baseline MDS-UPDRS-III, off medication. PD only; empty otherwise."),
+    ("updrs_on", "outcomes", "integer", "points", [0, UPDRS_III_MAX],
+     "MDS-UPDRS-III on stimulation at 12 months. PD only; empty otherwise or when the "
+     "12-month visit is missing."),
+    ("updrs_change", "outcomes", "integer", "points", [-UPDRS_III_MAX, UPDRS_III_MAX],
+     "updrs_off - updrs_on (positive = improvement). PD only."),
+    ("improvement_pct", "outcomes", "numeric", "%", [-100, 100],
+     "Improvement at 12 months on the indication's own motor scale (MDS-UPDRS-III for PD, "
+     "TETRAS for ET, BFMDRS for dystonia); empty when the 12-month visit is missing."),
+)
+
+
+def _field(table: str, kind: str, unit: str, limits: Any, description: str) -> dict[str, Any]:
+    """One field's catalog entry: bounds for numbers, levels for categories, the voxel
+    bound for images."""
+    entry: dict[str, Any] = {"table": table, "type": kind}
+    if unit:
+        entry["unit"] = unit
+    if kind == "categorical":
+        entry["levels"] = list(limits)
+    elif kind == "image":
+        entry["max_voxels"] = vta_max_voxels()
+    elif limits is not None:
+        entry["bounds"] = list(limits)
+    entry["description"] = description
+    return entry
+
+
 def _catalog_entry(rois: dict[str, str]) -> dict:
-    fields: dict[str, dict] = {
-        "subject_id": {
-            "table": "subjects",
-            "type": "id",
-            "description": "Pseudonymous subject identifier, prefixed by the site name.",
-        },
-        "age": {
-            "table": "subjects",
-            "type": "numeric",
-            "unit": "years",
-            "bounds": [18, 90],
-            "description": "Age at surgery.",
-        },
-        "sex": {
-            "table": "subjects",
-            "type": "categorical",
-            "levels": list(SEXES),
-            "description": "Sex recorded at the clinic.",
-        },
-        "diagnosis": {
-            "table": "subjects",
-            "type": "categorical",
-            "levels": list(DIAGNOSES),
-            "description": "Indication for DBS: Parkinson's disease, essential tremor, dystonia.",
-        },
-        "disease_duration": {
-            "table": "subjects",
-            "type": "numeric",
-            "unit": "years",
-            "bounds": [0, 80],
-            "description": "Years from symptom onset to surgery.",
-        },
-        "target": {
-            "table": "stimulation",
-            "type": "categorical",
-            "levels": list(TARGETS),
-            "description": "Implanted nucleus: subthalamic nucleus, internal pallidum, "
-            "ventral intermediate thalamus.",
-        },
-        "hemisphere": {
-            "table": "stimulation",
-            "type": "categorical",
-            "levels": list(HEMISPHERES),
-            "description": "Side(s) implanted.",
-        },
-        "amplitude_ma": {
-            "table": "stimulation",
-            "type": "numeric",
-            "unit": "mA",
-            "bounds": [0, 10],
-            "description": "Stimulation amplitude at 12 months.",
-        },
-        "frequency_hz": {
-            "table": "stimulation",
-            "type": "integer",
-            "unit": "Hz",
-            "bounds": [0, 250],
-            "description": "Stimulation frequency at 12 months.",
-        },
-        "pulse_width_us": {
-            "table": "stimulation",
-            "type": "integer",
-            "unit": "us",
-            "bounds": [0, 450],
-            "description": "Pulse width at 12 months.",
-        },
-        "vta_path": {
-            "table": "stimulation",
-            "type": "image",
-            "max_voxels": vta_max_voxels(),
-            "description": "Binary volume of tissue activated (uint8, 1 inside), on the "
-            "MNI152 2 mm grid (91x109x91); bilateral implants have one VTA per side.",
-        },
-        "updrs_off": {
-            "table": "outcomes",
-            "type": "integer",
-            "unit": "points",
-            "bounds": [0, UPDRS_III_MAX],
-            "description": "Baseline MDS-UPDRS-III, off medication. PD only; empty otherwise.",
-        },
-        "updrs_on": {
-            "table": "outcomes",
-            "type": "integer",
-            "unit": "points",
-            "bounds": [0, UPDRS_III_MAX],
-            "description": "MDS-UPDRS-III on stimulation at 12 months. PD only; empty "
-            "otherwise or when the 12-month visit is missing.",
-        },
-        "updrs_change": {
-            "table": "outcomes",
-            "type": "integer",
-            "unit": "points",
-            "bounds": [-UPDRS_III_MAX, UPDRS_III_MAX],
-            "description": "updrs_off - updrs_on (positive = improvement). PD only.",
-        },
-        "improvement_pct": {
-            "table": "outcomes",
-            "type": "numeric",
-            "unit": "%",
-            "bounds": [-100, 100],
-            "description": "Improvement at 12 months on the indication's own motor scale "
-            "(MDS-UPDRS-III for PD, TETRAS for ET, BFMDRS for dystonia); empty when "
-            "the 12-month visit is missing.",
-        },
-    }
+    """The `dbs_outcomes` catalog entry for a node's config (without its `root`)."""
     return {
         "name": CATALOG_NAME,
         "description": "Synthetic DBS cohort: demographics, stimulation settings, 12-month "
@@ -504,5 +485,5 @@ def _catalog_entry(rois: dict[str, str]) -> dict:
         "schema_version": 1,
         "tables": {table: f"{table}.csv" for table in _TABLE_COLUMNS},
         "rois": rois,
-        "fields": fields,
+        "fields": {name: _field(*spec) for name, *spec in _FIELDS},
     }

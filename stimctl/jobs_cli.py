@@ -44,11 +44,15 @@ class Progress:
         self._live: Live | None = None
 
     def __enter__(self) -> Progress:
-        if self._tty:
+        return self
+
+    def _show(self) -> None:
+        """Start the live table at the first event: a request refused before sending
+        leaves the terminal with its error line alone."""
+        if self._tty and self._live is None:
             self._live = Live(self._render(), console=output.Console(stderr=True),
                               refresh_per_second=8, transient=False)
             self._live.__enter__()
-        return self
 
     def __exit__(self, *exc: object) -> None:
         if self._live is not None:
@@ -66,6 +70,7 @@ class Progress:
         return t
 
     def __call__(self, kind: str, value: Any) -> None:
+        self._show()
         if kind == "state":
             line = f"job {value.id}: {value.state} {value.detail}".rstrip()
             # A job that ends without an answer is reported once, by the caller's error
@@ -98,43 +103,58 @@ def print_answer(ans: QueryAnswer, args: argparse.Namespace) -> int:
             w.writerows(ans.rows)
         _note_not_in_csv(ans)
     else:
-        output.table("result", ans.columns, [[_fmt(v) for v in r] for r in ans.rows])
-        res = ans.result
-        for h in res.get("histograms", []):
-            output.table(f"histogram {h.get('name')} {h.get('group') or ''}".rstrip(),
-                         ["bin", "count"], [[b, _fmt(c)] for b, c in zip(
-                             _bins(h.get("edges", [])),
-                             [h.get("under"), *h.get("counts", []), h.get("over")], strict=False)])
-        for r in res.get("regressions", []):
-            names = r.get("terms") or r.get("names") or []
-            output.table(f"regression {r.get('name')} (n={_fmt(r.get('n'))}, residual deviance="
-                         f"{_fmt(r.get('rss'))})", ["term", "estimate", "std. error"],
-                         [[t, _fmt(c), _fmt(s)] for t, c, s in
-                          zip(names, r.get("coefficients") or [], r.get("std_errors") or [],
-                              strict=False)])
-        for c in res.get("contingency", []):
-            group = ", ".join(f"{k}={v}" for k, v in (c.get("group") or {}).items())
-            rows_lv, cols_lv = (c.get("levels") or [[], []])[:2]
-            fields = c.get("fields") or ["", ""]
-            output.table(f"contingency {c.get('name')}{' [' + group + ']' if group else ''} "
-                         f"(n={_fmt(c.get('n'))}; — = withheld at every site)",
-                         [f"{fields[0]} \\ {fields[1]}", *map(str, cols_lv)],
-                         [[str(lv), *[_fmt(v) for v in row]]
-                          for lv, row in zip(rows_lv, c.get("counts") or [], strict=False)])
-        for roi in res.get("roi_overlap", []):
-            output.table(f"ROI overlap {roi.get('name')}", ["roi", "subjects", "mean voxels",
-                                                            "mean volume (mm³)"],
-                         [[x["roi"], _fmt(x["n"]), _fmt(x["mean_voxels"]),
-                           _fmt(x["mean_volume_mm3"])] for x in roi.get("rois", [])])
-        output.table("contributions", ["site", "state", "subjects", "epsilon", "detail"],
-                     [[m["site"], m["state"], m.get("n") or "", _fmt(m.get("epsilon")),
-                       m.get("detail", "")] for m in ans.manifest])
-        for note in ans.notes:
-            print(f"note: {note}")
+        _print_tables(ans)
     out = getattr(args, "out", None)
     if out is None:
         return 0
-    out = Path(out)
+    return _write_out(ans, Path(out), also_csv=getattr(args, "csv", False))
+
+
+def _print_tables(ans: QueryAnswer) -> None:
+    """The answer as tables: the result, each statistic beyond it, the contributions."""
+    output.table("result", ans.columns, [[_fmt(v) for v in r] for r in ans.rows])
+    res = ans.result
+    for h in res.get("histograms", []):
+        output.table(f"histogram {h.get('name')} {h.get('group') or ''}".rstrip(),
+                     ["bin", "count"], [[b, _fmt(c)] for b, c in zip(
+                         _bins(h.get("edges", [])),
+                         [h.get("under"), *h.get("counts", []), h.get("over")], strict=False)])
+    for r in res.get("regressions", []):
+        names = r.get("terms") or r.get("names") or []
+        output.table(f"regression {r.get('name')} (n={_fmt(r.get('n'))}, residual deviance="
+                     f"{_fmt(r.get('rss'))})", ["term", "estimate", "std. error"],
+                     [[t, _fmt(c), _fmt(s)] for t, c, s in
+                      zip(names, r.get("coefficients") or [], r.get("std_errors") or [],
+                          strict=False)])
+    for c in res.get("contingency", []):
+        _print_contingency(c)
+    for roi in res.get("roi_overlap", []):
+        output.table(f"ROI overlap {roi.get('name')}", ["roi", "subjects", "mean voxels",
+                                                        "mean volume (mm³)"],
+                     [[x["roi"], _fmt(x["n"]), _fmt(x["mean_voxels"]),
+                       _fmt(x["mean_volume_mm3"])] for x in roi.get("rois", [])])
+    output.table("contributions", ["site", "state", "subjects", "epsilon", "detail"],
+                 [[m["site"], m["state"], m.get("n") or "", _fmt(m.get("epsilon")),
+                   m.get("detail", "")] for m in ans.manifest])
+    for note in ans.notes:
+        print(f"note: {note}")
+
+
+def _print_contingency(c: dict[str, Any]) -> None:
+    group = ", ".join(f"{k}={v}" for k, v in (c.get("group") or {}).items())
+    rows_lv, cols_lv = (c.get("levels") or [[], []])[:2]
+    fields = c.get("fields") or ["", ""]
+    output.table(f"contingency {c.get('name')}{' [' + group + ']' if group else ''} "
+                 f"(n={_fmt(c.get('n'))}; — = withheld at every site)",
+                 [f"{fields[0]} \\ {fields[1]}", *map(str, cols_lv)],
+                 [[str(lv), *[_fmt(v) for v in row]]
+                  for lv, row in zip(rows_lv, c.get("counts") or [], strict=False)])
+
+
+def _write_out(ans: QueryAnswer, out: Path, *, also_csv: bool) -> int:
+    """Write the answer where `--out` names (a directory, a .json or a .csv file) and its
+    maps beside it; 1, saying how to fetch it again, if that fails. `also_csv`: the table
+    was printed as CSV, which already noted what CSV leaves out."""
     target = out
     try:
         if out.suffix == "":  # a directory: the whole answer, and each map as NIfTI + PNG
@@ -153,7 +173,7 @@ def print_answer(ans: QueryAnswer, args: argparse.Namespace) -> int:
                 w = csv.writer(fh)
                 w.writerow(ans.columns)
                 w.writerows(ans.rows)
-            if not getattr(args, "csv", False):
+            if not also_csv:
                 _note_not_in_csv(ans)
         print(f"wrote {out}", file=sys.stderr)
         if ans.maps:
@@ -236,11 +256,11 @@ def _fmt(v: Any) -> str:
 async def cmd_query(c: AsyncClient, args: argparse.Namespace) -> int:
     if (refused := _output_refused(args)) is not None:
         return refused
-    job = await c.submit_query(args.sql, federated=args.federated, epsilon=args.epsilon,
-                               min_sites=args.min_sites)
     with Progress(enabled=not (args.json or args.csv)) as progress:
         try:
-            ans = await c.run_job(job, progress)
+            # The method a notebook calls: one route from `stimctl query` to the sites.
+            ans = await c.query(args.sql, federated=args.federated, epsilon=args.epsilon,
+                                min_sites=args.min_sites, on_event=progress)
         except JobFailed as exc:
             # The detail names every site that did not contribute and why.
             print(f"stimctl: {exc}", file=sys.stderr)

@@ -65,13 +65,16 @@ class Unauthenticated(StimnetError):
 
 @_default_for_code
 class Refused(StimnetError):
-    """A privacy or site policy refused the request; the message says which and why."""
+    """A privacy or site policy refused the request; the message says which and why.
+
+    Every class a node sends as FAILED_PRECONDITION derives from it, and so does
+    BudgetExhausted: a caller's `except Refused` catches each refusal of its request."""
 
     code = "FAILED_PRECONDITION"
 
 
 @_default_for_code
-class BudgetExhausted(StimnetError):
+class BudgetExhausted(Refused):
     """The privacy budget (ε, δ) left cannot cover the request; the message says how much.
     `policy` names the rule for the audit log, as a PrivacyRefusal's does."""
 
@@ -87,8 +90,8 @@ class Overloaded(StimnetError):
 
 
 @wire_kind
-class Conflict(StimnetError):
-    code = "FAILED_PRECONDITION"
+class Conflict(Refused):
+    """The request does not fit the job's state (already decided, no result, replayed)."""
 
 
 @wire_kind
@@ -114,7 +117,7 @@ class QueryError(InvalidRequest):
 
 
 @wire_kind
-class DataContractViolation(StimnetError):
+class DataContractViolation(Refused):
     """The site's data breaks what its catalog declares (an image off the common grid, or
     larger than the declared max_voxels). The privacy layer's sensitivities rest on those
     declarations, so the engine stops rather than compute past them."""
@@ -123,7 +126,7 @@ class DataContractViolation(StimnetError):
 
 
 @wire_kind
-class IncompatiblePartials(StimnetError):
+class IncompatiblePartials(Refused):
     """Sites returned partials that cannot be summed (different grids, edges, kinds).
 
     Raised at the entry node; it means the sites disagree on catalog metadata, not that

@@ -143,23 +143,6 @@ def write_node_config(site_dir: Path, certs: CertPaths, name: str, *, port: int 
     return path
 
 
-def demo_catalog(root: Path, site: str = "site-a", *, site_index: int = 0, n_subjects: int = 20,
-                 seed: int = 3) -> dict:
-    """A small synthetic DBS catalog entry (with its `root`) for node configs."""
-    from stimctl import demodata
-
-    entry = demodata.generate_site(root, site=site, site_index=site_index,
-                                   n_subjects=n_subjects, seed=seed)
-    return {**entry, "root": str(root)}
-
-
-def client_config(certs: CertPaths, address: str, timeout_s: float = 10.0):  # type: ignore[no-untyped-def]
-    from stimctl.client import ClientConfig
-
-    return ClientConfig(address=address, ca=certs.ca, cert=certs.cert, key=certs.key,
-                        timeout_s=timeout_s)
-
-
 async def fake_node(certs: CertPaths, add_servicer: Any = None, servicer: Any = None,
                     also: tuple[tuple[Any, Any], ...] = (), *,
                     client_auth: bool = True) -> tuple[Any, int]:
@@ -201,11 +184,17 @@ class DaemonProcess:
         return self.log_path.read_text(errors="replace")
 
     async def wait_healthy(self, certs: CertPaths, address: str, timeout_s: float = 30.0) -> None:
-        from stimctl.client import wait_serving
+        """Until the node answers a health check as the holder of `certs`; the node's log
+        is in the error if it exits or does not serve within `timeout_s`."""
+        import grpc
 
+        from stimnet.health import wait_serving
+
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=certs.ca.read_bytes(), private_key=certs.key.read_bytes(),
+            certificate_chain=certs.cert.read_bytes())
         try:
-            await wait_serving(address, client_config(certs, address).credentials(),
-                               timeout_s=timeout_s, exited=self.proc.poll)
+            await wait_serving(address, credentials, timeout_s=timeout_s, exited=self.proc.poll)
         except (RuntimeError, TimeoutError) as exc:
             raise type(exc)(f"{exc}:\n{self.log()}") from None
 

@@ -13,13 +13,8 @@ import pytest
 from stimctl.client import AsyncClient
 from stimnetd.config import load_config
 from stimnetd.daemon import Daemon
-from stimnetd.testing import (
-    CertFactory,
-    client_config,
-    free_port,
-    shared_data,
-    write_node_config,
-)
+from stimnetd.testing import CertFactory, free_port, shared_data, write_node_config
+from tests.helpers import client_config
 
 CNSIM_FIELDS = {
     "row": {"table": "lab", "type": "id"},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -39,8 +40,11 @@ async def test_researcher_session(start_node, pki: CertFactory, small_catalog: d
         code, out, _ = await _run(capsys, "--config", cfg, "describe", "dbs_outcomes")
         assert code == 0 and "vta_path" in out and "91×109×91" in out
         sql = "SELECT sex, count(*), avg(age) FROM dbs_outcomes GROUP BY sex"
-        code, out, _ = await _run(capsys, "--config", cfg, "query", sql)
+        code, out, err = await _run(capsys, "--config", cfg, "query", sql)
         assert code == 0 and "count(*)" in out and "contributions" in out
+        # Live progress off a terminal: each site's report, then the job's final state.
+        assert re.sub(r"\b[0-9a-f]{24}\b", "ID", err).splitlines() == [
+            "  node-a: done", "job ID: succeeded 1 site(s) contributed"]
         code, out, err = await _run(capsys, "--config", cfg, "query", "--csv",
                                     "SELECT count(*) FROM dbs_outcomes")
         assert code == 0 and out.splitlines() == ["count(*)", "20"], (code, out, err)
@@ -90,8 +94,8 @@ async def test_output_options_are_checked_before_anything_is_spent(
         start_node, pki: CertFactory, small_catalog: dict, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     """--out and --json/--csv that cannot work, and a job no node accepts (epsilon NaN,
-    min_sites 0), are refused before a job is submitted (each once ended in a traceback,
-    some after the query had run and its answer was lost); --out DIR gets result.json."""
+    min_sites 0), are refused in one line before a job is submitted, so no budget is spent
+    on an answer that could not be written; --out DIR gets result.json."""
     alice = pki.issue("alice", "researcher")
     sql = "SELECT count(*) FROM dbs_outcomes"
     async with start_node("node-a", catalogs=[small_catalog]) as d:

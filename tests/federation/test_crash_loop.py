@@ -17,8 +17,9 @@ import pytest
 
 from stimctl.client import AsyncClient, ClientError
 from stimnetd.store.audit import AuditRow, verify_rows
-from stimnetd.testing import CertFactory, DaemonProcess, client_config, free_port, write_node_config
+from stimnetd.testing import CertFactory, DaemonProcess, free_port, write_node_config
 from tests.federation.test_federated_queries import _tiny_catalog
+from tests.helpers import client_config
 
 LOOPS = int(os.environ.get("STIMNET_CRASH_LOOPS", "50"))
 GOSSIP = {"gossip_interval_s": 0.1, "probe_interval_s": 0.3, "probe_timeout_s": 0.15}

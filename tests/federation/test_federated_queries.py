@@ -321,7 +321,7 @@ async def test_blocking_client_works_inside_a_running_loop(start_node, pki, smal
     import nibabel as nib
 
     from stimctl import Client
-    from stimnetd.testing import client_config
+    from tests.helpers import client_config
 
     alice = pki.issue("alice", "researcher")
     async with start_node("node-a", catalogs=[small_catalog]) as d:
@@ -343,7 +343,8 @@ async def test_sites_with_either_tls_terminator_federate(start_node, pki, tmp_pa
     """A site behind our TLS front and one on gRPC's own TLS answer federated queries
     together, whichever is the entry: the choice is local to a site, the wire is the same."""
     from stimctl.client import AsyncClient
-    from stimnetd.testing import client_config, free_port
+    from stimnetd.testing import free_port
+    from tests.helpers import client_config
 
     alice = pki.issue("alice", "researcher")
     b_cat = _tiny_catalog(tmp_path / "b", [float(a) for a in range(30, 60)])

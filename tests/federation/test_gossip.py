@@ -17,14 +17,9 @@ from stimnet.v1 import federation_pb2, federation_pb2_grpc
 from stimnetd.config import load_config
 from stimnetd.daemon import Daemon
 from stimnetd.gossip.swim import PeerUnreachable
-from stimnetd.testing import (
-    CertFactory,
-    DaemonProcess,
-    client_config,
-    free_port,
-    write_node_config,
-)
+from stimnetd.testing import CertFactory, DaemonProcess, free_port, write_node_config
 from tests.federation.test_federated_queries import _tiny_catalog
+from tests.helpers import client_config
 
 FAST = {"gossip_interval_s": 0.1, "probe_interval_s": 0.3, "probe_timeout_s": 0.15,
         "suspicion_mult": 2}

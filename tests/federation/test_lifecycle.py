@@ -12,7 +12,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stimctl.client import AsyncClient
-from stimnetd.testing import CertFactory, DaemonProcess, client_config, free_port, write_node_config
+from stimnetd.testing import CertFactory, DaemonProcess, free_port, write_node_config
+from tests.helpers import client_config
 
 
 async def test_sigterm_during_stream_exits_zero_and_store_is_consistent(

@@ -8,8 +8,9 @@ import time
 from pathlib import Path
 
 from stimctl.client import AsyncClient
-from stimnetd.testing import CertFactory, DaemonProcess, client_config, free_port, write_node_config
+from stimnetd.testing import CertFactory, DaemonProcess, free_port, write_node_config
 from tests.federation.test_federated_queries import _tiny_catalog
+from tests.helpers import client_config
 
 
 async def _three_sites(tmp_path: Path, pki: CertFactory, timeout_s: float):  # type: ignore[no-untyped-def]

@@ -13,7 +13,8 @@ from cryptography import x509
 
 from stimctl.client import AsyncClient, NotAuthenticated
 from stimnet import pki as pkimod
-from stimnetd.testing import CertFactory, client_config
+from stimnetd.testing import CertFactory
+from tests.helpers import client_config
 
 
 def _server_serial(port: int, certs) -> int:  # type: ignore[no-untyped-def]

@@ -16,10 +16,11 @@ from stimnet import signing
 from stimnet.multiplex import MULTIPLEX_KEY
 from stimnet.v1 import federation_pb2, federation_pb2_grpc
 from stimnetd.rpc import convert
-from stimnetd.testing import CertPaths, client_config
+from stimnetd.testing import CertPaths
 from tests.federation.test_federated_queries import _tiny_catalog
 from tests.federation.test_peer_identity import _Garbler, ask_node
 from tests.federation.test_signed_jobs import _signed, _tamper
+from tests.helpers import client_config
 
 AGES = [float(a) for a in range(30, 60)]
 

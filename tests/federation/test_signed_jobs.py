@@ -14,8 +14,8 @@ from stimctl.client import NotAuthenticated, PermissionDenied, Refused
 from stimnet import signing
 from stimnet.v1 import federation_pb2, federation_pb2_grpc
 from stimnetd.rpc import convert
-from stimnetd.testing import client_config
 from tests.federation.test_federated_queries import _tiny_catalog
+from tests.helpers import client_config
 
 SQL = {"catalog": "tiny", "where": None, "group_by": [],
        "aggregates": [{"func": "count", "fields": [], "name": "n", "params": []}]}

@@ -18,7 +18,8 @@ from stimctl.client import (
     NotFound,
     PermissionDenied,
 )
-from stimnetd.testing import CertFactory, client_config, foreign
+from stimnetd.testing import CertFactory, foreign
+from tests.helpers import client_config
 
 
 def _addr(daemon) -> str:  # type: ignore[no-untyped-def]

@@ -1,5 +1,5 @@
-"""The client runs its queries on one Session stream: answers are routed by call id, a
-call's refusal keeps its error class, and a node without sessions gets RunJob calls."""
+"""The client runs its queries on one Session stream: answers are routed by call id, and a
+call's refusal keeps its error class."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import asyncio
 import grpc
 import pytest
 
-from stimctl.client import AsyncClient, BudgetExhausted, JobFailed, Overloaded
+from stimctl.client import AsyncClient, BudgetExhausted, ConnectionFailed, Overloaded
 from stimnet import codec
 from stimnet.frames import packed_frames
 from stimnet.multiplex import MULTIPLEX_KEY
 from stimnet.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
-from stimnetd.testing import CertFactory, client_config
+from stimnetd.testing import CertFactory
+from tests.helpers import client_config
 from tests.rpc.test_client_streams import _serve
 
 
@@ -50,26 +51,24 @@ class _OutOfOrder(jobs_pb2_grpc.JobServiceServicer):
                 held = []
 
 
-def _catalog(call: jobs_pb2.SessionCall) -> str:
-    import json
-
-    return str(json.loads(call.run.job.payload)["catalog"])
-
-
-class _Old(jobs_pb2_grpc.JobServiceServicer):
-    """A node from before sessions: RunJob only (both counted)."""
+class _NoSessions(jobs_pb2_grpc.JobServiceServicer):
+    """A server that refuses Session as unimplemented and counts the RunJob calls it gets."""
 
     def __init__(self) -> None:
-        self.sessions = self.runs = 0
+        self.runs = 0
 
     async def Session(self, request_iterator, context):  # type: ignore[no-untyped-def]
-        self.sessions += 1
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
 
     async def RunJob(self, request, context):  # type: ignore[no-untyped-def]
         self.runs += 1
-        yield jobs_pb2.JobEvent(state=jobs_pb2.Job(id=f"j{self.runs}", state="failed",
-                                                   detail="no site holds it"))
+        yield jobs_pb2.JobEvent(state=jobs_pb2.Job(id="j1", state="failed"))
+
+
+def _catalog(call: jobs_pb2.SessionCall) -> str:
+    import json
+
+    return str(json.loads(call.run.job.payload)["catalog"])
 
 
 async def test_concurrent_queries_on_one_session_get_their_own_answers(
@@ -115,18 +114,19 @@ async def test_a_refusal_on_the_session_keeps_its_error_class(
     assert servicer.streams == 1
 
 
-async def test_a_node_without_sessions_gets_runjob_calls_from_then_on(
+async def test_a_server_without_sessions_fails_the_query_with_nothing_run(
         pki: CertFactory) -> None:
-    """An older node: the session is tried once (nothing is sent on it), the query goes
-    as a RunJob call, and so does every later one."""
+    """A query to a server that does not serve Session is ConnectionFailed naming the
+    service, and is not sent another way (no RunJob call)."""
     alice = pki.issue("alice", "researcher")
-    servicer = _Old()
+    servicer = _NoSessions()
     server, port = await _serve(pki, servicer)
     try:
         async with AsyncClient(client_config(alice, f"127.0.0.1:{port}")) as c:
-            for i in (1, 2):
-                with pytest.raises(JobFailed, match=f"j{i} failed: no site holds it"):
-                    await asyncio.wait_for(c.query("SELECT count(*) FROM cnsim"), 10)
+            with pytest.raises(ConnectionFailed) as err:
+                await asyncio.wait_for(c.query("SELECT count(*) FROM cnsim"), 10)
     finally:
         await server.stop(None)
-    assert (servicer.sessions, servicer.runs) == (1, 2)
+    assert str(err.value) == (f"the node at 127.0.0.1:{port} does not serve JobService/Session "
+                              "(is it a StimNet node?)")
+    assert servicer.runs == 0

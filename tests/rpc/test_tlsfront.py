@@ -13,7 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from stimctl.client import AsyncClient
 from stimnet.pki import load_cert
 from stimnetd import tlsfront
-from stimnetd.testing import CertFactory, client_config, foreign
+from stimnetd.testing import CertFactory, foreign
+from tests.helpers import client_config
 
 
 def _addr(daemon) -> str:  # type: ignore[no-untyped-def]

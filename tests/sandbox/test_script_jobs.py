@@ -17,8 +17,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stimctl.client import AsyncClient, InvalidRequest, JobFailed, Refused
-from stimnetd.testing import CertFactory, DaemonProcess, client_config, free_port, write_node_config
+from stimnetd.testing import CertFactory, DaemonProcess, free_port, write_node_config
 from tests.federation.test_federated_queries import _tiny_catalog
+from tests.helpers import client_config
 
 from .conftest import wait_for
 

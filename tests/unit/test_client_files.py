@@ -10,7 +10,8 @@ from cryptography import x509
 from stimctl.client import AsyncClient
 from stimnet import signing
 from stimnet.query.sql import parse_sql
-from stimnetd.testing import CertFactory, client_config
+from stimnetd.testing import CertFactory
+from tests.helpers import client_config
 
 
 async def test_a_renewed_certificate_signs_the_next_job(

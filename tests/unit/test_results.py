@@ -37,6 +37,8 @@ def test_a_write_that_fails_after_the_answer_says_where_to_get_it_again(
 
 
 def test_out_forms(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--out FILE.json holds the whole answer, FILE.csv the table, DIR a result.json; each
+    written file is named on stderr."""
     assert print_answer(ANSWER, _args(tmp_path / "r.json", json=True)) == 0
     assert json.loads((tmp_path / "r.json").read_text())["job"] == "job123"
     assert print_answer(ANSWER, _args(tmp_path / "r.csv", csv=True)) == 0
@@ -44,12 +46,14 @@ def test_out_forms(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert print_answer(ANSWER, _args(tmp_path / "new" / "dir")) == 0
     assert json.loads((tmp_path / "new" / "dir" / "result.json").read_text())["result"]["rows"] \
         == [[20]]
-    assert "wrote" in capsys.readouterr().err
+    assert capsys.readouterr().err.splitlines() == [
+        f"wrote {tmp_path / 'r.json'}", f"wrote {tmp_path / 'r.csv'}",
+        f"wrote {tmp_path / 'new' / 'dir' / 'result.json'}"]
 
 
 def test_a_contingency_table_is_shown_as_a_table(capsys: pytest.CaptureFixture[str]) -> None:
     """Rows are the first field's levels, columns the second's; cells every site withheld
-    read as —. (It used to be printed as a JSON document.)"""
+    read as —; no JSON document is printed."""
     ans = QueryAnswer("job9", {"result": {"columns": [], "rows": [[]], "contingency": [{
         "name": "ct", "fields": ["sex", "target"], "group": {"diagnosis": "PD"}, "n": 30,
         "levels": [["F", "M"], ["STN", "GPi"]], "counts": [[12, None], [18, 0]]}]},
@@ -66,8 +70,8 @@ def test_a_contingency_table_is_shown_as_a_table(capsys: pytest.CaptureFixture[s
 
 def test_data_that_looks_like_rich_markup_is_printed_as_it_is(
         capsys: pytest.CaptureFixture[str]) -> None:
-    """An alias, level or peer's detail reading "[/bold]" raised MarkupError (the answer
-    was lost to a traceback), and "[x]" vanished from the table."""
+    """An alias, level or site detail reading "[/bold]" or "[x]" is printed as written, not
+    read as rich markup (which would raise, or hide the text)."""
     ans = QueryAnswer("job7", {"result": {"columns": ["[/bold]", "n [x]"], "rows": [[1, 2]]},
                                "manifest": [{"site": "[red]a", "state": "done", "n": 20,
                                              "detail": "[/]"}]})
@@ -93,8 +97,8 @@ def _grouped_maps() -> QueryAnswer:
 
 def test_each_groups_map_is_its_own_and_is_saved_under_its_group(tmp_path: Path) -> None:
     """A grouped sweet-spot map has one map per group under one name: to_nifti asks which
-    (it returned the first group's for every group), and save_maps names files by group
-    (every group was written to one path, the first group's data each time)."""
+    group, returns that group's data, and save_maps writes each group to a file named by
+    its group."""
     ans = _grouped_maps()
     with pytest.raises(KeyError, match="several maps, name one of"):
         ans.to_nifti()
@@ -116,7 +120,8 @@ def test_each_groups_map_is_its_own_and_is_saved_under_its_group(tmp_path: Path)
 
 
 def test_csv_says_what_it_leaves_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A histogram-only answer under --csv printed two empty lines and nothing else."""
+    """A histogram-only answer under --csv prints no table and names, on stderr, what CSV
+    leaves out and where to get it."""
     ans = QueryAnswer("job4", {"result": {"columns": [], "rows": [[]], "histograms": [
         {"name": "histogram(age, 0, 50, 100)", "edges": [0, 50, 100], "counts": [3, 9],
          "under": 0, "over": 0}]}, "manifest": []})
@@ -129,6 +134,7 @@ def test_csv_says_what_it_leaves_out(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_plain_progress_prints_a_repeated_state_once(capsys: pytest.CaptureFixture[str]) -> None:
+    """Off a terminal, a state the node sends twice is one line."""
     from types import SimpleNamespace
 
     from stimctl.jobs_cli import Progress
@@ -138,3 +144,42 @@ def test_plain_progress_prints_a_repeated_state_once(capsys: pytest.CaptureFixtu
     for state in ("running", "running", "succeeded"):
         p("state", SimpleNamespace(id="j1", state=state, detail=""))
     assert capsys.readouterr().err.splitlines() == ["job j1: running", "job j1: succeeded"]
+
+
+def test_histograms_regressions_and_roi_overlap_are_tables(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Each statistic beyond the result table gets a table of its own, values formatted:
+    histogram bins with their counts, regression terms, ROI overlap per ROI, notes."""
+    ans = QueryAnswer("job6", {"result": {
+        "columns": ["n"], "rows": [[12]],
+        "histograms": [{"name": "h", "edges": [0, 50], "counts": [7], "under": 2, "over": 3}],
+        "regressions": [{"name": "fit", "n": 12, "rss": 1.5, "terms": ["(Intercept)", "x"],
+                         "coefficients": [0.25, 2.0], "std_errors": [0.125, 0.5]}],
+        "roi_overlap": [{"name": "ov", "rois": [{"roi": "stn_left", "n": 9,
+                                                 "mean_voxels": 4.5, "mean_volume_mm3": 36.0}]}],
+        "notes": ["bins under k_min withheld"]}, "manifest": []})
+    assert print_answer(ans, _args(None)) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = [[c.strip() for c in ln.split("│")[1:-1]] for ln in out if ln.startswith("│")]
+    assert rows == [["12"], ["< 0", "2"], ["[0, 50)", "7"], ["≥ 50", "3"],
+                    ["(Intercept)", "0.25", "0.125"], ["x", "2", "0.5"],
+                    ["stn_left", "9", "4.5", "36"]]
+    assert out[-1] == "note: bins under k_min withheld"
+
+
+def test_the_live_table_starts_at_the_first_event(capsys: pytest.CaptureFixture[str]) -> None:
+    """On a terminal the progress table appears with the job's first event, so a request
+    refused before sending leaves its one error line alone."""
+    from types import SimpleNamespace
+
+    from rich.live import Live
+
+    from stimctl.jobs_cli import Progress
+
+    with Progress(enabled=True) as p:
+        p._tty = True  # noqa: SLF001 - as when stderr is a terminal
+        before = p._live  # noqa: SLF001
+        p("state", SimpleNamespace(id="j1", state="running", detail=""))
+        started = type(p._live)  # noqa: SLF001
+    assert (before, started) == (None, Live)
+    assert "job: running" in capsys.readouterr().err
