@@ -21,8 +21,8 @@ import math
 import time
 from dataclasses import dataclass
 
+from stimnetd.gossip.config import GossipConfig
 from stimnetd.gossip.sim import MessageSizer, SimCluster, run_virtual
-from stimnetd.gossip.swim import GossipConfig
 
 SIZES = (8, 32, 128)
 STEADY_PROBE_ROUNDS = 10

@@ -38,8 +38,8 @@ from stimnetd.catalog import CatalogSet, load_catalogs
 from stimnetd.config import Config, ConfigError, GossipSettings
 from stimnetd.federation.fanout import Coordinator, Target
 from stimnetd.federation.subjob import SubJobHandler
+from stimnetd.gossip import GossipConfig, Swim, SystemClock
 from stimnetd.gossip.membership import Member
-from stimnetd.gossip.swim import GossipConfig, Swim, SystemClock
 from stimnetd.jobs.scripts import SandboxScripts
 from stimnetd.jobs.service import JobService, ScriptPolicy
 from stimnetd.jobs.site import SiteExecutor

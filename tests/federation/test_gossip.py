@@ -16,7 +16,7 @@ from stimctl.client import AsyncClient
 from stimnet.v1 import federation_pb2, federation_pb2_grpc
 from stimnetd.config import load_config
 from stimnetd.daemon import Daemon
-from stimnetd.gossip.swim import PeerUnreachable
+from stimnetd.gossip.transport import PeerUnreachable
 from stimnetd.testing import (
     CertFactory,
     DaemonProcess,

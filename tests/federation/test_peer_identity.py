@@ -11,7 +11,7 @@ from stimnet.v1 import federation_pb2, federation_pb2_grpc
 from stimnetd.config import TlsConfig
 from stimnetd.federation.fanout import Target
 from stimnetd.gossip.membership import Member
-from stimnetd.gossip.swim import PeerUnreachable, ProbeMessage
+from stimnetd.gossip.transport import PeerUnreachable, ProbeMessage
 from stimnetd.rpc.gossip_transport import GrpcGossipTransport
 from stimnetd.rpc.peer_client import MAX_DETAIL_CHARS, GrpcSubJobTransport, PeerChannels
 from stimnetd.rpc.peer_identity import PeerIdentityError, probe
