@@ -71,8 +71,8 @@ def test_judge_names_each_reason(pki: CertFactory, tmp_path) -> None:  # type: i
 
 async def test_many_fresh_connections_in_parallel_all_succeed(start_node,
                                                               pki: CertFactory) -> None:
-    """Requests that arrive with the handshake are forwarded in order (a regression: bytes
-    sent while the inner connection was opening used to overtake earlier ones)."""
+    """Requests that arrive with the handshake are forwarded in order: bytes sent while
+    the inner connection is opening do not overtake earlier ones."""
     alice = pki.issue("alice", "researcher")
     async with start_node() as d:
         async def one() -> str:
