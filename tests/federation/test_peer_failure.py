@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import time
 from pathlib import Path
 
 from stimctl.client import AsyncClient
@@ -38,15 +37,13 @@ async def test_stopped_peer_times_out_and_is_named(tmp_path: Path, pki: CertFact
     try:
         procs[2].proc.send_signal(signal.SIGSTOP)
         async with AsyncClient(client_config(alice, f"127.0.0.1:{ports[0]}", 20)) as c:
-            started = time.monotonic()
             ans = await c.query("SELECT count(*) FROM tiny", federated=True, min_sites=2)
-            elapsed = time.monotonic() - started
         states = {m["site"]: m["state"] for m in ans.manifest}
         assert ans.rows[0][0] == 40
-        assert states["site-a"] == states["site-b"] == "done"
-        timed_out = [m for m in ans.manifest if m["state"] == "timed_out"]
-        assert len(timed_out) == 1 and "2s site deadline" in timed_out[0]["detail"], ans.manifest
-        assert elapsed < 2.0 + 5.0
+        assert states == {"site-a": "done", "site-b": "done", "site-c": "timed_out"}
+        # The entry's own site deadline ended the frozen peer's share (not the client's).
+        timed_out = [m["detail"] for m in ans.manifest if m["state"] == "timed_out"]
+        assert timed_out == ["no answer within the 2s site deadline"], ans.manifest
     finally:
         procs[2].proc.send_signal(signal.SIGCONT)
         for p in procs:
@@ -66,8 +63,8 @@ async def test_peer_killed_mid_query_is_named_failed(tmp_path: Path, pki: CertFa
             ans = await c.run_job(job)
         bad = [m for m in ans.manifest if m["state"] not in ("done",)]
         assert ans.rows[0][0] == 40
-        assert len(bad) == 1 and bad[0]["state"] in ("failed", "timed_out")
-        assert bad[0]["detail"]
+        assert [(m["site"], m["state"] in ("failed", "timed_out")) for m in bad] == [("site-b", True)]
+        assert bad[0]["detail"].strip() != ""
     finally:
         for p in procs:
             p.kill()
