@@ -93,4 +93,4 @@ async def test_request_id_follows_a_federated_job_across_sites(tmp_path: Path,
     rid = entry[0]["request_id"]
     for p in procs[1:]:
         sub = [r for r in records(p) if r.get("method") == "/stimnet.v1.FederationService/RunSubJob"]
-        assert sub and all(r["request_id"] == rid for r in sub), sub
+        assert {r["request_id"] for r in sub} == {rid}, sub

@@ -94,8 +94,8 @@ def test_partition_is_detected_on_both_sides_and_heals() -> None:
                 lambda: cluster.all_see(right, ("suspect", "dead"), observers=left)
                 and cluster.all_see(left, ("suspect", "dead"), observers=right), 60)
             assert split is not None
-            assert cluster.all_see(left, ("alive",), observers=left)
-            assert cluster.all_see(right, ("alive",), observers=right)
+            assert cluster.all_see(left, ("alive",), observers=left) is True
+            assert cluster.all_see(right, ("alive",), observers=right) is True
             # Heal only once both sides have given up on each other: reconnecting to the
             # dead is then the only way back.
             assert await cluster.wait_until(
@@ -129,7 +129,7 @@ def test_nodes_keep_retrying_until_the_seed_comes_up() -> None:
         cluster = SimCluster(4, seed=19)
         cluster.start(cluster.names[1:])
         await asyncio.sleep(20)
-        assert all(len(cluster.nodes[n].members()) == 1 for n in cluster.names[1:])
+        assert [len(cluster.nodes[n].members()) for n in cluster.names[1:]] == [1, 1, 1]
         cluster.start(cluster.names[:1])
         try:
             limit = cluster.config.join_backoff_max + 5
@@ -147,7 +147,7 @@ def test_lossy_network_converges_without_false_deaths() -> None:
         async with SimCluster(8, seed=23, drop_rate=0.1) as cluster:
             assert await cluster.wait_until(cluster.converged, 10) is not None
             await asyncio.sleep(30)
-            assert cluster.all_see(cluster.running, ("alive", "suspect"))
+            assert cluster.all_see(cluster.running, ("alive", "suspect")) is True
 
     run_virtual(scenario())
 

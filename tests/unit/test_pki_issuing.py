@@ -45,7 +45,7 @@ def test_init_ca_refuses_a_non_empty_directory(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(pki.PkiError, match="not empty"):
         pki.init_ca(tmp_path)
-    assert not (tmp_path / "ca.key").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_initial_crl_is_empty_and_signed_by_the_ca(ca_dir: Path, ca_cert: x509.Certificate) -> None:
@@ -113,7 +113,7 @@ def test_issue_refuses_bad_names(ca_dir: Path, tmp_path: Path, name: str) -> Non
     """Names outside [a-z0-9][a-z0-9._-]{0,62} are refused before any file is written."""
     with pytest.raises(pki.PkiError, match="invalid identity name"):
         pki.issue(ca_dir, name, "researcher", tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ca"]
 
 
 def test_issue_accepts_the_longest_valid_name(ca_dir: Path, tmp_path: Path) -> None:
@@ -195,10 +195,12 @@ def test_renew_keeps_identity_and_hosts_and_changes_serial(
 def test_renew_refuses_a_revoked_cert(ca_dir: Path, tmp_path: Path) -> None:
     """A revoked certificate cannot be renewed back to life."""
     old = pki.issue(ca_dir, "alice", "researcher", tmp_path / "a")
+    before = old.cert_path.read_bytes()
     pki.revoke(ca_dir, "alice")
     with pytest.raises(pki.PkiError, match="is revoked"):
         pki.renew(ca_dir, old.cert_path)
-    assert old.cert_path.exists()
+    assert old.cert_path.read_bytes() == before
+    assert sorted(p.name for p in old.cert_path.parent.iterdir()) == ["alice.crt", "alice.key", "ca.crt"]
 
 
 def test_renew_refuses_a_cert_from_another_ca(ca_dir: Path, tmp_path: Path) -> None:
