@@ -104,6 +104,8 @@ REFUSED = {  # breakage: what the refusal must say
 @pytest.mark.parametrize("breakage", sorted(BREAKAGES))
 def test_a_broken_catalog_loads_or_is_refused_by_name(site: tuple[Path, Path],
                                                       breakage: str) -> None:
+    """A damaged catalog either loads or is refused with a message naming the catalog or file,
+    never its data."""
     path, root = site
     BREAKAGES[breakage](root)
     try:

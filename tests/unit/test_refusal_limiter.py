@@ -16,6 +16,8 @@ class Clock:
 
 
 def test_a_source_gets_burst_entries_then_one_summary_per_window() -> None:
+    """A source's first `burst` refusals are audited one by one, the rest summarised once when
+    the window ends."""
     clock = Clock()
     lim = RefusalLimiter(burst=3, window_s=60, clock=clock)
     admitted = [lim.admit("10.0.0.9", "anonymous", "/m/A", "no certificate") for _ in range(10)]
@@ -34,6 +36,7 @@ def test_a_source_gets_burst_entries_then_one_summary_per_window() -> None:
 
 
 def test_sources_are_limited_apart_and_a_quiet_window_leaves_no_summary() -> None:
+    """Each source has its own burst, and a source that stayed within it gets no summary."""
     clock = Clock()
     lim = RefusalLimiter(burst=2, window_s=10, clock=clock)
     for _ in range(2):
@@ -45,6 +48,7 @@ def test_sources_are_limited_apart_and_a_quiet_window_leaves_no_summary() -> Non
 
 
 def test_everything_is_summarised_at_shutdown() -> None:
+    """Counts of a window still open are summarised when everything is asked for (shutdown)."""
     clock = Clock()
     lim = RefusalLimiter(burst=1, window_s=60, clock=clock)
     lim.admit("a", "anonymous", "/m", "r")
@@ -69,6 +73,8 @@ def test_many_sources_share_one_slot_and_one_global_budget() -> None:
 
 
 def test_a_summary_names_a_bounded_number_of_methods_and_reasons() -> None:
+    """A summary names at most MAX_KINDS methods (the rest as 'other') and truncates long
+    reasons."""
     clock = Clock()
     lim = RefusalLimiter(burst=1, window_s=60, clock=clock)
     lim.admit("a", "anonymous", "/m", "r")
@@ -82,11 +88,13 @@ def test_a_summary_names_a_bounded_number_of_methods_and_reasons() -> None:
 
 @pytest.mark.parametrize("kwargs", [{"burst": 0}, {"window_s": 0}, {"max_sources": 0}])
 def test_nonsense_limits_are_refused(kwargs: dict) -> None:
+    """A zero burst, window or source table is refused when the limiter is made."""
     with pytest.raises(ValueError):
         RefusalLimiter(**kwargs)
 
 
 async def test_a_condensed_count_the_audit_log_could_not_take_is_written_next_round() -> None:
+    """A summary the audit log failed to take is kept and written in the next round."""
     from stimnetd.rpc.guard import Guard, Revocations
 
     written: list[tuple[str, str, dict]] = []
