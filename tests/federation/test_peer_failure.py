@@ -40,10 +40,15 @@ async def test_stopped_peer_times_out_and_is_named(tmp_path: Path, pki: CertFact
             ans = await c.query("SELECT count(*) FROM tiny", federated=True, min_sites=2)
         states = {m["site"]: m["state"] for m in ans.manifest}
         assert ans.rows[0][0] == 40
-        assert states == {"site-a": "done", "site-b": "done", "site-c": "timed_out"}
-        # The entry's own site deadline ended the frozen peer's share (not the client's).
+        # The frozen peer never showed its certificate, so the manifest names its address.
+        frozen = f"127.0.0.1:{ports[2]}"
+        assert states == {"site-a": "done", "site-b": "done", frozen: "timed_out"}
+        assert {m["site"]: m["n"] for m in ans.manifest} == {"site-a": 20, "site-b": 20, frozen: 0}
+        # The entry's own 2 s site deadline ended the frozen peer's share (not the client's):
+        # as the sub-job's deadline, or as the identity probe's cap, which is that deadline.
         timed_out = [m["detail"] for m in ans.manifest if m["state"] == "timed_out"]
-        assert timed_out == ["no answer within the 2s site deadline"], ans.manifest
+        assert timed_out in (["no answer within the 2s site deadline"],
+                             [f"{frozen} completed no TLS handshake within 2s"]), ans.manifest
     finally:
         procs[2].proc.send_signal(signal.SIGCONT)
         for p in procs:
@@ -63,7 +68,9 @@ async def test_peer_killed_mid_query_is_named_failed(tmp_path: Path, pki: CertFa
             ans = await c.run_job(job)
         bad = [m for m in ans.manifest if m["state"] not in ("done",)]
         assert ans.rows[0][0] == 40
-        assert [(m["site"], m["state"] in ("failed", "timed_out")) for m in bad] == [("site-b", True)]
+        # Named by its certificate if it showed it before it froze, else by its address.
+        assert [(m["site"] in ("site-b", f"127.0.0.1:{ports[1]}"), m["state"] in ("failed", "timed_out"))
+                for m in bad] == [(True, True)], bad
         assert bad[0]["detail"].strip() != ""
     finally:
         for p in procs:

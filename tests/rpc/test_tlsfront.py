@@ -153,6 +153,7 @@ async def test_garbage_and_silence_are_dropped_audited_and_the_node_keeps_servin
         assert json.loads(garbage.detail_json)["reason"].startswith("TLS handshake failed: ")
         assert (silent.actor, silent.decision) == (silent_from, "denied")
         assert json.loads(silent.detail_json)["reason"] == "no TLS handshake within 1.5s"
+        assert garbage.seq < silent.seq  # audited in the order they were closed
         verified = await d.store.verify_audit()
         assert (verified.ok, verified.first_bad_seq, verified.problem) == (True, None, "")
 
