@@ -21,8 +21,8 @@ import math
 import time
 from dataclasses import dataclass
 
+from stimnetd.gossip.config import GossipConfig
 from stimnetd.gossip.sim import MessageSizer, SimCluster, run_virtual
-from stimnetd.gossip.swim import GossipConfig
 
 SIZES = (8, 32, 128)
 STEADY_PROBE_ROUNDS = 10
@@ -153,22 +153,14 @@ async def measure_real(n: int = REAL_N) -> dict[str, float]:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from stimctl.client import AsyncClient
-    from stimnetd.testing import CertFactory, DaemonProcess, free_port, write_node_config
+    from stimnetd.testing import CertFactory, DaemonProcess
     from tests.helpers import client_config
 
     tmp = Path(tempfile.mkdtemp(prefix="stimnet-gossip-"))
     pki = CertFactory(tmp / "pki")
     ops = pki.issue("ops", "admin")
-    ports = [free_port() for _ in range(n)]
-    names = [f"node-{i}" for i in range(n)]
+    names, ports, configs = _real_configs(tmp, pki, n)
     procs: list[DaemonProcess] = []
-    configs = []
-    for i, port in enumerate(ports):
-        cfg = write_node_config(tmp / names[i], pki.issue(names[i], "node"), names[i],
-                                port=port, crl=pki.crl_path, gossip=REAL,
-                                logging={"level": "warning"}, scripts={"policy": "deny"},
-                                federation={"seeds": [] if i == 0 else [f"127.0.0.1:{ports[0]}"]})
-        configs.append(cfg)
 
     async def views(skip: int = -1) -> list[dict[str, str]]:
         out = []
@@ -180,9 +172,9 @@ async def measure_real(n: int = REAL_N) -> dict[str, float]:
         return out
 
     try:
-        # The seed first, as a federation is deployed: started together, a node whose
-        # first join found the seed not yet listening retried with doubling backoff
-        # (0.2, 0.4, 0.8, 1.6 s) and the figure measured that race, not gossip.
+        # The seed first, as a federation is deployed: nodes started with it would race its
+        # listening (a first join that finds it not yet up retries with doubling backoff),
+        # and the figure would measure that race, not gossip.
         procs.append(DaemonProcess(configs[0]))
         await procs[0].wait_healthy(ops, f"127.0.0.1:{ports[0]}")
         procs.extend(DaemonProcess(cfg) for cfg in configs[1:])
@@ -201,9 +193,25 @@ async def measure_real(n: int = REAL_N) -> dict[str, float]:
     finally:
         for p in procs:
             p.kill()
-    # Processes were started one after another; convergence is counted from the moment
+    # Processes are started one after another; convergence is counted from the moment
     # the last one answered health, so it understates nothing.
     return {"converge_s": converge, "dead_s": dead}
+
+
+def _real_configs(tmp, pki, n: int):  # type: ignore[no-untyped-def]
+    """Names, ports and config files of `n` nodes on loopback, node-0 the others' seed."""
+    from stimnetd.testing import free_port, write_node_config
+
+    ports = [free_port() for _ in range(n)]
+    names = [f"node-{i}" for i in range(n)]
+    configs = []
+    for i, port in enumerate(ports):
+        cfg = write_node_config(tmp / names[i], pki.issue(names[i], "node"), names[i],
+                                port=port, crl=pki.crl_path, gossip=REAL,
+                                logging={"level": "warning"}, scripts={"policy": "deny"},
+                                federation={"seeds": [] if i == 0 else [f"127.0.0.1:{ports[0]}"]})
+        configs.append(cfg)
+    return names, ports, configs
 
 
 def main_real() -> None:

@@ -8,7 +8,7 @@ From one run, on loopback:
    that a busy spell of the shared machine weighs on both alike;
 3. their ratio; and, for information, the bare fan-out again with server-streaming calls
    at both hops (the call type of StimNet's RunJob and RunSubJob; its queries and their
-   sub-jobs now go on multiplexed streams, see stimnetd/rpc/multiplex.py);
+   sub-jobs go on multiplexed streams, see stimnetd/rpc/multiplex.py);
 4. latency of an entry whose 16 peers each add a fixed 200 ms, divided by the same with 1
    such peer (parallel fan-out keeps this near 1).
 Goals: ≥ 100 queries/s, latency ≤ 3× bare, 16-peer/1-peer ≤ 1.25.
@@ -22,11 +22,12 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from _common import ROOT, percentile, workdir  # type: ignore[import-not-found]
 
 from stimctl.client import AsyncClient
-from stimnetd.testing import CertFactory, DaemonProcess, free_port, write_node_config
+from stimnetd.testing import CertFactory, CertPaths, DaemonProcess, free_port, write_node_config
 from tests.helpers import client_config
 
 sys.path.insert(0, str(ROOT))
@@ -153,92 +154,118 @@ async def main(n: int, delayed_n: int, block: int) -> None:
     others: list[subprocess.Popen[bytes]] = []
     try:
         # 1. three real daemons on CNSIM
-        ports = [free_port() for _ in range(3)]
-        for i, port in enumerate(ports):
-            name = f"site-{'abc'[i]}"
-            certs = pki.issue(name, "node")
-            cfg = write_node_config(
-                tmp / name, certs, name, port=port, crl=pki.crl_path,
-                catalogs=[cnsim_catalog(tmp, i + 1)], logging={"level": "warning"},
-                privacy={"overlap_guard": True}, gossip={"enabled": False},
-                federation={"peers": [f"127.0.0.1:{p}" for p in ports if p != port]})
-            procs.append(DaemonProcess(cfg))
-        for p, port in zip(procs, ports, strict=True):
-            await p.wait_healthy(ops, f"127.0.0.1:{port}")
+        ports = await _start_sites(tmp, pki, ops, procs)
         # 2. bare fan-out of the same shape
-        node = pki.issue("bare", "node", hosts=("127.0.0.1",))
-        bports = [free_port() for _ in range(4)]
-        for bp in bports[1:]:
-            others.append(spawn(BARE, "peer", bp, node.key, node.cert, node.ca, 0))
-        others.append(spawn(BARE, "entry", bports[0], node.key, node.cert, node.ca, 0,
-                            *[f"127.0.0.1:{bp}" for bp in bports[1:]]))
-        import grpc
-
-        creds = client_config(alice, f"127.0.0.1:{bports[0]}").credentials()
-        async with AsyncClient(client_config(alice, f"127.0.0.1:{ports[0]}", 30)) as c, \
-                grpc.aio.secure_channel(f"127.0.0.1:{bports[0]}", creds) as ch:
-            call = ch.unary_unary("/bench.Entry/Run")
-            stream = ch.unary_stream("/bench.Entry/RunStream")
-
-            async def fed_query() -> None:
-                await c.query("SELECT count(LAB_TSC), avg(LAB_TSC) FROM cnsim", federated=True,
-                              min_sites=3)
-
-            async def bare_query() -> None:
-                await call(b"q", timeout=10)
-
-            async def bare_stream_query() -> None:
-                async for _ in stream(b"q", timeout=10):
-                    pass
-            measured = await interleaved(
-                {"stimnet": fed_query, "bare": bare_query, "stream": bare_stream_query}, n,
-                block)
-        (qps, lat), (bqps, blat), (sqps, slat) = (
-            measured["stimnet"], measured["bare"], measured["stream"])
-
+        bare_port = _start_bare(pki, others)
+        measured = await _measure_against_bare(alice, ports[0], bare_port, n, block)
         # 3. 16 delayed peers vs 1
-        async def delayed_latency(k: int) -> float:
-            fports = [free_port() for _ in range(k)]
-            # Each with a certificate of its own name: the entry sends a site's share only
-            # to the node its certificate names, and a peer must answer under that name.
-            # Named by run and index, not port: a port the 1-peer run used may come back.
-            fnames = [f"slow{k}-{i}" for i in range(k)]
-            fcerts = [pki.issue(fn, "node", hosts=("127.0.0.1",)) for fn in fnames]
-            fakes = [spawn(FAKE_PEER, fp, fc.key, fc.cert, fc.ca, 0.2, ROOT, fn)
-                     for fp, fc, fn in zip(fports, fcerts, fnames, strict=True)]
-            others.extend(fakes)
-            eport = free_port()
-            ename = f"entry-{k}"
-            ecerts = pki.issue(ename, "node")
-            cfg = write_node_config(
-                tmp / ename, ecerts, ename, port=eport, crl=pki.crl_path, catalogs=[],
-                logging={"level": "warning"}, gossip={"enabled": False},
-                federation={"peers": [f"127.0.0.1:{fp}" for fp in fports]})
-            entry = DaemonProcess(cfg)
-            procs.append(entry)
-            await entry.wait_healthy(ops, f"127.0.0.1:{eport}")
-            async with AsyncClient(client_config(alice, f"127.0.0.1:{eport}", 30)) as c:
-                async def q() -> None:
-                    job = await c.submit_query("SELECT count(LAB_TSC) FROM cnsim", federated=True)
-                    states = {}
-                    async for kind, value in c.watch(job.id):
-                        if kind == "site":
-                            states[value.site] = value.state + (
-                                f": {value.detail}" if value.state != "done" else "")
-                    # A timing of failing sub-jobs would measure the wrong thing.
-                    assert len(states) == k and set(states.values()) == {"done"}, states
-                _, lat_k = await timed(q, delayed_n)
-            return statistics.median(lat_k)
-
-        one = await delayed_latency(1)
-        sixteen = await delayed_latency(16)
+        one = await _delayed_latency(tmp, pki, alice, ops, 1, delayed_n, procs, others)
+        sixteen = await _delayed_latency(tmp, pki, alice, ops, 16, delayed_n, procs, others)
     finally:
         for p in procs:
             p.kill()
         for o in others:
             o.terminate()
             o.wait()
+    _report(n, measured, one, sixteen)
 
+
+async def _start_sites(tmp: Path, pki: CertFactory, ops: CertPaths,
+                       procs: list[DaemonProcess]) -> list[int]:
+    """Three daemons serving CNSIM, each the others' static peer; their ports."""
+    ports = [free_port() for _ in range(3)]
+    for i, port in enumerate(ports):
+        name = f"site-{'abc'[i]}"
+        certs = pki.issue(name, "node")
+        cfg = write_node_config(
+            tmp / name, certs, name, port=port, crl=pki.crl_path,
+            catalogs=[cnsim_catalog(tmp, i + 1)], logging={"level": "warning"},
+            privacy={"overlap_guard": True}, gossip={"enabled": False},
+            federation={"peers": [f"127.0.0.1:{p}" for p in ports if p != port]})
+        procs.append(DaemonProcess(cfg))
+    for p, port in zip(procs, ports, strict=True):
+        await p.wait_healthy(ops, f"127.0.0.1:{port}")
+    return ports
+
+
+def _start_bare(pki: CertFactory, others: list[subprocess.Popen[bytes]]) -> int:
+    """The bare fan-out: an entry and three peers with empty handlers; the entry's port."""
+    node = pki.issue("bare", "node", hosts=("127.0.0.1",))
+    bports = [free_port() for _ in range(4)]
+    for bp in bports[1:]:
+        others.append(spawn(BARE, "peer", bp, node.key, node.cert, node.ca, 0))
+    others.append(spawn(BARE, "entry", bports[0], node.key, node.cert, node.ca, 0,
+                        *[f"127.0.0.1:{bp}" for bp in bports[1:]]))
+    return bports[0]
+
+
+async def _measure_against_bare(alice: CertPaths, entry_port: int, bare_port: int, n: int,
+                                block: int) -> dict[str, tuple[float, list[float]]]:
+    """(queries/s, latencies) of federated queries, the bare unary fan-out and the bare
+    streaming fan-out, measured in interleaved turns of `block`."""
+    import grpc
+
+    creds = client_config(alice, f"127.0.0.1:{bare_port}").credentials()
+    async with AsyncClient(client_config(alice, f"127.0.0.1:{entry_port}", 30)) as c, \
+            grpc.aio.secure_channel(f"127.0.0.1:{bare_port}", creds) as ch:
+        call = ch.unary_unary("/bench.Entry/Run")
+        stream = ch.unary_stream("/bench.Entry/RunStream")
+
+        async def fed_query() -> None:
+            await c.query("SELECT count(LAB_TSC), avg(LAB_TSC) FROM cnsim", federated=True,
+                          min_sites=3)
+
+        async def bare_query() -> None:
+            await call(b"q", timeout=10)
+
+        async def bare_stream_query() -> None:
+            async for _ in stream(b"q", timeout=10):
+                pass
+        return await interleaved(
+            {"stimnet": fed_query, "bare": bare_query, "stream": bare_stream_query}, n, block)
+
+
+async def _delayed_latency(tmp: Path, pki: CertFactory, alice: CertPaths, ops: CertPaths,
+                           k: int, delayed_n: int, procs: list[DaemonProcess],
+                           others: list[subprocess.Popen[bytes]]) -> float:
+    """Median latency of an entry whose `k` peers each take 200 ms."""
+    fports = [free_port() for _ in range(k)]
+    # Each with a certificate of its own name: the entry sends a site's share only
+    # to the node its certificate names, and a peer must answer under that name.
+    # Named by run and index, not port: a port the 1-peer run used may come back.
+    fnames = [f"slow{k}-{i}" for i in range(k)]
+    fcerts = [pki.issue(fn, "node", hosts=("127.0.0.1",)) for fn in fnames]
+    fakes = [spawn(FAKE_PEER, fp, fc.key, fc.cert, fc.ca, 0.2, ROOT, fn)
+             for fp, fc, fn in zip(fports, fcerts, fnames, strict=True)]
+    others.extend(fakes)
+    eport = free_port()
+    ename = f"entry-{k}"
+    ecerts = pki.issue(ename, "node")
+    cfg = write_node_config(
+        tmp / ename, ecerts, ename, port=eport, crl=pki.crl_path, catalogs=[],
+        logging={"level": "warning"}, gossip={"enabled": False},
+        federation={"peers": [f"127.0.0.1:{fp}" for fp in fports]})
+    entry = DaemonProcess(cfg)
+    procs.append(entry)
+    await entry.wait_healthy(ops, f"127.0.0.1:{eport}")
+    async with AsyncClient(client_config(alice, f"127.0.0.1:{eport}", 30)) as c:
+        async def q() -> None:
+            job = await c.submit_query("SELECT count(LAB_TSC) FROM cnsim", federated=True)
+            states = {}
+            async for kind, value in c.watch(job.id):
+                if kind == "site":
+                    states[value.site] = value.state + (
+                        f": {value.detail}" if value.state != "done" else "")
+            # A timing of failing sub-jobs would measure the wrong thing.
+            assert len(states) == k and set(states.values()) == {"done"}, states
+        _, lat_k = await timed(q, delayed_n)
+    return statistics.median(lat_k)
+
+
+def _report(n: int, measured: dict[str, tuple[float, list[float]]], one: float,
+            sixteen: float) -> None:
+    (qps, lat), (bqps, blat), (sqps, slat) = (
+        measured["stimnet"], measured["bare"], measured["stream"])
     p50, bp50, sp50 = percentile(lat, 50), percentile(blat, 50), percentile(slat, 50)
     print(f"{n} sequential queries each; 3 sites on loopback; CNSIM catalog")
     print(f"bare mTLS fan-out (baseline) : {bqps:7.1f} q/s   p50 {bp50 * 1000:7.2f} ms")

@@ -11,8 +11,8 @@ Messages follow one shape: a call has `id`, `timeout_s`, `cancel` and its reques
 field named by `body`; a reply has `id`, `event` and `status`.
 
 The server speaks first (initial metadata MULTIPLEX_KEY): a caller learns that the stream
-is served before it sends anything, so a call sent to a server that does not serve it is
-known not to have run.
+is served before it sends anything. A server that answers without the handshake does not
+speak this protocol: that is an error (`NotMultiplexed`), raised before any call is sent.
 """
 
 from __future__ import annotations
@@ -37,13 +37,13 @@ MAX_UNSENT = 1024
 STREAM_LIFETIME_S = 600.0
 
 
-
 class StreamBroken(Exception):
     """A shared stream could not take a call (it ended or broke meanwhile)."""
 
 
 class NotMultiplexed(Exception):
-    """The server does not serve this stream (an older version): nothing was sent on it."""
+    """The server answered the stream without the multiplexing handshake, so it does not
+    speak this protocol (a protocol error); nothing was sent on the stream."""
 
 
 class SharedStream:

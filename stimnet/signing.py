@@ -95,7 +95,7 @@ class JobRequest:
         if not same:
             raise InvalidRequest("signed job payload is not in canonical form")
         if doc.get("v") != PAYLOAD_VERSION:
-            # Version 1 did not name the entry node; this node answers no such job.
+            # Refused before its keys are read: another version's fields may mean other things.
             raise InvalidRequest(f"signed job version {doc.get('v')!r} is not supported (this "
                                  f"node accepts version {PAYLOAD_VERSION}, which names the entry "
                                  "node: update stimctl)")

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_loop(main) -> None:  # type: ignore[no-untyped-def]
-    """uvloop when installed (bench/query.py: ~10% more federated queries/s), else asyncio."""
+    """uvloop when installed (more federated queries/s: bench/query.py), else asyncio."""
     try:
         import uvloop
     except ImportError:

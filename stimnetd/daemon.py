@@ -40,8 +40,8 @@ from stimnetd.config import Config, ConfigError, GossipSettings
 from stimnetd.federation.fanout import Fanout
 from stimnetd.federation.peers import StaticPeers
 from stimnetd.federation.subjob import PeerSubJobs
+from stimnetd.gossip import GossipConfig, Swim, SystemClock
 from stimnetd.gossip.membership import Member
-from stimnetd.gossip.swim import GossipConfig, Swim, SystemClock
 from stimnetd.jobs.scripts import SandboxScripts
 from stimnetd.jobs.service import JobService
 from stimnetd.metrics import Metrics

@@ -257,19 +257,7 @@ def _filter(node: exp.Expression, catalog: str) -> Expr:
     if isinstance(node, exp.Paren):
         return _filter(node.this, catalog)
     if isinstance(node, exp.And | exp.Or):
-        kind = type(node)
-        parts: list[exp.Expression] = []
-        stack = [node]
-        while stack:  # flatten a AND b AND c, which sqlglot nests to the left
-            cur = stack.pop()
-            while isinstance(cur, exp.Paren):
-                cur = cur.this
-            if type(cur) is kind:
-                stack.extend([cur.expression, cur.this])
-            else:
-                parts.append(cur)
-        args = tuple(_filter(p, catalog) for p in parts)
-        return And(args) if kind is exp.And else Or(args)
+        return _connective(node, catalog)
     if isinstance(node, exp.Not):
         inner = _filter(node.this, catalog)
         if isinstance(inner, InList | Between | IsNull):
@@ -296,26 +284,46 @@ def _filter(node: exp.Expression, catalog: str) -> Expr:
         )
     op = _COMPARISONS.get(type(node))
     if op is not None:
-        left, right = node.this, node.expression
-        if isinstance(left, exp.Null) or isinstance(right, exp.Null):
-            raise QueryError(
-                f"WHERE {node.sql()!r}: comparing with NULL is never true; use IS NULL"
-            )
-        if not isinstance(left, exp.Column) and isinstance(right, exp.Column):
-            left, right, op = right, left, _FLIPPED[op]
-        field = _where_field(left, node, catalog)
-        value = _literal(right)
-        if value is None:
-            raise QueryError(
-                f"WHERE {node.sql()!r}: a field can only be compared with a number or a string"
-            )
-        return Comparison(op, field, value)
+        return _comparison(node, op, catalog)
     if isinstance(node, exp.Func):
         raise QueryError(
             f"functions are not allowed in WHERE ({node.sql()!r}); "
             "only plain comparisons of a field with literals"
         )
     raise QueryError(f"unsupported expression in WHERE: {node.sql()!r}")
+
+
+def _connective(node: exp.And | exp.Or, catalog: str) -> Expr:
+    kind = type(node)
+    parts: list[exp.Expression] = []
+    stack: list[exp.Expression] = [node]
+    while stack:  # flatten a AND b AND c, which sqlglot nests to the left
+        cur = stack.pop()
+        while isinstance(cur, exp.Paren):
+            cur = cur.this
+        if type(cur) is kind:
+            stack.extend([cur.expression, cur.this])
+        else:
+            parts.append(cur)
+    args = tuple(_filter(p, catalog) for p in parts)
+    return And(args) if kind is exp.And else Or(args)
+
+
+def _comparison(node: exp.Expression, op: str, catalog: str) -> Comparison:
+    left, right = node.this, node.expression
+    if isinstance(left, exp.Null) or isinstance(right, exp.Null):
+        raise QueryError(
+            f"WHERE {node.sql()!r}: comparing with NULL is never true; use IS NULL"
+        )
+    if not isinstance(left, exp.Column) and isinstance(right, exp.Column):
+        left, right, op = right, left, _FLIPPED[op]
+    field = _where_field(left, node, catalog)
+    value = _literal(right)
+    if value is None:
+        raise QueryError(
+            f"WHERE {node.sql()!r}: a field can only be compared with a number or a string"
+        )
+    return Comparison(op, field, value)
 
 
 def _where_field(node: exp.Expression, whole: exp.Expression, catalog: str) -> str:

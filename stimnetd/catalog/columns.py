@@ -1,10 +1,10 @@
 """A catalog's columns as numpy arrays, each converted once, and row selections over them.
 
-A catalog does not change while the daemon runs, but every query used to convert the
-columns it reads (`pd.to_numeric`, label mapping, null masks) and to slice a DataFrame per
-group: on a 2,000-subject catalog that pandas work was most of a small query's time at
-every site. The conversions here are element-wise, so converting the whole column once and
-selecting rows afterwards gives exactly what converting the selected rows would.
+A catalog does not change while the daemon runs, so its columns are converted
+(`pd.to_numeric`, label mapping, null masks) once per catalog rather than by each query,
+and groups are row selections rather than DataFrame slices (bench/query.py). The
+conversions are element-wise, so converting the whole column once and selecting rows
+afterwards gives exactly what converting the selected rows would.
 """
 
 from __future__ import annotations

@@ -20,14 +20,10 @@ from typing import Any, TypeVar
 
 import structlog
 
+from stimnetd.gossip.config import GossipConfig
 from stimnetd.gossip.membership import GossipError, InMemoryMemberStore, Member
-from stimnetd.gossip.swim import (
-    FullState,
-    GossipConfig,
-    PeerUnreachable,
-    ProbeMessage,
-    Swim,
-)
+from stimnetd.gossip.swim import Swim
+from stimnetd.gossip.transport import FullState, PeerUnreachable, ProbeMessage
 
 T = TypeVar("T")
 

@@ -8,24 +8,21 @@ transport-agnostic so the same code runs in `sim.py` under virtual time.
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
-import math
 import random
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Protocol
+from collections.abc import Callable
+from dataclasses import replace
 
 import structlog
 
+from stimnetd.gossip.broadcast import BroadcastQueue
+from stimnetd.gossip.clock import Clock
+from stimnetd.gossip.config import GossipConfig
 from stimnetd.gossip.membership import (
     ForgedSender,
     GossipError,
     InvalidGossip,
     Member,
     MemberChange,
-    MemberLimits,
     MemberStore,
     PeerTable,
     precedence,
@@ -33,182 +30,9 @@ from stimnetd.gossip.membership import (
     validate_member,
     validate_members,
 )
-
-
-@dataclass(frozen=True)
-class GossipConfig:
-    """Timings default to memberlist's LAN profile; `wan()` gives its WAN profile."""
-
-    gossip_interval: float = 0.2
-    fanout: int = 3
-    probe_interval: float = 1.0
-    probe_timeout: float = 0.5
-    indirect_checks: int = 3
-    suspicion_mult: int = 4
-    retransmit_mult: int = 4
-    # Bounds the probe path: a ping or ack carries at most this many updates, whatever N.
-    max_piggyback: int = 8
-    push_pull_timeout: float = 2.0
-    # Like serf's reconnect: without it two sides of a healed partition that declared
-    # each other dead would never talk again.
-    reconnect_interval: float = 30.0
-    join_backoff_max: float = 30.0
-    persist_interval: float = 1.0
-    limits: MemberLimits = field(default_factory=MemberLimits)
-
-    def __post_init__(self) -> None:
-        for name in ("gossip_interval", "probe_interval", "probe_timeout", "push_pull_timeout",
-                     "reconnect_interval", "join_backoff_max", "persist_interval"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive")
-        if self.probe_timeout >= self.probe_interval:
-            raise ValueError("probe_timeout must be shorter than probe_interval, "
-                             "leaving time for indirect probes")
-        for name in ("fanout", "suspicion_mult", "retransmit_mult", "max_piggyback"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-        if self.indirect_checks < 0:
-            raise ValueError("indirect_checks must not be negative")
-
-    @classmethod
-    def wan(cls, **overrides: object) -> GossipConfig:
-        settings: dict[str, object] = {
-            "gossip_interval": 0.5, "probe_interval": 5.0, "probe_timeout": 3.0,
-            "suspicion_mult": 6, "push_pull_timeout": 10.0,
-        }
-        settings.update(overrides)
-        return cls(**settings)  # type: ignore[arg-type]
-
-    def suspicion_timeout(self, n: int) -> float:
-        """memberlist's formula: grows with log10 of the cluster so that gossip has time
-        to reach the suspect, which can then refute."""
-        return self.suspicion_mult * math.log10(max(n, 10)) * self.probe_interval
-
-    def retransmit_limit(self, n: int) -> int:
-        return self.retransmit_mult * math.ceil(math.log10(n + 1))
-
-
-def split_source(sender: str, entries: Sequence[Member]) -> tuple[Member, tuple[Member, ...]]:
-    """For wire formats that send the sender's own entry among the others (the proto's
-    `GossipMessage.members`): separate it out, refusing a message without exactly one."""
-    own = [m for m in entries if isinstance(m, Member) and m.name == sender]
-    if len(own) != 1:
-        raise InvalidGossip("message must carry exactly one entry for its sender")
-    return own[0], tuple(m for m in entries if m is not own[0])
-
-
-@dataclass(frozen=True)
-class ProbeMessage:
-    """Ping, ack and ping-req payload: the sender's own entry plus piggybacked updates."""
-
-    source: Member
-    updates: tuple[Member, ...] = ()
-
-    def entries(self) -> tuple[Member, ...]:
-        return (self.source, *self.updates)
-
-    @classmethod
-    def from_entries(cls, sender: str, entries: Sequence[Member]) -> ProbeMessage:
-        source, updates = split_source(sender, entries)
-        return cls(source, updates)
-
-
-@dataclass(frozen=True)
-class FullState:
-    """Push-pull payload: the sender's own entry plus what it knows about others.
-
-    A request carries the full table; a reply carries only the entries the requester
-    lacks or has older versions of (it just told us its full view).
-    """
-
-    source: Member
-    members: tuple[Member, ...] = ()
-
-    def entries(self) -> tuple[Member, ...]:
-        return (self.source, *self.members)
-
-    @classmethod
-    def from_entries(cls, sender: str, entries: Sequence[Member]) -> FullState:
-        source, members = split_source(sender, entries)
-        return cls(source, members)
-
-
-class PeerUnreachable(Exception):
-    """An outbound call failed: timeout, connection error, or the peer refused it."""
-
-
-class Transport(Protocol):
-    """Outbound calls. Each raises `PeerUnreachable` on any failure, including a remote
-    error status. The adapter must also check that the server certificate's name equals
-    the reply's `source.name` (raising `ForgedSender` otherwise).
-
-    `timeout` is an argument rather than the caller's `asyncio.timeout` (hence the ASYNC109
-    waivers) because it becomes the RPC deadline, which gRPC propagates to the server.
-    """
-
-    async def ping(
-        self, address: str, msg: ProbeMessage, timeout: float,  # noqa: ASYNC109
-    ) -> ProbeMessage: ...
-
-    async def ping_req(
-        self, via_address: str, target_name: str, target_address: str,
-        msg: ProbeMessage, timeout: float,  # noqa: ASYNC109
-    ) -> bool: ...
-
-    async def push_pull(
-        self, address: str, state: FullState, timeout: float,  # noqa: ASYNC109
-    ) -> FullState: ...
-
-
-class Clock(Protocol):
-    def time(self) -> float:
-        """Wall-clock seconds, for `Member.last_heard`."""
-        ...
-
-    def monotonic(self) -> float: ...
-
-    async def sleep(self, seconds: float) -> None: ...
-
-
-class SystemClock:
-    def time(self) -> float:
-        return time.time()
-
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
-
+from stimnetd.gossip.transport import FullState, PeerUnreachable, ProbeMessage, Transport
 
 MemberListener = Callable[[MemberChange], None]
-
-
-class BroadcastQueue:
-    """Recent updates awaiting piggybacking, at most one per member (newer news about a
-    member replaces older), each sent `limit` times then dropped, like memberlist's
-    TransmitLimitedQueue."""
-
-    def __init__(self) -> None:
-        self._items: dict[str, tuple[Member, int, int]] = {}
-        self._seq = itertools.count()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def enqueue(self, m: Member) -> None:
-        self._items[m.name] = (m, 0, next(self._seq))
-
-    def take(self, count: int, limit: int, exclude: str | None = None) -> list[Member]:
-        """The `count` least-sent updates, newest first among equals."""
-        candidates = (item for name, item in self._items.items() if name != exclude)
-        chosen = heapq.nsmallest(count, candidates, key=lambda item: (item[1], -item[2]))
-        for m, sent, seq in chosen:
-            if sent + 1 >= limit:
-                del self._items[m.name]
-            else:
-                self._items[m.name] = (m, sent + 1, seq)
-        return [m for m, _, _ in chosen]
 
 
 class Swim:

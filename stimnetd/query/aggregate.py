@@ -135,67 +135,73 @@ def layout_problem(p: Partial) -> str | None:
     return None
 
 
+def _numbers(v: Any, n: int | None = None) -> list[float]:
+    if not isinstance(v, list) or (n is not None and len(v) != n) \
+            or not all(type(x) in (int, float) and math.isfinite(x) for x in v):
+        raise ValueError(f"expected {n or 'a list of'} finite numbers, got {v!r:.80}")
+    return v
+
+
+def _names(v: Any, n: int | None = None) -> list[str]:
+    if not isinstance(v, list) or (n is not None and len(v) != n) \
+            or not all(isinstance(x, str) for x in v) or len(set(v)) != len(v):
+        raise ValueError(f"expected {n or 'a list of'} distinct names, got {v!r:.80}")
+    return v
+
+
 def _layout(kind: str, meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """The stats shapes a partial of `kind` with this `meta` has (raises when meta lacks
     what the finaliser reads)."""
-    def numbers(v: Any, n: int | None = None) -> list[float]:
-        if not isinstance(v, list) or (n is not None and len(v) != n) \
-                or not all(type(x) in (int, float) and math.isfinite(x) for x in v):
-            raise ValueError(f"expected {n or 'a list of'} finite numbers, got {v!r:.80}")
-        return v
-
-    def names(v: Any, n: int | None = None) -> list[str]:
-        if not isinstance(v, list) or (n is not None and len(v) != n) \
-                or not all(isinstance(x, str) for x in v) or len(set(v)) != len(v):
-            raise ValueError(f"expected {n or 'a list of'} distinct names, got {v!r:.80}")
-        return v
-
     one = (1,)
     if kind == "count":
         return {"n": one}
     if kind == "moments":
         return {"n": one, "s1": one, "s2": one}
     if kind == "histogram":
-        edges = numbers(meta["edges"])
+        edges = _numbers(meta["edges"])
         if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
             raise ValueError("edges are not two or more increasing numbers")
         return {"counts": (len(edges) + 1,)}
     if kind == "quantiles":
-        lo, hi = numbers([meta["lo"], meta["hi"]])
+        lo, hi = _numbers([meta["lo"], meta["hi"]])
         bins = meta["bins"]
         if type(bins) is not int or bins < 1 or hi < lo:
             raise ValueError(f"bins {bins!r:.20} over [{lo}, {hi}] is not a histogram")
         return {"counts": (bins,)}
     if kind == "crossprod":
-        p = len(names(meta["fields"])) + 1
+        p = len(_names(meta["fields"])) + 1
         if meta["purpose"] not in ("corr", "regression") or p < 2:
             raise ValueError("fields and purpose do not describe a cross-product")
         return {"m": (p, p)}
     if kind == "contingency":
-        names(meta["fields"], 2)
+        _names(meta["fields"], 2)
         levels = meta["levels"]
         if not isinstance(levels, list) or len(levels) != 2:
             raise ValueError("levels are not two lists")
-        return {"counts": (len(names(levels[0])), len(names(levels[1])))}
+        return {"counts": (len(_names(levels[0])), len(_names(levels[1])))}
     if kind == "voxel_map":
-        shape = meta["shape"]
-        if not isinstance(shape, list) or not 1 <= len(shape) <= 4 \
-                or not all(type(x) is int and x > 0 for x in shape):
-            raise ValueError(f"shape {shape!r:.40} is not 1 to 4 positive integers")
-        affine = meta["affine"]
-        if not isinstance(affine, list) or len(affine) != 4:
-            raise ValueError("affine is not 4 rows")
-        for row in affine:
-            numbers(row, 4)
-        weight = meta["weight"]
-        if weight is not None and not isinstance(weight, str):
-            raise ValueError("weight is not a field name")
-        names([meta["column"]])
-        grid = tuple(shape)
-        return {"count": grid, **({"sum": grid} if weight else {})}
+        return _voxel_map_layout(meta)
     if kind == "roi_overlap":
-        names([meta["column"]])
-        numbers([meta["voxel_volume_mm3"]])
-        r = (len(names(meta["rois"])),)
+        _names([meta["column"]])
+        _numbers([meta["voxel_volume_mm3"]])
+        r = (len(_names(meta["rois"])),)
         return {"n": r, "s1": r, "s2": r}
     raise ValueError(f"unknown kind {kind!r:.40}")
+
+
+def _voxel_map_layout(meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    shape = meta["shape"]
+    if not isinstance(shape, list) or not 1 <= len(shape) <= 4 \
+            or not all(type(x) is int and x > 0 for x in shape):
+        raise ValueError(f"shape {shape!r:.40} is not 1 to 4 positive integers")
+    affine = meta["affine"]
+    if not isinstance(affine, list) or len(affine) != 4:
+        raise ValueError("affine is not 4 rows")
+    for row in affine:
+        _numbers(row, 4)
+    weight = meta["weight"]
+    if weight is not None and not isinstance(weight, str):
+        raise ValueError("weight is not a field name")
+    _names([meta["column"]])
+    grid = tuple(shape)
+    return {"count": grid, **({"sum": grid} if weight else {})}

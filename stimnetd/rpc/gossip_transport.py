@@ -8,7 +8,7 @@ import grpc
 
 from stimnet.v1 import federation_pb2
 from stimnetd.gossip.membership import Member
-from stimnetd.gossip.swim import FullState, PeerUnreachable, ProbeMessage
+from stimnetd.gossip.transport import FullState, PeerUnreachable, ProbeMessage
 from stimnetd.rpc.peer_client import PeerChannels
 from stimnetd.rpc.peer_identity import PeerIdentityError
 

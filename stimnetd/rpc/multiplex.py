@@ -13,8 +13,8 @@ Messages follow one shape: a call has `id`, `timeout_s`, `cancel` and its reques
 field named by `body`; a reply has `id`, `event` and `status`.
 
 The server speaks first (initial metadata MULTIPLEX_KEY): a caller learns that the stream
-is served before it sends anything, so a call sent to a node that does not serve it (an
-older version) is known not to have run, and can be sent again as a call of its own.
+is served before it sends anything, and treats a stream answered without it as a protocol
+error (stimnet/multiplex.py).
 """
 
 from __future__ import annotations
@@ -43,70 +43,86 @@ async def serve(calls: AsyncIterator[Any], context: grpc.aio.ServicerContext, gu
     """Serve a stream of calls to `method`: each `run(request, caller)` as a task, its
     events sent as `reply` messages. Ends once the caller has stopped writing and every
     call on the stream has ended."""
-    from stimnetd.rpc.guard import SubcallEnded
-
     await context.send_initial_metadata(((MULTIPLEX_KEY, "1"),))
-    replies: asyncio.Queue[Any] = asyncio.Queue()
-    running: dict[int, asyncio.Task[None]] = {}
-    # A caller that writes calls but does not read their replies must not grow this
-    # queue without bound (its flow control stops our writes, not its own): past
-    # MAX_UNSENT replies, its calls are not read until it has read some.
-    room = asyncio.Event()
-    room.set()
-
-    def put(item: Any) -> None:
-        replies.put_nowait(item)
-        if replies.qsize() >= MAX_UNSENT:
-            room.clear()
-
-    async def one(call: Any) -> None:
-        request = getattr(call, body)
-        try:
-            async with asyncio.timeout(call.timeout_s):
-                async for ev in guard.subcall(method, context, request_id(request),
-                                              lambda caller: run(request, caller)):
-                    put(reply(id=call.id, event=ev))
-        except SubcallEnded as ended:
-            put(status(reply, call.id, ended.code, ended.message, ended.kind))
-        except TimeoutError:
-            put(status(reply, call.id, "DEADLINE_EXCEEDED",
-                       f"call {call.id} ran past its {call.timeout_s:g}s deadline"))
-        finally:
-            running.pop(call.id, None)
-
-    async def read() -> None:
-        try:
-            async for call in calls:
-                await room.wait()
-                if call.cancel:
-                    if (task := running.get(call.id)) is not None:
-                        task.cancel()
-                    continue
-                if problem := _problem(call, body, running):
-                    put(status(reply, call.id, "INVALID_ARGUMENT", problem))
-                    continue
-                if len(running) >= MAX_RUNNING:
-                    put(status(reply, call.id, "RESOURCE_EXHAUSTED",
-                               f"{len(running)} calls are running on this stream, its limit; "
-                               "wait for some to end"))
-                    continue
-                running[call.id] = asyncio.create_task(one(call), name=f"{body}-{call.id}")
-            if running:
-                await asyncio.wait(list(running.values()))
-        finally:
-            replies.put_nowait(None)
-
-    reader = asyncio.create_task(read())
+    stream = _StreamCalls(context, guard, method, body=body, reply=reply,
+                          request_id=request_id, run=run)
+    reader = asyncio.create_task(stream.read(calls))
     try:
-        while (item := await replies.get()) is not None:
-            if replies.qsize() < MAX_UNSENT:
-                room.set()
+        while (item := await stream.replies.get()) is not None:
+            if stream.replies.qsize() < MAX_UNSENT:
+                stream.room.set()
             yield item
         await reader  # a broken request stream ends this one with its error
     finally:
         reader.cancel()
-        for task in list(running.values()):
+        for task in list(stream.running.values()):
             task.cancel()
+
+
+class _StreamCalls:
+    """The calls of one stream as the server runs them, and the replies they queue for it
+    (None last, once the caller has stopped writing and every call has ended)."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, guard: Guard, method: str, *,
+                 body: str, reply: Any, request_id: Callable[[Any], str],
+                 run: Callable[[Any, Caller], AsyncIterator[Any]]) -> None:
+        self._context, self._guard, self._method = context, guard, method
+        self._body, self._reply, self._request_id, self._run = body, reply, request_id, run
+        self.replies: asyncio.Queue[Any] = asyncio.Queue()
+        self.running: dict[int, asyncio.Task[None]] = {}
+        # A caller that writes calls but does not read their replies must not grow this
+        # queue without bound (its flow control stops our writes, not its own): past
+        # MAX_UNSENT replies, its calls are not read until it has read some.
+        self.room = asyncio.Event()
+        self.room.set()
+
+    def _put(self, item: Any) -> None:
+        self.replies.put_nowait(item)
+        if self.replies.qsize() >= MAX_UNSENT:
+            self.room.clear()
+
+    async def read(self, calls: AsyncIterator[Any]) -> None:
+        try:
+            async for call in calls:
+                await self.room.wait()
+                self._take(call)
+            if self.running:
+                await asyncio.wait(list(self.running.values()))
+        finally:
+            self.replies.put_nowait(None)
+
+    def _take(self, call: Any) -> None:
+        if call.cancel:
+            if (task := self.running.get(call.id)) is not None:
+                task.cancel()
+            return
+        if problem := _problem(call, self._body, self.running):
+            self._put(status(self._reply, call.id, "INVALID_ARGUMENT", problem))
+            return
+        if len(self.running) >= MAX_RUNNING:
+            self._put(status(self._reply, call.id, "RESOURCE_EXHAUSTED",
+                             f"{len(self.running)} calls are running on this stream, its limit; "
+                             "wait for some to end"))
+            return
+        self.running[call.id] = asyncio.create_task(self._one(call), name=f"{self._body}-{call.id}")
+
+    async def _one(self, call: Any) -> None:
+        from stimnetd.rpc.guard import SubcallEnded
+
+        request = getattr(call, self._body)
+        try:
+            async with asyncio.timeout(call.timeout_s):
+                async for ev in self._guard.subcall(self._method, self._context,
+                                                    self._request_id(request),
+                                                    lambda caller: self._run(request, caller)):
+                    self._put(self._reply(id=call.id, event=ev))
+        except SubcallEnded as ended:
+            self._put(status(self._reply, call.id, ended.code, ended.message, ended.kind))
+        except TimeoutError:
+            self._put(status(self._reply, call.id, "DEADLINE_EXCEEDED",
+                             f"call {call.id} ran past its {call.timeout_s:g}s deadline"))
+        finally:
+            self.running.pop(call.id, None)
 
 
 def _problem(call: Any, body: str, running: dict[int, Any]) -> str | None:

@@ -125,8 +125,6 @@ class GrpcSubJobTransport:
         # call whose object is collected, and the peer would see its finished sub-job
         # cancelled.
         self._draining: set[grpc.aio.Call] = set()
-        # Peers that do not serve SubJobs (an older version): every sub-job a call.
-        self._unshared: set[str] = set()
 
     def _drain(self, call: grpc.aio.Call) -> None:
         if not call.done():
@@ -158,18 +156,9 @@ class GrpcSubJobTransport:
         request = federation_pb2.SubJobRequest(job=convert.signed_job_pb(signed),
                                                entry_node=self._entry, request_id=request_id)
         left = max(0.001, timeout_s - (time.monotonic() - started))
-        outcome: SiteOutcome | None = None
-        shared = small and target.address not in self._unshared
-        if shared:
-            try:
-                outcome = await self._shared(target.address, request, left, reader)
-            except multiplex.NotMultiplexed:
-                # A node from before SubJobs: it ran nothing, so the sub-job is sent again,
-                # on a call of its own (as every later one to it).
-                self._unshared.add(target.address)
-                shared = False
-        if not shared:
-            left = max(0.001, timeout_s - (time.monotonic() - started))
+        if small:
+            outcome = await self._shared(target.address, request, left, reader)
+        else:
             outcome = await self._own_call(target.address, request, left, request_id, reader)
         if outcome is not None and outcome.state == "failed" and reader.impostor:
             self._channels.forget(target.address)
@@ -188,7 +177,7 @@ class GrpcSubJobTransport:
                 if reader.final is not None:
                     # The outcome ends the sub-job: nothing after it is read or relayed,
                     # and the answer does not wait for the stream's trailers (a further
-                    # hop from the peer, ~0.3 ms on a small query's path).
+                    # message from the peer on the query's path).
                     self._drain(call)
                     return None
         except grpc.aio.AioRpcError as exc:
@@ -214,9 +203,13 @@ class GrpcSubJobTransport:
                     sub.close()
         except TimeoutError:
             return await reader.ended("DEADLINE_EXCEEDED", "")
+        except multiplex.NotMultiplexed:
+            # Every node serves SubJobs: one that answers the stream without its handshake
+            # does not speak the protocol, and the sub-job was never sent to it.
+            return await reader.ended("UNIMPLEMENTED", f"node {reader.site!r} does not serve "
+                                      "the SubJobs stream; the sub-job was not sent")
         except grpc.aio.AioRpcError as exc:  # the stream broke (the peer went away)
-            # Not "not served" (NotMultiplexed comes from start(), before anything is
-            # sent): the sub-job may have run there, and is not sent again.
+            # The sub-job may have run there, and is not sent again.
             return await reader.ended(exc.code().name, exc.details() or exc.code().name)
         except multiplex.StreamBroken as exc:
             return await reader.ended("UNAVAILABLE", str(exc))

@@ -16,7 +16,7 @@ from stimctl.client import AsyncClient
 from stimnet.v1 import federation_pb2, federation_pb2_grpc
 from stimnetd.config import load_config
 from stimnetd.daemon import Daemon
-from stimnetd.gossip.swim import PeerUnreachable
+from stimnetd.gossip.transport import PeerUnreachable
 from stimnetd.testing import CertFactory, DaemonProcess, free_port, write_node_config
 from tests.federation.test_federated_queries import _tiny_catalog
 from tests.helpers import client_config
@@ -63,7 +63,7 @@ async def test_five_nodes_converge_from_one_seed_and_fan_out(tmp_path: Path, pki
         # Steady state: probes succeed, so nobody is suspected and has to refute (which
         # would raise incarnations); a broken probe path shows up here.
         await asyncio.sleep(3)
-        assert all(_view(d) == dict.fromkeys(NAMES, "alive") for d in daemons)
+        assert [_view(d) for d in daemons] == [dict.fromkeys(NAMES, "alive")] * len(daemons)
         assert max(m.incarnation for d in daemons for m in d.membership.members()) == 0
         alice = pki.issue("alice", "researcher")
         async with AsyncClient(client_config(alice, f"127.0.0.1:{ports[3]}")) as c:
@@ -173,7 +173,9 @@ async def test_forged_sender_and_nonsense_state_are_refused(start_node, pki: Cer
                 await federation_pb2_grpc.FederationServiceStub(ch).Ping(forged, timeout=5)
             assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
         refused = [r for r in await d.store.audit_rows() if r.decision in ("refused", "denied")]
-        assert any(r.actor == "evil" and "PushPull" in r.action for r in refused)
+        assert [(r.actor, r.action, r.decision) for r in refused] == [
+            ("evil", "/stimnet.v1.FederationService/PushPull", "refused")] * 3 + [
+            ("alice", "/stimnet.v1.FederationService/Ping", "denied")]
         assert "site-b" not in {m.name for m in d.membership.members()}
 
 
@@ -189,7 +191,9 @@ async def _peer_views(ops, ports: list[int], skip: int) -> dict[str, dict[str, t
 
 
 async def test_killed_node_is_declared_dead_then_rejoins(tmp_path: Path, pki: CertFactory) -> None:
-    """SIGKILL: suspect then dead everywhere within the bound; restarted: alive, higher incarnation."""
+    """SIGKILL: dead everywhere at the incarnation it had; restarted: alive, higher
+    incarnation. (Suspicion before death, within the protocol's bound, is pinned in virtual
+    time by test_gossip_cluster; bench/gossip.py measures it on real processes.)"""
     ports = [free_port() for _ in NAMES]
     procs = [DaemonProcess(_config(tmp_path, pki, i, ports)) for i in range(5)]
     ops = pki.issue("ops", "admin")
@@ -211,21 +215,16 @@ async def test_killed_node_is_declared_dead_then_rejoins(tmp_path: Path, pki: Ce
 
         procs[4].proc.send_signal(signal.SIGKILL)
         procs[4].proc.wait()
-        killed_at = time.monotonic()
-        # Bound: the victim is probed within 2(N-1) probe intervals (round-robin), then
-        # suspicion lasts suspicion_mult * log10(max(N,10)) * probe_interval; +2 s slack.
-        bound = 2 * 4 * 0.3 + 2 * 1 * 0.3 + 2.0
-        seen_suspect = False
+        deadline = time.monotonic() + 20
         while True:
             views = await _peer_views(ops, ports, skip=4)
-            statuses = [v["site-e"][0] for v in views.values()]
-            seen_suspect |= "suspect" in statuses
-            if all(s == "dead" for s in statuses):
+            if all(v["site-e"][0] == "dead" for v in views.values()):
                 break
-            assert time.monotonic() - killed_at < bound, f"not dead everywhere: {statuses}"
+            assert time.monotonic() < deadline, f"not dead everywhere: {views}"
             await asyncio.sleep(0.05)
-        detected = time.monotonic() - killed_at
-        assert seen_suspect or detected < 0.6, "the victim never passed through suspect"
+        # Declared by the others, not by itself: no one raised the dead node's incarnation.
+        assert {name: v["site-e"] for name, v in views.items()} == {
+            name: ("dead", before) for name in NAMES[:4]}
 
         procs[4] = DaemonProcess(_config_existing(tmp_path, 4))
         await procs[4].wait_healthy(ops, f"127.0.0.1:{ports[4]}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import time
 from pathlib import Path
 
 from stimctl.client import AsyncClient
@@ -39,15 +38,18 @@ async def test_stopped_peer_times_out_and_is_named(tmp_path: Path, pki: CertFact
     try:
         procs[2].proc.send_signal(signal.SIGSTOP)
         async with AsyncClient(client_config(alice, f"127.0.0.1:{ports[0]}", 20)) as c:
-            started = time.monotonic()
             ans = await c.query("SELECT count(*) FROM tiny", federated=True, min_sites=2)
-            elapsed = time.monotonic() - started
         states = {m["site"]: m["state"] for m in ans.manifest}
         assert ans.rows[0][0] == 40
-        assert states["site-a"] == states["site-b"] == "done"
-        timed_out = [m for m in ans.manifest if m["state"] == "timed_out"]
-        assert len(timed_out) == 1 and "2s site deadline" in timed_out[0]["detail"], ans.manifest
-        assert elapsed < 2.0 + 5.0
+        # The frozen peer never showed its certificate, so the manifest names its address.
+        frozen = f"127.0.0.1:{ports[2]}"
+        assert states == {"site-a": "done", "site-b": "done", frozen: "timed_out"}
+        assert {m["site"]: m["n"] for m in ans.manifest} == {"site-a": 20, "site-b": 20, frozen: 0}
+        # The entry's own 2 s site deadline ended the frozen peer's share (not the client's):
+        # as the sub-job's deadline, or as the identity probe's cap, which is that deadline.
+        timed_out = [m["detail"] for m in ans.manifest if m["state"] == "timed_out"]
+        assert timed_out in (["no answer within the 2s site deadline"],
+                             [f"{frozen} completed no TLS handshake within 2s"]), ans.manifest
     finally:
         procs[2].proc.send_signal(signal.SIGCONT)
         for p in procs:
@@ -67,8 +69,10 @@ async def test_peer_killed_mid_query_is_named_failed(tmp_path: Path, pki: CertFa
             ans = await c.run_job(job)
         bad = [m for m in ans.manifest if m["state"] not in ("done",)]
         assert ans.rows[0][0] == 40
-        assert len(bad) == 1 and bad[0]["state"] in ("failed", "timed_out")
-        assert bad[0]["detail"]
+        # Named by its certificate if it showed it before it froze, else by its address.
+        assert [(m["site"] in ("site-b", f"127.0.0.1:{ports[1]}"), m["state"] in ("failed", "timed_out"))
+                for m in bad] == [(True, True)], bad
+        assert bad[0]["detail"].strip() != ""
     finally:
         for p in procs:
             p.kill()
@@ -97,4 +101,4 @@ async def test_request_id_follows_a_federated_job_across_sites(tmp_path: Path,
     rid = entry[0]["request_id"]
     for p in procs[1:]:
         sub = [r for r in records(p) if r.get("method") == "/stimnet.v1.FederationService/RunSubJob"]
-        assert sub and all(r["request_id"] == rid for r in sub), sub
+        assert {r["request_id"] for r in sub} == {rid}, sub

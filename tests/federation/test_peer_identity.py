@@ -11,7 +11,7 @@ from stimnet.v1 import federation_pb2, federation_pb2_grpc
 from stimnetd.config import TlsConfig
 from stimnetd.federation.fanout import Target
 from stimnetd.gossip.membership import Member
-from stimnetd.gossip.swim import PeerUnreachable, ProbeMessage
+from stimnetd.gossip.transport import PeerUnreachable, ProbeMessage
 from stimnetd.rpc.gossip_transport import GrpcGossipTransport
 from stimnetd.rpc.peer_client import MAX_DETAIL_CHARS, GrpcSubJobTransport, PeerChannels
 from stimnetd.rpc.peer_identity import PeerIdentityError, probe
@@ -211,6 +211,32 @@ async def ask_node(fed, c, name: str, servicer, *, named: bool = True,  # type: 
         await channels.shutdown()
         await server.stop(None)
     return outcomes, events
+
+
+class _CallsOnly(_Garbler):
+    """A node that serves RunSubJob but not the SubJobs stream (its calls counted)."""
+
+    calls = 0
+
+    async def RunSubJob(self, request, context):  # type: ignore[no-untyped-def]
+        _CallsOnly.calls += 1
+        async for ev in super().RunSubJob(request, context):
+            yield ev
+
+
+async def test_a_peer_without_sub_job_streams_fails_the_site_and_is_sent_nothing(
+        federation, tmp_path: Path) -> None:
+    """Every node serves SubJobs: a peer that answers the stream without its handshake
+    fails each small sub-job, saying so, and none is sent to it as a call of its own."""
+    _CallsOnly.calls = 0
+    cats = [[_tiny_catalog(tmp_path / "t", [float(a) for a in range(30, 60)])]]
+    async with federation(cats) as fed, fed.client() as c:
+        outcomes, events = await ask_node(fed, c, "plain", _CallsOnly("plain", '{"partials": []}'),
+                                          times=2, small=True)
+    detail = "node 'plain' does not serve the SubJobs stream; the sub-job was not sent"
+    assert [(o.state, o.detail) for o in outcomes] == [("failed", detail)] * 2
+    assert events == [("plain", "failed", detail, 0)] * 2
+    assert _CallsOnly.calls == 0
 
 
 @pytest.mark.parametrize("doc, problem", [

@@ -64,7 +64,7 @@ async def test_metrics_endpoint_reports_rpcs_and_privacy(start_node, pki: CertFa
     alice = pki.issue("alice", "researcher")
     async with start_node("node-a", catalogs=[small_catalog], metrics={"listen": "127.0.0.1:0"},
                           privacy={"dp": "optional"}) as d:
-        assert d.metrics_port
+        assert isinstance(d.metrics_port, int) and d.metrics_port > 0
         async with AsyncClient(client_config(alice, f"127.0.0.1:{d.port}")) as c:
             await c.info()
             await c.query("SELECT count(*), avg(age) FROM dbs_outcomes", epsilon=1.0)
@@ -73,7 +73,7 @@ async def test_metrics_endpoint_reports_rpcs_and_privacy(start_node, pki: CertFa
                                       timeout=5).read().decode()
     def value(prefix: str) -> float:
         lines = [ln for ln in body.splitlines() if ln.startswith(prefix)]
-        assert lines, f"no {prefix} in metrics"
+        assert lines != [], f"no {prefix} in metrics"
         return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines)
 
     assert value('stimnet_rpc_total{method="/stimnet.v1.JobService/RunJob",status="OK"}') == 1

@@ -167,8 +167,8 @@ async def test_concurrent_relayed_copies_release_once(federation, tmp_path: Path
         done = [r for r in results if not isinstance(r, BaseException)]
         replays = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
         assert len(done) == 1 and len(replays) == 3, results
-        assert all(r.code() == grpc.StatusCode.FAILED_PRECONDITION and
-                   "replayed" in (r.details() or "") for r in replays)
+        assert [(r.code(), "replayed" in (r.details() or "")) for r in replays] == [
+            (grpc.StatusCode.FAILED_PRECONDITION, True)] * 3
         assert done[0][-1].site.state == "done"
         peer = fed.daemons[1]
         rows = await peer.store.audit_rows()

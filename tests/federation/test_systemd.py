@@ -45,7 +45,7 @@ def test_unit_verifies(tmp_path: Path) -> None:
                        text=True, timeout=60)
     problems = [ln for ln in (r.stdout + r.stderr).splitlines()
                 if "stimnetd.service" in ln and "docker.service" not in ln]
-    assert r.returncode == 0 and not problems, r.stdout + r.stderr
+    assert (r.returncode, problems) == (0, []), r.stdout + r.stderr
 
 
 def test_unit_exposure_is_low(tmp_path: Path) -> None:

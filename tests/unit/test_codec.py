@@ -15,7 +15,7 @@ def _roundtrip(doc, arrays):  # type: ignore[no-untyped-def]
             asm.header(item)
         else:
             asm.chunk(*item)
-    assert asm.complete
+    assert asm.complete is True
     return asm.result()
 
 
@@ -25,7 +25,8 @@ def test_large_arrays_are_chunked_and_reassembled() -> None:
     arrays = {"count": rng.random((91, 109, 91)), "mask": rng.random(10) > 0.5,
               "empty": np.zeros((0,))}
     pieces = [item for kind, item in codec.chunks({"a": 1}, arrays) if kind == "chunk"]
-    assert all(len(p[2]) <= codec.CHUNK for p in pieces) and len(pieces) > 10
+    assert [len(p[2]) for p in pieces if len(p[2]) > codec.CHUNK] == []
+    assert len(pieces) > 10
     doc, back = _roundtrip({"a": 1}, arrays)
     assert doc == {"a": 1}
     for k, v in arrays.items():
@@ -72,7 +73,7 @@ def test_out_of_order_and_oversized_chunks_are_refused() -> None:
     with pytest.raises(codec.CodecError, match="out of order or oversized"):
         asm.chunk(codec.BODY, 0, b"\0" * 24, True)
     asm.chunk(codec.BODY, 0, b"\0" * 8, False)
-    assert not asm.complete
+    assert asm.complete is False
     with pytest.raises(codec.CodecError, match="of 16 bytes"):
         asm.result()
 
@@ -92,7 +93,7 @@ def test_frames_inline_a_small_body_and_chunk_a_large_one(arrays, messages) -> N
     kinds = [("header+body" if f.header.body else "header") if f.HasField("header") else "chunk"
              for f in frames]
     assert kinds == messages
-    assert all(len(f.chunk.data) <= codec.CHUNK and len(f.header.body) <= INLINE for f in frames)
+    assert [f for f in frames if len(f.chunk.data) > codec.CHUNK or len(f.header.body) > INLINE] == []
     asm = codec.Assembler()
     for f in frames:
         feed(asm, f)

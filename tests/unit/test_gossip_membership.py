@@ -123,7 +123,7 @@ def test_incarnation_and_precedence_never_decrease(items: list[Member]) -> None:
 def test_supersedes_is_a_strict_order(x: Member, y: Member) -> None:
     """Of two different claims exactly one wins, so replicas cannot flip-flop."""
     if precedence(x) == precedence(y):
-        assert not supersedes(x, y) and not supersedes(y, x)
+        assert (supersedes(x, y), supersedes(y, x)) == (False, False)
     else:
         assert supersedes(x, y) != supersedes(y, x)
 

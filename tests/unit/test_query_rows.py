@@ -121,12 +121,12 @@ async def test_the_fan_out_starts_before_the_querys_row_is_written(
     final = asyncio.ensure_future(_final(jobs, record.id))
     await asyncio.wait_for(coordinator.started.wait(), 5)
     await asyncio.sleep(0.05)
-    assert held.waiting.is_set() and coordinator.row_when_run == [False]
+    assert (held.waiting.is_set(), coordinator.row_when_run) == (True, [False])
     assert (await jobs.get(record.id, ALICE)).state == "running"
     # Listed too (as GetJob shows it), though the store has no row yet.
     assert [(r.id, r.state) for r in await jobs.list(ALICE, 10)] == [(record.id, "running")]
     assert await store.list_jobs() == []
-    assert not final.done()
+    assert final.done() is False
     held.open.set()
     update = await asyncio.wait_for(final, 5)
     assert update.job is not None and update.job.state == "succeeded"
@@ -175,7 +175,7 @@ async def test_a_querys_stream_ends_with_its_final_state_not_its_final_write(
         return [u.kind for u in [u async for u in jobs.watch(record.id, ALICE, record)]]
 
     assert await asyncio.wait_for(kinds(), 5) == ["state"]
-    assert held.waiting.is_set() and not held.open.is_set()
+    assert (held.waiting.is_set(), held.open.is_set()) == (True, False)
     stored = await store.get_job(record.id)
     assert stored is not None and stored.state == "running"
 

@@ -20,13 +20,15 @@ def _doc(**changes: object) -> dict:
 
 
 def test_the_payload_round_trips_with_its_entry_node() -> None:
+    """A signed payload reads back equal to the request, naming its entry node, at the current
+    version."""
     req = new_request("query", "c", entry="site-a", spec=SPEC, scope="federated", epsilon=0.5)
     back = JobRequest.from_payload(req.to_payload())
     assert back == req and back.entry == "site-a" and back.v == PAYLOAD_VERSION == 2
 
 
 def test_a_version_1_payload_is_refused_saying_why() -> None:
-    """Version 1 named no entry node: refused with the version, not as unknown keys."""
+    """A payload of another version is refused naming its version, not as unknown keys."""
     doc = _doc(v=1)
     del doc["entry"]
     with pytest.raises(InvalidRequest, match=r"version 1 is not supported \(this node accepts "
@@ -36,11 +38,13 @@ def test_a_version_1_payload_is_refused_saying_why() -> None:
 
 @pytest.mark.parametrize("entry", ["", 7, None, "x" * 256])
 def test_a_payload_without_a_usable_entry_node_is_refused(entry: object) -> None:
+    """An entry node that is empty, not text or too long is refused by name."""
     with pytest.raises(InvalidRequest, match="a job names its entry node"):
         JobRequest.from_payload(canonical(_doc(entry=entry)))
 
 
 def test_a_payload_missing_the_entry_key_is_refused() -> None:
+    """A payload without the entry key is refused as one whose keys differ."""
     doc = _doc()
     del doc["entry"]
     with pytest.raises(InvalidRequest, match="payload keys differ"):
@@ -60,7 +64,8 @@ def _with(text: bytes, old: bytes, new: bytes) -> bytes:
 ])
 def test_numbers_json_cannot_carry_are_refused_by_name(old: bytes, new: bytes,
                                                        problem: str) -> None:
-    """Each once escaped as a ValueError: an internal error at every site, not a refusal."""
+    """Each is refused as an InvalidRequest naming the problem, not an internal error at
+    every site."""
     payload = new_request("query", "c", entry="site-a", spec=SPEC).to_payload()
     with pytest.raises(InvalidRequest, match=problem):
         JobRequest.from_payload(_with(payload, old, new))

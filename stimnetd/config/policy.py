@@ -1,0 +1,98 @@
+"""What the site allows: [privacy] (differential privacy and its budget) and [scripts]
+(review, sandbox limits, declared outputs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from stimnetd.config.reader import Reader
+
+DP_POLICIES = ("off", "optional", "required")
+SCRIPT_POLICIES = ("auto", "review", "deny")
+LOG_POLICIES = ("none", "errors", "full")
+DECLARED_OUTPUTS = ("required", "optional")
+RESTART_POLICIES = ("interrupt", "requeue")
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    dp: str = "off"
+    default_epsilon: float = 1.0
+    max_epsilon_per_query: float = 5.0
+    budget_epsilon: float = 10.0
+    overlap_guard: bool = True
+
+
+@dataclass(frozen=True)
+class ScriptSettings:
+    policy: str = "review"
+    log_policy: str = "errors"
+    # "required": a script job must declare its outputs (names, functions, fields, edges,
+    # GROUP BY) in the signed request, and its result must be exactly that; "optional":
+    # undeclared scripts run too (their output names and edges are a channel past k_min).
+    declared_outputs: str = "required"
+    concurrency: int = 1
+    image: str = "stimnet-sandbox"
+    memory_mb: int = 512
+    cpus: float = 1.0
+    pids: int = 64
+    timeout_s: float = 300.0
+    result_mb: int = 8
+    on_restart: str = "interrupt"
+    # Pre-started containers per catalog (policy auto only); 0 turns them off on small hosts.
+    warm_containers: int = 2
+    # Script jobs one researcher may have queued, running or awaiting approval here (each
+    # keeps its script, up to 1 MiB, in the store until it ends).
+    max_pending_per_researcher: int = 16
+
+
+def read_privacy(r: Reader, raw: dict[str, Any]) -> PrivacySettings:
+    w = "[privacy]"
+    raw = r.table(raw, w, {"dp", "default_epsilon", "max_epsilon_per_query",
+                           "budget_epsilon", "overlap_guard"})
+    p = PrivacySettings(
+        dp=r.get(raw, w, "dp", str, "off", choices=DP_POLICIES),
+        default_epsilon=r.get(raw, w, "default_epsilon", float, 1.0),
+        max_epsilon_per_query=r.get(raw, w, "max_epsilon_per_query", float, 5.0),
+        budget_epsilon=r.get(raw, w, "budget_epsilon", float, 10.0),
+        overlap_guard=r.get(raw, w, "overlap_guard", bool, True),
+    )
+    for key in ("default_epsilon", "max_epsilon_per_query", "budget_epsilon"):
+        if getattr(p, key) <= 0:
+            raise r.fail(f"{w}.{key}", "must be positive")
+    if p.default_epsilon > p.max_epsilon_per_query:
+        raise r.fail(f"{w}.default_epsilon", "exceeds max_epsilon_per_query")
+    return p
+
+
+def read_scripts(r: Reader, raw: dict[str, Any]) -> ScriptSettings:
+    w = "[scripts]"
+    raw = r.table(raw, w, {"policy", "log_policy", "concurrency", "image", "memory_mb",
+                           "cpus", "pids", "timeout_s", "result_mb", "on_restart",
+                           "warm_containers", "declared_outputs",
+                           "max_pending_per_researcher"})
+    s = ScriptSettings(
+        policy=r.get(raw, w, "policy", str, "review", choices=SCRIPT_POLICIES),
+        log_policy=r.get(raw, w, "log_policy", str, "errors", choices=LOG_POLICIES),
+        declared_outputs=r.get(raw, w, "declared_outputs", str, "required",
+                               choices=DECLARED_OUTPUTS),
+        concurrency=r.get(raw, w, "concurrency", int, 1),
+        image=r.get(raw, w, "image", str, "stimnet-sandbox"),
+        memory_mb=r.get(raw, w, "memory_mb", int, 512),
+        cpus=r.get(raw, w, "cpus", float, 1.0),
+        pids=r.get(raw, w, "pids", int, 64),
+        timeout_s=r.get(raw, w, "timeout_s", float, 300.0),
+        result_mb=r.get(raw, w, "result_mb", int, 8),
+        on_restart=r.get(raw, w, "on_restart", str, "interrupt", choices=RESTART_POLICIES),
+        warm_containers=r.get(raw, w, "warm_containers", int, 2),
+        max_pending_per_researcher=r.limit(raw, w, "max_pending_per_researcher", 16),
+    )
+    if not 0 <= s.warm_containers <= 16:
+        raise r.fail(f"{w}.warm_containers", "must be between 0 and 16")
+    for key in ("concurrency", "memory_mb", "pids", "result_mb"):
+        if getattr(s, key) < 1:
+            raise r.fail(f"{w}.{key}", "must be at least 1")
+    if s.cpus <= 0 or s.timeout_s <= 0:
+        raise r.fail(w, "cpus and timeout_s must be positive")
+    return s
