@@ -47,6 +47,16 @@ OutcomeKind = Literal["converged", "separation", "not_converged", "singular"]
 # predictors, an empty level), and the inverse would have fewer than ~6 good digits.
 SINGULAR_TOL: Final = 1e-10
 
+# Quasi-complete separation (a level, or a side of a threshold, with one outcome only)
+# sends coefficients off to infinity while the deviance settles, so R's criterion
+# declares convergence before any fitted mean is within 10 eps of 0 or 1 and R reports
+# the diverged estimate with a huge standard error. The signature is that the information
+# along some direction of β collapses: the rows that determine it are fitted with
+# near-certainty. A fit is called separated when the smallest eigenvalue of XᵀWX at the
+# estimate, relative to XᵀWX at the starting means, falls below this ratio (for a binomial
+# it means every such row has μ(1 - μ) a hundred thousand times below its start, 0.1875).
+SEPARATION_RATIO: Final = 1e-5
+
 
 @dataclass(frozen=True, eq=False)
 class GlmRound:
@@ -212,7 +222,8 @@ class GlmOutcome:
 class IrlsState:
     """Where a fit stands between rounds: the next round is evaluated at `beta` (None:
     the starting means). `deviance` and `accepted` are the deviance and β of the last
-    round with a finite deviance, which a step halving falls back towards."""
+    round with a finite deviance, which a step halving falls back towards; `information`
+    is XᵀWX of the first round, which the separation check compares against."""
 
     family: FamilyName
     terms: tuple[str, ...]
@@ -222,6 +233,7 @@ class IrlsState:
     rounds: int = 0
     deviance: float | None = None
     accepted: np.ndarray | None = None
+    information: np.ndarray | None = None
     deviances: tuple[float, ...] = ()
 
     @property
@@ -263,8 +275,9 @@ def advance(state: IrlsState, summed: GlmRound) -> IrlsState | GlmOutcome:
     if beta is None:
         return _ended(replace(state, deviances=seen), "singular", rounds, summed,
                       "XᵀWX is singular: collinear or constant predictors, or an empty level")
+    first = state.information if state.information is not None else summed.xtwx
     return replace(state, beta=beta, iteration=state.iteration + 1, rounds=rounds, deviance=dev,
-                   accepted=state.beta, deviances=seen)
+                   accepted=state.beta, information=first, deviances=seen)
 
 
 def _finite(summed: GlmRound) -> bool:
@@ -284,24 +297,44 @@ def _halve(state: IrlsState, rounds: int, n: int) -> IrlsState | GlmOutcome:
 
 def _ended(state: IrlsState, kind: OutcomeKind, rounds: int, summed: GlmRound,
            detail: str) -> GlmOutcome:
-    """A fit that stopped without estimates; fitted means on the boundary explain a
-    failure to converge (the coefficients were diverging), so they are reported first."""
-    if summed.boundary and kind == "not_converged":
-        return _separated(state, rounds, summed)
+    """A fit that stopped without estimates; separation explains a failure to converge
+    (the coefficients were diverging), so it is reported instead."""
+    reason = _separation(state, summed) if kind == "not_converged" else None
+    if reason is not None:
+        kind, detail = "separation", reason
     return GlmOutcome(kind, state.family, state.iteration, rounds, summed.n, detail,
                       deviances=state.deviances)
 
 
-def _separated(state: IrlsState, rounds: int, summed: GlmRound) -> GlmOutcome:
-    what = "probabilities numerically 0 or 1" if state.family == "binomial" else "means numerically 0"
-    return GlmOutcome("separation", state.family, state.iteration, rounds, summed.n,
-                      f"fitted {what} occurred: (quasi-)complete separation, the estimates "
-                      "diverge", deviances=state.deviances)
+def _separation(state: IrlsState, summed: GlmRound) -> str | None:
+    """Why the fit is separated, or None: fitted means on the boundary (R's rule), or
+    collapsed information (see SEPARATION_RATIO)."""
+    if summed.boundary:
+        what = "probabilities numerically 0 or 1" if state.family == "binomial" else "means numerically 0"
+        return f"fitted {what} occurred: (quasi-)complete separation, the estimates diverge"
+    if state.information is None or family(state.family).exact_in_one_step:
+        return None
+    if information_ratio(state.information, summed.xtwx) < SEPARATION_RATIO:
+        return ("the information on some combination of coefficients vanished as they "
+                "diverged: (quasi-)complete separation, an outcome fitted with certainty "
+                "in a level or beyond a threshold")
+    return None
+
+
+def information_ratio(start: np.ndarray, now: np.ndarray) -> float:
+    """min over directions d of dᵀ now d / dᵀ start d: the smallest generalized eigenvalue,
+    formed after scaling both to the start's unit diagonal (it is invariant under that)."""
+    s = 1.0 / np.sqrt(np.diag(start))
+    lower = np.linalg.cholesky(start * np.outer(s, s))
+    inv = np.linalg.inv(lower)
+    return float(np.linalg.eigvalsh(inv @ (now * np.outer(s, s)) @ inv.T)[0])
 
 
 def _finish(state: IrlsState, summed: GlmRound) -> GlmOutcome:
-    if summed.boundary:
-        return _separated(state, state.rounds, summed)
+    reason = _separation(state, summed)
+    if reason is not None:
+        return GlmOutcome("separation", state.family, state.iteration, state.rounds, summed.n,
+                          reason, deviances=state.deviances)
     assert state.beta is not None  # a converged state has taken at least one step
     result = infer(summed, state.beta, state.family, iterations=state.iteration, terms=state.terms)
     if isinstance(result, str):
