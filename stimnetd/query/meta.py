@@ -153,7 +153,7 @@ def heterogeneity(estimates: Sequence[float] | np.ndarray,
     mean = float(w @ y / w.sum())
     q = float(w @ (y - mean) ** 2)
     df = y.size - 1
-    i2 = max(0.0, (q - df) / q) if q > 0 else 0.0
+    i2 = max(0.0, (q - df) / q) if q > 0 and df > 0 else 0.0
     return Heterogeneity(q=q, df=df, p_value=chi2_sf(q, df) if df > 0 else None, i2=i2)
 
 
