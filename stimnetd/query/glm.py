@@ -223,7 +223,8 @@ class IrlsState:
     """Where a fit stands between rounds: the next round is evaluated at `beta` (None:
     the starting means). `deviance` and `accepted` are the deviance and β of the last
     round with a finite deviance, which a step halving falls back towards; `information`
-    is XᵀWX of the first round, which the separation check compares against."""
+    is XᵀWX of the first round, which the separation check compares against. `n` is the
+    rows of the first round: every later round must cover the same rows."""
 
     family: FamilyName
     terms: tuple[str, ...]
@@ -234,6 +235,7 @@ class IrlsState:
     deviance: float | None = None
     accepted: np.ndarray | None = None
     information: np.ndarray | None = None
+    n: int | None = None
     deviances: tuple[float, ...] = ()
 
     @property
@@ -254,9 +256,12 @@ def start(family_name: FamilyName, p: int, control: GlmControl | None = None,
 
 def advance(state: IrlsState, summed: GlmRound) -> IrlsState | GlmOutcome:
     """Take in the summed round at `state.beta`: the state for the next round, or how
-    the fit ended."""
+    the fit ended. IncompatiblePartials if the round is for another number of
+    coefficients or other rows than the first round (a site changed its data or left)."""
     if summed.xtwz.shape != (state.p,):
         raise IncompatiblePartials(f"a GLM round is not for {state.p} coefficients")
+    if state.n is not None and summed.n != state.n:
+        raise IncompatiblePartials("a GLM round covers other rows than the fit's first round")
     rounds = state.rounds + 1
     if not _finite(summed):
         return _halve(state, rounds, summed.n)
@@ -277,7 +282,7 @@ def advance(state: IrlsState, summed: GlmRound) -> IrlsState | GlmOutcome:
                       "XᵀWX is singular: collinear or constant predictors, or an empty level")
     first = state.information if state.information is not None else summed.xtwx
     return replace(state, beta=beta, iteration=state.iteration + 1, rounds=rounds, deviance=dev,
-                   accepted=state.beta, information=first, deviances=seen)
+                   accepted=state.beta, information=first, n=summed.n, deviances=seen)
 
 
 def _finite(summed: GlmRound) -> bool:

@@ -271,6 +271,16 @@ def test_non_finite_deviance_halves_the_step_within_the_round_bound():
     assert (ended.kind, ended.rounds) == ("not_converged", 4)
 
 
+def test_a_round_over_other_rows_than_the_first_is_refused():
+    """Every round must cover the first round's rows: a site that changed its data or
+    dropped out mid-fit is refused, never folded into the fit."""
+    state = advance(start("poisson", 2), _round(120.0))
+    assert isinstance(state, IrlsState)
+    fewer = GlmRound(np.eye(2) * 50, np.ones(2), 100.0, -50.0, 99, 40.0, 40.0, 0.0, 0)
+    with pytest.raises(IncompatiblePartials, match="other rows"):
+        advance(state, fewer)
+
+
 def test_round_documents_round_trip_and_refuse_another_model():
     """A round survives to_doc/from_doc unchanged; a document for another number of
     coefficients, or rounds of different sizes, are refused as incompatible."""
