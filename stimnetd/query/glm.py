@@ -24,7 +24,15 @@ Gaussian (identity link) is exact after one solve: its fit stops at the second r
 (R would confirm with a third and report 2 iterations; here it reports 1).
 
 Separation, non-convergence and singular systems are outcomes (`GlmOutcome.kind`) with
-no coefficients, never numbers that look like estimates.
+no coefficients, never numbers that look like estimates. Separation is R's symptom
+(fitted means within 10 eps of 0 or 1) or collapsed information (SEPARATION_RATIO); a
+separated level with few rows in a very large fit can still stop early enough to pass
+both, and is then reported, as by R and statsmodels, with an enormous standard error.
+
+The null deviance is statsmodels' (the constant-mean model over all rows) and costs no
+round: every round carries n, Σy, Σy² and Σy log y, from which each family's null
+deviance follows. With an offset the null model needs its own fit (`fit(null_sites=…)`,
+or `infer(null_deviance=…)`); without one it is None.
 """
 
 from __future__ import annotations
