@@ -86,6 +86,9 @@ class LeaveOneOut:
 
 @dataclass(frozen=True)
 class MetaAnalysis:
+    """Everything a meta-analysis table and forest plot show: the pooled estimate by
+    each method, the heterogeneity, one row per site, and each leave-one-site-out fit."""
+
     k: int
     fixed: Pooled
     dl: Pooled
