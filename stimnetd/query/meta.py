@@ -1,6 +1,6 @@
 """Study-level meta-analysis: each site's estimate and standard error, pooled by inverse
 variance with a fixed effect, and with random effects whose between-site variance τ²
-comes from DerSimonian–Laird (one step) or REML (Fisher scoring).
+comes from DerSimonian–Laird (one step) or REML (iterative: safeguarded Newton steps).
 
 Conventions, as metafor and the Cochrane handbook use them: τ² is truncated at 0 (a
 negative method-of-moments τ² means no detectable heterogeneity; statsmodels'
@@ -172,24 +172,67 @@ def tau2_dl(estimates: np.ndarray, variances: np.ndarray) -> float:
 
 
 def tau2_reml(estimates: np.ndarray, variances: np.ndarray) -> tuple[float, bool]:
-    """REML τ² by Fisher scoring from the DL estimate, kept at or above 0, and whether
-    it converged. Each step adds [Σw²(y - μ̂)² - tr P] / tr P², the restricted score over
-    its expected information (P = W - wwᵀ / Σw)."""
+    """REML τ², and whether its iteration converged: the τ² >= 0 of highest restricted
+    likelihood. That likelihood need not have one peak (its score can be negative at 0
+    and rise above 0 further out), so the score's sign changes from + to - are located on
+    a log grid up to a thousand times the spread of the estimates, each is refined by
+    `_score_root`, and the best of those peaks and τ² = 0 is kept."""
     if estimates.size < 2:
         return 0.0, True
-    tau2 = tau2_dl(estimates, variances)
+    scale = float(np.var(estimates)) + float(variances.max())
+    grid = [0.0, *(scale * 10.0 ** np.linspace(-8.0, 3.0, 45))]
+    scores = [_reml_score(estimates, variances, t)[0] for t in grid]
+    best, converged = 0.0, True
+    best_loglik = _restricted_loglik(estimates, variances, 0.0)
+    for i in range(len(grid) - 1):
+        if scores[i] > 0 >= scores[i + 1]:
+            root, ok = _score_root(estimates, variances, grid[i], grid[i + 1])
+            loglik = _restricted_loglik(estimates, variances, root)
+            if loglik > best_loglik:
+                best, best_loglik, converged = root, loglik, ok
+    return best, converged
+
+
+def _score_root(estimates: np.ndarray, variances: np.ndarray, lo: float,
+                hi: float) -> tuple[float, bool]:
+    """The root of the restricted score between `lo` (score > 0) and `hi` (score <= 0):
+    Newton steps kept inside the shrinking bracket, bisection when a step would leave it
+    (Fisher scoring's expected information can understate the curvature enough to
+    oscillate for hundreds of iterations)."""
+    tau2 = (lo + hi) / 2.0
     for _ in range(REML_MAXIT):
-        w = 1.0 / (variances + tau2)
-        sw = w.sum()
-        mean = float(w @ estimates / sw)
-        trace_p = sw - float(w @ w) / sw
-        trace_p2 = float(w @ w) - 2.0 * float(w @ (w * w)) / sw + (float(w @ w) / sw) ** 2
-        score = float((w * w) @ (estimates - mean) ** 2) - trace_p
-        new = max(0.0, tau2 + score / trace_p2)
-        if abs(new - tau2) <= REML_TOL * max(1.0, tau2):
+        score, slope = _reml_score(estimates, variances, tau2)
+        if score > 0:
+            lo = tau2
+        else:
+            hi = tau2
+        step = tau2 - score / slope if slope < 0 else math.nan
+        new = step if lo < step < hi else (lo + hi) / 2.0
+        if abs(new - tau2) <= REML_TOL * max(1.0, tau2) or hi - lo <= REML_TOL * max(1.0, hi):
             return new, True
         tau2 = new
     return tau2, False
+
+
+def _restricted_loglik(estimates: np.ndarray, variances: np.ndarray, tau2: float) -> float:
+    """-½ [Σ log(v + τ²) + log Σw + Σw(y - μ̂)²], the REML log-likelihood up to a constant."""
+    w = 1.0 / (variances + tau2)
+    mean = float(w @ estimates / w.sum())
+    return -0.5 * (float(np.sum(np.log(variances + tau2))) + math.log(float(w.sum()))
+                   + float(w @ (estimates - mean) ** 2))
+
+
+def _reml_score(estimates: np.ndarray, variances: np.ndarray, tau2: float) -> tuple[float, float]:
+    """The restricted score in τ² (doubled), S = Σw²r² - tr P, and its derivative
+    dS/dτ² = -2Σw³r² + 2(Σw²r)² / Σw + tr P², with w = 1 / (v + τ²), r = y - μ̂ and
+    P = W - wwᵀ / Σw."""
+    w = 1.0 / (variances + tau2)
+    sw, ww, www = float(w.sum()), float(w @ w), float(w @ (w * w))
+    r = estimates - float(w @ estimates / sw)
+    score = float((w * w) @ (r * r)) - (sw - ww / sw)
+    trace_p2 = ww - 2.0 * www / sw + (ww / sw) ** 2
+    slope = -2.0 * float((w * w * w) @ (r * r)) + 2.0 * float((w * w) @ r) ** 2 / sw + trace_p2
+    return score, slope
 
 
 def typical_variance(variances: np.ndarray) -> float:
