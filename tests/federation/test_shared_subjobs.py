@@ -1,6 +1,6 @@
 """Table-query sub-jobs share one SubJobs stream per peer: each is still checked,
 audited, refused and timed as a call of its own would be, one's end leaves the others'
-alone, and a peer that does not serve the stream gets calls of its own."""
+alone."""
 
 from __future__ import annotations
 
@@ -164,33 +164,11 @@ class _Shared(_Garbler):
                 yield federation_pb2.SubJobReply(id=call.id, event=ev)
 
 
-class _CallsOnly(_Garbler):
-    """A well-behaved node that serves RunSubJob only, not SubJobs (calls counted)."""
-
-    calls = 0
-
-    async def RunSubJob(self, request, context):  # type: ignore[no-untyped-def]
-        _CallsOnly.calls += 1
-        async for ev in super().RunSubJob(request, context):
-            yield ev
-
-
 async def _ask_shared(fed, c, servicer: _Garbler) -> tuple:  # type: ignore[no-untyped-def]
     return await ask_node(fed, c, servicer._name, servicer, times=2, small=True)
 
 
 GOOD_DOC = '{"partials": [], "epsilon": null, "mechanism": null}'
-
-
-async def test_a_peer_without_sub_job_streams_gets_calls_of_its_own(federation,
-                                                                     tmp_path: Path) -> None:
-    """A peer that does not serve SubJobs: the sub-job, which it never ran, is sent again
-    as a call, and so is every later one to it — both answered."""
-    _CallsOnly.calls = 0
-    async with federation(_catalogs(tmp_path, 1)) as fed, fed.client() as c:
-        outcomes, _ = await _ask_shared(fed, c, _CallsOnly("oldnode", GOOD_DOC))
-    assert [o.state for o in outcomes] == ["done", "done"]
-    assert _CallsOnly.calls == 2
 
 
 @pytest.mark.parametrize("doc, states, problem", [
