@@ -15,7 +15,6 @@ from stimnetd.config import load_config
 from stimnetd.daemon import Daemon
 from stimnetd.testing import CertFactory, CertPaths, write_node_config
 
-
 # Property tests check values, not speed: Hypothesis's per-example deadline (200 ms) fails
 # them on a shared 2-core machine whose other work varies, so it is off for every test.
 settings.register_profile("stimnet", deadline=None)
