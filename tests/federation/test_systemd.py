@@ -9,6 +9,7 @@ systemd/install.sh is the slow part; each brings the unit to the state it needs 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import re
@@ -173,6 +174,9 @@ def test_unit_denies_write_execute_only_if_the_tls_front_survives_it(pki: CertFa
 IMAGE_SCRIPT = ROOT / "systemd" / "testimage" / "build-offline.sh"
 CACHE = ROOT / "systemd" / "testimage" / "build"
 CONTAINER_PREFIX = "stimnet-systemd-test-"
+# Debian bookworm's, the image's suite: the wheels must suit them, not this host.
+IMAGE_PYTHON = "3.11"
+IMAGE_GLIBC = (2, 36)
 NODE = "hospital-a"  # the example config's node name; its paths are used unchanged
 # Generous: a loaded 2-core CI box takes minutes to install the venv, and the watchdog
 # alone needs WatchdogSec + RestartSec + a start.
@@ -245,29 +249,52 @@ def _image(docker: str) -> str:
 
 
 def _wheelhouse() -> Path:
-    """Wheels for the daemon's dependencies and build backend, made on this host: the
-    container has no package index. Cached per pyproject.toml."""
+    """Wheels for the daemon's dependencies and build backend, fetched on this host for the
+    image's Python and glibc (the container has no package index). Cached per
+    pyproject.toml."""
     pyproject = (ROOT / "pyproject.toml").read_bytes()
     out = CACHE / f"wheels-{hashlib.sha256(pyproject).hexdigest()[:12]}"
-    if (out / ".complete").exists():
+    if out.is_dir():
         return out
     project = tomllib.loads(pyproject.decode())
     wanted = [*project["project"]["dependencies"], *project["build-system"]["requires"]]
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(out),
-                        *wanted], capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S,
-                       check=False)
-    assert r.returncode == 0, f"pip wheel failed:\n{r.stderr[-4000:]}"
-    (out / ".complete").touch()
+    # pip takes target platforms literally: name every manylinux level the image's glibc
+    # runs, down to the legacy aliases some projects still publish under.
+    glibc_major, glibc_minor = IMAGE_GLIBC
+    platforms = [f"manylinux_{glibc_major}_{minor}_x86_64" for minor in range(glibc_minor, 4, -1)]
+    platforms += ["manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64"]
+    partial = CACHE / f"{out.name}.partial-{os.getpid()}"
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:",
+                        *(f"--platform={p}" for p in platforms), f"--python-version={IMAGE_PYTHON}",
+                        "--implementation=cp", f"--abi=cp{IMAGE_PYTHON.replace('.', '')}",
+                        "--dest", str(partial), *wanted],
+                       capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S, check=False)
+    assert r.returncode == 0, f"pip download failed:\n{r.stderr[-4000:]}"
+    with contextlib.suppress(OSError):  # a concurrent run may have finished first
+        partial.rename(out)
+    shutil.rmtree(partial, ignore_errors=True)
     return out
 
 
+def _cgroup_args() -> list[str]:
+    """How systemd gets a cgroup tree it may write: under cgroup v1 (or hybrid) a private
+    cgroup namespace, where it mounts the hierarchies itself; under cgroup v2, where Docker
+    mounts the tree read-only in an unprivileged container, the host's tree read-write, in
+    which systemd works below the container's own cgroup."""
+    fs = subprocess.run(["stat", "-fc", "%T", "/sys/fs/cgroup"], capture_output=True, text=True,
+                        timeout=30, check=False).stdout.strip()
+    if fs == "cgroup2fs":
+        return ["--cgroupns", "host", "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw"]
+    return ["--cgroupns", "private"]
+
+
 def _boot(docker: str, image: str, name: str) -> None:
-    # systemd needs /run and /run/lock on tmpfs and its own cgroup tree: a private cgroup
-    # namespace, which it mounts itself. CAP_SYS_ADMIN (not --privileged) lets it do that,
-    # and lets it build each service's mount namespace, so the unit's ProtectSystem= and
-    # the like are applied as on a server (without it systemd skips them in a container).
+    # systemd needs /run and /run/lock on tmpfs. CAP_SYS_ADMIN (not --privileged) lets it
+    # mount its cgroup hierarchies and build each service's mount namespace, so the unit's
+    # ProtectSystem= and the like are applied as on a server (without it systemd skips them
+    # in a container, silently). SIGRTMIN+3 asks systemd to halt.
     r = subprocess.run([docker, "run", "-d", "--name", name, "--network", "none",
-                        "--tmpfs", "/run", "--tmpfs", "/run/lock", "--cgroupns", "private",
+                        "--tmpfs", "/run", "--tmpfs", "/run/lock", *_cgroup_args(),
                         "--cap-add", "SYS_ADMIN", "--stop-signal", "SIGRTMIN+3", image],
                        capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr
