@@ -241,7 +241,7 @@ class Host:
         return self.wait_for({"ActiveState": "active", "SubState": "running"}, "not running")
 
 
-def _image(docker: str) -> str:
+def _image() -> str:
     r = subprocess.run(["bash", str(IMAGE_SCRIPT)], capture_output=True, text=True,
                        timeout=INSTALL_TIMEOUT_S, check=False)
     assert r.returncode == 0, f"{IMAGE_SCRIPT} failed ({r.returncode}):\n{r.stderr[-4000:]}"
@@ -340,7 +340,7 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
     place unchanged and certificates from the test PKI; removed afterwards (the cached
     rootfs tarball and wheelhouse stay)."""
     docker = _docker()
-    image = _image(docker)
+    image = _image()
     wheels = _wheelhouse()
     tmp = tmp_path_factory.mktemp("systemd-host")
     src = tmp / "src"
@@ -359,6 +359,16 @@ def test_installed_config_is_the_shipped_example(host: Host) -> None:
     """install.sh puts systemd/stimnetd.toml.example in place, and the boot uses it unchanged."""
     installed = host.ok("cat /etc/stimnet/stimnetd.toml")
     assert installed == (ROOT / "systemd" / "stimnetd.toml.example").read_text()
+
+
+@pytest.mark.docker
+def test_install_without_docker_clears_the_docker_group(host: Host) -> None:
+    """With no `docker` group on the host, install.sh's drop-in clears SupplementaryGroups=."""
+    # Otherwise systemd refuses to start the unit at all: status=216/GROUP.
+    assert host.sh("getent group docker").returncode == 2  # 2: no such group
+    assert host.show("SupplementaryGroups", "DropInPaths") == {
+        "SupplementaryGroups": "",
+        "DropInPaths": "/etc/systemd/system/stimnetd.service.d/no-docker.conf"}
 
 
 @pytest.mark.docker
@@ -407,7 +417,7 @@ def test_reload_keeps_the_process(host: Host) -> None:
 
 @pytest.mark.docker
 def test_hung_daemon_is_restarted_by_the_watchdog(host: Host) -> None:
-    """A stopped event loop misses WATCHDOG=1; systemd kills it and starts a new process."""
+    """A stopped process misses its WATCHDOG=1 pings; systemd kills it and starts a new one."""
     before = host.running()
     host.ok(f"kill -STOP {before['MainPID']}")
     restarts = str(int(before["NRestarts"]) + 1)
@@ -432,3 +442,17 @@ def test_stop_exits_zero_and_leaves_the_unit_inactive(host: Host) -> None:
         "ExecMainCode": "1", "ExecMainStatus": "0"}  # ExecMainCode 1: CLD_EXITED, not killed
     r = host.sh("systemctl is-active stimnetd")
     assert (r.returncode, r.stdout.strip()) == (3, "inactive")
+
+
+@pytest.mark.docker
+def test_install_again_keeps_config_and_takes_the_docker_group(host: Host) -> None:
+    """Re-running install.sh once Docker's group exists keeps the config and restores the group."""
+    host.ok("groupadd --system docker && echo '# edited by the site' >> /etc/stimnet/stimnetd.toml")
+    host.ok("PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels bash /src/systemd/install.sh",
+            timeout=INSTALL_TIMEOUT_S)
+    assert host.ok("tail -n 1 /etc/stimnet/stimnetd.toml") == "# edited by the site\n"
+    assert host.ok("id -nG stimnet").split() == ["stimnet", "docker"]
+    assert host.show("SupplementaryGroups", "DropInPaths") == {
+        "SupplementaryGroups": "docker", "DropInPaths": ""}
+    host.ok("systemctl restart stimnetd", timeout=STATE_TIMEOUT_S)
+    assert host.show("ActiveState", "SubState") == {"ActiveState": "active", "SubState": "running"}
