@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# The whole test suite from a fresh clone: venv + packages, the sandbox image (offline
-# builder; no registry needed), then pytest. Extra arguments go to pytest.
+# The whole test suite from a fresh clone: venv + packages, the sandbox image and the
+# systemd test image (offline builders; no registry needed), then pytest. Extra arguments
+# go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 if docker info >/dev/null 2>&1; then
   bash sandbox/build-offline.sh
+  bash systemd/testimage/build-offline.sh
 elif [[ "${CI:-}" == "true" ]]; then
-  echo "test: the Docker engine is not reachable and CI=true: sandbox tests cannot run" >&2
+  echo "test: the Docker engine is not reachable and CI=true: sandbox and systemd boot tests cannot run" >&2
   exit 1
 else
-  echo "test: Docker engine not reachable; sandbox tests will be skipped (they fail under CI=true)" >&2
+  echo "test: Docker engine not reachable; sandbox and systemd boot tests will be skipped (they fail under CI=true)" >&2
 fi
 exec .venv/bin/python -m pytest "$@"
