@@ -24,6 +24,8 @@ recipe=3
 
 log() { echo "build-offline: $*" >&2; }
 die() { log "$*"; exit 1; }
+# shellcheck source=../scripts/debian-rootfs.sh
+source "$here/../scripts/debian-rootfs.sh"
 
 docker info >/dev/null 2>&1 || die "the Docker engine is not reachable (is dockerd running? may this user use it?)"
 
@@ -59,31 +61,7 @@ if [[ "$(image_identity)" == "$identity" ]]; then
 fi
 
 if [[ ! -s "$base_tar" ]]; then
-  [[ $(id -u) == 0 ]] || die "building the rootfs needs root (debootstrap, chroot); run: sudo $0"
-  if ! command -v debootstrap >/dev/null; then
-    log "installing debootstrap"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends debootstrap >&2 \
-      || { apt-get update >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends debootstrap >&2; }
-  fi
-  rootfs=$(mktemp -d "$build/rootfs.XXXXXX")
-  # A failed debootstrap leaves a half-made tree (with bind mounts of /proc on some
-  # versions); always clear it so the next run starts clean.
-  trap 'umount -R "$rootfs/proc" "$rootfs/sys" 2>/dev/null || true; rm -rf --one-file-system "$rootfs"' EXIT
-  log "debootstrap $suite into $rootfs (takes minutes; cached afterwards)"
-  mkdir -p "$build/debs"
-  debootstrap --variant=minbase --include="$packages" --cache-dir="$build/debs" \
-    "$suite" "$rootfs" "$mirror" >&2
-
-  # debootstrap installs from the release pocket only; take bookworm-security and
-  # -updates too, so the image does not ship libc/openssl/python with known holes.
-  cat >"$rootfs/etc/apt/sources.list" <<SOURCES
-deb $mirror $suite main
-deb $mirror $suite-updates main
-deb $security_mirror $suite-security main
-SOURCES
-  chroot "$rootfs" env DEBIAN_FRONTEND=noninteractive apt-get -q update >&2
-  chroot "$rootfs" env DEBIAN_FRONTEND=noninteractive apt-get -q -y upgrade >&2
-  chroot "$rootfs" apt-get clean
+  debian_rootfs
 
   # Jobs never install anything, and every byte here is paid by each CI run: drop the
   # package caches and docs; drop the test suites shipped inside numpy/pandas/scipy.
