@@ -1,7 +1,8 @@
 """`stimctl demo init|run`: a local federation of real daemons doing real federated work.
 
-`init` makes a CA, node/researcher/admin certificates, a synthetic DBS cohort and a
-config per site. `run` starts every site as a daemon process on free loopback ports,
+`init` makes a CA, node and researcher certificates, one admin per site (`ops-<site>`,
+the only admin that site's `[node] admins` names), a synthetic DBS cohort and a config per
+site. `run` starts every site as a daemon process on free loopback ports,
 waits until each answers a gRPC health check, shows what works end to end, then stops
 them with SIGTERM and checks each exited cleanly.
 
@@ -94,19 +95,27 @@ def init(root: Path, *, sites: int = 3, subjects: int = 60, force: bool = False)
         entry = dict(catalogs[name])
         entry["root"] = os.path.relpath(root / "data" / name, site_dir)
         write_site_config(site_dir, name, port, entry, seed_port=ports[0])
-    for who in ("researcher", "admin"):
-        d = root / who
-        ident = "alice" if who == "researcher" else "ops"
-        if not (d / f"{ident}.crt").exists():
-            pki.issue(ca, ident, who, d)
-        write_client_config(d, ident, ports[0])
+        # An admin certificate is valid at every node; each site obeys its own only.
+        admin_dir = root / "admin" / name
+        if not (admin_dir / f"{admin_name(name)}.crt").exists():
+            pki.issue(ca, admin_name(name), "admin", admin_dir)
+        write_client_config(admin_dir, admin_name(name), port)
+    d = root / "researcher"
+    if not (d / "alice.crt").exists():
+        pki.issue(ca, "alice", "researcher", d)
+    write_client_config(d, "alice", ports[0])
+
+
+def admin_name(site: str) -> str:
+    """The demo's admin of `site`."""
+    return f"ops-{site}"
 
 
 def write_site_config(site_dir: Path, name: str, port: int, catalog: dict[str, Any], *,
                       seed_port: int) -> None:
     cfg = {
         "node": {"name": name, "listen": f"127.0.0.1:{port}", "state_dir": "state", "k_min": 5,
-                 "grace_s": 5.0},
+                 "grace_s": 5.0, "admins": [admin_name(name)]},
         "tls": {"ca": "certs/ca.crt", "cert": f"certs/{name}.crt", "key": f"certs/{name}.key",
                 "crl": "../../ca/crl.pem"},
         "privacy": {"dp": "optional", "default_epsilon": 1.0, "max_epsilon_per_query": 5.0,
@@ -157,8 +166,9 @@ def reassign_ports(root: Path) -> dict[str, str]:
             cfg["metrics"] = {"listen": f"127.0.0.1:{free_ports(1)[0]}"}
         path.write_text(tomli_w.dumps(cfg))
         addresses[cfg["node"]["name"]] = f"127.0.0.1:{port}"
-    for who, ident in (("researcher", "alice"), ("admin", "ops")):
-        write_client_config(root / who, ident, ports[0])
+    write_client_config(root / "researcher", "alice", ports[0])
+    for name, address in addresses.items():
+        write_client_config(root / "admin" / name, admin_name(name), int(address.rsplit(":")[1]))
     return addresses
 
 
@@ -203,7 +213,12 @@ class DemoFederation:
 
     @property
     def admin_config(self) -> Path:
-        return self.root / "admin" / "client.toml"
+        """The first site's admin (each site obeys its own admin only)."""
+        return self.admin_config_of(sorted(self.addresses)[0] if self.addresses
+                                    else sorted(p.name for p in (self.root / "admin").iterdir())[0])
+
+    def admin_config_of(self, site: str) -> Path:
+        return self.root / "admin" / site / "client.toml"
 
     def site_config(self, name: str) -> Path:
         return self.root / "sites" / name / NODE_CONFIG

@@ -252,7 +252,8 @@ class Daemon:
         guard = self.guard = Guard(
             identities=identities, revocations=self.revocations, audit_refusal=self.store.audit,
             audit_allowed=self.store.audit_soon, observe=self.metrics.observe_rpc,
-            refusals=RefusalLimiter(burst=self.config.tls.refusals_audited_per_minute))
+            refusals=RefusalLimiter(burst=self.config.tls.refusals_audited_per_minute),
+            admins=frozenset(self.config.node.admins), node=self.config.node.name)
         if self.front is not None:
             self.front.on_refused = guard.refuse_connection
         server = grpc.aio.server(

@@ -130,7 +130,7 @@ def write_node_config(site_dir: Path, certs: CertPaths, name: str, *, port: int 
     site_dir.mkdir(parents=True, exist_ok=True)
     cfg: dict = {
         "node": {"name": name, "listen": f"127.0.0.1:{port}", "state_dir": str(site_dir / "state"),
-                 "grace_s": 3.0},
+                 "grace_s": 3.0, "admins": ["ops"]},
         "tls": {"ca": str(certs.ca), "cert": str(certs.cert), "key": str(certs.key)},
         "catalogs": catalogs or [],
     }

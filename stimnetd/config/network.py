@@ -49,6 +49,11 @@ class NodeSettings:
     # Queries one researcher may have running at once with this node as their entry (each
     # fans out to every site holding the catalog): a runaway notebook loop waits its turn.
     max_queries_per_researcher: int = 32
+    # The admin identities (names in their `stimnet://admin/NAME` certificates) this node
+    # obeys. An admin certificate is issued by the federation's CA, so it is valid at every
+    # node: without this list one hospital's operator could approve scripts on another's
+    # data. Empty: no admin is obeyed here.
+    admins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,7 @@ def read_node(r: Reader, raw: dict[str, Any]) -> NodeSettings:
     w = "[node]"
     raw = r.table(raw, w, {"name", "listen", "advertise", "state_dir", "k_min",
                            "grace_s", "max_connection_age_s", "job_retention_days",
-                           "max_queries_per_researcher"})
+                           "max_queries_per_researcher", "admins"})
     name = r.get(raw, w, "name", str)
     try:
         check_name(name)
@@ -82,8 +87,16 @@ def read_node(r: Reader, raw: dict[str, Any]) -> NodeSettings:
     if retention < 0:
         raise r.fail(f"{w}.job_retention_days",
                      f"must be 0 (keep finished jobs forever) or more, got {retention:g}")
+    admins = r.get(raw, w, "admins", list, [])
+    for admin in admins:
+        if not isinstance(admin, str):
+            raise r.fail(f"{w}.admins", "must be a list of admin identity names (strings)")
+        try:
+            check_name(admin)
+        except PkiError as exc:
+            raise r.fail(f"{w}.admins", f"{admin!r}: {exc}") from None
     return NodeSettings(
-        name=name, host=host, port=port, advertise=advertise,
+        name=name, host=host, port=port, advertise=advertise, admins=tuple(admins),
         max_queries_per_researcher=r.limit(raw, w, "max_queries_per_researcher", 32),
         state_dir=r.path_of(r.get(raw, w, "state_dir", str, "state"), f"{w}.state_dir",
                             must_exist=False),

@@ -30,7 +30,7 @@ import structlog
 from stimnet.errors import ERROR_KIND_KEY, StimnetError
 from stimnet.pki import Identity, PkiError, identity_from_cert
 from stimnetd.rpc.refusals import RefusalLimiter, Summary
-from stimnetd.rpc.roles import allowed_roles
+from stimnetd.rpc.roles import ADMIN, admin_scoped, allowed_roles
 from stimnetd.tlsfront import TlsFront
 
 log = structlog.get_logger("stimnetd.rpc")
@@ -179,7 +179,12 @@ class Guard(grpc.aio.ServerInterceptor):
                  audit_allowed: Callable[[str, str, str, str, dict[str, Any]], None],
                  observe: Callable[[str, str, float], None] | None = None,
                  refusals: RefusalLimiter | None = None,
+                 admins: frozenset[str] | None = None, node: str = "",
                  clock: Callable[[], float] = time.time) -> None:
+        # None: every admin certificate is obeyed (in-process tests of other logic only;
+        # the daemon always passes its `[node] admins`).
+        self._admins = admins
+        self._node = node
         self._revocations = revocations
         self._audit_refusal = _bounded(audit_refusal)
         self._audit_allowed = audit_allowed
@@ -252,6 +257,12 @@ class Guard(grpc.aio.ServerInterceptor):
             raise _RpcRefused(grpc.StatusCode.PERMISSION_DENIED,
                               f"role {ident.role!r} may not call {method} (allowed: {allowed})",
                               ) from None
+        if (ident.role == ADMIN and self._admins is not None and ident.name not in self._admins
+                and admin_scoped(method)):
+            named = ", ".join(sorted(self._admins)) or "none"
+            raise _RpcRefused(grpc.StatusCode.PERMISSION_DENIED,
+                              f"admin {ident.name!r} is not an admin of node {self._node!r} "
+                              f"(its [node] admins: {named})")
         return ident
 
     async def _enter(self, method: str, context: grpc.aio.ServicerContext) -> Caller:

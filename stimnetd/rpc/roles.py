@@ -46,3 +46,12 @@ RPC_ROLES: dict[str, frozenset[str]] = {
 
 def allowed_roles(method: str) -> frozenset[str]:
     return RPC_ROLES.get(method, frozenset())
+
+
+def admin_scoped(method: str) -> bool:
+    """Whether an admin calling `method` must be one of this node's own admins: every
+    method open to admins but not to nodes (status, jobs, approvals, audit). An admin
+    certificate is valid at every node of the federation; the node's `[node] admins` list
+    is what makes it this node's admin."""
+    roles = RPC_ROLES.get(method, frozenset())
+    return ADMIN in roles and NODE not in roles

@@ -256,6 +256,40 @@ async def test_admin_may_call_admin_rpcs(start_node, pki: CertFactory) -> None:
     assert verified.entries >= 1
 
 
+async def test_another_nodes_admin_is_refused_and_audited(start_node, pki: CertFactory) -> None:
+    """An admin certificate is valid federation-wide; only the admins a node's config names
+    may read its status, jobs and audit or approve its scripts. Another node's admin gets
+    PERMISSION_DENIED naming the rule, and the refusal is in the audit chain."""
+    ops_a, ops_b = pki.issue("ops-a", "admin"), pki.issue("ops-b", "admin")
+    async with start_node(node={"admins": ["ops-a"]}) as d:
+        async with AsyncClient(client_config(ops_b, _addr(d))) as c:
+            info = await c.info()  # public node facts stay open to every identity
+            for call in (c.status(), c.audit_verify(), c.list_jobs(), c.approve("0" * 32),
+                         c.get_job("0" * 32)):
+                with pytest.raises(PermissionDenied,
+                                   match=r"admin 'ops-b' is not an admin of node 'node-a' "
+                                         r"\(its \[node\] admins: ops-a\)"):
+                    await call
+        async with AsyncClient(client_config(ops_a, _addr(d))) as c:
+            assert (await c.status()).name == "node-a"
+        rows = [r for r in await d.store.audit_rows() if r.actor == "ops-b"]
+    assert info.name == "node-a"
+    refused = {r.action for r in rows if r.decision == "denied"}
+    assert refused == {"/stimnet.v1.NodeService/GetStatus", "/stimnet.v1.AdminService/VerifyAudit",
+                       "/stimnet.v1.JobService/ListJobs", "/stimnet.v1.JobService/ApproveJob",
+                       "/stimnet.v1.JobService/GetJob"}
+    assert all("is not an admin of node" in r.detail_json for r in rows if r.decision == "denied")
+
+
+async def test_a_node_naming_no_admins_obeys_none(start_node, pki: CertFactory) -> None:
+    """`[node] admins = []`: no admin certificate is obeyed at this node."""
+    ops = pki.issue("ops", "admin")
+    async with start_node(node={"admins": []}) as d:
+        async with AsyncClient(client_config(ops, _addr(d))) as c:
+            with pytest.raises(PermissionDenied, match=r"its \[node\] admins: none"):
+                await c.status()
+
+
 async def test_allowed_calls_are_audited(start_node, pki: CertFactory) -> None:
     """Allowed calls are recorded in the audit chain with caller and role."""
     alice = pki.issue("alice", "researcher")
