@@ -61,6 +61,8 @@ from stimnetd.sandbox.image import check_image
 from stimnetd.site import LocalSite
 from stimnetd.site.policy import ScriptPolicy
 from stimnetd.store import Store
+from stimnetd.store.lock import StateDirLock
+from stimnetd.store.space import StorageGuard
 from stimnetd.supervisor import Supervisor
 from stimnetd.systemd import Notifier
 from stimnetd.tls import ServerTls
@@ -118,6 +120,7 @@ class Daemon:
         self._wrap_gossip = wrap_gossip_transport
         self.notifier = notifier or Notifier()
         self.store = Store(config.node.state_dir / "stimnetd.sqlite3")
+        self._lock = StateDirLock(config.node.state_dir)
         self.tls = ServerTls(config.tls)
         me = self.tls.material.identity
         if (me.role, me.name) != ("node", config.node.name):
@@ -177,7 +180,13 @@ class Daemon:
         return LocalSite(name=config.node.name, catalogs=self.catalogs, store=self.store,
                          policy=policy, noise=NoiseMechanism(),
                          overlap_guard=config.privacy.overlap_guard,
-                         on_decision=self.metrics.decision, script_runner=runner)
+                         on_decision=self.metrics.decision, script_runner=runner,
+                         storage=StorageGuard(
+                             config.node.state_dir, self.store.stored_bytes,
+                             min_free_mb=config.storage.min_free_mb,
+                             out_of_space=lambda: self.store.out_of_space,
+                             max_stored_mb_per_researcher=(
+                                 config.storage.max_stored_mb_per_researcher)))
 
     def _jobs(self) -> tuple[JobService, PeerSubJobs]:
         """The jobs this node is the entry of, and the sub-jobs its peers send it: under
@@ -281,6 +290,26 @@ class Daemon:
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Lock the state directory, open the store, listen and serve. A failure on the way
+        (another daemon holds the directory, the port is taken) undoes what was done, so
+        the process exits at once instead of hanging on what it opened."""
+        self._lock.acquire()
+        try:
+            await self._start()
+        except BaseException:
+            if self._server is not None:
+                await self._server.stop(None)
+            if self.front is not None:
+                with contextlib.suppress(Exception):
+                    self.front.close()
+            if self._inner_dir is not None:
+                shutil.rmtree(self._inner_dir, ignore_errors=True)
+            with contextlib.suppress(Exception):
+                await self.store.close()
+            self._lock.release()
+            raise
+
+    async def _start(self) -> None:
         await self.store.open()
         self._server = self._build_server()
         node = self.config.node
@@ -453,4 +482,5 @@ class Daemon:
         with contextlib.suppress(Exception):
             await self.store.audit(self.config.node.name, "node", "stop", "ok", {})
         await self.store.close()
+        self._lock.release()
         log.info("stopped")

@@ -19,6 +19,7 @@ from stimnetd.config.network import (
 )
 from stimnetd.config.policy import PrivacySettings, ScriptSettings, read_privacy, read_scripts
 from stimnetd.config.reader import ConfigError, Reader
+from stimnetd.config.storage import StorageSettings, read_storage
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Config:
     gossip: GossipSettings = field(default_factory=GossipSettings)
     scripts: ScriptSettings = field(default_factory=ScriptSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
     catalogs: tuple[CatalogConfig, ...] = ()
     log_level: str = "info"
 
@@ -54,7 +56,8 @@ def load_config(path: str | Path) -> Config:
 
 def _read_config(r: Reader, raw: dict[str, Any]) -> Config:
     raw = r.table(raw, "top level", {"node", "tls", "privacy", "federation", "gossip",
-                                     "scripts", "metrics", "catalogs", "logging"})
+                                     "scripts", "metrics", "catalogs", "logging",
+                                     "storage"})
     if "node" not in raw:
         raise r.fail("top level", "missing required table [node]")
     if "tls" not in raw:
@@ -77,6 +80,7 @@ def _read_config(r: Reader, raw: dict[str, Any]) -> Config:
         gossip=read_gossip(r, raw.get("gossip", {})),
         scripts=read_scripts(r, raw.get("scripts", {})),
         metrics=read_metrics(r, raw.get("metrics", {})),
+        storage=read_storage(r, raw.get("storage", {})),
         catalogs=catalogs,
         log_level=r.get(logging_raw, "logging", "level", str, "info",
                         choices=("debug", "info", "warning", "error")),

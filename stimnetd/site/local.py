@@ -18,7 +18,14 @@ from typing import Protocol
 import structlog
 
 from stimnet import codec
-from stimnet.errors import InvalidRequest, QueryError, Refused, Replayed, StimnetError
+from stimnet.errors import (
+    InvalidRequest,
+    QueryError,
+    Refused,
+    Replayed,
+    StimnetError,
+    StorageFull,
+)
 from stimnet.signing import VerifiedJob
 from stimnet.states import RefusalKind
 from stimnetd.catalog import Catalog, CatalogSet
@@ -38,6 +45,7 @@ from stimnetd.site.cohorts import CohortFingerprints
 from stimnetd.site.outcome import SiteOutcome
 from stimnetd.store import NonceClaim, Store
 from stimnetd.store.records import Release
+from stimnetd.store.space import StorageGuard
 
 log = structlog.get_logger("stimnetd.site")
 
@@ -88,6 +96,7 @@ class LocalSite:
                  noise: NoiseSource, overlap_guard: bool = True,
                  script_runner: ScriptRunner | None = None,
                  on_decision: Callable[[str], None] = lambda kind: None,
+                 storage: StorageGuard | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.name = name
         self._catalogs = catalogs
@@ -98,6 +107,7 @@ class LocalSite:
         self._script_runner = script_runner
         self._on_decision = on_decision
         self._clock = clock
+        self._storage = storage
         self._fingerprints = CohortFingerprints(store.site_secret)
 
     async def precheck(self, job: VerifiedJob) -> None:
@@ -106,6 +116,7 @@ class LocalSite:
         is a courtesy to the researcher (a clear status at once), not the guarantee."""
         req = job.request
         catalog = self._catalogs.get(req.catalog)
+        await self.check_storage(job.researcher.name)
         if req.kind == "script" and self._script_runner is not None:
             try:
                 self._script_runner.declaration(job, catalog)
@@ -117,6 +128,12 @@ class LocalSite:
             refusal = budget_refusal(req.catalog, epsilon, spent, self._policy)
             if refusal is not None:
                 raise refusal.error()
+
+    async def check_storage(self, researcher: str) -> None:
+        """Refuse (StorageFull, StorageQuotaExceeded) a job whose answer this node could not
+        keep: the state volume is low, or `researcher`'s stored answers are at their quota."""
+        if self._storage is not None:
+            await self._storage.check(researcher)
 
     async def run(self, job: VerifiedJob, progress: ShareProgress | None = None, *,
                   resumed: bool = False, nonce: NonceClaim | None = None) -> SiteOutcome:
@@ -144,6 +161,10 @@ class LocalSite:
             return await self._release(job, catalog, partials, cohort, groups, epsilon, nonce)
         except Replayed:
             raise
+        except StorageFull as exc:
+            # Nothing was released or charged (the transaction did not commit), and a
+            # refusal could not be audited either: the share failed, saying why.
+            return SiteOutcome(self.name, "failed", str(exc))
         except (PrivacyRefusal, QueryError) as exc:
             await self._audit_refusal(job, exc, nonce)
             return SiteOutcome(self.name, "refused", str(exc))
@@ -231,6 +252,9 @@ class LocalSite:
         return self._outcome(decision, partials, n, charged, mechanism, blob)
 
     def _from_release(self, release: Release) -> SiteOutcome:
+        if release.partials is None:
+            return SiteOutcome(self.name, "failed", "this site released its share of the job "
+                               "before, and has since dropped it (job retention)")
         doc, arrays = codec.unpack(release.partials or b"")
         partials = partial_docs.partials_from_doc(doc["partials"], arrays)
         return self._outcome(release.decision, partials, int(doc["n"]), release.epsilon,
