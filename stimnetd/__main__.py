@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -72,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         return _fatal(str(exc), EXIT_RUNTIME)
     except OSError as exc:
         return _fatal(str(exc), EXIT_RUNTIME)
+    except sqlite3.Error as exc:
+        # Only from closing the store at shutdown (the log has the details).
+        return _fatal(f"the store could not be closed cleanly: {exc}", EXIT_RUNTIME)
     except KeyboardInterrupt:
         return 0
     return 0

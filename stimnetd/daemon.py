@@ -7,14 +7,14 @@ passed into the components, so tests can build the same graph with fakes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
+import inspect
 import random
 import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -421,36 +421,54 @@ class Daemon:
             await self.shutdown()
 
     async def shutdown(self) -> None:
+        """Stop serving, give in-flight calls `grace_s`, then close everything. Every step
+        runs even if an earlier one failed (each failure is logged): a step that raised
+        must not leave the store, the server or their threads open, which would keep the
+        process alive with its ports closed."""
         if self._stopped:
             return
         self._stopped = True
         self.notifier.notify("STOPPING=1")
         log.info("stopping", grace_s=self.config.node.grace_s)
-        await self._health.enter_graceful_shutdown()
+        failed: list[BaseException] = []
+
+        async def step(name: str, fn: Callable[[], Awaitable[object] | object]) -> None:
+            try:
+                result = fn()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:  # noqa: BLE001 - logged; the remaining steps still run
+                log.exception("shutdown step failed", step=name)
+                failed.append(exc)
+
+        await step("health", self._health.enter_graceful_shutdown)
         if self.membership is not None:
+            membership = self.membership
             # Announce `left` so peers stop probing us instead of suspecting us.
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.membership.leave(), timeout=2.0)
-            await self.membership.shutdown()
-        await self.background.shutdown()
+            await step("leave", lambda: asyncio.wait_for(membership.leave(), timeout=2.0))
+            await step("membership", membership.shutdown)
+        await step("background", self.background.shutdown)
         if self.front is not None:
-            self.front.stop_accepting()
+            await step("front", self.front.stop_accepting)
         if self._server is not None:
+            server = self._server
             # New RPCs are refused at once; in-flight ones get the grace period.
-            await self._server.stop(self.config.node.grace_s)
+            await step("server", lambda: server.stop(self.config.node.grace_s))
         if self.front is not None:
-            self.front.close()
+            await step("front", self.front.close)
         if self._inner_dir is not None:
             shutil.rmtree(self._inner_dir, ignore_errors=True)
-        await self.jobs.shutdown()
+        await step("jobs", self.jobs.shutdown)
         if self.sandbox is not None:
-            await self.sandbox.shutdown()
-        await self.peer_channels.shutdown()
-        self.metrics.stop()
+            await step("sandbox", self.sandbox.shutdown)
+        await step("peers", self.peer_channels.shutdown)
+        await step("metrics", self.metrics.stop)
         if self.guard is not None:
-            with contextlib.suppress(Exception):
-                await self.guard.audit_condensed_refusals(everything=True)
-        with contextlib.suppress(Exception):
-            await self.store.audit(self.config.node.name, "node", "stop", "ok", {})
-        await self.store.close()
+            guard = self.guard
+            await step("refusals", lambda: guard.audit_condensed_refusals(everything=True))
+        await step("audit", lambda: self.store.audit(self.config.node.name, "node", "stop",
+                                                     "ok", {}))
+        await step("store", self.store.close)
+        if failed:
+            raise failed[-1]
         log.info("stopped")
