@@ -36,7 +36,9 @@ from stimnet.v1 import (
 )
 from stimnetd import __version__
 from stimnetd.catalog import CatalogSet, load_catalogs
+from stimnetd.catalog.advice import catalog_warnings
 from stimnetd.config import Config, ConfigError, GossipSettings
+from stimnetd.config.advice import config_warnings
 from stimnetd.federation.fanout import Fanout
 from stimnetd.federation.peers import StaticPeers
 from stimnetd.federation.subjob import PeerSubJobs
@@ -123,7 +125,8 @@ class Daemon:
         if (me.role, me.name) != ("node", config.node.name):
             # Peers know this node by its certificate: gossip refuses a sender that differs
             # from it, and the entry refuses an address serving another name.
-            raise ConfigError(f"[node] name = {config.node.name!r} but the certificate "
+            raise ConfigError(f"{config.source}: [node].name: {config.node.name!r}, but the "
+                              "certificate "
                               f"{config.tls.cert} is for {me.role} {me.name!r}: they must be "
                               "the same node")
         self.revocations = Revocations(self.tls.material.revoked)
@@ -280,7 +283,16 @@ class Daemon:
 
     # -- lifecycle ---------------------------------------------------------------------
 
+    def config_warnings(self, *, read_images: bool = False) -> list[str]:
+        """Settings and data that are valid but probably not meant (config/advice.py,
+        catalog/advice.py), one line each naming file and key."""
+        return config_warnings(self.config) + [
+            f"{self.config.source}: {w}"
+            for w in catalog_warnings(self.catalogs, read_images=read_images)]
+
     async def start(self) -> None:
+        for warning in self.config_warnings():
+            log.warning("config warning", problem=warning)
         await self.store.open()
         self._server = self._build_server()
         node = self.config.node
