@@ -167,7 +167,8 @@ class Daemon:
             k_min=config.node.k_min, dp=config.privacy.dp,  # type: ignore[arg-type]
             default_epsilon=config.privacy.default_epsilon,
             max_epsilon_per_query=config.privacy.max_epsilon_per_query,
-            budget_epsilon=config.privacy.budget_epsilon)
+            budget_epsilon=config.privacy.budget_epsilon,
+            delta=config.privacy.delta, budget_delta=config.privacy.budget_delta)
         scripts = config.scripts
         runner = SandboxScripts(self.sandbox, log_policy=scripts.log_policy,
                                 declared_outputs=scripts.declared_outputs,

@@ -22,6 +22,8 @@ class PrivacySettings:
     max_epsilon_per_query: float = 5.0
     budget_epsilon: float = 10.0
     overlap_guard: bool = True
+    delta: float = 1e-6
+    budget_delta: float = 1e-4
 
 
 @dataclass(frozen=True)
@@ -50,19 +52,26 @@ class ScriptSettings:
 def read_privacy(r: Reader, raw: dict[str, Any]) -> PrivacySettings:
     w = "[privacy]"
     raw = r.table(raw, w, {"dp", "default_epsilon", "max_epsilon_per_query",
-                           "budget_epsilon", "overlap_guard"})
+                           "budget_epsilon", "overlap_guard", "delta", "budget_delta"})
     p = PrivacySettings(
         dp=r.get(raw, w, "dp", str, "off", choices=DP_POLICIES),
         default_epsilon=r.get(raw, w, "default_epsilon", float, 1.0),
         max_epsilon_per_query=r.get(raw, w, "max_epsilon_per_query", float, 5.0),
         budget_epsilon=r.get(raw, w, "budget_epsilon", float, 10.0),
         overlap_guard=r.get(raw, w, "overlap_guard", bool, True),
+        delta=r.get(raw, w, "delta", float, 1e-6),
+        budget_delta=r.get(raw, w, "budget_delta", float, 1e-4),
     )
     for key in ("default_epsilon", "max_epsilon_per_query", "budget_epsilon"):
         if getattr(p, key) <= 0:
             raise r.fail(f"{w}.{key}", "must be positive")
     if p.default_epsilon > p.max_epsilon_per_query:
         raise r.fail(f"{w}.default_epsilon", "exceeds max_epsilon_per_query")
+    for key in ("delta", "budget_delta"):
+        if not 0 < getattr(p, key) < 1:
+            raise r.fail(f"{w}.{key}", "must be between 0 and 1 (exclusive)")
+    if p.delta > p.budget_delta:
+        raise r.fail(f"{w}.delta", "exceeds budget_delta")
     return p
 
 
