@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
@@ -65,6 +65,9 @@ from stimnetd.supervisor import Supervisor
 from stimnetd.systemd import Notifier
 from stimnetd.tls import ServerTls
 from stimnetd.tlsfront import TlsFront
+
+if TYPE_CHECKING:
+    from stimnetd.sandbox.kube import KubeRunner
 
 log = structlog.get_logger("stimnetd")
 
@@ -211,12 +214,19 @@ class Daemon:
                          started_at=lambda: self.started_at)
 
     @staticmethod
-    def _sandbox(config: Config) -> SandboxRunner:
+    def _sandbox(config: Config) -> SandboxRunner | KubeRunner:
         import docker
 
         sc = config.scripts
         limits = SandboxLimits(memory_bytes=sc.memory_mb * 2**20, pids=sc.pids, cpus=sc.cpus,
                                timeout_s=sc.timeout_s, result_bytes=sc.result_mb * 2**20)
+        if sc.backend == "kubernetes":
+            # Imported here: kubernetes_asyncio's models take ~0.6 s to import.
+            from stimnetd.sandbox.kube import kube_runner
+
+            assert sc.kubernetes is not None
+            return kube_runner(sc.kubernetes, f"{sc.image}:{SANDBOX_VERSION}", limits,
+                               node=config.node.name)
         # The client is made lazily, off the loop, on first use: a node that never runs a
         # script never needs the Docker socket.
         return SandboxRunner(lambda: docker.from_env(timeout=60).api, f"{sc.image}:{SANDBOX_VERSION}",
@@ -233,9 +243,10 @@ class Daemon:
                 log.warning("removed orphaned sandbox containers", count=removed)
             import docker
 
-            client = await asyncio.to_thread(docker.from_env, timeout=30)
-            await asyncio.to_thread(check_image, client, f"{self.config.scripts.image}:"
-                                    f"{SANDBOX_VERSION}", SANDBOX_VERSION)
+            if self.config.scripts.backend == "docker":
+                client = await asyncio.to_thread(docker.from_env, timeout=30)
+                await asyncio.to_thread(check_image, client, f"{self.config.scripts.image}:"
+                                        f"{SANDBOX_VERSION}", SANDBOX_VERSION)
             if self.config.scripts.policy == "auto" and self.config.scripts.warm_containers:
                 # Jobs start without waiting for review, so pre-started containers that
                 # have already imported numpy/pandas (zygotes) save most of a job's
