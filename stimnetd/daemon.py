@@ -132,7 +132,7 @@ class Daemon:
         self.revocations = Revocations(self.tls.material.revoked)
         self.catalogs: CatalogSet = load_catalogs(config.catalogs)
         self.membership: Swim | None = None
-        self.metrics = Metrics()
+        self.metrics = Metrics(__version__)
         self.sandbox = self._sandbox(config) if config.scripts.policy != "deny" else None
         self.site = self._local_site()
         self.verifier = JobVerifier(ca_cert=lambda: self.tls.material.ca_cert,
