@@ -424,7 +424,7 @@ async def demo_metrics(fed: DemoFederation) -> None:
         busy = [ln for ln in text.splitlines()
                 if ln.startswith(('stimnet_jobs{state="running"}', 'stimnet_jobs{state="queued"}'))
                 and not ln.rstrip().endswith(" 0.0")]
-        return "stimnet_epsilon_spent{" in text and not busy
+        return "stimnet_epsilon_spent_total{" in text and not busy
 
     while True:
         body = urllib.request.urlopen(url, timeout=5).read().decode()
@@ -432,8 +432,9 @@ async def demo_metrics(fed: DemoFederation) -> None:
             break
         await asyncio.sleep(0.5)
     wanted = ("stimnet_rpc_total{", "stimnet_jobs{", "stimnet_queue_depth ", "stimnet_peers{",
-              "stimnet_privacy_decisions_total{", "stimnet_epsilon_spent{",
-              "stimnet_sandbox_run_seconds_count", "stimnet_certificate_days_left")
+              "stimnet_privacy_decisions_total{", "stimnet_epsilon_spent_total{",
+              "stimnet_sandbox_run_seconds_count", "stimnet_certificate_expiry_timestamp_seconds",
+              "stimnet_build_info")
     for line in body.splitlines():
         if line.startswith(wanted) and not line.rstrip().endswith(" 0.0"):
             print("  " + line)

@@ -7,16 +7,16 @@ passed into the components, so tests can build the same graph with fakes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
+import inspect
 import random
 import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
@@ -36,7 +36,9 @@ from stimnet.v1 import (
 )
 from stimnetd import __version__
 from stimnetd.catalog import CatalogSet, load_catalogs
+from stimnetd.catalog.advice import catalog_warnings
 from stimnetd.config import Config, ConfigError, GossipSettings
+from stimnetd.config.advice import config_warnings
 from stimnetd.federation.fanout import Fanout
 from stimnetd.federation.peers import StaticPeers
 from stimnetd.federation.subjob import PeerSubJobs
@@ -65,6 +67,9 @@ from stimnetd.supervisor import Supervisor
 from stimnetd.systemd import Notifier
 from stimnetd.tls import ServerTls
 from stimnetd.tlsfront import TlsFront
+
+if TYPE_CHECKING:
+    from stimnetd.sandbox.kube import KubeRunner
 
 log = structlog.get_logger("stimnetd")
 
@@ -123,13 +128,14 @@ class Daemon:
         if (me.role, me.name) != ("node", config.node.name):
             # Peers know this node by its certificate: gossip refuses a sender that differs
             # from it, and the entry refuses an address serving another name.
-            raise ConfigError(f"[node] name = {config.node.name!r} but the certificate "
+            raise ConfigError(f"{config.source}: [node].name: {config.node.name!r}, but the "
+                              "certificate "
                               f"{config.tls.cert} is for {me.role} {me.name!r}: they must be "
                               "the same node")
         self.revocations = Revocations(self.tls.material.revoked)
         self.catalogs: CatalogSet = load_catalogs(config.catalogs)
         self.membership: Swim | None = None
-        self.metrics = Metrics()
+        self.metrics = Metrics(__version__)
         self.sandbox = self._sandbox(config) if config.scripts.policy != "deny" else None
         self.site = self._local_site()
         self.verifier = JobVerifier(ca_cert=lambda: self.tls.material.ca_cert,
@@ -212,12 +218,19 @@ class Daemon:
                          started_at=lambda: self.started_at)
 
     @staticmethod
-    def _sandbox(config: Config) -> SandboxRunner:
+    def _sandbox(config: Config) -> SandboxRunner | KubeRunner:
         import docker
 
         sc = config.scripts
         limits = SandboxLimits(memory_bytes=sc.memory_mb * 2**20, pids=sc.pids, cpus=sc.cpus,
                                timeout_s=sc.timeout_s, result_bytes=sc.result_mb * 2**20)
+        if sc.backend == "kubernetes":
+            # Imported here: kubernetes_asyncio's models take ~0.6 s to import.
+            from stimnetd.sandbox.kube import kube_runner
+
+            assert sc.kubernetes is not None
+            return kube_runner(sc.kubernetes, f"{sc.image}:{SANDBOX_VERSION}", limits,
+                               node=config.node.name)
         # The client is made lazily, off the loop, on first use: a node that never runs a
         # script never needs the Docker socket.
         return SandboxRunner(lambda: docker.from_env(timeout=60).api, f"{sc.image}:{SANDBOX_VERSION}",
@@ -234,9 +247,10 @@ class Daemon:
                 log.warning("removed orphaned sandbox containers", count=removed)
             import docker
 
-            client = await asyncio.to_thread(docker.from_env, timeout=30)
-            await asyncio.to_thread(check_image, client, f"{self.config.scripts.image}:"
-                                    f"{SANDBOX_VERSION}", SANDBOX_VERSION)
+            if self.config.scripts.backend == "docker":
+                client = await asyncio.to_thread(docker.from_env, timeout=30)
+                await asyncio.to_thread(check_image, client, f"{self.config.scripts.image}:"
+                                        f"{SANDBOX_VERSION}", SANDBOX_VERSION)
             if self.config.scripts.policy == "auto" and self.config.scripts.warm_containers:
                 # Jobs start without waiting for review, so pre-started containers that
                 # have already imported numpy/pandas (zygotes) save most of a job's
@@ -281,7 +295,16 @@ class Daemon:
 
     # -- lifecycle ---------------------------------------------------------------------
 
+    def config_warnings(self, *, read_images: bool = False) -> list[str]:
+        """Settings and data that are valid but probably not meant (config/advice.py,
+        catalog/advice.py), one line each naming file and key."""
+        return config_warnings(self.config) + [
+            f"{self.config.source}: {w}"
+            for w in catalog_warnings(self.catalogs, read_images=read_images)]
+
     async def start(self) -> None:
+        for warning in self.config_warnings():
+            log.warning("config warning", problem=warning)
         await self.store.open()
         self._server = self._build_server()
         node = self.config.node
@@ -422,36 +445,54 @@ class Daemon:
             await self.shutdown()
 
     async def shutdown(self) -> None:
+        """Stop serving, give in-flight calls `grace_s`, then close everything. Every step
+        runs even if an earlier one failed (each failure is logged): a step that raised
+        must not leave the store, the server or their threads open, which would keep the
+        process alive with its ports closed."""
         if self._stopped:
             return
         self._stopped = True
         self.notifier.notify("STOPPING=1")
         log.info("stopping", grace_s=self.config.node.grace_s)
-        await self._health.enter_graceful_shutdown()
+        failed: list[BaseException] = []
+
+        async def step(name: str, fn: Callable[[], Awaitable[object] | object]) -> None:
+            try:
+                result = fn()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:  # noqa: BLE001 - logged; the remaining steps still run
+                log.exception("shutdown step failed", step=name)
+                failed.append(exc)
+
+        await step("health", self._health.enter_graceful_shutdown)
         if self.membership is not None:
+            membership = self.membership
             # Announce `left` so peers stop probing us instead of suspecting us.
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.membership.leave(), timeout=2.0)
-            await self.membership.shutdown()
-        await self.background.shutdown()
+            await step("leave", lambda: asyncio.wait_for(membership.leave(), timeout=2.0))
+            await step("membership", membership.shutdown)
+        await step("background", self.background.shutdown)
         if self.front is not None:
-            self.front.stop_accepting()
+            await step("front", self.front.stop_accepting)
         if self._server is not None:
+            server = self._server
             # New RPCs are refused at once; in-flight ones get the grace period.
-            await self._server.stop(self.config.node.grace_s)
+            await step("server", lambda: server.stop(self.config.node.grace_s))
         if self.front is not None:
-            self.front.close()
+            await step("front", self.front.close)
         if self._inner_dir is not None:
             shutil.rmtree(self._inner_dir, ignore_errors=True)
-        await self.jobs.shutdown()
+        await step("jobs", self.jobs.shutdown)
         if self.sandbox is not None:
-            await self.sandbox.shutdown()
-        await self.peer_channels.shutdown()
-        self.metrics.stop()
+            await step("sandbox", self.sandbox.shutdown)
+        await step("peers", self.peer_channels.shutdown)
+        await step("metrics", self.metrics.stop)
         if self.guard is not None:
-            with contextlib.suppress(Exception):
-                await self.guard.audit_condensed_refusals(everything=True)
-        with contextlib.suppress(Exception):
-            await self.store.audit(self.config.node.name, "node", "stop", "ok", {})
-        await self.store.close()
+            guard = self.guard
+            await step("refusals", lambda: guard.audit_condensed_refusals(everything=True))
+        await step("audit", lambda: self.store.audit(self.config.node.name, "node", "stop",
+                                                     "ok", {}))
+        await step("store", self.store.close)
+        if failed:
+            raise failed[-1]
         log.info("stopped")
