@@ -133,9 +133,9 @@ def _print_tables(ans: QueryAnswer) -> None:
                                                         "mean volume (mm³)"],
                      [[x["roi"], _fmt(x["n"]), _fmt(x["mean_voxels"]),
                        _fmt(x["mean_volume_mm3"])] for x in roi.get("rois", [])])
-    output.table("contributions", ["site", "state", "subjects", "epsilon", "detail"],
+    output.table("contributions", ["site", "state", "subjects", "epsilon", "delta", "detail"],
                  [[m["site"], m["state"], m.get("n") or "", _fmt(m.get("epsilon")),
-                   m.get("detail", "")] for m in ans.manifest])
+                   _fmt(m.get("delta")), m.get("detail", "")] for m in ans.manifest])
     for note in ans.notes:
         print(f"note: {note}")
 

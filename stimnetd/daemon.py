@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
@@ -67,6 +67,9 @@ from stimnetd.supervisor import Supervisor
 from stimnetd.systemd import Notifier
 from stimnetd.tls import ServerTls
 from stimnetd.tlsfront import TlsFront
+
+if TYPE_CHECKING:
+    from stimnetd.sandbox.kube import KubeRunner
 
 log = structlog.get_logger("stimnetd")
 
@@ -132,7 +135,7 @@ class Daemon:
         self.revocations = Revocations(self.tls.material.revoked)
         self.catalogs: CatalogSet = load_catalogs(config.catalogs)
         self.membership: Swim | None = None
-        self.metrics = Metrics()
+        self.metrics = Metrics(__version__)
         self.sandbox = self._sandbox(config) if config.scripts.policy != "deny" else None
         self.site = self._local_site()
         self.verifier = JobVerifier(ca_cert=lambda: self.tls.material.ca_cert,
@@ -170,7 +173,8 @@ class Daemon:
             k_min=config.node.k_min, dp=config.privacy.dp,  # type: ignore[arg-type]
             default_epsilon=config.privacy.default_epsilon,
             max_epsilon_per_query=config.privacy.max_epsilon_per_query,
-            budget_epsilon=config.privacy.budget_epsilon)
+            budget_epsilon=config.privacy.budget_epsilon,
+            delta=config.privacy.delta, budget_delta=config.privacy.budget_delta)
         scripts = config.scripts
         runner = SandboxScripts(self.sandbox, log_policy=scripts.log_policy,
                                 declared_outputs=scripts.declared_outputs,
@@ -214,12 +218,19 @@ class Daemon:
                          started_at=lambda: self.started_at)
 
     @staticmethod
-    def _sandbox(config: Config) -> SandboxRunner:
+    def _sandbox(config: Config) -> SandboxRunner | KubeRunner:
         import docker
 
         sc = config.scripts
         limits = SandboxLimits(memory_bytes=sc.memory_mb * 2**20, pids=sc.pids, cpus=sc.cpus,
                                timeout_s=sc.timeout_s, result_bytes=sc.result_mb * 2**20)
+        if sc.backend == "kubernetes":
+            # Imported here: kubernetes_asyncio's models take ~0.6 s to import.
+            from stimnetd.sandbox.kube import kube_runner
+
+            assert sc.kubernetes is not None
+            return kube_runner(sc.kubernetes, f"{sc.image}:{SANDBOX_VERSION}", limits,
+                               node=config.node.name)
         # The client is made lazily, off the loop, on first use: a node that never runs a
         # script never needs the Docker socket.
         return SandboxRunner(lambda: docker.from_env(timeout=60).api, f"{sc.image}:{SANDBOX_VERSION}",
@@ -236,9 +247,10 @@ class Daemon:
                 log.warning("removed orphaned sandbox containers", count=removed)
             import docker
 
-            client = await asyncio.to_thread(docker.from_env, timeout=30)
-            await asyncio.to_thread(check_image, client, f"{self.config.scripts.image}:"
-                                    f"{SANDBOX_VERSION}", SANDBOX_VERSION)
+            if self.config.scripts.backend == "docker":
+                client = await asyncio.to_thread(docker.from_env, timeout=30)
+                await asyncio.to_thread(check_image, client, f"{self.config.scripts.image}:"
+                                        f"{SANDBOX_VERSION}", SANDBOX_VERSION)
             if self.config.scripts.policy == "auto" and self.config.scripts.warm_containers:
                 # Jobs start without waiting for review, so pre-started containers that
                 # have already imported numpy/pandas (zygotes) save most of a job's

@@ -98,7 +98,7 @@ def _is_ca(cert: x509.Certificate) -> bool:
 
 
 def _public_der(key: object) -> bytes:
-    return key.public_bytes(serialization.Encoding.DER,  # type: ignore[attr-defined, no-any-return]
+    return key.public_bytes(serialization.Encoding.DER,  # type: ignore[attr-defined]
                             serialization.PublicFormat.SubjectPublicKeyInfo)
 
 

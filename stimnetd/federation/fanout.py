@@ -77,7 +77,8 @@ class FanoutResult:
 
     def manifest(self) -> list[dict[str, object]]:
         return [{"site": o.site, "state": o.state, "n": o.n, "detail": o.detail,
-                 "epsilon": o.epsilon, "mechanism": o.mechanism} for o in self.outcomes]
+                 "epsilon": o.epsilon, "delta": o.delta, "mechanism": o.mechanism}
+                for o in self.outcomes]
 
 
 async def _ignore(site: str, state: str, detail: str, n: int) -> None:

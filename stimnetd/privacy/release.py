@@ -62,16 +62,31 @@ def budget_refusal(catalog: str, epsilon: float, spent: float,
                    {"epsilon": epsilon, "budget": budget})
 
 
+def delta_refusal(catalog: str, delta: float, spent: float,
+                  policy: PrivacyPolicy) -> Refusal | None:
+    """Refuse charging `delta` on `catalog` when `spent` delta is already charged there."""
+    budget = policy.budget_delta
+    if spent + delta <= budget * (1 + 1e-9):
+        return None
+    return Refusal("budget", f"privacy budget exhausted on catalog {catalog!r}: this query "
+                   f"needs delta {delta:g}, {max(budget - spent, 0):g} of {budget:g} remains "
+                   "for you at this site", {"delta": delta, "budget_delta": budget})
+
+
 def decide(view: LedgerView, release: Release, policy: PrivacyPolicy, *,
            overlap_guard: bool = True) -> Refusal | None:
     """The first rule that refuses `release`, or None to record it.
 
+    A noised release (one that charges epsilon) is judged by the budget alone: DP bounds
+    what it adds to any earlier release, and a refusal decided on exact cohorts would be a
+    data-dependent output outside the (epsilon, delta) guarantee.
+
     `overlap_guard`: the site's `[privacy] overlap_guard`; without it only the budget
     applies."""
     if release.epsilon:
-        refusal = budget_refusal(release.catalog, release.epsilon, view.spent(), policy)
-        if refusal is not None:
-            return refusal
+        return (budget_refusal(release.catalog, release.epsilon, view.spent(), policy)
+                or (delta_refusal(release.catalog, release.delta, view.spent_delta(), policy)
+                    if release.delta else None))
     disclosed = release.disclosed() if release.decision != "suppressed" else ()
     if not overlap_guard or not disclosed:
         return None

@@ -114,5 +114,5 @@ def _outcome_frames(outcome: SiteOutcome) -> Iterator[common_pb2.ResultFrame]:
     if outcome.packed is not None:
         return packed_frames(outcome.packed)  # the stored release, as it is
     docs, arrays = partial_docs.partials_to_doc(outcome.partials)
-    return to_frames({"partials": docs, "epsilon": outcome.epsilon,
+    return to_frames({"partials": docs, "epsilon": outcome.epsilon, "delta": outcome.delta,
                       "mechanism": outcome.mechanism}, arrays)

@@ -301,13 +301,16 @@ class _SubJobReader:
             if not (epsilon is None or (type(epsilon) in (int, float) and epsilon >= 0
                                         and math.isfinite(epsilon))):
                 raise codec.CodecError(f"epsilon {epsilon!r} is not a non-negative number")
+            delta = doc.get("delta")
+            if not (delta is None or (type(delta) in (int, float) and 0 <= delta < 1)):
+                raise codec.CodecError(f"delta {delta!r} is not a number in [0, 1)")
             if not (mechanism is None or isinstance(mechanism, str)):
                 raise codec.CodecError(f"mechanism {mechanism!r} is not a name")
         except (codec.CodecError, KeyError) as exc:
             return await _ended(self._on_event, site, "failed",
                                 f"malformed partial aggregates: {exc}")
         return SiteOutcome(site, "done", detail, n=n, partials=partials,
-                           epsilon=epsilon, mechanism=mechanism)
+                           epsilon=epsilon, delta=delta, mechanism=mechanism)
 
 
 def _last_subjob_reply(reply: federation_pb2.SubJobReply) -> bool:

@@ -32,6 +32,7 @@ from stimnetd.privacy.suppress import (
     result_suppressed,
     suppress_small_cells,
 )
+from stimnetd.privacy.threshold import gate_noised
 from stimnetd.query import partial_docs
 from stimnetd.query.aggregate import GroupKey, Partial
 from stimnetd.query.engine import compute
@@ -251,28 +252,39 @@ class LocalSite:
         cohorts the overlap guard checks)."""
         req = job.request
         k = self._policy.k_min
-        partials, decisions = suppress_small_cells(partials, k, catalog.fields)
-        suppressed = result_suppressed(decisions)
-        cells, cohort = _disclosed(partials, cohort, groups)
-        n_atoms = len(cells) - 1 if len(cells) > 1 else 0  # the cells, not their union
         report = None
-        if not suppressed and epsilon is not None:
+        if epsilon is not None:
+            # Noise first, then the noisy threshold (privacy/threshold.py): which cells are
+            # withheld is decided on noised counts, so it is inside the DP guarantee.
+            _declared_groups_only(partials, catalog)
             partials, report = add_noise(partials, catalog.fields, epsilon, self._noise)
+            partials, decisions = gate_noised(partials, report, k, self._policy.delta)
+        else:
+            partials, decisions = suppress_small_cells(partials, k, catalog.fields)
+        suppressed = result_suppressed(decisions)
         decision = _decision(suppressed, decisions)
         charged = report.epsilon if report is not None and report.epsilon > 0 else None
-        guarded = tuple([await self._fingerprints.of(catalog, c) for c in cells])
-        fingerprint, digest = (await self._fingerprints.of(catalog, cohort)
-                               if cohort is not None else (frozenset(), None))
+        delta = self._policy.delta if charged is not None else 0.0
+        if charged is None:
+            cells, cohort = _disclosed(partials, cohort, groups)
+            guarded = tuple([await self._fingerprints.of(catalog, c) for c in cells])
+            fingerprint, digest = (await self._fingerprints.of(catalog, cohort)
+                                   if cohort is not None else (frozenset(), None))
+        else:
+            # A noised release is not audited against later ones (its epsilon accounts for
+            # it), so its cohorts are neither fingerprinted nor recorded.
+            cells, cohort, guarded, fingerprint, digest = [], None, (), frozenset(), None
+        n_atoms = len(cells) - 1 if len(cells) > 1 else 0  # the cells, not their union
         docs, arrays = partial_docs.partials_to_doc(partials)
         n = _released_n(partials, cohort, suppressed, charged is not None)
         mechanism = "laplace" if charged else None
         blob = codec.pack({"partials": docs, "n": n, "epsilon": charged,
-                           "mechanism": mechanism}, arrays)
+                           "delta": delta or None, "mechanism": mechanism}, arrays)
         stored = await self._store.release(
             Release(job_id=req.job_id, researcher=job.researcher.name, catalog=req.catalog,
                     decision=decision, epsilon=charged, cohort=fingerprint, partials=blob,
                     cohort_key=digest, guarded=guarded, atoms=guarded[:n_atoms],
-                    at=self._clock(),
+                    at=self._clock(), delta=delta,
                     audit_detail={"kind": req.kind, "outputs": len(partials),
                                   "withheld": [f"{d.output}{list(d.group)}: {d.reason}"
                                                for d in decisions if d.action != "released"]}),
@@ -282,22 +294,41 @@ class LocalSite:
         self._on_decision(stored.decision)
         if stored.partials is not blob:  # released before (a retry): the stored one counts
             return self._from_release(stored)
-        return self._outcome(decision, partials, n, charged, mechanism, blob)
+        return self._outcome(decision, partials, n, charged, mechanism, blob, delta or None)
 
     def _from_release(self, release: Release) -> SiteOutcome:
         doc, arrays = codec.unpack(release.partials or b"")
         partials = partial_docs.partials_from_doc(doc["partials"], arrays)
         return self._outcome(release.decision, partials, int(doc["n"]), release.epsilon,
-                             doc.get("mechanism"), release.partials)
+                             doc.get("mechanism"), release.partials, doc.get("delta"))
 
     def _outcome(self, decision: str, partials: list[Partial], n: int, epsilon: float | None,
-                 mechanism: str | None, packed: bytes | None) -> SiteOutcome:
+                 mechanism: str | None, packed: bytes | None,
+                 delta: float | None = None) -> SiteOutcome:
         if decision == "suppressed":
             return SiteOutcome(self.name, "suppressed",
                                f"every output was withheld (k_min = {self._policy.k_min})",
                                partials=partials, packed=packed)
         return SiteOutcome(self.name, "done", "", n=n, partials=partials, epsilon=epsilon,
-                           mechanism=mechanism, packed=packed)
+                           delta=delta, mechanism=mechanism, packed=packed)
+
+
+def _declared_groups_only(partials: list[Partial], catalog: Catalog) -> None:
+    """Under DP every group and table level must be a declared level: groups present in
+    the data would make which groups exist (and their labels) an exact output. Decided on
+    the request and the catalog's public metadata alone."""
+    for p in partials:
+        names = [f for f, _ in p.group]
+        if p.kind == "contingency":
+            names += list(p.meta.get("fields", ()))
+        for f in names:
+            meta = catalog.fields.get(f)
+            if meta is None or not meta.levels:
+                raise PrivacyRefusal(
+                    "dp", f"field {f!r} declares no levels, so grouping or tabulating by it "
+                    "would release which of its values occur here; under differential privacy "
+                    "only fields with declared levels can be grouped on (the catalog's "
+                    "administrator can declare them)")
 
 
 def _model_privacy(job: VerifiedJob, epsilon: float | None) -> None:

@@ -76,6 +76,8 @@ class Release:
     # A grouped release with two or more released cells: those cells (members, digest), so
     # unions of some of them can be guarded and the query's cells recorded as a family.
     atoms: Disclosed = ()
+    # The delta charged beside `epsilon` (0 for an exact release).
+    delta: float = 0.0
 
     def disclosed(self) -> Disclosed:
         if self.guarded:
@@ -102,6 +104,9 @@ class LedgerView(Protocol):
 
     def spent(self) -> float:
         """The epsilon already charged to the researcher on the catalog."""
+
+    def spent_delta(self) -> float:
+        """The delta already charged to the researcher on the catalog."""
 
     def near_cohorts(self, members: frozenset[str], digest: str,
                      window: int) -> list[frozenset[str]]:

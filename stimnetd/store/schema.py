@@ -158,4 +158,9 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (researcher, catalog, digest)
     );
     """,
+    # 5: delta is charged next to epsilon (privacy/threshold.py: a noised query's chance of
+    # releasing a cell below k_min); rows charged before this version spent none.
+    """
+    ALTER TABLE ledger ADD COLUMN delta REAL NOT NULL DEFAULT 0;
+    """,
 )
