@@ -17,7 +17,6 @@ import sys
 from collections import Counter
 
 import numpy as np
-
 from _common import ROOT  # type: ignore[import-not-found]
 
 sys.path.insert(0, str(ROOT))
