@@ -17,6 +17,7 @@ import pytest
 from stimnet.errors import Conflict, StimnetError
 from stimnetd.store import Store
 from stimnetd.store.pg import PgStore
+from stimnetd.store.records import NonceClaim
 from tests.store.contract import job_row, release, rules
 
 ALICE = ("alice", "researcher")
@@ -143,3 +144,16 @@ async def test_an_approved_script_stays_approved(store: Any) -> None:
     await store.approve_script("a" * 64, "admin2")
     assert await store.is_script_approved("a" * 64)
     assert not await store.is_script_approved("b" * 64)
+
+
+async def test_a_nonce_is_claimed_once_with_its_audit_entry(store: Any) -> None:
+    """The first claim of a nonce is True and appends its entries; a copy is False and
+    appends nothing; two copies at once: exactly one wins."""
+    accepted = ("alice", "researcher", "submit", "accepted", {"job": "j1"})
+    assert await store.claim_nonce(NonceClaim("n1", "alice", 300.0, accepted),
+                                   audit=("node-a", "node", "run", "ok", {}))
+    assert not await store.claim_nonce(NonceClaim("n1", "alice", 300.0, accepted))
+    assert [r.action for r in await store.audit_rows()] == ["submit", "run"]
+    both = await asyncio.gather(store.remember_nonce("n2", "alice", 300.0),
+                                store.remember_nonce("n2", "alice", 300.0))
+    assert sorted(both) == [False, True]
