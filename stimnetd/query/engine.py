@@ -35,6 +35,7 @@ from stimnetd.catalog.columns import Rows, is_null, label
 from stimnetd.catalog.view import CatalogView
 from stimnetd.query.aggregate import GroupKey, Partial
 from stimnetd.query.linear import LinearCohort, linear_cohorts
+from stimnetd.query.models import model_partial
 
 QUANTILE_BINS = 1024
 
@@ -53,20 +54,24 @@ class SiteComputation:
 
 def compute(
     spec: QuerySpec, catalog: CatalogView, *, quantile_bins: int = QUANTILE_BINS,
-    audit: bool = False,
+    beta: np.ndarray | None = None, audit: bool = False,
 ) -> SiteComputation:
     """One site's exact partials for `spec`: one per aggregate per group (every declared
     level combination when all group fields declare levels, else the groups present).
 
     The spec is validated again here because a site must not trust the entry node.
     `cohort_ids` are the filtered subjects (before grouping) and `group_ids` each group's,
-    for the overlap guard.
+    for the overlap guard. `beta`: a GLM round's parameter vector (query/models.py).
     """
     validate(spec, catalog.fields)
     rows = Rows(catalog.columns())
     if spec.where is not None:
         true, _false = _eval(spec.where, rows, catalog.fields)
         rows = rows.subset(true)
+    cohort_ids = catalog.subject_ids() if spec.where is None else rows.ids(catalog.subject_key)
+    if spec.model is not None:
+        return SiteComputation(partials=[model_partial(spec.model, rows, catalog.fields, beta)],
+                               cohort_ids=cohort_ids, n_cohort=len(rows))
     ctx = _Context(catalog, quantile_bins)
     groups = _groups(rows, spec.group_by, catalog.fields)
     partials = [ctx.aggregate(agg, cell, key) for key, cell in groups for agg in spec.aggregates]
@@ -81,7 +86,6 @@ def compute(
                                          bounds=bounds, levels=p.meta.get("levels"))
     group_ids = {key: cell.ids(catalog.subject_key) for key, cell in groups} \
         if spec.group_by else {}
-    cohort_ids = catalog.subject_ids() if spec.where is None else rows.ids(catalog.subject_key)
     return SiteComputation(partials=partials, cohort_ids=cohort_ids, n_cohort=len(rows),
                            group_ids=group_ids, linear=linear)
 

@@ -50,7 +50,8 @@ class FederationServicer(federation_pb2_grpc.FederationServiceServicer):
         # bounds the one in the call's metadata.
         request_id = request.request_id[:64] or caller.request_id
         async for ev in self._subjobs.run(convert.signed_job(request.job), caller.identity,
-                                          request_id):
+                                          request_id, round_no=request.round,
+                                          beta=list(request.beta)):
             if isinstance(ev, LogLine):
                 yield federation_pb2.SubJobEvent(log_line=ev.line)
                 continue

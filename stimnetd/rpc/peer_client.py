@@ -133,7 +133,8 @@ class GrpcSubJobTransport:
 
     async def run_subjob(self, target: Target, signed: SignedJob, request_id: str,
                          timeout_s: float, on_event: SiteEventSink, *,
-                         small: bool = False) -> SiteOutcome:
+                         small: bool = False, round_no: int = 0,
+                         beta: list[float] | None = None) -> SiteOutcome:
         """`small`: the answer is small (a table query's), so the sub-job may share the
         connection's SubJobs stream with others; large answers (images, scripts) get a
         call of their own, so they hold up no one else's."""
@@ -154,7 +155,8 @@ class GrpcSubJobTransport:
             return await _ended(on_event, label, "failed", detail)
         reader = _SubJobReader(who.name, on_event, timeout_s)
         request = federation_pb2.SubJobRequest(job=convert.signed_job_pb(signed),
-                                               entry_node=self._entry, request_id=request_id)
+                                               entry_node=self._entry, request_id=request_id,
+                                               round=round_no, beta=beta or [])
         left = max(0.001, timeout_s - (time.monotonic() - started))
         if small:
             outcome = await self._shared(target.address, request, left, reader)

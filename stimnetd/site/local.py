@@ -37,8 +37,10 @@ from stimnetd.query import partial_docs
 from stimnetd.query.aggregate import GroupKey, Partial
 from stimnetd.query.engine import compute
 from stimnetd.query.linear import LinearCohort
+from stimnetd.query.models import control_of, is_multi_round
 from stimnetd.site.cohorts import CohortFingerprints
 from stimnetd.site.outcome import SiteOutcome
+from stimnetd.site.rounds import FitRounds
 from stimnetd.store import NonceClaim, Store
 from stimnetd.store.records import Release
 
@@ -106,6 +108,8 @@ class LocalSite:
         self._on_decision = on_decision
         self._clock = clock
         self._fingerprints = CohortFingerprints(store.site_secret)
+        # The multi-round fits (GLMs) whose first round this site released.
+        self.rounds = FitRounds()
 
     async def precheck(self, job: VerifiedJob) -> None:
         """Refuse early what is certain to be refused: unknown catalog, bad epsilon, or a
@@ -147,10 +151,17 @@ class LocalSite:
                 # "running" event would only cost every hop a message. A script's start
                 # (a container) is worth reporting.
                 await progress.running()
+            _model_privacy(job, epsilon)
             audit = epsilon is None and self._overlap_guard
             partials, cohort, groups, linear = await self._compute(job, catalog, progress, audit)
-            return await self._release(job, catalog, partials, cohort, groups, epsilon, nonce,
-                                       linear)
+            outcome = await self._release(job, catalog, partials, cohort, groups, epsilon, nonce,
+                                          linear)
+            if outcome.state == "done" and req.kind == "query" \
+                    and is_multi_round(model := req.query_spec.model):
+                assert model is not None
+                self.rounds.opened(req.job_id, max_rounds=control_of(model).max_rounds,
+                                   p=int(partials[0].stats["xtwz"].size))
+            return outcome
         except Replayed:
             raise
         except (PrivacyRefusal, QueryError) as exc:
@@ -163,6 +174,48 @@ class LocalSite:
             return SiteOutcome(self.name, "refused", str(exc))
         except Exception:  # noqa: BLE001 - a site failure is reported, not propagated
             log.exception("site job failed", job=req.job_id)
+            return SiteOutcome(self.name, "failed", "internal error at this site (see its logs)")
+
+    async def run_round(self, job: VerifiedJob, round_no: int,
+                        beta: list[float]) -> SiteOutcome:
+        """Round `round_no` (2 or later) of a multi-round job whose first round this site
+        released: the same signed job evaluated at `beta`, under the same k_min rule as
+        a query. Refused (and audited) unless `rounds` says this round is owed."""
+        req = job.request
+        try:
+            if req.kind != "query" or not is_multi_round(req.query_spec.model):
+                raise Refused(f"round {round_no} of job {req.job_id} refused: the signed job "
+                              "is not a multi-round model")
+            self.rounds.check(req.job_id, round_no, beta)
+            catalog = self._catalogs.get(req.catalog)
+            spec = req.query_spec
+            arr = np.asarray(beta, dtype=np.float64)
+            if catalog.n_subjects <= INLINE_SUBJECTS:
+                result = compute(spec, catalog, beta=arr)
+            else:
+                result = await asyncio.to_thread(compute, spec, catalog, beta=arr)
+            partials, decisions = suppress_small_cells(result.partials, self._policy.k_min,
+                                                       catalog.fields)
+            if result_suppressed(decisions):
+                # The cohort is the first round's, which passed k_min: only a site whose
+                # data changed mid-fit gets here.
+                raise Refused(f"round {round_no} of job {req.job_id}: every output was "
+                              f"withheld (k_min = {self._policy.k_min})")
+            await self._store.audit(job.researcher.name, job.researcher.role, "release",
+                                    "released", {"job": req.job_id, "catalog": req.catalog,
+                                                 "kind": "glm_round", "round": round_no})
+            self._on_decision("released")
+            return SiteOutcome(self.name, "done", "", n=partials[0].n, partials=partials)
+        except (PrivacyRefusal, QueryError) as exc:
+            await self._audit_refusal(job, exc, None)
+            return SiteOutcome(self.name, "refused", str(exc))
+        except StimnetError as exc:
+            if exc.code not in _REFUSING_CODES:
+                return SiteOutcome(self.name, "failed", str(exc))
+            await self._audit_refusal(job, exc, None)
+            return SiteOutcome(self.name, "refused", str(exc))
+        except Exception:  # noqa: BLE001 - a site failure is reported, not propagated
+            log.exception("site round failed", job=req.job_id, round=round_no)
             return SiteOutcome(self.name, "failed", "internal error at this site (see its logs)")
 
     async def _audit_refusal(self, job: VerifiedJob, exc: Exception,
@@ -329,6 +382,16 @@ def _declared_groups_only(partials: list[Partial], catalog: Catalog) -> None:
                     "would release which of its values occur here; under differential privacy "
                     "only fields with declared levels can be grouped on (the catalog's "
                     "administrator can declare them)")
+
+
+def _model_privacy(job: VerifiedJob, epsilon: float | None) -> None:
+    """Model queries are released without noise only: a noised GLM or meta-analysis needs
+    its own mechanism (not built yet), never the aggregates' noise applied to them."""
+    req = job.request
+    if epsilon is not None and req.kind == "query" and req.query_spec.model is not None:
+        raise QueryError(f"{req.query_spec.model.name}: glm() and meta() are not yet "
+                         "available under differential privacy at this site; its policy "
+                         "would noise them (ask with dp off where the policy allows it)")
 
 
 def _disclosed(partials: list[Partial], cohort: frozenset[str] | None,
