@@ -10,6 +10,7 @@ never finished over a different set of sites than it started with.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
@@ -20,6 +21,7 @@ from stimnet.query.spec import AggSpec
 from stimnet.signing import VerifiedJob
 from stimnetd.federation.fanout import FanoutResult
 from stimnetd.jobs.answer import Answer
+from stimnetd.query import glm_noisy
 from stimnetd.query.glm import GlmOutcome, IrlsState, advance, combine, start
 from stimnetd.query.meta import MetaAnalysis, Pooled, meta_analysis
 from stimnetd.query.models import control_of, family_of, round_of
@@ -75,17 +77,21 @@ async def fit_glm(job: VerifiedJob, model: AggSpec, fan: FanoutResult, rounds: R
                       "for different coefficients (their catalogs declare other levels)")
     state: IrlsState | GlmOutcome = start(family_of(model), len(terms), control_of(model),
                                           terms)
+    # Noised rounds (any site's policy): stop on β, no deviance (query/glm_noisy.py).
+    noisy = any(p.meta.get("dp") for p in parts)
+    step = glm_noisy.advance if noisy else advance
     outcomes = fan.contributors
     round_no, shown = 1, 0
     try:
         while True:
             assert isinstance(state, IrlsState)
-            state = advance(state, combine([round_of(o.partials[0]) for o in outcomes]))
+            state = step(state, combine([round_of(o.partials[0]) for o in outcomes]))
             if not isinstance(state, IrlsState):
                 break
-            if state.iteration > shown and state.deviance is not None:
+            if state.iteration > shown and (noisy or state.deviance is not None):
                 shown = state.iteration
-                await progress(f"iteration {shown}: deviance {state.deviance:.10g}")
+                await progress(f"iteration {shown}: " + (
+                    "noised round" if noisy else f"deviance {state.deviance:.10g}"))
             round_no += 1
             assert state.beta is not None
             outcomes = await rounds(round_no, [float(b) for b in state.beta], sites)
@@ -110,21 +116,27 @@ def _glm_answer(job: VerifiedJob, fan: FanoutResult, out: GlmOutcome) -> Answer:
         return Answer("failed", f"GLM {out.kind}: {what} ({out.detail}); no estimates are "
                       f"reported ({out.iterations} iterations, {out.rounds} rounds, n = {out.n})")
     f = out.fit
+
+    def num(v: float | None) -> float | None:  # not released under noise: NaN
+        return None if v is None or not math.isfinite(v) else v
     rows = [[t, c, s, z, p] for t, c, s, z, p in
             zip(f.terms, f.coefficients, f.std_errors, f.statistics, f.p_values, strict=True)]
     glm = {"family": out.family, "outcome": out.kind, "statistic": f.statistic,
            "terms": list(f.terms), "coefficients": list(f.coefficients),
            "std_errors": list(f.std_errors), "statistics": list(f.statistics),
            "p_values": list(f.p_values), "covariance": [list(r) for r in f.covariance],
-           "deviance": f.deviance, "null_deviance": f.null_deviance,
+           "deviance": num(f.deviance), "null_deviance": num(f.null_deviance),
            "df_residual": f.df_residual, "df_null": f.df_null, "dispersion": f.dispersion,
-           "loglik": f.loglik, "aic": f.aic, "iterations": f.iterations, "rounds": out.rounds,
+           "loglik": num(f.loglik), "aic": num(f.aic), "iterations": f.iterations, "rounds": out.rounds,
            "n": f.n, "deviances": list(out.deviances)}
+    noised = any(o.epsilon for o in fan.contributors)
     notes = [f"{out.family} GLM by IRLS over {len(fan.contributors)} site(s): converged in "
-             f"{f.iterations} iterations ({out.rounds} rounds), n = {f.n}, deviance "
-             f"{f.deviance:.6g}, null deviance "
-             f"{'n/a' if f.null_deviance is None else format(f.null_deviance, '.6g')}, "
-             f"AIC {f.aic:.6g}"]
+             f"{f.iterations} iterations ({out.rounds} rounds), n = {f.n}" + (
+                 ", under differential privacy (noised rounds; n is noised; no deviance)"
+                 if noised else
+                 f", deviance {f.deviance:.6g}, null deviance "
+                 f"{'n/a' if f.null_deviance is None else format(f.null_deviance, '.6g')}, "
+                 f"AIC {f.aic:.6g}")]
     result = {"columns": GLM_COLUMNS, "rows": rows, "glm": glm, "notes": notes}
     return _pack(job, fan, result, f"{len(fan.contributors)} site(s) contributed")
 

@@ -87,6 +87,7 @@ GATES: dict[str, tuple[str, ...]] = {
     "contingency": ("counts",),
     "voxel_map": (COHORT_N, "count"),
     "roi_overlap": (COHORT_N, "n"),
+    "glm_round": (COHORT_N,),  # privacy/glm_noise.py
 }
 
 

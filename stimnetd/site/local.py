@@ -20,9 +20,11 @@ import structlog
 
 from stimnet import codec
 from stimnet.errors import InvalidRequest, QueryError, Refused, Replayed, StimnetError
+from stimnet.query.spec import AggSpec
 from stimnet.signing import VerifiedJob
 from stimnet.states import RefusalKind
 from stimnetd.catalog import Catalog, CatalogSet
+from stimnetd.privacy import glm_noise
 from stimnetd.privacy.noise import NoiseSource, add_noise
 from stimnetd.privacy.policy import PrivacyPolicy, PrivacyRefusal, decide_epsilon
 from stimnetd.privacy.release import budget_refusal, decide
@@ -151,7 +153,7 @@ class LocalSite:
                 # "running" event would only cost every hop a message. A script's start
                 # (a container) is worth reporting.
                 await progress.running()
-            _model_privacy(job, epsilon)
+            _model_privacy(job, catalog, epsilon)
             audit = epsilon is None and self._overlap_guard
             partials, cohort, groups, linear = await self._compute(job, catalog, progress, audit)
             outcome = await self._release(job, catalog, partials, cohort, groups, epsilon, nonce,
@@ -160,7 +162,8 @@ class LocalSite:
                     and is_multi_round(model := req.query_spec.model):
                 assert model is not None
                 self.rounds.opened(req.job_id, max_rounds=control_of(model).max_rounds,
-                                   p=int(partials[0].stats["xtwz"].size))
+                                   p=int(partials[0].stats["xtwz"].size),
+                                   n_released=outcome.n if outcome.epsilon else None)
             return outcome
         except Replayed:
             raise
@@ -186,7 +189,7 @@ class LocalSite:
             if req.kind != "query" or not is_multi_round(req.query_spec.model):
                 raise Refused(f"round {round_no} of job {req.job_id} refused: the signed job "
                               "is not a multi-round model")
-            self.rounds.check(req.job_id, round_no, beta)
+            n_released = self.rounds.check(req.job_id, round_no, beta)
             catalog = self._catalogs.get(req.catalog)
             spec = req.query_spec
             arr = np.asarray(beta, dtype=np.float64)
@@ -194,16 +197,26 @@ class LocalSite:
                 result = compute(spec, catalog, beta=arr)
             else:
                 result = await asyncio.to_thread(compute, spec, catalog, beta=arr)
-            partials, decisions = suppress_small_cells(result.partials, self._policy.k_min,
-                                                       catalog.fields)
-            if result_suppressed(decisions):
-                # The cohort is the first round's, which passed k_min: only a site whose
-                # data changed mid-fit gets here.
-                raise Refused(f"round {round_no} of job {req.job_id}: every output was "
-                              f"withheld (k_min = {self._policy.k_min})")
+            epsilon = decide_epsilon(self._policy, req.epsilon)
+            if epsilon is not None:
+                # Gated by round 1's noised n; charged, for every round the model allows,
+                # with round 1 (glm_noise). No exact check here: it would not be DP.
+                assert spec.model is not None
+                partials = [glm_noise.noised(result.partials[0], _glm_plan(
+                    spec.model, catalog, epsilon), self._noise, n_released)[0]]
+            else:
+                partials, decisions = suppress_small_cells(result.partials, self._policy.k_min,
+                                                           catalog.fields)
+                if result_suppressed(decisions):
+                    # The cohort is the first round's, which passed k_min: only a site
+                    # whose data changed mid-fit gets here.
+                    raise Refused(f"round {round_no} of job {req.job_id}: every output was "
+                                  f"withheld (k_min = {self._policy.k_min})")
             await self._store.audit(job.researcher.name, job.researcher.role, "release",
                                     "released", {"job": req.job_id, "catalog": req.catalog,
-                                                 "kind": "glm_round", "round": round_no})
+                                                 "kind": "glm_round", "round": round_no,
+                                                 "noised": epsilon is not None,
+                                                 "epsilon": 0.0 if epsilon else None})
             self._on_decision("released")
             return SiteOutcome(self.name, "done", "", n=partials[0].n, partials=partials)
         except (PrivacyRefusal, QueryError) as exc:
@@ -267,7 +280,14 @@ class LocalSite:
             # Noise first, then the noisy threshold (privacy/threshold.py): which cells are
             # withheld is decided on noised counts, so it is inside the DP guarantee.
             _declared_groups_only(partials, catalog)
-            partials, report = add_noise(partials, catalog.fields, epsilon, self._noise)
+            if partials[0].kind == "glm_round":
+                # A GLM's first round: the whole fit's ε (every round it may take) now.
+                assert req.query_spec.model is not None
+                noised, report = glm_noise.noised(
+                    partials[0], _glm_plan(req.query_spec.model, catalog, epsilon), self._noise)
+                partials = [noised]
+            else:
+                partials, report = add_noise(partials, catalog.fields, epsilon, self._noise)
             partials, decisions = gate_noised(partials, report, k, self._policy.delta)
         else:
             partials, decisions = suppress_small_cells(partials, k, catalog.fields)
@@ -384,14 +404,16 @@ def _declared_groups_only(partials: list[Partial], catalog: Catalog) -> None:
                     "administrator can declare them)")
 
 
-def _model_privacy(job: VerifiedJob, epsilon: float | None) -> None:
-    """Model queries are released without noise only: a noised GLM or meta-analysis needs
-    its own mechanism (not built yet), never the aggregates' noise applied to them."""
+def _model_privacy(job: VerifiedJob, catalog: Catalog, epsilon: float | None) -> None:
+    """Under noise a model query needs its own mechanism (privacy/glm_noise.py), never the
+    aggregates' noise: QueryError, naming why, for a model that has none."""
     req = job.request
     if epsilon is not None and req.kind == "query" and req.query_spec.model is not None:
-        raise QueryError(f"{req.query_spec.model.name}: glm() and meta() are not yet "
-                         "available under differential privacy at this site; its policy "
-                         "would noise them (ask with dp off where the policy allows it)")
+        _glm_plan(req.query_spec.model, catalog, epsilon)
+
+
+def _glm_plan(model: AggSpec, catalog: Catalog, epsilon: float) -> glm_noise.GlmNoisePlan:
+    return glm_noise.plan(model, catalog.fields, epsilon, rounds=control_of(model).max_rounds)
 
 
 def _disclosed(partials: list[Partial], cohort: frozenset[str] | None,

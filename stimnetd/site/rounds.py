@@ -35,6 +35,7 @@ class _Fit:
     p: int
     last: int
     touched: float
+    n_released: int | None
 
 
 class FitRounds:
@@ -42,14 +43,17 @@ class FitRounds:
         self._fits: collections.OrderedDict[str, _Fit] = collections.OrderedDict()
         self._clock = clock
 
-    def opened(self, job_id: str, *, max_rounds: int, p: int) -> None:
-        """Round 1 of `job_id` was released here."""
-        self._fits[job_id] = _Fit(max_rounds, p, 1, self._clock())
+    def opened(self, job_id: str, *, max_rounds: int, p: int,
+               n_released: int | None = None) -> None:
+        """Round 1 of `job_id` was released here (under noise, with `n_released` as its
+        noised row count, which every later round reports again)."""
+        self._fits[job_id] = _Fit(max_rounds, p, 1, self._clock(), n_released)
         while len(self._fits) > MAX_OPEN_FITS:
             self._fits.popitem(last=False)
 
-    def check(self, job_id: str, round_no: int, beta: Sequence[float]) -> None:
-        """Refused unless round `round_no` at `beta` is the next this site owes `job_id`."""
+    def check(self, job_id: str, round_no: int, beta: Sequence[float]) -> int | None:
+        """Refused unless round `round_no` at `beta` is the next this site owes `job_id`;
+        the fit's noised row count (None without noise)."""
         now = self._clock()
         fit = self._fits.get(job_id)
         if fit is not None and now - fit.touched > IDLE_S:
@@ -72,3 +76,4 @@ class FitRounds:
         fit.touched = now
         if round_no == fit.max_rounds:
             del self._fits[job_id]
+        return fit.n_released

@@ -57,7 +57,7 @@ async def test_cnsim_glm_on_three_daemons_equals_statsmodels_on_the_concatenated
 
     def seen(kind: str, value: object) -> None:
         events.append((kind, value))
-    async with federation(cats) as fed, fed.client() as c:
+    async with federation(cats, privacy={"dp": "off"}) as fed, fed.client() as c:
         ans = await c.query(f"SELECT glm('{formula}', '{family}') FROM cnsim", federated=True,
                             min_sites=3, on_event=seen)
     ref, n = statsmodels_fit(pooled(tmp_path), formula, sm_family)
@@ -86,7 +86,7 @@ async def test_a_round_not_of_the_signed_job_is_refused_by_the_site(federation,
 
     cats = [[glm_catalog(tmp_path, 1)], [glm_catalog(tmp_path, 2)]]
     sql = "SELECT glm('DIS_DIAB ~ PM_BMI_CONTINUOUS + LAB_TSC', 'binomial', 3) FROM cnsim"
-    async with federation(cats) as fed, fed.client() as c:
+    async with federation(cats, privacy={"dp": "off"}) as fed, fed.client() as c:
         entry = fed.daemons[0]
         transport = entry.fanout._transport  # the entry's own peer client: real mTLS
         target = Target(fed.address(1), "site-b")
@@ -140,7 +140,7 @@ async def test_meta_analysis_over_three_daemons_equals_combine_effects(federatio
     random effects exactly as statsmodels' combine_effects pools the same per-site
     estimates, leave-one-site-out included."""
     cats = [[glm_catalog(tmp_path, i)] for i in (1, 2, 3)]
-    async with federation(cats) as fed, fed.client() as c:
+    async with federation(cats, privacy={"dp": "off"}) as fed, fed.client() as c:
         mean = await c.query("SELECT meta(avg(LAB_HDL)) FROM cnsim", federated=True,
                              min_sites=3)
         model = await c.query("SELECT meta(glm('DIS_DIAB ~ PM_BMI_CONTINUOUS', 'binomial')) "
@@ -196,7 +196,57 @@ async def test_a_glm_that_cannot_be_fitted_fails_saying_why(federation, tmp_path
     """Too few iterations for convergence: the job fails as not converged, with no
     numbers that look like estimates."""
     cats = [[glm_catalog(tmp_path, i)] for i in (1, 2)]
-    async with federation(cats) as fed, fed.client() as c:
+    async with federation(cats, privacy={"dp": "off"}) as fed, fed.client() as c:
         with pytest.raises(JobFailed, match="GLM not_converged: the fit did not converge"):
             await c.query("SELECT glm('DIS_DIAB ~ PM_BMI_CONTINUOUS + LAB_TSC', 'binomial', 2) "
                           "FROM cnsim", federated=True)
+
+
+DP = {"dp": "required", "default_epsilon": 1.0, "max_epsilon_per_query": 10.0,
+      "budget_epsilon": 10.0}
+
+
+async def test_a_dp_glm_is_charged_once_up_front_and_refused_when_the_budget_cannot_cover_it(
+        federation, tmp_path: Path) -> None:
+    """Under dp = "required" a binomial GLM's ε covers every round it may take: each site
+    charges it once, with its first round, whatever the number of rounds; a fit the
+    remaining budget cannot cover is refused with RESOURCE_EXHAUSTED before any round,
+    and so is every submission but one of a concurrent pair that together exceed it."""
+    import asyncio
+
+    from stimnet.errors import BudgetExhausted
+
+    sql = "SELECT glm('DIS_DIAB ~ PM_BMI_CONTINUOUS + LAB_TSC', 'binomial', {}) FROM cnsim"
+    cats = [[glm_catalog(tmp_path, i)] for i in (1, 2, 3)]
+    async with federation(cats, privacy=DP) as fed, fed.client() as c, \
+            fed.client(who="bob") as bob:
+        try:
+            ans = await c.query(sql.format(25), federated=True, epsilon=6.0, min_sites=3)
+            rounds = ans.result["glm"]["rounds"]
+            assert ans.result["glm"]["deviance"] is None  # not released under noise
+        except JobFailed as exc:  # a noised fit may not settle: it says so, with no numbers
+            assert "GLM not_converged" in str(exc) or "GLM singular" in str(exc), exc
+            rounds = 26
+        spent = [await d.store.spent("alice", "cnsim") for d in fed.daemons]
+        assert spent == [pytest.approx(6.0, rel=1e-6)] * 3, (spent, rounds)
+        # Every site refuses it before its first round: nothing is computed or charged.
+        with pytest.raises((BudgetExhausted, JobFailed), match="privacy budget exhausted"):
+            await c.query(sql.format(25), federated=True, epsilon=6.0, min_sites=3)
+        assert [await d.store.spent("alice", "cnsim") for d in fed.daemons] == spent
+        # Two at once from bob, 6 + 6 > 10: at every site at most one is charged.
+        results = await asyncio.gather(
+            *[bob.query(sql.format(25), federated=True, epsilon=6.0, min_sites=3)
+              for _ in range(2)], return_exceptions=True)
+        bob_spent = [await d.store.spent("bob", "cnsim") for d in fed.daemons]
+    assert all(s == pytest.approx(6.0, rel=1e-6) for s in bob_spent), bob_spent
+    assert sum(isinstance(r, BudgetExhausted | JobFailed) for r in results) >= 1, results
+
+
+async def test_model_queries_that_dp_cannot_noise_are_refused_saying_why(
+        federation, tmp_path: Path) -> None:
+    async with federation([[glm_catalog(tmp_path, 1)]], privacy=DP) as fed, fed.client() as c:
+        for sql in ("SELECT glm('CONDITIONS ~ LAB_HDL', 'poisson') FROM cnsim",
+                    "SELECT meta(avg(LAB_HDL)) FROM cnsim"):
+            with pytest.raises(JobFailed, match="only glm\\(..., 'binomial'\\) is available"):
+                await c.query(sql)
+        assert await fed.daemons[0].store.spent("alice", "cnsim") == 0.0
