@@ -25,7 +25,7 @@ from stimnet.signing import VerifiedJob
 from stimnet.states import RefusalKind
 from stimnetd.catalog import Catalog, CatalogSet
 from stimnetd.privacy import glm_noise
-from stimnetd.privacy.noise import NoiseSource, add_noise
+from stimnetd.privacy.noise import NoiseReport, NoiseSource, add_noise
 from stimnetd.privacy.policy import PrivacyPolicy, PrivacyRefusal, decide_epsilon
 from stimnetd.privacy.release import budget_refusal, decide
 from stimnetd.privacy.suppress import (
@@ -274,23 +274,7 @@ class LocalSite:
         """Suppress, noise, and release in one store transaction (see `_disclosed` for the
         cohorts the overlap guard checks)."""
         req = job.request
-        k = self._policy.k_min
-        report = None
-        if epsilon is not None:
-            # Noise first, then the noisy threshold (privacy/threshold.py): which cells are
-            # withheld is decided on noised counts, so it is inside the DP guarantee.
-            _declared_groups_only(partials, catalog)
-            if partials[0].kind == "glm_round":
-                # A GLM's first round: the whole fit's ε (every round it may take) now.
-                assert req.query_spec.model is not None
-                noised, report = glm_noise.noised(
-                    partials[0], _glm_plan(req.query_spec.model, catalog, epsilon), self._noise)
-                partials = [noised]
-            else:
-                partials, report = add_noise(partials, catalog.fields, epsilon, self._noise)
-            partials, decisions = gate_noised(partials, report, k, self._policy.delta)
-        else:
-            partials, decisions = suppress_small_cells(partials, k, catalog.fields)
+        partials, decisions, report = self._protect(job, catalog, partials, epsilon)
         suppressed = result_suppressed(decisions)
         decision = _decision(suppressed, decisions)
         charged = report.epsilon if report is not None and report.epsilon > 0 else None
@@ -328,6 +312,29 @@ class LocalSite:
         if stored.partials is not blob:  # released before (a retry): the stored one counts
             return self._from_release(stored)
         return self._outcome(decision, partials, n, charged, mechanism, blob, delta or None)
+
+    def _protect(self, job: VerifiedJob, catalog: Catalog, partials: list[Partial],
+                 epsilon: float | None
+                 ) -> tuple[list[Partial], list[Decision], NoiseReport | None]:
+        """k_min suppression on exact counts, or under DP noise and then the noisy threshold
+        (privacy/threshold.py): which cells are withheld is decided on noised counts, so it
+        is inside the DP guarantee."""
+        k = self._policy.k_min
+        if epsilon is None:
+            partials, decisions = suppress_small_cells(partials, k, catalog.fields)
+            return partials, decisions, None
+        _declared_groups_only(partials, catalog)
+        if partials[0].kind == "glm_round":
+            # A GLM's first round: the whole fit's ε (every round it may take) now.
+            model = job.request.query_spec.model
+            assert model is not None
+            noised, report = glm_noise.noised(
+                partials[0], _glm_plan(model, catalog, epsilon), self._noise)
+            partials = [noised]
+        else:
+            partials, report = add_noise(partials, catalog.fields, epsilon, self._noise)
+        partials, decisions = gate_noised(partials, report, k, self._policy.delta)
+        return partials, decisions, report
 
     async def _linear(self, catalog: Catalog, partials: list[Partial],
                       linear: list[LinearCohort]) -> tuple[tuple[str, frozenset[str], str], ...]:
