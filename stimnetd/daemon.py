@@ -50,6 +50,7 @@ from stimnetd.metrics import Metrics
 from stimnetd.node import NodeState
 from stimnetd.privacy.noise import NoiseMechanism
 from stimnetd.privacy.policy import PrivacyPolicy
+from stimnetd.query.subjects import DaskImages
 from stimnetd.rpc.admin_servicer import AdminServicer
 from stimnetd.rpc.federation_servicer import FederationServicer
 from stimnetd.rpc.gossip_transport import GrpcGossipTransport, StoreMembers
@@ -58,7 +59,8 @@ from stimnetd.rpc.jobs_servicer import JobServicer
 from stimnetd.rpc.node_servicer import NodeServicer
 from stimnetd.rpc.peer_client import GrpcSubJobTransport, PeerChannels
 from stimnetd.rpc.refusals import RefusalLimiter
-from stimnetd.sandbox import SANDBOX_VERSION, SandboxLimits, SandboxRunner
+from stimnetd.sandbox import SANDBOX_VERSION, SandboxRunner
+from stimnetd.sandbox.backend import script_runner
 from stimnetd.sandbox.image import check_image
 from stimnetd.site import LocalSite
 from stimnetd.site.policy import ScriptPolicy
@@ -181,10 +183,13 @@ class Daemon:
                                 concurrency=scripts.concurrency,
                                 on_duration=self.metrics.sandbox_seconds.observe) \
             if self.sandbox is not None else None
+        # [compute] scheduler: voxel maps on Dask, connected at the first map query.
+        self.images = DaskImages(sched) if (sched := config.compute.scheduler) else None
         return LocalSite(name=config.node.name, catalogs=self.catalogs, store=self.store,
                          policy=policy, noise=NoiseMechanism(),
                          overlap_guard=config.privacy.overlap_guard,
-                         on_decision=self.metrics.decision, script_runner=runner)
+                         on_decision=self.metrics.decision, script_runner=runner,
+                         images=self.images)
 
     def _jobs(self) -> tuple[JobService, PeerSubJobs]:
         """The jobs this node is the entry of, and the sub-jobs its peers send it: under
@@ -219,23 +224,8 @@ class Daemon:
 
     @staticmethod
     def _sandbox(config: Config) -> SandboxRunner | KubeRunner:
-        import docker
-
-        sc = config.scripts
-        limits = SandboxLimits(memory_bytes=sc.memory_mb * 2**20, pids=sc.pids, cpus=sc.cpus,
-                               timeout_s=sc.timeout_s, result_bytes=sc.result_mb * 2**20)
-        if sc.backend == "kubernetes":
-            # Imported here: kubernetes_asyncio's models take ~0.6 s to import.
-            from stimnetd.sandbox.kube import kube_runner
-
-            assert sc.kubernetes is not None
-            return kube_runner(sc.kubernetes, f"{sc.image}:{SANDBOX_VERSION}", limits,
-                               node=config.node.name)
-        # The client is made lazily, off the loop, on first use: a node that never runs a
-        # script never needs the Docker socket.
-        return SandboxRunner(lambda: docker.from_env(timeout=60).api, f"{sc.image}:{SANDBOX_VERSION}",
-                             limits, config.node.state_dir, node=config.node.name,
-                             warm_per_catalog=max(sc.warm_containers, 1))
+        return script_runner(config.scripts, f"{config.scripts.image}:{SANDBOX_VERSION}",
+                             node=config.node.name, state_dir=config.node.state_dir)
 
     async def _sandbox_startup(self) -> None:
         """Remove containers a crash left behind; say now (not at the first job) if the
@@ -485,6 +475,7 @@ class Daemon:
         await step("jobs", self.jobs.shutdown)
         if self.sandbox is not None:
             await step("sandbox", self.sandbox.shutdown)
+        await step("compute", lambda: self.images and asyncio.to_thread(self.images.close))
         await step("peers", self.peer_channels.shutdown)
         await step("metrics", self.metrics.stop)
         if self.guard is not None:

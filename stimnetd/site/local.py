@@ -40,6 +40,7 @@ from stimnetd.query.aggregate import GroupKey, Partial
 from stimnetd.query.engine import compute
 from stimnetd.query.linear import LinearCohort
 from stimnetd.query.models import control_of, is_multi_round
+from stimnetd.query.subjects import SubjectImages
 from stimnetd.site.cohorts import CohortFingerprints
 from stimnetd.site.outcome import SiteOutcome
 from stimnetd.site.rounds import FitRounds
@@ -96,8 +97,11 @@ class LocalSite:
                  shared_history: bool = False,
                  script_runner: ScriptRunner | None = None,
                  on_decision: Callable[[str], None] = lambda kind: None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 images: SubjectImages | None = None) -> None:
         self.name = name
+        # Where voxel maps' per-subject work runs ([compute] scheduler; None: in-process).
+        self._images = images
         self._catalogs = catalogs
         self._store = store
         self._policy = policy
@@ -257,10 +261,10 @@ class LocalSite:
                                  f"{req.catalog!r}")
             # compute() validates the spec against this catalog (a site trusts no entry).
             if not spec.reads_images() and catalog.n_subjects <= INLINE_SUBJECTS:
-                result = compute(spec, catalog, audit=audit)
+                result = compute(spec, catalog, images=self._images, audit=audit)
             else:
-                result = await asyncio.to_thread(functools.partial(compute, audit=audit),
-                                                 spec, catalog)
+                result = await asyncio.to_thread(compute, spec, catalog, images=self._images,
+                                                 audit=audit)
             return result.partials, result.cohort_ids, result.group_ids, result.linear
         if self._script_runner is None:
             raise Refused("this site's script policy is 'deny': it does not run researcher scripts")

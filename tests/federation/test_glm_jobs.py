@@ -250,3 +250,34 @@ async def test_model_queries_that_dp_cannot_noise_are_refused_saying_why(
             with pytest.raises(JobFailed, match="only glm\\(..., 'binomial'\\) is available"):
                 await c.query(sql)
         assert await fed.daemons[0].store.spent("alice", "cnsim") == 0.0
+
+
+async def test_cli_shows_glm_progress_and_meta_tables_and_writes_a_forest_plot(
+        federation, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`stimctl query` prints each iteration's deviance as it runs and the coefficient
+    table; for meta(...) the per-site and leave-one-out tables, and --forest writes the
+    PNG; the client's answer gives both as DataFrames."""
+    from tests.federation.test_cli import _client_file, _run
+
+    cats = [[glm_catalog(tmp_path, i)] for i in (1, 2, 3)]
+    png = tmp_path / "forest.png"
+    async with federation(cats, privacy={"dp": "off"}) as fed, fed.client() as c:
+        cfg = str(_client_file(tmp_path, fed.pki.issue("carol", "researcher"),
+                               fed.daemons[0].port))
+        code, out, err = await _run(
+            capsys, "--config", cfg, "query", "--federated",
+            "SELECT glm('DIS_DIAB ~ PM_BMI_CONTINUOUS + LAB_TSC', 'binomial') FROM cnsim")
+        assert code == 0, err
+        assert "log: site-a: iteration 1: deviance" in err
+        assert "PM_BMI_CONTINUOUS" in out and "p_value" in out
+        code, out, err = await _run(
+            capsys, "--config", cfg, "query", "--federated", "--forest", str(png),
+            "SELECT meta(avg(LAB_HDL)) FROM cnsim")
+        assert code == 0, err
+        assert "leave one site out" in out and "site-b" in out
+        ans = await c.query("SELECT meta(avg(LAB_HDL)) FROM cnsim", federated=True)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    frame = ans.forest_frame()
+    assert list(frame["row"]) == ["site-a", "site-b", "site-c", "fixed", "dl", "reml"]
+    assert frame["estimate"].iloc[3] == pytest.approx(ans.meta[0]["fixed"]["estimate"])
+    assert list(ans.to_pandas()["method"]) == ["fixed", "dl", "reml"]
