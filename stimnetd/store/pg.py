@@ -3,7 +3,8 @@
 `PgStore` has the `Store` verbs the replicas must agree on, under the same names and with
 the same meaning, so the store contract suite runs one test body against both
 (tests/store_pg): the privacy ledger's `release` / `spent`, the audit chain's `audit` /
-`audit_rows` / `verify_audit`, and jobs' `create_job` / `get_job` / `update_job_if`. What
+`audit_rows` / `verify_audit`, jobs' `create_job` / `get_job` / `update_job_if`, and the
+site's `site_secret` / `approve_script` / `is_script_approved`. What
 only replicas need is added: `claim_queued` (a queued job goes to exactly one replica,
 ``FOR UPDATE SKIP LOCKED``), `renew_lease`, and `recover_expired` (a job whose replica
 stopped renewing is re-queued or marked interrupted, per `[scripts] on_restart`).
@@ -19,13 +20,14 @@ single writer.
 
 Not here (the SQLite store has them; a replica needs them before `[store] url` can point
 a daemon at PostgreSQL): the overlap guard's cohort tables, nonces, gossip members,
-script approvals, the site secret, backups. A `decide` rule that asks for near cohorts
+job listing and pruning, backups. A `decide` rule that asks for near cohorts
 gets an error saying so, never an empty answer.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +37,7 @@ import asyncpg
 from stimnet.errors import Conflict, StimnetError
 from stimnetd.store.audit import GENESIS as GENESIS
 from stimnetd.store.audit import AuditRow, AuditVerification, chain_hash, verify_rows
+from stimnetd.store.node import SECRET_BYTES
 from stimnetd.store.pg_schema import PG_MIGRATIONS
 from stimnetd.store.records import Disclosed, JobRecord, Release, ReleaseRule, cohort_digest
 
@@ -257,6 +260,25 @@ class PgStore:
         row = await self.pool.fetchrow(
             f"UPDATE jobs SET {', '.join(sets)} WHERE {where} RETURNING {JOB_COLUMNS}", *args)
         return JobRecord.from_row(tuple(row)) if row else None
+
+    # -- the site's own state ----------------------------------------------------------
+
+    async def site_secret(self) -> bytes:
+        """`Store.site_secret`: made on first use; replicas asking at once get one secret."""
+        await self.pool.execute(
+            "INSERT INTO meta (key, value) VALUES ('site_secret', $1) ON CONFLICT DO NOTHING",
+            secrets.token_bytes(SECRET_BYTES))
+        return bytes(await self.pool.fetchval("SELECT value FROM meta WHERE key = 'site_secret'"))
+
+    async def approve_script(self, sha256: str, by: str) -> None:
+        await self.pool.execute(
+            "INSERT INTO approvals (script_sha256, approved_by, at) VALUES ($1, $2, $3)"
+            " ON CONFLICT (script_sha256) DO UPDATE SET approved_by = EXCLUDED.approved_by,"
+            " at = EXCLUDED.at", sha256, by, self._clock())
+
+    async def is_script_approved(self, sha256: str) -> bool:
+        return bool(await self.pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM approvals WHERE script_sha256 = $1)", sha256))
 
     # -- replicas ----------------------------------------------------------------------
 

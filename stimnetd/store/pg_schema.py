@@ -71,4 +71,15 @@ PG_MIGRATIONS: tuple[str, ...] = (
         at DOUBLE PRECISION NOT NULL
     );
     """,
+    # 2: the site secret (HMAC key of cohort fingerprints: every replica must use the same
+    # one, or the overlap guard would not recognise a cohort another replica released) and
+    # the scripts the site's admins approved (an approval on one replica holds on all).
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value BYTEA NOT NULL);
+    CREATE TABLE approvals (
+        script_sha256 TEXT PRIMARY KEY,
+        approved_by TEXT NOT NULL,
+        at DOUBLE PRECISION NOT NULL
+    );
+    """,
 )

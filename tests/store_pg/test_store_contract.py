@@ -128,3 +128,18 @@ async def test_delta_is_charged_beside_epsilon(store: Any) -> None:
     assert await store.spent("alice", "c") == pytest.approx(0.25)
     (row,) = await store.audit_rows()
     assert '"delta":1e-06' in row.detail_json
+
+
+async def test_the_site_secret_is_made_once_and_kept(store: Any) -> None:
+    """The first call makes a 32-byte secret; every later call returns the same one."""
+    first = await store.site_secret()
+    assert len(first) == 32
+    assert await asyncio.gather(store.site_secret(), store.site_secret()) == [first, first]
+
+
+async def test_an_approved_script_stays_approved(store: Any) -> None:
+    """Approving a hash is recorded (again is fine); another hash is not approved."""
+    await store.approve_script("a" * 64, "admin")
+    await store.approve_script("a" * 64, "admin2")
+    assert await store.is_script_approved("a" * 64)
+    assert not await store.is_script_approved("b" * 64)
