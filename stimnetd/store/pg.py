@@ -84,6 +84,13 @@ class _PreReadLedger:
     def near_families(self, atoms: Disclosed, window: int) -> list[list[frozenset[str]]]:
         return self.near_cohorts(frozenset(), "", window)  # type: ignore[return-value]
 
+    def linear_history(self, quantity: str) -> list[tuple[frozenset[str], str, str]]:
+        return self.near_cohorts(frozenset(), "", 0)  # type: ignore[return-value]
+
+    def linear_known(self, quantity: str, digests: list[str]) -> bool:
+        self.near_cohorts(frozenset(), "", 0)
+        return False
+
 
 class PgStore:
     """Shared durable state of one site's replicas, in PostgreSQL (asyncpg pool)."""
