@@ -21,8 +21,8 @@ single writer.
 
 Not here (the SQLite store has them; a replica needs them before `[store] url` can
 point a daemon at PostgreSQL): the overlap guard's cohort tables and exact auditing's
-history, gossip members, job listing and pruning, backups. A `decide` rule that asks for near cohorts gets an error saying so, never an
-empty answer.
+history, gossip members, job listing and pruning, backups. A `decide` rule that asks for
+near cohorts gets an error saying so, never an empty answer.
 """
 
 from __future__ import annotations
