@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -61,19 +62,31 @@ def main(argv: list[str] | None = None) -> int:
             from stimnetd.store import Store
 
             Store.check_file(daemon.store.path)
+            for warning in daemon.config_warnings(read_images=True):
+                print(f"stimnetd: warning: {warning}", file=sys.stderr)
             print(f"{cfg_path}: ok (node {config.node.name}, "
                   f"{len(config.catalogs)} catalog(s), {sum(c.n_subjects for c in daemon.catalogs)} "
                   "subjects)")
             return 0
         _run_loop(daemon.run())
-    except (ConfigError, CatalogError, TlsError) as exc:
+    except ConfigError as exc:
         return _fatal(str(exc), EXIT_CONFIG)
+    except (CatalogError, TlsError) as exc:
+        return _fatal(f"{cfg_path}: {exc}", EXIT_CONFIG)
     except (StoreCorrupt, StimnetError) as exc:
         return _fatal(str(exc), EXIT_RUNTIME)
     except OSError as exc:
         return _fatal(str(exc), EXIT_RUNTIME)
+    except sqlite3.Error as exc:
+        # Only from closing the store at shutdown (the log has the details).
+        return _fatal(f"the store could not be closed cleanly: {exc}", EXIT_RUNTIME)
     except KeyboardInterrupt:
         return 0
+    except Exception as exc:  # noqa: BLE001 - an operator gets one line, never a traceback
+        if args.command != "check-config":
+            raise  # a running daemon's logs get the traceback
+        return _fatal(f"{cfg_path}: unexpected problem ({type(exc).__name__}: {exc}); "
+                      "please report it", EXIT_RUNTIME)
     return 0
 
 

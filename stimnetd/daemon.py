@@ -7,16 +7,15 @@ passed into the components, so tests can build the same graph with fakes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
+import inspect
 import random
 import shutil
 import signal
-import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
@@ -34,9 +33,11 @@ from stimnet.v1 import (
     node_pb2,
     node_pb2_grpc,
 )
-from stimnetd import __version__
+from stimnetd import __version__, listening
 from stimnetd.catalog import CatalogSet, load_catalogs
+from stimnetd.catalog.advice import catalog_warnings
 from stimnetd.config import Config, ConfigError, GossipSettings
+from stimnetd.config.advice import config_warnings
 from stimnetd.federation.fanout import Fanout
 from stimnetd.federation.peers import StaticPeers
 from stimnetd.federation.subjob import PeerSubJobs
@@ -48,6 +49,7 @@ from stimnetd.metrics import Metrics
 from stimnetd.node import NodeState
 from stimnetd.privacy.noise import NoiseMechanism
 from stimnetd.privacy.policy import PrivacyPolicy
+from stimnetd.query.subjects import DaskImages
 from stimnetd.rpc.admin_servicer import AdminServicer
 from stimnetd.rpc.federation_servicer import FederationServicer
 from stimnetd.rpc.gossip_transport import GrpcGossipTransport, StoreMembers
@@ -56,17 +58,20 @@ from stimnetd.rpc.jobs_servicer import JobServicer
 from stimnetd.rpc.node_servicer import NodeServicer
 from stimnetd.rpc.peer_client import GrpcSubJobTransport, PeerChannels
 from stimnetd.rpc.refusals import RefusalLimiter
-from stimnetd.sandbox import SANDBOX_VERSION, SandboxLimits, SandboxRunner
+from stimnetd.sandbox import SANDBOX_VERSION, SandboxRunner
+from stimnetd.sandbox.backend import script_runner
 from stimnetd.sandbox.image import check_image
 from stimnetd.site import LocalSite
 from stimnetd.site.policy import ScriptPolicy
 from stimnetd.store import Store
-from stimnetd.store.lock import StateDirLock
 from stimnetd.store.space import StorageGuard
 from stimnetd.supervisor import Supervisor
 from stimnetd.systemd import Notifier
 from stimnetd.tls import ServerTls
 from stimnetd.tlsfront import TlsFront
+
+if TYPE_CHECKING:
+    from stimnetd.sandbox.kube import KubeRunner
 
 log = structlog.get_logger("stimnetd")
 
@@ -120,19 +125,19 @@ class Daemon:
         self._wrap_gossip = wrap_gossip_transport
         self.notifier = notifier or Notifier()
         self.store = Store(config.node.state_dir / "stimnetd.sqlite3")
-        self._lock = StateDirLock(config.node.state_dir)
         self.tls = ServerTls(config.tls)
         me = self.tls.material.identity
         if (me.role, me.name) != ("node", config.node.name):
             # Peers know this node by its certificate: gossip refuses a sender that differs
             # from it, and the entry refuses an address serving another name.
-            raise ConfigError(f"[node] name = {config.node.name!r} but the certificate "
+            raise ConfigError(f"{config.source}: [node].name: {config.node.name!r}, but the "
+                              "certificate "
                               f"{config.tls.cert} is for {me.role} {me.name!r}: they must be "
                               "the same node")
         self.revocations = Revocations(self.tls.material.revoked)
         self.catalogs: CatalogSet = load_catalogs(config.catalogs)
         self.membership: Swim | None = None
-        self.metrics = Metrics()
+        self.metrics = Metrics(__version__)
         self.sandbox = self._sandbox(config) if config.scripts.policy != "deny" else None
         self.site = self._local_site()
         self.verifier = JobVerifier(ca_cert=lambda: self.tls.material.ca_cert,
@@ -170,23 +175,22 @@ class Daemon:
             k_min=config.node.k_min, dp=config.privacy.dp,  # type: ignore[arg-type]
             default_epsilon=config.privacy.default_epsilon,
             max_epsilon_per_query=config.privacy.max_epsilon_per_query,
-            budget_epsilon=config.privacy.budget_epsilon)
+            budget_epsilon=config.privacy.budget_epsilon,
+            delta=config.privacy.delta, budget_delta=config.privacy.budget_delta)
         scripts = config.scripts
         runner = SandboxScripts(self.sandbox, log_policy=scripts.log_policy,
                                 declared_outputs=scripts.declared_outputs,
                                 concurrency=scripts.concurrency,
                                 on_duration=self.metrics.sandbox_seconds.observe) \
             if self.sandbox is not None else None
+        # [compute] scheduler: voxel maps on Dask, connected at the first map query.
+        self.images = DaskImages(sched) if (sched := config.compute.scheduler) else None
         return LocalSite(name=config.node.name, catalogs=self.catalogs, store=self.store,
                          policy=policy, noise=NoiseMechanism(),
                          overlap_guard=config.privacy.overlap_guard,
                          on_decision=self.metrics.decision, script_runner=runner,
-                         storage=StorageGuard(
-                             config.node.state_dir, self.store.stored_bytes,
-                             min_free_mb=config.storage.min_free_mb,
-                             out_of_space=lambda: self.store.out_of_space,
-                             max_stored_mb_per_researcher=(
-                                 config.storage.max_stored_mb_per_researcher)))
+                         images=self.images,
+                         storage=StorageGuard.of(self.store, config.storage))
 
     def _jobs(self) -> tuple[JobService, PeerSubJobs]:
         """The jobs this node is the entry of, and the sub-jobs its peers send it: under
@@ -220,17 +224,9 @@ class Daemon:
                          started_at=lambda: self.started_at)
 
     @staticmethod
-    def _sandbox(config: Config) -> SandboxRunner:
-        import docker
-
-        sc = config.scripts
-        limits = SandboxLimits(memory_bytes=sc.memory_mb * 2**20, pids=sc.pids, cpus=sc.cpus,
-                               timeout_s=sc.timeout_s, result_bytes=sc.result_mb * 2**20)
-        # The client is made lazily, off the loop, on first use: a node that never runs a
-        # script never needs the Docker socket.
-        return SandboxRunner(lambda: docker.from_env(timeout=60).api, f"{sc.image}:{SANDBOX_VERSION}",
-                             limits, config.node.state_dir, node=config.node.name,
-                             warm_per_catalog=max(sc.warm_containers, 1))
+    def _sandbox(config: Config) -> SandboxRunner | KubeRunner:
+        return script_runner(config.scripts, f"{config.scripts.image}:{SANDBOX_VERSION}",
+                             node=config.node.name, state_dir=config.node.state_dir)
 
     async def _sandbox_startup(self) -> None:
         """Remove containers a crash left behind; say now (not at the first job) if the
@@ -242,9 +238,10 @@ class Daemon:
                 log.warning("removed orphaned sandbox containers", count=removed)
             import docker
 
-            client = await asyncio.to_thread(docker.from_env, timeout=30)
-            await asyncio.to_thread(check_image, client, f"{self.config.scripts.image}:"
-                                    f"{SANDBOX_VERSION}", SANDBOX_VERSION)
+            if self.config.scripts.backend == "docker":
+                client = await asyncio.to_thread(docker.from_env, timeout=30)
+                await asyncio.to_thread(check_image, client, f"{self.config.scripts.image}:"
+                                        f"{SANDBOX_VERSION}", SANDBOX_VERSION)
             if self.config.scripts.policy == "auto" and self.config.scripts.warm_containers:
                 # Jobs start without waiting for review, so pre-started containers that
                 # have already imported numpy/pandas (zygotes) save most of a job's
@@ -289,27 +286,30 @@ class Daemon:
 
     # -- lifecycle ---------------------------------------------------------------------
 
+    def config_warnings(self, *, read_images: bool = False) -> list[str]:
+        """Settings and data that are valid but probably not meant (config/advice.py,
+        catalog/advice.py), one line each naming file and key."""
+        return config_warnings(self.config) + [
+            f"{self.config.source}: {w}"
+            for w in catalog_warnings(self.catalogs, read_images=read_images)]
+
     async def start(self) -> None:
-        """Lock the state directory, open the store, listen and serve. A failure on the way
-        (another daemon holds the directory, the port is taken) undoes what was done, so
-        the process exits at once instead of hanging on what it opened."""
-        self._lock.acquire()
+        """Lock the state directory, open the store, listen: a failure undoes what was
+        done, so the process exits at once instead of hanging on what it opened."""
+        self.store.lock_state_dir()  # released by store.close()
         try:
             await self._start()
         except BaseException:
             if self._server is not None:
                 await self._server.stop(None)
-            if self.front is not None:
-                with contextlib.suppress(Exception):
-                    self.front.close()
             if self._inner_dir is not None:
                 shutil.rmtree(self._inner_dir, ignore_errors=True)
-            with contextlib.suppress(Exception):
-                await self.store.close()
-            self._lock.release()
+            await self.store.close()
             raise
 
     async def _start(self) -> None:
+        for warning in self.config_warnings():
+            log.warning("config warning", problem=warning)
         await self.store.open()
         self._server = self._build_server()
         node = self.config.node
@@ -330,23 +330,10 @@ class Daemon:
 
     async def _listen(self) -> int:
         """Bind the node's port (gRPC's own TLS, or the TLS front); the port bound."""
-        assert self._server is not None
         node = self.config.node
-        if self.front is None:
-            port = self._server.add_secure_port(f"{node.host}:{node.port}", self.tls.credentials())
-        else:
-            # Plaintext, on a unix socket only this user can reach, and useless without
-            # the front's verdict. A short private path: sun_path holds 108 bytes.
-            self._inner_dir = Path(tempfile.mkdtemp(prefix="stimnetd-"))
-            self.inner_socket = str(self._inner_dir / "grpc.sock")
-            self._server.add_insecure_port(f"unix:{self.inner_socket}")
-            try:
-                port = await self.front.start(node.host, node.port, self.inner_socket)
-            except OSError:
-                port = 0
-        if port == 0:
-            raise OSError(f"cannot listen on {node.host}:{node.port} (address in use or not local)")
-        return int(port)
+        port, self._inner_dir, self.inner_socket = await listening.bind(
+            self._server, self.front, self.tls.credentials, node.host, node.port)
+        return port
 
     def _start_background(self) -> None:
         """The long-lived loops, each supervised (stimnetd/supervisor.py)."""
@@ -450,37 +437,55 @@ class Daemon:
             await self.shutdown()
 
     async def shutdown(self) -> None:
+        """Stop serving, give in-flight calls `grace_s`, then close everything. Every step
+        runs even if an earlier one failed (each failure is logged): a step that raised
+        must not leave the store, the server or their threads open, which would keep the
+        process alive with its ports closed."""
         if self._stopped:
             return
         self._stopped = True
         self.notifier.notify("STOPPING=1")
         log.info("stopping", grace_s=self.config.node.grace_s)
-        await self._health.enter_graceful_shutdown()
+        failed: list[BaseException] = []
+
+        async def step(name: str, fn: Callable[[], Awaitable[object] | object]) -> None:
+            try:
+                result = fn()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:  # noqa: BLE001 - logged; the remaining steps still run
+                log.exception("shutdown step failed", step=name)
+                failed.append(exc)
+
+        await step("health", self._health.enter_graceful_shutdown)
         if self.membership is not None:
+            membership = self.membership
             # Announce `left` so peers stop probing us instead of suspecting us.
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.membership.leave(), timeout=2.0)
-            await self.membership.shutdown()
-        await self.background.shutdown()
+            await step("leave", lambda: asyncio.wait_for(membership.leave(), timeout=2.0))
+            await step("membership", membership.shutdown)
+        await step("background", self.background.shutdown)
         if self.front is not None:
-            self.front.stop_accepting()
+            await step("front", self.front.stop_accepting)
         if self._server is not None:
+            server = self._server
             # New RPCs are refused at once; in-flight ones get the grace period.
-            await self._server.stop(self.config.node.grace_s)
+            await step("server", lambda: server.stop(self.config.node.grace_s))
         if self.front is not None:
-            self.front.close()
+            await step("front", self.front.close)
         if self._inner_dir is not None:
             shutil.rmtree(self._inner_dir, ignore_errors=True)
-        await self.jobs.shutdown()
+        await step("jobs", self.jobs.shutdown)
         if self.sandbox is not None:
-            await self.sandbox.shutdown()
-        await self.peer_channels.shutdown()
-        self.metrics.stop()
+            await step("sandbox", self.sandbox.shutdown)
+        await step("compute", lambda: self.images and asyncio.to_thread(self.images.close))
+        await step("peers", self.peer_channels.shutdown)
+        await step("metrics", self.metrics.stop)
         if self.guard is not None:
-            with contextlib.suppress(Exception):
-                await self.guard.audit_condensed_refusals(everything=True)
-        with contextlib.suppress(Exception):
-            await self.store.audit(self.config.node.name, "node", "stop", "ok", {})
-        await self.store.close()
-        self._lock.release()
+            guard = self.guard
+            await step("refusals", lambda: guard.audit_condensed_refusals(everything=True))
+        await step("audit", lambda: self.store.audit(self.config.node.name, "node", "stop",
+                                                     "ok", {}))
+        await step("store", self.store.close)
+        if failed:
+            raise failed[-1]
         log.info("stopped")

@@ -3,6 +3,10 @@
 The endpoint is off unless `[metrics] listen` is set; the demo binds it to loopback.
 Gauges that summarise the store (jobs by state, epsilon spent) are refreshed by a small
 loop rather than at scrape time, so a scrape never waits on the database.
+
+Names follow Prometheus' conventions, which `promtool check metrics` checks (a test runs
+it): base units (seconds, timestamps in seconds since the epoch), counters end in
+`_total`, and the standard `process_*` metrics and a `stimnet_build_info` are exported.
 """
 
 from __future__ import annotations
@@ -11,14 +15,47 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from stimnet.states import JOB_STATES
 
+# Membership states; every one is reported (0 when no peer is in it).
+PEER_STATES = ("alive", "suspect", "dead", "left")
+
+
+class _EpsilonSpent(Collector):
+    """ε spent per catalog, a counter (it only grows) whose value the store holds: the
+    durable ledger is the truth, so the exported value is read from it, not counted here."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, float] = {}
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        family = CounterMetricFamily("stimnet_epsilon_spent",
+                                     "Differential-privacy epsilon spent per catalog at this "
+                                     "site, summed over researchers", labels=["catalog"])
+        for catalog, eps in sorted(self.values.items()):
+            family.add_metric([catalog], eps)
+        yield family
+
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, version: str = "") -> None:
         r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        Gauge("stimnet_build_info", "Always 1; the labels name this stimnetd's version",
+              ["version"], registry=r).labels(version or "unknown").set(1)
         self.rpc_total = Counter("stimnet_rpc_total", "RPCs by method and status",
                                  ["method", "status"], registry=r)
         self.rpc_latency = Histogram("stimnet_rpc_latency_seconds", "RPC latency by method",
@@ -31,14 +68,15 @@ class Metrics:
         self.sandbox_seconds = Histogram("stimnet_sandbox_run_seconds", "Sandbox run time",
                                          registry=r, buckets=(.25, .5, 1, 2, 5, 10, 30, 60, 120,
                                                               300))
-        self.peers = Gauge("stimnet_peers", "Federation members by status", ["status"],
+        self.peers = Gauge("stimnet_peers", "Other federation members known to this node, by "
+                           "membership status (the node itself is not counted)", ["status"],
                            registry=r)
         self.privacy_decisions = Counter("stimnet_privacy_decisions_total",
                                          "Privacy decisions by kind", ["decision"], registry=r)
-        self.epsilon_spent = Gauge("stimnet_epsilon_spent", "Epsilon spent per catalog",
-                                   ["catalog"], registry=r)
-        self.cert_days_left = Gauge("stimnet_certificate_days_left",
-                                    "Days until this node's certificate expires", registry=r)
+        self.epsilon_spent = _EpsilonSpent()
+        r.register(self.epsilon_spent)
+        self.cert_expiry = Gauge("stimnet_certificate_expiry_timestamp_seconds",
+                                 "When this node's certificate expires (Unix time)", registry=r)
         self._server: Any = None
         self._rpc_children: dict[tuple[str, str], tuple[Any, Any]] = {}
 
@@ -74,11 +112,10 @@ class Metrics:
             self.jobs.labels(state).set(s["jobs_by_state"].get(state, 0))
         self.queue_depth.set(s["queue_depth"])
         self.peers.clear()
-        for status, n in s["peers_by_status"].items():
-            self.peers.labels(status).set(n)
-        for catalog, eps in s["epsilon_spent"].items():
-            self.epsilon_spent.labels(catalog).set(eps)
-        self.cert_days_left.set(s["cert_days_left"])
+        for status in sorted({*PEER_STATES, *s["peers_by_status"]}):
+            self.peers.labels(status).set(s["peers_by_status"].get(status, 0))
+        self.epsilon_spent.values = dict(s["epsilon_spent"])
+        self.cert_expiry.set(s["cert_expires_at"])
 
     async def refresh_loop(self, snapshot: Callable[[], Awaitable[dict[str, Any]]],
                            interval_s: float = 2.0) -> None:

@@ -45,7 +45,8 @@ class NodeState:
     async def status(self) -> dict[str, Any]:
         peers: dict[str, int] = {}
         for m in self.members():
-            peers[m.status] = peers.get(m.status, 0) + 1
+            if m.name != self.name:  # the node itself is no peer
+                peers[m.status] = peers.get(m.status, 0) + 1
         jobs = await self._store.count_jobs_by_state()
         return {
             "name": self.name, "version": __version__,
@@ -53,5 +54,5 @@ class NodeState:
             "peers_by_status": peers, "jobs_by_state": jobs,
             "queue_depth": sum(jobs.get(state, 0) for state in WAITING_STATES),
             "epsilon_spent": await self._store.spent_by_catalog(),
-            "cert_days_left": self._tls.days_left(),
+            "cert_expires_at": self._tls.material.identity.not_after.timestamp(),
         }

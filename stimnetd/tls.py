@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import structlog
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from stimnet.pki import Identity, PkiError, RevocationList, identity_from_cert, load_cert
 from stimnetd.config import TlsConfig
@@ -37,24 +38,68 @@ class TlsMaterial:
 
 
 def read_material(cfg: TlsConfig) -> TlsMaterial:
+    """The node's TLS files, each checked for what it must be; a TlsError names the
+    `[tls]` key and file at fault."""
+
+    def where(key: str, path: Path | None) -> str:
+        return f"[tls].{key} ({path})"
+
     try:
-        ca_pem = cfg.ca.read_bytes()
-        cert_pem = cfg.cert.read_bytes()
-        key_pem = cfg.key.read_bytes()
+        ca_pem, cert_pem, key_pem = cfg.ca.read_bytes(), cfg.cert.read_bytes(), cfg.key.read_bytes()
+    except OSError as exc:
+        raise TlsError(f"TLS file unreadable: {exc.filename}: {exc.strerror}") from None
+    try:
         ca_cert = load_cert(cfg.ca)
-        identity = identity_from_cert(load_cert(cfg.cert))
+    except PkiError as exc:
+        raise TlsError(f"{where('ca', cfg.ca)}: {exc}") from None
+    if not _is_ca(ca_cert):
+        raise TlsError(f"{where('ca', cfg.ca)}: not a CA certificate (use the federation's "
+                       "ca.crt)")
+    try:
+        cert = load_cert(cfg.cert)
+    except PkiError as exc:
+        raise TlsError(f"{where('cert', cfg.cert)}: {exc}") from None
+    if _is_ca(cert):
+        raise TlsError(f"{where('cert', cfg.cert)}: is a CA certificate; the node's own "
+                       "certificate (stimctl certs issue --role node) belongs here")
+    try:
+        identity = identity_from_cert(cert)
+    except PkiError as exc:
+        raise TlsError(f"{where('cert', cfg.cert)}: {exc}") from None
+    if b"PRIVATE KEY" not in key_pem:
+        raise TlsError(f"{where('key', cfg.key)}: does not contain a PEM private key")
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise TlsError(f"{where('key', cfg.key)}: not a usable unencrypted private key "
+                       f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+                       ) from None
+    if _public_der(key.public_key()) != _public_der(cert.public_key()):
+        raise TlsError(f"{where('key', cfg.key)}: does not belong to the certificate "
+                       f"{cfg.cert} (another key pair; renewing replaces both files)")
+    try:
         crl = RevocationList.load(cfg.crl, ca_cert) if cfg.crl else RevocationList.empty()
-        if cfg.crl and crl.is_stale():
-            # Still enforced (old revocations stay revoked); newer ones may be missing.
-            log.warning("CRL is past its next update; fetch a fresh one from the CA operator",
-                        crl=str(cfg.crl))
     except OSError as exc:
         raise TlsError(f"TLS file unreadable: {exc.filename}: {exc.strerror}") from None
     except PkiError as exc:
-        raise TlsError(str(exc)) from None
-    if b"PRIVATE KEY" not in key_pem:
-        raise TlsError(f"TLS key {cfg.key} does not contain a PEM private key")
+        raise TlsError(f"{where('crl', cfg.crl)}: {exc}") from None
+    if cfg.crl and crl.is_stale():
+        # Still enforced (old revocations stay revoked); newer ones may be missing.
+        log.warning("CRL is past its next update; fetch a fresh one from the CA operator",
+                    crl=str(cfg.crl))
     return TlsMaterial(ca_pem, cert_pem, key_pem, identity, ca_cert, crl.revoked_serials)
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except (x509.ExtensionNotFound, ValueError):
+        return False
+
+
+def _public_der(key: object) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER,  # type: ignore[attr-defined]
+                            serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 class ServerTls:

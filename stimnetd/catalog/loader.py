@@ -82,15 +82,23 @@ class Catalog:
         return [f.name for f in self.fields.values() if f.type == "image"]
 
     def load_image(self, relpath: str) -> np.ndarray:
-        path = _inside(self.root, relpath, self.name)
-        try:
-            return np.asarray(_nifti(path).dataobj)
-        except Exception as exc:  # nibabel raises many types for corrupt files
-            raise CatalogError(f"catalog {self.name!r}: image {relpath} is unreadable: {exc}") from None
+        return read_image(self.root, self.name, relpath)
 
     @functools.cache  # noqa: B019 - a catalog lives as long as the daemon; masks are small
     def roi_masks(self) -> dict[str, np.ndarray]:
         return {name: np.asarray(_nifti(p).dataobj) > 0 for name, p in self._roi_paths.items()}
+
+
+def read_image(root: Path, catalog: str, relpath: str) -> np.ndarray:
+    """One image of the catalog at `root`, by its path there (which may not leave it).
+
+    A function of paths only, so a Dask worker reading the catalog from shared storage
+    reads it exactly as the daemon does (query/subjects.py)."""
+    path = _inside(root, relpath, catalog)
+    try:
+        return np.asarray(_nifti(path).dataobj)
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise CatalogError(f"catalog {catalog!r}: image {relpath} is unreadable: {exc}") from None
 
 
 def load_catalog(cfg: CatalogConfig) -> Catalog:
@@ -102,20 +110,20 @@ def load_catalog(cfg: CatalogConfig) -> Catalog:
     for tname, path in cfg.tables.items():
         df = _read_table(cfg, tname, path)
         if cfg.subject_key not in df.columns:
-            raise CatalogError(f"catalog {cfg.name!r}: table {tname} ({path.name}) has no "
-                               f"subject key column {cfg.subject_key!r}")
+            raise CatalogError(f"catalog {cfg.name!r}.subject_key: table {tname} ({path}) has no "
+                               f"column {cfg.subject_key!r}")
         blank = df[cfg.subject_key].isna() | (df[cfg.subject_key].str.strip() == "")
         if blank.any():
-            raise CatalogError(f"catalog {cfg.name!r}: table {tname} has {int(blank.sum())} rows "
+            raise CatalogError(f"catalog {cfg.name!r}.tables.{tname}: {path} has {int(blank.sum())} rows "
                                f"without a subject id ({cfg.subject_key!r} is empty)")
         dup = df[cfg.subject_key].duplicated()
         if dup.any():
-            raise CatalogError(f"catalog {cfg.name!r}: table {tname} has {int(dup.sum())} duplicate "
+            raise CatalogError(f"catalog {cfg.name!r}.tables.{tname}: {path} has {int(dup.sum())} duplicate "
                                f"subject ids; each table must hold at most one row per subject")
         for fname in declared_by_table.get(tname, []):
             if fname not in df.columns:
-                raise CatalogError(f"catalog {cfg.name!r}: field {fname!r} is declared in table "
-                                   f"{tname} but {path.name} has no such column")
+                raise CatalogError(f"catalog {cfg.name!r}.fields.{fname}.table: declared in table "
+                                   f"{tname}, but {path} has no column {fname!r}")
         infos.append(TableInfo(tname, len(df), tuple(df.columns)))
         keep = [cfg.subject_key, *[c for c in declared_by_table.get(tname, []) if c != cfg.subject_key]]
         frames.append(df[keep])
@@ -144,12 +152,12 @@ def _read_table(cfg: CatalogConfig, tname: str, path: Path) -> pd.DataFrame:
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=True)
     except pd.errors.EmptyDataError:
-        raise CatalogError(f"catalog {cfg.name!r}: table {tname} ({path}) is empty") from None
+        raise CatalogError(f"catalog {cfg.name!r}.tables.{tname}: {path} is empty") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise CatalogError(f"catalog {cfg.name!r}: table {tname} ({path}) is not valid CSV: "
+        raise CatalogError(f"catalog {cfg.name!r}.tables.{tname}: {path} is not valid CSV: "
                            f"{str(exc).splitlines()[0]}") from None
     except OSError as exc:
-        raise CatalogError(f"catalog {cfg.name!r}: table {tname} ({path}) is unreadable: "
+        raise CatalogError(f"catalog {cfg.name!r}.tables.{tname}: {path} is unreadable: "
                            f"{exc.strerror}") from None
     # Published CSVs often carry stray spaces in headers (the DataSHIELD CNSIM files do).
     df.columns = [str(c).strip() for c in df.columns]
@@ -161,19 +169,20 @@ def _coerce(cfg: CatalogConfig, f: FieldMeta, col: pd.Series) -> pd.Series:
         values = pd.to_numeric(col.str.strip() if col.dtype == object else col, errors="coerce")
         bad = values.isna() & col.notna() & (col.astype(str).str.strip() != "")
         if bad.any():
-            raise CatalogError(f"catalog {cfg.name!r}: field {f.name!r} is declared {f.type} but "
-                               f"{int(bad.sum())} values are not numbers")
+            raise CatalogError(f"catalog {cfg.name!r}.fields.{f.name}.type: declared {f.type}, but "
+                               f"{int(bad.sum())} values in table {f.table} are not numbers")
         values = values.astype(float)
         # Clamping to the declared bounds would quietly turn these into a bound.
         infinite = np.isinf(values)
         if infinite.any():
-            raise CatalogError(f"catalog {cfg.name!r}: field {f.name!r} has {int(infinite.sum())} "
-                               "infinite values (or numbers past float range)")
+            raise CatalogError(f"catalog {cfg.name!r}.fields.{f.name}: {int(infinite.sum())} values in "
+                               f"table {f.table} are infinite (or past float range)")
         if f.type == "integer":
             fractional = values.notna() & (values != np.floor(values))
             if fractional.any():
-                raise CatalogError(f"catalog {cfg.name!r}: field {f.name!r} is declared integer "
-                                   f"but {int(fractional.sum())} values are not whole numbers")
+                raise CatalogError(f"catalog {cfg.name!r}.fields.{f.name}.type: declared integer, "
+                                   f"but {int(fractional.sum())} values in table {f.table} are not "
+                                   "whole numbers")
         return values
     if f.type == "categorical":
         col = col.where(col.isna(), col.astype(str).str.strip())
@@ -181,8 +190,9 @@ def _coerce(cfg: CatalogConfig, f: FieldMeta, col: pd.Series) -> pd.Series:
             unknown = set(col.dropna()) - set(f.levels)
             if unknown:
                 # Values are not echoed: an undeclared level is itself data.
-                raise CatalogError(f"catalog {cfg.name!r}: field {f.name!r} has "
-                                   f"{len(unknown)} values outside its declared levels")
+                raise CatalogError(f"catalog {cfg.name!r}.fields.{f.name}.levels: table "
+                                   f"{f.table} has {len(unknown)} values outside the declared "
+                                   "levels (rows must use declared levels only)")
         return col
     return col
 

@@ -44,7 +44,8 @@ def assemble(job: VerifiedJob, fan: FanoutResult) -> Answer:
     except (IncompatiblePartials, StimnetError) as exc:
         return Answer("failed", f"sites returned incompatible results: {exc}")
     result = finalize(spec, combined)
-    privacy = [{"site": o.site, "epsilon": o.epsilon, "mechanism": o.mechanism}
+    privacy = [{"site": o.site, "epsilon": o.epsilon, "delta": o.delta,
+                "mechanism": o.mechanism}
                for o in contributors]
     doc = {"result": result.to_dict(), "manifest": fan.manifest(), "privacy": privacy,
            "query": req.spec, "scope": req.scope, "kind": req.kind,

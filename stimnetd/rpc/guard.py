@@ -415,8 +415,12 @@ class Guard(grpc.aio.ServerInterceptor):
               logged: bool = False) -> None:
         latency = time.perf_counter() - started
         if not logged:
-            self._log.info("rpc", status=status, latency_ms=round(latency * 1000, 3),
-                     **({"reason": reason} if reason else {}))
+            # Gossip and health checks (several a second, no data behind them) log at
+            # debug when they succeed: at info they were nearly every line of the log.
+            emit = self._log.debug if method in QUIET_METHODS and status == "OK" \
+                else self._log.info
+            emit("rpc", status=status, latency_ms=round(latency * 1000, 3),
+                 **({"reason": reason} if reason else {}))
         if self._observe:
             self._observe(method, status, latency)
         structlog.contextvars.clear_contextvars()
@@ -477,12 +481,8 @@ def _bounded(audit: Callable[[str, str, str, str, dict[str, Any]], Awaitable[Any
         try:
             return await audit(_cut(actor), _cut(role), action, decision,
                                {k: _cut(v) for k, v in detail.items()})
-        except StorageFull:
-            # The refusal still reaches its caller; only its entry is missing, and said so.
-            log.warning("refusal not audited: state volume full", actor=_cut(actor),
-                        action=action)
-            return None
-
+        except StorageFull:  # the refusal still reaches its caller; its entry is said lost
+            log.warning("refusal not audited: state volume full", actor=_cut(actor))
     return bounded
 
 

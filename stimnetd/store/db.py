@@ -24,6 +24,7 @@ from stimnet.errors import Replayed, StimnetError, StorageFull
 from stimnetd.store import blobs, jobs, ledger, node, nonces, releases
 from stimnetd.store.audit import SELECT_ROWS, AuditRow, AuditVerification, verify_rows
 from stimnetd.store.groupcommit import GROUP_COMMIT_S, Writer
+from stimnetd.store.lock import StateDirLock
 from stimnetd.store.records import JobRecord, MemberRecord, NonceClaim, Release, ReleaseRule
 from stimnetd.store.schema import MIGRATIONS
 from stimnetd.store.transaction import AuditEntry, Transaction
@@ -53,6 +54,12 @@ class Store:
         self._writer = Writer(clock, group_commit_s)
         self._db: aiosqlite.Connection | None = None
         self._nonces = nonces.NonceMirror()
+        self._dir_lock = StateDirLock(path.parent)
+
+    def lock_state_dir(self) -> None:
+        """Hold the store's directory for this process (lock.py) until `close`; raises
+        StateDirLocked, naming the holder, if another daemon holds it."""
+        self._dir_lock.acquire()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -111,8 +118,11 @@ class Store:
         _check_version(path, version)
 
     async def close(self) -> None:
-        """Commit what is queued, then close; idempotent."""
-        await self._disconnect()
+        """Commit what is queued, then close (and let go of the directory); idempotent."""
+        try:
+            await self._disconnect()
+        finally:
+            self._dir_lock.release()
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -293,6 +303,9 @@ class Store:
 
     async def spent(self, researcher: str, catalog: str) -> float:
         return await ledger.spent(self.db, researcher, catalog)
+
+    async def spent_delta(self, researcher: str, catalog: str) -> float:
+        return await ledger.spent_delta(self.db, researcher, catalog)
 
     async def spent_by_catalog(self) -> dict[str, float]:
         return await ledger.spent_by_catalog(self.db)

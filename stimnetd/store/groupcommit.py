@@ -23,6 +23,7 @@ committed write.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import sqlite3
 from collections.abc import Callable
@@ -174,6 +175,10 @@ class Writer:
             committed = False
 
             def body() -> T:
+                # The head as the previous transaction on this thread left it: read here,
+                # not when `tx` was made, so no interleaving of the event loop's tasks can
+                # hand this transaction a stale head (a UNIQUE audit.seq at the next append).
+                tx.seq, tx.head = self._seq, self._head
                 tx.append_many(pending)
                 outcomes[:] = [run_deferred(tx, d) for d, _ in deferred]
                 return run_body(fn, tx)
@@ -194,8 +199,14 @@ class Writer:
                 self.out_of_space = True
                 raise
             except asyncio.CancelledError:
-                # Keep the write lock until the database is done with this transaction.
-                await asyncio.wait([task])
+                # Keep the write lock until the database is done with this transaction,
+                # however often the caller is cancelled meanwhile (a shutdown cancels
+                # in-flight handlers, then the loop's teardown cancels what is left):
+                # released early, the next transaction would start before this one ended
+                # and requeue audit entries this one is committing.
+                while not task.done():
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.wait([task])
                 raise
             finally:
                 if not committed:

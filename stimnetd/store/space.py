@@ -12,9 +12,13 @@ from __future__ import annotations
 import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from stimnet.errors import StorageFull, StorageQuotaExceeded
 from stimnetd.store.transaction import NO_SPACE
+
+if TYPE_CHECKING:
+    from stimnetd.store.db import Store
 
 MB = 1024 * 1024
 # After a write failed for want of space, new jobs are admitted again once this much is free.
@@ -37,6 +41,13 @@ class StorageGuard:
         self._out_of_space = out_of_space
         self.min_free_mb = min_free_mb
         self.max_stored_mb_per_researcher = max_stored_mb_per_researcher
+
+    @classmethod
+    def of(cls, store: Store, settings: Any) -> StorageGuard:
+        """The guard of `store`'s volume, with `settings` ([storage], config.StorageSettings)."""
+        return cls(store.path.parent, store.stored_bytes, min_free_mb=settings.min_free_mb,
+                   max_stored_mb_per_researcher=settings.max_stored_mb_per_researcher,
+                   out_of_space=lambda: store.out_of_space)
 
     def check_space(self) -> None:
         try:

@@ -23,7 +23,7 @@ def test_demo_init_and_run(tmp_path: Path, sandbox_image: str) -> None:
     assert run.returncode == 0, out[-4000:]
     assert "all 3 sites stopped cleanly (exit 0)" in out
     assert out.count("succeeded 3 site(s) contributed") >= 3, out[-4000:]
-    assert "stimnet_epsilon_spent{catalog=\"dbs_outcomes\"}" in out
+    assert "stimnet_epsilon_spent_total{catalog=\"dbs_outcomes\"}" in out
     assert 'stimnet_jobs{state="succeeded"}' in out
     assert 'stimnet_jobs{state="running"}' not in out  # shown once every job has ended
     mean = nib.load(root / "results" / "sweet_spot" / "sweet_spot_mean.nii.gz")

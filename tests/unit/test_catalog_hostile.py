@@ -87,16 +87,18 @@ BREAKAGES: dict[str, Callable[[Path], None]] = {
 
 
 REFUSED = {  # breakage: what the refusal must say
-    "blank subject id": "table subjects has 1 rows without a subject id",
-    "inf in a numeric field": "field 'age' has 1 infinite values",
-    "huge integer": "field 'updrs_off' has 1 infinite values (or numbers past float range)",
-    "fraction in an integer field": "field 'frequency_hz' is declared integer but 1 values are "
-                                    "not whole numbers",
+    "blank subject id": "has 1 rows without a subject id",
+    "inf in a numeric field": ".fields.age: 1 values in table subjects are infinite",
+    "huge integer": ".fields.updrs_off: 1 values in table outcomes are infinite (or past "
+                   "float range)",
+    "fraction in an integer field": ".fields.frequency_hz.type: declared integer, but 1 values in "
+                                    "table stimulation are not whole numbers",
     "image path is a directory": "is not a file",
     "ROI off the grid": "ROI gpi_left (gpi_left.nii.gz) is not on the grid of image field "
                         "'vta_path'",
-    "duplicate subject": "table subjects has 1 duplicate subject ids",
-    "undeclared level": "field 'sex' has 1 values outside its declared levels",
+    "duplicate subject": "has 1 duplicate subject ids",
+    "undeclared level": "'dbs_outcomes'.fields.sex.levels: table subjects has 1 values outside the "
+                        "declared levels",
     "table is a directory": "subjects.csv is not a file",
 }
 

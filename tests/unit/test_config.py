@@ -123,7 +123,7 @@ def test_catalog_field_not_in_table(good: dict) -> None:
     """A declared field absent from its CSV is named with the table."""
     raw = good["raw"]
     raw["catalogs"][0]["fields"]["tremor_score"] = {"table": "outcomes", "type": "numeric"}
-    with pytest.raises(CatalogError, match="'tremor_score' is declared in table outcomes"):
+    with pytest.raises(CatalogError, match=r"\.fields\.tremor_score\.table: declared in table outcomes"):
         _load_all(_write(good, raw))
 
 
@@ -190,7 +190,7 @@ def test_non_numeric_values_in_numeric_field(good: dict) -> None:
     df = pd.read_csv(p, dtype=str)
     df.loc[2, "age"] = "secret-value"
     df.to_csv(p, index=False)
-    with pytest.raises(CatalogError, match="'age' is declared numeric") as err:
+    with pytest.raises(CatalogError, match=r"\.fields\.age\.type: declared numeric") as err:
         _load_all(good["path"])
     assert "secret-value" not in str(err.value)
 

@@ -1,0 +1,152 @@
+"""Where a voxel map's per-subject work runs: reading each subject's image, checking it
+against the catalog's contract, and adding it into the map's sums.
+
+`InProcess` (the default) does it in the daemon, one subject at a time. `DaskImages`
+(`[compute] scheduler = "tcp://..."`) splits the subjects into chunks and has the
+cluster's workers do it, each reading the catalog from shared storage at the same path
+(`catalog.loader.read_image`, exactly as the daemon reads) and returning only its chunk's
+sums: the subject count, the per-voxel count and the per-voxel weighted sum. No image, no
+per-subject value and no subject id leaves a worker; what is released, and how, is still
+decided in the daemon (the engine builds the Partial, the privacy layer judges it).
+
+Only the engine's `count_map` / `mean_map` sums go through here; the
+map statistics (query/voxelmaps.py) and `roi_overlap` still run in the daemon.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from stimnet.errors import DataContractViolation, StimnetError
+from stimnetd.catalog.loader import read_image
+
+# Subject (relative image path, weight) pairs, nulls already dropped.
+Items = Sequence[tuple[str, float]]
+# n subjects, per-voxel count of subjects covering it, per-voxel Σ weight.
+Sums = tuple[int, np.ndarray, np.ndarray]
+CONNECT_TIMEOUT_S = 10.0
+
+
+class ComputeUnavailable(StimnetError):
+    """The configured compute cluster cannot be reached or failed the work."""
+
+    code = "UNAVAILABLE"
+
+
+def binarized(img: np.ndarray, column: str, shape: tuple[int, ...],
+              max_voxels: int | None) -> np.ndarray:
+    """The subject's coverage mask, after the checks the catalog's contract makes."""
+    img = np.asarray(img)
+    if tuple(img.shape) != tuple(shape):
+        raise DataContractViolation(
+            f"an image in {column!r} is not on the catalog grid {tuple(shape)}")
+    mask = img > 0
+    if max_voxels is not None and np.count_nonzero(mask) > max_voxels:
+        # DP noise on voxel maps assumes one subject covers at most max_voxels voxels;
+        # the count itself is a data value, so the message leaves it out.
+        raise DataContractViolation(
+            f"an image in {column!r} has more non-zero voxels than its declared "
+            f"max_voxels ({max_voxels})")
+    return mask
+
+
+def chunk_sums(root: str, catalog: str, column: str, shape: tuple[int, ...],
+               max_voxels: int | None, items: Items) -> Sums:
+    """One chunk's sums; what a Dask worker runs (a top-level function: it is pickled)."""
+    count = np.zeros(shape)
+    total = np.zeros(shape)
+    for relpath, weight in items:
+        mask = binarized(read_image(Path(root), catalog, relpath), column, shape, max_voxels)
+        count += mask
+        total += weight * mask
+    return len(items), count, total
+
+
+class SubjectImages(Protocol):
+    def voxel_sums(self, catalog: Any, column: str, shape: tuple[int, ...],
+                   max_voxels: int | None, items: Items) -> Sums: ...
+
+
+class InProcess:
+    """Every subject read and added here, one at a time (a cohort's images together need
+    not fit in memory)."""
+
+    def voxel_sums(self, catalog: Any, column: str, shape: tuple[int, ...],
+                   max_voxels: int | None, items: Items) -> Sums:
+        count = np.zeros(shape)
+        total = np.zeros(shape)
+        for relpath, weight in items:
+            mask = binarized(catalog.load_image(relpath), column, shape, max_voxels)
+            count += mask
+            total += weight * mask
+        return len(items), count, total
+
+
+class DaskImages:
+    """The subjects' work on a `dask.distributed` cluster at `scheduler`.
+
+    Blocking (the engine runs off the event loop). The client connects on first use and
+    is kept; `chunks_per_worker` chunks per worker balance uneven workers without sending
+    a task per subject.
+    """
+
+    def __init__(self, scheduler: str, *, chunks_per_worker: int = 2,
+                 timeout_s: float = 600.0) -> None:
+        self.scheduler = scheduler
+        self._chunks_per_worker = chunks_per_worker
+        self._timeout_s = timeout_s
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def _connect(self) -> Any:
+        from distributed import Client
+
+        with self._lock:
+            if self._client is None:
+                try:
+                    self._client = Client(self.scheduler, timeout=CONNECT_TIMEOUT_S,
+                                          set_as_default=False)
+                except (OSError, TimeoutError) as exc:
+                    raise ComputeUnavailable(
+                        f"the compute cluster at {self.scheduler} cannot be reached "
+                        f"({type(exc).__name__}); [compute] scheduler") from None
+            return self._client
+
+    def voxel_sums(self, catalog: Any, column: str, shape: tuple[int, ...],
+                   max_voxels: int | None, items: Items) -> Sums:
+        if not items:
+            return 0, np.zeros(shape), np.zeros(shape)
+        client = self._connect()
+        workers = max(1, len(client.scheduler_info().get("workers", {})))
+        size = max(1, math.ceil(len(items) / (workers * self._chunks_per_worker)))
+        chunks = [list(items[i:i + size]) for i in range(0, len(items), size)]
+        futures = [client.submit(chunk_sums, str(catalog.root), catalog.name, column,
+                                 tuple(shape), max_voxels, chunk, pure=False)
+                   for chunk in chunks]
+        deadline = time.monotonic() + self._timeout_s
+        try:
+            results = [f.result(timeout=max(0.0, deadline - time.monotonic())) for f in futures]
+        except StimnetError:
+            raise  # the catalog's contract, judged on the worker: the same error as here
+        except (OSError, TimeoutError) as exc:
+            client.cancel(futures)
+            raise ComputeUnavailable(f"the compute cluster at {self.scheduler} failed the "
+                                     f"map work ({type(exc).__name__})") from None
+        n = sum(r[0] for r in results)
+        count = np.sum([r[1] for r in results], axis=0)
+        total = np.sum([r[2] for r in results], axis=0)
+        return n, count, total
+
+    def close(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
