@@ -3,7 +3,8 @@
 `PgStore` has the `Store` verbs the replicas must agree on, under the same names and with
 the same meaning, so the store contract suite runs one test body against both
 (tests/store_pg): the privacy ledger's `release` / `spent`, the audit chain's `audit` /
-`audit_rows` / `verify_audit`, jobs' `create_job` / `get_job` / `update_job_if`, and the
+`audit_rows` / `verify_audit`, jobs' `create_job` / `get_job` / `update_job_if`, nonces' `claim_nonce` /
+`remember_nonce`, and the
 site's `site_secret` / `approve_script` / `is_script_approved`. What
 only replicas need is added: `claim_queued` (a queued job goes to exactly one replica,
 ``FOR UPDATE SKIP LOCKED``), `renew_lease`, and `recover_expired` (a job whose replica
@@ -18,10 +19,10 @@ the lock's wait, and the same outcome would come from aborts and retries instead
 cost is that a site's releases commit one at a time, as they do in the SQLite store's
 single writer.
 
-Not here (the SQLite store has them; a replica needs them before `[store] url` can point
-a daemon at PostgreSQL): the overlap guard's cohort tables, nonces, gossip members,
-job listing and pruning, backups. A `decide` rule that asks for near cohorts
-gets an error saying so, never an empty answer.
+Not here (the SQLite store has them; a replica needs them before `[store] url` can
+point a daemon at PostgreSQL): the overlap guard's cohort tables and exact auditing's
+history, gossip members, job listing and pruning, backups. A `decide` rule that asks for
+near cohorts gets an error saying so, never an empty answer.
 """
 
 from __future__ import annotations
@@ -34,12 +35,21 @@ from typing import Any
 
 import asyncpg
 
-from stimnet.errors import Conflict, StimnetError
+from stimnet.errors import Conflict, Replayed, StimnetError
 from stimnetd.store.audit import GENESIS as GENESIS
 from stimnetd.store.audit import AuditRow, AuditVerification, chain_hash, verify_rows
 from stimnetd.store.node import SECRET_BYTES
 from stimnetd.store.pg_schema import PG_MIGRATIONS
-from stimnetd.store.records import Disclosed, JobRecord, Release, ReleaseRule, cohort_digest
+from stimnetd.store.records import (
+    Disclosed,
+    JobRecord,
+    NonceClaim,
+    Release,
+    ReleaseRule,
+    cohort_digest,
+)
+from stimnetd.store.releases import REPLAYED
+from stimnetd.store.transaction import AuditEntry
 
 # Any constant will do; it names "the audit chain's head" to pg_advisory_xact_lock.
 CHAIN_LOCK = 0x5354_494D_4E45_5401
@@ -168,14 +178,20 @@ class PgStore:
         return float(value)
 
     async def release(self, release: Release, *, decide: ReleaseRule,
-                      audit_actor: tuple[str, str]) -> Release:
+                      audit_actor: tuple[str, str], nonce: NonceClaim | None = None) -> Release:
         """`Store.release`: record, charge and audit in one transaction unless `decide`
         refuses (the refusal's audit entry commits, then its error is raised); a job
-        released before returns the stored release, charging nothing."""
+        released before returns the stored release, charging nothing. With `nonce`, the
+        request's nonce is remembered first in this transaction; a replay (on any replica)
+        raises `Replayed` and nothing is released."""
         base = {"job": release.job_id, "catalog": release.catalog}
         async with self.pool.acquire() as conn:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", CHAIN_LOCK)
+                if nonce is not None:
+                    nonce.consumed = True
+                    if not await self._insert_nonce(conn, nonce, self._clock()):
+                        raise Replayed(REPLAYED)
                 existing = await conn.fetchrow(
                     "SELECT job_id, researcher, catalog, decision, epsilon, cohort_digest,"
                     " partials, at FROM releases WHERE job_id = $1", release.job_id)
@@ -268,6 +284,42 @@ class PgStore:
         row = await self.pool.fetchrow(
             f"UPDATE jobs SET {', '.join(sets)} WHERE {where} RETURNING {JOB_COLUMNS}", *args)
         return JobRecord.from_row(tuple(row)) if row else None
+
+    # -- signed-request nonces ----------------------------------------------------------
+
+    async def claim_nonce(self, claim: NonceClaim, audit: AuditEntry | None = None) -> bool:
+        """`Store.claim_nonce`: remember `claim` (with its accepted entry, then `audit`);
+        False on a replay, whichever replica saw the request first. Nonces older than twice
+        the freshness window are pruned, as in the SQLite store."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", CHAIN_LOCK)
+            fresh = await self._insert_nonce(conn, claim, self._clock())
+            if fresh and audit is not None:
+                await self._append(conn, *audit)
+        claim.consumed = True
+        return fresh
+
+    async def _insert_nonce(self, conn: asyncpg.Connection, claim: NonceClaim,
+                            now: float) -> bool:
+        """Remember `claim` (and append its accepted entry); False if it is a replay. The
+        caller holds CHAIN_LOCK."""
+        await conn.execute("DELETE FROM nonces WHERE seen_at < $1", now - 2 * claim.max_age_s)
+        inserted = await conn.fetchval(
+            "INSERT INTO nonces (nonce, signer, seen_at) VALUES ($1, $2, $3)"
+            " ON CONFLICT (nonce) DO NOTHING RETURNING 1", claim.nonce, claim.signer, now)
+        if inserted is not None and claim.accepted is not None:
+            await self._append(conn, *claim.accepted)
+        return inserted is not None
+
+    async def remember_nonce(self, nonce: str, signer: str, max_age_s: float, *,
+                             audit: AuditEntry | None = None) -> bool:
+        return await self.claim_nonce(NonceClaim(nonce, signer, max_age_s, audit))
+
+    async def nonce_seen_now(self, nonce: str) -> bool:
+        """Whether any replica has remembered `nonce` (a database read: replicas share no
+        memory, so the SQLite store's in-memory `nonce_seen` has no counterpart here)."""
+        return bool(await self.pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM nonces WHERE nonce = $1)", nonce))
 
     # -- the site's own state ----------------------------------------------------------
 

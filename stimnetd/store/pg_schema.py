@@ -82,4 +82,14 @@ PG_MIGRATIONS: tuple[str, ...] = (
         at DOUBLE PRECISION NOT NULL
     );
     """,
+    # 3: signed-request nonces, shared so that a request replayed to another replica is
+    # refused there too.
+    """
+    CREATE TABLE nonces (
+        nonce TEXT PRIMARY KEY,
+        signer TEXT NOT NULL,
+        seen_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX nonces_seen ON nonces (seen_at);
+    """,
 )

@@ -200,3 +200,16 @@ async def test_a_database_at_the_first_schema_is_upgraded_in_place(pg_url: str) 
         assert versions == list(range(1, len(PG_MIGRATIONS) + 1))
     finally:
         await s.close()
+
+
+async def test_a_request_replayed_to_the_other_replica_is_refused(pg_url: str) -> None:
+    """A nonce remembered through one replica's store is a replay through the other's."""
+    a, b = PgStore(pg_url), PgStore(pg_url)
+    await asyncio.gather(a.open(), b.open())
+    try:
+        assert await a.remember_nonce("n-1", "alice", 300.0)
+        assert await b.nonce_seen_now("n-1")
+        assert not await b.remember_nonce("n-1", "alice", 300.0)
+    finally:
+        await a.close()
+        await b.close()

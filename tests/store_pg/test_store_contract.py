@@ -14,9 +14,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from stimnet.errors import Conflict, StimnetError
+from stimnet.errors import Conflict, Replayed, StimnetError
 from stimnetd.store import Store
 from stimnetd.store.pg import PgStore
+from stimnetd.store.records import NonceClaim
 from tests.store.contract import job_row, release, rules
 
 ALICE = ("alice", "researcher")
@@ -143,3 +144,27 @@ async def test_an_approved_script_stays_approved(store: Any) -> None:
     await store.approve_script("a" * 64, "admin2")
     assert await store.is_script_approved("a" * 64)
     assert not await store.is_script_approved("b" * 64)
+
+
+async def test_a_nonce_is_claimed_once_with_its_audit_entry(store: Any) -> None:
+    """The first claim of a nonce is True and appends its entries; a copy is False and
+    appends nothing; two copies at once: exactly one wins."""
+    accepted = ("alice", "researcher", "submit", "accepted", {"job": "j1"})
+    assert await store.claim_nonce(NonceClaim("n1", "alice", 300.0, accepted),
+                                   audit=("node-a", "node", "run", "ok", {}))
+    assert not await store.claim_nonce(NonceClaim("n1", "alice", 300.0, accepted))
+    assert [r.action for r in await store.audit_rows()] == ["submit", "run"]
+    both = await asyncio.gather(store.remember_nonce("n2", "alice", 300.0),
+                                store.remember_nonce("n2", "alice", 300.0))
+    assert sorted(both) == [False, True]
+
+
+async def test_a_replayed_release_is_refused_and_charges_nothing(store: Any) -> None:
+    """A release carrying a nonce already used raises Replayed; the ledger is unchanged."""
+    rule = rules(budget=5.0)
+    await store.release(release("j1", 1.0), decide=rule, audit_actor=ALICE,
+                        nonce=NonceClaim("n1", "alice", 300.0))
+    with pytest.raises(Replayed):
+        await store.release(release("j2", 1.0), decide=rule, audit_actor=ALICE,
+                            nonce=NonceClaim("n1", "alice", 300.0))
+    assert await store.spent("alice", "c") == pytest.approx(1.0)
