@@ -33,6 +33,7 @@ from stimnet.query.spec import (
 from stimnetd.catalog.columns import Rows, is_null, label
 from stimnetd.catalog.view import CatalogView
 from stimnetd.query.aggregate import GroupKey, Partial
+from stimnetd.query.linear import LinearCohort, linear_cohorts
 from stimnetd.query.models import model_partial
 from stimnetd.query.subjects import InProcess, SubjectImages, binarized
 
@@ -46,11 +47,15 @@ class SiteComputation:
     n_cohort: int
     # Grouped queries: each group's subjects (its cells are released cohorts too).
     group_ids: dict[GroupKey, frozenset[str]] = field(default_factory=dict)
+    # With `audit`: every linear statistic the partials hold, with the cohort it sums over
+    # (query/linear.py), for exact auditing.
+    linear: list[LinearCohort] = field(default_factory=list)
 
 
 def compute(
     spec: QuerySpec, catalog: CatalogView, *, quantile_bins: int = QUANTILE_BINS,
     beta: np.ndarray | None = None, images: SubjectImages | None = None,
+    audit: bool = False,
 ) -> SiteComputation:
     """One site's exact partials for `spec`: one per aggregate per group (every declared
     level combination when all group fields declare levels, else the groups present).
@@ -72,10 +77,19 @@ def compute(
     ctx = _Context(catalog, quantile_bins, images)
     groups = _groups(rows, spec.group_by, catalog.fields)
     partials = [ctx.aggregate(agg, cell, key) for key, cell in groups for agg in spec.aggregates]
+    linear: list[LinearCohort] = []
+    if audit:
+        made = iter(partials)
+        for key, cell in groups:
+            for agg in spec.aggregates:
+                p = next(made)
+                bounds = catalog.fields[agg.fields[0]].bounds if agg.fields else None
+                linear += linear_cohorts(agg, cell, key, fine_bins=quantile_bins,
+                                         bounds=bounds, levels=p.meta.get("levels"))
     group_ids = {key: cell.ids(catalog.subject_key) for key, cell in groups} \
         if spec.group_by else {}
     return SiteComputation(partials=partials, cohort_ids=cohort_ids, n_cohort=len(rows),
-                           group_ids=group_ids)
+                           group_ids=group_ids, linear=linear)
 
 
 # --- filter: SQL three-valued logic as (is_true, is_false) masks; unknown is neither ---

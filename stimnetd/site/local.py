@@ -25,7 +25,7 @@ from stimnet.signing import VerifiedJob
 from stimnet.states import RefusalKind
 from stimnetd.catalog import Catalog, CatalogSet
 from stimnetd.privacy import glm_noise
-from stimnetd.privacy.noise import NoiseSource, add_noise
+from stimnetd.privacy.noise import NoiseReport, NoiseSource, add_noise
 from stimnetd.privacy.policy import PrivacyPolicy, PrivacyRefusal, decide_epsilon
 from stimnetd.privacy.release import budget_refusal, decide
 from stimnetd.privacy.suppress import (
@@ -38,6 +38,7 @@ from stimnetd.privacy.threshold import gate_noised
 from stimnetd.query import partial_docs
 from stimnetd.query.aggregate import GroupKey, Partial
 from stimnetd.query.engine import compute
+from stimnetd.query.linear import LinearCohort
 from stimnetd.query.models import control_of, is_multi_round
 from stimnetd.query.subjects import SubjectImages
 from stimnetd.site.cohorts import CohortFingerprints
@@ -93,6 +94,7 @@ class LocalSite:
 
     def __init__(self, *, name: str, catalogs: CatalogSet, store: Store, policy: PrivacyPolicy,
                  noise: NoiseSource, overlap_guard: bool = True,
+                 shared_history: bool = False,
                  script_runner: ScriptRunner | None = None,
                  on_decision: Callable[[str], None] = lambda kind: None,
                  clock: Callable[[], float] = time.time,
@@ -105,6 +107,9 @@ class LocalSite:
         self._policy = policy
         self._noise = noise
         self._overlap_guard = overlap_guard
+        # One exact-auditing history per catalog for all researchers ([privacy]
+        # shared_history), not one per researcher.
+        self._shared_history = shared_history
         self._script_runner = script_runner
         self._on_decision = on_decision
         self._clock = clock
@@ -153,8 +158,10 @@ class LocalSite:
                 # (a container) is worth reporting.
                 await progress.running()
             _model_privacy(job, catalog, epsilon)
-            partials, cohort, groups = await self._compute(job, catalog, progress)
-            outcome = await self._release(job, catalog, partials, cohort, groups, epsilon, nonce)
+            audit = epsilon is None and self._overlap_guard
+            partials, cohort, groups, linear = await self._compute(job, catalog, progress, audit)
+            outcome = await self._release(job, catalog, partials, cohort, groups, epsilon, nonce,
+                                          linear)
             if outcome.state == "done" and req.kind == "query" \
                     and is_multi_round(model := req.query_spec.model):
                 assert model is not None
@@ -242,9 +249,10 @@ class LocalSite:
             await self._store.audit(*entry)
         self._on_decision("refused")
 
-    async def _compute(self, job: VerifiedJob, catalog: Catalog, progress: ShareProgress
+    async def _compute(self, job: VerifiedJob, catalog: Catalog, progress: ShareProgress,
+                       audit: bool = False
                        ) -> tuple[list[Partial], frozenset[str] | None,
-                                  dict[GroupKey, frozenset[str]]]:
+                                  dict[GroupKey, frozenset[str]], list[LinearCohort]]:
         req = job.request
         if req.kind == "query":
             spec = req.query_spec
@@ -253,38 +261,24 @@ class LocalSite:
                                  f"{req.catalog!r}")
             # compute() validates the spec against this catalog (a site trusts no entry).
             if not spec.reads_images() and catalog.n_subjects <= INLINE_SUBJECTS:
-                result = compute(spec, catalog, images=self._images)
+                result = compute(spec, catalog, images=self._images, audit=audit)
             else:
-                result = await asyncio.to_thread(compute, spec, catalog, images=self._images)
-            return result.partials, result.cohort_ids, result.group_ids
+                result = await asyncio.to_thread(compute, spec, catalog, images=self._images,
+                                                 audit=audit)
+            return result.partials, result.cohort_ids, result.group_ids, result.linear
         if self._script_runner is None:
             raise Refused("this site's script policy is 'deny': it does not run researcher scripts")
         partials, cohort = await self._script_runner(job, catalog, progress.log)
-        return partials, cohort, {}
+        return partials, cohort, {}, []
 
     async def _release(self, job: VerifiedJob, catalog: Catalog, partials: list[Partial],
                        cohort: frozenset[str] | None, groups: dict[GroupKey, frozenset[str]],
-                       epsilon: float | None, nonce: NonceClaim | None = None) -> SiteOutcome:
+                       epsilon: float | None, nonce: NonceClaim | None = None,
+                       linear: list[LinearCohort] | None = None) -> SiteOutcome:
         """Suppress, noise, and release in one store transaction (see `_disclosed` for the
         cohorts the overlap guard checks)."""
         req = job.request
-        k = self._policy.k_min
-        report = None
-        if epsilon is not None:
-            # Noise first, then the noisy threshold (privacy/threshold.py): which cells are
-            # withheld is decided on noised counts, so it is inside the DP guarantee.
-            _declared_groups_only(partials, catalog)
-            if partials[0].kind == "glm_round":
-                # A GLM's first round: the whole fit's ε (every round it may take) now.
-                assert req.query_spec.model is not None
-                noised, report = glm_noise.noised(
-                    partials[0], _glm_plan(req.query_spec.model, catalog, epsilon), self._noise)
-                partials = [noised]
-            else:
-                partials, report = add_noise(partials, catalog.fields, epsilon, self._noise)
-            partials, decisions = gate_noised(partials, report, k, self._policy.delta)
-        else:
-            partials, decisions = suppress_small_cells(partials, k, catalog.fields)
+        partials, decisions, report = self._protect(job, catalog, partials, epsilon)
         suppressed = result_suppressed(decisions)
         decision = _decision(suppressed, decisions)
         charged = report.epsilon if report is not None and report.epsilon > 0 else None
@@ -299,6 +293,8 @@ class LocalSite:
             # it), so its cohorts are neither fingerprinted nor recorded.
             cells, cohort, guarded, fingerprint, digest = [], None, (), frozenset(), None
         n_atoms = len(cells) - 1 if len(cells) > 1 else 0  # the cells, not their union
+        audited = await self._linear(catalog, partials, linear) \
+            if charged is None and linear else ()
         docs, arrays = partial_docs.partials_to_doc(partials)
         n = _released_n(partials, cohort, suppressed, charged is not None)
         mechanism = "laplace" if charged else None
@@ -308,7 +304,8 @@ class LocalSite:
             Release(job_id=req.job_id, researcher=job.researcher.name, catalog=req.catalog,
                     decision=decision, epsilon=charged, cohort=fingerprint, partials=blob,
                     cohort_key=digest, guarded=guarded, atoms=guarded[:n_atoms],
-                    at=self._clock(), delta=delta,
+                    at=self._clock(), delta=delta, linear=audited,
+                    shared_history=self._shared_history,
                     audit_detail={"kind": req.kind, "outputs": len(partials),
                                   "withheld": [f"{d.output}{list(d.group)}: {d.reason}"
                                                for d in decisions if d.action != "released"]}),
@@ -319,6 +316,54 @@ class LocalSite:
         if stored.partials is not blob:  # released before (a retry): the stored one counts
             return self._from_release(stored)
         return self._outcome(decision, partials, n, charged, mechanism, blob, delta or None)
+
+    def _protect(self, job: VerifiedJob, catalog: Catalog, partials: list[Partial],
+                 epsilon: float | None
+                 ) -> tuple[list[Partial], list[Decision], NoiseReport | None]:
+        """k_min suppression on exact counts, or under DP noise and then the noisy threshold
+        (privacy/threshold.py): which cells are withheld is decided on noised counts, so it
+        is inside the DP guarantee."""
+        k = self._policy.k_min
+        if epsilon is None:
+            partials, decisions = suppress_small_cells(partials, k, catalog.fields)
+            return partials, decisions, None
+        _declared_groups_only(partials, catalog)
+        if partials[0].kind == "glm_round":
+            # A GLM's first round: the whole fit's ε (every round it may take) now.
+            model = job.request.query_spec.model
+            assert model is not None
+            noised, report = glm_noise.noised(
+                partials[0], _glm_plan(model, catalog, epsilon), self._noise)
+            partials = [noised]
+        else:
+            partials, report = add_noise(partials, catalog.fields, epsilon, self._noise)
+        partials, decisions = gate_noised(partials, report, k, self._policy.delta)
+        return partials, decisions, report
+
+    async def _linear(self, catalog: Catalog, partials: list[Partial],
+                      linear: list[LinearCohort]) -> tuple[tuple[str, frozenset[str], str], ...]:
+        """The released linear statistics' cohorts, as fingerprints: a withheld partial or
+        cell releases nothing, and each (quantity, cohort) counts once."""
+        shown = {p.key: p for p in partials if not is_withheld(p)}
+        ids = catalog.columns().ids(catalog.subject_key)
+        n_cells: dict[tuple[str, GroupKey], int] = {}
+        for lc in linear:
+            if lc.cell is not None:
+                key = (lc.output, lc.group)
+                n_cells[key] = n_cells.get(key, 0) + 1
+        out: dict[tuple[str, str], tuple[str, frozenset[str], str]] = {}
+        for lc in linear:
+            p = shown.get((lc.output, lc.group))
+            if p is None:
+                continue
+            if lc.cell is not None and not _cell_shown(p, lc, n_cells.get(p.key, 0)):
+                continue
+            if lc.positions.size == 0:
+                continue
+            members = frozenset(ids[lc.positions].tolist())
+            fps, digest = await self._fingerprints.of(catalog, members)
+            out.setdefault((lc.quantity, digest), (lc.quantity, fps, digest))
+        return tuple(out.values())
 
     def _from_release(self, release: Release) -> SiteOutcome:
         doc, arrays = codec.unpack(release.partials or b"")
@@ -335,6 +380,21 @@ class LocalSite:
                                partials=partials, packed=packed)
         return SiteOutcome(self.name, "done", "", n=n, partials=partials, epsilon=epsilon,
                            delta=delta, mechanism=mechanism, packed=packed)
+
+
+def _cell_shown(p: Partial, lc: LinearCohort, n_cells: int) -> bool:
+    """Whether the site released cell `lc.cell` of `p`. A contingency whose undeclared
+    levels were left out is matched by level; any other doubt counts as released."""
+    assert lc.cell is not None
+    mask = None if p.cell_mask is None else np.asarray(p.cell_mask, dtype=bool)
+    if lc.levels is not None and "levels" in p.meta:
+        rows, cols = (list(lv) for lv in p.meta["levels"])
+        if lc.levels[0] not in rows or lc.levels[1] not in cols:
+            return False
+        return mask is None or not bool(mask[rows.index(lc.levels[0]), cols.index(lc.levels[1])])
+    if mask is None or mask.size != n_cells:
+        return True
+    return not bool(mask.ravel()[lc.cell])
 
 
 def _declared_groups_only(partials: list[Partial], catalog: Catalog) -> None:

@@ -7,7 +7,7 @@ import sqlite3
 
 import aiosqlite
 
-from stimnetd.store import cohorts
+from stimnetd.store import cohorts, linear
 from stimnetd.store.records import Disclosed, Release
 
 SPENT = ("SELECT COALESCE(SUM(epsilon), 0) FROM ledger WHERE researcher = ? "
@@ -36,6 +36,12 @@ class TransactionLedger:
         (spent,) = self._conn.execute(SPENT_DELTA, (self._release.researcher,
                                                     self._release.catalog)).fetchone()
         return float(spent)
+
+    def linear_history(self, quantity: str) -> list[tuple[frozenset[str], str, str]]:
+        return linear.history(self._conn, self._release, quantity)
+
+    def linear_known(self, quantity: str, digests: list[str]) -> bool:
+        return linear.known(self._conn, self._release, quantity, digests)
 
     def near_cohorts(self, members: frozenset[str], digest: str,
                      window: int) -> list[frozenset[str]]:

@@ -3,7 +3,9 @@
 `PgStore` has the `Store` verbs the replicas must agree on, under the same names and with
 the same meaning, so the store contract suite runs one test body against both
 (tests/store_pg): the privacy ledger's `release` / `spent`, the audit chain's `audit` /
-`audit_rows` / `verify_audit`, and jobs' `create_job` / `get_job` / `update_job_if`. What
+`audit_rows` / `verify_audit`, jobs' `create_job` / `get_job` / `update_job_if`, nonces' `claim_nonce` /
+`remember_nonce`, and the
+site's `site_secret` / `approve_script` / `is_script_approved`. What
 only replicas need is added: `claim_queued` (a queued job goes to exactly one replica,
 ``FOR UPDATE SKIP LOCKED``), `renew_lease`, and `recover_expired` (a job whose replica
 stopped renewing is re-queued or marked interrupted, per `[scripts] on_restart`).
@@ -17,15 +19,17 @@ the lock's wait, and the same outcome would come from aborts and retries instead
 cost is that a site's releases commit one at a time, as they do in the SQLite store's
 single writer.
 
-Not here (the SQLite store has them; a replica needs them before `[store] url` can point
-a daemon at PostgreSQL): the overlap guard's cohort tables, nonces, gossip members,
-script approvals, the site secret, backups. A `decide` rule that asks for near cohorts
-gets an error saying so, never an empty answer.
+Not here (the SQLite store has them; a replica needs them before `[store] url` can
+point a daemon at PostgreSQL): the overlap guard's cohort tables, the nonce inside the
+release transaction (`release(nonce=...)`), gossip members, job listing and pruning,
+backups. A `decide` rule that asks for near cohorts gets an error saying so, never an
+empty answer.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,8 +39,17 @@ import asyncpg
 from stimnet.errors import Conflict, StimnetError
 from stimnetd.store.audit import GENESIS as GENESIS
 from stimnetd.store.audit import AuditRow, AuditVerification, chain_hash, verify_rows
+from stimnetd.store.node import SECRET_BYTES
 from stimnetd.store.pg_schema import PG_MIGRATIONS
-from stimnetd.store.records import Disclosed, JobRecord, Release, ReleaseRule, cohort_digest
+from stimnetd.store.records import (
+    Disclosed,
+    JobRecord,
+    NonceClaim,
+    Release,
+    ReleaseRule,
+    cohort_digest,
+)
+from stimnetd.store.transaction import AuditEntry
 
 # Any constant will do; it names "the audit chain's head" to pg_advisory_xact_lock.
 CHAIN_LOCK = 0x5354_494D_4E45_5401
@@ -70,6 +83,13 @@ class _PreReadLedger:
 
     def near_families(self, atoms: Disclosed, window: int) -> list[list[frozenset[str]]]:
         return self.near_cohorts(frozenset(), "", window)  # type: ignore[return-value]
+
+    def linear_history(self, quantity: str) -> list[tuple[frozenset[str], str, str]]:
+        return self.near_cohorts(frozenset(), "", 0)  # type: ignore[return-value]
+
+    def linear_known(self, quantity: str, digests: list[str]) -> bool:
+        self.near_cohorts(frozenset(), "", 0)
+        return False
 
 
 class PgStore:
@@ -250,6 +270,56 @@ class PgStore:
         row = await self.pool.fetchrow(
             f"UPDATE jobs SET {', '.join(sets)} WHERE {where} RETURNING {JOB_COLUMNS}", *args)
         return JobRecord.from_row(tuple(row)) if row else None
+
+    # -- signed-request nonces ----------------------------------------------------------
+
+    async def claim_nonce(self, claim: NonceClaim, audit: AuditEntry | None = None) -> bool:
+        """`Store.claim_nonce`: remember `claim` (with its accepted entry, then `audit`);
+        False on a replay, whichever replica saw the request first. Nonces older than twice
+        the freshness window are pruned, as in the SQLite store."""
+        now = self._clock()
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", CHAIN_LOCK)
+            await conn.execute("DELETE FROM nonces WHERE seen_at < $1",
+                               now - 2 * claim.max_age_s)
+            inserted = await conn.fetchval(
+                "INSERT INTO nonces (nonce, signer, seen_at) VALUES ($1, $2, $3)"
+                " ON CONFLICT (nonce) DO NOTHING RETURNING 1", claim.nonce, claim.signer, now)
+            if inserted is not None:
+                for entry in (claim.accepted, audit):
+                    if entry is not None:
+                        await self._append(conn, *entry)
+        claim.consumed = True
+        return inserted is not None
+
+    async def remember_nonce(self, nonce: str, signer: str, max_age_s: float, *,
+                             audit: AuditEntry | None = None) -> bool:
+        return await self.claim_nonce(NonceClaim(nonce, signer, max_age_s, audit))
+
+    async def nonce_seen_now(self, nonce: str) -> bool:
+        """Whether any replica has remembered `nonce` (a database read: replicas share no
+        memory, so the SQLite store's in-memory `nonce_seen` has no counterpart here)."""
+        return bool(await self.pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM nonces WHERE nonce = $1)", nonce))
+
+    # -- the site's own state ----------------------------------------------------------
+
+    async def site_secret(self) -> bytes:
+        """`Store.site_secret`: made on first use; replicas asking at once get one secret."""
+        await self.pool.execute(
+            "INSERT INTO meta (key, value) VALUES ('site_secret', $1) ON CONFLICT DO NOTHING",
+            secrets.token_bytes(SECRET_BYTES))
+        return bytes(await self.pool.fetchval("SELECT value FROM meta WHERE key = 'site_secret'"))
+
+    async def approve_script(self, sha256: str, by: str) -> None:
+        await self.pool.execute(
+            "INSERT INTO approvals (script_sha256, approved_by, at) VALUES ($1, $2, $3)"
+            " ON CONFLICT (script_sha256) DO UPDATE SET approved_by = EXCLUDED.approved_by,"
+            " at = EXCLUDED.at", sha256, by, self._clock())
+
+    async def is_script_approved(self, sha256: str) -> bool:
+        return bool(await self.pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM approvals WHERE script_sha256 = $1)", sha256))
 
     # -- replicas ----------------------------------------------------------------------
 

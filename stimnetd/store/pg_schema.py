@@ -71,4 +71,25 @@ PG_MIGRATIONS: tuple[str, ...] = (
         at DOUBLE PRECISION NOT NULL
     );
     """,
+    # 2: the site secret (HMAC key of cohort fingerprints: every replica must use the same
+    # one, or the overlap guard would not recognise a cohort another replica released) and
+    # the scripts the site's admins approved (an approval on one replica holds on all).
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value BYTEA NOT NULL);
+    CREATE TABLE approvals (
+        script_sha256 TEXT PRIMARY KEY,
+        approved_by TEXT NOT NULL,
+        at DOUBLE PRECISION NOT NULL
+    );
+    """,
+    # 3: signed-request nonces, shared so that a request replayed to another replica is
+    # refused there too.
+    """
+    CREATE TABLE nonces (
+        nonce TEXT PRIMARY KEY,
+        signer TEXT NOT NULL,
+        seen_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX nonces_seen ON nonces (seen_at);
+    """,
 )

@@ -9,7 +9,7 @@ from typing import Any
 import aiosqlite
 
 from stimnet.errors import Replayed
-from stimnetd.store import cohorts, nonces
+from stimnetd.store import cohorts, linear, nonces
 from stimnetd.store.ledger import TransactionLedger
 from stimnetd.store.records import NonceClaim, Release, ReleaseRule, cohort_digest
 from stimnetd.store.transaction import Transaction
@@ -68,6 +68,8 @@ def _write(t: Transaction, release: Release, digest: str, sketches: dict[str, by
     exact = release.decision != "suppressed" and not release.epsilon
     disclosed = release.disclosed() if exact else ()
     cohorts.record_disclosed(conn, release, disclosed, sketches)
+    if exact and release.linear:
+        linear.record(conn, release)
 
 
 async def get(db: aiosqlite.Connection, job_id: str) -> Release | None:

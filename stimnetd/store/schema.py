@@ -163,4 +163,17 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE ledger ADD COLUMN delta REAL NOT NULL DEFAULT 0;
     """,
+    # 6: exact auditing of linear statistics (privacy/span.py): each cohort a researcher (or,
+    # with a shared history, anyone: researcher '*') was given a sum of `quantity` over, by
+    # digest; members are in `cohorts`.
+    """
+    CREATE TABLE linear_cohorts (
+        researcher TEXT NOT NULL,
+        catalog TEXT NOT NULL,
+        quantity TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        job_id TEXT NOT NULL,
+        PRIMARY KEY (researcher, catalog, quantity, digest)
+    );
+    """,
 )

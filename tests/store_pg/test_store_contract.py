@@ -17,6 +17,7 @@ import pytest
 from stimnet.errors import Conflict, StimnetError
 from stimnetd.store import Store
 from stimnetd.store.pg import PgStore
+from stimnetd.store.records import NonceClaim
 from tests.store.contract import job_row, release, rules
 
 ALICE = ("alice", "researcher")
@@ -128,3 +129,31 @@ async def test_delta_is_charged_beside_epsilon(store: Any) -> None:
     assert await store.spent("alice", "c") == pytest.approx(0.25)
     (row,) = await store.audit_rows()
     assert '"delta":1e-06' in row.detail_json
+
+
+async def test_the_site_secret_is_made_once_and_kept(store: Any) -> None:
+    """The first call makes a 32-byte secret; every later call returns the same one."""
+    first = await store.site_secret()
+    assert len(first) == 32
+    assert await asyncio.gather(store.site_secret(), store.site_secret()) == [first, first]
+
+
+async def test_an_approved_script_stays_approved(store: Any) -> None:
+    """Approving a hash is recorded (again is fine); another hash is not approved."""
+    await store.approve_script("a" * 64, "admin")
+    await store.approve_script("a" * 64, "admin2")
+    assert await store.is_script_approved("a" * 64)
+    assert not await store.is_script_approved("b" * 64)
+
+
+async def test_a_nonce_is_claimed_once_with_its_audit_entry(store: Any) -> None:
+    """The first claim of a nonce is True and appends its entries; a copy is False and
+    appends nothing; two copies at once: exactly one wins."""
+    accepted = ("alice", "researcher", "submit", "accepted", {"job": "j1"})
+    assert await store.claim_nonce(NonceClaim("n1", "alice", 300.0, accepted),
+                                   audit=("node-a", "node", "run", "ok", {}))
+    assert not await store.claim_nonce(NonceClaim("n1", "alice", 300.0, accepted))
+    assert [r.action for r in await store.audit_rows()] == ["submit", "run"]
+    both = await asyncio.gather(store.remember_nonce("n2", "alice", 300.0),
+                                store.remember_nonce("n2", "alice", 300.0))
+    assert sorted(both) == [False, True]
