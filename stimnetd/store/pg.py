@@ -20,10 +20,9 @@ cost is that a site's releases commit one at a time, as they do in the SQLite st
 single writer.
 
 Not here (the SQLite store has them; a replica needs them before `[store] url` can
-point a daemon at PostgreSQL): the overlap guard's cohort tables, the nonce inside the
-release transaction (`release(nonce=...)`), gossip members, job listing and pruning,
-backups. A `decide` rule that asks for near cohorts gets an error saying so, never an
-empty answer.
+point a daemon at PostgreSQL): the overlap guard's cohort tables and exact auditing's
+history, gossip members, job listing and pruning, backups. A `decide` rule that asks for
+near cohorts gets an error saying so, never an empty answer.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ from typing import Any
 
 import asyncpg
 
-from stimnet.errors import Conflict, StimnetError
+from stimnet.errors import Conflict, Replayed, StimnetError
 from stimnetd.store.audit import GENESIS as GENESIS
 from stimnetd.store.audit import AuditRow, AuditVerification, chain_hash, verify_rows
 from stimnetd.store.node import SECRET_BYTES
@@ -49,6 +48,7 @@ from stimnetd.store.records import (
     ReleaseRule,
     cohort_digest,
 )
+from stimnetd.store.releases import REPLAYED
 from stimnetd.store.transaction import AuditEntry
 
 # Any constant will do; it names "the audit chain's head" to pg_advisory_xact_lock.
@@ -174,14 +174,20 @@ class PgStore:
         return float(value)
 
     async def release(self, release: Release, *, decide: ReleaseRule,
-                      audit_actor: tuple[str, str]) -> Release:
+                      audit_actor: tuple[str, str], nonce: NonceClaim | None = None) -> Release:
         """`Store.release`: record, charge and audit in one transaction unless `decide`
         refuses (the refusal's audit entry commits, then its error is raised); a job
-        released before returns the stored release, charging nothing."""
+        released before returns the stored release, charging nothing. With `nonce`, the
+        request's nonce is remembered first in this transaction; a replay (on any replica)
+        raises `Replayed` and nothing is released."""
         base = {"job": release.job_id, "catalog": release.catalog}
         async with self.pool.acquire() as conn:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", CHAIN_LOCK)
+                if nonce is not None:
+                    nonce.consumed = True
+                    if not await self._insert_nonce(conn, nonce, self._clock()):
+                        raise Replayed(REPLAYED)
                 existing = await conn.fetchrow(
                     "SELECT job_id, researcher, catalog, decision, epsilon, cohort_digest,"
                     " partials, at FROM releases WHERE job_id = $1", release.job_id)
@@ -277,19 +283,24 @@ class PgStore:
         """`Store.claim_nonce`: remember `claim` (with its accepted entry, then `audit`);
         False on a replay, whichever replica saw the request first. Nonces older than twice
         the freshness window are pruned, as in the SQLite store."""
-        now = self._clock()
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", CHAIN_LOCK)
-            await conn.execute("DELETE FROM nonces WHERE seen_at < $1",
-                               now - 2 * claim.max_age_s)
-            inserted = await conn.fetchval(
-                "INSERT INTO nonces (nonce, signer, seen_at) VALUES ($1, $2, $3)"
-                " ON CONFLICT (nonce) DO NOTHING RETURNING 1", claim.nonce, claim.signer, now)
-            if inserted is not None:
-                for entry in (claim.accepted, audit):
-                    if entry is not None:
-                        await self._append(conn, *entry)
+            fresh = await self._insert_nonce(conn, claim, self._clock())
+            if fresh and audit is not None:
+                await self._append(conn, *audit)
         claim.consumed = True
+        return fresh
+
+    async def _insert_nonce(self, conn: asyncpg.Connection, claim: NonceClaim,
+                            now: float) -> bool:
+        """Remember `claim` (and append its accepted entry); False if it is a replay. The
+        caller holds CHAIN_LOCK."""
+        await conn.execute("DELETE FROM nonces WHERE seen_at < $1", now - 2 * claim.max_age_s)
+        inserted = await conn.fetchval(
+            "INSERT INTO nonces (nonce, signer, seen_at) VALUES ($1, $2, $3)"
+            " ON CONFLICT (nonce) DO NOTHING RETURNING 1", claim.nonce, claim.signer, now)
+        if inserted is not None and claim.accepted is not None:
+            await self._append(conn, *claim.accepted)
         return inserted is not None
 
     async def remember_nonce(self, nonce: str, signer: str, max_age_s: float, *,

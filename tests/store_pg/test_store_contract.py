@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from stimnet.errors import Conflict, StimnetError
+from stimnet.errors import Conflict, Replayed, StimnetError
 from stimnetd.store import Store
 from stimnetd.store.pg import PgStore
 from stimnetd.store.records import NonceClaim
@@ -157,3 +157,14 @@ async def test_a_nonce_is_claimed_once_with_its_audit_entry(store: Any) -> None:
     both = await asyncio.gather(store.remember_nonce("n2", "alice", 300.0),
                                 store.remember_nonce("n2", "alice", 300.0))
     assert sorted(both) == [False, True]
+
+
+async def test_a_replayed_release_is_refused_and_charges_nothing(store: Any) -> None:
+    """A release carrying a nonce already used raises Replayed; the ledger is unchanged."""
+    rule = rules(budget=5.0)
+    await store.release(release("j1", 1.0), decide=rule, audit_actor=ALICE,
+                        nonce=NonceClaim("n1", "alice", 300.0))
+    with pytest.raises(Replayed):
+        await store.release(release("j2", 1.0), decide=rule, audit_actor=ALICE,
+                            nonce=NonceClaim("n1", "alice", 300.0))
+    assert await store.spent("alice", "c") == pytest.approx(1.0)
