@@ -15,6 +15,16 @@ if ! command -v promtool >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
     || { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
     || echo "test: could not install prometheus (promtool); the metrics test fails under CI=true" >&2
 fi
+# A real PostgreSQL server for the PostgreSQL store's tests (tests/store_pg start a
+# throw-away cluster with initdb/pg_ctl); they fail under CI=true without one.
+if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null && command -v apt-get >/dev/null 2>&1 \
+    && [[ $(id -u) -eq 0 ]]; then
+  echo "test: installing Debian's postgresql package for the PostgreSQL store tests" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq --no-install-recommends postgresql >/dev/null 2>&1 \
+    || { apt-get update -qq && apt-get install -y -qq --no-install-recommends postgresql >/dev/null; } \
+    || echo "test: could not install postgresql; the PostgreSQL store tests fail under CI=true" >&2
+fi
 if docker info >/dev/null 2>&1; then
   bash sandbox/build-offline.sh
   bash systemd/testimage/build-offline.sh

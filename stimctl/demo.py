@@ -345,15 +345,16 @@ async def demo_dp_query(fed: DemoFederation) -> None:
     from stimctl.client import AsyncClient
     from stimctl.jobs_cli import print_answer
 
-    # The STN cohort is a cell the table query released: asking about it again is allowed.
-    # "diagnosis = 'PD'" would not be where a site withheld its few PD patients with GPi
-    # leads - that cohort minus the released STN cell is them (the overlap guard refuses).
-    sql = "SELECT count(*), avg(updrs_change) FROM dbs_outcomes WHERE target = 'STN'"
-    print(f"$ stimctl query --federated --epsilon 1 \"{sql}\"")
-    print("  (each site adds OpenDP Laplace noise calibrated to the declared bounds and charges "
-          "epsilon 1 to alice's budget)")
+    # Under DP a cell leaves a site only where its noised count clears k_min plus a margin
+    # for delta (privacy/threshold.py); at epsilon 5 over four arrays that is some 15
+    # subjects, which a demo site's PD patients clear.
+    sql = "SELECT count(*), avg(updrs_change) FROM dbs_outcomes"
+    print(f"$ stimctl query --federated --epsilon 5 \"{sql}\"")
+    print("  (each site adds OpenDP Laplace noise calibrated to the declared bounds, releases "
+          "only counts whose noised value clears its threshold, and charges epsilon 5 and "
+          "delta to alice's budget)")
     async with AsyncClient.from_file(fed.researcher_config) as c:
-        answer = await c.query(sql, federated=True, min_sites=2, epsilon=1.0)
+        answer = await c.query(sql, federated=True, min_sites=2, epsilon=5.0)
     print_answer(answer, argparse.Namespace(json=False, csv=False, out=None))
     print("note: noise scale follows the catalog's declared bounds (updrs_change in [-108, 108]);"
           " the epsilon is split over every statistic released, so small cohorts get noisy "

@@ -128,14 +128,31 @@ def _print_tables(ans: QueryAnswer) -> None:
                           strict=False)])
     for c in res.get("contingency", []):
         _print_contingency(c)
+    for t in res.get("meta") or []:
+        h = t["heterogeneity"]
+        output.table(f"{t['term']}: per site (Q = {_fmt(h['q'])}, df {h['df']}, p = "
+                     f"{_fmt(h['p_value'])}, I² = {_fmt(h['i2'])}, τ² DL = "
+                     f"{_fmt(t['dl']['tau2'])}, REML = {_fmt(t['reml']['tau2'])})",
+                     ["site", "n", "estimate", "std. error", "95% CI", "weight (DL)"],
+                     [[s["site"], _fmt(s["n"]), _fmt(s["estimate"]), _fmt(s["std_error"]),
+                       f"{_fmt(s['ci_low'])} – {_fmt(s['ci_high'])}", _fmt(s["weight_dl"])]
+                      for s in t["sites"]])
+        if t["leave_one_out"]:
+            output.table(f"{t['term']}: leave one site out",
+                         ["omitted", "fixed", "DL", "REML", "I²"],
+                         [[lo["omitted"], _fmt(lo["fixed"]["estimate"]),
+                           _fmt(lo["dl"]["estimate"]), _fmt(lo["reml"]["estimate"]),
+                           _fmt(lo["i2"])] for lo in t["leave_one_out"]])
     for roi in res.get("roi_overlap", []):
         output.table(f"ROI overlap {roi.get('name')}", ["roi", "subjects", "mean voxels",
                                                         "mean volume (mm³)"],
                      [[x["roi"], _fmt(x["n"]), _fmt(x["mean_voxels"]),
                        _fmt(x["mean_volume_mm3"])] for x in roi.get("rois", [])])
-    output.table("contributions", ["site", "state", "reason", "subjects", "epsilon", "detail"],
+    output.table("contributions",
+                 ["site", "state", "reason", "subjects", "epsilon", "delta", "detail"],
                  [[m["site"], m["state"], m.get("reason", ""), m.get("n") or "",
-                   _fmt(m.get("epsilon")), m.get("detail", "")] for m in ans.manifest])
+                   _fmt(m.get("epsilon")), _fmt(m.get("delta")), m.get("detail", "")]
+                  for m in ans.manifest])
     if ans.missing:
         # On stderr as well, so a partial answer is loud even when stdout is piped away.
         print("stimctl: warning: partial federation: not contributed: "
@@ -270,7 +287,19 @@ async def cmd_query(c: AsyncClient, args: argparse.Namespace) -> int:
             # The detail names every site that did not contribute and why.
             print(f"stimctl: {exc}", file=sys.stderr)
             return 1
-    return print_answer(ans, args)
+    code = print_answer(ans, args)
+    forest = getattr(args, "forest", None)
+    if forest is not None:
+        if not ans.meta:
+            print("stimctl: --forest needs a meta(...) query", file=sys.stderr)
+            return 2
+        try:
+            ans.save_forest(forest)
+        except OSError as exc:
+            print(f"stimctl: cannot write {forest}: {exc.strerror}", file=sys.stderr)
+            return 1
+        print(f"forest plot written to {forest}", file=sys.stderr)
+    return code
 
 
 async def cmd_submit(c: AsyncClient, args: argparse.Namespace) -> int:
@@ -355,6 +384,8 @@ def register(sub: Any, node_cmd: Callable[..., argparse.ArgumentParser]) -> None
     q.add_argument("--out", type=Path, metavar="FILE.json|FILE.csv|DIR",
                    help="also write the answer: JSON (all of it) or CSV (the table), or a "
                         "directory that gets result.json and each map as NIfTI + PNG")
+    q.add_argument("--forest", type=Path, metavar="FILE.png",
+                   help="meta(...): also write the forest plot of its last coefficient")
     sb = node_cmd("submit", cmd_submit, "run a Python script in each site's sandbox")
     sb.add_argument("script", type=Path)
     sb.add_argument("--catalog", required=True)

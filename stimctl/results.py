@@ -51,9 +51,57 @@ class QueryAnswer:
         return list(self.result.get("maps", []))
 
     def to_pandas(self):  # type: ignore[no-untyped-def]
+        """The result table (a GLM's coefficients, a meta-analysis's pooled rows, or the
+        aggregates) as a DataFrame."""
         import pandas as pd
 
         return pd.DataFrame(self.rows, columns=self.columns)
+
+    @property
+    def glm(self) -> dict[str, Any] | None:
+        """A GLM's fit: deviance, null deviance, AIC, iterations, n, covariance…"""
+        return self.result.get("glm")
+
+    @property
+    def meta(self) -> list[dict[str, Any]]:
+        """A meta-analysis: per coefficient, the pooled fits, heterogeneity, site rows
+        and leave-one-site-out fits."""
+        return list(self.result.get("meta") or [])
+
+    def _meta_term(self, term: str | None) -> dict[str, Any]:
+        terms = self.meta
+        if not terms:
+            raise ValueError("this answer is not a meta-analysis")
+        if term is None:  # the one of interest: the slope when there is one
+            return terms[-1] if len(terms) > 1 else terms[0]
+        for t in terms:
+            if t["term"] == term:
+                return t
+        raise ValueError(f"no coefficient {term!r}; the answer has "
+                         f"{', '.join(t['term'] for t in terms)}")
+
+    def forest_frame(self, term: str | None = None):  # type: ignore[no-untyped-def]
+        """A forest plot's rows as a DataFrame: one per site, then the fixed, DL and REML
+        pooled estimates (`term`: which coefficient; default the last)."""
+        import pandas as pd
+
+        t = self._meta_term(term)
+        rows = [{"row": s["site"], "n": s["n"], "estimate": s["estimate"],
+                 "std_error": s["std_error"], "ci_low": s["ci_low"], "ci_high": s["ci_high"],
+                 "weight_fixed": s["weight_fixed"], "weight_dl": s["weight_dl"],
+                 "weight_reml": s["weight_reml"]} for s in t["sites"]]
+        rows += [{"row": m, "estimate": t[m]["estimate"], "std_error": t[m]["std_error"],
+                  "ci_low": t[m]["ci_low"], "ci_high": t[m]["ci_high"], "tau2": t[m]["tau2"],
+                  "i2": t[m]["i2"], "p_value": t[m]["p_value"]} for m in ("fixed", "dl", "reml")]
+        return pd.DataFrame(rows)
+
+    def save_forest(self, path: Path, term: str | None = None) -> Path:
+        """Write the forest plot PNG of one coefficient's meta-analysis."""
+        from stimctl.forest import write_forest
+
+        t = self._meta_term(term)
+        return write_forest(t, Path(path), str((self.doc.get("query") or {}).get(
+            "aggregates", [{}])[0].get("name", "meta-analysis")))
 
     def map_array(self, name: str | None = None, which: str | None = None, *,
                   group: dict[str, str] | None = None) -> np.ndarray:

@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
@@ -50,6 +50,7 @@ from stimnetd.metrics import Metrics
 from stimnetd.node import NodeState
 from stimnetd.privacy.noise import NoiseMechanism
 from stimnetd.privacy.policy import PrivacyPolicy
+from stimnetd.query.subjects import DaskImages
 from stimnetd.rpc.admin_servicer import AdminServicer
 from stimnetd.rpc.federation_servicer import FederationServicer
 from stimnetd.rpc.gossip_transport import GrpcGossipTransport, StoreMembers
@@ -58,7 +59,8 @@ from stimnetd.rpc.jobs_servicer import JobServicer
 from stimnetd.rpc.node_servicer import NodeServicer
 from stimnetd.rpc.peer_client import GrpcSubJobTransport, PeerChannels
 from stimnetd.rpc.refusals import RefusalLimiter
-from stimnetd.sandbox import SANDBOX_VERSION, SandboxLimits, SandboxRunner
+from stimnetd.sandbox import SANDBOX_VERSION, SandboxRunner
+from stimnetd.sandbox.backend import script_runner
 from stimnetd.sandbox.image import check_image
 from stimnetd.site import LocalSite
 from stimnetd.site.policy import ScriptPolicy
@@ -67,6 +69,9 @@ from stimnetd.supervisor import Supervisor
 from stimnetd.systemd import Notifier
 from stimnetd.tls import ServerTls
 from stimnetd.tlsfront import TlsFront
+
+if TYPE_CHECKING:
+    from stimnetd.sandbox.kube import KubeRunner
 
 log = structlog.get_logger("stimnetd")
 
@@ -170,17 +175,21 @@ class Daemon:
             k_min=config.node.k_min, dp=config.privacy.dp,  # type: ignore[arg-type]
             default_epsilon=config.privacy.default_epsilon,
             max_epsilon_per_query=config.privacy.max_epsilon_per_query,
-            budget_epsilon=config.privacy.budget_epsilon)
+            budget_epsilon=config.privacy.budget_epsilon,
+            delta=config.privacy.delta, budget_delta=config.privacy.budget_delta)
         scripts = config.scripts
         runner = SandboxScripts(self.sandbox, log_policy=scripts.log_policy,
                                 declared_outputs=scripts.declared_outputs,
                                 concurrency=scripts.concurrency,
                                 on_duration=self.metrics.sandbox_seconds.observe) \
             if self.sandbox is not None else None
+        # [compute] scheduler: voxel maps on Dask, connected at the first map query.
+        self.images = DaskImages(sched) if (sched := config.compute.scheduler) else None
         return LocalSite(name=config.node.name, catalogs=self.catalogs, store=self.store,
                          policy=policy, noise=NoiseMechanism(),
                          overlap_guard=config.privacy.overlap_guard,
-                         on_decision=self.metrics.decision, script_runner=runner)
+                         on_decision=self.metrics.decision, script_runner=runner,
+                         images=self.images)
 
     def _jobs(self) -> tuple[JobService, PeerSubJobs]:
         """The jobs this node is the entry of, and the sub-jobs its peers send it: under
@@ -214,17 +223,9 @@ class Daemon:
                          started_at=lambda: self.started_at)
 
     @staticmethod
-    def _sandbox(config: Config) -> SandboxRunner:
-        import docker
-
-        sc = config.scripts
-        limits = SandboxLimits(memory_bytes=sc.memory_mb * 2**20, pids=sc.pids, cpus=sc.cpus,
-                               timeout_s=sc.timeout_s, result_bytes=sc.result_mb * 2**20)
-        # The client is made lazily, off the loop, on first use: a node that never runs a
-        # script never needs the Docker socket.
-        return SandboxRunner(lambda: docker.from_env(timeout=60).api, f"{sc.image}:{SANDBOX_VERSION}",
-                             limits, config.node.state_dir, node=config.node.name,
-                             warm_per_catalog=max(sc.warm_containers, 1))
+    def _sandbox(config: Config) -> SandboxRunner | KubeRunner:
+        return script_runner(config.scripts, f"{config.scripts.image}:{SANDBOX_VERSION}",
+                             node=config.node.name, state_dir=config.node.state_dir)
 
     async def _sandbox_startup(self) -> None:
         """Remove containers a crash left behind; say now (not at the first job) if the
@@ -236,9 +237,10 @@ class Daemon:
                 log.warning("removed orphaned sandbox containers", count=removed)
             import docker
 
-            client = await asyncio.to_thread(docker.from_env, timeout=30)
-            await asyncio.to_thread(check_image, client, f"{self.config.scripts.image}:"
-                                    f"{SANDBOX_VERSION}", SANDBOX_VERSION)
+            if self.config.scripts.backend == "docker":
+                client = await asyncio.to_thread(docker.from_env, timeout=30)
+                await asyncio.to_thread(check_image, client, f"{self.config.scripts.image}:"
+                                        f"{SANDBOX_VERSION}", SANDBOX_VERSION)
             if self.config.scripts.policy == "auto" and self.config.scripts.warm_containers:
                 # Jobs start without waiting for review, so pre-started containers that
                 # have already imported numpy/pandas (zygotes) save most of a job's
@@ -483,6 +485,7 @@ class Daemon:
         await step("jobs", self.jobs.shutdown)
         if self.sandbox is not None:
             await step("sandbox", self.sandbox.shutdown)
+        await step("compute", lambda: self.images and asyncio.to_thread(self.images.close))
         await step("peers", self.peer_channels.shutdown)
         await step("metrics", self.metrics.stop)
         if self.guard is not None:

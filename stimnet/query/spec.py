@@ -88,6 +88,16 @@ FUNCS: dict[str, FuncShape] = {
     "count_map": FuncShape(1, 1),
     "mean_map": FuncShape(1, 2),  # (image, [weight])
     "roi_overlap": FuncShape(1, 1),
+    # Models (stimnet/query/models.py): the only aggregate of their query, no GROUP BY.
+    # glm_*: (response, term, ...), params (maxit,) optional; meta_*: each site's own fit.
+    "glm_binomial": FuncShape(2, None, "maxit"),
+    "glm_poisson": FuncShape(2, None, "maxit"),
+    "glm_gaussian": FuncShape(2, None, "maxit"),
+    "meta_mean": FuncShape(1, 1),
+    "meta_regression": FuncShape(2, None),
+    "meta_glm_binomial": FuncShape(2, None, "maxit"),
+    "meta_glm_poisson": FuncShape(2, None, "maxit"),
+    "meta_glm_gaussian": FuncShape(2, None, "maxit"),
 }
 
 
@@ -128,6 +138,12 @@ class AggSpec:
                 raise QueryError(
                     f"{self.name}: histogram edges must be at least two strictly increasing numbers"
                 )
+        if shape.params == "maxit" and (
+            len(self.params) > 1 or any(p != int(p) or not 1 <= p <= MAX_GLM_ITERATIONS
+                                        for p in self.params)
+        ):
+            raise QueryError(f"{self.name}: the most IRLS iterations must be one whole number "
+                             f"from 1 to {MAX_GLM_ITERATIONS}")
         if shape.params == "probs" and (
             not self.params or any(not 0 <= p <= 1 for p in self.params)
         ):
@@ -143,6 +159,12 @@ class QuerySpec:
 
     def __post_init__(self) -> None:
         _check_shape(self)
+
+    @property
+    def model(self) -> AggSpec | None:
+        """The query's glm() or meta() output, or None for a query of aggregates."""
+        a = self.aggregates[0]
+        return a if a.func.startswith(MODEL_PREFIXES) else None
 
     def reads_images(self) -> bool:
         """Voxel maps and ROI statistics load NIfTI files: slow work, unlike table sums."""
@@ -257,7 +279,8 @@ def filter_fields(e: Expr | None) -> list[tuple[str, Expr]]:
 
 
 # Which field types each aggregate accepts, per positional field.
-_NUMERIC_FUNCS = {"sum", "mean", "var", "sd", "histogram", "quantiles", "corr", "regression"}
+_NUMERIC_FUNCS = {"sum", "mean", "var", "sd", "histogram", "quantiles", "corr", "regression",
+                  "meta_mean", "meta_regression"}
 
 
 def validate(spec: QuerySpec, fields: Mapping[str, FieldMeta]) -> None:
@@ -331,6 +354,17 @@ def _validate_agg(a: AggSpec, metas: list[FieldMeta]) -> None:
     elif a.func == "contingency":
         for m in metas:
             need(m, ("categorical",), "contingency needs categorical fields")
+    elif a.func.startswith(MODEL_PREFIXES) and a.func != "meta_mean" \
+            and a.func != "meta_regression":
+        for m in metas:
+            need(m, (*NUMERIC_TYPES, "categorical"), f"{a.func} needs numeric or categorical "
+                 "fields")
+            if m.type == "categorical" and not m.levels:
+                raise QueryError(f"{a.name}: categorical {m.name!r} needs declared levels "
+                                 "(its first is the reference level)")
+        if metas[0].type == "categorical" and len(metas[0].levels or ()) != 2:
+            raise QueryError(f"{a.name}: a categorical response needs two declared levels; "
+                             f"{metas[0].name!r} declares {len(metas[0].levels or ())}")
     elif a.func in IMAGE_FUNCS:
         need(metas[0], ("image",), f"{a.func} needs an image field")
         for m in metas[1:]:
@@ -338,6 +372,9 @@ def _validate_agg(a: AggSpec, metas: list[FieldMeta]) -> None:
 
 
 IMAGE_FUNCS = frozenset({"count_map", "mean_map", "roi_overlap"})
+MODEL_PREFIXES = ("glm_", "meta_")
+# R's glm.control default is 25; a signed job declares its own bound (its rounds).
+MAX_GLM_ITERATIONS = 100
 
 
 # What one query may ask a site to compute (and, with DP, to add noise to): bounded so a
@@ -353,6 +390,10 @@ MAX_GROUP_CELLS = 10_000
 def _check_shape(spec: QuerySpec) -> None:
     if not spec.aggregates:
         raise QueryError("a query needs at least one aggregate")
+    models = [a for a in spec.aggregates if a.func.startswith(MODEL_PREFIXES)]
+    if models and (len(spec.aggregates) > 1 or spec.group_by):
+        raise QueryError(f"{models[0].name}: a glm() or meta() model is the only output of its "
+                         "query, without GROUP BY (filter the cohort with WHERE)")
     if len(spec.aggregates) > MAX_AGGREGATES:
         raise QueryError(f"a query computes at most {MAX_AGGREGATES} aggregates "
                          f"(got {len(spec.aggregates)})")

@@ -54,7 +54,12 @@ SQL_FUNCS: dict[str, str] = {
     "count_map": "count_map",
     "mean_map": "mean_map",
     "roi_overlap": "roi_overlap",
+    "glm": "glm",
+    "meta": "meta",
 }
+GLM_FAMILIES = ("binomial", "poisson", "gaussian")
+# meta(...) of these: each site's own estimate, pooled across sites (models.py).
+_META_OF = {"mean": "meta_mean", "regression": "meta_regression"}
 
 
 class _Dialect(Postgres):
@@ -207,6 +212,18 @@ def _aggregate(node: exp.Expression, alias: str | None, catalog: str) -> AggSpec
         if len(args) != 1 or not (isinstance(args[0], exp.Literal) and args[0].is_string):
             raise QueryError(f"{name}: lm takes one formula string, e.g. lm('y ~ x1 + x2')")
         return AggSpec("regression", _formula(str(args[0].this), name), name)
+    if written == "glm":
+        return _glm(args, name)
+    if written == "meta":
+        if len(args) != 1:
+            raise QueryError(f"{name}: meta takes one aggregate, e.g. meta(avg(x)), "
+                             "meta(regress(y, x)) or meta(glm('y ~ x', 'binomial'))")
+        inner = _aggregate(args[0], None, catalog)
+        func = _META_OF.get(inner.func) or (
+            f"meta_{inner.func}" if inner.func.startswith("glm_") else None)
+        if func is None:
+            raise QueryError(f"{name}: meta() pools avg, regress/lm or glm, not {inner.func}")
+        return AggSpec(func, inner.fields, name, inner.params)
     if written == "median":
         return AggSpec("quantiles", fields(args), name, (0.5,))
     if func in ("histogram", "quantiles"):
@@ -215,6 +232,21 @@ def _aggregate(node: exp.Expression, alias: str | None, catalog: str) -> AggSpec
         params = tuple(_number(a, name) for a in args[1:])
         return AggSpec(func, fields(args[:1]), name, params)
     return AggSpec(func, fields(args), name)
+
+
+def _glm(args: list[exp.Expression], name: str) -> AggSpec:
+    """glm('y ~ x1 + x2', 'family'[, most iterations])."""
+    strings = [a for a in args[:2] if isinstance(a, exp.Literal) and a.is_string]
+    if len(args) not in (2, 3) or len(strings) != 2:
+        raise QueryError(f"{name}: glm takes a formula and a family, e.g. "
+                         "glm('responder ~ amplitude_ma + age', 'binomial'), and optionally "
+                         "the most IRLS iterations")
+    family = str(strings[1].this).lower()
+    if family not in GLM_FAMILIES:
+        raise QueryError(f"{name}: unknown GLM family {family!r}; expected one of "
+                         f"{', '.join(GLM_FAMILIES)}")
+    params = (_number(args[2], name),) if len(args) == 3 else ()
+    return AggSpec(f"glm_{family}", _formula(str(strings[0].this), name), name, params)
 
 
 def _formula(text: str, name: str) -> tuple[str, ...]:

@@ -82,15 +82,23 @@ class Catalog:
         return [f.name for f in self.fields.values() if f.type == "image"]
 
     def load_image(self, relpath: str) -> np.ndarray:
-        path = _inside(self.root, relpath, self.name)
-        try:
-            return np.asarray(_nifti(path).dataobj)
-        except Exception as exc:  # nibabel raises many types for corrupt files
-            raise CatalogError(f"catalog {self.name!r}: image {relpath} is unreadable: {exc}") from None
+        return read_image(self.root, self.name, relpath)
 
     @functools.cache  # noqa: B019 - a catalog lives as long as the daemon; masks are small
     def roi_masks(self) -> dict[str, np.ndarray]:
         return {name: np.asarray(_nifti(p).dataobj) > 0 for name, p in self._roi_paths.items()}
+
+
+def read_image(root: Path, catalog: str, relpath: str) -> np.ndarray:
+    """One image of the catalog at `root`, by its path there (which may not leave it).
+
+    A function of paths only, so a Dask worker reading the catalog from shared storage
+    reads it exactly as the daemon does (query/subjects.py)."""
+    path = _inside(root, relpath, catalog)
+    try:
+        return np.asarray(_nifti(path).dataobj)
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise CatalogError(f"catalog {catalog!r}: image {relpath} is unreadable: {exc}") from None
 
 
 def load_catalog(cfg: CatalogConfig) -> Catalog:

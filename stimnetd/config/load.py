@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from stimnetd.config.catalogs import CatalogConfig, read_catalog
+from stimnetd.config.compute import ComputeSettings, read_compute
 from stimnetd.config.federation import FederationSettings, GossipSettings, read_federation, read_gossip
 from stimnetd.config.network import (
     MetricsSettings,
@@ -30,6 +31,7 @@ class Config:
     federation: FederationSettings = field(default_factory=FederationSettings)
     gossip: GossipSettings = field(default_factory=GossipSettings)
     scripts: ScriptSettings = field(default_factory=ScriptSettings)
+    compute: ComputeSettings = field(default_factory=ComputeSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     catalogs: tuple[CatalogConfig, ...] = ()
     log_level: str = "info"
@@ -54,7 +56,8 @@ def load_config(path: str | Path) -> Config:
 
 def _read_config(r: Reader, raw: dict[str, Any]) -> Config:
     raw = r.table(raw, "top level", {"node", "tls", "privacy", "federation", "gossip",
-                                     "scripts", "metrics", "catalogs", "logging"})
+                                     "scripts", "metrics", "catalogs", "logging",
+                                     "compute"})
     if "node" not in raw:
         raise r.fail("top level", "missing required table [node]")
     if "tls" not in raw:
@@ -76,6 +79,7 @@ def _read_config(r: Reader, raw: dict[str, Any]) -> Config:
         federation=read_federation(r, raw.get("federation", {})),
         gossip=read_gossip(r, raw.get("gossip", {})),
         scripts=read_scripts(r, raw.get("scripts", {})),
+        compute=read_compute(r, raw.get("compute", {})),
         metrics=read_metrics(r, raw.get("metrics", {})),
         catalogs=catalogs,
         log_level=r.get(logging_raw, "logging", "level", str, "info",

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,22 @@ SCRIPT_POLICIES = ("auto", "review", "deny")
 LOG_POLICIES = ("none", "errors", "full")
 DECLARED_OUTPUTS = ("required", "optional")
 RESTART_POLICIES = ("interrupt", "requeue")
+SCRIPT_BACKENDS = ("docker", "kubernetes")
+_DNS_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+@dataclass(frozen=True)
+class KubeSettings:
+    """[scripts.kubernetes]: where script jobs run when `backend = "kubernetes"`."""
+
+    namespace: str
+    # The PersistentVolumeClaim holding the catalogs; a catalog root under `data_root`
+    # on this host is the same relative path on the claim.
+    data_claim: str
+    data_root: str
+    # None: the in-cluster service account (the daemon runs in a pod).
+    kubeconfig: str | None = None
+    context: str | None = None
 
 
 @dataclass(frozen=True)
@@ -22,6 +39,8 @@ class PrivacySettings:
     max_epsilon_per_query: float = 5.0
     budget_epsilon: float = 10.0
     overlap_guard: bool = True
+    delta: float = 1e-6
+    budget_delta: float = 1e-4
 
 
 @dataclass(frozen=True)
@@ -45,24 +64,33 @@ class ScriptSettings:
     # Script jobs one researcher may have queued, running or awaiting approval here (each
     # keeps its script, up to 1 MiB, in the store until it ends).
     max_pending_per_researcher: int = 16
+    backend: str = "docker"
+    kubernetes: KubeSettings | None = None
 
 
 def read_privacy(r: Reader, raw: dict[str, Any]) -> PrivacySettings:
     w = "[privacy]"
     raw = r.table(raw, w, {"dp", "default_epsilon", "max_epsilon_per_query",
-                           "budget_epsilon", "overlap_guard"})
+                           "budget_epsilon", "overlap_guard", "delta", "budget_delta"})
     p = PrivacySettings(
         dp=r.get(raw, w, "dp", str, "off", choices=DP_POLICIES),
         default_epsilon=r.get(raw, w, "default_epsilon", float, 1.0),
         max_epsilon_per_query=r.get(raw, w, "max_epsilon_per_query", float, 5.0),
         budget_epsilon=r.get(raw, w, "budget_epsilon", float, 10.0),
         overlap_guard=r.get(raw, w, "overlap_guard", bool, True),
+        delta=r.get(raw, w, "delta", float, 1e-6),
+        budget_delta=r.get(raw, w, "budget_delta", float, 1e-4),
     )
     for key in ("default_epsilon", "max_epsilon_per_query", "budget_epsilon"):
         if getattr(p, key) <= 0:
             raise r.fail(f"{w}.{key}", "must be positive")
     if p.default_epsilon > p.max_epsilon_per_query:
         raise r.fail(f"{w}.default_epsilon", "exceeds max_epsilon_per_query")
+    for key in ("delta", "budget_delta"):
+        if not 0 < getattr(p, key) < 1:
+            raise r.fail(f"{w}.{key}", "must be between 0 and 1 (exclusive)")
+    if p.delta > p.budget_delta:
+        raise r.fail(f"{w}.delta", "exceeds budget_delta")
     return p
 
 
@@ -71,7 +99,7 @@ def read_scripts(r: Reader, raw: dict[str, Any]) -> ScriptSettings:
     raw = r.table(raw, w, {"policy", "log_policy", "concurrency", "image", "memory_mb",
                            "cpus", "pids", "timeout_s", "result_mb", "on_restart",
                            "warm_containers", "declared_outputs",
-                           "max_pending_per_researcher"})
+                           "max_pending_per_researcher", "backend", "kubernetes"})
     s = ScriptSettings(
         policy=r.get(raw, w, "policy", str, "review", choices=SCRIPT_POLICIES),
         log_policy=r.get(raw, w, "log_policy", str, "errors", choices=LOG_POLICIES),
@@ -87,7 +115,12 @@ def read_scripts(r: Reader, raw: dict[str, Any]) -> ScriptSettings:
         on_restart=r.get(raw, w, "on_restart", str, "interrupt", choices=RESTART_POLICIES),
         warm_containers=r.get(raw, w, "warm_containers", int, 2),
         max_pending_per_researcher=r.limit(raw, w, "max_pending_per_researcher", 16),
+        backend=r.get(raw, w, "backend", str, "docker", choices=SCRIPT_BACKENDS),
+        kubernetes=_read_kube(r, raw["kubernetes"]) if "kubernetes" in raw else None,
     )
+    if s.backend == "kubernetes" and s.kubernetes is None:
+        raise r.fail(w, 'backend = "kubernetes" needs a [scripts.kubernetes] table '
+                        "(namespace, data_claim, data_root)")
     if not 0 <= s.warm_containers <= 16:
         raise r.fail(f"{w}.warm_containers", "must be between 0 and 16")
     for key in ("concurrency", "memory_mb", "pids", "result_mb"):
@@ -96,3 +129,22 @@ def read_scripts(r: Reader, raw: dict[str, Any]) -> ScriptSettings:
     if s.cpus <= 0 or s.timeout_s <= 0:
         raise r.fail(w, "cpus and timeout_s must be positive")
     return s
+
+
+def _read_kube(r: Reader, raw: dict[str, Any]) -> KubeSettings:
+    w = "[scripts.kubernetes]"
+    raw = r.table(raw, w, {"namespace", "data_claim", "data_root", "kubeconfig", "context"})
+    kubeconfig = r.get(raw, w, "kubeconfig", str, None)
+    for key in ("namespace", "data_claim"):
+        value = r.get(raw, w, key, str)
+        if not _DNS_LABEL_RE.fullmatch(value):
+            raise r.fail(f"{w}.{key}", f"{value!r} is not a Kubernetes name (lowercase "
+                                       "letters, digits and '-', at most 63)")
+    return KubeSettings(
+        namespace=r.get(raw, w, "namespace", str),
+        data_claim=r.get(raw, w, "data_claim", str),
+        data_root=str(r.path_of(r.get(raw, w, "data_root", str), f"{w}.data_root",
+                                must_exist=False)),
+        kubeconfig=str(r.path_of(kubeconfig, f"{w}.kubeconfig")) if kubeconfig else None,
+        context=r.get(raw, w, "context", str, None),
+    )

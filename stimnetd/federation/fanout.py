@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, cast
 
 import structlog
@@ -55,7 +55,8 @@ class PeerDirectory(Protocol):
 class SubJobTransport(Protocol):
     async def run_subjob(self, target: Target, signed: SignedJob, request_id: str,
                          timeout_s: float, on_event: SiteEventSink, *,
-                         small: bool = False) -> SiteOutcome: ...
+                         small: bool = False, round_no: int = 0,
+                         beta: list[float] | None = None) -> SiteOutcome: ...
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,9 @@ class FanoutEvents:
 @dataclass(frozen=True)
 class FanoutResult:
     outcomes: list[SiteOutcome]
+    # Where each peer that answered was reached (by the name in its outcome): a later
+    # round of a multi-round job goes to exactly these sites.
+    targets: dict[str, Target] = field(default_factory=dict)
     absent: tuple[Absent, ...] = ()
 
     @property
@@ -97,11 +101,12 @@ class FanoutResult:
         timed out, refused, suppressed, failed)."""
         rows: list[dict[str, object]] = [
             {"site": o.site, "state": o.state, "n": o.n, "detail": o.detail,
-             "epsilon": o.epsilon, "mechanism": o.mechanism,
+             "epsilon": o.epsilon, "delta": o.delta, "mechanism": o.mechanism,
              **({"reason": not_contributed(o.state, o.detail)} if o.state != "done" else {})}
             for o in self.outcomes]
         rows += [{"site": a.site, "state": "absent", "reason": a.reason, "n": 0,
-                  "detail": a.detail, "epsilon": None, "mechanism": None} for a in self.absent]
+                  "detail": a.detail, "epsilon": None, "delta": None,
+                  "mechanism": None} for a in self.absent]
         return rows
 
 
@@ -118,6 +123,10 @@ def not_contributed(state: str, detail: str) -> str:
     if state == "failed" and any(w in detail.lower() for w in _UNREACHABLE):
         return "unreachable"
     return state
+
+
+async def _ignore(site: str, state: str, detail: str, n: int) -> None:
+    """A later round's progress: the entry reports iterations, not each site's steps."""
 
 
 class Fanout:
@@ -148,19 +157,46 @@ class Fanout:
         except (QueryError, StimnetError):
             small = False  # not a query spec: each site refuses it, saying why
         tasks: list[asyncio.Task[SiteOutcome]] = []
+        reached: dict[str, Target] = {}
         # Peers' tasks first: each starts its call before this site's own share (computed
         # on the loop when small) holds the loop. The local outcome stays first in order.
         for target in self._peers.targets(catalog):
             tasks.append(asyncio.create_task(self._remote(target, job, request_id, events,
-                                                          small)))
+                                                          small, reached)))
         if self._holds(catalog):
             tasks.insert(0, asyncio.create_task(
                 self._refused_locally(local_refusal, events) if local_refusal is not None
                 else self._local(job, events, resumed)))
         outcomes = list(await asyncio.gather(*tasks)) if tasks else []
         asked = {o.site for o in outcomes}
-        return FanoutResult(outcomes, tuple(a for a in self._peers.absent(catalog)
-                                            if a.site not in asked))
+        return FanoutResult(outcomes, reached, tuple(a for a in self._peers.absent(catalog)
+                                                     if a.site not in asked))
+
+    async def run_round(self, job: VerifiedJob, request_id: str, round_no: int,
+                        beta: list[float], sites: list[str],
+                        targets: dict[str, Target]) -> list[SiteOutcome]:
+        """Round `round_no` of a multi-round job at `sites` (the ones that answered its
+        first round): this site's share here, each peer's at the address it answered
+        from, under the same deadline as a sub-job. Outcomes in the order of `sites`."""
+        async def one(site: str) -> SiteOutcome:
+            if site == self._site.name and site not in targets:
+                return await self._site.run_round(job, round_no, beta)
+            target = Target(targets[site].address, site)
+            return await self._call(target, lambda: self._transport.run_subjob(
+                target, job.signed, request_id, self._timeout, _ignore, small=True,
+                round_no=round_no, beta=beta))
+        return list(await asyncio.gather(*(one(s) for s in sites)))
+
+    async def _call(self, target: Target,
+                    call: Callable[[], Awaitable[SiteOutcome]]) -> SiteOutcome:
+        label = target.name or target.address
+        try:
+            return await asyncio.wait_for(call(), timeout=self._timeout + 1.0)
+        except TimeoutError:
+            return SiteOutcome(label, "timed_out",
+                               f"no answer within the {self._timeout:g}s site deadline")
+        except Exception as exc:  # noqa: BLE001 - one site's failure is that site's row
+            return SiteOutcome(label, "failed", str(exc) or type(exc).__name__)
 
     async def _local(self, job: VerifiedJob, events: FanoutEvents, resumed: bool) -> SiteOutcome:
         site = self._site.name
@@ -200,7 +236,8 @@ class Fanout:
         return outcome
 
     async def _remote(self, target: Target, job: VerifiedJob, request_id: str,
-                      events: FanoutEvents, small: bool) -> SiteOutcome:
+                      events: FanoutEvents, small: bool,
+                      reached: dict[str, Target]) -> SiteOutcome:
         label = target.name or target.address
         started = time.monotonic()
         try:
@@ -216,6 +253,7 @@ class Fanout:
             outcome = SiteOutcome(label, "failed", str(exc) or type(exc).__name__)
             await events.site(SiteEvent(outcome.site, outcome.state, outcome.detail))
         # Otherwise the transport relayed the peer's own events, terminal one included.
+        reached[outcome.site] = target
         log.info("site answered", site=outcome.site, state=outcome.state,
                  ms=round((time.monotonic() - started) * 1000, 1))
         return outcome

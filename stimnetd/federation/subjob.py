@@ -55,10 +55,14 @@ class PeerSubJobs:
         self._verify = verify
         self._max_age = max_age_s
 
-    async def run(self, signed: SignedJob, entry: Identity,
-                  request_id: str) -> AsyncGenerator[SubJobEvent, None]:
+    async def run(self, signed: SignedJob, entry: Identity, request_id: str, *,
+                  round_no: int = 0, beta: list[float] | None = None
+                  ) -> AsyncGenerator[SubJobEvent, None]:
+        """`round_no` 2 or later: a later round of a multi-round job, at `beta`."""
         with self._slot(entry.name) as release:
-            async with contextlib.aclosing(self._run(signed, entry, request_id)) as events:
+            run = self._run(signed, entry, request_id) if round_no <= 1 \
+                else self._round(signed, entry, round_no, beta or [])
+            async with contextlib.aclosing(run) as events:
                 async for ev in events:
                     if isinstance(ev, SiteOutcome):
                         # The outcome ends the sub-job for the entry, which reads nothing
@@ -105,9 +109,15 @@ class PeerSubJobs:
             await self._store.claim_nonce(claim)
         yield outcome
 
-    async def _admit(self, signed: SignedJob, entry: Identity,
-                     request_id: str) -> tuple[VerifiedJob, NonceClaim]:
-        """The job, if this site answers it for `entry`, and its nonce to remember."""
+    async def _round(self, signed: SignedJob, entry: Identity, round_no: int,
+                     beta: list[float]) -> AsyncGenerator[SubJobEvent, None]:
+        """A later round: the signed job verified again (so its catalog, cohort, model and
+        family are the ones signed), its nonce already spent by round 1 here; the site's
+        FitRounds decide whether this round at `beta` is owed."""
+        job = self._verified(signed, entry)
+        yield await self._site.run_round(job, round_no, beta)
+
+    def _verified(self, signed: SignedJob, entry: Identity) -> VerifiedJob:
         # Verified here, at this site, with this site's CA and CRL: the entry node is only
         # a relay and cannot vouch for the researcher.
         job = self._verify(signed)
@@ -123,6 +133,12 @@ class PeerSubJobs:
             raise PermissionDenied(f"job {job.request.job_id} was signed to enter the federation "
                                    f"at node {job.request.entry!r}, not {entry.name!r}: a site "
                                    "answers a job only from the entry node its researcher chose")
+        return job
+
+    async def _admit(self, signed: SignedJob, entry: Identity,
+                     request_id: str) -> tuple[VerifiedJob, NonceClaim]:
+        """The job, if this site answers it for `entry`, and its nonce to remember."""
+        job = self._verified(signed, entry)
         await self._site.precheck(job)
         if job.request.kind == "script":
             await self._admit_script(job, entry, request_id)

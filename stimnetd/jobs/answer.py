@@ -52,7 +52,8 @@ def assemble(job: VerifiedJob, fan: FanoutResult) -> Answer:
             f"partial federation: {len(contributors)} of {len(contributors) + len(missing)} "
             f"sites known to hold {req.catalog!r} contributed; not: "
             + ", ".join(f"{site} ({reason})" for site, reason, _ in missing))
-    privacy = [{"site": o.site, "epsilon": o.epsilon, "mechanism": o.mechanism}
+    privacy = [{"site": o.site, "epsilon": o.epsilon, "delta": o.delta,
+                "mechanism": o.mechanism}
                for o in contributors]
     doc = {"result": summary, "manifest": fan.manifest(), "privacy": privacy,
            "query": req.spec, "scope": req.scope, "kind": req.kind,

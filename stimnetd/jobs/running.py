@@ -12,15 +12,18 @@ from typing import Any
 
 import structlog
 
+from stimnet.query.spec import AggSpec
 from stimnet.signing import VerifiedJob
 from stimnet.states import JobState, SiteEvent
 from stimnetd.federation.fanout import Fanout, FanoutResult
 from stimnetd.jobs.access import REPLAYED
 from stimnetd.jobs.answer import Answer, assemble
 from stimnetd.jobs.events import ActiveJob, JobEventHub, JobUpdate
+from stimnetd.jobs.models import fit_glm, pool_estimates
 from stimnetd.jobs.quota import QueryQuota
 from stimnetd.jobs.review import ScriptGate
-from stimnetd.site import LocalSite, ShareProgress
+from stimnetd.query.models import is_multi_round
+from stimnetd.site import LocalSite, ShareProgress, SiteOutcome
 from stimnetd.store import Store
 from stimnetd.store.records import JobRecord
 
@@ -89,7 +92,9 @@ class JobRunner:
                 self._hub.publish(record.id, JobUpdate("state", job=self._shown(
                     record, active, "failed", REPLAYED)))
                 return
-            answer = assemble(job, fan)
+            model = job.request.query_spec.model if record.kind == "query" else None
+            answer = assemble(job, fan) if model is None \
+                else await self._model_answer(record, job, model, fan)
             # The final state carries the answer: watchers get both in one update.
             if record.kind == "query":
                 await self._show_then_write(record, active, answer)
@@ -119,6 +124,26 @@ class JobRunner:
         self._hub.site_event(record.id, SiteEvent(outcome.site, outcome.state, outcome.detail,
                                                   outcome.n))
         return FanoutResult([outcome])
+
+    async def _model_answer(self, record: JobRecord, job: VerifiedJob, model: AggSpec,
+                            fan: FanoutResult) -> Answer:
+        """A GLM's later rounds at the sites of its first (or a meta-analysis's pooling)."""
+        if not is_multi_round(model):
+            return pool_estimates(job, model, fan)
+
+        async def rounds(round_no: int, beta: list[float], sites: list[str]
+                         ) -> list[SiteOutcome]:
+            if record.scope == "federated":
+                return await self._fanout.run_round(job, record.request_id, round_no, beta,
+                                                    sites, fan.targets)
+            return [await self._site.run_round(job, round_no, beta)]
+
+        async def progress(line: str) -> None:
+            self._hub.log(record.id, self._site.name, line)
+
+        async def dropped_out(o: SiteOutcome) -> None:
+            self._hub.site_event(record.id, SiteEvent(o.site, o.state, o.detail, o.n))
+        return await fit_glm(job, model, fan, rounds, progress, dropped_out)
 
     def _local_progress(self, job_id: str) -> ShareProgress:
         site = self._site.name

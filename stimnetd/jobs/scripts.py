@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stimnet.errors import QueryError, StimnetError
 from stimnet.query.spec import AggSpec, QuerySpec, validate
@@ -37,6 +37,9 @@ from stimnetd.sandbox import (
 SCRIPT_FUNCS = ("count", "sum", "mean", "var", "sd", "histogram", "corr", "regression",
                 "contingency", "count_map", "mean_map")
 # A grouped output's cells are every combination of its group fields' levels: bounded.
+if TYPE_CHECKING:
+    from stimnetd.sandbox.kube import KubeRunner
+
 MAX_DECLARED_CELLS = 10_000
 
 
@@ -49,7 +52,7 @@ class ScriptFailed(StimnetError):
 class SandboxScripts:
     """LocalSite's script runner (site.ScriptRunner): sandbox → validated Partials."""
 
-    def __init__(self, runner: SandboxRunner, *, log_policy: str,
+    def __init__(self, runner: SandboxRunner | KubeRunner, *, log_policy: str,
                  declared_outputs: str = "required", concurrency: int = 1,
                  on_duration: Callable[[float], None] = lambda s: None) -> None:
         self._runner = runner

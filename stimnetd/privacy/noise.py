@@ -21,6 +21,8 @@ quantiles     counts    1
 contingency   counts    1
 crossprod     m         Σ_{i≤j} B_i·B_j, B_0 = 1 (upper triangle incl. diagonal is noised
                         and mirrored, so the release stays symmetric)
+              <n>       1                      (m[0, 0] is noised at the scale of m; the
+                                                noisy-threshold gate needs a count of its own)
 voxel_map     count     V                      (V = max_voxels of meta["column"])
               sum       V·W                    (W = B of meta["weight"])
               <n>       1                      (the partial's subject count, see below)
@@ -42,8 +44,8 @@ avoids the floating-point side channels of textbook float noise.
 
 The partial's `n` is replaced by a noised count, never the true one: the noised `n` stats
 entry (count, moments), the sum of the noised released cells (histogram, quantiles,
-contingency), the noised m[0, 0] (crossprod), or a separately noised subject count that
-takes its own share of epsilon (voxel_map, roi_overlap, whose stats do not contain it). It
+contingency), or a separately noised subject count that takes its own share of epsilon
+(crossprod, voxel_map, roi_overlap). It
 is rounded and floored at 0, which is post-processing; stats arrays are left unclamped so
 that pooled sums stay unbiased.
 """
@@ -179,7 +181,8 @@ def sensitivities(p: Partial, fields: Mapping[str, FieldMeta]) -> dict[str, floa
         return {"n": 1.0, "s1": b, "s2": b * b}
     if p.kind == "crossprod":
         bs = [1.0] + [_max_abs(fields, f, p.name) for f in _meta_fields(p)]
-        return {"m": math.fsum(bs[i] * bs[j] for i in range(len(bs)) for j in range(i, len(bs)))}
+        return {"m": math.fsum(bs[i] * bs[j] for i in range(len(bs)) for j in range(i, len(bs))),
+                COHORT_N: 1.0}
     if p.kind == "voxel_map":
         v = float(_max_voxels(fields, _meta_field(p, "column"), p.name))
         out = {"count": v, COHORT_N: 1.0}
@@ -283,8 +286,6 @@ def _noisy_n(p: Partial, stats: dict[str, np.ndarray], separate: float) -> float
         return float(stats["n"].ravel()[0])
     if p.kind in ("histogram", "quantiles", "contingency"):
         return float(stats["counts"].sum())
-    if p.kind == "crossprod":
-        return float(stats["m"][0, 0])
     return separate
 
 

@@ -42,6 +42,9 @@ class PrivacyPolicy:
     epsilon) or "required" (always; the researcher's epsilon or else `default_epsilon`).
     `budget_epsilon` is the total a (researcher, catalog) pair may spend
     (privacy/release.budget_refusal, run in the release's transaction).
+    `delta` is what each noised query is charged beside its epsilon: the bound on the
+    chance that a cell of fewer than k_min subjects passes the noisy threshold
+    (privacy/threshold.py); `budget_delta` caps its sum like `budget_epsilon`.
     """
 
     k_min: int = 5
@@ -49,6 +52,8 @@ class PrivacyPolicy:
     default_epsilon: float = 1.0
     max_epsilon_per_query: float = 5.0
     budget_epsilon: float = 10.0
+    delta: float = 1e-6
+    budget_delta: float = 1e-4
 
     def __post_init__(self) -> None:
         # Config validation lives in config.py; this only stops a policy that would make
@@ -63,6 +68,8 @@ class PrivacyPolicy:
                 raise ValueError(f"{name} must be a positive finite number, got {value}")
         if self.default_epsilon > self.max_epsilon_per_query:
             raise ValueError("default_epsilon exceeds max_epsilon_per_query")
+        if not (0 < self.delta < 1 and self.delta <= self.budget_delta):
+            raise ValueError("delta must be in (0, 1) and at most budget_delta")
 
 
 def decide_epsilon(policy: PrivacyPolicy, requested: float | None) -> float | None:

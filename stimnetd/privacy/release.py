@@ -20,6 +20,7 @@ from typing import Any
 from stimnet.errors import BudgetExhausted, StimnetError
 from stimnetd.privacy.overlap import check_overlap, check_union_overlap
 from stimnetd.privacy.policy import PrivacyPolicy, PrivacyRefusal, RefusalRule
+from stimnetd.privacy.span import isolates
 from stimnetd.store.records import Disclosed, LedgerView, Release
 
 # Sums of float epsilons drift: ten charges of 0.1 must fit a budget of 1.
@@ -62,20 +63,76 @@ def budget_refusal(catalog: str, epsilon: float, spent: float,
                    {"epsilon": epsilon, "budget": budget})
 
 
+def delta_refusal(catalog: str, delta: float, spent: float,
+                  policy: PrivacyPolicy) -> Refusal | None:
+    """Refuse charging `delta` on `catalog` when `spent` delta is already charged there."""
+    budget = policy.budget_delta
+    if spent + delta <= budget * (1 + 1e-9):
+        return None
+    return Refusal("budget", f"privacy budget exhausted on catalog {catalog!r}: this query "
+                   f"needs delta {delta:g}, {max(budget - spent, 0):g} of {budget:g} remains "
+                   "for you at this site", {"delta": delta, "budget_delta": budget})
+
+
 def decide(view: LedgerView, release: Release, policy: PrivacyPolicy, *,
            overlap_guard: bool = True) -> Refusal | None:
     """The first rule that refuses `release`, or None to record it.
 
+    A noised release (one that charges epsilon) is judged by the budget alone: DP bounds
+    what it adds to any earlier release, and a refusal decided on exact cohorts would be a
+    data-dependent output outside the (epsilon, delta) guarantee.
+
     `overlap_guard`: the site's `[privacy] overlap_guard`; without it only the budget
     applies."""
     if release.epsilon:
-        refusal = budget_refusal(release.catalog, release.epsilon, view.spent(), policy)
-        if refusal is not None:
-            return refusal
-    disclosed = release.disclosed() if release.decision != "suppressed" else ()
-    if not overlap_guard or not disclosed:
+        return (budget_refusal(release.catalog, release.epsilon, view.spent(), policy)
+                or (delta_refusal(release.catalog, release.delta, view.spent_delta(), policy)
+                    if release.delta else None))
+    if not overlap_guard or release.decision == "suppressed":
+        return None
+    if release.linear:
+        return linear_refusal(view, release)
+    disclosed = release.disclosed()
+    if not disclosed:
         return None
     return overlap_refusal(view, release, disclosed, policy.k_min)
+
+
+def describe(quantity: str) -> str:
+    if quantity == "1":
+        return "count (whether they are in a cohort)"
+    kind, _, what = quantity.partition(":")
+    if kind == "sum":
+        return f"value of {' × '.join(what.split('*'))}"
+    return f"image {' weighted by '.join(what.split('*'))}"
+
+
+def linear_refusal(view: LedgerView, release: Release) -> Refusal | None:
+    """Refuse an exact release whose linear statistics, with the researcher's earlier ones
+    of the same quantity on the catalog, isolate one subject (privacy/span.py)."""
+    by_quantity: dict[str, dict[str, frozenset[str]]] = {}
+    for quantity, members, digest in release.linear:
+        by_quantity.setdefault(quantity, {})[digest] = members
+    for quantity, new in sorted(by_quantity.items()):
+        if view.linear_known(quantity, list(new)):
+            continue  # nothing this release adds to the span
+        earlier = [(m, d, j) for m, d, j in view.linear_history(quantity) if d not in new]
+        cohorts = [m for m, _, _ in earlier] + list(new.values())
+        hit = isolates(cohorts)
+        if hit is None:
+            continue
+        jobs = sorted({earlier[i][2] for i in hit.cohorts if i < len(earlier)})
+        where = (f"your earlier job(s) {', '.join(jobs)}" if jobs
+                 else "the other cells or bins of this same query")
+        message = (
+            f"refused by exact auditing (rule: no subject's contribution may be derivable): "
+            f"together with {where}, this release would give one subject's "
+            f"{describe(quantity)} exactly, by adding and subtracting released sums. Ask "
+            "with differential privacy (--epsilon), or use a coarser grouping or a cohort "
+            "that does not differ from those by single subjects")
+        return Refusal("overlap", message, {"reason": message, "rule": "linear span",
+                                            "quantity": quantity, "earlier_jobs": jobs})
+    return None
 
 
 def overlap_refusal(view: LedgerView, release: Release, disclosed: Disclosed,

@@ -27,6 +27,13 @@ voxel_map      count: [shape], sum: [shape] (Σ weight,     count (per voxel)
 roi_overlap    n: [R] subjects touching the ROI,            n (per ROI)
                s1: [R] Σ overlap voxels, s2: [R] Σ overlap²;
                meta: column, rois (names), voxel_volume_mm3
+glm_round      xtwx: [p, p], xtwz: [p], sums: [6]           n
+               (deviance, loglik, Σy, Σy², Σy log y,
+               boundary rows) at the round's β;
+               meta: terms, family, round
+estimate       est: [p], se: [p]: this site's own fit       n
+               (not additive: meta-analysis pools them);
+               meta: terms
 =============  ==========================================  ===============================
 
 Values are clamped to the catalog's declared bounds *before* they enter s1/s2/m, so the
@@ -50,6 +57,8 @@ KINDS = (
     "contingency",
     "voxel_map",
     "roi_overlap",
+    "glm_round",
+    "estimate",
 )
 
 # Which stats array holds the per-cell subject counts that k_min is checked against.
@@ -65,6 +74,8 @@ CELL_COUNTS: dict[str, str | None] = {
     "contingency": "counts",
     "voxel_map": "count",
     "roi_overlap": "n",
+    "glm_round": None,
+    "estimate": None,
 }
 
 GroupKey = tuple[tuple[str, str], ...]
@@ -186,6 +197,11 @@ def _layout(kind: str, meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         _numbers([meta["voxel_volume_mm3"]])
         r = (len(_names(meta["rois"])),)
         return {"n": r, "s1": r, "s2": r}
+    if kind in ("glm_round", "estimate"):
+        k = len(_names(meta["terms"]))
+        if kind == "estimate":
+            return {"est": (k,), "se": (k,)}
+        return {"xtwx": (k, k), "xtwz": (k,), "sums": (6,)}
     raise ValueError(f"unknown kind {kind!r:.40}")
 
 

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stimnet.errors import DataContractViolation
 from stimnet.query.fields import FieldMeta
 from stimnet.query.spec import (
     AggSpec,
@@ -34,6 +33,9 @@ from stimnet.query.spec import (
 from stimnetd.catalog.columns import Rows, is_null, label
 from stimnetd.catalog.view import CatalogView
 from stimnetd.query.aggregate import GroupKey, Partial
+from stimnetd.query.linear import LinearCohort, linear_cohorts
+from stimnetd.query.models import model_partial
+from stimnetd.query.subjects import InProcess, SubjectImages
 
 QUANTILE_BINS = 1024
 
@@ -45,31 +47,49 @@ class SiteComputation:
     n_cohort: int
     # Grouped queries: each group's subjects (its cells are released cohorts too).
     group_ids: dict[GroupKey, frozenset[str]] = field(default_factory=dict)
+    # With `audit`: every linear statistic the partials hold, with the cohort it sums over
+    # (query/linear.py), for exact auditing.
+    linear: list[LinearCohort] = field(default_factory=list)
 
 
 def compute(
-    spec: QuerySpec, catalog: CatalogView, *, quantile_bins: int = QUANTILE_BINS
+    spec: QuerySpec, catalog: CatalogView, *, quantile_bins: int = QUANTILE_BINS,
+    beta: np.ndarray | None = None, images: SubjectImages | None = None,
+    audit: bool = False,
 ) -> SiteComputation:
     """One site's exact partials for `spec`: one per aggregate per group (every declared
     level combination when all group fields declare levels, else the groups present).
 
     The spec is validated again here because a site must not trust the entry node.
     `cohort_ids` are the filtered subjects (before grouping) and `group_ids` each group's,
-    for the overlap guard.
+    for the overlap guard. `beta`: a GLM round's parameter vector (query/models.py).
+    `images`: where voxel maps' per-subject work runs (query/subjects.py; in-process if None).
     """
     validate(spec, catalog.fields)
     rows = Rows(catalog.columns())
     if spec.where is not None:
         true, _false = _eval(spec.where, rows, catalog.fields)
         rows = rows.subset(true)
-    ctx = _Context(catalog, quantile_bins)
+    cohort_ids = catalog.subject_ids() if spec.where is None else rows.ids(catalog.subject_key)
+    if spec.model is not None:
+        return SiteComputation(partials=[model_partial(spec.model, rows, catalog.fields, beta)],
+                               cohort_ids=cohort_ids, n_cohort=len(rows))
+    ctx = _Context(catalog, quantile_bins, images)
     groups = _groups(rows, spec.group_by, catalog.fields)
     partials = [ctx.aggregate(agg, cell, key) for key, cell in groups for agg in spec.aggregates]
+    linear: list[LinearCohort] = []
+    if audit:
+        made = iter(partials)
+        for key, cell in groups:
+            for agg in spec.aggregates:
+                p = next(made)
+                bounds = catalog.fields[agg.fields[0]].bounds if agg.fields else None
+                linear += linear_cohorts(agg, cell, key, fine_bins=quantile_bins,
+                                         bounds=bounds, levels=p.meta.get("levels"))
     group_ids = {key: cell.ids(catalog.subject_key) for key, cell in groups} \
         if spec.group_by else {}
-    cohort_ids = catalog.subject_ids() if spec.where is None else rows.ids(catalog.subject_key)
     return SiteComputation(partials=partials, cohort_ids=cohort_ids, n_cohort=len(rows),
-                           group_ids=group_ids)
+                           group_ids=group_ids, linear=linear)
 
 
 # --- filter: SQL three-valued logic as (is_true, is_false) masks; unknown is neither ---
@@ -153,8 +173,10 @@ def _groups(
 
 
 class _Context:
-    def __init__(self, catalog: CatalogView, quantile_bins: int) -> None:
+    def __init__(self, catalog: CatalogView, quantile_bins: int,
+                 images: SubjectImages | None = None) -> None:
         self.catalog = catalog
+        self.images = images if images is not None else InProcess()
         self.fields = catalog.fields
         self.bins = quantile_bins
 
@@ -248,24 +270,6 @@ class _Context:
         extra = sorted(set(observed) - set(declared))
         return declared + extra
 
-    def _binarized(self, path: Any, column: str, shape: tuple[int, ...]) -> np.ndarray:
-        # One subject at a time: a cohort's images together need not fit in memory.
-        img = np.asarray(self.catalog.load_image(str(path)))
-        if tuple(img.shape) != tuple(shape):
-            raise DataContractViolation(
-                f"an image in {column!r} is not on the catalog grid {tuple(shape)}"
-            )
-        mask = img > 0
-        limit = self.fields[column].max_voxels
-        if limit is not None and np.count_nonzero(mask) > limit:
-            # DP noise on voxel maps assumes one subject covers at most max_voxels voxels;
-            # the count itself is a data value, so the message leaves it out.
-            raise DataContractViolation(
-                f"an image in {column!r} has more non-zero voxels than its declared "
-                f"max_voxels ({limit})"
-            )
-        return mask
-
     def voxel_map(self, a: AggSpec, rows: Rows, make: Callable[..., Partial]) -> Partial:
         """count = subjects covering each voxel; sum = Σ their clamped weight. An unweighted
         mean_map ships count only (its mean is the fraction of the cohort covering a voxel)."""
@@ -273,16 +277,12 @@ class _Context:
         weight = a.fields[1] if len(a.fields) > 1 else None
         geom = self.catalog.geometry(column)
         w = self.clamped(rows, weight) if weight else np.ones(len(rows))
-        count = np.zeros(geom.shape)
-        total = np.zeros(geom.shape)
-        n = 0
-        for path, wi in zip(rows.values(column), w, strict=True):
-            if is_null(path) or np.isnan(wi):
-                continue
-            img = self._binarized(path, column, geom.shape)
-            n += 1
-            count += img
-            total += wi * img
+        items = [(str(path), float(wi)) for path, wi in zip(rows.values(column), w, strict=True)
+                 if not (is_null(path) or np.isnan(wi))]
+        # Reading and adding each subject's image is the images' runner's (in-process, or
+        # a Dask cluster's workers returning these sums only): query/subjects.py.
+        n, count, total = self.images.voxel_sums(self.catalog, column, tuple(geom.shape),
+                                                 self.fields[column].max_voxels, items)
         stats = {"count": count}
         if weight:
             stats["sum"] = total
@@ -301,18 +301,10 @@ class _Context:
         geom = self.catalog.geometry(column)
         rois = self.catalog.roi_masks()
         names = sorted(rois)
-        n, s1, s2 = (np.zeros(len(names)) for _ in range(3))
-        subjects = 0
-        for path in rows.values(column):
-            if is_null(path):
-                continue
-            img = self._binarized(path, column, geom.shape)
-            subjects += 1
-            for i, r in enumerate(names):
-                v = float(np.count_nonzero(img & rois[r]))
-                n[i] += v > 0
-                s1[i] += v
-                s2[i] += v * v
+        paths = [str(p) for p in rows.values(column) if not is_null(p)]
+        subjects, n, s1, s2 = self.images.roi_sums(
+            self.catalog, column, tuple(geom.shape), self.fields[column].max_voxels,
+            [rois[r] for r in names], paths)
         return make(
             "roi_overlap",
             subjects,

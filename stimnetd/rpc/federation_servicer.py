@@ -50,7 +50,8 @@ class FederationServicer(federation_pb2_grpc.FederationServiceServicer):
         # bounds the one in the call's metadata.
         request_id = request.request_id[:64] or caller.request_id
         async for ev in self._subjobs.run(convert.signed_job(request.job), caller.identity,
-                                          request_id):
+                                          request_id, round_no=request.round,
+                                          beta=list(request.beta)):
             if isinstance(ev, LogLine):
                 yield federation_pb2.SubJobEvent(log_line=ev.line)
                 continue
@@ -113,5 +114,5 @@ def _outcome_frames(outcome: SiteOutcome) -> Iterator[common_pb2.ResultFrame]:
     if outcome.packed is not None:
         return packed_frames(outcome.packed)  # the stored release, as it is
     docs, arrays = partial_docs.partials_to_doc(outcome.partials)
-    return to_frames({"partials": docs, "epsilon": outcome.epsilon,
+    return to_frames({"partials": docs, "epsilon": outcome.epsilon, "delta": outcome.delta,
                       "mechanism": outcome.mechanism}, arrays)

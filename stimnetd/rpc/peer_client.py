@@ -154,7 +154,8 @@ class GrpcSubJobTransport:
 
     async def run_subjob(self, target: Target, signed: SignedJob, request_id: str,
                          timeout_s: float, on_event: SiteEventSink, *,
-                         small: bool = False) -> SiteOutcome:
+                         small: bool = False, round_no: int = 0,
+                         beta: list[float] | None = None) -> SiteOutcome:
         """`small`: the answer is small (a table query's), so the sub-job may share the
         connection's SubJobs stream with others; large answers (images, scripts) get a
         call of their own, so they hold up no one else's."""
@@ -175,7 +176,8 @@ class GrpcSubJobTransport:
             return await _ended(on_event, label, "failed", detail)
         reader = _SubJobReader(who.name, on_event, timeout_s)
         request = federation_pb2.SubJobRequest(job=convert.signed_job_pb(signed),
-                                               entry_node=self._entry, request_id=request_id)
+                                               entry_node=self._entry, request_id=request_id,
+                                               round=round_no, beta=beta or [])
         left = max(0.001, timeout_s - (time.monotonic() - started))
         if small:
             outcome = await self._shared(target.address, request, left, reader)
@@ -320,13 +322,16 @@ class _SubJobReader:
             if not (epsilon is None or (type(epsilon) in (int, float) and epsilon >= 0
                                         and math.isfinite(epsilon))):
                 raise codec.CodecError(f"epsilon {epsilon!r} is not a non-negative number")
+            delta = doc.get("delta")
+            if not (delta is None or (type(delta) in (int, float) and 0 <= delta < 1)):
+                raise codec.CodecError(f"delta {delta!r} is not a number in [0, 1)")
             if not (mechanism is None or isinstance(mechanism, str)):
                 raise codec.CodecError(f"mechanism {mechanism!r} is not a name")
         except (codec.CodecError, KeyError) as exc:
             return await _ended(self._on_event, site, "failed",
                                 f"malformed partial aggregates: {exc}")
         return SiteOutcome(site, "done", detail, n=n, partials=partials,
-                           epsilon=epsilon, mechanism=mechanism)
+                           epsilon=epsilon, delta=delta, mechanism=mechanism)
 
 
 def _last_subjob_reply(reply: federation_pb2.SubJobReply) -> bool:

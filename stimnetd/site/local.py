@@ -15,14 +15,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import structlog
 
 from stimnet import codec
 from stimnet.errors import InvalidRequest, QueryError, Refused, Replayed, StimnetError
+from stimnet.query.spec import AggSpec
 from stimnet.signing import VerifiedJob
 from stimnet.states import RefusalKind
 from stimnetd.catalog import Catalog, CatalogSet
-from stimnetd.privacy.noise import NoiseSource, add_noise
+from stimnetd.privacy import glm_noise
+from stimnetd.privacy.noise import NoiseReport, NoiseSource, add_noise
 from stimnetd.privacy.policy import PrivacyPolicy, PrivacyRefusal, decide_epsilon
 from stimnetd.privacy.release import budget_refusal, decide
 from stimnetd.privacy.suppress import (
@@ -31,11 +34,16 @@ from stimnetd.privacy.suppress import (
     result_suppressed,
     suppress_small_cells,
 )
+from stimnetd.privacy.threshold import gate_noised
 from stimnetd.query import partial_docs
 from stimnetd.query.aggregate import GroupKey, Partial
 from stimnetd.query.engine import compute
+from stimnetd.query.linear import LinearCohort
+from stimnetd.query.models import control_of, is_multi_round
+from stimnetd.query.subjects import SubjectImages
 from stimnetd.site.cohorts import CohortFingerprints
 from stimnetd.site.outcome import SiteOutcome
+from stimnetd.site.rounds import FitRounds
 from stimnetd.store import NonceClaim, Store
 from stimnetd.store.records import Release
 
@@ -86,19 +94,28 @@ class LocalSite:
 
     def __init__(self, *, name: str, catalogs: CatalogSet, store: Store, policy: PrivacyPolicy,
                  noise: NoiseSource, overlap_guard: bool = True,
+                 shared_history: bool = False,
                  script_runner: ScriptRunner | None = None,
                  on_decision: Callable[[str], None] = lambda kind: None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 images: SubjectImages | None = None) -> None:
         self.name = name
+        # Where voxel maps' per-subject work runs ([compute] scheduler; None: in-process).
+        self._images = images
         self._catalogs = catalogs
         self._store = store
         self._policy = policy
         self._noise = noise
         self._overlap_guard = overlap_guard
+        # One exact-auditing history per catalog for all researchers ([privacy]
+        # shared_history), not one per researcher.
+        self._shared_history = shared_history
         self._script_runner = script_runner
         self._on_decision = on_decision
         self._clock = clock
         self._fingerprints = CohortFingerprints(store.site_secret)
+        # The multi-round fits (GLMs) whose first round this site released.
+        self.rounds = FitRounds()
 
     async def precheck(self, job: VerifiedJob) -> None:
         """Refuse early what is certain to be refused: unknown catalog, bad epsilon, or a
@@ -140,8 +157,18 @@ class LocalSite:
                 # "running" event would only cost every hop a message. A script's start
                 # (a container) is worth reporting.
                 await progress.running()
-            partials, cohort, groups = await self._compute(job, catalog, progress)
-            return await self._release(job, catalog, partials, cohort, groups, epsilon, nonce)
+            _model_privacy(job, catalog, epsilon)
+            audit = epsilon is None and self._overlap_guard
+            partials, cohort, groups, linear = await self._compute(job, catalog, progress, audit)
+            outcome = await self._release(job, catalog, partials, cohort, groups, epsilon, nonce,
+                                          linear)
+            if outcome.state == "done" and req.kind == "query" \
+                    and is_multi_round(model := req.query_spec.model):
+                assert model is not None
+                self.rounds.opened(req.job_id, max_rounds=control_of(model).max_rounds,
+                                   p=int(partials[0].stats["xtwz"].size),
+                                   n_released=outcome.n if outcome.epsilon else None)
+            return outcome
         except Replayed:
             raise
         except (PrivacyRefusal, QueryError) as exc:
@@ -154,6 +181,58 @@ class LocalSite:
             return SiteOutcome(self.name, "refused", str(exc))
         except Exception:  # noqa: BLE001 - a site failure is reported, not propagated
             log.exception("site job failed", job=req.job_id)
+            return SiteOutcome(self.name, "failed", "internal error at this site (see its logs)")
+
+    async def run_round(self, job: VerifiedJob, round_no: int,
+                        beta: list[float]) -> SiteOutcome:
+        """Round `round_no` (2 or later) of a multi-round job whose first round this site
+        released: the same signed job evaluated at `beta`, under the same k_min rule as
+        a query. Refused (and audited) unless `rounds` says this round is owed."""
+        req = job.request
+        try:
+            if req.kind != "query" or not is_multi_round(req.query_spec.model):
+                raise Refused(f"round {round_no} of job {req.job_id} refused: the signed job "
+                              "is not a multi-round model")
+            n_released = self.rounds.check(req.job_id, round_no, beta)
+            catalog = self._catalogs.get(req.catalog)
+            spec = req.query_spec
+            arr = np.asarray(beta, dtype=np.float64)
+            if catalog.n_subjects <= INLINE_SUBJECTS:
+                result = compute(spec, catalog, beta=arr)
+            else:
+                result = await asyncio.to_thread(compute, spec, catalog, beta=arr)
+            epsilon = decide_epsilon(self._policy, req.epsilon)
+            if epsilon is not None:
+                # Gated by round 1's noised n; charged, for every round the model allows,
+                # with round 1 (glm_noise). No exact check here: it would not be DP.
+                assert spec.model is not None
+                partials = [glm_noise.noised(result.partials[0], _glm_plan(
+                    spec.model, catalog, epsilon), self._noise, n_released)[0]]
+            else:
+                partials, decisions = suppress_small_cells(result.partials, self._policy.k_min,
+                                                           catalog.fields)
+                if result_suppressed(decisions):
+                    # The cohort is the first round's, which passed k_min: only a site
+                    # whose data changed mid-fit gets here.
+                    raise Refused(f"round {round_no} of job {req.job_id}: every output was "
+                                  f"withheld (k_min = {self._policy.k_min})")
+            await self._store.audit(job.researcher.name, job.researcher.role, "release",
+                                    "released", {"job": req.job_id, "catalog": req.catalog,
+                                                 "kind": "glm_round", "round": round_no,
+                                                 "noised": epsilon is not None,
+                                                 "epsilon": 0.0 if epsilon else None})
+            self._on_decision("released")
+            return SiteOutcome(self.name, "done", "", n=partials[0].n, partials=partials)
+        except (PrivacyRefusal, QueryError) as exc:
+            await self._audit_refusal(job, exc, None)
+            return SiteOutcome(self.name, "refused", str(exc))
+        except StimnetError as exc:
+            if exc.code not in _REFUSING_CODES:
+                return SiteOutcome(self.name, "failed", str(exc))
+            await self._audit_refusal(job, exc, None)
+            return SiteOutcome(self.name, "refused", str(exc))
+        except Exception:  # noqa: BLE001 - a site failure is reported, not propagated
+            log.exception("site round failed", job=req.job_id, round=round_no)
             return SiteOutcome(self.name, "failed", "internal error at this site (see its logs)")
 
     async def _audit_refusal(self, job: VerifiedJob, exc: Exception,
@@ -170,9 +249,10 @@ class LocalSite:
             await self._store.audit(*entry)
         self._on_decision("refused")
 
-    async def _compute(self, job: VerifiedJob, catalog: Catalog, progress: ShareProgress
+    async def _compute(self, job: VerifiedJob, catalog: Catalog, progress: ShareProgress,
+                       audit: bool = False
                        ) -> tuple[list[Partial], frozenset[str] | None,
-                                  dict[GroupKey, frozenset[str]]]:
+                                  dict[GroupKey, frozenset[str]], list[LinearCohort]]:
         req = job.request
         if req.kind == "query":
             spec = req.query_spec
@@ -181,44 +261,51 @@ class LocalSite:
                                  f"{req.catalog!r}")
             # compute() validates the spec against this catalog (a site trusts no entry).
             if not spec.reads_images() and catalog.n_subjects <= INLINE_SUBJECTS:
-                result = compute(spec, catalog)
+                result = compute(spec, catalog, images=self._images, audit=audit)
             else:
-                result = await asyncio.to_thread(compute, spec, catalog)
-            return result.partials, result.cohort_ids, result.group_ids
+                result = await asyncio.to_thread(compute, spec, catalog, images=self._images,
+                                                 audit=audit)
+            return result.partials, result.cohort_ids, result.group_ids, result.linear
         if self._script_runner is None:
             raise Refused("this site's script policy is 'deny': it does not run researcher scripts")
         partials, cohort = await self._script_runner(job, catalog, progress.log)
-        return partials, cohort, {}
+        return partials, cohort, {}, []
 
     async def _release(self, job: VerifiedJob, catalog: Catalog, partials: list[Partial],
                        cohort: frozenset[str] | None, groups: dict[GroupKey, frozenset[str]],
-                       epsilon: float | None, nonce: NonceClaim | None = None) -> SiteOutcome:
+                       epsilon: float | None, nonce: NonceClaim | None = None,
+                       linear: list[LinearCohort] | None = None) -> SiteOutcome:
         """Suppress, noise, and release in one store transaction (see `_disclosed` for the
         cohorts the overlap guard checks)."""
         req = job.request
-        k = self._policy.k_min
-        partials, decisions = suppress_small_cells(partials, k, catalog.fields)
+        partials, decisions, report = self._protect(job, catalog, partials, epsilon)
         suppressed = result_suppressed(decisions)
-        cells, cohort = _disclosed(partials, cohort, groups)
-        n_atoms = len(cells) - 1 if len(cells) > 1 else 0  # the cells, not their union
-        report = None
-        if not suppressed and epsilon is not None:
-            partials, report = add_noise(partials, catalog.fields, epsilon, self._noise)
         decision = _decision(suppressed, decisions)
         charged = report.epsilon if report is not None and report.epsilon > 0 else None
-        guarded = tuple([await self._fingerprints.of(catalog, c) for c in cells])
-        fingerprint, digest = (await self._fingerprints.of(catalog, cohort)
-                               if cohort is not None else (frozenset(), None))
+        delta = self._policy.delta if charged is not None else 0.0
+        if charged is None:
+            cells, cohort = _disclosed(partials, cohort, groups)
+            guarded = tuple([await self._fingerprints.of(catalog, c) for c in cells])
+            fingerprint, digest = (await self._fingerprints.of(catalog, cohort)
+                                   if cohort is not None else (frozenset(), None))
+        else:
+            # A noised release is not audited against later ones (its epsilon accounts for
+            # it), so its cohorts are neither fingerprinted nor recorded.
+            cells, cohort, guarded, fingerprint, digest = [], None, (), frozenset(), None
+        n_atoms = len(cells) - 1 if len(cells) > 1 else 0  # the cells, not their union
+        audited = await self._linear(catalog, partials, linear) \
+            if charged is None and linear else ()
         docs, arrays = partial_docs.partials_to_doc(partials)
         n = _released_n(partials, cohort, suppressed, charged is not None)
         mechanism = "laplace" if charged else None
         blob = codec.pack({"partials": docs, "n": n, "epsilon": charged,
-                           "mechanism": mechanism}, arrays)
+                           "delta": delta or None, "mechanism": mechanism}, arrays)
         stored = await self._store.release(
             Release(job_id=req.job_id, researcher=job.researcher.name, catalog=req.catalog,
                     decision=decision, epsilon=charged, cohort=fingerprint, partials=blob,
                     cohort_key=digest, guarded=guarded, atoms=guarded[:n_atoms],
-                    at=self._clock(),
+                    at=self._clock(), delta=delta, linear=audited,
+                    shared_history=self._shared_history,
                     audit_detail={"kind": req.kind, "outputs": len(partials),
                                   "withheld": [f"{d.output}{list(d.group)}: {d.reason}"
                                                for d in decisions if d.action != "released"]}),
@@ -228,22 +315,116 @@ class LocalSite:
         self._on_decision(stored.decision)
         if stored.partials is not blob:  # released before (a retry): the stored one counts
             return self._from_release(stored)
-        return self._outcome(decision, partials, n, charged, mechanism, blob)
+        return self._outcome(decision, partials, n, charged, mechanism, blob, delta or None)
+
+    def _protect(self, job: VerifiedJob, catalog: Catalog, partials: list[Partial],
+                 epsilon: float | None
+                 ) -> tuple[list[Partial], list[Decision], NoiseReport | None]:
+        """k_min suppression on exact counts, or under DP noise and then the noisy threshold
+        (privacy/threshold.py): which cells are withheld is decided on noised counts, so it
+        is inside the DP guarantee."""
+        k = self._policy.k_min
+        if epsilon is None:
+            partials, decisions = suppress_small_cells(partials, k, catalog.fields)
+            return partials, decisions, None
+        _declared_groups_only(partials, catalog)
+        if partials[0].kind == "glm_round":
+            # A GLM's first round: the whole fit's ε (every round it may take) now.
+            model = job.request.query_spec.model
+            assert model is not None
+            noised, report = glm_noise.noised(
+                partials[0], _glm_plan(model, catalog, epsilon), self._noise)
+            partials = [noised]
+        else:
+            partials, report = add_noise(partials, catalog.fields, epsilon, self._noise)
+        partials, decisions = gate_noised(partials, report, k, self._policy.delta)
+        return partials, decisions, report
+
+    async def _linear(self, catalog: Catalog, partials: list[Partial],
+                      linear: list[LinearCohort]) -> tuple[tuple[str, frozenset[str], str], ...]:
+        """The released linear statistics' cohorts, as fingerprints: a withheld partial or
+        cell releases nothing, and each (quantity, cohort) counts once."""
+        shown = {p.key: p for p in partials if not is_withheld(p)}
+        ids = catalog.columns().ids(catalog.subject_key)
+        n_cells: dict[tuple[str, GroupKey], int] = {}
+        for lc in linear:
+            if lc.cell is not None:
+                key = (lc.output, lc.group)
+                n_cells[key] = n_cells.get(key, 0) + 1
+        out: dict[tuple[str, str], tuple[str, frozenset[str], str]] = {}
+        for lc in linear:
+            p = shown.get((lc.output, lc.group))
+            if p is None:
+                continue
+            if lc.cell is not None and not _cell_shown(p, lc, n_cells.get(p.key, 0)):
+                continue
+            if lc.positions.size == 0:
+                continue
+            members = frozenset(ids[lc.positions].tolist())
+            fps, digest = await self._fingerprints.of(catalog, members)
+            out.setdefault((lc.quantity, digest), (lc.quantity, fps, digest))
+        return tuple(out.values())
 
     def _from_release(self, release: Release) -> SiteOutcome:
         doc, arrays = codec.unpack(release.partials or b"")
         partials = partial_docs.partials_from_doc(doc["partials"], arrays)
         return self._outcome(release.decision, partials, int(doc["n"]), release.epsilon,
-                             doc.get("mechanism"), release.partials)
+                             doc.get("mechanism"), release.partials, doc.get("delta"))
 
     def _outcome(self, decision: str, partials: list[Partial], n: int, epsilon: float | None,
-                 mechanism: str | None, packed: bytes | None) -> SiteOutcome:
+                 mechanism: str | None, packed: bytes | None,
+                 delta: float | None = None) -> SiteOutcome:
         if decision == "suppressed":
             return SiteOutcome(self.name, "suppressed",
                                f"every output was withheld (k_min = {self._policy.k_min})",
                                partials=partials, packed=packed)
         return SiteOutcome(self.name, "done", "", n=n, partials=partials, epsilon=epsilon,
-                           mechanism=mechanism, packed=packed)
+                           delta=delta, mechanism=mechanism, packed=packed)
+
+
+def _cell_shown(p: Partial, lc: LinearCohort, n_cells: int) -> bool:
+    """Whether the site released cell `lc.cell` of `p`. A contingency whose undeclared
+    levels were left out is matched by level; any other doubt counts as released."""
+    assert lc.cell is not None
+    mask = None if p.cell_mask is None else np.asarray(p.cell_mask, dtype=bool)
+    if lc.levels is not None and "levels" in p.meta:
+        rows, cols = (list(lv) for lv in p.meta["levels"])
+        if lc.levels[0] not in rows or lc.levels[1] not in cols:
+            return False
+        return mask is None or not bool(mask[rows.index(lc.levels[0]), cols.index(lc.levels[1])])
+    if mask is None or mask.size != n_cells:
+        return True
+    return not bool(mask.ravel()[lc.cell])
+
+
+def _declared_groups_only(partials: list[Partial], catalog: Catalog) -> None:
+    """Under DP every group and table level must be a declared level: groups present in
+    the data would make which groups exist (and their labels) an exact output. Decided on
+    the request and the catalog's public metadata alone."""
+    for p in partials:
+        names = [f for f, _ in p.group]
+        if p.kind == "contingency":
+            names += list(p.meta.get("fields", ()))
+        for f in names:
+            meta = catalog.fields.get(f)
+            if meta is None or not meta.levels:
+                raise PrivacyRefusal(
+                    "dp", f"field {f!r} declares no levels, so grouping or tabulating by it "
+                    "would release which of its values occur here; under differential privacy "
+                    "only fields with declared levels can be grouped on (the catalog's "
+                    "administrator can declare them)")
+
+
+def _model_privacy(job: VerifiedJob, catalog: Catalog, epsilon: float | None) -> None:
+    """Under noise a model query needs its own mechanism (privacy/glm_noise.py), never the
+    aggregates' noise: QueryError, naming why, for a model that has none."""
+    req = job.request
+    if epsilon is not None and req.kind == "query" and req.query_spec.model is not None:
+        _glm_plan(req.query_spec.model, catalog, epsilon)
+
+
+def _glm_plan(model: AggSpec, catalog: Catalog, epsilon: float) -> glm_noise.GlmNoisePlan:
+    return glm_noise.plan(model, catalog.fields, epsilon, rounds=control_of(model).max_rounds)
 
 
 def _disclosed(partials: list[Partial], cohort: frozenset[str] | None,

@@ -19,7 +19,8 @@ class SiteOutcome:
     n: int = 0
     partials: list[Partial] = field(default_factory=list)
     epsilon: float | None = None
+    delta: float | None = None
     mechanism: str | None = None
-    # The release as stored ({"partials", "n", "epsilon", "mechanism"} packed): a peer
+    # The release as stored ({"partials", "n", "epsilon", "delta", "mechanism"} packed): a peer
     # streams these bytes as they are instead of encoding `partials` again.
     packed: bytes | None = None

@@ -278,6 +278,9 @@ class Store:
     async def spent(self, researcher: str, catalog: str) -> float:
         return await ledger.spent(self.db, researcher, catalog)
 
+    async def spent_delta(self, researcher: str, catalog: str) -> float:
+        return await ledger.spent_delta(self.db, researcher, catalog)
+
     async def spent_by_catalog(self) -> dict[str, float]:
         return await ledger.spent_by_catalog(self.db)
 

@@ -7,11 +7,13 @@ import sqlite3
 
 import aiosqlite
 
-from stimnetd.store import cohorts
+from stimnetd.store import cohorts, linear
 from stimnetd.store.records import Disclosed, Release
 
 SPENT = ("SELECT COALESCE(SUM(epsilon), 0) FROM ledger WHERE researcher = ? "
          "AND catalog = ?")
+SPENT_DELTA = ("SELECT COALESCE(SUM(delta), 0) FROM ledger WHERE researcher = ? "
+               "AND catalog = ?")
 
 
 class TransactionLedger:
@@ -30,6 +32,17 @@ class TransactionLedger:
                                               self._release.catalog)).fetchone()
         return float(spent)
 
+    def spent_delta(self) -> float:
+        (spent,) = self._conn.execute(SPENT_DELTA, (self._release.researcher,
+                                                    self._release.catalog)).fetchone()
+        return float(spent)
+
+    def linear_history(self, quantity: str) -> list[tuple[frozenset[str], str, str]]:
+        return linear.history(self._conn, self._release, quantity)
+
+    def linear_known(self, quantity: str, digests: list[str]) -> bool:
+        return linear.known(self._conn, self._release, quantity, digests)
+
     def near_cohorts(self, members: frozenset[str], digest: str,
                      window: int) -> list[frozenset[str]]:
         # Read once per window for every cohort the release discloses: a grouped query's
@@ -46,6 +59,11 @@ class TransactionLedger:
 
 async def spent(db: aiosqlite.Connection, researcher: str, catalog: str) -> float:
     rows = await db.execute_fetchall(SPENT, (researcher, catalog))
+    return float(list(rows)[0][0])
+
+
+async def spent_delta(db: aiosqlite.Connection, researcher: str, catalog: str) -> float:
+    rows = await db.execute_fetchall(SPENT_DELTA, (researcher, catalog))
     return float(list(rows)[0][0])
 
 

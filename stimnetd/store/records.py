@@ -76,6 +76,17 @@ class Release:
     # A grouped release with two or more released cells: those cells (members, digest), so
     # unions of some of them can be guarded and the query's cells recorded as a family.
     atoms: Disclosed = ()
+    # The delta charged beside `epsilon` (0 for an exact release).
+    delta: float = 0.0
+    # An exact release's linear statistics: (quantity, cohort members, cohort digest), for
+    # exact auditing (privacy/span.py). Recorded under `auditor`: the researcher, or "*"
+    # where the site keeps one auditing history per catalog.
+    linear: tuple[tuple[str, frozenset[str], str], ...] = ()
+    shared_history: bool = False
+
+    @property
+    def auditor(self) -> str:
+        return "*" if self.shared_history else self.researcher
 
     def disclosed(self) -> Disclosed:
         if self.guarded:
@@ -102,6 +113,15 @@ class LedgerView(Protocol):
 
     def spent(self) -> float:
         """The epsilon already charged to the researcher on the catalog."""
+
+    def spent_delta(self) -> float:
+        """The delta already charged to the researcher on the catalog."""
+
+    def linear_history(self, quantity: str) -> list[tuple[frozenset[str], str, str]]:
+        """(members, digest, job) of each cohort of `quantity` released before."""
+
+    def linear_known(self, quantity: str, digests: list[str]) -> bool:
+        """Whether all of `digests` were released before as `quantity`."""
 
     def near_cohorts(self, members: frozenset[str], digest: str,
                      window: int) -> list[frozenset[str]]:

@@ -9,7 +9,7 @@ from typing import Any
 import aiosqlite
 
 from stimnet.errors import Replayed
-from stimnetd.store import cohorts, nonces
+from stimnetd.store import cohorts, linear, nonces
 from stimnetd.store.ledger import TransactionLedger
 from stimnetd.store.records import NonceClaim, Release, ReleaseRule, cohort_digest
 from stimnetd.store.transaction import Transaction
@@ -42,7 +42,8 @@ def record(release: Release, decide: ReleaseRule, audit_actor: tuple[str, str],
             return refusal.error()
         _write(t, release, digest, view.sketches)
         t.append(*audit_actor, "release", release.decision,
-                 {**base, "epsilon": release.epsilon, "researcher": release.researcher,
+                 {**base, "epsilon": release.epsilon, "delta": release.delta,
+                  "researcher": release.researcher,
                   **release.audit_detail})
         return release
 
@@ -53,15 +54,22 @@ def _write(t: Transaction, release: Release, digest: str, sketches: dict[str, by
     conn = t.conn
     if release.epsilon:
         conn.execute(
-            "INSERT INTO ledger (researcher, catalog, job_id, epsilon, at) VALUES (?,?,?,?,?)",
-            (release.researcher, release.catalog, release.job_id, release.epsilon, release.at))
+            "INSERT INTO ledger (researcher, catalog, job_id, epsilon, delta, at) "
+            "VALUES (?,?,?,?,?,?)",
+            (release.researcher, release.catalog, release.job_id, release.epsilon,
+             release.delta, release.at))
     conn.execute(
         "INSERT INTO releases (job_id, researcher, catalog, decision, epsilon,"
         " cohort_digest, partials, at) VALUES (?,?,?,?,?,?,?,?)",
         (release.job_id, release.researcher, release.catalog, release.decision,
          release.epsilon, digest, release.partials, release.at))
-    disclosed = release.disclosed() if release.decision != "suppressed" else ()
+    # Only exact releases are audited against later ones: a noised one's cohort is
+    # accounted for by its epsilon.
+    exact = release.decision != "suppressed" and not release.epsilon
+    disclosed = release.disclosed() if exact else ()
     cohorts.record_disclosed(conn, release, disclosed, sketches)
+    if exact and release.linear:
+        linear.record(conn, release)
 
 
 async def get(db: aiosqlite.Connection, job_id: str) -> Release | None:

@@ -158,4 +158,22 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (researcher, catalog, digest)
     );
     """,
+    # 5: delta is charged next to epsilon (privacy/threshold.py: a noised query's chance of
+    # releasing a cell below k_min); rows charged before this version spent none.
+    """
+    ALTER TABLE ledger ADD COLUMN delta REAL NOT NULL DEFAULT 0;
+    """,
+    # 6: exact auditing of linear statistics (privacy/span.py): each cohort a researcher (or,
+    # with a shared history, anyone: researcher '*') was given a sum of `quantity` over, by
+    # digest; members are in `cohorts`.
+    """
+    CREATE TABLE linear_cohorts (
+        researcher TEXT NOT NULL,
+        catalog TEXT NOT NULL,
+        quantity TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        job_id TEXT NOT NULL,
+        PRIMARY KEY (researcher, catalog, quantity, digest)
+    );
+    """,
 )

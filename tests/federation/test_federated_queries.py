@@ -95,8 +95,9 @@ async def test_rare_undeclared_labels_never_leave_a_site(federation, tmp_path: P
 
 
 async def test_budget_is_enforced_and_refused_with_resource_exhausted(federation, tmp_path: Path) -> None:
-    """Noisy queries charge the ledger; once the budget cannot cover a query it is RESOURCE_EXHAUSTED."""
-    cat = _tiny_catalog(tmp_path / "t", [float(a) for a in range(30, 60)])
+    """Noisy queries charge the ledger; once the budget cannot cover a query it is RESOURCE_EXHAUSTED.
+    (120 subjects: at epsilon 1 over four arrays the noisy threshold is some 57 subjects.)"""
+    cat = _tiny_catalog(tmp_path / "t", [float(30 + a % 30) for a in range(120)])
     privacy = {"dp": "optional", "budget_epsilon": 2.0, "max_epsilon_per_query": 1.0}
     async with federation([[cat]], privacy=privacy) as fed, fed.client() as c:
         for _ in range(2):
@@ -132,47 +133,75 @@ async def test_concurrent_queries_cannot_overspend(federation, tmp_path: Path) -
     assert spent == pytest.approx(3.0)
 
 
-async def test_overlap_guard_refuses_differencing(federation, tmp_path: Path) -> None:
-    """A cohort differing from an earlier released one by 1..k_min-1 subjects is refused."""
+async def test_exact_auditing_refuses_single_subject_differencing(federation, tmp_path: Path) -> None:
+    """Cohorts one subject apart are refused, naming the earlier job; two apart is no single
+    subject's value and is answered (k_min guards each cohort's own size)."""
     cat = _tiny_catalog(tmp_path / "t", [float(a) for a in range(30, 60)])
     async with federation([[cat]]) as fed, fed.client() as c:
-        await c.query("SELECT count(*) FROM tiny WHERE age >= 30")
+        first = await c.submit_query("SELECT count(*) FROM tiny WHERE age >= 30")
+        await c.run_job(first)
         await c.query("SELECT avg(age) FROM tiny WHERE age >= 30")  # same cohort: allowed
-        with pytest.raises(JobFailed, match="differs from an earlier released cohort"):
-            await c.query("SELECT count(*) FROM tiny WHERE age >= 32")  # 2 fewer
-        ok = await c.query("SELECT count(*) FROM tiny WHERE age >= 35")  # 5 fewer: allowed
-        assert ok.rows[0][0] == 25
+        ok = await c.query("SELECT count(*) FROM tiny WHERE age >= 32")  # 2 fewer: allowed
+        with pytest.raises(JobFailed, match=f"exact auditing.*earlier job.*{first.id}"):
+            await c.query("SELECT count(*) FROM tiny WHERE age >= 31")  # isolates age 30
+    assert ok.rows[0][0] == 28
 
 
-async def test_overlap_guard_covers_group_cells(federation, tmp_path: Path) -> None:
-    """A released group cell is a cohort too: "avg over everyone" then "avg by diagnosis"
-    (one small group withheld) would give the withheld subjects' sum by subtraction. The
-    second query is refused, in either order; a grouped query's manifest n counts only the
-    released groups, so the withheld group's size is not total minus the groups either."""
+async def test_exact_auditing_refuses_three_query_differencing(federation, tmp_path: Path) -> None:
+    """A - B - C with every pair far apart still isolates one subject: refused, naming both
+    earlier jobs and the way forward."""
+    cat = _tiny_catalog(tmp_path / "t", [float(a) for a in range(30, 60)])
+    async with federation([[cat]]) as fed, fed.client() as c:
+        a = await c.submit_query("SELECT avg(age) FROM tiny")
+        await c.run_job(a)
+        b = await c.submit_query("SELECT avg(age) FROM tiny WHERE age < 45")
+        await c.run_job(b)
+        with pytest.raises(JobFailed, match="differential privacy") as refused:
+            await c.query("SELECT avg(age) FROM tiny WHERE age > 45")
+    assert a.id in str(refused.value) and b.id in str(refused.value)
+
+
+async def test_routine_stratified_sequences_keep_working(federation, tmp_path: Path) -> None:
+    """GROUP BY with one small cell withheld, then whole-cohort count(*) and avg: answered
+    (the withheld cell's total is derivable, no single subject is). A withheld cell of one
+    subject is refused the same way, naming the grouped job."""
     diag = ["PD"] * 27 + ["ET"] * 3
+    lone = ["PD"] * 29 + ["ET"]
     ages = [float(a) for a in range(30, 60)]
-    async with federation([[_tiny_catalog(tmp_path / "t", ages, diag)]]) as fed, \
-            fed.client() as c, fed.client(who="bob") as bob:
-        everyone = await c.query("SELECT avg(age) FROM tiny")
-        with pytest.raises(JobFailed, match=r"a group's cohort \(or the groups' together\) "
-                                             "differs from an earlier released cohort"):
-            await c.query("SELECT diagnosis, avg(age) FROM tiny GROUP BY diagnosis")
-        grouped = await bob.query("SELECT diagnosis, count(*), avg(age) FROM tiny GROUP BY diagnosis")
-        with pytest.raises(JobFailed, match="differs from an earlier released cohort"):
-            await bob.query("SELECT avg(age) FROM tiny")
-        # Cells far apart from everything released before are answered.
-        ok = await bob.query("SELECT diagnosis, count(*) FROM tiny WHERE age < 50 GROUP BY diagnosis")
-    assert everyone.manifest[0]["n"] == 30
+    async with federation([[_tiny_catalog(tmp_path / "t", ages, diag)],
+                           [_tiny_catalog(tmp_path / "u", ages, lone)]]) as fed, \
+            fed.client() as c, fed.client(1) as d:
+        grouped = await c.query("SELECT diagnosis, count(*) FROM tiny GROUP BY diagnosis")
+        everyone = await c.query("SELECT count(*), avg(age) FROM tiny")
+        job = await d.submit_query("SELECT diagnosis, count(*) FROM tiny GROUP BY diagnosis")
+        await d.run_job(job)
+        with pytest.raises(JobFailed, match=f"exact auditing.*{job.id}"):
+            await d.query("SELECT count(*) FROM tiny")
     assert {r[0]: r[1] for r in grouped.rows}["PD"] == 27
-    assert grouped.manifest[0]["n"] == 27
-    assert {r[0]: r[1] for r in ok.rows}["PD"] == 20
+    assert everyone.rows[0][0] == 30
 
 
-async def test_overlap_guard_covers_unions_of_some_groups(federation, tmp_path: Path) -> None:
+async def test_exact_auditing_sees_through_null_padding(federation, tmp_path: Path) -> None:
+    """avg(updrs) is over the subjects with a value: padding the WHERE set with subjects
+    whose updrs is NULL makes two WHERE sets 6 apart whose used sets are one subject apart.
+    The used sets are what is audited, so the second is refused."""
+    diag = ["PD"] * 25 + ["ET"] * 5
+    cat = _tiny_catalog(tmp_path / "t", [float(a) for a in range(30, 60)], diag)
+    frame = pd.read_csv(tmp_path / "t" / "s.csv")
+    frame["updrs"] = [float(-i) if d == "PD" else None for i, d in enumerate(diag)]
+    frame.to_csv(tmp_path / "t" / "s.csv", index=False)
+    cat["fields"]["updrs"] = {"table": "s", "type": "numeric", "bounds": [-60, 20]}
+    async with federation([[cat]]) as fed, fed.client() as c:
+        await c.query("SELECT avg(updrs) FROM tiny WHERE diagnosis = 'PD'")
+        with pytest.raises(JobFailed, match="exact auditing"):
+            await c.query("SELECT avg(updrs) FROM tiny WHERE age != 40")
+
+
+async def test_exact_auditing_covers_unions_of_some_groups(federation, tmp_path: Path) -> None:
     """The sum of two released cells is a cohort's sum too: "avg(age) of PD, ET and one
-    dystonia patient" then "avg(age) by diagnosis" (each cell, and all three together, far
-    from it) gave that patient's age as 21 x avg - 10 x avg(PD) - 10 x avg(ET). Refused in
-    either order, naming the union rule, by a real daemon."""
+    dystonia patient" then "avg(age) by diagnosis" gave that patient's age as
+    21 x avg - 10 x avg(PD) - 10 x avg(ET). Refused in either order by a real daemon; the
+    same cells again are answered."""
     diag = ["PD"] * 10 + ["ET"] * 10 + ["dystonia"] * 10
     ages = [float(a) for a in range(30, 60)]
     near = "SELECT avg(age) FROM tiny WHERE diagnosis IN ('PD', 'ET') OR age = 55"
@@ -180,11 +209,10 @@ async def test_overlap_guard_covers_unions_of_some_groups(federation, tmp_path: 
     async with federation([[_tiny_catalog(tmp_path / "t", ages, diag)]]) as fed, \
             fed.client() as c, fed.client(who="bob") as bob:
         first = await c.query(near)
-        with pytest.raises(JobFailed, match="a union of this query's groups differs from an "
-                                            "earlier released cohort"):
+        with pytest.raises(JobFailed, match="exact auditing"):
             await c.query(grouped)
         await bob.query(grouped)
-        with pytest.raises(JobFailed, match="union of an earlier query's groups"):
+        with pytest.raises(JobFailed, match="exact auditing"):
             await bob.query(near)
         again = await bob.query(grouped)  # the same cells again: nothing new to subtract
     assert first.manifest[0]["n"] == 21

@@ -105,6 +105,9 @@ class LoggedView:
     def spent(self) -> float:
         return self.view.spent()
 
+    def spent_delta(self) -> float:
+        return self.view.spent_delta()
+
     def near_cohorts(self, members: frozenset[str], digest: str,
                      window: int) -> list[frozenset[str]]:
         near = self.view.near_cohorts(members, digest, window)

@@ -62,8 +62,9 @@ class TestAssemble:
         assert doc["result"]["rows"] == [[24]]
         assert [(m["site"], m["state"]) for m in doc["manifest"]] == [
             ("a", "done"), ("b", "done"), ("c", "failed")]
-        assert doc["privacy"] == [{"site": "a", "epsilon": None, "mechanism": None},
-                                  {"site": "b", "epsilon": None, "mechanism": None}]
+        assert doc["privacy"] == [
+            {"site": "a", "epsilon": None, "delta": None, "mechanism": None},
+            {"site": "b", "epsilon": None, "delta": None, "mechanism": None}]
 
 
 class TestQueryQuota:

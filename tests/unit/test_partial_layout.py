@@ -6,6 +6,7 @@ in the manifest instead of the job with an internal error."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pandas as pd
@@ -46,12 +47,34 @@ def test_every_kind_the_engine_makes_has_its_layout(grouped: bool) -> None:
     """Every kind of partial the engine computes has the layout its kind declares, and survives
     the peer codec."""
     spec, sites = _two_sites(grouped)
-    assert {p.kind for p in sites[0]} == set(KINDS)
+    # Model kinds are the only output of their query (test_model_kinds_have_their_layout).
+    assert {p.kind for p in sites[0]} == set(KINDS) - MODEL_KINDS
     for p in sites[0] + sites[1]:
         assert layout_problem(p) is None, (p.name, layout_problem(p))
     docs, arrays = partial_docs.partials_to_doc(sites[1])
     back = partial_docs.partials_from_doc(docs, arrays)  # what the entry reads from a peer
     assert [p.key for p in back] == [p.key for p in sites[1]]
+
+
+MODEL_KINDS = {"glm_round", "estimate"}
+
+
+@pytest.mark.parametrize(("sql", "kind"), [
+    ("SELECT glm('y ~ x + z', 'gaussian') FROM sim", "glm_round"),
+    ("SELECT meta(lm('y ~ x + z')) FROM sim", "estimate"),
+    ("SELECT meta(avg(x)) FROM sim", "estimate"),
+])
+def test_model_kinds_have_their_layout(sql: str, kind: str) -> None:
+    """A GLM round and a site's own estimates have their kinds' layouts, and a peer's one
+    with a stat of the wrong shape is refused."""
+    part = compute(parse_sql(sql), _CATALOG).partials[0]
+    assert part.kind == kind and layout_problem(part) is None
+    docs, arrays = partial_docs.partials_to_doc([part])
+    back = partial_docs.partials_from_doc(docs, arrays)[0]
+    assert layout_problem(back) is None and back.meta == part.meta
+    first = next(iter(part.stats))
+    bad = dataclasses.replace(part, stats={**part.stats, first: part.stats[first][..., :-1]})
+    assert "layout" in (layout_problem(bad) or "")
 
 
 _MUTATIONS = ["drop_stat", "reshape", "n", "meta", "kind", "non_finite", "mask", "text"]

@@ -171,7 +171,7 @@ def test_budget_exhausted_is_a_budget_refusal_with_its_own_status() -> None:
         (counts_partial("quantiles"), {"counts": 1.0}),
         (counts_partial("contingency"), {"counts": 1.0}),
         # z = [1, age ≤ 90, |updrs| ≤ 60]: 1 + 90 + 60 + 90² + 90·60 + 60²
-        (crossprod(), {"m": 1 + 90 + 60 + 8100 + 5400 + 3600}),
+        (crossprod(), {"m": 1 + 90 + 60 + 8100 + 5400 + 3600, COHORT_N: 1}),
         (voxel_map(), {"count": 500.0, "sum": 500.0 * 60.0, COHORT_N: 1.0}),
         (roi_overlap(), {"n": 3.0, "s1": 1500.0, "s2": 3 * 500.0**2, COHORT_N: 1.0}),
     ],
@@ -308,7 +308,7 @@ def test_crossprod_stays_symmetric_with_only_the_upper_triangle_noised() -> None
     (out,), _ = add_noise([crossprod()], FIELDS, 1.0, noise)
     np.testing.assert_array_equal(out.stats["m"], out.stats["m"].T)
     assert noise.calls[0][2] == 6
-    assert out.n == round(out.stats["m"][0, 0])
+    assert out.n == 40 + 2  # its own subject count, noised at scale 1 / (1/2)
 
 
 def test_epsilon_per_output_sums_its_arrays() -> None:

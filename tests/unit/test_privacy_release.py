@@ -22,6 +22,7 @@ class ListedLedger:
     rules must refuse as they would after the store's pruning) and notes each read."""
 
     spent_epsilon: float = 0.0
+    spent_delta_: float = 0.0
     cohorts: list[frozenset[str]] = field(default_factory=list)
     families: list[list[frozenset[str]]] = field(default_factory=list)
     reads: list[tuple[str, int | None]] = field(default_factory=list)
@@ -29,6 +30,10 @@ class ListedLedger:
     def spent(self) -> float:
         self.reads.append(("spent", None))
         return self.spent_epsilon
+
+    def spent_delta(self) -> float:
+        self.reads.append(("spent_delta", None))
+        return self.spent_delta_
 
     def near_cohorts(self, members: frozenset[str], digest: str,
                      window: int) -> list[frozenset[str]]:
