@@ -442,10 +442,14 @@ async def demo_metrics(fed: DemoFederation) -> None:
 
 
 # What `run` shows once the sites are healthy, in order, each under its title.
+from stimctl.demo_models import demo_glm, demo_meta  # noqa: E402 - they take a DemoFederation
+
 STEPS: tuple[tuple[str, DemoStep], ...] = (
     ("membership: gossip from one seed", demo_membership),
     ("federated table query: outcomes by DBS target", demo_table_query),
     ("differential privacy: noisy federated answer, budget charged", demo_dp_query),
+    ("federated logistic regression: responder ~ amplitude + target", demo_glm),
+    ("random-effects meta-analysis of mean UPDRS change across sites", demo_meta),
     ("federated sweet-spot map: mean improvement per voxel", demo_sweet_spot),
     ("federated script job in each site's Docker sandbox", demo_script_job),
     ("operations: Prometheus metrics of hospital-a", demo_metrics),

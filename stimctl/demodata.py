@@ -366,6 +366,9 @@ def _draw_outcomes(
         "updrs_on": on_na,
         "updrs_change": off_na - on_na,
         "improvement_pct": np.where(followed_up, improvement_pct, np.nan),
+        # Derived (no draw), so every other column is as before it existed.
+        "responder": pd.array(np.where(followed_up, (improvement_pct > 30).astype(float),
+                                       np.nan)).astype("Int64"),
     }
 
 
@@ -373,7 +376,8 @@ _TABLE_COLUMNS = {
     "subjects": ("subject_id", "age", "sex", "diagnosis", "disease_duration"),
     "stimulation": ("subject_id", "target", "hemisphere", "amplitude_ma", "frequency_hz",
                     "pulse_width_us", "vta_path"),
-    "outcomes": ("subject_id", "updrs_off", "updrs_on", "updrs_change", "improvement_pct"),
+    "outcomes": ("subject_id", "updrs_off", "updrs_on", "updrs_change", "improvement_pct",
+                 "responder"),
 }
 
 
@@ -456,6 +460,8 @@ _FIELDS: tuple[tuple[str, str, str, str, Any, str], ...] = (
     ("improvement_pct", "outcomes", "numeric", "%", [-100, 100],
      "Improvement at 12 months on the indication's own motor scale (MDS-UPDRS-III for PD, "
      "TETRAS for ET, BFMDRS for dystonia); empty when the 12-month visit is missing."),
+    ("responder", "outcomes", "integer", "0/1", [0, 1],
+     "1 when improvement_pct > 30 at 12 months, else 0; empty when the visit is missing."),
 )
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import structlog
 
-from stimnet.errors import StorageFull
+from stimnet.errors import QueryError, StimnetError, StorageFull
 from stimnet.query.spec import AggSpec
 from stimnet.signing import VerifiedJob
 from stimnet.states import JobState, SiteEvent
@@ -93,7 +93,7 @@ class JobRunner:
                 self._hub.publish(record.id, JobUpdate("state", job=self._shown(
                     record, active, "failed", REPLAYED)))
                 return
-            model = job.request.query_spec.model if record.kind == "query" else None
+            model = _model_of(job) if record.kind == "query" else None
             answer = assemble(job, fan) if model is None \
                 else await self._model_answer(record, job, model, fan)
             # The final state carries the answer: watchers get both in one update.
@@ -200,3 +200,12 @@ class JobRunner:
         record = await self._store.update_job(job_id, state=state, detail=detail, sites=sites,
                                               result=result)
         self._hub.publish(job_id, JobUpdate("state", job=record, result=result))
+
+
+def _model_of(job: VerifiedJob) -> AggSpec | None:
+    """The job's glm()/meta() output, or None (also for a spec that is no query: every
+    site refused it, and assemble() says so)."""
+    try:
+        return job.request.query_spec.model
+    except (QueryError, StimnetError):
+        return None

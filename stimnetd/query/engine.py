@@ -35,7 +35,7 @@ from stimnetd.catalog.view import CatalogView
 from stimnetd.query.aggregate import GroupKey, Partial
 from stimnetd.query.linear import LinearCohort, linear_cohorts
 from stimnetd.query.models import model_partial
-from stimnetd.query.subjects import InProcess, SubjectImages, binarized
+from stimnetd.query.subjects import InProcess, SubjectImages
 
 QUANTILE_BINS = 1024
 
@@ -270,11 +270,6 @@ class _Context:
         extra = sorted(set(observed) - set(declared))
         return declared + extra
 
-    def _binarized(self, path: Any, column: str, shape: tuple[int, ...]) -> np.ndarray:
-        # One subject at a time: a cohort's images together need not fit in memory.
-        return binarized(self.catalog.load_image(str(path)), column, shape,
-                         self.fields[column].max_voxels)
-
     def voxel_map(self, a: AggSpec, rows: Rows, make: Callable[..., Partial]) -> Partial:
         """count = subjects covering each voxel; sum = Σ their clamped weight. An unweighted
         mean_map ships count only (its mean is the fraction of the cohort covering a voxel)."""
@@ -306,18 +301,10 @@ class _Context:
         geom = self.catalog.geometry(column)
         rois = self.catalog.roi_masks()
         names = sorted(rois)
-        n, s1, s2 = (np.zeros(len(names)) for _ in range(3))
-        subjects = 0
-        for path in rows.values(column):
-            if is_null(path):
-                continue
-            img = self._binarized(path, column, geom.shape)
-            subjects += 1
-            for i, r in enumerate(names):
-                v = float(np.count_nonzero(img & rois[r]))
-                n[i] += v > 0
-                s1[i] += v
-                s2[i] += v * v
+        paths = [str(p) for p in rows.values(column) if not is_null(p)]
+        subjects, n, s1, s2 = self.images.roi_sums(
+            self.catalog, column, tuple(geom.shape), self.fields[column].max_voxels,
+            [rois[r] for r in names], paths)
         return make(
             "roi_overlap",
             subjects,

@@ -9,16 +9,18 @@ sums: the subject count, the per-voxel count and the per-voxel weighted sum. No 
 per-subject value and no subject id leaves a worker; what is released, and how, is still
 decided in the daemon (the engine builds the Partial, the privacy layer judges it).
 
-Only the engine's `count_map` / `mean_map` sums go through here; the
-map statistics (query/voxelmaps.py) and `roi_overlap` still run in the daemon.
+The engine's `count_map` / `mean_map` and `roi_overlap` sums go through here; the map
+statistics (query/voxelmaps.py) still run in the daemon.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,6 +33,8 @@ from stimnetd.catalog.loader import read_image
 Items = Sequence[tuple[str, float]]
 # n subjects, per-voxel count of subjects covering it, per-voxel Σ weight.
 Sums = tuple[int, np.ndarray, np.ndarray]
+# subjects, per ROI: subjects touching it, Σ overlap voxels, Σ overlap².
+RoiSums = tuple[int, np.ndarray, np.ndarray, np.ndarray]
 CONNECT_TIMEOUT_S = 10.0
 
 
@@ -57,21 +61,49 @@ def binarized(img: np.ndarray, column: str, shape: tuple[int, ...],
     return mask
 
 
-def chunk_sums(root: str, catalog: str, column: str, shape: tuple[int, ...],
-               max_voxels: int | None, items: Items) -> Sums:
-    """One chunk's sums; what a Dask worker runs (a top-level function: it is pickled)."""
+Reader = Callable[[str], np.ndarray]
+
+
+def chunk_sums(read: Reader, column: str, shape: tuple[int, ...], max_voxels: int | None,
+               items: Items) -> Sums:
+    """A chunk of subjects' map sums: n, per-voxel count, per-voxel Σ weight."""
     count = np.zeros(shape)
     total = np.zeros(shape)
     for relpath, weight in items:
-        mask = binarized(read_image(Path(root), catalog, relpath), column, shape, max_voxels)
+        mask = binarized(read(relpath), column, shape, max_voxels)
         count += mask
         total += weight * mask
     return len(items), count, total
 
 
+def roi_chunk_sums(read: Reader, column: str, shape: tuple[int, ...], max_voxels: int | None,
+                   masks: Sequence[np.ndarray], paths: Sequence[str]) -> RoiSums:
+    """A chunk of subjects' ROI overlap sums: subjects, and per ROI the subjects touching
+    it, Σ overlap voxels and Σ overlap²."""
+    n, s1, s2 = (np.zeros(len(masks)) for _ in range(3))
+    for relpath in paths:
+        img = binarized(read(relpath), column, shape, max_voxels)
+        for i, roi in enumerate(masks):
+            v = float(np.count_nonzero(img & roi))
+            n[i] += v > 0
+            s1[i] += v
+            s2[i] += v * v
+    return len(paths), n, s1, s2
+
+
+def on_worker(fn: Callable[..., Any], root: str, catalog: str, *args: Any) -> Any:
+    """`fn` with the catalog read from shared storage, as the daemon reads it (a
+    top-level function: Dask pickles it)."""
+    return fn(functools.partial(read_image, Path(root), catalog), *args)
+
+
 class SubjectImages(Protocol):
     def voxel_sums(self, catalog: Any, column: str, shape: tuple[int, ...],
                    max_voxels: int | None, items: Items) -> Sums: ...
+
+    def roi_sums(self, catalog: Any, column: str, shape: tuple[int, ...],
+                 max_voxels: int | None, masks: Sequence[np.ndarray],
+                 paths: Sequence[str]) -> RoiSums: ...
 
 
 class InProcess:
@@ -80,13 +112,12 @@ class InProcess:
 
     def voxel_sums(self, catalog: Any, column: str, shape: tuple[int, ...],
                    max_voxels: int | None, items: Items) -> Sums:
-        count = np.zeros(shape)
-        total = np.zeros(shape)
-        for relpath, weight in items:
-            mask = binarized(catalog.load_image(relpath), column, shape, max_voxels)
-            count += mask
-            total += weight * mask
-        return len(items), count, total
+        return chunk_sums(catalog.load_image, column, shape, max_voxels, items)
+
+    def roi_sums(self, catalog: Any, column: str, shape: tuple[int, ...],
+                 max_voxels: int | None, masks: Sequence[np.ndarray],
+                 paths: Sequence[str]) -> RoiSums:
+        return roi_chunk_sums(catalog.load_image, column, shape, max_voxels, masks, paths)
 
 
 class DaskImages:
@@ -123,12 +154,25 @@ class DaskImages:
                    max_voxels: int | None, items: Items) -> Sums:
         if not items:
             return 0, np.zeros(shape), np.zeros(shape)
+        return self._spread(chunk_sums, catalog, (column, tuple(shape), max_voxels), items)
+
+    def roi_sums(self, catalog: Any, column: str, shape: tuple[int, ...],
+                 max_voxels: int | None, masks: Sequence[np.ndarray],
+                 paths: Sequence[str]) -> RoiSums:
+        if not paths:
+            return 0, *(np.zeros(len(masks)) for _ in range(3))  # type: ignore[return-value]
+        return self._spread(roi_chunk_sums, catalog,
+                            (column, tuple(shape), max_voxels, list(masks)), paths)
+
+    def _spread(self, fn: Callable[..., Any], catalog: Any, args: tuple[Any, ...],
+                items: Sequence[Any]) -> Any:
+        """`fn` over chunks of `items` on the workers; the chunks' results added up."""
         client = self._connect()
         workers = max(1, len(client.scheduler_info().get("workers", {})))
         size = max(1, math.ceil(len(items) / (workers * self._chunks_per_worker)))
         chunks = [list(items[i:i + size]) for i in range(0, len(items), size)]
-        futures = [client.submit(chunk_sums, str(catalog.root), catalog.name, column,
-                                 tuple(shape), max_voxels, chunk, pure=False)
+        futures = [client.submit(on_worker, fn, str(catalog.root), catalog.name, *args, chunk,
+                                 pure=False, key=f"{fn.__name__}-{uuid.uuid4().hex}")
                    for chunk in chunks]
         deadline = time.monotonic() + self._timeout_s
         try:
@@ -139,10 +183,7 @@ class DaskImages:
             client.cancel(futures)
             raise ComputeUnavailable(f"the compute cluster at {self.scheduler} failed the "
                                      f"map work ({type(exc).__name__})") from None
-        n = sum(r[0] for r in results)
-        count = np.sum([r[1] for r in results], axis=0)
-        total = np.sum([r[2] for r in results], axis=0)
-        return n, count, total
+        return tuple(sum(parts[1:], parts[0]) for parts in zip(*results, strict=True))
 
     def close(self) -> None:
         with self._lock:

@@ -53,4 +53,4 @@ async def test_a_daemon_with_a_scheduler_answers_maps_through_the_cluster(
     np.testing.assert_array_equal(got[0], expected[0])
     np.testing.assert_allclose(got[1], expected[1], rtol=1e-6)
     assert np.nanmax(expected[0]) > 0  # voxels under k_min are withheld (NaN) alike
-    assert any(str(t["key"]).startswith("chunk_sums") for t in stream.data)
+    assert any(str(t["key"]).startswith("chunk_sums-") for t in stream.data)

@@ -24,7 +24,7 @@ from stimnetd.testing import CertFactory, write_node_config
 from tests.helpers import demo_catalog
 
 SQL = ("SELECT count_map(vta_path), mean_map(vta_path, improvement_pct), "
-       "mean_map(vta_path) FROM dbs_outcomes")
+       "mean_map(vta_path), roi_overlap(vta_path) FROM dbs_outcomes")
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,8 @@ def catalog(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
 
 
 def test_maps_on_the_cluster_equal_the_in_process_maps(scheduler: str, catalog) -> None:  # type: ignore[no-untyped-def]
-    """count_map, weighted and unweighted mean_map: counts exactly, sums to float tolerance, same n."""
+    """count_map, weighted and unweighted mean_map, roi_overlap: counts exactly, sums to
+    float tolerance, the same n and metadata."""
     spec = parse_sql(SQL)
     local = compute(spec, catalog).partials
     images = DaskImages(scheduler)
@@ -59,10 +60,13 @@ def test_maps_on_the_cluster_equal_the_in_process_maps(scheduler: str, catalog) 
     assert local[0].n > 20
     for lp, rp in zip(local, remote, strict=True):
         assert set(lp.stats) == set(rp.stats)
-        np.testing.assert_array_equal(rp.stats["count"], lp.stats["count"])
-        if "sum" in lp.stats:
-            np.testing.assert_allclose(rp.stats["sum"], lp.stats["sum"], rtol=1e-12)
+        for key in lp.stats:
+            if key in ("count", "n"):
+                np.testing.assert_array_equal(rp.stats[key], lp.stats[key])
+            else:
+                np.testing.assert_allclose(rp.stats[key], lp.stats[key], rtol=1e-12)
     assert local[0].stats["count"].max() > 0
+    assert local[-1].kind == "roi_overlap" and local[-1].stats["n"].max() > 0
 
 
 def test_workers_return_one_sum_per_chunk_not_per_subject(scheduler: str, catalog) -> None:  # type: ignore[no-untyped-def]
@@ -75,7 +79,7 @@ def test_workers_return_one_sum_per_chunk_not_per_subject(scheduler: str, catalo
             (p,) = compute(spec, catalog, images=images).partials
     finally:
         images.close()
-    tasks = [t for t in stream.data if str(t["key"]).startswith("chunk_sums")]
+    tasks = [t for t in stream.data if str(t["key"]).startswith("chunk_sums-")]
     assert len(tasks) == 4 < p.n
 
 

@@ -26,6 +26,10 @@ def test_demo_init_and_run(tmp_path: Path, sandbox_image: str) -> None:
     assert "stimnet_epsilon_spent_total{catalog=\"dbs_outcomes\"}" in out
     assert 'stimnet_jobs{state="succeeded"}' in out
     assert 'stimnet_jobs{state="running"}' not in out  # shown once every job has ended
+    # The GLM's iterations stream live, then its coefficients (or the separation it met).
+    assert "iteration 1: deviance" in out and ("amplitude_ma" in out or "GLM separation" in out)
+    assert "leave one site out" in out
+    assert (root / "forest_updrs_change.png").read_bytes()[:4] == b"\x89PNG"
     mean = nib.load(root / "results" / "sweet_spot" / "sweet_spot_mean.nii.gz")
     assert mean.shape == (91, 109, 91)
     assert bool(np.isfinite(np.asarray(mean.dataobj)).any()) is True
