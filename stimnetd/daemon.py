@@ -296,9 +296,7 @@ class Daemon:
             for w in catalog_warnings(self.catalogs, read_images=read_images)]
 
     async def start(self) -> None:
-        """Lock the state directory, open the store, listen: a failure undoes what was
-        done, so the process exits at once instead of hanging on what it opened."""
-        self.store.lock_state_dir()  # released by store.close()
+        """Lock the state dir, open the store, listen; on failure undo it (exit, not hang)."""
         try:
             await self._start()
         except BaseException:
@@ -312,7 +310,7 @@ class Daemon:
     async def _start(self) -> None:
         for warning in self.config_warnings():
             log.warning("config warning", problem=warning)
-        await self.store.open()
+        await self.store.open(lock_dir=True)  # released by store.close()
         self._server = self._build_server()
         node = self.config.node
         port = self.port = await self._listen()
@@ -331,8 +329,7 @@ class Daemon:
         self.notifier.notify(f"READY=1\nSTATUS=serving on port {port}")
 
     async def _listen(self) -> int:
-        """Bind the node's port (gRPC's own TLS, or the TLS front); the port bound."""
-        node = self.config.node
+        node = self.config.node  # gRPC's own TLS, or the TLS front (listening.py)
         port, self._inner_dir, self.inner_socket = await listening.bind(
             self._server, self.front, self.tls.credentials, node.host, node.port)
         return port

@@ -19,14 +19,7 @@ import numpy as np
 import structlog
 
 from stimnet import codec
-from stimnet.errors import (
-    InvalidRequest,
-    QueryError,
-    Refused,
-    Replayed,
-    StimnetError,
-    StorageFull,
-)
+from stimnet.errors import InvalidRequest, QueryError, Refused, Replayed, StimnetError, StorageFull
 from stimnet.query.spec import AggSpec
 from stimnet.signing import VerifiedJob
 from stimnet.states import RefusalKind

@@ -63,13 +63,17 @@ class Store:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    async def open(self, *, integrity_check: bool = True) -> None:
+    async def open(self, *, integrity_check: bool = True, lock_dir: bool = False) -> None:
         """Open (creating the file and migrating its schema), after a quick integrity check.
+        `lock_dir`: first hold the store's directory for this process (lock_state_dir).
 
         Raises:
             StoreCorrupt: the file is not a usable store, or was written by a newer stimnetd.
+            StateDirLocked: another daemon holds the directory.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if lock_dir:
+            self.lock_state_dir()
         try:
             await self._writer.open(self.path)
         except sqlite3.Error as exc:
