@@ -225,13 +225,7 @@ def add_noise(
         raise ValueError(f"epsilon must be a positive finite number, got {epsilon}")
     plans = [(p, plan_arrays(p, _checked_sensitivities(p, fields)))
              for p in partials if not is_withheld(p)]
-    if partitioned:
-        per_output: dict[str, int] = {}
-        for p, s in plans:
-            per_output[p.name] = max(per_output.get(p.name, 0), len(s))
-        n_arrays = sum(per_output.values())
-    else:
-        n_arrays = sum(len(s) for _, s in plans)
+    n_arrays = _shares_needed(plans, partitioned)
     if n_arrays == 0:
         return list(partials), NoiseReport(0.0, ())
     share = epsilon / n_arrays
@@ -261,15 +255,26 @@ def add_noise(
         noisy_n = _noisy_n(p, stats, noisy_n)
         noised[id(p)] = dataclasses.replace(p, n=max(0, round(noisy_n)), stats=stats)
     out = [noised.get(id(p), p) for p in partials]
-    if partitioned:
-        # Parallel composition: the loss is the largest over groups, summed over outputs.
-        spent = math.fsum(max(math.fsum(a.epsilon for a in report
-                                        if a.output == name and a.group == g)
-                              for g in {a.group for a in report if a.output == name})
-                          for name in {a.output for a in report})
-    else:
-        spent = math.fsum(a.epsilon for a in report)
-    return out, NoiseReport(spent, tuple(report))
+    return out, NoiseReport(_spent(report, partitioned), tuple(report))
+
+
+def _shares_needed(plans: list[tuple[Partial, dict[str, float]]], partitioned: bool) -> int:
+    if not partitioned:
+        return sum(len(s) for _, s in plans)
+    per_output: dict[str, int] = {}
+    for p, s in plans:
+        per_output[p.name] = max(per_output.get(p.name, 0), len(s))
+    return sum(per_output.values())
+
+
+def _spent(report: list[ArrayNoise], partitioned: bool) -> float:
+    if not partitioned:
+        return math.fsum(a.epsilon for a in report)
+    # Parallel composition: the loss is the largest over groups, summed over outputs.
+    return math.fsum(max(math.fsum(a.epsilon for a in report
+                                   if a.output == name and a.group == g)
+                         for g in {a.group for a in report if a.output == name})
+                     for name in {a.output for a in report})
 
 
 # Results that read only the sum and count of a moments partial.
