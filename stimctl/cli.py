@@ -35,6 +35,15 @@ async def cmd_info(c: AsyncClient, args: argparse.Namespace) -> int:
         ("version", info.version), ("you are", f"{info.caller_role}/{info.caller}"),
         ("k_min", info.k_min), ("differential privacy", info.dp_policy),
         ("scripts", info.script_policy), ("catalogs", ", ".join(info.catalogs) or "-"),
+        ("budget per researcher", f"epsilon {info.budget_epsilon:g} per catalog"),
+        ("site-wide budget", (f"epsilon {info.catalog_budget_epsilon:g} per catalog, all "
+                              "researchers; left: " + ", ".join(
+                                  f"{k}: {v:g}" for k, v in
+                                  sorted(info.catalog_epsilon_remaining.items())))
+         if info.catalog_budget_epsilon else "none"),
+        ("delta per noised query", f"{info.delta_per_query:g}"),
+        ("auditing history", "shared per catalog" if info.shared_history
+         else "per researcher"),
     ])
     return 0
 

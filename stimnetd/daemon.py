@@ -176,7 +176,8 @@ class Daemon:
             default_epsilon=config.privacy.default_epsilon,
             max_epsilon_per_query=config.privacy.max_epsilon_per_query,
             budget_epsilon=config.privacy.budget_epsilon,
-            delta=config.privacy.delta, budget_delta=config.privacy.budget_delta)
+            delta=config.privacy.delta, budget_delta=config.privacy.budget_delta,
+            catalog_budget_epsilon=config.privacy.catalog_budget_epsilon)
         scripts = config.scripts
         runner = SandboxScripts(self.sandbox, log_policy=scripts.log_policy,
                                 declared_outputs=scripts.declared_outputs,
@@ -188,6 +189,7 @@ class Daemon:
         return LocalSite(name=config.node.name, catalogs=self.catalogs, store=self.store,
                          policy=policy, noise=NoiseMechanism(),
                          overlap_guard=config.privacy.overlap_guard,
+                         shared_history=config.privacy.shared_history,
                          on_decision=self.metrics.decision, script_runner=runner,
                          images=self.images)
 

@@ -33,6 +33,15 @@ class NodeState:
     k_min = property(lambda self: self._config.node.k_min)
     dp_policy = property(lambda self: self._config.privacy.dp)
     script_policy = property(lambda self: self._config.scripts.policy)
+    privacy = property(lambda self: self._config.privacy)
+
+    async def catalog_remaining(self) -> dict[str, float]:
+        """Epsilon left per catalog under the site-wide cap (empty without one)."""
+        cap = self._config.privacy.catalog_budget_epsilon
+        if cap is None:
+            return {}
+        spent = await self._store.spent_by_catalog()
+        return {c: max(cap - spent.get(c, 0.0), 0.0) for c in self.catalogs.names()}
     started_at = property(lambda self: self._started_at())
 
     def members(self) -> list[Any]:

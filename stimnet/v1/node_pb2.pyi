@@ -14,7 +14,14 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("name", "version", "caller", "caller_role", "k_min", "dp_policy", "script_policy", "catalogs", "started_at")
+    __slots__ = ("name", "version", "caller", "caller_role", "k_min", "dp_policy", "script_policy", "catalogs", "started_at", "budget_epsilon", "catalog_budget_epsilon", "catalog_epsilon_remaining", "delta_per_query", "shared_history")
+    class CatalogEpsilonRemainingEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CALLER_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +31,11 @@ class NodeInfo(_message.Message):
     SCRIPT_POLICY_FIELD_NUMBER: _ClassVar[int]
     CATALOGS_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    CATALOG_BUDGET_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    CATALOG_EPSILON_REMAINING_FIELD_NUMBER: _ClassVar[int]
+    DELTA_PER_QUERY_FIELD_NUMBER: _ClassVar[int]
+    SHARED_HISTORY_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     caller: str
@@ -33,7 +45,12 @@ class NodeInfo(_message.Message):
     script_policy: str
     catalogs: _containers.RepeatedScalarFieldContainer[str]
     started_at: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., caller: _Optional[str] = ..., caller_role: _Optional[str] = ..., k_min: _Optional[int] = ..., dp_policy: _Optional[str] = ..., script_policy: _Optional[str] = ..., catalogs: _Optional[_Iterable[str]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    budget_epsilon: float
+    catalog_budget_epsilon: float
+    catalog_epsilon_remaining: _containers.ScalarMap[str, float]
+    delta_per_query: float
+    shared_history: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., caller: _Optional[str] = ..., caller_role: _Optional[str] = ..., k_min: _Optional[int] = ..., dp_policy: _Optional[str] = ..., script_policy: _Optional[str] = ..., catalogs: _Optional[_Iterable[str]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., budget_epsilon: _Optional[float] = ..., catalog_budget_epsilon: _Optional[float] = ..., catalog_epsilon_remaining: _Optional[_Mapping[str, float]] = ..., delta_per_query: _Optional[float] = ..., shared_history: _Optional[bool] = ...) -> None: ...
 
 class ListCatalogsRequest(_message.Message):
     __slots__ = ("federated",)

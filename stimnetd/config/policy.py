@@ -41,6 +41,8 @@ class PrivacySettings:
     overlap_guard: bool = True
     delta: float = 1e-6
     budget_delta: float = 1e-4
+    catalog_budget_epsilon: float | None = None
+    shared_history: bool = False
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,8 @@ class ScriptSettings:
 def read_privacy(r: Reader, raw: dict[str, Any]) -> PrivacySettings:
     w = "[privacy]"
     raw = r.table(raw, w, {"dp", "default_epsilon", "max_epsilon_per_query",
-                           "budget_epsilon", "overlap_guard", "delta", "budget_delta"})
+                           "budget_epsilon", "overlap_guard", "delta", "budget_delta",
+                           "catalog_budget_epsilon", "shared_history"})
     p = PrivacySettings(
         dp=r.get(raw, w, "dp", str, "off", choices=DP_POLICIES),
         default_epsilon=r.get(raw, w, "default_epsilon", float, 1.0),
@@ -80,7 +83,11 @@ def read_privacy(r: Reader, raw: dict[str, Any]) -> PrivacySettings:
         overlap_guard=r.get(raw, w, "overlap_guard", bool, True),
         delta=r.get(raw, w, "delta", float, 1e-6),
         budget_delta=r.get(raw, w, "budget_delta", float, 1e-4),
+        catalog_budget_epsilon=r.get(raw, w, "catalog_budget_epsilon", float, None),
+        shared_history=r.get(raw, w, "shared_history", bool, False),
     )
+    if p.catalog_budget_epsilon is not None and p.catalog_budget_epsilon <= 0:
+        raise r.fail(f"{w}.catalog_budget_epsilon", "must be positive")
     for key in ("default_epsilon", "max_epsilon_per_query", "budget_epsilon"):
         if getattr(p, key) <= 0:
             raise r.fail(f"{w}.{key}", "must be positive")

@@ -54,6 +54,9 @@ class PrivacyPolicy:
     budget_epsilon: float = 10.0
     delta: float = 1e-6
     budget_delta: float = 1e-4
+    # Site-wide cap per catalog across every researcher (None: no cap): what colluding
+    # researchers, or one with many certificates, can spend together.
+    catalog_budget_epsilon: float | None = None
 
     def __post_init__(self) -> None:
         # Config validation lives in config.py; this only stops a policy that would make

@@ -63,6 +63,21 @@ def budget_refusal(catalog: str, epsilon: float, spent: float,
                    {"epsilon": epsilon, "budget": budget})
 
 
+def catalog_refusal(catalog: str, epsilon: float, view: LedgerView,
+                    policy: PrivacyPolicy) -> Refusal | None:
+    """Refuse past the site-wide cap on `catalog`, summed over every researcher."""
+    cap = policy.catalog_budget_epsilon
+    if cap is None:
+        return None
+    spent = view.catalog_spent()
+    if spent + epsilon <= cap + BUDGET_SLACK:
+        return None
+    return Refusal("budget", f"this site's privacy budget for catalog {catalog!r} across all "
+                   f"researchers is exhausted: this query needs epsilon {epsilon:g}, "
+                   f"{max(cap - spent, 0):g} of {cap:g} remains (catalog_budget_epsilon)",
+                   {"epsilon": epsilon, "catalog_budget": cap})
+
+
 def delta_refusal(catalog: str, delta: float, spent: float,
                   policy: PrivacyPolicy) -> Refusal | None:
     """Refuse charging `delta` on `catalog` when `spent` delta is already charged there."""
@@ -86,6 +101,7 @@ def decide(view: LedgerView, release: Release, policy: PrivacyPolicy, *,
     applies."""
     if release.epsilon:
         return (budget_refusal(release.catalog, release.epsilon, view.spent(), policy)
+                or catalog_refusal(release.catalog, release.epsilon, view, policy)
                 or (delta_refusal(release.catalog, release.delta, view.spent_delta(), policy)
                     if release.delta else None))
     if not overlap_guard or release.decision == "suppressed":

@@ -31,9 +31,12 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             self._info = (n.started_at, node_pb2.NodeInfo(
                 name=n.name, version=n.version, k_min=n.k_min, dp_policy=n.dp_policy,
                 script_policy=n.script_policy, catalogs=n.catalogs.names(),
-                started_at=_ts(n.started_at)))
+                started_at=_ts(n.started_at), budget_epsilon=n.privacy.budget_epsilon,
+                catalog_budget_epsilon=n.privacy.catalog_budget_epsilon or 0.0,
+                delta_per_query=n.privacy.delta, shared_history=n.privacy.shared_history))
         info = node_pb2.NodeInfo()
         info.CopyFrom(self._info[1])
+        info.catalog_epsilon_remaining.update(await n.catalog_remaining())
         info.caller, info.caller_role = caller.name, caller.role
         return info
 

@@ -358,6 +358,7 @@ class LocalSite:
                 key = (lc.output, lc.group)
                 n_cells[key] = n_cells.get(key, 0) + 1
         out: dict[tuple[str, str], tuple[str, frozenset[str], str]] = {}
+        seen: dict[bytes, tuple[frozenset[str], str]] = {}
         for lc in linear:
             p = shown.get((lc.output, lc.group))
             if p is None:
@@ -366,8 +367,13 @@ class LocalSite:
                 continue
             if lc.positions.size == 0:
                 continue
-            members = frozenset(ids[lc.positions].tolist())
-            fps, digest = await self._fingerprints.of(catalog, members)
+            # An aggregate's quantities (and often several aggregates) share one cohort:
+            # its members are built and fingerprinted once.
+            same = lc.positions.tobytes()
+            if same not in seen:
+                seen[same] = await self._fingerprints.of(
+                    catalog, frozenset(ids[lc.positions].tolist()))
+            fps, digest = seen[same]
             out.setdefault((lc.quantity, digest), (lc.quantity, fps, digest))
         return tuple(out.values())
 

@@ -32,6 +32,11 @@ class TransactionLedger:
                                               self._release.catalog)).fetchone()
         return float(spent)
 
+    def catalog_spent(self) -> float:
+        (spent,) = self._conn.execute("SELECT COALESCE(SUM(epsilon), 0) FROM ledger WHERE "
+                                      "catalog = ?", (self._release.catalog,)).fetchone()
+        return float(spent)
+
     def spent_delta(self) -> float:
         (spent,) = self._conn.execute(SPENT_DELTA, (self._release.researcher,
                                                     self._release.catalog)).fetchone()

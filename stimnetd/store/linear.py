@@ -42,12 +42,24 @@ def known(conn: sqlite3.Connection, release: Release, quantity: str, digests: li
 
 
 def record(conn: sqlite3.Connection, release: Release) -> None:
+    """Add the release's linear cohorts to the history; members are serialised only for a
+    cohort not stored before (a repeated query's are)."""
+    stored: set[str] = set()
     for quantity, members, digest in release.linear:
+        if conn.execute(
+                "SELECT 1 FROM linear_cohorts WHERE researcher = ? AND catalog = ? AND"
+                " quantity = ? AND digest = ?",
+                (release.auditor, release.catalog, quantity, digest)).fetchone() is not None:
+            continue
+        if digest not in stored and conn.execute(
+                "SELECT 1 FROM cohorts WHERE researcher = ? AND catalog = ? AND digest = ?",
+                (release.auditor, release.catalog, digest)).fetchone() is None:
+            conn.execute(
+                "INSERT INTO cohorts (researcher, catalog, digest, size, members_json)"
+                " VALUES (?,?,?,?,?)", (release.auditor, release.catalog, digest, len(members),
+                                        json.dumps(sorted(members))))
+        stored.add(digest)
         conn.execute(
-            "INSERT OR IGNORE INTO cohorts (researcher, catalog, digest, size, members_json)"
-            " VALUES (?,?,?,?,?)", (release.auditor, release.catalog, digest, len(members),
-                                    json.dumps(sorted(members))))
-        conn.execute(
-            "INSERT OR IGNORE INTO linear_cohorts (researcher, catalog, quantity, digest,"
-            " job_id) VALUES (?,?,?,?,?)",
+            "INSERT INTO linear_cohorts (researcher, catalog, quantity, digest, job_id)"
+            " VALUES (?,?,?,?,?)",
             (release.auditor, release.catalog, quantity, digest, release.job_id))

@@ -66,9 +66,13 @@ class _PreReadLedger:
     """The `LedgerView` a rule sees in a PostgreSQL release: what was spent, read after
     taking the chain lock."""
 
-    def __init__(self, spent: float, spent_delta: float) -> None:
+    def __init__(self, spent: float, spent_delta: float, catalog_spent: float = 0.0) -> None:
         self._spent = spent
         self._spent_delta = spent_delta
+        self._catalog_spent = catalog_spent
+
+    def catalog_spent(self) -> float:
+        return self._catalog_spent
 
     def spent(self) -> float:
         return self._spent
@@ -197,7 +201,11 @@ class PgStore:
                     "SELECT COALESCE(SUM(epsilon), 0), COALESCE(SUM(delta), 0) FROM ledger"
                     " WHERE researcher = $1 AND catalog = $2", release.researcher,
                     release.catalog)
-                refusal = decide(_PreReadLedger(float(spent[0]), float(spent[1])), release)
+                catalog_spent = await conn.fetchval(
+                    "SELECT COALESCE(SUM(epsilon), 0) FROM ledger WHERE catalog = $1",
+                    release.catalog)
+                refusal = decide(_PreReadLedger(float(spent[0]), float(spent[1]),
+                                                float(catalog_spent)), release)
                 if refusal is not None:
                     await self._append(conn, *audit_actor, "release", "refused",
                                        {**base, **refusal.audit_detail()})

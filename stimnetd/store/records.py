@@ -117,6 +117,9 @@ class LedgerView(Protocol):
     def spent_delta(self) -> float:
         """The delta already charged to the researcher on the catalog."""
 
+    def catalog_spent(self) -> float:
+        """The epsilon already charged on the catalog to every researcher together."""
+
     def linear_history(self, quantity: str) -> list[tuple[frozenset[str], str, str]]:
         """(members, digest, job) of each cohort of `quantity` released before."""
 

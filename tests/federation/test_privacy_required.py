@@ -76,3 +76,40 @@ async def test_no_exact_refusal_oracle_under_dp(federation, tmp_path: Path) -> N
         b = await c.query("SELECT count(*) FROM tiny WHERE age >= 31")
         assert await fed.daemons[0].store.spent("alice", "tiny") == pytest.approx(2.0)
     assert abs(a.rows[0][0] - 200) < 30 and abs(b.rows[0][0] - 195) < 30
+
+
+async def test_the_site_wide_catalog_cap_holds_across_researchers(federation, tmp_path: Path) -> None:
+    """Fresh certificates get fresh per-researcher budgets, but not past the catalog's
+    site-wide cap; `stimctl info` (GetInfo) shows the cap and what is left."""
+    privacy = {**REQUIRED, "catalog_budget_epsilon": 3.0}
+    async with federation([[catalog(tmp_path / "t", 200)]], privacy=privacy) as fed, \
+            fed.client() as alice, fed.client(who="bob") as bob, \
+            fed.client(who="carol") as carol:
+        await alice.query("SELECT count(*) FROM tiny")
+        await alice.query("SELECT count(*) FROM tiny")
+        await bob.query("SELECT count(*) FROM tiny")
+        with pytest.raises(JobFailed, match="across all researchers is exhausted"):
+            await carol.query("SELECT count(*) FROM tiny")
+        info = await carol.info()
+    assert (info.budget_epsilon, info.catalog_budget_epsilon) == (100.0, 3.0)
+    assert dict(info.catalog_epsilon_remaining) == {"tiny": 0.0}
+    assert info.delta_per_query == pytest.approx(1e-6)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+async def test_a_shared_auditing_history_spans_researchers(federation, tmp_path: Path,
+                                                          shared: bool) -> None:
+    """[privacy] shared_history: exact auditing keeps one history per catalog, so a second
+    certificate cannot finish a differencing attack the first one started (without it, the
+    second certificate's history is its own)."""
+    privacy = {"dp": "off", "shared_history": shared}
+    async with federation([[catalog(tmp_path / "t", 40)]], privacy=privacy) as fed, \
+            fed.client() as alice, fed.client(who="mallory") as mallory:
+        first = await alice.submit_query("SELECT count(*) FROM tiny")
+        await alice.run_job(first)
+        if shared:
+            with pytest.raises(JobFailed, match=f"exact auditing.*{first.id}"):
+                await mallory.query("SELECT count(*) FROM tiny WHERE age != 30")
+        else:
+            ans = await mallory.query("SELECT count(*) FROM tiny WHERE age != 30")
+            assert ans.rows[0][0] == 39

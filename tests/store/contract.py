@@ -108,6 +108,9 @@ class LoggedView:
     def spent_delta(self) -> float:
         return self.view.spent_delta()
 
+    def catalog_spent(self) -> float:
+        return self.view.catalog_spent()
+
     def near_cohorts(self, members: frozenset[str], digest: str,
                      window: int) -> list[frozenset[str]]:
         near = self.view.near_cohorts(members, digest, window)

@@ -31,6 +31,9 @@ class ListedLedger:
         self.reads.append(("spent", None))
         return self.spent_epsilon
 
+    def catalog_spent(self) -> float:
+        return self.spent_epsilon
+
     def spent_delta(self) -> float:
         self.reads.append(("spent_delta", None))
         return self.spent_delta_
