@@ -89,6 +89,14 @@ async def bisect_quantiles(job: VerifiedJob, model: AggSpec, fan: FanoutResult,
         if dropped:
             return Answer("failed", "site(s) dropped out at round " + str(round_no + 1) + ": "
                           + ", ".join(f"{o.site} ({o.state}: {o.detail})" for o in dropped))
+    return _answer(job, model, fan, n, probs, a, b, withheld)
+
+
+def _answer(job: VerifiedJob, model: AggSpec, fan: FanoutResult, n: int, probs: list[float],
+            a: np.ndarray, b: np.ndarray, withheld: float) -> Answer:
+    """Each quantile interpolated between its two brackets' midpoints, with the bound."""
+    sites = [o.site for o in fan.contributors]
+    lo_b, hi_b = (float(fan.contributors[0].partials[0].meta[k]) for k in ("lo", "hi"))
     est = (a + b) / 2.0
     values, rows = [], []
     for i, p in enumerate(probs):
