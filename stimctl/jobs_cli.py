@@ -148,9 +148,16 @@ def _print_tables(ans: QueryAnswer) -> None:
                                                         "mean volume (mm³)"],
                      [[x["roi"], _fmt(x["n"]), _fmt(x["mean_voxels"]),
                        _fmt(x["mean_volume_mm3"])] for x in roi.get("rois", [])])
-    output.table("contributions", ["site", "state", "subjects", "epsilon", "delta", "detail"],
-                 [[m["site"], m["state"], m.get("n") or "", _fmt(m.get("epsilon")),
-                   _fmt(m.get("delta")), m.get("detail", "")] for m in ans.manifest])
+    output.table("contributions",
+                 ["site", "state", "reason", "subjects", "epsilon", "delta", "detail"],
+                 [[m["site"], m["state"], m.get("reason", ""), m.get("n") or "",
+                   _fmt(m.get("epsilon")), _fmt(m.get("delta")), m.get("detail", "")]
+                  for m in ans.manifest])
+    if ans.missing:
+        # On stderr as well, so a partial answer is loud even when stdout is piped away.
+        print("stimctl: warning: partial federation: not contributed: "
+              + ", ".join(f"{m['site']} ({m.get('reason') or m['state']})" for m in ans.missing),
+              file=sys.stderr)
     for note in ans.notes:
         print(f"note: {note}")
 

@@ -32,6 +32,13 @@ class QueryAnswer:
         return list(self.doc.get("manifest", []))
 
     @property
+    def missing(self) -> list[dict[str, Any]]:
+        """The manifest's rows for sites known to hold the catalog that did not contribute,
+        each with its `reason` (left, dead, suspect, unreachable, timed out, refused,
+        suppressed, failed) and `detail`. Empty when every known site contributed."""
+        return [m for m in self.manifest if m.get("state") != "done"]
+
+    @property
     def privacy(self) -> list[dict[str, Any]]:
         return list(self.doc.get("privacy", []))
 

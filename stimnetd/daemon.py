@@ -43,7 +43,7 @@ from stimnetd.federation.fanout import Fanout
 from stimnetd.federation.peers import StaticPeers
 from stimnetd.federation.subjob import PeerSubJobs
 from stimnetd.gossip import GossipConfig, Swim, SystemClock
-from stimnetd.gossip.membership import Member
+from stimnetd.gossip.membership import Member, MemberChange
 from stimnetd.jobs.scripts import SandboxScripts
 from stimnetd.jobs.service import JobService
 from stimnetd.metrics import Metrics
@@ -378,8 +378,18 @@ class Daemon:
                                                        *cfg.federation.peers])),
                                transport, store=StoreMembers(self.store), clock=SystemClock(),
                                rng=random.Random(), config=self.gossip_config)
+        self.membership.subscribe(self._member_changed)
         # Swim.run runs once: a failure is logged, not retried.
         self.background.spawn("gossip", self.membership.run, restart=False)
+
+    def _member_changed(self, change: MemberChange) -> None:
+        """A member seen alive again (or at a new address) is dialled afresh, so every kind
+        of job reaches it at once, not after the old channel's reconnect backoff."""
+        prev, now = change.previous, change.current
+        if prev is not None and now.status == "alive" and (
+                prev.status != "alive" or prev.address != now.address):
+            self.peer_channels.redial(now.address)
+            log.info("peer back", peer=now.name, was=prev.status, address=now.address)
 
     async def _retention(self, days: float) -> None:
         """Delete finished jobs `days` after they finished: at start, then hourly (more

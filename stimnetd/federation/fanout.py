@@ -36,8 +36,20 @@ class Target:
     name: str | None = None  # unknown for static peers until they answer
 
 
+@dataclass(frozen=True)
+class Absent:
+    """A member known (by gossip) to hold the catalog that is not asked: it left, or is
+    dead or suspected. Named in the manifest so a partial answer is never silent."""
+
+    site: str
+    reason: str  # "left" | "dead" | "suspect"
+    detail: str
+
+
 class PeerDirectory(Protocol):
     def targets(self, catalog: str) -> list[Target]: ...
+
+    def absent(self, catalog: str) -> list[Absent]: ...
 
 
 class SubJobTransport(Protocol):
@@ -70,15 +82,47 @@ class FanoutResult:
     # Where each peer that answered was reached (by the name in its outcome): a later
     # round of a multi-round job goes to exactly these sites.
     targets: dict[str, Target] = field(default_factory=dict)
+    absent: tuple[Absent, ...] = ()
 
     @property
     def contributors(self) -> list[SiteOutcome]:
         return [o for o in self.outcomes if o.state == "done"]
 
+    def missing(self) -> list[tuple[str, str, str]]:
+        """(site, reason, detail) for every site known to hold the catalog that did not
+        contribute: asked and not done, or not asked (absent)."""
+        return ([(o.site, not_contributed(o.state, o.detail), o.detail)
+                 for o in self.outcomes if o.state != "done"]
+                + [(a.site, a.reason, a.detail) for a in self.absent])
+
     def manifest(self) -> list[dict[str, object]]:
-        return [{"site": o.site, "state": o.state, "n": o.n, "detail": o.detail,
-                 "epsilon": o.epsilon, "delta": o.delta, "mechanism": o.mechanism}
-                for o in self.outcomes]
+        """One row per site known to hold the catalog: each contributor, and each site
+        that did not contribute with its `reason` (left, dead, suspect, unreachable,
+        timed out, refused, suppressed, failed)."""
+        rows: list[dict[str, object]] = [
+            {"site": o.site, "state": o.state, "n": o.n, "detail": o.detail,
+             "epsilon": o.epsilon, "delta": o.delta, "mechanism": o.mechanism,
+             **({"reason": not_contributed(o.state, o.detail)} if o.state != "done" else {})}
+            for o in self.outcomes]
+        rows += [{"site": a.site, "state": "absent", "reason": a.reason, "n": 0,
+                  "detail": a.detail, "epsilon": None, "delta": None,
+                  "mechanism": None} for a in self.absent]
+        return rows
+
+
+# Connection failures (the peer's port closed, its address unroutable) as the transport
+# words them: gRPC's UNAVAILABLE, or the identity probe's "cannot connect".
+_UNREACHABLE = ("unavailable", "cannot connect", "connection refused", "connection lost",
+                "failed to connect")
+
+
+def not_contributed(state: str, detail: str) -> str:
+    """Why a site that was asked did not contribute, in the manifest's vocabulary."""
+    if state == "timed_out":
+        return "timed out"
+    if state == "failed" and any(w in detail.lower() for w in _UNREACHABLE):
+        return "unreachable"
+    return state
 
 
 async def _ignore(site: str, state: str, detail: str, n: int) -> None:
@@ -124,7 +168,9 @@ class Fanout:
                 self._refused_locally(local_refusal, events) if local_refusal is not None
                 else self._local(job, events, resumed)))
         outcomes = list(await asyncio.gather(*tasks)) if tasks else []
-        return FanoutResult(outcomes, reached)
+        asked = {o.site for o in outcomes}
+        return FanoutResult(outcomes, reached, tuple(a for a in self._peers.absent(catalog)
+                                                     if a.site not in asked))
 
     async def run_round(self, job: VerifiedJob, request_id: str, round_no: int,
                         beta: list[float], sites: list[str],

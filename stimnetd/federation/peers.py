@@ -3,9 +3,10 @@ runs, the live members holding the catalog."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
-from stimnetd.federation.fanout import Target
+from stimnetd.federation.fanout import Absent, Target
 from stimnetd.gossip.swim import Swim
 
 
@@ -27,3 +28,19 @@ class StaticPeers:
                     if m.name != self._node]
         own = self._own()
         return [Target(a) for a in self._peers if a not in own]
+
+    def absent(self, catalog: str) -> list[Absent]:
+        """Members gossip knows to hold `catalog` that are not asked (not alive)."""
+        membership = self._membership()
+        if membership is None:
+            return []  # static peers are all asked; a dead one fails in the manifest
+        out = []
+        for m in membership.members():
+            if m.name == self._node or m.status == "alive" or not m.has_catalog(catalog):
+                continue
+            ago = max(0.0, time.time() - m.last_heard)
+            detail = {"left": "left the federation",
+                      "dead": "declared dead (no answer to probes)",
+                      "suspect": "suspected (missed probes); not asked"}.get(m.status, m.status)
+            out.append(Absent(m.name, m.status, f"{detail}; last heard {ago:.0f}s ago"))
+        return out

@@ -30,9 +30,10 @@ def assemble(job: VerifiedJob, fan: FanoutResult) -> Answer:
     combine; otherwise it fails, saying which sites did not contribute and why."""
     req = job.request
     contributors = fan.contributors
+    missing = fan.missing()
     if len(contributors) < req.min_sites:
-        why = "; ".join(f"{o.site}: {o.state}{' (' + o.detail + ')' if o.detail else ''}"
-                        for o in fan.outcomes if o.state != "done") or (
+        why = "; ".join(f"{site}: {reason}{' (' + detail + ')' if detail else ''}"
+                        for site, reason, detail in missing) or (
             f"no site this node knows of holds catalog {req.catalog!r} (`stimctl "
             "catalogs` lists the federation's)")
         return Answer("failed", f"only {len(contributors)} site(s) contributed, "
@@ -44,10 +45,17 @@ def assemble(job: VerifiedJob, fan: FanoutResult) -> Answer:
     except (IncompatiblePartials, StimnetError) as exc:
         return Answer("failed", f"sites returned incompatible results: {exc}")
     result = finalize(spec, combined)
+    summary = result.to_dict()
+    if missing:
+        # Loud, not silent: a partial federation answers, and says who is not in it.
+        summary.setdefault("notes", []).append(
+            f"partial federation: {len(contributors)} of {len(contributors) + len(missing)} "
+            f"sites known to hold {req.catalog!r} contributed; not: "
+            + ", ".join(f"{site} ({reason})" for site, reason, _ in missing))
     privacy = [{"site": o.site, "epsilon": o.epsilon, "delta": o.delta,
                 "mechanism": o.mechanism}
                for o in contributors]
-    doc = {"result": result.to_dict(), "manifest": fan.manifest(), "privacy": privacy,
+    doc = {"result": summary, "manifest": fan.manifest(), "privacy": privacy,
            "query": req.spec, "scope": req.scope, "kind": req.kind,
            "script_sha256": req.script_sha256 or None}
     return Answer("succeeded", f"{len(contributors)} site(s) contributed",

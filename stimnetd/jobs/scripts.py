@@ -19,6 +19,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import structlog
+
 from stimnet.errors import QueryError, StimnetError
 from stimnet.query.spec import AggSpec, QuerySpec, validate
 from stimnet.signing import VerifiedJob
@@ -32,6 +34,14 @@ from stimnetd.sandbox import (
     job_manifest,
     parse_result,
 )
+from stimnetd.sandbox.failure import (
+    CANCELLED,
+    CRASHED,
+    INVALID_OUTPUT,
+    TIMED_OUT,
+    public_reason,
+)
+from stimnetd.sandbox.result import ResultRejected
 
 # What a script can emit (stimnet_runtime's emit_* and the result format's kinds).
 SCRIPT_FUNCS = ("count", "sum", "mean", "var", "sd", "histogram", "corr", "regression",
@@ -41,6 +51,7 @@ if TYPE_CHECKING:
     from stimnetd.sandbox.kube import KubeRunner
 
 MAX_DECLARED_CELLS = 10_000
+log = structlog.get_logger("stimnetd.jobs.scripts")
 
 
 class ScriptFailed(StimnetError):
@@ -93,21 +104,44 @@ class SandboxScripts:
             for line in outcome.log_lines:
                 await on_log(line)
         if outcome.status != "succeeded":
+            # The detail (an exception type and line, an exit status) is the script's to
+            # choose, so it stays in the site's log unless log_policy is "full".
+            log.info("script job failed", job_id=job.request.job_id, status=outcome.status,
+                     reason=outcome.reason)
+            reason = self._told(outcome.kind or _default_kind(outcome.status), outcome.reason)
             if self._log_policy != "none":
-                await on_log(outcome.reason)
-            raise ScriptFailed(f"script {outcome.status}: {outcome.reason}")
+                await on_log(reason)
+            raise ScriptFailed(f"script {outcome.status}: {reason}")
         geometry = {f: catalog.geometry(f) for f in catalog.image_fields()}
-        # Off the loop: a result may hold MAX_RESULT_ELEMENTS numbers to check.
-        partials = await asyncio.to_thread(parse_result, outcome.result, outcome.arrays,
-                                           catalog.fields, catalog.n_subjects, geometry=geometry)
+        try:
+            # Off the loop: a result may hold MAX_RESULT_ELEMENTS numbers to check.
+            partials = await asyncio.to_thread(parse_result, outcome.result, outcome.arrays,
+                                               catalog.fields, catalog.n_subjects,
+                                               geometry=geometry)
+        except ResultRejected as exc:
+            if self._log_policy == "full":
+                raise
+            log.info("script result rejected", job_id=job.request.job_id, reason=str(exc))
+            raise ResultRejected(self._told(INVALID_OUTPUT, str(exc))) from None
         if declared is not None:
+            # Its refusals quote only the job's own signed declaration, never the script.
             check_declared(partials, declared, catalog.fields)
         # A script's cohort is unknown to the site (it chose its rows itself), so the
         # overlap guard cannot apply; k_min and DP still do.
         return partials, None
 
+    def _told(self, kind: str, detail: str) -> str:
+        """What the researcher is told of a failure: the detail only under "full"."""
+        if self._log_policy == "full":
+            return detail
+        return public_reason(kind, getattr(self._runner, "limits", None), detail)
+
     async def cancel(self, job_id: str) -> bool:
         return await self._runner.cancel(job_id)
+
+
+def _default_kind(status: str) -> str:
+    return {"timeout": TIMED_OUT, "cancelled": CANCELLED}.get(status, CRASHED)
 
 
 class DeclarationRefused(StimnetError):

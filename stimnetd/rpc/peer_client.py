@@ -36,6 +36,7 @@ MAX_DETAIL_CHARS = 2000
 # Log lines a peer's policy let through, relayed per sub-job (its runner caps them too).
 MAX_LOG_LINES = 200
 PROBE_MAX_S = 5.0
+MAX_RECONNECT_BACKOFF_MS = 10_000
 
 
 class PeerChannels:
@@ -48,6 +49,7 @@ class PeerChannels:
         # Probes get threads of their own: the default executor also runs query
         # computations that can take seconds, and a gossip probe waits for no one.
         self._probes = ThreadPoolExecutor(max_workers=4, thread_name_prefix="peer-probe")
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def server_identity(self, address: str, timeout_s: float) -> Identity:
         """Who serves `address` (peer_identity.probe), learnt once per address.
@@ -76,7 +78,10 @@ class PeerChannels:
         if ch is None:
             ch = grpc.aio.secure_channel(address, self._creds, options=[
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-                ("grpc.keepalive_time_ms", 30_000)])
+                ("grpc.keepalive_time_ms", 30_000),
+                # gRPC's default backoff grows to 120 s while a peer is down; gossip
+                # redials a member it sees alive again (redial), and this bounds the rest.
+                ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS)])
             self._channels[address] = ch
         return ch
 
@@ -96,6 +101,22 @@ class PeerChannels:
         """Drop what was learnt about `address` (it answered as another node: perhaps a new
         one has taken it over); the next call probes again."""
         self._identities.pop(address, None)
+
+    def redial(self, address: str) -> None:
+        """Dial `address` afresh at the next call: gossip has just seen the member there
+        come back (alive after suspect, dead or left, or at a new address). The old
+        channel may sit in gRPC's reconnect backoff (it grows to minutes while a peer is
+        down), failing every call at once with "connection refused" although the peer is
+        up again; its calls and stream, if any, were to a node that was not alive."""
+        self._identities.pop(address, None)
+        stream = self._streams.pop(address, None)
+        if stream is not None:
+            stream.retire()
+        ch = self._channels.pop(address, None)
+        if ch is not None:
+            task = asyncio.get_running_loop().create_task(ch.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def reset(self, material: TlsMaterial) -> None:
         self._material = material

@@ -32,6 +32,7 @@ import numpy as np
 from docker.types import LogConfig, Mount, Ulimit
 
 from stimnetd.sandbox.cgroup import pids_events_path, pids_limit_hits
+from stimnetd.sandbox.failure import CANCELLED, CRASHED, INVALID_OUTPUT, OUT_OF_MEMORY, TIMED_OUT
 from stimnetd.sandbox.image import BUILD_HINT, SandboxImageError
 from stimnetd.sandbox.limits import (
     KiB,
@@ -234,6 +235,7 @@ class ContainerEnd:
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     log_lines: list[str] = field(default_factory=list)
     exit_code: int | None = None
+    kind: str = ""  # stimnetd.sandbox.failure.KINDS
 
 
 @dataclass
@@ -337,29 +339,31 @@ class ContainerWatch:
         """The status and reason for a stopped container, and its result if it succeeded."""
         lim = self._limits
         if stop.verdict == "cancelled":
-            return ContainerEnd("cancelled", "cancelled")
+            return ContainerEnd("cancelled", "cancelled", kind=CANCELLED)
         if stop.verdict == "timeout":
             note = f" (process limit {lim.pids} reached)" if stop.pids_limit_hit else ""
             return ContainerEnd("timeout",
-                                f"exceeded wall-clock limit {fmt_seconds(lim.timeout_s)} s{note}")
+                                f"exceeded wall-clock limit {fmt_seconds(lim.timeout_s)} s{note}",
+                                kind=TIMED_OUT)
         if stop.verdict == "output":
-            return ContainerEnd("failed", f"{stop.overflow} (killed)")
+            return ContainerEnd("failed", f"{stop.overflow} (killed)", kind=INVALID_OUTPUT)
         if stop.state.get("OOMKilled"):
             memory = fmt_bytes(lim.memory_bytes)
-            return ContainerEnd("failed", f"memory limit {memory} exceeded (OOM-killed)")
+            return ContainerEnd("failed", f"memory limit {memory} exceeded (OOM-killed)",
+                                kind=OUT_OF_MEMORY)
         used, files, problem = await asyncio.to_thread(self._ws.usage, lim.output_files)
         if problem:
-            return ContainerEnd("failed", problem)
+            return ContainerEnd("failed", problem, kind=INVALID_OUTPUT)
         overflow = output_overflow(lim, used, files, at_cap=True)
         if overflow:
-            return ContainerEnd("failed", f"{overflow} (write refused)")
+            return ContainerEnd("failed", f"{overflow} (write refused)", kind=INVALID_OUTPUT)
         if stop.state.get("ExitCode") != 0:
             tail = await asyncio.to_thread(_stderr_tail, self._api, self._cid)
-            return ContainerEnd("failed", self._exit_reason(stop, tail))
+            return ContainerEnd("failed", self._exit_reason(stop, tail), kind=CRASHED)
         try:
             doc, arrays = await asyncio.to_thread(read_outputs, self._ws.out, lim.result_bytes)
         except ResultRefused as exc:
-            return ContainerEnd("failed", str(exc))
+            return ContainerEnd("failed", str(exc), kind=INVALID_OUTPUT)
         return ContainerEnd("succeeded", "ok", doc, arrays)
 
     def _exit_reason(self, stop: _Stop, stderr_tail: bytes) -> str:

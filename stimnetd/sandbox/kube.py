@@ -28,6 +28,13 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from stimnetd.sandbox import kubespec
 from stimnetd.sandbox.container import REMOVED_OUTSIDE
+from stimnetd.sandbox.failure import (
+    CRASHED,
+    INVALID_OUTPUT,
+    OUT_OF_MEMORY,
+    SITE_ERROR,
+    TIMED_OUT,
+)
 from stimnetd.sandbox.kubeout import decode_frame, frame_cap, split_frame
 from stimnetd.sandbox.limits import SandboxLimits, SandboxOutcome, SandboxStatus, fmt_bytes, fmt_seconds
 from stimnetd.sandbox.outputs import ResultRefused, log_lines, marker
@@ -73,6 +80,7 @@ class _End:
     arrays: dict[str, Any] = field(default_factory=dict)
     log_lines: list[str] = field(default_factory=list)
     exit_code: int | None = None
+    kind: str = ""  # stimnetd.sandbox.failure.KINDS
 
 
 class KubeRunner:
@@ -102,6 +110,10 @@ class KubeRunner:
         return self._node
 
     @property
+    def limits(self) -> SandboxLimits:
+        return self._limits
+
+    @property
     def out_tmpfs(self) -> bool:
         """Output always goes to a size-limited memory-backed emptyDir."""
         return True
@@ -121,14 +133,15 @@ class KubeRunner:
             subpath = _subpath(Path(catalog_root), Path(self._target.data_root))
             if subpath is None:
                 end = _End("failed", "the catalog is not under [scripts.kubernetes] data_root, "
-                                     "so the cluster's volume cannot hold it")
+                                     "so the cluster's volume cannot hold it", kind=SITE_ERROR)
                 return self._outcome(end, started)
             api = await self._client()
             created = True
             try:
                 await self._create(api, job, script, manifest, subpath)
             except ApiException as exc:
-                return self._outcome(_End("failed", _api_reason("create the job", exc)), started)
+                return self._outcome(_End("failed", _api_reason("create the job", exc),
+                                          kind=SITE_ERROR), started)
             if job.cancel.is_set():
                 return self._outcome(_End("cancelled", "cancelled before start"), started)
             return self._outcome(await self._watch(api, job), started)
@@ -223,8 +236,8 @@ class KubeRunner:
                                                                    self._target.namespace, **RAW))
             except ApiException as exc:
                 if exc.status == 404:
-                    return _End("failed", REMOVED_OUTSIDE)
-                return _End("failed", _api_reason("read the job's status", exc))
+                    return _End("failed", REMOVED_OUTSIDE, kind=SITE_ERROR)
+                return _End("failed", _api_reason("read the job's status", exc), kind=SITE_ERROR)
             status = raw.get("status") or {}
             finished = _finished(status)
             if finished == "deadline":
@@ -248,7 +261,7 @@ class KubeRunner:
         mine = [p for p in pods.get("items", [])
                 if kubespec.has_labels(p, {kubespec.LABEL_POD: job.name})]
         if len(mine) != 1:
-            return _End("failed", "the job's pod is missing (removed outside the runner)")
+            return _End("failed", "the job's pod is missing (removed outside the runner)", kind=SITE_ERROR)
         pod = mine[0]["metadata"]["name"]
         term = _terminated(mine[0])
         exit_code = term.get("exitCode")
@@ -258,18 +271,20 @@ class KubeRunner:
         lines = log_lines(script_log.encode(), lim.log_bytes)
         if term.get("reason") == "OOMKilled":
             return _End("failed", f"memory limit {fmt_bytes(lim.memory_bytes)} exceeded "
-                                  "(OOM-killed)", log_lines=lines, exit_code=exit_code)
+                                  "(OOM-killed)", log_lines=lines, exit_code=exit_code,
+                        kind=OUT_OF_MEMORY)
         if exit_code != 0:
             tail = await self._log(core, pod, tail_lines=20)
             return _End("failed", _exit_reason(exit_code, tail), log_lines=lines,
-                        exit_code=exit_code)
+                        exit_code=exit_code, kind=CRASHED)
         frame_text = await self._log(core, pod, tail_lines=1,
                                      limit_bytes=frame_cap(lim.result_bytes) + 1)
         _, body = split_frame(frame_text.rstrip("\n"))
         try:
             doc, arrays = await asyncio.to_thread(decode_frame, body, lim.result_bytes)
         except ResultRefused as exc:
-            return _End("failed", str(exc), log_lines=lines, exit_code=exit_code)
+            return _End("failed", str(exc), log_lines=lines, exit_code=exit_code,
+                        kind=INVALID_OUTPUT)
         return _End("succeeded", "ok", doc, arrays, lines, exit_code)
 
     async def _log(self, core: client.CoreV1Api, pod: str, **kwargs: Any) -> str:
@@ -317,7 +332,8 @@ class KubeRunner:
     def _outcome(self, end: _End, started: float) -> SandboxOutcome:
         return SandboxOutcome(status=end.status, reason=end.reason, result=end.result,
                               arrays=end.arrays, log_lines=end.log_lines,
-                              duration_s=self._clock() - started, exit_code=end.exit_code)
+                              duration_s=self._clock() - started, exit_code=end.exit_code,
+                              kind=end.kind)
 
 
 async def _json(call: Any) -> dict[str, Any]:
@@ -361,7 +377,8 @@ def _terminated(pod: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _timeout(lim: SandboxLimits) -> _End:
-    return _End("timeout", f"exceeded wall-clock limit {fmt_seconds(lim.timeout_s)} s")
+    return _End("timeout", f"exceeded wall-clock limit {fmt_seconds(lim.timeout_s)} s",
+                kind=TIMED_OUT)
 
 
 def _exit_reason(exit_code: Any, tail: str) -> str:

@@ -53,7 +53,8 @@ class SandboxOutcome:
     `log_lines` is the script's own stdout/stderr: researcher-controlled and possibly
     containing row-level data, so it is for the site operator unless policy says
     otherwise. `reason` is written by the runner (at most an exception type and a line
-    number come from inside the container).
+    number come from inside the container) for the site's log; the researcher is told
+    `kind` in the words of stimnetd.sandbox.failure unless log_policy is "full".
     """
 
     status: SandboxStatus
@@ -64,6 +65,9 @@ class SandboxOutcome:
     duration_s: float
     exit_code: int | None = None
     prewarmed: bool = False
+    # Which of stimnetd.sandbox.failure.KINDS a failure was ("" when it succeeded, or
+    # when the runner did not say: the researcher is then told "crashed").
+    kind: str = ""
 
 
 def fmt_bytes(n: int) -> str:

@@ -103,6 +103,10 @@ class SandboxRunner:
         return self._node
 
     @property
+    def limits(self) -> SandboxLimits:
+        return self._limits
+
+    @property
     def out_tmpfs(self) -> bool:
         """Whether job output goes to a capped noexec tmpfs (else a polled directory)."""
         return self._workspaces.out_tmpfs
@@ -298,4 +302,5 @@ def _outcome(end: ContainerEnd, started: float, prewarmed: bool) -> SandboxOutco
         duration_s=time.monotonic() - started,
         exit_code=end.exit_code,
         prewarmed=prewarmed,
+        kind=end.kind,
     )

@@ -407,3 +407,31 @@ async def test_a_peers_script_failure_reaches_the_researcher_with_its_log(
     assert f"{SITE_B}: refused (script failed: script raised ValueError" in detail, detail
     assert f"{SITE_B}: hello from the script" in lines, lines
     assert ans.rows[0][0] == 60
+
+
+async def test_failures_read_the_same_whatever_the_script_chose(
+        tmp_path: Path, pki: CertFactory, sandbox_image: str) -> None:
+    """With log_policy 'none', scripts that fail in different ways at different lines (an
+    exception type and line, an exit status each could encode data) are told the same
+    fixed reason and no log line: what a failing script chooses never leaves the site."""
+    failing = [
+        b"x = 1 / 0\n",
+        b"import sys\n\n\n\n\nsys.exit(7)\n",
+        b"import os\n" + b"\n" * 40 + b"raise KeyError(os.environ.get('HOME', 's00'))\n",
+        b"class Age71(Exception):\n    pass\n\n\nraise Age71('71')\n",
+    ]
+    async with _node_clients(tmp_path, pki, log_policy="none", timeout_s=4) as (c, _):
+        told: list[str] = []
+        lines: list[str] = []
+        for script in failing:
+            job = await c.submit_script(script, "tiny", outputs=N_OUT)
+            with pytest.raises(JobFailed) as failed:
+                await c.run_job(job, lambda kind, v: lines.append(v) if kind == "log" else None)
+            told.append(str(failed.value).replace(job.id, "JOB"))
+        with pytest.raises(JobFailed, match=r"timed out \(wall-clock limit 4 s\)"):
+            await c.run_job(await c.submit_script(SPIN, "tiny", outputs=N_OUT))
+    assert len(set(told)) == 1, told
+    assert "crashed" in told[0], told
+    for leak in ("ZeroDivision", "KeyError", "Age71", "line", "status", " 7", "s00"):
+        assert leak not in told[0], told
+    assert lines == []

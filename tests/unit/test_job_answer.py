@@ -44,7 +44,7 @@ class TestAssemble:
                             SiteOutcome("c", "timed_out")])
         assert assemble(_job(min_sites=2), fan) == Answer(
             "failed", "only 1 site(s) contributed, min_sites is 2 — b: refused (k_min); "
-            "c: timed_out")
+            "c: timed out")
 
     def test_no_site_at_all_says_none_holds_the_catalog(self) -> None:
         """An empty fan-out fails, pointing at the catalogs the federation has."""

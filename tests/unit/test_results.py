@@ -183,3 +183,22 @@ def test_the_live_table_starts_at_the_first_event(capsys: pytest.CaptureFixture[
         started = type(p._live)  # noqa: SLF001
     assert (before, started) == (None, Live)
     assert "job: running" in capsys.readouterr().err
+
+
+def test_sites_that_did_not_contribute_are_named_in_the_answer_and_the_cli(capsys) -> None:  # type: ignore[no-untyped-def]
+    """QueryAnswer.missing lists them with their reasons; stimctl's table shows the reason
+    and warns on stderr."""
+    from stimctl.jobs_cli import _print_tables
+    from stimctl.results import QueryAnswer
+
+    ans = QueryAnswer("j1", {"result": {"columns": ["n"], "rows": [[12]], "notes": []},
+                             "manifest": [
+        {"site": "a", "state": "done", "n": 12, "detail": "", "epsilon": None},
+        {"site": "b", "state": "absent", "reason": "left", "n": 0, "detail": "left"},
+        {"site": "c", "state": "timed_out", "reason": "timed out", "n": 0, "detail": "slow"}]})
+    assert [(m["site"], m["reason"]) for m in ans.missing] == [("b", "left"), ("c", "timed out")]
+    _print_tables(ans)
+    out, err = capsys.readouterr()
+    assert "left" in out and "timed out" in out
+    assert err.strip() == ("stimctl: warning: partial federation: not contributed: b (left), "
+                           "c (timed out)")
