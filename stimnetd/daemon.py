@@ -288,8 +288,7 @@ class Daemon:
     # -- lifecycle ---------------------------------------------------------------------
 
     def config_warnings(self, *, read_images: bool = False) -> list[str]:
-        """Settings and data that are valid but probably not meant (config/advice.py,
-        catalog/advice.py), one line each naming file and key."""
+        """Valid but probably unmeant settings and data (config/ and catalog/advice.py)."""
         return config_warnings(self.config) + [
             f"{self.config.source}: {w}"
             for w in catalog_warnings(self.catalogs, read_images=read_images)]
@@ -383,8 +382,7 @@ class Daemon:
         self.background.spawn("gossip", self.membership.run, restart=False)
 
     def _member_changed(self, change: MemberChange) -> None:
-        """A member seen alive again (or at a new address) is dialled afresh, so every kind
-        of job reaches it at once, not after the old channel's reconnect backoff."""
+        """A member alive again (or moved) is dialled afresh: no stale reconnect backoff."""
         prev, now = change.previous, change.current
         if prev is not None and now.status == "alive" and (
                 prev.status != "alive" or prev.address != now.address):
