@@ -173,10 +173,9 @@ class Daemon:
         config = self.config
         policy = PrivacyPolicy(
             k_min=config.node.k_min, dp=config.privacy.dp,  # type: ignore[arg-type]
-            default_epsilon=config.privacy.default_epsilon,
+            default_epsilon=config.privacy.default_epsilon, delta=config.privacy.delta,
             max_epsilon_per_query=config.privacy.max_epsilon_per_query,
-            budget_epsilon=config.privacy.budget_epsilon,
-            delta=config.privacy.delta, budget_delta=config.privacy.budget_delta,
+            budget_epsilon=config.privacy.budget_epsilon, budget_delta=config.privacy.budget_delta,
             catalog_budget_epsilon=config.privacy.catalog_budget_epsilon)
         scripts = config.scripts
         runner = SandboxScripts(self.sandbox, log_policy=scripts.log_policy,

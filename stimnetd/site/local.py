@@ -342,7 +342,8 @@ class LocalSite:
                 partials[0], _glm_plan(model, catalog, epsilon), self._noise)
             partials = [noised]
         else:
-            partials, report = add_noise(partials, catalog.fields, epsilon, self._noise)
+            partials, report = add_noise(partials, catalog.fields, epsilon, self._noise,
+                                         partitioned=job.request.kind == "query")
         partials, decisions = gate_noised(partials, report, k, self._policy.delta)
         return partials, decisions, report
 
