@@ -57,7 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="list every certificate the CA has issued")
     p.add_argument("--ca", type=Path, required=True, metavar="DIR", help="CA directory")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    # SUPPRESS: `stimctl --json certs list` (the global flag) must not be reset to False.
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                   help="machine-readable output")
     p.set_defaults(func=_wrap(_list))
 
     p = sub.add_parser("renew", help="new key and certificate with the same identity")
@@ -156,7 +158,7 @@ def _list(args: argparse.Namespace) -> int:
     """Print the CA's registry."""
     records = pki.list_certs(args.ca)
     now = datetime.now(UTC)
-    if args.json:
+    if getattr(args, "json", False):
         rows = [
             {
                 # Decimal string: ~128-bit serials do not survive float-based JSON parsers.

@@ -4,23 +4,34 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import signal
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from google.protobuf.json_format import MessageToDict
-
 from stimctl import output
 from stimctl.client import AsyncClient, ClientConfig, ClientError
+from stimctl.exits import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    exit_code,
+)
 
-EXIT_ERROR = 1
-EXIT_USAGE = 2
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("stimnet")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _pb(msg: Any) -> dict[str, Any]:
-    return MessageToDict(msg, preserving_proto_field_name=True)
+    return output.message_dict(msg)
 
 
 # -- node commands -------------------------------------------------------------------
@@ -139,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", type=Path, default=None,
                    help="client config (default ~/.config/stimnet/client.toml)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--version", action="version", version=f"stimctl {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def node_cmd(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
@@ -171,18 +183,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Output piped into a reader that stops (`| head`): end quietly, as Unix tools do,
+    # instead of a BrokenPipeError traceback.
+    if hasattr(signal, "SIGPIPE"):
+        with contextlib.suppress(ValueError):  # called off the main thread (tests)
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "func", None) is not None:  # local commands (certs, demo) need no node
-        return int(args.func(args))
     try:
+        if getattr(args, "func", None) is not None:  # local commands (certs, demo): no node
+            return int(args.func(args))
         config = ClientConfig.load(args.config)
         return asyncio.run(_run(config, args))
     except ClientError as exc:
         print(f"stimctl: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return exit_code(exc)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return EXIT_ERROR  # where SIGPIPE cannot be restored
 
 
 async def _run(config: ClientConfig, args: argparse.Namespace) -> int:

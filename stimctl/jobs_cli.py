@@ -15,13 +15,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from google.protobuf.json_format import MessageToDict
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
 from stimctl import output
 from stimctl.client import AsyncClient, JobFailed
+from stimctl.exits import EXIT_FAILED
 from stimctl.results import QueryAnswer
 
 _STYLE = {"done": "green", "suppressed": "yellow", "refused": "red", "failed": "red",
@@ -286,7 +286,7 @@ async def cmd_query(c: AsyncClient, args: argparse.Namespace) -> int:
         except JobFailed as exc:
             # The detail names every site that did not contribute and why.
             print(f"stimctl: {exc}", file=sys.stderr)
-            return 1
+            return EXIT_FAILED
     code = print_answer(ans, args)
     forest = getattr(args, "forest", None)
     if forest is not None:
@@ -315,7 +315,7 @@ async def cmd_submit(c: AsyncClient, args: argparse.Namespace) -> int:
                                 outputs=args.outputs)
     if not args.watch:
         if args.json:
-            output.emit_json(MessageToDict(job, preserving_proto_field_name=True))
+            output.emit_json(output.message_dict(job))
         else:
             print(f"job {job.id}: {job.state}{' — ' + job.detail if job.detail else ''}")
             print(f"follow it with: stimctl job {job.id}   results: stimctl results {job.id}")
@@ -325,7 +325,7 @@ async def cmd_submit(c: AsyncClient, args: argparse.Namespace) -> int:
             ans = await c.run_job(job, progress)
         except JobFailed as exc:
             print(f"stimctl: {exc}", file=sys.stderr)
-            return 1
+            return EXIT_FAILED
     return print_answer(ans, args)
 
 
@@ -340,7 +340,7 @@ async def cmd_jobs(c: AsyncClient, args: argparse.Namespace) -> int:
         return 0
     jobs = await c.list_jobs(args.limit)
     if args.json:
-        output.emit_json([MessageToDict(j, preserving_proto_field_name=True) for j in jobs])
+        output.emit_json([output.message_dict(j) for j in jobs])
         return 0
     output.table("jobs", ["id", "kind", "scope", "catalog", "owner", "state", "created", "detail"],
                  [[j.id, j.kind, j.scope, j.catalog, j.owner, j.state,
@@ -351,7 +351,7 @@ async def cmd_jobs(c: AsyncClient, args: argparse.Namespace) -> int:
 async def cmd_job(c: AsyncClient, args: argparse.Namespace) -> int:
     j = await c.get_job(args.id)
     if args.json:
-        output.emit_json(MessageToDict(j, preserving_proto_field_name=True))
+        output.emit_json(output.message_dict(j))
         return 0
     output.kv(f"job {j.id}", [("kind", j.kind), ("scope", j.scope), ("catalog", j.catalog),
                               ("owner", j.owner), ("state", j.state), ("detail", j.detail or "-"),

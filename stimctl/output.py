@@ -69,3 +69,48 @@ def parse_since(text: str) -> float:
     except ValueError:
         raise SystemExit(f"stimctl: error: --since {text!r} is neither unix seconds nor an "
                          "ISO date") from None
+
+
+# protobuf's JSON mapping writes 64-bit integers as strings; stimctl's JSON is for scripts
+# (jq, pandas), which expect numbers. Counts a node may show as "< k" (catalog subjects,
+# table rows) are numbers when they are numbers, and the string otherwise.
+_INT64 = {3, 4, 6, 16, 18}  # FieldDescriptor.TYPE_INT64, UINT64, FIXED64, SFIXED64, SINT64
+_COUNT_STRINGS = frozenset({"subjects", "rows"})
+
+
+def message_dict(msg: Any) -> dict[str, Any]:
+    """A protobuf message as JSON-ready data, with numbers as numbers."""
+    from google.protobuf.json_format import MessageToDict
+
+    return _numbers(msg.DESCRIPTOR, MessageToDict(msg, preserving_proto_field_name=True))
+
+
+def _numbers(descriptor: Any, data: Any) -> Any:
+    if not isinstance(data, dict):
+        return data
+    for f in descriptor.fields:
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        if f.message_type is not None:
+            if f.message_type.GetOptions().map_entry:
+                vf = f.message_type.fields_by_name["value"]
+                data[f.name] = {k: _scalar(vf, v) if vf.message_type is None
+                                else _numbers(vf.message_type, v) for k, v in value.items()}
+            elif isinstance(value, list):
+                data[f.name] = [_numbers(f.message_type, v) for v in value]
+            else:
+                data[f.name] = _numbers(f.message_type, value)
+        elif isinstance(value, list):
+            data[f.name] = [_scalar(f, v) for v in value]
+        else:
+            data[f.name] = _scalar(f, value)
+    return data
+
+
+def _scalar(f: Any, value: Any) -> Any:
+    if f.type in _INT64 and isinstance(value, str):
+        return int(value)
+    if f.name in _COUNT_STRINGS and isinstance(value, str) and value.isdigit():
+        return int(value)
+    return value

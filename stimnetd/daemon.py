@@ -173,10 +173,9 @@ class Daemon:
         config = self.config
         policy = PrivacyPolicy(
             k_min=config.node.k_min, dp=config.privacy.dp,  # type: ignore[arg-type]
-            default_epsilon=config.privacy.default_epsilon,
+            default_epsilon=config.privacy.default_epsilon, delta=config.privacy.delta,
             max_epsilon_per_query=config.privacy.max_epsilon_per_query,
-            budget_epsilon=config.privacy.budget_epsilon,
-            delta=config.privacy.delta, budget_delta=config.privacy.budget_delta,
+            budget_epsilon=config.privacy.budget_epsilon, budget_delta=config.privacy.budget_delta,
             catalog_budget_epsilon=config.privacy.catalog_budget_epsilon)
         scripts = config.scripts
         runner = SandboxScripts(self.sandbox, log_policy=scripts.log_policy,
@@ -289,8 +288,7 @@ class Daemon:
     # -- lifecycle ---------------------------------------------------------------------
 
     def config_warnings(self, *, read_images: bool = False) -> list[str]:
-        """Settings and data that are valid but probably not meant (config/advice.py,
-        catalog/advice.py), one line each naming file and key."""
+        """Valid but probably unmeant settings and data (config/ and catalog/advice.py)."""
         return config_warnings(self.config) + [
             f"{self.config.source}: {w}"
             for w in catalog_warnings(self.catalogs, read_images=read_images)]
@@ -382,8 +380,7 @@ class Daemon:
         self.background.spawn("gossip", self.membership.run, restart=False)
 
     def _member_changed(self, change: MemberChange) -> None:
-        """A member seen alive again (or at a new address) is dialled afresh, so every kind
-        of job reaches it at once, not after the old channel's reconnect backoff."""
+        """A member alive again (or moved) is dialled afresh: no stale reconnect backoff."""
         prev, now = change.previous, change.current
         if prev is not None and now.status == "alive" and (
                 prev.status != "alive" or prev.address != now.address):

@@ -21,6 +21,7 @@ from stimnetd.jobs.access import REPLAYED
 from stimnetd.jobs.answer import Answer, assemble
 from stimnetd.jobs.events import ActiveJob, JobEventHub, JobUpdate
 from stimnetd.jobs.models import fit_glm, pool_estimates
+from stimnetd.jobs.quantiles import bisect_quantiles
 from stimnetd.jobs.quota import QueryQuota
 from stimnetd.jobs.review import ScriptGate
 from stimnetd.query.models import is_multi_round
@@ -154,6 +155,9 @@ class JobRunner:
 
         async def dropped_out(o: SiteOutcome) -> None:
             self._hub.site_event(record.id, SiteEvent(o.site, o.state, o.detail, o.n))
+        if model.func == "quantiles_bisect":
+            return await bisect_quantiles(job, model, fan, rounds, progress, dropped_out,
+                                          self._site.k_min)
         return await fit_glm(job, model, fan, rounds, progress, dropped_out)
 
     def _local_progress(self, job_id: str) -> ShareProgress:

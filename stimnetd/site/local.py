@@ -34,12 +34,13 @@ from stimnetd.privacy.suppress import (
     result_suppressed,
     suppress_small_cells,
 )
+from stimnetd.privacy.tails import withhold_tails
 from stimnetd.privacy.threshold import gate_noised
 from stimnetd.query import partial_docs
 from stimnetd.query.aggregate import GroupKey, Partial
 from stimnetd.query.engine import compute
 from stimnetd.query.linear import LinearCohort
-from stimnetd.query.models import control_of, is_multi_round
+from stimnetd.query.models import control_of, is_multi_round, rounds_of
 from stimnetd.query.subjects import SubjectImages
 from stimnetd.site.cohorts import CohortFingerprints
 from stimnetd.site.outcome import SiteOutcome
@@ -120,6 +121,10 @@ class LocalSite:
         # The multi-round fits (GLMs) whose first round this site released.
         self.rounds = FitRounds()
 
+    @property
+    def k_min(self) -> int:
+        return self._policy.k_min
+
     async def precheck(self, job: VerifiedJob) -> None:
         """Refuse early what is certain to be refused: unknown catalog, bad epsilon, or a
         budget already too small. The release transaction re-checks the budget, so this
@@ -175,8 +180,8 @@ class LocalSite:
             if outcome.state == "done" and req.kind == "query" \
                     and is_multi_round(model := req.query_spec.model):
                 assert model is not None
-                self.rounds.opened(req.job_id, max_rounds=control_of(model).max_rounds,
-                                   p=int(partials[0].stats["xtwz"].size),
+                self.rounds.opened(req.job_id, max_rounds=rounds_of(model),
+                                   p=len(partials[0].meta["terms"]),
                                    n_released=outcome.n if outcome.epsilon else None)
             return outcome
         except Replayed:
@@ -225,6 +230,7 @@ class LocalSite:
             else:
                 partials, decisions = suppress_small_cells(result.partials, self._policy.k_min,
                                                            catalog.fields)
+                partials = [withhold_tails(p, self._policy.k_min) for p in partials]
                 if result_suppressed(decisions):
                     # The cohort is the first round's, which passed k_min: only a site
                     # whose data changed mid-fit gets here.
@@ -232,7 +238,7 @@ class LocalSite:
                                   f"withheld (k_min = {self._policy.k_min})")
             await self._store.audit(job.researcher.name, job.researcher.role, "release",
                                     "released", {"job": req.job_id, "catalog": req.catalog,
-                                                 "kind": "glm_round", "round": round_no,
+                                                 "kind": partials[0].kind, "round": round_no,
                                                  "noised": epsilon is not None,
                                                  "epsilon": 0.0 if epsilon else None})
             self._on_decision("released")
@@ -350,7 +356,8 @@ class LocalSite:
                 partials[0], _glm_plan(model, catalog, epsilon), self._noise)
             partials = [noised]
         else:
-            partials, report = add_noise(partials, catalog.fields, epsilon, self._noise)
+            partials, report = add_noise(partials, catalog.fields, epsilon, self._noise,
+                                         partitioned=job.request.kind == "query")
         partials, decisions = gate_noised(partials, report, k, self._policy.delta)
         return partials, decisions, report
 

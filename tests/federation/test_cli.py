@@ -67,27 +67,29 @@ async def test_errors_are_one_line(start_node, pki: CertFactory, small_catalog: 
     alice = pki.issue("alice", "researcher")
     async with start_node("node-a", catalogs=[small_catalog]) as d:
         cfg = str(_client_file(tmp_path, alice, d.port))
-        for argv, needle in (
-            (("query", "SELECT * FROM dbs_outcomes"), "refused before sending"),
-            (("describe", "nope"), "no catalog named 'nope'"),
-            (("query", "--federated", "SELECT count(*) FROM nope"),
+        # Exit statuses by class of error (stimctl/exits.py, README).
+        for argv, status, needle in (
+            (("query", "SELECT * FROM dbs_outcomes"), 2, "refused before sending"),
+            (("describe", "nope"), 6, "no catalog named 'nope'"),
+            (("query", "--federated", "SELECT count(*) FROM nope"), 5,
              "no site this node knows of holds catalog 'nope'"),
-            (("status",), "may not call"),
+            (("status",), 3, "may not call"),
         ):
             code, out, err = await _run(capsys, "--config", cfg, *argv)
-            assert code == 1 and len(err.strip().splitlines()) == 1 and needle in err, err
+            assert code == status and len(err.strip().splitlines()) == 1 and needle in err, \
+                (code, err)
         # A certificate the node cannot accept: the node's reason, in one line.
         expired = pki.issue("alice", "researcher", expired=True)
         (tmp_path / "old").mkdir()
         old = str(_client_file(tmp_path / "old", expired, d.port))
         code, _, err = await _run(capsys, "--config", old, "info")
-        assert code == 1 and len(err.strip().splitlines()) == 1, err
+        assert code == 3 and len(err.strip().splitlines()) == 1, err
         assert "researcher/alice" in err and "expired at" in err, err
     dead = str(_client_file(tmp_path, alice, free_port()))
     code, _, err = await _run(capsys, "--config", dead, "info")
-    assert code == 1 and err.startswith("stimctl: error: cannot reach node") and "\n" not in err.strip()
+    assert code == 7 and err.startswith("stimctl: error: cannot reach node") and "\n" not in err.strip()
     code, _, err = await _run(capsys, "--config", str(tmp_path / "missing.toml"), "info")
-    assert code == 1 and "does not exist" in err
+    assert code == 2 and "does not exist" in err
 
 
 async def test_output_options_are_checked_before_anything_is_spent(
@@ -102,8 +104,8 @@ async def test_output_options_are_checked_before_anything_is_spent(
         cfg = str(_client_file(tmp_path, alice, d.port))
         (tmp_path / "a-file").write_text("")
         for argv, code_, needle in (
-            (("--epsilon", "nan"), 1, "job refused before sending: epsilon must be a finite"),
-            (("--min-sites", "0"), 1, "job refused before sending: min_sites must be"),
+            (("--epsilon", "nan"), 2, "job refused before sending: epsilon must be a finite"),
+            (("--min-sites", "0"), 2, "job refused before sending: min_sites must be"),
             (("--out", str(tmp_path / "r.txt")), 2, "name a .json or .csv file, or a directory"),
             (("--out", str(tmp_path / "no" / "r.json")), 2, "directory " + str(tmp_path / "no")
              + " does not exist"),
