@@ -32,11 +32,13 @@ roi_overlap   n         R                      (R ROIs; one subject may touch al
               <n>       1                       no tighter joint bound is assumed)
 ============  ========  ===============================================================
 
-Epsilon is split evenly over every released array of every partial of the query
-(sequential composition: the total loss is the sum of the shares). Group-by partials are
-over disjoint subjects and could use parallel composition instead; the even split is the
-conservative choice that does not rely on the engine's grouping being a partition.
-Withheld partials (see suppress.py) release nothing and get no share.
+Epsilon is split evenly over every released array of every output of the query
+(sequential composition: the total loss is the sum of the shares). For a query's GROUP BY
+(`partitioned`) the partials of one output are over disjoint subjects, so each group's
+arrays get the output's whole share (parallel composition); a script's partials are split
+over every partial. An array the result does not read is not released and takes no share
+(the sum of squares of `sum` and `mean`: `avg` costs a sum and a count). Withheld partials
+(see suppress.py) release nothing and get no share.
 
 Count arrays are integers and get OpenDP's discrete Laplace (no rounding of a float
 release needed); sums get OpenDP's float Laplace, which samples on a discrete grid and so
@@ -71,6 +73,8 @@ MechanismName = Literal["laplace", "discrete laplace"]
 
 # The largest Laplace scale released (see add_noise).
 MAX_SCALE = float(2**52)
+# Arrays this large are voxel maps, released at float32 precision (see _noise_array).
+MAP_ELEMENTS = 4096
 
 # The partial's own subject count, for kinds whose stats arrays do not contain it.
 COHORT_N = "<n>"
@@ -205,16 +209,25 @@ def add_noise(
     fields: Mapping[str, FieldMeta],
     epsilon: float,
     mechanism: NoiseSource,
+    *,
+    partitioned: bool = False,
 ) -> tuple[list[Partial], NoiseReport]:
     """Release `partials` with epsilon-DP Laplace noise, spending `epsilon` in total.
+
+    `partitioned`: the partials of one output over different groups are over disjoint
+    subjects (a query's GROUP BY on declared levels: one row per subject, one value per
+    field), so by parallel composition each group's arrays get the output's whole share.
+    An array the result does not need is not released and costs nothing: the sum of
+    squares of a `sum` or `mean` (`plan_arrays`).
 
     Every sensitivity is computed (and any refusal raised) before the first sample is
     drawn, so a refused query consumes no randomness and no budget.
     """
     if not (math.isfinite(epsilon) and epsilon > 0):
         raise ValueError(f"epsilon must be a positive finite number, got {epsilon}")
-    plans = [(p, _checked_sensitivities(p, fields)) for p in partials if not is_withheld(p)]
-    n_arrays = sum(len(s) for _, s in plans)
+    plans = [(p, plan_arrays(p, _checked_sensitivities(p, fields)))
+             for p in partials if not is_withheld(p)]
+    n_arrays = _shares_needed(plans, partitioned)
     if n_arrays == 0:
         return list(partials), NoiseReport(0.0, ())
     share = epsilon / n_arrays
@@ -230,6 +243,8 @@ def add_noise(
     report: list[ArrayNoise] = []
     for p, sens in plans:
         stats = {name: np.array(a, dtype=np.float64) for name, a in p.stats.items()}
+        for name in set(stats) - set(sens):
+            stats[name] = np.zeros_like(stats[name])  # not released: data-independent zeros
         noisy_n = 0.0
         for stat, s in sens.items():
             mech: MechanismName = "discrete laplace" if _is_count(p.kind, stat) else "laplace"
@@ -242,7 +257,37 @@ def add_noise(
         noisy_n = _noisy_n(p, stats, noisy_n)
         noised[id(p)] = dataclasses.replace(p, n=max(0, round(noisy_n)), stats=stats)
     out = [noised.get(id(p), p) for p in partials]
-    return out, NoiseReport(math.fsum(a.epsilon for a in report), tuple(report))
+    return out, NoiseReport(_spent(report, partitioned), tuple(report))
+
+
+def _shares_needed(plans: list[tuple[Partial, dict[str, float]]], partitioned: bool) -> int:
+    if not partitioned:
+        return sum(len(s) for _, s in plans)
+    per_output: dict[str, int] = {}
+    for p, s in plans:
+        per_output[p.name] = max(per_output.get(p.name, 0), len(s))
+    return sum(per_output.values())
+
+
+def _spent(report: list[ArrayNoise], partitioned: bool) -> float:
+    if not partitioned:
+        return math.fsum(a.epsilon for a in report)
+    # Parallel composition: the loss is the largest over groups, summed over outputs.
+    return math.fsum(max(math.fsum(a.epsilon for a in report
+                                   if a.output == name and a.group == g)
+                         for g in {a.group for a in report if a.output == name})
+                     for name in {a.output for a in report})
+
+
+# Results that read only the sum and count of a moments partial.
+_NO_SQUARES = frozenset({"sum", "mean"})
+
+
+def plan_arrays(p: Partial, sens: dict[str, float]) -> dict[str, float]:
+    """The arrays of `p` that are released (and so noised and charged)."""
+    if p.kind == "moments" and p.meta.get("func") in _NO_SQUARES:
+        return {k: v for k, v in sens.items() if k != "s2"}
+    return sens
 
 
 def _checked_sensitivities(p: Partial, fields: Mapping[str, FieldMeta]) -> dict[str, float]:
@@ -277,7 +322,13 @@ def _noise_array(
         # Withheld cells stay exactly 0; noising them would only make them look released.
         released = ~p.cell_mask
     out = a.copy()
-    out[released] = sample(a[released], scale).astype(np.float64)
+    noisy = sample(a[released], scale).astype(np.float64)
+    if mech == "laplace" and noisy.size >= MAP_ELEMENTS:
+        # A voxel map's noise is many orders above float32's rounding (images are float32
+        # at most), so its digits below are noise too: rounded, the stored and sent map
+        # compresses to half (store/blobs.py). Post-processing, so no privacy cost.
+        noisy = noisy.astype(np.float32).astype(np.float64)
+    out[released] = noisy
     return out
 
 

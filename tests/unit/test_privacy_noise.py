@@ -437,3 +437,24 @@ def test_mis_scaled_noise_is_detected(factor: float) -> None:
     scale = {a.stat: a.scale for a in report.arrays}
     assert ks_pvalue(s1s, -400.0, scale["s1"]) < ALPHA
     assert discrete_laplace_pvalue(ns, 40, scale["n"]) < ALPHA_COUNTS
+
+
+def test_an_average_releases_a_sum_and_a_count_only() -> None:
+    """avg needs n and s1: s2 is not released (zeros) and takes no share of epsilon."""
+    p = dataclasses.replace(moments(), meta={"field": "updrs_change", "func": "mean"})
+    (out,), report = add_noise([p], FIELDS, 1.0, ShiftNoise())
+    assert sorted(a.stat for a in report.arrays) == ["n", "s1"]
+    assert [a.epsilon for a in report.arrays] == [0.5, 0.5]
+    assert out.stats["s2"].tolist() == [0.0]
+
+
+def test_groups_of_a_query_share_by_parallel_composition() -> None:
+    """Three disjoint groups of one count each get the whole epsilon; the charge is 1."""
+    groups = [dataclasses.replace(moments(), kind="count", name="count(*)",
+                                  group=(("diagnosis", d),), stats={"n": np.array([40.0])},
+                                  meta={}) for d in ("PD", "ET", "dystonia")]
+    _, even = add_noise(groups, FIELDS, 1.0, ShiftNoise())
+    _, parallel = add_noise(groups, FIELDS, 1.0, ShiftNoise(), partitioned=True)
+    assert [a.epsilon for a in even.arrays] == pytest.approx([1 / 3] * 3)
+    assert [a.epsilon for a in parallel.arrays] == [1.0] * 3
+    assert (even.epsilon, parallel.epsilon) == (pytest.approx(1.0), 1.0)
