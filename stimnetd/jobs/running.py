@@ -12,7 +12,7 @@ from typing import Any
 
 import structlog
 
-from stimnet.errors import QueryError, StimnetError
+from stimnet.errors import QueryError, StimnetError, StorageFull
 from stimnet.query.spec import AggSpec
 from stimnet.signing import VerifiedJob
 from stimnet.states import JobState, SiteEvent
@@ -105,13 +105,23 @@ class JobRunner:
                                       sites=active.site_dicts(), result=answer.packed)
         except asyncio.CancelledError:
             raise
+        except StorageFull as exc:
+            log.warning("job failed: state volume full", job=record.id)
+            await self._failed(record, active, str(exc))
         except Exception:  # noqa: BLE001 - a job failure is the job's state, not a crash
             log.exception("job failed", job=record.id)
-            if await active.has_row():
-                await self._set_state(record.id, "failed", _INTERNAL)
-            else:  # its row could not be written: the failure is shown from memory only
-                self._hub.publish(record.id, JobUpdate("state", job=self._shown(
-                    record, active, "failed", _INTERNAL)))
+            await self._failed(record, active, _INTERNAL)
+
+    async def _failed(self, record: JobRecord, active: ActiveJob, detail: str) -> None:
+        if await active.has_row():
+            try:
+                await self._set_state(record.id, "failed", detail)
+                return
+            except StorageFull:
+                pass  # shown from memory, as below; a restart marks the row interrupted
+        # Its row could not be written: the failure is shown from memory only.
+        self._hub.publish(record.id, JobUpdate("state", job=self._shown(
+            record, active, "failed", detail)))
 
     async def _gather(self, record: JobRecord, job: VerifiedJob) -> FanoutResult:
         """The sites' outcomes: every site holding the catalog's, or this site's alone."""
@@ -176,6 +186,8 @@ class JobRunner:
             await self._store.update_job(final.id, state=final.state, detail=final.detail,
                                          sites=final.sites, result=final.result,
                                          durable=False, defer=True)
+        except StorageFull:
+            log.warning("query's final state not recorded: state volume full", job=final.id)
         except Exception:  # noqa: BLE001 - the answer is out; the row is bookkeeping
             log.exception("query's final state not recorded", job=final.id)
 

@@ -19,7 +19,7 @@ import numpy as np
 import structlog
 
 from stimnet import codec
-from stimnet.errors import InvalidRequest, QueryError, Refused, Replayed, StimnetError
+from stimnet.errors import InvalidRequest, QueryError, Refused, Replayed, StimnetError, StorageFull
 from stimnet.query.spec import AggSpec
 from stimnet.signing import VerifiedJob
 from stimnet.states import RefusalKind
@@ -47,6 +47,7 @@ from stimnetd.site.outcome import SiteOutcome
 from stimnetd.site.rounds import FitRounds
 from stimnetd.store import NonceClaim, Store
 from stimnetd.store.records import Release
+from stimnetd.store.space import StorageGuard
 
 log = structlog.get_logger("stimnetd.site")
 
@@ -98,6 +99,7 @@ class LocalSite:
                  shared_history: bool = False,
                  script_runner: ScriptRunner | None = None,
                  on_decision: Callable[[str], None] = lambda kind: None,
+                 storage: StorageGuard | None = None,
                  clock: Callable[[], float] = time.time,
                  images: SubjectImages | None = None) -> None:
         self.name = name
@@ -114,6 +116,7 @@ class LocalSite:
         self._script_runner = script_runner
         self._on_decision = on_decision
         self._clock = clock
+        self._storage = storage
         self._fingerprints = CohortFingerprints(store.site_secret)
         # The multi-round fits (GLMs) whose first round this site released.
         self.rounds = FitRounds()
@@ -128,6 +131,7 @@ class LocalSite:
         is a courtesy to the researcher (a clear status at once), not the guarantee."""
         req = job.request
         catalog = self._catalogs.get(req.catalog)
+        await self.check_storage(job.researcher.name)
         if req.kind == "script" and self._script_runner is not None:
             try:
                 self._script_runner.declaration(job, catalog)
@@ -139,6 +143,11 @@ class LocalSite:
             refusal = budget_refusal(req.catalog, epsilon, spent, self._policy)
             if refusal is not None:
                 raise refusal.error()
+
+    async def check_storage(self, researcher: str) -> None:
+        """Refuse a job whose answer this node could not keep (store/space.py)."""
+        if self._storage is not None:
+            await self._storage.check(researcher)
 
     async def run(self, job: VerifiedJob, progress: ShareProgress | None = None, *,
                   resumed: bool = False, nonce: NonceClaim | None = None) -> SiteOutcome:
@@ -176,6 +185,10 @@ class LocalSite:
             return outcome
         except Replayed:
             raise
+        except StorageFull as exc:
+            # Nothing was released or charged (the transaction did not commit), and a
+            # refusal could not be audited either: the share failed, saying why.
+            return SiteOutcome(self.name, "failed", str(exc))
         except (PrivacyRefusal, QueryError) as exc:
             await self._audit_refusal(job, exc, nonce)
             return SiteOutcome(self.name, "refused", str(exc))
@@ -379,6 +392,9 @@ class LocalSite:
         return tuple(out.values())
 
     def _from_release(self, release: Release) -> SiteOutcome:
+        if release.partials is None:
+            return SiteOutcome(self.name, "failed", "this site released its share of the job "
+                               "before, and has since dropped it (job retention)")
         doc, arrays = codec.unpack(release.partials or b"")
         partials = partial_docs.partials_from_doc(doc["partials"], arrays)
         return self._outcome(release.decision, partials, int(doc["n"]), release.epsilon,
