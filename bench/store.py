@@ -14,6 +14,7 @@ must cost the same whatever the site has already served. Prints, for a store hol
    `--cohorts` earlier grouped releases of 3 cells of those sizes (unions of some cells of
    one are compared with unions of some of the other's: privacy/overlap.py).
 Goal: all ratios near 1 (history must not make the hot path slower).
+Then bench/store_sizes.py: bytes stored per map release and per table release.
 """
 
 from __future__ import annotations
@@ -178,5 +179,11 @@ if __name__ == "__main__":
     ap.add_argument("--cohorts", type=int, default=300,
                     help="earlier released cohorts of the same size as the guarded ones")
     ap.add_argument("-n", type=int, default=200)
+    ap.add_argument("--sizes", type=int, default=10,
+                    help="queries of each kind for bytes per release (store_sizes.py); 0: skip")
     a = ap.parse_args()
     asyncio.run(main(a.history, a.cohorts, a.n))
+    if a.sizes:
+        import store_sizes  # type: ignore[import-not-found]
+
+        asyncio.run(store_sizes.main(a.sizes))

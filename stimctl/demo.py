@@ -378,37 +378,42 @@ async def demo_sweet_spot(fed: DemoFederation) -> None:
 DEMO_SCRIPT = b"""\
 # A researcher's own analysis, run in each site's hardened sandbox (no network, read-only
 # data, non-root, resource limits). It may only emit aggregates; each site's privacy layer
-# checks them against the catalog before anything leaves the site.
-from stimnet_runtime import load_table, emit_count, emit_mean, emit_regression
+# checks them against the catalog and, under dp = "required", adds noise before anything
+# leaves the site.
+from stimnet_runtime import load_table, emit_mean
 
 outcomes = load_table("outcomes").merge(load_table("stimulation"), on="subject_id")
-pd_stn = outcomes[(outcomes["target"] == "STN") & outcomes["updrs_change"].notna()]
-emit_count("stn_subjects", len(pd_stn))
-emit_mean("mean_improvement", "updrs_change", pd_stn["updrs_change"])
-emit_regression("dose_response", "updrs_change", ["amplitude_ma"], pd_stn)
+followed = outcomes[outcomes["updrs_change"].notna()]
+emit_mean("mean_improvement", "updrs_change", followed["updrs_change"])
 """
 
 
 # What the script emits, declared and signed with it: each site releases only exactly this.
-DEMO_OUTPUTS = ("SELECT count(*) AS stn_subjects, avg(updrs_change) AS mean_improvement, "
-                "lm('updrs_change ~ amplitude_ma') AS dose_response FROM dbs_outcomes")
+# One output (a mean: its n and its sum) at the sites' largest per-query ε: under
+# dp = "required" every array shares the job's ε, and a site's noisy threshold withholds a
+# count its noise could not hide (at ε 5 it is 10 subjects; the demo's smallest site has 13).
+DEMO_EPSILON = 5.0
+DEMO_OUTPUTS = "SELECT avg(updrs_change) AS mean_improvement FROM dbs_outcomes"
 
 
 async def demo_script_job(fed: DemoFederation) -> None:
     from stimctl.client import AsyncClient
     from stimctl.jobs_cli import Progress, print_answer
 
-    path = fed.root / "results" / "stn_dose_response.py"
+    path = fed.root / "results" / "mean_improvement.py"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(DEMO_SCRIPT)
     print(f"$ stimctl submit {path} --catalog dbs_outcomes --federated --watch \\\n"
           f"    --outputs \"{DEMO_OUTPUTS}\"")
     async with AsyncClient.from_file(fed.researcher_config) as c:
         job = await c.submit_script(DEMO_SCRIPT, "dbs_outcomes", federated=True, min_sites=2,
-                                    outputs=DEMO_OUTPUTS)
+                                    outputs=DEMO_OUTPUTS, epsilon=DEMO_EPSILON)
         with Progress(enabled=True) as progress:
             answer = await c.run_job(job, progress)
     print_answer(answer, argparse.Namespace(json=False, csv=False, out=None))
+    charged = [m for m in answer.manifest if m.get("epsilon") is not None]
+    for m in charged:
+        print(f"  {m['site']}: charged (ε, δ) = ({m['epsilon']:g}, {m.get('delta') or 0:g})")
 
 
 async def demo_metrics(fed: DemoFederation) -> None:

@@ -90,6 +90,23 @@ class Overloaded(StimnetError):
 
 
 @wire_kind
+class StorageFull(StimnetError):
+    """The node's state volume is full, or below the free space its operator reserved
+    (`[storage] min_free_mb`): it refuses writes (new jobs, releases) and keeps serving
+    reads, health, status and audit verification. Retry once the operator has freed space."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+@wire_kind
+class StorageQuotaExceeded(StimnetError):
+    """The caller's answers stored at this node are at its per-researcher limit
+    (`[storage] max_stored_mb_per_researcher`); they shrink as finished jobs expire."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+@wire_kind
 class Conflict(Refused):
     """The request does not fit the job's state (already decided, no result, replayed)."""
 

@@ -12,7 +12,6 @@ import inspect
 import random
 import shutil
 import signal
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -34,7 +33,7 @@ from stimnet.v1 import (
     node_pb2,
     node_pb2_grpc,
 )
-from stimnetd import __version__
+from stimnetd import __version__, listening
 from stimnetd.catalog import CatalogSet, load_catalogs
 from stimnetd.catalog.advice import catalog_warnings
 from stimnetd.config import Config, ConfigError, GossipSettings
@@ -65,6 +64,7 @@ from stimnetd.sandbox.image import check_image
 from stimnetd.site import LocalSite
 from stimnetd.site.policy import ScriptPolicy
 from stimnetd.store import Store
+from stimnetd.store.space import StorageGuard
 from stimnetd.supervisor import Supervisor
 from stimnetd.systemd import Notifier
 from stimnetd.tls import ServerTls
@@ -190,7 +190,8 @@ class Daemon:
                          overlap_guard=config.privacy.overlap_guard,
                          shared_history=config.privacy.shared_history,
                          on_decision=self.metrics.decision, script_runner=runner,
-                         images=self.images)
+                         images=self.images,
+                         storage=StorageGuard.of(self.store, config.storage))
 
     def _jobs(self) -> tuple[JobService, PeerSubJobs]:
         """The jobs this node is the entry of, and the sub-jobs its peers send it: under
@@ -293,11 +294,23 @@ class Daemon:
             for w in catalog_warnings(self.catalogs, read_images=read_images)]
 
     async def start(self) -> None:
+        """Lock the state dir, open the store, listen; on failure undo it (exit, not hang)."""
+        try:
+            await self._start()
+        except BaseException:
+            if self._server is not None:
+                await self._server.stop(None)
+            if self._inner_dir is not None:
+                shutil.rmtree(self._inner_dir, ignore_errors=True)
+            await self.store.close()
+            raise
+
+    async def _start(self) -> None:
         for warning in self.config_warnings():
             log.warning("config warning", problem=warning)
         for risk in privacy_risks(self.config):
             log.warning("privacy risk accepted", risk=risk)
-        await self.store.open()
+        await self.store.open(lock_dir=True)  # released by store.close()
         self._server = self._build_server()
         node = self.config.node
         port = self.port = await self._listen()
@@ -316,24 +329,10 @@ class Daemon:
         self.notifier.notify(f"READY=1\nSTATUS=serving on port {port}")
 
     async def _listen(self) -> int:
-        """Bind the node's port (gRPC's own TLS, or the TLS front); the port bound."""
-        assert self._server is not None
-        node = self.config.node
-        if self.front is None:
-            port = self._server.add_secure_port(f"{node.host}:{node.port}", self.tls.credentials())
-        else:
-            # Plaintext, on a unix socket only this user can reach, and useless without
-            # the front's verdict. A short private path: sun_path holds 108 bytes.
-            self._inner_dir = Path(tempfile.mkdtemp(prefix="stimnetd-"))
-            self.inner_socket = str(self._inner_dir / "grpc.sock")
-            self._server.add_insecure_port(f"unix:{self.inner_socket}")
-            try:
-                port = await self.front.start(node.host, node.port, self.inner_socket)
-            except OSError:
-                port = 0
-        if port == 0:
-            raise OSError(f"cannot listen on {node.host}:{node.port} (address in use or not local)")
-        return int(port)
+        node = self.config.node  # gRPC's own TLS, or the TLS front (listening.py)
+        port, self._inner_dir, self.inner_socket = await listening.bind(
+            self._server, self.front, self.tls.credentials, node.host, node.port)
+        return port
 
     def _start_background(self) -> None:
         """The long-lived loops, each supervised (stimnetd/supervisor.py)."""

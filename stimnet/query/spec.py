@@ -98,6 +98,8 @@ FUNCS: dict[str, FuncShape] = {
     "meta_glm_binomial": FuncShape(2, None, "maxit"),
     "meta_glm_poisson": FuncShape(2, None, "maxit"),
     "meta_glm_gaussian": FuncShape(2, None, "maxit"),
+    # Quantiles by bisection on pooled counts of x <= t (multi-round, stimnetd/jobs/quantiles.py).
+    "quantiles_bisect": FuncShape(1, 1, "probs"),
 }
 
 
@@ -280,7 +282,7 @@ def filter_fields(e: Expr | None) -> list[tuple[str, Expr]]:
 
 # Which field types each aggregate accepts, per positional field.
 _NUMERIC_FUNCS = {"sum", "mean", "var", "sd", "histogram", "quantiles", "corr", "regression",
-                  "meta_mean", "meta_regression"}
+                  "meta_mean", "meta_regression", "quantiles_bisect"}
 
 
 def validate(spec: QuerySpec, fields: Mapping[str, FieldMeta]) -> None:
@@ -346,7 +348,7 @@ def _validate_agg(a: AggSpec, metas: list[FieldMeta]) -> None:
     if a.func in _NUMERIC_FUNCS:
         for m in metas:
             need(m, NUMERIC_TYPES, f"{a.func} needs numeric fields")
-        if a.func == "quantiles" and metas[0].bounds is None:
+        if a.func in ("quantiles", "quantiles_bisect") and metas[0].bounds is None:
             raise QueryError(
                 f"{a.name}: quantiles need declared bounds on {metas[0].name!r} "
                 "(they are estimated from a fine histogram over those bounds)"
@@ -372,7 +374,7 @@ def _validate_agg(a: AggSpec, metas: list[FieldMeta]) -> None:
 
 
 IMAGE_FUNCS = frozenset({"count_map", "mean_map", "roi_overlap"})
-MODEL_PREFIXES = ("glm_", "meta_")
+MODEL_PREFIXES = ("glm_", "meta_", "quantiles_bisect")
 # R's glm.control default is 25; a signed job declares its own bound (its rounds).
 MAX_GLM_ITERATIONS = 100
 

@@ -56,6 +56,7 @@ SQL_FUNCS: dict[str, str] = {
     "roi_overlap": "roi_overlap",
     "glm": "glm",
     "meta": "meta",
+    "quantile_exact": "quantiles_bisect",
 }
 GLM_FAMILIES = ("binomial", "poisson", "gaussian")
 # meta(...) of these: each site's own estimate, pooled across sites (models.py).
@@ -226,7 +227,7 @@ def _aggregate(node: exp.Expression, alias: str | None, catalog: str) -> AggSpec
         return AggSpec(func, inner.fields, name, inner.params)
     if written == "median":
         return AggSpec("quantiles", fields(args), name, (0.5,))
-    if func in ("histogram", "quantiles"):
+    if func in ("histogram", "quantiles", "quantiles_bisect"):
         if not args:
             raise QueryError(f"{name}: {written} needs a field")
         params = tuple(_number(a, name) for a in args[1:])

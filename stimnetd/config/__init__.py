@@ -6,7 +6,8 @@ directory of the config file, so a site directory can be moved as a whole.
 
 One module per part of the file: ``network`` ([node], [tls], [metrics]), ``federation``
 ([federation], [gossip]), ``policy`` ([privacy], [scripts]), ``catalogs`` ([[catalogs]]),
-``load`` (the top level and `load_config`); ``reader`` reads and checks single values.
+``storage`` ([storage]), ``load`` (the top level and `load_config`); ``reader`` reads
+and checks single values.
 Callers use the names re-exported here.
 """
 
@@ -24,6 +25,7 @@ from stimnetd.config.policy import (
     ScriptSettings,
 )
 from stimnetd.config.reader import ConfigError
+from stimnetd.config.storage import StorageSettings
 
 __all__ = [
     "DECLARED_OUTPUTS",
@@ -41,6 +43,7 @@ __all__ = [
     "NodeSettings",
     "PrivacySettings",
     "ScriptSettings",
+    "StorageSettings",
     "TlsConfig",
     "load_config",
 ]

@@ -20,6 +20,7 @@ from stimnetd.config.network import (
 )
 from stimnetd.config.policy import PrivacySettings, ScriptSettings, read_privacy, read_scripts
 from stimnetd.config.reader import ConfigError, Reader
+from stimnetd.config.storage import StorageSettings, read_storage
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Config:
     scripts: ScriptSettings = field(default_factory=ScriptSettings)
     compute: ComputeSettings = field(default_factory=ComputeSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
     catalogs: tuple[CatalogConfig, ...] = ()
     log_level: str = "info"
 
@@ -57,7 +59,7 @@ def load_config(path: str | Path) -> Config:
 def _read_config(r: Reader, raw: dict[str, Any]) -> Config:
     raw = r.table(raw, "top level", {"node", "tls", "privacy", "federation", "gossip",
                                      "scripts", "metrics", "catalogs", "logging",
-                                     "compute"})
+                                     "compute", "storage"})
     if "node" not in raw:
         raise r.fail("top level", "missing required table [node]")
     if "tls" not in raw:
@@ -81,6 +83,7 @@ def _read_config(r: Reader, raw: dict[str, Any]) -> Config:
         scripts=read_scripts(r, raw.get("scripts", {})),
         compute=read_compute(r, raw.get("compute", {})),
         metrics=read_metrics(r, raw.get("metrics", {})),
+        storage=read_storage(r, raw.get("storage", {})),
         catalogs=catalogs,
         log_level=r.get(logging_raw, "logging", "level", str, "info",
                         choices=("debug", "info", "warning", "error")),

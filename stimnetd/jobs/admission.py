@@ -83,6 +83,8 @@ class Admission:
             state, detail = await self._scripts.admit(req.script_sha256)
         if req.scope == "local":
             await self._site.precheck(job)
+        elif self._site is not None:  # each site checks its own share; this node keeps
+            await self._site.check_storage(job.researcher.name)  # the combined answer
         record = self._record(job, state, detail, request_id)
         followed_query = req.kind == "query" and follow
         create = self._store.create_job(

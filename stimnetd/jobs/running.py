@@ -12,7 +12,7 @@ from typing import Any
 
 import structlog
 
-from stimnet.errors import QueryError, StimnetError
+from stimnet.errors import QueryError, StimnetError, StorageFull
 from stimnet.query.spec import AggSpec
 from stimnet.signing import VerifiedJob
 from stimnet.states import JobState, SiteEvent
@@ -21,6 +21,7 @@ from stimnetd.jobs.access import REPLAYED
 from stimnetd.jobs.answer import Answer, assemble
 from stimnetd.jobs.events import ActiveJob, JobEventHub, JobUpdate
 from stimnetd.jobs.models import fit_glm, pool_estimates
+from stimnetd.jobs.quantiles import bisect_quantiles
 from stimnetd.jobs.quota import QueryQuota
 from stimnetd.jobs.review import ScriptGate
 from stimnetd.query.models import is_multi_round
@@ -104,13 +105,23 @@ class JobRunner:
                                       sites=active.site_dicts(), result=answer.packed)
         except asyncio.CancelledError:
             raise
+        except StorageFull as exc:
+            log.warning("job failed: state volume full", job=record.id)
+            await self._failed(record, active, str(exc))
         except Exception:  # noqa: BLE001 - a job failure is the job's state, not a crash
             log.exception("job failed", job=record.id)
-            if await active.has_row():
-                await self._set_state(record.id, "failed", _INTERNAL)
-            else:  # its row could not be written: the failure is shown from memory only
-                self._hub.publish(record.id, JobUpdate("state", job=self._shown(
-                    record, active, "failed", _INTERNAL)))
+            await self._failed(record, active, _INTERNAL)
+
+    async def _failed(self, record: JobRecord, active: ActiveJob, detail: str) -> None:
+        if await active.has_row():
+            try:
+                await self._set_state(record.id, "failed", detail)
+                return
+            except StorageFull:
+                pass  # shown from memory, as below; a restart marks the row interrupted
+        # Its row could not be written: the failure is shown from memory only.
+        self._hub.publish(record.id, JobUpdate("state", job=self._shown(
+            record, active, "failed", detail)))
 
     async def _gather(self, record: JobRecord, job: VerifiedJob) -> FanoutResult:
         """The sites' outcomes: every site holding the catalog's, or this site's alone."""
@@ -144,6 +155,9 @@ class JobRunner:
 
         async def dropped_out(o: SiteOutcome) -> None:
             self._hub.site_event(record.id, SiteEvent(o.site, o.state, o.detail, o.n))
+        if model.func == "quantiles_bisect":
+            return await bisect_quantiles(job, model, fan, rounds, progress, dropped_out,
+                                          self._site.k_min)
         return await fit_glm(job, model, fan, rounds, progress, dropped_out)
 
     def _local_progress(self, job_id: str) -> ShareProgress:
@@ -172,6 +186,8 @@ class JobRunner:
             await self._store.update_job(final.id, state=final.state, detail=final.detail,
                                          sites=final.sites, result=final.result,
                                          durable=False, defer=True)
+        except StorageFull:
+            log.warning("query's final state not recorded: state volume full", job=final.id)
         except Exception:  # noqa: BLE001 - the answer is out; the row is bookkeeping
             log.exception("query's final state not recorded", job=final.id)
 

@@ -73,6 +73,8 @@ MechanismName = Literal["laplace", "discrete laplace"]
 
 # The largest Laplace scale released (see add_noise).
 MAX_SCALE = float(2**52)
+# Arrays this large are voxel maps, released at float32 precision (see _noise_array).
+MAP_ELEMENTS = 4096
 
 # The partial's own subject count, for kinds whose stats arrays do not contain it.
 COHORT_N = "<n>"
@@ -320,7 +322,13 @@ def _noise_array(
         # Withheld cells stay exactly 0; noising them would only make them look released.
         released = ~p.cell_mask
     out = a.copy()
-    out[released] = sample(a[released], scale).astype(np.float64)
+    noisy = sample(a[released], scale).astype(np.float64)
+    if mech == "laplace" and noisy.size >= MAP_ELEMENTS:
+        # A voxel map's noise is many orders above float32's rounding (images are float32
+        # at most), so its digits below are noise too: rounded, the stored and sent map
+        # compresses to half (store/blobs.py). Post-processing, so no privacy cost.
+        noisy = noisy.astype(np.float32).astype(np.float64)
+    out[released] = noisy
     return out
 
 

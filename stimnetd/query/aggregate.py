@@ -31,6 +31,9 @@ glm_round      xtwx: [p, p], xtwz: [p], sums: [6]           n
                (deviance, loglik, Σy, Σy², Σy log y,
                boundary rows) at the round's β;
                meta: terms, family, round
+threshold_     le: [k] counts of x <= t_j, side: [k]          n
+counts         (0 released, -1 "< k_min" withheld, +1
+               "> n - k_min" withheld); meta: lo, hi
 estimate       est: [p], se: [p]: this site's own fit       n
                (not additive: meta-analysis pools them);
                meta: terms
@@ -59,6 +62,7 @@ KINDS = (
     "roi_overlap",
     "glm_round",
     "estimate",
+    "threshold_counts",
 )
 
 # Which stats array holds the per-cell subject counts that k_min is checked against.
@@ -76,6 +80,7 @@ CELL_COUNTS: dict[str, str | None] = {
     "roi_overlap": "n",
     "glm_round": None,
     "estimate": None,
+    "threshold_counts": None,
 }
 
 GroupKey = tuple[tuple[str, str], ...]
@@ -197,6 +202,10 @@ def _layout(kind: str, meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         _numbers([meta["voxel_volume_mm3"]])
         r = (len(_names(meta["rois"])),)
         return {"n": r, "s1": r, "s2": r}
+    if kind == "threshold_counts":
+        k = (len(_names(meta["terms"])),)
+        _numbers([meta["lo"], meta["hi"]])
+        return {"le": k, "side": k}
     if kind in ("glm_round", "estimate"):
         k = len(_names(meta["terms"]))
         if kind == "estimate":

@@ -46,7 +46,7 @@ def control_of(a: AggSpec) -> GlmControl:
 
 
 def is_multi_round(a: AggSpec | None) -> bool:
-    return a is not None and a.func.startswith("glm_")
+    return a is not None and (a.func.startswith("glm_") or a.func == "quantiles_bisect")
 
 
 def _design(a: AggSpec, rows: Rows, fields: Mapping[str, FieldMeta]) -> Design:
@@ -74,9 +74,39 @@ def _mean_design(a: AggSpec, rows: Rows, fields: Mapping[str, FieldMeta]) -> Des
                   dropped=0)
 
 
+# Rounds of a quantile bisection: the bracket of each order statistic halves every
+# round from [lo, hi], so after them it is (hi - lo) / 2^BISECT_ROUNDS wide.
+BISECT_ROUNDS: Final = 11
+
+
+def rounds_of(a: AggSpec) -> int:
+    """The most rounds the signed model `a` may take."""
+    return BISECT_ROUNDS if a.func == "quantiles_bisect" else control_of(a).max_rounds
+
+
+def threshold_partial(a: AggSpec, rows: Rows, fields: Mapping[str, FieldMeta],
+                      thresholds: np.ndarray | None) -> Partial:
+    """Counts of x <= t for each threshold (round 1: at the bounds' midpoint), and n, the
+    non-missing values. `side` is filled in by the privacy layer (privacy/tails.py)."""
+    x = rows.numbers(a.fields[0])
+    x = x[~np.isnan(x)]
+    lo, hi = fields[a.fields[0]].bounds or (0.0, 0.0)
+    k = 2 * len(a.params)
+    t = np.full(k, (float(lo) + float(hi)) / 2.0) if thresholds is None else thresholds
+    if t.shape != (k,):
+        raise QueryError(f"a round's thresholds are {t.size} values; this bisection has {k}")
+    le = np.searchsorted(np.sort(x), t, side="right").astype(np.float64)
+    return Partial(a.name, "threshold_counts", (), int(x.size),
+                   {"le": le, "side": np.zeros(k)},
+                   {"func": a.func, "terms": [f"t{i}" for i in range(k)],
+                    "lo": float(lo), "hi": float(hi)})
+
+
 def model_partial(a: AggSpec, rows: Rows, fields: Mapping[str, FieldMeta],
                   beta: np.ndarray | None) -> Partial:
     """This site's partial for the model output `a` over `rows` (the filtered cohort)."""
+    if a.func == "quantiles_bisect":
+        return threshold_partial(a, rows, fields, beta)
     d = _mean_design(a, rows, fields) if a.func == "meta_mean" else _design(a, rows, fields)
     meta: dict[str, Any] = {"func": a.func, "terms": list(d.columns)}
     if a.func.startswith("glm_"):

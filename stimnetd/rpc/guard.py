@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import grpc
 import structlog
 
-from stimnet.errors import ERROR_KIND_KEY, StimnetError
+from stimnet.errors import ERROR_KIND_KEY, StimnetError, StorageFull
 from stimnet.pki import Identity, PkiError, identity_from_cert
 from stimnetd.rpc.refusals import RefusalLimiter, Summary
 from stimnetd.rpc.roles import ADMIN, admin_scoped, allowed_roles
@@ -478,9 +478,11 @@ def _bounded(audit: Callable[[str, str, str, str, dict[str, Any]], Awaitable[Any
              ) -> Callable[[str, str, str, str, dict[str, Any]], Awaitable[Any]]:
     async def bounded(actor: str, role: str, action: str, decision: str,
                       detail: dict[str, Any]) -> Any:
-        return await audit(_cut(actor), _cut(role), action, decision,
-                           {k: _cut(v) for k, v in detail.items()})
-
+        try:
+            return await audit(_cut(actor), _cut(role), action, decision,
+                               {k: _cut(v) for k, v in detail.items()})
+        except StorageFull:  # the refusal still reaches its caller; its entry is said lost
+            log.warning("refusal not audited: state volume full", actor=_cut(actor))
     return bounded
 
 

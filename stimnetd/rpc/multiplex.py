@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import structlog
 
 from stimnet.multiplex import MAX_CALL_TIMEOUT_S, MAX_RUNNING, MAX_UNSENT, MULTIPLEX_KEY
 from stimnet.v1 import common_pb2
@@ -121,6 +122,10 @@ class _StreamCalls:
         except TimeoutError:
             self._put(status(self._reply, call.id, "DEADLINE_EXCEEDED",
                              f"call {call.id} ran past its {call.timeout_s:g}s deadline"))
+        except Exception:  # noqa: BLE001 - a call always ends with a status, or its caller hangs
+            structlog.get_logger("stimnetd.rpc").exception("multiplexed call failed")
+            self._put(status(self._reply, call.id, "INTERNAL",
+                             "internal error; the node's operator can find it in the logs"))
         finally:
             self.running.pop(call.id, None)
 

@@ -19,7 +19,7 @@ import numpy as np
 import structlog
 
 from stimnet import codec
-from stimnet.errors import InvalidRequest, QueryError, Refused, Replayed, StimnetError
+from stimnet.errors import InvalidRequest, QueryError, Refused, Replayed, StimnetError, StorageFull
 from stimnet.query.spec import AggSpec
 from stimnet.signing import VerifiedJob
 from stimnet.states import RefusalKind
@@ -34,18 +34,20 @@ from stimnetd.privacy.suppress import (
     result_suppressed,
     suppress_small_cells,
 )
+from stimnetd.privacy.tails import withhold_tails
 from stimnetd.privacy.threshold import gate_noised
 from stimnetd.query import partial_docs
 from stimnetd.query.aggregate import GroupKey, Partial
 from stimnetd.query.engine import compute
 from stimnetd.query.linear import LinearCohort
-from stimnetd.query.models import control_of, is_multi_round
+from stimnetd.query.models import control_of, is_multi_round, rounds_of
 from stimnetd.query.subjects import SubjectImages
 from stimnetd.site.cohorts import CohortFingerprints
 from stimnetd.site.outcome import SiteOutcome
 from stimnetd.site.rounds import FitRounds
 from stimnetd.store import NonceClaim, Store
 from stimnetd.store.records import Release
+from stimnetd.store.space import StorageGuard
 
 log = structlog.get_logger("stimnetd.site")
 
@@ -97,6 +99,7 @@ class LocalSite:
                  shared_history: bool = False,
                  script_runner: ScriptRunner | None = None,
                  on_decision: Callable[[str], None] = lambda kind: None,
+                 storage: StorageGuard | None = None,
                  clock: Callable[[], float] = time.time,
                  images: SubjectImages | None = None) -> None:
         self.name = name
@@ -113,9 +116,14 @@ class LocalSite:
         self._script_runner = script_runner
         self._on_decision = on_decision
         self._clock = clock
+        self._storage = storage
         self._fingerprints = CohortFingerprints(store.site_secret)
         # The multi-round fits (GLMs) whose first round this site released.
         self.rounds = FitRounds()
+
+    @property
+    def k_min(self) -> int:
+        return self._policy.k_min
 
     async def precheck(self, job: VerifiedJob) -> None:
         """Refuse early what is certain to be refused: unknown catalog, bad epsilon, or a
@@ -123,6 +131,7 @@ class LocalSite:
         is a courtesy to the researcher (a clear status at once), not the guarantee."""
         req = job.request
         catalog = self._catalogs.get(req.catalog)
+        await self.check_storage(job.researcher.name)
         if req.kind == "script" and self._script_runner is not None:
             try:
                 self._script_runner.declaration(job, catalog)
@@ -134,6 +143,12 @@ class LocalSite:
             refusal = budget_refusal(req.catalog, epsilon, spent, self._policy)
             if refusal is not None:
                 raise refusal.error()
+
+    async def check_storage(self, researcher: str) -> None:
+        """Refuse (StorageFull, StorageQuotaExceeded) a job whose answer this node could not
+        keep: the state volume is low, or `researcher`'s stored answers are at their quota."""
+        if self._storage is not None:
+            await self._storage.check(researcher)
 
     async def run(self, job: VerifiedJob, progress: ShareProgress | None = None, *,
                   resumed: bool = False, nonce: NonceClaim | None = None) -> SiteOutcome:
@@ -165,12 +180,16 @@ class LocalSite:
             if outcome.state == "done" and req.kind == "query" \
                     and is_multi_round(model := req.query_spec.model):
                 assert model is not None
-                self.rounds.opened(req.job_id, max_rounds=control_of(model).max_rounds,
-                                   p=int(partials[0].stats["xtwz"].size),
+                self.rounds.opened(req.job_id, max_rounds=rounds_of(model),
+                                   p=len(partials[0].meta["terms"]),
                                    n_released=outcome.n if outcome.epsilon else None)
             return outcome
         except Replayed:
             raise
+        except StorageFull as exc:
+            # Nothing was released or charged (the transaction did not commit), and a
+            # refusal could not be audited either: the share failed, saying why.
+            return SiteOutcome(self.name, "failed", str(exc))
         except (PrivacyRefusal, QueryError) as exc:
             await self._audit_refusal(job, exc, nonce)
             return SiteOutcome(self.name, "refused", str(exc))
@@ -211,6 +230,7 @@ class LocalSite:
             else:
                 partials, decisions = suppress_small_cells(result.partials, self._policy.k_min,
                                                            catalog.fields)
+                partials = [withhold_tails(p, self._policy.k_min) for p in partials]
                 if result_suppressed(decisions):
                     # The cohort is the first round's, which passed k_min: only a site
                     # whose data changed mid-fit gets here.
@@ -218,7 +238,7 @@ class LocalSite:
                                   f"withheld (k_min = {self._policy.k_min})")
             await self._store.audit(job.researcher.name, job.researcher.role, "release",
                                     "released", {"job": req.job_id, "catalog": req.catalog,
-                                                 "kind": "glm_round", "round": round_no,
+                                                 "kind": partials[0].kind, "round": round_no,
                                                  "noised": epsilon is not None,
                                                  "epsilon": 0.0 if epsilon else None})
             self._on_decision("released")
@@ -373,6 +393,9 @@ class LocalSite:
         return tuple(out.values())
 
     def _from_release(self, release: Release) -> SiteOutcome:
+        if release.partials is None:
+            return SiteOutcome(self.name, "failed", "this site released its share of the job "
+                               "before, and has since dropped it (job retention)")
         doc, arrays = codec.unpack(release.partials or b"")
         partials = partial_docs.partials_from_doc(doc["partials"], arrays)
         return self._outcome(release.decision, partials, int(doc["n"]), release.epsilon,

@@ -9,6 +9,7 @@ jobs.py, releases.py, ledger.py, cohorts.py, nonces.py, node.py and audit.py.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import sqlite3
@@ -19,10 +20,11 @@ from typing import Any
 
 import aiosqlite
 
-from stimnet.errors import Replayed, StimnetError
-from stimnetd.store import jobs, ledger, node, nonces, releases
+from stimnet.errors import Replayed, StimnetError, StorageFull
+from stimnetd.store import blobs, jobs, ledger, node, nonces, releases
 from stimnetd.store.audit import SELECT_ROWS, AuditRow, AuditVerification, verify_rows
 from stimnetd.store.groupcommit import GROUP_COMMIT_S, Writer
+from stimnetd.store.lock import StateDirLock
 from stimnetd.store.records import JobRecord, MemberRecord, NonceClaim, Release, ReleaseRule
 from stimnetd.store.schema import MIGRATIONS
 from stimnetd.store.transaction import AuditEntry, Transaction
@@ -52,16 +54,26 @@ class Store:
         self._writer = Writer(clock, group_commit_s)
         self._db: aiosqlite.Connection | None = None
         self._nonces = nonces.NonceMirror()
+        self._dir_lock = StateDirLock(path.parent)
+
+    def lock_state_dir(self) -> None:
+        """Hold the store's directory for this process (lock.py) until `close`; raises
+        StateDirLocked, naming the holder, if another daemon holds it."""
+        self._dir_lock.acquire()
 
     # -- lifecycle -------------------------------------------------------------------
 
-    async def open(self, *, integrity_check: bool = True) -> None:
+    async def open(self, *, integrity_check: bool = True, lock_dir: bool = False) -> None:
         """Open (creating the file and migrating its schema), after a quick integrity check.
+        `lock_dir`: first hold the store's directory for this process (lock_state_dir).
 
         Raises:
             StoreCorrupt: the file is not a usable store, or was written by a newer stimnetd.
+            StateDirLocked: another daemon holds the directory.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if lock_dir:
+            self.lock_state_dir()
         try:
             await self._writer.open(self.path)
         except sqlite3.Error as exc:
@@ -110,8 +122,11 @@ class Store:
         _check_version(path, version)
 
     async def close(self) -> None:
-        """Commit what is queued, then close; idempotent."""
-        await self._disconnect()
+        """Commit what is queued, then close (and let go of the directory); idempotent."""
+        try:
+            await self._disconnect()
+        finally:
+            self._dir_lock.release()
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -157,8 +172,16 @@ class Store:
         return await self._writer.run(lambda tx: tx.append(actor, role, action, decision,
                                                            detail or {}))
 
+    async def _flush_if_room(self) -> None:
+        """Before a read that should include what is queued: flushed, unless the state
+        volume is full, when the read shows what is on disk (reads keep working)."""
+        try:
+            await self.flush()
+        except StorageFull:
+            pass
+
     async def audit_rows(self, since: float = 0.0) -> list[AuditRow]:
-        await self.flush()
+        await self._flush_if_room()
         return [AuditRow(*r) for r in await self.db.execute_fetchall(SELECT_ROWS, (since,))]
 
     async def verify_audit(self) -> AuditVerification:
@@ -240,8 +263,9 @@ class Store:
         """`update_job` only if the job is in `expect_state` (any state if None), checked
         and changed in one statement: of two racing decisions (approve and cancel, or two
         approvals) exactly one applies. None: not in that state (or no such job)."""
+        stored = await _compacted(result)
         changes = {col: val for col, val in (("state", state), ("detail", detail),
-                                             ("result", result), ("sites", sites))
+                                             ("result", stored), ("sites", sites))
                    if val is not None}
         tx = jobs.update(job_id, expect_state, changes, bump_attempts, self._clock())
         row = await (self._writer.defer(tx) if defer else self._writer.run(tx, durable=durable))
@@ -258,7 +282,12 @@ class Store:
         """Delete finished jobs (TERMINAL_STATES) last changed before `finished_before`, in
         transactions of at most `batch` rows so releases are never held up for long; how
         many went. Jobs still queued, running or awaiting approval are never deleted, nor
-        is anything a privacy decision rests on (releases, ledger, cohorts, audit)."""
+        is anything a privacy decision rests on (releases, ledger, cohorts, audit). Releases
+        made before it keep their decision and charge but drop their partials (kept only to
+        re-deliver a job's share, and that job is gone)."""
+        while await self._writer.run(releases.drop_partials(finished_before, batch),
+                                     durable=False) >= batch:
+            pass
         total = 0
         while True:
             deleted = await self._writer.run(jobs.prune(finished_before, batch), durable=False)
@@ -269,8 +298,9 @@ class Store:
     async def count_jobs_by_state(self) -> dict[str, int]:
         """Read from counts kept by triggers: the metrics read them every few seconds, and
         counting the jobs table grows with every job ever run. Deferred rows (a query's
-        final state) are committed first, so the counts include them."""
-        await self.flush()
+        final state) are committed first, so the counts include them (unless the state
+        volume is full: then the counts are what is on disk)."""
+        await self._flush_if_room()
         return await jobs.counts_by_state(self.db)
 
     # -- releases and the privacy ledger ---------------------------------------------
@@ -299,7 +329,9 @@ class Store:
         transaction; a duplicate raises `Replayed` and nothing is released.
         """
         now = self._clock()
-        outcome = await self._writer.run(releases.record(release, decide, audit_actor, nonce, now))
+        stored = await _compacted(release.partials)
+        outcome = await self._writer.run(releases.record(release, decide, audit_actor, nonce,
+                                                         now, stored))
         if nonce is not None:
             nonce.consumed = True
             if not isinstance(outcome, Replayed):
@@ -307,6 +339,21 @@ class Store:
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
+
+    @property
+    def out_of_space(self) -> bool:
+        """The last write failed for want of space on the state volume, and none has
+        committed since."""
+        return self._writer.out_of_space
+
+    async def stored_bytes(self, researcher: str) -> int:
+        """Bytes of answers kept for `researcher`: released partials and job answers, as
+        stored (compressed). length() of a BLOB reads its size, not its pages."""
+        rows: Any = await self.db.execute_fetchall(
+            "SELECT (SELECT coalesce(sum(length(partials)), 0) FROM releases"
+            " WHERE researcher = ?) + (SELECT coalesce(sum(length(result)), 0) FROM jobs"
+            " WHERE owner = ?)", (researcher, researcher))
+        return int(list(rows)[0][0])
 
     async def get_release(self, job_id: str) -> Release | None:
         return await releases.get(self.db, job_id)
@@ -328,6 +375,20 @@ class Store:
     async def site_secret(self) -> bytes:
         """A per-site random key (e.g. for HMAC'd cohort fingerprints); made on first use."""
         return await self._writer.run(node.site_secret)
+
+
+# Below this a blob is compressed where it is: a thread hop costs more than zlib does.
+_INLINE_COMPACT = 64 * 1024
+
+
+async def _compacted(blob: bytes | None) -> bytes | None:
+    """`blob` as the store keeps it (blobs.py), compressed off the event loop and off the
+    writer's thread when it is large, so neither stalls behind a released map."""
+    if blob is None:
+        return None
+    if len(blob) <= _INLINE_COMPACT:
+        return blobs.compact(blob)
+    return await asyncio.to_thread(blobs.compact, blob)
 
 
 def _prepare(path: Path, integrity_check: bool, conn: sqlite3.Connection) -> None:

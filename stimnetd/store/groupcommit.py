@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from stimnet.errors import StimnetError
+from stimnet.errors import StimnetError, StorageFull
 from stimnetd.store.audit import GENESIS, SELECT_HEAD
 from stimnetd.store.transaction import (
     AuditEntry,
@@ -65,6 +65,9 @@ class Writer:
         self._pending_audit: list[AuditEntry] = []
         self._deferred: list[Deferred] = []
         self._flush_task: asyncio.Task[None] | None = None
+        # The last transaction failed for want of space (StorageFull), and none has
+        # committed since: admission refuses new work at once (store/space.py).
+        self.out_of_space = False
 
     async def open(self, path: Path) -> None:
         """Connect (sqlite3.Error if the file cannot be opened). Call `load_head` once the
@@ -88,6 +91,13 @@ class Writer:
             return
         try:
             await self.flush()
+        except StorageFull:
+            # Closing must not hang or fail on a full volume; what could not be written is
+            # said once. Only group-committed entries (of allowed calls, audit_soon) can be
+            # queued here: releases, charges and refusals are committed before they answer.
+            structlog.get_logger("stimnetd.store").error(
+                "state volume full at close: queued audit entries not written",
+                lost=len(self._pending_audit), deferred=len(self._deferred))
         finally:
             conn, self._conn = self._conn, None
             try:
@@ -134,6 +144,11 @@ class Writer:
         await asyncio.sleep(self._group_commit_s)
         try:
             await self.flush()
+        except StorageFull:
+            # Queued still; retried by the next write. One line, not a traceback per entry.
+            structlog.get_logger("stimnetd.store").warning(
+                "audit group commit waits for space on the state volume",
+                queued=len(self._pending_audit))
         except Exception:  # noqa: BLE001 - entries stay queued; the next write retries them
             structlog.get_logger("stimnetd.store").exception("audit group commit failed")
 
@@ -174,11 +189,15 @@ class Writer:
                 nonlocal committed
                 self._seq, self._head = tx.seq, tx.head
                 committed = True
+                self.out_of_space = False
 
             task = self._on_thread(
                 functools.partial(run_transaction, body, tx.conn, on_commit, durable))
             try:
                 return await asyncio.shield(task)
+            except StorageFull:
+                self.out_of_space = True
+                raise
             except asyncio.CancelledError:
                 # Keep the write lock until the database is done with this transaction,
                 # however often the caller is cancelled meanwhile (a shutdown cancels

@@ -54,7 +54,7 @@ def insert(job: JobRecord, audit: tuple[str, str, str] | None, nonce: tuple[str,
 
 def update(job_id: str, expect_state: str | None, changes: dict[str, Any], bump_attempts: bool,
            now: float) -> Callable[[Transaction], Any]:
-    """Set `changes` (columns state, detail, result, sites) on the job if it is in
+    """Set `changes` (columns state, detail, result as stored (blobs.compact), sites) on the job if it is in
     `expect_state` (any state if None), in one statement; the transaction returns the
     changed row, or None."""
     sets, args = ["updated_at = ?"], list[Any]([now])

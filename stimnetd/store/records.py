@@ -15,6 +15,7 @@ import numpy as np
 from stimnet.states import JOB_STATES as JOB_STATES
 from stimnet.states import TERMINAL_STATES as TERMINAL_STATES
 from stimnet.states import JobState
+from stimnetd.store import blobs
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class JobRecord:
     def from_row(cls, row: Any) -> JobRecord:
         values = list(row)
         values[16] = json.loads(values[16])
+        values[17] = blobs.expand(values[17])
         return cls(*values)
 
     @property
@@ -99,7 +101,8 @@ class Release:
     def from_row(cls, row: Any) -> Release:
         # The stored release keeps the cohort's digest only; members live in `cohorts`.
         job_id, researcher, catalog, decision, eps, _digest, partials, at = row
-        return cls(job_id, researcher, catalog, decision, eps, frozenset(), partials, at)
+        return cls(job_id, researcher, catalog, decision, eps, frozenset(),
+                   blobs.expand(partials), at)
 
 
 class LedgerView(Protocol):

@@ -21,11 +21,13 @@ REPLAYED = "replayed request: this signed job was already run at this site"
 
 
 def record(release: Release, decide: ReleaseRule, audit_actor: tuple[str, str],
-           nonce: NonceClaim | None, now: float) -> Callable[[Transaction], Release | Exception]:
+           nonce: NonceClaim | None, now: float, stored: bytes | None
+           ) -> Callable[[Transaction], Release | Exception]:
     """The release transaction: the request's nonce (a replay returns Replayed), then the
     job's earlier release if it has one (returned as it is, charging nothing), then
     `decide`; a refusal is audited and returned as its error, otherwise the release is
-    charged, recorded with the cohorts it discloses, and audited."""
+    charged, recorded with the cohorts it discloses (its partials as `stored`, made by
+    blobs.compact), and audited."""
     base = {"job": release.job_id, "catalog": release.catalog}
     digest = release.cohort_key or cohort_digest(release.cohort)
 
@@ -40,7 +42,7 @@ def record(release: Release, decide: ReleaseRule, audit_actor: tuple[str, str],
         if refusal is not None:
             t.append(*audit_actor, "release", "refused", {**base, **refusal.audit_detail()})
             return refusal.error()
-        _write(t, release, digest, view.sketches)
+        _write(t, release, digest, view.sketches, stored)
         t.append(*audit_actor, "release", release.decision,
                  {**base, "epsilon": release.epsilon, "delta": release.delta,
                   "researcher": release.researcher,
@@ -50,7 +52,8 @@ def record(release: Release, decide: ReleaseRule, audit_actor: tuple[str, str],
     return tx
 
 
-def _write(t: Transaction, release: Release, digest: str, sketches: dict[str, bytes]) -> None:
+def _write(t: Transaction, release: Release, digest: str, sketches: dict[str, bytes],
+           stored: bytes | None) -> None:
     conn = t.conn
     if release.epsilon:
         conn.execute(
@@ -62,7 +65,7 @@ def _write(t: Transaction, release: Release, digest: str, sketches: dict[str, by
         "INSERT INTO releases (job_id, researcher, catalog, decision, epsilon,"
         " cohort_digest, partials, at) VALUES (?,?,?,?,?,?,?,?)",
         (release.job_id, release.researcher, release.catalog, release.decision,
-         release.epsilon, digest, release.partials, release.at))
+         release.epsilon, digest, stored, release.at))
     # Only exact releases are audited against later ones: a noised one's cohort is
     # accounted for by its epsilon.
     exact = release.decision != "suppressed" and not release.epsilon
@@ -75,3 +78,14 @@ def _write(t: Transaction, release: Release, digest: str, sketches: dict[str, by
 async def get(db: aiosqlite.Connection, job_id: str) -> Release | None:
     rows: Any = await db.execute_fetchall(SELECT + " WHERE job_id = ?", (job_id,))
     return Release.from_row(list(rows)[0]) if rows else None
+
+
+def drop_partials(before: float, batch: int) -> Callable[[Transaction], int]:
+    """Forget the partials of up to `batch` releases made before `before`; how many."""
+
+    def tx(t: Transaction) -> int:
+        return t.conn.execute(
+            "UPDATE releases SET partials = NULL WHERE rowid IN (SELECT rowid FROM releases"
+            " WHERE at < ? AND partials IS NOT NULL LIMIT ?)", (before, batch)).rowcount
+
+    return tx

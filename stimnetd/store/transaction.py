@@ -12,7 +12,7 @@ import sqlite3
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
-from stimnet.errors import Conflict, StimnetError
+from stimnet.errors import Conflict, StimnetError, StorageFull
 from stimnetd.store.audit import INSERT_ROW, chain_hash
 
 T = TypeVar("T")
@@ -100,18 +100,44 @@ def run_transaction(fn: Callable[[], T], conn: sqlite3.Connection,
     """BEGIN IMMEDIATE, `fn`, COMMIT (or ROLLBACK if `fn` raises), then `on_commit`, on the
     writer's thread. `durable=False` commits without an fsync (synchronous=NORMAL); the
     pragma cannot change inside a transaction, so it is switched around this one."""
-    if not durable:
-        conn.execute("PRAGMA synchronous = NORMAL")
     try:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn()
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-    finally:
         if not durable:
-            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn()
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback(conn)
+                raise
+        finally:
+            if not durable:
+                conn.execute("PRAGMA synchronous = FULL")
+    except sqlite3.OperationalError as exc:
+        if is_disk_full(exc):
+            # Nothing of this transaction is kept (and its audit entries are queued again by
+            # the writer), so whoever waits for it hears that nothing was done.
+            raise StorageFull(NO_SPACE) from None
+        raise
     on_commit()
     return result
+
+
+NO_SPACE = ("no space left on the state volume: this node cannot record new work until "
+            "its operator frees space (reads, status and audit still work)")
+
+
+def is_disk_full(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code == sqlite3.SQLITE_FULL or "disk is full" in str(exc) \
+        or "No space left" in str(exc)
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    # A COMMIT that failed for want of space may have rolled back already.
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass

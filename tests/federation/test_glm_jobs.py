@@ -281,3 +281,25 @@ async def test_cli_shows_glm_progress_and_meta_tables_and_writes_a_forest_plot(
     assert list(frame["row"]) == ["site-a", "site-b", "site-c", "fixed", "dl", "reml"]
     assert frame["estimate"].iloc[3] == pytest.approx(ans.meta[0]["fixed"]["estimate"])
     assert list(ans.to_pandas()["method"]) == ["fixed", "dl", "reml"]
+
+
+async def test_cnsim_quantiles_by_bisection_are_within_their_bound_of_pooled_pandas(
+        federation, tmp_path: Path) -> None:
+    """quantile_exact over CNSIM1-3 on three daemons at the default k_min: every LAB_HDL
+    quantile from 0.05 to 0.95 within the documented (hi - lo) / 2^(rounds + 1) of pooled
+    pandas; each bisection round streams."""
+    probs = [0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95]
+    cats = [[glm_catalog(tmp_path, i)] for i in (1, 2, 3)]
+    lines: list[str] = []
+    async with federation(cats, privacy={"dp": "off"}) as fed, fed.client() as c:
+        assert fed.daemons[0].site.k_min == 5
+        ans = await c.query(f"SELECT quantile_exact(LAB_HDL, {', '.join(map(str, probs))}) "
+                            "FROM cnsim", federated=True, min_sites=3,
+                            on_event=lambda k, v: lines.append(str(v)) if k == "log" else None)
+    q = ans.result["quantiles"]
+    ref = pooled(tmp_path)["LAB_HDL"].dropna().quantile(probs).to_numpy()
+    assert q["bound"] == pytest.approx(11 / 2 ** 12)  # bounds [-1, 10], 11 rounds
+    assert q["n"] == len(pooled(tmp_path)["LAB_HDL"].dropna())
+    np.testing.assert_allclose(q["values"], ref, rtol=0, atol=q["bound"])
+    assert [r[0] for r in ans.rows] == probs
+    assert sum("bisection round" in line for line in lines) == 11

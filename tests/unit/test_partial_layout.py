@@ -56,13 +56,14 @@ def test_every_kind_the_engine_makes_has_its_layout(grouped: bool) -> None:
     assert [p.key for p in back] == [p.key for p in sites[1]]
 
 
-MODEL_KINDS = {"glm_round", "estimate"}
+MODEL_KINDS = {"glm_round", "estimate", "threshold_counts"}
 
 
 @pytest.mark.parametrize(("sql", "kind"), [
     ("SELECT glm('y ~ x + z', 'gaussian') FROM sim", "glm_round"),
     ("SELECT meta(lm('y ~ x + z')) FROM sim", "estimate"),
     ("SELECT meta(avg(x)) FROM sim", "estimate"),
+    ("SELECT quantile_exact(x, 0.1, 0.9) FROM sim", "threshold_counts"),
 ])
 def test_model_kinds_have_their_layout(sql: str, kind: str) -> None:
     """A GLM round and a site's own estimates have their kinds' layouts, and a peer's one

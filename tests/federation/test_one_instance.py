@@ -1,0 +1,39 @@
+"""One stimnetd per state directory, and a start that fails exits at once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from stimnetd.testing import CertFactory, write_node_config
+
+
+def _stimnetd(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "stimnetd", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)
+
+
+async def test_a_second_daemon_on_a_state_directory_exits_1_naming_the_holder(
+        start_node, pki: CertFactory, tmp_path: Path) -> None:
+    """While a node runs, a second stimnetd on its config (port 0: it would bind another
+    port) exits 1 at once with one line naming the running one's PID; the first keeps
+    serving."""
+    import os
+
+    async with start_node("node-a") as d:
+        done = _stimnetd(d.config.source)
+        assert done.returncode == 1, done.stderr
+        assert f"in use by another stimnetd (pid {os.getpid()})" in done.stderr
+        assert "Traceback" not in done.stderr
+        assert d.store.out_of_space is False and (await d.store.verify_audit()).ok
+
+
+async def test_a_taken_port_exits_1_at_once(start_node, pki: CertFactory, tmp_path: Path) -> None:
+    """A node whose port is taken exits 1 with "cannot listen" (it used to hang after it)."""
+    async with start_node("node-a") as d:
+        certs = pki.issue("node-b", "node")
+        cfg = write_node_config(tmp_path / "node-b", certs, "node-b", port=d.port)
+        done = _stimnetd(cfg)
+    assert done.returncode == 1, done.stderr
+    assert "cannot listen on" in done.stderr and "Traceback" not in done.stderr
