@@ -52,10 +52,30 @@ class QueryAnswer:
 
     def to_pandas(self):  # type: ignore[no-untyped-def]
         """The result table (a GLM's coefficients, a meta-analysis's pooled rows, or the
-        aggregates) as a DataFrame."""
+        aggregates) as a DataFrame. A cell every site withheld (k_min) is `pd.NA`, never
+        an unmarked NaN, and `df.attrs["suppressed"]` lists each withheld cell as
+        ``{"column", "row", "group", "reason"}`` (row: the frame's index)."""
         import pandas as pd
 
-        return pd.DataFrame(self.rows, columns=self.columns)
+        df = pd.DataFrame(self.rows, columns=self.columns)
+        withheld: list[dict[str, Any]] = []
+        for entry in self.result.get("suppressed", []):
+            if entry.get("scope") != "all":
+                continue  # some sites released the cell: its value is theirs (noted)
+            name = str(entry.get("name", ""))
+            cols = [c for c in df.columns if c == name or str(c).startswith(f"{name}[")]
+            group = {str(k): str(v) for k, v in (entry.get("group") or {}).items()}
+            for i in range(len(df)):
+                if all(k in df.columns and str(df.at[i, k]) == v for k, v in group.items()):
+                    withheld += [{"column": col, "row": i, "group": group,
+                                  "reason": entry.get("reason")} for col in cols]
+        for cell in withheld:
+            col = cell["column"]
+            if df[col].dtype != object:
+                df[col] = df[col].astype(object)
+            df.at[cell["row"], col] = pd.NA
+        df.attrs["suppressed"] = withheld
+        return df
 
     @property
     def glm(self) -> dict[str, Any] | None:

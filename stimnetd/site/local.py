@@ -146,8 +146,7 @@ class LocalSite:
                 raise refusal.error()
 
     async def check_storage(self, researcher: str) -> None:
-        """Refuse (StorageFull, StorageQuotaExceeded) a job whose answer this node could not
-        keep: the state volume is low, or `researcher`'s stored answers are at their quota."""
+        """Refuse a job whose answer this node could not keep (store/space.py)."""
         if self._storage is not None:
             await self._storage.check(researcher)
 

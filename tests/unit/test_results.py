@@ -202,3 +202,24 @@ def test_sites_that_did_not_contribute_are_named_in_the_answer_and_the_cli(capsy
     assert "left" in out and "timed out" in out
     assert err.strip() == ("stimctl: warning: partial federation: not contributed: b (left), "
                            "c (timed out)")
+
+
+def test_withheld_cells_are_marked_in_the_dataframe() -> None:
+    """A cell every site withheld is pd.NA with its reason in .attrs, not a bare NaN."""
+    import pandas as pd
+
+    from stimctl.results import QueryAnswer
+
+    ans = QueryAnswer("j", {"result": {
+        "columns": ["diagnosis", "count(*)", "avg(age)"],
+        "rows": [["PD", 20, 41.5], ["ET", None, None]],
+        "suppressed": [{"name": "count(*)", "group": {"diagnosis": "ET"},
+                        "reason": "k_min: cohort of fewer than 5 subjects", "scope": "all"},
+                       {"name": "avg(age)", "group": {"diagnosis": "ET"},
+                        "reason": "k_min: cohort of fewer than 5 subjects", "scope": "all"}]}})
+    df = ans.to_pandas()
+    assert df.at[1, "count(*)"] is pd.NA and df.at[1, "avg(age)"] is pd.NA
+    assert df.at[0, "count(*)"] == 20
+    assert [(c["column"], c["row"], c["group"]) for c in df.attrs["suppressed"]] == [
+        ("count(*)", 1, {"diagnosis": "ET"}), ("avg(age)", 1, {"diagnosis": "ET"})]
+    assert all(c["reason"].startswith("k_min") for c in df.attrs["suppressed"])
