@@ -31,6 +31,7 @@ import docker.errors
 import numpy as np
 from docker.types import LogConfig, Mount, Ulimit
 
+from stimnetd.sandbox import seccomp
 from stimnetd.sandbox.cgroup import pids_events_path, pids_limit_hits
 from stimnetd.sandbox.failure import CANCELLED, CRASHED, INVALID_OUTPUT, OUT_OF_MEMORY, TIMED_OUT
 from stimnetd.sandbox.image import BUILD_HINT, SandboxImageError
@@ -134,7 +135,7 @@ def _host_config(lim: SandboxLimits, ws: Workspace, data: Path) -> dict[str, Any
         "read_only": True,
         "tmpfs": {"/tmp": f"rw,noexec,nosuid,nodev,size={lim.tmpfs_bytes}"},
         "cap_drop": ["ALL"],
-        "security_opt": ["no-new-privileges"],
+        "security_opt": ["no-new-privileges", f"seccomp={seccomp.profile_json()}"],
         "pids_limit": lim.pids,
         "mem_limit": lim.memory_bytes,
         "memswap_limit": lim.memory_bytes,

@@ -291,3 +291,48 @@ async def test_every_writable_mount_is_noexec(runner, docker_client, catalog: Ca
     assert "exec-allowed []" in logs or not runner.out_tmpfs
     assert "'/data'" not in logs
     assert "'/job'" not in logs
+
+
+async def test_seccomp_refuses_io_uring_vsock_memfd_and_odd_sockets(
+        runner, docker_client, catalog: Catalog):
+    """Our seccomp profile (Docker's default, narrowed: stimnetd/sandbox/seccomp.py) refuses
+    io_uring_setup, memfd_create and every socket family but AF_UNIX, AF_INET/6 and route
+    netlink, with EPERM; what a job does need (a Unix socket pair, an AF_INET socket,
+    listing interfaces) still works."""
+    out = await run_attack(
+        runner,
+        docker_client,
+        catalog,
+        dedent_script("""
+        import ctypes, errno, os, socket
+        libc = ctypes.CDLL(None, use_errno=True)
+        params = ctypes.create_string_buffer(120)
+        rc = libc.syscall(425, 8, params)  # io_uring_setup(entries, params)
+        print("io_uring_setup", rc, errno.errorcode.get(ctypes.get_errno()))
+        for name, family, proto in (("vsock", 40, 0), ("packet", 17, 0),
+                                    ("netlink_audit", 16, 9), ("alg", 38, 0)):
+            try:
+                socket.socket(family, socket.SOCK_RAW if family == 16 else socket.SOCK_STREAM,
+                              proto).close()
+                print(name, "allowed")
+            except OSError as exc:
+                print(name, errno.errorcode.get(exc.errno))
+        try:
+            os.memfd_create("x")
+            print("memfd allowed")
+        except OSError as exc:
+            print("memfd", errno.errorcode.get(exc.errno))
+        a, b = socket.socketpair()
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()
+        print("ifaces", sorted(name for _, name in socket.if_nameindex()))
+        raise SystemExit(3)
+        """),
+    )
+    assert_refused(out)
+    logs = logs_of(out)
+    assert "io_uring_setup -1 EPERM" in logs, logs
+    for refused in ("vsock EPERM", "packet EPERM", "netlink_audit EPERM", "alg EPERM",
+                    "memfd EPERM"):
+        assert refused in logs, logs
+    assert "ifaces ['lo']" in logs, logs
+    assert out.reason == "script exited with status 3"
