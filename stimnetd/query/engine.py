@@ -294,6 +294,7 @@ class _Context:
             weight=weight,
             shape=list(geom.shape),
             affine=[list(map(float, r)) for r in geom.affine],
+            xform_code=int(getattr(geom, "xform_code", 0)),
         )
 
     def roi_overlap(self, a: AggSpec, rows: Rows, make: Callable[..., Partial]) -> Partial:
