@@ -90,7 +90,20 @@ async def cmd_describe(c: AsyncClient, args: argparse.Namespace) -> int:
         output.table("images", ["field", "shape", "voxel size (mm)", "orientation"],
                      [[i.field, "×".join(map(str, i.shape)),
                        "×".join(f"{v:g}" for v in i.voxel_size), i.space] for i in d.images])
+    if d.grids:
+        output.table("grid per site", ["site", "shape", "voxel size (mm)", "space", "from"],
+                     [_grid_row(g) for g in d.grids])
     return 0
+
+
+def _grid_row(g: Any) -> list[str]:
+    """One row of `describe`'s grid table (a SiteGrid)."""
+    if g.error or not g.shape:
+        return [g.site, "-", "-", "-", f"not known: {g.error}" if g.error else "no images"]
+    a = list(g.affine)
+    zooms = [sum(a[4 * r + c] ** 2 for r in range(3)) ** 0.5 for c in range(3)]
+    return [g.site, "×".join(map(str, g.shape)), "×".join(f"{z:g}" for z in zooms),
+            g.space or "-", "declared" if g.declared else "its images"]
 
 
 async def cmd_peers(c: AsyncClient, args: argparse.Namespace) -> int:

@@ -222,7 +222,7 @@ class Daemon:
     def node_state(self) -> NodeState:
         return NodeState(config=self.config, catalogs=self.catalogs, store=self.store,
                          tls=self.tls, membership=lambda: self.membership,
-                         started_at=lambda: self.started_at)
+                         started_at=lambda: self.started_at, grids=self.fanout.site_grids)
 
     @staticmethod
     def _sandbox(config: Config) -> SandboxRunner | KubeRunner:

@@ -4,13 +4,14 @@ members and a status summary. Built by the daemon from the components it holds."
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from stimnet.states import WAITING_STATES
 from stimnetd import __version__
 from stimnetd.catalog import CatalogSet
 from stimnetd.config import Config
+from stimnetd.federation.fanout import SiteGrid
 from stimnetd.gossip.swim import Swim
 from stimnetd.store import Store
 from stimnetd.tls import ServerTls
@@ -20,13 +21,16 @@ class NodeState:
     """What servicers may ask about this node; a facade over the components."""
 
     def __init__(self, *, config: Config, catalogs: CatalogSet, store: Store, tls: ServerTls,
-                 membership: Callable[[], Swim | None], started_at: Callable[[], float]) -> None:
+                 membership: Callable[[], Swim | None], started_at: Callable[[], float],
+                 grids: Callable[[str], Awaitable[list[SiteGrid]]]) -> None:
         self._config = config
         self.catalogs = catalogs
         self._store = store
         self._tls = tls
         self._membership = membership
         self._started_at = started_at
+        # Every site's grid for a catalog, peers asked (Fanout.site_grids): `describe`.
+        self.site_grids = grids
 
     name = property(lambda self: self._config.node.name)
     version = property(lambda self: __version__)

@@ -115,14 +115,18 @@ class AsyncClient:
                                 node_pb2.ListCatalogsRequest(federated=federated))
         return list(resp.catalogs)
 
-    async def describe(self, name: str) -> node_pb2.CatalogDescription:
-        """A catalog's tables, fields (types, units, bounds, levels), images and ROIs.
+    async def describe(self, name: str, *,
+                       federated: bool = True) -> node_pb2.CatalogDescription:
+        """A catalog's tables, fields (types, units, bounds, levels), images and ROIs, and
+        each site's image grid (`grids`: declared or taken from its images).
 
         Args:
             name: the catalog, e.g. ``"dbs_outcomes"``.
+            federated: ask every peer holding the catalog for its grid too (the entry
+                asks each under a 5 s deadline); False: this node's grid only.
         """
-        return await self._call(self.node.DescribeCatalog,
-                                node_pb2.DescribeCatalogRequest(name=name))
+        return await self._call(self.node.DescribeCatalog, node_pb2.DescribeCatalogRequest(
+            name=name, federated=federated))
 
     async def peers(self) -> list[node_pb2.Peer]:
         """The federation's members as this node's membership sees them."""

@@ -87,13 +87,16 @@ class Client:
         """
         return self._run(self._async.catalogs(federated=federated))
 
-    def describe(self, name: str) -> node_pb2.CatalogDescription:
-        """A catalog's tables, fields (types, units, bounds, levels), images and ROIs.
+    def describe(self, name: str, *, federated: bool = True) -> node_pb2.CatalogDescription:
+        """A catalog's tables, fields (types, units, bounds, levels), images and ROIs, and
+        each site's image grid (`grids`: declared or taken from its images).
 
         Args:
             name: the catalog, e.g. ``"dbs_outcomes"``.
+            federated: ask every peer holding the catalog for its grid too (the entry
+                asks each under a 5 s deadline); False: this node's grid only.
         """
-        return self._run(self._async.describe(name))
+        return self._run(self._async.describe(name, federated=federated))
 
     def peers(self) -> list[node_pb2.Peer]:
         """The federation's members as this node's membership sees them."""

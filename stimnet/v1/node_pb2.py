@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15stimnet/v1/node.proto\x12\nstimnet.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x10\n\x0eGetInfoRequest\"\xc8\x03\n\x08NodeInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06\x63\x61ller\x18\x03 \x01(\t\x12\x13\n\x0b\x63\x61ller_role\x18\x04 \x01(\t\x12\r\n\x05k_min\x18\x05 \x01(\r\x12\x11\n\tdp_policy\x18\x06 \x01(\t\x12\x15\n\rscript_policy\x18\x07 \x01(\t\x12\x10\n\x08\x63\x61talogs\x18\x08 \x03(\t\x12.\n\nstarted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x62udget_epsilon\x18\n \x01(\x01\x12\x1e\n\x16\x63\x61talog_budget_epsilon\x18\x0b \x01(\x01\x12T\n\x19\x63\x61talog_epsilon_remaining\x18\x0c \x03(\x0b\x32\x31.stimnet.v1.NodeInfo.CatalogEpsilonRemainingEntry\x12\x17\n\x0f\x64\x65lta_per_query\x18\r \x01(\x01\x12\x16\n\x0eshared_history\x18\x0e \x01(\x08\x1a>\n\x1c\x43\x61talogEpsilonRemainingEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"(\n\x13ListCatalogsRequest\x12\x11\n\tfederated\x18\x01 \x01(\x08\"{\n\x0e\x43\x61talogSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x16\n\x0eschema_version\x18\x03 \x01(\r\x12\x10\n\x08subjects\x18\x04 \x01(\t\x12\x0e\n\x06tables\x18\x05 \x03(\t\x12\x0c\n\x04site\x18\x06 \x01(\t\"D\n\x14ListCatalogsResponse\x12,\n\x08\x63\x61talogs\x18\x01 \x03(\x0b\x32\x1a.stimnet.v1.CatalogSummary\"&\n\x16\x44\x65scribeCatalogRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xa2\x01\n\x10\x46ieldDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x0c\n\x04unit\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\x12\n\nhas_bounds\x18\x06 \x01(\x08\x12\r\n\x05lower\x18\x07 \x01(\x01\x12\r\n\x05upper\x18\x08 \x01(\x01\x12\x0e\n\x06levels\x18\t \x03(\t\"c\n\x10ImageDescription\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x12\n\nvoxel_size\x18\x03 \x03(\x01\x12\x0e\n\x06\x61\x66\x66ine\x18\x04 \x03(\x01\x12\r\n\x05space\x18\x05 \x01(\t\"?\n\x10TableDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04rows\x18\x02 \x01(\t\x12\x0f\n\x07\x63olumns\x18\x03 \x03(\t\"\xee\x01\n\x12\x43\x61talogDescription\x12+\n\x07summary\x18\x01 \x01(\x0b\x32\x1a.stimnet.v1.CatalogSummary\x12\x13\n\x0bsubject_key\x18\x02 \x01(\t\x12,\n\x06tables\x18\x03 \x03(\x0b\x32\x1c.stimnet.v1.TableDescription\x12,\n\x06\x66ields\x18\x04 \x03(\x0b\x32\x1c.stimnet.v1.FieldDescription\x12,\n\x06images\x18\x05 \x03(\x0b\x32\x1c.stimnet.v1.ImageDescription\x12\x0c\n\x04rois\x18\x06 \x03(\t\"\x12\n\x10ListPeersRequest\"\x8c\x01\n\x04Peer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0bincarnation\x18\x03 \x01(\x04\x12\x0e\n\x06status\x18\x04 \x01(\t\x12.\n\nlast_heard\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x63\x61talogs\x18\x06 \x03(\t\"4\n\x11ListPeersResponse\x12\x1f\n\x05peers\x18\x01 \x03(\x0b\x32\x10.stimnet.v1.Peer\"\x12\n\x10GetStatusRequest\"\xd3\x03\n\nNodeStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08uptime_s\x18\x03 \x01(\x01\x12\x42\n\x0fpeers_by_status\x18\x04 \x03(\x0b\x32).stimnet.v1.NodeStatus.PeersByStatusEntry\x12>\n\rjobs_by_state\x18\x05 \x03(\x0b\x32\'.stimnet.v1.NodeStatus.JobsByStateEntry\x12\x13\n\x0bqueue_depth\x18\x06 \x01(\r\x12S\n\x18\x65psilon_spent_by_catalog\x18\x07 \x03(\x0b\x32\x31.stimnet.v1.NodeStatus.EpsilonSpentByCatalogEntry\x1a\x34\n\x12PeersByStatusEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x1a\x32\n\x10JobsByStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x1a<\n\x1a\x45psilonSpentByCatalogEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\x81\x03\n\x0bNodeService\x12;\n\x07GetInfo\x12\x1a.stimnet.v1.GetInfoRequest\x1a\x14.stimnet.v1.NodeInfo\x12Q\n\x0cListCatalogs\x12\x1f.stimnet.v1.ListCatalogsRequest\x1a .stimnet.v1.ListCatalogsResponse\x12U\n\x0f\x44\x65scribeCatalog\x12\".stimnet.v1.DescribeCatalogRequest\x1a\x1e.stimnet.v1.CatalogDescription\x12H\n\tListPeers\x12\x1c.stimnet.v1.ListPeersRequest\x1a\x1d.stimnet.v1.ListPeersResponse\x12\x41\n\tGetStatus\x12\x1c.stimnet.v1.GetStatusRequest\x1a\x16.stimnet.v1.NodeStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15stimnet/v1/node.proto\x12\nstimnet.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x10\n\x0eGetInfoRequest\"\xc8\x03\n\x08NodeInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06\x63\x61ller\x18\x03 \x01(\t\x12\x13\n\x0b\x63\x61ller_role\x18\x04 \x01(\t\x12\r\n\x05k_min\x18\x05 \x01(\r\x12\x11\n\tdp_policy\x18\x06 \x01(\t\x12\x15\n\rscript_policy\x18\x07 \x01(\t\x12\x10\n\x08\x63\x61talogs\x18\x08 \x03(\t\x12.\n\nstarted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x62udget_epsilon\x18\n \x01(\x01\x12\x1e\n\x16\x63\x61talog_budget_epsilon\x18\x0b \x01(\x01\x12T\n\x19\x63\x61talog_epsilon_remaining\x18\x0c \x03(\x0b\x32\x31.stimnet.v1.NodeInfo.CatalogEpsilonRemainingEntry\x12\x17\n\x0f\x64\x65lta_per_query\x18\r \x01(\x01\x12\x16\n\x0eshared_history\x18\x0e \x01(\x08\x1a>\n\x1c\x43\x61talogEpsilonRemainingEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"(\n\x13ListCatalogsRequest\x12\x11\n\tfederated\x18\x01 \x01(\x08\"{\n\x0e\x43\x61talogSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x16\n\x0eschema_version\x18\x03 \x01(\r\x12\x10\n\x08subjects\x18\x04 \x01(\t\x12\x0e\n\x06tables\x18\x05 \x03(\t\x12\x0c\n\x04site\x18\x06 \x01(\t\"D\n\x14ListCatalogsResponse\x12,\n\x08\x63\x61talogs\x18\x01 \x03(\x0b\x32\x1a.stimnet.v1.CatalogSummary\"9\n\x16\x44\x65scribeCatalogRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tfederated\x18\x02 \x01(\x08\"g\n\x08SiteGrid\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x0e\n\x06\x61\x66\x66ine\x18\x03 \x03(\x01\x12\r\n\x05space\x18\x04 \x01(\t\x12\x10\n\x08\x64\x65\x63lared\x18\x05 \x01(\x08\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"\xa2\x01\n\x10\x46ieldDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x0c\n\x04unit\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\x12\n\nhas_bounds\x18\x06 \x01(\x08\x12\r\n\x05lower\x18\x07 \x01(\x01\x12\r\n\x05upper\x18\x08 \x01(\x01\x12\x0e\n\x06levels\x18\t \x03(\t\"c\n\x10ImageDescription\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x12\n\nvoxel_size\x18\x03 \x03(\x01\x12\x0e\n\x06\x61\x66\x66ine\x18\x04 \x03(\x01\x12\r\n\x05space\x18\x05 \x01(\t\"?\n\x10TableDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04rows\x18\x02 \x01(\t\x12\x0f\n\x07\x63olumns\x18\x03 \x03(\t\"\x93\x02\n\x12\x43\x61talogDescription\x12+\n\x07summary\x18\x01 \x01(\x0b\x32\x1a.stimnet.v1.CatalogSummary\x12\x13\n\x0bsubject_key\x18\x02 \x01(\t\x12,\n\x06tables\x18\x03 \x03(\x0b\x32\x1c.stimnet.v1.TableDescription\x12,\n\x06\x66ields\x18\x04 \x03(\x0b\x32\x1c.stimnet.v1.FieldDescription\x12,\n\x06images\x18\x05 \x03(\x0b\x32\x1c.stimnet.v1.ImageDescription\x12\x0c\n\x04rois\x18\x06 \x03(\t\x12#\n\x05grids\x18\x07 \x03(\x0b\x32\x14.stimnet.v1.SiteGrid\"\x12\n\x10ListPeersRequest\"\x8c\x01\n\x04Peer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0bincarnation\x18\x03 \x01(\x04\x12\x0e\n\x06status\x18\x04 \x01(\t\x12.\n\nlast_heard\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x63\x61talogs\x18\x06 \x03(\t\"4\n\x11ListPeersResponse\x12\x1f\n\x05peers\x18\x01 \x03(\x0b\x32\x10.stimnet.v1.Peer\"\x12\n\x10GetStatusRequest\"\xd3\x03\n\nNodeStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08uptime_s\x18\x03 \x01(\x01\x12\x42\n\x0fpeers_by_status\x18\x04 \x03(\x0b\x32).stimnet.v1.NodeStatus.PeersByStatusEntry\x12>\n\rjobs_by_state\x18\x05 \x03(\x0b\x32\'.stimnet.v1.NodeStatus.JobsByStateEntry\x12\x13\n\x0bqueue_depth\x18\x06 \x01(\r\x12S\n\x18\x65psilon_spent_by_catalog\x18\x07 \x03(\x0b\x32\x31.stimnet.v1.NodeStatus.EpsilonSpentByCatalogEntry\x1a\x34\n\x12PeersByStatusEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x1a\x32\n\x10JobsByStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x1a<\n\x1a\x45psilonSpentByCatalogEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\x81\x03\n\x0bNodeService\x12;\n\x07GetInfo\x12\x1a.stimnet.v1.GetInfoRequest\x1a\x14.stimnet.v1.NodeInfo\x12Q\n\x0cListCatalogs\x12\x1f.stimnet.v1.ListCatalogsRequest\x1a .stimnet.v1.ListCatalogsResponse\x12U\n\x0f\x44\x65scribeCatalog\x12\".stimnet.v1.DescribeCatalogRequest\x1a\x1e.stimnet.v1.CatalogDescription\x12H\n\tListPeers\x12\x1c.stimnet.v1.ListPeersRequest\x1a\x1d.stimnet.v1.ListPeersResponse\x12\x41\n\tGetStatus\x12\x1c.stimnet.v1.GetStatusRequest\x1a\x16.stimnet.v1.NodeStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -53,31 +53,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTCATALOGSRESPONSE']._serialized_start=714
   _globals['_LISTCATALOGSRESPONSE']._serialized_end=782
   _globals['_DESCRIBECATALOGREQUEST']._serialized_start=784
-  _globals['_DESCRIBECATALOGREQUEST']._serialized_end=822
-  _globals['_FIELDDESCRIPTION']._serialized_start=825
-  _globals['_FIELDDESCRIPTION']._serialized_end=987
-  _globals['_IMAGEDESCRIPTION']._serialized_start=989
-  _globals['_IMAGEDESCRIPTION']._serialized_end=1088
-  _globals['_TABLEDESCRIPTION']._serialized_start=1090
-  _globals['_TABLEDESCRIPTION']._serialized_end=1153
-  _globals['_CATALOGDESCRIPTION']._serialized_start=1156
-  _globals['_CATALOGDESCRIPTION']._serialized_end=1394
-  _globals['_LISTPEERSREQUEST']._serialized_start=1396
-  _globals['_LISTPEERSREQUEST']._serialized_end=1414
-  _globals['_PEER']._serialized_start=1417
-  _globals['_PEER']._serialized_end=1557
-  _globals['_LISTPEERSRESPONSE']._serialized_start=1559
-  _globals['_LISTPEERSRESPONSE']._serialized_end=1611
-  _globals['_GETSTATUSREQUEST']._serialized_start=1613
-  _globals['_GETSTATUSREQUEST']._serialized_end=1631
-  _globals['_NODESTATUS']._serialized_start=1634
-  _globals['_NODESTATUS']._serialized_end=2101
-  _globals['_NODESTATUS_PEERSBYSTATUSENTRY']._serialized_start=1935
-  _globals['_NODESTATUS_PEERSBYSTATUSENTRY']._serialized_end=1987
-  _globals['_NODESTATUS_JOBSBYSTATEENTRY']._serialized_start=1989
-  _globals['_NODESTATUS_JOBSBYSTATEENTRY']._serialized_end=2039
-  _globals['_NODESTATUS_EPSILONSPENTBYCATALOGENTRY']._serialized_start=2041
-  _globals['_NODESTATUS_EPSILONSPENTBYCATALOGENTRY']._serialized_end=2101
-  _globals['_NODESERVICE']._serialized_start=2104
-  _globals['_NODESERVICE']._serialized_end=2489
+  _globals['_DESCRIBECATALOGREQUEST']._serialized_end=841
+  _globals['_SITEGRID']._serialized_start=843
+  _globals['_SITEGRID']._serialized_end=946
+  _globals['_FIELDDESCRIPTION']._serialized_start=949
+  _globals['_FIELDDESCRIPTION']._serialized_end=1111
+  _globals['_IMAGEDESCRIPTION']._serialized_start=1113
+  _globals['_IMAGEDESCRIPTION']._serialized_end=1212
+  _globals['_TABLEDESCRIPTION']._serialized_start=1214
+  _globals['_TABLEDESCRIPTION']._serialized_end=1277
+  _globals['_CATALOGDESCRIPTION']._serialized_start=1280
+  _globals['_CATALOGDESCRIPTION']._serialized_end=1555
+  _globals['_LISTPEERSREQUEST']._serialized_start=1557
+  _globals['_LISTPEERSREQUEST']._serialized_end=1575
+  _globals['_PEER']._serialized_start=1578
+  _globals['_PEER']._serialized_end=1718
+  _globals['_LISTPEERSRESPONSE']._serialized_start=1720
+  _globals['_LISTPEERSRESPONSE']._serialized_end=1772
+  _globals['_GETSTATUSREQUEST']._serialized_start=1774
+  _globals['_GETSTATUSREQUEST']._serialized_end=1792
+  _globals['_NODESTATUS']._serialized_start=1795
+  _globals['_NODESTATUS']._serialized_end=2262
+  _globals['_NODESTATUS_PEERSBYSTATUSENTRY']._serialized_start=2096
+  _globals['_NODESTATUS_PEERSBYSTATUSENTRY']._serialized_end=2148
+  _globals['_NODESTATUS_JOBSBYSTATEENTRY']._serialized_start=2150
+  _globals['_NODESTATUS_JOBSBYSTATEENTRY']._serialized_end=2200
+  _globals['_NODESTATUS_EPSILONSPENTBYCATALOGENTRY']._serialized_start=2202
+  _globals['_NODESTATUS_EPSILONSPENTBYCATALOGENTRY']._serialized_end=2262
+  _globals['_NODESERVICE']._serialized_start=2265
+  _globals['_NODESERVICE']._serialized_end=2650
 # @@protoc_insertion_point(module_scope)

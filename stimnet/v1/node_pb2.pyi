@@ -81,10 +81,28 @@ class ListCatalogsResponse(_message.Message):
     def __init__(self, catalogs: _Optional[_Iterable[_Union[CatalogSummary, _Mapping]]] = ...) -> None: ...
 
 class DescribeCatalogRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "federated")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    FEDERATED_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    federated: bool
+    def __init__(self, name: _Optional[str] = ..., federated: _Optional[bool] = ...) -> None: ...
+
+class SiteGrid(_message.Message):
+    __slots__ = ("site", "shape", "affine", "space", "declared", "error")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    AFFINE_FIELD_NUMBER: _ClassVar[int]
+    SPACE_FIELD_NUMBER: _ClassVar[int]
+    DECLARED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    affine: _containers.RepeatedScalarFieldContainer[float]
+    space: str
+    declared: bool
+    error: str
+    def __init__(self, site: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., affine: _Optional[_Iterable[float]] = ..., space: _Optional[str] = ..., declared: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
 
 class FieldDescription(_message.Message):
     __slots__ = ("name", "table", "type", "unit", "description", "has_bounds", "lower", "upper", "levels")
@@ -133,20 +151,22 @@ class TableDescription(_message.Message):
     def __init__(self, name: _Optional[str] = ..., rows: _Optional[str] = ..., columns: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CatalogDescription(_message.Message):
-    __slots__ = ("summary", "subject_key", "tables", "fields", "images", "rois")
+    __slots__ = ("summary", "subject_key", "tables", "fields", "images", "rois", "grids")
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
     SUBJECT_KEY_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
     FIELDS_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     ROIS_FIELD_NUMBER: _ClassVar[int]
+    GRIDS_FIELD_NUMBER: _ClassVar[int]
     summary: CatalogSummary
     subject_key: str
     tables: _containers.RepeatedCompositeFieldContainer[TableDescription]
     fields: _containers.RepeatedCompositeFieldContainer[FieldDescription]
     images: _containers.RepeatedCompositeFieldContainer[ImageDescription]
     rois: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, summary: _Optional[_Union[CatalogSummary, _Mapping]] = ..., subject_key: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableDescription, _Mapping]]] = ..., fields: _Optional[_Iterable[_Union[FieldDescription, _Mapping]]] = ..., images: _Optional[_Iterable[_Union[ImageDescription, _Mapping]]] = ..., rois: _Optional[_Iterable[str]] = ...) -> None: ...
+    grids: _containers.RepeatedCompositeFieldContainer[SiteGrid]
+    def __init__(self, summary: _Optional[_Union[CatalogSummary, _Mapping]] = ..., subject_key: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableDescription, _Mapping]]] = ..., fields: _Optional[_Iterable[_Union[FieldDescription, _Mapping]]] = ..., images: _Optional[_Iterable[_Union[ImageDescription, _Mapping]]] = ..., rois: _Optional[_Iterable[str]] = ..., grids: _Optional[_Iterable[_Union[SiteGrid, _Mapping]]] = ...) -> None: ...
 
 class ListPeersRequest(_message.Message):
     __slots__ = ()

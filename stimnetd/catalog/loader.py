@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from stimnet.errors import StimnetError
-from stimnet.query.fields import FieldMeta, ImageGeometry
+from stimnet.query.fields import FieldMeta, Grid, ImageGeometry
 from stimnetd.catalog.columns import Columns
 from stimnetd.config import CatalogConfig
 
@@ -78,6 +78,17 @@ class Catalog:
     def geometry(self, image_field: str) -> ImageGeometry:
         return self._geometry[image_field]
 
+    def grid(self) -> Grid | None:
+        """The catalog's reference space: declared, else its first image field's grid;
+        None without image fields."""
+        if self.config.grid is not None:
+            return self.config.grid
+        fields = self.image_fields()
+        if not fields:
+            return None
+        g = self._geometry[fields[0]]
+        return Grid(shape=g.shape, affine=g.affine, space=g.space)
+
     def image_fields(self) -> list[str]:
         return [f.name for f in self.fields.values() if f.type == "image"]
 
@@ -135,6 +146,14 @@ def load_catalog(cfg: CatalogConfig) -> Catalog:
         joined[f.name] = _coerce(cfg, f, joined[f.name]) if f.name != cfg.subject_key else joined[f.name]
     geometry = {f.name: _check_images(cfg, f, joined[f.name])
                 for f in cfg.fields.values() if f.type == "image"}
+    if cfg.grid is not None:
+        for fname, g in geometry.items():
+            found = Grid(g.shape, g.affine)
+            if not found.same_as(cfg.grid):
+                first = joined[fname].dropna().iloc[0]
+                raise CatalogError(
+                    f"catalog {cfg.name!r}.grid: image {first} (field {fname!r}) is on "
+                    f"{found.label()}, not the declared {cfg.grid.label()}")
     for rname, rpath in cfg.rois.items():
         roi = _header(cfg, rpath, f"ROI {rname}")
         for fname, g in geometry.items():

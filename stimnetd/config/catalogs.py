@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stimnet.query.fields import FIELD_TYPES, FieldMeta
+from stimnet.query.fields import FIELD_TYPES, FieldMeta, Grid
 from stimnetd.config.reader import Reader
 
 
@@ -22,11 +22,13 @@ class CatalogConfig:
     tables: dict[str, Path]
     rois: dict[str, Path]
     fields: dict[str, FieldMeta]
+    # The declared reference space of every image field; None: taken from the images.
+    grid: Grid | None = None
 
 
 def read_catalog(r: Reader, raw: dict[str, Any], w: str) -> CatalogConfig:
     raw = r.table(raw, w, {"name", "description", "root", "subject_key", "schema_version",
-                           "tables", "rois", "fields"})
+                           "tables", "rois", "fields", "grid"})
     name = r.get(raw, w, "name", str)
     w = f"catalog {name!r}"
     root = r.path_of(r.get(raw, w, "root", str), f"{w}.root").resolve()
@@ -46,7 +48,22 @@ def read_catalog(r: Reader, raw: dict[str, Any], w: str) -> CatalogConfig:
     version = r.get(raw, w, "schema_version", int, 1)
     return CatalogConfig(name=name, description=r.get(raw, w, "description", str, ""),
                          root=root, subject_key=subject_key, schema_version=version,
-                         tables=tables, rois=rois, fields=fields)
+                         tables=tables, rois=rois, fields=fields,
+                         grid=_grid(r, raw["grid"], f"{w}.grid") if "grid" in raw else None)
+
+
+def _grid(r: Reader, raw: Any, where: str) -> Grid:
+    raw = r.table(raw, where, {"shape", "affine", "space"})
+    shape = r.get(raw, where, "shape", list)
+    if len(shape) != 3 or not all(type(x) is int and x > 0 for x in shape):
+        raise r.fail(f"{where}.shape", "must be three positive integers, e.g. [91, 109, 91]")
+    affine = r.get(raw, where, "affine", list)
+    if (len(affine) != 4 or not all(isinstance(row, list) and len(row) == 4 for row in affine)
+            or not all(isinstance(x, int | float) and not isinstance(x, bool)
+                       and math.isfinite(x) for row in affine for x in row)):
+        raise r.fail(f"{where}.affine", "must be a 4×4 list of numbers (the images' sform)")
+    return Grid(shape=tuple(shape), affine=tuple(tuple(float(x) for x in row) for row in affine),
+                space=r.get(raw, where, "space", str, ""), declared=True)
 
 
 def _inside(r: Reader, root: Path, rel: Any, where: str) -> Path:

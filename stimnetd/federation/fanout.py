@@ -17,6 +17,7 @@ from typing import Protocol, cast
 import structlog
 
 from stimnet.errors import QueryError, StimnetError
+from stimnet.query.fields import Grid, grid_disagreement
 from stimnet.signing import SignedJob, VerifiedJob
 from stimnet.states import SiteEvent, SiteState
 from stimnetd.federation import subjob
@@ -28,6 +29,8 @@ log = structlog.get_logger("stimnetd.fanout")
 # carries a log line in `detail` (the wire's SubJobEvent.log_line). FanoutEvents.relay
 # turns them back into site events and log lines.
 SiteEventSink = Callable[[str, str, str, int], Awaitable[None]]
+# How long the entry waits for a peer's grid before a voxel-wise job (one small RPC).
+GRID_ASK_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,15 @@ class Absent:
     detail: str
 
 
+@dataclass(frozen=True)
+class SiteGrid:
+    """One site's reference space for a catalog, as the entry learnt it."""
+
+    site: str
+    grid: Grid | None
+    error: str = ""
+
+
 class PeerDirectory(Protocol):
     def targets(self, catalog: str) -> list[Target]: ...
 
@@ -57,6 +69,11 @@ class SubJobTransport(Protocol):
                          timeout_s: float, on_event: SiteEventSink, *,
                          small: bool = False, round_no: int = 0,
                          beta: list[float] | None = None) -> SiteOutcome: ...
+
+    async def catalog_grid(self, target: Target, catalog: str,
+                           timeout_s: float) -> tuple[str, Grid | None]:
+        """(the site's name, its grid for `catalog`); raises if it cannot be asked."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -156,11 +173,16 @@ class Fanout:
             small = job.request.kind == "query" and not job.request.query_spec.reads_images()
         except (QueryError, StimnetError):
             small = False  # not a query spec: each site refuses it, saying why
+        targets = self._peers.targets(catalog)
+        if self._reads_images(job):
+            refused = await self._grid_refusal(catalog, targets, events)
+            if refused is not None:
+                return FanoutResult(refused, {}, tuple(self._peers.absent(catalog)))
         tasks: list[asyncio.Task[SiteOutcome]] = []
         reached: dict[str, Target] = {}
         # Peers' tasks first: each starts its call before this site's own share (computed
         # on the loop when small) holds the loop. The local outcome stays first in order.
-        for target in self._peers.targets(catalog):
+        for target in targets:
             tasks.append(asyncio.create_task(self._remote(target, job, request_id, events,
                                                           small, reached)))
         if self._holds(catalog):
@@ -171,6 +193,52 @@ class Fanout:
         asked = {o.site for o in outcomes}
         return FanoutResult(outcomes, reached, tuple(a for a in self._peers.absent(catalog)
                                                      if a.site not in asked))
+
+    @staticmethod
+    def _reads_images(job: VerifiedJob) -> bool:
+        try:
+            return job.request.kind == "query" and job.request.query_spec.reads_images()
+        except (QueryError, StimnetError):
+            return False
+
+    async def site_grids(self, catalog: str,
+                         targets: list[Target] | None = None) -> list[SiteGrid]:
+        """Every site's grid for `catalog`: this site's (if it holds it) first, then each
+        peer's, asked under GRID_ASK_S; a peer that cannot be asked says why in `error`."""
+        targets = self._peers.targets(catalog) if targets is None else targets
+        out = [SiteGrid(self._site.name, self._site.grid(catalog))] \
+            if self._holds(catalog) else []
+        limit = min(self._timeout, GRID_ASK_S)
+
+        async def ask(t: Target) -> SiteGrid:
+            try:
+                site, grid = await asyncio.wait_for(
+                    self._transport.catalog_grid(t, catalog, limit), limit + 0.5)
+                return SiteGrid(site, grid)
+            except TimeoutError:
+                return SiteGrid(t.name or t.address, None, f"no answer within {limit:g}s")
+            except Exception as exc:  # noqa: BLE001 - one site's failure is that site's row
+                return SiteGrid(t.name or t.address, None, str(exc) or type(exc).__name__)
+        return out + list(await asyncio.gather(*(ask(t) for t in targets)))
+
+    async def _grid_refusal(self, catalog: str, targets: list[Target],
+                            events: FanoutEvents) -> list[SiteOutcome] | None:
+        """Every site's outcome, refused, when the sites' grids disagree; else None.
+
+        Asked before any site computes: a voxel map pooled from different grids is
+        meaningless, and finding out from the sites' partials costs every site its work
+        (and budget). A site that cannot be asked is left to its sub-job, which says why."""
+        answers = await self.site_grids(catalog, targets)
+        detail = grid_disagreement({a.site: a.grid for a in answers if a.grid is not None})
+        if detail is None:
+            return None
+        log.info("grids disagree: refused before compute", catalog=catalog,
+                 sites=[a.site for a in answers])
+        outcomes = [SiteOutcome(s, "refused", detail)
+                    for s in dict.fromkeys(a.site for a in answers)]
+        for o in outcomes:
+            await events.site(SiteEvent(o.site, o.state, o.detail))
+        return outcomes
 
     async def run_round(self, job: VerifiedJob, request_id: str, round_no: int,
                         beta: list[float], sites: list[str],

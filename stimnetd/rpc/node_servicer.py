@@ -8,6 +8,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from stimnet.v1 import node_pb2, node_pb2_grpc
 from stimnetd.catalog import Catalog, count_label
+from stimnetd.rpc import convert
 from stimnetd.rpc.guard import current_caller
 
 
@@ -76,7 +77,15 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             summary=self._summary(c), subject_key=c.subject_key,
             tables=[node_pb2.TableDescription(name=t.name, rows=count_label(t.rows, k),
                                               columns=list(t.columns)) for t in c.tables],
-            fields=fields, images=images, rois=sorted(c.config.rois))
+            fields=fields, images=images, rois=sorted(c.config.rois),
+            grids=await self._grids(c, request.federated))
+
+    async def _grids(self, c: Catalog, federated: bool) -> list[node_pb2.SiteGrid]:
+        """This site's grid; with `federated`, every peer's too (each under a deadline)."""
+        if not federated:
+            return [convert.grid_pb(self._node.name, c.grid())]
+        return [convert.grid_pb(g.site, g.grid, g.error)
+                for g in await self._node.site_grids(c.name)]
 
     async def ListPeers(self, request: node_pb2.ListPeersRequest,
                         context: Any) -> node_pb2.ListPeersResponse:

@@ -17,9 +17,10 @@ import grpc
 from stimnet import codec, multiplex
 from stimnet.frames import feed
 from stimnet.pki import Identity
+from stimnet.query.fields import Grid
 from stimnet.signing import SignedJob
 from stimnet.states import SiteState
-from stimnet.v1 import federation_pb2, federation_pb2_grpc
+from stimnet.v1 import federation_pb2, federation_pb2_grpc, node_pb2, node_pb2_grpc
 from stimnetd.federation.fanout import SiteEventSink, Target
 from stimnetd.query import partial_docs
 from stimnetd.query.aggregate import layout_problem
@@ -88,6 +89,9 @@ class PeerChannels:
     def stub(self, address: str) -> federation_pb2_grpc.FederationServiceStub:
         return federation_pb2_grpc.FederationServiceStub(self._channel(address))
 
+    def node_stub(self, address: str) -> node_pb2_grpc.NodeServiceStub:
+        return node_pb2_grpc.NodeServiceStub(self._channel(address))
+
     def shared_stream(self, address: str, timeout_s: float) -> multiplex.SharedStream:
         """The SubJobs stream to `address` for a sub-job of `timeout_s` (multiplex.shared)."""
         stub = self.stub(address)
@@ -151,6 +155,19 @@ class GrpcSubJobTransport:
         if not call.done():
             self._draining.add(call)
             call.add_done_callback(self._draining.discard)
+
+    async def catalog_grid(self, target: Target, catalog: str,
+                           timeout_s: float) -> tuple[str, Grid | None]:
+        """The peer's own grid for `catalog` (its DescribeCatalog), named by its certificate."""
+        started = time.monotonic()
+        who = await self._channels.server_identity(target.address, timeout_s)
+        if who.role != "node" or (target.name and who.name != target.name):
+            raise PeerIdentityError(f"{target.address} is served by {who.role} {who.name!r}")
+        left = max(0.001, timeout_s - (time.monotonic() - started))
+        desc = await self._channels.node_stub(target.address).DescribeCatalog(
+            node_pb2.DescribeCatalogRequest(name=catalog), timeout=left)
+        own = desc.grids[0] if desc.grids else None
+        return who.name, convert.grid_of(own) if own is not None and own.shape else None
 
     async def run_subjob(self, target: Target, signed: SignedJob, request_id: str,
                          timeout_s: float, on_event: SiteEventSink, *,

@@ -20,6 +20,7 @@ import structlog
 
 from stimnet import codec
 from stimnet.errors import InvalidRequest, QueryError, Refused, Replayed, StimnetError, StorageFull
+from stimnet.query.fields import Grid
 from stimnet.query.spec import AggSpec
 from stimnet.signing import VerifiedJob
 from stimnet.states import RefusalKind
@@ -125,6 +126,10 @@ class LocalSite:
     @property
     def k_min(self) -> int:
         return self._policy.k_min
+
+    def grid(self, catalog: str) -> Grid | None:
+        """This site's reference space for `catalog` (Catalog.grid)."""
+        return self._catalogs.get(catalog).grid()
 
     async def precheck(self, job: VerifiedJob) -> None:
         """Refuse early what is certain to be refused: unknown catalog, bad epsilon, or a
