@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,8 +142,39 @@ class QueryAnswer:
     def _nifti(m: dict[str, Any], arr: np.ndarray):  # type: ignore[no-untyped-def]
         import nibabel as nib
 
-        return nib.Nifti1Image(np.asarray(arr, dtype=np.float32),
-                               np.asarray(m["affine"], dtype=np.float64))
+        affine = np.asarray(m["affine"], dtype=np.float64)
+        img = nib.Nifti1Image(np.asarray(arr, dtype=np.float32), affine)
+        # The inputs' space code (4 = MNI) when every site's images agreed on it, else
+        # "aligned" (2): the affine maps to some world space nobody declared.
+        code = int(m.get("xform_code") or 0) or 2
+        img.set_sform(affine, code=code)
+        img.set_qform(affine, code=code)
+        return img
+
+    def sidecar(self, name: str | None = None, which: str | None = None, *,
+                group: dict[str, str] | None = None) -> dict[str, Any]:
+        """Provenance of a map, as written next to its NIfTI by `save_maps`: job id,
+        query, the sites and n, each site's mechanism and ε, and the correction applied."""
+        return self._sidecar(self._map(name, group), which)
+
+    def _sidecar(self, m: dict[str, Any], which: str | None) -> dict[str, Any]:
+        code = int(m.get("xform_code") or 0)
+        return {
+            "job_id": self.job_id,
+            "map": m.get("name"),
+            "group": m.get("group") or {},
+            "array": which,
+            "query": self.doc.get("query"),
+            "n": m.get("n"),
+            "sites": [{k: s.get(k) for k in ("site", "state", "n", "reason") if k in s}
+                      for s in self.manifest],
+            "privacy": [{k: p.get(k) for k in ("site", "mechanism", "epsilon", "delta")}
+                        for p in self.privacy],
+            "correction": m.get("correction"),
+            "space": "MNI" if code == 4 else "undeclared",
+            "sform_code": code or 2,
+            "qform_code": code or 2,
+        }
 
     def _array(self, m: dict[str, Any], which: str | None) -> np.ndarray:
         have = _arrays_of(m)
@@ -191,6 +223,9 @@ class QueryAnswer:
                 path = out_dir / f"{stem}_{which}.nii.gz"
                 nib.save(img, path)
                 written.append(path)
+                side = path.with_suffix("").with_suffix(".json")
+                side.write_text(json.dumps(self._sidecar(m, which), indent=2, default=str) + "\n")
+                written.append(side)
                 png = path.with_suffix("").with_suffix(".png")
                 write_slices_png(np.asarray(img.dataobj), png,
                                  title=f"{m['name']}{_group_label(m)} ({which})")

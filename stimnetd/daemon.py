@@ -37,7 +37,7 @@ from stimnetd import __version__, listening
 from stimnetd.catalog import CatalogSet, load_catalogs
 from stimnetd.catalog.advice import catalog_warnings
 from stimnetd.config import Config, ConfigError, GossipSettings
-from stimnetd.config.advice import config_warnings
+from stimnetd.config.advice import config_warnings, privacy_risks
 from stimnetd.federation.fanout import Fanout
 from stimnetd.federation.peers import StaticPeers
 from stimnetd.federation.subjob import PeerSubJobs
@@ -308,6 +308,8 @@ class Daemon:
     async def _start(self) -> None:
         for warning in self.config_warnings():
             log.warning("config warning", problem=warning)
+        for risk in privacy_risks(self.config):
+            log.warning("privacy risk accepted", risk=risk)
         await self.store.open(lock_dir=True)  # released by store.close()
         self._server = self._build_server()
         node = self.config.node

@@ -27,6 +27,21 @@ def config_warnings(config: Config) -> list[str]:
     return out
 
 
+def privacy_risks(config: Config) -> list[str]:
+    """What a site without `dp = "required"` accepts (docs/privacy.md), logged once at
+    start-up so the choice is on record: one line, or none under required."""
+    mode = config.privacy.dp
+    if mode == "required":
+        return []
+    what = ("never adds noise" if mode == "off"
+            else "adds noise only to queries that ask for an epsilon")
+    return [f"{config.source}: [privacy].dp = {mode!r}: this site {what}; exact answers "
+            "are guarded by k_min and exact auditing only, which is best effort (a refusal "
+            "itself carries information, and totals of two or more subjects can be "
+            "derived). Set dp = \"required\" for a formal (epsilon, delta) guarantee; see "
+            "docs/privacy.md"]
+
+
 def _loopback(host: str) -> bool:
     if host == "localhost":
         return True

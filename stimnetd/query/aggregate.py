@@ -207,10 +207,10 @@ def _layout(kind: str, meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         _numbers([meta["lo"], meta["hi"]])
         return {"le": k, "side": k}
     if kind in ("glm_round", "estimate"):
-        k = len(_names(meta["terms"]))
+        p = len(_names(meta["terms"]))
         if kind == "estimate":
-            return {"est": (k,), "se": (k,)}
-        return {"xtwx": (k, k), "xtwz": (k,), "sums": (6,)}
+            return {"est": (p,), "se": (p,)}
+        return {"xtwx": (p, p), "xtwz": (p,), "sums": (6,)}
     raise ValueError(f"unknown kind {kind!r:.40}")
 
 

@@ -44,6 +44,7 @@ from stimnetd.query.models import control_of, is_multi_round, rounds_of
 from stimnetd.query.subjects import SubjectImages
 from stimnetd.site.cohorts import CohortFingerprints
 from stimnetd.site.outcome import SiteOutcome
+from stimnetd.site.released import cell_shown, declared_groups_only
 from stimnetd.site.rounds import FitRounds
 from stimnetd.store import NonceClaim, Store
 from stimnetd.store.records import Release
@@ -173,7 +174,8 @@ class LocalSite:
                 await progress.running()
             _model_privacy(job, catalog, epsilon)
             audit = epsilon is None and self._overlap_guard
-            partials, cohort, groups, linear = await self._compute(job, catalog, progress, audit)
+            partials, cohort, groups, linear = await self._compute(job, catalog, progress, audit,
+                                                                   clamp=epsilon is not None)
             outcome = await self._release(job, catalog, partials, cohort, groups, epsilon, nonce,
                                           linear)
             if outcome.state == "done" and req.kind == "query" \
@@ -269,7 +271,7 @@ class LocalSite:
         self._on_decision("refused")
 
     async def _compute(self, job: VerifiedJob, catalog: Catalog, progress: ShareProgress,
-                       audit: bool = False
+                       audit: bool = False, clamp: bool = True
                        ) -> tuple[list[Partial], frozenset[str] | None,
                                   dict[GroupKey, frozenset[str]], list[LinearCohort]]:
         req = job.request
@@ -280,10 +282,10 @@ class LocalSite:
                                  f"{req.catalog!r}")
             # compute() validates the spec against this catalog (a site trusts no entry).
             if not spec.reads_images() and catalog.n_subjects <= INLINE_SUBJECTS:
-                result = compute(spec, catalog, images=self._images, audit=audit)
+                result = compute(spec, catalog, images=self._images, audit=audit, clamp=clamp)
             else:
                 result = await asyncio.to_thread(compute, spec, catalog, images=self._images,
-                                                 audit=audit)
+                                                 audit=audit, clamp=clamp)
             return result.partials, result.cohort_ids, result.group_ids, result.linear
         if self._script_runner is None:
             raise Refused("this site's script policy is 'deny': it does not run researcher scripts")
@@ -346,7 +348,7 @@ class LocalSite:
         if epsilon is None:
             partials, decisions = suppress_small_cells(partials, k, catalog.fields)
             return partials, decisions, None
-        _declared_groups_only(partials, catalog)
+        declared_groups_only(partials, catalog)
         if partials[0].kind == "glm_round":
             # A GLM's first round: the whole fit's ε (every round it may take) now.
             model = job.request.query_spec.model
@@ -377,7 +379,7 @@ class LocalSite:
             p = shown.get((lc.output, lc.group))
             if p is None:
                 continue
-            if lc.cell is not None and not _cell_shown(p, lc, n_cells.get(p.key, 0)):
+            if lc.cell is not None and not cell_shown(p, lc, n_cells.get(p.key, 0)):
                 continue
             if lc.positions.size == 0:
                 continue
@@ -409,39 +411,6 @@ class LocalSite:
                                partials=partials, packed=packed)
         return SiteOutcome(self.name, "done", "", n=n, partials=partials, epsilon=epsilon,
                            delta=delta, mechanism=mechanism, packed=packed)
-
-
-def _cell_shown(p: Partial, lc: LinearCohort, n_cells: int) -> bool:
-    """Whether the site released cell `lc.cell` of `p`. A contingency whose undeclared
-    levels were left out is matched by level; any other doubt counts as released."""
-    assert lc.cell is not None
-    mask = None if p.cell_mask is None else np.asarray(p.cell_mask, dtype=bool)
-    if lc.levels is not None and "levels" in p.meta:
-        rows, cols = (list(lv) for lv in p.meta["levels"])
-        if lc.levels[0] not in rows or lc.levels[1] not in cols:
-            return False
-        return mask is None or not bool(mask[rows.index(lc.levels[0]), cols.index(lc.levels[1])])
-    if mask is None or mask.size != n_cells:
-        return True
-    return not bool(mask.ravel()[lc.cell])
-
-
-def _declared_groups_only(partials: list[Partial], catalog: Catalog) -> None:
-    """Under DP every group and table level must be a declared level: groups present in
-    the data would make which groups exist (and their labels) an exact output. Decided on
-    the request and the catalog's public metadata alone."""
-    for p in partials:
-        names = [f for f, _ in p.group]
-        if p.kind == "contingency":
-            names += list(p.meta.get("fields", ()))
-        for f in names:
-            meta = catalog.fields.get(f)
-            if meta is None or not meta.levels:
-                raise PrivacyRefusal(
-                    "dp", f"field {f!r} declares no levels, so grouping or tabulating by it "
-                    "would release which of its values occur here; under differential privacy "
-                    "only fields with declared levels can be grouped on (the catalog's "
-                    "administrator can declare them)")
 
 
 def _model_privacy(job: VerifiedJob, catalog: Catalog, epsilon: float | None) -> None:

@@ -240,3 +240,19 @@ def test_check_config_refuses_a_corrupt_store(good: dict) -> None:
     r = subprocess.run([sys.executable, "-m", "stimnetd", "check-config", str(good["path"])],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "stimnetd.sqlite3" in r.stderr and "backup" in r.stderr
+
+
+@pytest.mark.parametrize("mode", ["off", "optional", "required"])
+def test_a_site_without_required_dp_states_its_risk_once(good: dict, mode: str) -> None:
+    """optional/off: one line naming the mode, what it does not guarantee and the way to a
+    formal guarantee; required: none."""
+    from stimnetd.config.advice import privacy_risks
+
+    raw = {**good["raw"], "privacy": {**good["raw"].get("privacy", {}), "dp": mode}}
+    risks = privacy_risks(load_config(_write(good, raw)))
+    if mode == "required":
+        assert risks == []
+    else:
+        (line,) = risks
+        assert f"[privacy].dp = '{mode}'" in line and "best effort" in line
+        assert 'dp = "required"' in line and "docs/privacy.md" in line
