@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,8 +142,47 @@ class QueryAnswer:
     def _nifti(m: dict[str, Any], arr: np.ndarray):  # type: ignore[no-untyped-def]
         import nibabel as nib
 
-        return nib.Nifti1Image(np.asarray(arr, dtype=np.float32),
-                               np.asarray(m["affine"], dtype=np.float64))
+        affine = np.asarray(m["affine"], dtype=np.float64)
+        img = nib.Nifti1Image(np.asarray(arr, dtype=np.float32), affine)
+        # The inputs' space code (4 = MNI) when every site's images agreed on it, else
+        # "aligned" (2): the affine maps to some world space nobody declared.
+        code = int(m.get("xform_code") or 0) or 2
+        img.set_sform(affine, code=code)
+        img.set_qform(affine, code=code)
+        return img
+
+    def sidecar(self, name: str | None = None, which: str | None = None, *,
+                group: dict[str, str] | None = None) -> dict[str, Any]:
+        """Provenance of a map, as written next to its NIfTI by `save_maps`: job id,
+        query, the sites and n, each site's mechanism and ε, and the correction applied."""
+        return self._sidecar(self._map(name, group), which)
+
+    def _title(self, m: dict[str, Any], which: str) -> str:
+        """The query, n and threshold, as the figure's title."""
+        q = self.doc.get("query") or {}
+        text = q.get("sql") if isinstance(q, dict) and q.get("sql") else m.get("name")
+        threshold = m.get("threshold") or "unthresholded"
+        return (f"{str(text)[:90]}{_group_label(m)} | {which} | n = {m.get('n')} | "
+                f"{threshold}")
+
+    def _sidecar(self, m: dict[str, Any], which: str | None) -> dict[str, Any]:
+        code = int(m.get("xform_code") or 0)
+        return {
+            "job_id": self.job_id,
+            "map": m.get("name"),
+            "group": m.get("group") or {},
+            "array": which,
+            "query": self.doc.get("query"),
+            "n": m.get("n"),
+            "sites": [{k: s.get(k) for k in ("site", "state", "n", "reason") if k in s}
+                      for s in self.manifest],
+            "privacy": [{k: p.get(k) for k in ("site", "mechanism", "epsilon", "delta")}
+                        for p in self.privacy],
+            "correction": m.get("correction"),
+            "space": "MNI" if code == 4 else "undeclared",
+            "sform_code": code or 2,
+            "qform_code": code or 2,
+        }
 
     def _array(self, m: dict[str, Any], which: str | None) -> np.ndarray:
         have = _arrays_of(m)
@@ -174,10 +214,10 @@ class QueryAnswer:
 
     def save_maps(self, out_dir: Path) -> list[Path]:
         """Each map (each group's, in a grouped query) as NIfTI (count and mean) plus a PNG
-        of orthogonal slices; files are named by map and group."""
+        on the MNI152 template (stimctl/mapfigure.py); files are named by map and group."""
         import nibabel as nib
 
-        from stimctl.slices import write_slices_png
+        from stimctl.mapfigure import write_map_png
 
         out_dir.mkdir(parents=True, exist_ok=True)
         written: list[Path] = []
@@ -191,9 +231,12 @@ class QueryAnswer:
                 path = out_dir / f"{stem}_{which}.nii.gz"
                 nib.save(img, path)
                 written.append(path)
+                side = path.with_suffix("").with_suffix(".json")
+                side.write_text(json.dumps(self._sidecar(m, which), indent=2, default=str) + "\n")
+                written.append(side)
                 png = path.with_suffix("").with_suffix(".png")
-                write_slices_png(np.asarray(img.dataobj), png,
-                                 title=f"{m['name']}{_group_label(m)} ({which})")
+                write_map_png(img, png, mni=int(m.get("xform_code") or 0) == 4,
+                              title=self._title(m, which))
                 written.append(png)
         return written
 

@@ -36,3 +36,6 @@ class ImageGeometry:
     voxel_size: tuple[float, ...]
     affine: tuple[tuple[float, ...], ...]
     space: str
+    # NIfTI sform code the images agree on (4 = MNI); 0 when unknown or they differ, so a
+    # map is only labelled MNI when every input said so.
+    xform_code: int = 0

@@ -443,8 +443,14 @@ def _bool(v: Any) -> bool:
 
 def _num(v: Any, what: str) -> int | float:
     # bool is an int subclass; a JSON true is never a meaningful number here.
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+    if isinstance(v, bool) or not isinstance(v, int | float):
         raise QueryError(f"{what} must be a finite number")
+    try:
+        finite = math.isfinite(v)  # an int beyond float's range raises OverflowError
+    except OverflowError:
+        finite = False
+    if not finite:
+        raise QueryError(f"{what} must be a finite number, within about ±1.8e308")
     return v
 
 

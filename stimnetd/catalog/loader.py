@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -244,9 +244,12 @@ def _check_images(cfg: CatalogConfig, f: FieldMeta, col: pd.Series) -> ImageGeom
             voxel_size=tuple(float(z) for z in img.header.get_zooms()[:3]),
             affine=tuple(tuple(float(v) for v in row) for row in img.affine),
             space="".join(str(c) for c in nib.aff2axcodes(img.affine)),
+            xform_code=int(img.header["sform_code"]),
         )
         if geometry is None:
             geometry = g
+        elif g.xform_code != geometry.xform_code:
+            geometry = replace(geometry, xform_code=0)
         elif g.shape != geometry.shape or not np.allclose(g.affine, geometry.affine):
             raise CatalogError(f"catalog {cfg.name!r}: image {rel} (field {f.name!r}) is not on "
                                "the common grid of the other images")

@@ -17,17 +17,13 @@ class StorageSettings:
     # Below this much free space on the state volume no new job is accepted here, so the
     # disk does not fill with answers and the audit chain and ledger keep room to commit.
     min_free_mb: float = 256.0
-    # A query whose planned answer (grid x groups x arrays, known before compute) is larger
-    # is refused before any site computes it.
-    max_answer_mb: float = 512.0
 
 
 def read_storage(r: Reader, raw: dict[str, Any]) -> StorageSettings:
     w = "[storage]"
-    raw = r.table(raw, w, {"max_stored_mb_per_researcher", "min_free_mb", "max_answer_mb"})
+    raw = r.table(raw, w, {"max_stored_mb_per_researcher", "min_free_mb"})
     values = {}
-    for key, default in (("max_stored_mb_per_researcher", 1024.0), ("min_free_mb", 256.0),
-                         ("max_answer_mb", 512.0)):
+    for key, default in (("max_stored_mb_per_researcher", 1024.0), ("min_free_mb", 256.0)):
         value = float(r.get(raw, w, key, float, default))
         if not 0 <= value <= 1e9 or (key != "min_free_mb" and value == 0):
             raise r.fail(f"{w}.{key}", f"must be a positive number of MiB, got {value:g}")

@@ -19,8 +19,9 @@ class QueryQuota:
         if self._running[owner] >= self._limit:
             raise Overloaded(f"you have {self._running[owner]} queries running with this node "
                              f"as their entry, its limit per researcher "
-                             f"(max_queries_per_researcher = {self._limit}); wait for one "
-                             "to finish")
+                             f"(max_queries_per_researcher = {self._limit}), shared by every "
+                             "client using your certificate; wait for one to finish, or run "
+                             "fewer at once")
         self._running[owner] += 1
 
     def unreserve(self, owner: str) -> None:

@@ -75,6 +75,10 @@ class PrivacyPolicy:
             raise ValueError("delta must be in (0, 1) and at most budget_delta")
 
 
+# The smallest epsilon a query may ask for (see _check_requested).
+MIN_EPSILON = 1e-6
+
+
 def decide_epsilon(policy: PrivacyPolicy, requested: float | None) -> float | None:
     """The epsilon this site will spend on a query, or None for no noise.
 
@@ -100,6 +104,10 @@ def _check_requested(policy: PrivacyPolicy, requested: float) -> None:
         raise PrivacyRefusal("dp", "requested epsilon must be a number")
     if math.isnan(requested) or requested <= 0:
         raise PrivacyRefusal("dp", "requested epsilon must be a number greater than 0")
+    if requested < MIN_EPSILON:
+        # Split over a query's arrays a subnormal epsilon rounds to 0 (5e-324 / 2 == 0).
+        raise PrivacyRefusal("dp", f"requested epsilon {requested:g} is below {MIN_EPSILON:g}, "
+                             "the smallest this site accepts: its noise would drown any answer")
     if requested > policy.max_epsilon_per_query:
         raise PrivacyRefusal(
             "dp", f"requested epsilon exceeds this site's maximum per query "

@@ -54,6 +54,8 @@ def _sum(parts: list[Partial], names: list[str]) -> Partial:
                     f"({first.meta.get(k)!r} vs {p.meta.get(k)!r})"
                 )
     meta: dict[str, Any] = dict(first.meta)
+    if "xform_code" in meta and len({p.meta.get("xform_code") for p in parts}) > 1:
+        meta["xform_code"] = 0  # a pooled map is MNI only when every site's images are
     if first.kind == "contingency":
         parts, meta["levels"] = _align_levels(parts)
         first = parts[0]

@@ -252,6 +252,7 @@ class _Finaliser:
             "weight": meta.get("weight"),
             "shape": list(meta["shape"]),
             "affine": meta["affine"],
+            "xform_code": int(meta.get("xform_code") or 0),
             "n": self.p.n,
             "count_key": f"{key}:count",
         }

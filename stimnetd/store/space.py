@@ -3,8 +3,8 @@ stored answers, checked before a job is accepted so the disk never fills with an
 
 Checked at admission (the entry keeps the combined answer) and before a site computes its
 share (it keeps its release's partials for re-delivery). A check, not a reservation: two
-jobs admitted together may both pass; each answer is bounded by `max_answer_mb`, so the
-floor is what keeps the ledger and audit chain room to commit whatever gets past it.
+jobs admitted together may both pass: the floor is what keeps the ledger and audit chain
+room to commit whatever gets past it, and a full volume is refused cleanly (StorageFull).
 """
 
 from __future__ import annotations

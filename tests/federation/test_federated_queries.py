@@ -372,6 +372,8 @@ async def test_blocking_client_works_inside_a_running_loop(start_node, pki, smal
         frame, img = await asyncio.to_thread(use)
     assert list(frame.columns) == ["sex", "count(*)"] and frame["count(*)"].sum() == 20
     assert isinstance(img, nib.Nifti1Image) and img.shape == (91, 109, 91)
+    # The demo images are MNI (code 4); the map says so after crossing the daemon.
+    assert int(img.header["sform_code"]) == 4 and int(img.header["qform_code"]) == 4
 
 
 async def test_sites_with_either_tls_terminator_federate(start_node, pki, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

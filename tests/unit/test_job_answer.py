@@ -69,7 +69,8 @@ class TestAssemble:
 
 class TestQueryQuota:
     def test_a_researcher_past_the_limit_is_refused_naming_it(self) -> None:
-        """The limit is per researcher; the refusal names the setting."""
+        """The limit is per researcher (certificate); the refusal names the setting and
+        that every client of the certificate shares it."""
         quota = QueryQuota(limit=1)
         quota.reserve("alice")
         quota.reserve("bob")
@@ -77,7 +78,8 @@ class TestQueryQuota:
             quota.reserve("alice")
         assert refused.value.args[0] == (
             "you have 1 queries running with this node as their entry, its limit per "
-            "researcher (max_queries_per_researcher = 1); wait for one to finish")
+            "researcher (max_queries_per_researcher = 1), shared by every client using "
+            "your certificate; wait for one to finish, or run fewer at once")
 
     def test_a_jobs_place_is_given_back_once(self) -> None:
         """Releasing a job twice frees one place, not two."""

@@ -113,7 +113,7 @@ def test_each_groups_map_is_its_own_and_is_saved_under_its_group(tmp_path: Path)
     names = sorted(p.name for p in ans.save_maps(tmp_path))
     assert names == sorted(f"{stem}_{which}.{ext}" for stem, whiches in (
         ("sweet_target-GPi", ("count", "mean")), ("sweet_target-STN", ("count", "mean")),
-        ("cover", ("count",))) for which in whiches for ext in ("nii.gz", "png"))
+        ("cover", ("count",))) for which in whiches for ext in ("nii.gz", "json", "png"))
     import nibabel as nib
 
     assert float(nib.load(tmp_path / "sweet_target-STN_mean.nii.gz").get_fdata().max()) == 20.0
