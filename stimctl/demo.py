@@ -332,7 +332,10 @@ async def demo_table_query(fed: DemoFederation) -> None:
     from stimctl.client import AsyncClient
     from stimctl.jobs_cli import Progress, print_answer
 
-    sql = ("SELECT target, count(*), avg(updrs_change), stddev(updrs_change), avg(amplitude_ma) "
+    # Every output over the same subjects (those with a UPDRS change): outputs whose
+    # NULLs differ would give the size of their difference, and where that is one subject
+    # exact auditing refuses the release (docs/privacy.md).
+    sql = ("SELECT target, count(updrs_change), avg(updrs_change), stddev(updrs_change) "
            "FROM dbs_outcomes WHERE diagnosis = 'PD' GROUP BY target")
     print(f"$ stimctl query --federated \"{sql}\"")
     async with AsyncClient.from_file(fed.researcher_config) as c:
@@ -365,8 +368,11 @@ async def demo_sweet_spot(fed: DemoFederation) -> None:
     from stimctl.client import AsyncClient
     from stimctl.jobs_cli import Progress, print_answer
 
-    sql = ("SELECT count(*), mean_map(vta_path, improvement_pct) AS sweet_spot, "
-           "roi_overlap(vta_path) AS overlap FROM dbs_outcomes WHERE target = 'STN'")
+    # The table's STN cell (PD patients with a UPDRS change), every output over it: a
+    # cohort one subject off an earlier one would be refused by exact auditing.
+    sql = ("SELECT count(vta_path), mean_map(vta_path, improvement_pct) AS sweet_spot, "
+           "roi_overlap(vta_path) AS overlap FROM dbs_outcomes WHERE target = 'STN' AND "
+           "diagnosis = 'PD' AND updrs_change IS NOT NULL AND improvement_pct IS NOT NULL")
     out = fed.root / "results" / "sweet_spot"
     print(f"$ stimctl query --federated \"{sql}\" --out {out}/")
     async with AsyncClient.from_file(fed.researcher_config) as c:

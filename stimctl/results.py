@@ -157,6 +157,14 @@ class QueryAnswer:
         query, the sites and n, each site's mechanism and ε, and the correction applied."""
         return self._sidecar(self._map(name, group), which)
 
+    def _title(self, m: dict[str, Any], which: str) -> str:
+        """The query, n and threshold, as the figure's title."""
+        q = self.doc.get("query") or {}
+        text = q.get("sql") if isinstance(q, dict) and q.get("sql") else m.get("name")
+        threshold = m.get("threshold") or "unthresholded"
+        return (f"{str(text)[:90]}{_group_label(m)} | {which} | n = {m.get('n')} | "
+                f"{threshold}")
+
     def _sidecar(self, m: dict[str, Any], which: str | None) -> dict[str, Any]:
         code = int(m.get("xform_code") or 0)
         return {
@@ -206,10 +214,10 @@ class QueryAnswer:
 
     def save_maps(self, out_dir: Path) -> list[Path]:
         """Each map (each group's, in a grouped query) as NIfTI (count and mean) plus a PNG
-        of orthogonal slices; files are named by map and group."""
+        on the MNI152 template (stimctl/mapfigure.py); files are named by map and group."""
         import nibabel as nib
 
-        from stimctl.slices import write_slices_png
+        from stimctl.mapfigure import write_map_png
 
         out_dir.mkdir(parents=True, exist_ok=True)
         written: list[Path] = []
@@ -227,8 +235,8 @@ class QueryAnswer:
                 side.write_text(json.dumps(self._sidecar(m, which), indent=2, default=str) + "\n")
                 written.append(side)
                 png = path.with_suffix("").with_suffix(".png")
-                write_slices_png(np.asarray(img.dataobj), png,
-                                 title=f"{m['name']}{_group_label(m)} ({which})")
+                write_map_png(img, png, mni=int(m.get("xform_code") or 0) == 4,
+                              title=self._title(m, which))
                 written.append(png)
         return written
 

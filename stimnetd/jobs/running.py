@@ -20,6 +20,7 @@ from stimnetd.federation.fanout import Fanout, FanoutResult
 from stimnetd.jobs.access import REPLAYED
 from stimnetd.jobs.answer import Answer, assemble
 from stimnetd.jobs.events import ActiveJob, JobEventHub, JobUpdate
+from stimnetd.jobs.fair import FairSlots
 from stimnetd.jobs.models import fit_glm, pool_estimates
 from stimnetd.jobs.quantiles import bisect_quantiles
 from stimnetd.jobs.quota import QueryQuota
@@ -45,8 +46,9 @@ class JobRunner:
         self._scripts = scripts
         self._quota = quota
         self._clock = clock
-        # Sandbox runs are heavy: at most `concurrency` at once; queries are not queued.
-        self._script_slots = asyncio.Semaphore(scripts.policy.concurrency)
+        # Sandbox runs are heavy: at most `concurrency` at once, shared fairly between
+        # researchers (jobs/fair.py); queries are not queued.
+        self._script_slots = FairSlots(scripts.policy.concurrency)
         self._stopping = False
 
     def start(self, record: JobRecord, job: VerifiedJob) -> None:
@@ -65,7 +67,8 @@ class JobRunner:
                 await t
 
     async def _run(self, record: JobRecord, job: VerifiedJob, active: ActiveJob) -> None:
-        slot = self._script_slots if record.kind == "script" else contextlib.nullcontext()
+        slot = (self._script_slots.slot(record.owner) if record.kind == "script"
+                else contextlib.nullcontext())
         try:
             async with slot:
                 await self._run_inner(record, job, active)

@@ -25,6 +25,7 @@ from stimnet.errors import QueryError, StimnetError
 from stimnet.query.spec import AggSpec, QuerySpec, validate
 from stimnet.signing import VerifiedJob
 from stimnetd.catalog import Catalog
+from stimnetd.jobs.fair import FairSlots
 from stimnetd.query.aggregate import Partial
 from stimnetd.sandbox import (
     NAME_RE,
@@ -70,7 +71,8 @@ class SandboxScripts:
         # `[scripts] concurrency` containers at once, whoever asks: this site's own jobs
         # (JobService also queues those) and the sub-jobs of every entry node, which would
         # otherwise each start a container the moment they arrive.
-        self._slots = asyncio.Semaphore(concurrency)
+        # Shared fairly between researchers (jobs/fair.py), as JobRunner's are.
+        self._slots = FairSlots(concurrency)
         self._log_policy = log_policy
         self._declared_outputs = declared_outputs
         self._on_duration = on_duration
@@ -96,7 +98,7 @@ class SandboxScripts:
         manifest = job_manifest({t: str(p.relative_to(catalog.root))
                                  for t, p in catalog.config.tables.items()},
                                 catalog.subject_key, catalog.fields)
-        async with self._slots:
+        async with self._slots.slot(job.researcher.name):
             outcome = await self._runner.run(job.request.job_id, job.signed.script,
                                              catalog.root, manifest)
         self._on_duration(outcome.duration_s)

@@ -1,9 +1,11 @@
 """Site-side computation: a `QuerySpec` over one catalog → additive `Partial`s.
 
 This module applies no privacy policy (k_min, noise, budgets): it computes exact
-sufficient statistics and the privacy layer decides what leaves the site. It does
-clamp numeric values to the declared bounds, because the privacy layer derives
-sensitivities from those bounds and must be able to rely on them.
+sufficient statistics and the privacy layer decides what leaves the site. With `clamp`
+(the site sets it when the release is noised) it clamps numeric values to the declared
+bounds, because the privacy layer derives sensitivities from those bounds and must be
+able to rely on them; without DP nothing needs the bounds, and federated must equal pooled.
+Quantile histograms bin over the bounds either way (their bins are defined by them).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class SiteComputation:
 def compute(
     spec: QuerySpec, catalog: CatalogView, *, quantile_bins: int = QUANTILE_BINS,
     beta: np.ndarray | None = None, images: SubjectImages | None = None,
-    audit: bool = False,
+    audit: bool = False, clamp: bool = True,
 ) -> SiteComputation:
     """One site's exact partials for `spec`: one per aggregate per group (every declared
     level combination when all group fields declare levels, else the groups present).
@@ -74,7 +76,7 @@ def compute(
     if spec.model is not None:
         return SiteComputation(partials=[model_partial(spec.model, rows, catalog.fields, beta)],
                                cohort_ids=cohort_ids, n_cohort=len(rows))
-    ctx = _Context(catalog, quantile_bins, images)
+    ctx = _Context(catalog, quantile_bins, images, clamp=clamp)
     groups = _groups(rows, spec.group_by, catalog.fields)
     partials = [ctx.aggregate(agg, cell, key) for key, cell in groups for agg in spec.aggregates]
     linear: list[LinearCohort] = []
@@ -174,8 +176,9 @@ def _groups(
 
 class _Context:
     def __init__(self, catalog: CatalogView, quantile_bins: int,
-                 images: SubjectImages | None = None) -> None:
+                 images: SubjectImages | None = None, *, clamp: bool = True) -> None:
         self.catalog = catalog
+        self.clamp = clamp
         self.images = images if images is not None else InProcess()
         self.fields = catalog.fields
         self.bins = quantile_bins
@@ -183,7 +186,7 @@ class _Context:
     def clamped(self, rows: Rows, name: str) -> np.ndarray:
         x = rows.numbers(name)
         bounds = self.fields[name].bounds
-        return x if bounds is None else np.clip(x, bounds[0], bounds[1])
+        return x if bounds is None or not self.clamp else np.clip(x, bounds[0], bounds[1])
 
     def aggregate(self, a: AggSpec, rows: Rows, group: GroupKey) -> Partial:
         def make(kind: str, n: int, stats: dict[str, np.ndarray], **meta: Any) -> Partial:

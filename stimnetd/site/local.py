@@ -179,7 +179,8 @@ class LocalSite:
                 await progress.running()
             _model_privacy(job, catalog, epsilon)
             audit = epsilon is None and self._overlap_guard
-            partials, cohort, groups, linear = await self._compute(job, catalog, progress, audit)
+            partials, cohort, groups, linear = await self._compute(job, catalog, progress, audit,
+                                                                   clamp=epsilon is not None)
             outcome = await self._release(job, catalog, partials, cohort, groups, epsilon, nonce,
                                           linear)
             if outcome.state == "done" and req.kind == "query" \
@@ -275,7 +276,7 @@ class LocalSite:
         self._on_decision("refused")
 
     async def _compute(self, job: VerifiedJob, catalog: Catalog, progress: ShareProgress,
-                       audit: bool = False
+                       audit: bool = False, clamp: bool = True
                        ) -> tuple[list[Partial], frozenset[str] | None,
                                   dict[GroupKey, frozenset[str]], list[LinearCohort]]:
         req = job.request
@@ -286,10 +287,10 @@ class LocalSite:
                                  f"{req.catalog!r}")
             # compute() validates the spec against this catalog (a site trusts no entry).
             if not spec.reads_images() and catalog.n_subjects <= INLINE_SUBJECTS:
-                result = compute(spec, catalog, images=self._images, audit=audit)
+                result = compute(spec, catalog, images=self._images, audit=audit, clamp=clamp)
             else:
                 result = await asyncio.to_thread(compute, spec, catalog, images=self._images,
-                                                 audit=audit)
+                                                 audit=audit, clamp=clamp)
             return result.partials, result.cohort_ids, result.group_ids, result.linear
         if self._script_runner is None:
             raise Refused("this site's script policy is 'deny': it does not run researcher scripts")

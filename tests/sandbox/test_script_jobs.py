@@ -435,3 +435,25 @@ async def test_failures_read_the_same_whatever_the_script_chose(
     for leak in ("ZeroDivision", "KeyError", "Age71", "line", "status", " 7", "s00"):
         assert leak not in told[0], told
     assert lines == []
+
+
+async def test_one_researchers_backlog_delays_anothers_job_by_one_job_at_most(
+        tmp_path: Path, pki: CertFactory, sandbox_image: str) -> None:
+    """With one sandbox slot, alice queues 16 sleeping jobs; bob's trivial job, submitted
+    after them, gets the next slot (jobs/fair.py): when it has succeeded, at most the one
+    job of alice's that held the slot has run (a FIFO would run all 16 first)."""
+    sleepy = SLOW.replace(b"time.sleep(3)", b"time.sleep(2)")
+    async with _node_clients(tmp_path, pki, concurrency=1) as (alice, _):
+        bob_id = pki.issue("bob", "researcher")
+        async with AsyncClient(client_config(bob_id, alice.config.address, 60)) as bob:
+            backlog = [await alice.submit_script(sleepy, "tiny", outputs=N_OUT)
+                       for _ in range(16)]
+            ans = await bob.run_job(await bob.submit_script(COUNT, "tiny", outputs=COUNT_OUT))
+            states = [(await alice.get_job(j.id)).state for j in backlog]
+            for j in backlog:
+                with contextlib.suppress(Exception):
+                    await alice.cancel(j.id)
+    assert ans.rows[0][0] == 30
+    done = [s for s in states if s == "succeeded"]
+    assert len(done) <= 1, states
+    assert states.count("queued") >= 14, states

@@ -52,6 +52,13 @@ def reference(frames: list[pd.DataFrame], formula: Formula, levels: dict, family
     return model.fit(use_t=family == "gaussian", tol=1e-12)
 
 
+def diverged(ref) -> bool:
+    """statsmodels' fit of a quasi-separated binomial: some row fitted with near-certainty
+    and the standard errors blown up (its criterion stops on the deviance, not on β)."""
+    mu = np.asarray(ref.mu)
+    return bool(np.min(np.minimum(mu, 1 - mu)) < 1e-6 and np.max(ref.bse) > 50)
+
+
 def assert_equals_statsmodels(out: GlmOutcome, ref) -> None:
     assert out.kind == "converged", out.detail
     f = out.fit
@@ -106,7 +113,13 @@ def test_federated_glm_equals_pooled_statsmodels(family: FamilyName, data):
     frames, formula, levels = data.draw(glm_cases(family))
     names = columns(formula, levels)
     out = fit(sites_of(frames, formula, levels, family), len(names), family, terms=names)
-    assert_equals_statsmodels(out, reference(frames, formula, levels, family))
+    ref = reference(frames, formula, levels, family)
+    if family == "binomial" and diverged(ref):
+        # The random data can be quasi-separated: statsmodels then "converges" on an
+        # estimate that is still running off with a huge standard error.
+        assert out.kind == "separation", out.detail
+        return
+    assert_equals_statsmodels(out, ref)
     assert out.rounds <= GlmControl().max_rounds
     assert out.fit is not None and out.fit.statistic == ("t" if family == "gaussian" else "z")
     assert out.fit.terms == names

@@ -55,7 +55,7 @@ def test_sites_that_disagree_on_the_space_pool_to_an_undeclared_one() -> None:
 
 
 def _answer(code: int) -> QueryAnswer:
-    affine = (np.diag([2.0, 2.0, 2.0, 1.0]) + np.eye(4, k=3) * -90).tolist()
+    affine = [[2.0, 0, 0, -2], [0, 2.0, 0, -14], [0, 0, 2.0, -8], [0, 0, 0, 1]]  # near the STN
     m = {"name": "sweet", "group": {}, "count_key": "c", "affine": affine, "shape": [3, 3, 3],
          "n": 42, "xform_code": code}
     doc = {"result": {"maps": [m]}, "query": {"sql": "SELECT mean_map(vta) FROM t"},
@@ -81,3 +81,25 @@ def test_nifti_codes_and_sidecar(tmp_path: Path) -> None:
     other = _answer(0).to_nifti()
     assert int(other.header["sform_code"]) == 2 and int(other.header["qform_code"]) == 2
     assert _answer(0).sidecar()["space"] == "undeclared"
+
+
+def test_png_is_drawn_on_the_template_with_a_colorbar(tmp_path: Path) -> None:
+    """The PNG a researcher shows: the MNI152 template behind the map (many grey levels,
+    mostly non-black), three panels and a colorbar, and a title naming query and n."""
+    import matplotlib.image as mpimg
+
+    ans = _answer(4)
+    ans.save_maps(tmp_path)
+    png = mpimg.imread(tmp_path / "sweet_count.png")
+    height, width = png.shape[:2]
+    assert (width, height) == (1000, 360)
+    rgb = png[..., :3]
+    assert float(np.mean(rgb.max(axis=-1) > 0.05)) > 0.5  # more than half non-black
+    grey = rgb[(np.ptp(rgb, axis=-1) < 0.02) & (rgb.mean(axis=-1) < 0.95)
+               & (rgb.mean(axis=-1) > 0.05)]
+    assert len(np.unique(np.round(grey.mean(axis=-1), 2))) > 40  # anatomy, not flat fill
+    # The colorbar: a column strip on the right whose colour runs through many hues.
+    right = rgb[:, int(width * 0.9):]
+    assert len(np.unique(np.round(right.reshape(-1, 3), 1), axis=0)) > 10
+    assert "SELECT mean_map(vta) FROM t" in ans._title(ans.maps[0], "count")
+    assert "n = 42" in ans._title(ans.maps[0], "count")
