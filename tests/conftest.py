@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,7 +19,11 @@ from stimnetd.testing import CertFactory, CertPaths, write_node_config
 # Property tests check values, not speed: Hypothesis's per-example deadline (200 ms) fails
 # them on a shared 2-core machine whose other work varies, so it is off for every test.
 settings.register_profile("stimnet", deadline=None)
-settings.load_profile("stimnet")
+# CI gates a landing, so it must not depend on which random examples a run happens to draw:
+# under CI=true the examples are a fixed sequence (and no example database is kept). Local
+# runs keep exploring new examples; what they find is fixed and then stays in CI's sequence.
+settings.register_profile("stimnet-ci", deadline=None, derandomize=True, database=None)
+settings.load_profile("stimnet-ci" if os.environ.get("CI") == "true" else "stimnet")
 
 
 @pytest.fixture(autouse=True)
