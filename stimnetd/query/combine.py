@@ -54,8 +54,14 @@ def _sum(parts: list[Partial], names: list[str]) -> Partial:
                     f"({first.meta.get(k)!r} vs {p.meta.get(k)!r})"
                 )
     meta: dict[str, Any] = dict(first.meta)
-    if "xform_code" in meta and len({p.meta.get("xform_code") for p in parts}) > 1:
-        meta["xform_code"] = 0  # a pooled map is MNI only when every site's images are
+    if "xform_code" in meta:
+        codes = [p.meta.get("xform_code") for p in parts]
+        for name, code in zip(names, codes, strict=True):
+            if not isinstance(code, int) or isinstance(code, bool):
+                raise IncompatiblePartials(f"{label}: {names[0]} and {name} disagree on "
+                                           f"xform_code ({name} sent {code!r:.40})")
+        if len(set(codes)) > 1:
+            meta["xform_code"] = 0  # a pooled map is MNI only when every site's images are
     if first.kind == "contingency":
         parts, meta["levels"] = _align_levels(parts)
         first = parts[0]
