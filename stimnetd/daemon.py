@@ -234,7 +234,7 @@ class Daemon:
         image is missing."""
         assert self.sandbox is not None
         try:
-            removed = await self.sandbox.reap_orphans()
+            removed = await self.sandbox.reap_orphans(await self.store.installation_id())
             if removed:
                 log.warning("removed orphaned sandbox containers", count=removed)
             import docker

@@ -49,6 +49,8 @@ from stimnetd.sandbox.workspace import SANDBOX_UID, Workspace
 LABEL_MANAGED = "org.stimnet.managed"
 LABEL_NODE = "org.stimnet.node"
 LABEL_JOB = "org.stimnet.job"
+# The store's random installation id: two installations may share an engine and a node name.
+LABEL_INSTALLATION = "org.stimnet.installation"
 ENTRYPOINT = ("python3", "-I", "-B", "/opt/stimnet/entrypoint.py")
 POLL_FIRST_S = 0.01
 # Caps how far past result_bytes a fast writer gets before the kill (plus RLIMIT_FSIZE
@@ -90,6 +92,7 @@ def container_spec(
     data: Path,
     zygote_idle_s: float | None = None,
     verbose_errors: bool = False,
+    installation: str = "",
 ) -> dict[str, Any]:
     """`create_container` keyword arguments, with `host_config` as the keyword arguments
     of `create_host_config`. `zygote_idle_s`: make a zygote that waits for a job and
@@ -103,7 +106,8 @@ def container_spec(
         "environment": _environment(limits, zygote_idle_s, verbose_errors),
         "hostname": "stimnet-job",
         "network_disabled": True,
-        "labels": {LABEL_MANAGED: "true", LABEL_NODE: node, LABEL_JOB: job_id},
+        "labels": {LABEL_MANAGED: "true", LABEL_NODE: node, LABEL_JOB: job_id,
+                   LABEL_INSTALLATION: installation},
         "name": f"stimnet-{node}-{workspace.name}",
         "host_config": _host_config(limits, workspace, data),
     }

@@ -162,9 +162,11 @@ class KubeRunner:
     async def prewarm(self, catalog_root: Path) -> None:
         """Nothing to do: there is no warm pool on Kubernetes (see the module docstring)."""
 
-    async def reap_orphans(self) -> int:
+    async def reap_orphans(self, installation: str | None = None) -> int:
         """Delete the Jobs, ConfigMaps and NetworkPolicies this node left behind; how many
-        Jobs. Objects of jobs running now (named by this runner) are kept."""
+        Jobs. Objects of jobs running now (named by this runner) are kept. `installation`
+        is accepted for the facade but not yet labelled: on a cluster objects are keyed
+        by node name within the configured namespace."""
         api = await self._client()
         ns, sel = self._target.namespace, kubespec.selector(self._node)
         want = {kubespec.LABEL_MANAGED: "true", kubespec.LABEL_NODE: self._node}

@@ -22,6 +22,7 @@ from typing import Any
 import structlog
 
 from stimnetd.sandbox.container import (
+    LABEL_INSTALLATION,
     LABEL_MANAGED,
     LABEL_NODE,
     ContainerEnd,
@@ -86,6 +87,7 @@ class SandboxRunner:
         # Read for each container, so a change applies from the next one on.
         self._limits = limits
         self._node = node
+        self._installation = ""
         self._verbose_errors = verbose_errors
         # None: a tmpfs output mount whenever this process may mount (root); otherwise a
         # plain directory whose size the monitor polls.
@@ -175,15 +177,21 @@ class SandboxRunner:
         root = await asyncio.to_thread(Path(catalog_root).resolve)
         await self._warm.prewarm(root)
 
-    async def reap_orphans(self) -> int:
+    async def reap_orphans(self, installation: str | None = None) -> int:
         """Remove every container this node left behind (crash, kill -9); return how many.
 
-        Call once at startup, before `prewarm`. A job (e.g. one re-queued after the crash)
+        Call once at startup, before `prewarm`. `installation` (the store's installation
+        id) is labelled on every container made from then on, and only containers with
+        that label are reaped: another installation with the same node name on this
+        engine keeps its containers. A job (e.g. one re-queued after the crash)
         may already be running: containers this runner made are told apart by name, as a
         re-queued job's old and new containers carry the same job label.
         """
         api = await self._docker()
-        filters = {"label": [f"{LABEL_MANAGED}=true", f"{LABEL_NODE}={self._node}"]}
+        if installation is not None:
+            self._installation = installation
+        filters = {"label": [f"{LABEL_MANAGED}=true", f"{LABEL_NODE}={self._node}"]
+                   + ([f"{LABEL_INSTALLATION}={self._installation}"] if self._installation else [])}
         containers = await asyncio.to_thread(api.containers, all=True, filters=filters)
         removed = 0
         for c in containers:
@@ -250,6 +258,7 @@ class SandboxRunner:
         spec = container_spec(
             image=self._image, limits=self._limits, node=self._node, job_id=job_id,
             workspace=ws, data=catalog_root, verbose_errors=self._verbose_errors,
+            installation=self._installation,
             zygote_idle_s=self._warm.zygote_idle_s if zygote else None,
         )
         return create_container(api, spec)

@@ -376,6 +376,10 @@ class Store:
         """A per-site random key (e.g. for HMAC'd cohort fingerprints); made on first use."""
         return await self._writer.run(node.site_secret)
 
+    async def installation_id(self) -> str:
+        """A random id for this installation (e.g. in container labels); made on first use."""
+        return await self._writer.run(node.installation_id)
+
 
 # Below this a blob is compressed where it is: a thread hop costs more than zlib does.
 _INLINE_COMPACT = 64 * 1024

@@ -52,3 +52,13 @@ def site_secret(t: Transaction) -> bytes:
     secret = secrets.token_bytes(SECRET_BYTES)
     t.conn.execute("INSERT INTO meta (key, value) VALUES ('site_secret', ?)", (secret,))
     return secret
+
+
+def installation_id(t: Transaction) -> str:
+    """This store's random installation id (labels its sandbox containers); made once."""
+    row = t.conn.execute("SELECT value FROM meta WHERE key = 'installation_id'").fetchone()
+    if row:
+        return bytes(row[0]).decode()
+    made = secrets.token_hex(8)
+    t.conn.execute("INSERT INTO meta (key, value) VALUES ('installation_id', ?)", (made.encode(),))
+    return made

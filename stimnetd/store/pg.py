@@ -330,6 +330,14 @@ class PgStore:
             secrets.token_bytes(SECRET_BYTES))
         return bytes(await self.pool.fetchval("SELECT value FROM meta WHERE key = 'site_secret'"))
 
+    async def installation_id(self) -> str:
+        """`Store.installation_id`: made on first use; replicas share one."""
+        await self.pool.execute(
+            "INSERT INTO meta (key, value) VALUES ('installation_id', $1) ON CONFLICT DO NOTHING",
+            secrets.token_hex(8).encode())
+        got = await self.pool.fetchval("SELECT value FROM meta WHERE key = 'installation_id'")
+        return bytes(got).decode()
+
     async def approve_script(self, sha256: str, by: str) -> None:
         await self.pool.execute(
             "INSERT INTO approvals (script_sha256, approved_by, at) VALUES ($1, $2, $3)"

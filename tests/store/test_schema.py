@@ -109,3 +109,22 @@ async def test_backup_is_a_consistent_copy(store: Store, tmp_path: Path) -> None
     assert dest.stat().st_mode & 0o777 == 0o600
     with pytest.raises(StimnetError, match="already exists"):
         await store.backup(dest)
+
+
+async def test_the_installation_id_is_made_once_and_kept(factory: StoreFactory,
+                                                         tmp_path: Path) -> None:
+    """A store's installation id is random per store and survives reopening."""
+    a = await factory.open(tmp_path / "a.sqlite3")
+    b = await factory.open(tmp_path / "b.sqlite3")
+    try:
+        first = await a.installation_id()
+        assert len(first) == 16 and await a.installation_id() == first
+        assert await b.installation_id() != first
+    finally:
+        await a.close()
+        await b.close()
+    again = await factory.open(tmp_path / "a.sqlite3")
+    try:
+        assert await again.installation_id() == first
+    finally:
+        await again.close()

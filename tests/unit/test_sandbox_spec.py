@@ -87,9 +87,10 @@ class TestContainer:
 
     def test_is_labelled_and_named_for_its_node_and_workspace(self) -> None:
         """Labels let reap_orphans find the node's containers; the name ties one to its workspace."""
-        s = spec()
+        s = spec(installation="0f1e2d3c4b5a6978")
         assert s["labels"] == {"org.stimnet.managed": "true", "org.stimnet.node": "node-a",
-                               "org.stimnet.job": "job-1"}
+                               "org.stimnet.job": "job-1",
+                               "org.stimnet.installation": "0f1e2d3c4b5a6978"}
         assert s["name"] == "stimnet-node-a-0123abcd"
 
     @pytest.mark.parametrize(("changes", "extra"), [
