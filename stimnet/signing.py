@@ -119,9 +119,13 @@ class JobRequest:
             raise InvalidRequest("job names no catalog")
         if self.kind == "query" and not isinstance(self.spec, dict):
             raise InvalidRequest("a query job needs a spec")
-        if self.kind == "script" and (not isinstance(self.script_sha256, str)
-                                      or len(self.script_sha256) != 64):
-            raise InvalidRequest("a script job needs the script's SHA-256")
+        if not isinstance(self.script_sha256, str):
+            raise InvalidRequest("script_sha256 must be a string (the script's SHA-256 in hex, "
+                                 f"or empty for a query job), not {_json_type(self.script_sha256)}")
+        if self.kind == "script" and len(self.script_sha256) != 64:
+            raise InvalidRequest("a script job needs the script's SHA-256 (script_sha256)")
+        if self.kind == "query" and self.script_sha256:
+            raise InvalidRequest("script_sha256 must be empty for a query job")
         if self.kind == "script" and self.spec is not None and not isinstance(self.spec, dict):
             raise InvalidRequest("a script job's declared outputs (spec) must be an object")
         if self.epsilon is not None and (not isinstance(self.epsilon, int | float)
@@ -138,6 +142,16 @@ class JobRequest:
         if not isinstance(self.entry, str) or not 0 < len(self.entry) <= MAX_NODE_NAME:
             raise InvalidRequest("a job names its entry node (the node it is submitted to), "
                                  f"1-{MAX_NODE_NAME} characters")
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return "an array" if isinstance(value, list) else "an object"
 
 
 def _no_constant(name: str) -> Any:

@@ -29,6 +29,7 @@ import structlog
 
 from stimnet.errors import ERROR_KIND_KEY, StimnetError, StorageFull
 from stimnet.pki import Identity, PkiError, identity_from_cert
+from stimnetd.rpc.malformed import readable
 from stimnetd.rpc.refusals import RefusalLimiter, Summary
 from stimnetd.rpc.roles import ADMIN, admin_scoped, allowed_roles
 from stimnetd.tlsfront import TlsFront
@@ -219,25 +220,17 @@ class Guard(grpc.aio.ServerInterceptor):
         return wrapped[1]
 
     def _wrap(self, method: str, handler: Any) -> Any:
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(method, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(method, handler.stream_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        return grpc.stream_stream_rpc_method_handler(
-            self._wrap_stream(method, handler.stream_stream),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+        h = readable(handler)  # bytes that are not the request message: INVALID_ARGUMENT
+        io = {"request_deserializer": h.request_deserializer,
+              "response_serializer": h.response_serializer}
+        if h.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(self._wrap_unary(method, h.unary_unary), **io)
+        if h.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(self._wrap_stream(method, h.unary_stream), **io)
+        if h.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(self._wrap_unary(method, h.stream_unary), **io)
+        return grpc.stream_stream_rpc_method_handler(self._wrap_stream(method, h.stream_stream),
+                                                     **io)
 
     # -- per-call checks -------------------------------------------------------------
 

@@ -69,3 +69,18 @@ def test_numbers_json_cannot_carry_are_refused_by_name(old: bytes, new: bytes,
     payload = new_request("query", "c", entry="site-a", spec=SPEC).to_payload()
     with pytest.raises(InvalidRequest, match=problem):
         JobRequest.from_payload(_with(payload, old, new))
+
+
+@pytest.mark.parametrize("kind", ["query", "script"])
+@pytest.mark.parametrize("value, named", [(None, "null"), (5, "a number"), (True, "a boolean"),
+                                          ([], "an array"), ({}, "an object")])
+def test_a_script_sha256_that_is_not_a_string_is_refused_by_name(kind: str, value: object,
+                                                                  named: str) -> None:
+    """A mistyped script_sha256 is named at parse time, not left for the store's NOT NULL."""
+    with pytest.raises(InvalidRequest, match=f"script_sha256 must be a string .*, not {named}$"):
+        JobRequest.from_payload(canonical(_doc(kind=kind, script_sha256=value)))
+
+
+def test_a_query_job_carries_no_script_hash() -> None:
+    with pytest.raises(InvalidRequest, match="script_sha256 must be empty for a query job"):
+        JobRequest.from_payload(canonical(_doc(script_sha256="ab" * 32)))
