@@ -28,6 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     backup = sub.add_parser("backup", help="consistent online copy of the node's store")
     backup.add_argument("dest", type=Path)
     backup.add_argument("--config", "-c", dest="backup_config", type=Path, required=True)
+    init = sub.add_parser("init-store", help="start a new, empty store (audited); the old file "
+                          "is kept beside it")
+    init.add_argument("--config", "-c", dest="init_config", type=Path, required=True)
+    init.add_argument("--force", action="store_true", help="required: ε spent and the audit "
+                      "chain start again")
     return p
 
 
@@ -45,14 +50,17 @@ def main(argv: list[str] | None = None) -> int:
     from stimnetd.store import StoreCorrupt
     from stimnetd.tls import TlsError
 
-    cfg_path = args.file if args.command == "check-config" else (
-        args.backup_config if args.command == "backup" else args.config)
+    cfg_path = {"check-config": getattr(args, "file", None),
+                "backup": getattr(args, "backup_config", None),
+                "init-store": getattr(args, "init_config", None)}.get(args.command, args.config)
     if cfg_path is None:
         return _fatal("no config given (use --config FILE)", EXIT_CONFIG)
     try:
         config = load_config(cfg_path)
         if args.command == "backup":
             return asyncio.run(_backup(config, args.dest))
+        if args.command == "init-store":
+            return _init_store(config, args.force)
         from stimnetd import logs
         from stimnetd.daemon import Daemon
 
@@ -98,6 +106,16 @@ def _run_loop(main) -> None:  # type: ignore[no-untyped-def]
         asyncio.run(main)
         return
     uvloop.run(main)
+
+
+def _init_store(config, force: bool) -> int:  # type: ignore[no-untyped-def]
+    from stimnetd.initstore import init_store
+
+    if not force:
+        return _fatal("init-store starts a new, empty store for this node (ε spent and the "
+                      "audit chain start again); pass --force to do it", EXIT_CONFIG)
+    print(asyncio.run(init_store(config)))
+    return 0
 
 
 async def _backup(config, dest: Path) -> int:  # type: ignore[no-untyped-def]

@@ -310,7 +310,7 @@ class Daemon:
             log.warning("config warning", problem=warning)
         for risk in privacy_risks(self.config):
             log.warning("privacy risk accepted", risk=risk)
-        await self.store.open(lock_dir=True)  # released by store.close()
+        await self.store.open(lock_dir=True, check_identity=True)  # released by store.close()
         self._server = self._build_server()
         node = self.config.node
         port = self.port = await self._listen()
@@ -323,6 +323,7 @@ class Daemon:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         await self.store.audit(self.config.node.name, "node", "start", "ok",
                                {"version": __version__, "port": port})
+        await self.store.keep_identity()
         self.started_at = time.time()
         self._start_background()
         log.info("listening", address=f"{node.host}:{port}", catalogs=self.catalogs.names())

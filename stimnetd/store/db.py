@@ -21,7 +21,7 @@ from typing import Any
 import aiosqlite
 
 from stimnet.errors import Replayed, StimnetError, StorageFull
-from stimnetd.store import blobs, jobs, ledger, node, nonces, releases
+from stimnetd.store import blobs, identity, jobs, ledger, node, nonces, releases
 from stimnetd.store.audit import SELECT_ROWS, AuditRow, AuditVerification, verify_rows
 from stimnetd.store.groupcommit import GROUP_COMMIT_S, Writer
 from stimnetd.store.lock import StateDirLock
@@ -63,23 +63,31 @@ class Store:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    async def open(self, *, integrity_check: bool = True, lock_dir: bool = False) -> None:
+    async def open(self, *, integrity_check: bool = True, lock_dir: bool = False,
+                   check_identity: bool = False) -> None:
         """Open (creating the file and migrating its schema), after a quick integrity check.
         `lock_dir`: first hold the store's directory for this process (lock_state_dir).
+        `check_identity`: refuse a store that is not the one this node ran on before
+        (identity.py), and re-verify the whole audit chain.
 
         Raises:
-            StoreCorrupt: the file is not a usable store, or was written by a newer stimnetd.
+            StoreCorrupt: the file is not a usable store, or was written by a newer stimnetd,
+                or its audit chain does not verify.
+            StoreReplaced: missing, empty or another store, on a node that has run before.
             StateDirLocked: another daemon holds the directory.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if lock_dir:
             self.lock_state_dir()
+        if check_identity:
+            identity.check_file_present(self.path)
         try:
             await self._writer.open(self.path)
         except sqlite3.Error as exc:
             raise StoreCorrupt(f"store {self.path} cannot be opened: {exc}") from None
         try:
-            await self._writer.call(functools.partial(_prepare, self.path, integrity_check))
+            await self._writer.call(functools.partial(_prepare, self.path, integrity_check,
+                                                      check_identity))
             await self._writer.load_head()
             self._nonces.load(await self._writer.call(nonces.load))
             self._db = await aiosqlite.connect(self.path, isolation_level=None)
@@ -100,6 +108,16 @@ class Store:
         finally:
             if db is not None:
                 await db.close()
+
+    async def keep_identity(self, *, replace: bool = False) -> None:
+        """Write the store's identity (its first audit entry's hash) next to it, once that
+        entry is committed; `replace`: over an earlier one (init-store --force)."""
+        if identity.read(self.path) is not None and not replace:
+            return
+        await self.flush()
+        store_id = await self._writer.call(identity.first_hash)
+        if store_id is not None:
+            identity.write(self.path, store_id)
 
     @staticmethod
     def check_file(path: Path) -> None:
@@ -395,7 +413,8 @@ async def _compacted(blob: bytes | None) -> bytes | None:
     return await asyncio.to_thread(blobs.compact, blob)
 
 
-def _prepare(path: Path, integrity_check: bool, conn: sqlite3.Connection) -> None:
+def _prepare(path: Path, integrity_check: bool, check_identity: bool,
+             conn: sqlite3.Connection) -> None:
     """Pragmas, the integrity check and migrations, on the writer's connection."""
     conn.execute("PRAGMA busy_timeout = 5000")
     conn.execute("PRAGMA journal_mode = WAL")
@@ -406,6 +425,12 @@ def _prepare(path: Path, integrity_check: bool, conn: sqlite3.Connection) -> Non
         if [r[0] for r in rows] != ["ok"]:
             raise StoreCorrupt(f"store {path} failed its integrity check ({rows[0][0]}); {RESTORE}")
     _migrate(conn, path)
+    if check_identity:
+        identity.check_store(path, conn)
+        problem = identity.chain_problem(conn)
+        if problem is not None:
+            raise StoreCorrupt(f"store {path} failed its audit-chain check at start ({problem}); "
+                               f"{RESTORE}")
 
 
 def _check_version(path: Path, version: int) -> None:
