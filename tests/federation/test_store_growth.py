@@ -65,6 +65,8 @@ async def test_a_researcher_at_the_stored_answer_quota_is_refused(start_node, pk
                           storage={"max_stored_mb_per_researcher": 0.02}) as d:
         async with AsyncClient(client_config(alice, f"127.0.0.1:{d.port}", 60.0)) as c:
             await c.query(MAP_QUERY)  # ~30 kB stored: over the 21 kB quota
+            # The job's answer is committed with its final state, after the client has it.
+            await d.store.flush()
             stored = await d.store.stored_bytes("alice")
             with pytest.raises(StorageQuotaExceeded, match="max_stored_mb_per_researcher = 0.02"):
                 await c.query(MAP_QUERY)

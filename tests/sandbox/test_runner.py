@@ -4,6 +4,7 @@ the container settings it asks the engine for, and the image check (real engine)
 from __future__ import annotations
 
 import asyncio
+import json
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -240,7 +241,12 @@ def _assert_locked_down(attrs: dict[str, Any]) -> None:
     assert host["ReadonlyRootfs"] is True
     assert host["CapDrop"] == ["ALL"]
     assert host.get("CapAdd") in (None, [])
-    assert host["SecurityOpt"] == ["no-new-privileges"]
+    nnp, seccomp = host["SecurityOpt"]  # our own seccomp profile, on top of Docker's default
+    assert nnp == "no-new-privileges"
+    profile = json.loads(seccomp.removeprefix("seccomp="))
+    allowed = {n for rule in profile["syscalls"] if rule["action"] == "SCMP_ACT_ALLOW"
+               for n in rule["names"]}
+    assert seccomp.startswith("seccomp=") and "io_uring_setup" not in allowed
     assert host["Privileged"] is False
     assert host["PidsLimit"] == TEST_LIMITS.pids
     assert host["Memory"] == host["MemorySwap"] == TEST_LIMITS.memory_bytes
