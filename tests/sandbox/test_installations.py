@@ -65,6 +65,13 @@ async def test_a_second_installation_spares_the_first_ones_running_job(
 
             await wait_for(running, "the first installation's job runs", tries=200, every_s=0.1)
             ins_a = _installation_id(tmp_path / "a")
+
+            # "running" is recorded before the container is created: wait for it.
+            async def a_container() -> bool:
+                return bool(_twins(docker_client, ins_a))
+
+            await wait_for(a_container, "the first installation's container", tries=300,
+                           every_s=0.1)
             before = {x["Id"] for x in _twins(docker_client, ins_a)}
             assert before  # the job's container (and any zygotes) carry A's id
             second, addr_b = _install(tmp_path / "b", pki, twin)
