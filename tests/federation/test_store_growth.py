@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 from pathlib import Path
@@ -66,7 +67,13 @@ async def test_a_researcher_at_the_stored_answer_quota_is_refused(start_node, pk
         async with AsyncClient(client_config(alice, f"127.0.0.1:{d.port}", 60.0)) as c:
             await c.query(MAP_QUERY)  # ~30 kB stored: over the 21 kB quota
             # The job's answer is committed with its final state, after the client has it.
-            await d.store.flush()
+            for _ in range(200):
+                await d.store.flush()
+                rows = await d.store.db.execute_fetchall(
+                    "SELECT count(*) FROM jobs WHERE owner = 'alice' AND result IS NOT NULL")
+                if list(rows)[0][0]:
+                    break
+                await asyncio.sleep(0.05)
             stored = await d.store.stored_bytes("alice")
             with pytest.raises(StorageQuotaExceeded, match="max_stored_mb_per_researcher = 0.02"):
                 await c.query(MAP_QUERY)
