@@ -104,6 +104,7 @@ class KubeRunner:
         self._api_lock = asyncio.Lock()
         self._jobs: dict[str, _Job] = {}
         self._closed = False
+        self._installation = ""  # the store's id, from `reap_orphans` at start
 
     @property
     def node(self) -> str:
@@ -165,11 +166,17 @@ class KubeRunner:
     async def reap_orphans(self, installation: str | None = None) -> int:
         """Delete the Jobs, ConfigMaps and NetworkPolicies this node left behind; how many
         Jobs. Objects of jobs running now (named by this runner) are kept. `installation`
-        is accepted for the facade but not yet labelled: on a cluster objects are keyed
-        by node name within the configured namespace."""
+        (the store's installation id) labels every object made from now on, and only
+        objects carrying it are reaped: another installation with this node name in the
+        namespace keeps its jobs. Without one, objects are keyed by node name only."""
+        if installation is not None:
+            self._installation = kubespec.check_label_value(installation, "installation id")
         api = await self._client()
-        ns, sel = self._target.namespace, kubespec.selector(self._node)
+        ns = self._target.namespace
+        sel = kubespec.selector(self._node, self._installation)
         want = {kubespec.LABEL_MANAGED: "true", kubespec.LABEL_NODE: self._node}
+        if self._installation:
+            want[kubespec.LABEL_INSTALLATION] = self._installation
         names: set[str] = set()
         listings = (
             client.BatchV1Api(api).list_namespaced_job,
@@ -216,15 +223,17 @@ class KubeRunner:
         # The policy first: the pod must never exist without it.
         await client.NetworkingV1Api(api).create_namespaced_network_policy(
             # The client serialises plain dicts as they are (its models are not needed).
-            t.namespace, cast(Any, kubespec.network_policy(name, self._node, t)),
+            t.namespace, cast(Any, kubespec.network_policy(name, self._node, t, self._installation)),
             _request_timeout=API_TIMEOUT_S)
         await client.CoreV1Api(api).create_namespaced_config_map(
             t.namespace, cast(Any, kubespec.job_config_map(
-                name, self._node, job.job_id, t, script, json.dumps(dict(manifest), sort_keys=True))),
+                name, self._node, job.job_id, t, script, json.dumps(dict(manifest), sort_keys=True),
+                self._installation)),
             _request_timeout=API_TIMEOUT_S)
         await client.BatchV1Api(api).create_namespaced_job(
             t.namespace, cast(Any, kubespec.job(name, self._node, job.job_id, t, self._limits,
-                                                subpath, verbose_errors=self._verbose_errors)),
+                                                subpath, verbose_errors=self._verbose_errors,
+                                                installation=self._installation)),
             _request_timeout=API_TIMEOUT_S)
 
     async def _watch(self, api: client.ApiClient, job: _Job) -> _End:

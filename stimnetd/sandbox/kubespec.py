@@ -36,6 +36,9 @@ from stimnetd.sandbox.workspace import SANDBOX_UID
 LABEL_MANAGED = "stimnet.org/managed"
 LABEL_NODE = "stimnet.org/node"
 LABEL_POD = "stimnet.org/pod"
+# The store's installation id: two installations with the same node name in one namespace
+# (a test and a production site, a re-created site) never reap each other's objects.
+LABEL_INSTALLATION = "stimnet.org/installation"
 ANNOTATION_JOB = "stimnet.org/job"
 # Kubernetes names are DNS-1123 labels; label values are at most 63 characters.
 _LABEL_VALUE_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?\Z")
@@ -71,16 +74,22 @@ def check_label_value(value: str, what: str) -> str:
     return value
 
 
-def labels(node: str, name: str) -> dict[str, str]:
-    return {LABEL_MANAGED: "true", LABEL_NODE: node, LABEL_POD: name}
+def labels(node: str, name: str, installation: str = "") -> dict[str, str]:
+    """An empty `installation` (a runner not yet told its store's id) labels by node only."""
+    out = {LABEL_MANAGED: "true", LABEL_NODE: node, LABEL_POD: name}
+    if installation:
+        out[LABEL_INSTALLATION] = installation
+    return out
 
 
-def network_policy(name: str, node: str, target: KubeTarget) -> dict[str, Any]:
+def network_policy(name: str, node: str, target: KubeTarget,
+                   installation: str = "") -> dict[str, Any]:
     """Deny all ingress and egress for the job's pod (no rules under both types)."""
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": {"name": name, "namespace": target.namespace, "labels": labels(node, name)},
+        "metadata": {"name": name, "namespace": target.namespace,
+                     "labels": labels(node, name, installation)},
         "spec": {
             "podSelector": {"matchLabels": {LABEL_POD: name}},
             "policyTypes": ["Ingress", "Egress"],
@@ -91,14 +100,15 @@ def network_policy(name: str, node: str, target: KubeTarget) -> dict[str, Any]:
 
 
 def job_config_map(name: str, node: str, job_id: str, target: KubeTarget, script: bytes,
-                   manifest_json: str) -> dict[str, Any]:
+                   manifest_json: str, installation: str = "") -> dict[str, Any]:
     """The script (binaryData: it is bytes) and manifest the pod mounts read-only at /job."""
     import base64
 
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {"name": name, "namespace": target.namespace, "labels": labels(node, name),
+        "metadata": {"name": name, "namespace": target.namespace,
+                     "labels": labels(node, name, installation),
                      "annotations": {ANNOTATION_JOB: job_id}},
         "immutable": True,
         "binaryData": {"script.py": base64.b64encode(script).decode("ascii")},
@@ -107,9 +117,10 @@ def job_config_map(name: str, node: str, job_id: str, target: KubeTarget, script
 
 
 def job(name: str, node: str, job_id: str, target: KubeTarget, limits: SandboxLimits,
-        data_subpath: str, *, verbose_errors: bool = False) -> dict[str, Any]:
+        data_subpath: str, *, verbose_errors: bool = False,
+        installation: str = "") -> dict[str, Any]:
     """The batch/v1 Job running one script once."""
-    lab = labels(node, name)
+    lab = labels(node, name, installation)
     deadline = math.ceil(limits.timeout_s) + DEADLINE_GRACE_S
     return {
         "apiVersion": "batch/v1",
@@ -201,8 +212,9 @@ def _container(target: KubeTarget, limits: SandboxLimits, data_subpath: str,
     }
 
 
-def selector(node: str) -> str:
-    return f"{LABEL_MANAGED}=true,{LABEL_NODE}={node}"
+def selector(node: str, installation: str = "") -> str:
+    base = f"{LABEL_MANAGED}=true,{LABEL_NODE}={node}"
+    return f"{base},{LABEL_INSTALLATION}={installation}" if installation else base
 
 
 def has_labels(obj: Mapping[str, Any], want: Mapping[str, str]) -> bool:

@@ -215,6 +215,39 @@ async def test_reap_orphans_deletes_this_nodes_leftovers_only(cluster, data_root
         assert kubelet.live(res) == ["stimnet-dead2"]
 
 
+async def test_reap_orphans_spares_another_installation_with_the_same_node_name(
+        cluster, data_root: Path) -> None:
+    """Two installations named site-a in one namespace: each labels its objects with its
+    store's installation id and reaps only its own leftovers; a job it runs after the
+    reap carries that id on every object."""
+    emulator, kubelet = cluster
+    for name, inst in (("stimnet-old1", "aaaa1111"), ("stimnet-old2", "bbbb2222")):
+        for res in (JOBS, CONFIGMAPS, POLICIES):
+            emulator.objects[(res, NAMESPACE, name)] = {"metadata": {
+                "name": name, "namespace": NAMESPACE,
+                "labels": kubespec.labels("site-a", name, inst)}}
+    runner = make_runner(emulator, data_root)
+    try:
+        assert await runner.reap_orphans("aaaa1111") == 1
+        for res in (JOBS, CONFIGMAPS, POLICIES):
+            assert kubelet.live(res) == ["stimnet-old2"], res
+        outcome = await runner.run("job-1", COUNT, data_root / "cat1", MANIFEST)
+    finally:
+        await runner.shutdown()
+    assert outcome.status == "succeeded", outcome.reason
+    creates = [r.data for r in emulator["post"]]
+    assert len(creates) == 3
+    for body in creates:
+        assert body["metadata"]["labels"][kubespec.LABEL_INSTALLATION] == "aaaa1111"
+    pod = creates[2]["spec"]["template"]["metadata"]["labels"]
+    assert pod[kubespec.LABEL_INSTALLATION] == "aaaa1111"
+
+
+def test_an_installation_id_that_is_no_label_value_is_refused() -> None:
+    with pytest.raises(ValueError, match="installation id"):
+        kubespec.check_label_value("not a label!", "installation id")
+
+
 async def test_the_cluster_refusing_the_job_fails_it_with_the_status_only(
         cluster, data_root: Path) -> None:
     """An API error on create fails the job with the HTTP status, not the server's text;
