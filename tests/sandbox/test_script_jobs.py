@@ -21,7 +21,7 @@ from stimnetd.testing import CertFactory, DaemonProcess, free_port, write_node_c
 from tests.federation.test_federated_queries import _tiny_catalog
 from tests.helpers import client_config
 
-from .conftest import wait_for
+from .conftest import mounts_under, wait_for
 
 COUNT = b"""
 from stimnet_runtime import load_table, emit_count, emit_mean
@@ -290,6 +290,9 @@ async def test_sigkill_during_a_script_job(tmp_path: Path, pki: CertFactory, san
         await wait_for(reaped, "the orphaned containers are reaped", tries=75, every_s=0.2)
     finally:
         assert proc.stop() == 0
+    # The killed daemon's output tmpfs outlived it; the restarted one's sweep unmounted
+    # it and its own stop unmounted the rest.
+    assert mounts_under(tmp_path) == [], "output tmpfs mounts left behind"
     with sqlite3.connect(tmp_path / "node" / "state" / "stimnetd.sqlite3") as db:
         charges = db.execute("SELECT COUNT(*) FROM ledger WHERE job_id = ?", (job.id,)).fetchone()[0]
         releases = db.execute("SELECT COUNT(*) FROM releases WHERE job_id = ?",
