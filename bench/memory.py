@@ -100,7 +100,7 @@ async def main(subjects: int, queries: int) -> None:
                 for _ in range(queries):
                     ans = await c.query(QUERY, federated=True, min_sites=3)
             wall = time.perf_counter() - started
-            await asyncio.sleep(2.0)
+            await asyncio.sleep(8.0)  # past the daemons' heap-trim interval (memtrim.py)
             after = {pid: rss_mb(pid) for pid in pids}
             grown = [used_bytes(db) - b for db, b in zip(dbs, before, strict=True)]
     finally:

@@ -1,7 +1,6 @@
 """Builds the daemon's object graph and runs it: the only module that knows every part.
 
-Outside dependencies (store, clock, TLS, transports, Docker) are constructed here and
-passed into the components, so tests can build the same graph with fakes.
+Outside dependencies (store, clock, TLS, transports, Docker) are built here and passed in.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from stimnet.v1 import (
     node_pb2,
     node_pb2_grpc,
 )
-from stimnetd import __version__, listening
+from stimnetd import __version__, listening, memtrim
 from stimnetd.catalog import CatalogSet, load_catalogs
 from stimnetd.catalog.advice import catalog_warnings
 from stimnetd.config import Config, ConfigError, GossipSettings
@@ -348,7 +347,8 @@ class Daemon:
             spawn("metrics", functools.partial(self.metrics.refresh_loop,
                                                self.node_state().status))
             log.info("metrics", address=f"{host}:{self.metrics_port}")
-        spawn("expiry", self._expiry_warnings)
+        for name, loop in (("expiry", self._expiry_warnings), ("memtrim", memtrim.trim_loop)):
+            spawn(name, loop)
         assert self.guard is not None  # built with the server
         spawn("refusals", self.guard.condense_refusals_loop)
         if node.job_retention_days:
