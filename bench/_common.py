@@ -85,3 +85,46 @@ def process_cpu_s(pid: int) -> float:
 def percentile(values: list[float], p: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+async def start_demo_sites(tmp: Path, prefix: str, subjects: int, *, privacy: dict | None = None
+                           ) -> tuple[list, list[int], list[Path], object]:
+    """Three loopback `stimnetd` processes on demo catalogs, peered statically, DP off by
+    default. Returns (processes, ports, store paths, a researcher's certificates); the
+    caller stops the processes."""
+    from stimctl import demodata
+    from stimnetd.testing import CertFactory, DaemonProcess, free_port, write_node_config
+
+    pki = CertFactory(tmp / "pki")
+    ops, alice = pki.issue("ops", "admin"), pki.issue("alice", "researcher")
+    ports = [free_port() for _ in range(3)]
+    procs: list[DaemonProcess] = []
+    dbs: list[Path] = []
+    try:
+        for i, port in enumerate(ports):
+            name = f"{prefix}-{'abc'[i]}"
+            root = tmp / f"catalog-{name}"
+            entry = demodata.generate_site(root, site=name, site_index=i, n_subjects=subjects,
+                                           seed=11 + i)
+            cfg = write_node_config(
+                tmp / name, pki.issue(name, "node"), name, port=port, crl=pki.crl_path,
+                catalogs=[{**entry, "root": str(root)}], logging={"level": "warning"},
+                privacy=privacy or {"dp": "off"}, gossip={"enabled": False},
+                federation={"peers": [f"127.0.0.1:{p}" for p in ports if p != port]})
+            procs.append(DaemonProcess(cfg))
+            dbs.append(tmp / name / "state" / "stimnetd.sqlite3")
+        for proc, port in zip(procs, ports, strict=True):
+            await proc.wait_healthy(ops, f"127.0.0.1:{port}")
+    except BaseException:
+        for proc in procs:
+            proc.stop()
+        raise
+    return procs, ports, dbs, alice
+
+
+def rss_mb(pid: int) -> float:
+    """A process's resident set size now (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")

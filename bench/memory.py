@@ -21,27 +21,17 @@ import sys
 import threading
 import time
 import zlib
-from pathlib import Path
 
-from _common import ROOT, workdir  # type: ignore[import-not-found]
+from _common import ROOT, rss_mb, start_demo_sites, workdir  # type: ignore[import-not-found]
 from store_sizes import used_bytes  # type: ignore[import-not-found]
 
-from stimctl import demodata
 from stimctl.client import AsyncClient
-from stimnetd.testing import CertFactory, DaemonProcess, free_port, write_node_config
 
 sys.path.insert(0, str(ROOT))
 from tests.helpers import client_config  # noqa: E402
 
 QUERY = ("SELECT hemisphere, sex, target, mean_map(vta_path, pulse_width_us) AS m "
          "FROM dbs_outcomes GROUP BY hemisphere, sex, target")
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 class PeakSampler:
@@ -69,26 +59,8 @@ class PeakSampler:
 
 async def main(subjects: int, queries: int) -> None:
     tmp = workdir()
-    pki = CertFactory(tmp / "pki")
-    ops, alice = pki.issue("ops", "admin"), pki.issue("alice", "researcher")
-    ports = [free_port() for _ in range(3)]
-    procs: list[DaemonProcess] = []
-    dbs: list[Path] = []
+    procs, ports, dbs, alice = await start_demo_sites(tmp, "mem", subjects)
     try:
-        for i, port in enumerate(ports):
-            name = f"mem-{'abc'[i]}"
-            root = tmp / f"catalog-{name}"
-            entry = demodata.generate_site(root, site=name, site_index=i, n_subjects=subjects,
-                                           seed=11 + i)
-            cfg = write_node_config(
-                tmp / name, pki.issue(name, "node"), name, port=port, crl=pki.crl_path,
-                catalogs=[{**entry, "root": str(root)}], logging={"level": "warning"},
-                privacy={"dp": "off"}, gossip={"enabled": False},
-                federation={"peers": [f"127.0.0.1:{p}" for p in ports if p != port]})
-            procs.append(DaemonProcess(cfg))
-            dbs.append(tmp / name / "state" / "stimnetd.sqlite3")
-        for p, port in zip(procs, ports, strict=True):
-            await p.wait_healthy(ops, f"127.0.0.1:{port}")
         pids = [p.proc.pid for p in procs]
         async with AsyncClient(client_config(alice, f"127.0.0.1:{ports[0]}", 600)) as c:
             await c.query("SELECT count(*) FROM dbs_outcomes", federated=True, min_sites=3)
