@@ -124,7 +124,6 @@ async def start_demo_sites(tmp: Path, prefix: str, subjects: int, *, privacy: di
 
 def rss_mb(pid: int) -> float:
     """A process's resident set size now (Linux /proc)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    from stimnetd.memtrim import rss_bytes
+
+    return rss_bytes(pid) / 2**20

@@ -1,8 +1,8 @@
 """RSS slope of each site under a steady query load (the soak).
 
-Three loopback `stimnetd` processes on demo catalogs (DP off); `--concurrency` clients
-at a time send federated table queries (counts, means, a small grouped histogram, new WHERE cohorts
-drawn in turn) through the entry for `--minutes`. Each daemon's RSS is sampled every
+Three loopback `stimnetd` processes on demo catalogs (DP off); one researcher keeps
+`--concurrency` federated table queries in flight (counts, means, a grouped count and
+mean, new WHERE cohorts drawn in turn) through the entry for `--minutes`. Each daemon's RSS is sampled every
 2 s; after the first third (warm-up: caches, pools and the store's pages fill), the
 least-squares slope of RSS over time is printed per site in MB/min, with the rate of
 queries answered. Goal: flat after warm-up, at most 0.1 MB/min. The WHERE sequence
@@ -46,7 +46,7 @@ def slope_per_min(points: list[tuple[float, float]]) -> float:
     return 60 * sum((t - mt) * (v - mv) for t, v in points) / var if var else 0.0
 
 
-async def main(minutes: float, researchers: int, subjects: int) -> None:
+async def main(minutes: float, concurrency: int, subjects: int) -> None:
     tmp = workdir()
     procs, ports, _dbs, alice = await start_demo_sites(tmp, "soak", subjects)
     pids = [p.proc.pid for p in procs]
@@ -56,7 +56,7 @@ async def main(minutes: float, researchers: int, subjects: int) -> None:
     stop = time.perf_counter() + minutes * 60
     ages = itertools.cycle(range(20, 80))
 
-    async def researcher(c: AsyncClient) -> None:
+    async def caller(c: AsyncClient) -> None:
         nonlocal done
         for sql in itertools.cycle(QUERIES):
             if time.perf_counter() >= stop:
@@ -77,12 +77,12 @@ async def main(minutes: float, researchers: int, subjects: int) -> None:
     try:
         async with AsyncClient(client_config(alice, f"127.0.0.1:{ports[0]}", 120)) as c:
             t0 = time.perf_counter()
-            await asyncio.gather(sampler(t0), *[researcher(c) for _ in range(researchers)])
+            await asyncio.gather(sampler(t0), *[caller(c) for _ in range(concurrency)])
             wall = time.perf_counter() - t0
     finally:
         for p in procs:
             p.stop()
-    print(f"soak: {minutes:g} min, {researchers} concurrent queries (one researcher), "
+    print(f"soak: {minutes:g} min, {concurrency} concurrent queries (one researcher), "
           f"3 loopback sites x {subjects} subjects: {done / wall:.1f} queries/s answered, "
           f"{sum(errors.values())} refused or failed")
     for what, n in errors.most_common(3):

@@ -38,10 +38,10 @@ def _libc_trim() -> Callable[[], object] | None:
     return lambda: fn(0)
 
 
-def rss_bytes() -> int:
-    """This process's resident set size (Linux /proc; 0 elsewhere)."""
+def rss_bytes(pid: int | str = "self") -> int:
+    """A process's resident set size, this one by default (Linux /proc; 0 elsewhere)."""
     try:
-        with open("/proc/self/statm", "rb") as fh:
+        with open(f"/proc/{pid}/statm", "rb") as fh:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0

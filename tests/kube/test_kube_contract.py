@@ -243,9 +243,11 @@ async def test_reap_orphans_spares_another_installation_with_the_same_node_name(
     assert pod[kubespec.LABEL_INSTALLATION] == "aaaa1111"
 
 
-def test_an_installation_id_that_is_no_label_value_is_refused() -> None:
-    with pytest.raises(ValueError, match="installation id"):
-        kubespec.check_label_value("not a label!", "installation id")
+async def test_an_installation_id_that_is_no_label_value_is_refused(data_root: Path) -> None:
+    """The id goes into labels; one Kubernetes cannot carry is refused before any call."""
+    runner = make_runner(None, data_root)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="installation id 'not a label!' cannot be"):
+        await runner.reap_orphans("not a label!")
 
 
 async def test_the_cluster_refusing_the_job_fails_it_with_the_status_only(
