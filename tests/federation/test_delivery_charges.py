@@ -312,3 +312,24 @@ async def _states(call: Any) -> list[str]:
                 if ev.HasField("site") and ev.site.state not in ("accepted", "running")]
     except grpc.aio.AioRpcError as exc:
         return [f"{exc.code().name}: {exc.details()}"]
+
+
+async def test_a_job_cancelled_at_the_entry_refunds_the_peers_unsent_charge(
+        tmp_path: Path, pki: CertFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The honest path, on the shared SubJobs stream: a researcher cancels a federated
+    query while a peer's released share has not been handed to the stream; the entry
+    cancels the sub-job and the peer refunds its charge, audited."""
+    alice = pki.issue("alice", "researcher")
+    async with _sites(tmp_path, pki, n=2) as (entry, peer), \
+            AsyncClient(client_config(alice, f"127.0.0.1:{entry.port}", 20.0)) as c:
+        go = _hold_after_release(monkeypatch, peer)
+        job = await c.submit_query(QUERY, federated=True, epsilon=1.0)
+        await _until(lambda: _one(peer), "the peer's charge (pending)")
+        cancelled = await c.cancel(job.id)
+        assert cancelled.state == "cancelled"
+        await _until(lambda: _refunded_one(peer), "the peer's refund")
+        go.set()
+        assert await _charges(peer) == 0
+        (refund,) = await _refunds(peer)
+        assert refund["job"] == job.id and "delivery-a" in refund["reason"]
+        assert (await peer.store.verify_audit()).ok
