@@ -106,14 +106,19 @@ FUNCS: dict[str, FuncShape] = {
 @dataclass(frozen=True)
 class AggSpec:
     """One output column. `fields` are positional per `func` (see FUNCS); `params` are
-    histogram edges or quantile probabilities."""
+    histogram edges or quantile probabilities. `range` (``clamp(agg, lo, hi)`` in SQL) is
+    what a script's output is clamped to under sample-and-aggregate (privacy/blocks.py)."""
 
     func: str
     fields: tuple[str, ...]
     name: str
     params: tuple[float, ...] = ()
+    range: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
+        if self.range is not None and not (len(self.range) == 2 and self.range[0] < self.range[1]):
+            raise QueryError(f"{self.name}: a declared range is two numbers, the lower first "
+                             f"(clamp(agg, lo, hi) with lo < hi), got {list(self.range)}")
         shape = FUNCS.get(self.func)
         if shape is None:
             raise QueryError(f"unknown aggregate function {self.func!r}; known: {sorted(FUNCS)}")
@@ -179,6 +184,7 @@ class QuerySpec:
             "group_by": list(self.group_by),
             "aggregates": [
                 {"func": a.func, "fields": list(a.fields), "name": a.name, "params": list(a.params)}
+                | ({"range": list(a.range)} if a.range is not None else {})
                 for a in self.aggregates
             ],
         }
@@ -191,13 +197,16 @@ class QuerySpec:
         group_by = tuple(_str(g, "group_by item") for g in _list(d.get("group_by", []), "group_by"))
         aggs = []
         for a in _list(d["aggregates"], "aggregates"):
-            _keys(a, "aggregate", required={"func", "fields", "name"}, optional={"params"})
+            _keys(a, "aggregate", required={"func", "fields", "name"},
+                  optional={"params", "range"})
+            bounds = a.get("range")
             aggs.append(
                 AggSpec(
                     func=_str(a["func"], "func"),
                     fields=tuple(_str(f, "aggregate field") for f in _list(a["fields"], "fields")),
                     name=_str(a["name"], "name"),
                     params=tuple(_num(p, "param") for p in _list(a.get("params", []), "params")),
+                    range=None if bounds is None else _range(bounds),
                 )
             )
         return cls(catalog, None if where is None else expr_from_dict(where), group_by, tuple(aggs))
@@ -452,6 +461,13 @@ def _num(v: Any, what: str) -> int | float:
     if not finite:
         raise QueryError(f"{what} must be a finite number, within about ±1.8e308")
     return v
+
+
+def _range(v: Any) -> tuple[float, float]:
+    bounds = _list(v, "range")
+    if len(bounds) != 2:
+        raise QueryError(f"a declared range is [lo, hi], got {len(bounds)} numbers")
+    return float(_num(bounds[0], "range bound")), float(_num(bounds[1], "range bound"))
 
 
 def _literal(v: Any) -> LiteralValue:
