@@ -164,7 +164,7 @@ async def test_no_block_failure_detail_reaches_the_researcher(tmp_path: Path, pk
     async with _node(tmp_path, pki) as c:
         # Execute
         job = await c.submit_script(FAILING, "tiny", outputs=MEAN_OUT, epsilon=20.0)
-        ans = await c.run_job(job, on_event=events.append)
+        ans = await c.run_job(job, on_event=lambda kind, value: events.append((kind, value)))
         final = await c.get_job(job.id)
     # Assert: every block counts as 50; |noise| > 0.5·ln(1000) has probability 1e-3.
     assert final.state == "succeeded"
