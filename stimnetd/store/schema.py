@@ -176,4 +176,10 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (researcher, catalog, quantity, digest)
     );
     """,
+    # 7: a charge refunded because none of its release's bytes left the site (the entry
+    # went away before the partial was handed to the stream: store/releases.refund).
+    # Refunded rows are kept, and no longer count against any budget.
+    """
+    ALTER TABLE ledger ADD COLUMN refunded_at REAL;
+    """,
 )
