@@ -118,9 +118,8 @@ FUNCS: dict[str, FuncShape] = {
 class AggSpec:
     """One output column. `fields` are positional per `func` (see FUNCS); `params` are
     histogram edges or quantile probabilities; `options` named settings (sorted (name,
-    value) pairs, checked by voxeltests.check_options); `condition` prop_map's filter.
-    `range` (``clamp(agg, lo, hi)`` in SQL) is what a script's output is clamped to under
-    sample-and-aggregate (privacy/blocks.py)."""
+    value) pairs, checked by voxeltests.check_options); `condition` prop_map's filter;
+    `range` (SQL ``clamp(agg, lo, hi)``) a script output's, for sample-and-aggregate."""
 
     func: str
     fields: tuple[str, ...]
@@ -128,7 +127,7 @@ class AggSpec:
     params: tuple[float, ...] = ()
     options: tuple[tuple[str, float | str], ...] = ()
     condition: Expr | None = None
-    range: tuple[float, float] | None = None
+    range: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.range is not None and not (len(self.range) == 2 and self.range[0] < self.range[1]):
@@ -214,7 +213,7 @@ class QuerySpec:
         for a in _list(d["aggregates"], "aggregates"):
             _keys(a, "aggregate", required={"func", "fields", "name"},
                   optional={"params", "options", "condition", "range"})
-            cond, bounds = a.get("condition"), a.get("range")
+            cond, b = a.get("condition"), a.get("range")
             aggs.append(
                 AggSpec(
                     func=_str(a["func"], "func"),
@@ -223,7 +222,7 @@ class QuerySpec:
                     params=tuple(_num(p, "param") for p in _list(a.get("params", []), "params")),
                     options=options_from_dict(a.get("options", {})),
                     condition=None if cond is None else expr_from_dict(cond),
-                    range=None if bounds is None else _range(bounds),
+                    range=None if b is None else tuple(_num(x, "range") for x in _list(b, "range")),
                 )
             )
         return cls(catalog, None if where is None else expr_from_dict(where), group_by, tuple(aggs))
@@ -492,13 +491,6 @@ def _num(v: Any, what: str) -> int | float:
     if not finite:
         raise QueryError(f"{what} must be a finite number, within about ±1.8e308")
     return v
-
-
-def _range(v: Any) -> tuple[float, float]:
-    bounds = _list(v, "range")
-    if len(bounds) != 2:
-        raise QueryError(f"a declared range is [lo, hi], got {len(bounds)} numbers")
-    return float(_num(bounds[0], "range bound")), float(_num(bounds[1], "range bound"))
 
 
 def _literal(v: Any) -> LiteralValue:
