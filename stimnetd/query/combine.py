@@ -73,6 +73,8 @@ def _sum(parts: list[Partial], names: list[str]) -> Partial:
                                        "different shapes")
     stats = {k: np.sum([np.asarray(p.stats[k], np.float64) for p in parts], axis=0) for k in keys}
     meta["sites"] = len(parts)
+    if first.kind == "voxel_stats":
+        stats["released_by"], meta["site_totals"] = _released_by(parts)
     mask, everywhere, reason = _masks(parts)
     if everywhere is not None:
         meta["suppressed_everywhere"] = everywhere
@@ -86,6 +88,28 @@ def _sum(parts: list[Partial], names: list[str]) -> Partial:
         cell_mask=mask,
         suppressed_reason=reason,
     )
+
+
+# Sites a voxel test's "released_by" bit pattern can name (float64 holds 2^53 exactly).
+MAX_PATTERN_SITES = 52
+
+
+def _released_by(parts: list[Partial]) -> tuple[np.ndarray, list[list[float]]]:
+    """Per voxel, which sites released it (bit i: the i-th part), and each site's cohort
+    totals: the entry tests a voxel over the subjects of the sites that released it
+    (query/voxeltests.py), since a site that withheld it left its covering subjects out
+    of the sums but not out of its totals."""
+    if len(parts) > MAX_PATTERN_SITES:
+        raise IncompatiblePartials(f"{parts[0].name!r}: a voxel test over more than "
+                                   f"{MAX_PATTERN_SITES} sites is not supported")
+    pattern = np.zeros(np.shape(parts[0].stats["count"]), dtype=np.float64)
+    for i, p in enumerate(parts):
+        withheld = np.full(pattern.shape, p.suppressed_reason is not None) \
+            if p.cell_mask is None else np.asarray(p.cell_mask, dtype=bool).reshape(pattern.shape)
+        pattern += np.where(withheld, 0.0, float(2**i))
+    totals = [[float(p.stats[k][0]) for k in ("total_n", "total_sum", "total_sum2")]
+              for p in parts]
+    return pattern, totals
 
 
 def _masks(parts: list[Partial]) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
