@@ -175,7 +175,7 @@ class Daemon:
             default_epsilon=config.privacy.default_epsilon, delta=config.privacy.delta,
             max_epsilon_per_query=config.privacy.max_epsilon_per_query,
             budget_epsilon=config.privacy.budget_epsilon, budget_delta=config.privacy.budget_delta,
-            catalog_budget_epsilon=config.privacy.catalog_budget_epsilon)
+            catalog_budget_epsilon=config.privacy.catalog_budget_epsilon, blocks=config.privacy.blocks)
         scripts = config.scripts
         runner = SandboxScripts(self.sandbox, log_policy=scripts.log_policy,
                                 declared_outputs=scripts.declared_outputs,
@@ -215,7 +215,7 @@ class Daemon:
         if t.terminate != "stimnet":
             return None
         return TlsFront(m.ca_pem, m.cert_pem, m.key_pem, handshake_timeout_s=t.handshake_timeout_s,
-                        max_handshaking=t.max_handshakes,
+                        handshake_wait_s=t.handshake_wait_s, max_handshaking=t.max_handshakes,
                         max_handshaking_per_host=t.max_handshakes_per_host)
 
     def node_state(self) -> NodeState:
