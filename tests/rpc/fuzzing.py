@@ -36,6 +36,10 @@ SQL = (
     "SELECT regress(updrs_change, age) FROM dbs_outcomes WHERE diagnosis = 'PD'",
 )
 
+FIELDS = ("subject_id", "age", "sex", "diagnosis", "disease_duration", "target", "hemisphere",
+          "amplitude_ma", "frequency_hz", "pulse_width_us", "vta_path", "updrs_off", "updrs_on",
+          "updrs_change", "improvement_pct", "responder", "no_such_field", "")
+LEVELS = ("F", "M", "PD", "ET", "STN", "GPi", "left", "bilateral", "", "é")
 FLOATS = (0.0, -0.0, math.nan, math.inf, -math.inf, 5e-324, -5e-324, 1e308, -1e308, 1e-6,
           0.5, 1.0, 2.0, 30.0, 86400.0, 86401.0, 1e18, -1.0)
 INTS = (0, 1, -1, 2, 7, 255, 256, 1000, 1001, 2**31 - 1, -2**31, 2**32 - 1, 2**53 + 1,
@@ -117,6 +121,56 @@ def rand_json(rng: random.Random, depth: int = 0) -> Any:
             for _ in range(rng.randint(0, 5))}
 
 
+# --------------------------------------------------------------------------- query specs
+
+
+def _value(rng: random.Random) -> Any:
+    return rng.choice((rng.choice(LEVELS), rng.choice(INTS), rng.choice(FLOATS[5:]),
+                       rng.uniform(-100, 100), 10**rng.randint(16, 400), True, None, []))
+
+
+def rand_where(rng: random.Random, depth: int = 0) -> Any:
+    """A filter of the right shape with values of any type (operators, fields, values)."""
+    field_ = rng.choice(FIELDS)
+    r = rng.random()
+    if depth < 3 and r < 0.25:
+        op = rng.choice(("and", "or", "not"))
+        if op == "not":
+            return {"op": "not", "arg": rand_where(rng, depth + 1)}
+        return {"op": op, "args": [rand_where(rng, depth + 1) for _ in range(rng.randint(0, 3))]}
+    if r < 0.6:
+        return {"op": rng.choice(("=", "!=", "<", "<=", ">", ">=", "~", "")), "field": field_,
+                "value": _value(rng)}
+    if r < 0.75:
+        return {"op": "in", "field": field_, "negated": rng.random() < 0.3,
+                "values": [_value(rng) for _ in range(rng.choice((0, 1, 3, 2000)))]}
+    if r < 0.9:
+        return {"op": "between", "field": field_, "low": _value(rng), "high": _value(rng),
+                "negated": rng.random() < 0.3}
+    return {"op": "is_null", "field": field_, "negated": rng.choice((True, False, 1, None))}
+
+
+def rand_spec(rng: random.Random) -> dict[str, Any]:
+    """A query spec of the right shape: any functions, fields, parameters and groups."""
+    from stimnet.query.spec import FUNCS, IMAGE_FUNCS
+
+    funcs = sorted(set(FUNCS) - IMAGE_FUNCS) if rng.random() < 0.95 else sorted(FUNCS)
+    aggs = []
+    for _ in range(rng.choice((0, 1, 1, 2, 3, 40))):
+        func = rng.choice((*funcs, "nope"))
+        shape = FUNCS.get(func)
+        k = (shape.min_fields if shape else 1) + rng.choice((0, 0, 0, 1, -1))
+        params = [rng.choice((rng.random(), rng.uniform(-10, 300), rng.choice(FLOATS[5:]),
+                              rng.choice(INTS))) for _ in range(rng.choice((0, 0, 1, 3, 10, 300)))]
+        if rng.random() < 0.5:
+            params.sort()
+        aggs.append({"func": func, "fields": [rng.choice(FIELDS) for _ in range(max(0, k))],
+                     "name": rng.choice((func, "x", "", "😀" * 300)), "params": params})
+    return {"catalog": rng.choice((CATALOG, CATALOG, "other")), "aggregates": aggs,
+            "where": rand_where(rng) if rng.random() < 0.6 else None,
+            "group_by": [rng.choice(FIELDS) for _ in range(rng.choice((0, 0, 1, 2, 5)))]}
+
+
 # --------------------------------------------------------------------------- signed jobs
 
 
@@ -141,8 +195,9 @@ def base_doc(rng: random.Random, entry: str) -> tuple[dict[str, Any], bytes]:
     """A valid job payload (as a dict) and its script (b"" for a query)."""
     kind = "script" if rng.random() < 0.15 else "query"
     script = b"print(1)\n" if kind == "script" else None
-    epsilon = rng.choice((None, None, 0.5, 1.0, 5e-324, 1e-6, 1e-7, 1e6))
-    spec = parse_sql(rng.choice(SQL)).to_dict() if kind == "query" else None
+    epsilon = rng.choice((None, None, None, None, 0.5, 1.0, 5e-324, 1e-6, 1e-7, 1e6))
+    spec = (parse_sql(rng.choice(SQL)).to_dict() if rng.random() < 0.5 else rand_spec(rng)) \
+        if kind == "query" else None
     req = new_request(kind, CATALOG, entry=entry, scope=rng.choice(("local", "federated")),
                       spec=spec, script=script, epsilon=epsilon if epsilon != 1e-7 else None,
                       min_sites=rng.choice((1, 1, 2)))
@@ -253,10 +308,10 @@ def fill(rng: random.Random, msg: Message, hooks: dict[str, Hook], depth: int = 
     if hook is not None and hook(rng, msg, None):
         return msg
     for f in msg.DESCRIPTOR.fields:
-        if rng.random() < 0.35:
-            continue
         hook = hooks.get(f.full_name)
         if hook is not None and hook(rng, msg, f):
+            continue
+        if rng.random() < 0.35:
             continue
         _fill_field(rng, msg, f, hooks, depth)
     return msg

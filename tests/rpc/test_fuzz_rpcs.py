@@ -62,6 +62,7 @@ class Target:
     path: str
     method: MethodDescriptor
     request: type[Message]
+    response: type[Message]
 
     @property
     def streams_in(self) -> bool:
@@ -74,7 +75,8 @@ class Target:
 
 def targets() -> list[Target]:
     """Every RPC of every service the daemon serves, from the protobuf descriptors."""
-    return [Target(f"/{svc.full_name}/{m.name}", m, fuzzing.request_class(m.input_type))
+    return [Target(f"/{svc.full_name}/{m.name}", m, fuzzing.request_class(m.input_type),
+                   fuzzing.request_class(m.output_type))
             for mod in MODULES for svc in mod.DESCRIPTOR.services_by_name.values()
             for m in svc.methods]
 
@@ -94,12 +96,14 @@ class Tally:
     admitted: collections.Counter[str] = field(default_factory=collections.Counter)
     inner: collections.Counter[str] = field(default_factory=collections.Counter)
     codes: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
+    reasons: collections.Counter[str] = field(default_factory=collections.Counter)
     bad: list[str] = field(default_factory=list)
     job_ids: list[str] = field(default_factory=lambda: ["0" * 24])
 
     def status(self, target: str, role: str, name: str, details: str, sent: Any, *,
                inner: bool = False) -> None:
         self.codes[(target + (" (inner)" if inner else ""), name)] += 1
+        self.reasons[f"{target.rsplit('/', 1)[1]} {name} {re.sub(r'[0-9a-f]{8,}|[0-9.]+', '#', details)[:90]}"] += 1
         if name not in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
             (self.inner if inner else self.admitted)[target] += 1
         if name in BAD and sum(b.startswith(target) for b in self.bad) < 3:
@@ -108,6 +112,23 @@ class Tally:
 
 
 # --------------------------------------------------------------------------- requests
+
+
+def gossip(sender: str) -> Hook:
+    """Half the gossip messages are well formed (one entry for their sender, as SWIM
+    needs), so that their members reach the membership."""
+    def hook(rng: random.Random, msg: Message, f: FieldDescriptor | None) -> bool:
+        if rng.random() < 0.5:
+            return False
+        msg.sender, msg.sender_incarnation = sender, rng.choice((0, 1, 2, 2**64 - 1))
+        me = msg.members.add(name=sender, address=rng.choice(("127.0.0.1:1", "", "x:y")),
+                             incarnation=msg.sender_incarnation, status="alive",
+                             last_heard=fuzzing.rand_float(rng))
+        me.catalogs.add(name=fuzzing.CATALOG, schema_version=rng.choice((1, 2, 2**32 - 1)))
+        for _ in range(rng.choice((0, 1, 3))):
+            fuzzing.fill(rng, msg.members.add(), {})
+        return True
+    return hook
 
 
 def _job_id_hook(tally: Tally) -> Hook:
@@ -153,9 +174,17 @@ def hooks(tally: Tally, who: Who, researcher: Signer, others: list[Signer],
             return True
         return hook
 
+    def present(rng: random.Random, msg: Message, f: FieldDescriptor | None) -> bool:
+        """A signed job is usually there (without one, a job request goes no further)."""
+        if f is None or rng.random() < 0.1:
+            return False
+        fuzzing.fill(rng, getattr(msg, f.name), table)
+        return True
+
     table.update({
         "stimnet.v1.SessionCall": well_formed("run"), "stimnet.v1.SubJobCall": well_formed("start"),
-        "stimnet.v1.SignedJob": signed,
+        "stimnet.v1.SignedJob": signed, "stimnet.v1.SubmitJobRequest.job": present,
+        "stimnet.v1.SubJobRequest.job": present, "stimnet.v1.GossipMessage": gossip(who.name),
         **{f"stimnet.v1.{m}.id": ids for m in ("GetJobRequest", "CancelJobRequest",
                                                "WatchJobRequest", "GetResultRequest",
                                                "ReviewJobRequest")},
@@ -203,27 +232,40 @@ def _deadline(target: Target) -> float:
 
 async def call(rng: random.Random, target: Target, who: Who, channel: grpc.aio.Channel,
                tally: Tally, fill_hooks: dict[str, Hook]) -> None:
-    """Make one fuzzed call of `target` as `who` and record its status(es)."""
-    timeout = _deadline(target)
-    writer = None
+    """Make one fuzzed call of `target` as `who` and record its status(es); sometimes the
+    same call two or three times at once (a replayed nonce racing its original)."""
     if target.streams_in:
         sent = [request_bytes(rng, target, fill_hooks)
                 for _ in range(rng.choice((0, 1, 2, 3, 8, 20)))]
-        rpc: Any = (channel.stream_stream if target.streams_out else channel.stream_unary)(
-            target.path)(timeout=timeout)
-        writer = asyncio.create_task(_write(rpc, [b for b, _ in sent]))
-        what: Any = "; ".join(w for _, w in sent)
     else:
-        data, what = request_bytes(rng, target, fill_hooks)
+        sent = [request_bytes(rng, target, fill_hooks)]
+    channels = [channel] + ([rng.choice(who.channels) for _ in range(rng.randint(1, 2))]
+                            if rng.random() < 0.07 else [])
+    # grpc's client itself refuses values that are not printable ASCII.
+    metadata = (("x-stimnet-request-id", rng.choice(("", " ", "x" * 5000, "r 1;%s'\"\\"))),
+                ("x-fuzz-bin", rng.randbytes(64))) if rng.random() < 0.1 else None
+    await asyncio.gather(*(_one(target, who, ch, tally, sent, metadata) for ch in channels))
+
+
+async def _one(target: Target, who: Who, channel: grpc.aio.Channel, tally: Tally,
+               sent: list[tuple[bytes, str]], metadata: Any) -> None:
+    timeout = _deadline(target)
+    writer = None
+    what = "; ".join(w for _, w in sent)
+    if target.streams_in:
+        rpc: Any = (channel.stream_stream if target.streams_out else channel.stream_unary)(
+            target.path)(timeout=timeout, metadata=metadata)
+        writer = asyncio.create_task(_write(rpc, [b for b, _ in sent]))
+    else:
         rpc = (channel.unary_stream if target.streams_out else channel.unary_unary)(
-            target.path)(data, timeout=timeout)
+            target.path)(sent[0][0], timeout=timeout, metadata=metadata)
     try:
+        seen: set[int] = set()
         if target.streams_out:
-            seen: set[int] = set()
             async for reply in rpc:
                 inspect_reply(target, who, tally, reply, what, seen)
         else:
-            await rpc
+            inspect_reply(target, who, tally, await rpc, what, seen)
         tally.status(target.path, who.role, "OK", "", what)
     except grpc.aio.AioRpcError as err:
         tally.status(target.path, who.role, _code(err), err.details() or "", what)
@@ -258,26 +300,39 @@ async def _write(rpc: Any, messages: list[bytes]) -> None:
 
 def inspect_reply(target: Target, who: Who, tally: Tally, reply: bytes, sent: str,
                   seen: set[int]) -> None:
-    """A multiplexed call's status (a call counts once, with its status or as OK at its
-    first event), and job ids to ask about later."""
-    cls = MULTIPLEXED.get(target.path)
-    if cls is not None:
-        msg = cls.FromString(reply)
+    """Check a reply: a multiplexed call's status (a call counts once, with its status or
+    as OK at its first event), and every job's and site's detail (a job that failed with
+    an internal error is one too); keep job ids to ask about later."""
+    try:
+        msg = target.response.FromString(reply)
+    except DecodeError:
+        return
+    if target.path in MULTIPLEXED:
         if msg.HasField("status"):
             tally.status(target.path, who.role, msg.status.code, msg.status.message, sent,
                          inner=True)
         elif msg.id not in seen:
             tally.status(target.path, who.role, "OK", "", sent, inner=True)
         seen.add(msg.id)
-        if isinstance(msg, jobs_pb2.SessionReply) and msg.event.HasField("state"):
-            tally.job_ids.append(msg.event.state.id)
-    elif target.path.startswith("/stimnet.v1.JobService/") and len(tally.job_ids) < 10_000:
-        try:
-            job = jobs_pb2.Job.FromString(reply)
-        except DecodeError:
-            return
-        if re.fullmatch(r"[0-9a-f]{24}", job.id):
-            tally.job_ids.append(job.id)
+    for detail in _details(msg, tally.job_ids):
+        tally.reasons[f"detail {re.sub(r'[0-9a-f]{8,}|[0-9.]+', '#', detail)[:90]}"] += 1
+        if "internal error" in detail:
+            tally.status(target.path, who.role, "INTERNAL", f"in a reply: {detail}", sent)
+
+
+def _details(msg: Message, job_ids: list[str]) -> list[str]:
+    """The `detail` of every Job and SiteEvent in `msg` (ids of Jobs go to `job_ids`)."""
+    found = []
+    if msg.DESCRIPTOR.full_name == "stimnet.v1.Job" and len(job_ids) < 10_000:
+        job_ids.append(msg.id)  # type: ignore[attr-defined]
+    for f, value in msg.ListFields():
+        if f.name == "detail" and f.type == FieldDescriptor.TYPE_STRING:
+            found.append(value)
+        elif f.message_type is not None and f.message_type.full_name != "stimnet.v1.ResultFrame" \
+                and not f.message_type.GetOptions().map_entry:
+            for sub in (value if f.is_repeated else [value]):
+                found += _details(sub, job_ids)
+    return found
 
 
 async def worker(rng: random.Random, plan: Any, people: dict[str, Who], tally: Tally,
@@ -387,6 +442,7 @@ async def test_no_input_makes_an_internal_error(tmp_path: Path, pki: CertFactory
     total, inner = sum(tally.calls.values()), sum(tally.inner.values())
     print(f"{total} calls and {inner} multiplexed calls in {elapsed:.0f} s: "
           f"{total / elapsed:.0f} calls/s; codes {sorted(tally.codes.items())}")
+    print("\n".join(f"{n:6d} {r}" for r, n in tally.reasons.most_common(400)))
     seed = f"(seed {SEED}: rerun with STIMNET_FUZZ_SEED={SEED})"
     assert not tally.bad, f"internal errors {seed}:\n" + "\n".join(tally.bad)
     assert not (found := tracebacks(procs)), f"tracebacks logged {seed}:\n" + "\n".join(found)
