@@ -1,0 +1,86 @@
+"""Sample-and-aggregate's runs: the script once per block, each in a container of its own
+that sees only its block's rows and files (sandbox/blockdata.py).
+
+What each run ended in (its status, exit code, failure reason, logs, output) stays at the
+site, in its log at most: a block that failed counts as its outputs' default values
+(privacy/blocks.py), so the researcher learns nothing per block, not even that one failed.
+The runs share nothing: a fresh container each, over a fresh copy of its block's data,
+removed before the next begins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
+
+from stimnet.query.spec import QuerySpec
+from stimnet.signing import VerifiedJob
+from stimnetd.catalog import Catalog
+from stimnetd.jobs.fair import FairSlots
+from stimnetd.privacy.policy import PrivacyRefusal
+from stimnetd.query.aggregate import Partial
+from stimnetd.sandbox import SandboxOutcome, SandboxRunner, check_declared, job_manifest, parse_result
+from stimnetd.sandbox.blockdata import remove_block, write_block
+from stimnetd.sandbox.result import ResultRejected
+
+if TYPE_CHECKING:
+    from stimnetd.sandbox.kube import KubeRunner
+
+log = structlog.get_logger("stimnetd.jobs.blocks")
+
+
+async def run_blocks(runner: SandboxRunner | KubeRunner, slots: FairSlots, job: VerifiedJob,
+                     catalog: Catalog, declared: QuerySpec, blocks: Sequence[Sequence[str]],
+                     on_duration: Callable[[float], None]) -> list[list[Partial] | None]:
+    """Each block's checked result, or None where its run failed or its result is not
+    exactly the declaration. Blocks run one after another, each taking a fair slot of its
+    own, so other researchers' jobs interleave with a long sample-and-aggregate job."""
+    base = getattr(runner, "blocks_dir", None)
+    if not isinstance(base, Path):
+        raise PrivacyRefusal("dp", "this site's script backend cannot give each block of "
+                             "subjects its own data (sample-and-aggregate needs the docker "
+                             "backend), so it cannot run scripts under differential privacy")
+    tables = {t: str(p.relative_to(catalog.root)) for t, p in catalog.config.tables.items()}
+    manifest = job_manifest(tables, catalog.subject_key, catalog.fields)
+    job_id = job.request.job_id
+    job_dir = base / job_id
+    # A re-queued job's earlier attempt may have left its blocks' data behind.
+    await asyncio.to_thread(remove_block, job_dir)
+    results: list[list[Partial] | None] = []
+    try:
+        for i, subjects in enumerate(blocks):
+            dest = job_dir / f"b{i}"
+            await asyncio.to_thread(write_block, dest, catalog.root, tables, catalog.subject_key,
+                                    catalog.image_fields(), subjects)
+            async with slots.slot(job.researcher.name):
+                outcome = await runner.run(f"{job_id}.b{i}", job.signed.script, dest, manifest)
+            on_duration(outcome.duration_s)
+            await asyncio.to_thread(remove_block, dest)
+            results.append(await _checked(outcome, catalog, declared, len(subjects)))
+            if outcome.status != "succeeded":
+                log.info("sample-and-aggregate block failed", job_id=job_id, block=i,
+                         status=outcome.status, reason=outcome.reason)
+    finally:
+        await asyncio.shield(asyncio.to_thread(remove_block, job_dir))
+    log.info("sample-and-aggregate blocks ran", job_id=job_id, blocks=len(blocks),
+             failed=sum(r is None for r in results))
+    return results
+
+
+async def _checked(outcome: SandboxOutcome, catalog: Catalog, declared: QuerySpec,
+                   rows: int) -> list[Partial] | None:
+    if outcome.status != "succeeded":
+        return None
+    geometry = {f: catalog.geometry(f) for f in catalog.image_fields()}
+    try:
+        partials = await asyncio.to_thread(parse_result, outcome.result, outcome.arrays,
+                                           catalog.fields, rows, geometry=geometry)
+        check_declared(partials, declared, catalog.fields)
+    except ResultRejected as exc:
+        log.info("sample-and-aggregate block result rejected", reason=str(exc))
+        return None
+    return partials
