@@ -99,6 +99,11 @@ class Tally:
     reasons: collections.Counter[str] = field(default_factory=collections.Counter)
     bad: list[str] = field(default_factory=list)
     job_ids: list[str] = field(default_factory=lambda: ["0" * 24])
+    # GLM jobs, for their later rounds, each with the round it is at per node.
+    fits: list[tuple[Message, dict[str, int]]] = field(default_factory=list)
+    # Signs the GLM fits: a researcher of their own, whose released cohorts (all of them
+    # the whole catalog) the other queries' do not make overlap refusals of.
+    fitter: Signer | None = None
 
     def status(self, target: str, role: str, name: str, details: str, sent: Any, *,
                inner: bool = False) -> None:
@@ -112,6 +117,25 @@ class Tally:
 
 
 # --------------------------------------------------------------------------- requests
+
+
+def rounds(tally: Tally, who: Who, node: str) -> Hook:
+    """A third of a peer's sub-jobs are rounds of a few GLM fits: round 1 opens a fit at
+    the site, later ones (mostly the next the site owes) carry a random parameter vector."""
+    def hook(rng: random.Random, msg: Message, f: FieldDescriptor | None) -> bool:
+        if who.role != "node" or tally.fitter is None or rng.random() < 0.67:
+            return False
+        if len(tally.fits) < 3 or rng.random() < 0.05:
+            tally.fits.append((fuzzing.glm_job(rng, tally.fitter, who.name), {}))
+        job, owed = rng.choice(tally.fits[-3:])
+        msg.job.CopyFrom(job)
+        msg.round = owed.get(node, 1) if rng.random() < 0.8 else rng.choice((0, 2, 7, 2**32 - 1))
+        owed[node] = min(msg.round + 1, 2**32 - 1)
+        msg.beta.extend(fuzzing.rand_float(rng) if rng.random() < 0.3 else rng.uniform(-3, 3)
+                        for _ in range(rng.choice((3, 3, 3, 2, 0))))
+        msg.entry_node, msg.request_id = who.name, fuzzing.rand_str(rng)[:100]
+        return True
+    return hook
 
 
 def gossip(sender: str) -> Hook:
@@ -185,6 +209,7 @@ def hooks(tally: Tally, who: Who, researcher: Signer, others: list[Signer],
         "stimnet.v1.SessionCall": well_formed("run"), "stimnet.v1.SubJobCall": well_formed("start"),
         "stimnet.v1.SignedJob": signed, "stimnet.v1.SubmitJobRequest.job": present,
         "stimnet.v1.SubJobRequest.job": present, "stimnet.v1.GossipMessage": gossip(who.name),
+        "stimnet.v1.SubJobRequest": rounds(tally, who, node),
         **{f"stimnet.v1.{m}.id": ids for m in ("GetJobRequest", "CancelJobRequest",
                                                "WatchJobRequest", "GetResultRequest",
                                                "ReviewJobRequest")},
@@ -430,6 +455,7 @@ async def test_no_input_makes_an_internal_error(tmp_path: Path, pki: CertFactory
                  "admin": pki.issue("ops", "admin"), "node": pki.issue("fuzz-peer", "node")}
         procs = await start_daemons(tmp_path, pki, small_catalog, certs["admin"], stack)
         people = await identities(certs, procs, stack)
+        tally.fitter = Signer(pki.issue("fuzz-bob", "researcher"))
         order = list(all_targets)
         rng.shuffle(order)
         plan = itertools.cycle(order)
