@@ -24,6 +24,7 @@ from stimnet.query.fields import Grid
 from stimnet.query.spec import AggSpec
 from stimnet.signing import VerifiedJob
 from stimnet.states import RefusalKind
+from stimnetd import memtrim
 from stimnetd.catalog import Catalog, CatalogSet
 from stimnetd.privacy import glm_noise
 from stimnetd.privacy.blocks import require_ranges
@@ -46,7 +47,7 @@ from stimnetd.query.models import control_of, is_multi_round, rounds_of
 from stimnetd.query.subjects import SubjectImages
 from stimnetd.site.blocks import BlockScripts, sample_aggregate
 from stimnetd.site.cohorts import CohortFingerprints
-from stimnetd.site.outcome import SiteOutcome
+from stimnetd.site.outcome import SiteOutcome, lean
 from stimnetd.site.released import cell_shown, declared_groups_only
 from stimnetd.site.rounds import FitRounds
 from stimnetd.store import NonceClaim, Store
@@ -191,12 +192,10 @@ class LocalSite:
                                                                    clamp=epsilon is not None)
             outcome = await self._release(job, catalog, partials, cohort, groups, epsilon, nonce,
                                           linear)
-            if outcome.state == "done" and req.kind == "query" \
-                    and is_multi_round(model := req.query_spec.model):
-                assert model is not None
-                self.rounds.opened(req.job_id, max_rounds=rounds_of(model),
-                                   p=len(partials[0].meta["terms"]),
-                                   n_released=outcome.n if outcome.epsilon else None)
+            self._open_rounds(job, outcome, partials)
+            if partials and not outcome.partials:  # large arrays, now kept packed only
+                del partials
+                await memtrim.trim_now()
             return outcome
         except Replayed:
             raise
@@ -215,6 +214,17 @@ class LocalSite:
         except Exception:  # noqa: BLE001 - a site failure is reported, not propagated
             log.exception("site job failed", job=req.job_id)
             return SiteOutcome(self.name, "failed", "internal error at this site (see its logs)")
+
+    def _open_rounds(self, job: VerifiedJob, outcome: SiteOutcome,
+                     partials: list[Partial]) -> None:
+        """A multi-round fit's first round released here: later rounds may follow."""
+        req = job.request
+        if outcome.state == "done" and req.kind == "query" \
+                and is_multi_round(model := req.query_spec.model):
+            assert model is not None
+            self.rounds.opened(req.job_id, max_rounds=rounds_of(model),
+                               p=len(partials[0].meta["terms"]),
+                               n_released=outcome.n if outcome.epsilon else None)
 
     async def run_round(self, job: VerifiedJob, round_no: int,
                         beta: list[float]) -> SiteOutcome:
@@ -428,9 +438,9 @@ class LocalSite:
         if decision == "suppressed":
             return SiteOutcome(self.name, "suppressed",
                                f"every output was withheld (k_min = {self._policy.k_min})",
-                               partials=partials, packed=packed)
-        return SiteOutcome(self.name, "done", "", n=n, partials=partials, epsilon=epsilon,
-                           delta=delta, mechanism=mechanism, packed=packed)
+                               partials=lean(partials, packed), packed=packed)
+        return SiteOutcome(self.name, "done", "", n=n, partials=lean(partials, packed),
+                           epsilon=epsilon, delta=delta, mechanism=mechanism, packed=packed)
 
 
 def _model_privacy(job: VerifiedJob, catalog: Catalog, epsilon: float | None) -> None:
