@@ -181,12 +181,8 @@ class LocalSite:
                 # (a container) is worth reporting.
                 await progress.running()
             _model_privacy(job, catalog, epsilon)
-            if req.kind == "script" and epsilon is not None and self._script_runner is not None:
-                partials, report = await sample_aggregate(
-                    self._script_runner, job, catalog, epsilon, split=self._policy.blocks,
-                    noise=self._noise, secret=await self._store.site_secret())
-                return await self._release(job, catalog, partials, None, {}, epsilon, nonce,
-                                           report=report)
+            if req.kind == "script" and epsilon is not None:
+                return await self._sample_aggregate(job, catalog, epsilon, nonce)
             audit = epsilon is None and self._overlap_guard
             partials, cohort, groups, linear = await self._compute(job, catalog, progress, audit,
                                                                    clamp=epsilon is not None)
@@ -308,6 +304,15 @@ class LocalSite:
             raise Refused("this site's script policy is 'deny': it does not run researcher scripts")
         partials, cohort = await self._script_runner(job, catalog, progress.log)
         return partials, cohort, {}, []
+
+    async def _sample_aggregate(self, job: VerifiedJob, catalog: Catalog, epsilon: float,
+                                nonce: NonceClaim | None) -> SiteOutcome:
+        if self._script_runner is None:
+            raise Refused("this site's script policy is 'deny': it does not run researcher scripts")
+        partials, report = await sample_aggregate(
+            self._script_runner, job, catalog, epsilon, split=self._policy.blocks,
+            noise=self._noise, secret=await self._store.site_secret())
+        return await self._release(job, catalog, partials, None, {}, epsilon, nonce, report=report)
 
     async def _release(self, job: VerifiedJob, catalog: Catalog, partials: list[Partial],
                        cohort: frozenset[str] | None, groups: dict[GroupKey, frozenset[str]],
