@@ -188,12 +188,7 @@ class LocalSite:
                                                                    clamp=epsilon is not None)
             outcome = await self._release(job, catalog, partials, cohort, groups, epsilon, nonce,
                                           linear)
-            if outcome.state == "done" and req.kind == "query" \
-                    and is_multi_round(model := req.query_spec.model):
-                assert model is not None
-                self.rounds.opened(req.job_id, max_rounds=rounds_of(model),
-                                   p=len(partials[0].meta["terms"]),
-                                   n_released=outcome.n if outcome.epsilon else None)
+            self._open_rounds(job, outcome, partials)
             if partials and not outcome.partials:  # large arrays, now kept packed only
                 del partials
                 await memtrim.trim_now()
@@ -215,6 +210,17 @@ class LocalSite:
         except Exception:  # noqa: BLE001 - a site failure is reported, not propagated
             log.exception("site job failed", job=req.job_id)
             return SiteOutcome(self.name, "failed", "internal error at this site (see its logs)")
+
+    def _open_rounds(self, job: VerifiedJob, outcome: SiteOutcome,
+                     partials: list[Partial]) -> None:
+        """A multi-round fit's first round released here: later rounds may follow."""
+        req = job.request
+        if outcome.state == "done" and req.kind == "query" \
+                and is_multi_round(model := req.query_spec.model):
+            assert model is not None
+            self.rounds.opened(req.job_id, max_rounds=rounds_of(model),
+                               p=len(partials[0].meta["terms"]),
+                               n_released=outcome.n if outcome.epsilon else None)
 
     async def run_round(self, job: VerifiedJob, round_no: int,
                         beta: list[float]) -> SiteOutcome:
