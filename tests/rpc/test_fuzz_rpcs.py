@@ -52,9 +52,8 @@ MIN_ADMITTED = 20
 BAD = frozenset({"INTERNAL", "UNKNOWN"})
 NODES = ("fuzz-a", "fuzz-b")
 MODULES = (node_pb2, jobs_pb2, federation_pb2, admin_pb2, health_pb2, reflection_pb2)
-# Replies parsed to check the CallStatus of each call multiplexed on the stream.
-MULTIPLEXED = {"/stimnet.v1.JobService/Session": jobs_pb2.SessionReply,
-               "/stimnet.v1.FederationService/SubJobs": federation_pb2.SubJobReply}
+# Whose replies carry the CallStatus of each call multiplexed on the stream.
+MULTIPLEXED = ("/stimnet.v1.JobService/Session", "/stimnet.v1.FederationService/SubJobs")
 
 
 @dataclass(frozen=True)
@@ -381,15 +380,19 @@ async def start_daemons(tmp: Path, pki: CertFactory, catalog: dict, ops: CertPat
                         stack: AsyncExitStack) -> list[DaemonProcess]:
     ports = [free_port() for _ in NODES]
     procs = []
+    # The two sites' policies differ, so that both ways are fuzzed: noise optional and
+    # scripts reviewed at one, noise required and scripts run without review at the other.
+    policies = ({"privacy": {"dp": "optional"}, "scripts": {"policy": "review"}},
+                {"privacy": {"dp": "required"}, "scripts": {"policy": "auto"}})
     for i, name in enumerate(NODES):
         cfg = write_node_config(
             tmp / name, pki.issue(name, "node"), name, port=ports[i], catalogs=[catalog],
-            crl=pki.crl_path, logging={"level": "warning"}, privacy={"dp": "optional"},
+            crl=pki.crl_path, logging={"level": "warning"}, privacy=policies[i]["privacy"],
             federation={"peers": [f"127.0.0.1:{p}" for j, p in enumerate(ports) if j != i],
                         "subjob_timeout_s": 5.0},
-            # No sandbox image of this name: a script job approved here fails with a
-            # reason instead of starting a container.
-            scripts={"image": "stimnet-fuzz-no-such-image"})
+            # No sandbox image of this name: a script job approved or run here fails with
+            # a reason instead of starting a container.
+            scripts={"image": "stimnet-fuzz-no-such-image", **policies[i]["scripts"]})
         proc = DaemonProcess(cfg)
         stack.callback(proc.kill)
         procs.append(proc)
@@ -414,6 +417,18 @@ async def identities(certs_by_role: dict[str, CertPaths], procs: list[DaemonProc
     return people
 
 
+async def served_services(channel: grpc.aio.Channel) -> set[str]:
+    """The services the daemon serves, by its reflection service."""
+    call = channel.stream_stream(
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=15)
+    reply = await call.read()
+    call.cancel()
+    return {s.name for s in reply.list_services_response.service}
+
+
 async def still_answering(people: dict[str, Who]) -> list[str]:
     """What each daemon fails to answer after the fuzz: health and GetStatus."""
     problems = []
@@ -431,11 +446,13 @@ async def still_answering(people: dict[str, Who]) -> list[str]:
     return problems
 
 
-def tracebacks(procs: list[DaemonProcess]) -> list[str]:
+def log_problems(procs: list[DaemonProcess]) -> list[str]:
+    """Tracebacks (from our logging, grpc's or Python's own) and error-level lines in the
+    daemons' logs (stdout and stderr): nothing a client sends should cause either."""
     found = []
     for name, proc in zip(NODES, procs, strict=True):
         log = proc.log()
-        for m in re.finditer("Traceback", log):
+        for m in re.finditer(r'Traceback|"level": "(error|critical)"', log):
             found.append(f"{name}: {log[max(0, m.start() - 400):m.start() + 1500]}")
     return found[:5]
 
@@ -456,6 +473,10 @@ async def test_no_input_makes_an_internal_error(tmp_path: Path, pki: CertFactory
         procs = await start_daemons(tmp_path, pki, small_catalog, certs["admin"], stack)
         people = await identities(certs, procs, stack)
         tally.fitter = Signer(pki.issue("fuzz-bob", "researcher"))
+        # The fuzz covers whatever the daemon serves (a service added later must be added
+        # to MODULES).
+        assert await served_services(people["admin"].channels[0]) == {
+            t.path.split("/")[1] for t in all_targets}
         order = list(all_targets)
         rng.shuffle(order)
         plan = itertools.cycle(order)
@@ -471,7 +492,7 @@ async def test_no_input_makes_an_internal_error(tmp_path: Path, pki: CertFactory
     print("\n".join(f"{n:6d} {r}" for r, n in tally.reasons.most_common(400)))
     seed = f"(seed {SEED}: rerun with STIMNET_FUZZ_SEED={SEED})"
     assert not tally.bad, f"internal errors {seed}:\n" + "\n".join(tally.bad)
-    assert not (found := tracebacks(procs)), f"tracebacks logged {seed}:\n" + "\n".join(found)
+    assert not (found := log_problems(procs)), f"logged {seed}:\n" + "\n".join(found)
     assert answering == [], f"not answering after the fuzz {seed}: {answering}"
     assert exits == dict.fromkeys(NODES, 0), seed
     thin = {t.path: tally.admitted[t.path] for t in all_targets
