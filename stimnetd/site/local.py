@@ -31,12 +31,7 @@ from stimnetd.privacy.blocks import require_ranges
 from stimnetd.privacy.noise import NoiseReport, NoiseSource, add_noise
 from stimnetd.privacy.policy import PrivacyPolicy, PrivacyRefusal, decide_epsilon
 from stimnetd.privacy.release import budget_refusal, decide
-from stimnetd.privacy.suppress import (
-    Decision,
-    is_withheld,
-    result_suppressed,
-    suppress_small_cells,
-)
+from stimnetd.privacy.suppress import Decision, is_withheld, result_suppressed, suppress_small_cells
 from stimnetd.privacy.tails import withhold_tails
 from stimnetd.privacy.threshold import gate_noised
 from stimnetd.query import partial_docs
@@ -44,6 +39,7 @@ from stimnetd.query.aggregate import GroupKey, Partial
 from stimnetd.query.engine import compute
 from stimnetd.query.linear import LinearCohort
 from stimnetd.query.models import control_of, is_multi_round, rounds_of
+from stimnetd.query.plan import refuse_too_large
 from stimnetd.query.subjects import SubjectImages
 from stimnetd.site.blocks import BlockScripts, sample_aggregate
 from stimnetd.site.cohorts import CohortFingerprints
@@ -138,6 +134,8 @@ class LocalSite:
         req = job.request
         catalog = self._catalogs.get(req.catalog)
         await self.check_storage(job.researcher.name)
+        if req.kind == "query" and self._storage is not None:
+            refuse_too_large(req.query_spec, catalog, self._storage.max_answer_mb)
         declared = None
         if req.kind == "script" and self._script_runner is not None:
             try:
@@ -182,11 +180,7 @@ class LocalSite:
                 await progress.running()
             _model_privacy(job, catalog, epsilon)
             if req.kind == "script" and epsilon is not None and self._script_runner is not None:
-                partials, report = await sample_aggregate(
-                    self._script_runner, job, catalog, epsilon, split=self._policy.blocks,
-                    noise=self._noise, secret=await self._store.site_secret())
-                return await self._release(job, catalog, partials, None, {}, epsilon, nonce,
-                                           report=report)
+                return await self._sample_aggregate(self._script_runner, job, catalog, epsilon, nonce)
             audit = epsilon is None and self._overlap_guard
             partials, cohort, groups, linear = await self._compute(job, catalog, progress, audit,
                                                                    clamp=epsilon is not None)
@@ -315,6 +309,13 @@ class LocalSite:
         partials, cohort = await self._script_runner(job, catalog, progress.log)
         return partials, cohort, {}, []
 
+    async def _sample_aggregate(self, scripts: ScriptRunner, job: VerifiedJob, catalog: Catalog,
+                                epsilon: float, nonce: NonceClaim | None) -> SiteOutcome:
+        partials, report = await sample_aggregate(
+            scripts, job, catalog, epsilon, split=self._policy.blocks, noise=self._noise,
+            secret=await self._store.site_secret())
+        return await self._release(job, catalog, partials, None, {}, epsilon, nonce, report=report)
+
     async def _release(self, job: VerifiedJob, catalog: Catalog, partials: list[Partial],
                        cohort: frozenset[str] | None, groups: dict[GroupKey, frozenset[str]],
                        epsilon: float | None, nonce: NonceClaim | None = None,
@@ -324,16 +325,14 @@ class LocalSite:
         cohorts the overlap guard checks). `report`: the partials are noised already
         (sample-and-aggregate): pure ε-DP, with no threshold to gate them or charge δ for."""
         req = job.request
-        delta = 0.0
         if report is None:
             partials, decisions, report = self._protect(job, catalog, partials, epsilon)
-            delta = self._policy.delta
         else:
             decisions = [Decision(p.name, p.group, "released") for p in partials]
         suppressed = result_suppressed(decisions)
         decision = _decision(suppressed, decisions)
         charged = report.epsilon if report is not None and report.epsilon > 0 else None
-        delta = delta if charged is not None else 0.0
+        delta = self._policy.delta if charged is not None and req.kind == "query" else 0.0
         if charged is None:
             cells, cohort = _disclosed(partials, cohort, groups)
             guarded = tuple([await self._fingerprints.of(catalog, c) for c in cells])
