@@ -37,8 +37,9 @@ async def run_blocks(runner: SandboxRunner | KubeRunner, slots: FairSlots, job: 
                      catalog: Catalog, declared: QuerySpec, blocks: Sequence[Sequence[str]],
                      on_duration: Callable[[float], None]) -> list[list[Partial] | None]:
     """Each block's checked result, or None where its run failed or its result is not
-    exactly the declaration. Blocks run one after another, each taking a fair slot of its
-    own, so other researchers' jobs interleave with a long sample-and-aggregate job."""
+    exactly the declaration. Each block takes a fair slot of its own (`[scripts]
+    concurrency` of them run at once), so other researchers' jobs interleave with a long
+    sample-and-aggregate job."""
     base = getattr(runner, "blocks_dir", None)
     if not isinstance(base, Path):
         raise PrivacyRefusal("dp", "this site's script backend cannot give each block of "
@@ -50,22 +51,30 @@ async def run_blocks(runner: SandboxRunner | KubeRunner, slots: FairSlots, job: 
     job_dir = base / job_id
     # A re-queued job's earlier attempt may have left its blocks' data behind.
     await asyncio.to_thread(remove_block, job_dir)
-    results: list[list[Partial] | None] = []
-    try:
-        for i, subjects in enumerate(blocks):
-            dest = job_dir / f"b{i}"
-            await asyncio.to_thread(write_block, dest, catalog.root, tables, catalog.subject_key,
-                                    catalog.image_fields(), subjects)
-            async with slots.slot(job.researcher.name):
+    researcher = job.researcher.name
+
+    async def run_one(i: int, subjects: Sequence[str]) -> list[Partial] | None:
+        dest = job_dir / f"b{i}"
+        async with slots.slot(researcher):
+            # Written once the block's turn comes: at most `concurrency` blocks on disk.
+            await asyncio.to_thread(write_block, dest, catalog.root, tables,
+                                    catalog.subject_key, catalog.image_fields(), subjects)
+            try:
                 outcome = await runner.run(f"{job_id}.b{i}", job.signed.script, dest, manifest)
-            on_duration(outcome.duration_s)
-            await asyncio.to_thread(remove_block, dest)
-            results.append(await _checked(outcome, catalog, declared, len(subjects)))
-            if outcome.status != "succeeded":
-                log.info("sample-and-aggregate block failed", job_id=job_id, block=i,
-                         status=outcome.status, reason=outcome.reason)
+            finally:
+                await asyncio.shield(asyncio.to_thread(remove_block, dest))
+        on_duration(outcome.duration_s)
+        if outcome.status != "succeeded":
+            log.info("sample-and-aggregate block failed", job_id=job_id, block=i,
+                     status=outcome.status, reason=outcome.reason)
+        return await _checked(outcome, catalog, declared, len(subjects))
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            runs = [tg.create_task(run_one(i, s)) for i, s in enumerate(blocks)]
     finally:
         await asyncio.shield(asyncio.to_thread(remove_block, job_dir))
+    results = [r.result() for r in runs]
     log.info("sample-and-aggregate blocks ran", job_id=job_id, blocks=len(blocks),
              failed=sum(r is None for r in results))
     return results

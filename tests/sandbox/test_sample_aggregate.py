@@ -36,6 +36,11 @@ df = load_table("s")
 emit_mean("mean_age", "age", df["age"])
 """
 MEAN_OUT = f"SELECT clamp(avg(age), {LO:g}, {HI:g}) AS mean_age FROM tiny"
+# A block's count is its estimate of the cohort's (B times its own), so the blocks' mean is
+# the cohort's size exactly when each block sees its own rows only, B times it otherwise.
+MEAN_COUNT = MEAN_AGE + b'from stimnet_runtime import emit_count\nemit_count("n", len(df))\n'
+MEAN_COUNT_OUT = (f"SELECT clamp(avg(age), {LO:g}, {HI:g}) AS mean_age, "
+                  "clamp(count(*), 0, 1000) AS n FROM tiny")
 # The strongest attack on one subject a declared mean allows: the block holding the target
 # reports the target's exact age, every other block the range's midpoint, so the release
 # is midpoint + (age - midpoint) / B + noise. (Writing result.json by hand, past the
@@ -112,19 +117,20 @@ def _laplace_bound(scale: float, alpha: float) -> float:
 async def test_released_mean_is_the_noisy_mean_of_the_blocks(tmp_path: Path, pki: CertFactory,
                                                              sandbox_image: str) -> None:
     """The release is the mean of the blocks' means plus Laplace noise of scale
-    (hi - lo) / (B·ε), near the pooled mean, and charges ε (δ = 0) to the ledger."""
+    (hi - lo) / (B·ε/2) (ε split over two outputs), near the pooled mean; each block saw
+    its own rows only (the count is the cohort's, not B times it); ε (δ = 0) is charged."""
     # Prepare
     epsilon = 20.0
     async with _node(tmp_path, pki) as c:
         # Execute
-        ans = await c.run_job(await c.submit_script(MEAN_AGE, "tiny", outputs=MEAN_OUT,
+        ans = await c.run_job(await c.submit_script(MEAN_COUNT, "tiny", outputs=MEAN_COUNT_OUT,
                                                     epsilon=epsilon))
-    # Assert: |noise| > scale·ln(1000) has probability 1e-3.
-    released = ans.rows[0][0]
-    scale = (HI - LO) / (BLOCKS * epsilon)
+    # Assert: |noise| > scale·ln(2000) has probability 5e-4, so either of the two 1e-3.
+    released, count = ans.rows[0]
     expected = float(np.mean(_block_means(tmp_path)))
-    assert abs(released - expected) <= _laplace_bound(scale, 1e-3)
+    assert abs(released - expected) <= _laplace_bound((HI - LO) / (BLOCKS * epsilon / 2), 5e-4)
     assert abs(expected - float(np.mean(AGES))) < 2.0  # blocks of 10: their means' mean
+    assert abs(count - len(AGES)) <= _laplace_bound(1000 / (BLOCKS * epsilon / 2), 5e-4)
     assert [(p["epsilon"], p["delta"]) for p in ans.privacy] == [(epsilon, None)]
     with _state(tmp_path) as db:
         charged = db.execute("SELECT epsilon FROM ledger").fetchall()

@@ -136,3 +136,20 @@ def _const_sd(name: str, sd: float) -> Partial:
     d = sd / math.sqrt(2)
     return Partial(name, "moments", (), 2, {"n": np.asarray([2.0]), "s1": np.asarray([0.0]),
                    "s2": np.asarray([2 * d * d])}, {"field": "age", "stat": "sd"})
+
+
+def test_a_query_with_a_declared_range_is_refused() -> None:
+    """clamp() is for a script's declared outputs; a query naming it is refused, not run
+    with the range silently ignored."""
+    from stimnet.errors import QueryError
+    from stimnetd.query.engine import compute
+
+    spec = _spec("SELECT clamp(avg(age), 0, 50) AS m FROM c")
+    with pytest.raises(QueryError) as exc:
+        compute(spec, _Catalog())  # type: ignore[arg-type]
+    assert exc.value.args[0] == ("m: clamp() declares a script output's range (for "
+                                 "sample-and-aggregate); a query clamps to the catalog's bounds")
+
+
+class _Catalog:
+    fields = FIELDS
