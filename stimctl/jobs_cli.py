@@ -148,6 +148,7 @@ def _print_tables(ans: QueryAnswer) -> None:
                          [[lo["omitted"], _fmt(lo["fixed"]["estimate"]),
                            _fmt(lo["dl"]["estimate"]), _fmt(lo["reml"]["estimate"]),
                            _fmt(lo["i2"])] for lo in t["leave_one_out"]])
+    _print_voxel_tests(res)
     for roi in res.get("roi_overlap", []):
         output.table(f"ROI overlap {roi.get('name')}", ["roi", "subjects", "mean voxels",
                                                         "mean volume (mm³)"],
@@ -165,6 +166,20 @@ def _print_tables(ans: QueryAnswer) -> None:
               file=sys.stderr)
     for note in ans.notes:
         print(f"note: {note}")
+
+
+def _print_voxel_tests(res: dict[str, Any]) -> None:
+    """One line per voxel-wise test map (its arrays go to --out as NIfTI)."""
+    tests = [m for m in res.get("maps", []) if m.get("func") in ("tmap", "tmap2", "prop_map")]
+    if tests:
+        output.table("voxel-wise tests (maps: --out)",
+                     ["map", "test", "n", "tested voxels", "significant", "withheld",
+                      "threshold"],
+                     [[str(m.get("name")) + "".join(f" [{k}={v}]" for k, v in
+                                                    (m.get("group") or {}).items()),
+                       m.get("func"), _fmt(m.get("n")), _fmt(m.get("tested_voxels")),
+                       _fmt(m.get("significant_voxels")), _fmt(m.get("withheld_voxels")),
+                       m.get("threshold", "")] for m in tests])
 
 
 def _print_contingency(c: dict[str, Any]) -> None:

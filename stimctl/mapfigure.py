@@ -7,6 +7,7 @@ drawn on no background rather than on an anatomy it may not match.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,15 @@ def write_map_png(img: Any, path: Path, *, title: str, mni: bool) -> Path:  # no
         cut = (0.0, 0.0, 0.0)
     fig = plt.figure(figsize=(10, 3.6))
     try:
-        plotting.plot_stat_map(
-            clean, bg_img=load_mni152_template(resolution=1) if mni else None,
-            cut_coords=cut, display_mode="ortho", colorbar=True, annotate=True,
-            draw_cross=False, black_bg=False, title=title, figure=fig)
+        with warnings.catch_warnings():
+            if not np.any(finite != 0):
+                # A map with no value anywhere (a thresholded map where no voxel survives)
+                # is still drawn, as the template alone; nilearn warns that it is empty.
+                warnings.filterwarnings("ignore", message="empty mask")
+            plotting.plot_stat_map(
+                clean, bg_img=load_mni152_template(resolution=1) if mni else None,
+                cut_coords=cut, display_mode="ortho", colorbar=True, annotate=True,
+                draw_cross=False, black_bg=False, title=title, figure=fig)
         fig.savefig(path, dpi=100, facecolor="white")
     finally:
         plt.close(fig)

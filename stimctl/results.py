@@ -128,8 +128,10 @@ class QueryAnswer:
                   group: dict[str, str] | None = None) -> np.ndarray:
         """A voxel map's array: `which` is "count" (subjects covering each voxel) or
         "mean" (the weighted mean, or the covered fraction of an unweighted mean_map);
-        by default the mean where the map has one, else the count. `group`: which group's
-        map of a grouped query (e.g. {"target": "STN"})."""
+        a voxel test (tmap, tmap2, prop_map) has "stat" (t, or prop_map's fraction),
+        "p", "q" (corrected), "thresholded" (stat where q <= alpha), "df" and "count".
+        By default the mean or stat where the map has one, else the count. `group`: which
+        group's map of a grouped query (e.g. {"target": "STN"})."""
         return self._array(self._map(name, group), which)
 
     def to_nifti(self, name: str | None = None, which: str | None = None, *,  # type: ignore[no-untyped-def]
@@ -187,7 +189,7 @@ class QueryAnswer:
     def _array(self, m: dict[str, Any], which: str | None) -> np.ndarray:
         have = _arrays_of(m)
         if which is None:
-            which = "mean" if "mean" in have else "count"
+            which = next((w for w in ("mean", "stat") if w in have), "count")
         key = have.get(which)
         if key is None or key not in self.arrays:
             raise KeyError(f"map {m.get('name')!r}{_group_label(m)} has no {which!r} array "
@@ -242,10 +244,13 @@ class QueryAnswer:
 
 
 def _arrays_of(m: dict[str, Any]) -> dict[str, str]:
-    """{"count": array key, "mean": array key} as far as the map has them."""
+    """{"count": array key, "mean": array key, and a voxel test's "stat", "p", ...} as far
+    as the map has them."""
     out = {}
-    for which in ("count", "mean"):
-        key = m.get(which) or m.get(f"{which}_key") or (m.get("arrays") or {}).get(which)
+    given = m.get("arrays")
+    named: dict[str, Any] = given if isinstance(given, dict) else {}
+    for which in ("count", "mean", *named):
+        key = m.get(f"{which}_key") or named.get(which) or m.get(which)
         if isinstance(key, str):
             out[which] = key
     return out

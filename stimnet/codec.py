@@ -42,16 +42,64 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
+# An array is sent sparse (its non-fill elements' flat indices, then their values) when
+# that is under half its dense size: a VTA map covers a few thousand of a grid's 900,000
+# voxels, so a grouped map query's answer shrinks from hundreds of MB to a few, on the
+# wire, in the store, and in every copy made on the way.
+SPARSE_MIN_ELEMENTS = 1024
+_INDEX = np.dtype("<i8")
+_FILLS = {"float64": (0, "nan"), "int64": (0,), "bool": (0, 1)}
+
+
+def _fill(arr: np.ndarray) -> tuple[Any, int]:
+    """The array's most common of 0, 1 and NaN (its fill), as JSON will carry it, and how
+    many elements are not it. A withheld-voxel mask is mostly True, a count map mostly 0."""
+    nonzero = int(np.count_nonzero(arr))
+    counts: dict[Any, int] = {0: arr.size - nonzero}
+    if arr.dtype.kind == "f":
+        counts["nan"] = int(np.count_nonzero(np.isnan(arr)))
+    elif arr.dtype == np.bool_:
+        counts[1] = nonzero
+    fill = max(counts, key=lambda k: counts[k])
+    return fill, arr.size - counts[fill]
+
+
 def describe_arrays(arrays: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
     out = {}
     for aid, arr in arrays.items():
         dtype = "bool" if arr.dtype == np.bool_ else ("int64" if arr.dtype.kind in "iu" else "float64")
-        out[aid] = {"dtype": dtype, "shape": list(arr.shape)}
+        spec: dict[str, Any] = {"dtype": dtype, "shape": list(arr.shape)}
+        if arr.size >= SPARSE_MIN_ELEMENTS:
+            fill, nnz = _fill(np.asarray(arr))
+            if nnz * (_INDEX.itemsize + _DTYPES[dtype].itemsize) * 2 < arr.size * _DTYPES[dtype].itemsize:
+                spec["sparse"] = {"nnz": nnz, "fill": fill}
+        out[aid] = spec
     return out
 
 
-def array_bytes(arr: np.ndarray, dtype: str) -> bytes:
-    return np.ascontiguousarray(arr, dtype=_DTYPES[dtype]).tobytes()
+def array_bytes(arr: np.ndarray, spec: dict[str, Any] | str) -> bytes:
+    """The array's body bytes as `spec` (describe_arrays) lays them out."""
+    if isinstance(spec, str):
+        spec = {"dtype": spec}
+    dense = np.ascontiguousarray(arr, dtype=_DTYPES[spec["dtype"]]).reshape(-1)
+    sparse = spec.get("sparse")
+    if sparse is None:
+        return dense.tobytes()
+    fill = sparse["fill"]
+    keep = ~np.isnan(dense) if fill == "nan" else dense != fill
+    idx = np.flatnonzero(keep)
+    return idx.astype(_INDEX).tobytes() + dense[idx].tobytes()
+
+
+def segment_sizes(spec: dict[str, Any]) -> list[tuple[int, int]]:
+    """(byte length, item size) of each run of like items an array's body holds: one for
+    a dense array; indices then values for a sparse one (blobs.py shuffles by item)."""
+    item = _DTYPES[spec["dtype"]].itemsize
+    sparse = spec.get("sparse")
+    if sparse is not None:
+        nnz = int(sparse["nnz"])
+        return [(nnz * _INDEX.itemsize, _INDEX.itemsize), (nnz * item, item)]
+    return [(math.prod(int(d) for d in spec["shape"]) * item, item)]
 
 
 BODY = "body"
@@ -62,8 +110,7 @@ def encode(doc: dict[str, Any], arrays: dict[str, np.ndarray]) -> tuple[str, byt
     array's bytes, in header order)."""
     described = describe_arrays(arrays)
     header = json.dumps({"doc": jsonable(doc), "arrays": described}, allow_nan=False)
-    return header, b"".join(array_bytes(arr, described[aid]["dtype"])
-                            for aid, arr in arrays.items())
+    return header, b"".join(array_bytes(arr, described[aid]) for aid, arr in arrays.items())
 
 
 def chunks(doc: dict[str, Any], arrays: dict[str, np.ndarray]) -> Iterator[tuple[str, Any]]:
@@ -104,17 +151,7 @@ class Assembler:
                              f"{str(exc)[:200]}") from None
         total = 0
         for aid, spec in specs.items():
-            # `type(x) is int`: JSON true is a bool, which isinstance() calls an int.
-            if not isinstance(spec, dict) or spec.get("dtype") not in _DTYPES \
-                    or not isinstance(spec.get("shape"), list) \
-                    or not all(type(x) is int and x >= 0 for x in spec["shape"]):
-                raise CodecError(f"array {aid!r} has an invalid description")
-            # Python integers: a 64-bit product of a hostile shape could wrap to a small size.
-            size = math.prod(spec["shape"]) * _DTYPES[spec["dtype"]].itemsize
-            if size > MAX_ARRAY_BYTES:
-                raise CodecError(f"array {aid!r} is larger than {MAX_ARRAY_BYTES} bytes")
-            spec["nbytes"] = size
-            total += size
+            total += _checked(aid, spec)
         self.doc, self._specs, self._total = doc, specs, total
 
     def chunk(self, aid: str, offset: int, data: bytes, last: bool) -> None:
@@ -136,13 +173,51 @@ class Assembler:
         if len(self._body) != self._total:
             raise CodecError(f"result body has {len(self._body)} of {self._total} bytes")
         arrays, pos = {}, 0
-        body = bytes(self._body)
+        body = memoryview(self._body)
         for aid, spec in self._specs.items():
             n = spec["nbytes"]
-            arrays[aid] = np.frombuffer(body[pos:pos + n], dtype=_DTYPES[spec["dtype"]]) \
-                .reshape(spec["shape"]).copy()
+            arrays[aid] = _decode(aid, spec, body[pos:pos + n])
             pos += n
         return self.doc, arrays
+
+
+def _checked(aid: str, spec: Any) -> int:
+    """The body bytes an array description announces, after checking it: dense size
+    within MAX_ARRAY_BYTES (a sparse array is made dense on arrival), a sparse one's count
+    within its shape."""
+    # `type(x) is int`: JSON true is a bool, which isinstance() calls an int.
+    if not isinstance(spec, dict) or spec.get("dtype") not in _DTYPES \
+            or not isinstance(spec.get("shape"), list) \
+            or not all(type(x) is int and x >= 0 for x in spec["shape"]):
+        raise CodecError(f"array {aid!r} has an invalid description")
+    # Python integers: a 64-bit product of a hostile shape could wrap to a small size.
+    elements = math.prod(spec["shape"])
+    if elements * _DTYPES[spec["dtype"]].itemsize > MAX_ARRAY_BYTES:
+        raise CodecError(f"array {aid!r} is larger than {MAX_ARRAY_BYTES} bytes")
+    sparse = spec.get("sparse")
+    if sparse is not None:
+        if not isinstance(sparse, dict) or type(sparse.get("nnz")) is not int \
+                or not 0 <= sparse["nnz"] <= elements or sparse.get("fill") not in _FILLS[spec["dtype"]]:
+            raise CodecError(f"array {aid!r} has an invalid sparse description")
+    spec["nbytes"] = sum(n for n, _ in segment_sizes(spec))
+    return int(spec["nbytes"])
+
+
+def _decode(aid: str, spec: dict[str, Any], raw: memoryview) -> np.ndarray:
+    dtype = _DTYPES[spec["dtype"]]
+    sparse = spec.get("sparse")
+    if sparse is None:
+        return np.frombuffer(raw, dtype=dtype).reshape(spec["shape"]).copy()
+    nnz = sparse["nnz"]
+    idx = np.frombuffer(raw, dtype=_INDEX, count=nnz)
+    values = np.frombuffer(raw, dtype=dtype, count=nnz, offset=nnz * _INDEX.itemsize)
+    size = math.prod(spec["shape"])
+    # Strictly increasing and in range: each element is set at most once, inside the grid.
+    if nnz and (idx[0] < 0 or idx[-1] >= size or np.any(np.diff(idx) <= 0)):
+        raise CodecError(f"array {aid!r} has sparse indices out of order or out of range")
+    out = np.full(size, np.nan if sparse["fill"] == "nan" else sparse["fill"], dtype=dtype)
+    out[idx] = values
+    return out.reshape(spec["shape"])
 
 
 def pack(doc: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:

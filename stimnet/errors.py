@@ -166,6 +166,18 @@ class ConnectionFailed(Unavailable):
     """The node could not be reached, or the TLS handshake with it failed."""
 
 
+class HandshakeLimited(ConnectionFailed):
+    """The node is limiting concurrent TLS handshakes (per source address and in all), and
+    this connection was turned away; retry with backoff, or open fewer at once."""
+
+
+# The TLS alert a node's TLS front sends, in place of a ServerHello, to a connection it
+# turns away for its handshake limits: user_canceled, "canceled for some reason unrelated
+# to a protocol failure" (RFC 8446 6.1), which no certificate check sends, so the client
+# can say `HandshakeLimited` and never "certificate refused".
+HANDSHAKE_LIMIT_ALERT = 90
+
+
 class JobFailed(StimnetError):
     """A job ended without an answer; the message names its final state and why."""
 

@@ -215,7 +215,7 @@ class Daemon:
         if t.terminate != "stimnet":
             return None
         return TlsFront(m.ca_pem, m.cert_pem, m.key_pem, handshake_timeout_s=t.handshake_timeout_s,
-                        max_handshaking=t.max_handshakes,
+                        handshake_wait_s=t.handshake_wait_s, max_handshaking=t.max_handshakes,
                         max_handshaking_per_host=t.max_handshakes_per_host)
 
     def node_state(self) -> NodeState:

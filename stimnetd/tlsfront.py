@@ -12,8 +12,8 @@ each such connection is bound to an unguessable abstract name, which gRPC report
 call's peer, and the guard looks the verdict up by it (see `verdict_for`). Unverified
 callers are refused with UNAUTHENTICATED — in an RPC, so the refusal has a method, a
 status and an audit entry. A connection closed before any call could be made on it (its
-handshake failed or timed out, or too many were unfinished) has no status to get, but is
-audited too, under the same per-source budget (`on_refused`, Guard.refuse_connection).
+handshake failed or timed out, or it waited too long for a handshake slot) has no status
+to get, but is audited too, under the same per-source budget (`on_refused`, Guard.refuse_connection).
 The verdict is the only path to an identity: a process that reaches the inner socket some
 other way has no verdict and is refused too.
 
@@ -38,7 +38,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from OpenSSL import SSL
 
+from stimnet.errors import HANDSHAKE_LIMIT_ALERT
 from stimnet.pki import Identity, PkiError, identity_from_cert, verify_chain
+from stimnetd.handshake_slots import Admission, HandshakeSlots
 
 log = structlog.get_logger("stimnetd.tlsfront")
 
@@ -48,12 +50,22 @@ _RECORD = 16 * 1024
 _BIO_READ = 64 * 1024
 _NAME_PREFIX = "stimnet-front-"
 # A peer that opens a connection and never finishes the handshake holds a slot: bound how
-# long, and how many such connections there may be at once (beyond it, new connections are
-# closed at once; established ones are unaffected), in all and from one source address (so
-# one noisy or hostile host cannot take every slot). Defaults of `[tls]` in the config.
+# long, and how many such connections there may be at once, in all and from one source
+# address; beyond that, new connections wait for a slot, at most `HANDSHAKE_WAIT_S` and as
+# many as there are slots in all (handshake_slots.py). Defaults of `[tls]` in the config.
 HANDSHAKE_TIMEOUT_S = 10.0
+HANDSHAKE_WAIT_S = 10.0
 MAX_HANDSHAKING = 256
 MAX_HANDSHAKING_PER_HOST = 32
+# A connection refused for the limits gets this fatal alert in place of a ServerHello, and
+# then an orderly close, so the client can tell "busy" from "certificate refused" (a reset
+# during the handshake says neither).
+_LIMIT_ALERT = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, HANDSHAKE_LIMIT_ALERT])
+# What a connection waiting for a slot may send before it is reset (a ClientHello is a
+# few hundred bytes; with many post-quantum key shares, a few KiB).
+_EARLY_MAX = 64 * 1024
+# How long a refused connection may take to read the alert and hang up before it is reset.
+_LINGER_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -118,21 +130,22 @@ class TlsFront:
 
     def __init__(self, ca_pem: bytes, cert_pem: bytes, key_pem: bytes, *,
                  handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+                 handshake_wait_s: float = HANDSHAKE_WAIT_S,
                  max_handshaking: int = MAX_HANDSHAKING,
                  max_handshaking_per_host: int = MAX_HANDSHAKING_PER_HOST) -> None:
         self.handshake_timeout_s = handshake_timeout_s
-        self.max_handshaking = max_handshaking
-        self.max_handshaking_per_host = max_handshaking_per_host
+        self.handshake_wait_s = handshake_wait_s
+        self.slots = HandshakeSlots(max_handshaking, max_handshaking_per_host,
+                                    max_waiting=max_handshaking)
         self._inner = ""
         self._ca_cert = x509.load_pem_x509_certificate(ca_pem)
         self._ctx = server_context(ca_pem, cert_pem, key_pem)
         self._server: asyncio.Server | None = None
         self._verdicts: dict[str, Verdict] = {}
         self._conns: set[_Client] = set()
-        self.handshaking = 0
-        self._handshaking_by_host: dict[str, int] = {}
+        self.refusing = 0  # connections told of the limits, not yet closed
         # Told (remote "host:port", reason) of each connection closed before a call could
-        # be made on it (handshake failed or timed out, too many unfinished): the daemon
+        # be made on it (handshake failed or timed out, waited too long for a slot): the daemon
         # audits these (Guard.refuse_connection). Unset (the front on its own), they are
         # logged.
         self.on_refused: Callable[[str, str], None] | None = None
@@ -168,6 +181,11 @@ class TlsFront:
     def open_connections(self) -> int:
         return len(self._conns)
 
+    @property
+    def handshaking(self) -> int:
+        """Connections handshaking now (waiting ones not included)."""
+        return self.slots.handshaking
+
 
 class _Client(asyncio.Protocol):
     """One client connection: TLS on the outside, plaintext to the inner gRPC server."""
@@ -179,7 +197,10 @@ class _Client(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._inner: _Inner | None = None
         self._pending: list[bytes] = []
+        self._early: list[bytes] = []  # received while waiting for a handshake slot
         self._handshaken = False
+        self._in_slot = False  # holds one of the front's handshake slots
+        self._refusing = False  # refused for the limits: its input is discarded
         self._closed = False
         self._remote = "?"
         self._host = "?"
@@ -195,22 +216,62 @@ class _Client(asyncio.Protocol):
             self._remote = f"{host}:{peer[1]}"
             self._host = str(peer[0])
         front = self._front
-        from_host = front._handshaking_by_host.get(self._host, 0)
-        if front.handshaking >= front.max_handshaking \
-                or from_host >= front.max_handshaking_per_host:
-            self._refused(f"closed at once: too many unfinished TLS handshakes (limits "
-                          f"{front.max_handshaking} in all, {front.max_handshaking_per_host} "
-                          "from one host)")
-            self._closed = True
-            cast(asyncio.Transport, transport).abort()
-            return
         front._conns.add(self)
-        front.handshaking += 1
-        front._handshaking_by_host[self._host] = from_host + 1
-        self._timer = asyncio.get_running_loop().call_later(front.handshake_timeout_s,
+        admission = front.slots.admit(self, self._host, self._start_handshake)
+        if admission is Admission.NOW:
+            self._start_handshake()
+        elif admission is Admission.WAIT:
+            # Its ClientHello waits in the socket for its turn (uvloop may deliver what
+            # came before the pause: `data_received` holds that).
+            cast(asyncio.Transport, transport).pause_reading()
+            self._timer = asyncio.get_running_loop().call_later(
+                front.handshake_wait_s, self._waited_too_long)
+        else:
+            self._refuse_for_limits("the waiting room is full")
+
+    def _start_handshake(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._in_slot = True
+        self._timer = asyncio.get_running_loop().call_later(self._front.handshake_timeout_s,
                                                             self._timeout)
+        if self._transport is not None and not self._closed:
+            self._transport.resume_reading()
+            if self._early:
+                early, self._early = b"".join(self._early), []
+                self.data_received(early)
+
+    def _waited_too_long(self) -> None:
+        self._front.slots.withdraw(self)
+        self._refuse_for_limits(f"waited {self._front.handshake_wait_s:g}s for a slot")
+
+    def _refuse_for_limits(self, why: str) -> None:
+        """Answer the ClientHello with the limit alert and close in order; reset only a
+        peer that does not hang up in time."""
+        slots = self._front.slots
+        self._refused(f"too many unfinished TLS handshakes (limits {slots.max_in_all} in all, "
+                      f"{slots.max_per_host} from one host) and {why}")
+        transport = self._transport
+        if transport is None or self._front.refusing >= self._front.slots.max_waiting:
+            # A flood: a reset costs nothing, and no honest client is this many.
+            self.abort()
+            return
+        self._refusing = True
+        self._front.refusing += 1
+        transport.resume_reading()  # and discard: unread bytes would turn the close into a reset
+        transport.write(_LIMIT_ALERT)
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._timer = asyncio.get_running_loop().call_later(_LINGER_S, self.abort)
 
     def data_received(self, data: bytes) -> None:
+        if self._refusing:
+            return
+        if not self._in_slot and not self._handshaken:
+            self._early.append(data)
+            if sum(map(len, self._early)) > _EARLY_MAX:
+                self.abort()  # no ClientHello is this long
+            return
         self._tls.bio_write(data)
         if not self._handshaken:
             try:
@@ -224,7 +285,7 @@ class _Client(asyncio.Protocol):
                 self.abort()
                 return
             self._handshaken = True
-            self._handshake_over()
+            self._leave_slot()
             if self._timer is not None:
                 self._timer.cancel()
             self._flush()
@@ -284,20 +345,18 @@ class _Client(asyncio.Protocol):
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
-        if self in self._front._conns:
-            self._front._conns.discard(self)
-            if not self._handshaken:
-                self._handshake_over()
+        self._front._conns.discard(self)
+        self._front.slots.withdraw(self)
+        if self._refusing:
+            self._refusing = False
+            self._front.refusing -= 1
+        self._leave_slot()
         self._close_inner()
 
-    def _handshake_over(self) -> None:
-        front = self._front
-        front.handshaking -= 1
-        left = front._handshaking_by_host.get(self._host, 1) - 1
-        if left > 0:
-            front._handshaking_by_host[self._host] = left
-        else:
-            front._handshaking_by_host.pop(self._host, None)
+    def _leave_slot(self) -> None:
+        if self._in_slot:
+            self._in_slot = False
+            self._front.slots.release(self._host)
 
     def pause_writing(self) -> None:
         if self._inner is not None and self._inner.transport is not None:

@@ -20,6 +20,7 @@ from stimctl.client.errors import (
     Conflict,
     ConnectionFailed,
     DeadlineExceeded,
+    HandshakeLimited,
     InvalidRequest,
     JobFailed,
     NotAuthenticated,
@@ -37,6 +38,6 @@ from stimctl.client.sync import Client
 __all__ = [
     "DEFAULT_CONFIG", "AsyncClient", "BudgetExhausted", "Client", "ClientConfig", "ClientError",
     "ConfigProblem", "Conflict", "ConnectionFailed", "DeadlineExceeded", "Event", "EventKind",
-    "InvalidRequest", "JobFailed", "NotAuthenticated", "NotFound", "OnEvent", "Overloaded",
-    "PermissionDenied", "Refused", "StimnetError", "Unauthenticated", "Unavailable",
+    "HandshakeLimited", "InvalidRequest", "JobFailed", "NotAuthenticated", "NotFound", "OnEvent",
+    "Overloaded", "PermissionDenied", "Refused", "StimnetError", "Unauthenticated", "Unavailable",
 ]

@@ -23,7 +23,14 @@ from stimctl.client.events import Event, OnEvent, follow, job_events
 from stimctl.client.job_requests import new_request, query_spec
 from stimctl.results import QueryAnswer
 from stimnet import codec, convert, multiplex, signing
-from stimnet.errors import ConfigProblem, ConnectionFailed, InvalidRequest, StimnetError
+from stimnet.errors import (
+    ConfigProblem,
+    ConnectionFailed,
+    DeadlineExceeded,
+    HandshakeLimited,
+    InvalidRequest,
+    StimnetError,
+)
 from stimnet.frames import feed
 from stimnet.states import TERMINAL_STATES, UNFINISHED_STATES
 from stimnet.v1 import admin_pb2, admin_pb2_grpc, jobs_pb2, jobs_pb2_grpc, node_pb2, node_pb2_grpc
@@ -91,8 +98,24 @@ class AsyncClient:
         await self.close()
 
     async def _call(self, rpc: Any, request: Any, timeout: float | None = None) -> Any:
-        with translated(self.address):
-            return await rpc(request, timeout=timeout or self.config.timeout_s)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout or self.config.timeout_s)
+        try:
+            with translated(self.address):
+                return await rpc(request, timeout=timeout or self.config.timeout_s)
+        except HandshakeLimited as busy:
+            # The call never reached the node (no connection), so it is safe to send
+            # again: wait_for_ready waits out grpc's reconnect backoff (about 1 s, then
+            # x1.6 with jitter) and each reconnect attempt, within what is left of the
+            # deadline. Past it, the limit is still what the caller should read.
+            left = deadline - loop.time()
+            if left <= 0:
+                raise
+            try:
+                with translated(self.address):
+                    return await rpc(request, timeout=left, wait_for_ready=True)
+            except (DeadlineExceeded, HandshakeLimited):
+                raise busy from None
 
     async def _stream(self, rpc: Any, request: Any, timeout: float | None) -> AsyncIterator[Any]:
         with translated(self.address):

@@ -7,8 +7,12 @@ Session stream ends with a CallStatus of the same (code, message, kind), and
 `from_call_status` maps both.
 
 A status without a kind never passed a node's interceptor: grpc's transport produced it.
-Then UNAVAILABLE and DEADLINE_EXCEEDED get messages naming the node's address, which is
-all a researcher can act on (grpc's own details name sockets and TLS alerts).
+Then UNAVAILABLE and DEADLINE_EXCEEDED get messages naming the node's address and what to
+do. grpc's details (BoringSSL's reason, which this reads) tell apart: the node turning us
+away for its handshake limits (its alert `HANDSHAKE_LIMIT_ALERT`: `HandshakeLimited`), the
+node refusing our certificate (an alert naming it), our refusing the node's (verification
+failed, or it does not name the host), and a connection dropped mid-handshake without a
+word, which says neither for certain.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from stimnet.errors import (
     Conflict,
     ConnectionFailed,
     DeadlineExceeded,
+    HandshakeLimited,
     InvalidRequest,
     JobFailed,
     NotFound,
@@ -45,7 +50,7 @@ NotAuthenticated = Unauthenticated
 
 __all__ = [
     "BudgetExhausted", "ClientError", "ConfigProblem", "Conflict", "ConnectionFailed",
-    "DeadlineExceeded", "InvalidRequest", "JobFailed", "NotAuthenticated", "NotFound",
+    "DeadlineExceeded", "HandshakeLimited", "InvalidRequest", "JobFailed", "NotAuthenticated", "NotFound",
     "Overloaded", "PermissionDenied", "Refused", "StimnetError", "Unauthenticated",
     "Unavailable", "deadline_exceeded", "from_call_status", "from_rpc_error", "translated",
 ]
@@ -61,16 +66,67 @@ def from_call_status(code: str, details: str, kind: str, address: str) -> Stimne
         address: the node the call went to, for the messages of transport failures.
     """
     if not kind and code == "UNAVAILABLE":
-        lowered = details.lower()
-        if "handshake" in lowered or "ssl" in lowered:
-            return ConnectionFailed(
-                f"TLS handshake with {address} failed: the node refused our certificate or "
-                f"we refused its certificate (wrong CA, expired, or wrong host)")
-        first = details.splitlines()[0] if details else "unavailable"
-        return ConnectionFailed(f"cannot reach node at {address}: {first}")
+        return transport_failure(details, address)
     if not kind and code == "DEADLINE_EXCEEDED":
         return deadline_exceeded(address)
     return from_status(code, details or code, kind)
+
+
+# BoringSSL's names of the alerts a TLS server sends when it refuses a client certificate.
+_CERT_ALERTS = ("alert_bad_certificate", "alert_unknown_ca", "alert_certificate_expired",
+                "alert_certificate_revoked", "alert_certificate_unknown",
+                "alert_unsupported_certificate", "alert_certificate_required",
+                "alert_access_denied")
+# How grpc reports a connection the server closed or reset while it was being set up.
+_DROPPED = ("handshake read failed", "handshake write failed", "socket closed",
+            "connection reset", "end of tcp stream")
+
+
+def transport_failure(details: str, address: str) -> ConnectionFailed:
+    """The error of a call grpc failed UNAVAILABLE before it reached the node, from the
+    details grpc gave."""
+    lowered = details.lower()
+    if "alert_user_cancel" in lowered:  # HANDSHAKE_LIMIT_ALERT, in BoringSSL's words
+        return HandshakeLimited(
+            f"the node at {address} is limiting concurrent TLS handshakes (by default 32 at "
+            f"once from one address and 256 in all) and turned this connection away after "
+            f"it waited for a turn: retry with backoff, or open fewer connections at once "
+            f"(one client runs many queries); its admin can raise [tls] "
+            f"max_handshakes_per_host or handshake_wait_s")
+    if "hostname verification" in lowered:
+        return ConnectionFailed(
+            f"TLS handshake with {address} failed: we refused the node's certificate, which "
+            f"does not name the host in that address (use the name or IP address its "
+            f"certificate was issued for)")
+    if "certificate_verify_failed" in lowered:
+        why = _after(details, "CERTIFICATE_VERIFY_FAILED:")
+        return ConnectionFailed(
+            f"TLS handshake with {address} failed: we refused the node's certificate "
+            f"({why or 'it did not verify'}): it is not issued by the CA file of our client "
+            f"config, or it has expired")
+    if alert := next((a for a in _CERT_ALERTS if a in lowered), None):
+        return ConnectionFailed(
+            f"TLS handshake with {address} failed: the node refused our certificate "
+            f"({alert.removeprefix('alert_').replace('_', ' ')}): not issued by the "
+            f"federation's CA, expired, or revoked")
+    if "failed to connect" in lowered and any(d in lowered for d in _DROPPED):
+        return ConnectionFailed(
+            f"the node at {address} closed the connection during the TLS handshake without "
+            f"saying why: it may be limiting concurrent handshakes from one address (retry "
+            f"with backoff, or open fewer connections at once), or, if it terminates TLS in "
+            f"gRPC ([tls] terminate = \"grpc\"), it refused our certificate (not issued by "
+            f"the federation's CA, expired, or revoked)")
+    if "handshake" in lowered or "ssl" in lowered:
+        return ConnectionFailed(f"TLS handshake with {address} failed: "
+                                f"{details.partition('last error:')[2].strip() or details}")
+    first = details.splitlines()[0] if details else "unavailable"
+    return ConnectionFailed(f"cannot reach node at {address}: {first}")
+
+
+def _after(details: str, marker: str) -> str:
+    """The words after `marker` in grpc's details, up to the next colon."""
+    _, found, rest = details.partition(marker)
+    return rest.split(":")[0].strip() if found else ""
 
 
 def from_rpc_error(exc: grpc.RpcError, address: str) -> StimnetError:

@@ -14,6 +14,7 @@ from typing import Any
 
 from stimnet.errors import QueryError
 from stimnet.query.fields import FieldMeta
+from stimnet.query.voxeltests import VOXEL_TESTS, check_options, options_from_dict
 
 LiteralValue = int | float | str
 
@@ -71,8 +72,13 @@ Expr = Comparison | InList | Between | IsNull | And | Or | Not
 class FuncShape:
     min_fields: int
     max_fields: int | None  # None: unbounded
-    params: str | None = None  # "edges" | "probs" | None
+    params: str | None = None  # "edges" | "probs" | "maxit" | None
+    # Named options (`min_n => 10`) the aggregate accepts: stimnet/query/voxeltests.py.
+    options: frozenset[str] = frozenset()
 
+
+# The options every voxel-wise test takes (N-threshold, correction across voxels).
+TEST_OPTIONS = frozenset({"min_n", "min_frac", "correction", "alpha"})
 
 FUNCS: dict[str, FuncShape] = {
     "count": FuncShape(0, 1),
@@ -88,6 +94,11 @@ FUNCS: dict[str, FuncShape] = {
     "count_map": FuncShape(1, 1),
     "mean_map": FuncShape(1, 2),  # (image, [weight])
     "roi_overlap": FuncShape(1, 1),
+    # Voxel-wise tests from per-voxel n, Σw, Σw² (stimnet/query/voxeltests.py):
+    # (image, weight); prop_map's weight is its condition (AggSpec.condition).
+    "tmap": FuncShape(2, 2, options=frozenset({"mu", *TEST_OPTIONS})),
+    "tmap2": FuncShape(2, 2, options=TEST_OPTIONS),
+    "prop_map": FuncShape(1, 1, options=TEST_OPTIONS),
     # Models (stimnet/query/models.py): the only aggregate of their query, no GROUP BY.
     # glm_*: (response, term, ...), params (maxit,) optional; meta_*: each site's own fit.
     "glm_binomial": FuncShape(2, None, "maxit"),
@@ -106,12 +117,15 @@ FUNCS: dict[str, FuncShape] = {
 @dataclass(frozen=True)
 class AggSpec:
     """One output column. `fields` are positional per `func` (see FUNCS); `params` are
-    histogram edges or quantile probabilities."""
+    histogram edges or quantile probabilities; `options` named settings (sorted (name,
+    value) pairs, checked by voxeltests.check_options); `condition` prop_map's filter."""
 
     func: str
     fields: tuple[str, ...]
     name: str
     params: tuple[float, ...] = ()
+    options: tuple[tuple[str, float | str], ...] = ()
+    condition: Expr | None = None
 
     def __post_init__(self) -> None:
         shape = FUNCS.get(self.func)
@@ -134,6 +148,10 @@ class AggSpec:
             raise QueryError(f"{self.name}: {self.func} takes {want} fields, got {k}")
         if shape.params is None and self.params:
             raise QueryError(f"{self.name}: {self.func} takes no parameters")
+        check_options(self.name, self.func, self.options, shape.options)
+        if (self.condition is None) != (self.func != "prop_map"):
+            raise QueryError(f"{self.name}: only prop_map takes a condition, and it needs one "
+                             "(e.g. prop_map(vta, improvement_pct > 50))")
         if shape.params == "edges":
             e = self.params
             if len(e) < 2 or any(b <= a for a, b in zip(e, e[1:], strict=False)):
@@ -177,10 +195,7 @@ class QuerySpec:
             "catalog": self.catalog,
             "where": None if self.where is None else expr_to_dict(self.where),
             "group_by": list(self.group_by),
-            "aggregates": [
-                {"func": a.func, "fields": list(a.fields), "name": a.name, "params": list(a.params)}
-                for a in self.aggregates
-            ],
+            "aggregates": [_agg_to_dict(a) for a in self.aggregates],
         }
 
     @classmethod
@@ -191,16 +206,30 @@ class QuerySpec:
         group_by = tuple(_str(g, "group_by item") for g in _list(d.get("group_by", []), "group_by"))
         aggs = []
         for a in _list(d["aggregates"], "aggregates"):
-            _keys(a, "aggregate", required={"func", "fields", "name"}, optional={"params"})
+            _keys(a, "aggregate", required={"func", "fields", "name"},
+                  optional={"params", "options", "condition"})
+            cond = a.get("condition")
             aggs.append(
                 AggSpec(
                     func=_str(a["func"], "func"),
                     fields=tuple(_str(f, "aggregate field") for f in _list(a["fields"], "fields")),
                     name=_str(a["name"], "name"),
                     params=tuple(_num(p, "param") for p in _list(a.get("params", []), "params")),
+                    options=options_from_dict(a.get("options", {})),
+                    condition=None if cond is None else expr_from_dict(cond),
                 )
             )
         return cls(catalog, None if where is None else expr_from_dict(where), group_by, tuple(aggs))
+
+
+def _agg_to_dict(a: AggSpec) -> dict[str, Any]:
+    d: dict[str, Any] = {"func": a.func, "fields": list(a.fields), "name": a.name,
+                         "params": list(a.params)}
+    if a.options:  # absent unless used, so specs without them keep their old form
+        d["options"] = dict(a.options)
+    if a.condition is not None:
+        d["condition"] = expr_to_dict(a.condition)
+    return d
 
 
 def expr_to_dict(e: Expr) -> dict[str, Any]:
@@ -309,6 +338,8 @@ def validate(spec: QuerySpec, fields: Mapping[str, FieldMeta]) -> None:
     for a in spec.aggregates:
         metas = [meta(f, a.name) for f in a.fields]
         _validate_agg(a, metas)
+        for name, leaf in filter_fields(a.condition):
+            _validate_leaf(meta(name, f"{a.name}'s condition"), leaf)
 
 
 def _validate_leaf(m: FieldMeta, leaf: Expr) -> None:
@@ -370,10 +401,10 @@ def _validate_agg(a: AggSpec, metas: list[FieldMeta]) -> None:
     elif a.func in IMAGE_FUNCS:
         need(metas[0], ("image",), f"{a.func} needs an image field")
         for m in metas[1:]:
-            need(m, NUMERIC_TYPES, "the mean_map weight must be numeric")
+            need(m, NUMERIC_TYPES, f"the {a.func} weight must be numeric")
 
 
-IMAGE_FUNCS = frozenset({"count_map", "mean_map", "roi_overlap"})
+IMAGE_FUNCS = frozenset({"count_map", "mean_map", "roi_overlap", *VOXEL_TESTS})
 MODEL_PREFIXES = ("glm_", "meta_", "quantiles_bisect")
 # R's glm.control default is 25; a signed job declares its own bound (its rounds).
 MAX_GLM_ITERATIONS = 100

@@ -9,6 +9,7 @@ everything else with a message that names the offending part.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import sqlglot
 from sqlglot import exp
@@ -31,6 +32,7 @@ from stimnet.query.spec import (
     expr_from_dict,
     expr_to_dict,
 )
+from stimnet.query.voxeltests import VOXEL_TESTS
 
 # SQL spelling → AggSpec.func
 SQL_FUNCS: dict[str, str] = {
@@ -57,6 +59,9 @@ SQL_FUNCS: dict[str, str] = {
     "glm": "glm",
     "meta": "meta",
     "quantile_exact": "quantiles_bisect",
+    "tmap": "tmap",
+    "tmap2": "tmap2",
+    "prop_map": "prop_map",
 }
 GLM_FAMILIES = ("binomial", "poisson", "gaussian")
 # meta(...) of these: each site's own estimate, pooled across sites (models.py).
@@ -225,6 +230,8 @@ def _aggregate(node: exp.Expression, alias: str | None, catalog: str) -> AggSpec
         if func is None:
             raise QueryError(f"{name}: meta() pools avg, regress/lm or glm, not {inner.func}")
         return AggSpec(func, inner.fields, name, inner.params)
+    if func in VOXEL_TESTS:
+        return _voxel_test(func, args, name, catalog, fields)
     if written == "median":
         return AggSpec("quantiles", fields(args), name, (0.5,))
     if func in ("histogram", "quantiles", "quantiles_bisect"):
@@ -233,6 +240,32 @@ def _aggregate(node: exp.Expression, alias: str | None, catalog: str) -> AggSpec
         params = tuple(_number(a, name) for a in args[1:])
         return AggSpec(func, fields(args[:1]), name, params)
     return AggSpec(func, fields(args), name)
+
+
+def _voxel_test(func: str, args: list[exp.Expression], name: str, catalog: str,
+                fields: Callable[[list[exp.Expression]], tuple[str, ...]]) -> AggSpec:
+    """tmap(img, w, opt => v, ...), tmap2(img, w, ...), prop_map(img, condition, ...)."""
+    positional = [a for a in args if not isinstance(a, exp.Kwarg)]
+    if any(isinstance(a, exp.Kwarg) for a in args[:len(positional)]):
+        raise QueryError(f"{name}: named options (min_n => 10) come after the fields")
+    options = []
+    for kw in args[len(positional):]:
+        value = _literal(kw.expression)
+        if value is None:
+            raise QueryError(f"{name}: option {kw.this.sql()} must be a number or a string")
+        options.append((str(kw.this.name).lower(), value))
+    options.sort()
+    if func != "prop_map":
+        return AggSpec(func, fields(positional), name, options=tuple(options))
+    if len(positional) != 2:
+        raise QueryError(f"{name}: prop_map takes an image and a condition, e.g. "
+                         "prop_map(vta, improvement_pct > 50)")
+    try:
+        condition = expr_from_dict(expr_to_dict(_filter(positional[1], catalog)))
+    except QueryError as exc:
+        raise QueryError(f"{name}: its condition: {exc}") from None
+    return AggSpec(func, fields(positional[:1]), name, options=tuple(options),
+                   condition=condition)
 
 
 def _glm(args: list[exp.Expression], name: str) -> AggSpec:

@@ -27,6 +27,9 @@ class TlsConfig:
     handshake_timeout_s: float = 10.0
     max_handshakes: int = 256
     max_handshakes_per_host: int = 32
+    # How long a connection over those bounds waits for a slot (as many may wait as
+    # `max_handshakes`) before it is turned away with an alert the client names.
+    handshake_wait_s: float = 10.0
     # Refused calls (unauthenticated, revoked, wrong role) audited one by one per source
     # per minute; the rest are counted into one entry (stimnetd/rpc/refusals.py).
     refusals_audited_per_minute: int = 20
@@ -107,19 +110,22 @@ def read_node(r: Reader, raw: dict[str, Any]) -> NodeSettings:
 def read_tls(r: Reader, raw: dict[str, Any]) -> TlsConfig:
     w = "[tls]"
     raw = r.table(raw, w, {"ca", "cert", "key", "crl", "terminate", "handshake_timeout_s",
-                           "max_handshakes", "max_handshakes_per_host",
+                           "handshake_wait_s", "max_handshakes", "max_handshakes_per_host",
                            "refusals_audited_per_minute"})
     crl = r.readable_file(raw, w, "crl") if "crl" in raw else None
     timeout = r.get(raw, w, "handshake_timeout_s", float, 10.0)
     if not 0.1 <= timeout <= 300:
         raise r.fail(f"{w}.handshake_timeout_s", "must be between 0.1 and 300 seconds")
+    wait = r.get(raw, w, "handshake_wait_s", float, 10.0)
+    if not 0 <= wait <= 300:
+        raise r.fail(f"{w}.handshake_wait_s", "must be between 0 and 300 seconds")
     limits = {key: r.limit(raw, w, key, default)
               for key, default in (("max_handshakes", 256), ("max_handshakes_per_host", 32),
                                    ("refusals_audited_per_minute", 20))}
     return TlsConfig(ca=r.readable_file(raw, w, "ca"), cert=r.readable_file(raw, w, "cert"),
                      key=r.readable_file(raw, w, "key"), crl=crl,
                      terminate=r.get(raw, w, "terminate", str, "stimnet", choices=TLS_TERMINATORS),
-                     handshake_timeout_s=timeout, **limits)
+                     handshake_timeout_s=timeout, handshake_wait_s=wait, **limits)
 
 
 def read_metrics(r: Reader, raw: dict[str, Any]) -> MetricsSettings:

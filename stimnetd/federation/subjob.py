@@ -10,6 +10,8 @@ from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+import structlog
+
 from stimnet.errors import Conflict, Overloaded, PermissionDenied, Refused, Replayed
 from stimnet.pki import Identity
 from stimnet.signing import SignedJob, VerifiedJob
@@ -18,6 +20,8 @@ from stimnetd.site import LocalSite, ShareProgress, SiteOutcome
 from stimnetd.site.policy import ScriptPolicy
 from stimnetd.store import NonceClaim, Store
 from stimnetd.store.records import JobRecord
+
+log = structlog.get_logger("stimnetd.subjob")
 
 # A site whose answer takes longer than this reports "accepted" first (see _reported()).
 ACCEPTED_AFTER_S = 0.05
@@ -107,19 +111,55 @@ class PeerSubJobs:
                    resume: bool) -> AsyncGenerator[SubJobEvent, None]:
         resumed = await self._resume(signed, entry, request_id) if resume else None
         job, claim = resumed or await self._admit(signed, entry, request_id)
+        # A script's nonce is claimed durably at admission, so no copy of it runs here
+        # again and a charge for its job is its own; a query's is claimed by its release,
+        # which marks the claim (NonceClaim.released) only if it charged for this request,
+        # not for a concurrent copy whose release commits meanwhile. A resumed job's
+        # charge may be its first run's, whose partial may have left this site then: it is
+        # never refunded (a charge is kept in doubt, never dropped).
+        claimed_first = claim.consumed and resumed is None
         outcome: SiteOutcome | None = None
-        async with contextlib.aclosing(self._reported(job, claim, resumed is not None)) as events:
-            async for ev in events:
-                if isinstance(ev, SiteOutcome):
-                    outcome = ev
-                else:
-                    yield ev
-        assert outcome is not None
-        if not claim.consumed:
-            # Failed without a release or a refusal: still remember the nonce (and that the
-            # job was accepted) so that the request cannot be run here again.
-            await self._store.claim_nonce(claim)
-        yield outcome
+        handed = False
+        try:
+            async with contextlib.aclosing(self._reported(job, claim,
+                                                          resumed is not None)) as events:
+                async for ev in events:
+                    if isinstance(ev, SiteOutcome):
+                        outcome = ev
+                    else:
+                        yield ev
+            assert outcome is not None
+            if not claim.consumed:
+                # Failed without a release or a refusal: still remember the nonce (and that
+                # the job was accepted) so that the request cannot be run here again.
+                await self._store.claim_nonce(claim)
+            # The servicer turns the outcome into frames and hands them to the stream with
+            # no wait in between: this is the last point at which this site knows that no
+            # byte of its partial has left it. From here its charge is final.
+            handed = True
+            yield outcome
+        finally:
+            if not handed and (claimed_first or claim.released) \
+                    and (outcome is None or outcome.epsilon):
+                await self._refund_unsent(job, entry)
+
+    async def _refund_unsent(self, job: VerifiedJob, entry: Identity) -> None:
+        """The sub-job ended (the entry cancelled it, its stream broke, its deadline passed)
+        before its outcome was handed to the stream: refund the release's charge, if one
+        was made (docs/privacy.md, "Charged only for what left the site"). Not refunded if
+        the refund cannot be written: a charge is only ever kept in doubt, never dropped."""
+        try:
+            refunded = await asyncio.shield(self._store.refund(
+                job.request.job_id, audit_actor=(job.researcher.name, job.researcher.role),
+                reason=f"the sub-job from node {entry.name!r} ended before this site sent "
+                       "any of its partial"))
+        except Exception:  # noqa: BLE001 - the charge stands; the refusal to refund is logged
+            log.warning("charge of an unsent partial not refunded", job=job.request.job_id,
+                        exc_info=True)
+            return
+        if refunded:
+            log.info("charge refunded: partial never sent", job=job.request.job_id,
+                     epsilon=refunded, entry=entry.name)
 
     async def _round(self, signed: SignedJob, entry: Identity, round_no: int,
                      beta: list[float]) -> AsyncGenerator[SubJobEvent, None]:
@@ -231,10 +271,13 @@ class PeerSubJobs:
                     yield got
             outcome = task.result()
         finally:
-            if not task.done():
-                task.cancel()
             if getter is not None and not getter.done():  # the entry went away mid-wait
                 getter.cancel()
+            if not task.done():
+                task.cancel()
+                # A release transaction it began commits anyway (the store shields it):
+                # waited for, so that _run's refund finds the charge it has to undo.
+                await asyncio.wait([task])
         yield outcome
 
     async def _admit_script(self, job: VerifiedJob, entry: Identity, request_id: str) -> None:

@@ -17,11 +17,14 @@ class QueryQuota:
         """Take one of `owner`'s places, or refuse. Synchronous, so of concurrent
         submissions no two pass on the same free place."""
         if self._running[owner] >= self._limit:
+            # Names only the caller's own count and the node's setting: what to do, and
+            # whom to ask, without anything about other researchers' work.
             raise Overloaded(f"you have {self._running[owner]} queries running with this node "
-                             f"as their entry, its limit per researcher "
-                             f"(max_queries_per_researcher = {self._limit}), shared by every "
-                             "client using your certificate; wait for one to finish, or run "
-                             "fewer at once")
+                             f"as their entry, its limit per researcher ([node] "
+                             f"max_queries_per_researcher = {self._limit}), shared by every "
+                             "client using your certificate; wait for one to finish (the limit "
+                             "is on queries running at once, not per time window), run fewer "
+                             "at once, or ask this node's admin to raise it")
         self._running[owner] += 1
 
     def unreserve(self, owner: str) -> None:

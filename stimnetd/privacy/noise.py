@@ -26,6 +26,12 @@ crossprod     m         Σ_{i≤j} B_i·B_j, B_0 = 1 (upper triangle incl. diago
 voxel_map     count     V                      (V = max_voxels of meta["column"])
               sum       V·W                    (W = B of meta["weight"])
               <n>       1                      (the partial's subject count, see below)
+voxel_stats   count     V                      (tmap, tmap2, prop_map: per-voxel sums over
+              sum       V·W                     the covering subjects; W = B of the weight,
+              sum2      V·W²                    1 for prop_map's 0/1 condition)
+              total_n   1                      (the cohort totals the not-covering side is
+              total_sum W                       derived from; total_n is the partial's
+              total_sum2 W²                     noised n and its gate)
 roi_overlap   n         R                      (R ROIs; one subject may touch all)
               s1        R·V                    (a subject overlaps an ROI in at most V
               s2        R·V²                    voxels; ROIs may overlap each other, so
@@ -37,7 +43,8 @@ Epsilon is split evenly over every released array of every output of the query
 (`partitioned`) the partials of one output are over disjoint subjects, so each group's
 arrays get the output's whole share (parallel composition); a script's partials are split
 over every partial. An array the result does not read is not released and takes no share
-(the sum of squares of `sum` and `mean`: `avg` costs a sum and a count). Withheld partials
+(the sum of squares of `sum` and `mean`: `avg` costs a sum and a count; prop_map's sums
+of squares, equal to its sums for a 0/1 condition). Withheld partials
 (see suppress.py) release nothing and get no share.
 
 Count arrays are integers and get OpenDP's discrete Laplace (no rounding of a float
@@ -87,6 +94,8 @@ _COUNT_ARRAYS = {
     ("quantiles", "counts"),
     ("contingency", "counts"),
     ("voxel_map", "count"),
+    ("voxel_stats", "count"),
+    ("voxel_stats", "total_n"),
     ("roi_overlap", "n"),
 }
 
@@ -197,6 +206,13 @@ def sensitivities(p: Partial, fields: Mapping[str, FieldMeta]) -> dict[str, floa
                                      "weight field, so its sensitivity cannot be bounded")
             out["sum"] = v * _max_abs(fields, str(weight), p.name)
         return out
+    if p.kind == "voxel_stats":
+        v = float(_max_voxels(fields, _meta_field(p, "column"), p.name))
+        # prop_map's weight is its condition, 0 or 1 whatever the field's bounds.
+        b = 1.0 if meta.get("func") == "prop_map" else \
+            _max_abs(fields, _meta_field(p, "weight"), p.name)
+        return {"count": v, "sum": v * b, "sum2": v * b * b,
+                "total_n": 1.0, "total_sum": b, "total_sum2": b * b}
     if p.kind == "roi_overlap":
         v = float(_max_voxels(fields, _meta_field(p, "column"), p.name))
         r = float(np.asarray(p.stats["n"]).size)
@@ -287,6 +303,8 @@ def plan_arrays(p: Partial, sens: dict[str, float]) -> dict[str, float]:
     """The arrays of `p` that are released (and so noised and charged)."""
     if p.kind == "moments" and p.meta.get("func") in _NO_SQUARES:
         return {k: v for k, v in sens.items() if k != "s2"}
+    if p.kind == "voxel_stats" and p.meta.get("func") == "prop_map":
+        return {k: v for k, v in sens.items() if k not in ("sum2", "total_sum2")}
     return sens
 
 
@@ -335,6 +353,8 @@ def _noise_array(
 def _noisy_n(p: Partial, stats: dict[str, np.ndarray], separate: float) -> float:
     if p.kind in ("count", "moments"):
         return float(stats["n"].ravel()[0])
+    if p.kind == "voxel_stats":
+        return float(stats["total_n"].ravel()[0])
     if p.kind in ("histogram", "quantiles", "contingency"):
         return float(stats["counts"].sum())
     return separate

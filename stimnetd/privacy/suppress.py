@@ -8,7 +8,11 @@ Rules, applied to each `Partial` on its *true* counts (before any noise):
 * For kinds with per-cell counts (see `CELL_COUNTS`: histogram bins, contingency cells,
   voxels, ROIs) every cell whose count is below k_min is withheld: zeroed in *every* stats
   array at that cell (a voxel's sum would otherwise still reveal who is there) and marked
-  in `cell_mask`.
+  in `cell_mask`. A voxel test's partial (voxel_stats) also carries cohort totals, from
+  which a voxel's not-covering side follows by subtraction, so a voxel is withheld unless
+  both sides, covering and not covering, hold at least k_min subjects (at k_min = 1, when
+  no count can be in 1..k_min-1, an empty side is not masked); the totals themselves are
+  released with the partial (its n is the cohort's).
 
 Empty cells (count 0) are withheld too. They carry no subject's value, but releasing them
 as an unmasked 0 while masking 1..k_min-1 would make the mask itself a presence
@@ -48,7 +52,7 @@ from typing import Literal
 import numpy as np
 
 from stimnet.query.fields import FieldMeta
-from stimnetd.query.aggregate import CELL_COUNTS, UNLISTED, GroupKey, Partial
+from stimnetd.query.aggregate import CELL_COUNTS, TOTALS, UNLISTED, GroupKey, Partial
 
 Action = Literal["released", "suppressed", "partially_suppressed"]
 
@@ -216,6 +220,9 @@ def _withhold_cells(p: Partial, mask: np.ndarray, reason: str) -> Partial:
     stats = {}
     for name, a in p.stats.items():
         a = np.array(a, dtype=np.float64)
+        if name in TOTALS.get(p.kind, ()):
+            stats[name] = a  # over the whole cohort, which passed k_min (p.n)
+            continue
         if a.shape != mask.shape:
             # An array that is not per-cell could still carry the withheld subjects;
             # refusing to guess is safer than releasing it.
@@ -234,6 +241,16 @@ def _cell_mask(p: Partial, k_min: int) -> np.ndarray:
     if p.cell_mask is not None:
         # Cells the engine already withheld stay withheld.
         mask |= np.asarray(p.cell_mask, dtype=bool)
+    if p.kind == "voxel_stats":
+        # The cohort totals are released, so a voxel's not-covering side (total minus
+        # covering) is a release too: it must hold k_min subjects as well.
+        mask |= (p.n - counts) < k_min
+        if k_min == 1:
+            # No count is in 1..k_min-1, so the mask of empty sides could not stand for
+            # "a few subjects here"; an empty side's sums are 0 and the other side's are
+            # the released totals. Unmasked, the pooled test is the pooled data's.
+            mask = np.zeros(counts.shape, bool) if p.cell_mask is None \
+                else np.asarray(p.cell_mask, dtype=bool).copy()
     if p.kind == "histogram":
         _complement(counts, mask, [(slice(None),)], k_min)
     elif p.kind == "contingency":

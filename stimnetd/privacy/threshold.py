@@ -36,7 +36,7 @@ import numpy as np
 
 from stimnetd.privacy.noise import COHORT_N, NoiseReport
 from stimnetd.privacy.suppress import Action, Decision
-from stimnetd.query.aggregate import CELL_COUNTS, GroupKey, Partial
+from stimnetd.query.aggregate import CELL_COUNTS, TOTALS, GroupKey, Partial
 
 
 def threshold(k_min: int, scale: float, delta: float) -> int:
@@ -86,6 +86,7 @@ GATES: dict[str, tuple[str, ...]] = {
     "quantiles": ("counts",),
     "contingency": ("counts",),
     "voxel_map": (COHORT_N, "count"),
+    "voxel_stats": ("total_n", "count"),
     "roi_overlap": (COHORT_N, "n"),
     "glm_round": (COHORT_N,),  # privacy/glm_noise.py
 }
@@ -124,8 +125,8 @@ def gate_noised(partials: list[Partial], report: NoiseReport, k_min: int,
 
 
 def _gate(p: Partial, thresholds: dict[str, int], why: str) -> Partial:
-    subjects = thresholds.get(COHORT_N, thresholds.get("n") if CELL_COUNTS[p.kind] is None
-                              else None)
+    subjects = thresholds.get(COHORT_N, thresholds.get("total_n", thresholds.get("n") if
+                                                       CELL_COUNTS[p.kind] is None else None))
     if subjects is not None and p.n < subjects:
         return _withhold_all(p, why)
     ref = CELL_COUNTS[p.kind]
@@ -133,6 +134,9 @@ def _gate(p: Partial, thresholds: dict[str, int], why: str) -> Partial:
         return p
     counts = np.asarray(p.stats[ref], dtype=np.float64)
     mask = counts < thresholds[ref]
+    if p.kind == "voxel_stats":
+        # Both sides of each voxel, as exact k_min does, on noised counts (post-processing).
+        mask |= (float(p.stats["total_n"][0]) - counts) < thresholds[ref]
     if p.cell_mask is not None:
         mask |= np.asarray(p.cell_mask, dtype=bool)
     if mask.all():
@@ -142,6 +146,9 @@ def _gate(p: Partial, thresholds: dict[str, int], why: str) -> Partial:
     stats = {}
     for name, a in p.stats.items():
         a = np.array(a, dtype=np.float64)
+        if name in TOTALS.get(p.kind, ()):
+            stats[name] = a
+            continue
         if a.shape != mask.shape:
             raise ValueError(f"{p.name}: stats[{name!r}] has shape {a.shape}, expected the "
                              f"cell shape {mask.shape} of a {p.kind} partial")

@@ -24,6 +24,12 @@ contingency    counts: [len(levels_a), len(levels_b)]      counts (per cell)
 voxel_map      count: [shape], sum: [shape] (Σ weight,     count (per voxel)
                absent when unweighted);
                meta: column, weight, shape, affine
+voxel_stats    count, sum (Σw), sum2 (Σw²): [shape] over   count (per voxel; and the
+               the subjects covering each voxel;           not-covering total_n - count)
+               total_n, total_sum, total_sum2: [1] the
+               same over the whole cohort (TOTALS);
+               meta: func, column, weight, condition,
+               shape, affine
 roi_overlap    n: [R] subjects touching the ROI,            n (per ROI)
                s1: [R] Σ overlap voxels, s2: [R] Σ overlap²;
                meta: column, rois (names), voxel_volume_mm3
@@ -59,6 +65,7 @@ KINDS = (
     "crossprod",
     "contingency",
     "voxel_map",
+    "voxel_stats",
     "roi_overlap",
     "glm_round",
     "estimate",
@@ -77,11 +84,16 @@ CELL_COUNTS: dict[str, str | None] = {
     "crossprod": None,
     "contingency": "counts",
     "voxel_map": "count",
+    "voxel_stats": "count",
     "roi_overlap": "n",
     "glm_round": None,
     "estimate": None,
     "threshold_counts": None,
 }
+
+# Arrays of a per-cell kind that are over the whole partial, not per cell: a withheld cell
+# leaves them as they are (they are released, or withheld, with the partial's n).
+TOTALS: dict[str, tuple[str, ...]] = {"voxel_stats": ("total_n", "total_sum", "total_sum2")}
 
 GroupKey = tuple[tuple[str, str], ...]
 
@@ -197,6 +209,13 @@ def _layout(kind: str, meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         return {"counts": (len(_names(levels[0])), len(_names(levels[1])))}
     if kind == "voxel_map":
         return _voxel_map_layout(meta)
+    if kind == "voxel_stats":
+        grid = tuple(_voxel_map_layout({**meta, "weight": None})["count"])
+        if meta["func"] not in ("tmap", "tmap2", "prop_map"):
+            raise ValueError(f"func {meta['func']!r:.40} is not a voxel test")
+        one = (1,)
+        return {"count": grid, "sum": grid, "sum2": grid,
+                "total_n": one, "total_sum": one, "total_sum2": one}
     if kind == "roi_overlap":
         _names([meta["column"]])
         _numbers([meta["voxel_volume_mm3"]])

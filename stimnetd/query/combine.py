@@ -24,6 +24,7 @@ GRID_KEYS: dict[str, tuple[str, ...]] = {
     "crossprod": ("fields", "purpose"),
     "contingency": ("fields",),  # levels are aligned by name, see _align_levels
     "voxel_map": ("column", "weight", "shape", "affine"),
+    "voxel_stats": ("func", "column", "weight", "condition", "shape", "affine"),
     "roi_overlap": ("column", "rois", "voxel_volume_mm3"),
 }
 

@@ -30,8 +30,10 @@ from stimnet.query.spec import (
     Not,
     Or,
     QuerySpec,
+    expr_to_dict,
     validate,
 )
+from stimnet.query.voxeltests import VOXEL_TESTS
 from stimnetd.catalog.columns import Rows, is_null, label
 from stimnetd.catalog.view import CatalogView
 from stimnetd.query.aggregate import GroupKey, Partial
@@ -86,8 +88,11 @@ def compute(
             for agg in spec.aggregates:
                 p = next(made)
                 bounds = catalog.fields[agg.fields[0]].bounds if agg.fields else None
+                known = None if agg.condition is None else \
+                    np.logical_or(*_eval(agg.condition, cell, catalog.fields))
                 linear += linear_cohorts(agg, cell, key, fine_bins=quantile_bins,
-                                         bounds=bounds, levels=p.meta.get("levels"))
+                                         bounds=bounds, levels=p.meta.get("levels"),
+                                         known=known)
     group_ids = {key: cell.ids(catalog.subject_key) for key, cell in groups} \
         if spec.group_by else {}
     return SiteComputation(partials=partials, cohort_ids=cohort_ids, n_cohort=len(rows),
@@ -226,6 +231,8 @@ class _Context:
             return self.contingency(a, rows, make)
         if a.func in ("count_map", "mean_map"):
             return self.voxel_map(a, rows, make)
+        if a.func in VOXEL_TESTS:
+            return self.voxel_tests(a, rows, make)
         return self.roi_overlap(a, rows, make)
 
     def _bounds(self, name: str) -> list[float] | None:
@@ -297,6 +304,33 @@ class _Context:
             weight=weight,
             shape=list(geom.shape),
             affine=[list(map(float, r)) for r in geom.affine],
+            xform_code=int(getattr(geom, "xform_code", 0)),
+        )
+
+    def voxel_tests(self, a: AggSpec, rows: Rows, make: Callable[..., Partial]) -> Partial:
+        """tmap, tmap2, prop_map: per voxel n, Σw, Σw² over the covering subjects, and the
+        same over the whole cohort (subjects with an image and a weight), so the entry
+        derives both sides (query/voxeltests.py). prop_map's weight is its condition, 1
+        met and 0 not; a subject for whom it is unknown (NULL) is left out."""
+        column = a.fields[0]
+        geom = self.catalog.geometry(column)
+        if a.condition is not None:
+            met, unmet = _eval(a.condition, rows, self.fields)
+            w = np.where(met, 1.0, np.where(unmet, 0.0, np.nan))
+        else:
+            w = self.clamped(rows, a.fields[1])
+        items = [(str(path), float(wi)) for path, wi in zip(rows.values(column), w, strict=True)
+                 if not (is_null(path) or np.isnan(wi))]
+        n, count, total, squares = self.images.voxel_moments(
+            self.catalog, column, tuple(geom.shape), self.fields[column].max_voxels, items)
+        ws = np.asarray([wi for _, wi in items], dtype=np.float64)
+        stats = {"count": count, "sum": total, "sum2": squares, "total_n": _arr([n]),
+                 "total_sum": _arr([ws.sum()]), "total_sum2": _arr([(ws * ws).sum()])}
+        return make(
+            "voxel_stats", n, stats, column=column,
+            weight=a.fields[1] if len(a.fields) > 1 else None,
+            condition=None if a.condition is None else expr_to_dict(a.condition),
+            shape=list(geom.shape), affine=[list(map(float, r)) for r in geom.affine],
             xform_code=int(getattr(geom, "xform_code", 0)),
         )
 

@@ -16,11 +16,12 @@ are audited together (privacy/span.py); a count is quantity "1" whatever it coun
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
 
-from stimnet.query.spec import AggSpec
+from stimnet.query.spec import AggSpec, expr_to_dict
 from stimnetd.catalog.columns import Rows
 from stimnetd.query.aggregate import GroupKey
 
@@ -44,8 +45,10 @@ def _sum(*fields: str) -> str:
 
 def linear_cohorts(a: AggSpec, rows: Rows, group: GroupKey, *, fine_bins: int = 1024,
                    bounds: tuple[float, float] | None = None,
-                   levels: list[list[str]] | None = None) -> list[LinearCohort]:
-    """The linear statistics aggregate `a` releases over `rows`, each with its cohort."""
+                   levels: list[list[str]] | None = None,
+                   known: np.ndarray | None = None) -> list[LinearCohort]:
+    """The linear statistics aggregate `a` releases over `rows`, each with its cohort.
+    `known`: prop_map's rows whose condition is true or false (not NULL)."""
     pos = np.arange(len(rows)) if rows.positions is None else np.asarray(rows.positions)
     f = a.fields
 
@@ -88,6 +91,8 @@ def linear_cohorts(a: AggSpec, rows: Rows, group: GroupKey, *, fine_bins: int = 
         return cells(used, idx, fine_bins)
     if a.func == "contingency" and levels is not None:
         return _contingency(a, rows, group, pos, levels)
+    if a.condition is not None or a.func in ("tmap", "tmap2"):
+        return _voxel_test(a, rows, group, pos, known)
     if a.func in ("count_map", "mean_map", "roi_overlap"):
         used = ~rows.missing(f[0])
         qs = [COUNT, f"img:{f[0]}"]
@@ -96,6 +101,26 @@ def linear_cohorts(a: AggSpec, rows: Rows, group: GroupKey, *, fine_bins: int = 
             qs.append(f"img:{f[0]}*{f[1]}")
         return whole(used, *qs)
     raise ValueError(f"{a.name}: no linear cohorts for {a.func!r}")
+
+
+def _voxel_test(a: AggSpec, rows: Rows, group: GroupKey, pos: np.ndarray,
+                known: np.ndarray | None) -> list[LinearCohort]:
+    """A voxel test's sums: per voxel over the covering subjects (image quantities) and
+    over its whole cohort (those with an image and a weight, or a known condition)."""
+    img = a.fields[0]
+    used = ~rows.missing(img)
+    if a.condition is not None:
+        if known is None:
+            raise ValueError(f"{a.name}: the subjects whose condition is known are needed")
+        used &= known
+        w = "[" + json.dumps(expr_to_dict(a.condition), sort_keys=True,
+                             separators=(",", ":")) + "]"
+        qs = [COUNT, f"img:{img}", f"img:{img}*{w}", _sum(w)]
+    else:
+        w = a.fields[1]
+        used &= ~np.isnan(rows.numbers(w))
+        qs = [COUNT, f"img:{img}", f"img:{img}*{w}", f"img:{img}*{w}*{w}", _sum(w), _sum(w, w)]
+    return [LinearCohort(a.name, group, None, q, pos[used]) for q in qs]
 
 
 def _contingency(a: AggSpec, rows: Rows, group: GroupKey, pos: np.ndarray,

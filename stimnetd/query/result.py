@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 
 from stimnet.query.spec import AggSpec, QuerySpec
+from stimnet.query.voxeltests import VOXEL_TESTS
 from stimnetd.query.aggregate import UNLISTED, GroupKey, Partial
+from stimnetd.query.voxeltests import voxel_test
 
 SCALAR_FUNCS = ("count", "sum", "mean", "var", "sd", "corr", "quantiles")
 
@@ -93,7 +95,7 @@ class _Finaliser:
                     "scope": scope,
                 }
             )
-            if scope == "partial":
+            if scope == "partial" and a.func not in VOXEL_TESTS:  # those say it themselves
                 self.note("some sites withheld cells; values use the sites that released them")
 
     def note(self, text: str, *, per_group: bool = True) -> None:
@@ -118,6 +120,8 @@ class _Finaliser:
             self.regression()
         elif a.func in ("count_map", "mean_map"):
             self.voxel_map()
+        elif a.func in VOXEL_TESTS:
+            self.voxel_test()
         else:
             self.roi()
 
@@ -271,6 +275,14 @@ class _Finaliser:
             self.res.arrays[entry["mean_key"]] = mean
             self.note(f"mean map is the {what}; NaN where no subject covers it", per_group=False)
         self.res.maps.append(entry)
+
+    def voxel_test(self) -> None:
+        """tmap, tmap2, prop_map: derived from the pooled sums (query/voxeltests.py)."""
+        entry, arrays, notes = voxel_test(self.a, self.p, f"{self.a.name}{_glabel(self.p.group)}")
+        self.res.maps.append({**entry, "group": dict(self.p.group)})
+        self.res.arrays.update(arrays)
+        for text in notes:
+            self.note(text)
 
     def roi(self) -> None:
         s, meta = self.p.stats, self.p.meta

@@ -9,7 +9,8 @@ sums: the subject count, the per-voxel count and the per-voxel weighted sum. No 
 per-subject value and no subject id leaves a worker; what is released, and how, is still
 decided in the daemon (the engine builds the Partial, the privacy layer judges it).
 
-The engine's `count_map` / `mean_map` and `roi_overlap` sums go through here; the map
+The engine's `count_map` / `mean_map`, voxel tests (`tmap`, `tmap2`, `prop_map`) and
+`roi_overlap` sums go through here; the map
 statistics (query/voxelmaps.py) still run in the daemon.
 """
 
@@ -33,6 +34,8 @@ from stimnetd.catalog.loader import read_image
 Items = Sequence[tuple[str, float]]
 # n subjects, per-voxel count of subjects covering it, per-voxel Σ weight.
 Sums = tuple[int, np.ndarray, np.ndarray]
+# n subjects, per-voxel count, Σ weight and Σ weight² over the subjects covering it.
+Moments = tuple[int, np.ndarray, np.ndarray, np.ndarray]
 # subjects, per ROI: subjects touching it, Σ overlap voxels, Σ overlap².
 RoiSums = tuple[int, np.ndarray, np.ndarray, np.ndarray]
 CONNECT_TIMEOUT_S = 10.0
@@ -76,6 +79,19 @@ def chunk_sums(read: Reader, column: str, shape: tuple[int, ...], max_voxels: in
     return len(items), count, total
 
 
+def chunk_moments(read: Reader, column: str, shape: tuple[int, ...], max_voxels: int | None,
+                  items: Items) -> Moments:
+    """A chunk of subjects' voxel-test sums (query/voxelstats.py's coverage statistics,
+    on the whole grid): n, per-voxel count, Σ weight, Σ weight²."""
+    count, total, squares = np.zeros(shape), np.zeros(shape), np.zeros(shape)
+    for relpath, weight in items:
+        mask = binarized(read(relpath), column, shape, max_voxels)
+        count += mask
+        total += weight * mask
+        squares += weight * weight * mask
+    return len(items), count, total, squares
+
+
 def roi_chunk_sums(read: Reader, column: str, shape: tuple[int, ...], max_voxels: int | None,
                    masks: Sequence[np.ndarray], paths: Sequence[str]) -> RoiSums:
     """A chunk of subjects' ROI overlap sums: subjects, and per ROI the subjects touching
@@ -101,6 +117,9 @@ class SubjectImages(Protocol):
     def voxel_sums(self, catalog: Any, column: str, shape: tuple[int, ...],
                    max_voxels: int | None, items: Items) -> Sums: ...
 
+    def voxel_moments(self, catalog: Any, column: str, shape: tuple[int, ...],
+                      max_voxels: int | None, items: Items) -> Moments: ...
+
     def roi_sums(self, catalog: Any, column: str, shape: tuple[int, ...],
                  max_voxels: int | None, masks: Sequence[np.ndarray],
                  paths: Sequence[str]) -> RoiSums: ...
@@ -113,6 +132,10 @@ class InProcess:
     def voxel_sums(self, catalog: Any, column: str, shape: tuple[int, ...],
                    max_voxels: int | None, items: Items) -> Sums:
         return chunk_sums(catalog.load_image, column, shape, max_voxels, items)
+
+    def voxel_moments(self, catalog: Any, column: str, shape: tuple[int, ...],
+                      max_voxels: int | None, items: Items) -> Moments:
+        return chunk_moments(catalog.load_image, column, shape, max_voxels, items)
 
     def roi_sums(self, catalog: Any, column: str, shape: tuple[int, ...],
                  max_voxels: int | None, masks: Sequence[np.ndarray],
@@ -155,6 +178,12 @@ class DaskImages:
         if not items:
             return 0, np.zeros(shape), np.zeros(shape)
         return self._spread(chunk_sums, catalog, (column, tuple(shape), max_voxels), items)
+
+    def voxel_moments(self, catalog: Any, column: str, shape: tuple[int, ...],
+                      max_voxels: int | None, items: Items) -> Moments:
+        if not items:
+            return 0, np.zeros(shape), np.zeros(shape), np.zeros(shape)
+        return self._spread(chunk_moments, catalog, (column, tuple(shape), max_voxels), items)
 
     def roi_sums(self, catalog: Any, column: str, shape: tuple[int, ...],
                  max_voxels: int | None, masks: Sequence[np.ndarray],

@@ -339,6 +339,9 @@ class Guard(grpc.aio.ServerInterceptor):
             # would exceed the caller's metadata limit and arrive as a transport error.
             await context.abort(code, _cut(str(exc)),
                                 trailing_metadata=((ERROR_KIND_KEY, type(exc).__name__),))
+        if type(exc) is NotImplementedError:  # a generated base class's (grpc health's List)
+            self._done(method, "UNIMPLEMENTED", started)
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"this node does not serve {method}")
         await context.abort(grpc.StatusCode.INTERNAL, self._internal(method, started))
 
     async def _refused(self, method: str, exc: StimnetError, started: float) -> grpc.StatusCode:

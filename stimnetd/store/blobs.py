@@ -20,7 +20,6 @@ from stimnet import codec
 
 MAGIC = b"SNZ1"
 LEVEL = 6
-_ITEMSIZE = {"float64": 8, "int64": 8, "float32": 4, "bool": 1}
 
 
 def compact(blob: bytes) -> bytes:
@@ -55,13 +54,7 @@ def _item_sizes(header: str, body_len: int) -> list[tuple[int, int]]:
     not describe the body exactly (then the body is compressed unshuffled)."""
     try:
         specs = json.loads(header)["arrays"]
-        out = []
-        for spec in specs.values():
-            item = _ITEMSIZE[spec["dtype"]]
-            count = 1
-            for d in spec["shape"]:
-                count *= int(d)
-            out.append((count * item, item))
+        out = [seg for spec in specs.values() for seg in codec.segment_sizes(spec)]
     except (ValueError, KeyError, TypeError, AttributeError):
         return []
     return out if sum(n for n, _ in out) == body_len else []

@@ -379,6 +379,11 @@ class Store:
     async def get_release(self, job_id: str) -> Release | None:
         return await releases.get(self.db, job_id)
 
+    async def refund(self, job_id: str, *, audit_actor: tuple[str, str], reason: str) -> float:
+        """Refund `job_id`'s charge, durably and audited (releases.refund); the ε refunded."""
+        return await self._writer.run(releases.refund(job_id, audit_actor, reason,
+                                                      self._clock()))
+
     # -- gossip members, script approvals and the site secret ------------------------
 
     async def load_members(self) -> list[MemberRecord]:

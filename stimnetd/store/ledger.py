@@ -10,10 +10,15 @@ import aiosqlite
 from stimnetd.store import cohorts, linear
 from stimnetd.store.records import Disclosed, Release
 
+# A charge counts from the moment its release commits, while its partial is still on its
+# way to the entry ("pending"), so concurrent requests cannot spend it twice; it stops
+# counting only once refunded, which a site does only for a partial none of whose bytes
+# left it (store/releases.refund).
+COUNTED = "refunded_at IS NULL"
 SPENT = ("SELECT COALESCE(SUM(epsilon), 0) FROM ledger WHERE researcher = ? "
-         "AND catalog = ?")
+         f"AND catalog = ? AND {COUNTED}")
 SPENT_DELTA = ("SELECT COALESCE(SUM(delta), 0) FROM ledger WHERE researcher = ? "
-               "AND catalog = ?")
+               f"AND catalog = ? AND {COUNTED}")
 
 
 class TransactionLedger:
@@ -34,7 +39,7 @@ class TransactionLedger:
 
     def catalog_spent(self) -> float:
         (spent,) = self._conn.execute("SELECT COALESCE(SUM(epsilon), 0) FROM ledger WHERE "
-                                      "catalog = ?", (self._release.catalog,)).fetchone()
+                                      f"catalog = ? AND {COUNTED}", (self._release.catalog,)).fetchone()
         return float(spent)
 
     def spent_delta(self) -> float:
@@ -73,5 +78,6 @@ async def spent_delta(db: aiosqlite.Connection, researcher: str, catalog: str) -
 
 
 async def spent_by_catalog(db: aiosqlite.Connection) -> dict[str, float]:
-    rows = await db.execute_fetchall("SELECT catalog, SUM(epsilon) FROM ledger GROUP BY catalog")
+    rows = await db.execute_fetchall(f"SELECT catalog, SUM(epsilon) FROM ledger WHERE {COUNTED} "
+                                     "GROUP BY catalog")
     return {c: float(e) for c, e in rows}

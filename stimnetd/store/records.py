@@ -247,3 +247,7 @@ class NonceClaim:
     max_age_s: float
     accepted: tuple[str, str, str, str, dict[str, Any]] | None = None
     consumed: bool = False
+    # Set in the release transaction that charged under this claim: the release (and its
+    # charge) is this request's own, not a concurrent copy's (which fails on the nonce),
+    # so only this request's sub-job may refund it.
+    released: bool = False

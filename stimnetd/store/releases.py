@@ -43,6 +43,8 @@ def record(release: Release, decide: ReleaseRule, audit_actor: tuple[str, str],
             t.append(*audit_actor, "release", "refused", {**base, **refusal.audit_detail()})
             return refusal.error()
         _write(t, release, digest, view.sketches, stored)
+        if nonce is not None:
+            nonce.released = True  # a commit that fails leaves nothing to refund
         t.append(*audit_actor, "release", release.decision,
                  {**base, "epsilon": release.epsilon, "delta": release.delta,
                   "researcher": release.researcher,
@@ -87,5 +89,31 @@ def drop_partials(before: float, batch: int) -> Callable[[Transaction], int]:
         return t.conn.execute(
             "UPDATE releases SET partials = NULL WHERE rowid IN (SELECT rowid FROM releases"
             " WHERE at < ? AND partials IS NOT NULL LIMIT ?)", (before, batch)).rowcount
+
+    return tx
+
+
+def refund(job_id: str, audit_actor: tuple[str, str], reason: str,
+           now: float) -> Callable[[Transaction], float]:
+    """Refund job `job_id`'s charge, its partials dropped, audited; the ε refunded (0 if
+    nothing was charged, or it was refunded before).
+
+    The caller's to decide that no byte of the release left the site: the store keeps a
+    refunded release's decision and nonce (its request is never run here again) but not
+    its partials, so nothing can re-deliver what was not paid for."""
+
+    def tx(t: Transaction) -> float:
+        row = t.conn.execute(
+            "SELECT catalog, epsilon, delta FROM ledger WHERE job_id = ? AND refunded_at IS NULL",
+            (job_id,)).fetchone()
+        if row is None:
+            return 0.0
+        catalog, epsilon, delta = row
+        t.conn.execute("UPDATE ledger SET refunded_at = ? WHERE job_id = ?", (now, job_id))
+        t.conn.execute("UPDATE releases SET partials = NULL WHERE job_id = ?", (job_id,))
+        t.append(*audit_actor, "release", "refunded",
+                 {"job": job_id, "catalog": catalog, "epsilon": epsilon, "delta": delta,
+                  "researcher": audit_actor[0], "reason": reason})
+        return float(epsilon)
 
     return tx

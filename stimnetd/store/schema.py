@@ -176,7 +176,13 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (researcher, catalog, quantity, digest)
     );
     """,
-    # 7: how many times a restart put the job back in the queue after it was interrupted
+    # 7: a charge refunded because none of its release's bytes left the site (the entry
+    # went away before the partial was handed to the stream: store/releases.refund).
+    # Refunded rows are kept, and no longer count against any budget.
+    """
+    ALTER TABLE ledger ADD COLUMN refunded_at REAL;
+    """,
+    # 8: how many times a restart put the job back in the queue after it was interrupted
     # mid-run (jobs/recovery.py): a job re-run once and interrupted again is not re-run a
     # third time, so a job that itself brings the node down cannot crash-loop it.
     # Not `attempts`, which marks a job as resumed (its sites return a release it already

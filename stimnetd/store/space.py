@@ -23,6 +23,11 @@ if TYPE_CHECKING:
 MB = 1024 * 1024
 # After a write failed for want of space, new jobs are admitted again once this much is free.
 RECOVERED = 4 * MB
+# Below this, whatever `min_free_mb` says, the store could not record a job (its row, a
+# release, their audit entries and the WAL's growth): the job is refused before anything
+# runs. At an entry that matters beyond this node: a job it cannot keep is never fanned
+# out, so no peer computes or charges for an answer the entry would fail to deliver.
+WRITABLE = 1 * MB
 
 
 class StorageGuard:
@@ -54,9 +59,9 @@ class StorageGuard:
             free = self._free_bytes(self._dir)
         except OSError:
             return  # the store's own writes will say what is wrong with the volume
-        if self._out_of_space() and free < RECOVERED:
-            # The store's last write found the volume full and nothing has freed much
-            # since: accepting the job would only fail it after its sites computed.
+        if free < WRITABLE or (self._out_of_space() and free < RECOVERED):
+            # Nearly full, or the store's last write found it full and nothing has freed
+            # much since: accepting the job would only fail it after its sites computed.
             raise StorageFull(NO_SPACE)
         if free < self._min_free:
             raise StorageFull(

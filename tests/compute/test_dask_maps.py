@@ -24,7 +24,8 @@ from stimnetd.testing import CertFactory, write_node_config
 from tests.helpers import demo_catalog
 
 SQL = ("SELECT count_map(vta_path), mean_map(vta_path, improvement_pct), "
-       "mean_map(vta_path), roi_overlap(vta_path) FROM dbs_outcomes")
+       "mean_map(vta_path), tmap(vta_path, improvement_pct), "
+       "prop_map(vta_path, improvement_pct > 50), roi_overlap(vta_path) FROM dbs_outcomes")
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +48,8 @@ def catalog(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
 
 
 def test_maps_on_the_cluster_equal_the_in_process_maps(scheduler: str, catalog) -> None:  # type: ignore[no-untyped-def]
-    """count_map, weighted and unweighted mean_map, roi_overlap: counts exactly, sums to
-    float tolerance, the same n and metadata."""
+    """count_map, weighted and unweighted mean_map, the voxel tests' sums (tmap, prop_map),
+    roi_overlap: counts exactly, sums to float tolerance, the same n and metadata."""
     spec = parse_sql(SQL)
     local = compute(spec, catalog).partials
     images = DaskImages(scheduler)

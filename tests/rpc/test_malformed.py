@@ -85,3 +85,21 @@ async def test_bytes_that_are_not_the_request_message_are_invalid_argument(
                if code == grpc.StatusCode.INVALID_ARGUMENT and "malformed request" in text}
     assert readers == {m for m, _, _ in _methods()}  # each method by some role allowed it
     assert audited == readers
+
+
+async def test_a_method_the_node_does_not_implement_is_unimplemented(
+        start_node, pki: CertFactory) -> None:
+    """grpc health's List is in the service, but grpc's asyncio servicer does not implement
+    it (its base class raises NotImplementedError): UNIMPLEMENTED naming the method, not
+    INTERNAL with a traceback in the log."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    ops = pki.issue("ops", "admin")
+    async with start_node() as d:
+        addr = f"127.0.0.1:{d.port}"
+        async with AsyncClient(client_config(ops, addr)) as c:
+            stub = health_pb2_grpc.HealthStub(c._channel)  # noqa: SLF001 - a raw stub
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.List(health_pb2.HealthListRequest(), timeout=5)
+    assert (err.value.code(), err.value.details()) == (
+        grpc.StatusCode.UNIMPLEMENTED, "this node does not serve /grpc.health.v1.Health/List")

@@ -1,4 +1,5 @@
-"""The TLS front under real connections: ordering, backpressure, hostile bytes, cleanup."""
+"""The TLS front under real connections: ordering, backpressure, hostile bytes, handshake
+limits, cleanup."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import ssl
 from datetime import UTC, datetime, timedelta
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from stimctl.client import AsyncClient
+from stimctl.client import AsyncClient, ClientConfig
+from stimnet import errors
 from stimnet.pki import load_cert
 from stimnetd import tlsfront
-from stimnetd.testing import CertFactory, foreign
+from stimnetd.testing import CertFactory, CertPaths, DaemonProcess, foreign, free_port, write_node_config
 from tests.helpers import client_config
 
 
@@ -187,46 +190,111 @@ async def test_a_flood_of_failed_handshakes_is_audited_in_brief(start_node) -> N
     assert detail["suppressed"] == 4 and detail["methods"] == {"tls-handshake": 4}
 
 
-async def test_unfinished_handshakes_are_bounded(start_node, pki: CertFactory) -> None:
-    """Beyond `max_handshakes` silent connections, new ones are closed at once; a connection
-    that completes its handshake frees its slot, and the node keeps serving."""
+async def _silent(n: int, host: str = "127.0.0.1", port: int = 0) -> list:  # type: ignore[type-arg]
+    """`n` connections from `host` that never start a TLS handshake."""
+    return [await asyncio.open_connection("127.0.0.1", port, local_addr=(host, 0))
+            for _ in range(n)]
+
+
+def _hang_up(conns: list) -> None:  # type: ignore[type-arg]
+    for _, writer in conns:
+        writer.close()
+
+
+async def test_a_connection_over_the_limit_waits_for_a_slot(start_node, pki: CertFactory) -> None:
+    """Beyond `max_handshakes` unfinished handshakes a new connection is not closed: it
+    waits, its ClientHello unread, and gets the first slot that frees."""
     alice = pki.issue("alice", "researcher")
     async with start_node(tls={"max_handshakes": 2}) as d:
-        silent = [await asyncio.open_connection("127.0.0.1", d.port) for _ in range(2)]
+        silent = await _silent(2, port=d.port)
         assert await _eventually(lambda: d.front.handshaking == 2)
-        reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
-        await _until_closed(reader)
-        # Closed while the earlier silent ones still wait out their handshake timeout.
-        assert (d.front.handshaking, [r.at_eof() for r, _ in silent]) == (2, [False, False])
-        writer.close()
-        for _, w in silent:
-            w.close()
-        assert await _eventually(lambda: d.front.handshaking == 0)
         async with AsyncClient(client_config(alice, _addr(d))) as c:
-            assert (await c.info()).caller == "alice"
-        assert d.front.handshaking == 0
-        # Only the one closed at once was refused (the silent ones hung up themselves).
-        [closed] = await _handshake_refusals(d)
-        assert "too many unfinished TLS handshakes (limits 2 in all, 32 from one host)" \
-            in json.loads(closed.detail_json)["reason"]
+            call = asyncio.ensure_future(c.info())
+            assert await _eventually(lambda: d.front.slots.waiting == 1)
+            assert (call.done(), d.front.handshaking) == (False, 2)
+            _hang_up(silent[:1])
+            assert (await call).caller == "alice"
+        _hang_up(silent[1:])
+        assert await _eventually(lambda: (d.front.handshaking, d.front.slots.waiting) == (0, 0))
+        # Nothing was refused: the silent ones hung up themselves.
+        assert await _handshake_refusals(d) == []
 
 
 async def test_one_host_cannot_take_every_handshake_slot(start_node) -> None:
-    """Past `max_handshakes_per_host` silent connections from one address, that address's
-    new connections are closed at once; the count is per host and returns to zero."""
+    """Past `max_handshakes_per_host` unfinished handshakes from one address, that address's
+    new connections wait while another address's are admitted; the counts return to zero."""
     async with start_node(tls={"max_handshakes_per_host": 2}) as d:
-        silent = [await asyncio.open_connection("127.0.0.1", d.port) for _ in range(2)]
-        assert await _eventually(lambda: d.front._handshaking_by_host == {"127.0.0.1": 2})
-        reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
-        await _until_closed(reader)
-        # Closed while the earlier silent ones still wait out their handshake timeout.
-        assert (d.front._handshaking_by_host, [r.at_eof() for r, _ in silent]) == (
-            {"127.0.0.1": 2}, [False, False])
-        writer.close()
-        for _, w in silent:
-            w.close()
-        assert await _eventually(lambda: d.front._handshaking_by_host == {}
+        silent = await _silent(3, port=d.port)
+        assert await _eventually(lambda: (d.front.slots.by_host, d.front.slots.waiting)
+                                 == ({"127.0.0.1": 2}, 1))
+        other = await _silent(1, "127.0.0.2", d.port)
+        assert await _eventually(lambda: d.front.slots.by_host
+                                 == {"127.0.0.1": 2, "127.0.0.2": 1})
+        _hang_up(silent[:1])  # the waiting one takes its slot
+        assert await _eventually(lambda: (d.front.slots.by_host, d.front.slots.waiting)
+                                 == ({"127.0.0.1": 2, "127.0.0.2": 1}, 0))
+        _hang_up(silent[1:] + other)
+        assert await _eventually(lambda: d.front.slots.by_host == {}
                                  and d.front.handshaking == 0)
+
+
+async def test_a_connection_that_cannot_get_a_slot_is_told_so_with_the_limit_alert(
+        start_node) -> None:
+    """A connection over the limits when the waiting room (as large as `max_handshakes`) is
+    full, or that waited `handshake_wait_s`, gets the limit alert (user_canceled) and an
+    orderly close, never a reset or a certificate alert; each is audited with why."""
+    alert = bytes([0x15, 3, 3, 0, 2, 2, errors.HANDSHAKE_LIMIT_ALERT])
+    async with start_node(tls={"max_handshakes": 2, "handshake_wait_s": 0.5}) as d:
+        silent = await _silent(4, port=d.port)  # two handshaking, two waiting
+        assert await _eventually(lambda: (d.front.handshaking, d.front.slots.waiting) == (2, 2))
+        [(reader, writer)] = await _silent(1, port=d.port)
+        assert await asyncio.wait_for(reader.read(), timeout=5) == alert  # then EOF
+        writer.close()
+        for waited, _ in silent[2:]:
+            assert await asyncio.wait_for(waited.read(), timeout=5) == alert
+        assert d.front.handshaking == 2  # the handshaking ones keep their slots
+        _hang_up(silent)
+        reasons = sorted(json.loads(r.detail_json)["reason"] for r in await _handshake_refusals(d))
+        limits = "too many unfinished TLS handshakes (limits 2 in all, 32 from one host) and "
+        assert reasons == [limits + "the waiting room is full"] + [
+            limits + "waited 0.5s for a slot"] * 2
+
+
+async def test_many_first_connections_from_one_address_all_connect_or_are_told_the_limit(
+        start_node, pki: CertFactory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """132 handshakes at once from one address (32 of them never finish, so the 100 clients
+    must queue): every client connects, or is told the node is limiting handshakes, never
+    that a certificate was refused; a client that distrusts the node's certificate, or
+    holds another CA's, still hears that."""
+    alice = pki.issue("alice", "researcher")
+    alien = foreign(tmp_path).issue("alice", "researcher")
+    async with start_node() as d:
+        silent = await _silent(32, port=d.port)
+        assert await _eventually(lambda: d.front.slots.by_host == {"127.0.0.1": 32})
+
+        async def first_call() -> str:
+            try:
+                async with AsyncClient(client_config(alice, _addr(d))) as c:
+                    return (await c.info()).caller
+            except errors.HandshakeLimited as exc:
+                return str(exc)
+
+        calls = asyncio.gather(*[first_call() for _ in range(100)])
+        assert await _eventually(lambda: d.front.slots.waiting == 100, timeout_s=30)
+        _hang_up(silent)
+        got = await calls
+        limited = [g for g in got if g != "alice"]
+        assert all("is limiting concurrent TLS handshakes" in g for g in limited), limited
+        assert len(got) == 100 and not any("certificate" in g for g in got)
+
+        distrusting = ClientConfig(_addr(d), ca=alien.ca, cert=alice.cert, key=alice.key)
+        with pytest.raises(errors.ConnectionFailed, match="we refused the node's certificate"):
+            async with AsyncClient(distrusting) as c:
+                await c.info()
+        with pytest.raises(errors.Unauthenticated, match="was not issued by"):
+            async with AsyncClient(client_config(
+                    CertPaths(cert=alien.cert, key=alien.key, ca=alice.ca), _addr(d))) as c:
+                await c.info()
 
 
 async def test_plain_tls_client_without_h2_gets_no_data(start_node, pki: CertFactory) -> None:
@@ -256,3 +324,27 @@ async def test_health_check_answers_serving_through_the_front(start_node,
             reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
                                                               timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_a_daemon_process_holds_a_waiting_clienthello_and_names_its_limit(
+        tmp_path, pki: CertFactory) -> None:  # type: ignore[no-untyped-def]
+    """In the real daemon (uvloop, which may deliver a ClientHello that arrived before the
+    front paused the connection), a waiting connection's handshake still waits: with the
+    one slot held, a client is told the limit; once the slot is free, it connects."""
+    node, alice = pki.issue("limits-node", "node"), pki.issue("alice", "researcher")
+    port = free_port()
+    cfg = write_node_config(tmp_path / "limits-node", node, "limits-node", port=port,
+                            tls={"max_handshakes_per_host": 1, "handshake_wait_s": 0.3})
+    proc = DaemonProcess(cfg)
+    addr = f"127.0.0.1:{port}"
+    try:
+        await proc.wait_healthy(alice, addr)
+        silent = await _silent(1, port=port)
+        with pytest.raises(errors.HandshakeLimited, match="limiting concurrent TLS handshakes"):
+            async with AsyncClient(client_config(alice, addr, timeout_s=1.5)) as c:
+                await c.info()
+        _hang_up(silent)
+        async with AsyncClient(client_config(alice, addr)) as c:
+            assert (await c.info()).caller == "alice"
+    finally:
+        assert proc.stop() == 0

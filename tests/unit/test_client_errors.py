@@ -66,13 +66,46 @@ class TestFromCallStatus:
         assert (type(err), err.args[0]) == (
             errors.ConnectionFailed, f"cannot reach node at {ADDRESS}: failed to connect")
 
-    def test_a_failed_handshake_says_whose_certificate_may_be_wrong(self) -> None:
-        """A TLS failure is named as one, with the usual causes."""
-        err = from_call_status("UNAVAILABLE", "Ssl handshake failed: CERTIFICATE_VERIFY_FAILED",
-                               "", ADDRESS)
-        assert (type(err), err.args[0]) == (errors.ConnectionFailed, (
-            f"TLS handshake with {ADDRESS} failed: the node refused our certificate or we "
-            "refused its certificate (wrong CA, expired, or wrong host)"))
+    # grpc's details as grpc-python gave them against real nodes (TLS front and gRPC-terminated;
+    # the unknown_ca alert's is built like the others); the address in them is grpc's.
+    _LAST = "failed to connect to all addresses; last error: "
+    _TSI = ("UNKNOWN: ipv4:127.0.0.1:33095: Tls handshake failed (TSI_PROTOCOL_FAILURE): "
+            "SSL_ERROR_SSL: error:{code}:SSL routines:OPENSSL_internal:{reason}: OK")
+
+    @pytest.mark.parametrize("details, cls, words", [
+        (_LAST + _TSI.format(code="10000442", reason="TLSV1_ALERT_USER_CANCELLED"),
+         errors.HandshakeLimited, "is limiting concurrent TLS handshakes (by default 32 at once "
+                                  "from one address and 256 in all)"),
+        (_LAST + _TSI.format(code="1000007d", reason="CERTIFICATE_VERIFY_FAILED: unable to get "
+                                                     "local issuer certificate"),
+         errors.ConnectionFailed, "we refused the node's certificate (unable to get local "
+                                  "issuer certificate): it is not issued by the CA file"),
+        (_LAST + "UNKNOWN: ipv4:127.0.0.1:33095: Custom verification check failed with error: "
+                 "UNAUTHENTICATED: Hostname Verification Check failed.",
+         errors.ConnectionFailed, "does not name the host in that address"),
+        (_LAST + _TSI.format(code="10000418", reason="TLSV1_ALERT_UNKNOWN_CA"),
+         errors.ConnectionFailed, "the node refused our certificate (unknown ca)"),
+        (_LAST + "UNAVAILABLE: ipv4:127.0.0.1:33095: Handshake read failed (recvmsg:Connection "
+                 "reset by peer (104))",
+         errors.ConnectionFailed, "closed the connection during the TLS handshake without "
+                                  "saying why: it may be limiting"),
+        (_LAST + "UNAVAILABLE: ipv4:127.0.0.1:41869: Socket closed",
+         errors.ConnectionFailed, 'if it terminates TLS in gRPC ([tls] terminate = "grpc"), it '
+                                  "refused our certificate"),
+        (_LAST + _TSI.format(code="10000410", reason="SSLV3_ALERT_HANDSHAKE_FAILURE"),
+         errors.ConnectionFailed, "failed: UNKNOWN: ipv4:127.0.0.1:33095: Tls handshake failed"),
+    ])
+    def test_a_failed_handshake_says_which_side_refused_what(
+            self, details: str, cls: type[errors.StimnetError], words: str) -> None:
+        """The node's handshake limits, its refusing our certificate, our refusing its
+        certificate or name, and a silent drop each get their own message; only the
+        limit's alert is HandshakeLimited, and only a node's alert names our certificate."""
+        err = from_call_status("UNAVAILABLE", details, "", ADDRESS)
+        assert type(err) is cls and ADDRESS in err.args[0] and words in err.args[0], err.args
+        if cls is errors.HandshakeLimited:
+            assert "retry with backoff, or open fewer connections at once" in err.args[0]
+            assert "[tls] max_handshakes_per_host" in err.args[0]
+            assert "certificate" not in err.args[0]
 
     def test_a_missed_deadline_names_the_node(self) -> None:
         """DEADLINE_EXCEEDED from the transport: the node did not answer in time."""

@@ -23,7 +23,7 @@ def _site(site: str, state: str, n: int = 0) -> common_pb2.SiteEvent:
 
 def _frames(doc: dict[str, Any]) -> list[common_pb2.ResultFrame]:
     """A header frame and body chunks: the array is larger than a header carries inline."""
-    frames = list(packed_frames(codec.pack(doc, {"m": np.zeros(200_000)})))
+    frames = list(packed_frames(codec.pack(doc, {"m": np.arange(200_000.0)})))  # dense
     assert [f.WhichOneof("frame") for f in frames] == ["header", "chunk", "chunk", "chunk", "chunk"]
     return frames
 

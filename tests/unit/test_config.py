@@ -53,6 +53,7 @@ def test_good_config_loads(good: dict) -> None:
     (lambda r: r["tls"].update(max_handshakes_per_host=0), r"\[tls\]\.max_handshakes_per_host: must be between 1 and 100000"),
     (lambda r: r["tls"].update(refusals_audited_per_minute=0), r"\[tls\]\.refusals_audited_per_minute: must be between 1 and 100000"),
     (lambda r: r["tls"].update(handshake_timeout_s=0), r"\[tls\]\.handshake_timeout_s: must be between 0.1 and 300"),
+    (lambda r: r["tls"].update(handshake_wait_s=-1), r"\[tls\]\.handshake_wait_s: must be between 0 and 300"),
     (lambda r: r["tls"].update(terminate="nginx"), r"\[tls\]\.terminate: 'nginx' is not one of stimnet, grpc"),
     (lambda r: r.update(extra={"a": 1}), r"top level: unknown key 'extra'"),
     (lambda r: r["node"].update(k_min=0), r"\[node\]\.k_min: must be between 1 and 1000"),

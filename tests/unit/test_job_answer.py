@@ -69,8 +69,8 @@ class TestAssemble:
 
 class TestQueryQuota:
     def test_a_researcher_past_the_limit_is_refused_naming_it(self) -> None:
-        """The limit is per researcher (certificate); the refusal names the setting and
-        that every client of the certificate shares it."""
+        """The limit is per researcher (certificate); the refusal names the setting with its
+        config section, that every client of the certificate shares it, and what to do."""
         quota = QueryQuota(limit=1)
         quota.reserve("alice")
         quota.reserve("bob")
@@ -78,8 +78,9 @@ class TestQueryQuota:
             quota.reserve("alice")
         assert refused.value.args[0] == (
             "you have 1 queries running with this node as their entry, its limit per "
-            "researcher (max_queries_per_researcher = 1), shared by every client using "
-            "your certificate; wait for one to finish, or run fewer at once")
+            "researcher ([node] max_queries_per_researcher = 1), shared by every client using "
+            "your certificate; wait for one to finish (the limit is on queries running at "
+            "once, not per time window), run fewer at once, or ask this node's admin to raise it")
 
     def test_a_jobs_place_is_given_back_once(self) -> None:
         """Releasing a job twice frees one place, not two."""

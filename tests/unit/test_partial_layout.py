@@ -37,7 +37,10 @@ _CATALOG = FakeCatalog(_DF, FIELDS, name="sim", images=_IMAGES, rois=ROIS, shape
 
 
 def _two_sites(grouped: bool):  # type: ignore[no-untyped-def]
-    spec = parse_sql(_sql(-25, grouped))
+    # The shared query plus the voxel tests (their voxel_stats partials).
+    sql = _sql(-25, grouped).replace(" FROM sim", ", tmap(img, x) AS tm, prop_map(img, y > 0) "
+                                     "AS pm FROM sim")
+    spec = parse_sql(sql)
     sites = [compute(spec, c).partials for c in _CATALOG.split([i % 2 for i in range(_N)], 2)]
     return spec, sites
 
