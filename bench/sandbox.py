@@ -6,7 +6,9 @@ latency of `docker run --rm --network none <same image> python3 -c pass`; their 
 latency of a 3-site federated script job; and how live the event loop stays while a
 script spins: the worst gap between 50 ms ticks of an in-process runner's loop, as a
 multiple of the tick period, and a daemon's health-check latency during the spin as a
-multiple of its idle latency (the sandbox tests check only the order of events).
+multiple of its idle latency (the sandbox tests check only the order of events); and the
+cost of a sample-and-aggregate job (a noised script job: one container per block of
+subjects) with B blocks, as a ratio to the same job on the same 100 subjects in one block.
 """
 
 from __future__ import annotations
@@ -23,13 +25,17 @@ from _common import workdir  # type: ignore[import-not-found]
 
 from stimctl.client import AsyncClient
 from stimnetd.sandbox import SANDBOX_VERSION
-from stimnetd.testing import CertFactory, DaemonProcess, free_port, write_node_config
+from stimnetd.testing import CertFactory, CertPaths, DaemonProcess, free_port, write_node_config
 from tests.helpers import client_config
 
 TRIVIAL = b"from stimnet_runtime import emit_count\nemit_count('n', 10)\n"
 SPIN = b"while True:\n    pass\n"
 TICK_S = 0.05
 TRIVIAL_OUT = "SELECT count(*) AS n FROM tiny"  # declared with it, as sites require
+MEAN_AGE = (b"from stimnet_runtime import load_table, emit_mean\n"
+            b"df = load_table('s')\nemit_mean('m', 'age', df['age'])\n")
+MEAN_OUT = "SELECT clamp(avg(age), 0, 100) AS m FROM tiny"
+BLOCK_SUBJECTS = 100
 IMAGE = f"stimnet-sandbox:{SANDBOX_VERSION}"
 
 
@@ -105,6 +111,34 @@ async def health_during_spin(c: AsyncClient, addr: str, creds: object) -> float:
     return statistics.median(spinning) / statistics.median(idle)
 
 
+async def block_job_seconds(tmp: Path, pki: CertFactory, alice: CertPaths, max_blocks: int,
+                            n: int) -> list[float]:
+    """Submit → result of `n` noised mean(age) script jobs on one daemon whose catalog of
+    BLOCK_SUBJECTS subjects is split into at most `max_blocks` blocks (10 per block)."""
+    from tests.federation.test_federated_queries import _tiny_catalog
+
+    name, port = f"blocks{max_blocks}-{os.getpid()}", free_port()
+    cat = _tiny_catalog(tmp / f"data-{name}", [float(20 + i % 60) for i in range(BLOCK_SUBJECTS)])
+    cfg = write_node_config(tmp / name, pki.issue(name, "node"), name, port=port,
+                            catalogs=[cat], crl=pki.crl_path, logging={"level": "warning"},
+                            scripts={"policy": "auto", "timeout_s": 30},
+                            privacy={"dp": "required", "budget_epsilon": 1000.0,
+                                     "script_max_blocks": max_blocks},
+                            gossip={"enabled": False})
+    proc = DaemonProcess(cfg)
+    out = []
+    try:
+        await proc.wait_healthy(alice, f"127.0.0.1:{port}")
+        async with AsyncClient(client_config(alice, f"127.0.0.1:{port}", 300)) as c:
+            for _ in range(n):
+                t = time.perf_counter()
+                await c.run_job(await c.submit_script(MEAN_AGE, "tiny", outputs=MEAN_OUT))
+                out.append(time.perf_counter() - t)
+    finally:
+        proc.stop()
+    return out
+
+
 async def main(n: int) -> None:
     from tests.federation.test_federated_queries import _tiny_catalog
 
@@ -149,6 +183,10 @@ async def main(n: int) -> None:
     finally:
         for p in procs:
             p.stop()
+    blocks = BLOCK_SUBJECTS // 10
+    runs = max(2, n // 4)
+    one_block = await block_job_seconds(tmp, pki, alice, 1, runs)
+    b_blocks = await block_job_seconds(tmp, pki, alice, blocks, runs)
     lm, bm, fm = statistics.median(local), statistics.median(bare), statistics.median(fed)
     print(f"{n} runs each, medians")
     print(f"bare docker run --rm --network none ... python3 -c pass : {bm * 1000:7.0f} ms (baseline)")
@@ -160,6 +198,11 @@ async def main(n: int) -> None:
     print(f"worst loop gap, runner watching a spinning script     : {gap:7.2f}x  (the "
           f"{TICK_S * 1000:.0f} ms tick period)")
     print(f"health check while a script spins / idle (median)      : {health:7.2f}x")
+    ob, bb = statistics.median(one_block), statistics.median(b_blocks)
+    print(f"{f'noised script job, 1 block of {BLOCK_SUBJECTS} subjects':<55}: {ob * 1000:7.0f} ms"
+          f"   ({runs} runs; no warm container: each block's /data is its own)")
+    print(f"{f'noised script job, B = {blocks} blocks / 1 block':<55}: {bb / ob:7.2f}x  "
+          f"({bb / ob / blocks:.2f}x per block; one block at a time at concurrency 1)")
 
 
 if __name__ == "__main__":

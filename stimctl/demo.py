@@ -384,8 +384,8 @@ async def demo_sweet_spot(fed: DemoFederation) -> None:
 DEMO_SCRIPT = b"""\
 # A researcher's own analysis, run in each site's hardened sandbox (no network, read-only
 # data, non-root, resource limits). It may only emit aggregates; each site's privacy layer
-# checks them against the catalog and, under dp = "required", adds noise before anything
-# leaves the site.
+# checks them against the catalog and, under dp = "required", runs it once per block of
+# subjects and noises the blocks' mean before anything leaves the site.
 from stimnet_runtime import load_table, emit_mean
 
 outcomes = load_table("outcomes").merge(load_table("stimulation"), on="subject_id")
@@ -395,11 +395,13 @@ emit_mean("mean_improvement", "updrs_change", followed["updrs_change"])
 
 
 # What the script emits, declared and signed with it: each site releases only exactly this.
-# One output (a mean: its n and its sum) at the sites' largest per-query ε: under
-# dp = "required" every array shares the job's ε, and a site's noisy threshold withholds a
-# count its noise could not hide (at ε 5 it is 10 subjects; the demo's smallest site has 13).
+# Under dp = "required" a script's outputs are released by sample-and-aggregate: each
+# block of subjects' mean is clamped to the declared range, and the blocks' mean gets
+# Laplace noise of scale (hi - lo) / (B·ε), so the range is the price of the answer's
+# precision. One output at the sites' largest per-query ε.
 DEMO_EPSILON = 5.0
-DEMO_OUTPUTS = "SELECT avg(updrs_change) AS mean_improvement FROM dbs_outcomes"
+DEMO_OUTPUTS = ("SELECT clamp(avg(updrs_change), -40, 40) AS mean_improvement "
+                "FROM dbs_outcomes")
 
 
 async def demo_script_job(fed: DemoFederation) -> None:

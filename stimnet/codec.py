@@ -135,6 +135,7 @@ class Assembler:
         self._specs: dict[str, dict[str, Any]] = {}
         self._body = bytearray()
         self._total = 0
+        self._header = ""
 
     def header(self, text: str) -> None:
         if self.doc is not None:
@@ -152,7 +153,7 @@ class Assembler:
         total = 0
         for aid, spec in specs.items():
             total += _checked(aid, spec)
-        self.doc, self._specs, self._total = doc, specs, total
+        self.doc, self._specs, self._total, self._header = doc, specs, total, text
 
     def chunk(self, aid: str, offset: int, data: bytes, last: bool) -> None:
         if self.doc is None or aid != BODY:
@@ -162,6 +163,11 @@ class Assembler:
         self._body.extend(data)
         if last and len(self._body) != self._total:
             raise CodecError("result body is incomplete")
+
+    def packed(self) -> bytes:
+        """The document as `pack` lays it out (header and body as they arrived)."""
+        head = self._header.encode()
+        return struct.pack("<I", len(head)) + head + bytes(self._body)
 
     @property
     def complete(self) -> bool:

@@ -175,7 +175,7 @@ class Daemon:
             default_epsilon=config.privacy.default_epsilon, delta=config.privacy.delta,
             max_epsilon_per_query=config.privacy.max_epsilon_per_query,
             budget_epsilon=config.privacy.budget_epsilon, budget_delta=config.privacy.budget_delta,
-            catalog_budget_epsilon=config.privacy.catalog_budget_epsilon)
+            catalog_budget_epsilon=config.privacy.catalog_budget_epsilon, blocks=config.privacy.blocks)
         scripts = config.scripts
         runner = SandboxScripts(self.sandbox, log_policy=scripts.log_policy,
                                 declared_outputs=scripts.declared_outputs,

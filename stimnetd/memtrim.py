@@ -47,6 +47,16 @@ def rss_bytes(pid: int | str = "self") -> int:
         return 0
 
 
+async def trim_now() -> None:
+    """Trim once, now (off the loop): after a share whose arrays were large has been
+    released, before the entry decodes and combines the sites' shares. The share was
+    computed in a worker thread, so its freed arrays sit in that thread's malloc arena,
+    where the loop thread's allocations cannot reuse them."""
+    trim = _libc_trim()
+    if trim is not None:
+        await asyncio.to_thread(trim)
+
+
 async def trim_loop(interval_s: float = INTERVAL_S) -> None:
     """Forever: every `interval_s`, trim the heap while RSS is GROWTH_BYTES above the
     floor. The floor is the lowest RSS seen after a trim, not the last one: a trim made

@@ -64,8 +64,10 @@ _LIMIT_ALERT = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, HANDSHAKE_LIMIT_ALERT]
 # What a connection waiting for a slot may send before it is reset (a ClientHello is a
 # few hundred bytes; with many post-quantum key shares, a few KiB).
 _EARLY_MAX = 64 * 1024
-# How long a refused connection may take to read the alert and hang up before it is reset.
+# How long a refused connection may take to read the alert and hang up before it is reset,
+# and how many may be doing so at once (per slot in all), beyond which they are reset.
 _LINGER_S = 2.0
+_LINGERING_PER_SLOT = 4
 
 
 @dataclass(frozen=True)
@@ -252,8 +254,9 @@ class _Client(asyncio.Protocol):
         self._refused(f"too many unfinished TLS handshakes (limits {slots.max_in_all} in all, "
                       f"{slots.max_per_host} from one host) and {why}")
         transport = self._transport
-        if transport is None or self._front.refusing >= self._front.slots.max_waiting:
-            # A flood: a reset costs nothing, and no honest client is this many.
+        if transport is None or self._front.refusing >= _LINGERING_PER_SLOT * slots.max_in_all:
+            # A flood: a reset costs nothing. An honest client hangs up as soon as it has
+            # read the alert, so only a burst this large, or one that does not, gets here.
             self.abort()
             return
         self._refusing = True

@@ -114,7 +114,12 @@ class AsyncClient:
             try:
                 with translated(self.address):
                     return await rpc(request, timeout=left, wait_for_ready=True)
-            except (DeadlineExceeded, HandshakeLimited):
+            except HandshakeLimited:
+                raise busy from None
+            except DeadlineExceeded:
+                # Connected but not answered in time: that is the node's deadline.
+                if self._channel.get_state() is grpc.ChannelConnectivity.READY:
+                    raise
                 raise busy from None
 
     async def _stream(self, rpc: Any, request: Any, timeout: float | None) -> AsyncIterator[Any]:

@@ -118,7 +118,8 @@ FUNCS: dict[str, FuncShape] = {
 class AggSpec:
     """One output column. `fields` are positional per `func` (see FUNCS); `params` are
     histogram edges or quantile probabilities; `options` named settings (sorted (name,
-    value) pairs, checked by voxeltests.check_options); `condition` prop_map's filter."""
+    value) pairs, checked by voxeltests.check_options); `condition` prop_map's filter;
+    `range` (SQL ``clamp(agg, lo, hi)``) a script output's, for sample-and-aggregate."""
 
     func: str
     fields: tuple[str, ...]
@@ -126,8 +127,12 @@ class AggSpec:
     params: tuple[float, ...] = ()
     options: tuple[tuple[str, float | str], ...] = ()
     condition: Expr | None = None
+    range: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.range is not None and not (len(self.range) == 2 and self.range[0] < self.range[1]):
+            raise QueryError(f"{self.name}: a declared range is two numbers, the lower first "
+                             f"(clamp(agg, lo, hi) with lo < hi), got {list(self.range)}")
         shape = FUNCS.get(self.func)
         if shape is None:
             raise QueryError(f"unknown aggregate function {self.func!r}; known: {sorted(FUNCS)}")
@@ -207,8 +212,8 @@ class QuerySpec:
         aggs = []
         for a in _list(d["aggregates"], "aggregates"):
             _keys(a, "aggregate", required={"func", "fields", "name"},
-                  optional={"params", "options", "condition"})
-            cond = a.get("condition")
+                  optional={"params", "options", "condition", "range"})
+            cond, b = a.get("condition"), a.get("range")
             aggs.append(
                 AggSpec(
                     func=_str(a["func"], "func"),
@@ -217,6 +222,7 @@ class QuerySpec:
                     params=tuple(_num(p, "param") for p in _list(a.get("params", []), "params")),
                     options=options_from_dict(a.get("options", {})),
                     condition=None if cond is None else expr_from_dict(cond),
+                    range=None if b is None else tuple(_num(x, "range") for x in _list(b, "range")),
                 )
             )
         return cls(catalog, None if where is None else expr_from_dict(where), group_by, tuple(aggs))
@@ -229,6 +235,8 @@ def _agg_to_dict(a: AggSpec) -> dict[str, Any]:
         d["options"] = dict(a.options)
     if a.condition is not None:
         d["condition"] = expr_to_dict(a.condition)
+    if a.range is not None:
+        d["range"] = list(a.range)
     return d
 
 

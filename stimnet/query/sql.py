@@ -8,6 +8,7 @@ everything else with a message that names the offending part.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 
@@ -62,6 +63,8 @@ SQL_FUNCS: dict[str, str] = {
     "tmap": "tmap",
     "tmap2": "tmap2",
     "prop_map": "prop_map",
+    # clamp(agg, lo, hi): a script output's declared range (AggSpec.range).
+    "clamp": "clamp",
 }
 GLM_FAMILIES = ("binomial", "poisson", "gaussian")
 # meta(...) of these: each site's own estimate, pooled across sites (models.py).
@@ -212,6 +215,8 @@ def _aggregate(node: exp.Expression, alias: str | None, catalog: str) -> AggSpec
             out.append(_field(a, catalog))
         return tuple(out)
 
+    if written == "clamp":
+        return _clamp(args, alias, catalog)
     if written == "count" and len(args) == 1 and isinstance(args[0], exp.Star):
         return AggSpec("count", (), name)
     if written == "lm":
@@ -240,6 +245,18 @@ def _aggregate(node: exp.Expression, alias: str | None, catalog: str) -> AggSpec
         params = tuple(_number(a, name) for a in args[1:])
         return AggSpec(func, fields(args[:1]), name, params)
     return AggSpec(func, fields(args), name)
+
+
+def _clamp(args: list[exp.Expression], alias: str | None, catalog: str) -> AggSpec:
+    """clamp(aggregate, lo, hi): the aggregate, declared with the range [lo, hi]."""
+    if len(args) != 3:
+        raise QueryError("clamp takes an aggregate and its range, e.g. "
+                         "clamp(avg(age), 18, 100) AS mean_age")
+    inner = _aggregate(args[0], alias, catalog)
+    if inner.range is not None:
+        raise QueryError(f"{inner.name}: clamp() of a clamp()")
+    bounds = (float(_number(args[1], inner.name)), float(_number(args[2], inner.name)))
+    return dataclasses.replace(inner, range=bounds)
 
 
 def _voxel_test(func: str, args: list[exp.Expression], name: str, catalog: str,

@@ -21,6 +21,7 @@ from stimnetd.config.policy import (
     LOG_POLICIES,
     RESTART_POLICIES,
     SCRIPT_POLICIES,
+    BlockSplit,
     PrivacySettings,
     ScriptSettings,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "RESTART_POLICIES",
     "SCRIPT_POLICIES",
     "TLS_TERMINATORS",
+    "BlockSplit",
     "CatalogConfig",
     "Config",
     "ConfigError",

@@ -33,6 +33,21 @@ class KubeSettings:
 
 
 @dataclass(frozen=True)
+class BlockSplit:
+    """How a noised script job's cohort is split into blocks (privacy/blocks.py):
+    B = max(1, min(n // subjects_per_block, max_blocks)) for a catalog of n subjects.
+
+    More blocks shrink the noise (its scale is range / (B·ε)) but leave fewer subjects per
+    block, so each block's own estimate is noisier; the README weighs the two."""
+
+    subjects_per_block: int = 10
+    max_blocks: int = 50
+
+    def blocks(self, n: int) -> int:
+        return max(1, min(n // self.subjects_per_block, self.max_blocks))
+
+
+@dataclass(frozen=True)
 class PrivacySettings:
     dp: str = "off"
     default_epsilon: float = 1.0
@@ -43,6 +58,7 @@ class PrivacySettings:
     budget_delta: float = 1e-4
     catalog_budget_epsilon: float | None = None
     shared_history: bool = False
+    blocks: BlockSplit = BlockSplit()
 
 
 @dataclass(frozen=True)
@@ -74,7 +90,8 @@ def read_privacy(r: Reader, raw: dict[str, Any]) -> PrivacySettings:
     w = "[privacy]"
     raw = r.table(raw, w, {"dp", "default_epsilon", "max_epsilon_per_query",
                            "budget_epsilon", "overlap_guard", "delta", "budget_delta",
-                           "catalog_budget_epsilon", "shared_history"})
+                           "catalog_budget_epsilon", "shared_history",
+                           "script_block_subjects", "script_max_blocks"})
     p = PrivacySettings(
         dp=r.get(raw, w, "dp", str, "off", choices=DP_POLICIES),
         default_epsilon=r.get(raw, w, "default_epsilon", float, 1.0),
@@ -85,7 +102,11 @@ def read_privacy(r: Reader, raw: dict[str, Any]) -> PrivacySettings:
         budget_delta=r.get(raw, w, "budget_delta", float, 1e-4),
         catalog_budget_epsilon=r.get(raw, w, "catalog_budget_epsilon", float, None),
         shared_history=r.get(raw, w, "shared_history", bool, False),
+        blocks=BlockSplit(r.get(raw, w, "script_block_subjects", int, 10),
+                          r.get(raw, w, "script_max_blocks", int, 50)),
     )
+    if p.blocks.subjects_per_block < 1 or p.blocks.max_blocks < 1:
+        raise r.fail(w, "script_block_subjects and script_max_blocks must be at least 1")
     if p.catalog_budget_epsilon is not None and p.catalog_budget_epsilon <= 0:
         raise r.fail(f"{w}.catalog_budget_epsilon", "must be positive")
     for key in ("default_epsilon", "max_epsilon_per_query", "budget_epsilon"):

@@ -139,8 +139,7 @@ class PeerSubJobs:
             handed = True
             yield outcome
         finally:
-            if not handed and (claimed_first or claim.released) \
-                    and (outcome is None or outcome.epsilon):
+            if not handed and (claimed_first or claim.released):
                 await self._refund_unsent(job, entry)
 
     async def _refund_unsent(self, job: VerifiedJob, entry: Identity) -> None:
@@ -278,6 +277,8 @@ class PeerSubJobs:
                 # A release transaction it began commits anyway (the store shields it):
                 # waited for, so that _run's refund finds the charge it has to undo.
                 await asyncio.wait([task])
+                if not task.cancelled():
+                    task.exception()  # retrieved: it ended as it did, unasked
         yield outcome
 
     async def _admit_script(self, job: VerifiedJob, entry: Identity, request_id: str) -> None:

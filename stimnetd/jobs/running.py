@@ -101,8 +101,14 @@ class JobRunner:
                     record, active, "failed", REPLAYED)))
                 return
             model = _model_of(job) if record.kind == "query" else None
-            answer = assemble(job, fan) if model is None \
-                else await self._model_answer(record, job, model, fan)
+            if model is not None:
+                answer = await self._model_answer(record, job, model, fan)
+            elif any(o.packed is not None and not o.partials for o in fan.contributors):
+                # Large arrays (site/outcome.py's LEAN_BYTES): decoded and combined off the
+                # loop, which keeps answering health checks and other jobs meanwhile.
+                answer = await asyncio.to_thread(assemble, job, fan)
+            else:
+                answer = assemble(job, fan)
             # The final state carries the answer: watchers get both in one update.
             if record.kind == "query":
                 await self._show_then_write(record, active, answer)

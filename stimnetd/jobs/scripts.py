@@ -16,7 +16,7 @@ stimnetd/sandbox/declared.py). Sites require the declaration by default
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -25,6 +25,7 @@ from stimnet.errors import QueryError, StimnetError
 from stimnet.query.spec import AggSpec, QuerySpec, validate
 from stimnet.signing import VerifiedJob
 from stimnetd.catalog import Catalog
+from stimnetd.jobs.blocks import run_blocks
 from stimnetd.jobs.fair import FairSlots
 from stimnetd.query.aggregate import Partial
 from stimnetd.sandbox import (
@@ -131,6 +132,13 @@ class SandboxScripts:
         # A script's cohort is unknown to the site (it chose its rows itself), so the
         # overlap guard cannot apply; k_min and DP still do.
         return partials, None
+
+    async def blocks(self, job: VerifiedJob, catalog: Catalog, declared: QuerySpec,
+                     blocks: Sequence[Sequence[str]]) -> list[list[Partial] | None]:
+        """The script run once per block of subjects (sample-and-aggregate, jobs/blocks.py):
+        each block's checked result, or None where it failed."""
+        return await run_blocks(self._runner, self._slots, job, catalog, declared, blocks,
+                                self._on_duration)
 
     def _told(self, kind: str, detail: str) -> str:
         """What the researcher is told of a failure: the detail only under "full"."""

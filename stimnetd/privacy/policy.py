@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from stimnet import errors
+from stimnetd.config import BlockSplit
 
 DpMode = Literal["off", "optional", "required"]
 DP_MODES: tuple[DpMode, ...] = ("off", "optional", "required")
@@ -57,6 +58,8 @@ class PrivacyPolicy:
     # Site-wide cap per catalog across every researcher (None: no cap): what colluding
     # researchers, or one with many certificates, can spend together.
     catalog_budget_epsilon: float | None = None
+    # How a noised script job's cohort is split for sample-and-aggregate (privacy/blocks.py).
+    blocks: BlockSplit = BlockSplit()
 
     def __post_init__(self) -> None:
         # Config validation lives in config.py; this only stops a policy that would make

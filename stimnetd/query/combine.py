@@ -7,6 +7,8 @@ that the sites' arrays describe the same grid before adding them.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,63 +31,129 @@ GRID_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
-def combine(per_site: list[list[Partial]], sites: list[str] | None = None) -> list[Partial]:
+def combine(per_site: Iterable[list[Partial]], sites: Sequence[str] | None = None) -> list[Partial]:
     """Sum each output's partials over sites, keyed by (name, group), in first-seen order.
-    `sites` names them in refusals (which two disagree, and on what)."""
-    names = sites if sites is not None else [f"site {i + 1}" for i in range(len(per_site))]
-    by_key: dict[tuple[str, GroupKey], list[tuple[str, Partial]]] = {}
-    for name, site in zip(names, per_site, strict=True):
-        for p in site:
-            by_key.setdefault(p.key, []).append((name, p))
-    return [_sum([p for _, p in parts], [n for n, _ in parts]) for parts in by_key.values()]
+    `sites` names them in refusals (which two disagree, and on what).
+
+    Folded one site at a time: `per_site` may decode each site's partials just before they
+    are added (jobs/answer.py), so only the running sums and one site's arrays are held at
+    once, not every site's maps together.
+    """
+    running: dict[tuple[str, GroupKey], _Running] = {}
+    # No enumerate(): it keeps its last (index, item) tuple for reuse, which would hold the
+    # previous site's arrays while the next one is decoded.
+    i = 0
+    for site in per_site:
+        _fold(running, sites[i] if sites is not None else f"site {i + 1}", site)
+        del site  # before the next site is decoded
+        i += 1
+    return [r.result() for r in running.values()]
 
 
-def _sum(parts: list[Partial], names: list[str]) -> Partial:
-    first = parts[0]
-    label = f"{first.name!r} group {first.group}"
-    for name, p in zip(names[1:], parts[1:], strict=True):
+def _fold(running: dict[tuple[str, GroupKey], _Running], name: str, site: list[Partial]) -> None:
+    for p in site:
+        if (r := running.get(p.key)) is None:
+            running[p.key] = _Running(name, p)
+        else:
+            r.add(name, p)
+
+
+class _Running:
+    """One output's sum so far: the first site's partial sets what the others must match."""
+
+    def __init__(self, name: str, first: Partial) -> None:
+        # Its arrays are not kept: they are copied into the running sums (a site's maps are
+        # freed as soon as they are added).
+        self.first, self.first_name = dataclasses.replace(first, stats={}, cell_mask=None), name
+        self.label = f"{first.name!r} group {first.group}"
+        self.codes: list[tuple[str, Any]] = [(name, first.meta.get("xform_code"))]
+        self.sites, self.n = 1, int(first.n)
+        # Contingency tables are aligned by level name over every site at the end; they
+        # are small, so their partials are kept.
+        self.tables: list[tuple[str, Partial]] | None = \
+            [(name, first)] if first.kind == "contingency" else None
+        self.stats = {k: np.array(v, np.float64) for k, v in first.stats.items()}
+        self.any_mask: np.ndarray | None = None   # OR of the cell masks seen
+        self.all_mask: np.ndarray | None = None   # AND of them
+        self.unmasked = False                     # a site withheld nothing
+        self.reasons: set[str] = set()
+        self._mask(first)
+
+    def add(self, name: str, p: Partial) -> None:
+        first = self.first
         if p.kind != first.kind:
-            raise IncompatiblePartials(
-                f"{label}: {names[0]} and {name} disagree on the kind ({first.kind} vs {p.kind})"
-            )
+            raise IncompatiblePartials(f"{self.label}: {self.first_name} and {name} disagree "
+                                       f"on the kind ({first.kind} vs {p.kind})")
         for k in GRID_KEYS.get(first.kind, ()):
             if _plain(p.meta.get(k)) != _plain(first.meta.get(k)):
                 raise IncompatiblePartials(
-                    f"{label}: {names[0]} and {name} disagree on {k} "
-                    f"({first.meta.get(k)!r} vs {p.meta.get(k)!r})"
-                )
-    meta: dict[str, Any] = dict(first.meta)
-    if "xform_code" in meta:
-        codes = [p.meta.get("xform_code") for p in parts]
-        for name, code in zip(names, codes, strict=True):
-            if not isinstance(code, int) or isinstance(code, bool):
-                raise IncompatiblePartials(f"{label}: {names[0]} and {name} disagree on "
-                                           f"xform_code ({name} sent {code!r:.40})")
-        if len(set(codes)) > 1:
-            meta["xform_code"] = 0  # a pooled map is MNI only when every site's images are
-    if first.kind == "contingency":
-        parts, meta["levels"] = _align_levels(parts)
+                    f"{self.label}: {self.first_name} and {name} disagree on {k} "
+                    f"({first.meta.get(k)!r} vs {p.meta.get(k)!r})")
+        self.codes.append((name, p.meta.get("xform_code")))
+        self.sites += 1
+        self.n += int(p.n)
+        if self.tables is not None:
+            self.tables.append((name, p))
+            return
+        if set(p.stats) != set(self.stats) or any(
+                np.shape(p.stats[k]) != self.stats[k].shape for k in self.stats):
+            raise IncompatiblePartials(f"{self.label}: {self.first_name} and {name} sent "
+                                       "stats of different shapes")
+        for k, total in self.stats.items():
+            total += np.asarray(p.stats[k], np.float64)
+        self._mask(p)
+
+    def _mask(self, p: Partial) -> None:
+        """A partial with a reason but no mask was withheld whole by its site."""
+        if p.cell_mask is None and p.suppressed_reason is None:
+            self.unmasked = True
+            return
+        shape = p.cell_counts().shape
+        mask = np.asarray(p.cell_mask, dtype=bool).reshape(shape) if p.cell_mask is not None \
+            else np.full(shape, p.suppressed_reason is not None)
+        self.any_mask = mask.copy() if self.any_mask is None else self.any_mask | mask
+        self.all_mask = mask.copy() if self.all_mask is None else self.all_mask & mask
+        if p.suppressed_reason:
+            self.reasons.add(p.suppressed_reason)
+
+    def result(self) -> Partial:
+        meta: dict[str, Any] = dict(self.first.meta)
+        if "xform_code" in meta:
+            for name, code in self.codes:
+                if not isinstance(code, int) or isinstance(code, bool):
+                    raise IncompatiblePartials(f"{self.label}: {self.first_name} and {name} "
+                                               f"disagree on xform_code ({name} sent {code!r:.40})")
+            if len({code for _, code in self.codes}) > 1:
+                meta["xform_code"] = 0  # a pooled map is MNI only when every site's images are
+        meta["sites"] = self.sites
+        if self.tables is not None:
+            return self._tables(meta)
+        mask, everywhere, reason = self.any_mask, self.all_mask, "; ".join(sorted(self.reasons))
+        if everywhere is not None and self.unmasked:
+            everywhere = np.zeros_like(everywhere)
+        if everywhere is not None:
+            meta["suppressed_everywhere"] = everywhere
+        return Partial(name=self.first.name, kind=self.first.kind, group=self.first.group,
+                       n=self.n, stats=self.stats, meta=meta, cell_mask=mask,
+                       suppressed_reason=reason or None)
+
+    def _tables(self, meta: dict[str, Any]) -> Partial:
+        assert self.tables is not None
+        names = [n for n, _ in self.tables]
+        parts, meta["levels"] = _align_levels([p for _, p in self.tables])
         first = parts[0]
-    keys = set(first.stats)
-    for name, p in zip(names[1:], parts[1:], strict=True):
-        if set(p.stats) != keys or any(p.stats[k].shape != first.stats[k].shape for k in keys):
-            raise IncompatiblePartials(f"{label}: {names[0]} and {name} sent stats of "
-                                       "different shapes")
-    stats = {k: np.sum([np.asarray(p.stats[k], np.float64) for p in parts], axis=0) for k in keys}
-    meta["sites"] = len(parts)
-    mask, everywhere, reason = _masks(parts)
-    if everywhere is not None:
-        meta["suppressed_everywhere"] = everywhere
-    return Partial(
-        name=first.name,
-        kind=first.kind,
-        group=first.group,
-        n=sum(int(p.n) for p in parts),
-        stats=stats,
-        meta=meta,
-        cell_mask=mask,
-        suppressed_reason=reason,
-    )
+        for name, p in zip(names[1:], parts[1:], strict=True):
+            if set(p.stats) != set(first.stats) or any(
+                    p.stats[k].shape != first.stats[k].shape for k in first.stats):
+                raise IncompatiblePartials(f"{self.label}: {names[0]} and {name} sent stats "
+                                           "of different shapes")
+        stats = {k: np.sum([np.asarray(p.stats[k], np.float64) for p in parts], axis=0)
+                 for k in first.stats}
+        mask, everywhere, reason = _masks(parts)
+        if everywhere is not None:
+            meta["suppressed_everywhere"] = everywhere
+        return Partial(name=first.name, kind=first.kind, group=first.group, n=self.n,
+                       stats=stats, meta=meta, cell_mask=mask, suppressed_reason=reason)
 
 
 def _masks(parts: list[Partial]) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from stimnet.errors import QueryError
 from stimnet.query.fields import FieldMeta
 from stimnet.query.spec import (
     AggSpec,
@@ -70,6 +71,10 @@ def compute(
     `images`: where voxel maps' per-subject work runs (query/subjects.py; in-process if None).
     """
     validate(spec, catalog.fields)
+    for a in spec.aggregates:
+        if a.range is not None:
+            raise QueryError(f"{a.name}: clamp() declares a script output's range (for "
+                             "sample-and-aggregate); a query clamps to the catalog's bounds")
     rows = Rows(catalog.columns())
     if spec.where is not None:
         true, _false = _eval(spec.where, rows, catalog.fields)

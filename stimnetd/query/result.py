@@ -139,6 +139,11 @@ class _Finaliser:
             return None
         if f == "mean":
             return s1 / n
+        if self.p.meta.get("blocks"):
+            # Sample-and-aggregate (privacy/blocks.py): s2 / n is the sites' block-weighted
+            # mean of their released variances.
+            var = max(0.0, s2 / n)
+            return var if f == "var" else math.sqrt(var)
         if n <= 1:
             self.note("variance needs at least two values")
             return None

@@ -368,7 +368,7 @@ class Guard(grpc.aio.ServerInterceptor):
 
     def refuse_connection(self, remote: str, reason: str) -> None:
         """The TLS front closed a connection before any call could be made on it (its
-        handshake failed or timed out, or too many were unfinished): audited like a refused
+        handshake failed or timed out, or it got no handshake slot): audited like a refused
         call, against the same per-source budget, but group-committed (no call waits for
         it, and a flood of these must not set the node's fsync rate)."""
         if self._refusals.admit(_source(remote, "anonymous"), "anonymous", TLS_HANDSHAKE,

@@ -28,6 +28,7 @@ from stimnetd.rpc import convert
 from stimnetd.rpc.guard import REQUEST_ID_KEY
 from stimnetd.rpc.peer_identity import PeerIdentityError, probe
 from stimnetd.site import SiteOutcome
+from stimnetd.site.outcome import lean
 from stimnetd.tls import TlsMaterial, channel_credentials
 
 _TERMINAL = {"done", "suppressed", "refused", "failed"}
@@ -349,8 +350,9 @@ class _SubJobReader:
         except (codec.CodecError, KeyError) as exc:
             return await _ended(self._on_event, site, "failed",
                                 f"malformed partial aggregates: {exc}")
-        return SiteOutcome(site, "done", detail, n=n, partials=partials,
-                           epsilon=epsilon, delta=delta, mechanism=mechanism)
+        packed = self._asm.packed()
+        return SiteOutcome(site, "done", detail, n=n, partials=lean(partials, packed),
+                           epsilon=epsilon, delta=delta, mechanism=mechanism, packed=packed)
 
 
 def _last_subjob_reply(reply: federation_pb2.SubJobReply) -> bool:

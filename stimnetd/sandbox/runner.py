@@ -93,6 +93,8 @@ class SandboxRunner:
         # plain directory whose size the monitor polls.
         self._workspaces = Workspaces(Path(state_dir) / "work", out_tmpfs=os.geteuid() == 0
                                       if out_tmpfs is None else out_tmpfs)
+        # Where each sample-and-aggregate block's share of a catalog is written (blockdata.py).
+        self.blocks_dir = Path(state_dir) / "blocks"
         self._api: DockerApi | None = None
         self._api_lock = asyncio.Lock()
         self._jobs: dict[str, _Job] = {}

@@ -24,8 +24,10 @@ from stimnet.query.fields import Grid
 from stimnet.query.spec import AggSpec
 from stimnet.signing import VerifiedJob
 from stimnet.states import RefusalKind
+from stimnetd import memtrim
 from stimnetd.catalog import Catalog, CatalogSet
 from stimnetd.privacy import glm_noise
+from stimnetd.privacy.blocks import require_ranges
 from stimnetd.privacy.noise import NoiseReport, NoiseSource, add_noise
 from stimnetd.privacy.policy import PrivacyPolicy, PrivacyRefusal, decide_epsilon
 from stimnetd.privacy.release import budget_refusal, decide
@@ -43,8 +45,9 @@ from stimnetd.query.engine import compute
 from stimnetd.query.linear import LinearCohort
 from stimnetd.query.models import control_of, is_multi_round, rounds_of
 from stimnetd.query.subjects import SubjectImages
+from stimnetd.site.blocks import BlockScripts, sample_aggregate
 from stimnetd.site.cohorts import CohortFingerprints
-from stimnetd.site.outcome import SiteOutcome
+from stimnetd.site.outcome import SiteOutcome, lean
 from stimnetd.site.released import cell_shown, declared_groups_only
 from stimnetd.site.rounds import FitRounds
 from stimnetd.store import NonceClaim, Store
@@ -81,11 +84,8 @@ class ShareProgress:
     log: Callable[[str], Awaitable[None]] = _no_log
 
 
-class ScriptRunner(Protocol):
+class ScriptRunner(BlockScripts, Protocol):
     """Runs a script job's script on a catalog (jobs/scripts.SandboxScripts)."""
-
-    def declaration(self, job: VerifiedJob, catalog: Catalog) -> object:
-        """Raise (QueryError, StimnetError) if the job's declared outputs are unusable here."""
 
     async def __call__(self, job: VerifiedJob, catalog: Catalog,
                        on_log: Callable[[str], Awaitable[None]]
@@ -138,12 +138,15 @@ class LocalSite:
         req = job.request
         catalog = self._catalogs.get(req.catalog)
         await self.check_storage(job.researcher.name)
+        declared = None
         if req.kind == "script" and self._script_runner is not None:
             try:
-                self._script_runner.declaration(job, catalog)
+                declared = self._script_runner.declaration(job, catalog)
             except QueryError as exc:
                 raise InvalidRequest(f"declared outputs refused: {exc}") from None
         epsilon = decide_epsilon(self._policy, req.epsilon)
+        if req.kind == "script" and self._script_runner is not None and epsilon is not None:
+            require_ranges(declared, catalog.name)
         if epsilon is not None:
             spent = await self._store.spent(job.researcher.name, req.catalog)
             refusal = budget_refusal(req.catalog, epsilon, spent, self._policy)
@@ -178,17 +181,17 @@ class LocalSite:
                 # (a container) is worth reporting.
                 await progress.running()
             _model_privacy(job, catalog, epsilon)
+            if req.kind == "script" and epsilon is not None and self._script_runner is not None:
+                return await self._sample_aggregate(self._script_runner, job, catalog, epsilon, nonce)
             audit = epsilon is None and self._overlap_guard
             partials, cohort, groups, linear = await self._compute(job, catalog, progress, audit,
                                                                    clamp=epsilon is not None)
             outcome = await self._release(job, catalog, partials, cohort, groups, epsilon, nonce,
                                           linear)
-            if outcome.state == "done" and req.kind == "query" \
-                    and is_multi_round(model := req.query_spec.model):
-                assert model is not None
-                self.rounds.opened(req.job_id, max_rounds=rounds_of(model),
-                                   p=len(partials[0].meta["terms"]),
-                                   n_released=outcome.n if outcome.epsilon else None)
+            self._open_rounds(job, outcome, partials)
+            if partials and not outcome.partials:  # large arrays, now kept packed only
+                del partials
+                await memtrim.trim_now()
             return outcome
         except Replayed:
             raise
@@ -207,6 +210,17 @@ class LocalSite:
         except Exception:  # noqa: BLE001 - a site failure is reported, not propagated
             log.exception("site job failed", job=req.job_id)
             return SiteOutcome(self.name, "failed", "internal error at this site (see its logs)")
+
+    def _open_rounds(self, job: VerifiedJob, outcome: SiteOutcome,
+                     partials: list[Partial]) -> None:
+        """A multi-round fit's first round released here: later rounds may follow."""
+        req = job.request
+        if outcome.state == "done" and req.kind == "query" \
+                and is_multi_round(model := req.query_spec.model):
+            assert model is not None
+            self.rounds.opened(req.job_id, max_rounds=rounds_of(model),
+                               p=len(partials[0].meta["terms"]),
+                               n_released=outcome.n if outcome.epsilon else None)
 
     async def run_round(self, job: VerifiedJob, round_no: int,
                         beta: list[float]) -> SiteOutcome:
@@ -297,18 +311,30 @@ class LocalSite:
         partials, cohort = await self._script_runner(job, catalog, progress.log)
         return partials, cohort, {}, []
 
+    async def _sample_aggregate(self, scripts: ScriptRunner, job: VerifiedJob, catalog: Catalog,
+                                epsilon: float, nonce: NonceClaim | None) -> SiteOutcome:
+        partials, report = await sample_aggregate(
+            scripts, job, catalog, epsilon, split=self._policy.blocks, noise=self._noise,
+            secret=await self._store.site_secret())
+        return await self._release(job, catalog, partials, None, {}, epsilon, nonce, report=report)
+
     async def _release(self, job: VerifiedJob, catalog: Catalog, partials: list[Partial],
                        cohort: frozenset[str] | None, groups: dict[GroupKey, frozenset[str]],
                        epsilon: float | None, nonce: NonceClaim | None = None,
-                       linear: list[LinearCohort] | None = None) -> SiteOutcome:
+                       linear: list[LinearCohort] | None = None,
+                       report: NoiseReport | None = None) -> SiteOutcome:
         """Suppress, noise, and release in one store transaction (see `_disclosed` for the
-        cohorts the overlap guard checks)."""
+        cohorts the overlap guard checks). `report`: the partials are noised already
+        (sample-and-aggregate): pure ε-DP, with no threshold to gate them or charge δ for."""
         req = job.request
-        partials, decisions, report = self._protect(job, catalog, partials, epsilon)
+        if report is None:
+            partials, decisions, report = self._protect(job, catalog, partials, epsilon)
+        else:
+            decisions = [Decision(p.name, p.group, "released") for p in partials]
         suppressed = result_suppressed(decisions)
         decision = _decision(suppressed, decisions)
         charged = report.epsilon if report is not None and report.epsilon > 0 else None
-        delta = self._policy.delta if charged is not None else 0.0
+        delta = self._policy.delta if charged is not None and req.kind == "query" else 0.0
         if charged is None:
             cells, cohort = _disclosed(partials, cohort, groups)
             guarded = tuple([await self._fingerprints.of(catalog, c) for c in cells])
@@ -413,9 +439,9 @@ class LocalSite:
         if decision == "suppressed":
             return SiteOutcome(self.name, "suppressed",
                                f"every output was withheld (k_min = {self._policy.k_min})",
-                               partials=partials, packed=packed)
-        return SiteOutcome(self.name, "done", "", n=n, partials=partials, epsilon=epsilon,
-                           delta=delta, mechanism=mechanism, packed=packed)
+                               partials=lean(partials, packed), packed=packed)
+        return SiteOutcome(self.name, "done", "", n=n, partials=lean(partials, packed),
+                           epsilon=epsilon, delta=delta, mechanism=mechanism, packed=packed)
 
 
 def _model_privacy(job: VerifiedJob, catalog: Catalog, epsilon: float | None) -> None:

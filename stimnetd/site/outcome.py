@@ -4,8 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from stimnet import codec
 from stimnet.states import SiteState
+from stimnetd.query import partial_docs
 from stimnetd.query.aggregate import Partial
+
+# Outcomes whose arrays are larger than this keep only their packed (sparse) form until the
+# entry combines them (`decoded`): a grouped map query's dense arrays are hundreds of MB
+# per site, and the entry would otherwise hold every site's at once.
+LEAN_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -22,5 +31,21 @@ class SiteOutcome:
     delta: float | None = None
     mechanism: str | None = None
     # The release as stored ({"partials", "n", "epsilon", "delta", "mechanism"} packed): a peer
-    # streams these bytes as they are instead of encoding `partials` again.
+    # streams these bytes as they are instead of encoding `partials` again. At the entry, a
+    # peer's share as it arrived.
     packed: bytes | None = None
+
+    def decoded(self) -> list[Partial]:
+        """The partials, decoded from `packed` when they were not kept (see `lean`)."""
+        if self.partials or self.packed is None:
+            return self.partials
+        doc, arrays = codec.unpack(self.packed)
+        return partial_docs.partials_from_doc(doc["partials"], arrays)
+
+
+def lean(partials: list[Partial], packed: bytes | None) -> list[Partial]:
+    """`partials`, or none when they are large and `packed` holds them (decoded() again)."""
+    if packed is None:
+        return partials
+    size = sum(np.asarray(a).nbytes for p in partials for a in p.stats.values())
+    return [] if size > LEAN_BYTES else partials

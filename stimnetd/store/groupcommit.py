@@ -153,7 +153,12 @@ class Writer:
             structlog.get_logger("stimnetd.store").exception("audit group commit failed")
 
     async def flush(self) -> None:
-        """Commit what is queued (audit entries, deferred writes) now."""
+        """Commit what is queued (audit entries, deferred writes) now: also what a commit
+        in flight took from the queue, so a read after `flush` sees every entry queued
+        before it (the group commit may have taken them a moment ago)."""
+        if self._lock.locked() and not (self._pending_audit or self._deferred):
+            async with self._lock:
+                pass
         if (self._pending_audit or self._deferred) and self._conn is not None:
             # Durable when it carries audit entries; deferred rows alone are bookkeeping.
             await self.run(lambda tx: None, durable=bool(self._pending_audit), flush=True)

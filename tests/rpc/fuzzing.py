@@ -26,6 +26,10 @@ from stimnet.signing import canonical, new_request
 from stimnetd.testing import CertPaths
 
 CATALOG = "dbs_outcomes"
+# Multi-round federated models, each with 3 coefficients (intercept and two terms), all on
+# one cohort: the fits' researcher would otherwise meet an overlap refusal of her own.
+GLMS = tuple(f"SELECT glm('responder ~ age + amplitude_ma', '{family}', {maxit}) FROM dbs_outcomes"
+             for family, maxit in (("binomial", 5), ("gaussian", 3), ("poisson", 4)))
 SQL = (
     "SELECT count(*) FROM dbs_outcomes",
     "SELECT diagnosis, count(*), avg(age) FROM dbs_outcomes WHERE age >= 30 GROUP BY diagnosis",
@@ -34,6 +38,10 @@ SQL = (
     "WHERE frequency_hz BETWEEN 100 AND 200 AND NOT improvement_pct IS NULL",
     "SELECT target, avg(improvement_pct) FROM dbs_outcomes GROUP BY target",
     "SELECT regress(updrs_change, age) FROM dbs_outcomes WHERE diagnosis = 'PD'",
+    "SELECT median(age), quantile(age, 0.9), histogram(age, 20, 40, 60) FROM dbs_outcomes",
+    "SELECT quantile_exact(disease_duration, 0.25) FROM dbs_outcomes",
+    "SELECT meta(glm('responder ~ age', 'binomial')) FROM dbs_outcomes",
+    *GLMS,
 )
 
 FIELDS = ("subject_id", "age", "sex", "diagnosis", "disease_duration", "target", "hemisphere",
@@ -263,6 +271,18 @@ def signed_job(rng: random.Random, msg: Message, signer: Signer, others: list[Si
     msg.signature = who.sign(payload) if r < 0.95 else rand_bytes(rng)
     msg.signer_cert_pem = who.cert_pem if rng.random() < 0.97 else rand_bytes(rng)
     msg.script = script if rng.random() < 0.9 else rand_bytes(rng)
+
+
+def glm_job(rng: random.Random, signer: Signer, entry: str) -> Message:
+    """A valid federated GLM job relayed by `entry`, whose later rounds the fuzz sends
+    with random parameter vectors."""
+    from stimnet.v1 import common_pb2
+
+    req = new_request("query", CATALOG, entry=entry, scope="federated",
+                      spec=parse_sql(rng.choice(GLMS)).to_dict())
+    payload = req.to_payload()
+    return common_pb2.SignedJob(payload=payload, signature=signer.sign(payload),
+                                signer_cert_pem=signer.cert_pem)
 
 
 def fresh_nonce() -> str:

@@ -52,9 +52,8 @@ MIN_ADMITTED = 20
 BAD = frozenset({"INTERNAL", "UNKNOWN"})
 NODES = ("fuzz-a", "fuzz-b")
 MODULES = (node_pb2, jobs_pb2, federation_pb2, admin_pb2, health_pb2, reflection_pb2)
-# Replies parsed to check the CallStatus of each call multiplexed on the stream.
-MULTIPLEXED = {"/stimnet.v1.JobService/Session": jobs_pb2.SessionReply,
-               "/stimnet.v1.FederationService/SubJobs": federation_pb2.SubJobReply}
+# Whose replies carry the CallStatus of each call multiplexed on the stream.
+MULTIPLEXED = ("/stimnet.v1.JobService/Session", "/stimnet.v1.FederationService/SubJobs")
 
 
 @dataclass(frozen=True)
@@ -99,6 +98,11 @@ class Tally:
     reasons: collections.Counter[str] = field(default_factory=collections.Counter)
     bad: list[str] = field(default_factory=list)
     job_ids: list[str] = field(default_factory=lambda: ["0" * 24])
+    # GLM jobs, for their later rounds, each with the round it is at per node.
+    fits: list[tuple[Message, dict[str, int]]] = field(default_factory=list)
+    # Signs the GLM fits: a researcher of their own, whose released cohorts (all of them
+    # the whole catalog) the other queries' do not make overlap refusals of.
+    fitter: Signer | None = None
 
     def status(self, target: str, role: str, name: str, details: str, sent: Any, *,
                inner: bool = False) -> None:
@@ -112,6 +116,25 @@ class Tally:
 
 
 # --------------------------------------------------------------------------- requests
+
+
+def rounds(tally: Tally, who: Who, node: str) -> Hook:
+    """A third of a peer's sub-jobs are rounds of a few GLM fits: round 1 opens a fit at
+    the site, later ones (mostly the next the site owes) carry a random parameter vector."""
+    def hook(rng: random.Random, msg: Message, f: FieldDescriptor | None) -> bool:
+        if who.role != "node" or tally.fitter is None or rng.random() < 0.67:
+            return False
+        if len(tally.fits) < 3 or rng.random() < 0.05:
+            tally.fits.append((fuzzing.glm_job(rng, tally.fitter, who.name), {}))
+        job, owed = rng.choice(tally.fits[-3:])
+        msg.job.CopyFrom(job)
+        msg.round = owed.get(node, 1) if rng.random() < 0.8 else rng.choice((0, 2, 7, 2**32 - 1))
+        owed[node] = min(msg.round + 1, 2**32 - 1)
+        msg.beta.extend(fuzzing.rand_float(rng) if rng.random() < 0.3 else rng.uniform(-3, 3)
+                        for _ in range(rng.choice((3, 3, 3, 2, 0))))
+        msg.entry_node, msg.request_id = who.name, fuzzing.rand_str(rng)[:100]
+        return True
+    return hook
 
 
 def gossip(sender: str) -> Hook:
@@ -185,6 +208,7 @@ def hooks(tally: Tally, who: Who, researcher: Signer, others: list[Signer],
         "stimnet.v1.SessionCall": well_formed("run"), "stimnet.v1.SubJobCall": well_formed("start"),
         "stimnet.v1.SignedJob": signed, "stimnet.v1.SubmitJobRequest.job": present,
         "stimnet.v1.SubJobRequest.job": present, "stimnet.v1.GossipMessage": gossip(who.name),
+        "stimnet.v1.SubJobRequest": rounds(tally, who, node),
         **{f"stimnet.v1.{m}.id": ids for m in ("GetJobRequest", "CancelJobRequest",
                                                "WatchJobRequest", "GetResultRequest",
                                                "ReviewJobRequest")},
@@ -356,15 +380,19 @@ async def start_daemons(tmp: Path, pki: CertFactory, catalog: dict, ops: CertPat
                         stack: AsyncExitStack) -> list[DaemonProcess]:
     ports = [free_port() for _ in NODES]
     procs = []
+    # The two sites' policies differ, so that both ways are fuzzed: noise optional and
+    # scripts reviewed at one, noise required and scripts run without review at the other.
+    policies = ({"privacy": {"dp": "optional"}, "scripts": {"policy": "review"}},
+                {"privacy": {"dp": "required"}, "scripts": {"policy": "auto"}})
     for i, name in enumerate(NODES):
         cfg = write_node_config(
             tmp / name, pki.issue(name, "node"), name, port=ports[i], catalogs=[catalog],
-            crl=pki.crl_path, logging={"level": "warning"}, privacy={"dp": "optional"},
+            crl=pki.crl_path, logging={"level": "warning"}, privacy=policies[i]["privacy"],
             federation={"peers": [f"127.0.0.1:{p}" for j, p in enumerate(ports) if j != i],
                         "subjob_timeout_s": 5.0},
-            # No sandbox image of this name: a script job approved here fails with a
-            # reason instead of starting a container.
-            scripts={"image": "stimnet-fuzz-no-such-image"})
+            # No sandbox image of this name: a script job approved or run here fails with
+            # a reason instead of starting a container.
+            scripts={"image": "stimnet-fuzz-no-such-image", **policies[i]["scripts"]})
         proc = DaemonProcess(cfg)
         stack.callback(proc.kill)
         procs.append(proc)
@@ -389,6 +417,18 @@ async def identities(certs_by_role: dict[str, CertPaths], procs: list[DaemonProc
     return people
 
 
+async def served_services(channel: grpc.aio.Channel) -> set[str]:
+    """The services the daemon serves, by its reflection service."""
+    call = channel.stream_stream(
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=15)
+    reply = await call.read()
+    call.cancel()
+    return {s.name for s in reply.list_services_response.service}
+
+
 async def still_answering(people: dict[str, Who]) -> list[str]:
     """What each daemon fails to answer after the fuzz: health and GetStatus."""
     problems = []
@@ -406,11 +446,13 @@ async def still_answering(people: dict[str, Who]) -> list[str]:
     return problems
 
 
-def tracebacks(procs: list[DaemonProcess]) -> list[str]:
+def log_problems(procs: list[DaemonProcess]) -> list[str]:
+    """Tracebacks (from our logging, grpc's or Python's own) and error-level lines in the
+    daemons' logs (stdout and stderr): nothing a client sends should cause either."""
     found = []
     for name, proc in zip(NODES, procs, strict=True):
         log = proc.log()
-        for m in re.finditer("Traceback", log):
+        for m in re.finditer(r'Traceback|"level": "(error|critical)"', log):
             found.append(f"{name}: {log[max(0, m.start() - 400):m.start() + 1500]}")
     return found[:5]
 
@@ -430,6 +472,11 @@ async def test_no_input_makes_an_internal_error(tmp_path: Path, pki: CertFactory
                  "admin": pki.issue("ops", "admin"), "node": pki.issue("fuzz-peer", "node")}
         procs = await start_daemons(tmp_path, pki, small_catalog, certs["admin"], stack)
         people = await identities(certs, procs, stack)
+        tally.fitter = Signer(pki.issue("fuzz-bob", "researcher"))
+        # The fuzz covers whatever the daemon serves (a service added later must be added
+        # to MODULES).
+        assert await served_services(people["admin"].channels[0]) == {
+            t.path.split("/")[1] for t in all_targets}
         order = list(all_targets)
         rng.shuffle(order)
         plan = itertools.cycle(order)
@@ -445,7 +492,7 @@ async def test_no_input_makes_an_internal_error(tmp_path: Path, pki: CertFactory
     print("\n".join(f"{n:6d} {r}" for r, n in tally.reasons.most_common(400)))
     seed = f"(seed {SEED}: rerun with STIMNET_FUZZ_SEED={SEED})"
     assert not tally.bad, f"internal errors {seed}:\n" + "\n".join(tally.bad)
-    assert not (found := tracebacks(procs)), f"tracebacks logged {seed}:\n" + "\n".join(found)
+    assert not (found := log_problems(procs)), f"logged {seed}:\n" + "\n".join(found)
     assert answering == [], f"not answering after the fuzz {seed}: {answering}"
     assert exits == dict.fromkeys(NODES, 0), seed
     thin = {t.path: tally.admitted[t.path] for t in all_targets

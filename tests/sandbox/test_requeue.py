@@ -32,7 +32,8 @@ time.sleep(3)
 from stimnet_runtime import load_table, emit_count
 emit_count("n", len(load_table("s")))
 """
-N_OUT = "SELECT count(*) AS n FROM tiny"
+# Under noise a script's outputs each need a range (sample-and-aggregate).
+N_OUT = "SELECT clamp(count(*), 0, 100) AS n FROM tiny"
 # Names of this run's own: a daemon reaps the containers labelled with its node name.
 ENTRY, PEER = f"requeue-a-{os.getpid()}", f"requeue-b-{os.getpid()}"
 
@@ -79,7 +80,9 @@ def _site(tmp: Path, pki: CertFactory, name: str, peers: list[int] | None = None
         federation={"peers": [f"127.0.0.1:{p}" for p in peers or []], "subjob_timeout_s": 60},
         scripts={"policy": "auto", "memory_mb": 256, "timeout_s": 30, "warm_containers": 0,
                  "on_restart": "requeue"},
-        privacy={"dp": "optional", "budget_epsilon": 100.0})
+        privacy={"dp": "optional", "budget_epsilon": 100.0,
+                 # One block: a noised job is one container, as the kills' timing assumes.
+                 "script_max_blocks": 1})
     return Site(name, cfg, port)
 
 

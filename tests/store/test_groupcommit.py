@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,29 @@ async def test_closing_the_store_commits_deferred_writes(
         assert await job_ids(again) == {"q1"}
     finally:
         await again.close()
+
+
+async def test_flush_waits_for_a_commit_in_flight(factory: StoreFactory, tmp_path: Path) -> None:
+    """An entry the group commit has taken from the queue but not yet committed is
+    committed when `flush` returns: a read after a flush sees every entry queued before."""
+    store = await factory.open(tmp_path / "node.sqlite3", group_commit_s=NEVER)
+    started, go = threading.Event(), threading.Event()
+
+    def slow(tx: object) -> None:
+        started.set()
+        go.wait(30)
+
+    try:
+        store.audit_soon("127.0.0.1:5", "anonymous", "tls-handshake", "denied")
+        in_flight = asyncio.ensure_future(store._writer.run(slow))  # noqa: SLF001 - takes it
+        assert await asyncio.to_thread(started.wait, 30)
+        flushing = asyncio.ensure_future(store.flush())
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not flushing.done()
+        go.set()
+        await asyncio.gather(in_flight, flushing)
+        assert [r.action for r in await store.audit_rows()] == ["tls-handshake"]
+    finally:
+        go.set()
+        await store.close()

@@ -57,6 +57,30 @@ async def test_budget_refusal_is_audited_and_charges_nothing(store: Store) -> No
     assert await store.verify_audit() == AuditVerification(True, len(rows))
 
 
+async def test_a_refund_uncharges_once_is_audited_and_keeps_nothing_to_redeliver(
+        store: Store) -> None:
+    """A refunded charge stops counting against the budget (a release it blocked now
+    passes), is audited once with its ε and reason, and leaves its release without
+    partials: the job released again returns that release, charging and carrying nothing."""
+    await store.release(release("j1", 1.5), decide=rules(budget=2.0), audit_actor=ALICE)
+    with pytest.raises(BudgetExhausted):
+        await store.release(release("j2", 1.0), decide=rules(budget=2.0), audit_actor=ALICE)
+    assert await store.refund("j1", audit_actor=ALICE, reason="never sent") == 1.5
+    assert await store.refund("j1", audit_actor=ALICE, reason="again") == 0.0
+    assert await store.refund("unknown", audit_actor=ALICE, reason="nothing") == 0.0
+    assert await store.spent("alice", "c") == 0.0
+    assert await store.spent_by_catalog() == {}
+    again = await store.release(release("j1", 1.5), decide=rules(budget=2.0), audit_actor=ALICE)
+    assert again.partials is None and await store.spent("alice", "c") == 0.0
+    await store.release(release("j2", 1.0), decide=rules(budget=2.0), audit_actor=ALICE)
+    assert await store.spent("alice", "c") == pytest.approx(1.0)
+    rows = await store.audit_rows()
+    refunds = [json.loads(r.detail_json) for r in rows if r.decision == "refunded"]
+    assert refunds == [{"job": "j1", "catalog": "c", "epsilon": 1.5, "delta": 0.0,
+                        "researcher": "alice", "reason": "never sent"}]
+    assert await store.verify_audit() == AuditVerification(True, len(rows))
+
+
 async def test_concurrent_releases_cannot_overspend(store: Store) -> None:
     """Twenty racing releases against a budget for five: exactly five are charged."""
     async def one(i: int) -> bool:
