@@ -173,12 +173,12 @@ def _print_voxel_tests(res: dict[str, Any]) -> None:
     tests = [m for m in res.get("maps", []) if m.get("func") in ("tmap", "tmap2", "prop_map")]
     if tests:
         output.table("voxel-wise tests (maps: --out)",
-                     ["map", "test", "n", "tested voxels", "significant", "withheld",
+                     ["map", "test", "n", "tested voxels", "significant", "some sites only",
                       "threshold"],
                      [[str(m.get("name")) + "".join(f" [{k}={v}]" for k, v in
                                                     (m.get("group") or {}).items()),
                        m.get("func"), _fmt(m.get("n")), _fmt(m.get("tested_voxels")),
-                       _fmt(m.get("significant_voxels")), _fmt(m.get("withheld_voxels")),
+                       _fmt(m.get("significant_voxels")), _fmt(m.get("partial_voxels")),
                        m.get("threshold", "")] for m in tests])
 
 

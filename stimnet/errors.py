@@ -107,6 +107,14 @@ class StorageQuotaExceeded(StimnetError):
 
 
 @wire_kind
+class AnswerTooLarge(StimnetError):
+    """The query's planned answer (grid × groups × map arrays, known before compute) is
+    over the site's `[storage] max_answer_mb`."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+@wire_kind
 class Conflict(Refused):
     """The request does not fit the job's state (already decided, no result, replayed)."""
 

@@ -92,7 +92,7 @@ class JobRunner:
                 # A re-run says so until it ends (Job.requeues counts it for good).
                 await self._set_state(record.id, "running",
                                       RERUN if record.requeues else "")
-            fan = await self._gather(record, job)
+            fan = await self._gather_while_recordable(record, job, active)
             if active.created is not None and not await active.created:
                 # The row's own nonce check refused it (the nonce was in the database but
                 # not in memory): a replay. Its row is the first submission's; nothing of
@@ -134,6 +134,33 @@ class JobRunner:
         # Its row could not be written: the failure is shown from memory only.
         self._hub.publish(record.id, JobUpdate("state", job=self._shown(
             record, active, "failed", detail)))
+
+    async def _gather_while_recordable(self, record: JobRecord, job: VerifiedJob,
+                                       active: ActiveJob) -> FanoutResult:
+        """`_gather`, unless the job's row fails to be written meanwhile (its state volume
+        filled up after admission): then the sub-jobs still out are cancelled at once, and
+        a peer that has not yet sent its partial refunds its charge (docs/privacy.md,
+        "Charged only for what left the site") instead of being charged for a job that
+        fails here. The row's error is raised by the caller's await of it."""
+        created = active.created
+        if created is None or record.scope != "federated":
+            return await self._gather(record, job)
+        gathering = asyncio.ensure_future(self._gather(record, job))
+        try:
+            either: set[asyncio.Future[Any]] = {gathering, created}
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if not gathering.done() and not created.cancelled() \
+                    and created.exception() is not None:
+                log.warning("job's row not recorded: its sub-jobs are cancelled", job=record.id)
+                gathering.cancel()
+                await asyncio.wait([gathering])  # (a cancel of this job still raises here)
+                if not gathering.cancelled():
+                    gathering.exception()  # retrieved: the job fails on its row
+                return FanoutResult([])
+            return await gathering
+        finally:
+            if not gathering.done():
+                gathering.cancel()
 
     async def _gather(self, record: JobRecord, job: VerifiedJob) -> FanoutResult:
         """The sites' outcomes: every site holding the catalog's, or this site's alone."""

@@ -31,6 +31,10 @@ GRID_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Sites a voxel test's "released_by" bit pattern can name (float64 holds 2^53 exactly).
+MAX_PATTERN_SITES = 52
+
+
 def combine(per_site: Iterable[list[Partial]], sites: Sequence[str] | None = None) -> list[Partial]:
     """Sum each output's partials over sites, keyed by (name, group), in first-seen order.
     `sites` names them in refusals (which two disagree, and on what).
@@ -77,7 +81,14 @@ class _Running:
         self.all_mask: np.ndarray | None = None   # AND of them
         self.unmasked = False                     # a site withheld nothing
         self.reasons: set[str] = set()
+        # Voxel tests: which sites released each voxel (bit i: the i-th site), and each
+        # site's cohort totals. The entry tests a voxel over the subjects of the sites that
+        # released it (query/voxeltests.py): a site that withheld it left its covering
+        # subjects out of the sums but not out of its totals.
+        self.released_by: np.ndarray | None = None
+        self.site_totals: list[list[float]] = []
         self._mask(first)
+        self._released(first)
 
     def add(self, name: str, p: Partial) -> None:
         first = self.first
@@ -102,6 +113,22 @@ class _Running:
         for k, total in self.stats.items():
             total += np.asarray(p.stats[k], np.float64)
         self._mask(p)
+        self._released(p)
+
+    def _released(self, p: Partial) -> None:
+        if p.kind != "voxel_stats":
+            return
+        index = len(self.site_totals)
+        if index >= MAX_PATTERN_SITES:
+            raise IncompatiblePartials(f"{self.label}: a voxel test over more than "
+                                       f"{MAX_PATTERN_SITES} sites is not supported")
+        shape = np.shape(p.stats["count"])
+        withheld = np.full(shape, p.suppressed_reason is not None) if p.cell_mask is None \
+            else np.asarray(p.cell_mask, dtype=bool).reshape(shape)
+        bit = np.where(withheld, 0.0, float(2**index))
+        self.released_by = bit if self.released_by is None else self.released_by + bit
+        self.site_totals.append([float(p.stats[k][0])
+                                 for k in ("total_n", "total_sum", "total_sum2")])
 
     def _mask(self, p: Partial) -> None:
         """A partial with a reason but no mask was withheld whole by its site."""
@@ -133,8 +160,12 @@ class _Running:
             everywhere = np.zeros_like(everywhere)
         if everywhere is not None:
             meta["suppressed_everywhere"] = everywhere
+        stats = self.stats
+        if self.released_by is not None:
+            stats = {**stats, "released_by": self.released_by}
+            meta["site_totals"] = self.site_totals
         return Partial(name=self.first.name, kind=self.first.kind, group=self.first.group,
-                       n=self.n, stats=self.stats, meta=meta, cell_mask=mask,
+                       n=self.n, stats=stats, meta=meta, cell_mask=mask,
                        suppressed_reason=reason or None)
 
     def _tables(self, meta: dict[str, Any]) -> Partial:

@@ -9,9 +9,13 @@ thresholded map. The options (`mu`, `min_n`, `min_frac`, `correction`, `alpha`:
 stimnet/query/voxeltests.py) are applied here, never at a site.
 
 A voxel that some site withheld (k_min on either side of it, or its noisy threshold under
-DP) is not tested at all: the pooled sums there would miss that site's covering subjects
-while its totals still count them, which is neither side's statistic. Such voxels are NaN
-with the uncovered ones, and a note says how many there are.
+DP) is tested over the subjects of the sites that released it: the pooled sums there miss
+the withholding site's covering subjects, so its totals must be left out too, or they
+would count them on the not-covering side. The combiner records which sites released each
+voxel and each site's totals (combine._released_by); each pattern of releasing sites is
+derived on its own, the N-threshold's `min_frac` against that sub-cohort, and the
+correction runs across every tested voxel. The `cohort` array gives each voxel's
+sub-cohort size, and a note counts the voxels tested over only some sites.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import numpy as np
 from stimnet.query.spec import AggSpec
 from stimnet.query.voxeltests import TestSettings
 from stimnetd.query.aggregate import Partial
-from stimnetd.query.voxelmaps import VoxelMap, n_threshold, prop_map, thresholded, tmap, tmap2
+from stimnetd.query.voxelmaps import VoxelMap, corrected, n_threshold, prop_map, tmap, tmap2
 from stimnetd.query.voxelstats import CohortTotals, CoverageStats
 
 WHAT = {
@@ -36,27 +40,65 @@ WHAT = {
 }
 
 
-def pooled_stats(p: Partial) -> tuple[CoverageStats, int]:
-    """The pooled coverage statistics, with the voxels some site withheld taken out (and
-    how many those are). prop_map's sums are counts: noise may have made them fractional
-    or out of range, so they are rounded into [0, n] (post-processing)."""
+def _sums(p: Partial) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                               list[list[float]]]:
+    """Flat pooled n, Σw, Σw², the pattern of sites releasing each voxel (bit i: site i),
+    and each site's totals. Without a pattern (one site's partial) its own mask says."""
     s = p.stats
-    shape = tuple(int(x) for x in p.meta["shape"])
-    n, sw, sw2 = (np.array(s[k], dtype=np.float64).reshape(shape) for k in ("count", "sum", "sum2"))
-    tot_n = max(0, round(float(s["total_n"][0])))
-    tot_sw, tot_sw2 = float(s["total_sum"][0]), float(s["total_sum2"][0])
-    withheld = np.zeros(shape, dtype=bool)
-    if p.cell_mask is not None:
-        withheld = np.asarray(p.cell_mask, dtype=bool).reshape(shape)
-    n[withheld] = sw[withheld] = sw2[withheld] = 0.0
-    n = np.rint(n)
+    n, sw, sw2 = (np.array(s[k], dtype=np.float64).ravel() for k in ("count", "sum", "sum2"))
+    totals = p.meta.get("site_totals") or [[float(s[k][0]) for k in
+                                            ("total_n", "total_sum", "total_sum2")]]
+    if "released_by" in s:
+        pattern = np.rint(np.asarray(s["released_by"], dtype=np.float64).ravel())
+    else:
+        shown = np.ones(n.shape, bool) if p.cell_mask is None else \
+            ~np.asarray(p.cell_mask, dtype=bool).ravel()
+        pattern = shown.astype(np.float64)
+    return n, sw, sw2, pattern, totals
+
+
+def pattern_stats(p: Partial, sel: np.ndarray, code: int, n: np.ndarray, sw: np.ndarray,
+                  sw2: np.ndarray, totals: list[list[float]]) -> CoverageStats:
+    """The statistics of the voxels `sel`, which the sites in bit pattern `code` released,
+    over those sites' subjects (a 1-D grid of the selected voxels). prop_map's sums are
+    counts: noise may have made them fractional or out of range, so they are rounded into
+    [0, n] (post-processing)."""
+    mine = [t for i, t in enumerate(totals) if code >> i & 1]
+    tot_n = max(0, round(sum(t[0] for t in mine)))
+    tot_sw, tot_sw2 = sum(t[1] for t in mine), sum(t[2] for t in mine)
+    k, s1, s2 = np.rint(n[sel]), sw[sel], sw2[sel]
     if p.meta.get("func") == "prop_map":
-        sw = np.clip(np.rint(sw), 0.0, np.maximum(n, 0.0))
-        sw2 = sw
+        s1 = s2 = np.clip(np.rint(s1), 0.0, np.maximum(k, 0.0))
         tot_sw = tot_sw2 = float(min(max(round(tot_sw), 0), tot_n))
-    totals = CohortTotals(tot_n, tot_sw, tot_sw2)
-    return CoverageStats.from_dense({"n": n, "sw": sw, "sw2": sw2}, totals), \
-        int(np.count_nonzero(withheld))
+    return CoverageStats.from_dense({"n": k, "sw": s1, "sw2": s2},
+                                    CohortTotals(tot_n, tot_sw, tot_sw2))
+
+
+def _derive(a: AggSpec, s: CoverageStats, opts: TestSettings) -> VoxelMap:
+    raw = tmap(s, opts.mu) if a.func == "tmap" else tmap2(s) if a.func == "tmap2" \
+        else prop_map(s)
+    return n_threshold(raw, opts.min_n or None, opts.min_frac or None,
+                       both_sides=a.func == "tmap2")
+
+
+def derived(a: AggSpec, p: Partial, opts: TestSettings) -> tuple[dict[str, np.ndarray], int]:
+    """The test's flat per-voxel arrays (stat, p, df, count, cohort) before correction, and
+    how many voxels only some sites released (tested over only their subjects). Each pattern of
+    releasing sites is derived on its own, over those sites' subjects."""
+    n, sw, sw2, pattern, totals = _sums(p)
+    every = 2 ** len(totals) - 1
+    out = {k: np.full(n.shape, np.nan) for k in ("stat", "p", "df", "count", "cohort")}
+    for code in np.unique(pattern[pattern > 0]).astype(np.int64):
+        sel = pattern == code
+        s = pattern_stats(p, sel, int(code), n, sw, sw2, totals)
+        m = _derive(a, s, opts)
+        for key, field in (("stat", "statistic"), ("p", "pvalue"), ("df", "df")):
+            out[key][sel] = m.dense(field)  # type: ignore[arg-type]
+        counts = s.dense()["n"].astype(np.float64)
+        out["count"][sel] = np.where(counts > 0, counts, np.nan)
+        out["cohort"][sel] = float(s.totals.n)
+    partial_sites = int(np.count_nonzero((pattern != every) & (pattern > 0)))
+    return out, partial_sites
 
 
 def voxel_test(a: AggSpec, p: Partial, key: str) -> tuple[dict[str, Any], dict[str, np.ndarray],
@@ -64,46 +106,40 @@ def voxel_test(a: AggSpec, p: Partial, key: str) -> tuple[dict[str, Any], dict[s
     """The map entry of a voxel test (as `QueryResult.maps` lists them), its arrays by
     key, and notes for the answer."""
     opts = TestSettings.of(a.options)
-    stats, withheld = pooled_stats(p)
-    raw: VoxelMap
-    if a.func == "tmap":
-        raw = tmap(stats, opts.mu)
-    elif a.func == "tmap2":
-        raw = tmap2(stats)
-    else:
-        raw = prop_map(stats)
-    tested = n_threshold(raw, opts.min_n or None, opts.min_frac or None,
-                         both_sides=a.func == "tmap2")
-    final = thresholded(tested, opts.alpha, opts.correction)  # type: ignore[arg-type]
-    m = int(np.count_nonzero(np.isfinite(tested.pvalue)))
-    kept = int(np.count_nonzero(np.isfinite(final.statistic)))
-    count = stats.dense()["n"].astype(np.float64)
-    count[count == 0] = np.nan
-    arrays = {"stat": tested.dense("statistic"), "p": tested.dense("pvalue"),
-              "q": final.dense("qvalue"), "thresholded": final.dense("statistic")}
+    flat, partial_sites = derived(a, p, opts)
+    q = corrected(flat["p"], opts.correction)  # type: ignore[arg-type]
+    tested = np.isfinite(flat["p"])
+    m, kept = int(np.count_nonzero(tested)), int(np.count_nonzero(tested & (q <= opts.alpha)))
+    shape = tuple(int(x) for x in p.meta["shape"])
+    arrays = {"stat": flat["stat"], "p": flat["p"], "q": q,
+              "thresholded": np.where(q <= opts.alpha, flat["stat"], np.nan)}
     if a.func != "prop_map":
-        arrays["df"] = tested.dense("df")
-    need = max(opts.min_n, opts.min_frac * stats.totals.n)
-    threshold = (f"{opts.correction} p <= {opts.alpha:g} over {m} tested voxels"
-                 + (f", n >= {need:g}" if need else ""))
+        arrays["df"] = flat["df"]
+    cohort_n = max(0, round(sum(t[0] for t in p.meta.get("site_totals") or
+                                [[float(p.stats["total_n"][0])]])))
+    need = (f", n >= {opts.min_n}" if opts.min_n else "") + \
+        (f", n >= {opts.min_frac:g} of the cohort" if opts.min_frac else "")
     meta = p.meta
     entry: dict[str, Any] = {
         "name": a.name, "func": a.func, "column": meta["column"], "weight": meta.get("weight"),
         "condition": meta.get("condition"), "shape": list(meta["shape"]),
         "affine": meta["affine"], "xform_code": int(meta.get("xform_code") or 0),
-        "n": stats.totals.n, "count_key": f"{key}:count",
-        "arrays": {k: f"{key}:{k}" for k in arrays},
+        "n": cohort_n, "count_key": f"{key}:count",
+        "arrays": {**{k: f"{key}:{k}" for k in arrays}, "cohort": f"{key}:cohort"},
         "mu": opts.mu if a.func == "tmap" else None, "min_n": opts.min_n,
         "min_frac": opts.min_frac, "correction": opts.correction, "alpha": opts.alpha,
-        "tested_voxels": m, "significant_voxels": kept, "withheld_voxels": withheld,
-        "threshold": threshold,
+        "tested_voxels": m, "significant_voxels": kept, "partial_voxels": partial_sites,
+        "threshold": f"{opts.correction} p <= {opts.alpha:g} over {m} tested voxels{need}",
     }
-    out = {f"{key}:{k}": v for k, v in arrays.items()}
-    out[entry["count_key"]] = count
+    out = {f"{key}:{k}": v.reshape(shape) for k, v in arrays.items()}
+    out[entry["count_key"]] = flat["count"].reshape(shape)
+    out[f"{key}:cohort"] = flat["cohort"].reshape(shape)
     what = WHAT[a.func].format(w=meta.get("weight"), mu=opts.mu)
     notes = [f"{what}; p two-sided; q {opts.correction} across the {m} voxels tested after "
              f"the N-threshold; 'thresholded' keeps the statistic where q <= {opts.alpha:g}"]
-    if withheld:
-        notes.append(f"{withheld} voxels withheld by some site (k_min on the covering or the "
-                     "not-covering side) are not tested")
+    if partial_sites:
+        notes.append(f"{partial_sites} voxels were released by only some sites (the others "
+                     "withheld them: k_min on the covering or the not-covering side, or no "
+                     "subject there): each is tested over the subjects of the sites that "
+                     "released it ('cohort' gives how many)")
     return entry, out, notes

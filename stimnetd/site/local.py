@@ -31,12 +31,7 @@ from stimnetd.privacy.blocks import require_ranges
 from stimnetd.privacy.noise import NoiseReport, NoiseSource, add_noise
 from stimnetd.privacy.policy import PrivacyPolicy, PrivacyRefusal, decide_epsilon
 from stimnetd.privacy.release import budget_refusal, decide
-from stimnetd.privacy.suppress import (
-    Decision,
-    is_withheld,
-    result_suppressed,
-    suppress_small_cells,
-)
+from stimnetd.privacy.suppress import Decision, is_withheld, result_suppressed, suppress_small_cells
 from stimnetd.privacy.tails import withhold_tails
 from stimnetd.privacy.threshold import gate_noised
 from stimnetd.query import partial_docs
@@ -44,6 +39,7 @@ from stimnetd.query.aggregate import GroupKey, Partial
 from stimnetd.query.engine import compute
 from stimnetd.query.linear import LinearCohort
 from stimnetd.query.models import control_of, is_multi_round, rounds_of
+from stimnetd.query.plan import refuse_too_large
 from stimnetd.query.subjects import SubjectImages
 from stimnetd.site.blocks import BlockScripts, sample_aggregate
 from stimnetd.site.cohorts import CohortFingerprints
@@ -138,6 +134,8 @@ class LocalSite:
         req = job.request
         catalog = self._catalogs.get(req.catalog)
         await self.check_storage(job.researcher.name)
+        if req.kind == "query" and self._storage is not None:
+            refuse_too_large(req.query_spec, catalog, self._storage.max_answer_mb)
         declared = None
         if req.kind == "script" and self._script_runner is not None:
             try:

@@ -37,7 +37,8 @@ class StorageGuard:
     def __init__(self, state_dir: Path, stored_bytes: Callable[[str], Awaitable[int]], *,
                  min_free_mb: float, max_stored_mb_per_researcher: float,
                  out_of_space: Callable[[], bool] = lambda: False,
-                 free_bytes: Callable[[Path], int] | None = None) -> None:
+                 free_bytes: Callable[[Path], int] | None = None,
+                 max_answer_mb: float | None = None) -> None:
         self._dir = state_dir
         self._stored = stored_bytes
         self._min_free = min_free_mb * MB
@@ -46,13 +47,16 @@ class StorageGuard:
         self._out_of_space = out_of_space
         self.min_free_mb = min_free_mb
         self.max_stored_mb_per_researcher = max_stored_mb_per_researcher
+        # [storage] max_answer_mb, checked against a query's plan by the site (None: none).
+        self.max_answer_mb = max_answer_mb
 
     @classmethod
     def of(cls, store: Store, settings: Any) -> StorageGuard:
         """The guard of `store`'s volume, with `settings` ([storage], config.StorageSettings)."""
         return cls(store.path.parent, store.stored_bytes, min_free_mb=settings.min_free_mb,
                    max_stored_mb_per_researcher=settings.max_stored_mb_per_researcher,
-                   out_of_space=lambda: store.out_of_space)
+                   out_of_space=lambda: store.out_of_space,
+                   max_answer_mb=settings.max_answer_mb)
 
     def check_space(self) -> None:
         try:

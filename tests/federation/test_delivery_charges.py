@@ -73,7 +73,8 @@ def _fill(volume: Path, leave: int = 0) -> Path:
 
 @asynccontextmanager
 async def _sites(tmp: Path, pki: CertFactory, entry_state: Path | None = None,
-                 n: int = 3, privacy: dict | None = None) -> AsyncIterator[list[Daemon]]:
+                 n: int = 3, privacy: dict | None = None,
+                 subjob_timeout_s: float = 10.0) -> AsyncIterator[list[Daemon]]:
     """`n` in-process daemons on loopback, static peers of each other; the first (the
     entry) keeps its state in `entry_state` when given, with no free-space floor."""
     ports = [free_port() for _ in range(n)]
@@ -88,7 +89,7 @@ async def _sites(tmp: Path, pki: CertFactory, entry_state: Path | None = None,
                 tmp / name, pki.issue(name, "node"), name, port=ports[i], catalogs=[cat],
                 crl=pki.crl_path, gossip={"enabled": False}, node=node, storage=storage,
                 federation={"peers": [f"127.0.0.1:{p}" for p in ports if p != ports[i]],
-                            "subjob_timeout_s": 10.0},
+                            "subjob_timeout_s": subjob_timeout_s},
                 privacy={**PRIVACY, **(privacy or {})})
             d = Daemon(load_config(path))
             await d.start()
@@ -375,4 +376,44 @@ async def test_a_job_cancelled_at_the_entry_refunds_the_peers_unsent_charge(
         assert await _charges(peer) == 0
         (refund,) = await _refunds(peer)
         assert refund["job"] == job.id and "delivery-a" in refund["reason"]
+        assert (await peer.store.verify_audit()).ok
+
+
+async def test_an_entry_that_cannot_record_the_job_cancels_its_peers_unsent_shares(
+        tmp_path: Path, pki: CertFactory, small_volume: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The space check is not a reservation: here it is passed (as if the volume filled
+    just after it) and the job's row then fails to be written, while the peer's share is
+    out (held after its release, unsent). The entry fails the job saying why at once and
+    cancels the sub-jobs still out: the peer ends holding no charge (refunded if it had
+    released, never charged if the cancel came first), not charged for a job that
+    failed. Without the cancel, the job would wait for the held share."""
+    alice = pki.issue("alice", "researcher")
+    # A sub-job deadline well beyond the test's waits: the job must end by the entry's
+    # cancel, not by the peer's deadline passing.
+    async with _sites(tmp_path, pki, small_volume / "state", n=2, subjob_timeout_s=60.0) \
+            as (entry, peer), \
+            AsyncClient(client_config(alice, f"127.0.0.1:{entry.port}", 90.0)) as c:
+        async def passes(researcher: str) -> None:
+            return None
+        monkeypatch.setattr(entry.site, "check_storage", passes)
+        go = _hold_after_release(monkeypatch, peer)
+        filler = _fill(small_volume)
+        try:
+            asked = asyncio.create_task(c.query(QUERY, federated=True, epsilon=1.0))
+
+            async def ended() -> bool:
+                return asked.done()
+            await _until(ended, "the job's end")
+            with pytest.raises(JobFailed, match=NO_SPACE):
+                await asked
+
+            async def peer_idle() -> bool:
+                return not peer.subjobs._running
+            await _until(peer_idle, "the peer's sub-job's end")
+        finally:
+            go.set()
+            filler.unlink()
+        assert await _charges(peer) == 0
+        assert len(await _refunds(peer)) <= 1
         assert (await peer.store.verify_audit()).ok

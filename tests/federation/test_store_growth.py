@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from stimctl.client import AsyncClient
-from stimnet.errors import StorageFull, StorageQuotaExceeded
+from stimnet.errors import AnswerTooLarge, StorageFull, StorageQuotaExceeded
 from tests.helpers import client_config
 
 MAP_QUERY = "SELECT sex, mean_map(vta_path, improvement_pct) AS m FROM dbs_outcomes GROUP BY sex"
@@ -97,3 +97,22 @@ async def test_below_the_free_space_floor_new_jobs_are_refused(start_node, pki,
         async with AsyncClient(client_config(ops, f"127.0.0.1:{d.port}", 30.0)) as c:
             assert (await c.status()).name == "node-a"
             assert (await c.audit_verify()).ok
+
+
+async def test_a_query_planned_over_max_answer_mb_is_refused_before_compute(
+        start_node, pki, small_catalog) -> None:
+    """The grouped mean map plans 2 groups × 2 float64 grids (29 MiB): over a 20 MiB
+    `max_answer_mb` it is refused at once, naming the limit, and nothing is stored; the
+    same map without the grouping (15 MiB) is answered."""
+    alice = pki.issue("alice", "researcher")
+    async with start_node("node-a", catalogs=[small_catalog], privacy={"dp": "off"},
+                          storage={"max_answer_mb": 20}) as d:
+        async with AsyncClient(client_config(alice, f"127.0.0.1:{d.port}", 60.0)) as c:
+            with pytest.raises(AnswerTooLarge, match=r"2 groups × 1 map\(s\): 29 MiB .*"
+                                                     r"\[storage\] max_answer_mb = 20"):
+                await c.query(MAP_QUERY)
+            await d.store.flush()
+            assert await d.store.stored_bytes("alice") == 0
+            whole = await c.query("SELECT mean_map(vta_path, improvement_pct) AS m "
+                                  "FROM dbs_outcomes")
+            assert np.count_nonzero(whole.map_array("m")) > 0

@@ -116,27 +116,38 @@ async def test_voxel_tests_equal_scipy_on_the_pooled_subjects(federation, three_
     _close(back.get_fdata(), np.where(ok, np.minimum(1.0, p2 * ok.sum()), np.nan))
 
 
-async def test_k_min_withholds_voxels_thin_on_either_side_at_any_site(federation,
-                                                                      three_sites) -> None:
-    """At k_min = 4 a voxel is tested only where every site has 4 subjects covering it and 4
-    not: elsewhere it is NaN, counted in the map's withheld_voxels and the notes."""
+async def test_k_min_withholds_thin_sides_and_tests_over_the_releasing_sites(
+        federation, three_sites) -> None:
+    """At k_min = 4 a site withholds a voxel unless 4 of its subjects cover it and 4 do not;
+    the entry tests each voxel over the subjects of the sites that released it, so t and p
+    are scipy's on exactly those subjects, and `cohort` says how many there are."""
     cats, masks, w = three_sites
-    async with federation(cats, privacy={"dp": "off"}, node={"k_min": 4}) as fed, fed.client() as c:
-        ans = await c.query("SELECT tmap(vta, outcome) AS t FROM vt", federated=True,
+    async with federation(cats, privacy={"dp": "off"}, node={"k_min": 4}) as fed, \
+            fed.client() as c:
+        ans = await c.query("SELECT tmap2(vta, outcome) AS t FROM vt", federated=True,
                             min_sites=3)
     bounds = np.cumsum((0, *SIZES))
-    fine = np.ones(masks.shape[1], dtype=bool)
-    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+    site = np.repeat(np.arange(3), SIZES)
+    released = np.zeros((3, masks.shape[1]), dtype=bool)
+    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
         n = masks[lo:hi].sum(axis=0)
-        fine &= (n >= 4) & (hi - lo - n >= 4)
-    assert fine.any() and not fine.all()
-    t = ans.map_array("t", "stat").ravel()
-    np.testing.assert_array_equal(np.isfinite(t), fine)
-    want = [stats.ttest_1samp(w[masks[:, v]], 0.0).statistic for v in np.flatnonzero(fine)]
-    _close(t[fine], np.asarray(want))
+        released[i] = (n >= 4) & (hi - lo - n >= 4)
+    some = released.any(axis=0)
+    assert some.any() and not released.all(axis=0).all() and (~released).any(axis=0).any()
+    t, p, cohort = (ans.map_array("t", k).ravel() for k in ("stat", "p", "cohort"))
+    np.testing.assert_array_equal(np.isfinite(t), some)
+    for v in np.flatnonzero(some):
+        mine = released[site, v]
+        cov, rest = w[mine & masks[:, v]], w[mine & ~masks[:, v]]
+        want = stats.ttest_ind(cov, rest, equal_var=False)
+        assert t[v] == pytest.approx(want.statistic, rel=1e-5, abs=1e-9)
+        assert p[v] == pytest.approx(want.pvalue, rel=1e-5, abs=1e-9)
+        assert cohort[v] == mine.sum()
     entry = ans.maps[0]
-    assert entry["withheld_voxels"] == (~fine).sum()
-    assert any("withheld by some site" in note for note in ans.notes)
+    assert entry["partial_voxels"] == (some & ~released.all(axis=0)).sum()
+    assert entry["tested_voxels"] == some.sum()
+    assert any("tested over the subjects of the sites that released it" in note
+               for note in ans.notes)
 
 
 async def test_under_dp_the_sums_are_noised_charged_and_gated(federation, three_sites) -> None:

@@ -37,6 +37,13 @@ def test_demo_init_and_run(tmp_path: Path, sandbox_image: str) -> None:
     assert mean.shape == (91, 109, 91)
     assert bool(np.isfinite(np.asarray(mean.dataobj)).any()) is True
     assert (root / "results" / "sweet_spot" / "sweet_spot_mean.png").read_bytes()[:4] == b"\x89PNG"
+    # The sweet-spot t-map with FDR: its NIfTIs in MNI, a sidecar naming the correction.
+    t = nib.load(root / "results" / "sweet_spot" / "sweet_spot_t_q.nii.gz")
+    assert t.shape == (91, 109, 91) and int(t.header["sform_code"]) == 4
+    side = (root / "results" / "sweet_spot" / "sweet_spot_t_thresholded.json").read_text()
+    assert '"correction": "fdr_bh"' in side
+    assert (root / "results" / "sweet_spot" / "sweet_spot_t_stat.png").read_bytes()[:4] == \
+        b"\x89PNG"
     again = subprocess.run([*stimctl, "demo", "init", str(root)], capture_output=True, text=True,
                            timeout=60)
     assert again.returncode == 2
