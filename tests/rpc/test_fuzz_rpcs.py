@@ -49,7 +49,7 @@ WORKERS = 8
 # Calls per RPC (and calls inside each multiplexed stream) that got past the role check:
 # fewer and the test would pass without having fuzzed that RPC.
 MIN_ADMITTED = 20
-BAD = frozenset({"INTERNAL", "UNKNOWN"})
+BAD = frozenset({"INTERNAL", "UNKNOWN", "HUNG"})
 NODES = ("fuzz-a", "fuzz-b")
 MODULES = (node_pb2, jobs_pb2, federation_pb2, admin_pb2, health_pb2, reflection_pb2)
 # Whose replies carry the CallStatus of each call multiplexed on the stream.
@@ -259,8 +259,9 @@ async def call(rng: random.Random, target: Target, who: Who, channel: grpc.aio.C
     """Make one fuzzed call of `target` as `who` and record its status(es); sometimes the
     same call two or three times at once (a replayed nonce racing its original)."""
     if target.streams_in:
-        sent = [request_bytes(rng, target, fill_hooks)
-                for _ in range(rng.choice((0, 1, 2, 3, 8, 20)))]
+        # Rarely (costly) more calls than a stream runs at once (multiplex.MAX_RUNNING).
+        count = 300 if rng.random() < 0.01 else rng.choice((0, 1, 2, 3, 8, 20))
+        sent = [request_bytes(rng, target, fill_hooks) for _ in range(count)]
     else:
         sent = [request_bytes(rng, target, fill_hooks)]
     channels = [channel] + ([rng.choice(who.channels) for _ in range(rng.randint(1, 2))]
@@ -268,12 +269,33 @@ async def call(rng: random.Random, target: Target, who: Who, channel: grpc.aio.C
     # grpc's client itself refuses values that are not printable ASCII.
     metadata = (("x-stimnet-request-id", rng.choice(("", " ", "x" * 5000, "r 1;%s'\"\\"))),
                 ("x-fuzz-bin", rng.randbytes(64))) if rng.random() < 0.1 else None
-    await asyncio.gather(*(_one(target, who, ch, tally, sent, metadata) for ch in channels))
+    # Some calls end early, while the daemon is working on them: by a deadline that
+    # passes, or cancelled by the client.
+    cut = rng.random()
+    timeout = rng.choice((0.001, 0.01, 0.05, 0.2)) if cut < 0.05 else _deadline(target)
+    cancel_after = rng.choice((0.0, 0.005, 0.05, 0.3)) if cut > 0.95 else None
+    await asyncio.gather(*(_bounded(_one(target, who, ch, tally, sent, metadata, timeout,
+                                         cancel_after), timeout, target, who, tally, sent)
+                           for ch in channels))
+
+
+async def _bounded(one: Any, timeout: float, target: Target, who: Who, tally: Tally,
+                   sent: list[tuple[bytes, str]]) -> None:
+    """A call that outlives its deadline by far is a hang (recorded as one)."""
+    began = time.monotonic()
+    try:
+        async with asyncio.timeout(timeout + 30):
+            await one
+        if time.monotonic() - began > timeout + 3:
+            tally.reasons[f"slow {target.path} {time.monotonic() - began:.0f}s over {timeout}"] += 1
+    except TimeoutError:
+        tally.status(target.path, who.role, "HUNG", f"still running {timeout + 30:g} s after "
+                     "it started", "; ".join(w for _, w in sent))
 
 
 async def _one(target: Target, who: Who, channel: grpc.aio.Channel, tally: Tally,
-               sent: list[tuple[bytes, str]], metadata: Any) -> None:
-    timeout = _deadline(target)
+               sent: list[tuple[bytes, str]], metadata: Any, timeout: float,
+               cancel_after: float | None) -> None:
     writer = None
     what = "; ".join(w for _, w in sent)
     if target.streams_in:
@@ -283,6 +305,8 @@ async def _one(target: Target, who: Who, channel: grpc.aio.Channel, tally: Tally
     else:
         rpc = (channel.unary_stream if target.streams_out else channel.unary_unary)(
             target.path)(sent[0][0], timeout=timeout, metadata=metadata)
+    if cancel_after is not None:
+        asyncio.get_running_loop().call_later(cancel_after, rpc.cancel)
     try:
         seen: set[int] = set()
         if target.streams_out:
@@ -293,6 +317,10 @@ async def _one(target: Target, who: Who, channel: grpc.aio.Channel, tally: Tally
         tally.status(target.path, who.role, "OK", "", what)
     except grpc.aio.AioRpcError as err:
         tally.status(target.path, who.role, _code(err), err.details() or "", what)
+    except asyncio.CancelledError:
+        if cancel_after is None:
+            raise
+        tally.status(target.path, who.role, "CLIENT_CANCELLED", "", what)
     finally:
         if writer is not None:
             await writer
@@ -318,8 +346,8 @@ async def _write(rpc: Any, messages: list[bytes]) -> None:
         for m in messages:
             await rpc.write(m)
         await rpc.done_writing()
-    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-        pass  # the call has ended: its status says why
+    except (Exception, asyncio.CancelledError):  # noqa: BLE001 - grpc raises several kinds
+        pass  # the call has ended (or the test cancelled it): its status says why
 
 
 def inspect_reply(target: Target, who: Who, tally: Tally, reply: bytes, sent: str,
@@ -481,8 +509,15 @@ async def test_no_input_makes_an_internal_error(tmp_path: Path, pki: CertFactory
         rng.shuffle(order)
         plan = itertools.cycle(order)
         started = time.monotonic()
-        await asyncio.gather(*(worker(random.Random(rng.random()), plan, people, tally,
-                                      started + SECONDS) for _ in range(WORKERS)))
+        workers = [asyncio.create_task(worker(random.Random(rng.random()), plan, people, tally,
+                                              started + SECONDS)) for _ in range(WORKERS)]
+        _, late = await asyncio.wait(workers, timeout=SECONDS + 90)
+        for task in late:
+            task.print_stack()
+            task.cancel()
+        assert not late, f"{len(late)} fuzz workers still calling 90 s past the budget (seed {SEED})"
+        for task in workers:
+            task.result()  # the test's own errors
         elapsed = time.monotonic() - started
         answering = await still_answering(people)
         exits = {name: proc.stop() for name, proc in zip(NODES, procs, strict=True)}
