@@ -73,6 +73,9 @@ class Progress:
         self._show()
         if kind == "state":
             line = f"job {value.id}: {value.state} {value.detail}".rstrip()
+            requeues = getattr(value, "requeues", 0)
+            if requeues and value.state not in _ENDED_WITHOUT_ANSWER:
+                line += f" [re-queued {_times(requeues)} after a restart]"
             # A job that ends without an answer is reported once, by the caller's error
             # line (JobFailed carries the same state and detail); a state the node repeats
             # (its row written, then the job started) is printed once.
@@ -88,6 +91,8 @@ class Progress:
                 print(f"  {value.site}: {value.state}{extra}", file=sys.stderr)
         elif kind == "log" and (self._plain or self._tty):
             print(f"  log: {value}", file=sys.stderr)
+        elif kind == "reconnecting" and (self._plain or self._tty):
+            print(f"  {value}", file=sys.stderr)
         if self._live is not None:
             self._live.update(self._render())
 
@@ -363,18 +368,37 @@ async def cmd_jobs(c: AsyncClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _times(n: int) -> str:
+    return "once" if n == 1 else f"{n} times"
+
+
 async def cmd_job(c: AsyncClient, args: argparse.Namespace) -> int:
     j = await c.get_job(args.id)
+    if args.watch:
+        return await _watch_job(c, j, args)
     if args.json:
         output.emit_json(output.message_dict(j))
         return 0
     output.kv(f"job {j.id}", [("kind", j.kind), ("scope", j.scope), ("catalog", j.catalog),
                               ("owner", j.owner), ("state", j.state), ("detail", j.detail or "-"),
-                              ("script sha256", j.script_sha256 or "-")])
+                              ("script sha256", j.script_sha256 or "-"),
+                              *([("re-queued", f"{_times(j.requeues)} after a restart "
+                                  "interrupted it")] if j.requeues else [])])
     if j.sites:
         output.table("sites", ["site", "state", "subjects", "detail"],
                      [[s.site, s.state, s.n or "", s.detail] for s in j.sites])
     return 0
+
+
+async def _watch_job(c: AsyncClient, job: Any, args: argparse.Namespace) -> int:
+    """Follow a job to its end (across a restart of the node) and print its answer."""
+    with Progress(enabled=not args.json) as progress:
+        try:
+            ans = await c.run_job(job, progress)
+        except JobFailed as exc:
+            print(f"stimctl: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+    return print_answer(ans, args)
 
 
 async def cmd_results(c: AsyncClient, args: argparse.Namespace) -> int:
@@ -420,7 +444,11 @@ def register(sub: Any, node_cmd: Callable[..., argparse.ArgumentParser]) -> None
     js.add_argument("--remember", action="store_true",
                     help="approve this script (by SHA-256) for future jobs too")
     js.add_argument("--limit", type=int, default=50)
-    node_cmd("job", cmd_job, "one job and its per-site states").add_argument("id")
+    jb = node_cmd("job", cmd_job, "one job and its per-site states")
+    jb.add_argument("id")
+    jb.add_argument("--watch", action="store_true",
+                    help="follow it to its end, across a restart of the node, and print "
+                         "its answer")
     r = node_cmd("results", cmd_results, "a finished job's result")
     r.add_argument("id")
     r.add_argument("--csv", action="store_true")

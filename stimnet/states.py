@@ -20,6 +20,10 @@ TERMINAL_STATES: Final[frozenset[JobState]] = frozenset(
 WAITING_STATES: Final[tuple[JobState, ...]] = ("queued", "awaiting_approval")
 # A job in one of these was under way: a restart interrupts or re-queues it.
 UNFINISHED_STATES: Final[tuple[JobState, ...]] = ("queued", "running")
+# How many times a job interrupted mid-run is re-queued (`on_restart = "requeue"`): once,
+# so a job that itself brings its node down is interrupted the second time, not re-run
+# in a loop.
+MAX_REQUEUES: Final = 1
 
 SiteState = Literal["accepted", "running", "done", "suppressed", "refused", "failed",
                     "timed_out"]
@@ -45,6 +49,6 @@ class SiteEvent:
     at: float = 0.0
 
 
-__all__ = ["JOB_STATES", "JobState", "REFUSAL_KINDS", "RefusalKind", "SITE_FINAL",
+__all__ = ["JOB_STATES", "JobState", "MAX_REQUEUES", "REFUSAL_KINDS", "RefusalKind", "SITE_FINAL",
            "SITE_PROGRESS", "SITE_STATES", "SiteEvent", "SiteState", "TERMINAL_STATES",
            "UNFINISHED_STATES", "WAITING_STATES"]

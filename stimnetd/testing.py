@@ -133,6 +133,10 @@ def write_node_config(site_dir: Path, certs: CertPaths, name: str, *, port: int 
                  "grace_s": 3.0, "admins": ["ops"]},
         "tls": {"ca": str(certs.ca), "cert": str(certs.cert), "key": str(certs.key)},
         "catalogs": catalogs or [],
+        # Explicit, as a test of exact answers needs it: a node whose config says nothing
+        # of [privacy] runs dp = "required" (config/policy.py). A test's `privacy` table
+        # adds to this one.
+        "privacy": {"dp": "off"},
     }
     if crl is not None:
         cfg["tls"]["crl"] = str(crl)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,17 +25,25 @@ from stimctl.results import QueryAnswer
 from stimnet import codec, convert, multiplex, signing
 from stimnet.errors import (
     ConfigProblem,
+    ConnectionFailed,
     DeadlineExceeded,
     HandshakeLimited,
     InvalidRequest,
     StimnetError,
 )
 from stimnet.frames import feed
-from stimnet.states import TERMINAL_STATES
+from stimnet.states import TERMINAL_STATES, UNFINISHED_STATES
 from stimnet.v1 import admin_pb2, admin_pb2_grpc, jobs_pb2, jobs_pb2_grpc, node_pb2, node_pb2_grpc
 
 # How long close() waits for calls whose final event has come to end with their status.
 DRAIN_S = 2.0
+# A watch that lost its node waits this long before following the job again.
+RECONNECT_S = 0.5
+# A node that restarts is usually back within seconds: the channel retries connecting at
+# least every 2 s (grpc's default backs off to 120 s), so neither a watch waiting for it
+# nor the next call lags long behind its return.
+CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 250),
+                   ("grpc.max_reconnect_backoff_ms", 2000))
 
 
 class AsyncClient:
@@ -47,7 +56,8 @@ class AsyncClient:
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
         self.address = config.address
-        self._channel = grpc.aio.secure_channel(config.address, config.credentials())
+        self._channel = grpc.aio.secure_channel(config.address, config.credentials(),
+                                                options=CHANNEL_OPTIONS)
         self.node = node_pb2_grpc.NodeServiceStub(self._channel)
         self.jobs = jobs_pb2_grpc.JobServiceStub(self._channel)
         self.admin = admin_pb2_grpc.AdminServiceStub(self._channel)
@@ -270,19 +280,50 @@ class AsyncClient:
                           script=script, epsilon=epsilon, min_sites=min_sites)
         return await self.submit(self.sign(req, script))
 
-    async def watch(self, job_id: str, timeout: float | None = None) -> AsyncIterator[Event]:
+    async def watch(self, job_id: str, timeout: float | None = None, *,
+                    follow_restarts: bool = True) -> AsyncIterator[Event]:
         """A job's events to its end: ("state", Job), ("site", SiteEvent), ("log", str),
-        ("result", QueryAnswer).
+        ("result", QueryAnswer), and ("reconnecting", reason) if the node went away.
+
+        A node that restarts while the job runs may re-run it (its `on_restart` policy):
+        the watch connects again and follows the same job, whose state then says it was
+        re-queued (`Job.requeues`), to its end.
 
         Args:
             job_id: the job.
-            timeout: the stream's deadline; by default 20 × the config's `timeout_s`.
+            timeout: the deadline of the whole watch, reconnections included; by default
+                20 × the config's `timeout_s`.
+            follow_restarts: False: end (or raise) when the node's stream does.
         """
-        call = self.jobs.WatchJob(jobs_pb2.WatchJobRequest(id=job_id),
-                                  timeout=timeout or self.config.timeout_s * 20)
-        with translated(self.address):
-            async for item in job_events(call, job_id, lambda: self._drain(call)):
-                yield item
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout or self.config.timeout_s * 20)
+        again = False  # a node that answered once: wait for it to be back
+        while True:
+            call = self.jobs.WatchJob(jobs_pb2.WatchJobRequest(id=job_id),
+                                      timeout=max(0.001, deadline - loop.time()),
+                                      wait_for_ready=again)
+            state = ""
+            try:
+                with translated(self.address):
+                    async for kind, value in job_events(call, job_id,
+                                                        functools.partial(self._drain, call)):
+                        state = value.state if kind == "state" else state
+                        again = True
+                        yield kind, value
+                lost = "the node stopped following the job (stopping or restarting)"
+            except ConnectionFailed as exc:
+                if not (follow_restarts and again) or loop.time() + RECONNECT_S >= deadline:
+                    raise
+                lost = str(exc)
+            else:
+                # Ended by the node: followed again only if it was under way (a stopping
+                # node ends its watchers' streams), not if it ended or waits for an admin.
+                if state not in UNFINISHED_STATES:
+                    return
+            if not follow_restarts or loop.time() + RECONNECT_S >= deadline:
+                return
+            yield "reconnecting", f"{lost}; following job {job_id} again"
+            await asyncio.sleep(RECONNECT_S)
 
     def _drain(self, call: Any) -> None:
         """Read what is left of a call whose final event has come, to its status, in the

@@ -18,7 +18,8 @@ from stimnet.errors import JobFailed, StimnetError
 from stimnet.frames import feed
 from stimnet.states import TERMINAL_STATES
 
-EventKind = Literal["state", "site", "log", "result"]
+# "reconnecting": the watch lost its node and follows the job again (AsyncClient.watch).
+EventKind = Literal["state", "site", "log", "result", "reconnecting"]
 Event = tuple[EventKind, Any]
 # Called with each event as it arrives (the CLI's live progress, a notebook's logger).
 OnEvent = Callable[[EventKind, Any], object]

@@ -169,15 +169,20 @@ class Client:
             script, catalog, federated=federated, epsilon=epsilon, min_sites=min_sites,
             outputs=outputs))
 
-    def watch(self, job_id: str, timeout: float | None = None) -> list[Event]:
+    def watch(self, job_id: str, timeout: float | None = None, *,
+              follow_restarts: bool = True) -> list[Event]:
         """A job's events, once it has ended: ("state", Job), ("site", SiteEvent),
-        ("log", str), ("result", QueryAnswer).
+        ("log", str), ("result", QueryAnswer), and ("reconnecting", reason) if the node
+        went away meanwhile (the watch follows the job across a restart of the node).
 
         Args:
             job_id: the job.
-            timeout: the stream's deadline; by default 20 × the config's `timeout_s`.
+            timeout: the deadline of the whole watch; by default 20 × the config's
+                `timeout_s`.
+            follow_restarts: False: end (or raise) when the node's stream does.
         """
-        return self._run(_collect(self._async.watch(job_id, timeout)))
+        return self._run(_collect(self._async.watch(job_id, timeout,
+                                                    follow_restarts=follow_restarts)))
 
     def result(self, job_id: str) -> QueryAnswer:
         """A finished job's stored answer (its owner's, or an admin's).

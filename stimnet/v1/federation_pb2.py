@@ -25,31 +25,31 @@ _sym_db = _symbol_database.Default()
 from stimnet.v1 import common_pb2 as stimnet_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bstimnet/v1/federation.proto\x12\nstimnet.v1\x1a\x17stimnet/v1/common.proto\"x\n\rSubJobRequest\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.stimnet.v1.SignedJob\x12\x12\n\nentry_node\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\r\x12\x0c\n\x04\x62\x65ta\x18\x05 \x03(\x01\"n\n\x0bSubJobEvent\x12#\n\x04site\x18\x01 \x01(\x0b\x32\x15.stimnet.v1.SiteEvent\x12(\n\x07partial\x18\x02 \x01(\x0b\x32\x17.stimnet.v1.ResultFrame\x12\x10\n\x08log_line\x18\x03 \x01(\t\"e\n\nSubJobCall\x12\n\n\x02id\x18\x01 \x01(\x04\x12(\n\x05start\x18\x02 \x01(\x0b\x32\x19.stimnet.v1.SubJobRequest\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\x12\x0e\n\x06\x63\x61ncel\x18\x04 \x01(\x08\"i\n\x0bSubJobReply\x12\n\n\x02id\x18\x01 \x01(\x04\x12&\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x17.stimnet.v1.SubJobEvent\x12&\n\x06status\x18\x03 \x01(\x0b\x32\x16.stimnet.v1.CallStatus\"\x8f\x01\n\x0bMemberState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0bincarnation\x18\x03 \x01(\x04\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x12\n\nlast_heard\x18\x05 \x01(\x01\x12(\n\x08\x63\x61talogs\x18\x06 \x03(\x0b\x32\x16.stimnet.v1.CatalogRef\"2\n\nCatalogRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0eschema_version\x18\x02 \x01(\r\"e\n\rGossipMessage\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12\x1a\n\x12sender_incarnation\x18\x02 \x01(\x04\x12(\n\x07members\x18\x03 \x03(\x0b\x32\x17.stimnet.v1.MemberState\"i\n\x0ePingReqRequest\x12*\n\x07message\x18\x01 \x01(\x0b\x32\x19.stimnet.v1.GossipMessage\x12\x13\n\x0btarget_name\x18\x02 \x01(\t\x12\x16\n\x0etarget_address\x18\x03 \x01(\t\"\x1e\n\x0fPingReqResponse\x12\x0b\n\x03\x61\x63k\x18\x01 \x01(\x08\x32\xda\x02\n\x11\x46\x65\x64\x65rationService\x12\x41\n\tRunSubJob\x12\x19.stimnet.v1.SubJobRequest\x1a\x17.stimnet.v1.SubJobEvent0\x01\x12>\n\x07SubJobs\x12\x16.stimnet.v1.SubJobCall\x1a\x17.stimnet.v1.SubJobReply(\x01\x30\x01\x12<\n\x04Ping\x12\x19.stimnet.v1.GossipMessage\x1a\x19.stimnet.v1.GossipMessage\x12\x42\n\x07PingReq\x12\x1a.stimnet.v1.PingReqRequest\x1a\x1b.stimnet.v1.PingReqResponse\x12@\n\x08PushPull\x12\x19.stimnet.v1.GossipMessage\x1a\x19.stimnet.v1.GossipMessageb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bstimnet/v1/federation.proto\x12\nstimnet.v1\x1a\x17stimnet/v1/common.proto\"\x88\x01\n\rSubJobRequest\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.stimnet.v1.SignedJob\x12\x12\n\nentry_node\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\r\x12\x0c\n\x04\x62\x65ta\x18\x05 \x03(\x01\x12\x0e\n\x06resume\x18\x06 \x01(\x08\"n\n\x0bSubJobEvent\x12#\n\x04site\x18\x01 \x01(\x0b\x32\x15.stimnet.v1.SiteEvent\x12(\n\x07partial\x18\x02 \x01(\x0b\x32\x17.stimnet.v1.ResultFrame\x12\x10\n\x08log_line\x18\x03 \x01(\t\"e\n\nSubJobCall\x12\n\n\x02id\x18\x01 \x01(\x04\x12(\n\x05start\x18\x02 \x01(\x0b\x32\x19.stimnet.v1.SubJobRequest\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\x12\x0e\n\x06\x63\x61ncel\x18\x04 \x01(\x08\"i\n\x0bSubJobReply\x12\n\n\x02id\x18\x01 \x01(\x04\x12&\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x17.stimnet.v1.SubJobEvent\x12&\n\x06status\x18\x03 \x01(\x0b\x32\x16.stimnet.v1.CallStatus\"\x8f\x01\n\x0bMemberState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0bincarnation\x18\x03 \x01(\x04\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x12\n\nlast_heard\x18\x05 \x01(\x01\x12(\n\x08\x63\x61talogs\x18\x06 \x03(\x0b\x32\x16.stimnet.v1.CatalogRef\"2\n\nCatalogRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0eschema_version\x18\x02 \x01(\r\"e\n\rGossipMessage\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12\x1a\n\x12sender_incarnation\x18\x02 \x01(\x04\x12(\n\x07members\x18\x03 \x03(\x0b\x32\x17.stimnet.v1.MemberState\"i\n\x0ePingReqRequest\x12*\n\x07message\x18\x01 \x01(\x0b\x32\x19.stimnet.v1.GossipMessage\x12\x13\n\x0btarget_name\x18\x02 \x01(\t\x12\x16\n\x0etarget_address\x18\x03 \x01(\t\"\x1e\n\x0fPingReqResponse\x12\x0b\n\x03\x61\x63k\x18\x01 \x01(\x08\x32\xda\x02\n\x11\x46\x65\x64\x65rationService\x12\x41\n\tRunSubJob\x12\x19.stimnet.v1.SubJobRequest\x1a\x17.stimnet.v1.SubJobEvent0\x01\x12>\n\x07SubJobs\x12\x16.stimnet.v1.SubJobCall\x1a\x17.stimnet.v1.SubJobReply(\x01\x30\x01\x12<\n\x04Ping\x12\x19.stimnet.v1.GossipMessage\x1a\x19.stimnet.v1.GossipMessage\x12\x42\n\x07PingReq\x12\x1a.stimnet.v1.PingReqRequest\x1a\x1b.stimnet.v1.PingReqResponse\x12@\n\x08PushPull\x12\x19.stimnet.v1.GossipMessage\x1a\x19.stimnet.v1.GossipMessageb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'stimnet.v1.federation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SUBJOBREQUEST']._serialized_start=68
-  _globals['_SUBJOBREQUEST']._serialized_end=188
-  _globals['_SUBJOBEVENT']._serialized_start=190
-  _globals['_SUBJOBEVENT']._serialized_end=300
-  _globals['_SUBJOBCALL']._serialized_start=302
-  _globals['_SUBJOBCALL']._serialized_end=403
-  _globals['_SUBJOBREPLY']._serialized_start=405
-  _globals['_SUBJOBREPLY']._serialized_end=510
-  _globals['_MEMBERSTATE']._serialized_start=513
-  _globals['_MEMBERSTATE']._serialized_end=656
-  _globals['_CATALOGREF']._serialized_start=658
-  _globals['_CATALOGREF']._serialized_end=708
-  _globals['_GOSSIPMESSAGE']._serialized_start=710
-  _globals['_GOSSIPMESSAGE']._serialized_end=811
-  _globals['_PINGREQREQUEST']._serialized_start=813
-  _globals['_PINGREQREQUEST']._serialized_end=918
-  _globals['_PINGREQRESPONSE']._serialized_start=920
-  _globals['_PINGREQRESPONSE']._serialized_end=950
-  _globals['_FEDERATIONSERVICE']._serialized_start=953
-  _globals['_FEDERATIONSERVICE']._serialized_end=1299
+  _globals['_SUBJOBREQUEST']._serialized_start=69
+  _globals['_SUBJOBREQUEST']._serialized_end=205
+  _globals['_SUBJOBEVENT']._serialized_start=207
+  _globals['_SUBJOBEVENT']._serialized_end=317
+  _globals['_SUBJOBCALL']._serialized_start=319
+  _globals['_SUBJOBCALL']._serialized_end=420
+  _globals['_SUBJOBREPLY']._serialized_start=422
+  _globals['_SUBJOBREPLY']._serialized_end=527
+  _globals['_MEMBERSTATE']._serialized_start=530
+  _globals['_MEMBERSTATE']._serialized_end=673
+  _globals['_CATALOGREF']._serialized_start=675
+  _globals['_CATALOGREF']._serialized_end=725
+  _globals['_GOSSIPMESSAGE']._serialized_start=727
+  _globals['_GOSSIPMESSAGE']._serialized_end=828
+  _globals['_PINGREQREQUEST']._serialized_start=830
+  _globals['_PINGREQREQUEST']._serialized_end=935
+  _globals['_PINGREQRESPONSE']._serialized_start=937
+  _globals['_PINGREQRESPONSE']._serialized_end=967
+  _globals['_FEDERATIONSERVICE']._serialized_start=970
+  _globals['_FEDERATIONSERVICE']._serialized_end=1316
 # @@protoc_insertion_point(module_scope)

@@ -8,18 +8,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SubJobRequest(_message.Message):
-    __slots__ = ("job", "entry_node", "request_id", "round", "beta")
+    __slots__ = ("job", "entry_node", "request_id", "round", "beta", "resume")
     JOB_FIELD_NUMBER: _ClassVar[int]
     ENTRY_NODE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     BETA_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
     job: _common_pb2.SignedJob
     entry_node: str
     request_id: str
     round: int
     beta: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, job: _Optional[_Union[_common_pb2.SignedJob, _Mapping]] = ..., entry_node: _Optional[str] = ..., request_id: _Optional[str] = ..., round: _Optional[int] = ..., beta: _Optional[_Iterable[float]] = ...) -> None: ...
+    resume: bool
+    def __init__(self, job: _Optional[_Union[_common_pb2.SignedJob, _Mapping]] = ..., entry_node: _Optional[str] = ..., request_id: _Optional[str] = ..., round: _Optional[int] = ..., beta: _Optional[_Iterable[float]] = ..., resume: _Optional[bool] = ...) -> None: ...
 
 class SubJobEvent(_message.Message):
     __slots__ = ("site", "partial", "log_line")

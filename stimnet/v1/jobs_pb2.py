@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from stimnet.v1 import common_pb2 as stimnet_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15stimnet/v1/jobs.proto\x12\nstimnet.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17stimnet/v1/common.proto\"6\n\x10SubmitJobRequest\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.stimnet.v1.SignedJob\"g\n\x0bSessionCall\x12\n\n\x02id\x18\x01 \x01(\x04\x12)\n\x03run\x18\x02 \x01(\x0b\x32\x1c.stimnet.v1.SubmitJobRequest\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\x12\x0e\n\x06\x63\x61ncel\x18\x04 \x01(\x08\"g\n\x0cSessionReply\x12\n\n\x02id\x18\x01 \x01(\x04\x12#\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x14.stimnet.v1.JobEvent\x12&\n\x06status\x18\x03 \x01(\x0b\x32\x16.stimnet.v1.CallStatus\"\x8a\x02\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05scope\x18\x03 \x01(\t\x12\x0f\n\x07\x63\x61talog\x18\x04 \x01(\t\x12\r\n\x05owner\x18\x05 \x01(\t\x12\r\n\x05state\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x05sites\x18\n \x03(\x0b\x32\x15.stimnet.v1.SiteEvent\x12\x15\n\rscript_sha256\x18\x0b \x01(\t\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\" \n\x0fListJobsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"1\n\x10ListJobsResponse\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.stimnet.v1.Job\"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1d\n\x0fWatchJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1e\n\x10GetResultRequest\x12\n\n\x02id\x18\x01 \x01(\t\"0\n\x10ReviewJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08remember\x18\x02 \x01(\x08\"\xb0\x01\n\x08JobEvent\x12\x1e\n\x05state\x18\x01 \x01(\x0b\x32\x0f.stimnet.v1.Job\x12#\n\x04site\x18\x02 \x01(\x0b\x32\x15.stimnet.v1.SiteEvent\x12\x10\n\x08log_line\x18\x03 \x01(\t\x12\'\n\x06result\x18\x04 \x01(\x0b\x32\x17.stimnet.v1.ResultFrame\x12$\n\x05sites\x18\x05 \x03(\x0b\x32\x15.stimnet.v1.SiteEvent2\x81\x05\n\nJobService\x12:\n\tSubmitJob\x12\x1c.stimnet.v1.SubmitJobRequest\x1a\x0f.stimnet.v1.Job\x12>\n\x06RunJob\x12\x1c.stimnet.v1.SubmitJobRequest\x1a\x14.stimnet.v1.JobEvent0\x01\x12@\n\x07Session\x12\x17.stimnet.v1.SessionCall\x1a\x18.stimnet.v1.SessionReply(\x01\x30\x01\x12\x34\n\x06GetJob\x12\x19.stimnet.v1.GetJobRequest\x1a\x0f.stimnet.v1.Job\x12\x45\n\x08ListJobs\x12\x1b.stimnet.v1.ListJobsRequest\x1a\x1c.stimnet.v1.ListJobsResponse\x12:\n\tCancelJob\x12\x1c.stimnet.v1.CancelJobRequest\x1a\x0f.stimnet.v1.Job\x12?\n\x08WatchJob\x12\x1b.stimnet.v1.WatchJobRequest\x1a\x14.stimnet.v1.JobEvent0\x01\x12\x44\n\tGetResult\x12\x1c.stimnet.v1.GetResultRequest\x1a\x17.stimnet.v1.ResultFrame0\x01\x12;\n\nApproveJob\x12\x1c.stimnet.v1.ReviewJobRequest\x1a\x0f.stimnet.v1.Job\x12\x38\n\x07\x44\x65nyJob\x12\x1c.stimnet.v1.ReviewJobRequest\x1a\x0f.stimnet.v1.Jobb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15stimnet/v1/jobs.proto\x12\nstimnet.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17stimnet/v1/common.proto\"6\n\x10SubmitJobRequest\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.stimnet.v1.SignedJob\"g\n\x0bSessionCall\x12\n\n\x02id\x18\x01 \x01(\x04\x12)\n\x03run\x18\x02 \x01(\x0b\x32\x1c.stimnet.v1.SubmitJobRequest\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\x12\x0e\n\x06\x63\x61ncel\x18\x04 \x01(\x08\"g\n\x0cSessionReply\x12\n\n\x02id\x18\x01 \x01(\x04\x12#\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x14.stimnet.v1.JobEvent\x12&\n\x06status\x18\x03 \x01(\x0b\x32\x16.stimnet.v1.CallStatus\"\x9c\x02\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05scope\x18\x03 \x01(\t\x12\x0f\n\x07\x63\x61talog\x18\x04 \x01(\t\x12\r\n\x05owner\x18\x05 \x01(\t\x12\r\n\x05state\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x05sites\x18\n \x03(\x0b\x32\x15.stimnet.v1.SiteEvent\x12\x15\n\rscript_sha256\x18\x0b \x01(\t\x12\x10\n\x08requeues\x18\x0c \x01(\r\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\" \n\x0fListJobsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"1\n\x10ListJobsResponse\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.stimnet.v1.Job\"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1d\n\x0fWatchJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1e\n\x10GetResultRequest\x12\n\n\x02id\x18\x01 \x01(\t\"0\n\x10ReviewJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08remember\x18\x02 \x01(\x08\"\xb0\x01\n\x08JobEvent\x12\x1e\n\x05state\x18\x01 \x01(\x0b\x32\x0f.stimnet.v1.Job\x12#\n\x04site\x18\x02 \x01(\x0b\x32\x15.stimnet.v1.SiteEvent\x12\x10\n\x08log_line\x18\x03 \x01(\t\x12\'\n\x06result\x18\x04 \x01(\x0b\x32\x17.stimnet.v1.ResultFrame\x12$\n\x05sites\x18\x05 \x03(\x0b\x32\x15.stimnet.v1.SiteEvent2\x81\x05\n\nJobService\x12:\n\tSubmitJob\x12\x1c.stimnet.v1.SubmitJobRequest\x1a\x0f.stimnet.v1.Job\x12>\n\x06RunJob\x12\x1c.stimnet.v1.SubmitJobRequest\x1a\x14.stimnet.v1.JobEvent0\x01\x12@\n\x07Session\x12\x17.stimnet.v1.SessionCall\x1a\x18.stimnet.v1.SessionReply(\x01\x30\x01\x12\x34\n\x06GetJob\x12\x19.stimnet.v1.GetJobRequest\x1a\x0f.stimnet.v1.Job\x12\x45\n\x08ListJobs\x12\x1b.stimnet.v1.ListJobsRequest\x1a\x1c.stimnet.v1.ListJobsResponse\x12:\n\tCancelJob\x12\x1c.stimnet.v1.CancelJobRequest\x1a\x0f.stimnet.v1.Job\x12?\n\x08WatchJob\x12\x1b.stimnet.v1.WatchJobRequest\x1a\x14.stimnet.v1.JobEvent0\x01\x12\x44\n\tGetResult\x12\x1c.stimnet.v1.GetResultRequest\x1a\x17.stimnet.v1.ResultFrame0\x01\x12;\n\nApproveJob\x12\x1c.stimnet.v1.ReviewJobRequest\x1a\x0f.stimnet.v1.Job\x12\x38\n\x07\x44\x65nyJob\x12\x1c.stimnet.v1.ReviewJobRequest\x1a\x0f.stimnet.v1.Jobb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,23 +40,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SESSIONREPLY']._serialized_start=256
   _globals['_SESSIONREPLY']._serialized_end=359
   _globals['_JOB']._serialized_start=362
-  _globals['_JOB']._serialized_end=628
-  _globals['_GETJOBREQUEST']._serialized_start=630
-  _globals['_GETJOBREQUEST']._serialized_end=657
-  _globals['_LISTJOBSREQUEST']._serialized_start=659
-  _globals['_LISTJOBSREQUEST']._serialized_end=691
-  _globals['_LISTJOBSRESPONSE']._serialized_start=693
-  _globals['_LISTJOBSRESPONSE']._serialized_end=742
-  _globals['_CANCELJOBREQUEST']._serialized_start=744
-  _globals['_CANCELJOBREQUEST']._serialized_end=774
-  _globals['_WATCHJOBREQUEST']._serialized_start=776
-  _globals['_WATCHJOBREQUEST']._serialized_end=805
-  _globals['_GETRESULTREQUEST']._serialized_start=807
-  _globals['_GETRESULTREQUEST']._serialized_end=837
-  _globals['_REVIEWJOBREQUEST']._serialized_start=839
-  _globals['_REVIEWJOBREQUEST']._serialized_end=887
-  _globals['_JOBEVENT']._serialized_start=890
-  _globals['_JOBEVENT']._serialized_end=1066
-  _globals['_JOBSERVICE']._serialized_start=1069
-  _globals['_JOBSERVICE']._serialized_end=1710
+  _globals['_JOB']._serialized_end=646
+  _globals['_GETJOBREQUEST']._serialized_start=648
+  _globals['_GETJOBREQUEST']._serialized_end=675
+  _globals['_LISTJOBSREQUEST']._serialized_start=677
+  _globals['_LISTJOBSREQUEST']._serialized_end=709
+  _globals['_LISTJOBSRESPONSE']._serialized_start=711
+  _globals['_LISTJOBSRESPONSE']._serialized_end=760
+  _globals['_CANCELJOBREQUEST']._serialized_start=762
+  _globals['_CANCELJOBREQUEST']._serialized_end=792
+  _globals['_WATCHJOBREQUEST']._serialized_start=794
+  _globals['_WATCHJOBREQUEST']._serialized_end=823
+  _globals['_GETRESULTREQUEST']._serialized_start=825
+  _globals['_GETRESULTREQUEST']._serialized_end=855
+  _globals['_REVIEWJOBREQUEST']._serialized_start=857
+  _globals['_REVIEWJOBREQUEST']._serialized_end=905
+  _globals['_JOBEVENT']._serialized_start=908
+  _globals['_JOBEVENT']._serialized_end=1084
+  _globals['_JOBSERVICE']._serialized_start=1087
+  _globals['_JOBSERVICE']._serialized_end=1728
 # @@protoc_insertion_point(module_scope)

@@ -39,7 +39,7 @@ class SessionReply(_message.Message):
     def __init__(self, id: _Optional[int] = ..., event: _Optional[_Union[JobEvent, _Mapping]] = ..., status: _Optional[_Union[_common_pb2.CallStatus, _Mapping]] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "kind", "scope", "catalog", "owner", "state", "detail", "created_at", "updated_at", "sites", "script_sha256")
+    __slots__ = ("id", "kind", "scope", "catalog", "owner", "state", "detail", "created_at", "updated_at", "sites", "script_sha256", "requeues")
     ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,7 @@ class Job(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     SITES_FIELD_NUMBER: _ClassVar[int]
     SCRIPT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    REQUEUES_FIELD_NUMBER: _ClassVar[int]
     id: str
     kind: str
     scope: str
@@ -62,7 +63,8 @@ class Job(_message.Message):
     updated_at: _timestamp_pb2.Timestamp
     sites: _containers.RepeatedCompositeFieldContainer[_common_pb2.SiteEvent]
     script_sha256: str
-    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., scope: _Optional[str] = ..., catalog: _Optional[str] = ..., owner: _Optional[str] = ..., state: _Optional[str] = ..., detail: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sites: _Optional[_Iterable[_Union[_common_pb2.SiteEvent, _Mapping]]] = ..., script_sha256: _Optional[str] = ...) -> None: ...
+    requeues: int
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., scope: _Optional[str] = ..., catalog: _Optional[str] = ..., owner: _Optional[str] = ..., state: _Optional[str] = ..., detail: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sites: _Optional[_Iterable[_Union[_common_pb2.SiteEvent, _Mapping]]] = ..., script_sha256: _Optional[str] = ..., requeues: _Optional[int] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("id",)

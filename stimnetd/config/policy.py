@@ -49,7 +49,9 @@ class BlockSplit:
 
 @dataclass(frozen=True)
 class PrivacySettings:
-    dp: str = "off"
+    # A site that says nothing gets the formal guarantee (docs/privacy.md); "optional" and
+    # "off" are chosen explicitly, and logged at start-up (config/advice.py).
+    dp: str = "required"
     default_epsilon: float = 1.0
     max_epsilon_per_query: float = 5.0
     budget_epsilon: float = 10.0
@@ -93,7 +95,7 @@ def read_privacy(r: Reader, raw: dict[str, Any]) -> PrivacySettings:
                            "catalog_budget_epsilon", "shared_history",
                            "script_block_subjects", "script_max_blocks"})
     p = PrivacySettings(
-        dp=r.get(raw, w, "dp", str, "off", choices=DP_POLICIES),
+        dp=r.get(raw, w, "dp", str, "required", choices=DP_POLICIES),
         default_epsilon=r.get(raw, w, "default_epsilon", float, 1.0),
         max_epsilon_per_query=r.get(raw, w, "max_epsilon_per_query", float, 5.0),
         budget_epsilon=r.get(raw, w, "budget_epsilon", float, 10.0),

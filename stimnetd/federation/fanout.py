@@ -68,7 +68,8 @@ class SubJobTransport(Protocol):
     async def run_subjob(self, target: Target, signed: SignedJob, request_id: str,
                          timeout_s: float, on_event: SiteEventSink, *,
                          small: bool = False, round_no: int = 0,
-                         beta: list[float] | None = None) -> SiteOutcome: ...
+                         beta: list[float] | None = None, resume: bool = False
+                         ) -> SiteOutcome: ...
 
     async def catalog_grid(self, target: Target, catalog: str,
                            timeout_s: float) -> tuple[str, Grid | None]:
@@ -165,7 +166,9 @@ class Fanout:
     async def run(self, job: VerifiedJob, request_id: str, events: FanoutEvents, *,
                   resumed: bool = False, local_refusal: str | None = None) -> FanoutResult:
         """`local_refusal`: this site does not run its own share (its script policy), and
-        that share's outcome is refused with this reason, as a peer would answer."""
+        that share's outcome is refused with this reason, as a peer would answer.
+        `resumed`: this node restarted while the job ran (jobs/recovery.py): its own share
+        returns a release it already made, and each peer is asked to resume its share."""
         catalog = job.request.catalog
         # A table query's answer is small (a few statistics per group), so its sub-jobs may
         # share a stream with others; images and scripts can answer megabytes.
@@ -184,7 +187,7 @@ class Fanout:
         # on the loop when small) holds the loop. The local outcome stays first in order.
         for target in targets:
             tasks.append(asyncio.create_task(self._remote(target, job, request_id, events,
-                                                          small, reached)))
+                                                          small, reached, resumed)))
         if self._holds(catalog):
             tasks.insert(0, asyncio.create_task(
                 self._refused_locally(local_refusal, events) if local_refusal is not None
@@ -304,14 +307,14 @@ class Fanout:
         return outcome
 
     async def _remote(self, target: Target, job: VerifiedJob, request_id: str,
-                      events: FanoutEvents, small: bool,
-                      reached: dict[str, Target]) -> SiteOutcome:
+                      events: FanoutEvents, small: bool, reached: dict[str, Target],
+                      resume: bool) -> SiteOutcome:
         label = target.name or target.address
         started = time.monotonic()
         try:
             outcome = await asyncio.wait_for(
                 self._transport.run_subjob(target, job.signed, request_id, self._timeout,
-                                           events.relay, small=small),
+                                           events.relay, small=small, resume=resume),
                 timeout=self._timeout + 1.0)
         except TimeoutError:
             outcome = SiteOutcome(label, "timed_out",

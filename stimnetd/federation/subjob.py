@@ -8,6 +8,7 @@ import contextlib
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 
@@ -25,6 +26,15 @@ log = structlog.get_logger("stimnetd.subjob")
 # A site whose answer takes longer than this reports "accepted" first (see _reported()).
 ACCEPTED_AFTER_S = 0.05
 _REPLAYED = "replayed request: this signed job was already run at this site"
+_RESUMED_ONCE = ("replayed request: this signed job was already resumed at this site once "
+                 "(after its entry node restarted); it is not run here again")
+# Marks a signed job's one resume in the nonce table, next to (and pruned with) its nonce.
+RESUME_PREFIX = "resume:"
+
+
+class Verify(Protocol):
+    def __call__(self, signed: SignedJob, *, fresh: bool = True) -> VerifiedJob:
+        """Chain, revocation and signature; with `fresh`, the request's age too."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +54,7 @@ class PeerSubJobs:
     site's limits and script policy, run as this site's share, its events streamed back."""
 
     def __init__(self, *, site: LocalSite, store: Store,
-                 verify: Callable[[SignedJob], VerifiedJob], max_age_s: float,
+                 verify: Verify, max_age_s: float,
                  scripts: ScriptPolicy | None = None, max_per_entry: int = 256,
                  clock: Callable[[], float] = time.time) -> None:
         self._scripts = scripts or ScriptPolicy()
@@ -60,11 +70,12 @@ class PeerSubJobs:
         self._max_age = max_age_s
 
     async def run(self, signed: SignedJob, entry: Identity, request_id: str, *,
-                  round_no: int = 0, beta: list[float] | None = None
+                  round_no: int = 0, beta: list[float] | None = None, resume: bool = False
                   ) -> AsyncGenerator[SubJobEvent, None]:
-        """`round_no` 2 or later: a later round of a multi-round job, at `beta`."""
+        """`round_no` 2 or later: a later round of a multi-round job, at `beta`. `resume`:
+        the entry restarted while the job ran and re-runs it (`_resume`)."""
         with self._slot(entry.name) as release:
-            run = self._run(signed, entry, request_id) if round_no <= 1 \
+            run = self._run(signed, entry, request_id, resume) if round_no <= 1 \
                 else self._round(signed, entry, round_no, beta or [])
             async with contextlib.aclosing(run) as events:
                 async for ev in events:
@@ -96,18 +107,22 @@ class PeerSubJobs:
         finally:
             release()
 
-    async def _run(self, signed: SignedJob, entry: Identity,
-                   request_id: str) -> AsyncGenerator[SubJobEvent, None]:
-        job, claim = await self._admit(signed, entry, request_id)
+    async def _run(self, signed: SignedJob, entry: Identity, request_id: str,
+                   resume: bool) -> AsyncGenerator[SubJobEvent, None]:
+        resumed = await self._resume(signed, entry, request_id) if resume else None
+        job, claim = resumed or await self._admit(signed, entry, request_id)
         # A script's nonce is claimed durably at admission, so no copy of it runs here
         # again and a charge for its job is its own; a query's is claimed by its release,
         # which marks the claim (NonceClaim.released) only if it charged for this request,
-        # not for a concurrent copy whose release commits meanwhile.
-        claimed_first = claim.consumed
+        # not for a concurrent copy whose release commits meanwhile. A resumed job's
+        # charge may be its first run's, whose partial may have left this site then: it is
+        # never refunded (a charge is kept in doubt, never dropped).
+        claimed_first = claim.consumed and resumed is None
         outcome: SiteOutcome | None = None
         handed = False
         try:
-            async with contextlib.aclosing(self._reported(job, claim)) as events:
+            async with contextlib.aclosing(self._reported(job, claim,
+                                                          resumed is not None)) as events:
                 async for ev in events:
                     if isinstance(ev, SiteOutcome):
                         outcome = ev
@@ -153,10 +168,10 @@ class PeerSubJobs:
         job = self._verified(signed, entry)
         yield await self._site.run_round(job, round_no, beta)
 
-    def _verified(self, signed: SignedJob, entry: Identity) -> VerifiedJob:
+    def _verified(self, signed: SignedJob, entry: Identity, *, fresh: bool = True) -> VerifiedJob:
         # Verified here, at this site, with this site's CA and CRL: the entry node is only
         # a relay and cannot vouch for the researcher.
-        job = self._verify(signed)
+        job = self._verify(signed, fresh=fresh)
         if job.request.scope != "federated":
             # The researcher signed it for one node: a node relaying it to its peers would
             # spend the researcher's budget there and collect answers never asked for.
@@ -194,7 +209,34 @@ class PeerSubJobs:
             raise Replayed(_REPLAYED)
         return job, claim
 
-    async def _reported(self, job: VerifiedJob, claim: NonceClaim) -> AsyncGenerator[SubJobEvent, None]:
+    async def _resume(self, signed: SignedJob, entry: Identity,
+                      request_id: str) -> tuple[VerifiedJob, NonceClaim] | None:
+        """A script job this site accepted before its entry restarted, admitted again once:
+        its share then returns the release it made (charging nothing: releases are kept
+        per job id), or runs again if it made none (the entry's restart cut it off). None:
+        not one this site has accepted (never reached it, or so long ago that its nonce is
+        forgotten), so it is admitted as a first run, freshness checked.
+
+        Not checked for freshness: it was fresh when this site accepted it, and the entry
+        may have been down for longer than the freshness window. Only the entry the
+        researcher signed for can ask (`_verified`), and only once (a durable marker)."""
+        job = self._verified(signed, entry, fresh=False)
+        if job.request.kind != "script" or not self._store.nonce_seen(job.request.nonce):
+            return None
+        if self._scripts.review == "deny":
+            raise Refused("this site's script policy is 'deny': it does not run researcher "
+                          "scripts")
+        accepted = (job.researcher.name, job.researcher.role, "subjob", "resumed",
+                    {"job": job.request.job_id, "catalog": job.request.catalog,
+                     "via": entry.name, "request_id": request_id})
+        claim = NonceClaim(RESUME_PREFIX + job.request.nonce, job.researcher.name,
+                           self._max_age, accepted)
+        if not await self._store.claim_nonce(claim):
+            raise Replayed(_RESUMED_ONCE)
+        return job, claim
+
+    async def _reported(self, job: VerifiedJob, claim: NonceClaim,
+                        resumed: bool = False) -> AsyncGenerator[SubJobEvent, None]:
         """The share's events as it runs here, its outcome last. "accepted" is progress: a
         site that answers within ACCEPTED_AFTER_S reports its outcome straight away (one
         message, not two); a slower one first says it accepted, before any other event."""
@@ -207,7 +249,8 @@ class PeerSubJobs:
             events.put_nowait(LogLine(line))
 
         task = asyncio.create_task(self._site.run(
-            job, ShareProgress(running, logged), nonce=None if claim.consumed else claim))
+            job, ShareProgress(running, logged), resumed=resumed,
+            nonce=None if claim.consumed else claim))
         reported = False
         getter: asyncio.Task[SiteEvent | LogLine] | None = None
         try:

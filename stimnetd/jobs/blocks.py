@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
@@ -40,15 +39,14 @@ async def run_blocks(runner: SandboxRunner | KubeRunner, slots: FairSlots, job: 
     exactly the declaration. Each block takes a fair slot of its own (`[scripts]
     concurrency` of them run at once), so other researchers' jobs interleave with a long
     sample-and-aggregate job."""
-    base = getattr(runner, "blocks_dir", None)
-    if not isinstance(base, Path):
+    if not isinstance(runner, SandboxRunner):
         raise PrivacyRefusal("dp", "this site's script backend cannot give each block of "
                              "subjects its own data (sample-and-aggregate needs the docker "
                              "backend), so it cannot run scripts under differential privacy")
     tables = {t: str(p.relative_to(catalog.root)) for t, p in catalog.config.tables.items()}
     manifest = job_manifest(tables, catalog.subject_key, catalog.fields)
     job_id = job.request.job_id
-    job_dir = base / job_id
+    job_dir = runner.claim_blocks(job_id)
     # A re-queued job's earlier attempt may have left its blocks' data behind.
     await asyncio.to_thread(remove_block, job_dir)
     researcher = job.researcher.name
@@ -74,6 +72,7 @@ async def run_blocks(runner: SandboxRunner | KubeRunner, slots: FairSlots, job: 
             runs = [tg.create_task(run_one(i, s)) for i, s in enumerate(blocks)]
     finally:
         await asyncio.shield(asyncio.to_thread(remove_block, job_dir))
+        runner.release_blocks(job_id)
     results = [r.result() for r in runs]
     log.info("sample-and-aggregate blocks ran", job_id=job_id, blocks=len(blocks),
              failed=sum(r is None for r in results))

@@ -3,8 +3,11 @@
 - queries that were queued or running → interrupted (the researcher resubmits; each
   site's release is idempotent per job, so nothing is charged twice);
 - script jobs that were running → interrupted, or re-queued if the site's `on_restart`
-  policy says so (a re-run that already released returns the stored release without
-  running the container again);
+  policy says so, at most MAX_REQUEUES times: a job interrupted again during its re-run
+  is interrupted for good (it may be what brings the node down). A re-run that already
+  released returns the stored release without running the container again; a federated
+  one asks each peer to resume its share (federation/subjob.py), which a peer does once
+  and which never charges it twice;
 - queued script jobs run; jobs awaiting approval keep waiting.
 """
 
@@ -14,7 +17,7 @@ from collections.abc import Callable
 
 from stimnet.errors import StimnetError
 from stimnet.signing import VerifiedJob
-from stimnet.states import UNFINISHED_STATES
+from stimnet.states import MAX_REQUEUES, UNFINISHED_STATES
 from stimnetd.jobs.running import JobRunner
 from stimnetd.site.policy import ScriptPolicy
 from stimnetd.store import Store
@@ -22,17 +25,33 @@ from stimnetd.store.records import JobRecord
 
 MAX_RECOVERED = 10_000  # unfinished jobs read at a start
 
+INTERRUPTED = "the node restarted while this job ran; resubmit"
+INTERRUPTED_TWICE = ("interrupted twice: the node restarted while this job ran and again "
+                     "while its re-run ran; not re-run again (resubmit it if the restarts "
+                     "were not its doing)")
+REQUEUED = "re-queued after a restart: the node restarted while this job ran"
+RESUMED = "waiting for a slot after a restart"
+
+
+def verdict(record: JobRecord, on_restart: str) -> str | None:
+    """Why an unfinished job is interrupted at a start, or None if it runs (again)."""
+    if record.kind != "script" or record.origin != "client":
+        return INTERRUPTED
+    if record.state == "queued":
+        return None  # it never ran: nothing of it was interrupted
+    if on_restart != "requeue":
+        return INTERRUPTED
+    return INTERRUPTED_TWICE if record.requeues >= MAX_REQUEUES else None
+
 
 async def recover(store: Store, runner: JobRunner, scripts: ScriptPolicy,
                   restore: Callable[[JobRecord], VerifiedJob]) -> int:
     """Resume or mark every unfinished job; how many were interrupted."""
     interrupted = 0
     for record in await store.list_jobs(states=UNFINISHED_STATES, limit=MAX_RECOVERED):
-        requeue = record.kind == "script" and record.scope == "local" and (
-            record.state == "queued" or scripts.on_restart == "requeue")
-        if not requeue:
-            await store.update_job(record.id, state="interrupted",
-                                   detail="the node restarted while this job ran; resubmit")
+        reason = verdict(record, scripts.on_restart)
+        if reason is not None:
+            await store.update_job(record.id, state="interrupted", detail=reason)
             interrupted += 1
             continue
         try:
@@ -41,7 +60,10 @@ async def recover(store: Store, runner: JobRunner, scripts: ScriptPolicy,
             await store.update_job(record.id, state="failed",
                                    detail=f"cannot resume after restart: {exc}")
             continue
+        requeued = record.state == "running"
+        # `attempts` marks it resumed: each site returns a release it already made.
         updated = await store.update_job(record.id, state="queued",
-                                         detail="re-queued after a restart", bump_attempts=True)
+                                         detail=REQUEUED if requeued else RESUMED,
+                                         bump_attempts=True, bump_requeues=requeued)
         runner.start(updated, job)
     return interrupted

@@ -33,6 +33,7 @@ from stimnetd.store.records import JobRecord
 log = structlog.get_logger("stimnetd.jobs")
 
 _INTERNAL = "internal error (see the node's logs)"
+RERUN = "re-run: a restart interrupted its first run"
 
 
 class JobRunner:
@@ -88,7 +89,9 @@ class JobRunner:
     async def _run_inner(self, record: JobRecord, job: VerifiedJob, active: ActiveJob) -> None:
         try:
             if record.state != "running":
-                await self._set_state(record.id, "running", "")
+                # A re-run says so until it ends (Job.requeues counts it for good).
+                await self._set_state(record.id, "running",
+                                      RERUN if record.requeues else "")
             fan = await self._gather_while_recordable(record, job, active)
             if active.created is not None and not await active.created:
                 # The row's own nonce check refused it (the nonce was in the database but

@@ -22,7 +22,8 @@ def job(record: JobRecord) -> jobs_pb2.Job:
         id=record.id, kind=record.kind, scope=record.scope, catalog=record.catalog,
         owner=record.owner, state=record.state, detail=record.detail,
         created_at=ts(record.created_at), updated_at=ts(record.updated_at),
-        sites=[site_event(e) for e in record.sites], script_sha256=record.script_sha256)
+        sites=[site_event(e) for e in record.sites], script_sha256=record.script_sha256,
+        requeues=record.requeues)
 
 
 def grid_pb(site: str, grid: Grid | None, error: str = "") -> node_pb2.SiteGrid:

@@ -51,7 +51,7 @@ class FederationServicer(federation_pb2_grpc.FederationServiceServicer):
         request_id = request.request_id[:64] or caller.request_id
         async for ev in self._subjobs.run(convert.signed_job(request.job), caller.identity,
                                           request_id, round_no=request.round,
-                                          beta=list(request.beta)):
+                                          beta=list(request.beta), resume=request.resume):
             if isinstance(ev, LogLine):
                 yield federation_pb2.SubJobEvent(log_line=ev.line)
                 continue

@@ -173,10 +173,11 @@ class GrpcSubJobTransport:
     async def run_subjob(self, target: Target, signed: SignedJob, request_id: str,
                          timeout_s: float, on_event: SiteEventSink, *,
                          small: bool = False, round_no: int = 0,
-                         beta: list[float] | None = None) -> SiteOutcome:
+                         beta: list[float] | None = None, resume: bool = False) -> SiteOutcome:
         """`small`: the answer is small (a table query's), so the sub-job may share the
         connection's SubJobs stream with others; large answers (images, scripts) get a
-        call of their own, so they hold up no one else's."""
+        call of their own, so they hold up no one else's. `resume`: this node restarted
+        while the job ran and asks the site for its share again (SubJobRequest.resume)."""
         label = target.name or target.address
         started = time.monotonic()
         # The researcher's job goes only to the node the target names (module doc of
@@ -195,7 +196,8 @@ class GrpcSubJobTransport:
         reader = _SubJobReader(who.name, on_event, timeout_s)
         request = federation_pb2.SubJobRequest(job=convert.signed_job_pb(signed),
                                                entry_node=self._entry, request_id=request_id,
-                                               round=round_no, beta=beta or [])
+                                               round=round_no, beta=beta or [],
+                                               resume=resume)
         left = max(0.001, timeout_s - (time.monotonic() - started))
         if small:
             outcome = await self._shared(target.address, request, left, reader)

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -93,8 +94,10 @@ class SandboxRunner:
         # plain directory whose size the monitor polls.
         self._workspaces = Workspaces(Path(state_dir) / "work", out_tmpfs=os.geteuid() == 0
                                       if out_tmpfs is None else out_tmpfs)
-        # Where each sample-and-aggregate block's share of a catalog is written (blockdata.py).
-        self.blocks_dir = Path(state_dir) / "blocks"
+        # Where each sample-and-aggregate block's share of a catalog is written (blockdata.py),
+        # one directory per job; the ones claimed are spared by the start-up sweep.
+        self._blocks_dir = Path(state_dir) / "blocks"
+        self._blocks_claimed: set[str] = set()
         self._api: DockerApi | None = None
         self._api_lock = asyncio.Lock()
         self._jobs: dict[str, _Job] = {}
@@ -157,6 +160,15 @@ class SandboxRunner:
             await self._dispose_shielded(job.container_id, workspace)
             self._warm.job_ended()
 
+    def claim_blocks(self, job_id: str) -> Path:
+        """The directory for `job_id`'s blocks' data, spared by `reap_orphans` until
+        `release_blocks`: what a crash left there is a copy of subjects' rows."""
+        self._blocks_claimed.add(job_id)
+        return self._blocks_dir / job_id
+
+    def release_blocks(self, job_id: str) -> None:
+        self._blocks_claimed.discard(job_id)
+
     async def cancel(self, job_id: str) -> bool:
         """Stop a running job; its `run` returns status "cancelled". False if unknown."""
         job = self._jobs.get(job_id)
@@ -205,7 +217,14 @@ class SandboxRunner:
             await asyncio.to_thread(remove, api, c["Id"])
             removed += 1
         await asyncio.to_thread(self._workspaces.sweep)
+        await asyncio.to_thread(self._sweep_blocks, frozenset(self._blocks_claimed))
         return removed
+
+    def _sweep_blocks(self, claimed: frozenset[str]) -> None:
+        if self._blocks_dir.is_dir():
+            for entry in self._blocks_dir.iterdir():
+                if entry.name not in claimed:
+                    shutil.rmtree(entry, ignore_errors=True)
 
     async def shutdown(self) -> None:
         """Cancel running jobs, remove warm containers. Idempotent."""

@@ -264,11 +264,12 @@ class Store:
 
     async def update_job(self, job_id: str, *, state: str | None = None, detail: str | None = None,
                          sites: list[dict[str, Any]] | None = None, result: bytes | None = None,
-                         bump_attempts: bool = False, durable: bool = True,
-                         defer: bool = False) -> JobRecord:
+                         bump_attempts: bool = False, bump_requeues: bool = False,
+                         durable: bool = True, defer: bool = False) -> JobRecord:
         record = await self.update_job_if(job_id, None, state=state, detail=detail, sites=sites,
                                           result=result, bump_attempts=bump_attempts,
-                                          durable=durable, defer=defer)
+                                          bump_requeues=bump_requeues, durable=durable,
+                                          defer=defer)
         if record is None:
             raise StimnetError(f"job {job_id} vanished")
         return record
@@ -277,7 +278,8 @@ class Store:
                             state: str | None = None, detail: str | None = None,
                             sites: list[dict[str, Any]] | None = None,
                             result: bytes | None = None, bump_attempts: bool = False,
-                            durable: bool = True, defer: bool = False) -> JobRecord | None:
+                            bump_requeues: bool = False, durable: bool = True,
+                            defer: bool = False) -> JobRecord | None:
         """`update_job` only if the job is in `expect_state` (any state if None), checked
         and changed in one statement: of two racing decisions (approve and cancel, or two
         approvals) exactly one applies. None: not in that state (or no such job)."""
@@ -285,7 +287,8 @@ class Store:
         changes = {col: val for col, val in (("state", state), ("detail", detail),
                                              ("result", stored), ("sites", sites))
                    if val is not None}
-        tx = jobs.update(job_id, expect_state, changes, bump_attempts, self._clock())
+        tx = jobs.update(job_id, expect_state, changes, bump_attempts, self._clock(),
+                         bump_requeues=bump_requeues)
         row = await (self._writer.defer(tx) if defer else self._writer.run(tx, durable=durable))
         return JobRecord.from_row(row) if row is not None else None
 

@@ -53,16 +53,18 @@ def insert(job: JobRecord, audit: tuple[str, str, str] | None, nonce: tuple[str,
 
 
 def update(job_id: str, expect_state: str | None, changes: dict[str, Any], bump_attempts: bool,
-           now: float) -> Callable[[Transaction], Any]:
-    """Set `changes` (columns state, detail, result as stored (blobs.compact), sites) on the job if it is in
-    `expect_state` (any state if None), in one statement; the transaction returns the
-    changed row, or None."""
+           now: float, *, bump_requeues: bool = False) -> Callable[[Transaction], Any]:
+    """Set `changes` (columns state, detail, result as stored (blobs.compact), sites) on the
+    job if it is in `expect_state` (any state if None), in one statement, counting one more
+    attempt or requeue if asked; the transaction returns the changed row, or None."""
     sets, args = ["updated_at = ?"], list[Any]([now])
     for col, val in changes.items():
         sets.append("sites_json = ?" if col == "sites" else f"{col} = ?")
         args.append(json.dumps(val) if col == "sites" else val)
     if bump_attempts:
         sets.append("attempts = attempts + 1")
+    if bump_requeues:
+        sets.append("requeues = requeues + 1")
     where, keys = "id = ?", [job_id]
     if expect_state is not None:
         where, keys = "id = ? AND state = ?", [job_id, expect_state]

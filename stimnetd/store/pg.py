@@ -36,6 +36,7 @@ from typing import Any
 import asyncpg
 
 from stimnet.errors import Conflict, Replayed, StimnetError
+from stimnet.states import MAX_REQUEUES
 from stimnetd.store.audit import GENESIS as GENESIS
 from stimnetd.store.audit import AuditRow, AuditVerification, chain_hash, verify_rows
 from stimnetd.store.node import SECRET_BYTES
@@ -244,11 +245,11 @@ class PgStore:
             try:
                 await conn.execute(
                     f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,"
-                    "$11,$12,$13,$14,$15,$16,$17,$18,$19)",
+                    "$11,$12,$13,$14,$15,$16,$17,$18,$19,$20)",
                     job.id, job.kind, job.scope, job.catalog, job.owner, job.state, job.detail,
                     job.created_at, job.updated_at, job.request_id, job.origin, job.payload,
                     job.signature, job.signer_cert, job.script, job.script_sha256,
-                    json.dumps(job.sites), job.result, job.attempts)
+                    json.dumps(job.sites), job.result, job.attempts, job.requeues)
             except asyncpg.UniqueViolationError as exc:
                 raise Conflict(str(exc)) from None
             if audit is not None:
@@ -266,7 +267,8 @@ class PgStore:
                             state: str | None = None, detail: str | None = None,
                             sites: list[dict[str, Any]] | None = None,
                             result: bytes | None = None,
-                            bump_attempts: bool = False) -> JobRecord | None:
+                            bump_attempts: bool = False,
+                            bump_requeues: bool = False) -> JobRecord | None:
         """`Store.update_job_if`: changed only if in `expect_state`, in one statement."""
         sets, args = ["updated_at = $1"], list[Any]([self._clock()])
         for col, val in (("state", state), ("detail", detail), ("result", result),
@@ -276,6 +278,8 @@ class PgStore:
                 sets.append(f"{col} = ${len(args)}")
         if bump_attempts:
             sets.append("attempts = attempts + 1")
+        if bump_requeues:
+            sets.append("requeues = requeues + 1")
         args.append(job_id)
         where = f"id = ${len(args)}"
         if expect_state is not None:
@@ -371,22 +375,29 @@ class PgStore:
 
     async def recover_expired(self, on_restart: str, *, by: str) -> list[str]:
         """Running jobs whose lease ran out (their replica stopped): re-queued
-        (`on_restart = "requeue"`) or interrupted, each audited; their ids."""
+        (`on_restart = "requeue"`, each at most MAX_REQUEUES times) or interrupted, each
+        audited; their ids."""
         if on_restart not in ("requeue", "interrupt"):
             raise ValueError(f"on_restart must be requeue or interrupt, not {on_restart!r}")
-        state, detail = (("queued", "re-queued: the replica running it stopped")
-                         if on_restart == "requeue" else
-                         ("interrupted", "interrupted: the replica running it stopped"))
+        # A job re-queued MAX_REQUEUES times already is interrupted: one that takes its
+        # replica down would otherwise take each replica down in turn.
+        cap = MAX_REQUEUES if on_restart == "requeue" else 0
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", CHAIN_LOCK)
             rows = await conn.fetch(
-                "UPDATE jobs SET state = $1, detail = $2, claimed_by = NULL, lease_until = NULL,"
-                " updated_at = $3 WHERE state = 'running' AND lease_until < $3 RETURNING id",
-                state, detail, self._clock())
-            ids = sorted(r["id"] for r in rows)
-            for job_id in ids:
-                await self._append(conn, by, "node", "recover", state, {"job": job_id})
-        return ids
+                "UPDATE jobs SET"
+                " state = CASE WHEN requeues < $1 THEN 'queued' ELSE 'interrupted' END,"
+                " detail = CASE WHEN requeues < $1 THEN $2 WHEN requeues > 0 THEN $3 ELSE $4 END,"
+                " requeues = requeues + CASE WHEN requeues < $1 THEN 1 ELSE 0 END,"
+                " claimed_by = NULL, lease_until = NULL, updated_at = $5"
+                " WHERE state = 'running' AND lease_until < $5 RETURNING id, state",
+                cap, "re-queued: the replica running it stopped",
+                "interrupted again: the replica running its re-run stopped too; not re-run "
+                "again",
+                "interrupted: the replica running it stopped", self._clock())
+            for row in sorted(rows, key=lambda r: str(r["id"])):
+                await self._append(conn, by, "node", "recover", row["state"], {"job": row["id"]})
+        return sorted(str(r["id"]) for r in rows)
 
 
 async def _migrate(conn: asyncpg.Connection) -> None:

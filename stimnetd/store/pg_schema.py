@@ -92,4 +92,9 @@ PG_MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX nonces_seen ON nonces (seen_at);
     """,
+    # 4: restarts (or expired leases) that re-queued a job interrupted mid-run: the SQLite
+    # store's migration 8, for the same cap (a job is re-queued once).
+    """
+    ALTER TABLE jobs ADD COLUMN requeues INTEGER NOT NULL DEFAULT 0;
+    """,
 )

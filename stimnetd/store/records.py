@@ -39,10 +39,11 @@ class JobRecord:
     sites: list[dict[str, Any]] = field(default_factory=list)
     result: bytes | None = None
     attempts: int = 0
+    requeues: int = 0  # times a restart re-queued it after it was interrupted mid-run
 
     COLUMNS = ("id, kind, scope, catalog, owner, state, detail, created_at, updated_at, "
                "request_id, origin, payload, signature, signer_cert, script, script_sha256, "
-               "sites_json, result, attempts")
+               "sites_json, result, attempts, requeues")
 
     @classmethod
     def from_row(cls, row: Any) -> JobRecord:

@@ -182,4 +182,12 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE ledger ADD COLUMN refunded_at REAL;
     """,
+    # 8: how many times a restart put the job back in the queue after it was interrupted
+    # mid-run (jobs/recovery.py): a job re-run once and interrupted again is not re-run a
+    # third time, so a job that itself brings the node down cannot crash-loop it.
+    # Not `attempts`, which marks a job as resumed (its sites return a release it already
+    # made) and also counts jobs that were only waiting in the queue at the stop.
+    """
+    ALTER TABLE jobs ADD COLUMN requeues INTEGER NOT NULL DEFAULT 0;
+    """,
 )

@@ -51,6 +51,24 @@ async def test_an_update_applies_only_in_the_expected_state(store: Store) -> Non
     assert await store.update_job_if("missing", None, state="failed") is None
 
 
+async def test_requeues_are_kept_in_the_row(store: Store, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A restart's re-queue is counted in the row (also in a file upgraded from the first
+    schema) and survives reopening the store."""
+    assert await store.create_job(job_row("j1", kind="script")) is True
+    assert (await store.get_job("j1")).requeues == 0  # type: ignore[union-attr]
+    await store.update_job("j1", state="queued", bump_attempts=True, bump_requeues=True)
+    await store.update_job("j1", state="running")
+    path = store.path
+    await store.close()
+    reopened = Store(path)
+    await reopened.open()
+    try:
+        got = await reopened.get_job("j1")
+        assert got is not None and (got.state, got.requeues, got.attempts) == ("running", 1, 1)
+    finally:
+        await reopened.close()
+
+
 async def test_a_listing_is_newest_first_and_filtered(store: Store) -> None:
     """Jobs are listed newest first, by owner and state, at most `limit` of them."""
     for i, (owner, state) in enumerate((("alice", "running"), ("bob", "running"),

@@ -122,6 +122,25 @@ async def test_a_replica_killed_mid_job_leaves_it_to_the_other(
     assert (rows[-1].actor, rows[-1].action, rows[-1].decision) == ("b", "recover", state)
 
 
+async def test_a_job_whose_replicas_keep_stopping_is_requeued_once(store: PgStore) -> None:
+    """Its lease runs out twice: re-queued the first time, interrupted for good the second
+    (saying so), and audited each time, so a job that takes replicas down stops at one."""
+    await store.create_job(job_row("job-1", state="queued"))
+    decisions = []
+    for replica_name in ("a", "b"):
+        held = await store.claim_queued(replica_name, -1.0)  # a lease already run out
+        assert held is not None and held.id == "job-1"
+        assert await store.recover_expired("requeue", by="c") == ["job-1"]
+        job = await store.get_job("job-1")
+        assert job is not None
+        decisions.append((job.state, job.requeues))
+    assert decisions == [("queued", 1), ("interrupted", 1)]
+    assert job is not None and "not re-run again" in job.detail
+    assert await store.claim_queued("c", 30.0) is None
+    rows = await store.audit_rows()
+    assert [r.decision for r in rows if r.action == "recover"] == ["queued", "interrupted"]
+
+
 async def test_a_lease_is_renewed_only_by_its_holder(store: PgStore) -> None:
     """The holder extends its lease; another replica cannot, nor after recovery."""
     await store.create_job(job_row("job-1", state="queued"))

@@ -120,6 +120,20 @@ async def test_of_two_racing_state_changes_exactly_one_applies(store: Any) -> No
     assert final is not None and final.state == winner.state
 
 
+async def test_a_requeue_is_counted_apart_from_attempts(store: Any) -> None:
+    """A restart's re-queue counts in `requeues` and `attempts`, a resumed queued job's in
+    `attempts` only: the once-only re-run cap reads the first, on either store."""
+    await store.create_job(job_row("job-1", kind="script"))
+    await store.create_job(job_row("job-2", kind="script", state="queued"))
+    requeued = await store.update_job_if("job-1", "running", state="queued",
+                                         bump_attempts=True, bump_requeues=True)
+    resumed = await store.update_job_if("job-2", "queued", state="queued", bump_attempts=True)
+    assert requeued is not None and resumed is not None
+    assert [(j.requeues, j.attempts) for j in (requeued, resumed)] == [(1, 1), (0, 1)]
+    got = await store.get_job("job-1")
+    assert got is not None and (got.state, got.requeues) == ("queued", 1)
+
+
 async def test_delta_is_charged_beside_epsilon(store: Any) -> None:
     """A noised release's δ goes to the ledger next to its ε, and is audited."""
     rule = rules(budget=1.0)

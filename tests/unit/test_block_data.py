@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from stimnetd.sandbox import SandboxLimits, SandboxRunner
 from stimnetd.sandbox.blockdata import remove_block, write_block
+from stimnetd.testing import FakeDockerApi
 
 
 def test_a_block_holds_its_subjects_rows_and_images_only(tmp_path: Path) -> None:
@@ -38,3 +40,25 @@ def test_a_block_holds_its_subjects_rows_and_images_only(tmp_path: Path) -> None
     remove_block(dest)
     assert not dest.exists()
     assert sorted(p.name for p in (root / "img").iterdir()) == ["s1.nii", "s2.nii", "s3.nii"]
+
+
+async def test_start_up_sweep_removes_blocks_a_crash_left_and_spares_claimed_ones(
+        tmp_path: Path) -> None:
+    """`reap_orphans` removes every job's blocks directory under the state dir except
+    those a running job has claimed (a re-queued job may already be writing its own)."""
+    # Prepare
+    runner = SandboxRunner(lambda: FakeDockerApi([]), "image", SandboxLimits(), tmp_path,
+                           node="saa-sweep", out_tmpfs=False)
+    running = runner.claim_blocks("job-running")
+    (running / "b0").mkdir(parents=True)
+    left = tmp_path / "blocks" / "job-crashed" / "b3"
+    left.mkdir(parents=True)
+    (left / "subjects.csv").write_text("sid\ns1\n")
+    # Execute
+    await runner.reap_orphans()
+    # Assert
+    assert sorted(p.name for p in (tmp_path / "blocks").iterdir()) == ["job-running"]
+    runner.release_blocks("job-running")
+    await runner.reap_orphans()
+    assert list((tmp_path / "blocks").iterdir()) == []
+    await runner.shutdown()

@@ -146,6 +146,27 @@ def test_plain_progress_prints_a_repeated_state_once(capsys: pytest.CaptureFixtu
     assert capsys.readouterr().err.splitlines() == ["job j1: running", "job j1: succeeded"]
 
 
+def test_plain_progress_says_a_job_was_requeued_and_followed_again(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Off a terminal, the watch's reconnection is a line, and each state of a job a
+    restart re-queued says so."""
+    from types import SimpleNamespace
+
+    from stimctl.jobs_cli import Progress
+
+    p = Progress(enabled=True)
+    p._plain, p._tty = True, False  # noqa: SLF001 - as when stderr is not a terminal
+    p("state", SimpleNamespace(id="j1", state="running", detail="", requeues=0))
+    p("reconnecting", "cannot reach node at n:1; following job j1 again")
+    p("state", SimpleNamespace(id="j1", state="running", detail="re-run", requeues=1))
+    p("state", SimpleNamespace(id="j1", state="succeeded", detail="", requeues=1))
+    assert capsys.readouterr().err.splitlines() == [
+        "job j1: running",
+        "  cannot reach node at n:1; following job j1 again",
+        "job j1: running re-run [re-queued once after a restart]",
+        "job j1: succeeded [re-queued once after a restart]"]
+
+
 def test_histograms_regressions_and_roi_overlap_are_tables(
         capsys: pytest.CaptureFixture[str]) -> None:
     """Each statistic beyond the result table gets a table of its own, values formatted:

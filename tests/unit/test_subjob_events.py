@@ -23,12 +23,14 @@ class FakeSite:
     def __init__(self, events: list[tuple[float, str]]) -> None:
         self._events = events
         self.name = "site-b"
+        self.runs: list[bool] = []  # each run's `resumed`
 
     async def precheck(self, job: object) -> None:
         return None
 
-    async def run(self, job: object, progress: ShareProgress, *,
+    async def run(self, job: object, progress: ShareProgress, *, resumed: bool = False,
                   nonce: object = None) -> SiteOutcome:
+        self.runs.append(resumed)
         for delay, state in self._events:
             await asyncio.sleep(delay)
             await (progress.log("") if state == "log" else progress.running())
@@ -64,7 +66,7 @@ async def test_accepted_is_reported_when_needed_and_nothing_is_lost(
     await store.open()
     try:
         handler = PeerSubJobs(site=FakeSite(events), store=store,  # type: ignore[arg-type]
-                              verify=lambda signed: signed, max_age_s=300)
+                              verify=lambda signed, fresh=True: signed, max_age_s=300)
         entry = SimpleNamespace(name="site-a")
         got = []
         async for ev in handler.run(_job("n1"), entry, "r1"):  # type: ignore[arg-type]
@@ -88,7 +90,7 @@ async def test_an_entry_going_away_mid_wait_leaves_no_task_behind(tmp_path: Path
     await store.open()
     try:
         handler = PeerSubJobs(site=FakeSite([(5.0, "log")]), store=store,  # type: ignore[arg-type]
-                              verify=lambda signed: signed, max_age_s=300)
+                              verify=lambda signed, fresh=True: signed, max_age_s=300)
         before = asyncio.all_tasks()
 
         async def consume() -> None:
@@ -117,7 +119,7 @@ async def test_the_same_script_arriving_twice_under_review_is_a_replay(tmp_path:
     await store.open()
     try:
         handler = PeerSubJobs(site=FakeSite([]), store=store,  # type: ignore[arg-type]
-                              verify=lambda signed: signed, max_age_s=300,
+                              verify=lambda signed, fresh=True: signed, max_age_s=300,
                               scripts=ScriptPolicy(review="review"))
         job = _job("s1")
         job.request.kind, job.request.script_sha256 = "script", "ab" * 32
