@@ -333,6 +333,9 @@ class Guard(grpc.aio.ServerInterceptor):
 
     async def _fail(self, context: grpc.aio.ServicerContext, method: str, exc: BaseException,
                     started: float) -> None:
+        if context.cancelled():  # the caller left (cancelled, or its deadline passed): a
+            self._done(method, "CANCELLED", started)  # status it cannot get failed to send
+            raise asyncio.CancelledError
         if isinstance(exc, StimnetError):
             code = await self._refused(method, exc, started)
             # Also bounded on the wire: a status message echoing a megabyte of the request

@@ -318,12 +318,16 @@ async def _one(target: Target, who: Who, channel: grpc.aio.Channel, tally: Tally
     except grpc.aio.AioRpcError as err:
         tally.status(target.path, who.role, _code(err), err.details() or "", what)
     except asyncio.CancelledError:
-        if cancel_after is None:
-            raise
+        task = asyncio.current_task()
+        if cancel_after is None or (task is not None and task.cancelling()):
+            raise  # not (only) the test's own cancel of the call: a deadline of _bounded's
         tally.status(target.path, who.role, "CLIENT_CANCELLED", "", what)
     finally:
         if writer is not None:
-            await writer
+            # The call has its status, so what is left unwritten is moot; and a write on a
+            # call the client cancelled before it started never returns (grpc's client).
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
 
 
 def _code(err: grpc.aio.AioRpcError) -> str:
