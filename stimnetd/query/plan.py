@@ -57,7 +57,10 @@ def answer_plan(spec: QuerySpec, catalog: CatalogView) -> AnswerPlan:
     per_group, maps = 0, 0
     for a in spec.aggregates:
         arrays = _arrays(a)
-        if arrays:
+        meta = catalog.fields.get(a.fields[0]) if a.fields else None
+        # The plan runs before the spec is checked against the catalog: a map of what is
+        # not an image field has no grid, and validation refuses it naming the field.
+        if arrays and meta is not None and meta.type == "image":
             maps += 1
             voxels = math.prod(catalog.geometry(a.fields[0]).shape)
             per_group += voxels * (8 * arrays + 1)

@@ -66,3 +66,21 @@ def test_an_undeclared_group_field_is_refused_without_the_subject_count() -> Non
     with pytest.raises(AnswerTooLarge, match="one group per subject") as info:
         refuse_too_large(spec, _catalog([50.0] * 37), 1)
     assert "37" not in str(info.value) and "MiB" not in str(info.value)
+
+
+def test_a_map_of_a_field_that_is_no_image_plans_no_grid() -> None:
+    """The plan comes before validation: mean_map(age) or count_map(nope) has no grid to
+    plan (a real catalog has none: KeyError, once an internal error at every site); the
+    query is left to validation, which refuses it naming the field."""
+    class Strict(FakeCatalog):
+        def geometry(self, image_field: str):  # type: ignore[no-untyped-def]
+            if self.fields[image_field].type != "image":
+                raise KeyError(image_field)
+            return super().geometry(image_field)
+
+    cat = _catalog([50.0] * 10)
+    strict = Strict(cat.frame(), cat.fields, shape=SHAPE)
+    for sql in ("SELECT mean_map(age) FROM c", "SELECT count_map(nope), avg(age) FROM c"):
+        plan = answer_plan(parse_sql(sql), strict)
+        assert (plan.bytes, plan.maps) == (0, 0)
+    refuse_too_large(parse_sql("SELECT sex, mean_map(age) FROM c GROUP BY sex"), strict, 1)
