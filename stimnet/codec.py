@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -244,6 +244,41 @@ def split(blob: bytes) -> tuple[str, bytes]:
         return blob[4:4 + hlen].decode(), blob[4 + hlen:]
     except UnicodeDecodeError as exc:
         raise CodecError(f"packed document's header is not UTF-8: {exc}") from None
+
+
+class LazyArrays(Mapping[str, np.ndarray]):
+    """A packed document's arrays, each decoded when it is looked up (and not kept): the
+    entry adds a site's partials one at a time, so only one partial's grids are dense at
+    once, not the whole site's."""
+
+    def __init__(self, specs: dict[str, dict[str, Any]], body: bytes) -> None:
+        self._specs, self._body = specs, memoryview(body)
+        self._at: dict[str, int] = {}
+        pos = 0
+        for aid, spec in specs.items():
+            self._at[aid] = pos
+            pos += spec["nbytes"]
+
+    def __getitem__(self, aid: str) -> np.ndarray:
+        spec, at = self._specs[aid], self._at[aid]
+        return _decode(aid, spec, self._body[at:at + spec["nbytes"]])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+
+def unpack_lazy(blob: bytes) -> tuple[dict[str, Any], LazyArrays]:
+    """As `unpack`, with the arrays decoded on lookup (LazyArrays); sizes checked now."""
+    header, body = split(blob)
+    asm = Assembler()
+    asm.header(header)
+    if len(body) != asm._total:
+        raise CodecError(f"result body has {len(body)} of {asm._total} bytes")
+    assert asm.doc is not None
+    return asm.doc, LazyArrays(asm._specs, body)
 
 
 def unpack(blob: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

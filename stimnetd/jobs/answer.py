@@ -39,7 +39,7 @@ def assemble(job: VerifiedJob, fan: FanoutResult) -> Answer:
         return Answer("failed", f"only {len(contributors)} site(s) contributed, "
                       f"min_sites is {req.min_sites} — {why}")
     try:
-        combined = combine((o.decoded() for o in contributors), [o.site for o in contributors])
+        combined = combine((o.one_by_one() for o in contributors), [o.site for o in contributors])
         spec = req.query_spec if req.kind == "query" \
             else spec_from_partials(req.catalog, combined)
     except (IncompatiblePartials, StimnetError) as exc:

@@ -35,13 +35,14 @@ GRID_KEYS: dict[str, tuple[str, ...]] = {
 MAX_PATTERN_SITES = 52
 
 
-def combine(per_site: Iterable[list[Partial]], sites: Sequence[str] | None = None) -> list[Partial]:
+def combine(per_site: Iterable[Iterable[Partial]], sites: Sequence[str] | None = None
+            ) -> list[Partial]:
     """Sum each output's partials over sites, keyed by (name, group), in first-seen order.
     `sites` names them in refusals (which two disagree, and on what).
 
-    Folded one site at a time: `per_site` may decode each site's partials just before they
-    are added (jobs/answer.py), so only the running sums and one site's arrays are held at
-    once, not every site's maps together.
+    Folded one partial at a time: `per_site` may decode each partial just before it is
+    added (jobs/answer.py, SiteOutcome.one_by_one), so only the running sums and one
+    partial's arrays are held at once, not every site's maps together.
     """
     running: dict[tuple[str, GroupKey], _Running] = {}
     # No enumerate(): it keeps its last (index, item) tuple for reuse, which would hold the
@@ -54,12 +55,14 @@ def combine(per_site: Iterable[list[Partial]], sites: Sequence[str] | None = Non
     return [r.result() for r in running.values()]
 
 
-def _fold(running: dict[tuple[str, GroupKey], _Running], name: str, site: list[Partial]) -> None:
+def _fold(running: dict[tuple[str, GroupKey], _Running], name: str,
+          site: Iterable[Partial]) -> None:
     for p in site:
         if (r := running.get(p.key)) is None:
             running[p.key] = _Running(name, p)
         else:
             r.add(name, p)
+        del p  # before the next partial is decoded
 
 
 class _Running:

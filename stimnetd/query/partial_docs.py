@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -28,21 +29,26 @@ def partials_to_doc(partials: list[Partial]) -> tuple[list[dict[str, Any]], dict
     return docs, arrays
 
 
-def partials_from_doc(docs: Any, arrays: dict[str, np.ndarray]) -> list[Partial]:
+def partials_from_doc(docs: Any, arrays: Mapping[str, np.ndarray]) -> list[Partial]:
+    return list(iter_partials(docs, arrays))
+
+
+def iter_partials(docs: Any, arrays: Mapping[str, np.ndarray]) -> Iterator[Partial]:
+    """The partials one at a time: with codec.LazyArrays, each one's arrays are decoded only
+    when it is reached."""
     if not isinstance(docs, list):
         raise CodecError("partials must be a list")
-    out = []
     for d in docs:
         try:
             if d["kind"] not in KINDS:
                 raise CodecError(f"unknown partial kind {d['kind']!r}")
             stats = {k: arrays[aid] for k, aid in d["stats"].items()}
-            out.append(Partial(
+            p = Partial(
                 name=str(d["name"]), kind=d["kind"],
                 group=tuple((str(a), str(b)) for a, b in d["group"]), n=int(d["n"]),
                 stats=stats, meta=dict(d["meta"]),
                 cell_mask=arrays[d["cell_mask"]] if d["cell_mask"] else None,
-                suppressed_reason=d["suppressed_reason"]))
+                suppressed_reason=d["suppressed_reason"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CodecError(f"malformed partial: {exc}") from None
-    return out
+        yield p

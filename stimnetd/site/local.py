@@ -424,8 +424,10 @@ class LocalSite:
 
     def _from_release(self, release: Release) -> SiteOutcome:
         if release.partials is None:
+            # A refunded release is not given out again for free (store/releases.refund).
             return SiteOutcome(self.name, "failed", "this site released its share of the job "
-                               "before, and has since dropped it (job retention)")
+                               "before, and has since dropped it (job retention, or its "
+                               "charge was refunded because it was never sent)")
         doc, arrays = codec.unpack(release.partials or b"")
         partials = partial_docs.partials_from_doc(doc["partials"], arrays)
         return self._outcome(release.decision, partials, int(doc["n"]), release.epsilon,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,10 +38,16 @@ class SiteOutcome:
 
     def decoded(self) -> list[Partial]:
         """The partials, decoded from `packed` when they were not kept (see `lean`)."""
+        return list(self.one_by_one())
+
+    def one_by_one(self) -> Iterable[Partial]:
+        """The partials, each decoded from `packed` only when it is reached: the entry adds
+        them to its running sums one at a time (query/combine.py), so one partial's grids
+        are dense at once, not the whole share's."""
         if self.partials or self.packed is None:
             return self.partials
-        doc, arrays = codec.unpack(self.packed)
-        return partial_docs.partials_from_doc(doc["partials"], arrays)
+        doc, arrays = codec.unpack_lazy(self.packed)
+        return partial_docs.iter_partials(doc["partials"], arrays)
 
 
 def lean(partials: list[Partial], packed: bytes | None) -> list[Partial]:

@@ -3,6 +3,7 @@ arrays are alive at once, and the result is the same as adding every site's toge
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import weakref
 
@@ -99,3 +100,27 @@ def test_disagreeing_sites_are_named() -> None:
     b.meta["shape"] = [1, 2, 3]
     with pytest.raises(IncompatiblePartials, match="site-a and site-b disagree on shape"):
         combine([[a], [b]], ["site-a", "site-b"])
+
+
+def test_within_a_share_each_partial_is_decoded_only_when_reached() -> None:
+    """A share of several grouped maps, kept packed, is decoded partial by partial: when
+    one reaches the sums, no earlier partial's arrays are alive any more."""
+    parts = [dataclasses.replace(_map(i, True), group=(("sex", s),))
+             for i, s in enumerate(["F", "M", "X"])]
+    docs, arrays = partial_docs.partials_to_doc(parts)
+    outcome = SiteOutcome("s", "done", packed=codec.pack({"partials": docs}, arrays))
+    seen: list[weakref.ref[np.ndarray]] = []
+    alive_earlier: list[int] = []
+
+    def watched():  # type: ignore[no-untyped-def]
+        for p in outcome.one_by_one():
+            gc.collect()
+            alive_earlier.append(sum(r() is not None for r in seen))
+            seen.extend(weakref.ref(a) for a in p.stats.values())
+            yield p
+            del p
+
+    out = combine([watched()])
+    assert alive_earlier == [0, 0, 0] and len(out) == 3
+    for p, o in zip(parts, out, strict=True):
+        np.testing.assert_array_equal(o.stats["sum"], p.stats["sum"])
