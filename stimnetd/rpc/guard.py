@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import grpc
 import structlog
+from grpc._cython import cygrpc  # ExecuteBatchError: a status not sent, the caller gone (no public name)
 
 from stimnet.errors import ERROR_KIND_KEY, StimnetError, StorageFull
 from stimnet.pki import Identity, PkiError, identity_from_cert
@@ -333,8 +334,8 @@ class Guard(grpc.aio.ServerInterceptor):
 
     async def _fail(self, context: grpc.aio.ServicerContext, method: str, exc: BaseException,
                     started: float) -> None:
-        if context.cancelled():  # the caller left (cancelled, or its deadline passed): a
-            self._done(method, "CANCELLED", started)  # status it cannot get failed to send
+        if context.cancelled() or isinstance(exc, cygrpc.ExecuteBatchError):  # caller gone
+            self._done(method, "CANCELLED", started)
             raise asyncio.CancelledError
         if isinstance(exc, StimnetError):
             code = await self._refused(method, exc, started)

@@ -25,19 +25,25 @@ class _Identities:
 
 
 class _GoneContext:
-    """A call whose client has cancelled it."""
+    """A call whose client has cancelled it (or not yet known to have: `cancelled`)."""
+
+    def __init__(self, cancelled: bool) -> None:
+        self._cancelled = cancelled
 
     def invocation_metadata(self) -> tuple[()]:
         return ()
 
     def cancelled(self) -> bool:
-        return True
+        return self._cancelled
 
     async def abort(self, code: Any, details: str = "", trailing_metadata: Any = ()) -> None:
         raise AssertionError(f"abort({code}, {details!r}) on a call whose caller is gone")
 
 
-async def test_a_failure_after_the_caller_left_is_cancelled_not_internal() -> None:
+@pytest.mark.parametrize("known", [True, False])
+async def test_a_failure_after_the_caller_left_is_cancelled_not_internal(known: bool) -> None:
+    from grpc._cython import cygrpc
+
     out = io.StringIO()
     logs.configure("info", stream=out)
     guard = Guard(identities=_Identities(), revocations=Revocations(),  # type: ignore[arg-type]
@@ -45,9 +51,11 @@ async def test_a_failure_after_the_caller_left_is_cancelled_not_internal() -> No
                   audit_allowed=lambda *a: None)
 
     async def check(request: Any, context: Any) -> Any:
-        raise RuntimeError("Failed \"execute_batch\": (SendStatusFromServerOperation,)")
+        # What the status that could not be sent raises, whether or not the call is known
+        # to be cancelled yet.
+        raise cygrpc.ExecuteBatchError("Failed \"execute_batch\": (SendStatusFromServerOperation,)")
 
     wrapper = guard._wrap_unary("/grpc.health.v1.Health/Check", check)  # noqa: SLF001
     with pytest.raises(asyncio.CancelledError):
-        await wrapper(object(), _GoneContext())
+        await wrapper(object(), _GoneContext(known))
     assert "Traceback" not in out.getvalue() and '"status": "CANCELLED"' in out.getvalue()
