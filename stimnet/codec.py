@@ -269,6 +269,12 @@ class LazyArrays(Mapping[str, np.ndarray]):
     def __len__(self) -> int:
         return len(self._specs)
 
+    @property
+    def dense_bytes(self) -> int:
+        """What the arrays take decoded."""
+        return sum(math.prod(s["shape"]) * _DTYPES[s["dtype"]].itemsize
+                   for s in self._specs.values())
+
 
 def unpack_lazy(blob: bytes) -> tuple[dict[str, Any], LazyArrays]:
     """As `unpack`, with the arrays decoded on lookup (LazyArrays); sizes checked now."""

@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import cast
+from typing import Any, cast
 
 import grpc
+import numpy as np
 
 from stimnet import codec, multiplex
 from stimnet.frames import feed
@@ -23,12 +25,12 @@ from stimnet.states import SiteState
 from stimnet.v1 import federation_pb2, federation_pb2_grpc, node_pb2, node_pb2_grpc
 from stimnetd.federation.fanout import SiteEventSink, Target
 from stimnetd.query import partial_docs
-from stimnetd.query.aggregate import layout_problem
+from stimnetd.query.aggregate import Partial, layout_problem
 from stimnetd.rpc import convert
 from stimnetd.rpc.guard import REQUEST_ID_KEY
 from stimnetd.rpc.peer_identity import PeerIdentityError, probe
 from stimnetd.site import SiteOutcome
-from stimnetd.site.outcome import lean
+from stimnetd.site.outcome import LEAN_BYTES
 from stimnetd.tls import TlsMaterial, channel_credentials
 
 _TERMINAL = {"done", "suppressed", "refused", "failed"}
@@ -329,15 +331,16 @@ class _SubJobReader:
         if state != "done":
             return SiteOutcome(site, cast(SiteState, state), detail)  # checked in event()
         try:
-            doc, arrays = self._asm.result()
+            packed = self._asm.packed()
+            doc, arrays = codec.unpack_lazy(packed)
             if not isinstance(doc, dict):
                 raise codec.CodecError("the answer is not an object")
-            partials = partial_docs.partials_from_doc(doc["partials"], arrays)
-            for p in partials:
-                # Combining and finalising index by the layout: a peer's partial without it
-                # would fail the whole job with an internal error instead of this site.
-                if (problem := layout_problem(p)) is not None:
-                    raise codec.CodecError(f"partial {p.name[:100]!r}: {problem}")
+            # A large share is checked partial by partial off the loop and kept packed
+            # (the entry decodes it again as it combines: site/outcome.py); a small one is
+            # kept decoded.
+            large = arrays.dense_bytes > LEAN_BYTES
+            partials = await asyncio.to_thread(_checked, doc["partials"], arrays, large) \
+                if large else _checked(doc["partials"], arrays, large)
             epsilon, mechanism = doc.get("epsilon"), doc.get("mechanism")
             if not (epsilon is None or (type(epsilon) in (int, float) and epsilon >= 0
                                         and math.isfinite(epsilon))):
@@ -350,9 +353,22 @@ class _SubJobReader:
         except (codec.CodecError, KeyError) as exc:
             return await _ended(self._on_event, site, "failed",
                                 f"malformed partial aggregates: {exc}")
-        packed = self._asm.packed()
-        return SiteOutcome(site, "done", detail, n=n, partials=lean(partials, packed),
+        return SiteOutcome(site, "done", detail, n=n, partials=partials,
                            epsilon=epsilon, delta=delta, mechanism=mechanism, packed=packed)
+
+
+def _checked(docs: Any, arrays: Mapping[str, np.ndarray], large: bool) -> list[Partial]:
+    """A peer's partials, each checked against its layout: combining and finalising index
+    by it, so a partial without it would fail the whole job with an internal error
+    instead of this site. A large share's are let go as they are checked ([])."""
+    kept = []
+    for p in partial_docs.iter_partials(docs, arrays):
+        if (problem := layout_problem(p)) is not None:
+            raise codec.CodecError(f"partial {p.name[:100]!r}: {problem}")
+        if not large:
+            kept.append(p)
+        del p
+    return kept
 
 
 def _last_subjob_reply(reply: federation_pb2.SubJobReply) -> bool:
