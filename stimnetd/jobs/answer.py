@@ -44,7 +44,7 @@ def assemble(job: VerifiedJob, fan: FanoutResult) -> Answer:
             else spec_from_partials(req.catalog, combined)
     except (IncompatiblePartials, StimnetError) as exc:
         return Answer("failed", f"sites returned incompatible results: {exc}")
-    result = finalize(spec, combined)
+    result = finalize(spec, combined, consume=True)
     summary = result.to_dict()
     if missing:
         # Loud, not silent: a partial federation answers, and says who is not in it.

@@ -42,23 +42,29 @@ class QueryResult:
         return _json(d)
 
 
-def finalize(spec: QuerySpec, combined: list[Partial]) -> QueryResult:
+def finalize(spec: QuerySpec, combined: list[Partial], *, consume: bool = False) -> QueryResult:
+    """The answer from the combined partials. `consume`: the caller hands them over (it
+    empties `combined`), so a mean map's answer reuses its sums' arrays instead of
+    allocating as much again, and each partial goes once its output is made."""
     index = {p.key: p for p in combined}
     groups = sorted(
         {p.group for p in combined}, key=lambda g: [dict(g).get(f, "") for f in spec.group_by]
     ) or ([()] if not spec.group_by else [])
+    if consume:
+        combined.clear()
     res = QueryResult(columns=list(spec.group_by) + _scalar_columns(spec), rows=[])
     for group in groups:
         values = dict(group)
         row: list[Any] = [values.get(g) for g in spec.group_by]
         for a in spec.aggregates:
-            p = index.get((a.name, group))
+            p = index.pop((a.name, group), None) if consume else index.get((a.name, group))
             if p is None:
                 if a.func in SCALAR_FUNCS:
                     row += [None] * _width(a)
                 res.notes.append(f"{a.name}{_glabel(group)}: no site returned this output")
                 continue
-            _Finaliser(res, a, p).run(row)
+            _Finaliser(res, a, p, owned=consume).run(row)
+            del p
         res.rows.append(row)
     res.notes = list(dict.fromkeys(res.notes))
     return res
@@ -79,8 +85,9 @@ def _width(a: AggSpec) -> int:
 
 
 class _Finaliser:
-    def __init__(self, res: QueryResult, a: AggSpec, p: Partial) -> None:
+    def __init__(self, res: QueryResult, a: AggSpec, p: Partial, *, owned: bool = False) -> None:
         self.res, self.a, self.p = res, a, p
+        self.owned = owned  # p's arrays may become the answer's (finalize's `consume`)
         self.label = f"{a.name}{_glabel(p.group)}"
         self.everywhere = p.meta.get("suppressed_everywhere")
         if p.meta.get(UNLISTED):
@@ -250,7 +257,8 @@ class _Finaliser:
 
     def voxel_map(self) -> None:
         s, meta = self.p.stats, self.p.meta
-        count = np.asarray(s["count"], dtype=np.float64).copy()
+        count = np.asarray(s["count"], dtype=np.float64)
+        count = count if self.owned and count is s["count"] else count.copy()
         if self.everywhere is not None:
             count[np.asarray(self.everywhere, bool).reshape(count.shape)] = np.nan
         key = f"{self.a.name}{_glabel(self.p.group)}"
@@ -274,8 +282,10 @@ class _Finaliser:
                 num, den = count, np.full(count.shape, float(self.p.n))
                 what = "fraction of the cohort covering the voxel"
             ok = np.isfinite(den) & (den > 0)
-            mean = np.full(count.shape, np.nan)
+            # Owned: the sums become the means in place (the answer no longer needs them).
+            mean = num if self.owned and "sum" in s and num is s["sum"] else np.empty(count.shape)
             np.divide(num, den, out=mean, where=ok)
+            mean[~ok] = np.nan
             entry["mean_key"] = f"{key}:mean"
             self.res.arrays[entry["mean_key"]] = mean
             self.note(f"mean map is the {what}; NaN where no subject covers it", per_group=False)

@@ -124,3 +124,34 @@ def test_within_a_share_each_partial_is_decoded_only_when_reached() -> None:
     assert alive_earlier == [0, 0, 0] and len(out) == 3
     for p, o in zip(parts, out, strict=True):
         np.testing.assert_array_equal(o.stats["sum"], p.stats["sum"])
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT mean_map(vta, w) AS m FROM c GROUP BY sex",
+    "SELECT mean_map(vta) AS m, count_map(vta) AS k FROM c GROUP BY sex",
+])
+def test_a_consumed_finalize_gives_the_same_answer(sql: str) -> None:
+    """Handing the combined sums over (the entry does) turns them into the answer in place:
+    the same means, counts and NaNs (withheld everywhere, or covered by nobody)."""
+    from stimnet.query.sql import parse_sql
+    from stimnetd.query.result import finalize
+
+    spec = parse_sql(sql)
+    def parts() -> list[Partial]:
+        out = []
+        for a in spec.aggregates:
+            for i, sex in enumerate(["F", "M"]):
+                p = _map(i, True)
+                stats = p.stats if a.fields[1:] else {"count": p.stats["count"]}
+                out.append(dataclasses.replace(p, name=a.name, group=(("sex", sex),),
+                                               stats=stats, meta={**META, "weight": None}
+                                               if not a.fields[1:] else dict(META)))
+        return out
+
+    kept = combine([parts(), parts()])
+    handed = combine([parts(), parts()])
+    plain, consumed = finalize(spec, kept), finalize(spec, handed, consume=True)
+    assert handed == [] and plain.arrays.keys() == consumed.arrays.keys()
+    for k, v in plain.arrays.items():
+        np.testing.assert_array_equal(consumed.arrays[k], v)
+    assert any(np.isnan(v).any() for v in plain.arrays.values())
