@@ -18,6 +18,10 @@ import numpy as np
 
 CHUNK = 512 * 1024
 MAX_ARRAY_BYTES = 256 * 1024 * 1024
+# All of one document's arrays decoded: twice [storage] max_answer_mb's default, so no
+# legitimate answer is refused, while a sparse header cannot make its reader allocate
+# without bound.
+MAX_DENSE_BYTES = 2 * 1024 * 1024 * 1024
 _DTYPES = {"float64": np.dtype("<f8"), "bool": np.dtype("bool"), "int64": np.dtype("<i8")}
 
 
@@ -150,9 +154,14 @@ class Assembler:
             # ValueError: JSONDecodeError, and an integer of 4,300+ digits.
             raise CodecError(f"malformed result header: {type(exc).__name__}: "
                              f"{str(exc)[:200]}") from None
-        total = 0
+        total = dense = 0
         for aid, spec in specs.items():
             total += _checked(aid, spec)
+            dense += math.prod(spec["shape"]) * _DTYPES[spec["dtype"]].itemsize
+        if dense > MAX_DENSE_BYTES:
+            # A sparse body of a few bytes can announce gigabytes of decoded grids.
+            raise CodecError(f"result would take {dense} bytes decoded, more than "
+                             f"{MAX_DENSE_BYTES}")
         self.doc, self._specs, self._total, self._header = doc, specs, total, text
 
     def chunk(self, aid: str, offset: int, data: bytes, last: bool) -> None:

@@ -154,3 +154,14 @@ def test_stored_sparse_documents_round_trip_through_compaction() -> None:
     blob = codec.pack({"x": 1}, {"m": _vta_like(np.nan), "c": _vta_like(0.0)})
     stored = blobs.compact(blob)
     assert blobs.expand(stored) == blob and len(stored) < len(blob)
+
+
+def test_a_tiny_sparse_header_cannot_announce_unbounded_grids() -> None:
+    """Empty sparse arrays cost no body bytes; their decoded total is still capped."""
+    import json
+
+    n = codec.MAX_ARRAY_BYTES // 8
+    arrays = {f"a{i}": {"dtype": "float64", "shape": [n], "sparse": {"nnz": 0, "fill": 0}}
+              for i in range(codec.MAX_DENSE_BYTES // codec.MAX_ARRAY_BYTES + 1)}
+    with pytest.raises(codec.CodecError, match="decoded, more than"):
+        codec.Assembler().header(json.dumps({"doc": {}, "arrays": arrays}))
