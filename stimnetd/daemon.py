@@ -331,7 +331,7 @@ class Daemon:
     async def _listen(self) -> int:
         node = self.config.node  # gRPC's own TLS, or the TLS front (listening.py)
         port, self._inner_dir, self.inner_socket = await listening.bind(
-            self._server, self.front, self.tls.credentials, node.host, node.port)
+            self._server, self.front, self.tls.credentials, node.host, node.port, node.state_dir)
         return port
 
     def _start_background(self) -> None:

@@ -2,13 +2,42 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+# In the state directory: where the front's private socket directory of the last start is.
+MARKER = "front-socket-dir"
+PREFIX = "stimnetd-"
 
-async def bind(server: Any, front: Any, credentials: Any, host: str, port: int
-               ) -> tuple[int, Path | None, str | None]:
+
+def private_dir(state_dir: Path | None) -> Path:
+    """A fresh private directory for the front's socket. A node killed by SIGKILL cannot
+    remove its own, so the next start of the same state directory removes the one the
+    marker names: one instance per state directory (store/lock.py, taken before the port
+    is bound) means its owner is gone. Only a `stimnetd-` directory directly in the
+    temporary directory is ever removed."""
+    marker = state_dir / MARKER if state_dir is not None else None
+    if marker is not None:
+        try:
+            old = Path(marker.read_text().strip())
+        except (OSError, ValueError):
+            old = None
+        if old is not None and old.name.startswith(PREFIX) \
+                and old.parent == Path(tempfile.gettempdir()):
+            shutil.rmtree(old, ignore_errors=True)
+    inner = Path(tempfile.mkdtemp(prefix=PREFIX))
+    if marker is not None:
+        try:
+            marker.write_text(str(inner))
+        except OSError:
+            pass  # a full state volume: the directory is removed at a clean stop anyway
+    return inner
+
+
+async def bind(server: Any, front: Any, credentials: Any, host: str, port: int,
+               state_dir: Path | None = None) -> tuple[int, Path | None, str | None]:
     """(the port bound, the front's private directory, its socket); OSError if the port
     cannot be bound. `front` None: gRPC's TLS with `credentials()`."""
     inner_dir = socket = None
@@ -17,7 +46,7 @@ async def bind(server: Any, front: Any, credentials: Any, host: str, port: int
     else:
         # Plaintext, on a unix socket only this user can reach, and useless without
         # the front's verdict. A short private path: sun_path holds 108 bytes.
-        inner_dir = Path(tempfile.mkdtemp(prefix="stimnetd-"))
+        inner_dir = private_dir(state_dir)
         socket = str(inner_dir / "grpc.sock")
         server.add_insecure_port(f"unix:{socket}")
         try:
