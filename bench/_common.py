@@ -6,6 +6,7 @@ import asyncio
 import atexit
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -127,3 +128,14 @@ def rss_mb(pid: int) -> float:
     from stimnetd.memtrim import rss_bytes
 
     return rss_bytes(pid) / 2**20
+
+
+def timed(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
+    """Median wall time of `repeat` calls of `fn`, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)

@@ -11,12 +11,10 @@ a cluster of machines gives.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
-from _common import ROOT  # type: ignore[import-not-found]  # noqa: F401 - puts the repo on sys.path
+from _common import ROOT, timed  # type: ignore[import-not-found]  # noqa: F401 - ROOT: puts the repo on sys.path
 from distributed import LocalCluster
 
 from stimnet.query.sql import parse_sql
@@ -28,16 +26,6 @@ from stimnetd.testing import CertFactory, write_node_config
 from tests.helpers import demo_catalog
 
 SQL = "SELECT count_map(vta_path), mean_map(vta_path, improvement_pct) FROM dbs_outcomes"
-
-
-def timed(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:

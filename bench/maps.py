@@ -24,7 +24,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pandas as pd
-from _common import ROOT, start_demo_sites, workdir  # type: ignore[import-not-found]
+from _common import ROOT, start_demo_sites, timed, workdir  # type: ignore[import-not-found]
 from memory import PeakSampler  # type: ignore[import-not-found]
 
 from stimctl.client import AsyncClient
@@ -56,16 +56,6 @@ def plain_tmap(roots: list[Path]) -> tuple[np.ndarray, np.ndarray]:
         mean = s1 / n
         var = (s2 - n * mean ** 2) / (n - 1)
         return mean / np.sqrt(var / n), n
-
-
-def timed(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 async def one(subjects: int, repeat: int) -> None:

@@ -340,13 +340,7 @@ async def cmd_submit(c: AsyncClient, args: argparse.Namespace) -> int:
             print(f"job {job.id}: {job.state}{' — ' + job.detail if job.detail else ''}")
             print(f"follow it with: stimctl job {job.id}   results: stimctl results {job.id}")
         return 0
-    with Progress(enabled=not args.json) as progress:
-        try:
-            ans = await c.run_job(job, progress)
-        except JobFailed as exc:
-            print(f"stimctl: {exc}", file=sys.stderr)
-            return EXIT_FAILED
-    return print_answer(ans, args)
+    return await _watch_job(c, job, args)
 
 
 async def cmd_jobs(c: AsyncClient, args: argparse.Namespace) -> int:

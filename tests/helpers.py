@@ -3,6 +3,8 @@ helpers (`stimnetd.testing`) must not import `stimctl`."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,3 +25,22 @@ def demo_catalog(root: Path, site: str = "site-a", *, site_index: int = 0, n_sub
     entry = demodata.generate_site(root, site=site, site_index=site_index,
                                    n_subjects=n_subjects, seed=seed)
     return {**entry, "root": str(root)}
+
+
+def fill_volume(volume: Path, leave: int = 0) -> Path:
+    """A file taking every free byte of `volume` but `leave`."""
+    filler = volume / "filler"
+    if leave:
+        filler.write_bytes(b"\0" * max(0, shutil.disk_usage(volume).free - leave))
+        return filler
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (1 << 20, 4096, 1):
+            try:
+                while os.write(fd, b"\0" * size):
+                    pass
+            except OSError:
+                continue
+    finally:
+        os.close(fd)
+    return filler

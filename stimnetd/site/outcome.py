@@ -13,7 +13,7 @@ from stimnetd.query import partial_docs
 from stimnetd.query.aggregate import Partial
 
 # Outcomes whose arrays are larger than this keep only their packed (sparse) form until the
-# entry combines them (`decoded`): a grouped map query's dense arrays are hundreds of MB
+# entry combines them (`one_by_one`): a grouped map query's dense arrays are hundreds of MB
 # per site, and the entry would otherwise hold every site's at once.
 LEAN_BYTES = 4 * 1024 * 1024
 
@@ -36,10 +36,6 @@ class SiteOutcome:
     # peer's share as it arrived.
     packed: bytes | None = None
 
-    def decoded(self) -> list[Partial]:
-        """The partials, decoded from `packed` when they were not kept (see `lean`)."""
-        return list(self.one_by_one())
-
     def one_by_one(self) -> Iterable[Partial]:
         """The partials, each decoded from `packed` only when it is reached: the entry adds
         them to its running sums one at a time (query/combine.py), so one partial's grids
@@ -51,7 +47,7 @@ class SiteOutcome:
 
 
 def lean(partials: list[Partial], packed: bytes | None) -> list[Partial]:
-    """`partials`, or none when they are large and `packed` holds them (decoded() again)."""
+    """`partials`, or none when they are large and `packed` holds them (one_by_one() again)."""
     if packed is None:
         return partials
     size = sum(np.asarray(a).nbytes for p in partials for a in p.stats.values())

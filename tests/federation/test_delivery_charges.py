@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
-import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -27,48 +24,12 @@ from stimnetd.daemon import Daemon
 from stimnetd.rpc import convert
 from stimnetd.testing import CertFactory, CertPaths, free_port, write_node_config
 from tests.federation.test_federated_queries import _tiny_catalog
-from tests.helpers import client_config
+from tests.helpers import client_config, fill_volume
 
 NO_SPACE = "no space left on the state volume"
 QUERY = "SELECT count(*), avg(age) FROM tiny"
 PRIVACY = {"dp": "required", "budget_epsilon": 1e6, "max_epsilon_per_query": 1.0,
            "catalog_budget_epsilon": 1e6}
-
-
-@pytest.fixture
-def small_volume(tmp_path: Path) -> Iterator[Path]:
-    """A 16 MiB tmpfs (root needed: without it the test skips, and fails under CI=true)."""
-    mnt = tmp_path / "state-volume"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true requires mounting a tmpfs for the disk-full test: {done.stderr}")
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def _fill(volume: Path, leave: int = 0) -> Path:
-    """A file taking every free byte of `volume` but `leave`."""
-    filler = volume / "filler"
-    if leave:
-        filler.write_bytes(b"\0" * max(0, shutil.disk_usage(volume).free - leave))
-        return filler
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        for size in (1 << 20, 4096, 1):
-            try:
-                while os.write(fd, b"\0" * size):
-                    pass
-            except OSError:
-                continue
-    finally:
-        os.close(fd)
-    return filler
 
 
 @asynccontextmanager
@@ -124,7 +85,7 @@ async def test_a_full_entry_fans_nothing_out_and_no_peer_charges(tmp_path: Path,
                     if m["state"] == "done" and m["site"] in delivered:
                         delivered[m["site"]] += 1
             await ask()
-            filler = _fill(small_volume)
+            filler = fill_volume(small_volume)
             try:
                 for _ in range(6):
                     with pytest.raises((StorageFull, JobFailed), match=NO_SPACE):
@@ -165,7 +126,7 @@ async def test_under_load_a_nearly_full_entry_charges_peers_only_for_delivered_a
                 for m in ans.manifest:
                     if m["state"] == "done" and m["site"] in delivered:
                         delivered[m["site"]] += 1
-            filler = _fill(small_volume, leave=2560 * 1024)
+            filler = fill_volume(small_volume, leave=2560 * 1024)
             try:
                 await asyncio.gather(*(ask() for _ in range(60)))
             finally:
@@ -398,7 +359,7 @@ async def test_an_entry_that_cannot_record_the_job_cancels_its_peers_unsent_shar
             return None
         monkeypatch.setattr(entry.site, "check_storage", passes)
         go = _hold_after_release(monkeypatch, peer)
-        filler = _fill(small_volume)
+        filler = fill_volume(small_volume)
         try:
             asked = asyncio.create_task(c.query(QUERY, federated=True, epsilon=1.0))
 

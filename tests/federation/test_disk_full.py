@@ -3,52 +3,16 @@ nothing acknowledged lost, and work resumes when space comes back."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from stimctl.client import AsyncClient
 from stimnet.errors import JobFailed, StorageFull
-from tests.helpers import client_config
+from tests.helpers import client_config, fill_volume
 
 NO_SPACE = "no space left on the state volume"
 QUERY = "SELECT sex, count(*), avg(age) FROM dbs_outcomes GROUP BY sex"
-
-
-@pytest.fixture
-def small_volume(tmp_path: Path) -> Iterator[Path]:
-    """A 16 MiB tmpfs (root needed: without it the test skips, and fails under CI=true)."""
-    mnt = tmp_path / "state-volume"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true requires mounting a tmpfs for the disk-full test: {done.stderr}")
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def _fill(volume: Path) -> Path:
-    """A file taking every free byte of `volume`."""
-    filler = volume / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        for size in (1 << 20, 4096, 1):
-            try:
-                while os.write(fd, b"\0" * size):
-                    pass
-            except OSError:
-                continue
-    finally:
-        os.close(fd)
-    return filler
 
 
 async def test_a_full_state_volume_refuses_writes_and_keeps_serving(start_node, pki, small_catalog,
@@ -65,7 +29,7 @@ async def test_a_full_state_volume_refuses_writes_and_keeps_serving(start_node, 
                 AsyncClient(client_config(ops, f"127.0.0.1:{d.port}", 30.0)) as admin:
             earlier = await c.query(QUERY)
             entries_before = (await admin.audit_verify()).entries
-            filler = _fill(small_volume)
+            filler = fill_volume(small_volume)
             # The first job finds the volume full when it writes (its share fails, saying
             # why); from then on the node refuses jobs at admission, as StorageFull.
             with pytest.raises((StorageFull, JobFailed), match=NO_SPACE):

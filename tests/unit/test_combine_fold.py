@@ -70,7 +70,7 @@ def test_a_sites_arrays_are_freed_before_the_next_is_decoded() -> None:
             if i == 2:
                 gc.collect()
                 alive_before_third.append(sum(r() is not None for r in alive))
-            parts = SiteOutcome(f"s{i}", "done", packed=blobs[i]).decoded()
+            parts = list(SiteOutcome(f"s{i}", "done", packed=blobs[i]).one_by_one())
             alive.extend(weakref.ref(a) for a in parts[0].stats.values())
             yield parts
             del parts
@@ -82,7 +82,7 @@ def test_a_sites_arrays_are_freed_before_the_next_is_decoded() -> None:
 
 
 def test_large_outcomes_keep_only_their_packed_form() -> None:
-    """Past LEAN_BYTES an outcome drops its decoded partials; decoded() gives them back."""
+    """Past LEAN_BYTES an outcome drops its decoded partials; one_by_one() gives them back."""
     big = _map(0, True)
     assert sum(a.nbytes for a in big.stats.values()) > LEAN_BYTES
     blob = _packed(big)
@@ -90,7 +90,7 @@ def test_large_outcomes_keep_only_their_packed_form() -> None:
     small = Partial(name="c", kind="count", group=(), n=9, stats={"count": np.array([9.0])},
                     meta={"field": None})
     assert lean([small], _packed(small)) == [small]
-    back = SiteOutcome("s", "done", packed=blob).decoded()[0]
+    back = list(SiteOutcome("s", "done", packed=blob).one_by_one())[0]
     np.testing.assert_array_equal(back.stats["sum"], big.stats["sum"])
     np.testing.assert_array_equal(back.cell_mask, big.cell_mask)
 
