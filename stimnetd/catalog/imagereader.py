@@ -47,21 +47,43 @@ class SparseReader:
         self.cache = cache
         self.workers = workers
         self._pool: Executor | None = None
+        self._ready = threading.Event()
         self._lock = threading.Lock()
+        self.decoded_in_pool = 0
 
     def _executor(self) -> Executor:
+        """The pool, started on first use. It counts as ready once every worker has
+        imported the decoding code (seconds on a loaded machine); until then misses are
+        decoded on the caller's thread, so starting the pool never delays a query."""
         with self._lock:
             if self._pool is None:
-                self._pool = ProcessPoolExecutor(
+                self._ready.clear()
+                self._pool = pool = ProcessPoolExecutor(
                     max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"))
+                pending = [pool.submit(_warm) for _ in range(self.workers)]
+                left = [len(pending)]
+
+                def one_done(_: object) -> None:
+                    with self._lock:
+                        left[0] -= 1
+                        if left[0] == 0 and self._pool is pool:
+                            self._ready.set()
+
+                for f in pending:
+                    f.add_done_callback(one_done)
             return self._pool
 
     def start(self) -> None:
-        """Start the workers now (each imports numpy and nibabel: about a second)."""
+        """Start the workers now rather than at the first image query."""
         if self.workers > 0:
-            pool = self._executor()
-            for _ in range(self.workers):
-                pool.submit(_warm)
+            self._executor()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        return self._ready.wait(timeout_s)
 
     def read(self, root: Path, catalog: str, relpaths: Sequence[str]) -> list[SparseImage]:
         """The images at `relpaths` (relative to `root`), in that order."""
@@ -79,25 +101,28 @@ class SparseReader:
         missing = [rel for rel in keys if rel not in found]
         for rel, image in zip(missing, self._decode(root, catalog, missing), strict=True):
             found[rel] = image
-            key = keys[rel]
+            before = keys[rel]
             try:
-                same = key is not None and FileKey.of(_inside(root, rel, catalog)) == key
+                same = before is not None and FileKey.of(_inside(root, rel, catalog)) == before
             except OSError:
                 same = False
-            if same:
-                assert key is not None
-                self.cache.put(key, image)
+            if same and before is not None:
+                self.cache.put(before, image)
         return [found[rel] for rel in relpaths]
 
     def _decode(self, root: Path, catalog: str, relpaths: list[str]) -> list[SparseImage]:
         if self.workers == 0 or len(relpaths) < POOL_MIN_MISSES:
             return decode_chunk(str(root), catalog, relpaths)
+        pool = self._executor()
+        if not self.ready:
+            return decode_chunk(str(root), catalog, relpaths)
         size = max(1, math.ceil(len(relpaths) / (self.workers * CHUNKS_PER_WORKER)))
         chunks = [relpaths[i:i + size] for i in range(0, len(relpaths), size)]
-        pool = self._executor()
         try:
             futures = [pool.submit(decode_chunk, str(root), catalog, c) for c in chunks]
-            return [image for f in futures for image in f.result()]
+            images = [image for f in futures for image in f.result()]
+            self.decoded_in_pool += len(images)
+            return images
         except BrokenProcessPool:
             # A worker died (the OOM killer, a signal): this query decodes here, the next
             # one starts a new pool.
@@ -105,6 +130,7 @@ class SparseReader:
             with self._lock:
                 if self._pool is pool:
                     self._pool = None
+                    self._ready.clear()
             pool.shutdown(wait=False, cancel_futures=True)
             return decode_chunk(str(root), catalog, relpaths)
 

@@ -32,6 +32,8 @@ def test_maps_decoded_in_the_pool_equal_the_dense_loop(tmp_path: Path) -> None:
     dense = compute(spec, catalog).partials
     images = CachedImages(SparseReader(ImageCache(64 << 20), workers=2))
     try:
+        images.reader.start()
+        assert images.reader.wait_ready(300)
         for _ in range(2):
             got = compute(spec, catalog, images=images).partials
             for pd_, pg in zip(dense, got, strict=True):
@@ -40,5 +42,6 @@ def test_maps_decoded_in_the_pool_equal_the_dense_loop(tmp_path: Path) -> None:
                     np.testing.assert_array_equal(pg.stats[k], pd_.stats[k], strict=True)
         counters = images.reader.cache.counters
         assert counters.misses > 20 and counters.hits >= 3 * counters.misses
+        assert images.reader.decoded_in_pool == counters.misses
     finally:
         images.close()
