@@ -101,3 +101,19 @@ def test_the_catalogs_contract_is_judged_alike(tmp_path: Path) -> None:
     with pytest.raises(DataContractViolation) as cached:
         compute(spec, catalog, images=_images())
     assert str(cached.value) == str(dense.value)
+
+
+@pytest.mark.parametrize("clamp", [False, True])
+def test_continuous_maps_equal_the_dense_loop_exactly(tmp_path: Path, clamp: bool) -> None:
+    """corr_map and mean_map of float32 E-fields, with and without clamping to the
+    value bounds: the cached sums equal the dense path's bit for bit."""
+    from tests.federation.test_corr_map import _site
+
+    cat, _df, _x = _site(tmp_path / "ef", 0, np.random.default_rng(8))
+    certs = CertFactory(tmp_path / "pki").issue("node-a", "node")
+    cfg = load_config(write_node_config(tmp_path / "site", certs, "node-a", catalogs=[cat]))
+    catalog = load_catalogs(cfg.catalogs).get("ef")
+    spec = parse_sql("SELECT corr_map(efield, outcome), mean_map(efield) FROM ef")
+    dense = compute(spec, catalog, clamp=clamp).partials
+    assert dense[0].stats["sxw"].any()
+    _same(compute(spec, catalog, images=_images(), clamp=clamp).partials, dense)
