@@ -88,11 +88,13 @@ def percentile(values: list[float], p: float) -> float:
     return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
 
 
-async def start_demo_sites(tmp: Path, prefix: str, subjects: int, *, privacy: dict | None = None
+async def start_demo_sites(tmp: Path, prefix: str, subjects: int, *, privacy: dict | None = None,
+                           prepare: Callable[[Path, dict], dict] | None = None
                            ) -> tuple[list, list[int], list[Path], object]:
     """Three loopback `stimnetd` processes on demo catalogs, peered statically, DP off by
-    default. Returns (processes, ports, store paths, a researcher's certificates); the
-    caller stops the processes."""
+    default; `prepare(root, entry)` may rewrite a catalog (and return its entry) before
+    its daemon starts. Returns (processes, ports, store paths, a researcher's
+    certificates); the caller stops the processes."""
     from stimctl import demodata
     from stimnetd.testing import CertFactory, DaemonProcess, free_port, write_node_config
 
@@ -107,6 +109,8 @@ async def start_demo_sites(tmp: Path, prefix: str, subjects: int, *, privacy: di
             root = tmp / f"catalog-{name}"
             entry = demodata.generate_site(root, site=name, site_index=i, n_subjects=subjects,
                                            seed=11 + i)
+            if prepare is not None:
+                entry = prepare(root, entry)
             cfg = write_node_config(
                 tmp / name, pki.issue(name, "node"), name, port=port, crl=pki.crl_path,
                 catalogs=[{**entry, "root": str(root)}], logging={"level": "warning"},

@@ -182,8 +182,7 @@ class Daemon:
                                 concurrency=scripts.concurrency,
                                 on_duration=self.metrics.sandbox_seconds.observe) \
             if self.sandbox is not None else None
-        # [compute]: voxel maps on Dask (connected at the first map query), else from the
-        # image cache, decoded by a process pool started at the first map query.
+        # [compute]: voxel maps on Dask, else from the image cache (query/sparse_images.py).
         self.images = site_images(config.compute, config.node.state_dir)
         return LocalSite(name=config.node.name, catalogs=self.catalogs, store=self.store,
                          policy=policy, noise=NoiseMechanism(),
