@@ -179,9 +179,8 @@ class Daemon:
         scripts = config.scripts
         runner = SandboxScripts(self.sandbox, log_policy=scripts.log_policy,
                                 declared_outputs=scripts.declared_outputs,
-                                concurrency=scripts.concurrency,
-                                on_duration=self.metrics.sandbox_seconds.observe,
-                                release_slot_s=scripts.release_slot_s) \
+                                concurrency=scripts.concurrency, release_slot_s=scripts.release_slot_s,
+                                on_duration=self.metrics.sandbox_seconds.observe) \
             if self.sandbox is not None else None
         # [compute] scheduler: voxel maps on Dask, connected at the first map query.
         self.images = DaskImages(sched) if (sched := config.compute.scheduler) else None
