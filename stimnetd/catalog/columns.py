@@ -95,6 +95,8 @@ class Columns:
 
     def two_values(self, name: str) -> tuple[float, float] | None:
         """The column's two distinct numbers (lower first) when it takes exactly two."""
+        if name not in self._frame.columns:
+            return None
         pair = self._get("two", name, lambda c: _exactly_two(numbers_of(c)))
         return (float(pair[0]), float(pair[1])) if pair.size == 2 else None
 

@@ -53,14 +53,15 @@ def _sum(*fields: str) -> str:
 def linear_cohorts(a: AggSpec, rows: Rows, group: GroupKey, *, fine_bins: int = 1024,
                    bounds: tuple[float, float] | None = None,
                    levels: list[list[str]] | None = None,
-                   condition: tuple[np.ndarray, np.ndarray] | None = None
-                   ) -> list[LinearCohort]:
+                   condition: tuple[np.ndarray, np.ndarray] | None = None,
+                   continuous: bool = False) -> list[LinearCohort]:
     """The linear statistics aggregate `a` releases over `rows`, each with its cohort, and
     what they are equivalent to over two-valued fields (see the module's docstring).
-    `condition`: prop_map's rows whose condition is true, and those where it is false."""
+    `condition`: prop_map's rows whose condition is true, and those where it is false;
+    `continuous`: the image's values."""
     out: list[LinearCohort] = []
     for lc in _cohorts(a, rows, group, fine_bins=fine_bins, bounds=bounds, levels=levels,
-                       condition=condition):
+                       condition=condition, continuous=continuous):
         out += _with_two_valued_parts(lc, rows)
     return out
 
@@ -76,6 +77,8 @@ def _with_two_valued_parts(lc: LinearCohort, rows: Rows) -> list[LinearCohort]:
     for i in range(1 if kind == "img" else 0, len(factors)):
         if i and factors[i] == factors[i - 1]:
             continue  # x*x: the same split as its first x
+        if kind == "img" and factors[0].endswith(":x") and factors[i] == "x":
+            continue  # a continuous image's own value, not a field
         pair = rows.columns.two_values(factors[i])
         if pair is None:
             continue
@@ -89,7 +92,8 @@ def _with_two_valued_parts(lc: LinearCohort, rows: Rows) -> list[LinearCohort]:
 
 def _cohorts(a: AggSpec, rows: Rows, group: GroupKey, *, fine_bins: int,
              bounds: tuple[float, float] | None, levels: list[list[str]] | None,
-             condition: tuple[np.ndarray, np.ndarray] | None) -> list[LinearCohort]:
+             condition: tuple[np.ndarray, np.ndarray] | None,
+             continuous: bool) -> list[LinearCohort]:
     pos = np.arange(len(rows)) if rows.positions is None else np.asarray(rows.positions)
     f = a.fields
 
@@ -132,8 +136,9 @@ def _cohorts(a: AggSpec, rows: Rows, group: GroupKey, *, fine_bins: int,
         return cells(used, idx, fine_bins)
     if a.func == "contingency" and levels is not None:
         return _contingency(a, rows, group, pos, levels)
-    if a.condition is not None or a.func in ("tmap", "tmap2"):
-        return _voxel_test(a, rows, group, pos, condition)
+    if a.condition is not None or a.func in ("tmap", "tmap2", "corr_map") or continuous:
+        return _field_map(a, rows, group, pos) if continuous else \
+            _voxel_test(a, rows, group, pos, condition)
     if a.func in ("count_map", "mean_map", "roi_overlap"):
         used = ~rows.missing(f[0])
         qs = [COUNT, f"img:{f[0]}"]
@@ -142,6 +147,18 @@ def _cohorts(a: AggSpec, rows: Rows, group: GroupKey, *, fine_bins: int,
             qs.append(f"img:{f[0]}*{f[1]}")
         return whole(used, *qs)
     raise ValueError(f"{a.name}: no linear cohorts for {a.func!r}")
+
+
+def _field_map(a: AggSpec, rows: Rows, group: GroupKey, pos: np.ndarray) -> list[LinearCohort]:
+    """A continuous image's sums: per voxel its non-zero subjects, Σx (and for corr_map
+    Σx², Σxw), over the subjects with an image (and a weight); corr_map's Σw, Σw² too."""
+    f, img = a.fields, f"img:{a.fields[0]}"
+    used = ~rows.missing(f[0])
+    qs = [COUNT, img, f"{img}:x"]
+    if a.func == "corr_map":
+        used &= ~np.isnan(rows.numbers(f[1]))
+        qs += [f"{img}:x*x", f"{img}:x*{f[1]}", _sum(f[1]), _sum(f[1], f[1])]
+    return [LinearCohort(a.name, group, None, q, pos[used]) for q in qs]
 
 
 def _voxel_test(a: AggSpec, rows: Rows, group: GroupKey, pos: np.ndarray,
