@@ -7,28 +7,61 @@ hash of the members, so parsed members are cached by it for the life of the proc
 
 from __future__ import annotations
 
-import functools
+import collections
 import json
 import sqlite3
 
 from stimnetd.store.records import Release
 
 
-@functools.lru_cache(maxsize=4096)
-def _parse(members_json: str) -> frozenset[str]:
-    return frozenset(json.loads(members_json))
+class _ParsedCohorts:
+    """Parsed member sets by digest, least recently used first out, bounded by the members
+    they hold: a bound by count let 4096 cohorts of a million subjects each stay resident."""
+
+    MAX_MEMBERS = 4_000_000
+
+    def __init__(self) -> None:
+        self._sets: collections.OrderedDict[str, frozenset[str]] = collections.OrderedDict()
+        self._members = 0
+
+    def get(self, digest: str) -> frozenset[str] | None:
+        hit = self._sets.get(digest)
+        if hit is not None:
+            self._sets.move_to_end(digest)
+        return hit
+
+    def put(self, digest: str, members: frozenset[str]) -> frozenset[str]:
+        if len(members) <= self.MAX_MEMBERS and digest not in self._sets:
+            self._sets[digest] = members
+            self._members += len(members)
+            while self._members > self.MAX_MEMBERS:
+                self._members -= len(self._sets.popitem(last=False)[1])
+        return members
+
+
+_PARSED = _ParsedCohorts()
 
 
 def history(conn: sqlite3.Connection, release: Release,
             quantity: str) -> list[tuple[frozenset[str], str, str]]:
     """(members, digest, job) of every cohort of `quantity` released to the release's
-    researcher (or its catalog's shared history) on its catalog, oldest first."""
+    researcher (or its catalog's shared history) on its catalog, oldest first. A cohort's
+    members are read (and parsed) only when they are not cached."""
     rows = conn.execute(
-        "SELECT l.digest, l.job_id, c.members_json FROM linear_cohorts l JOIN cohorts c"
-        " ON c.researcher = l.researcher AND c.catalog = l.catalog AND c.digest = l.digest"
-        " WHERE l.researcher = ? AND l.catalog = ? AND l.quantity = ? ORDER BY l.rowid",
-        (release.auditor, release.catalog, quantity)).fetchall()
-    return [(_parse(m), d, j) for d, j, m in rows]
+        "SELECT digest, job_id FROM linear_cohorts WHERE researcher = ? AND catalog = ? AND"
+        " quantity = ? ORDER BY rowid", (release.auditor, release.catalog, quantity)).fetchall()
+    out = []
+    for digest, job in rows:
+        members = _PARSED.get(digest)
+        if members is None:
+            row = conn.execute(
+                "SELECT members_json FROM cohorts WHERE researcher = ? AND catalog = ? AND"
+                " digest = ?", (release.auditor, release.catalog, digest)).fetchone()
+            if row is None:
+                continue  # as the join this replaces: a history row without its cohort
+            members = _PARSED.put(digest, frozenset(json.loads(row[0])))
+        out.append((members, digest, job))
+    return out
 
 
 def known(conn: sqlite3.Connection, release: Release, quantity: str, digests: list[str]) -> bool:

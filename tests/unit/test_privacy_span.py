@@ -127,3 +127,16 @@ def test_both_paths_give_the_atoms_in_one_order(monkeypatch: pytest.MonkeyPatch)
         monkeypatch.undo()
         assert refined is not None and packed is not None
         assert np.array_equal(refined[0], packed[0]) and np.array_equal(refined[1], packed[1])
+
+
+def test_parsed_cohorts_are_bounded_by_the_members_they_hold(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from stimnetd.store.linear import _ParsedCohorts
+
+    monkeypatch.setattr(_ParsedCohorts, "MAX_MEMBERS", 10)
+    cache = _ParsedCohorts()
+    for i in range(5):
+        cache.put(f"d{i}", s(*range(4 * i, 4 * i + 4)))
+    assert [cache.get(f"d{i}") is not None for i in range(5)] == [False, False, False, True, True]
+    cache.put("big", s(*range(11)))  # over the bound alone: not kept, still returned
+    assert cache.get("big") is None and cache.get("d4") is not None
