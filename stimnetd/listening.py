@@ -19,14 +19,8 @@ def private_dir(state_dir: Path | None) -> Path:
     is bound) means its owner is gone. Only a `stimnetd-` directory directly in the
     temporary directory is ever removed."""
     marker = state_dir / MARKER if state_dir is not None else None
-    if marker is not None:
-        try:
-            old = Path(marker.read_text().strip())
-        except (OSError, ValueError):
-            old = None
-        if old is not None and old.name.startswith(PREFIX) \
-                and old.parent == Path(tempfile.gettempdir()):
-            shutil.rmtree(old, ignore_errors=True)
+    if state_dir is not None:
+        remove_predecessors(state_dir)
     inner = Path(tempfile.mkdtemp(prefix=PREFIX))
     if marker is not None:
         try:
@@ -34,6 +28,17 @@ def private_dir(state_dir: Path | None) -> Path:
         except OSError:
             pass  # a full state volume: the directory is removed at a clean stop anyway
     return inner
+
+
+def remove_predecessors(state_dir: Path) -> None:
+    """Remove the private directory the marker in `state_dir` names. Only for a caller
+    that holds the state directory's one-instance lock (or knows its daemon is gone)."""
+    try:
+        old = Path((state_dir / MARKER).read_text().strip())
+    except (OSError, ValueError):
+        return
+    if old.name.startswith(PREFIX) and old.parent == Path(tempfile.gettempdir()):
+        shutil.rmtree(old, ignore_errors=True)
 
 
 async def bind(server: Any, front: Any, credentials: Any, host: str, port: int,

@@ -211,12 +211,41 @@ class DaemonProcess:
             return self.proc.wait(timeout=timeout_s)
         finally:
             self._log.close()
+            self._remove_front_dir()
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
         self._log.close()
+        self._remove_front_dir()
+
+    def _remove_front_dir(self) -> None:
+        """A killed node cannot remove its TLS front's private directory in /tmp, and a
+        test that deletes its state directory would leave it for good: remove it here,
+        under the state directory's lock, so a node still running there keeps its own."""
+        import tomllib
+
+        from stimnetd import listening
+        from stimnetd.store.lock import StateDirLock, StateDirLocked
+
+        if self.proc.poll() is None:
+            return
+        try:
+            state_dir = Path(tomllib.loads(self.config_path.read_text())["node"]["state_dir"])
+        except (OSError, KeyError, TypeError, tomllib.TOMLDecodeError):
+            return
+        if not (state_dir / listening.MARKER).exists():
+            return
+        lock = StateDirLock(state_dir)
+        try:
+            lock.acquire()
+        except (StateDirLocked, OSError):
+            return
+        try:
+            listening.remove_predecessors(state_dir)
+        finally:
+            lock.release()
 
 
 # --------------------------------------------------------------------------- sandbox

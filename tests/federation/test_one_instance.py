@@ -37,3 +37,28 @@ async def test_a_taken_port_exits_1_at_once(start_node, pki: CertFactory, tmp_pa
         done = _stimnetd(cfg)
     assert done.returncode == 1, done.stderr
     assert "cannot listen on" in done.stderr and "Traceback" not in done.stderr
+
+
+async def test_a_killed_daemon_leaves_no_front_directory_and_a_running_one_keeps_its_own(
+        pki: CertFactory, tmp_path: Path) -> None:
+    """DaemonProcess removes the TLS front's private /tmp directory of a node it killed
+    (a test deleting its tmp_path would leave it for good), but not the one of a node
+    still running on the same state directory when a second instance there exits."""
+    from stimnetd.listening import MARKER
+    from stimnetd.testing import DaemonProcess, free_port
+
+    certs = pki.issue("node-a", "node")
+    port = free_port()
+    cfg = write_node_config(tmp_path / "node-a", certs, "node-a", port=port)
+    first = DaemonProcess(cfg)
+    try:
+        await first.wait_healthy(certs, f"127.0.0.1:{port}")
+        front_dir = Path((tmp_path / "node-a" / "state" / MARKER).read_text().strip())
+        assert front_dir.is_dir()
+        second = DaemonProcess(cfg)
+        assert second.proc.wait(timeout=60) == 1  # the state directory is taken
+        second.stop()
+        assert front_dir.is_dir() and first.proc.poll() is None
+    finally:
+        first.kill()
+    assert not front_dir.exists()
