@@ -170,7 +170,8 @@ def _print_tables(ans: QueryAnswer) -> None:
 
 def _print_voxel_tests(res: dict[str, Any]) -> None:
     """One line per voxel-wise test map (its arrays go to --out as NIfTI)."""
-    tests = [m for m in res.get("maps", []) if m.get("func") in ("tmap", "tmap2", "prop_map")]
+    tests = [m for m in res.get("maps", []) if m.get("func") in ("tmap", "tmap2", "prop_map",
+                                                               "corr_map")]
     if tests:
         output.table("voxel-wise tests (maps: --out)",
                      ["map", "test", "n", "tested voxels", "significant", "some sites only",

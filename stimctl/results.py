@@ -127,9 +127,10 @@ class QueryAnswer:
     def map_array(self, name: str | None = None, which: str | None = None, *,
                   group: dict[str, str] | None = None) -> np.ndarray:
         """A voxel map's array: `which` is "count" (subjects covering each voxel) or
-        "mean" (the weighted mean, or the covered fraction of an unweighted mean_map);
-        a voxel test (tmap, tmap2, prop_map) has "stat" (t, or prop_map's fraction),
-        "p", "q" (corrected), "thresholded" (stat where q <= alpha), "df" and "count".
+        "mean" (the weighted mean, or the covered fraction of an unweighted mean_map, or
+        a continuous image's mean value); a voxel test (tmap, tmap2, prop_map, corr_map)
+        has "stat" (t, prop_map's fraction, or corr_map's Pearson r), "p", "q"
+        (corrected), "thresholded" (stat where q <= alpha), "df", "count" and "cohort".
         By default the mean or stat where the map has one, else the count. `group`: which
         group's map of a grouped query (e.g. {"target": "STN"})."""
         return self._array(self._map(name, group), which)

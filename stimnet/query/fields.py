@@ -13,9 +13,10 @@ FIELD_TYPES = ("numeric", "integer", "categorical", "image", "id")
 class FieldMeta:
     """What a researcher may know about a field: never a value, only its shape.
 
-    `bounds` are the declared clamping bounds [lo, hi] for numeric/integer fields; values
-    are clamped to them before aggregation so DP sensitivities come from the site's
-    declaration, not from the data. `levels` are the declared categories.
+    `bounds` are the declared clamping bounds [lo, hi] for numeric/integer fields, and the
+    value bounds of a continuous image field; under DP values are clamped to them before
+    aggregation so sensitivities come from the site's declaration, not from the data.
+    `levels` are the declared categories.
     """
 
     name: str
@@ -28,6 +29,10 @@ class FieldMeta:
     # image fields only: the largest number of non-zero voxels one subject's image may
     # have (declared by the site); it bounds one subject's influence on a voxel map.
     max_voxels: int | None = None
+    # image fields only: the voxels hold values (an E-field magnitude in V/mm), not a
+    # mask; such a field declares `bounds` on its values. A voxel with a non-zero value
+    # counts as covered.
+    continuous: bool = False
 
 
 @dataclass(frozen=True)

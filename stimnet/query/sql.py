@@ -63,6 +63,7 @@ SQL_FUNCS: dict[str, str] = {
     "tmap": "tmap",
     "tmap2": "tmap2",
     "prop_map": "prop_map",
+    "corr_map": "corr_map",
     # clamp(agg, lo, hi): a script output's declared range (AggSpec.range).
     "clamp": "clamp",
 }

@@ -1,4 +1,4 @@
-"""The options of the voxel-wise tests (`tmap`, `tmap2`, `prop_map`).
+"""The options of the voxel-wise tests (`tmap`, `tmap2`, `prop_map`, `corr_map`).
 
 Written as SQL named arguments, e.g.
 ``tmap(vta, improvement_pct, mu => 0, min_frac => 0.1, correction => 'fdr', alpha => 0.05)``.
@@ -28,7 +28,7 @@ from typing import Any
 
 from stimnet.errors import QueryError
 
-VOXEL_TESTS = frozenset({"tmap", "tmap2", "prop_map"})
+VOXEL_TESTS = frozenset({"tmap", "tmap2", "prop_map", "corr_map"})
 CORRECTIONS = {"fdr_bh": "fdr_bh", "fdr": "fdr_bh", "bh": "fdr_bh",
                "bonferroni": "bonferroni", "none": "none"}
 

@@ -80,11 +80,12 @@ def _inside(r: Reader, root: Path, rel: Any, where: str) -> Path:
 
 def _field_meta(r: Reader, name: str, raw: Any, where: str, tables: set[str]) -> FieldMeta:
     raw = r.table(raw, where, {"table", "type", "unit", "description", "bounds", "levels",
-                               "max_voxels"})
+                               "max_voxels", "continuous"})
     ftype = r.get(raw, where, "type", str, choices=FIELD_TYPES)
     table = r.get(raw, where, "table", str)
     if table not in tables:
         raise r.fail(f"{where}.table", f"table {table!r} is not declared in tables")
+    continuous = r.get(raw, where, "continuous", bool, False)
     bounds = None
     if "bounds" in raw:
         b = raw["bounds"]
@@ -92,8 +93,9 @@ def _field_meta(r: Reader, name: str, raw: Any, where: str, tables: set[str]) ->
                 or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in b)
                 or not all(math.isfinite(x) for x in b) or not b[0] < b[1]):
             raise r.fail(f"{where}.bounds", "must be [lower, upper] with lower < upper")
-        if ftype not in ("numeric", "integer"):
-            raise r.fail(f"{where}.bounds", f"bounds only apply to numeric fields, not {ftype}")
+        if ftype not in ("numeric", "integer") and not (ftype == "image" and continuous):
+            raise r.fail(f"{where}.bounds", "bounds only apply to numeric fields and continuous "
+                         f"images, not {'mask images' if ftype == 'image' else ftype}")
         bounds = (float(b[0]), float(b[1]))
     levels = None
     if "levels" in raw:
@@ -104,6 +106,12 @@ def _field_meta(r: Reader, name: str, raw: Any, where: str, tables: set[str]) ->
             raise r.fail(f"{where}.levels", "levels only apply to categorical fields")
         levels = tuple(lv)
     max_voxels = r.get(raw, where, "max_voxels", int, None) if "max_voxels" in raw else None
+    if continuous and ftype != "image":
+        raise r.fail(f"{where}.continuous", f"only image fields are continuous, not {ftype}")
+    if continuous and bounds is None:
+        # The values' bounds are what DP noise on the image's sums is scaled to.
+        raise r.fail(f"{where}.bounds", "a continuous image declares the bounds of its values, "
+                     "e.g. bounds = [0, 2] for an E-field magnitude in V/mm")
     return FieldMeta(name=name, table=table, type=ftype, unit=r.get(raw, where, "unit", str, ""),
                      description=r.get(raw, where, "description", str, ""),
-                     bounds=bounds, levels=levels, max_voxels=max_voxels)
+                     bounds=bounds, levels=levels, max_voxels=max_voxels, continuous=continuous)

@@ -221,7 +221,8 @@ class PeerSubJobs:
         may have been down for longer than the freshness window. Only the entry the
         researcher signed for can ask (`_verified`), and only once (a durable marker)."""
         job = self._verified(signed, entry, fresh=False)
-        if job.request.kind != "script" or not self._store.nonce_seen(job.request.nonce):
+        if job.request.kind != "script" or not await self._store.nonce_seen_now(
+                job.request.nonce):
             return None
         if self._scripts.review == "deny":
             raise Refused("this site's script policy is 'deny': it does not run researcher "

@@ -32,6 +32,10 @@ voxel_stats   count     V                      (tmap, tmap2, prop_map: per-voxel
               total_n   1                      (the cohort totals the not-covering side is
               total_sum W                       derived from; total_n is the partial's
               total_sum2 W²                     noised n and its gate)
+              sx        V·X                    (corr_map, mean_map of a continuous image:
+              sxx       V·X²                    X = B of the image's declared value
+              sxw       V·X·W                   bounds; mean_map: W = 1, and its
+                                                total_sum, total_sum2 are not released)
 roi_overlap   n         R                      (R ROIs; one subject may touch all)
               s1        R·V                    (a subject overlaps an ROI in at most V
               s2        R·V²                    voxels; ROIs may overlap each other, so
@@ -74,7 +78,7 @@ import opendp.prelude as dp
 from stimnet.query.fields import FieldMeta
 from stimnetd.privacy.policy import PrivacyRefusal
 from stimnetd.privacy.suppress import Decision, is_withheld
-from stimnetd.query.aggregate import GroupKey, Partial
+from stimnetd.query.aggregate import VOXEL_ARRAYS, GroupKey, Partial
 
 MechanismName = Literal["laplace", "discrete laplace"]
 
@@ -207,17 +211,29 @@ def sensitivities(p: Partial, fields: Mapping[str, FieldMeta]) -> dict[str, floa
             out["sum"] = v * _max_abs(fields, str(weight), p.name)
         return out
     if p.kind == "voxel_stats":
-        v = float(_max_voxels(fields, _meta_field(p, "column"), p.name))
-        # prop_map's weight is its condition, 0 or 1 whatever the field's bounds.
-        b = 1.0 if meta.get("func") == "prop_map" else \
-            _max_abs(fields, _meta_field(p, "weight"), p.name)
-        return {"count": v, "sum": v * b, "sum2": v * b * b,
-                "total_n": 1.0, "total_sum": b, "total_sum2": b * b}
+        return _voxel_stats_sensitivities(p, fields)
     if p.kind == "roi_overlap":
         v = float(_max_voxels(fields, _meta_field(p, "column"), p.name))
         r = float(np.asarray(p.stats["n"]).size)
         return {"n": r, "s1": r * v, "s2": r * v * v, COHORT_N: 1.0}
     raise ValueError(f"{p.name}: unknown partial kind {p.kind!r}")
+
+
+def _voxel_stats_sensitivities(p: Partial, fields: Mapping[str, FieldMeta]) -> dict[str, float]:
+    v = float(_max_voxels(fields, _meta_field(p, "column"), p.name))
+    func = p.meta.get("func")
+    # prop_map's weight is its condition, 0 or 1 whatever the field's bounds; a continuous
+    # mean_map has none (1 per subject).
+    b = 1.0 if func in ("prop_map", "mean_map") else \
+        _max_abs(fields, _meta_field(p, "weight"), p.name)
+    totals = {"total_n": 1.0, "total_sum": b, "total_sum2": b * b}
+    if func in ("corr_map", "mean_map"):
+        # X bounds the image's values, as B the weight's: one subject adds at most X to
+        # each of its at most V non-zero voxels.
+        x = _max_abs(fields, _meta_field(p, "column"), p.name)
+        per_voxel = {"count": v, "sx": v * x, "sxx": v * x * x, "sxw": v * x * b}
+        return {k: per_voxel[k] for k in VOXEL_ARRAYS[func]} | totals
+    return {"count": v, "sum": v * b, "sum2": v * b * b} | totals
 
 
 def add_noise(
@@ -305,6 +321,9 @@ def plan_arrays(p: Partial, sens: dict[str, float]) -> dict[str, float]:
         return {k: v for k, v in sens.items() if k != "s2"}
     if p.kind == "voxel_stats" and p.meta.get("func") == "prop_map":
         return {k: v for k, v in sens.items() if k not in ("sum2", "total_sum2")}
+    if p.kind == "voxel_stats" and p.meta.get("func") == "mean_map":
+        # The mean over the cohort reads Σx and n; Σw of w = 1 is n again.
+        return {k: v for k, v in sens.items() if k not in ("total_sum", "total_sum2")}
     return sens
 
 

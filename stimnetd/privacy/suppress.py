@@ -12,7 +12,9 @@ Rules, applied to each `Partial` on its *true* counts (before any noise):
   which a voxel's not-covering side follows by subtraction, so a voxel is withheld unless
   both sides, covering and not covering, hold at least k_min subjects (at k_min = 1, when
   no count can be in 1..k_min-1, an empty side is not masked); the totals themselves are
-  released with the partial (its n is the cohort's).
+  released with the partial (its n is the cohort's). A continuous image's corr_map and
+  mean_map send no per-voxel sum of w, and their not-covering subjects have x = 0 there,
+  so k_min holds on the covering side only (`aggregate.TWO_SIDED`).
 
 Empty cells (count 0) are withheld too. They carry no subject's value, but releasing them
 as an unmasked 0 while masking 1..k_min-1 would make the mask itself a presence
@@ -52,7 +54,7 @@ from typing import Literal
 import numpy as np
 
 from stimnet.query.fields import FieldMeta
-from stimnetd.query.aggregate import CELL_COUNTS, TOTALS, UNLISTED, GroupKey, Partial
+from stimnetd.query.aggregate import CELL_COUNTS, TOTALS, UNLISTED, GroupKey, Partial, two_sided
 
 Action = Literal["released", "suppressed", "partially_suppressed"]
 
@@ -242,9 +244,10 @@ def _cell_mask(p: Partial, k_min: int) -> np.ndarray:
         # Cells the engine already withheld stay withheld.
         mask |= np.asarray(p.cell_mask, dtype=bool)
     if p.kind == "voxel_stats":
-        # The cohort totals are released, so a voxel's not-covering side (total minus
-        # covering) is a release too: it must hold k_min subjects as well.
-        mask |= (p.n - counts) < k_min
+        if two_sided(p):
+            # The cohort totals are released, so a voxel's not-covering side (total minus
+            # covering) is a release too: it must hold k_min subjects as well.
+            mask |= (p.n - counts) < k_min
         if k_min == 1:
             # No count is in 1..k_min-1, so the mask of empty sides could not stand for
             # "a few subjects here"; an empty side's sums are 0 and the other side's are

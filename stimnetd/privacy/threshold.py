@@ -36,7 +36,7 @@ import numpy as np
 
 from stimnetd.privacy.noise import COHORT_N, NoiseReport
 from stimnetd.privacy.suppress import Action, Decision
-from stimnetd.query.aggregate import CELL_COUNTS, TOTALS, GroupKey, Partial
+from stimnetd.query.aggregate import CELL_COUNTS, TOTALS, GroupKey, Partial, two_sided
 
 
 def threshold(k_min: int, scale: float, delta: float) -> int:
@@ -134,7 +134,7 @@ def _gate(p: Partial, thresholds: dict[str, int], why: str) -> Partial:
         return p
     counts = np.asarray(p.stats[ref], dtype=np.float64)
     mask = counts < thresholds[ref]
-    if p.kind == "voxel_stats":
+    if two_sided(p):
         # Both sides of each voxel, as exact k_min does, on noised counts (post-processing).
         mask |= (float(p.stats["total_n"][0]) - counts) < thresholds[ref]
     if p.cell_mask is not None:

@@ -25,11 +25,16 @@ voxel_map      count: [shape], sum: [shape] (Σ weight,     count (per voxel)
                absent when unweighted);
                meta: column, weight, shape, affine
 voxel_stats    count, sum (Σw), sum2 (Σw²): [shape] over   count (per voxel; and the
-               the subjects covering each voxel;           not-covering total_n - count)
-               total_n, total_sum, total_sum2: [1] the
+               the subjects covering each voxel;           not-covering total_n - count,
+               total_n, total_sum, total_sum2: [1] the     for the TWO_SIDED tests)
                same over the whole cohort (TOTALS);
                meta: func, column, weight, condition,
-               shape, affine
+               shape, affine. A continuous image's
+               corr_map has count, sx (Σx), sxx (Σx²),
+               sxw (Σxw) instead of sum, sum2 (x the
+               voxel's value, count its non-zero
+               subjects), its mean_map count and sx
+               (VOXEL_ARRAYS)
 roi_overlap    n: [R] subjects touching the ROI,            n (per ROI)
                s1: [R] Σ overlap voxels, s2: [R] Σ overlap²;
                meta: column, rois (names), voxel_volume_mm3
@@ -95,6 +100,20 @@ CELL_COUNTS: dict[str, str | None] = {
 # leaves them as they are (they are released, or withheld, with the partial's n).
 TOTALS: dict[str, tuple[str, ...]] = {"voxel_stats": ("total_n", "total_sum", "total_sum2")}
 
+# The per-voxel arrays of a voxel_stats partial, by its meta["func"].
+VOXEL_ARRAYS: dict[str, tuple[str, ...]] = {
+    "tmap": ("count", "sum", "sum2"),
+    "tmap2": ("count", "sum", "sum2"),
+    "prop_map": ("count", "sum", "sum2"),
+    "corr_map": ("count", "sx", "sxx", "sxw"),
+    "mean_map": ("count", "sx"),
+}
+# Voxel tests whose per-voxel sums of w over the covering subjects, with the released
+# cohort totals, give the not-covering side too: k_min holds on both sides. corr_map and
+# mean_map of a continuous image carry no per-voxel sum of w; their not-covering subjects
+# have x = 0 there, so their sums say nothing about them.
+TWO_SIDED = frozenset({"tmap", "tmap2", "prop_map"})
+
 GroupKey = tuple[tuple[str, str], ...]
 
 
@@ -133,6 +152,11 @@ class Partial:
         if ref is None:
             return np.asarray([self.n], dtype=np.float64)
         return np.asarray(self.stats[ref], dtype=np.float64)
+
+
+def two_sided(p: Partial) -> bool:
+    """A voxel test whose k_min (and noisy gate) holds on the not-covering side too."""
+    return p.kind == "voxel_stats" and p.meta.get("func") in TWO_SIDED
 
 
 def layout_problem(p: Partial) -> str | None:
@@ -211,11 +235,11 @@ def _layout(kind: str, meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         return _voxel_map_layout(meta)
     if kind == "voxel_stats":
         grid = tuple(_voxel_map_layout({**meta, "weight": None})["count"])
-        if meta["func"] not in ("tmap", "tmap2", "prop_map"):
+        if meta["func"] not in VOXEL_ARRAYS:
             raise ValueError(f"func {meta['func']!r:.40} is not a voxel test")
         one = (1,)
-        return {"count": grid, "sum": grid, "sum2": grid,
-                "total_n": one, "total_sum": one, "total_sum2": one}
+        return {**{k: grid for k in VOXEL_ARRAYS[meta["func"]]},
+                **{k: one for k in TOTALS["voxel_stats"]}}
     if kind == "roi_overlap":
         _names([meta["column"]])
         _numbers([meta["voxel_volume_mm3"]])

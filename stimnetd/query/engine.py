@@ -37,7 +37,7 @@ from stimnet.query.spec import (
 from stimnet.query.voxeltests import VOXEL_TESTS
 from stimnetd.catalog.columns import Rows, is_null, label
 from stimnetd.catalog.view import CatalogView
-from stimnetd.query.aggregate import GroupKey, Partial
+from stimnetd.query.aggregate import VOXEL_ARRAYS, GroupKey, Partial
 from stimnetd.query.linear import LinearCohort, linear_cohorts
 from stimnetd.query.models import model_partial
 from stimnetd.query.subjects import InProcess, SubjectImages
@@ -97,7 +97,8 @@ def compute(
                     np.logical_or(*_eval(agg.condition, cell, catalog.fields))
                 linear += linear_cohorts(agg, cell, key, fine_bins=quantile_bins,
                                          bounds=bounds, levels=p.meta.get("levels"),
-                                         known=known)
+                                         known=known, continuous=agg.func in
+                                         ("corr_map", "mean_map") and p.kind == "voxel_stats")
     group_ids = {key: cell.ids(catalog.subject_key) for key, cell in groups} \
         if spec.group_by else {}
     return SiteComputation(partials=partials, cohort_ids=cohort_ids, n_cohort=len(rows),
@@ -234,6 +235,8 @@ class _Context:
             return make("crossprod", len(z), {"m": z.T @ z}, fields=list(order), purpose=purpose)
         if a.func == "contingency":
             return self.contingency(a, rows, make)
+        if a.func in ("corr_map", "mean_map") and self.fields[f[0]].continuous:
+            return self.field_stats(a, rows, make)
         if a.func in ("count_map", "mean_map"):
             return self.voxel_map(a, rows, make)
         if a.func in VOXEL_TESTS:
@@ -335,6 +338,31 @@ class _Context:
             "voxel_stats", n, stats, column=column,
             weight=a.fields[1] if len(a.fields) > 1 else None,
             condition=None if a.condition is None else expr_to_dict(a.condition),
+            shape=list(geom.shape), affine=[list(map(float, r)) for r in geom.affine],
+            xform_code=int(getattr(geom, "xform_code", 0)),
+        )
+
+    def field_stats(self, a: AggSpec, rows: Rows, make: Callable[..., Partial]) -> Partial:
+        """corr_map, and mean_map of a continuous image: per voxel the subjects with a
+        non-zero value, Σx, Σx², Σxw (mean_map: the first two), and the cohort's n, Σw,
+        Σw² (subjects with an image and a weight; w = 1 for mean_map)."""
+        column = a.fields[0]
+        weight = a.fields[1] if len(a.fields) > 1 else None
+        geom = self.catalog.geometry(column)
+        w = self.clamped(rows, weight) if weight else np.ones(len(rows))
+        items = [(str(path), float(wi)) for path, wi in zip(rows.values(column), w, strict=True)
+                 if not (is_null(path) or np.isnan(wi))]
+        bounds = self.fields[column].bounds if self.clamp else None
+        n, count, sx, sxx, sxw = self.images.field_sums(
+            self.catalog, column, tuple(geom.shape), self.fields[column].max_voxels, bounds,
+            items)
+        ws = np.asarray([wi for _, wi in items], dtype=np.float64)
+        every = {"count": count, "sx": sx, "sxx": sxx, "sxw": sxw}
+        stats = {k: every[k] for k in VOXEL_ARRAYS[a.func]} | {
+            "total_n": _arr([n]), "total_sum": _arr([ws.sum()]),
+            "total_sum2": _arr([(ws * ws).sum()])}
+        return make(
+            "voxel_stats", n, stats, column=column, weight=weight, condition=None,
             shape=list(geom.shape), affine=[list(map(float, r)) for r in geom.affine],
             xform_code=int(getattr(geom, "xform_code", 0)),
         )

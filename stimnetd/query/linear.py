@@ -46,9 +46,10 @@ def _sum(*fields: str) -> str:
 def linear_cohorts(a: AggSpec, rows: Rows, group: GroupKey, *, fine_bins: int = 1024,
                    bounds: tuple[float, float] | None = None,
                    levels: list[list[str]] | None = None,
-                   known: np.ndarray | None = None) -> list[LinearCohort]:
+                   known: np.ndarray | None = None, continuous: bool = False
+                   ) -> list[LinearCohort]:
     """The linear statistics aggregate `a` releases over `rows`, each with its cohort.
-    `known`: prop_map's rows whose condition is true or false (not NULL)."""
+    `known`: prop_map's rows whose condition is known; `continuous`: the image's values."""
     pos = np.arange(len(rows)) if rows.positions is None else np.asarray(rows.positions)
     f = a.fields
 
@@ -91,8 +92,9 @@ def linear_cohorts(a: AggSpec, rows: Rows, group: GroupKey, *, fine_bins: int = 
         return cells(used, idx, fine_bins)
     if a.func == "contingency" and levels is not None:
         return _contingency(a, rows, group, pos, levels)
-    if a.condition is not None or a.func in ("tmap", "tmap2"):
-        return _voxel_test(a, rows, group, pos, known)
+    if a.condition is not None or a.func in ("tmap", "tmap2", "corr_map") or continuous:
+        return _field_map(a, rows, group, pos) if continuous else \
+            _voxel_test(a, rows, group, pos, known)
     if a.func in ("count_map", "mean_map", "roi_overlap"):
         used = ~rows.missing(f[0])
         qs = [COUNT, f"img:{f[0]}"]
@@ -101,6 +103,18 @@ def linear_cohorts(a: AggSpec, rows: Rows, group: GroupKey, *, fine_bins: int = 
             qs.append(f"img:{f[0]}*{f[1]}")
         return whole(used, *qs)
     raise ValueError(f"{a.name}: no linear cohorts for {a.func!r}")
+
+
+def _field_map(a: AggSpec, rows: Rows, group: GroupKey, pos: np.ndarray) -> list[LinearCohort]:
+    """A continuous image's sums: per voxel its non-zero subjects, Σx (and for corr_map
+    Σx², Σxw), over the subjects with an image (and a weight); corr_map's Σw, Σw² too."""
+    f, img = a.fields, f"img:{a.fields[0]}"
+    used = ~rows.missing(f[0])
+    qs = [COUNT, img, f"{img}:x"]
+    if a.func == "corr_map":
+        used &= ~np.isnan(rows.numbers(f[1]))
+        qs += [f"{img}:x*x", f"{img}:x*{f[1]}", _sum(f[1]), _sum(f[1], f[1])]
+    return [LinearCohort(a.name, group, None, q, pos[used]) for q in qs]
 
 
 def _voxel_test(a: AggSpec, rows: Rows, group: GroupKey, pos: np.ndarray,

@@ -33,13 +33,16 @@ class AnswerPlan:
     declared: bool
 
 
-def _arrays(a: AggSpec) -> int:
+def _arrays(a: AggSpec, continuous: bool) -> int:
     """Float64 arrays per voxel of one map aggregate, as its partial carries them: the
-    covering count, Σ weight for a weighted mean, n, Σw and Σw² for the voxel tests."""
+    covering count, Σ weight for a weighted mean, n, Σw and Σw² for the voxel tests; a
+    continuous image's n, Σx (mean_map) and Σx², Σxw (corr_map)."""
     if a.func == "count_map":
         return 1
     if a.func == "mean_map":
-        return 2 if len(a.fields) > 1 else 1
+        return 2 if len(a.fields) > 1 or continuous else 1
+    if a.func == "corr_map":
+        return 4
     if a.func in VOXEL_TESTS:
         return 3
     return 0  # roi_overlap and table statistics: a few numbers per group
@@ -56,8 +59,8 @@ def answer_plan(spec: QuerySpec, catalog: CatalogView) -> AnswerPlan:
             groups, declared = groups * max(1, len(catalog.subject_ids())), False
     per_group, maps = 0, 0
     for a in spec.aggregates:
-        arrays = _arrays(a)
         meta = catalog.fields.get(a.fields[0]) if a.fields else None
+        arrays = _arrays(a, meta is not None and meta.continuous)
         # The plan runs before the spec is checked against the catalog: a map of what is
         # not an image field has no grid, and validation refuses it naming the field.
         if arrays and meta is not None and meta.type == "image":

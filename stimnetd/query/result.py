@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from stimnet.query.spec import AggSpec, QuerySpec
-from stimnet.query.voxeltests import VOXEL_TESTS
 from stimnetd.query.aggregate import UNLISTED, GroupKey, Partial
 from stimnetd.query.voxeltests import voxel_test
 
@@ -102,7 +101,7 @@ class _Finaliser:
                     "scope": scope,
                 }
             )
-            if scope == "partial" and a.func not in VOXEL_TESTS:  # those say it themselves
+            if scope == "partial" and p.kind != "voxel_stats":  # those say it themselves
                 self.note("some sites withheld cells; values use the sites that released them")
 
     def note(self, text: str, *, per_group: bool = True) -> None:
@@ -125,10 +124,10 @@ class _Finaliser:
             self.contingency()
         elif a.func == "regression":
             self.regression()
+        elif p.kind == "voxel_stats":  # the voxel tests, and a continuous image's mean_map
+            self.voxel_test()
         elif a.func in ("count_map", "mean_map"):
             self.voxel_map()
-        elif a.func in VOXEL_TESTS:
-            self.voxel_test()
         else:
             self.roi()
 
@@ -292,7 +291,8 @@ class _Finaliser:
         self.res.maps.append(entry)
 
     def voxel_test(self) -> None:
-        """tmap, tmap2, prop_map: derived from the pooled sums (query/voxeltests.py)."""
+        """tmap, tmap2, prop_map, corr_map and a continuous image's mean_map: derived
+        from the pooled sums (query/voxeltests.py)."""
         entry, arrays, notes = voxel_test(self.a, self.p, f"{self.a.name}{_glabel(self.p.group)}")
         self.res.maps.append({**entry, "group": dict(self.p.group)})
         self.res.arrays.update(arrays)

@@ -9,8 +9,9 @@ sums: the subject count, the per-voxel count and the per-voxel weighted sum. No 
 per-subject value and no subject id leaves a worker; what is released, and how, is still
 decided in the daemon (the engine builds the Partial, the privacy layer judges it).
 
-The engine's `count_map` / `mean_map`, voxel tests (`tmap`, `tmap2`, `prop_map`) and
-`roi_overlap` sums go through here; the map
+The engine's `count_map` / `mean_map`, voxel tests (`tmap`, `tmap2`, `prop_map`),
+continuous images' sums (`corr_map`, query/fieldsums.py) and `roi_overlap` sums go
+through here; the map
 statistics (query/voxelmaps.py) still run in the daemon.
 """
 
@@ -29,6 +30,7 @@ import numpy as np
 
 from stimnet.errors import DataContractViolation, StimnetError
 from stimnetd.catalog.loader import read_image
+from stimnetd.query.fieldsums import FieldSums, chunk_field_sums
 
 # Subject (relative image path, weight) pairs, nulls already dropped.
 Items = Sequence[tuple[str, float]]
@@ -124,6 +126,10 @@ class SubjectImages(Protocol):
                  max_voxels: int | None, masks: Sequence[np.ndarray],
                  paths: Sequence[str]) -> RoiSums: ...
 
+    def field_sums(self, catalog: Any, column: str, shape: tuple[int, ...],
+                   max_voxels: int | None, bounds: tuple[float, float] | None,
+                   items: Items) -> FieldSums: ...
+
 
 class InProcess:
     """Every subject read and added here, one at a time (a cohort's images together need
@@ -141,6 +147,11 @@ class InProcess:
                  max_voxels: int | None, masks: Sequence[np.ndarray],
                  paths: Sequence[str]) -> RoiSums:
         return roi_chunk_sums(catalog.load_image, column, shape, max_voxels, masks, paths)
+
+    def field_sums(self, catalog: Any, column: str, shape: tuple[int, ...],
+                   max_voxels: int | None, bounds: tuple[float, float] | None,
+                   items: Items) -> FieldSums:
+        return chunk_field_sums(catalog.load_image, column, shape, max_voxels, bounds, items)
 
 
 class DaskImages:
@@ -192,6 +203,14 @@ class DaskImages:
             return 0, *(np.zeros(len(masks)) for _ in range(3))  # type: ignore[return-value]
         return self._spread(roi_chunk_sums, catalog,
                             (column, tuple(shape), max_voxels, list(masks)), paths)
+
+    def field_sums(self, catalog: Any, column: str, shape: tuple[int, ...],
+                   max_voxels: int | None, bounds: tuple[float, float] | None,
+                   items: Items) -> FieldSums:
+        if not items:
+            return 0, *(np.zeros(shape) for _ in range(4))  # type: ignore[return-value]
+        return self._spread(chunk_field_sums, catalog,
+                            (column, tuple(shape), max_voxels, bounds), items)
 
     def _spread(self, fn: Callable[..., Any], catalog: Any, args: tuple[Any, ...],
                 items: Sequence[Any]) -> Any:

@@ -237,13 +237,19 @@ class Store:
         fresh = await self._writer.run(tx)
         claim.consumed = True
         if fresh:
-            self._nonces.add(claim.nonce, now, claim.max_age_s)
+            self._nonces.add(claim.nonce)
         return fresh
 
     def nonce_seen(self, nonce: str) -> bool:
         """Whether a committed transaction has remembered `nonce` (a replay, answered at
         once). A concurrent copy still in flight is stopped by the inserting transaction."""
         return nonce in self._nonces
+
+    async def nonce_seen_now(self, nonce: str) -> bool:
+        """Whether the table still holds `nonce`: exact, where `nonce_seen`'s fixed-size
+        mirror may have let an old one go (nonces.NonceMirror)."""
+        return bool(await self.db.execute_fetchall("SELECT 1 FROM nonces WHERE nonce = ?",
+                                                   (nonce,)))
 
     # -- jobs ------------------------------------------------------------------------
 
@@ -267,7 +273,7 @@ class Store:
         tx = jobs.insert(job, audit, nonce, pending_limit, now)
         created = await (self._writer.defer(tx) if defer else self._writer.run(tx, durable=durable))
         if created and nonce is not None:
-            self._nonces.add(nonce[0], now, nonce[1])
+            self._nonces.add(nonce[0])
         return created
 
     async def update_job(self, job_id: str, *, state: str | None = None, detail: str | None = None,
@@ -364,7 +370,7 @@ class Store:
         if nonce is not None:
             nonce.consumed = True
             if not isinstance(outcome, Replayed):
-                self._nonces.add(nonce.nonce, now, nonce.max_age_s)
+                self._nonces.add(nonce.nonce)
         if isinstance(outcome, Exception):
             raise outcome
         return outcome

@@ -8,7 +8,7 @@ need not be kept; each insert prunes them.
 
 from __future__ import annotations
 
-import collections
+import hashlib
 import sqlite3
 
 from stimnetd.store.records import NonceClaim
@@ -37,23 +37,47 @@ def load(conn: sqlite3.Connection) -> list[tuple[str, float]]:
 class NonceMirror:
     """The nonces the store holds, in memory (loaded at open, added after each commit), so
     that a replay is answered without a database round trip. Only a fast early answer: the
-    transactions that insert a nonce remain the guarantee."""
+    transactions that insert a nonce remain the guarantee.
 
-    def __init__(self) -> None:
-        self._nonces: set[str] = set()
-        self._order: collections.deque[tuple[float, str]] = collections.deque()
+    A fixed ring of `capacity` 128-bit digests, allocated and touched once, so a node's
+    memory does not grow with its request rate over the replay window (a set of the
+    nonce strings took ~200 bytes per request for twice `request_max_age_s`). When more
+    nonces than that arrive within the window the oldest leave the ring early; a replay
+    of one of them is then refused by its inserting transaction, after the work, instead
+    of at once. A digest older than the window can stay: its request is refused by its
+    timestamp before the nonce is looked at. A false hit needs a 128-bit collision."""
+
+    CAPACITY = 1 << 16
+
+    def __init__(self, capacity: int = CAPACITY) -> None:
+        import numpy as np
+
+        self._np = np
+        # np.full writes every page now: the ring's resident size is its size from the start.
+        self._lo = np.full(capacity, 0, dtype=np.uint64)
+        self._hi = np.full(capacity, 0, dtype=np.uint64)
+        self._next = 0
+        self._filled = 0
+
+    @staticmethod
+    def _digest(nonce: str) -> tuple[int, int]:
+        d = hashlib.blake2b(nonce.encode(), digest_size=16, person=b"stimnet-nonce").digest()
+        return int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little")
 
     def load(self, rows: list[tuple[str, float]]) -> None:
-        for nonce, seen_at in rows:
-            self._nonces.add(nonce)
-            self._order.append((seen_at, nonce))
+        for nonce, _seen_at in rows[-len(self._lo):]:
+            self.add(nonce)
 
     def __contains__(self, nonce: str) -> bool:
-        return nonce in self._nonces
+        lo, hi = self._digest(nonce)
+        hits = self._np.flatnonzero(self._lo[:self._filled] == self._np.uint64(lo))
+        return bool(len(hits)) and bool((self._hi[hits] == self._np.uint64(hi)).any())
 
-    def add(self, nonce: str, now: float, max_age_s: float) -> None:
-        # As in the table: nonces older than twice the freshness window are forgotten.
-        while self._order and self._order[0][0] < now - 2 * max_age_s:
-            self._nonces.discard(self._order.popleft()[1])
-        self._nonces.add(nonce)
-        self._order.append((now, nonce))
+    def __len__(self) -> int:
+        return self._filled
+
+    def add(self, nonce: str) -> None:
+        lo, hi = self._digest(nonce)
+        self._lo[self._next], self._hi[self._next] = lo, hi
+        self._next = (self._next + 1) % len(self._lo)
+        self._filled = min(self._filled + 1, len(self._lo))

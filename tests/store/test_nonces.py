@@ -42,7 +42,8 @@ async def test_nonce_seen_covers_every_way_a_nonce_is_kept_and_survives_a_restar
         factory: StoreFactory, tmp_path: Path) -> None:
     """`nonce_seen` (in memory, no database round trip) knows the nonces of claims, of
     releases and refusals, and of submitted jobs, and still knows them after a restart;
-    nonces past twice the freshness window are forgotten, as in the table."""
+    nonces past twice the freshness window are pruned from the table (`nonce_seen_now`),
+    while the fixed-size mirror may keep them: their requests fail the freshness check."""
     now = [1000.0]
     path = tmp_path / "node.sqlite3"
     s = await factory.open(path, clock=lambda: now[0])
@@ -61,9 +62,11 @@ async def test_nonce_seen_covers_every_way_a_nonce_is_kept_and_survives_a_restar
     s = await factory.open(path, clock=lambda: now[0])
     try:
         assert {n: s.nonce_seen(n) for n in everyone} == everyone
+        assert {n: await s.nonce_seen_now(n) for n in everyone} == everyone
         now[0] += 2 * 300 + 1  # past every kept nonce's window: the next claim prunes them
         assert await s.claim_nonce(NonceClaim("later", "alice", 300)) is True
-        assert {n: s.nonce_seen(n) for n in (*kept, "later")} == {
+        assert {n: await s.nonce_seen_now(n) for n in (*kept, "later")} == {
             **{n: False for n in kept}, "later": True}
+        assert s.nonce_seen("later")  # the mirror may keep the old ones: they are stale
     finally:
         await s.close()

@@ -116,13 +116,25 @@ BROKEN: dict[str, tuple[Edit, str]] = {  # case: (edit, what the one line must n
     "value outside the declared levels": (_table("subjects", "sex", "Q"), ".fields.sex.levels"),
     "text in a numeric field": (_table("subjects", "age", "old"), ".fields.age.type"),
     "column missing": (_field("age", "table", "outcomes"), ".fields.age.table"),
+    "bounds on a mask image": (_field("vta_path", "bounds", [0, 1]), ".fields.vta_path.bounds"),
+    "continuous image without bounds": (_field("vta_path", "continuous", True),
+                                        ".fields.vta_path.bounds"),
+    "continuous number": (_field("age", "continuous", True), ".fields.age.continuous"),
 }
+
+
+def _continuous(lo: float, hi: float) -> Edit:
+    def edit(cfg: dict[str, Any], tmp: Path, pki: CertFactory) -> None:
+        cfg["catalogs"][0]["fields"]["vta_path"].update(continuous=True, bounds=[lo, hi])
+    return edit
+
 
 WARNED: dict[str, tuple[Edit, str]] = {
     "metrics on every interface": (_set("metrics", "listen", "0.0.0.0:9464"),
                                    "[metrics].listen: 0.0.0.0:9464 is not a loopback address"),
     "max_voxels too small": (_field("vta_path", "max_voxels", 1), ".fields.vta_path.max_voxels: "),
     "values outside the bounds": (_field("age", "bounds", [18, 40]), ".fields.age.bounds: "),
+    "image values outside the bounds": (_continuous(0, 0.5), ".fields.vta_path.bounds: "),
     "no admins": (_set("node", "admins", []), "[node].admins: no admin is named"),
 }
 
