@@ -56,6 +56,8 @@ class SiteStore(Protocol):
 
     def nonce_seen(self, nonce: str) -> bool: ...
 
+    async def nonce_seen_now(self, nonce: str) -> bool: ...
+
     # -- jobs
     async def create_job(self, job: JobRecord, *, audit: tuple[str, str, str] | None = None,
                          nonce: tuple[str, float] | None = None, durable: bool = True,

@@ -30,7 +30,7 @@ class PgNode(PgBase):
                 await self._append(conn, *audit)
         claim.consumed = True
         if fresh:
-            self._nonces.add(claim.nonce, now, claim.max_age_s)
+            self._nonces.add(claim.nonce)
         return fresh
 
     async def _insert_nonce(self, conn: asyncpg.Connection, claim: NonceClaim,
@@ -58,10 +58,10 @@ class PgNode(PgBase):
 
     def _nonce_committed(self, nonce: tuple[str, float] | None, now: float) -> None:
         if nonce is not None:
-            self._nonces.add(nonce[0], now, nonce[1])
+            self._nonces.add(nonce[0])
 
     def _nonce_claimed(self, claim: NonceClaim, now: float) -> None:
-        self._nonces.add(claim.nonce, now, claim.max_age_s)
+        self._nonces.add(claim.nonce)
 
     async def nonce_seen_now(self, nonce: str) -> bool:
         """Whether any replica has remembered `nonce` (a database read)."""
