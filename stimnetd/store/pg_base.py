@@ -58,12 +58,19 @@ class PgBase:
         """A transaction holding CHAIN_LOCK. Not `durable`: its commit does not wait for
         the server's WAL flush (bookkeeping rows, as the SQLite store's non-durable writes;
         a crash of the server can lose it, never reorder or corrupt it)."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            if not durable:
-                await conn.execute("SET LOCAL synchronous_commit = off")
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", CHAIN_LOCK)
-            await self._append_soon(conn)
-            yield conn
+        riding: list[AuditEntry] = []
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                if not durable:
+                    await conn.execute("SET LOCAL synchronous_commit = off")
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", CHAIN_LOCK)
+                riding, self._soon = self._soon, []
+                for entry in riding:
+                    await self._append(conn, *entry)
+                yield conn
+        except BaseException:
+            self._soon[:0] = riding  # rolled back with it: they ride in the next one
+            raise
 
     async def _append(self, conn: asyncpg.Connection, actor: str, role: str, action: str,
                       decision: str, detail: dict[str, Any]) -> int:
@@ -77,16 +84,6 @@ class PgBase:
                            "($1,$2,$3,$4,$5,$6,$7,$8,$9)",
                            seq, at, actor, role, action, decision, detail_json, prev, h)
         return int(seq)
-
-    async def _append_soon(self, conn: asyncpg.Connection) -> None:
-        """Queued `audit_soon` entries ride in this transaction (their group commit)."""
-        entries, self._soon = self._soon, []
-        try:
-            for entry in entries:
-                await self._append(conn, *entry)
-        except BaseException:
-            self._soon[:0] = entries  # the transaction rolls back: keep them for the next
-            raise
 
     async def audit(self, actor: str, role: str, action: str, decision: str,
                     detail: dict[str, Any] | None = None) -> int:
