@@ -179,7 +179,7 @@ class Daemon:
         scripts = config.scripts
         runner = SandboxScripts(self.sandbox, log_policy=scripts.log_policy,
                                 declared_outputs=scripts.declared_outputs,
-                                concurrency=scripts.concurrency,
+                                concurrency=scripts.concurrency, release_slot_s=scripts.release_slot_s,
                                 on_duration=self.metrics.sandbox_seconds.observe) \
             if self.sandbox is not None else None
         # [compute] scheduler: voxel maps on Dask, connected at the first map query.

@@ -86,6 +86,9 @@ class ScriptSettings:
     max_pending_per_researcher: int = 16
     backend: str = "docker"
     kubernetes: KubeSettings | None = None
+    # A noised (sample-and-aggregate) script share is released at a multiple of this after
+    # its start, so its release time does not follow the script's run time (site/blocks.py).
+    release_slot_s: float = 30.0
 
 
 def read_privacy(r: Reader, raw: dict[str, Any]) -> PrivacySettings:
@@ -129,7 +132,8 @@ def read_scripts(r: Reader, raw: dict[str, Any]) -> ScriptSettings:
     raw = r.table(raw, w, {"policy", "log_policy", "concurrency", "image", "memory_mb",
                            "cpus", "pids", "timeout_s", "result_mb", "on_restart",
                            "warm_containers", "declared_outputs",
-                           "max_pending_per_researcher", "backend", "kubernetes"})
+                           "max_pending_per_researcher", "backend", "kubernetes",
+                           "release_slot_s"})
     s = ScriptSettings(
         policy=r.get(raw, w, "policy", str, "review", choices=SCRIPT_POLICIES),
         log_policy=r.get(raw, w, "log_policy", str, "errors", choices=LOG_POLICIES),
@@ -147,7 +151,10 @@ def read_scripts(r: Reader, raw: dict[str, Any]) -> ScriptSettings:
         max_pending_per_researcher=r.limit(raw, w, "max_pending_per_researcher", 16),
         backend=r.get(raw, w, "backend", str, "docker", choices=SCRIPT_BACKENDS),
         kubernetes=_read_kube(r, raw["kubernetes"]) if "kubernetes" in raw else None,
+        release_slot_s=r.get(raw, w, "release_slot_s", float, 30.0),
     )
+    if not 0 <= s.release_slot_s <= 86400:
+        raise r.fail(f"{w}.release_slot_s", "must be between 0 (no hold) and 86400 seconds")
     if s.backend == "kubernetes" and s.kubernetes is None:
         raise r.fail(w, 'backend = "kubernetes" needs a [scripts.kubernetes] table '
                         "(namespace, data_claim, data_root)")

@@ -67,8 +67,11 @@ class SandboxScripts:
 
     def __init__(self, runner: SandboxRunner | KubeRunner, *, log_policy: str,
                  declared_outputs: str = "required", concurrency: int = 1,
-                 on_duration: Callable[[float], None] = lambda s: None) -> None:
+                 on_duration: Callable[[float], None] = lambda s: None,
+                 release_slot_s: float = 0.0) -> None:
         self._runner = runner
+        # site/blocks.py: a noised share is released at a multiple of this after its start.
+        self.release_slot_s = release_slot_s
         # `[scripts] concurrency` containers at once, whoever asks: this site's own jobs
         # (JobService also queues those) and the sub-jobs of every entry node, which would
         # otherwise each start a container the moment they arrive.

@@ -44,7 +44,7 @@ from stimnetd.sandbox.limits import (
     output_overflow,
 )
 from stimnetd.sandbox.outputs import ResultRefused, log_lines, marker, read_outputs
-from stimnetd.sandbox.workspace import SANDBOX_UID, Workspace
+from stimnetd.sandbox.workspace import ETC_FILES, SANDBOX_UID, Workspace
 
 LABEL_MANAGED = "org.stimnet.managed"
 LABEL_NODE = "org.stimnet.node"
@@ -158,6 +158,9 @@ def _host_config(lim: SandboxLimits, ws: Workspace, data: Path) -> dict[str, Any
             Mount("/data", str(data), type="bind", read_only=True),
             Mount("/job", str(ws.job), type="bind", read_only=True),
             Mount("/out", str(ws.out), type="bind", read_only=False),
+            # Given, the engine binds none of its own (from its container directory).
+            *(Mount(f"/etc/{name}", str(ws.etc / name), type="bind", read_only=True)
+              for name in ETC_FILES if ws.own_etc),
         ],
         "log_config": LogConfig(
             type="json-file",

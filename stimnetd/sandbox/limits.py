@@ -27,6 +27,9 @@ class SandboxLimits:
     tmpfs_bytes: int = 64 * MiB
     # Many tiny files cost the monitor a directory walk per poll; nobody needs more.
     output_files: int = 256
+    # A catalog up to this size is copied into the job's private tmpfs (host memory, for
+    # the job's life); a larger one is bound (workspace.py says what that costs).
+    data_copy_bytes: int = 1024 * MiB
 
     def __post_init__(self) -> None:
         # Docker rejects memory below 6 MiB and silently treats pids_limit <= 0 as

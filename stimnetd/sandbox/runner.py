@@ -146,8 +146,8 @@ class SandboxRunner:
                     cid, ws = job.container_id, workspace
                     job.container_id = workspace = None
                     await self._dispose_shielded(cid, ws)
-            workspace = await self._new_workspace()
-            job.container_id = await asyncio.to_thread(self._create, api, workspace, root, job_id)
+            workspace = await self._new_workspace(root)
+            job.container_id = await asyncio.to_thread(self._create, api, workspace, job_id)
             await asyncio.to_thread(workspace.write_job, script, manifest)
             if job.cancel.is_set():
                 return _outcome(ContainerEnd("cancelled", "cancelled before start"), started, False)
@@ -274,11 +274,12 @@ class SandboxRunner:
         end = await self._watch(api, job, ws).run(handed_at=handed_at)
         return _outcome(end, started, True)
 
-    def _create(self, api: DockerApi, ws: Workspace, catalog_root: Path, job_id: str, *,
+    def _create(self, api: DockerApi, ws: Workspace, job_id: str, *,
                 zygote: bool = False) -> str:
+        assert ws.data is not None
         spec = container_spec(
             image=self._image, limits=self._limits, node=self._node, job_id=job_id,
-            workspace=ws, data=catalog_root, verbose_errors=self._verbose_errors,
+            workspace=ws, data=ws.data, verbose_errors=self._verbose_errors,
             installation=self._installation,
             zygote_idle_s=self._warm.zygote_idle_s if zygote else None,
         )
@@ -286,20 +287,20 @@ class SandboxRunner:
 
     async def _start_zygote(self, root: Path) -> tuple[str, Workspace]:
         api = await self._docker()
-        workspace = await self._new_workspace()
+        workspace = await self._new_workspace(root)
         cid: str | None = None
         try:
-            cid = await asyncio.to_thread(self._create, api, workspace, root, "", zygote=True)
+            cid = await asyncio.to_thread(self._create, api, workspace, "", zygote=True)
             await asyncio.to_thread(api.start, cid)
         except BaseException:
             await self._dispose_shielded(cid, workspace)
             raise
         return cid, workspace
 
-    async def _new_workspace(self) -> Workspace:
+    async def _new_workspace(self, data: Path) -> Workspace:
         name = self._workspaces.claim()
         try:
-            return await asyncio.to_thread(self._workspaces.create, name, self._limits)
+            return await asyncio.to_thread(self._workspaces.create, name, self._limits, data)
         except BaseException:
             self._workspaces.release(name)
             raise

@@ -75,7 +75,8 @@ def _config(tmp: Path, pki: CertFactory, **privacy: Any) -> tuple[Path, int]:
     cfg = write_node_config(tmp / "node", pki.issue(NODE, "node"), NODE, port=port,
                             catalogs=[cat], crl=pki.crl_path, gossip={"enabled": False},
                             scripts={"policy": "auto", "memory_mb": 256, "timeout_s": 20,
-                                     "warm_containers": 0, "log_policy": "full"},
+                                     "warm_containers": 0, "log_policy": "full",
+                                     "release_slot_s": 1},
                             privacy={"dp": "required", "budget_epsilon": 1000.0,
                                      "max_epsilon_per_query": 50.0, **privacy})
     return cfg, port

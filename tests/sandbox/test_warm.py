@@ -30,13 +30,13 @@ from .conftest import (
 pytestmark = pytest.mark.docker
 
 
-# Prints which container ran the script (its /etc/hostname mount names it) and whether
+# Prints which container ran the script (its cgroup names it) and whether
 # the zygote's libraries were already imported before the script's first import.
 WHERE = textwrap.dedent("""
     import re, sys
     preloaded = all(m in sys.modules for m in ("numpy", "pandas", "nibabel", "stimnet_runtime"))
-    mountinfo = open("/proc/self/mountinfo").read()
-    print("container", re.search(r"/containers/([0-9a-f]{64})/hostname", mountinfo).group(1))
+    cgroup = open("/proc/self/cgroup").read()
+    print("container", re.search(r"([0-9a-f]{64})", cgroup).group(1))
     print("preloaded", preloaded)
     from stimnet_runtime import emit_count
     emit_count("n", 1)

@@ -59,6 +59,8 @@ def test_good_config_loads(good: dict) -> None:
     (lambda r: r["node"].update(k_min=0), r"\[node\]\.k_min: must be between 1 and 1000"),
     (lambda r: r.setdefault("scripts", {}).update(max_pending_per_researcher=0),
      r"\[scripts\]\.max_pending_per_researcher: must be between 1 and 100000"),
+    (lambda r: r.setdefault("scripts", {}).update(release_slot_s=-1),
+     r"\[scripts\]\.release_slot_s: must be between 0 \(no hold\) and 86400 seconds"),
     (lambda r: r["node"].update(max_queries_per_researcher=0),
      r"\[node\]\.max_queries_per_researcher: must be between 1 and 100000, got 0"),
     (lambda r: r.setdefault("federation", {}).update(max_subjobs_per_entry="many"),

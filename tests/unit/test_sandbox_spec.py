@@ -68,6 +68,18 @@ class TestHostConfig:
              "ReadOnly": False},
         ]
 
+    def test_a_private_workspace_gives_etc_files_so_the_engine_binds_none(self) -> None:
+        """A private workspace's /data is its copy, and /etc's three files are its own,
+        read-only: the engine then binds none from its container directory."""
+        ws = Workspace(Path("/state/work/0123abcd"), Path("/state/work/0123abcd/data"),
+                       own_etc=True)
+        mounts = container_spec(image="i", limits=LIMITS, node="node-a", job_id="j",
+                                workspace=ws, data=ws.data or DATA)["host_config"]["mounts"]
+        assert mounts[0]["Source"] == "/state/work/0123abcd/data"
+        assert mounts[3:] == [
+            {"Target": f"/etc/{name}", "Source": f"/state/work/0123abcd/etc/{name}",
+             "Type": "bind", "ReadOnly": True} for name in ("hosts", "hostname", "resolv.conf")]
+
     def test_logs_are_capped_by_the_engine(self) -> None:
         """json-file logging with one file of log_bytes, so a flood cannot fill the disk."""
         log_config = spec()["host_config"]["log_config"]
