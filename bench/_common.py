@@ -88,11 +88,15 @@ def percentile(values: list[float], p: float) -> float:
     return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
 
 
-async def start_demo_sites(tmp: Path, prefix: str, subjects: int, *, privacy: dict | None = None
+async def start_demo_sites(tmp: Path, prefix: str, subjects: int, *, privacy: dict | None = None,
+                           catalogs: list[dict] | None = None,
+                           prepare: Callable[[Path, dict], dict] | None = None
                            ) -> tuple[list, list[int], list[Path], object]:
-    """Three loopback `stimnetd` processes on demo catalogs, peered statically, DP off by
-    default. Returns (processes, ports, store paths, a researcher's certificates); the
-    caller stops the processes."""
+    """Three loopback `stimnetd` processes on demo catalogs (or on `catalogs`, one entry
+    with its root per site), peered statically, DP off by default; `prepare(root, entry)`
+    may rewrite a demo catalog (and return its entry) before its daemon starts. Returns
+    (processes, ports, store paths, a researcher's certificates); the caller stops the
+    processes."""
     from stimctl import demodata
     from stimnetd.testing import CertFactory, DaemonProcess, free_port, write_node_config
 
@@ -105,11 +109,14 @@ async def start_demo_sites(tmp: Path, prefix: str, subjects: int, *, privacy: di
         for i, port in enumerate(ports):
             name = f"{prefix}-{'abc'[i]}"
             root = tmp / f"catalog-{name}"
-            entry = demodata.generate_site(root, site=name, site_index=i, n_subjects=subjects,
-                                           seed=11 + i)
+            entry = {**demodata.generate_site(root, site=name, site_index=i,
+                                              n_subjects=subjects, seed=11 + i),
+                     "root": str(root)} if catalogs is None else catalogs[i]
+            if prepare is not None and catalogs is None:
+                entry = prepare(root, entry)
             cfg = write_node_config(
                 tmp / name, pki.issue(name, "node"), name, port=port, crl=pki.crl_path,
-                catalogs=[{**entry, "root": str(root)}], logging={"level": "warning"},
+                catalogs=[entry], logging={"level": "warning"},
                 privacy=privacy or {"dp": "off"}, gossip={"enabled": False},
                 federation={"peers": [f"127.0.0.1:{p}" for p in ports if p != port]})
             procs.append(DaemonProcess(cfg))

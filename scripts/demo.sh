@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # A local three-site federation doing real federated work, from a fresh clone.
-# DIR defaults to ./demo-federation; it is created on first run and reused afterwards.
+# DIR defaults to ./demo-federation; it is created on first run and reused afterwards (its
+# sites run dp = "required": a run charges the researcher ε 11 per site of a budget of 25,
+# so a third run in the same DIR is refused for budget: use a new DIR then).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh

@@ -47,6 +47,10 @@ def register(sub: Any) -> None:
     init.add_argument("--sites", type=int, default=3)
     init.add_argument("--subjects", type=int, default=60, help="subjects per site")
     init.add_argument("--force", action="store_true", help="reuse a non-empty directory")
+    init.add_argument("--dp", choices=("required", "optional", "off"), default="required",
+                      help="the sites' [privacy] dp (default required: every answer noised "
+                      "and charged; optional or off: exact answers, which the voxel maps and "
+                      "models of the demo need at its size)")
     init.set_defaults(func=cmd_init)
     run = dsub.add_parser("run", help="start the sites, show federated work, stop them")
     run.add_argument("dir", type=Path, nargs="?", default=Path("demo-federation"))
@@ -64,7 +68,7 @@ def site_names(n: int) -> list[str]:
 
 def cmd_init(args: argparse.Namespace) -> int:
     try:
-        init(args.dir, sites=args.sites, subjects=args.subjects, force=args.force)
+        init(args.dir, sites=args.sites, subjects=args.subjects, force=args.force, dp=args.dp)
     except (ValueError, OSError) as exc:
         print(f"stimctl: error: {exc}", file=sys.stderr)
         return 2
@@ -72,10 +76,13 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def init(root: Path, *, sites: int = 3, subjects: int = 60, force: bool = False) -> None:
+def init(root: Path, *, sites: int = 3, subjects: int = 60, force: bool = False,
+         dp: str = "required") -> None:
     from stimctl import demodata
     from stimnet import pki
 
+    if dp not in ("required", "optional", "off"):
+        raise ValueError(f"--dp must be required, optional or off, not {dp!r}")
     if not 1 <= sites <= 26:
         raise ValueError("--sites must be between 1 and 26")
     if root.exists() and any(root.iterdir()) and not force:
@@ -94,7 +101,7 @@ def init(root: Path, *, sites: int = 3, subjects: int = 60, force: bool = False)
             pki.issue(ca, name, "node", certs, hosts=("127.0.0.1", "localhost"))
         entry = dict(catalogs[name])
         entry["root"] = os.path.relpath(root / "data" / name, site_dir)
-        write_site_config(site_dir, name, port, entry, seed_port=ports[0])
+        write_site_config(site_dir, name, port, entry, seed_port=ports[0], dp=dp)
         # An admin certificate is valid at every node; each site obeys its own only.
         admin_dir = root / "admin" / name
         if not (admin_dir / f"{admin_name(name)}.crt").exists():
@@ -112,16 +119,19 @@ def admin_name(site: str) -> str:
 
 
 def write_site_config(site_dir: Path, name: str, port: int, catalog: dict[str, Any], *,
-                      seed_port: int) -> None:
+                      seed_port: int, dp: str = "required") -> None:
+    from stimctl.demo_steps import DEMO_BUDGET_EPSILON, DEMO_MAX_EPSILON
+
+
     cfg = {
         "node": {"name": name, "listen": f"127.0.0.1:{port}", "state_dir": "state", "k_min": 5,
                  "grace_s": 5.0, "admins": [admin_name(name)]},
         "tls": {"ca": "certs/ca.crt", "cert": f"certs/{name}.crt", "key": f"certs/{name}.key",
                 "crl": "../../ca/crl.pem"},
-        "privacy": {"dp": "optional", "default_epsilon": 1.0, "max_epsilon_per_query": 5.0,
-                    "budget_epsilon": 20.0},
+        "privacy": {"dp": dp, "default_epsilon": 1.0, "max_epsilon_per_query": DEMO_MAX_EPSILON,
+                    "budget_epsilon": DEMO_BUDGET_EPSILON, "delta": 1e-6},
         "federation": {"seeds": [] if port == seed_port else [f"127.0.0.1:{seed_port}"],
-                       "subjob_timeout_s": 30.0},
+                       "subjob_timeout_s": 180.0},
         "scripts": {"policy": "auto", "log_policy": "errors", "timeout_s": 120.0},
         "metrics": {"listen": f"127.0.0.1:{port + 1000}"} if port + 1000 < 65536 else {},
         "catalogs": [catalog],
@@ -223,6 +233,12 @@ class DemoFederation:
     def site_config(self, name: str) -> Path:
         return self.root / "sites" / name / NODE_CONFIG
 
+    @property
+    def dp(self) -> str:
+        """The sites' [privacy] dp (init gives every site the same)."""
+        first = sorted((self.root / "sites").iterdir())[0] / NODE_CONFIG
+        return str(tomllib.loads(first.read_text()).get("privacy", {}).get("dp", "required"))
+
     def start(self) -> None:
         self.addresses = reassign_ports(self.root)
         for name in self.addresses:
@@ -301,9 +317,16 @@ async def _run(fed: DemoFederation, *, keep_running: bool) -> None:
     await fed.wait_healthy()
     print("all sites healthy (grpc.health.v1 SERVING)\n")
     await show_sites(fed)
+    print(budget_note(fed) + "\n")
     for title, step in STEPS:
         output.console().rule(title)
-        await step(fed)
+        try:
+            await step(fed)
+        except (BudgetExhausted, JobFailed) as exc:
+            if "budget exhausted" not in str(exc):
+                raise
+            raise RuntimeError(f"{exc} (earlier runs of the demo in {fed.root} spent alice's "
+                               "budget: run it in a new directory)") from None
     if keep_running:
         print("daemons running; Ctrl-C to stop")
         with contextlib.suppress(asyncio.CancelledError):
@@ -328,143 +351,22 @@ async def demo_membership(fed: DemoFederation) -> None:
                   for p in peers])
 
 
-async def demo_table_query(fed: DemoFederation) -> None:
-    from stimctl.client import AsyncClient
-    from stimctl.jobs_cli import Progress, print_answer
-
-    # Every output over the same subjects (those with a UPDRS change): outputs whose
-    # NULLs differ would give the size of their difference, and where that is one subject
-    # exact auditing refuses the release (docs/privacy.md).
-    sql = ("SELECT target, count(updrs_change), avg(updrs_change), stddev(updrs_change) "
-           "FROM dbs_outcomes WHERE diagnosis = 'PD' GROUP BY target")
-    print(f"$ stimctl query --federated \"{sql}\"")
-    async with AsyncClient.from_file(fed.researcher_config) as c:
-        with Progress(enabled=True) as progress:
-            answer = await c.query(sql, federated=True, min_sites=2, on_event=progress)
-    print_answer(answer, argparse.Namespace(json=False, csv=False, out=None))
-
-
-async def demo_dp_query(fed: DemoFederation) -> None:
-    from stimctl.client import AsyncClient
-    from stimctl.jobs_cli import print_answer
-
-    # Under DP a cell leaves a site only where its noised count clears k_min plus a margin
-    # for delta (privacy/threshold.py); at epsilon 5 over four arrays that is some 15
-    # subjects, which a demo site's PD patients clear.
-    sql = "SELECT count(*), avg(updrs_change) FROM dbs_outcomes"
-    print(f"$ stimctl query --federated --epsilon 5 \"{sql}\"")
-    print("  (each site adds OpenDP Laplace noise calibrated to the declared bounds, releases "
-          "only counts whose noised value clears its threshold, and charges epsilon 5 and "
-          "delta to alice's budget)")
-    async with AsyncClient.from_file(fed.researcher_config) as c:
-        answer = await c.query(sql, federated=True, min_sites=2, epsilon=5.0)
-    print_answer(answer, argparse.Namespace(json=False, csv=False, out=None))
-    print("note: noise scale follows the catalog's declared bounds (updrs_change in [-108, 108]);"
-          " the epsilon is split over every statistic released, so small cohorts get noisy "
-          "answers — that is the guarantee working, not a bug")
-
-
-async def demo_sweet_spot(fed: DemoFederation) -> None:
-    from stimctl.client import AsyncClient
-    from stimctl.jobs_cli import Progress, print_answer
-
-    # The table's STN cell (PD patients with a UPDRS change), every output over it: a
-    # cohort one subject off an earlier one would be refused by exact auditing.
-    # The t-map tests the improvement of the subjects covering each voxel against 0, where
-    # at least 10 % of them do, FDR-corrected across those voxels; each site withholds the
-    # voxels with fewer than k_min subjects on either side.
-    sql = ("SELECT count(vta_path), mean_map(vta_path, improvement_pct) AS sweet_spot, "
-           "tmap(vta_path, improvement_pct, min_frac => 0.1, correction => 'fdr') AS "
-           "sweet_spot_t, roi_overlap(vta_path) AS overlap FROM dbs_outcomes WHERE target = 'STN' AND "
-           "diagnosis = 'PD' AND updrs_change IS NOT NULL AND improvement_pct IS NOT NULL")
-    out = fed.root / "results" / "sweet_spot"
-    print(f"$ stimctl query --federated \"{sql}\" --out {out}/")
-    async with AsyncClient.from_file(fed.researcher_config) as c:
-        with Progress(enabled=True) as progress:
-            answer = await c.query(sql, federated=True, min_sites=2, on_event=progress)
-    print_answer(answer, argparse.Namespace(json=False, csv=False, out=out))
-
-
-DEMO_SCRIPT = b"""\
-# A researcher's own analysis, run in each site's hardened sandbox (no network, read-only
-# data, non-root, resource limits). It may only emit aggregates; each site's privacy layer
-# checks them against the catalog and, under dp = "required", runs it once per block of
-# subjects and noises the blocks' mean before anything leaves the site.
-from stimnet_runtime import load_table, emit_mean
-
-outcomes = load_table("outcomes").merge(load_table("stimulation"), on="subject_id")
-followed = outcomes[outcomes["updrs_change"].notna()]
-emit_mean("mean_improvement", "updrs_change", followed["updrs_change"])
-"""
-
-
-# What the script emits, declared and signed with it: each site releases only exactly this.
-# Under dp = "required" a script's outputs are released by sample-and-aggregate: each
-# block of subjects' mean is clamped to the declared range, and the blocks' mean gets
-# Laplace noise of scale (hi - lo) / (B·ε), so the range is the price of the answer's
-# precision. One output at the sites' largest per-query ε.
-DEMO_EPSILON = 5.0
-DEMO_OUTPUTS = ("SELECT clamp(avg(updrs_change), -40, 40) AS mean_improvement "
-                "FROM dbs_outcomes")
-
-
-async def demo_script_job(fed: DemoFederation) -> None:
-    from stimctl.client import AsyncClient
-    from stimctl.jobs_cli import Progress, print_answer
-
-    path = fed.root / "results" / "mean_improvement.py"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(DEMO_SCRIPT)
-    print(f"$ stimctl submit {path} --catalog dbs_outcomes --federated --watch \\\n"
-          f"    --outputs \"{DEMO_OUTPUTS}\"")
-    async with AsyncClient.from_file(fed.researcher_config) as c:
-        job = await c.submit_script(DEMO_SCRIPT, "dbs_outcomes", federated=True, min_sites=2,
-                                    outputs=DEMO_OUTPUTS, epsilon=DEMO_EPSILON)
-        with Progress(enabled=True) as progress:
-            answer = await c.run_job(job, progress)
-    print_answer(answer, argparse.Namespace(json=False, csv=False, out=None))
-    charged = [m for m in answer.manifest if m.get("epsilon") is not None]
-    for m in charged:
-        print(f"  {m['site']}: charged (ε, δ) = ({m['epsilon']:g}, {m.get('delta') or 0:g})")
-
-
-async def demo_metrics(fed: DemoFederation) -> None:
-    import urllib.request
-
-    cfg = tomllib.loads(fed.site_config(next(iter(fed.addresses))).read_text())
-    url = f"http://{cfg['metrics']['listen']}/metrics"
-    print(f"$ curl {url}   (selected lines)")
-    # Store-derived gauges refresh every 2 s (a scrape never waits on the database), so
-    # give the last query's charge and the last job's end a moment to show up.
-    deadline = time.monotonic() + 6
-
-    def settled(text: str) -> bool:
-        busy = [ln for ln in text.splitlines()
-                if ln.startswith(('stimnet_jobs{state="running"}', 'stimnet_jobs{state="queued"}'))
-                and not ln.rstrip().endswith(" 0.0")]
-        return "stimnet_epsilon_spent_total{" in text and not busy
-
-    while True:
-        body = urllib.request.urlopen(url, timeout=5).read().decode()
-        if settled(body) or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.5)
-    wanted = ("stimnet_rpc_total{", "stimnet_jobs{", "stimnet_queue_depth ", "stimnet_peers{",
-              "stimnet_privacy_decisions_total{", "stimnet_epsilon_spent_total{",
-              "stimnet_sandbox_run_seconds_count", "stimnet_certificate_expiry_timestamp_seconds",
-              "stimnet_build_info")
-    for line in body.splitlines():
-        if line.startswith(wanted) and not line.rstrip().endswith(" 0.0"):
-            print("  " + line)
-
-
 # What `run` shows once the sites are healthy, in order, each under its title.
 from stimctl.demo_models import demo_glm, demo_meta  # noqa: E402 - they take a DemoFederation
+from stimctl.demo_steps import (  # noqa: E402
+    budget_note,
+    demo_dp_query,
+    demo_metrics,
+    demo_script_job,
+    demo_sweet_spot,
+    demo_table_query,
+)
+from stimnet.errors import BudgetExhausted, JobFailed  # noqa: E402
 
 STEPS: tuple[tuple[str, DemoStep], ...] = (
     ("membership: gossip from one seed", demo_membership),
     ("federated table query: outcomes by DBS target", demo_table_query),
-    ("differential privacy: noisy federated answer, budget charged", demo_dp_query),
+    ("differential privacy: the whole cohort at ε 1, budget charged", demo_dp_query),
     ("federated logistic regression: responder ~ amplitude + target", demo_glm),
     ("random-effects meta-analysis of mean UPDRS change across sites", demo_meta),
     ("federated sweet-spot maps: mean improvement per voxel, FDR-corrected t-map",

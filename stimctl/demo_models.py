@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Protocol
 
+from stimctl.demo_steps import skipped_under_dp
+
 
 class DemoFederation(Protocol):
     """What these steps use of demo.DemoFederation (not imported: demo imports them)."""
@@ -15,12 +17,21 @@ class DemoFederation(Protocol):
     @property
     def researcher_config(self) -> Path: ...
 
+    @property
+    def dp(self) -> str: ...
+
 
 async def demo_glm(fed: DemoFederation) -> None:
     from stimctl.client import AsyncClient
     from stimctl.jobs_cli import Progress, print_answer
     from stimnet.errors import JobFailed
 
+    if fed.dp == "required":
+        skipped_under_dp("the IRLS fit", "sends each round's XᵀWX noised at a scale set by "
+                         "the declared bounds over every round (README, \"DP GLM\"): on the "
+                         "demo's 60 subjects a site, even at ε 5 the noised XᵀWX comes out "
+                         "singular and the fit ends with no estimates")
+        return
     sql = ("SELECT glm('responder ~ amplitude_ma + target', 'binomial') FROM dbs_outcomes")
     print(f"$ stimctl query --federated \"{sql}\"")
     print("  (responder: improvement_pct > 30 at 12 months; one fan-out per IRLS iteration, "
@@ -42,6 +53,10 @@ async def demo_meta(fed: DemoFederation) -> None:
     from stimctl.client import AsyncClient
     from stimctl.jobs_cli import print_answer
 
+    if fed.dp == "required":
+        skipped_under_dp("meta()", "releases each site's own estimate and standard error, "
+                         "which sites refuse under differential privacy")
+        return
     # updrs_change is recorded for PD patients only. No WHERE: the cohort is the catalog's,
     # which earlier steps released already (the overlap guard refuses near-copies).
     sql = "SELECT meta(avg(updrs_change)) FROM dbs_outcomes"

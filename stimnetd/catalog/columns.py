@@ -47,6 +47,11 @@ def numbers_of(col: pd.Series) -> np.ndarray:
     return pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
 
 
+def _exactly_two(x: np.ndarray) -> np.ndarray:
+    distinct = np.unique(x[~np.isnan(x)])
+    return distinct if distinct.size == 2 else np.zeros(0)
+
+
 class Columns:
     """Read-only arrays of one frame's columns, converted on first use.
 
@@ -87,6 +92,13 @@ class Columns:
     def missing(self, name: str) -> np.ndarray:
         """True where the value is missing (pandas' isna)."""
         return self._get("missing", name, lambda c: c.isna().to_numpy())
+
+    def two_values(self, name: str) -> tuple[float, float] | None:
+        """The column's two distinct numbers (lower first) when it takes exactly two."""
+        if name not in self._frame.columns:
+            return None
+        pair = self._get("two", name, lambda c: _exactly_two(numbers_of(c)))
+        return (float(pair[0]), float(pair[1])) if pair.size == 2 else None
 
     def ids(self, name: str) -> np.ndarray:
         """Subject ids as labels; rows without an id hold None."""

@@ -93,11 +93,11 @@ def compute(
             for agg in spec.aggregates:
                 p = next(made)
                 bounds = catalog.fields[agg.fields[0]].bounds if agg.fields else None
-                known = None if agg.condition is None else \
-                    np.logical_or(*_eval(agg.condition, cell, catalog.fields))
+                met = None if agg.condition is None else \
+                    _eval(agg.condition, cell, catalog.fields)
                 linear += linear_cohorts(agg, cell, key, fine_bins=quantile_bins,
                                          bounds=bounds, levels=p.meta.get("levels"),
-                                         known=known, continuous=agg.func in
+                                         condition=met, continuous=agg.func in
                                          ("corr_map", "mean_map") and p.kind == "voxel_stats")
     group_ids = {key: cell.ids(catalog.subject_key) for key, cell in groups} \
         if spec.group_by else {}

@@ -12,6 +12,13 @@ per-subject value summed ("1" for a count, "sum:x" for Σx, "sum:x*y" for Σxy,
 contingency cell (flat index) it is the count of (None: the whole partial), `positions`
 the catalog rows (one row is one subject) it sums over. Statistics of the same quantity
 are audited together (privacy/span.py); a count is quantity "1" whatever it counts.
+
+A field that takes exactly two values a < b (a 0/1-coded outcome or predictor) ties
+quantities together: x = a + (b - a)·[x = b], so Σ_C x·q, given Σ_C q (released with it),
+is Σ_{C ∩ x=b} q. Such a sum is therefore also audited as that sum of q over the subjects
+with x = b (a count where q is 1), which a count or mean WHERE x = b releases directly;
+likewise a condition's 0/1 weight (prop_map). Without this, Σ responder over everyone less
+count(responders but the target) is the target's response.
 """
 
 from __future__ import annotations
@@ -46,10 +53,47 @@ def _sum(*fields: str) -> str:
 def linear_cohorts(a: AggSpec, rows: Rows, group: GroupKey, *, fine_bins: int = 1024,
                    bounds: tuple[float, float] | None = None,
                    levels: list[list[str]] | None = None,
-                   known: np.ndarray | None = None, continuous: bool = False
-                   ) -> list[LinearCohort]:
-    """The linear statistics aggregate `a` releases over `rows`, each with its cohort.
-    `known`: prop_map's rows whose condition is known; `continuous`: the image's values."""
+                   condition: tuple[np.ndarray, np.ndarray] | None = None,
+                   continuous: bool = False) -> list[LinearCohort]:
+    """The linear statistics aggregate `a` releases over `rows`, each with its cohort, and
+    what they are equivalent to over two-valued fields (see the module's docstring).
+    `condition`: prop_map's rows whose condition is true, and those where it is false;
+    `continuous`: the image's values."""
+    out: list[LinearCohort] = []
+    for lc in _cohorts(a, rows, group, fine_bins=fine_bins, bounds=bounds, levels=levels,
+                       condition=condition, continuous=continuous):
+        out += _with_two_valued_parts(lc, rows)
+    return out
+
+
+def _with_two_valued_parts(lc: LinearCohort, rows: Rows) -> list[LinearCohort]:
+    """`lc`, and for each two-valued field factor of its quantity, the same sum without
+    that factor over the subjects at the field's higher value (recursively)."""
+    kind, _, what = lc.quantity.partition(":")
+    if lc.cell is not None or kind not in ("sum", "img") or "[" in what:
+        return [lc]
+    factors = what.split("*")
+    out = [lc]
+    for i in range(1 if kind == "img" else 0, len(factors)):
+        if i and factors[i] == factors[i - 1]:
+            continue  # x*x: the same split as its first x
+        if kind == "img" and factors[0].endswith(":x") and factors[i] == "x":
+            continue  # a continuous image's own value, not a field
+        pair = rows.columns.two_values(factors[i])
+        if pair is None:
+            continue
+        rest = factors[:i] + factors[i + 1:]
+        at_b = lc.positions[rows.columns.numbers(factors[i])[lc.positions] == pair[1]]
+        quantity = (f"{kind}:" + "*".join(rest)) if rest else COUNT
+        out += _with_two_valued_parts(
+            LinearCohort(lc.output, lc.group, None, quantity, at_b), rows)
+    return out
+
+
+def _cohorts(a: AggSpec, rows: Rows, group: GroupKey, *, fine_bins: int,
+             bounds: tuple[float, float] | None, levels: list[list[str]] | None,
+             condition: tuple[np.ndarray, np.ndarray] | None,
+             continuous: bool) -> list[LinearCohort]:
     pos = np.arange(len(rows)) if rows.positions is None else np.asarray(rows.positions)
     f = a.fields
 
@@ -94,7 +138,7 @@ def linear_cohorts(a: AggSpec, rows: Rows, group: GroupKey, *, fine_bins: int = 
         return _contingency(a, rows, group, pos, levels)
     if a.condition is not None or a.func in ("tmap", "tmap2", "corr_map") or continuous:
         return _field_map(a, rows, group, pos) if continuous else \
-            _voxel_test(a, rows, group, pos, known)
+            _voxel_test(a, rows, group, pos, condition)
     if a.func in ("count_map", "mean_map", "roi_overlap"):
         used = ~rows.missing(f[0])
         qs = [COUNT, f"img:{f[0]}"]
@@ -118,22 +162,27 @@ def _field_map(a: AggSpec, rows: Rows, group: GroupKey, pos: np.ndarray) -> list
 
 
 def _voxel_test(a: AggSpec, rows: Rows, group: GroupKey, pos: np.ndarray,
-                known: np.ndarray | None) -> list[LinearCohort]:
+                condition: tuple[np.ndarray, np.ndarray] | None) -> list[LinearCohort]:
     """A voxel test's sums: per voxel over the covering subjects (image quantities) and
     over its whole cohort (those with an image and a weight, or a known condition)."""
     img = a.fields[0]
     used = ~rows.missing(img)
     if a.condition is not None:
-        if known is None:
+        if condition is None:
             raise ValueError(f"{a.name}: the subjects whose condition is known are needed")
-        used &= known
+        met, unmet = condition
+        used &= met | unmet
         w = "[" + json.dumps(expr_to_dict(a.condition), sort_keys=True,
                              separators=(",", ":")) + "]"
         qs = [COUNT, f"img:{img}", f"img:{img}*{w}", _sum(w)]
-    else:
-        w = a.fields[1]
-        used &= ~np.isnan(rows.numbers(w))
-        qs = [COUNT, f"img:{img}", f"img:{img}*{w}", f"img:{img}*{w}*{w}", _sum(w), _sum(w, w)]
+        # The weight is 0/1: its sums are the image and the count over the subjects
+        # meeting the condition, as mean_map and count(*) WHERE <condition> release them.
+        return [*(LinearCohort(a.name, group, None, q, pos[used]) for q in qs),
+                LinearCohort(a.name, group, None, f"img:{img}", pos[used & met]),
+                LinearCohort(a.name, group, None, COUNT, pos[used & met])]
+    w = a.fields[1]
+    used &= ~np.isnan(rows.numbers(w))
+    qs = [COUNT, f"img:{img}", f"img:{img}*{w}", f"img:{img}*{w}*{w}", _sum(w), _sum(w, w)]
     return [LinearCohort(a.name, group, None, q, pos[used]) for q in qs]
 
 

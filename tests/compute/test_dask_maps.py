@@ -19,7 +19,7 @@ from stimnet.query.sql import parse_sql
 from stimnetd.catalog import load_catalogs
 from stimnetd.config import ConfigError, load_config
 from stimnetd.query.engine import compute
-from stimnetd.query.subjects import ComputeUnavailable, DaskImages
+from stimnetd.query.subjects import ComputeUnavailable, DaskImages, InProcess
 from stimnetd.testing import CertFactory, write_node_config
 from tests.helpers import demo_catalog
 
@@ -96,6 +96,32 @@ def test_an_off_grid_image_is_refused_on_the_worker_as_here(scheduler: str,
             images.voxel_sums(cat, "img", (2, 2, 2), None, [("odd.nii.gz", 1.0)])
     finally:
         images.close()
+
+
+def test_continuous_images_sums_on_the_cluster_equal_the_in_process_sums(
+        scheduler: str, tmp_path: Path) -> None:
+    """corr_map's per-voxel n, Σx, Σx², Σxw over 12 E-field images, clamped to bounds:
+    the workers' chunk sums add up to the in-process sums."""
+    rng = np.random.default_rng(5)
+    items = []
+    for i in range(12):
+        x = np.where(rng.random((4, 3, 2)) < 0.5, rng.uniform(0, 3, (4, 3, 2)), 0.0)
+        nib.save(nib.Nifti1Image(x.astype(np.float32), np.eye(4)), tmp_path / f"e{i}.nii.gz")
+        items.append((f"e{i}.nii.gz", float(rng.normal(10, 3))))
+    cat = SimpleNamespace(root=tmp_path, name="c",
+                          load_image=lambda rel: np.asarray(nib.load(tmp_path / rel).dataobj))
+    local = InProcess().field_sums(cat, "ef", (4, 3, 2), None, (0.0, 2.0), items)
+    images = DaskImages(scheduler)
+    try:
+        remote = images.field_sums(cat, "ef", (4, 3, 2), None, (0.0, 2.0), items)
+    finally:
+        images.close()
+    assert remote[0] == local[0] == 12 and local[1].max() > 1
+    np.testing.assert_array_equal(remote[1], local[1])
+    for got, want in zip(remote[2:], local[2:], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+    raw = InProcess().field_sums(cat, "ef", (4, 3, 2), None, None, items)
+    assert np.all(local[2] <= 2.0 * local[1]) and np.any(raw[2] > local[2])
 
 
 def test_an_unreachable_scheduler_is_one_clear_error() -> None:

@@ -75,7 +75,9 @@ def _existing(tmp: Path, who: str):  # type: ignore[no-untyped-def]
 @pytest.fixture
 def federation(tmp_path: Path, pki: CertFactory):  # type: ignore[no-untyped-def]
     @asynccontextmanager
-    async def start(catalogs: list[list[dict]], **sections: dict) -> AsyncIterator[Federation]:
+    async def start(catalogs: list[list[dict]], *, per_site: list[dict] | None = None,
+                    **sections: dict) -> AsyncIterator[Federation]:
+        """`per_site[i]`: config sections of daemon i that replace the shared ones."""
         ports = [free_port() for _ in catalogs]
         async with AsyncExitStack() as stack:
             daemons = []
@@ -84,7 +86,8 @@ def federation(tmp_path: Path, pki: CertFactory):  # type: ignore[no-untyped-def
                 certs = pki.issue(name, "node")
                 fed_section = {"peers": [f"127.0.0.1:{p}" for j, p in enumerate(ports) if j != i],
                                "subjob_timeout_s": 10.0, **sections.get("federation", {})}
-                extra = {k: v for k, v in sections.items() if k != "federation"}
+                extra = {k: v for k, v in {**sections, **(per_site or [{}] * len(ports))[i]}
+                         .items() if k != "federation"}
                 path = write_node_config(tmp_path / name, certs, name, port=ports[i],
                                          catalogs=cats, crl=pki.crl_path,
                                          federation=fed_section, gossip={"enabled": False},
