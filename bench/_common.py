@@ -89,11 +89,14 @@ def percentile(values: list[float], p: float) -> float:
 
 
 async def start_demo_sites(tmp: Path, prefix: str, subjects: int, *, privacy: dict | None = None,
-                           catalogs: list[dict] | None = None
+                           catalogs: list[dict] | None = None,
+                           prepare: Callable[[Path, dict], dict] | None = None
                            ) -> tuple[list, list[int], list[Path], object]:
     """Three loopback `stimnetd` processes on demo catalogs (or on `catalogs`, one entry
-    with its root per site), peered statically, DP off by default. Returns (processes,
-    ports, store paths, a researcher's certificates); the caller stops the processes."""
+    with its root per site), peered statically, DP off by default; `prepare(root, entry)`
+    may rewrite a demo catalog (and return its entry) before its daemon starts. Returns
+    (processes, ports, store paths, a researcher's certificates); the caller stops the
+    processes."""
     from stimctl import demodata
     from stimnetd.testing import CertFactory, DaemonProcess, free_port, write_node_config
 
@@ -109,6 +112,8 @@ async def start_demo_sites(tmp: Path, prefix: str, subjects: int, *, privacy: di
             entry = {**demodata.generate_site(root, site=name, site_index=i,
                                               n_subjects=subjects, seed=11 + i),
                      "root": str(root)} if catalogs is None else catalogs[i]
+            if prepare is not None and catalogs is None:
+                entry = prepare(root, entry)
             cfg = write_node_config(
                 tmp / name, pki.issue(name, "node"), name, port=port, crl=pki.crl_path,
                 catalogs=[entry], logging={"level": "warning"},

@@ -1,10 +1,18 @@
-"""Federated voxel-wise maps against one process doing the same work over all files.
+"""A federated voxel-map query against one process doing the same work over all files.
 
-tmap: three loopback `stimnetd` processes on demo catalogs (MNI 2 mm VTAs, DP off, k_min 5),
-one federated `SELECT tmap(vta_path, improvement_pct, correction => 'none') ...` through the
-entry, timed (median of --repeat runs after a warm-up); against, in the same run, a plain
-single-process loop over all 3 x N images (nibabel load, binarise, dense numpy sums of n,
-Σw and Σw², then t per voxel), which is what a researcher holding every file would write.
+Three loopback `stimnetd` processes on demo catalogs (DP off, k_min 5), one federated
+`SELECT count_map(vta_path), mean_map(vta_path, improvement_pct), tmap(...)` through the
+entry, timed with a cold image cache (every image file touched first, so every cache key,
+in memory and on disk, is new) and a warm one (median of --repeat runs each). In the
+same run, single-process loops over all 3 x N files computing the same sums (n, Σw, Σw²):
+dense (nibabel load, binarise, dense numpy `+=`), sparse (nibabel load, indices of the
+non-zero voxels, adds at those indices) and gunzip only (every file read and gunzipped,
+nothing else). Prints each time, the federated ones as ratios to each loop (issue 25's
+goals: cold <= 0.5x the sparse loop and <= 1.0x gunzip-only; warm <= 0.1x gunzip-only),
+the entry's health-check p99 during a cold query over its idle p99, each daemon's peak
+RSS (and its decoding workers'), and checks the released counts against the loop's.
+`--mm 1` upsamples the demo's 2 mm images and ROIs to the 1 mm MNI grid (182x218x182)
+before the daemons start.
 
 corr_map (`--corr-grid 2 1`): the same over synthetic continuous E-field images (float32
 V/mm, 1.8/(1 + (d/3 mm)²) around a jittered left-STN contact, 0 below 0.2 V/mm) on the MNI
@@ -12,25 +20,27 @@ V/mm, 1.8/(1 + (d/3 mm)²) around a jittered left-STN contact, 0 below 0.2 V/mm)
 plain loop of dense sums n, Σx, Σx², Σxw and r per voxel. It also prints one site's share
 as it travels (partials_to_doc + codec.pack, after k_min) against the same arrays dense.
 
-Prints each time, their ratio (goal <= 1.5: each site reads only its third of the files,
-in parallel) and each daemon's peak RSS during the federated runs.
-`python bench/maps.py [--subjects 100 500] [--repeat 3] [--corr-grid 2 1]
-[--corr-subjects 100]`. The demo generator makes 2 mm VTA grids only, so tmap runs at 2 mm.
+`python bench/maps.py [--subjects 100] [--mm 2 1] [--repeat 3] [--corr-grid 2 1]
+[--corr-subjects 100]`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
+import os
 import statistics
 import sys  # noqa: E402,I001 - after _common, which puts the repo on sys.path
+import threading
 import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
-from _common import ROOT, start_demo_sites, timed, workdir  # type: ignore[import-not-found]
+import psutil
+from _common import ROOT, percentile, start_demo_sites, timed, workdir  # type: ignore[import-not-found]
 from memory import PeakSampler  # type: ignore[import-not-found]
 
 from stimctl.client import AsyncClient
@@ -43,65 +53,198 @@ from stimnetd.query.fieldsums import chunk_field_sums  # noqa: E402
 from stimnetd.query.partial_docs import partials_to_doc  # noqa: E402
 from tests.helpers import client_config  # noqa: E402
 
-QUERY = ("SELECT tmap(vta_path, improvement_pct, correction => 'none') AS t "
-         "FROM dbs_outcomes")
+QUERY = ("SELECT count_map(vta_path) AS c, mean_map(vta_path, improvement_pct) AS m, "
+         "tmap(vta_path, improvement_pct, correction => 'none') AS t FROM dbs_outcomes")
+# 2 mm voxel -> the eight 1 mm voxels it holds: voxel i' of the new grid is at old voxel
+# coordinate (i' - 0.5) / 2.
+TO_1MM = np.array([[0.5, 0, 0, -0.25], [0, 0.5, 0, -0.25], [0, 0, 0.5, -0.25], [0, 0, 0, 1]])
 
 
-def plain_tmap(roots: list[Path]) -> tuple[np.ndarray, np.ndarray]:
-    """The pooled one-sample t of improvement_pct among the subjects covering each voxel."""
-    n = s1 = s2 = None
+def to_1mm(root: Path, entry: dict) -> dict:
+    for path in [*root.glob("images/vta/*.nii.gz"), *root.glob("rois/*.nii.gz")]:
+        img = nib.load(path)
+        data = np.asarray(img.dataobj)
+        fine = data.repeat(2, 0).repeat(2, 1).repeat(2, 2)
+        affine = img.affine @ TO_1MM
+        out = nib.Nifti1Image(fine, affine, img.header)
+        out.set_sform(affine, code=int(img.header["sform_code"]))
+        out.set_qform(affine, code=int(img.header["qform_code"]))
+        path.write_bytes(gzip.compress(out.to_bytes(), compresslevel=6, mtime=0))
+    for f in entry["fields"].values():
+        if f.get("max_voxels"):
+            f["max_voxels"] *= 8
+    return entry
+
+
+def subjects_of(roots: list[Path]) -> list[tuple[Path, float]]:
+    out = []
     for root in roots:
         rows = pd.read_csv(root / "stimulation.csv").merge(
             pd.read_csv(root / "outcomes.csv"), on="subject_id")
-        for rel, w in zip(rows["vta_path"], rows["improvement_pct"], strict=True):
-            if pd.isna(rel) or pd.isna(w):
-                continue
-            m = np.asarray(nib.load(root / rel).dataobj) > 0
-            if n is None:
-                n, s1, s2 = (np.zeros(m.shape) for _ in range(3))
-            n += m
-            s1 += w * m
-            s2 += w * w * m
-    assert n is not None and s1 is not None and s2 is not None
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = s1 / n
-        var = (s2 - n * mean ** 2) / (n - 1)
-        return mean / np.sqrt(var / n), n
+        out += [(root / rel, float(w)) for rel, w in
+                zip(rows["vta_path"], rows["improvement_pct"], strict=True)
+                if not (pd.isna(rel) or pd.isna(w))]
+    return out
 
 
-async def one(subjects: int, repeat: int) -> None:
+def dense_loop(files: list[tuple[Path, float]]) -> np.ndarray:
+    n = s1 = s2 = None
+    for path, w in files:
+        m = np.asarray(nib.load(path).dataobj) > 0
+        if n is None:
+            n, s1, s2 = (np.zeros(m.shape) for _ in range(3))
+        n += m
+        s1 += w * m
+        s2 += w * w * m
+    assert n is not None
+    return n
+
+
+def sparse_loop(files: list[tuple[Path, float]]) -> np.ndarray:
+    n = s1 = s2 = None
+    for path, w in files:
+        img = np.asarray(nib.load(path).dataobj)
+        idx = np.flatnonzero(img > 0)
+        if n is None:
+            n, s1, s2 = (np.zeros(img.size) for _ in range(3))
+        n[idx] += 1
+        s1[idx] += w
+        s2[idx] += w * w
+    assert n is not None
+    return n
+
+
+def gunzip_only(files: list[tuple[Path, float]]) -> int:
+    return sum(len(gzip.decompress(path.read_bytes())) for path, _ in files)
+
+
+def best_of(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+class Sampler:
+    """Peak RSS of each daemon and of its child processes together (the decoding pool)."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.procs = [psutil.Process(p) for p in pids]
+        self.own = dict.fromkeys(pids, 0.0)
+        self.kids = dict.fromkeys(pids, 0.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for p in self.procs:
+                try:
+                    self.own[p.pid] = max(self.own[p.pid], p.memory_info().rss / 2**20)
+                    kids = sum(c.memory_info().rss for c in p.children(recursive=True))
+                    self.kids[p.pid] = max(self.kids[p.pid], kids / 2**20)
+                except psutil.Error:
+                    pass
+            time.sleep(0.05)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+async def health_probe(addr: str, creds: object, stop: asyncio.Event) -> list[float]:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    out = []
+    async with grpc.aio.secure_channel(addr, creds) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while not stop.is_set():
+            t = time.perf_counter()
+            await stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            out.append(time.perf_counter() - t)
+            await asyncio.sleep(0.02)
+    return out
+
+
+def touch(files: list[tuple[Path, float]]) -> None:
+    now = time.time_ns()
+    for path, _ in files:
+        os.utime(path, ns=(now, now))
+
+
+async def one(subjects: int, mm: int, repeat: int) -> None:
+    import grpc
+
     tmp = workdir()
-    procs, ports, _dbs, alice = await start_demo_sites(tmp, f"maps{subjects}", subjects)
+    procs, ports, _dbs, alice = await start_demo_sites(
+        tmp, f"maps{mm}mm", subjects, prepare=to_1mm if mm == 1 else None)
     roots = sorted(tmp.glob("catalog-*"))
+    files = subjects_of(roots)
+    addr = f"127.0.0.1:{ports[0]}"
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=alice.ca.read_bytes(), private_key=alice.key.read_bytes(),
+        certificate_chain=alice.cert.read_bytes())
     try:
         pids = [p.proc.pid for p in procs]
-        async with AsyncClient(client_config(alice, f"127.0.0.1:{ports[0]}", 1800)) as c:
-            await c.query(QUERY, federated=True, min_sites=3)  # warm-up
-            times = []
-            with PeakSampler(pids) as sampler:
+        async with AsyncClient(client_config(alice, addr, 1800)) as c:
+            async def run() -> float:
+                t = time.perf_counter()
+                await c.query(QUERY, federated=True, min_sites=3)
+                return time.perf_counter() - t
+
+            first = await run()  # starts the pools, fills the caches
+            with Sampler(pids) as sampler:
+                cold = []
                 for _ in range(repeat):
-                    t = time.perf_counter()
-                    ans = await c.query(QUERY, federated=True, min_sites=3)
-                    times.append(time.perf_counter() - t)
-        fed = statistics.median(times)
+                    touch(files)
+                    cold.append(await run())
+                warm = [await run() for _ in range(repeat)]
+            stop = asyncio.Event()
+            idle_task = asyncio.create_task(health_probe(addr, creds, stop))
+            await asyncio.sleep(max(2.0, statistics.median(cold)))
+            stop.set()
+            idle = await idle_task
+            stop = asyncio.Event()
+            busy_task = asyncio.create_task(health_probe(addr, creds, stop))
+            touch(files)
+            await run()
+            stop.set()
+            busy = await busy_task
+            ans = await c.query(QUERY, federated=True, min_sites=3)
     finally:
         for p in procs:
             p.stop()
-    pooled: list[np.ndarray] = []
-    loop = timed(lambda: pooled.append(plain_tmap(roots)), repeat)
-    stat, count = ans.map_array("t", "stat"), ans.map_array("t", "count")
-    t_pooled, n_pooled = pooled[-1]
-    tested = np.isfinite(stat)
-    # The same t where every site released the voxel (k_min withholds a site's thin ones,
-    # and the voxel is then tested over the sites that released it).
-    whole = tested & (count == n_pooled)
-    diff = float(np.max(np.abs(stat[whole] - t_pooled[whole]))) if whole.any() else 0.0
-    print(f"tmap, 3 sites x {subjects} subjects (2 mm): federated {fed:.2f} s, plain loop over "
-          f"{3 * subjects} files {loop:.2f} s | federated/loop = {fed / loop:.2f} (goal <= 1.5); "
-          f"{int(tested.sum())} voxels tested; where every site released one "
-          f"({int(whole.sum())}), max |t - pooled t| = {diff:.1e}")
-    print("  peak RSS during the federated runs: " + ", ".join(
-        f"maps{subjects}-{'abc'[i]} {sampler.peak[pid]:.0f} MB" for i, pid in enumerate(pids)))
+    dense = best_of(lambda: dense_loop(files), repeat)
+    sparse = best_of(lambda: sparse_loop(files), repeat)
+    gunzip = best_of(lambda: gunzip_only(files), repeat)
+    fc, fw = statistics.median(cold), statistics.median(warm)
+    n_pooled = sparse_loop(files).reshape(ans.map_array("c", "count").shape)
+    count = ans.map_array("c", "count")
+    released = np.isfinite(count) & (count > 0)
+    exact = bool(np.array_equal(count[released & (count == n_pooled)],
+                                n_pooled[released & (count == n_pooled)]))
+    print(f"3 sites x {subjects} subjects, {mm} mm, count_map + mean_map + tmap "
+          f"({len(files)} files; a shared 2-core machine, other work running):")
+    print(f"  loops over all files: dense {dense:.2f} s, sparse {sparse:.2f} s, "
+          f"gunzip only {gunzip:.2f} s; federated first query {first:.2f} s")
+    print(f"  federated cold {fc:.2f} s = {fc / dense:.2f}x dense, {fc / sparse:.2f}x sparse "
+          f"(goal <= 0.5), {fc / gunzip:.2f}x gunzip-only (goal <= 1.0)")
+    print(f"  federated warm {fw:.2f} s = {fw / dense:.3f}x dense, {fw / sparse:.3f}x sparse, "
+          f"{fw / gunzip:.3f}x gunzip-only (goal <= 0.1)")
+    print(f"  entry health p99: idle {percentile(idle, 99) * 1e3:.1f} ms ({len(idle)} probes), "
+          f"during a cold query {percentile(busy, 99) * 1e3:.1f} ms ({len(busy)} probes): "
+          f"ratio {percentile(busy, 99) / percentile(idle, 99):.2f} (goal <= 2)")
+    print("  peak RSS during the cold and warm runs (daemon + its decoding workers): " + ", ".join(
+        f"{'abc'[i]} {sampler.own[pid]:.0f} + {sampler.kids[pid]:.0f} MB"
+        for i, pid in enumerate(pids)))
+    print(f"  released counts equal the loop's where every site released a voxel: {exact} "
+          f"({int((released & (count == n_pooled)).sum())} voxels)")
 
 
 CORR_QUERY = "SELECT corr_map(efield, outcome, correction => 'none') AS r FROM efields"
@@ -234,19 +377,23 @@ async def one_corr(subjects: int, mm: int, repeat: int) -> None:
         f"corr{mm}mm-{'abc'[i]} {sampler.peak[pid]:.0f} MB" for i, pid in enumerate(pids)))
 
 
-async def main(sizes: list[int], repeat: int, grids: list[int], corr_subjects: int) -> None:
-    for n in sizes:
-        await one(n, repeat)
+async def main(sizes: list[int], grids: list[int], repeat: int, corr_grids: list[int],
+               corr_subjects: int) -> None:
     for mm in grids:
+        for n in sizes:
+            await one(n, mm, repeat)
+    for mm in corr_grids:
         await one_corr(corr_subjects, mm, repeat)
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--subjects", type=int, nargs="*", default=[100], help="subjects per site")
+    ap.add_argument("--mm", type=int, nargs="+", default=[2], choices=[1, 2],
+                    help="the VTA maps on these MNI grids (mm)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--corr-grid", type=int, nargs="*", default=[2], choices=sorted(GRIDS),
                     help="corr_map on these MNI grids (mm)")
     ap.add_argument("--corr-subjects", type=int, default=100, help="E-fields per site")
     args = ap.parse_args()
-    asyncio.run(main(args.subjects, args.repeat, args.corr_grid, args.corr_subjects))
+    asyncio.run(main(args.subjects, args.mm, args.repeat, args.corr_grid, args.corr_subjects))

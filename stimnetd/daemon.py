@@ -48,7 +48,7 @@ from stimnetd.metrics import Metrics
 from stimnetd.node import NodeState
 from stimnetd.privacy.noise import NoiseMechanism
 from stimnetd.privacy.policy import PrivacyPolicy
-from stimnetd.query.subjects import DaskImages
+from stimnetd.query.sparse_images import site_images
 from stimnetd.rpc.admin_servicer import AdminServicer
 from stimnetd.rpc.federation_servicer import FederationServicer
 from stimnetd.rpc.gossip_transport import GrpcGossipTransport, StoreMembers
@@ -182,8 +182,8 @@ class Daemon:
                                 concurrency=scripts.concurrency, release_slot_s=scripts.release_slot_s,
                                 on_duration=self.metrics.sandbox_seconds.observe) \
             if self.sandbox is not None else None
-        # [compute] scheduler: voxel maps on Dask, connected at the first map query.
-        self.images = DaskImages(sched) if (sched := config.compute.scheduler) else None
+        # [compute]: voxel maps on Dask, else from the image cache (query/sparse_images.py).
+        self.images = site_images(config.compute, config.node.state_dir)
         return LocalSite(name=config.node.name, catalogs=self.catalogs, store=self.store,
                          policy=policy, noise=NoiseMechanism(),
                          overlap_guard=config.privacy.overlap_guard,

@@ -21,12 +21,13 @@ LEVELS = [f"g{i:02d}" for i in range(12)]
 
 def ward(root: Path, name: str = "ward", *, n: int = 96, target_pd: bool = True,
          target_updrs: float = -33.25, with_images: bool = False) -> dict:
-    """`n` subjects: ages 40, 40.5, ... but 77.5 (the last subject is the target, at 77.5
+    """`n` subjects: ages 40 to 88 in steps of 48 / n but 77.5 (the last subject is the target, at 77.5
     and in the middle of the others), sex alternating,
     every fourth subject ET (the rest PD), twelve groups `grp` of n / 12 each, `updrs`
     NULL for ET, `responder` 0/1 (the target 1), and with `with_images` a 2x2x2 mask per subject."""
     root.mkdir(parents=True, exist_ok=True)
-    ages = [a for a in (40.0 + 0.5 * i for i in range(n)) if a != TARGET_AGE][:n - 1]
+    step = 48.0 / n  # ages 40 .. 88, whatever n
+    ages = [a for a in (40.0 + step * i for i in range(n)) if a != TARGET_AGE][:n - 1]
     ages.append(TARGET_AGE)
     diag = ["ET" if i % 4 == 3 else "PD" for i in range(n - 1)] + ["PD" if target_pd else "ET"]
     updrs = [float(-(i % 30) - 1) if d == "PD" else None for i, d in enumerate(diag)]

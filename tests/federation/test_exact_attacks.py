@@ -15,6 +15,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 
 from stimctl.client import AsyncClient, JobFailed
@@ -264,3 +265,111 @@ async def test_prop_map_is_audited_as_the_image_of_its_condition(federation,
         return float(np.nansum((met - rest).ravel()[1:]))  # voxel 0 is withheld: all cover it
     target = nib.load(Path(imaged(tmp_path / "truth")["root"]) / "img" / "p095.nii.gz")
     await check(federation, imaged, attack, float(target.get_fdata().ravel()[1:].sum()), tmp_path)
+
+
+# --- many certificates ---
+
+async def test_many_certificates_cannot_split_a_differencing_attack_with_a_shared_history(
+        federation, tmp_path: Path) -> None:
+    """A - B - C asked by three fresh certificates: with [privacy] shared_history the third
+    is refused naming the other two's jobs (without it each certificate's history is its
+    own, and the attack goes through)."""
+    parts = ["SELECT count(*), avg(duration) FROM ward",
+             f"SELECT count(*), avg(duration) FROM ward WHERE age < {TARGET_AGE}",
+             f"SELECT count(*), avg(duration) FROM ward WHERE age > {TARGET_AGE}"]
+    sites = [{"privacy": {**OPTIONAL, "shared_history": shared}} for shared in (False, True)]
+    async with federation([[ward(tmp_path / "alone")], [ward(tmp_path / "shared")]],
+                          per_site=sites) as fed:
+        for site in (0, 1):
+            jobs, totals = [], []
+            for who, sql in zip(("mallory", "mallet", "eve"), parts, strict=True):
+                async with fed.client(site, who=f"{who}{site}") as c:
+                    job = await c.submit_query(sql)
+                    jobs.append(job.id)
+                    try:
+                        n, mean = (await c.run_job(job)).rows[0]
+                        totals.append(n * mean)
+                    except JobFailed as failed:
+                        refused = failed
+            if site == 0:
+                assert totals[0] - totals[1] - totals[2] == pytest.approx(16.0)
+            else:
+                assert len(totals) == 2
+                assert RULE in str(refused), refused
+                assert jobs[0] in str(refused) and jobs[1] in str(refused)
+
+
+async def test_many_certificates_are_capped_by_the_catalog_budget(federation,
+                                                                  tmp_path: Path) -> None:
+    """Ten fresh certificates each asking the differencing count at ε 0.5 under a site-wide
+    cap of 2: four are answered, the rest refused naming catalog_budget_epsilon, so all of
+    them together are bounded by ε = 2 however many certificates the CA hands out."""
+    privacy = {"dp": "required", "default_epsilon": 0.5, "catalog_budget_epsilon": 2.0}
+    answered, refusals = 0, []
+    async with federation([[ward(tmp_path / "w")]], privacy=privacy) as fed:
+        for i in range(10):
+            async with fed.client(who=f"sybil{i}") as c:
+                try:
+                    await c.query(f"SELECT count(*) FROM ward WHERE diagnosis = 'PD' AND "
+                                  f"age != {TARGET_AGE} OR age = {TARGET_AGE}")
+                    answered += 1
+                except JobFailed as failed:
+                    refusals.append(str(failed))
+        spent = [await fed.daemons[0].store.spent(f"sybil{i}", "ward") for i in range(10)]
+    assert answered == 4 and sum(spent) == pytest.approx(2.0)
+    assert len(refusals) == 6
+    assert all("across all researchers is exhausted" in r and "catalog_budget_epsilon" in r
+               for r in refusals), refusals
+
+
+# --- routine stratified work keeps working (issue 20, item 6) ---
+
+async def test_a_stratified_table_with_a_small_cell_leaves_whole_cohort_work_answerable(
+        federation, tmp_path: Path) -> None:
+    """GROUP BY diagnosis, sex with a cell of 3 withheld; then the whole cohort's count(*)
+    and avg(age), the coarser GROUP BY diagnosis and GROUP BY sex, and an --epsilon query
+    are all answered: what they make derivable is the withheld cell's total (3 subjects),
+    never one subject."""
+    cat = ward(tmp_path / "w")
+    frame = pd.read_csv(tmp_path / "w" / "s.csv")
+    frame.loc[[1, 3, 5], "diagnosis"] = "dystonia"  # three women
+    frame.loc[[0, 2, 4, 6, 8, 10], "diagnosis"] = "dystonia"  # six men
+    frame.to_csv(tmp_path / "w" / "s.csv", index=False)
+    async with federation([[cat]], privacy=OPTIONAL) as fed, fed.client() as c:
+        table = await c.query("SELECT diagnosis, sex, count(*) FROM ward GROUP BY diagnosis, sex")
+        everyone = await c.query("SELECT count(*), avg(age) FROM ward")
+        coarse = await c.query("SELECT diagnosis, count(*) FROM ward GROUP BY diagnosis")
+        by_sex = await c.query("SELECT sex, count(*), avg(age) FROM ward GROUP BY sex")
+        noised = await c.query("SELECT diagnosis, count(*) FROM ward GROUP BY diagnosis",
+                               epsilon=1.0)
+    cells = {(r[0], r[1]): r[2] for r in table.rows}
+    assert cells[("dystonia", "M")] == 6 and cells.get(("dystonia", "F")) is None
+    assert everyone.rows[0][0] == 96
+    assert {r[0]: r[1] for r in coarse.rows}["dystonia"] == 9
+    assert sorted(r[1] for r in by_sex.rows) == [48, 48]
+    assert noised.privacy[0]["epsilon"] == 1.0
+
+
+# --- what exact auditing cannot close ---
+
+async def test_the_release_decision_is_an_oracle_that_exact_auditing_cannot_close(
+        federation, tmp_path: Path) -> None:
+    """Not covered without noise (docs/privacy.md): whether count(G OR (target AND
+    updrs <= v)) is withheld, G four subjects (k_min - 1), drives a binary search to the
+    target's updrs under dp = "optional" with auditing on. Every release has the same
+    cohort (G and the target) and a withheld one releases nothing, so there is nothing to
+    refuse; only the noisy threshold bounds it (test_privacy_attacks.py,
+    test_suppression_oracle_by_binary_search[required])."""
+    async with federation([[ward(tmp_path / "w", n=192)]], privacy=OPTIONAL) as fed, \
+            fed.client() as c:
+        lo, hi = -60.0, 20.0
+        for _ in range(10):
+            v = (lo + hi) / 2
+            try:
+                await c.query(f"SELECT count(*) FROM ward WHERE age < 41 OR "
+                              f"age = {TARGET_AGE} AND updrs <= {v}")
+                hi = v
+            except JobFailed as failed:
+                assert "every output was withheld (k_min = 5)" in str(failed)
+                lo = v
+    assert lo < -33.25 <= hi and hi - lo == pytest.approx(80 / 2 ** 10)
