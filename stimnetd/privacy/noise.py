@@ -82,7 +82,7 @@ import numpy as np
 import opendp.prelude as dp
 
 from stimnet.query.fields import FieldMeta
-from stimnetd.privacy.centre import centring
+from stimnetd.privacy.centre import Centring, centring
 from stimnetd.privacy.policy import PrivacyRefusal
 from stimnetd.privacy.suppress import Decision, is_withheld
 from stimnetd.query.aggregate import VOXEL_ARRAYS, GroupKey, Partial
@@ -266,11 +266,7 @@ def add_noise(
         raise ValueError(f"epsilon must be a positive finite number, got {epsilon}")
     plans = [(p, plan_arrays(p, _checked_sensitivities(p, fields)))
              for p in partials if not is_withheld(p)]
-    # Means, variances and cross-products are released centred on their bounds' midpoints,
-    # at the smaller centred sensitivities and the same shares (privacy/centre.py).
-    centrings = {id(p): c for p, _ in plans if (c := centring(p, fields)) is not None}
-    plans = [(p, centrings[id(p)].sensitivities(sens) if id(p) in centrings else sens)
-             for p, sens in plans]
+    plans, centrings = _centred(plans, fields)
     n_arrays = _shares_needed(plans, partitioned)
     if n_arrays == 0:
         return list(partials), NoiseReport(0.0, ())
@@ -301,12 +297,20 @@ def add_noise(
                 continue
             stats[stat] = _noise_array(p, stat, stats[stat], mech, scale, mechanism)
         if cen:
-            stats = cen.restore(stats, float(stats["n"].ravel()[0]) if "n" in stats else 0.0,
-                                released=set(sens))
+            stats = cen.restore(stats, float(stats.get("n", [0.0])[0]), released=set(sens))
         noisy_n = _noisy_n(p, stats, noisy_n)
         noised[id(p)] = dataclasses.replace(p, n=max(0, round(noisy_n)), stats=stats)
     out = [noised.get(id(p), p) for p in partials]
     return out, NoiseReport(_spent(report, partitioned), tuple(report))
+
+
+def _centred(plans: list[tuple[Partial, dict[str, float]]], fields: Mapping[str, FieldMeta]
+             ) -> tuple[list[tuple[Partial, dict[str, float]]], dict[int, Centring]]:
+    """Means, variances and cross-products are released centred on their bounds' midpoints,
+    at the smaller centred sensitivities and the same shares (privacy/centre.py)."""
+    centrings = {id(p): c for p, _ in plans if (c := centring(p, fields)) is not None}
+    return [(p, centrings[id(p)].sensitivities(sens) if id(p) in centrings else sens)
+            for p, sens in plans], centrings
 
 
 def _shares_needed(plans: list[tuple[Partial, dict[str, float]]], partitioned: bool) -> int:
