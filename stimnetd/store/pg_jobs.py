@@ -198,6 +198,8 @@ class PgJobs(PgBase):
                 " state = CASE WHEN requeues < $1 THEN 'queued' ELSE 'interrupted' END,"
                 " detail = CASE WHEN requeues < $1 THEN $2 WHEN requeues > 0 THEN $3 ELSE $4 END,"
                 " requeues = requeues + CASE WHEN requeues < $1 THEN 1 ELSE 0 END,"
+                # Marks the re-run resumed: each site returns the release it already made.
+                " attempts = attempts + CASE WHEN requeues < $1 THEN 1 ELSE 0 END,"
                 " claimed_by = NULL, lease_until = NULL, updated_at = $5"
                 " WHERE state = 'running' AND lease_until < $5 RETURNING id, state",
                 cap, "re-queued: the replica running it stopped",
