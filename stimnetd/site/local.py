@@ -43,7 +43,7 @@ from stimnetd.query.plan import refuse_too_large
 from stimnetd.query.subjects import SubjectImages
 from stimnetd.site.blocks import BlockScripts, sample_aggregate
 from stimnetd.site.cohorts import CohortFingerprints
-from stimnetd.site.outcome import SiteOutcome, lean
+from stimnetd.site.outcome import SiteOutcome, beside_loop, lean, pack_release
 from stimnetd.site.released import cell_shown, declared_groups_only
 from stimnetd.site.rounds import FitRounds
 from stimnetd.store import NonceClaim, Store
@@ -326,7 +326,8 @@ class LocalSite:
         (sample-and-aggregate): pure ε-DP, with no threshold to gate them or charge δ for."""
         req = job.request
         if report is None:
-            partials, decisions, report = self._protect(job, catalog, partials, epsilon)
+            partials, decisions, report = await beside_loop(partials, self._protect, job,
+                                                            catalog, partials, epsilon)
         else:
             decisions = [Decision(p.name, p.group, "released") for p in partials]
         suppressed = result_suppressed(decisions)
@@ -345,11 +346,10 @@ class LocalSite:
         n_atoms = len(cells) - 1 if len(cells) > 1 else 0  # the cells, not their union
         audited = await self._linear(catalog, partials, linear) \
             if charged is None and linear else ()
-        docs, arrays = partial_docs.partials_to_doc(partials)
         n = _released_n(partials, cohort, suppressed, charged is not None)
         mechanism = "laplace" if charged else None
-        blob = codec.pack({"partials": docs, "n": n, "epsilon": charged,
-                           "delta": delta or None, "mechanism": mechanism}, arrays)
+        blob = await beside_loop(partials, pack_release, partials, {
+            "n": n, "epsilon": charged, "delta": delta or None, "mechanism": mechanism})
         stored = await self._store.release(
             Release(job_id=req.job_id, researcher=job.researcher.name, catalog=req.catalog,
                     decision=decision, epsilon=charged, cohort=fingerprint, partials=blob,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -16,6 +18,23 @@ from stimnetd.query.aggregate import Partial
 # entry combines them (`one_by_one`): a grouped map query's dense arrays are hundreds of MB
 # per site, and the entry would otherwise hold every site's at once.
 LEAN_BYTES = 4 * 1024 * 1024
+# Arrays past this are suppressed and packed on a worker thread: a map's grids take the
+# event loop for a tenth of a second and more (at 2 mm), and health checks wait behind it.
+OFF_LOOP_BYTES = 1024 * 1024
+T = TypeVar("T")
+
+
+async def beside_loop(partials: list[Partial], fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)`, on a worker thread when `partials` carry large arrays."""
+    if sum(np.asarray(a).nbytes for p in partials for a in p.stats.values()) > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
+
+
+def pack_release(partials: list[Partial], head: dict[str, Any]) -> bytes:
+    """The release blob: the partials' document and arrays, after `head`'s fields."""
+    docs, arrays = partial_docs.partials_to_doc(partials)
+    return codec.pack({"partials": docs, **head}, arrays)
 
 
 @dataclass(frozen=True)
