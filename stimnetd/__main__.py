@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check-config":
             from stimnetd.store import Store
 
-            Store.check_file(daemon.store.path)
+            if isinstance(daemon.store, Store):  # PostgreSQL checks its own pages
+                Store.check_file(daemon.store.path)
             for warning in daemon.config_warnings(read_images=True):
                 print(f"stimnetd: warning: {warning}", file=sys.stderr)
             print(f"{cfg_path}: ok (node {config.node.name}, "
@@ -119,15 +120,15 @@ def _init_store(config, force: bool) -> int:  # type: ignore[no-untyped-def]
 
 
 async def _backup(config, dest: Path) -> int:  # type: ignore[no-untyped-def]
-    from stimnetd.store import Store
+    from stimnetd.store.opening import site_store
 
-    store = Store(config.node.state_dir / "stimnetd.sqlite3")
+    store = site_store(config)
     await store.open()
     try:
         await store.backup(dest)
     finally:
         await store.close()
-    print(f"backed up {store.path} to {dest}")
+    print(f"backed up {store.where} to {dest}")
     return 0
 
 

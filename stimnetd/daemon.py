@@ -62,7 +62,7 @@ from stimnetd.sandbox.backend import script_runner
 from stimnetd.sandbox.image import check_image
 from stimnetd.site import LocalSite
 from stimnetd.site.policy import ScriptPolicy
-from stimnetd.store import Store
+from stimnetd.store.opening import site_store
 from stimnetd.store.space import StorageGuard
 from stimnetd.supervisor import Supervisor
 from stimnetd.systemd import Notifier
@@ -123,7 +123,7 @@ class Daemon:
         self.gossip_config = gossip_config(config.gossip)
         self._wrap_gossip = wrap_gossip_transport
         self.notifier = notifier or Notifier()
-        self.store = Store(config.node.state_dir / "stimnetd.sqlite3")
+        self.store = site_store(config)
         self.tls = ServerTls(config.tls)
         me = self.tls.material.identity
         if (me.role, me.name) != ("node", config.node.name):

@@ -17,6 +17,8 @@ from stimnetd.store.lock import StateDirLock
 
 async def init_store(config: Config) -> str:
     """Replace the store; the line to print. Raises StateDirLocked if a daemon runs on it."""
+    if config.store.url is not None:
+        return await _adopt_database(config)
     path = config.node.state_dir / "stimnetd.sqlite3"
     lock = StateDirLock(config.node.state_dir)
     lock.acquire()
@@ -43,3 +45,21 @@ async def init_store(config: Config) -> str:
         lock.release()
     kept = f"; the old file is kept as {moved}" if moved else ""
     return f"started a new store at {path}{kept}"
+
+
+async def _adopt_database(config: Config) -> str:
+    """With `[store] url`: nothing is moved (the database is the server's; a new store is a
+    new, empty database the operator creates). This replica adopts the configured database
+    as its store, audited there, and records it as its store identity."""
+    from stimnetd.store.pg import IDENTITY_ANCHOR, PgStore
+
+    store = PgStore(config.store.url or "", state_dir=config.node.state_dir)
+    await store.open(lock_dir=True)
+    try:
+        previous = identity.read(config.node.state_dir / IDENTITY_ANCHOR)
+        await store.audit(config.node.name, "admin", "init-store", "forced",
+                          {"previous_identity": previous, "previous_store": None})
+        await store.keep_identity(replace=True)
+    finally:
+        await store.close()
+    return f"this replica now runs on {store.where}"

@@ -13,14 +13,14 @@ from stimnetd.catalog import CatalogSet
 from stimnetd.config import Config
 from stimnetd.federation.fanout import SiteGrid
 from stimnetd.gossip.swim import Swim
-from stimnetd.store import Store
+from stimnetd.store import SiteStore
 from stimnetd.tls import ServerTls
 
 
 class NodeState:
     """What servicers may ask about this node; a facade over the components."""
 
-    def __init__(self, *, config: Config, catalogs: CatalogSet, store: Store, tls: ServerTls,
+    def __init__(self, *, config: Config, catalogs: CatalogSet, store: SiteStore, tls: ServerTls,
                  membership: Callable[[], Swim | None], started_at: Callable[[], float],
                  grids: Callable[[str], Awaitable[list[SiteGrid]]]) -> None:
         self._config = config

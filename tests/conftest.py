@@ -15,6 +15,7 @@ from stimnetd import logs
 from stimnetd.config import load_config
 from stimnetd.daemon import Daemon
 from stimnetd.testing import CertFactory, CertPaths, write_node_config
+from tests.store_pg.fixtures import pg_server, pg_url  # noqa: F401 - fixtures for every directory
 
 # Property tests check values, not speed: Hypothesis's per-example deadline (200 ms) fails
 # them on a shared 2-core machine whose other work varies, so it is off for every test.

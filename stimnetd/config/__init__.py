@@ -6,7 +6,7 @@ directory of the config file, so a site directory can be moved as a whole.
 
 One module per part of the file: ``network`` ([node], [tls], [metrics]), ``federation``
 ([federation], [gossip]), ``policy`` ([privacy], [scripts]), ``catalogs`` ([[catalogs]]),
-``storage`` ([storage]), ``load`` (the top level and `load_config`); ``reader`` reads
+``storage`` ([storage]), ``store`` ([store]), ``load`` (the top level and `load_config`); ``reader`` reads
 and checks single values.
 Callers use the names re-exported here.
 """
@@ -27,6 +27,7 @@ from stimnetd.config.policy import (
 )
 from stimnetd.config.reader import ConfigError
 from stimnetd.config.storage import StorageSettings
+from stimnetd.config.store import StoreSettings
 
 __all__ = [
     "DECLARED_OUTPUTS",
@@ -46,6 +47,7 @@ __all__ = [
     "PrivacySettings",
     "ScriptSettings",
     "StorageSettings",
+    "StoreSettings",
     "TlsConfig",
     "load_config",
 ]

@@ -21,6 +21,7 @@ from stimnetd.config.network import (
 from stimnetd.config.policy import PrivacySettings, ScriptSettings, read_privacy, read_scripts
 from stimnetd.config.reader import ConfigError, Reader
 from stimnetd.config.storage import StorageSettings, read_storage
+from stimnetd.config.store import StoreSettings, read_store
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Config:
     compute: ComputeSettings = field(default_factory=ComputeSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
     catalogs: tuple[CatalogConfig, ...] = ()
     log_level: str = "info"
 
@@ -59,7 +61,7 @@ def load_config(path: str | Path) -> Config:
 def _read_config(r: Reader, raw: dict[str, Any]) -> Config:
     raw = r.table(raw, "top level", {"node", "tls", "privacy", "federation", "gossip",
                                      "scripts", "metrics", "catalogs", "logging",
-                                     "compute", "storage"})
+                                     "compute", "storage", "store"})
     if "node" not in raw:
         raise r.fail("top level", "missing required table [node]")
     if "tls" not in raw:
@@ -84,6 +86,7 @@ def _read_config(r: Reader, raw: dict[str, Any]) -> Config:
         compute=read_compute(r, raw.get("compute", {})),
         metrics=read_metrics(r, raw.get("metrics", {})),
         storage=read_storage(r, raw.get("storage", {})),
+        store=read_store(r, raw.get("store", {})),
         catalogs=catalogs,
         log_level=r.get(logging_raw, "logging", "level", str, "info",
                         choices=("debug", "info", "warning", "error")),

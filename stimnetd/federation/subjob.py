@@ -18,7 +18,7 @@ from stimnet.signing import SignedJob, VerifiedJob
 from stimnet.states import SiteEvent
 from stimnetd.site import LocalSite, ShareProgress, SiteOutcome
 from stimnetd.site.policy import ScriptPolicy
-from stimnetd.store import NonceClaim, Store
+from stimnetd.store import NonceClaim, SiteStore
 from stimnetd.store.records import JobRecord
 
 log = structlog.get_logger("stimnetd.subjob")
@@ -53,7 +53,7 @@ class PeerSubJobs:
     """The sub-jobs entry nodes send this site: each verified here, admitted under this
     site's limits and script policy, run as this site's share, its events streamed back."""
 
-    def __init__(self, *, site: LocalSite, store: Store,
+    def __init__(self, *, site: LocalSite, store: SiteStore,
                  verify: Verify, max_age_s: float,
                  scripts: ScriptPolicy | None = None, max_per_entry: int = 256,
                  clock: Callable[[], float] = time.time) -> None:

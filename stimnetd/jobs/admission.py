@@ -25,12 +25,12 @@ from stimnetd.jobs.quota import QueryQuota
 from stimnetd.jobs.review import ScriptGate
 from stimnetd.jobs.running import JobRunner
 from stimnetd.site import LocalSite
-from stimnetd.store import Store
+from stimnetd.store import SiteStore
 from stimnetd.store.records import JobRecord
 
 
 class Admission:
-    def __init__(self, *, node: str, store: Store, hub: JobEventHub, runner: JobRunner,
+    def __init__(self, *, node: str, store: SiteStore, hub: JobEventHub, runner: JobRunner,
                  site: LocalSite, fanout: Fanout, scripts: ScriptGate, quota: QueryQuota,
                  verify: JobVerifier, max_age_s: float,
                  clock: Callable[[], float] = time.time) -> None:
@@ -99,7 +99,7 @@ class Admission:
             defer=followed_query and (req.scope == "local"
                                       or self._fanout.holds_catalog(req.catalog)))
         # A query's row is bookkeeping (its privacy decisions are the sites' durable
-        # releases, and a replay is stopped there too): no fsync of its own (Store._tx).
+        # releases, and a replay is stopped there too): no fsync of its own (SiteStore._tx).
         if followed_query:
             # Nor does the fan-out wait for it. A replay is refused here from memory (the
             # job id derives from the nonce; the store reloads its nonces at start); the

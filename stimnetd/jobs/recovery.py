@@ -20,7 +20,7 @@ from stimnet.signing import VerifiedJob
 from stimnet.states import MAX_REQUEUES, UNFINISHED_STATES
 from stimnetd.jobs.running import JobRunner
 from stimnetd.site.policy import ScriptPolicy
-from stimnetd.store import Store
+from stimnetd.store import SiteStore
 from stimnetd.store.records import JobRecord
 
 MAX_RECOVERED = 10_000  # unfinished jobs read at a start
@@ -44,7 +44,7 @@ def verdict(record: JobRecord, on_restart: str) -> str | None:
     return INTERRUPTED_TWICE if record.requeues >= MAX_REQUEUES else None
 
 
-async def recover(store: Store, runner: JobRunner, scripts: ScriptPolicy,
+async def recover(store: SiteStore, runner: JobRunner, scripts: ScriptPolicy,
                   restore: Callable[[JobRecord], VerifiedJob]) -> int:
     """Resume or mark every unfinished job; how many were interrupted."""
     interrupted = 0

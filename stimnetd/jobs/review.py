@@ -14,7 +14,7 @@ from stimnet.signing import VerifiedJob
 from stimnet.states import JobState
 from stimnetd.jobs.events import JobEventHub, JobUpdate
 from stimnetd.site.policy import ScriptPolicy
-from stimnetd.store import Store
+from stimnetd.store import SiteStore
 from stimnetd.store.records import JobRecord
 
 
@@ -22,7 +22,7 @@ class ScriptGate:
     """This site's script policy for the jobs it is the entry of: run, hold for an admin,
     or refuse (saying why)."""
 
-    def __init__(self, *, node: str, policy: ScriptPolicy, store: Store,
+    def __init__(self, *, node: str, policy: ScriptPolicy, store: SiteStore,
                  clock: Callable[[], float] = time.time) -> None:
         self._node = node
         self.policy = policy
@@ -72,7 +72,7 @@ class JobReview:
     approvals, or an approval racing the researcher's cancel, exactly one applies (the job
     runs at most once, never after its cancel)."""
 
-    def __init__(self, *, store: Store, hub: JobEventHub,
+    def __init__(self, *, store: SiteStore, hub: JobEventHub,
                  start: Callable[[JobRecord, VerifiedJob], None],
                  restore: Callable[[JobRecord], VerifiedJob], not_found_note: str = "") -> None:
         self._store = store

@@ -27,7 +27,7 @@ from stimnetd.jobs.quota import QueryQuota
 from stimnetd.jobs.review import ScriptGate
 from stimnetd.query.models import is_multi_round
 from stimnetd.site import LocalSite, ShareProgress, SiteOutcome
-from stimnetd.store import Store
+from stimnetd.store import SiteStore
 from stimnetd.store.records import JobRecord
 
 log = structlog.get_logger("stimnetd.jobs")
@@ -37,7 +37,7 @@ RERUN = "re-run: a restart interrupted its first run"
 
 
 class JobRunner:
-    def __init__(self, *, hub: JobEventHub, store: Store, site: LocalSite, fanout: Fanout,
+    def __init__(self, *, hub: JobEventHub, store: SiteStore, site: LocalSite, fanout: Fanout,
                  scripts: ScriptGate, quota: QueryQuota,
                  clock: Callable[[], float] = time.time) -> None:
         self._hub = hub

@@ -39,12 +39,12 @@ from stimnetd.jobs.running import JobRunner
 from stimnetd.jobs.watch import watch as watch_job
 from stimnetd.site import LocalSite
 from stimnetd.site.policy import ScriptPolicy
-from stimnetd.store import Store
+from stimnetd.store import SiteStore
 from stimnetd.store.records import JobRecord
 
 
 class JobService:
-    def __init__(self, *, node: str, store: Store, site: LocalSite, fanout: Fanout,
+    def __init__(self, *, node: str, store: SiteStore, site: LocalSite, fanout: Fanout,
                  verify: JobVerifier, script_policy: ScriptPolicy | None = None,
                  request_max_age_s: float = 300.0, retention_days: float = 0.0,
                  max_queries_per_researcher: int = 32,

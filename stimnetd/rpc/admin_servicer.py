@@ -6,11 +6,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from stimnet.v1 import admin_pb2, admin_pb2_grpc
-from stimnetd.store import Store
+from stimnetd.store import SiteStore
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: SiteStore) -> None:
         self._store = store
 
     async def VerifyAudit(self, request: admin_pb2.VerifyAuditRequest,

@@ -46,7 +46,7 @@ from stimnetd.site.cohorts import CohortFingerprints
 from stimnetd.site.outcome import SiteOutcome, beside_loop, lean, pack_release
 from stimnetd.site.released import cell_shown, declared_groups_only
 from stimnetd.site.rounds import FitRounds
-from stimnetd.store import NonceClaim, Store
+from stimnetd.store import NonceClaim, SiteStore
 from stimnetd.store.records import Release
 from stimnetd.store.space import StorageGuard
 
@@ -92,7 +92,7 @@ class ScriptRunner(BlockScripts, Protocol):
 class LocalSite:
     """This node as a site: runs its share of a job (the entry's own, or a peer's sub-job)."""
 
-    def __init__(self, *, name: str, catalogs: CatalogSet, store: Store, policy: PrivacyPolicy,
+    def __init__(self, *, name: str, catalogs: CatalogSet, store: SiteStore, policy: PrivacyPolicy,
                  noise: NoiseSource, overlap_guard: bool = True,
                  shared_history: bool = False,
                  script_runner: ScriptRunner | None = None,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from stimnetd.store import Store
+from stimnetd.store import SiteStore
 
 # auto: run at once; review: an admin approves each script (by its hash) first; deny: never.
 ScriptReview = Literal["auto", "review", "deny"]
@@ -22,6 +22,6 @@ class ScriptPolicy:
     # Scripts one researcher may leave waiting for an admin here.
     max_pending_per_researcher: int = 16
 
-    async def needs_review(self, store: Store, sha256: str) -> bool:
+    async def needs_review(self, store: SiteStore, sha256: str) -> bool:
         """Whether a script waits for an admin: under 'review', until its hash is approved."""
         return self.review == "review" and not await store.is_script_approved(sha256)

@@ -56,6 +56,14 @@ class Store:
         self._nonces = nonces.NonceMirror()
         self._dir_lock = StateDirLock(path.parent)
 
+    @property
+    def where(self) -> str:
+        return f"store {self.path}"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.path.parent
+
     def lock_state_dir(self) -> None:
         """Hold the store's directory for this process (lock.py) until `close`; raises
         StateDirLocked, naming the holder, if another daemon holds it."""
@@ -289,7 +297,7 @@ class Store:
         """`update_job` only if the job is in `expect_state` (any state if None), checked
         and changed in one statement: of two racing decisions (approve and cancel, or two
         approvals) exactly one applies. None: not in that state (or no such job)."""
-        stored = await _compacted(result)
+        stored = await compacted(result)
         changes = {col: val for col, val in (("state", state), ("detail", detail),
                                              ("result", stored), ("sites", sites))
                    if val is not None}
@@ -356,7 +364,7 @@ class Store:
         transaction; a duplicate raises `Replayed` and nothing is released.
         """
         now = self._clock()
-        stored = await _compacted(release.partials)
+        stored = await compacted(release.partials)
         outcome = await self._writer.run(releases.record(release, decide, audit_actor, nonce,
                                                          now, stored))
         if nonce is not None:
@@ -417,7 +425,7 @@ class Store:
 _INLINE_COMPACT = 64 * 1024
 
 
-async def _compacted(blob: bytes | None) -> bytes | None:
+async def compacted(blob: bytes | None) -> bytes | None:
     """`blob` as the store keeps it (blobs.py), compressed off the event loop and off the
     writer's thread when it is large, so neither stalls behind a released map."""
     if blob is None:

@@ -97,4 +97,57 @@ PG_MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE jobs ADD COLUMN requeues INTEGER NOT NULL DEFAULT 0;
     """,
+    # 5: what a daemon needs beyond the replica verbs, as in the SQLite store: charges
+    # refunded when no byte of their release left the site (SQLite 7), the overlap guard's
+    # cohort history with sketches and grouped queries' families (SQLite 1, 3, 4), exact
+    # auditing's linear history (SQLite 6, with `id` for its insertion order), gossip
+    # members, and the indexes job listings and retention read.
+    """
+    ALTER TABLE ledger ADD COLUMN refunded_at DOUBLE PRECISION;
+    CREATE INDEX releases_owner ON releases (researcher, catalog);
+    CREATE TABLE cohorts (
+        researcher TEXT NOT NULL,
+        catalog TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        members_json TEXT NOT NULL,
+        PRIMARY KEY (researcher, catalog, digest)
+    );
+    CREATE INDEX cohorts_size ON cohorts (researcher, catalog, size);
+    CREATE TABLE cohort_sketches (
+        researcher TEXT NOT NULL,
+        catalog TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        sketch BYTEA NOT NULL,
+        PRIMARY KEY (researcher, catalog, digest)
+    );
+    CREATE TABLE cohort_families (
+        researcher TEXT NOT NULL,
+        catalog TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        sizes_json TEXT NOT NULL,
+        atoms_json TEXT NOT NULL,
+        PRIMARY KEY (researcher, catalog, digest)
+    );
+    CREATE TABLE linear_cohorts (
+        id BIGSERIAL UNIQUE,
+        researcher TEXT NOT NULL,
+        catalog TEXT NOT NULL,
+        quantity TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        job_id TEXT NOT NULL,
+        PRIMARY KEY (researcher, catalog, quantity, digest)
+    );
+    CREATE TABLE members (
+        name TEXT PRIMARY KEY,
+        address TEXT NOT NULL,
+        incarnation BIGINT NOT NULL,
+        status TEXT NOT NULL,
+        last_heard DOUBLE PRECISION NOT NULL,
+        catalogs_json TEXT NOT NULL
+    );
+    CREATE INDEX jobs_owner_created ON jobs (owner, created_at);
+    CREATE INDEX jobs_created ON jobs (created_at);
+    CREATE INDEX jobs_updated ON jobs (updated_at);
+    """,
 )

@@ -42,7 +42,7 @@ def record(release: Release, decide: ReleaseRule, audit_actor: tuple[str, str],
         if refusal is not None:
             t.append(*audit_actor, "release", "refused", {**base, **refusal.audit_detail()})
             return refusal.error()
-        _write(t, release, digest, view.sketches, stored)
+        write_disclosed(t, release, digest, view.sketches, stored)
         if nonce is not None:
             nonce.released = True  # a commit that fails leaves nothing to refund
         t.append(*audit_actor, "release", release.decision,
@@ -54,7 +54,7 @@ def record(release: Release, decide: ReleaseRule, audit_actor: tuple[str, str],
     return tx
 
 
-def _write(t: Transaction, release: Release, digest: str, sketches: dict[str, bytes],
+def write_disclosed(t: Transaction, release: Release, digest: str, sketches: dict[str, bytes],
            stored: bytes | None) -> None:
     conn = t.conn
     if release.epsilon:

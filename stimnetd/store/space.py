@@ -18,7 +18,7 @@ from stimnet.errors import StorageFull, StorageQuotaExceeded
 from stimnetd.store.transaction import NO_SPACE
 
 if TYPE_CHECKING:
-    from stimnetd.store.db import Store
+    from stimnetd.store.contract import SiteStore
 
 MB = 1024 * 1024
 # After a write failed for want of space, new jobs are admitted again once this much is free.
@@ -51,9 +51,9 @@ class StorageGuard:
         self.max_answer_mb = max_answer_mb
 
     @classmethod
-    def of(cls, store: Store, settings: Any) -> StorageGuard:
+    def of(cls, store: SiteStore, settings: Any) -> StorageGuard:
         """The guard of `store`'s volume, with `settings` ([storage], config.StorageSettings)."""
-        return cls(store.path.parent, store.stored_bytes, min_free_mb=settings.min_free_mb,
+        return cls(store.state_dir or Path("."), store.stored_bytes, min_free_mb=settings.min_free_mb,
                    max_stored_mb_per_researcher=settings.max_stored_mb_per_researcher,
                    out_of_space=lambda: store.out_of_space,
                    max_answer_mb=settings.max_answer_mb)

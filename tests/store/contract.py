@@ -6,11 +6,13 @@ abstract factory, a subclass per implementation).
 
 SQLite `:memory:` is not one of them: the store's reads and its writer use two connections
 (store/groupcommit.py), and each connection to `:memory:` is a database of its own. The
-contract also holds things only a file has: WAL mode, mode 0600, a restart that reloads the
-audit chain's head and the nonces, backup, corruption checks. The two implementations are
-instead the two ways a store file comes to be: made fresh at the current schema, or
-written by the first schema and upgraded in place by the migrations. Every verb must behave
-the same on both.
+SQLite implementations are the two ways a store file comes to be: made fresh at the current
+schema, or written by the first schema and upgraded in place by the migrations. The third
+is the PostgreSQL store (store/pg.py) on a real server (tests/store_pg/fixtures.py), a
+database per store path a test opens. Every verb must behave the same on all three. What
+only a file has (WAL mode, mode 0600, the group-commit writer, corruption checks, a file
+backup) is tested on the SQLite implementations alone: those modules override `factory`
+with `SQLITE_IMPLEMENTATIONS`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 from stimnetd.privacy.policy import PrivacyPolicy
 from stimnetd.privacy.release import decide
 from stimnetd.store import Store
+from stimnetd.store.pg import PgStore
 from stimnetd.store.records import (
     Disclosed,
     JobRecord,
@@ -48,13 +51,21 @@ class StoreFactory(abc.ABC):
     def make_file(self, path: Path) -> None:
         """Leave the implementation's kind of store file at `path` (which does not exist)."""
 
-    async def open(self, path: Path, **kwargs: Any) -> Store:
+    async def open(self, path: Path, **kwargs: Any) -> Any:
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             self.make_file(path)
         store = Store(path, **kwargs)
         await store.open()
         return store
+
+    async def rows(self, store: Any, sql: str) -> list[tuple[Any, ...]]:
+        """What `sql` (portable SQL) reads from `store`, behind the store's back."""
+        return [tuple(r) for r in await store.db.execute_fetchall(sql)]
+
+    async def run(self, store: Any, sql: str) -> None:
+        """Change `store` with `sql` (portable SQL) behind the store's back."""
+        await store.db.execute(sql)
 
 
 class FreshFile(StoreFactory):
@@ -86,7 +97,46 @@ def write_first_schema(path: Path) -> sqlite3.Connection:
     return conn
 
 
-IMPLEMENTATIONS: list[StoreFactory] = [FreshFile(), UpgradedFromFirstSchema()]
+class PostgreSQL(StoreFactory):
+    """A PostgreSQL store: a fresh database for each store path a test opens (the same
+    one again when it reopens a path), dropped after the test (`bound`, `drop_all`)."""
+
+    name = "postgresql"
+
+    def __init__(self, server: Any = None) -> None:
+        self._server = server
+        self._urls: dict[Path, str] = {}
+
+    def bound(self, server: Any) -> PostgreSQL:
+        return PostgreSQL(server)
+
+    def make_file(self, path: Path) -> None:
+        return None
+
+    async def open(self, path: Path, **kwargs: Any) -> Any:
+        from tests.store_pg.fixtures import new_database
+
+        if path not in self._urls:
+            self._urls[path] = new_database(self._server)
+        store = PgStore(self._urls[path], **kwargs)
+        await store.open()
+        return store
+
+    async def rows(self, store: Any, sql: str) -> list[tuple[Any, ...]]:
+        return [tuple(r) for r in await store.pool.fetch(sql)]
+
+    async def run(self, store: Any, sql: str) -> None:
+        await store.pool.execute(sql)
+
+    def drop_all(self) -> None:
+        from tests.store_pg.fixtures import drop_database
+
+        for url in self._urls.values():
+            drop_database(self._server, url)
+
+
+SQLITE_IMPLEMENTATIONS: list[StoreFactory] = [FreshFile(), UpgradedFromFirstSchema()]
+IMPLEMENTATIONS: list[StoreFactory] = [*SQLITE_IMPLEMENTATIONS, PostgreSQL()]
 
 
 def rules(*, budget: float = 1.0, k_min: int | None = None) -> ReleaseRule:
@@ -163,5 +213,5 @@ def job_row(job_id: str, *, kind: str = "query", scope: str = "local", state: st
                      script_sha256="0" * 64 if kind == "script" else "")
 
 
-async def job_ids(store: Store) -> set[str]:
+async def job_ids(store: Any) -> set[str]:
     return {r.id for r in await store.list_jobs(limit=100)}

@@ -10,7 +10,13 @@ import pytest
 
 from stimnetd.store import Store
 from stimnetd.store.audit import AuditVerification
-from tests.store.contract import ALICE, StoreFactory
+from tests.store.contract import ALICE, SQLITE_IMPLEMENTATIONS, StoreFactory
+
+
+@pytest.fixture(params=SQLITE_IMPLEMENTATIONS, ids=lambda f: f.name)
+def factory(request: pytest.FixtureRequest) -> StoreFactory:
+    """SQLite only: tampering with the file (tests/store_pg covers PostgreSQL's)."""
+    return request.param  # type: ignore[no-any-return]
 
 
 async def test_audit_chain_verifies(store: Store) -> None:

@@ -7,7 +7,16 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import pytest
+
 from stimnetd.store import Store
+from tests.store.contract import SQLITE_IMPLEMENTATIONS, StoreFactory
+
+
+@pytest.fixture(params=SQLITE_IMPLEMENTATIONS, ids=lambda f: f.name)
+def factory(request: pytest.FixtureRequest) -> StoreFactory:
+    """SQLite only: its writer thread."""
+    return request.param  # type: ignore[no-any-return]
 
 
 async def test_a_write_cancelled_twice_does_not_stale_the_next_ones_head(store: Store) -> None:

@@ -13,7 +13,14 @@ import pytest
 from stimnet.errors import Conflict
 from stimnetd.store import Store
 from stimnetd.store.audit import AuditVerification
-from tests.store.contract import ALICE, StoreFactory, job_ids, job_row, release, rules
+from tests.store.contract import ALICE, SQLITE_IMPLEMENTATIONS, StoreFactory, job_ids, job_row, release, rules
+
+
+@pytest.fixture(params=SQLITE_IMPLEMENTATIONS, ids=lambda f: f.name)
+def factory(request: pytest.FixtureRequest) -> StoreFactory:
+    """SQLite only: its group-commit writer (PostgreSQL commits per call)."""
+    return request.param  # type: ignore[no-any-return]
+
 
 NEVER = 600.0  # a group commit interval no test waits for: only other writes commit
 

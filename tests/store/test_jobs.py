@@ -4,6 +4,7 @@ per-researcher cap on pending scripts."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -11,15 +12,16 @@ from stimnet.errors import Conflict, Overloaded
 from stimnetd.store import Store
 from stimnetd.store.audit import AuditVerification
 from stimnetd.store.records import JobRecord
-from tests.store.contract import ALICE, job_ids, job_row, release, rules
+from tests.store.contract import ALICE, StoreFactory, job_ids, job_row, release, rules
 
 
-async def test_job_counts_by_state_follow_every_change(store: Store) -> None:
+async def test_job_counts_by_state_follow_every_change(store: Store,
+                                                       factory: StoreFactory) -> None:
     """The jobs-by-state gauge's counts (kept by triggers) equal counting the table after
     inserts, state changes, updates that keep the state, and deletes."""
 
     async def counted() -> dict[str, int]:
-        rows = await store.db.execute_fetchall("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+        rows = await factory.rows(store, "SELECT state, COUNT(*) FROM jobs GROUP BY state")
         return {st: int(n) for st, n in rows}
 
     for i in range(4):
@@ -28,14 +30,14 @@ async def test_job_counts_by_state_follow_every_change(store: Store) -> None:
     await store.update_job("j1", state="failed", detail="x")
     await store.update_job("j2", detail="same state")
     await store.update_job("j1", state="succeeded")
-    await store.db.execute("DELETE FROM jobs WHERE id = 'j3'")
+    await factory.run(store, "DELETE FROM jobs WHERE id = 'j3'")
     assert await store.count_jobs_by_state() == await counted() == {"succeeded": 2, "running": 1}
 
 
 async def test_a_job_id_is_taken_once(store: Store) -> None:
     """Inserting a job whose id exists is a Conflict, and leaves the first job as it was."""
     assert await store.create_job(job_row("j1")) is True
-    with pytest.raises(Conflict, match="UNIQUE constraint failed: jobs.id"):
+    with pytest.raises(Conflict, match=r"UNIQUE constraint failed: jobs\.id|a job with id j1 exists"):
         await store.create_job(job_row("j1", state="queued"))
     assert (await store.get_job("j1")).state == "running"  # type: ignore[union-attr]
 
@@ -51,17 +53,17 @@ async def test_an_update_applies_only_in_the_expected_state(store: Store) -> Non
     assert await store.update_job_if("missing", None, state="failed") is None
 
 
-async def test_requeues_are_kept_in_the_row(store: Store, tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_requeues_are_kept_in_the_row(factory: StoreFactory, tmp_path: Path) -> None:
     """A restart's re-queue is counted in the row (also in a file upgraded from the first
     schema) and survives reopening the store."""
+    path = tmp_path / "node.sqlite3"
+    store = await factory.open(path)
     assert await store.create_job(job_row("j1", kind="script")) is True
     assert (await store.get_job("j1")).requeues == 0  # type: ignore[union-attr]
     await store.update_job("j1", state="queued", bump_attempts=True, bump_requeues=True)
     await store.update_job("j1", state="running")
-    path = store.path
     await store.close()
-    reopened = Store(path)
-    await reopened.open()
+    reopened = await factory.open(path)
     try:
         got = await reopened.get_job("j1")
         assert got is not None and (got.state, got.requeues, got.attempts) == ("running", 1, 1)

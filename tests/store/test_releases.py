@@ -14,6 +14,7 @@ import pytest
 from stimnet.errors import BudgetExhausted, Refused
 from stimnetd.store import Store
 from stimnetd.store.audit import AuditVerification
+from stimnetd.store.records import Release, cohort_digest
 from tests.store.contract import (
     ALICE,
     StoreFactory,
@@ -111,7 +112,8 @@ async def test_overlap_guard_sees_earlier_cohorts_of_similar_size(store: Store) 
                                             "reason": reason}
 
 
-async def test_every_disclosed_cohort_is_guarded_and_recorded(store: Store) -> None:
+async def test_every_disclosed_cohort_is_guarded_and_recorded(store: Store,
+                                                              factory: StoreFactory) -> None:
     """A release disclosing several cohorts (a grouped query's cells and their union) has
     each checked against earlier ones and each recorded, so a later query near any of them
     is refused; a refusal records none of them."""
@@ -124,11 +126,12 @@ async def test_every_disclosed_cohort_is_guarded_and_recorded(store: Store) -> N
     with pytest.raises(Refused):  # the second cohort of a release is checked too
         await store.release(disclosing("j4", "qrstuvwxyz", "ijklmno"), **kw)
     await store.release(disclosing("j5", "qrstuvwxyz"), **kw)
-    async with store.db.execute("SELECT size FROM cohorts ORDER BY size") as cur:
-        assert [r[0] async for r in cur] == [8, 8, 10, 16]
+    assert await factory.rows(store, "SELECT size FROM cohorts ORDER BY size") == [
+        (8,), (8,), (10,), (16,)]
 
 
-async def test_guard_parses_only_cohorts_whose_sketch_could_be_near(store: Store) -> None:
+async def test_guard_parses_only_cohorts_whose_sketch_could_be_near(
+        store: Store, factory: StoreFactory) -> None:
     """Of earlier cohorts of the same size, the rules are handed those whose sketches are
     within the window (the near one) and not the rest; a row stored without a sketch
     (before schema v3) is handed over and sketched, so it is judged by sketch next time."""
@@ -136,29 +139,27 @@ async def test_guard_parses_only_cohorts_whose_sketch_could_be_near(store: Store
     for i, start in enumerate((0, 1000, 2000, 3000)):  # four far-apart cohorts of 200
         await store.release(release(f"far{i}", cohort=fps(range(start, start + 200))),
                             decide=rules(), audit_actor=ALICE)
-    await store.db.execute("DELETE FROM cohort_sketches WHERE digest = (SELECT digest FROM "
-                           "cohorts WHERE rowid = (SELECT MAX(rowid) FROM cohorts))")
-    await store.db.commit()
+    last = cohort_digest(fps(range(3000, 3200)))
+    await factory.run(store, f"DELETE FROM cohort_sketches WHERE digest = '{last}'")
     near = fps(range(2, 202))  # two off the first cohort
     with pytest.raises(Refused):
         await store.release(release("near", cohort=near), decide=logged(rules(k_min=5), seen),
                             audit_actor=ALICE)
     assert sorted(len(e ^ near) for e in seen[0]) == [4, 400]  # the near one + the unsketched
-    async with store.db.execute("SELECT COUNT(*) FROM cohorts LEFT JOIN cohort_sketches USING "
-                                "(researcher, catalog, digest) WHERE sketch IS NULL") as cur:
-        assert (await cur.fetchone())[0] == 0
+    assert await factory.rows(store, "SELECT COUNT(*) FROM cohorts LEFT JOIN cohort_sketches"
+                              " USING (researcher, catalog, digest) WHERE sketch IS NULL") == [(0,)]
 
 
-async def test_a_suppressed_release_records_no_cohort(store: Store) -> None:
+async def test_a_suppressed_release_records_no_cohort(store: Store,
+                                                      factory: StoreFactory) -> None:
     """A fully suppressed release is stored (and audited) but discloses no cohort."""
     suppressed = dataclasses.replace(grouped("s1", tagged("stn"), tagged("gpi")),
                                      decision="suppressed")
     stored = await store.release(suppressed, decide=rules(k_min=5), audit_actor=ALICE)
     assert stored.decision == "suppressed"
     assert (await store.get_release("s1")).decision == "suppressed"  # type: ignore[union-attr]
-    async with store.db.execute("SELECT (SELECT COUNT(*) FROM cohorts),"
-                                " (SELECT COUNT(*) FROM cohort_families)") as cur:
-        assert tuple(await cur.fetchone()) == (0, 0)  # type: ignore[arg-type]
+    assert await factory.rows(store, "SELECT (SELECT COUNT(*) FROM cohorts),"
+                              " (SELECT COUNT(*) FROM cohort_families)") == [(0, 0)]
 
 
 async def test_unions_of_some_groups_are_guarded_in_either_order(
@@ -182,7 +183,34 @@ async def test_unions_of_some_groups_are_guarded_in_either_order(
             if name == "groups-then-cohort":
                 await s.release(grouped("b3", stn, gpi, vim), **kw)  # the same again
                 await s.release(grouped("b4", stn | gpi | vim, other), **kw)
-                async with s.db.execute("SELECT COUNT(*) FROM cohort_families") as cur:
-                    assert (await cur.fetchone())[0] == 2
+                assert await factory.rows(s, "SELECT COUNT(*) FROM cohort_families") == [(2,)]
         finally:
             await s.close()
+
+
+async def test_exact_auditing_reads_the_linear_history_in_release_order(store: Store) -> None:
+    """Each exact release's linear cohorts are recorded once, under their quantity; a later
+    release's rule reads them oldest first (members, digest, job), and knows which digests
+    it was given before."""
+    a, b = tagged("a", 6), tagged("b", 7)
+    seen: list[tuple[list[tuple[frozenset[str], str, str]], bool, bool]] = []
+
+    def rule(view, rel):  # type: ignore[no-untyped-def]
+        seen.append((view.linear_history("sum:age"), view.linear_known("sum:age", [digest(a)]),
+                     view.linear_known("sum:age", [digest(a), digest(b)])))
+        return None
+
+    def digest(cohort: frozenset[str]) -> str:
+        return hashlib.sha256(",".join(sorted(cohort)).encode()).hexdigest()
+
+    def linear(job: str, *cohorts: frozenset[str]) -> Release:
+        return dataclasses.replace(release(job, cohort=frozenset().union(*cohorts)),
+                                   linear=tuple(("sum:age", c, digest(c)) for c in cohorts))
+
+    await store.release(linear("j1", a), decide=rule, audit_actor=ALICE)
+    await store.release(linear("j2", b, a), decide=rule, audit_actor=ALICE)
+    await store.release(linear("j3"), decide=rule, audit_actor=ALICE)
+    assert [(h, k1, k2) for h, k1, k2 in seen] == [
+        ([], False, False),
+        ([(a, digest(a), "j1")], True, False),
+        ([(a, digest(a), "j1"), (b, digest(b), "j2")], True, True)]

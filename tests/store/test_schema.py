@@ -10,7 +10,13 @@ from stimnet.errors import StimnetError
 from stimnetd.store import Store, StoreCorrupt
 from stimnetd.store.audit import AuditVerification
 from stimnetd.store.schema import MIGRATIONS
-from tests.store.contract import ALICE, StoreFactory, write_first_schema
+from tests.store.contract import ALICE, SQLITE_IMPLEMENTATIONS, StoreFactory, write_first_schema
+
+
+@pytest.fixture(params=SQLITE_IMPLEMENTATIONS, ids=lambda f: f.name)
+def factory(request: pytest.FixtureRequest) -> StoreFactory:
+    """SQLite only: the file's schema, WAL mode, pages and backup."""
+    return request.param  # type: ignore[no-any-return]
 
 
 async def test_schema_is_migrated_and_wal(store: Store) -> None:

@@ -1,6 +1,7 @@
 """Fixtures for the PostgreSQL store: one real server per test session (pgserver.py), a
 fresh database per test. Without server binaries the tests skip locally and FAIL under
-CI=true."""
+CI=true. Registered for every test directory by tests/conftest.py (the store contract
+suite, tests/store_pg and the daemon tests use them)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def pg_server() -> Iterator[PgServer]:
         server.stop()
 
 
-def _admin(server: PgServer, sql: str) -> None:
+def admin(server: PgServer, sql: str) -> None:
     """One statement on the server's `postgres` database, on a loop of its own (the
     fixture that asks is sync, so both sync and async fixtures can use it)."""
 
@@ -55,8 +56,19 @@ def _admin(server: PgServer, sql: str) -> None:
 def pg_url(pg_server: PgServer) -> Iterator[str]:
     """A fresh database on the session's server, dropped after the test."""
     name = f"t_{uuid.uuid4().hex[:12]}"
-    _admin(pg_server, f"CREATE DATABASE {name}")
+    admin(pg_server, f"CREATE DATABASE {name}")
     try:
         yield pg_server.url(name)
     finally:
-        _admin(pg_server, f"DROP DATABASE {name} WITH (FORCE)")
+        admin(pg_server, f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def new_database(server: PgServer) -> str:
+    """A fresh database on `server`, its URL (the caller drops it: `drop_database`)."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin(server, f"CREATE DATABASE {name}")
+    return server.url(name)
+
+
+def drop_database(server: PgServer, url: str) -> None:
+    admin(server, f"DROP DATABASE {url.rsplit('/', 1)[1]} WITH (FORCE)")
