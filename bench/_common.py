@@ -90,11 +90,13 @@ def percentile(values: list[float], p: float) -> float:
 
 async def start_demo_sites(tmp: Path, prefix: str, subjects: int, *, privacy: dict | None = None,
                            catalogs: list[dict] | None = None,
-                           prepare: Callable[[Path, dict], dict] | None = None
+                           prepare: Callable[[Path, dict], dict] | None = None,
+                           federation: dict | None = None
                            ) -> tuple[list, list[int], list[Path], object]:
     """Three loopback `stimnetd` processes on demo catalogs (or on `catalogs`, one entry
     with its root per site), peered statically, DP off by default; `prepare(root, entry)`
-    may rewrite a demo catalog (and return its entry) before its daemon starts. Returns
+    may rewrite a demo catalog (and return its entry) before its daemon starts;
+    `federation` adds [federation] settings (subjob_timeout_s). Returns
     (processes, ports, store paths, a researcher's certificates); the caller stops the
     processes."""
     from stimctl import demodata
@@ -118,7 +120,8 @@ async def start_demo_sites(tmp: Path, prefix: str, subjects: int, *, privacy: di
                 tmp / name, pki.issue(name, "node"), name, port=port, crl=pki.crl_path,
                 catalogs=[entry], logging={"level": "warning"},
                 privacy=privacy or {"dp": "off"}, gossip={"enabled": False},
-                federation={"peers": [f"127.0.0.1:{p}" for p in ports if p != port]})
+                federation={"peers": [f"127.0.0.1:{p}" for p in ports if p != port],
+                            **(federation or {})})
             procs.append(DaemonProcess(cfg))
             dbs.append(tmp / name / "state" / "stimnetd.sqlite3")
         for proc, port in zip(procs, ports, strict=True):

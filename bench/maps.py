@@ -183,7 +183,8 @@ async def one(subjects: int, mm: int, repeat: int) -> None:
 
     tmp = workdir()
     procs, ports, _dbs, alice = await start_demo_sites(
-        tmp, f"maps{mm}mm", subjects, prepare=to_1mm if mm == 1 else None)
+        tmp, f"maps{mm}mm", subjects, prepare=to_1mm if mm == 1 else None,
+        federation={"subjob_timeout_s": 600.0})
     roots = sorted(tmp.glob("catalog-*"))
     files = subjects_of(roots)
     addr = f"127.0.0.1:{ports[0]}"

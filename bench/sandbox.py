@@ -8,7 +8,11 @@ script spins: the worst gap between 50 ms ticks of an in-process runner's loop, 
 multiple of the tick period, and a daemon's health-check latency during the spin as a
 multiple of its idle latency (the sandbox tests check only the order of events); and the
 cost of a sample-and-aggregate job (a noised script job: one container per block of
-subjects) with B blocks, as a ratio to the same job on the same 100 subjects in one block.
+subjects) with B blocks, as a ratio to the same job on the same 100 subjects in one block;
+and bench/sandbox_channels.py's figures: the release-time residual of noised jobs whose
+blocks sleep on the data (held to a slot, against unheld), the health-check p99 during a
+hostile 8 MiB result over the p99 during an honest job (goal <= 2), and the cost of a
+job's private copy of its catalog.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import sandbox_channels as channels  # type: ignore[import-not-found]
 from _common import workdir  # type: ignore[import-not-found]
 
 from stimctl.client import AsyncClient
@@ -198,6 +203,7 @@ async def main(n: int) -> None:
     print(f"worst loop gap, runner watching a spinning script     : {gap:7.2f}x  (the "
           f"{TICK_S * 1000:.0f} ms tick period)")
     print(f"health check while a script spins / idle (median)      : {health:7.2f}x")
+    await channel_figures(tmp, pki, alice, runs)
     ob, bb = statistics.median(one_block), statistics.median(b_blocks)
     print(f"{f'noised script job, 1 block of {BLOCK_SUBJECTS} subjects':<55}: {ob * 1000:7.0f} ms"
           f"   ({runs} runs; no warm container: each block's /data is its own)")
@@ -205,7 +211,34 @@ async def main(n: int) -> None:
           f"({bb / ob / blocks:.2f}x per block; one block at a time at concurrency 1)")
 
 
+async def channels_only(n: int) -> None:
+    tmp = workdir()
+    pki = CertFactory(tmp / "pki")
+    await channel_figures(tmp, pki, pki.issue("alice", "researcher"), max(2, n // 4))
+
+
+async def channel_figures(tmp: Path, pki: CertFactory, alice: CertPaths, runs: int) -> None:
+    slot = 10.0
+    held, unheld = await channels.release_residual(tmp, pki, alice, slot, runs)
+    print(f"release time, blocks sleeping {channels.SLEEP_S:g} s on the data vs not: unheld "
+          f"{unheld * 1000:.0f} ms apart, held to {slot:g} s slots {held * 1000:.0f} ms apart "
+          f"(residual {held / unheld:.2f}x the unheld difference; {runs} runs each)")
+    hostile, honest, samples = await channels.health_p99_ratio(tmp, pki, alice, runs)
+    print(f"{'health check p99, hostile 8 MiB result / honest job':<55}: "
+          f"{hostile / honest:7.2f}x  (goal <= 2; {hostile * 1000:.1f} vs "
+          f"{honest * 1000:.1f} ms, >= {samples} samples each)")
+    if os.geteuid() == 0:
+        mib, files = 256, 64
+        private, plain = await asyncio.to_thread(channels.private_copy_cost, tmp, mib, files)
+        print(f"{f'private workspace over a {mib} MiB catalog / plain':<55}: "
+              f"{private / plain:7.1f}x  ({private * 1000:.0f} vs {plain * 1000:.1f} ms: "
+              f"{mib / private:.0f} MiB/s copied, in {files} files)")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("-n", type=int, default=8)
-    asyncio.run(main(ap.parse_args().n))
+    ap.add_argument("--channels-only", action="store_true",
+                    help="only bench/sandbox_channels.py's figures")
+    args = ap.parse_args()
+    asyncio.run(channels_only(args.n) if args.channels_only else main(args.n))

@@ -113,7 +113,14 @@ class SparseReader:
     def _decode(self, root: Path, catalog: str, relpaths: list[str]) -> list[SparseImage]:
         if self.workers == 0 or len(relpaths) < POOL_MIN_MISSES:
             return decode_chunk(str(root), catalog, relpaths)
-        pool = self._executor()
+        try:
+            pool = self._executor()
+        except OSError as exc:
+            # No semaphores or processes here (a sandboxed service): decode on the
+            # query's thread from now on, rather than fail every map query.
+            log.warning("image_pool_unavailable", error=str(exc), workers=self.workers)
+            self.workers = 0
+            return decode_chunk(str(root), catalog, relpaths)
         if not self.ready:
             return decode_chunk(str(root), catalog, relpaths)
         size = max(1, math.ceil(len(relpaths) / (self.workers * CHUNKS_PER_WORKER)))

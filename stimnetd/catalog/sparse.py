@@ -11,6 +11,7 @@ process reads an image exactly as the daemon would.
 from __future__ import annotations
 
 import gzip
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from stimnetd.catalog.loader import _inside, read_image
 # Bytes a cached entry costs besides its arrays (the objects, the key): counted so that a
 # cap in bytes also bounds how many near-empty images are kept.
 ENTRY_OVERHEAD_BYTES = 256
+# A trailer claiming more than this is not believed for the buffer's first allocation.
+MAX_PRESIZED = 1 << 30
 
 
 @dataclass(frozen=True, eq=False)
@@ -102,13 +105,29 @@ def decode_sparse(root: Path, catalog: str, relpath: str) -> SparseImage:
     return sparse_of(img if img is not None else read_image(root, catalog, relpath))
 
 
+def gunzip(data: bytes) -> bytes:
+    """`gzip.decompress(data)`, with the output buffer sized up front from the gzip trailer
+    (ISIZE): growing it while inflating a 1 mm grid's 7 MB of mostly zeros took 40 % of the
+    time. A file whose first member does not yield ISIZE bytes (several members, a lying
+    trailer) takes gzip's own path."""
+    size = int.from_bytes(data[-4:], "little") if len(data) >= 18 else 0
+    if 0 < size <= MAX_PRESIZED:
+        try:
+            out = zlib.decompress(data, 31, size)
+        except zlib.error:
+            out = b""
+        if len(out) == size:
+            return out
+    return gzip.decompress(data)
+
+
 def _fast_read(path: Path) -> np.ndarray | None:
     name = path.name.lower()
     if not name.endswith((".nii", ".nii.gz")):
         return None
     raw = path.read_bytes()
     if name.endswith(".gz"):
-        raw = gzip.decompress(raw)
+        raw = gunzip(raw)
     # Single-file NIfTI-1 only ("n+1" at byte 344); NIfTI-2 and pairs take nibabel's path.
     if raw[344:348] != b"n+1\x00":
         return None

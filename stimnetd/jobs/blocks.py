@@ -32,6 +32,18 @@ if TYPE_CHECKING:
 log = structlog.get_logger("stimnetd.jobs.blocks")
 
 
+def require_block_runner(runner: SandboxRunner | KubeRunner) -> None:
+    """PrivacyRefusal("dp") unless `runner` can give each block its own data: the Docker
+    runner writes each block's share where its container alone mounts it; the Kubernetes
+    runner mounts the catalog's volume as it is, so a block would see every subject."""
+    if not isinstance(runner, SandboxRunner):
+        raise PrivacyRefusal("dp", "this site runs scripts on Kubernetes ([scripts] backend), "
+                             "which cannot give each block of subjects its own data, so it "
+                             "cannot run a script under differential privacy "
+                             "(sample-and-aggregate needs backend = \"docker\"); ask without "
+                             "noise where the site allows it, or as a query")
+
+
 async def run_blocks(runner: SandboxRunner | KubeRunner, slots: FairSlots, job: VerifiedJob,
                      catalog: Catalog, declared: QuerySpec, blocks: Sequence[Sequence[str]],
                      on_duration: Callable[[float], None]) -> list[list[Partial] | None]:
@@ -39,10 +51,8 @@ async def run_blocks(runner: SandboxRunner | KubeRunner, slots: FairSlots, job: 
     exactly the declaration. Each block takes a fair slot of its own (`[scripts]
     concurrency` of them run at once), so other researchers' jobs interleave with a long
     sample-and-aggregate job."""
-    if not isinstance(runner, SandboxRunner):
-        raise PrivacyRefusal("dp", "this site's script backend cannot give each block of "
-                             "subjects its own data (sample-and-aggregate needs the docker "
-                             "backend), so it cannot run scripts under differential privacy")
+    require_block_runner(runner)
+    assert isinstance(runner, SandboxRunner)
     tables = {t: str(p.relative_to(catalog.root)) for t, p in catalog.config.tables.items()}
     manifest = job_manifest(tables, catalog.subject_key, catalog.fields)
     job_id = job.request.job_id

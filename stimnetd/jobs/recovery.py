@@ -18,9 +18,11 @@ from collections.abc import Callable
 from stimnet.errors import StimnetError
 from stimnet.signing import VerifiedJob
 from stimnet.states import MAX_REQUEUES, UNFINISHED_STATES
+from stimnetd.jobs import lease
 from stimnetd.jobs.running import JobRunner
 from stimnetd.site.policy import ScriptPolicy
 from stimnetd.store import SiteStore
+from stimnetd.store.contract import SharedQueue
 from stimnetd.store.records import JobRecord
 
 MAX_RECOVERED = 10_000  # unfinished jobs read at a start
@@ -47,6 +49,9 @@ def verdict(record: JobRecord, on_restart: str) -> str | None:
 async def recover(store: SiteStore, runner: JobRunner, scripts: ScriptPolicy,
                   restore: Callable[[JobRecord], VerifiedJob]) -> int:
     """Resume or mark every unfinished job; how many were interrupted."""
+    queue = lease.shared(store)
+    if queue is not None:
+        return await _recover_shared(store, queue, runner, scripts, restore)
     interrupted = 0
     for record in await store.list_jobs(states=UNFINISHED_STATES, limit=MAX_RECOVERED):
         reason = verdict(record, scripts.on_restart)
@@ -67,3 +72,26 @@ async def recover(store: SiteStore, runner: JobRunner, scripts: ScriptPolicy,
                                          bump_attempts=True, bump_requeues=requeued)
         runner.start(updated, job)
     return interrupted
+
+
+async def _recover_shared(store: SiteStore, queue: SharedQueue, runner: JobRunner,
+                          scripts: ScriptPolicy,
+                          restore: Callable[[JobRecord], VerifiedJob]) -> int:
+    """On a store the site's replicas share, the unfinished jobs are not all this
+    process's: another replica may be running them. Only script jobs whose lease ran out
+    (their replica stopped) are re-queued or interrupted, per `on_restart`; queued script
+    jobs are started here too, and whichever replica's slot frees first claims each.
+    Queries and running jobs under a live lease are left to the replica that has them."""
+    recovered = [await store.get_job(j) for j in
+                 await queue.recover_expired(scripts.on_restart, by=lease.REPLICA)]
+    for record in await store.list_jobs(states=("queued",), limit=MAX_RECOVERED):
+        if record.kind != "script" or record.origin != "client":
+            continue
+        try:
+            job = restore(record)
+        except StimnetError as exc:
+            await store.update_job_if(record.id, "queued", state="failed",
+                                      detail=f"cannot resume after restart: {exc}")
+            continue
+        runner.start(record, job)
+    return sum(r is not None and r.state == "interrupted" for r in recovered)

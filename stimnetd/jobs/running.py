@@ -17,6 +17,7 @@ from stimnet.query.spec import AggSpec
 from stimnet.signing import VerifiedJob
 from stimnet.states import JobState, SiteEvent
 from stimnetd.federation.fanout import Fanout, FanoutResult
+from stimnetd.jobs import lease
 from stimnetd.jobs.access import REPLAYED
 from stimnetd.jobs.answer import Answer, assemble
 from stimnetd.jobs.events import ActiveJob, JobEventHub, JobUpdate
@@ -72,7 +73,17 @@ class JobRunner:
                 else contextlib.nullcontext())
         try:
             async with slot:
-                await self._run_inner(record, job, active)
+                queue = lease.shared(self._store) if record.kind == "script" else None
+                if queue is None or record.state != "queued":
+                    await self._run_inner(record, job, active)
+                    return
+                claimed = await queue.claim_job(record.id, lease.REPLICA, lease.LEASE_S,
+                                                RERUN if record.requeues else "")
+                if claimed is None:
+                    return  # another replica of this site took it from the shared queue
+                self._hub.publish(record.id, JobUpdate("state", job=claimed))
+                async with lease.held(queue, record.id):
+                    await self._run_inner(claimed, job, active)
         except asyncio.CancelledError:
             if not self._stopping:  # a user cancelled (see shutdown)
                 await asyncio.shield(self._cancelled(record, active))

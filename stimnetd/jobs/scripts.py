@@ -25,7 +25,7 @@ from stimnet.errors import QueryError, StimnetError
 from stimnet.query.spec import AggSpec, QuerySpec, validate
 from stimnet.signing import VerifiedJob
 from stimnetd.catalog import Catalog
-from stimnetd.jobs.blocks import run_blocks
+from stimnetd.jobs.blocks import require_block_runner, run_blocks
 from stimnetd.jobs.fair import FairSlots
 from stimnetd.query.aggregate import Partial
 from stimnetd.sandbox import (
@@ -142,6 +142,10 @@ class SandboxScripts:
         each block's checked result, or None where it failed."""
         return await run_blocks(self._runner, self._slots, job, catalog, declared, blocks,
                                 self._on_duration)
+
+    def check_blocks(self) -> None:
+        """PrivacyRefusal("dp") if this site's backend cannot run sample-and-aggregate."""
+        require_block_runner(self._runner)
 
     def _told(self, kind: str, detail: str) -> str:
         """What the researcher is told of a failure: the detail only under "full"."""

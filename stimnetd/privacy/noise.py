@@ -51,6 +51,12 @@ over every partial. An array the result does not read is not released and takes 
 of squares, equal to its sums for a 0/1 condition). Withheld partials
 (see suppress.py) release nothing and get no share.
 
+The table above is the uncentred release. `avg`, `variance`, `stddev`, `corr` and
+regressions are released centred on their fields' midpoints (privacy/centre.py): s1 at
+sensitivity h = (hi − lo)/2 instead of B, s2 at h²/2 instead of B², the cross-products at
+Σ h_i h_j; the entry gets the uncentred arrays rebuilt from the noised ones, and the
+shares, hence the ε charged, are the same.
+
 Count arrays are integers and get OpenDP's discrete Laplace (no rounding of a float
 release needed); sums get OpenDP's float Laplace, which samples on a discrete grid and so
 avoids the floating-point side channels of textbook float noise.
@@ -76,6 +82,7 @@ import numpy as np
 import opendp.prelude as dp
 
 from stimnet.query.fields import FieldMeta
+from stimnetd.privacy.centre import Centring, centring
 from stimnetd.privacy.policy import PrivacyRefusal
 from stimnetd.privacy.suppress import Decision, is_withheld
 from stimnetd.query.aggregate import VOXEL_ARRAYS, GroupKey, Partial
@@ -259,6 +266,7 @@ def add_noise(
         raise ValueError(f"epsilon must be a positive finite number, got {epsilon}")
     plans = [(p, plan_arrays(p, _checked_sensitivities(p, fields)))
              for p in partials if not is_withheld(p)]
+    plans, centrings = _centred(plans, fields)
     n_arrays = _shares_needed(plans, partitioned)
     if n_arrays == 0:
         return list(partials), NoiseReport(0.0, ())
@@ -274,7 +282,9 @@ def add_noise(
     noised: dict[int, Partial] = {}
     report: list[ArrayNoise] = []
     for p, sens in plans:
-        stats = {name: np.array(a, dtype=np.float64) for name, a in p.stats.items()}
+        cen = centrings.get(id(p))
+        stats = cen.centre(p.stats) if cen else \
+            {name: np.array(a, dtype=np.float64) for name, a in p.stats.items()}
         for name in set(stats) - set(sens):
             stats[name] = np.zeros_like(stats[name])  # not released: data-independent zeros
         noisy_n = 0.0
@@ -286,10 +296,21 @@ def add_noise(
                 noisy_n = float(mechanism.discrete_laplace(np.asarray([p.n]), scale)[0])
                 continue
             stats[stat] = _noise_array(p, stat, stats[stat], mech, scale, mechanism)
+        if cen:
+            stats = cen.restore(stats, float(stats.get("n", [0.0])[0]), released=set(sens))
         noisy_n = _noisy_n(p, stats, noisy_n)
         noised[id(p)] = dataclasses.replace(p, n=max(0, round(noisy_n)), stats=stats)
     out = [noised.get(id(p), p) for p in partials]
     return out, NoiseReport(_spent(report, partitioned), tuple(report))
+
+
+def _centred(plans: list[tuple[Partial, dict[str, float]]], fields: Mapping[str, FieldMeta]
+             ) -> tuple[list[tuple[Partial, dict[str, float]]], dict[int, Centring]]:
+    """Means, variances and cross-products are released centred on their bounds' midpoints,
+    at the smaller centred sensitivities and the same shares (privacy/centre.py)."""
+    centrings = {id(p): c for p, _ in plans if (c := centring(p, fields)) is not None}
+    return [(p, centrings[id(p)].sensitivities(sens) if id(p) in centrings else sens)
+            for p, sens in plans], centrings
 
 
 def _shares_needed(plans: list[tuple[Partial, dict[str, float]]], partitioned: bool) -> int:

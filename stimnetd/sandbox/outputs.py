@@ -28,6 +28,11 @@ from typing import Any
 import numpy as np
 
 RESULT_NAME = "result.json"
+# Decoding JSON holds the GIL throughout (about 25 ms a MiB here), so even in a worker
+# thread a large result.json stalls the daemon's event loop; the bulk of a large result
+# goes in .npy files, which load without parsing. The runtime puts every array of more
+# than 4096 numbers there, so an honest result.json stays far below this.
+RESULT_JSON_BYTES = 1024 * 1024
 NPY_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\.npy\Z")
 # The only line of container output the runner interprets; see sandbox/runtime/entrypoint.py.
 MARKER_RE = re.compile(r"stimnet-runtime: ([A-Za-z_][A-Za-z0-9_]{0,63}) at line (\d{1,7})\Z")
@@ -52,7 +57,11 @@ def read_outputs(out: Path, cap: int) -> tuple[dict[str, Any], dict[str, np.ndar
     dir_fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         try:
-            raw = _read_capped(dir_fd, RESULT_NAME, "result file", cap)
+            raw = _read_capped(dir_fd, RESULT_NAME, "result file", min(cap, RESULT_JSON_BYTES),
+                               over=None if cap <= RESULT_JSON_BYTES else (
+                                   "result file is over its own limit of 1 MiB (arrays of "
+                                   "more than 4096 numbers go in .npy files, as the runtime "
+                                   "writes them): refused"))
         except FileNotFoundError:
             raise ResultRefused("script emitted no aggregates (no result file)") from None
         try:
@@ -80,7 +89,8 @@ def read_outputs(out: Path, cap: int) -> tuple[dict[str, Any], dict[str, np.ndar
         os.close(dir_fd)
 
 
-def _read_capped(dir_fd: int, name: str, what: str, budget: int) -> bytes:
+def _read_capped(dir_fd: int, name: str, what: str, budget: int,
+                 over: str | None = None) -> bytes:
     st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     if stat.S_ISLNK(st.st_mode):
         raise ResultRefused(f"{what} is a symlink: refused")
@@ -104,13 +114,13 @@ def _read_capped(dir_fd: int, name: str, what: str, budget: int) -> bytes:
         if st.st_nlink != 1:
             raise ResultRefused(f"{what} has more than one hard link: refused")
         if st.st_size > budget:
-            raise ResultRefused(f"{what} is over the result limit: refused")
+            raise ResultRefused(over or f"{what} is over the result limit: refused")
         with os.fdopen(fd, "rb", closefd=False) as fh:
             data = fh.read(budget + 1)
     finally:
         os.close(fd)
     if len(data) > budget:
-        raise ResultRefused(f"{what} is over the result limit")
+        raise ResultRefused(over or f"{what} is over the result limit")
     return data
 
 

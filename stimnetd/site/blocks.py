@@ -43,6 +43,9 @@ class BlockScripts(Protocol):
         """The job's declared outputs checked against `catalog` (QueryError, StimnetError
         if they are unusable here); None when it declares none and the site allows that."""
 
+    def check_blocks(self) -> None:
+        """PrivacyRefusal("dp") if this runner cannot give each block its own data."""
+
     async def blocks(self, job: VerifiedJob, catalog: Catalog, declared: QuerySpec,
                      blocks: Sequence[Sequence[str]]) -> list[list[Partial] | None]:
         """The script once per block of subjects: each block's result, None if it failed."""
@@ -56,7 +59,7 @@ async def sample_aggregate(scripts: BlockScripts, job: VerifiedJob, catalog: Cat
     release slot after the call. PrivacyRefusal("dp") when its declaration gives no range
     for an output (before anything runs)."""
     started = clock()
-    declared = blocks.require_ranges(scripts.declaration(job, catalog), catalog.name)
+    declared = require_noised(scripts, scripts.declaration(job, catalog), catalog.name)
     # Keyed per catalog, so one catalog's blocks say nothing of another's.
     key = secret + b"\0blocks\0" + catalog.name.encode()
     groups = blocks.assign(sorted(catalog.subject_ids()), key, split.blocks(catalog.n_subjects))
@@ -68,6 +71,15 @@ async def sample_aggregate(scripts: BlockScripts, job: VerifiedJob, catalog: Cat
     log.info("noised script share held to its release slot", job_id=job.request.job_id,
              ran_s=round(ran_s, 3), slots=slots, slot_s=scripts.release_slot_s)
     return released
+
+
+def require_noised(scripts: BlockScripts, declared: QuerySpec | None,
+                   catalog: str) -> QuerySpec:
+    """The declaration of a script job to be noised, once this site can run it so:
+    PrivacyRefusal("dp") naming why not (its backend cannot run blocks, an output has no
+    range) before anything runs."""
+    scripts.check_blocks()
+    return blocks.require_ranges(declared, catalog)
 
 
 async def hold_to_slot(started: float, slot_s: float,

@@ -27,7 +27,6 @@ from stimnet.states import RefusalKind
 from stimnetd import memtrim
 from stimnetd.catalog import Catalog, CatalogSet
 from stimnetd.privacy import glm_noise
-from stimnetd.privacy.blocks import require_ranges
 from stimnetd.privacy.noise import NoiseReport, NoiseSource, add_noise
 from stimnetd.privacy.policy import PrivacyPolicy, PrivacyRefusal, decide_epsilon
 from stimnetd.privacy.release import budget_refusal, decide
@@ -41,7 +40,7 @@ from stimnetd.query.linear import LinearCohort
 from stimnetd.query.models import control_of, is_multi_round, rounds_of
 from stimnetd.query.plan import refuse_too_large
 from stimnetd.query.subjects import SubjectImages
-from stimnetd.site.blocks import BlockScripts, sample_aggregate
+from stimnetd.site.blocks import BlockScripts, require_noised, sample_aggregate
 from stimnetd.site.cohorts import CohortFingerprints
 from stimnetd.site.outcome import SiteOutcome, beside_loop, lean, pack_release
 from stimnetd.site.released import cell_shown, declared_groups_only
@@ -144,7 +143,7 @@ class LocalSite:
                 raise InvalidRequest(f"declared outputs refused: {exc}") from None
         epsilon = decide_epsilon(self._policy, req.epsilon)
         if req.kind == "script" and self._script_runner is not None and epsilon is not None:
-            require_ranges(declared, catalog.name)
+            require_noised(self._script_runner, declared, catalog.name)
         if epsilon is not None:
             spent = await self._store.spent(job.researcher.name, req.catalog)
             refusal = budget_refusal(req.catalog, epsilon, spent, self._policy)

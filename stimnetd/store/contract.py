@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from stimnetd.store.audit import AuditRow, AuditVerification
 from stimnetd.store.records import JobRecord, MemberRecord, NonceClaim, Release, ReleaseRule
@@ -117,6 +117,7 @@ class SiteStore(Protocol):
     async def installation_id(self) -> str: ...
 
 
+@runtime_checkable
 class SharedQueue(Protocol):
     """What only a store shared by replicas has: a queued job runs on exactly one of them,
     which holds it under a lease it renews (pg_jobs.py)."""

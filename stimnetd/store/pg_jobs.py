@@ -171,8 +171,12 @@ class PgJobs(PgBase):
         another replica took it (or it left the queue)."""
         now = self._clock()
         row = await self.pool.fetchrow(
+            # A re-queued job's run counts an attempt: it is resumed, so each site returns
+            # the release it already made (as recovery marks it on SQLite).
             "UPDATE jobs SET state = 'running', detail = $5, claimed_by = $1,"
-            " lease_until = $2, updated_at = $3 WHERE id = $4 AND state = 'queued'"
+            " lease_until = $2, updated_at = $3,"
+            " attempts = attempts + CASE WHEN requeues > 0 THEN 1 ELSE 0 END"
+            " WHERE id = $4 AND state = 'queued'"
             f" RETURNING {JOB_COLUMNS}", replica, now + lease_s, now, job_id, detail)
         return _record(row)
 

@@ -24,7 +24,8 @@ def ward(root: Path, name: str = "ward", *, n: int = 96, target_pd: bool = True,
     """`n` subjects: ages 40 to 88 in steps of 48 / n but 77.5 (the last subject is the target, at 77.5
     and in the middle of the others), sex alternating,
     every fourth subject ET (the rest PD), twelve groups `grp` of n / 12 each, `updrs`
-    NULL for ET, `responder` 0/1 (the target 1), and with `with_images` a 2x2x2 mask per subject."""
+    NULL for ET, `responder` 0/1 (the target 1), `stage`
+    0/1/2 (the target 2), and with `with_images` a 2x2x2 mask per subject."""
     root.mkdir(parents=True, exist_ok=True)
     step = 48.0 / n  # ages 40 .. 88, whatever n
     ages = [a for a in (40.0 + step * i for i in range(n)) if a != TARGET_AGE][:n - 1]
@@ -37,7 +38,8 @@ def ward(root: Path, name: str = "ward", *, n: int = 96, target_pd: bool = True,
                           "grp": [LEVELS[i % 12] for i in range(n)], "updrs": updrs,
                           "duration": [float(1 + i % 20) for i in range(n)],
                           "responder": [1.0 if i % 3 == 0 or i == n - 1 else 0.0
-                                        for i in range(n)]})
+                                        for i in range(n)],
+                          "stage": [float(i % 3) if i < n - 1 else 2.0 for i in range(n)]})
     fields = {"sid": {"table": "s", "type": "id"},
               "age": {"table": "s", "type": "numeric", "bounds": [0, 100]},
               "sex": {"table": "s", "type": "categorical", "levels": ["F", "M"]},
@@ -47,7 +49,8 @@ def ward(root: Path, name: str = "ward", *, n: int = 96, target_pd: bool = True,
               "updrs": {"table": "s", "type": "numeric", "bounds": [-60, 20]},
               "duration": {"table": "s", "type": "numeric", "bounds": [0, 40]},
               # 0/1-coded, as binary outcomes and predictors often are
-              "responder": {"table": "s", "type": "numeric", "bounds": [0, 1]}}
+              "responder": {"table": "s", "type": "numeric", "bounds": [0, 1]},
+              "stage": {"table": "s", "type": "numeric", "bounds": [0, 2]}}
     if with_images:
         (root / "img").mkdir(exist_ok=True)
         rng = np.random.default_rng(7)

@@ -373,3 +373,16 @@ async def test_the_release_decision_is_an_oracle_that_exact_auditing_cannot_clos
                 assert "every output was withheld (k_min = 5)" in str(failed)
                 lo = v
     assert lo < -33.25 <= hi and hi - lo == pytest.approx(80 / 2 ** 10)
+
+
+async def test_a_three_valued_sum_against_counts_of_its_values_is_not_covered(
+        federation, tmp_path: Path) -> None:
+    """Not covered without noise (docs/privacy.md): Σ stage over everyone, less 1 × the
+    count with stage 1 and 2 × the count with stage 2 among everyone but the target, is the
+    target's stage; the audit ties only two-valued fields to counts of their values."""
+    async with federation([[ward(tmp_path / "w")]], privacy=OPTIONAL) as fed, \
+            fed.client() as c:
+        n, mean = (await c.query("SELECT count(*), avg(stage) FROM ward")).rows[0]
+        rest = [(await c.query(f"SELECT count(*) FROM ward WHERE stage = {v} "
+                               f"AND age != {TARGET_AGE}")).rows[0][0] for v in (1, 2)]
+    assert n * mean - rest[0] - 2 * rest[1] == pytest.approx(2.0)

@@ -3,6 +3,7 @@ list names no host path, neither in a fresh container nor in a zygote."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +83,81 @@ async def test_a_catalog_over_the_copy_limit_is_bound_and_still_readable(
     assert _n(out, catalog.rows) == catalog.rows
     [data] = [line for line in _mounts(out) if line.split()[4] == "/data"]
     assert data.split()[3] == str(catalog.root)
+
+
+# -- the page cache ------------------------------------------------------------------------
+
+FILES = [f"pc/f{i:02d}.bin" for i in range(16)]
+EVICT = dedent_script("""
+    import os
+    for name in sorted(os.listdir("/data/pc")):
+        fd = os.open(f"/data/pc/{name}", os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    print("evicted")
+    """)
+PROBE = dedent_script("""
+    import errno, json, os
+    cached = {}
+    for name in sorted(os.listdir("/data/pc")):
+        fd = os.open(f"/data/pc/{name}", os.O_RDONLY)
+        try:
+            cached[name] = "cached" if os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT) else "?"
+        except BlockingIOError:
+            cached[name] = "not cached"
+        except OSError as exc:  # a filesystem without non-blocking reads: nothing to learn
+            cached[name] = errno.errorcode.get(exc.errno, str(exc.errno))
+        os.close(fd)
+    print("probe", json.dumps(cached))
+    """)
+
+
+def _victim(names: list[str]) -> str:
+    return dedent_script(f"""
+        for name in {names!r}:
+            open("/data/" + name, "rb").read()
+        print("read", len({names!r}))
+        """)
+
+
+async def _probe_after(runner: SandboxRunner, catalog: Catalog, read: list[str],
+                       tag: str) -> dict[str, str]:
+    """Evict, let a victim job read `read`, probe: what the attacker saw of each file."""
+    import json
+
+    for step, script in (("evict", EVICT), ("victim", _victim(read)), ("probe", PROBE)):
+        out = await runner.run(f"{tag}-{step}", script.encode(), catalog.root, catalog.manifest)
+        assert any(line.split()[0] in ("evicted", "read", "probe") for line in out.log_lines), out
+    [line] = [line for line in out.log_lines if line.startswith("probe ")]
+    return {f"pc/{name}": seen for name, seen in json.loads(line[len("probe "):]).items()}
+
+
+@pytest.fixture
+def probed_catalog(catalog: Catalog) -> Catalog:
+    (catalog.root / "pc").mkdir()
+    for name in FILES:
+        with open(catalog.root / name, "wb") as fh:
+            fh.write(os.urandom(64 * 1024))
+            # Written back, so an eviction can drop the pages (dirty ones stay).
+            fh.flush()
+            os.fsync(fh.fileno())
+    return catalog
+
+
+async def test_the_page_cache_probe_learns_nothing_of_another_jobs_reads(
+        runner, docker_client, probed_catalog: Catalog):
+    """The attack of issue 21: a job evicts the catalog's files from the page cache, a
+    victim job reads some of them, and a third probes which are cached with
+    preadv2(RWF_NOWAIT). Each job reads its own copy (a tmpfs, which on this kernel refuses
+    non-blocking reads outright), so what the probe sees is the same whichever files the
+    victim read. Control: with the catalog bound (over the copy limit) the same probe
+    finds exactly the victim's files."""
+    _require_private(runner)
+    first, second = FILES[:5], FILES[8:11]
+    seen_first = await _probe_after(runner, probed_catalog, first, "a")
+    seen_second = await _probe_after(runner, probed_catalog, second, "b")
+    assert seen_first == seen_second
+    assert len(set(seen_first.values())) == 1, seen_first
+    with_limits(runner, data_copy_bytes=1)
+    bound = await _probe_after(runner, probed_catalog, first, "c")
+    assert {name for name, seen in bound.items() if seen == "cached"} == set(first), bound

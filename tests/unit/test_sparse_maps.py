@@ -117,3 +117,21 @@ def test_continuous_maps_equal_the_dense_loop_exactly(tmp_path: Path, clamp: boo
     dense = compute(spec, catalog, clamp=clamp).partials
     assert dense[0].stats["sxw"].any()
     _same(compute(spec, catalog, images=_images(), clamp=clamp).partials, dense)
+
+
+def test_without_a_process_pool_images_are_decoded_on_the_querys_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine where the pool cannot start (no semaphores) still answers, equal to the
+    dense loop, and stops trying the pool."""
+    import stimnetd.catalog.imagereader as imagereader
+
+    def refuse(*_a: object, **_k: object) -> None:
+        raise OSError("no /dev/shm")
+
+    monkeypatch.setattr(imagereader, "ProcessPoolExecutor", refuse)
+    catalog = _catalog(tmp_path, n=12)
+    spec = parse_sql("SELECT count_map(vta_path), tmap(vta_path, improvement_pct) "
+                     "FROM dbs_outcomes")
+    images = CachedImages(SparseReader(ImageCache(64 << 20), workers=2))
+    _same(compute(spec, catalog, images=images).partials, compute(spec, catalog).partials)
+    assert images.reader.workers == 0 and images.reader.decoded_in_pool == 0
