@@ -23,7 +23,7 @@ NOTEBOOK = Path(__file__).resolve().parents[2] / "examples" / "sweet_spot.ipynb"
 def test_the_sweet_spot_notebook_runs_against_the_demo(tmp_path: Path) -> None:
     root = tmp_path / "demo"
     init = subprocess.run([sys.executable, "-m", "stimctl.cli", "demo", "init", str(root),
-                           "--sites", "3", "--subjects", "30"],
+                           "--sites", "3", "--subjects", "30", "--dp", "optional"],
                           capture_output=True, text=True, timeout=120)
     assert init.returncode == 0, init.stderr
     fed = DemoFederation(root, daemon_program())
