@@ -61,12 +61,14 @@ def atoms_of(cohorts: Sequence[frozenset[str]]) -> tuple[np.ndarray, np.ndarray]
     classes = _refined(cohorts)
     if classes is None:
         return _packed_atoms(cohorts)
-    k = len(cohorts)
-    # In the packed path's order (lexicographic over cohorts 0..k-1), so which earlier
-    # jobs a refusal names does not depend on the path taken.
-    classes.sort(key=lambda cls: [(cls[1] >> r) & 1 for r in range(k)])
-    atoms = np.array([[(sig >> r) & 1 for _, sig in classes] for r in range(k)], dtype=np.int64)
-    return atoms.reshape(k, len(classes)), np.array([len(m) for m, _ in classes])
+    k, width = len(cohorts), (len(cohorts) + 7) // 8
+    raw = b"".join(sig.to_bytes(width, "little") for _, sig in classes)
+    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8).reshape(len(classes), width),
+                         axis=1, bitorder="little")[:, :k]
+    # In the packed path's order (lexicographic over cohorts 0..k-1; lexsort's last key
+    # is its first), so which earlier jobs a refusal names does not depend on the path.
+    order = np.lexsort(bits.T[::-1])
+    return bits[order].T.astype(np.int64), np.array([len(classes[j][0]) for j in order])
 
 
 def _refined(cohorts: Sequence[frozenset[str]]) -> list[tuple[frozenset[str], int]] | None:
