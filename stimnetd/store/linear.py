@@ -48,8 +48,10 @@ def history(conn: sqlite3.Connection, release: Release,
     researcher (or its catalog's shared history) on its catalog, oldest first. A cohort's
     members are read (and parsed) only when they are not cached."""
     rows = conn.execute(
-        "SELECT digest, job_id FROM linear_cohorts WHERE researcher = ? AND catalog = ? AND"
-        " quantity = ? ORDER BY rowid", (release.auditor, release.catalog, quantity)).fetchall()
+        # `l.rowid`: the form store/pg_sync.py translates to PostgreSQL's insertion order.
+        "SELECT l.digest, l.job_id FROM linear_cohorts l WHERE l.researcher = ? AND"
+        " l.catalog = ? AND l.quantity = ? ORDER BY l.rowid",
+        (release.auditor, release.catalog, quantity)).fetchall()
     out = []
     for digest, job in rows:
         members = _PARSED.get(digest)
