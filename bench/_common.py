@@ -140,9 +140,11 @@ def rss_mb(pid: int) -> float:
     return rss_bytes(pid) / 2**20
 
 
-def timed(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
-    """Median wall time of `repeat` calls of `fn`, after one warm-up call."""
-    fn()
+def timed(fn, repeat: int, *, warmup: bool = True) -> float:  # type: ignore[no-untyped-def]
+    """Median wall time of `repeat` calls of `fn`, after one warm-up call unless `warmup`
+    is False (a baseline whose first call must count, e.g. reading files cold)."""
+    if warmup:
+        fn()
     times = []
     for _ in range(repeat):
         t = time.perf_counter()

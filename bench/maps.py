@@ -118,15 +118,6 @@ def gunzip_only(files: list[tuple[Path, float]]) -> int:
     return sum(len(gzip.decompress(path.read_bytes())) for path, _ in files)
 
 
-def best_of(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 class Sampler:
     """Peak RSS of each daemon and of its child processes together (the decoding pool)."""
 
@@ -221,9 +212,9 @@ async def one(subjects: int, mm: int, repeat: int) -> None:
     finally:
         for p in procs:
             p.stop()
-    dense = best_of(lambda: dense_loop(files), repeat)
-    sparse = best_of(lambda: sparse_loop(files), repeat)
-    gunzip = best_of(lambda: gunzip_only(files), repeat)
+    dense = timed(lambda: dense_loop(files), repeat, warmup=False)
+    sparse = timed(lambda: sparse_loop(files), repeat, warmup=False)
+    gunzip = timed(lambda: gunzip_only(files), repeat, warmup=False)
     fc, fw = statistics.median(cold), statistics.median(warm)
     n_pooled = sparse_loop(files).reshape(ans.map_array("c", "count").shape)
     count = ans.map_array("c", "count")
