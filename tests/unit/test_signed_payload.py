@@ -71,6 +71,15 @@ def test_numbers_json_cannot_carry_are_refused_by_name(old: bytes, new: bytes,
         JobRequest.from_payload(_with(payload, old, new))
 
 
+@pytest.mark.parametrize("key, problem", [("epsilon", "epsilon must be a finite number"),
+                                          ("issued_at", "issued_at must be unix seconds")])
+def test_an_integer_no_float_can_hold_is_refused_by_name(key: str, problem: str) -> None:
+    """A 401-digit integer literal is valid JSON but overflows every float comparison made with
+    it: refused as an InvalidRequest (the RPC fuzz found it as an internal error, seed 26)."""
+    with pytest.raises(InvalidRequest, match=problem):
+        JobRequest.from_payload(canonical(_doc(**{key: 10 ** 400})))
+
+
 @pytest.mark.parametrize("kind", ["query", "script"])
 @pytest.mark.parametrize("value, named", [(None, "null"), (5, "a number"), (True, "a boolean"),
                                           ([], "an array"), ({}, "an object")])
