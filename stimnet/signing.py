@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from cryptography import x509
 
 from stimnet import pki
 from stimnet.errors import InvalidRequest, Unauthenticated
+from stimnet.numbers import finite_number
 
 if TYPE_CHECKING:
     from stimnet.query.spec import QuerySpec
@@ -128,29 +128,18 @@ class JobRequest:
             raise InvalidRequest("script_sha256 must be empty for a query job")
         if self.kind == "script" and self.spec is not None and not isinstance(self.spec, dict):
             raise InvalidRequest("a script job's declared outputs (spec) must be an object")
-        if self.epsilon is not None and not _finite_number(self.epsilon):
+        if self.epsilon is not None and not finite_number(self.epsilon):
             raise InvalidRequest("epsilon must be a finite number")
         if not isinstance(self.min_sites, int) or isinstance(self.min_sites, bool) \
                 or not 1 <= self.min_sites <= 1000:
             raise InvalidRequest("min_sites must be an integer between 1 and 1000")
         if not isinstance(self.nonce, str) or not 16 <= len(self.nonce) <= 64:
             raise InvalidRequest("nonce must be 16-64 characters")
-        if not _finite_number(self.issued_at):
+        if not finite_number(self.issued_at):
             raise InvalidRequest("issued_at must be unix seconds")
         if not isinstance(self.entry, str) or not 0 < len(self.entry) <= MAX_NODE_NAME:
             raise InvalidRequest("a job names its entry node (the node it is submitted to), "
                                  f"1-{MAX_NODE_NAME} characters")
-
-
-def _finite_number(value: Any) -> bool:
-    """A JSON number a float can hold: an integer literal of 400 digits is valid JSON but
-    overflows every float comparison made with it later."""
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:
-        return False
 
 
 def _json_type(value: Any) -> str:

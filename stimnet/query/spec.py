@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stimnet.errors import QueryError
+from stimnet.numbers import finite_number
 from stimnet.query.fields import FieldMeta
 from stimnet.query.functions import FUNCS, IMAGE_FUNCS, MODEL_PREFIXES
 from stimnet.query.voxeltests import check_options, options_from_dict
@@ -441,14 +442,7 @@ def _bool(v: Any) -> bool:
 
 
 def _num(v: Any, what: str) -> int | float:
-    # bool is an int subclass; a JSON true is never a meaningful number here.
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise QueryError(f"{what} must be a finite number")
-    try:
-        finite = math.isfinite(v)  # an int beyond float's range raises OverflowError
-    except OverflowError:
-        finite = False
-    if not finite:
+    if not finite_number(v):
         raise QueryError(f"{what} must be a finite number, within about ±1.8e308")
     return v
 

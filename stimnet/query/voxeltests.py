@@ -21,12 +21,12 @@ alpha          the thresholded map keeps corrected p <= alpha  0.05
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from stimnet.errors import QueryError
+from stimnet.numbers import finite_number
 
 VOXEL_TESTS = frozenset({"tmap", "tmap2", "prop_map", "corr_map"})
 CORRECTIONS = {"fdr_bh": "fdr_bh", "fdr": "fdr_bh", "bh": "fdr_bh",
@@ -65,7 +65,7 @@ def check_options(name: str, func: str, options: Options, allowed: frozenset[str
                 raise QueryError(f"{name}: correction must be one of "
                                  f"{', '.join(sorted(CORRECTIONS))}, got {value!r}")
             continue
-        if isinstance(value, str) or isinstance(value, bool) or not math.isfinite(value):
+        if not finite_number(value):
             raise QueryError(f"{name}: option {key} must be a finite number")
         if key == "min_n" and (value != int(value) or value < 0):
             raise QueryError(f"{name}: min_n must be a whole number of subjects, at least 0")

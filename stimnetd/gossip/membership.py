@@ -10,12 +10,12 @@ writes a higher incarnation for anyone but itself.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
 from stimnet.errors import InvalidRequest, PermissionDenied, StimnetError
+from stimnet.numbers import finite_number
 
 Status = Literal["alive", "suspect", "dead", "left"]
 STATUSES: tuple[Status, ...] = ("alive", "suspect", "dead", "left")
@@ -109,7 +109,7 @@ def validate_members(
         prior = known(m.name)
         if prior is None or not _repeats(m, prior):
             validate_member(m, limits, prior)
-        elif not isinstance(m.last_heard, int | float) or not math.isfinite(m.last_heard):
+        elif not finite_number(m.last_heard):
             raise InvalidGossip("last_heard must be a finite number")
         if m.name in seen:
             raise InvalidGossip(f"member {m.name!r} appears twice")
@@ -137,7 +137,7 @@ def validate_member(m: Member, limits: MemberLimits, prior: Member | None) -> No
     known_incarnation = prior.incarnation if prior is not None else 0
     if m.incarnation > known_incarnation + limits.max_incarnation_jump:
         raise InvalidGossip(f"incarnation jump for {m.name!r} is implausibly large")
-    if not isinstance(m.last_heard, int | float) or not math.isfinite(m.last_heard):
+    if not finite_number(m.last_heard):
         raise InvalidGossip("last_heard must be a finite number")
     if not isinstance(m.catalogs, tuple) or len(m.catalogs) > limits.max_catalogs:
         raise InvalidGossip("catalog list malformed or longer than allowed")

@@ -56,11 +56,12 @@ privacy layer can compute sensitivities from bounds the site controls.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from stimnet.numbers import finite_number
 
 KINDS = (
     "count",
@@ -189,7 +190,7 @@ def layout_problem(p: Partial) -> str | None:
 
 def _numbers(v: Any, n: int | None = None) -> list[float]:
     if not isinstance(v, list) or (n is not None and len(v) != n) \
-            or not all(type(x) in (int, float) and math.isfinite(x) for x in v):
+            or not all(type(x) in (int, float) and finite_number(x) for x in v):
         raise ValueError(f"expected {n or 'a list of'} finite numbers, got {v!r:.80}")
     return v
 

@@ -7,7 +7,6 @@ more than the query). Channels are rebuilt when the node's own certificate is re
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +17,7 @@ import numpy as np
 
 from stimnet import codec, multiplex
 from stimnet.frames import feed
+from stimnet.numbers import finite_number
 from stimnet.pki import Identity
 from stimnet.query.fields import Grid
 from stimnet.signing import SignedJob
@@ -342,8 +342,7 @@ class _SubJobReader:
             partials = await asyncio.to_thread(_checked, doc["partials"], arrays, large) \
                 if large else _checked(doc["partials"], arrays, large)
             epsilon, mechanism = doc.get("epsilon"), doc.get("mechanism")
-            if not (epsilon is None or (type(epsilon) in (int, float) and epsilon >= 0
-                                        and math.isfinite(epsilon))):
+            if not (epsilon is None or (finite_number(epsilon) and epsilon >= 0)):
                 raise codec.CodecError(f"epsilon {epsilon!r} is not a non-negative number")
             delta = doc.get("delta")
             if not (delta is None or (type(delta) in (int, float) and 0 <= delta < 1)):
