@@ -83,7 +83,7 @@ async def cmd_describe(c: AsyncClient, args: argparse.Namespace) -> int:
         ("ROIs", ", ".join(d.rois) or "-"),
     ])
     output.table("fields", ["field", "table", "type", "unit", "bounds / levels", "description"],
-                 [[f.name, f.table, f.type, f.unit,
+                 [[f.name, f.table, f"{f.type} (continuous)" if f.continuous else f.type, f.unit,
                    f"[{f.lower:g}, {f.upper:g}]" if f.has_bounds else ", ".join(f.levels),
                    f.description] for f in d.fields])
     if d.images:

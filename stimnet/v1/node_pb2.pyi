@@ -105,7 +105,7 @@ class SiteGrid(_message.Message):
     def __init__(self, site: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., affine: _Optional[_Iterable[float]] = ..., space: _Optional[str] = ..., declared: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
 
 class FieldDescription(_message.Message):
-    __slots__ = ("name", "table", "type", "unit", "description", "has_bounds", "lower", "upper", "levels")
+    __slots__ = ("name", "table", "type", "unit", "description", "has_bounds", "lower", "upper", "levels", "continuous")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TABLE_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +115,7 @@ class FieldDescription(_message.Message):
     LOWER_FIELD_NUMBER: _ClassVar[int]
     UPPER_FIELD_NUMBER: _ClassVar[int]
     LEVELS_FIELD_NUMBER: _ClassVar[int]
+    CONTINUOUS_FIELD_NUMBER: _ClassVar[int]
     name: str
     table: str
     type: str
@@ -124,7 +125,8 @@ class FieldDescription(_message.Message):
     lower: float
     upper: float
     levels: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., table: _Optional[str] = ..., type: _Optional[str] = ..., unit: _Optional[str] = ..., description: _Optional[str] = ..., has_bounds: _Optional[bool] = ..., lower: _Optional[float] = ..., upper: _Optional[float] = ..., levels: _Optional[_Iterable[str]] = ...) -> None: ...
+    continuous: bool
+    def __init__(self, name: _Optional[str] = ..., table: _Optional[str] = ..., type: _Optional[str] = ..., unit: _Optional[str] = ..., description: _Optional[str] = ..., has_bounds: _Optional[bool] = ..., lower: _Optional[float] = ..., upper: _Optional[float] = ..., levels: _Optional[_Iterable[str]] = ..., continuous: _Optional[bool] = ...) -> None: ...
 
 class ImageDescription(_message.Message):
     __slots__ = ("field", "shape", "voxel_size", "affine", "space")

@@ -66,7 +66,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             name=f.name, table=f.table, type=f.type, unit=f.unit, description=f.description,
             has_bounds=f.bounds is not None,
             lower=f.bounds[0] if f.bounds else 0.0, upper=f.bounds[1] if f.bounds else 0.0,
-            levels=list(f.levels or ())) for f in c.fields.values()]
+            levels=list(f.levels or ()), continuous=f.continuous) for f in c.fields.values()]
         images = []
         for name in c.image_fields():
             g = c.geometry(name)

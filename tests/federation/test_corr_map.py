@@ -78,6 +78,10 @@ async def test_corr_map_and_mean_map_equal_scipy_on_the_pooled_subjects(
     async with federation(cats, privacy={"dp": "off"}, node={"k_min": 1}) as fed, \
             fed.client() as c:
         ans = await c.query(sql, federated=True, min_sites=3)
+        efield = next(f for f in (await c.describe("ef")).fields if f.name == "efield")
+    # The catalog says which images are values with a range, not masks.
+    assert (efield.type, efield.continuous, efield.has_bounds, efield.lower, efield.upper) == (
+        "image", True, True, 0.0, 2.0)
     assert {m["site"] for m in ans.manifest if m["state"] == "done"} == {"site-a", "site-b",
                                                                          "site-c"}
     count = (x != 0).sum(axis=0)
