@@ -59,5 +59,7 @@ async def bind(server: Any, front: Any, credentials: Any, host: str, port: int,
         except OSError:
             bound = 0
     if bound == 0:
+        if inner_dir is not None:  # the daemon exits: nobody else would remove it
+            shutil.rmtree(inner_dir, ignore_errors=True)
         raise OSError(f"cannot listen on {host}:{port} (address in use or not local)")
     return int(bound), inner_dir, socket

@@ -37,6 +37,10 @@ async def test_a_taken_port_exits_1_at_once(start_node, pki: CertFactory, tmp_pa
         done = _stimnetd(cfg)
     assert done.returncode == 1, done.stderr
     assert "cannot listen on" in done.stderr and "Traceback" not in done.stderr
+    # The front's private directory of the start that failed is gone with it (the marker
+    # still names it: a test deleting tmp_path would leave it in /tmp for good).
+    named = Path((tmp_path / "node-b" / "state" / "front-socket-dir").read_text().strip())
+    assert named.name.startswith("stimnetd-") and not named.exists()
 
 
 async def test_a_killed_daemon_leaves_no_front_directory_and_a_running_one_keeps_its_own(
