@@ -108,7 +108,8 @@ def test_a_mangled_peer_answer_is_refused_or_combines_cleanly(grouped: bool, dat
     elif what == "meta":
         key = data.draw(st.sampled_from(sorted(p["meta"])))
         p["meta"][key] = data.draw(st.sampled_from([None, 0, -1, "x", [], [1, 2], [[1], "a"],
-                                                    {"a": 1}, 1e300, float("nan")]))
+                                                    {"a": 1}, 1e300, float("nan"), 10**400,
+                                                    [0, 10**400]]))
     elif what == "kind":
         p["kind"] = data.draw(st.sampled_from(KINDS))
     elif what == "non_finite":

@@ -72,6 +72,8 @@ def test_sql_options_and_condition_round_trip_as_a_spec() -> None:
 
 @pytest.mark.parametrize("sql, message", [
     ("SELECT tmap(img, w, mu => 'x') FROM t", "mu must be a finite number"),
+    # An integer no float holds: math.isfinite raises OverflowError on it.
+    ("SELECT tmap(img, w, mu => 1" + "0" * 400 + ") FROM t", "mu must be a finite number"),
     ("SELECT tmap2(img, w, mu => 1) FROM t", "unknown option 'mu'"),
     ("SELECT tmap(img, w, min_frac => 2) FROM t", "min_frac must be a fraction"),
     ("SELECT tmap(img, w, correction => 'holm') FROM t", "correction must be one of"),
